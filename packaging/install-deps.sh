@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Install the podsnap node stack on a Debian 12 (bookworm) x86_64 machine, idempotently.
+#
+#   containerd 2.x     from Debian sid (bookworm/trixie ship 1.x; the shim speaks task API v3)
+#   runc               from bookworm, without recommends (it recommends bookworm's broken criu)
+#   CRIU 4.x           built from Debian sid's source package (bookworm's 3.17 fails on Linux 6.x)
+#   CNI plugins        from Debian sid (containernetworking-plugins), into /opt/cni/bin
+#   iptables, iproute2, protoc, busybox-static, build tools
+#
+# Apt sources for sid are derived from this machine's own /etc/apt/sources.list.d/debian.sources
+# (same mirror, same keyring), kept in a private directory so the system's apt setup is untouched.
+# A second run checks versions and returns in seconds.
+#
+# Environment:
+#   PODSNAP_DEPS_DIR   work directory for downloads and the CRIU build (default /var/cache/podsnap-deps)
+set -euo pipefail
+
+DEPS_DIR=${PODSNAP_DEPS_DIR:-/var/cache/podsnap-deps}
+SYSTEM_SOURCES=/etc/apt/sources.list.d/debian.sources
+CRIU_MIN_MAJOR=4
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root"
+[ "$(uname -m)" = x86_64 ] || die "only x86_64 is supported (found $(uname -m))"
+[ -r "$SYSTEM_SOURCES" ] || die "$SYSTEM_SOURCES not found: cannot derive apt sources"
+
+mkdir -p "$DEPS_DIR"
+
+# ---------------------------------------------------------------------------------------------
+# bookworm packages
+# ---------------------------------------------------------------------------------------------
+BOOKWORM_PKGS=(
+  runc iptables iproute2 protobuf-compiler busybox-static ca-certificates xz-utils dpkg-dev
+  build-essential pkgconf libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
+  libnl-3-dev libnet1-dev libcap-dev uuid-dev libbsd-dev libgnutls28-dev libnftables-dev
+)
+missing=()
+for p in "${BOOKWORM_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing from bookworm: ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# ---------------------------------------------------------------------------------------------
+# A private apt configuration for sid, derived from the system's sources (no host names here)
+# ---------------------------------------------------------------------------------------------
+SID_DIR="$DEPS_DIR/apt-sid"
+sid_apt() {
+  apt-get -o Dir::Etc::sourcelist=/dev/null \
+          -o Dir::Etc::sourceparts="$SID_DIR/sources.list.d" \
+          -o Dir::State::Lists="$SID_DIR/lists" \
+          -o Dir::Cache::archives="$SID_DIR/archives" \
+          -o APT::Sandbox::User=root -o Debug::NoLocking=1 "$@"
+}
+# Refreshes the private sid lists unless they are less than a day old.
+sid_prepare() {
+  if [ -f "$SID_DIR/lists/.fresh" ] && [ -z "$(find "$SID_DIR/lists/.fresh" -mmin +1440)" ]; then
+    return 0
+  fi
+  mkdir -p "$SID_DIR/sources.list.d" "$SID_DIR/lists/partial" "$SID_DIR/archives/partial"
+  # Keep only the first stanza (the main archive), switch it to sid with deb-src.
+  awk 'BEGIN{RS=""; ORS="\n\n"} NR==1' "$SYSTEM_SOURCES" |
+    sed -e 's/^Types:.*/Types: deb deb-src/' -e 's/^Suites:.*/Suites: sid/' \
+    >"$SID_DIR/sources.list.d/sid.sources"
+  log "refreshing the private sid package lists"
+  sid_apt update -qq
+  touch "$SID_DIR/lists/.fresh"
+}
+
+# Download a binary package from sid and unpack it into a staging directory; print that directory.
+sid_unpack() {
+  local pkg=$1 stage="$DEPS_DIR/stage-$1"
+  sid_prepare
+  rm -rf "$stage" && mkdir -p "$stage"
+  (cd "$DEPS_DIR" && rm -f "${pkg}"_*.deb && sid_apt download -qq "$pkg" >/dev/null)
+  dpkg-deb -x "$DEPS_DIR/${pkg}"_*.deb "$stage"
+  printf '%s\n' "$stage"
+}
+
+# ---------------------------------------------------------------------------------------------
+# containerd 2.x
+# ---------------------------------------------------------------------------------------------
+containerd_major() {
+  command -v containerd >/dev/null 2>&1 || { echo 0; return; }
+  containerd --version 2>/dev/null | sed -nE 's/.* v?([0-9]+)\.[0-9]+\.[0-9]+.*/\1/p' | head -n1
+}
+if [ "$(containerd_major)" -lt 2 ] 2>/dev/null || [ -z "$(containerd_major)" ]; then
+  log "installing containerd 2.x from sid"
+  stage=$(sid_unpack containerd)
+  for b in containerd ctr containerd-shim-runc-v2 containerd-stress; do
+    [ -x "$stage/usr/bin/$b" ] && install -m 0755 "$stage/usr/bin/$b" "/usr/local/bin/$b"
+  done
+fi
+containerd --version >/dev/null || die "containerd did not install"
+[ "$(containerd_major)" -ge 2 ] || die "containerd is older than 2.0: $(containerd --version)"
+command -v containerd-shim-runc-v2 >/dev/null || die "containerd-shim-runc-v2 missing"
+
+# ---------------------------------------------------------------------------------------------
+# CNI plugins
+# ---------------------------------------------------------------------------------------------
+CNI_BIN=/opt/cni/bin
+if ! [ -x "$CNI_BIN/bridge" ] || ! [ -x "$CNI_BIN/host-local" ] || ! [ -x "$CNI_BIN/loopback" ] ||
+   ! [ -x "$CNI_BIN/portmap" ]; then
+  log "installing CNI plugins from sid"
+  stage=$(sid_unpack containernetworking-plugins)
+  mkdir -p "$CNI_BIN"
+  src="$stage/usr/lib/cni"
+  [ -d "$src" ] || src=$(dirname "$(find "$stage" -type f -name bridge | head -n1)")
+  for f in "$src"/*; do install -m 0755 "$f" "$CNI_BIN/$(basename "$f")"; done
+fi
+[ -x "$CNI_BIN/bridge" ] || die "CNI bridge plugin missing in $CNI_BIN"
+
+# ---------------------------------------------------------------------------------------------
+# CRIU 4.x built from Debian's source package
+# ---------------------------------------------------------------------------------------------
+criu_major() {
+  local v
+  v=$(/usr/local/sbin/criu --version 2>/dev/null | sed -nE 's/^Version: ([0-9]+)\..*/\1/p')
+  echo "${v:-0}"
+}
+if [ "$(criu_major)" -lt "$CRIU_MIN_MAJOR" ]; then
+  log "building CRIU from sid's source package (about a minute)"
+  sid_prepare
+  src_dir="$DEPS_DIR/criu-src"
+  rm -rf "$src_dir" && mkdir -p "$src_dir"
+  (cd "$src_dir" && sid_apt source --download-only -qq criu >/dev/null 2>&1 || true)
+  orig=$(ls "$src_dir"/criu_*.orig.tar.* 2>/dev/null | head -n1)
+  [ -n "$orig" ] || die "could not download criu's orig tarball from sid"
+  tar -C "$src_dir" -xf "$orig"
+  build=$(find "$src_dir" -maxdepth 1 -mindepth 1 -type d -name 'criu-*' | head -n1)
+  [ -n "$build" ] || die "unexpected layout of $orig"
+  make -C "$build" -j"$(nproc)" criu >"$DEPS_DIR/criu-build.log" 2>&1 ||
+    { tail -n 30 "$DEPS_DIR/criu-build.log" >&2; die "CRIU build failed (log: $DEPS_DIR/criu-build.log)"; }
+  make -C "$build" install-criu PREFIX=/usr/local >>"$DEPS_DIR/criu-build.log" 2>&1 ||
+    die "CRIU install failed (log: $DEPS_DIR/criu-build.log)"
+fi
+[ "$(criu_major)" -ge "$CRIU_MIN_MAJOR" ] || die "CRIU $CRIU_MIN_MAJOR.x is not installed"
+# runc looks criu up on PATH; make sure no older criu shadows ours.
+if [ "$(command -v criu)" != /usr/local/sbin/criu ]; then
+  ln -sf /usr/local/sbin/criu /usr/local/bin/criu
+fi
+/usr/local/sbin/criu check >/dev/null 2>&1 || log "warning: 'criu check' is not clean on this kernel"
+
+log "ready: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | sed -n 's/^runc version //p'), criu $(/usr/local/sbin/criu --version | sed -n 's/^Version: //p'), $(protoc --version)"

@@ -1,0 +1,96 @@
+//! Starting external programs (runc, criu, mount) and waiting for them.
+//!
+//! A shim is a child subreaper that reaps every child on SIGCHLD. A program it starts must
+//! therefore be waited for through the shim's own exit notifications, never with `waitpid` on
+//! the side, or the two race for the exit status. [`Launcher`] is that seam: the shim supplies
+//! an implementation backed by its reaper; [`TokioLauncher`] serves everywhere else.
+
+use std::os::fd::OwnedFd;
+use std::process::{Command, Stdio};
+
+use async_trait::async_trait;
+use tokio::io::AsyncReadExt;
+
+/// The outcome of a program run to completion.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Exit code; 128+N when killed by signal N.
+    pub code: i32,
+    /// Captured standard output (empty unless capture was asked for).
+    pub stdout: Vec<u8>,
+    /// Captured standard error (empty unless capture was asked for).
+    pub stderr: Vec<u8>,
+}
+
+impl Outcome {
+    /// Whether the program exited with status 0.
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+}
+
+/// How output of a launched program is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// Capture stdout and stderr into the [`Outcome`].
+    Output,
+    /// Leave stdio as the caller set it on the command (e.g. a container's pipes).
+    Inherit,
+}
+
+/// Starts a program and waits for it to exit.
+#[async_trait]
+pub trait Launcher: Send + Sync {
+    /// Runs `cmd` to completion.
+    async fn run(&self, cmd: Command, capture: Capture) -> std::io::Result<Outcome>;
+}
+
+/// A launcher that waits with tokio's own child handling. Right for any process that is not a
+/// reaping shim (tests, the CLI).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokioLauncher;
+
+#[async_trait]
+impl Launcher for TokioLauncher {
+    async fn run(&self, cmd: Command, capture: Capture) -> std::io::Result<Outcome> {
+        let mut cmd = tokio::process::Command::from(cmd);
+        if capture == Capture::Output {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            let out = cmd.output().await?;
+            Ok(Outcome {
+                code: exit_code(out.status),
+                stdout: out.stdout,
+                stderr: out.stderr,
+            })
+        } else {
+            let status = cmd.status().await?;
+            Ok(Outcome {
+                code: exit_code(status),
+                ..Default::default()
+            })
+        }
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+/// Reads a child's pipe to the end without blocking a runtime thread.
+pub async fn read_pipe(fd: Option<OwnedFd>) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let Some(fd) = fd else { return buf };
+    match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+        Ok(mut rx) => {
+            if let Err(e) = rx.read_to_end(&mut buf).await {
+                log::debug!("reading a child's output stopped: {e}");
+            }
+        }
+        Err(e) => log::warn!("cannot read a child's output: {e}"),
+    }
+    buf
+}

@@ -1,0 +1,537 @@
+//! A client for the runc command line.
+//!
+//! Each method runs one `runc` subcommand through the [`Launcher`]. Commands that hand the new
+//! process its stdio (create, exec, restore) cannot capture runc's own stderr (it belongs to the
+//! container), so runc logs those in JSON to a file and errors are read back from there.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::launcher::{Capture, Launcher, Outcome};
+use crate::{Error, Result};
+
+/// How to reach runc and where it keeps its state.
+#[derive(Clone)]
+pub struct Runc {
+    binary: PathBuf,
+    root: PathBuf,
+    systemd_cgroup: bool,
+    launcher: Arc<dyn Launcher>,
+}
+
+impl std::fmt::Debug for Runc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runc")
+            .field("binary", &self.binary)
+            .field("root", &self.root)
+            .finish()
+    }
+}
+
+/// The stdio a new container or exec process gets: our ends of pipes, or `None` for /dev/null.
+#[derive(Debug, Default)]
+pub struct ProcessStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Options of `runc create`.
+#[derive(Debug, Default)]
+pub struct CreateOpts {
+    pub pid_file: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub no_pivot: bool,
+    pub no_new_keyring: bool,
+    /// Where runc logs (JSON); errors are read back from here.
+    pub log: PathBuf,
+}
+
+/// Options of `runc exec`.
+#[derive(Debug, Default)]
+pub struct ExecOpts {
+    pub process_spec: PathBuf,
+    pub pid_file: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub log: PathBuf,
+}
+
+/// How CRIU treats the container's cgroups (`--manage-cgroups-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CgroupsMode {
+    #[default]
+    Default,
+    Soft,
+    Full,
+    Strict,
+    Ignore,
+}
+
+impl CgroupsMode {
+    /// Parses containerd's `cgroups_mode` string; empty means runc's default.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "" => Ok(Self::Default),
+            "soft" => Ok(Self::Soft),
+            "full" => Ok(Self::Full),
+            "strict" => Ok(Self::Strict),
+            "ignore" => Ok(Self::Ignore),
+            other => Err(Error::Invalid {
+                what: "cgroups mode",
+                reason: format!("{other:?} is none of soft, full, strict, ignore"),
+            }),
+        }
+    }
+
+    fn flag(self) -> Option<&'static str> {
+        match self {
+            Self::Default => None,
+            Self::Soft => Some("soft"),
+            Self::Full => Some("full"),
+            Self::Strict => Some("strict"),
+            Self::Ignore => Some("ignore"),
+        }
+    }
+}
+
+/// CRIU options shared by checkpoint and restore.
+#[derive(Debug, Clone, Default)]
+pub struct CriuOpts {
+    pub image_path: PathBuf,
+    pub work_path: Option<PathBuf>,
+    pub tcp_established: bool,
+    pub external_unix_sockets: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+    pub empty_namespaces: Vec<String>,
+    pub cgroups_mode: CgroupsMode,
+}
+
+/// Options of `runc checkpoint`.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointOpts {
+    pub criu: CriuOpts,
+    pub parent_path: Option<PathBuf>,
+    pub leave_running: bool,
+}
+
+/// Options of `runc restore`.
+#[derive(Debug, Default)]
+pub struct RestoreOpts {
+    pub criu: CriuOpts,
+    pub pid_file: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub no_pivot: bool,
+    pub log: PathBuf,
+}
+
+/// What `runc state` reports.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContainerState {
+    pub id: String,
+    pub pid: i32,
+    pub status: String,
+    #[serde(default)]
+    pub bundle: String,
+}
+
+impl Runc {
+    /// A client for `binary` keeping container state under `root`.
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        root: impl Into<PathBuf>,
+        launcher: Arc<dyn Launcher>,
+    ) -> Self {
+        Self {
+            binary: binary.into(),
+            root: root.into(),
+            systemd_cgroup: false,
+            launcher,
+        }
+    }
+
+    /// Uses systemd to manage cgroups (`--systemd-cgroup`).
+    pub fn with_systemd_cgroup(mut self, on: bool) -> Self {
+        self.systemd_cgroup = on;
+        self
+    }
+
+    /// runc's state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn command(&self, log: Option<&Path>) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root").arg(&self.root);
+        if let Some(log) = log {
+            cmd.arg("--log").arg(log).arg("--log-format").arg("json");
+        }
+        if self.systemd_cgroup {
+            cmd.arg("--systemd-cgroup");
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    async fn run(&self, what: &str, id: &str, cmd: Command) -> Result<Outcome> {
+        let out = self
+            .launcher
+            .run(cmd, Capture::Output)
+            .await
+            .map_err(|source| Error::Launch {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        if out.success() {
+            return Ok(out);
+        }
+        let mut message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if message.is_empty() {
+            message = format!("exit status {}", out.code);
+        }
+        Err(runc_error(what, id, message))
+    }
+
+    async fn run_with_stdio(
+        &self,
+        what: &str,
+        id: &str,
+        mut cmd: Command,
+        stdio: ProcessStdio,
+        log: &Path,
+    ) -> Result<()> {
+        cmd.stdin(stdio_of(stdio.stdin));
+        cmd.stdout(stdio_of(stdio.stdout));
+        cmd.stderr(stdio_of(stdio.stderr));
+        let out = self
+            .launcher
+            .run(cmd, Capture::Inherit)
+            .await
+            .map_err(|source| Error::Launch {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        if out.success() {
+            return Ok(());
+        }
+        let message = last_error_in_log(log).unwrap_or_else(|| format!("exit status {}", out.code));
+        Err(runc_error(what, id, message))
+    }
+
+    /// `runc create`: sets the container up, its process waits for `start`.
+    pub async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: CreateOpts,
+        stdio: ProcessStdio,
+    ) -> Result<()> {
+        let mut cmd = self.command(Some(&opts.log));
+        cmd.arg("create").arg("--bundle").arg(bundle);
+        cmd.arg("--pid-file").arg(&opts.pid_file);
+        if let Some(sock) = &opts.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        if opts.no_pivot {
+            cmd.arg("--no-pivot");
+        }
+        if opts.no_new_keyring {
+            cmd.arg("--no-new-keyring");
+        }
+        cmd.arg(id);
+        self.run_with_stdio("create", id, cmd, stdio, &opts.log)
+            .await
+    }
+
+    /// `runc start`.
+    pub async fn start(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command(None);
+        cmd.args(["start", id]);
+        self.run("start", id, cmd).await.map(drop)
+    }
+
+    /// `runc state`.
+    pub async fn state(&self, id: &str) -> Result<ContainerState> {
+        let mut cmd = self.command(None);
+        cmd.args(["state", id]);
+        let out = self.run("state", id, cmd).await?;
+        serde_json::from_slice(&out.stdout).map_err(|e| Error::Invalid {
+            what: "runc state output",
+            reason: e.to_string(),
+        })
+    }
+
+    /// `runc kill`: sends `signal` to the container's init (or every process with `all`).
+    pub async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut cmd = self.command(None);
+        cmd.arg("kill");
+        if all {
+            cmd.arg("--all");
+        }
+        cmd.arg(id).arg(signal.to_string());
+        self.run("kill", id, cmd).await.map(drop)
+    }
+
+    /// `runc delete`.
+    pub async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let mut cmd = self.command(None);
+        cmd.arg("delete");
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.arg(id);
+        self.run("delete", id, cmd).await.map(drop)
+    }
+
+    /// `runc pause`: freezes the container's cgroup.
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command(None);
+        cmd.args(["pause", id]);
+        self.run("pause", id, cmd).await.map(drop)
+    }
+
+    /// `runc resume`: thaws the container's cgroup.
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command(None);
+        cmd.args(["resume", id]);
+        self.run("resume", id, cmd).await.map(drop)
+    }
+
+    /// `runc ps`: the host pids of every process in the container.
+    pub async fn ps(&self, id: &str) -> Result<Vec<i32>> {
+        let mut cmd = self.command(None);
+        cmd.args(["ps", "--format", "json", id]);
+        let out = self.run("ps", id, cmd).await?;
+        let pids: Option<Vec<i32>> =
+            serde_json::from_slice(&out.stdout).map_err(|e| Error::Invalid {
+                what: "runc ps output",
+                reason: e.to_string(),
+            })?;
+        Ok(pids.unwrap_or_default())
+    }
+
+    /// `runc exec --detach`: starts an additional process in the container.
+    pub async fn exec(&self, id: &str, opts: ExecOpts, stdio: ProcessStdio) -> Result<()> {
+        let mut cmd = self.command(Some(&opts.log));
+        cmd.arg("exec").arg("--detach");
+        cmd.arg("--process").arg(&opts.process_spec);
+        cmd.arg("--pid-file").arg(&opts.pid_file);
+        if let Some(sock) = &opts.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg(id);
+        self.run_with_stdio("exec", id, cmd, stdio, &opts.log).await
+    }
+
+    /// `runc update --resources FILE`: applies new resource limits (OCI LinuxResources JSON).
+    pub async fn update(&self, id: &str, resources_json: &Path) -> Result<()> {
+        let mut cmd = self.command(None);
+        cmd.arg("update")
+            .arg("--resources")
+            .arg(resources_json)
+            .arg(id);
+        self.run("update", id, cmd).await.map(drop)
+    }
+
+    /// `runc checkpoint`: dumps the container with CRIU into `opts.criu.image_path`.
+    pub async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
+        let mut cmd = self.command(None);
+        cmd.arg("checkpoint");
+        push_criu_args(&mut cmd, &opts.criu);
+        if let Some(parent) = &opts.parent_path {
+            cmd.arg("--parent-path").arg(parent);
+        }
+        if opts.leave_running {
+            cmd.arg("--leave-running");
+        }
+        cmd.arg(id);
+        self.run("checkpoint", id, cmd).await.map(drop)
+    }
+
+    /// `runc restore --detach`: brings a container back from CRIU images.
+    pub async fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: RestoreOpts,
+        stdio: ProcessStdio,
+    ) -> Result<()> {
+        let mut cmd = self.command(Some(&opts.log));
+        cmd.arg("restore").arg("--detach");
+        cmd.arg("--bundle").arg(bundle);
+        cmd.arg("--pid-file").arg(&opts.pid_file);
+        push_criu_args(&mut cmd, &opts.criu);
+        if let Some(sock) = &opts.console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        if opts.no_pivot {
+            cmd.arg("--no-pivot");
+        }
+        cmd.arg(id);
+        self.run_with_stdio("restore", id, cmd, stdio, &opts.log)
+            .await
+    }
+}
+
+fn push_criu_args(cmd: &mut Command, o: &CriuOpts) {
+    cmd.arg("--image-path").arg(&o.image_path);
+    if let Some(work) = &o.work_path {
+        cmd.arg("--work-path").arg(work);
+    }
+    if o.tcp_established {
+        cmd.arg("--tcp-established");
+    }
+    if o.external_unix_sockets {
+        cmd.arg("--ext-unix-sk");
+    }
+    if o.shell_job {
+        cmd.arg("--shell-job");
+    }
+    if o.file_locks {
+        cmd.arg("--file-locks");
+    }
+    for ns in &o.empty_namespaces {
+        cmd.arg("--empty-ns").arg(ns);
+    }
+    if let Some(mode) = o.cgroups_mode.flag() {
+        cmd.arg("--manage-cgroups-mode").arg(mode);
+    }
+}
+
+fn stdio_of(fd: Option<OwnedFd>) -> Stdio {
+    fd.map(Stdio::from).unwrap_or_else(Stdio::null)
+}
+
+fn runc_error(what: &str, id: &str, message: String) -> Error {
+    Error::Runc {
+        command: what.to_string(),
+        id: id.to_string(),
+        message,
+    }
+}
+
+/// The last error runc wrote to its JSON log, if any.
+pub fn last_error_in_log(log: &Path) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Line {
+        level: String,
+        msg: String,
+    }
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Line>(l).ok())
+        .find(|l| l.level == "error" || l.level == "fatal")
+        .map(|l| l.msg)
+}
+
+/// Builds the argument list a command would run with (for logs and tests).
+pub fn describe(cmd: &Command) -> String {
+    let mut parts: Vec<OsString> = vec![cmd.get_program().to_owned()];
+    parts.extend(cmd.get_args().map(|a| a.to_owned()));
+    parts
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A launcher that records commands and answers from a script.
+    struct Scripted {
+        seen: Mutex<Vec<String>>,
+        answer: Outcome,
+    }
+
+    #[async_trait::async_trait]
+    impl Launcher for Scripted {
+        async fn run(&self, cmd: Command, _capture: Capture) -> std::io::Result<Outcome> {
+            self.seen.lock().expect("lock").push(describe(&cmd));
+            Ok(self.answer.clone())
+        }
+    }
+
+    fn runc(answer: Outcome) -> (Runc, Arc<Scripted>) {
+        let s = Arc::new(Scripted {
+            seen: Mutex::new(Vec::new()),
+            answer,
+        });
+        (Runc::new("runc", "/run/r", s.clone()), s)
+    }
+
+    #[tokio::test]
+    async fn checkpoint_passes_every_criu_option() {
+        let (r, seen) = runc(Outcome::default());
+        let opts = CheckpointOpts {
+            criu: CriuOpts {
+                image_path: "/img".into(),
+                work_path: Some("/work".into()),
+                tcp_established: true,
+                external_unix_sockets: true,
+                shell_job: true,
+                file_locks: true,
+                empty_namespaces: vec!["network".into()],
+                cgroups_mode: CgroupsMode::Soft,
+            },
+            parent_path: Some("/parent".into()),
+            leave_running: true,
+        };
+        r.checkpoint("c1", &opts).await.expect("checkpoint");
+        let line = seen.seen.lock().expect("lock")[0].clone();
+        assert_eq!(
+            line,
+            "runc --root /run/r checkpoint --image-path /img --work-path /work --tcp-established \
+             --ext-unix-sk --shell-job --file-locks --empty-ns network --manage-cgroups-mode soft \
+             --parent-path /parent --leave-running c1"
+        );
+    }
+
+    #[tokio::test]
+    async fn failure_quotes_stderr() {
+        let (r, _) = runc(Outcome {
+            code: 1,
+            stdout: vec![],
+            stderr: b"container does not exist\n".to_vec(),
+        });
+        let err = r.kill("nope", 9, false).await.expect_err("must fail");
+        assert_eq!(
+            err.to_string(),
+            "runc kill failed for nope: container does not exist"
+        );
+    }
+
+    #[test]
+    fn cgroups_mode_rejects_unknown() {
+        assert!(CgroupsMode::parse("weird").is_err());
+        assert_eq!(CgroupsMode::parse("").expect("empty"), CgroupsMode::Default);
+        assert_eq!(
+            CgroupsMode::parse("strict").expect("strict"),
+            CgroupsMode::Strict
+        );
+    }
+
+    #[test]
+    fn reads_last_error_from_json_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log.json");
+        std::fs::write(
+            &log,
+            "{\"level\":\"info\",\"msg\":\"hello\"}\n{\"level\":\"error\",\"msg\":\"exec: no such file\"}\n{\"level\":\"info\",\"msg\":\"bye\"}\n",
+        )
+        .expect("write");
+        assert_eq!(
+            last_error_in_log(&log).as_deref(),
+            Some("exec: no such file")
+        );
+    }
+}
