@@ -1,1 +1,8 @@
+//! podsnap-checkpoint: the pod checkpoint. Its on-disk format, the pod plan (which containers,
+//! in which order, in which role), and dump/restore orchestration on top of `podsnap-runtime`.
+//!
+//! No protobuf and no ttrpc here: the shim adapts.
 
+pub mod record;
+
+pub use record::{ContainerRecord, ContainerState, PodRecord, Role};

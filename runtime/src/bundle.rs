@@ -136,8 +136,7 @@ mod tests {
         std::fs::write(dir.path().join("config.json"), "{not json").expect("write");
         let err = Bundle::new(dir.path()).spec().expect_err("must fail");
         assert!(
-            err.to_string()
-                .starts_with("invalid OCI spec (config.json)"),
+            err.to_string().starts_with("invalid OCI spec (config.json)"),
             "{err}"
         );
     }

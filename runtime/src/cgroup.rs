@@ -30,9 +30,7 @@ impl CgroupPaths {
         let mut dirs = HashMap::new();
         for line in text.lines() {
             let mut parts = line.splitn(3, ':');
-            let (Some(_), Some(controllers), Some(path)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
+            let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
                 continue;
             };
             if controllers.is_empty() {
@@ -73,11 +71,7 @@ impl CgroupPaths {
                 usage_user_ns: stat.get("user").copied().unwrap_or(0) * ticks_to_ns,
                 usage_kernel_ns: stat.get("system").copied().unwrap_or(0) * ticks_to_ns,
                 per_cpu_ns: std::fs::read_to_string(cpu.join("cpuacct.usage_percpu"))
-                    .map(|t| {
-                        t.split_whitespace()
-                            .filter_map(|v| v.parse().ok())
-                            .collect()
-                    })
+                    .map(|t| t.split_whitespace().filter_map(|v| v.parse().ok()).collect())
                     .unwrap_or_default(),
                 throttling: self
                     .get("cpu")
@@ -103,10 +97,9 @@ impl CgroupPaths {
         let file = dir.join("freezer.state");
         let want = if frozen { "FROZEN" } else { "THAWED" };
         for _ in 0..1000 {
-            std::fs::write(&file, want)
-                .map_err(|e| Error::io("write the freezer state", &file, e))?;
-            let now = std::fs::read_to_string(&file)
-                .map_err(|e| Error::io("read the freezer state", &file, e))?;
+            std::fs::write(&file, want).map_err(|e| Error::io("write the freezer state", &file, e))?;
+            let now =
+                std::fs::read_to_string(&file).map_err(|e| Error::io("read the freezer state", &file, e))?;
             if now.trim() == want {
                 return Ok(());
             }
@@ -189,8 +182,8 @@ impl OomNotifier {
     /// Registers for OOM notifications of the memory cgroup at `dir`.
     pub fn register(dir: &Path) -> Result<Self> {
         let control = dir.join("memory.oom_control");
-        let oom = std::fs::File::open(&control)
-            .map_err(|e| Error::io("open memory.oom_control", &control, e))?;
+        let oom =
+            std::fs::File::open(&control).map_err(|e| Error::io("open memory.oom_control", &control, e))?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -219,7 +212,8 @@ mod tests {
 
     #[test]
     fn parses_hybrid_proc_cgroup() {
-        let text = "12:freezer:/kubepods/pod1/abc\n11:cpu,cpuacct:/kubepods/pod1/abc\n1:name=systemd:/x\n0::/\n";
+        let text =
+            "12:freezer:/kubepods/pod1/abc\n11:cpu,cpuacct:/kubepods/pod1/abc\n1:name=systemd:/x\n0::/\n";
         let p = CgroupPaths::parse(text, Path::new("/sys/fs/cgroup"));
         assert_eq!(
             p.get("freezer"),
@@ -229,10 +223,7 @@ mod tests {
             p.get("cpuacct"),
             Some(Path::new("/sys/fs/cgroup/cpuacct/kubepods/pod1/abc"))
         );
-        assert_eq!(
-            p.get("systemd"),
-            Some(Path::new("/sys/fs/cgroup/systemd/x"))
-        );
+        assert_eq!(p.get("systemd"), Some(Path::new("/sys/fs/cgroup/systemd/x")));
         assert!(p.get("memory").is_none());
     }
 

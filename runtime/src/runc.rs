@@ -142,11 +142,7 @@ pub struct ContainerState {
 
 impl Runc {
     /// A client for `binary` keeping container state under `root`.
-    pub fn new(
-        binary: impl Into<PathBuf>,
-        root: impl Into<PathBuf>,
-        launcher: Arc<dyn Launcher>,
-    ) -> Self {
+    pub fn new(binary: impl Into<PathBuf>, root: impl Into<PathBuf>, launcher: Arc<dyn Launcher>) -> Self {
         Self {
             binary: binary.into(),
             root: root.into(),
@@ -225,13 +221,7 @@ impl Runc {
     }
 
     /// `runc create`: sets the container up, its process waits for `start`.
-    pub async fn create(
-        &self,
-        id: &str,
-        bundle: &Path,
-        opts: CreateOpts,
-        stdio: ProcessStdio,
-    ) -> Result<()> {
+    pub async fn create(&self, id: &str, bundle: &Path, opts: CreateOpts, stdio: ProcessStdio) -> Result<()> {
         let mut cmd = self.command(Some(&opts.log));
         cmd.arg("create").arg("--bundle").arg(bundle);
         cmd.arg("--pid-file").arg(&opts.pid_file);
@@ -245,8 +235,7 @@ impl Runc {
             cmd.arg("--no-new-keyring");
         }
         cmd.arg(id);
-        self.run_with_stdio("create", id, cmd, stdio, &opts.log)
-            .await
+        self.run_with_stdio("create", id, cmd, stdio, &opts.log).await
     }
 
     /// `runc start`.
@@ -308,11 +297,10 @@ impl Runc {
         let mut cmd = self.command(None);
         cmd.args(["ps", "--format", "json", id]);
         let out = self.run("ps", id, cmd).await?;
-        let pids: Option<Vec<i32>> =
-            serde_json::from_slice(&out.stdout).map_err(|e| Error::Invalid {
-                what: "runc ps output",
-                reason: e.to_string(),
-            })?;
+        let pids: Option<Vec<i32>> = serde_json::from_slice(&out.stdout).map_err(|e| Error::Invalid {
+            what: "runc ps output",
+            reason: e.to_string(),
+        })?;
         Ok(pids.unwrap_or_default())
     }
 
@@ -332,10 +320,7 @@ impl Runc {
     /// `runc update --resources FILE`: applies new resource limits (OCI LinuxResources JSON).
     pub async fn update(&self, id: &str, resources_json: &Path) -> Result<()> {
         let mut cmd = self.command(None);
-        cmd.arg("update")
-            .arg("--resources")
-            .arg(resources_json)
-            .arg(id);
+        cmd.arg("update").arg("--resources").arg(resources_json).arg(id);
         self.run("update", id, cmd).await.map(drop)
     }
 
@@ -374,8 +359,7 @@ impl Runc {
             cmd.arg("--no-pivot");
         }
         cmd.arg(id);
-        self.run_with_stdio("restore", id, cmd, stdio, &opts.log)
-            .await
+        self.run_with_stdio("restore", id, cmd, stdio, &opts.log).await
     }
 }
 
@@ -514,10 +498,7 @@ mod tests {
     fn cgroups_mode_rejects_unknown() {
         assert!(CgroupsMode::parse("weird").is_err());
         assert_eq!(CgroupsMode::parse("").expect("empty"), CgroupsMode::Default);
-        assert_eq!(
-            CgroupsMode::parse("strict").expect("strict"),
-            CgroupsMode::Strict
-        );
+        assert_eq!(CgroupsMode::parse("strict").expect("strict"), CgroupsMode::Strict);
     }
 
     #[test]
@@ -529,9 +510,6 @@ mod tests {
             "{\"level\":\"info\",\"msg\":\"hello\"}\n{\"level\":\"error\",\"msg\":\"exec: no such file\"}\n{\"level\":\"info\",\"msg\":\"bye\"}\n",
         )
         .expect("write");
-        assert_eq!(
-            last_error_in_log(&log).as_deref(),
-            Some("exec: no such file")
-        );
+        assert_eq!(last_error_in_log(&log).as_deref(), Some("exec: no such file"));
     }
 }

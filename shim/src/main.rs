@@ -1,1 +1,22 @@
-fn main() {}
+//! `containerd-shim-podsnap-v1`: the containerd runtime shim of podsnap (`io.containerd.podsnap.v1`).
+//!
+//! One shim process serves a whole pod: containers are grouped by their CRI sandbox id. The shim
+//! is a thin adapter from containerd's task API to `podsnap-runtime` (runc) and
+//! `podsnap-checkpoint`; protobuf stays in this crate.
+
+mod container;
+mod error;
+mod events;
+mod exits;
+mod metrics;
+mod process;
+mod service;
+mod task;
+
+/// The runtime type containerd knows this shim by.
+pub const RUNTIME_ID: &str = "io.containerd.podsnap.v1";
+
+#[tokio::main]
+async fn main() {
+    containerd_shim::asynchronous::run::<service::PodShim>(RUNTIME_ID, None).await;
+}

@@ -1,0 +1,332 @@
+//! A container the shim runs: creating it with runc, starting it, its exec processes, stdio
+//! plumbing, and its removal. Protobuf stays in `task.rs`; this speaks our own types.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use containerd_shim::asynchronous::io::{Pty, Stdio};
+use podsnap_runtime::bundle::{Bundle, PodIdentity};
+use podsnap_runtime::cgroup::CgroupPaths;
+use podsnap_runtime::runc::{CreateOpts, ExecOpts, ProcessStdio, Runc};
+use podsnap_runtime::stdio::{self, ConsoleSocket, ShimEnds, Wanted};
+use tokio::net::unix::pipe;
+
+use crate::error::{Error, Result};
+use crate::exits::ExitRouter;
+use crate::process::{lock, Process, Status};
+
+/// Where console sockets are made (short paths: a unix socket path has 108 bytes at most).
+pub const CONSOLE_DIR: &str = "/run/podsnap/console";
+
+/// How long runc gets to hand over a new terminal after it reported success.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// runc options that apply to one container.
+#[derive(Debug, Clone, Default)]
+pub struct RuncFlags {
+    pub no_pivot: bool,
+    pub no_new_keyring: bool,
+}
+
+/// What Create needs, in our own terms.
+pub struct CreateParams {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub stdio: Stdio,
+    pub runc: Runc,
+    pub flags: RuncFlags,
+    /// Whether the shim mounted the rootfs (and must unmount it).
+    pub rootfs_mounted: bool,
+    pub created_order: u64,
+}
+
+/// One container of the pod.
+pub struct Container {
+    pub id: String,
+    pub bundle: Bundle,
+    pub identity: PodIdentity,
+    pub created_order: u64,
+    pub started_order: Mutex<Option<u64>>,
+    pub init: Arc<Process>,
+    pub execs: Mutex<HashMap<String, Arc<Process>>>,
+    pub rootfs_mounted: bool,
+    pub runc: Runc,
+    pub cgroups: Mutex<Option<CgroupPaths>>,
+}
+
+impl Container {
+    /// `runc create`s the container. On failure nothing is left registered or running; the
+    /// caller still owns the rootfs mount.
+    pub async fn create(p: CreateParams, exits: &ExitRouter) -> Result<Arc<Container>> {
+        let bundle = Bundle::new(&p.bundle);
+        let spec = bundle
+            .spec()
+            .map_err(Error::runtime(format!("create container {}", p.id)))?;
+        let identity = PodIdentity::from_spec(&spec);
+        let init = Arc::new(Process::new(&p.id, "", p.stdio.clone(), None));
+
+        let (process_stdio, ends, console) = prepare_io(&p.stdio)?;
+        let opts = CreateOpts {
+            pid_file: bundle.path().join("init.pid"),
+            console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
+            no_pivot: p.flags.no_pivot,
+            no_new_keyring: p.flags.no_new_keyring,
+            log: bundle.path().join("log.json"),
+        };
+        let _ = std::fs::remove_file(&opts.pid_file);
+        let pid_file = opts.pid_file.clone();
+        p.runc
+            .create(&p.id, bundle.path(), opts, process_stdio)
+            .await
+            .map_err(Error::runtime(format!("create container {}", p.id)))?;
+
+        let started = async {
+            let pid = read_pid(&pid_file).await?;
+            connect_io(&init, ends, console).await?;
+            Ok::<i32, Error>(pid)
+        };
+        let pid = match started.await {
+            Ok(pid) => pid,
+            Err(e) => {
+                // runc created it: take it down again.
+                if let Err(de) = p.runc.delete(&p.id, true).await {
+                    log::warn!("container {}: cleanup after a failed create: {de}", p.id);
+                }
+                init.io.abort().await;
+                return Err(e);
+            }
+        };
+        init.set_pid(pid);
+        if let Some(code) = exits.watch(pid, init.clone(), Instant::now()) {
+            init.set_exited(code);
+        }
+        let cgroups = CgroupPaths::of_pid(pid).ok();
+        Ok(Arc::new(Container {
+            id: p.id,
+            bundle,
+            identity,
+            created_order: p.created_order,
+            started_order: Mutex::new(None),
+            init,
+            execs: Mutex::new(HashMap::new()),
+            rootfs_mounted: p.rootfs_mounted,
+            runc: p.runc,
+            cgroups: Mutex::new(cgroups),
+        }))
+    }
+
+    /// `runc start`: the container's process runs.
+    pub async fn start(&self, order: &AtomicU64) -> Result<i32> {
+        let s = self.init.state();
+        if s.status != Status::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} cannot start: it is {:?}, not created",
+                self.id, s.status
+            )));
+        }
+        self.runc
+            .start(&self.id)
+            .await
+            .map_err(Error::runtime(format!("start container {}", self.id)))?;
+        self.init.set_status(Status::Running);
+        *lock(&self.started_order) = Some(order.fetch_add(1, Ordering::SeqCst) + 1);
+        Ok(s.pid)
+    }
+
+    /// Looks up a process: the init process for an empty exec id.
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        lock(&self.execs)
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} in container {}", self.id)))
+    }
+
+    /// Registers an exec process (not started yet).
+    pub fn add_exec(&self, exec_id: &str, stdio: Stdio, spec: Vec<u8>) -> Result<()> {
+        let status = self.init.state().status;
+        if status != Status::Running && status != Status::Paused {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot exec in container {}: it is {status:?}",
+                self.id
+            )));
+        }
+        if serde_json::from_slice::<oci_spec::runtime::Process>(&spec).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "exec {exec_id} in container {}: the process spec is not a valid OCI process",
+                self.id
+            )));
+        }
+        let mut execs = lock(&self.execs);
+        if execs.contains_key(exec_id) {
+            return Err(Error::AlreadyExists(format!(
+                "exec {exec_id} in container {}",
+                self.id
+            )));
+        }
+        execs.insert(
+            exec_id.to_string(),
+            Arc::new(Process::new(&self.id, exec_id, stdio, Some(spec))),
+        );
+        Ok(())
+    }
+
+    /// `runc exec --detach`s a registered exec process; returns its pid.
+    pub async fn start_exec(&self, exec: &Arc<Process>, exits: &ExitRouter) -> Result<i32> {
+        if exec.state().status != Status::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "{} was already started",
+                exec.describe()
+            )));
+        }
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let spec_file = self.bundle.path().join(format!(".exec-{n}.json"));
+        let pid_file = self.bundle.path().join(format!(".exec-{n}.pid"));
+        let log = self.bundle.path().join(format!(".exec-{n}.log"));
+        let spec = exec.spec.clone().unwrap_or_default();
+        write_private(&spec_file, &spec).await?;
+        let since = Instant::now();
+        let result = async {
+            let (process_stdio, ends, console) = prepare_io(&exec.stdio)?;
+            let opts = ExecOpts {
+                process_spec: spec_file.clone(),
+                pid_file: pid_file.clone(),
+                console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
+                log: log.clone(),
+            };
+            self.runc
+                .exec(&self.id, opts, process_stdio)
+                .await
+                .map_err(Error::runtime(exec.describe()))?;
+            let pid = read_pid(&pid_file).await?;
+            exec.set_pid(pid);
+            exec.set_status(Status::Running);
+            if let Some(code) = exits.watch(pid, exec.clone(), since) {
+                exec.set_exited(code);
+            }
+            connect_io(exec, ends, console).await?;
+            Ok(pid)
+        }
+        .await;
+        for f in [&spec_file, &pid_file, &log] {
+            let _ = tokio::fs::remove_file(f).await;
+        }
+        if result.is_err() {
+            exec.io.abort().await;
+        }
+        result
+    }
+
+    /// The container's cgroups, learnt at create (the init process may be gone by now).
+    pub fn cgroups(&self) -> Option<CgroupPaths> {
+        lock(&self.cgroups).clone()
+    }
+}
+
+/// Makes the pipes or console socket a process's stdio needs.
+fn prepare_io(s: &Stdio) -> Result<(ProcessStdio, ShimEnds, Option<ConsoleSocket>)> {
+    for path in [&s.stdin, &s.stdout, &s.stderr] {
+        if path.contains("://") && !path.starts_with("fifo://") {
+            return Err(Error::InvalidArgument(format!(
+                "stdio {path}: only FIFO paths are supported by the podsnap shim"
+            )));
+        }
+    }
+    if s.terminal {
+        std::fs::create_dir_all(CONSOLE_DIR)
+            .map_err(|e| Error::Internal(format!("create {CONSOLE_DIR}: {e}")))?;
+        let path = Path::new(CONSOLE_DIR).join(format!("{}-{}.sock", std::process::id(), unique()));
+        let console = ConsoleSocket::bind(path).map_err(Error::runtime("make a console socket"))?;
+        return Ok((ProcessStdio::default(), ShimEnds::default(), Some(console)));
+    }
+    let (process, ends) = stdio::pipes(Wanted {
+        stdin: !s.stdin.is_empty(),
+        stdout: !s.stdout.is_empty(),
+        stderr: !s.stderr.is_empty(),
+    })
+    .map_err(Error::runtime("make stdio pipes"))?;
+    Ok((process, ends, None))
+}
+
+/// Starts copying between the process's pipes or terminal and containerd's FIFOs.
+async fn connect_io(p: &Process, ends: ShimEnds, console: Option<ConsoleSocket>) -> Result<()> {
+    let s = &p.stdio;
+    let fifo = |path: &str| path.trim_start_matches("fifo://").to_string();
+    let io_err = |e: containerd_shim::Error| Error::Internal(format!("{} stdio: {e}", p.describe()));
+    if let Some(console) = console {
+        let master = tokio::time::timeout(CONSOLE_TIMEOUT, console.receive_master())
+            .await
+            .map_err(|_| Error::Internal(format!("{}: runc sent no terminal", p.describe())))?
+            .map_err(Error::runtime("receive the terminal"))?;
+        let pty = Pty::new(master).map_err(io_err)?;
+        if !s.stdin.is_empty() {
+            p.io.copy_from_fifo(&fifo(&s.stdin), pty.clone())
+                .map_err(io_err)?;
+        }
+        if !s.stdout.is_empty() {
+            p.io.copy_to_fifo(pty.clone(), &fifo(&s.stdout)).map_err(io_err)?;
+        }
+        *lock(&p.pty) = Some(pty);
+        return Ok(());
+    }
+    if let Some(w) = ends.stdin {
+        p.io.copy_from_fifo(&fifo(&s.stdin), sender(w)?).map_err(io_err)?;
+    }
+    if let Some(r) = ends.stdout {
+        p.io.copy_to_fifo(receiver(r)?, &fifo(&s.stdout))
+            .map_err(io_err)?;
+    }
+    if let Some(r) = ends.stderr {
+        p.io.copy_to_fifo(receiver(r)?, &fifo(&s.stderr))
+            .map_err(io_err)?;
+    }
+    Ok(())
+}
+
+fn sender(fd: OwnedFd) -> Result<pipe::Sender> {
+    pipe::Sender::from_owned_fd(fd).map_err(|e| Error::Internal(format!("stdin pipe: {e}")))
+}
+
+fn receiver(fd: OwnedFd) -> Result<pipe::Receiver> {
+    pipe::Receiver::from_owned_fd(fd).map_err(|e| Error::Internal(format!("output pipe: {e}")))
+}
+
+async fn read_pid(path: &Path) -> Result<i32> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| Error::Internal(format!("read pid file {}: {e}", path.display())))?;
+    text.trim()
+        .parse()
+        .map_err(|_| Error::Internal(format!("pid file {} holds {text:?}", path.display())))
+}
+
+/// Writes a file only root can read (exec specs can carry secrets in their environment).
+pub async fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (path, data) = (path.to_path_buf(), data.to_vec());
+    tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&data))
+            .map_err(|e| Error::Internal(format!("write {}: {e}", path.display())))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+fn unique() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}

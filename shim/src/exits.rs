@@ -1,0 +1,139 @@
+//! Child exits. The shim is a subreaper: the shim crate reaps every child on SIGCHLD and
+//! announces each exit on its monitor. Programs the shim runs (runc, criu) are waited for through
+//! that monitor ([`MonitorLauncher`]), and container processes are matched to their exits by pid
+//! ([`ExitRouter`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
+use containerd_shim::monitor::{Subject, Topic};
+use podsnap_runtime::launcher::{read_pipe, Capture, Launcher, Outcome};
+
+use crate::process::{lock, Process};
+
+/// Runs programs and waits for them through the shim's reaper.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MonitorLauncher;
+
+#[async_trait]
+impl Launcher for MonitorLauncher {
+    async fn run(&self, mut cmd: Command, capture: Capture) -> std::io::Result<Outcome> {
+        // Subscribe before spawning: a fast child could otherwise exit unseen.
+        let mut sub = monitor_subscribe(Topic::Pid)
+            .await
+            .map_err(std::io::Error::other)?;
+        if capture == Capture::Output {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = monitor_unsubscribe(sub.id).await;
+                return Err(e);
+            }
+        };
+        let pid = child.id() as i32;
+        let stdout = child.stdout.take().map(OwnedFd::from);
+        let stderr = child.stderr.take().map(OwnedFd::from);
+        // Dropping a std Child neither waits nor kills: the reaper owns its exit.
+        drop(child);
+        let ((stdout, stderr), code) = tokio::join!(
+            async { tokio::join!(read_pipe(stdout), read_pipe(stderr)) },
+            async {
+                while let Some(ev) = sub.rx.recv().await {
+                    if matches!(ev.subject, Subject::Pid(p) if p == pid) {
+                        return Some(ev.exit_code);
+                    }
+                }
+                None
+            }
+        );
+        let _ = monitor_unsubscribe(sub.id).await;
+        let code = code.ok_or_else(|| std::io::Error::other("the shim's exit monitor closed"))?;
+        Ok(Outcome { code, stdout, stderr })
+    }
+}
+
+/// How many exits nobody claimed are remembered, for a process whose pid is learnt only after
+/// it may already have exited (a short exec).
+const UNCLAIMED_CAP: usize = 512;
+
+/// Matches exits to the container processes the shim watches.
+#[derive(Default)]
+pub struct ExitRouter {
+    inner: Mutex<Routes>,
+}
+
+#[derive(Default)]
+struct Routes {
+    watched: HashMap<i32, Arc<Process>>,
+    unclaimed: VecDeque<(i32, i32, Instant)>,
+}
+
+impl ExitRouter {
+    /// Watches `pid` for `process`. If `pid` already exited after `since`, returns its exit code
+    /// and does not watch it.
+    pub fn watch(&self, pid: i32, process: Arc<Process>, since: Instant) -> Option<i32> {
+        let mut r = lock(&self.inner);
+        if let Some(pos) = r
+            .unclaimed
+            .iter()
+            .position(|(p, _, at)| *p == pid && *at >= since)
+        {
+            let (_, code, _) = r.unclaimed.remove(pos)?;
+            return Some(code);
+        }
+        r.watched.insert(pid, process);
+        None
+    }
+
+    /// Stops watching `pid`.
+    pub fn forget(&self, pid: i32) {
+        lock(&self.inner).watched.remove(&pid);
+    }
+
+    /// Routes an exit: the watched process, or `None` (then it is remembered a while).
+    pub fn exited(&self, pid: i32, code: i32) -> Option<Arc<Process>> {
+        let mut r = lock(&self.inner);
+        if let Some(p) = r.watched.remove(&pid) {
+            return Some(p);
+        }
+        if r.unclaimed.len() >= UNCLAIMED_CAP {
+            r.unclaimed.pop_front();
+        }
+        r.unclaimed.push_back((pid, code, Instant::now()));
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::asynchronous::io::Stdio as ShimStdio;
+
+    #[test]
+    fn an_exit_before_watch_is_claimed_later() {
+        let r = ExitRouter::default();
+        let since = Instant::now();
+        assert!(r.exited(42, 7).is_none());
+        let p = Arc::new(Process::new("c", "e", ShimStdio::default(), None));
+        assert_eq!(r.watch(42, p.clone(), since), Some(7));
+        // Once claimed it is gone.
+        assert_eq!(r.watch(42, p, since), None);
+        assert!(r.exited(42, 0).is_some());
+    }
+
+    #[test]
+    fn an_exit_older_than_the_process_is_not_claimed() {
+        let r = ExitRouter::default();
+        assert!(r.exited(43, 1).is_none());
+        let since = Instant::now() + std::time::Duration::from_secs(1);
+        let p = Arc::new(Process::new("c", "e", ShimStdio::default(), None));
+        assert_eq!(r.watch(43, p, since), None);
+    }
+}

@@ -1,0 +1,903 @@
+//! containerd's task API (v3) over ttrpc: a thin adapter from protobuf messages to the pod's
+//! containers and processes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::io::Stdio;
+use containerd_shim::asynchronous::monitor::monitor_subscribe;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::monitor::{Subject, Topic};
+use containerd_shim::protos::api;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{Message, MessageDyn};
+use containerd_shim::protos::shim::oci::{Options, ProcessDetails};
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::types::task::{ProcessInfo, Status as ApiStatus};
+use containerd_shim::{TtrpcContext, TtrpcResult};
+use podsnap_checkpoint::{ContainerRecord, ContainerState, PodRecord, Role};
+use podsnap_runtime::cgroup::OomNotifier;
+use podsnap_runtime::runc::Runc;
+
+use crate::container::{write_private, Container, CreateParams, RuncFlags};
+use crate::error::{Error, Result};
+use crate::events::{self, Events};
+use crate::exits::{ExitRouter, MonitorLauncher};
+use crate::metrics::to_metrics;
+use crate::process::{lock, Process, Status};
+use crate::service::default_runc;
+
+/// Where the shim keeps each pod's record for the coordinator, per containerd namespace.
+pub const POD_RECORD_DIR: &str = "/run/podsnap/pods";
+
+/// How long a deleted process's output may still drain into containerd's FIFOs.
+const IO_DRAIN: Duration = Duration::from_secs(2);
+
+/// The task service of one pod's shim.
+#[derive(Clone)]
+pub struct PodTask {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    namespace: String,
+    events: Events,
+    exit: Arc<ExitSignal>,
+    containers: Mutex<BTreeMap<String, Arc<Container>>>,
+    exits: ExitRouter,
+    created: AtomicU64,
+    started: AtomicU64,
+}
+
+impl PodTask {
+    pub fn new(namespace: String, events: Events, exit: Arc<ExitSignal>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                namespace,
+                events,
+                exit,
+                containers: Mutex::new(BTreeMap::new()),
+                exits: ExitRouter::default(),
+                created: AtomicU64::new(0),
+                started: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Starts routing child exits to the pod's processes.
+    pub async fn watch_exits(&self) {
+        let mut sub = match monitor_subscribe(Topic::All).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                log::error!("cannot watch process exits: {e}");
+                return;
+            }
+        };
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = sub.rx.recv().await {
+                if let Subject::Pid(pid) = ev.subject {
+                    if let Some(p) = inner.exits.exited(pid, ev.exit_code) {
+                        inner.process_exited(&p, ev.exit_code).await;
+                    }
+                }
+            }
+        });
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.inner.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    async fn do_create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        validate_id(&id)?;
+        if lock(&self.inner.containers).contains_key(&id) {
+            return Err(Error::AlreadyExists(format!("container {id}")));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented("restoring a container from a checkpoint"));
+        }
+        let (runc, flags) = runc_from_options(&self.inner.namespace, req.options.as_ref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        let rootfs = bundle.join("rootfs");
+        let mounted = !req.rootfs.is_empty();
+        if mounted {
+            mount_rootfs(&req.rootfs, &rootfs).await?;
+        }
+        let params = CreateParams {
+            id: id.clone(),
+            bundle: bundle.clone(),
+            stdio: Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal),
+            runc,
+            flags,
+            rootfs_mounted: mounted,
+            created_order: self
+                .inner
+                .created
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1,
+        };
+        let container = match Container::create(params, &self.inner.exits).await {
+            Ok(c) => c,
+            Err(e) => {
+                if mounted {
+                    unmount_rootfs(&rootfs);
+                }
+                log::error!("container {id}: create failed: {e}");
+                return Err(e);
+            }
+        };
+        let pid = container.init.state().pid;
+        log::info!(
+            "container {id}: created, pid {pid}, pod {:?} ({})",
+            container.identity.sandbox_id,
+            if container.identity.is_sandbox {
+                "sandbox"
+            } else {
+                "container"
+            }
+        );
+        lock(&self.inner.containers).insert(id.clone(), container.clone());
+        self.watch_oom(&container);
+        self.inner
+            .publish(
+                events::CREATE,
+                Box::new(TaskCreate {
+                    container_id: id,
+                    bundle: req.bundle,
+                    rootfs: req.rootfs,
+                    io: Some(TaskIO {
+                        stdin: req.stdin,
+                        stdout: req.stdout,
+                        stderr: req.stderr,
+                        terminal: req.terminal,
+                        ..Default::default()
+                    })
+                    .into(),
+                    checkpoint: req.checkpoint,
+                    pid: pid as u32,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        self.inner.save_record();
+        Ok(api::CreateTaskResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    /// Publishes an OOM event each time the kernel kills in the container's memory cgroup.
+    fn watch_oom(&self, c: &Arc<Container>) {
+        let Some(dir) = c.cgroups().and_then(|g| g.get("memory").map(Path::to_path_buf)) else {
+            return;
+        };
+        let fd = match OomNotifier::register(&dir) {
+            Ok(n) => n.into_fd(),
+            Err(e) => {
+                log::warn!("container {}: no OOM notifications: {e}", c.id);
+                return;
+            }
+        };
+        let inner = self.inner.clone();
+        let id = c.id.clone();
+        tokio::spawn(async move {
+            // SAFETY: the AsyncFd owns the eventfd, so the descriptor stays open and the same
+            // for as long as it is registered.
+            let Ok(afd) = (unsafe { tokio::io::unix::AsyncFd::register(fd) }) else {
+                return;
+            };
+            let mut kills = oom_kills(&dir);
+            loop {
+                let Ok(mut guard) = afd.readable().await else {
+                    return;
+                };
+                let mut buf = [0u8; 8];
+                let _ = guard
+                    .try_io(|fd| nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from));
+                if !dir.exists() {
+                    return; // the cgroup went away with the container
+                }
+                let now = oom_kills(&dir);
+                if now > kills {
+                    kills = now;
+                    log::info!("container {id}: OOM kill");
+                    inner
+                        .publish(
+                            events::OOM,
+                            Box::new(TaskOOM {
+                                container_id: id.clone(),
+                                ..Default::default()
+                            }),
+                        )
+                        .await;
+                }
+            }
+        });
+    }
+
+    async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
+        let c = self.container(&req.id)?;
+        let pid = if req.exec_id.is_empty() {
+            let pid = c.start(&self.inner.started).await?;
+            log::info!("container {}: started", c.id);
+            self.inner
+                .publish(
+                    events::START,
+                    Box::new(TaskStart {
+                        container_id: c.id.clone(),
+                        pid: pid as u32,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            self.inner.save_record();
+            pid
+        } else {
+            let exec = c.process(&req.exec_id)?;
+            let pid = c.start_exec(&exec, &self.inner.exits).await?;
+            self.inner
+                .publish(
+                    events::EXEC_STARTED,
+                    Box::new(TaskExecStarted {
+                        container_id: c.id.clone(),
+                        exec_id: req.exec_id.clone(),
+                        pid: pid as u32,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            pid
+        };
+        Ok(api::StartResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn do_delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
+        let c = self.container(&req.id)?;
+        if !req.exec_id.is_empty() {
+            let exec = c.process(&req.exec_id)?;
+            let s = exec.state();
+            if s.status == Status::Running || s.status == Status::Paused {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot delete {}: it is still running",
+                    exec.describe()
+                )));
+            }
+            lock(&c.execs).remove(&req.exec_id);
+            self.inner.exits.forget(s.pid);
+            drain_io(&exec).await;
+            return Ok(delete_response(exec.state()));
+        }
+        let s = c.init.state();
+        if s.status == Status::Running || s.status == Status::Paused {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot delete task {}: it is {}; kill it first",
+                c.id,
+                if s.status == Status::Running {
+                    "running"
+                } else {
+                    "paused"
+                }
+            )));
+        }
+        // A created, never started container still has runc's init waiting: force removes it.
+        let force = s.status == Status::Created;
+        if let Err(e) = c.runc.delete(&c.id, force).await {
+            if !e.to_string().contains("does not exist") {
+                log::warn!("container {}: runc delete: {e}; forcing", c.id);
+                c.runc
+                    .delete(&c.id, true)
+                    .await
+                    .map_err(Error::runtime(format!("delete container {}", c.id)))?;
+            }
+        }
+        if force {
+            c.init.set_exited(128 + libc::SIGKILL);
+        }
+        let execs: Vec<_> = lock(&c.execs).drain().map(|(_, p)| p).collect();
+        for p in execs {
+            p.io.abort().await;
+        }
+        drain_io(&c.init).await;
+        if c.rootfs_mounted {
+            unmount_rootfs(&c.bundle.rootfs());
+        }
+        self.inner.exits.forget(s.pid);
+        lock(&self.inner.containers).remove(&c.id);
+        let s = c.init.state();
+        log::info!("container {}: deleted (exit status {})", c.id, s.exit_code);
+        self.inner
+            .publish(
+                events::DELETE,
+                Box::new(TaskDelete {
+                    container_id: c.id.clone(),
+                    pid: s.pid as u32,
+                    exit_status: s.exit_code,
+                    exited_at: Some(timestamp(s.exited_at)).into(),
+                    id: c.id.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        self.inner.save_record();
+        Ok(delete_response(s))
+    }
+
+    async fn do_kill(&self, req: api::KillRequest) -> Result<()> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let s = p.state();
+        if s.status == Status::Stopped && !req.all {
+            return Err(Error::NotFound(format!(
+                "{}: process already finished",
+                p.describe()
+            )));
+        }
+        if req.exec_id.is_empty() {
+            return c.runc.kill(&c.id, req.signal, req.all).await.map_err(|e| {
+                if c.init.state().status == Status::Stopped {
+                    Error::NotFound(format!("container {}: process already finished", c.id))
+                } else {
+                    Error::runtime(format!("kill container {}", c.id))(e)
+                }
+            });
+        }
+        let signal = nix::sys::signal::Signal::try_from(req.signal as i32)
+            .map_err(|_| Error::InvalidArgument(format!("signal {} is not a signal", req.signal)))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid), signal)
+            .map_err(|e| Error::NotFound(format!("{}: {e}", p.describe())))
+    }
+
+    async fn do_exec(&self, req: api::ExecProcessRequest) -> Result<()> {
+        let c = self.container(&req.id)?;
+        validate_id(&req.exec_id)?;
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| Error::InvalidArgument(format!("exec {} has no process spec", req.exec_id)))?;
+        c.add_exec(
+            &req.exec_id,
+            Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal),
+            spec,
+        )?;
+        self.inner
+            .publish(
+                events::EXEC_ADDED,
+                Box::new(TaskExecAdded {
+                    container_id: c.id.clone(),
+                    exec_id: req.exec_id,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn do_pause(&self, id: &str, pause: bool) -> Result<()> {
+        let c = self.container(id)?;
+        let status = c.init.state().status;
+        let (want, topic): (Status, &str) = if pause {
+            (Status::Paused, events::PAUSED)
+        } else {
+            (Status::Running, events::RESUMED)
+        };
+        if status == Status::Stopped || status == Status::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is {status:?}: it cannot be {}",
+                if pause { "paused" } else { "resumed" }
+            )));
+        }
+        if pause {
+            c.runc
+                .pause(id)
+                .await
+                .map_err(Error::runtime(format!("pause container {id}")))?;
+        } else {
+            c.runc
+                .resume(id)
+                .await
+                .map_err(Error::runtime(format!("resume container {id}")))?;
+        }
+        c.init.set_status(want);
+        let event: Box<dyn MessageDyn> = if pause {
+            Box::new(TaskPaused {
+                container_id: id.to_string(),
+                ..Default::default()
+            })
+        } else {
+            Box::new(TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            })
+        };
+        self.inner.publish(topic, event).await;
+        self.inner.save_record();
+        Ok(())
+    }
+
+    async fn do_pids(&self, id: &str) -> Result<api::PidsResponse> {
+        let c = self.container(id)?;
+        let pids = c
+            .runc
+            .ps(id)
+            .await
+            .map_err(Error::runtime(format!("list processes of {id}")))?;
+        let execs: Vec<(i32, String)> = lock(&c.execs)
+            .values()
+            .map(|p| (p.state().pid, p.exec_id.clone()))
+            .collect();
+        let mut processes = Vec::with_capacity(pids.len());
+        for pid in pids {
+            let mut info = ProcessInfo {
+                pid: pid as u32,
+                ..Default::default()
+            };
+            if let Some((_, exec_id)) = execs.iter().find(|(p, _)| *p == pid) {
+                let details = ProcessDetails {
+                    exec_id: exec_id.clone(),
+                    ..Default::default()
+                };
+                info.info = Some(to_any(&details)?).into();
+            }
+            processes.push(info);
+        }
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn do_update(&self, req: api::UpdateTaskRequest) -> Result<()> {
+        let c = self.container(&req.id)?;
+        let resources = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(format!("update of {} carries no resources", req.id)))?;
+        if serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources.value).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "update of {}: resources ({}) are not OCI LinuxResources JSON",
+                req.id, resources.type_url
+            )));
+        }
+        let file = c.bundle.path().join(".update-resources.json");
+        write_private(&file, &resources.value).await?;
+        let res = c.runc.update(&c.id, &file).await;
+        let _ = tokio::fs::remove_file(&file).await;
+        res.map_err(Error::runtime(format!("update container {}", c.id)))
+    }
+
+    async fn do_stats(&self, id: &str) -> Result<api::StatsResponse> {
+        let c = self.container(id)?;
+        let cgroups = c
+            .cgroups()
+            .ok_or_else(|| Error::NotFound(format!("cgroups of container {id}")))?;
+        let stats = tokio::task::spawn_blocking(move || cgroups.stats())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: Some(to_any(&to_metrics(&stats))?).into(),
+            ..Default::default()
+        })
+    }
+}
+
+impl Inner {
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        self.events.publish(topic, event).await;
+    }
+
+    async fn process_exited(&self, p: &Arc<Process>, code: i32) {
+        if !p.set_exited(code) {
+            return;
+        }
+        let s = p.state();
+        log::info!("{}: exited with status {}", p.describe(), s.exit_code);
+        self.publish(
+            events::EXIT,
+            Box::new(TaskExit {
+                container_id: p.container_id.clone(),
+                id: if p.exec_id.is_empty() {
+                    p.container_id.clone()
+                } else {
+                    p.exec_id.clone()
+                },
+                pid: s.pid as u32,
+                exit_status: s.exit_code,
+                exited_at: Some(timestamp(s.exited_at)).into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        if p.exec_id.is_empty() {
+            self.save_record();
+        }
+    }
+
+    /// The pod's record: every container with its role, order and state.
+    fn record(&self) -> Option<PodRecord> {
+        let containers = lock(&self.containers);
+        let first = containers.values().next()?;
+        let ident = &first.identity;
+        let mut record = PodRecord {
+            pod_id: ident.sandbox_id.clone().unwrap_or_else(|| first.id.clone()),
+            pod_name: ident.pod_name.clone(),
+            pod_namespace: ident.pod_namespace.clone(),
+            pod_uid: ident.pod_uid.clone(),
+            containers: Vec::new(),
+        };
+        for c in containers.values() {
+            let s = c.init.state();
+            record.containers.push(ContainerRecord {
+                id: c.id.clone(),
+                name: c.identity.name.clone(),
+                role: if c.identity.is_sandbox {
+                    Role::Sandbox
+                } else {
+                    Role::Container
+                },
+                image: c.identity.image.clone(),
+                created_order: c.created_order,
+                started_order: *lock(&c.started_order),
+                state: match s.status {
+                    Status::Created => ContainerState::Created,
+                    Status::Running => ContainerState::Running,
+                    Status::Paused => ContainerState::Paused,
+                    Status::Stopped => ContainerState::Stopped,
+                },
+                pid: s.pid,
+                exit_code: (s.status == Status::Stopped).then_some(s.exit_code),
+            });
+        }
+        record.containers.sort_by_key(|c| c.created_order);
+        Some(record)
+    }
+
+    fn record_path(&self, pod_id: &str) -> PathBuf {
+        Path::new(POD_RECORD_DIR)
+            .join(&self.namespace)
+            .join(format!("{pod_id}.json"))
+    }
+
+    /// Keeps the pod's record on disk for the coordinator; removes it once the pod is empty.
+    fn save_record(&self) {
+        match self.record() {
+            Some(r) => {
+                if let Err(e) = r.write_to(&self.record_path(&r.pod_id)) {
+                    log::warn!("pod {}: cannot write its record: {e}", r.pod_id);
+                }
+            }
+            None => {
+                // The pod is empty: the shim's own id names its record.
+                if let Ok(entries) = std::fs::read_dir(Path::new(POD_RECORD_DIR).join(&self.namespace)) {
+                    let me = std::process::id();
+                    for e in entries.flatten() {
+                        if pod_record_of(&e.path()) == Some(me) {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The shim pid a record file belongs to (records carry the pids of their containers; the
+/// record of this shim's pod names containers whose parent is this shim).
+fn pod_record_of(path: &Path) -> Option<u32> {
+    let r: PodRecord = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let any_pid = r.containers.iter().map(|c| c.pid).find(|p| *p > 0)?;
+    let stat = std::fs::read_to_string(format!("/proc/{any_pid}/stat")).ok();
+    match stat {
+        // Containers all gone: the record is stale whoever wrote it.
+        None => Some(std::process::id()),
+        Some(stat) => stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok(),
+    }
+}
+
+#[async_trait]
+impl Task for PodTask {
+    async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let s = p.state();
+        Ok(api::StateResponse {
+            id: if req.exec_id.is_empty() {
+                c.id.clone()
+            } else {
+                req.exec_id.clone()
+            },
+            bundle: c.bundle.path().display().to_string(),
+            pid: s.pid as u32,
+            status: api_status(s.status).into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: s.exit_code,
+            exited_at: s.exited_at.map(|t| timestamp(Some(t))).into(),
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        Ok(self.do_create(req).await?)
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        Ok(self.do_start(req).await?)
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        Ok(self.do_delete(req).await?)
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        Ok(self.do_pids(&req.id).await?)
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.do_pause(&req.id, true).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.do_pause(&req.id, false).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(Error::Unimplemented("Checkpoint").into())
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        self.do_kill(req).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        self.do_exec(req).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let pty = lock(&p.pty).clone();
+        let pty =
+            pty.ok_or_else(|| Error::FailedPrecondition(format!("{} has no terminal", p.describe())))?;
+        podsnap_runtime::stdio::resize(
+            &std::os::fd::AsFd::as_fd(&pty),
+            req.width as u16,
+            req.height as u16,
+        )
+        .map_err(Error::runtime(format!("resize the terminal of {}", p.describe())))?;
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        if req.stdin {
+            p.io.close_input();
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        self.do_update(req).await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let c = self.container(&req.id)?;
+        let p = c.process(&req.exec_id)?;
+        let s = p.wait().await;
+        Ok(api::WaitResponse {
+            exit_status: s.exit_code,
+            exited_at: Some(timestamp(s.exited_at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        Ok(self.do_stats(&req.id).await?)
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self.container(&req.id).map(|c| c.init.state().pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: task_pid as u32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if lock(&self.inner.containers).is_empty() {
+            log::info!("no containers left: shim exits");
+            self.inner.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}
+
+fn api_status(s: Status) -> ApiStatus {
+    match s {
+        Status::Created => ApiStatus::CREATED,
+        Status::Running => ApiStatus::RUNNING,
+        Status::Paused => ApiStatus::PAUSED,
+        Status::Stopped => ApiStatus::STOPPED,
+    }
+}
+
+fn delete_response(s: crate::process::State) -> api::DeleteResponse {
+    api::DeleteResponse {
+        pid: s.pid as u32,
+        exit_status: s.exit_code,
+        exited_at: Some(timestamp(s.exited_at)).into(),
+        ..Default::default()
+    }
+}
+
+fn timestamp(t: Option<SystemTime>) -> Timestamp {
+    let d = t
+        .unwrap_or_else(SystemTime::now)
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+fn to_any(m: &dyn MessageDyn) -> Result<Any> {
+    let mut any = Any::new();
+    any.type_url = m.descriptor_dyn().full_name().to_string();
+    any.value = m
+        .write_to_bytes_dyn()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(any)
+}
+
+/// Ids name files and sockets: refuse anything that could escape a directory.
+fn validate_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 256 || id.contains('/') || id == "." || id == ".." || id.contains('\0') {
+        return Err(Error::InvalidArgument(format!("{id:?} is not a valid id")));
+    }
+    Ok(())
+}
+
+/// runc and its flags as the create request's runtime options ask.
+fn runc_from_options(namespace: &str, options: Option<&Any>) -> Result<(Runc, RuncFlags)> {
+    let mut runc = default_runc(namespace);
+    let mut flags = RuncFlags::default();
+    let Some(any) = options.filter(|a| !a.value.is_empty() || !a.type_url.is_empty()) else {
+        return Ok((runc, flags));
+    };
+    if !any.type_url.ends_with("containerd.runc.v1.Options") {
+        log::warn!("ignoring runtime options of type {}", any.type_url);
+        return Ok((runc, flags));
+    }
+    let o = Options::parse_from_bytes(&any.value)
+        .map_err(|e| Error::InvalidArgument(format!("runtime options: {e}")))?;
+    if !o.binary_name.is_empty() || !o.root.is_empty() {
+        let binary = if o.binary_name.is_empty() {
+            "runc".to_string()
+        } else {
+            o.binary_name.clone()
+        };
+        let root = if o.root.is_empty() {
+            Path::new(crate::service::RUNC_ROOT).join(namespace)
+        } else {
+            Path::new(&o.root).join(namespace)
+        };
+        runc = Runc::new(binary, root, Arc::new(MonitorLauncher));
+    }
+    runc = runc.with_systemd_cgroup(o.systemd_cgroup);
+    flags.no_pivot = o.no_pivot_root;
+    flags.no_new_keyring = o.no_new_keyring;
+    Ok((runc, flags))
+}
+
+async fn mount_rootfs(mounts: &[api::Mount], rootfs: &Path) -> Result<()> {
+    std::fs::create_dir_all(rootfs)
+        .map_err(|e| Error::Internal(format!("create {}: {e}", rootfs.display())))?;
+    for m in mounts {
+        if let Err(e) = containerd_shim::asynchronous::util::mount_rootfs(m, rootfs).await {
+            unmount_rootfs(rootfs);
+            return Err(Error::Internal(format!(
+                "mount the rootfs ({} {}) at {}: {e}",
+                m.type_,
+                m.source,
+                rootfs.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn unmount_rootfs(rootfs: &Path) {
+    if let Some(path) = rootfs.to_str() {
+        if let Err(e) = containerd_shim::mount::umount_recursive(Some(path), 0) {
+            log::warn!("unmount {path}: {e}; detaching");
+            let _ = containerd_shim::mount::umount_recursive(Some(path), libc::MNT_DETACH);
+        }
+    }
+}
+
+/// Lets a process's output drain into containerd's FIFOs for a moment, then lets go of them.
+async fn drain_io(p: &Process) {
+    if tokio::time::timeout(IO_DRAIN, p.io.shutdown()).await.is_err() {
+        p.io.abort().await;
+    }
+}
+
+fn oom_kills(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("memory.oom_control"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_name_other_paths() {
+        for bad in ["", "..", ".", "a/b", "../x"] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_id("0123abcdef").is_ok());
+    }
+
+    #[test]
+    fn runc_options_override_binary_and_root() {
+        let o = Options {
+            binary_name: "/usr/sbin/runc".into(),
+            root: "/run/x".into(),
+            no_pivot_root: true,
+            ..Default::default()
+        };
+        let any = to_any(&o).expect("any");
+        assert_eq!(any.type_url, "containerd.runc.v1.Options");
+        let (runc, flags) = runc_from_options("k8s.io", Some(&any)).expect("options");
+        assert_eq!(runc.root(), Path::new("/run/x/k8s.io"));
+        assert!(flags.no_pivot);
+    }
+}
