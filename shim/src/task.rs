@@ -743,8 +743,10 @@ impl Task for PodTask {
         })
     }
 
-    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        if lock(&self.inner.containers).is_empty() {
+    async fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let left = lock(&self.inner.containers).len();
+        log::debug!("shutdown asked for {} (now: {}), {left} containers left", req.id, req.now);
+        if left == 0 || req.now {
             log::info!("no containers left: shim exits");
             self.inner.exit.signal();
         }
