@@ -3,6 +3,9 @@
 //!
 //! No protobuf and no ttrpc here: the shim adapts.
 
+pub mod container;
+pub mod error;
 pub mod record;
 
+pub use error::{Error, Result};
 pub use record::{ContainerRecord, ContainerState, PodRecord, Role};

@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use containerd_shim::asynchronous::io::{Pty, Stdio};
+use podsnap_checkpoint::container::{self as ckpt, DumpOptions};
 use podsnap_runtime::bundle::{Bundle, PodIdentity};
 use podsnap_runtime::cgroup::CgroupPaths;
 use podsnap_runtime::runc::{CreateOpts, ExecOpts, ProcessStdio, Runc};
@@ -56,6 +57,27 @@ pub struct Container {
     pub rootfs_mounted: bool,
     pub runc: Runc,
     pub cgroups: Mutex<Option<CgroupPaths>>,
+    /// Set when Create carried a checkpoint: Start restores from it instead of starting.
+    restore_from: Mutex<Option<RestoreSource>>,
+    flags: RuncFlags,
+    /// Held while a checkpoint of this container runs.
+    busy: AtomicBool,
+}
+
+/// The checkpoint a container is to be restored from.
+#[derive(Debug, Clone)]
+pub struct RestoreSource {
+    pub image_dir: PathBuf,
+    pub options: DumpOptions,
+}
+
+/// Marks a container busy for as long as it lives.
+pub struct BusyGuard<'a>(&'a AtomicBool);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Container {
@@ -68,6 +90,7 @@ impl Container {
             .map_err(Error::runtime(format!("create container {}", p.id)))?;
         let identity = PodIdentity::from_spec(&spec);
         let init = Arc::new(Process::new(&p.id, "", p.stdio.clone(), None));
+        let flags = p.flags.clone();
 
         let (process_stdio, ends, console) = prepare_io(&p.stdio)?;
         let opts = CreateOpts {
@@ -116,11 +139,92 @@ impl Container {
             rootfs_mounted: p.rootfs_mounted,
             runc: p.runc,
             cgroups: Mutex::new(cgroups),
+            restore_from: Mutex::new(None),
+            flags,
+            busy: AtomicBool::new(false),
         }))
     }
 
-    /// `runc start`: the container's process runs.
-    pub async fn start(&self, order: &AtomicU64) -> Result<i32> {
+    /// Prepares a container to be restored from `image_dir` on Start (containerd's contract:
+    /// Create prepares, Start restores). Checks the checkpoint before anything exists.
+    pub fn prepare_restore(p: CreateParams, image_dir: PathBuf) -> Result<Arc<Container>> {
+        let options = ckpt::inspect(&image_dir)?;
+        let bundle = Bundle::new(&p.bundle);
+        let spec = bundle
+            .spec()
+            .map_err(Error::runtime(format!("create container {}", p.id)))?;
+        Ok(Arc::new(Container {
+            identity: PodIdentity::from_spec(&spec),
+            init: Arc::new(Process::new(&p.id, "", p.stdio.clone(), None)),
+            id: p.id,
+            bundle,
+            created_order: p.created_order,
+            started_order: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
+            rootfs_mounted: p.rootfs_mounted,
+            runc: p.runc,
+            cgroups: Mutex::new(None),
+            restore_from: Mutex::new(Some(RestoreSource { image_dir, options })),
+            flags: p.flags,
+            busy: AtomicBool::new(false),
+        }))
+    }
+
+    /// Claims the container for a checkpoint; a second claim gets a "busy" error.
+    pub fn claim(&self) -> Result<BusyGuard<'_>> {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is busy: a checkpoint of it is already running",
+                self.id
+            )));
+        }
+        Ok(BusyGuard(&self.busy))
+    }
+
+    /// `runc restore`s the container from the checkpoint Create prepared; returns its pid.
+    async fn restore(&self, src: RestoreSource, exits: &ExitRouter) -> Result<i32> {
+        let (process_stdio, ends, console) = prepare_io(&self.init.stdio)?;
+        let mut options = src.options;
+        options.shell_job |= self.init.stdio.terminal;
+        let pid_file = self.bundle.path().join("init.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let r = ckpt::Restore {
+            id: self.id.clone(),
+            bundle: self.bundle.path().to_path_buf(),
+            image_dir: src.image_dir,
+            work_dir: self.bundle.path().join("criu-restore"),
+            options,
+            pid_file: pid_file.clone(),
+            console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
+            no_pivot: self.flags.no_pivot,
+            log: self.bundle.path().join("log.json"),
+        };
+        let since = Instant::now();
+        ckpt::restore(&self.runc, &r, process_stdio).await?;
+        let started = async {
+            let pid = read_pid(&pid_file).await?;
+            connect_io(&self.init, ends, console).await?;
+            Ok::<i32, Error>(pid)
+        };
+        let pid = match started.await {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = self.runc.delete(&self.id, true).await;
+                self.init.io.abort().await;
+                return Err(e);
+            }
+        };
+        self.init.set_pid(pid);
+        *lock(&self.cgroups) = CgroupPaths::of_pid(pid).ok();
+        if let Some(code) = exits.watch(pid, self.init.clone(), since) {
+            self.init.set_exited(code);
+        }
+        log::info!("container {}: restored, pid {pid}", self.id);
+        Ok(pid)
+    }
+
+    /// `runc start` (or `runc restore` for a container created from a checkpoint).
+    pub async fn start(&self, order: &AtomicU64, exits: &ExitRouter) -> Result<i32> {
         let s = self.init.state();
         if s.status != Status::Created {
             return Err(Error::FailedPrecondition(format!(
@@ -128,13 +232,25 @@ impl Container {
                 self.id, s.status
             )));
         }
-        self.runc
-            .start(&self.id)
-            .await
-            .map_err(Error::runtime(format!("start container {}", self.id)))?;
+        let restore = lock(&self.restore_from).take();
+        let pid = match restore {
+            Some(src) => self.restore(src, exits).await?,
+            None => {
+                self.runc
+                    .start(&self.id)
+                    .await
+                    .map_err(Error::runtime(format!("start container {}", self.id)))?;
+                s.pid
+            }
+        };
         self.init.set_status(Status::Running);
         *lock(&self.started_order) = Some(order.fetch_add(1, Ordering::SeqCst) + 1);
-        Ok(s.pid)
+        Ok(pid)
+    }
+
+    /// Whether Create prepared a restore that Start has not done yet.
+    pub fn restore_pending(&self) -> bool {
+        lock(&self.restore_from).is_some()
     }
 
     /// Looks up a process: the init process for an empty exec id.

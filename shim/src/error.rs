@@ -21,6 +21,8 @@ pub enum Error {
         #[source]
         source: podsnap_runtime::Error,
     },
+    #[error(transparent)]
+    Checkpoint(#[from] podsnap_checkpoint::Error),
     #[error("{0}")]
     Internal(String),
 }
@@ -44,7 +46,10 @@ impl Error {
             Error::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
             Error::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
             Error::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
-            Error::Runtime { .. } | Error::Internal(_) => ttrpc::Code::UNKNOWN,
+            Error::Checkpoint(podsnap_checkpoint::Error::InvalidCheckpoint { .. }) => {
+                ttrpc::Code::INVALID_ARGUMENT
+            }
+            Error::Runtime { .. } | Error::Checkpoint(_) | Error::Internal(_) => ttrpc::Code::UNKNOWN,
         }
     }
 }

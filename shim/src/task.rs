@@ -14,16 +14,17 @@ use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::monitor::{Subject, Topic};
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageDyn};
-use containerd_shim::protos::shim::oci::{Options, ProcessDetails};
+use containerd_shim::protos::shim::oci::{CheckpointOptions, Options, ProcessDetails};
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::types::task::{ProcessInfo, Status as ApiStatus};
 use containerd_shim::{TtrpcContext, TtrpcResult};
+use podsnap_checkpoint::container::{Dump, DumpOptions};
 use podsnap_checkpoint::{ContainerRecord, ContainerState, PodRecord, Role};
 use podsnap_runtime::cgroup::OomNotifier;
 use podsnap_runtime::runc::Runc;
@@ -107,9 +108,6 @@ impl PodTask {
         if lock(&self.inner.containers).contains_key(&id) {
             return Err(Error::AlreadyExists(format!("container {id}")));
         }
-        if !req.checkpoint.is_empty() {
-            return Err(Error::Unimplemented("restoring a container from a checkpoint"));
-        }
         let (runc, flags) = runc_from_options(&self.inner.namespace, req.options.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
         let rootfs = bundle.join("rootfs");
@@ -130,7 +128,12 @@ impl PodTask {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
                 + 1,
         };
-        let container = match Container::create(params, &self.inner.exits).await {
+        let created = if req.checkpoint.is_empty() {
+            Container::create(params, &self.inner.exits).await
+        } else {
+            Container::prepare_restore(params, PathBuf::from(&req.checkpoint))
+        };
+        let container = match created {
             Ok(c) => c,
             Err(e) => {
                 if mounted {
@@ -151,7 +154,9 @@ impl PodTask {
             }
         );
         lock(&self.inner.containers).insert(id.clone(), container.clone());
-        self.watch_oom(&container);
+        if !container.restore_pending() {
+            self.watch_oom(&container);
+        }
         self.inner
             .publish(
                 events::CREATE,
@@ -232,7 +237,11 @@ impl PodTask {
     async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
         let c = self.container(&req.id)?;
         let pid = if req.exec_id.is_empty() {
-            let pid = c.start(&self.inner.started).await?;
+            let restoring = c.restore_pending();
+            let pid = c.start(&self.inner.started, &self.inner.exits).await?;
+            if restoring {
+                self.watch_oom(&c);
+            }
             log::info!("container {}: started", c.id);
             self.inner
                 .publish(
@@ -483,6 +492,75 @@ impl PodTask {
         res.map_err(Error::runtime(format!("update container {}", c.id)))
     }
 
+    async fn do_checkpoint(&self, req: api::CheckpointTaskRequest) -> Result<()> {
+        let c = self.container(&req.id)?;
+        let opts = match req.options.as_ref() {
+            Some(any) if any.type_url.ends_with("containerd.runc.v1.CheckpointOptions") => {
+                CheckpointOptions::parse_from_bytes(&any.value)
+                    .map_err(|e| Error::InvalidArgument(format!("checkpoint options: {e}")))?
+            }
+            Some(any) if !any.type_url.is_empty() => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint options of type {} are not runc CheckpointOptions",
+                    any.type_url
+                )))
+            }
+            _ => CheckpointOptions::default(),
+        };
+        let image_dir = if opts.image_path.is_empty() { req.path.clone() } else { opts.image_path.clone() };
+        if image_dir.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "checkpoint of {}: no image path given",
+                c.id
+            )));
+        }
+        let status = c.init.state().status;
+        if status != Status::Running && status != Status::Paused {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is {status:?}: only a running or paused container can be checkpointed",
+                c.id
+            )));
+        }
+        let _busy = c.claim()?;
+        let dump = Dump {
+            id: c.id.clone(),
+            image_dir: PathBuf::from(&image_dir),
+            work_dir: (!opts.work_path.is_empty()).then(|| PathBuf::from(&opts.work_path)),
+            options: DumpOptions {
+                tcp_established: opts.open_tcp,
+                external_unix_sockets: opts.external_unix_sockets,
+                shell_job: opts.terminal || c.init.stdio.terminal,
+                file_locks: opts.file_locks,
+                empty_namespaces: opts.empty_namespaces.clone(),
+                cgroups_mode: opts.cgroups_mode.clone(),
+            },
+            leave_running: !opts.exit,
+            cgroups: c.cgroups(),
+            was_paused: status == Status::Paused,
+        };
+        let started = std::time::Instant::now();
+        podsnap_checkpoint::container::dump(&c.runc, &dump).await.inspect_err(|e| {
+            log::error!("container {}: {e}", c.id);
+        })?;
+        log::info!(
+            "container {}: checkpointed to {image_dir} in {:?}{}",
+            c.id,
+            started.elapsed(),
+            if opts.exit { ", exiting" } else { "" }
+        );
+        self.inner
+            .publish(
+                events::CHECKPOINTED,
+                Box::new(TaskCheckpointed {
+                    container_id: c.id.clone(),
+                    checkpoint: image_dir,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        Ok(())
+    }
+
     async fn do_stats(&self, id: &str) -> Result<api::StatsResponse> {
         let c = self.container(id)?;
         let cgroups = c
@@ -670,9 +748,10 @@ impl Task for PodTask {
     async fn checkpoint(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::CheckpointTaskRequest,
+        req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(Error::Unimplemented("Checkpoint").into())
+        self.do_checkpoint(req).await?;
+        Ok(api::Empty::new())
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {

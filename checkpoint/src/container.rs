@@ -1,0 +1,331 @@
+//! Checkpoint and restore of one container with runc and CRIU, with podsnap's guarantees:
+//!
+//! - a failed dump leaves the container as it was (running, or paused if it was paused) and
+//!   removes whatever it wrote; its error quotes the tail of CRIU's log;
+//! - the CRIU options a dump used are kept beside its images (`podsnap-criu.json`), so a restore
+//!   passes the matching flags (established TCP, external unix sockets, file locks, shell job,
+//!   empty namespaces, cgroups mode) even when the restoring client does not repeat them;
+//! - a restore checks the images exist before anything is created, and a failed restore removes
+//!   what runc left of the container.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use podsnap_runtime::cgroup::CgroupPaths;
+use podsnap_runtime::runc::{CgroupsMode, CheckpointOpts, CriuOpts, ProcessStdio, RestoreOpts, Runc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The file, beside the CRIU images, recording the options the dump used.
+pub const CRIU_OPTIONS_FILE: &str = "podsnap-criu.json";
+
+/// CRIU's own image that every dump writes first; its absence means "not a checkpoint".
+const CRIU_INVENTORY: &str = "inventory.img";
+
+/// How many lines of CRIU's log an error quotes.
+const LOG_TAIL_LINES: usize = 15;
+
+/// The CRIU choices a dump made, which its restore must repeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpOptions {
+    pub tcp_established: bool,
+    pub external_unix_sockets: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+    pub empty_namespaces: Vec<String>,
+    /// soft, full, strict, ignore; empty for runc's default.
+    pub cgroups_mode: String,
+}
+
+impl DumpOptions {
+    fn criu(&self, image_path: &Path, work_path: Option<PathBuf>) -> Result<CriuOpts> {
+        Ok(CriuOpts {
+            image_path: image_path.to_path_buf(),
+            work_path,
+            tcp_established: self.tcp_established,
+            external_unix_sockets: self.external_unix_sockets,
+            shell_job: self.shell_job,
+            file_locks: self.file_locks,
+            empty_namespaces: self.empty_namespaces.clone(),
+            cgroups_mode: CgroupsMode::parse(&self.cgroups_mode).map_err(|e| Error::InvalidCheckpoint {
+                path: image_path.to_path_buf(),
+                reason: e.to_string(),
+            })?,
+        })
+    }
+}
+
+/// A request to dump one container.
+#[derive(Debug, Clone)]
+pub struct Dump {
+    pub id: String,
+    pub image_dir: PathBuf,
+    /// Where CRIU writes its logs; the image directory when `None`.
+    pub work_dir: Option<PathBuf>,
+    pub options: DumpOptions,
+    /// Keep the container running after the dump (otherwise it exits).
+    pub leave_running: bool,
+    /// The container's cgroups, to make sure a failed dump leaves it thawed.
+    pub cgroups: Option<CgroupPaths>,
+    /// Whether the container was paused before the dump (then it stays paused).
+    pub was_paused: bool,
+}
+
+/// Dumps a container into `dump.image_dir` (created 0700 if missing).
+pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
+    let created_dir = !d.image_dir.exists();
+    create_private_dir(&d.image_dir)?;
+    let before = listing(&d.image_dir);
+    let criu = d.options.criu(&d.image_dir, d.work_dir.clone())?;
+    let opts = CheckpointOpts {
+        criu,
+        parent_path: None,
+        leave_running: d.leave_running,
+    };
+    match runc.checkpoint(&d.id, &opts).await {
+        Ok(()) => {
+            let meta = serde_json::to_vec_pretty(&d.options).map_err(|e| Error::InvalidCheckpoint {
+                path: d.image_dir.clone(),
+                reason: e.to_string(),
+            })?;
+            write_private(&d.image_dir.join(CRIU_OPTIONS_FILE), &meta)?;
+            Ok(())
+        }
+        Err(source) => {
+            let log_dir = d.work_dir.as_deref().unwrap_or(&d.image_dir);
+            let log_tail = log_tail(&log_dir.join("dump.log"));
+            remove_partial(&d.image_dir, created_dir, &before);
+            if d.leave_running && !d.was_paused {
+                if let Some(cg) = &d.cgroups {
+                    if let Err(e) = cg.set_frozen(false) {
+                        log::warn!("container {}: thaw after a failed dump: {e}", d.id);
+                    }
+                }
+            }
+            Err(Error::Dump {
+                id: d.id.clone(),
+                source,
+                log_tail,
+            })
+        }
+    }
+}
+
+/// Checks that `dir` holds a container checkpoint (CRIU images) and reads the options its dump
+/// used. A missing options file (a dump made by another tool) means defaults.
+pub fn inspect(dir: &Path) -> Result<DumpOptions> {
+    let invalid = |reason: String| Error::InvalidCheckpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+    if !meta.is_dir() {
+        return Err(invalid("not a directory".into()));
+    }
+    if !dir.join(CRIU_INVENTORY).is_file() {
+        return Err(invalid(format!("no CRIU {CRIU_INVENTORY}: this is not a checkpoint")));
+    }
+    match std::fs::read(dir.join(CRIU_OPTIONS_FILE)) {
+        Ok(bytes) if bytes.len() <= 64 * 1024 => {
+            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{CRIU_OPTIONS_FILE}: {e}")))
+        }
+        Ok(_) => Err(invalid(format!("{CRIU_OPTIONS_FILE} is too large"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DumpOptions::default()),
+        Err(e) => Err(invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
+    }
+}
+
+/// A request to restore one container from its images.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub image_dir: PathBuf,
+    /// Where CRIU writes its restore log (must be writable).
+    pub work_dir: PathBuf,
+    pub options: DumpOptions,
+    pub pid_file: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub no_pivot: bool,
+    /// runc's JSON log.
+    pub log: PathBuf,
+}
+
+/// Restores a container (`runc restore --detach`); its process gets `stdio`.
+pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()> {
+    create_private_dir(&r.work_dir)?;
+    let criu = r.options.criu(&r.image_dir, Some(r.work_dir.clone()))?;
+    let opts = RestoreOpts {
+        criu,
+        pid_file: r.pid_file.clone(),
+        console_socket: r.console_socket.clone(),
+        no_pivot: r.no_pivot,
+        log: r.log.clone(),
+    };
+    match runc.restore(&r.id, &r.bundle, opts, stdio).await {
+        Ok(()) => Ok(()),
+        Err(source) => {
+            let log_tail = log_tail(&r.work_dir.join("restore.log"));
+            if let Err(e) = runc.delete(&r.id, true).await {
+                log::debug!("container {}: nothing to remove after a failed restore: {e}", r.id);
+            }
+            Err(Error::Restore {
+                id: r.id.clone(),
+                source,
+                log_tail,
+            })
+        }
+    }
+}
+
+/// The last lines of a CRIU log, if it exists.
+pub fn log_tail(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+    Some(lines[start..].join("\n"))
+}
+
+fn listing(dir: &Path) -> HashSet<OsString> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default()
+}
+
+/// Removes what a failed dump wrote: the whole directory if the dump made it, else the new
+/// entries only.
+fn remove_partial(dir: &Path, created_dir: bool, before: &HashSet<OsString>) {
+    if created_dir {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            log::warn!("remove partial checkpoint {}: {e}", dir.display());
+        }
+        return;
+    }
+    for name in listing(dir).difference(before) {
+        let path = dir.join(name);
+        let res = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(e) = res {
+            log::warn!("remove partial checkpoint file {}: {e}", path.display());
+        }
+    }
+}
+
+/// Creates a directory (and parents) that only root can enter.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("create a checkpoint directory", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io("make a checkpoint directory private", dir, e))
+}
+
+/// Writes a file only root can read.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| Error::io("write a checkpoint file", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podsnap_runtime::launcher::{Capture, Launcher, Outcome};
+    use std::process::Command;
+    use std::sync::Arc;
+
+    /// runc that "checkpoints" by writing a file into the image dir, then fails with a CRIU log.
+    struct FailingCriu;
+
+    #[async_trait::async_trait]
+    impl Launcher for FailingCriu {
+        async fn run(&self, cmd: Command, _c: Capture) -> std::io::Result<Outcome> {
+            let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+            let pos = args.iter().position(|a| a == "--image-path").expect("image path");
+            let dir = PathBuf::from(&args[pos + 1]);
+            std::fs::write(dir.join("pages-1.img"), b"partial").expect("write");
+            std::fs::write(dir.join("dump.log"), "line 1\nError (criu/sk-unix.c:1): unix: cannot dump\n")
+                .expect("write");
+            Ok(Outcome {
+                code: 1,
+                stdout: vec![],
+                stderr: b"criu failed: type NOTIFY errno 0".to_vec(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_dump_removes_its_directory_and_quotes_criu() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("ckpt");
+        let runc = Runc::new("runc", "/run/x", Arc::new(FailingCriu));
+        let d = Dump {
+            id: "c1".into(),
+            image_dir: dir.clone(),
+            work_dir: None,
+            options: DumpOptions::default(),
+            leave_running: true,
+            cgroups: None,
+            was_paused: false,
+        };
+        let err = dump(&runc, &d).await.expect_err("must fail").to_string();
+        assert!(err.starts_with("checkpoint of container c1 failed"), "{err}");
+        assert!(err.contains("unix: cannot dump"), "{err}");
+        assert!(!dir.exists(), "partial checkpoint left behind");
+    }
+
+    #[tokio::test]
+    async fn failed_dump_into_existing_dir_keeps_what_was_there() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::write(root.path().join("mine"), b"x").expect("write");
+        let runc = Runc::new("runc", "/run/x", Arc::new(FailingCriu));
+        let d = Dump {
+            id: "c1".into(),
+            image_dir: root.path().to_path_buf(),
+            work_dir: None,
+            options: DumpOptions::default(),
+            leave_running: true,
+            cgroups: None,
+            was_paused: false,
+        };
+        dump(&runc, &d).await.expect_err("must fail");
+        let left: Vec<_> = listing(root.path()).into_iter().collect();
+        assert_eq!(left, vec![OsString::from("mine")]);
+    }
+
+    #[test]
+    fn inspect_refuses_what_is_not_a_checkpoint() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let missing = inspect(&root.path().join("nope")).expect_err("missing").to_string();
+        assert!(missing.contains("cannot read it"), "{missing}");
+        let empty = inspect(root.path()).expect_err("empty").to_string();
+        assert!(empty.contains("no CRIU inventory.img"), "{empty}");
+        std::fs::write(root.path().join(CRIU_INVENTORY), b"").expect("write");
+        assert_eq!(inspect(root.path()).expect("defaults"), DumpOptions::default());
+        let opts = DumpOptions {
+            tcp_established: true,
+            ..Default::default()
+        };
+        write_private(
+            &root.path().join(CRIU_OPTIONS_FILE),
+            &serde_json::to_vec(&opts).expect("json"),
+        )
+        .expect("write");
+        assert_eq!(inspect(root.path()).expect("options"), opts);
+    }
+}

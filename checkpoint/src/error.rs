@@ -1,0 +1,56 @@
+//! The checkpoint layer's errors.
+
+use std::path::PathBuf;
+
+/// What can go wrong dumping or restoring.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// runc/CRIU failed to dump a container; the container was left as it was.
+    #[error("checkpoint of container {id} failed: {source}{}", log_tail_text(.log_tail))]
+    Dump {
+        id: String,
+        #[source]
+        source: podsnap_runtime::Error,
+        /// The last lines of CRIU's dump log.
+        log_tail: Option<String>,
+    },
+    /// runc/CRIU failed to restore a container; nothing of it is left running.
+    #[error("restore of container {id} failed: {source}{}", log_tail_text(.log_tail))]
+    Restore {
+        id: String,
+        #[source]
+        source: podsnap_runtime::Error,
+        log_tail: Option<String>,
+    },
+    /// A checkpoint directory that is missing, incomplete, or not one of ours.
+    #[error("invalid checkpoint at {path}: {reason}")]
+    InvalidCheckpoint { path: PathBuf, reason: String },
+    /// A file operation failed.
+    #[error("{context} ({path}): {source}")]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn log_tail_text(tail: &Option<String>) -> String {
+    match tail {
+        Some(t) if !t.is_empty() => format!("\n--- CRIU log (last lines) ---\n{t}"),
+        _ => String::new(),
+    }
+}
+
+/// Result of the checkpoint layer.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            context,
+            path: path.into(),
+            source,
+        }
+    }
+}
