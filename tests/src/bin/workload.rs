@@ -1,0 +1,625 @@
+//! `podsnap-workload`: the program our test images run.
+//!
+//! One small, single-threaded binary with a few roles, so a pod's state is easy to observe and
+//! survives a CRIU checkpoint (no helper threads, no timers outside the main loop):
+//!
+//! - `pause`: the sandbox's pause process. Sleeps, reaps children, exits 0 on SIGTERM/SIGINT.
+//! - `serve --name N --port P [--volume DIR] [--interval-ms MS] [--log-every TICKS]`: keeps an
+//!   in-memory counter that advances once per interval, appends a line to `DIR/N.log` and prints a
+//!   line to stdout every `TICKS` ticks, and answers a line protocol on `0.0.0.0:P`:
+//!   - `count` -> the counter; `ping` -> `pong N`;
+//!   - `shm-write KEY VAL` / `shm-read KEY`: a SysV shared memory segment with ipc key KEY;
+//!   - `posix-shm-write NAME VAL` / `posix-shm-read NAME`: the file `/dev/shm/NAME`;
+//!   - `get HOST:PORT CMD`: sends CMD to another server and answers its reply;
+//!   - `touch PATH`: writes a file (in the container's rootfs or a volume);
+//!   - `exit CODE`: answers `bye` and exits with CODE.
+//!
+//!   Every reply is one line; a failure is `error: <what>`.
+//! - `init --marker FILE`: appends one line to FILE and exits 0 (an init container).
+//! - `client HOST:PORT CMD...`: sends CMD, prints the reply; exits 1 when the server cannot be
+//!   reached and 2 when it answered `error: ...`.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long `get` and `client` wait to connect, and then for a reply.
+const NET_TIMEOUT: Duration = Duration::from_secs(5);
+/// Size of the SysV segments `shm-write` creates.
+const SHM_SIZE: usize = 4096;
+/// A client that sends more than this without a newline is dropped.
+const MAX_LINE: usize = 64 * 1024;
+
+const USAGE: &str = "usage:
+  podsnap-workload pause
+  podsnap-workload serve --name N --port P [--volume DIR] [--interval-ms 100] [--log-every 10]
+  podsnap-workload init --marker FILE
+  podsnap-workload client HOST:PORT CMD...";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("pause") => pause(),
+        Some("serve") => ServeOptions::parse(&args[1..]).and_then(serve),
+        Some("init") => init(&args[1..]),
+        Some("client") => return client(&args[1..]),
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("podsnap-workload: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a line to stdout, ignoring a closed pipe (the shim may be gone; we keep running).
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn errno_message(what: &str) -> String {
+    format!("{what}: {}", io::Error::last_os_error())
+}
+
+// ---------------------------------------------------------------------------------------------
+// pause
+
+fn pause() -> Result<(), String> {
+    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t for each call.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed. Blocking these signals
+    // lets sigwait collect them; as PID 1 they would otherwise be ignored.
+    if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        return Err(errno_message("sigprocmask"));
+    }
+    loop {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: `set` is initialised and `signal` is a valid out pointer.
+        let rc = unsafe { libc::sigwait(&set, &mut signal) };
+        if rc != 0 {
+            continue;
+        }
+        match signal {
+            libc::SIGTERM | libc::SIGINT => return Ok(()),
+            _ => reap_children(),
+        }
+    }
+}
+
+fn reap_children() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG and a valid status pointer has no other preconditions.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// init
+
+fn init(args: &[String]) -> Result<(), String> {
+    let flags = parse_flags(args, &["--marker"])?;
+    let marker = flags
+        .get("--marker")
+        .ok_or_else(|| format!("init needs --marker FILE\n{USAGE}"))?;
+    let line = format!("init ran pid={} at={}\n", std::process::id(), unix_seconds());
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(marker)
+        .and_then(|mut file| file.write_all(line.as_bytes()))
+        .map_err(|e| format!("cannot append to {marker}: {e}"))?;
+    say(&format!("init wrote {marker}"));
+    Ok(())
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// client
+
+fn client(args: &[String]) -> ExitCode {
+    let Some((address, command)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(1);
+    };
+    if command.is_empty() {
+        eprintln!("{USAGE}");
+        return ExitCode::from(1);
+    }
+    match request(address, &command.join(" ")) {
+        Ok(reply) => {
+            say(&reply);
+            if reply.starts_with("error:") {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(message) => {
+            eprintln!("podsnap-workload client: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Sends one command line to `address` and returns the reply line.
+fn request(address: &str, command: &str) -> Result<String, String> {
+    let target: SocketAddr = address
+        .to_socket_addrs()
+        .map_err(|e| format!("bad address {address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("bad address {address}"))?;
+    let mut stream = TcpStream::connect_timeout(&target, NET_TIMEOUT)
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    stream
+        .set_read_timeout(Some(NET_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(NET_TIMEOUT)))
+        .and_then(|()| stream.write_all(format!("{command}\n").as_bytes()))
+        .map_err(|e| format!("cannot send to {address}: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("no reply from {address}: {e}"))?;
+    if reply.is_empty() {
+        return Err(format!("{address} closed the connection without a reply"));
+    }
+    Ok(reply.trim_end().to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve
+
+struct ServeOptions {
+    name: String,
+    port: u16,
+    volume: Option<PathBuf>,
+    interval: Duration,
+    log_every: u64,
+}
+
+impl ServeOptions {
+    fn parse(args: &[String]) -> Result<Self, String> {
+        let flags = parse_flags(
+            args,
+            &["--name", "--port", "--volume", "--interval-ms", "--log-every"],
+        )?;
+        let name = flags
+            .get("--name")
+            .ok_or_else(|| format!("serve needs --name\n{USAGE}"))?
+            .clone();
+        let port = flags
+            .get("--port")
+            .ok_or_else(|| format!("serve needs --port\n{USAGE}"))?
+            .parse()
+            .map_err(|e| format!("--port: {e}"))?;
+        let interval_ms: u64 = match flags.get("--interval-ms") {
+            Some(v) => v.parse().map_err(|e| format!("--interval-ms: {e}"))?,
+            None => 100,
+        };
+        let log_every: u64 = match flags.get("--log-every") {
+            Some(v) => v.parse().map_err(|e| format!("--log-every: {e}"))?,
+            None => 10,
+        };
+        Ok(Self {
+            name,
+            port,
+            volume: flags.get("--volume").map(PathBuf::from),
+            interval: Duration::from_millis(interval_ms.max(1)),
+            log_every: log_every.max(1),
+        })
+    }
+}
+
+/// The signal that asked us to stop, or 0.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+fn install_stop_handlers() -> Result<(), String> {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is valid; we fill in the handler and an empty mask. No
+        // SA_RESTART, so a signal interrupts poll() and the loop sees the flag at once.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_stop_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(errno_message("sigaction"));
+        }
+    }
+    Ok(())
+}
+
+struct Connection {
+    stream: TcpStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// The peer shut its side down: answer what is buffered, then close.
+    eof: bool,
+}
+
+struct Server {
+    options: ServeOptions,
+    counter: u64,
+}
+
+fn serve(options: ServeOptions) -> Result<(), String> {
+    install_stop_handlers()?;
+    let listener = TcpListener::bind(("0.0.0.0", options.port))
+        .map_err(|e| format!("cannot listen on 0.0.0.0:{}: {e}", options.port))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("listener: {e}"))?;
+    say(&format!(
+        "{} serving on 0.0.0.0:{} pid={}",
+        options.name,
+        options.port,
+        std::process::id()
+    ));
+    let mut server = Server { options, counter: 0 };
+    let mut connections: Vec<Connection> = Vec::new();
+    let mut next_tick = Instant::now() + server.options.interval;
+
+    loop {
+        let stop = STOP_SIGNAL.load(Ordering::SeqCst);
+        if stop != 0 {
+            say(&format!(
+                "{} stopping on signal {stop} at count {}",
+                server.options.name, server.counter
+            ));
+            return Ok(());
+        }
+
+        let mut fds = Vec::with_capacity(connections.len() + 1);
+        fds.push(libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for connection in &connections {
+            let mut events = libc::POLLIN;
+            if !connection.output.is_empty() {
+                events |= libc::POLLOUT;
+            }
+            fds.push(libc::pollfd {
+                fd: connection.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let timeout = libc::c_int::try_from(wait.as_millis().max(1)).unwrap_or(1000);
+        let nfds = libc::nfds_t::try_from(fds.len()).map_err(|e| format!("poll: {e}"))?;
+        // SAFETY: `fds` is a live, exclusively borrowed array of `nfds` pollfd structs.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll: {error}"));
+        }
+
+        if Instant::now() >= next_tick {
+            server.tick();
+            next_tick = Instant::now() + server.options.interval;
+        }
+
+        if fds[0].revents != 0 {
+            accept_all(&listener, &mut connections);
+        }
+        // Connections accepted just now are not in `fds`; they are polled next round.
+        for (connection, pollfd) in connections.iter_mut().zip(&fds[1..]) {
+            if pollfd.revents != 0 {
+                server.service(connection);
+            }
+        }
+        connections.retain(|c| !(c.eof && c.output.is_empty()));
+    }
+}
+
+fn accept_all(listener: &TcpListener, connections: &mut Vec<Connection>) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if stream.set_nonblocking(true).is_ok() {
+                    connections.push(Connection {
+                        stream,
+                        input: Vec::new(),
+                        output: Vec::new(),
+                        eof: false,
+                    });
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            // WouldBlock: nothing more to accept. Other errors (EMFILE, a reset peer) are
+            // transient for us: try again on the next readiness.
+            Err(_) => return,
+        }
+    }
+}
+
+impl Server {
+    fn tick(&mut self) {
+        self.counter += 1;
+        if !self.counter.is_multiple_of(self.options.log_every) {
+            return;
+        }
+        let line = format!("{} count {}", self.options.name, self.counter);
+        say(&line);
+        if let Some(volume) = &self.options.volume {
+            let path = volume.join(format!("{}.log", self.options.name));
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+            if let Err(e) = appended {
+                eprintln!("podsnap-workload: cannot append to {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Reads what the peer sent, answers every complete line, writes what it can.
+    fn service(&mut self, connection: &mut Connection) {
+        let mut buffer = [0u8; 4096];
+        while !connection.eof {
+            match connection.stream.read(&mut buffer) {
+                Ok(0) => connection.eof = true,
+                Ok(n) => connection.input.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // Reset by the peer: nobody to answer.
+                    connection.eof = true;
+                    connection.output.clear();
+                    connection.input.clear();
+                }
+            }
+        }
+        while let Some(end) = connection.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = connection.input.drain(..=end).collect();
+            let reply = self.answer(String::from_utf8_lossy(&line).trim());
+            connection.output.extend_from_slice(reply.as_bytes());
+            connection.output.push(b'\n');
+        }
+        if connection.eof && !connection.input.is_empty() {
+            // A last command without a newline.
+            let line = std::mem::take(&mut connection.input);
+            let reply = self.answer(String::from_utf8_lossy(&line).trim());
+            connection.output.extend_from_slice(reply.as_bytes());
+            connection.output.push(b'\n');
+        }
+        if connection.input.len() > MAX_LINE {
+            connection.input.clear();
+            connection.output.extend_from_slice(b"error: line too long\n");
+            connection.eof = true;
+        }
+        while !connection.output.is_empty() {
+            match connection.stream.write(&connection.output) {
+                Ok(0) => break,
+                Ok(n) => {
+                    connection.output.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    connection.output.clear();
+                    connection.eof = true;
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, line: &str) -> String {
+        match self.dispatch(line) {
+            Ok(reply) => reply,
+            Err(message) => format!("error: {message}"),
+        }
+    }
+
+    fn dispatch(&mut self, line: &str) -> Result<String, String> {
+        let mut words = line.splitn(2, ' ');
+        let command = words.next().unwrap_or_default();
+        let rest = words.next().unwrap_or_default().trim();
+        match command {
+            "count" => Ok(self.counter.to_string()),
+            "ping" => Ok(format!("pong {}", self.options.name)),
+            "shm-write" => {
+                let (key, value) = two_args(rest, "shm-write KEY VAL")?;
+                sysv_shm_write(parse_key(key)?, value)?;
+                Ok("ok".to_owned())
+            }
+            "shm-read" => sysv_shm_read(parse_key(rest)?),
+            "posix-shm-write" => {
+                let (name, value) = two_args(rest, "posix-shm-write NAME VAL")?;
+                let path = posix_shm_path(name)?;
+                std::fs::write(&path, value).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                Ok("ok".to_owned())
+            }
+            "posix-shm-read" => {
+                let path = posix_shm_path(rest)?;
+                std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+            }
+            "get" => {
+                let (address, forwarded) = two_args(rest, "get HOST:PORT CMD")?;
+                request(address, forwarded)
+            }
+            "touch" => {
+                if rest.is_empty() {
+                    return Err("usage: touch PATH".to_owned());
+                }
+                let content = format!("{} count {}\n", self.options.name, self.counter);
+                std::fs::write(rest, content).map_err(|e| format!("cannot write {rest}: {e}"))?;
+                Ok("ok".to_owned())
+            }
+            "exit" => {
+                let code: i32 = rest.parse().map_err(|e| format!("exit CODE: {e}"))?;
+                say(&format!("{} exiting with {code}", self.options.name));
+                std::process::exit(code);
+            }
+            "" => Err("empty command".to_owned()),
+            other => Err(format!("unknown command {other:?}")),
+        }
+    }
+}
+
+fn two_args<'a>(rest: &'a str, usage: &str) -> Result<(&'a str, &'a str), String> {
+    let mut parts = rest.splitn(2, ' ');
+    match (parts.next(), parts.next()) {
+        (Some(a), Some(b)) if !a.is_empty() && !b.trim().is_empty() => Ok((a, b.trim())),
+        _ => Err(format!("usage: {usage}")),
+    }
+}
+
+fn parse_key(text: &str) -> Result<libc::key_t, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => i64::from_str_radix(hex, 16),
+        None => text.parse::<i64>(),
+    };
+    let key = parsed.map_err(|e| format!("bad ipc key {text:?}: {e}"))?;
+    libc::key_t::try_from(key).map_err(|e| format!("bad ipc key {text:?}: {e}"))
+}
+
+fn posix_shm_path(name: &str) -> Result<PathBuf, String> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(format!("bad shm name {name:?}"));
+    }
+    Ok(Path::new("/dev/shm").join(name))
+}
+
+fn sysv_shm_write(key: libc::key_t, value: &str) -> Result<(), String> {
+    if value.len() >= SHM_SIZE {
+        return Err(format!("value longer than {} bytes", SHM_SIZE - 1));
+    }
+    // SAFETY: shmget takes plain integers.
+    let id = unsafe { libc::shmget(key, SHM_SIZE, libc::IPC_CREAT | 0o666) };
+    if id < 0 {
+        return Err(errno_message("shmget"));
+    }
+    // SAFETY: `id` names a segment of SHM_SIZE bytes; a null address lets the kernel choose.
+    let address = unsafe { libc::shmat(id, std::ptr::null(), 0) };
+    if address as isize == -1 {
+        return Err(errno_message("shmat"));
+    }
+    // SAFETY: the mapping is SHM_SIZE bytes long and writable; value.len() + 1 <= SHM_SIZE.
+    unsafe {
+        let base = address.cast::<u8>();
+        std::ptr::copy_nonoverlapping(value.as_ptr(), base, value.len());
+        *base.add(value.len()) = 0;
+        libc::shmdt(address);
+    }
+    Ok(())
+}
+
+fn sysv_shm_read(key: libc::key_t) -> Result<String, String> {
+    // SAFETY: shmget takes plain integers.
+    let id = unsafe { libc::shmget(key, 0, 0) };
+    if id < 0 {
+        return Err(errno_message("shmget"));
+    }
+    // SAFETY: a zeroed shmid_ds is a valid out buffer for IPC_STAT.
+    let mut info: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: `id` is a segment id and `info` a valid out pointer.
+    if unsafe { libc::shmctl(id, libc::IPC_STAT, &mut info) } != 0 {
+        return Err(errno_message("shmctl"));
+    }
+    // SAFETY: `id` names an existing segment; we map it read-only.
+    let address = unsafe { libc::shmat(id, std::ptr::null(), libc::SHM_RDONLY) };
+    if address as isize == -1 {
+        return Err(errno_message("shmat"));
+    }
+    // SAFETY: the mapping is `shm_segsz` bytes long and readable; we stop at the first NUL or
+    // the end of the segment, then detach.
+    let bytes = unsafe {
+        let slice = std::slice::from_raw_parts(address.cast::<u8>(), info.shm_segsz);
+        let end = slice.iter().position(|&b| b == 0).unwrap_or(slice.len());
+        let copy = slice[..end].to_vec();
+        libc::shmdt(address);
+        copy
+    };
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// arguments
+
+/// Parses `--flag value` pairs, accepting only `known` flags.
+fn parse_flags(args: &[String], known: &[&str]) -> Result<HashMap<String, String>, String> {
+    let mut flags = HashMap::new();
+    let mut iter = args.iter();
+    while let Some(flag) = iter.next() {
+        let (name, value) = match flag.split_once('=') {
+            Some((name, value)) => (name, value.to_owned()),
+            None => {
+                let value = iter
+                    .next()
+                    .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+                (flag.as_str(), value.clone())
+            }
+        };
+        if !known.contains(&name) {
+            return Err(format!("unknown flag {name}\n{USAGE}"));
+        }
+        flags.insert(name.to_owned(), value);
+    }
+    Ok(flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags() {
+        let args: Vec<String> = ["--name", "app", "--port=8080"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let options = ServeOptions::parse(&args).expect("valid flags");
+        assert_eq!(options.name, "app");
+        assert_eq!(options.port, 8080);
+        assert!(ServeOptions::parse(&["--bogus".to_owned(), "1".to_owned()]).is_err());
+    }
+
+    #[test]
+    fn keys_and_names() {
+        assert_eq!(parse_key("0x10").expect("hex key"), 16);
+        assert_eq!(parse_key("42").expect("decimal key"), 42);
+        assert!(posix_shm_path("../etc").is_err());
+        assert_eq!(
+            two_args("a b c", "x").expect("two args"),
+            ("a", "b c"),
+            "the value keeps its spaces"
+        );
+    }
+}

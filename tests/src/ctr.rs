@@ -1,0 +1,170 @@
+//! `ctr` against the private node: `ctr -a <socket> -n <namespace> ...`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::command::{output_within, run_within, CommandError, CommandOutput};
+
+/// The containerd namespace CRI uses.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The namespace `ctr` uses by default.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// How long a `ctr` call may take unless the caller says otherwise.
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `ctr` against one containerd.
+#[derive(Debug, Clone)]
+pub struct Ctr {
+    bin: PathBuf,
+    address: PathBuf,
+}
+
+impl Ctr {
+    /// A `ctr` for the containerd listening on `address`.
+    pub fn new(bin: impl Into<PathBuf>, address: impl Into<PathBuf>) -> Self {
+        Self {
+            bin: bin.into(),
+            address: address.into(),
+        }
+    }
+
+    /// The containerd socket.
+    pub fn address(&self) -> &Path {
+        &self.address
+    }
+
+    /// `ctr -a <socket> -n <namespace>`, ready for more arguments.
+    pub fn command(&self, namespace: &str) -> Command {
+        let mut command = Command::new(&self.bin);
+        command.arg("-a").arg(&self.address).arg("-n").arg(namespace);
+        command
+    }
+
+    /// Runs `ctr ... <args>` and returns its stdout, or an error quoting its stderr when it
+    /// exits non-zero or takes longer than [`CTR_TIMEOUT`].
+    pub fn run(&self, namespace: &str, args: &[&str]) -> Result<String, CommandError> {
+        run_within(self.command(namespace).args(args), CTR_TIMEOUT)
+    }
+
+    /// Runs `ctr ... <args>` and returns its output whatever its exit status.
+    pub fn output(&self, namespace: &str, args: &[&str]) -> Result<CommandOutput, CommandError> {
+        output_within(self.command(namespace).args(args), CTR_TIMEOUT)
+    }
+
+    /// The ids `ctr <object> ls -q` prints (`tasks`, `containers`, `images`, `namespaces`...).
+    pub fn list_ids(&self, namespace: &str, object: &str) -> Result<Vec<String>, CommandError> {
+        Ok(self
+            .run(namespace, &[object, "ls", "-q"])?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The status column of `ctr task ls` for `id` (`RUNNING`, `PAUSED`, `STOPPED`...).
+    pub fn task_status(&self, namespace: &str, id: &str) -> Result<Option<String>, CommandError> {
+        let listing = self.run(namespace, &["tasks", "ls"])?;
+        Ok(listing.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [task, _pid, status, ..] if *task == id => Some((*status).to_owned()),
+                _ => None,
+            }
+        }))
+    }
+}
+
+/// What a program run on a pseudo-terminal printed.
+#[derive(Debug, Clone)]
+pub struct PtyOutput {
+    /// Its exit status.
+    pub status: std::process::ExitStatus,
+    /// Everything written to the terminal (stdout and stderr, with `\r\n` line ends).
+    pub output: String,
+}
+
+impl Ctr {
+    /// Runs `ctr ... <args>` with a fresh pseudo-terminal as its stdin, stdout and stderr (what
+    /// `ctr run -t` and `ctr task exec -t` need), killing it after `timeout`.
+    pub fn run_in_pty(
+        &self,
+        namespace: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<PtyOutput, CommandError> {
+        use std::io::Read;
+        use std::process::Stdio;
+
+        let mut command = self.command(namespace);
+        command.args(args);
+        let line = crate::command::describe(&command);
+        let failed = |stderr: String| CommandError {
+            command: line.clone(),
+            status: None,
+            stdout: String::new(),
+            stderr,
+        };
+        let pty = nix::pty::openpty(None, None).map_err(|e| failed(format!("openpty: {e}")))?;
+        let slave = |fd: &std::os::fd::OwnedFd| {
+            fd.try_clone()
+                .map(Stdio::from)
+                .map_err(|e| failed(format!("dup: {e}")))
+        };
+        let mut child = command
+            .stdin(slave(&pty.slave)?)
+            .stdout(slave(&pty.slave)?)
+            .stderr(slave(&pty.slave)?)
+            .spawn()
+            .map_err(|e| failed(format!("cannot run it: {e}")))?;
+        drop(pty.slave);
+        let mut master = std::fs::File::from(pty.master);
+        // Reads until EIO: every slave descriptor is closed once ctr (and what it started on
+        // the terminal) exited.
+        let reader = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = master.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                bytes.extend_from_slice(&buffer[..n]);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        });
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while !reader.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let output = if reader.is_finished() {
+            reader.join().unwrap_or_default()
+        } else {
+            String::from("<terminal output not collected: the terminal is still open>")
+        };
+        match status {
+            Some(status) => Ok(PtyOutput { status, output }),
+            None => Err(CommandError {
+                command: line,
+                status: None,
+                stdout: output,
+                stderr: format!("killed after {timeout:?}"),
+            }),
+        }
+    }
+}

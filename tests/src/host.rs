@@ -1,0 +1,272 @@
+//! Looking at (and cleaning) the host: processes, mounts, network namespaces, cgroups, links.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{umount2, MntFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The directory CRI puts pod network namespaces in (containerd's default,
+/// `netns_mounts_under_state_dir = false`).
+pub const NETNS_DIR: &str = "/var/run/netns";
+/// The cgroup v1 hierarchy root.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// A process's command line, split at NULs; `None` when it is gone or a kernel thread.
+pub fn cmdline(pid: i32) -> Option<Vec<String>> {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if bytes.is_empty() {
+        return None;
+    }
+    Some(
+        bytes
+            .split(|&b| b == 0)
+            .filter(|part| !part.is_empty())
+            .map(|part| String::from_utf8_lossy(part).into_owned())
+            .collect(),
+    )
+}
+
+/// Every process with a command line: (pid, argv).
+pub fn processes() -> Vec<(i32, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, cmdline(pid)?)))
+        .collect()
+}
+
+fn argv0_name(argv: &[String]) -> &str {
+    argv.first()
+        .map(|a| a.rsplit('/').next().unwrap_or(a))
+        .unwrap_or_default()
+}
+
+fn has_address(argv: &[String], address: &Path) -> bool {
+    let address = address.to_string_lossy();
+    argv.windows(2)
+        .any(|w| w[0] == "-address" && w[1] == address.as_ref())
+}
+
+/// Shim processes of binary `name` (e.g. `containerd-shim-podsnap-v1`) serving the containerd
+/// at `address`: argv[0] ends with `name` and the arguments hold `-address <address>`.
+pub fn shim_pids(name: &str, address: &Path) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|(_, argv)| argv0_name(argv) == name && has_address(argv, address))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Every shim (any `containerd-shim-*` binary) serving the containerd at `address`.
+pub fn all_shim_pids(address: &Path) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|(_, argv)| argv0_name(argv).starts_with("containerd-shim") && has_address(argv, address))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Whether `pid` exists (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends `signal` to `pid`, ignoring a process that is already gone.
+pub fn signal(pid: i32, signal: Signal) {
+    let _ = kill(Pid::from_raw(pid), signal);
+}
+
+/// Waits up to `timeout` for every pid in `pids` to be gone; returns the ones still alive.
+pub fn wait_gone(pids: &[i32], timeout: std::time::Duration) -> Vec<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Decodes the octal escapes (`\040` for a space...) of a /proc/self/mountinfo field.
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let octal = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("x");
+            if let Ok(value) = u8::from_str_radix(octal, 8) {
+                out.push(value);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount points in this process's mount namespace (the host's) at or under `prefix`,
+/// deepest (and most recently mounted) first: the order to unmount them in.
+pub fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut mounts: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mount_field(field)))
+        .filter(|point| point.starts_with(prefix))
+        .collect();
+    // Later mounts may sit on top of earlier ones: reverse mount order, then deepest first.
+    mounts.reverse();
+    mounts.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    mounts
+}
+
+/// Unmounts everything at or under `prefix`, deepest first, lazily when a plain unmount fails.
+/// Returns what could not be unmounted, with the reason.
+pub fn unmount_all_under(prefix: &Path) -> Vec<String> {
+    let mut failures = Vec::new();
+    // A path can be mounted several times over; go round until nothing is left.
+    for _ in 0..8 {
+        let mounts = mounts_under(prefix);
+        if mounts.is_empty() {
+            return failures;
+        }
+        for point in mounts {
+            if umount2(&point, MntFlags::empty()).is_err() {
+                if let Err(e) = umount2(&point, MntFlags::MNT_DETACH) {
+                    failures.push(format!("umount {}: {e}", point.display()));
+                }
+            }
+        }
+    }
+    failures.extend(
+        mounts_under(prefix)
+            .into_iter()
+            .map(|p| format!("still mounted: {}", p.display())),
+    );
+    failures
+}
+
+/// Removes a network namespace bind mount (`/var/run/netns/cni-...`): unmount, then unlink.
+pub fn remove_netns(path: &Path) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let _ = umount2(path, MntFlags::MNT_DETACH);
+    std::fs::remove_file(path).map_err(|e| format!("remove netns {}: {e}", path.display()))
+}
+
+/// Whether a network link named `name` exists.
+pub fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// The cgroup directories of pod `uid` in every hierarchy: `<hierarchy>/kubepods[/<qos>]/pod<uid>`.
+pub fn pod_cgroup_dirs(uid: &str) -> Vec<PathBuf> {
+    let wanted = format!("pod{uid}");
+    let mut found = Vec::new();
+    let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) else {
+        return found;
+    };
+    for hierarchy in hierarchies.flatten() {
+        let kubepods = hierarchy.path().join("kubepods");
+        let direct = kubepods.join(&wanted);
+        if direct.is_dir() {
+            found.push(direct);
+        }
+        let Ok(classes) = std::fs::read_dir(&kubepods) else {
+            continue;
+        };
+        for class in classes.flatten() {
+            let pod = class.path().join(&wanted);
+            if pod.is_dir() {
+                found.push(pod);
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Every directory under `dir` (excluded), deepest first.
+fn subdirectories(dir: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                all.push(entry.path());
+                stack.push(entry.path());
+            }
+        }
+    }
+    all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    all
+}
+
+/// What a pod left in its cgroups: child cgroups (containers) and processes, per hierarchy.
+pub fn pod_cgroup_leftovers(uid: &str) -> Vec<String> {
+    let mut leftovers = Vec::new();
+    for pod in pod_cgroup_dirs(uid) {
+        for child in subdirectories(&pod) {
+            leftovers.push(format!("cgroup {}", child.display()));
+        }
+        let procs = std::fs::read_to_string(pod.join("cgroup.procs")).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            leftovers.push(format!(
+                "processes {} in {}",
+                procs.split_whitespace().collect::<Vec<_>>().join(","),
+                pod.display()
+            ));
+        }
+    }
+    leftovers
+}
+
+/// Removes pod `uid`'s cgroup directories (what kubelet does after the pod is gone).
+/// Returns what could not be removed.
+pub fn remove_pod_cgroups(uid: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for pod in pod_cgroup_dirs(uid) {
+        for dir in subdirectories(&pod).into_iter().chain([pod.clone()]) {
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                failures.push(format!("rmdir {}: {e}", dir.display()));
+            }
+        }
+    }
+    failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mount_field(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mount_field(r"/plain"), "/plain");
+        assert_eq!(unescape_mount_field(r"/x\"), r"/x\");
+    }
+}

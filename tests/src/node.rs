@@ -1,0 +1,892 @@
+//! A private containerd: the node every integration test runs against.
+//!
+//! [`Node::start`] makes a directory `/tmp/podsnap-node-<pid>-<n>` (mode 0700) holding
+//! everything of this instance:
+//! ```text
+//! config.toml          containerd config (version 3): CRI handlers podsnap and runc
+//! containerd.sock      gRPC (CRI and containerd API); containerd.sock.ttrpc
+//! containerd.log       containerd's output at debug level (shim logs land here too)
+//! containerd.pid       so a later run can clean up after a killed test
+//! root/ state/         containerd's root and state
+//! cni/net.d/           the conflist (a bridge and a subnet of this instance)
+//! cni/ipam/            host-local's allocations
+//! certs.d/_default/    registry hosts: every pull goes to 127.0.0.1:9 and fails at once
+//! kubelet/             pod directories and logs, laid out like kubelet's
+//! images/              the image archives imported into `k8s.io` and `default`
+//! ledger               netns paths, pod uids, the bridge: what teardown must remove
+//! owner                the pid of the process that owns this node (and `keep`)
+//! ```
+//! Teardown ([`Node::teardown`], also run by `Drop`, also after a panic) removes all of it and
+//! what lives outside the directory: pods, tasks, containerd, shims, runc state, mounts,
+//! network namespaces, the bridge, pod cgroups. At start, nodes left by a killed test process
+//! are torn down the same way.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+
+use crate::command::run_within;
+use crate::cri::CriClient;
+use crate::ctr::{Ctr, CRI_NAMESPACE, DEFAULT_NAMESPACE};
+use crate::host;
+use crate::prereq::{self, HostTools};
+use crate::serial::{serial, SerialGuard};
+
+/// Where node directories are made.
+const NODE_PARENT: &str = "/tmp";
+/// The prefix of a node directory's name.
+const NODE_PREFIX: &str = "podsnap-node-";
+/// How long containerd may take to answer CRI with runtime and network ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Where failed tests' containerd logs are copied.
+pub const SAVED_LOGS_DIR: &str = "/tmp/podsnap-test-logs";
+
+/// Log lines in panic messages are cut to this many characters (containerd prints whole specs).
+const LOG_LINE_CUT: usize = 400;
+
+static NODE_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The `podsnap-workload` binary that goes into the images.
+    pub workload_bin: PathBuf,
+    /// Require our shim (and put its directory first on containerd's `PATH`). Defaults to true
+    /// unless the handler under test is `runc`.
+    pub podsnap_shim: bool,
+    /// Leave the node running (and its directory) when the `Node` is dropped; the next node
+    /// started on this host does not reap it. `teardown` still removes it.
+    pub keep: bool,
+    /// containerd's log level.
+    pub log_level: String,
+}
+
+impl NodeOptions {
+    /// Defaults for the handler under test ([`crate::handler`]).
+    pub fn new(workload_bin: PathBuf) -> Self {
+        Self {
+            workload_bin,
+            podsnap_shim: crate::handler() != "runc",
+            keep: false,
+            log_level: "debug".to_owned(),
+        }
+    }
+}
+
+/// The on-disk layout of a node directory.
+#[derive(Debug, Clone)]
+pub struct NodeFiles {
+    /// The node directory.
+    pub dir: PathBuf,
+}
+
+impl NodeFiles {
+    /// containerd's config.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+    /// containerd's gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+    /// containerd's output.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("containerd.log")
+    }
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("containerd.pid")
+    }
+    fn ledger(&self) -> PathBuf {
+        self.dir.join("ledger")
+    }
+    fn owner(&self) -> PathBuf {
+        self.dir.join("owner")
+    }
+    /// kubelet's root in this node (pods, logs).
+    pub fn kubelet(&self) -> PathBuf {
+        self.dir.join("kubelet")
+    }
+
+    /// Appends `kind value` to the ledger.
+    fn record(&self, kind: &str, value: &str) -> Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.ledger())
+            .context("opening the node ledger")?;
+        writeln!(file, "{kind} {value}").context("writing the node ledger")
+    }
+
+    /// The ledger's values of one kind.
+    fn recorded(&self, kind: &str) -> BTreeSet<String> {
+        std::fs::read_to_string(self.ledger())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split_once(' '))
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, v)| v.to_owned())
+            .collect()
+    }
+
+    fn containerd_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+    }
+}
+
+/// A private containerd with CRI, CNI and our images.
+pub struct Node {
+    files: NodeFiles,
+    name: String,
+    tools: HostTools,
+    options: NodeOptions,
+    shim_dir: Option<PathBuf>,
+    containerd: Option<Child>,
+    cri: Option<CriClient>,
+    ctr: Ctr,
+    bridge: String,
+    subnet: String,
+    torn_down: bool,
+    _serial: Option<SerialGuard>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("dir", &self.files.dir)
+            .field("bridge", &self.bridge)
+            .field("subnet", &self.subnet)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Checks prerequisites, reaps nodes left by killed tests, then starts a node and imports
+    /// the images. Waits for the host-wide lock first ([`crate::serial`]).
+    ///
+    /// # Panics
+    /// When a prerequisite is missing or the node does not come up (with containerd's log tail).
+    pub fn start(options: NodeOptions) -> Node {
+        let tools = prereq::check_host();
+        let shim_dir = options.podsnap_shim.then(|| {
+            prereq::podsnap_shim(&options.workload_bin)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+        });
+        assert!(
+            options.workload_bin.is_file(),
+            "the workload binary {} does not exist (cargo builds it for the tests: `cargo build \
+             -p podsnap-tests --bins`)",
+            options.workload_bin.display()
+        );
+        let guard = serial();
+        reap_stale_nodes(&tools);
+
+        let counter = NODE_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{}-{counter}", std::process::id());
+        let dir = Path::new(NODE_PARENT).join(format!("{NODE_PREFIX}{name}"));
+        let files = NodeFiles { dir };
+        let (bridge, subnet) = pick_network(&name);
+        let ctr = Ctr::new(&tools.ctr, files.socket());
+        let mut node = Node {
+            files,
+            name,
+            tools,
+            options,
+            shim_dir,
+            containerd: None,
+            cri: None,
+            ctr,
+            bridge,
+            subnet,
+            torn_down: false,
+            _serial: Some(guard),
+        };
+        if let Err(e) = node.bring_up() {
+            let tail = node.log_tail(60);
+            let problems = node.teardown();
+            panic!(
+                "the private containerd did not come up: {e:#}\n--- containerd.log (tail) ---\n\
+                 {tail}\n--- teardown ---\n{problems:?}"
+            );
+        }
+        node
+    }
+
+    fn bring_up(&mut self) -> Result<()> {
+        let dir = self.files.dir.clone();
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(
+            self.files.owner(),
+            format!(
+                "{}{}\n",
+                std::process::id(),
+                if self.options.keep { " keep" } else { "" }
+            ),
+        )?;
+        self.files.record("bridge", &self.bridge)?;
+        for sub in [
+            "root",
+            "state",
+            "cni/net.d",
+            "cni/ipam",
+            "kubelet",
+            "images",
+            "opt",
+        ] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let hosts_dir = dir.join("certs.d/_default");
+        std::fs::create_dir_all(&hosts_dir)?;
+        std::fs::write(
+            hosts_dir.join("hosts.toml"),
+            "# No registry is reachable from tests: every pull fails here, locally.\n\
+             server = \"http://127.0.0.1:9\"\n",
+        )?;
+        std::fs::write(dir.join("cni/net.d/10-podsnap.conflist"), self.cni_conflist())?;
+        std::fs::write(self.files.config(), self.containerd_config())?;
+        self.spawn_containerd()?;
+        self.wait_ready()?;
+        let archives = crate::images::build(&self.options.workload_bin, &dir.join("images"))
+            .context("building the test images")?;
+        for namespace in [CRI_NAMESPACE, DEFAULT_NAMESPACE] {
+            for archive in &archives {
+                crate::images::import(&self.ctr, namespace, archive)?;
+            }
+        }
+        eprintln!(
+            "podsnap-tests: node {} up (containerd {}, bridge {}, subnet {}, handler {})",
+            self.files.dir.display(),
+            self.files.socket().display(),
+            self.bridge,
+            self.subnet,
+            crate::handler()
+        );
+        Ok(())
+    }
+
+    /// The conflist: a bridge and host-local IPAM of this instance. containerd itself adds the
+    /// loopback network (the `loopback` plugin) to every pod.
+    fn cni_conflist(&self) -> String {
+        let ipam_dir = self.files.dir.join("cni/ipam");
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": format!("podsnap-{}", self.name),
+            "plugins": [{
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": self.subnet }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": ipam_dir,
+                },
+            }],
+        })
+        .to_string()
+    }
+
+    /// containerd 2.x config (version 3), keys as `containerd config default` prints them.
+    fn containerd_config(&self) -> String {
+        let dir = self.files.dir.display();
+        let level = &self.options.log_level;
+        let pause = crate::PAUSE_IMAGE;
+        let cni_bin = prereq::CNI_BIN_DIR;
+        format!(
+            r#"# podsnap test node {name}
+version = 3
+root = '{dir}/root'
+state = '{dir}/state'
+
+[grpc]
+  address = '{dir}/containerd.sock'
+
+[ttrpc]
+  address = '{dir}/containerd.sock.ttrpc'
+
+[debug]
+  level = '{level}'
+
+[plugins]
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = 'overlayfs'
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = '{pause}'
+    [plugins.'io.containerd.cri.v1.images'.registry]
+      config_path = '{dir}/certs.d'
+
+  [plugins.'io.containerd.cri.v1.runtime']
+    # This VM withholds CAP_SYS_RESOURCE: the pause container's -998 would fail in runc init.
+    restrict_oom_score_adj = true
+    enable_cdi = false
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = 'runc'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+        runtime_type = 'io.containerd.runc.v2'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podsnap]
+        runtime_type = 'io.containerd.podsnap.v1'
+        pod_annotations = ['podsnap.io/*']
+    [plugins.'io.containerd.cri.v1.runtime'.cni]
+      bin_dirs = ['{cni_bin}']
+      conf_dir = '{dir}/cni/net.d'
+      max_conf_num = 1
+
+  [plugins.'io.containerd.grpc.v1.cri']
+    stream_server_address = '127.0.0.1'
+    stream_server_port = '0'
+
+  [plugins.'io.containerd.transfer.v1.local']
+    config_path = '{dir}/certs.d'
+
+  [plugins.'io.containerd.nri.v1.nri']
+    disable = true
+
+  [plugins.'io.containerd.internal.v1.opt']
+    path = '{dir}/opt'
+"#,
+            name = self.name,
+        )
+    }
+
+    fn spawn_containerd(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.files.log())
+            .context("opening containerd.log")?;
+        let err_log = log.try_clone()?;
+        let mut path = String::new();
+        if let Some(dir) = &self.shim_dir {
+            let _ = write!(path, "{}:", dir.display());
+        }
+        let _ = write!(
+            path,
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new(&self.tools.containerd)
+            .arg("--config")
+            .arg(self.files.config())
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err_log))
+            // Its own process group: a ^C aimed at the test runner does not kill it halfway.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", self.tools.containerd.display()))?;
+        std::fs::write(self.files.pid_file(), child.id().to_string())?;
+        self.containerd = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let endpoint = format!("unix://{}", self.files.socket().display());
+        let mut last_error = String::from("socket not created yet");
+        loop {
+            if let Some(child) = self.containerd.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("containerd exited during startup ({status})");
+                }
+            }
+            if self.files.socket().exists() {
+                match CriClient::connect(&endpoint) {
+                    Ok(client) => match client.ready() {
+                        Ok(true) => {
+                            self.cri = Some(client);
+                            return Ok(());
+                        }
+                        Ok(false) => last_error = "CRI runtime or network not ready".to_owned(),
+                        Err(status) => last_error = format!("CRI Status: {status}"),
+                    },
+                    Err(e) => last_error = format!("{e:#}"),
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("containerd not ready after {READY_TIMEOUT:?}: {last_error}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The node directory.
+    pub fn dir(&self) -> &Path {
+        &self.files.dir
+    }
+
+    /// The node's files.
+    pub fn files(&self) -> &NodeFiles {
+        &self.files
+    }
+
+    /// This instance's short name (`<pid>-<n>`), unique on the host.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `base-<node name>`: container and pod names must be unique per run because some
+    /// containerd paths are shared between instances.
+    pub fn unique(&self, base: &str) -> String {
+        format!("{base}-{}", self.name)
+    }
+
+    /// containerd's gRPC socket.
+    pub fn address(&self) -> PathBuf {
+        self.files.socket()
+    }
+
+    /// The CRI endpoint, `unix://...`.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.files.socket().display())
+    }
+
+    /// The CRI client.
+    ///
+    /// # Panics
+    /// After teardown.
+    pub fn cri(&self) -> &CriClient {
+        self.cri
+            .as_ref()
+            .expect("the node's CRI client exists between start and teardown")
+    }
+
+    /// `ctr` against this node.
+    pub fn ctr(&self) -> &Ctr {
+        &self.ctr
+    }
+
+    /// The host programs.
+    pub fn tools(&self) -> &HostTools {
+        &self.tools
+    }
+
+    /// The CNI bridge of this node.
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// containerd's pid.
+    pub fn containerd_pid(&self) -> Option<u32> {
+        self.containerd.as_ref().map(Child::id)
+    }
+
+    /// Shim processes of `binary` serving this node.
+    pub fn shim_pids(&self, binary: &str) -> Vec<i32> {
+        host::shim_pids(binary, &self.files.socket())
+    }
+
+    /// Records a pod's network namespace and uid so teardown removes them even if CRI cannot.
+    pub fn record_pod(&self, uid: &str, netns: Option<&str>) -> Result<()> {
+        self.files.record("pod-uid", uid)?;
+        if let Some(netns) = netns {
+            self.files.record("netns", netns)?;
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of containerd's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.files.log()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..]
+            .iter()
+            .map(|line| match line.char_indices().nth(LOG_LINE_CUT) {
+                Some((cut, _)) => format!("{}...", &line[..cut]),
+                None => (*line).to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// containerd's log lines that mention `needle`.
+    pub fn log_grep(&self, needle: &str) -> Vec<String> {
+        std::fs::read_to_string(self.files.log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Stops containerd (SIGTERM, then SIGKILL after 10 s) and starts it again with the same
+    /// config. Shims and their containers keep running; containerd reconnects to them.
+    pub fn restart_containerd(&mut self) -> Result<()> {
+        self.cri = None;
+        if let Some(mut child) = self.containerd.take() {
+            stop_process(&mut child, Duration::from_secs(10));
+        }
+        self.spawn_containerd()?;
+        self.wait_ready()
+    }
+
+    /// Copies containerd's log to [`SAVED_LOGS_DIR`] and returns the copy's path.
+    pub fn save_log(&self, label: &str) -> Option<PathBuf> {
+        std::fs::create_dir_all(SAVED_LOGS_DIR).ok()?;
+        let target = Path::new(SAVED_LOGS_DIR).join(format!("{label}-{}-containerd.log", self.name));
+        std::fs::copy(self.files.log(), &target).ok()?;
+        Some(target)
+    }
+
+    /// Removes the node and everything it made; returns what could not be cleaned (empty when
+    /// all went). Safe to call more than once.
+    pub fn teardown(&mut self) -> Vec<String> {
+        if self.torn_down {
+            return Vec::new();
+        }
+        self.torn_down = true;
+        let cri = self.cri.take();
+        let containerd = self.containerd.take();
+        let problems = clean_node(&self.files, &self.tools, cri.as_ref(), containerd);
+        self._serial = None;
+        problems
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        let panicking = std::thread::panicking();
+        if panicking || std::env::var_os("PODSNAP_KEEP_LOGS").is_some() {
+            if let Some(copy) = self.save_log(if panicking { "failed" } else { "kept" }) {
+                eprintln!("podsnap-tests: containerd log saved to {}", copy.display());
+            }
+            if panicking {
+                eprintln!("podsnap-tests: containerd.log tail:\n{}", self.log_tail(40));
+            }
+        }
+        if self.options.keep && !panicking {
+            eprintln!(
+                "podsnap-tests: keeping node {} (containerd pid {:?}); remove it with a later \
+                 teardown",
+                self.files.dir.display(),
+                self.containerd_pid()
+            );
+            // Detach: containerd keeps running in its own process group.
+            if let Some(child) = self.containerd.take() {
+                std::mem::forget(child);
+            }
+            return;
+        }
+        let problems = self.teardown();
+        if !problems.is_empty() {
+            eprintln!("podsnap-tests: teardown left problems: {problems:#?}");
+        }
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL; reaps the child.
+fn stop_process(child: &mut Child, grace: Duration) {
+    let pid = i32::try_from(child.id()).unwrap_or(0);
+    if pid > 0 {
+        host::signal(pid, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Picks a bridge name (15 characters at most) and a /24 in 10.0.0.0/8 that no route uses.
+fn pick_network(name: &str) -> (String, String) {
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let used: BTreeSet<u32> = routes
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter_map(|hex| u32::from_str_radix(hex, 16).ok())
+        .map(|dest| dest & 0x00ff_ffff)
+        .collect();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().rotate_left(13);
+    for attempt in 0u32..1000 {
+        let value = seed.wrapping_add(attempt.wrapping_mul(7919));
+        let second = 100 + (value >> 8) % 100;
+        let third = value % 256;
+        // /proc/net/route prints the destination little-endian: 10.b.c.0 -> 0x00c_b0a.
+        let dest = (third << 16) | (second << 8) | 10;
+        let bridge = format!("psn{:x}", value & 0xff_ffff);
+        if !used.contains(&dest) && !host::link_exists(&bridge) {
+            return (bridge, format!("10.{second}.{third}.0/24"));
+        }
+    }
+    (
+        format!("psn{}", name.replace('-', "")),
+        "10.199.199.0/24".to_owned(),
+    )
+}
+
+/// Tears down a node directory: pods through CRI, tasks and containers through ctr,
+/// containerd, shims, runc leftovers, processes rooted in it, mounts, network namespaces, the
+/// bridge, pod cgroups, and finally the directory. Returns what failed.
+fn clean_node(
+    files: &NodeFiles,
+    tools: &HostTools,
+    cri: Option<&CriClient>,
+    containerd: Option<Child>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let socket = files.socket();
+    let containerd_pid = containerd
+        .as_ref()
+        .and_then(|c| i32::try_from(c.id()).ok())
+        .or_else(|| files.containerd_pid());
+    let containerd_alive = containerd_pid.is_some_and(host::alive);
+
+    // 1. Pods, through CRI (records each pod's netns first).
+    if let Some(cri) = cri {
+        match cri.pod_ids() {
+            Ok(pods) => {
+                for pod in pods {
+                    if let Ok(Some(netns)) = cri.pod_netns(&pod) {
+                        let _ = files.record("netns", &netns);
+                    }
+                    if let Err(status) = cri.stop_and_remove_pod(&pod) {
+                        problems.push(format!("CRI stop/remove pod {pod}: {}", status.message()));
+                    }
+                }
+            }
+            Err(status) => problems.push(format!("CRI ListPodSandbox: {}", status.message())),
+        }
+    }
+
+    // 2. Tasks and containers in every namespace, through ctr.
+    if containerd_alive {
+        let ctr = Ctr::new(&tools.ctr, &socket);
+        let namespaces = ctr.list_ids(DEFAULT_NAMESPACE, "namespaces").unwrap_or_default();
+        for namespace in namespaces {
+            for task in ctr.list_ids(&namespace, "tasks").unwrap_or_default() {
+                let _ = ctr.run(&namespace, &["tasks", "kill", "-a", "-s", "SIGKILL", &task]);
+                let _ = ctr.run(&namespace, &["tasks", "delete", "-f", &task]);
+            }
+            for container in ctr.list_ids(&namespace, "containers").unwrap_or_default() {
+                if let Err(e) = ctr.run(&namespace, &["containers", "rm", &container]) {
+                    problems.push(format!("ctr containers rm {container}: {e}"));
+                }
+            }
+        }
+    }
+
+    // 3. containerd.
+    match containerd {
+        Some(mut child) => stop_process(&mut child, Duration::from_secs(10)),
+        None => {
+            if let Some(pid) = containerd_pid.filter(|&p| is_our_containerd(p, files)) {
+                host::signal(pid, Signal::SIGTERM);
+                if !host::wait_gone(&[pid], Duration::from_secs(10)).is_empty() {
+                    host::signal(pid, Signal::SIGKILL);
+                    host::wait_gone(&[pid], Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    // 4. Shims of this instance.
+    let shims = host::all_shim_pids(&socket);
+    for &pid in &shims {
+        host::signal(pid, Signal::SIGKILL);
+    }
+    for pid in host::wait_gone(&shims, Duration::from_secs(5)) {
+        problems.push(format!("shim {pid} survived SIGKILL"));
+    }
+
+    // 5. runc containers whose bundle is in this node.
+    problems.extend(delete_runc_leftovers(tools, &files.dir));
+
+    // 6. Any process still rooted in this node's filesystem.
+    let rooted = processes_rooted_under(&files.dir);
+    for &pid in &rooted {
+        host::signal(pid, Signal::SIGKILL);
+    }
+    for pid in host::wait_gone(&rooted, Duration::from_secs(5)) {
+        problems.push(format!("process {pid} rooted in the node survived SIGKILL"));
+    }
+
+    // 7. Mounts.
+    problems.extend(host::unmount_all_under(&files.dir));
+
+    // 8. Network namespaces.
+    for netns in files.recorded("netns") {
+        if let Err(e) = host::remove_netns(Path::new(&netns)) {
+            problems.push(e);
+        }
+    }
+
+    // 9. The bridge.
+    for bridge in files.recorded("bridge") {
+        if host::link_exists(&bridge) {
+            if let Err(e) = run_within(
+                Command::new(&tools.ip).args(["link", "delete", &bridge]),
+                Duration::from_secs(10),
+            ) {
+                problems.push(format!("removing bridge {bridge}: {e}"));
+            }
+        }
+    }
+
+    // 10. Pod cgroups (kubelet's job on a real node).
+    for uid in files.recorded("pod-uid") {
+        problems.extend(host::remove_pod_cgroups(&uid));
+    }
+
+    // 11. The directory.
+    if let Err(e) = std::fs::remove_dir_all(&files.dir) {
+        if files.dir.exists() {
+            problems.push(format!("removing {}: {e}", files.dir.display()));
+        }
+    }
+    problems
+}
+
+fn is_our_containerd(pid: i32, files: &NodeFiles) -> bool {
+    let config = files.config().to_string_lossy().into_owned();
+    host::cmdline(pid).is_some_and(|argv| argv.contains(&config))
+}
+
+/// `runc --root <root> delete --force` for every runc container (in any of containerd's runc
+/// roots) whose bundle lies under `dir`.
+fn delete_runc_leftovers(tools: &HostTools, dir: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Ok(roots) = std::fs::read_dir("/run/containerd/runc") else {
+        return problems;
+    };
+    for root in roots.flatten().map(|e| e.path()) {
+        let listing = run_within(
+            Command::new(&tools.runc)
+                .arg("--root")
+                .arg(&root)
+                .args(["list", "--format", "json"]),
+            Duration::from_secs(20),
+        );
+        let Ok(listing) = listing else { continue };
+        let Ok(serde_json::Value::Array(containers)) = serde_json::from_str::<serde_json::Value>(&listing)
+        else {
+            continue;
+        };
+        for container in containers {
+            let id = container["id"].as_str().unwrap_or_default();
+            let bundle = container["bundle"].as_str().unwrap_or_default();
+            if id.is_empty() || !Path::new(bundle).starts_with(dir) {
+                continue;
+            }
+            if let Err(e) = run_within(
+                Command::new(&tools.runc)
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["delete", "--force", id]),
+                Duration::from_secs(20),
+            ) {
+                problems.push(format!("runc delete --force {id}: {e}"));
+            }
+        }
+    }
+    problems
+}
+
+/// Processes whose root directory lies under `dir` (container processes of this node).
+pub fn processes_rooted_under(dir: &Path) -> Vec<i32> {
+    host::processes()
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/root"))
+                .map(|root| root.starts_with(dir))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Tears down node directories whose owner process is gone (a test killed before its `Drop`),
+/// except nodes started with `keep`. Called with the host-wide lock held.
+fn reap_stale_nodes(tools: &HostTools) {
+    let Ok(entries) = std::fs::read_dir(NODE_PARENT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(NODE_PREFIX) || !entry.path().is_dir() {
+            continue;
+        }
+        let files = NodeFiles { dir: entry.path() };
+        let owner = std::fs::read_to_string(files.owner()).unwrap_or_default();
+        let mut words = owner.split_whitespace();
+        let owner_pid: Option<i32> = words.next().and_then(|p| p.parse().ok());
+        let keep = words.any(|w| w == "keep");
+        if keep || owner_pid.is_some_and(|p| host::alive(p) && p != own_pid()) {
+            continue;
+        }
+        eprintln!(
+            "podsnap-tests: reaping the node {} left by process {owner_pid:?}",
+            files.dir.display()
+        );
+        let cri = files
+            .containerd_pid()
+            .filter(|&p| host::alive(p) && is_our_containerd(p, &files))
+            .and_then(|_| CriClient::connect(&format!("unix://{}", files.socket().display())).ok());
+        let problems = clean_node(&files, tools, cri.as_ref(), None);
+        if !problems.is_empty() {
+            eprintln!("podsnap-tests: reaping left problems: {problems:#?}");
+        }
+    }
+}
+
+fn own_pid() -> i32 {
+    i32::try_from(std::process::id()).unwrap_or(0)
+}
+
+/// Tears down a node directory by path (`podsnap-demo --teardown DIR` for a kept node).
+pub fn teardown_dir(dir: &Path) -> Vec<String> {
+    let tools = prereq::check_host();
+    let _guard = serial();
+    let files = NodeFiles {
+        dir: dir.to_path_buf(),
+    };
+    let cri = files
+        .containerd_pid()
+        .filter(|&p| host::alive(p) && is_our_containerd(p, &files))
+        .and_then(|_| CriClient::connect(&format!("unix://{}", files.socket().display())).ok());
+    clean_node(&files, &tools, cri.as_ref(), None)
+}
+
+/// Makes a directory with mode 0755 and its parents (kubelet's pod and log directories).
+pub fn make_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// Creates an empty file (kubelet's `/etc/hosts` and termination-log files).
+pub fn make_file(path: &Path, content: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        make_dir(parent)?;
+    }
+    let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(content.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
