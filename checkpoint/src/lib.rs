@@ -5,6 +5,7 @@
 
 pub mod container;
 pub mod error;
+pub mod manifest;
 pub mod record;
 
 pub use error::{Error, Result};
