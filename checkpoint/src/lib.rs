@@ -7,6 +7,7 @@ pub mod container;
 pub mod error;
 pub mod manifest;
 pub mod record;
+pub mod rootfs;
 
 pub use error::{Error, Result};
 pub use record::{ContainerRecord, ContainerState, PodRecord, Role};
