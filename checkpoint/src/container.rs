@@ -125,7 +125,9 @@ pub fn inspect(dir: &Path) -> Result<DumpOptions> {
         return Err(invalid("not a directory".into()));
     }
     if !dir.join(CRIU_INVENTORY).is_file() {
-        return Err(invalid(format!("no CRIU {CRIU_INVENTORY}: this is not a checkpoint")));
+        return Err(invalid(format!(
+            "no CRIU {CRIU_INVENTORY}: this is not a checkpoint"
+        )));
     }
     match std::fs::read(dir.join(CRIU_OPTIONS_FILE)) {
         Ok(bytes) if bytes.len() <= 64 * 1024 => {
@@ -169,7 +171,10 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
         Err(source) => {
             let log_tail = log_tail(&r.work_dir.join("restore.log"));
             if let Err(e) = runc.delete(&r.id, true).await {
-                log::debug!("container {}: nothing to remove after a failed restore: {e}", r.id);
+                log::debug!(
+                    "container {}: nothing to remove after a failed restore: {e}",
+                    r.id
+                );
             }
             Err(Error::Restore {
                 id: r.id.clone(),
@@ -259,8 +264,11 @@ mod tests {
             let pos = args.iter().position(|a| a == "--image-path").expect("image path");
             let dir = PathBuf::from(&args[pos + 1]);
             std::fs::write(dir.join("pages-1.img"), b"partial").expect("write");
-            std::fs::write(dir.join("dump.log"), "line 1\nError (criu/sk-unix.c:1): unix: cannot dump\n")
-                .expect("write");
+            std::fs::write(
+                dir.join("dump.log"),
+                "line 1\nError (criu/sk-unix.c:1): unix: cannot dump\n",
+            )
+            .expect("write");
             Ok(Outcome {
                 code: 1,
                 stdout: vec![],
@@ -311,7 +319,9 @@ mod tests {
     #[test]
     fn inspect_refuses_what_is_not_a_checkpoint() {
         let root = tempfile::tempdir().expect("tempdir");
-        let missing = inspect(&root.path().join("nope")).expect_err("missing").to_string();
+        let missing = inspect(&root.path().join("nope"))
+            .expect_err("missing")
+            .to_string();
         assert!(missing.contains("cannot read it"), "{missing}");
         let empty = inspect(root.path()).expect_err("empty").to_string();
         assert!(empty.contains("no CRIU inventory.img"), "{empty}");

@@ -4,6 +4,7 @@
 //! No protobuf and no ttrpc here: the shim adapts.
 
 pub mod container;
+pub mod dump;
 pub mod error;
 pub mod manifest;
 pub mod record;

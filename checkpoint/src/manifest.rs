@@ -53,6 +53,18 @@ pub struct Manifest {
     pub volumes: Vec<VolumeEntry>,
     /// Every other file of the checkpoint, by path relative to its root.
     pub files: BTreeMap<String, FileDigest>,
+    /// How the dump went (informational).
+    #[serde(default)]
+    pub stats: DumpStats,
+}
+
+/// Timings of the dump that wrote a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpStats {
+    /// First freeze to last thaw, in microseconds.
+    pub frozen_us: u64,
+    /// The slowest single container's CRIU dump, in microseconds.
+    pub slowest_dump_us: u64,
 }
 
 /// Who the pod was.
@@ -169,7 +181,8 @@ impl Manifest {
             path: PathBuf::from(MANIFEST),
             reason,
         };
-        let head: Head = serde_json::from_slice(bytes).map_err(|e| invalid(format!("not a manifest: {e}")))?;
+        let head: Head =
+            serde_json::from_slice(bytes).map_err(|e| invalid(format!("not a manifest: {e}")))?;
         if head.format != FORMAT {
             return Err(invalid(format!("format {:?} is not {FORMAT:?}", head.format)));
         }
@@ -181,7 +194,10 @@ impl Manifest {
         }
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
         if m.files.len() > MAX_FILES {
-            return Err(invalid(format!("lists {} files, more than {MAX_FILES}", m.files.len())));
+            return Err(invalid(format!(
+                "lists {} files, more than {MAX_FILES}",
+                m.files.len()
+            )));
         }
         for path in m.files.keys() {
             safe_relative(path).map_err(invalid)?;
@@ -205,7 +221,9 @@ impl Manifest {
         let path = dir.join(MANIFEST);
         let meta = std::fs::metadata(&path).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
         if meta.len() > MAX_MANIFEST_BYTES {
-            return Err(invalid(format!("{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")));
+            return Err(invalid(format!(
+                "{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes"
+            )));
         }
         let bytes = std::fs::read(&path).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
         let m = Manifest::parse(&bytes).map_err(|e| match e {
@@ -220,13 +238,19 @@ impl Manifest {
                 return Err(invalid(format!("{rel} is not a regular file")));
             }
             if meta.len() != want.size {
-                return Err(invalid(format!("{rel} has {} bytes, the manifest says {}", meta.len(), want.size)));
+                return Err(invalid(format!(
+                    "{rel} has {} bytes, the manifest says {}",
+                    meta.len(),
+                    want.size
+                )));
             }
         }
         for (rel, want) in &m.files {
             let got = sha256_file(&dir.join(rel)).map_err(|e| invalid(format!("{rel}: {e}")))?;
             if got != want.sha256 {
-                return Err(invalid(format!("{rel} is damaged: its SHA-256 does not match the manifest")));
+                return Err(invalid(format!(
+                    "{rel} is damaged: its SHA-256 does not match the manifest"
+                )));
             }
         }
         Ok(m)
@@ -267,7 +291,9 @@ pub fn validate_name(name: &str) -> std::result::Result<(), String> {
         && name.len() <= 253
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
@@ -331,6 +357,7 @@ mod tests {
             ],
             volumes: vec![],
             files: BTreeMap::new(),
+            stats: DumpStats::default(),
         }
     }
 
@@ -346,7 +373,10 @@ mod tests {
         let mut m = sample();
         m.version = 2;
         let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("v2");
-        assert!(err.to_string().contains("format version 2 is not supported"), "{err}");
+        assert!(
+            err.to_string().contains("format version 2 is not supported"),
+            "{err}"
+        );
         let mut m = sample();
         m.format = "other".into();
         assert!(Manifest::parse(&serde_json::to_vec(&m).expect("json")).is_err());
@@ -363,7 +393,10 @@ mod tests {
                     sha256: String::new(),
                 },
             );
-            assert!(Manifest::parse(&serde_json::to_vec(&m).expect("json")).is_err(), "{bad:?} accepted");
+            assert!(
+                Manifest::parse(&serde_json::to_vec(&m).expect("json")).is_err(),
+                "{bad:?} accepted"
+            );
         }
         let mut m = sample();
         m.containers[0].name = "..".into();
@@ -391,10 +424,14 @@ mod tests {
         let m = write_checkpoint(root.path());
         assert_eq!(Manifest::load_verified(root.path()).expect("valid"), m);
         std::fs::write(root.path().join("containers/app/config.json"), b"{]").expect("flip");
-        let err = Manifest::load_verified(root.path()).expect_err("flipped").to_string();
+        let err = Manifest::load_verified(root.path())
+            .expect_err("flipped")
+            .to_string();
         assert!(err.contains("is damaged"), "{err}");
         std::fs::remove_file(root.path().join("containers/app/config.json")).expect("rm");
-        let err = Manifest::load_verified(root.path()).expect_err("missing").to_string();
+        let err = Manifest::load_verified(root.path())
+            .expect_err("missing")
+            .to_string();
         assert!(err.contains("containers/app/config.json"), "{err}");
     }
 

@@ -38,9 +38,10 @@ fn upperdir_in(mountinfo: &str, mountpoint: &Path) -> Option<PathBuf> {
         if unescape(fields.get(4)?) != want || fields.get(dash + 1) != Some(&"overlay") {
             return None;
         }
-        fields.get(dash + 3)?.split(',').find_map(|opt| {
-            opt.strip_prefix("upperdir=").map(|p| PathBuf::from(unescape(p)))
-        })
+        fields
+            .get(dash + 3)?
+            .split(',')
+            .find_map(|opt| opt.strip_prefix("upperdir=").map(|p| PathBuf::from(unescape(p))))
     })
 }
 
@@ -78,7 +79,8 @@ pub fn capture(upper: &Path, tar_path: &Path, deletions_path: &Path) -> Result<u
             let entry = entry.map_err(|e| Error::io("read the rootfs changes", &dir, e))?;
             let path = entry.path();
             let name = rel.join(entry.file_name());
-            let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io("stat a changed file", &path, e))?;
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(|e| Error::io("stat a changed file", &path, e))?;
             let ft = meta.file_type();
             let rel_str = name.to_string_lossy().into_owned();
             if ft.is_char_device() && meta.rdev() == 0 {
@@ -103,11 +105,13 @@ pub fn capture(upper: &Path, tar_path: &Path, deletions_path: &Path) -> Result<u
     let mut out = builder
         .into_inner()
         .map_err(|e| Error::io("finish the rootfs archive", tar_path, e))?;
-    out.flush().map_err(|e| Error::io("finish the rootfs archive", tar_path, e))?;
+    out.flush()
+        .map_err(|e| Error::io("finish the rootfs archive", tar_path, e))?;
     out.get_ref()
         .sync_all()
         .map_err(|e| Error::io("sync the rootfs archive", tar_path, e))?;
-    let json = serde_json::to_vec_pretty(&deletions).map_err(|e| Error::io("encode deletions", deletions_path, e.into()))?;
+    let json = serde_json::to_vec_pretty(&deletions)
+        .map_err(|e| Error::io("encode deletions", deletions_path, e.into()))?;
     crate::container::write_private(deletions_path, &json)?;
     Ok(count)
 }
@@ -130,7 +134,8 @@ fn is_opaque(dir: &Path) -> bool {
 
 /// Applies captured changes onto a mounted `rootfs`: deletions first, then the archive.
 pub fn apply(rootfs: &Path, tar_path: &Path, deletions_path: &Path) -> Result<()> {
-    let text = std::fs::read(deletions_path).map_err(|e| Error::io("read the rootfs deletions", deletions_path, e))?;
+    let text = std::fs::read(deletions_path)
+        .map_err(|e| Error::io("read the rootfs deletions", deletions_path, e))?;
     let d: Deletions = serde_json::from_slice(&text).map_err(|e| Error::InvalidCheckpoint {
         path: deletions_path.to_path_buf(),
         reason: e.to_string(),
@@ -223,7 +228,8 @@ pub fn archive_dir(src: &Path, tar_path: &Path) -> Result<()> {
     let mut out = builder
         .into_inner()
         .map_err(|e| Error::io("finish a volume archive", tar_path, e))?;
-    out.flush().map_err(|e| Error::io("finish a volume archive", tar_path, e))?;
+    out.flush()
+        .map_err(|e| Error::io("finish a volume archive", tar_path, e))?;
     out.get_ref()
         .sync_all()
         .map_err(|e| Error::io("sync a volume archive", tar_path, e))
@@ -237,7 +243,10 @@ mod tests {
     fn finds_upperdir_of_an_overlay_mount() {
         let info = "36 35 0:30 / /run/x/rootfs rw,relatime - overlay overlay rw,lowerdir=/l1:/l2,upperdir=/s/9/fs,workdir=/s/9/work\n\
                     37 35 0:31 / /other rw - tmpfs tmpfs rw\n";
-        assert_eq!(upperdir_in(info, Path::new("/run/x/rootfs")), Some(PathBuf::from("/s/9/fs")));
+        assert_eq!(
+            upperdir_in(info, Path::new("/run/x/rootfs")),
+            Some(PathBuf::from("/s/9/fs"))
+        );
         assert_eq!(upperdir_in(info, Path::new("/other")), None);
     }
 
@@ -268,8 +277,14 @@ mod tests {
         std::fs::write(rootfs.join("etc/app/conf"), b"original").expect("write");
         std::fs::write(rootfs.join("gone"), b"to delete").expect("write");
         apply(&rootfs, &tar, &del).expect("apply");
-        assert_eq!(std::fs::read(rootfs.join("etc/app/conf")).expect("read"), b"changed");
-        assert_eq!(std::fs::read_link(rootfs.join("etc/app/link")).expect("link"), Path::new("conf"));
+        assert_eq!(
+            std::fs::read(rootfs.join("etc/app/conf")).expect("read"),
+            b"changed"
+        );
+        assert_eq!(
+            std::fs::read_link(rootfs.join("etc/app/link")).expect("link"),
+            Path::new("conf")
+        );
         assert!(!rootfs.join("gone").exists());
     }
 

@@ -395,7 +395,10 @@ fn stdio_of(fd: Option<OwnedFd>) -> Stdio {
 fn runc_error(what: &str, id: &str, message: String) -> Error {
     // runc often starts its own message with "runc <command> failed: "; say it once.
     let prefix = format!("runc {what} failed: ");
-    let message = message.strip_prefix(&prefix).map(str::to_string).unwrap_or(message);
+    let message = message
+        .strip_prefix(&prefix)
+        .map(str::to_string)
+        .unwrap_or(message);
     Error::Runc {
         command: what.to_string(),
         id: id.to_string(),

@@ -22,7 +22,7 @@ pub enum Error {
         source: podsnap_runtime::Error,
     },
     #[error(transparent)]
-    Checkpoint(#[from] podsnap_checkpoint::Error),
+    Checkpoint(Box<podsnap_checkpoint::Error>),
     #[error("{0}")]
     Internal(String),
 }
@@ -46,7 +46,7 @@ impl Error {
             Error::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
             Error::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
             Error::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
-            Error::Checkpoint(podsnap_checkpoint::Error::InvalidCheckpoint { .. }) => {
+            Error::Checkpoint(e) if matches!(**e, podsnap_checkpoint::Error::InvalidCheckpoint { .. }) => {
                 ttrpc::Code::INVALID_ARGUMENT
             }
             Error::Runtime { .. } | Error::Checkpoint(_) | Error::Internal(_) => ttrpc::Code::UNKNOWN,
@@ -57,6 +57,12 @@ impl Error {
 impl From<Error> for ttrpc::Error {
     fn from(e: Error) -> Self {
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+    }
+}
+
+impl From<podsnap_checkpoint::Error> for Error {
+    fn from(e: podsnap_checkpoint::Error) -> Self {
+        Error::Checkpoint(Box::new(e))
     }
 }
 

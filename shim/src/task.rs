@@ -14,8 +14,8 @@ use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::monitor::{Subject, Topic};
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
-    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
-    TaskResumed, TaskStart,
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
+    TaskPaused, TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -25,6 +25,8 @@ use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::types::task::{ProcessInfo, Status as ApiStatus};
 use containerd_shim::{TtrpcContext, TtrpcResult};
 use podsnap_checkpoint::container::{Dump, DumpOptions};
+use podsnap_checkpoint::dump::{dump_pod, PodDump, Target};
+use podsnap_checkpoint::manifest::{validate_name, ContainerEntry, HostInfo, PodInfo};
 use podsnap_checkpoint::{ContainerRecord, ContainerState, PodRecord, Role};
 use podsnap_runtime::cgroup::OomNotifier;
 use podsnap_runtime::runc::Runc;
@@ -57,6 +59,8 @@ struct Inner {
     exits: ExitRouter,
     created: AtomicU64,
     started: AtomicU64,
+    /// Held while a pod checkpoint runs.
+    pod_busy: std::sync::atomic::AtomicBool,
 }
 
 impl PodTask {
@@ -70,6 +74,7 @@ impl PodTask {
                 exits: ExitRouter::default(),
                 created: AtomicU64::new(0),
                 started: AtomicU64::new(0),
+                pod_busy: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -507,12 +512,19 @@ impl PodTask {
             }
             _ => CheckpointOptions::default(),
         };
-        let image_dir = if opts.image_path.is_empty() { req.path.clone() } else { opts.image_path.clone() };
+        let image_dir = if opts.image_path.is_empty() {
+            req.path.clone()
+        } else {
+            opts.image_path.clone()
+        };
         if image_dir.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "checkpoint of {}: no image path given",
                 c.id
             )));
+        }
+        if c.identity.is_sandbox {
+            return self.checkpoint_pod(&c, PathBuf::from(&image_dir), &opts).await;
         }
         let status = c.init.state().status;
         if status != Status::Running && status != Status::Paused {
@@ -539,9 +551,11 @@ impl PodTask {
             was_paused: status == Status::Paused,
         };
         let started = std::time::Instant::now();
-        podsnap_checkpoint::container::dump(&c.runc, &dump).await.inspect_err(|e| {
-            log::error!("container {}: {e}", c.id);
-        })?;
+        podsnap_checkpoint::container::dump(&c.runc, &dump)
+            .await
+            .inspect_err(|e| {
+                log::error!("container {}: {e}", c.id);
+            })?;
         log::info!(
             "container {}: checkpointed to {image_dir} in {:?}{}",
             c.id,
@@ -554,6 +568,102 @@ impl PodTask {
                 Box::new(TaskCheckpointed {
                     container_id: c.id.clone(),
                     checkpoint: image_dir,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Checkpoints the whole pod: asked on the sandbox task.
+    async fn checkpoint_pod(
+        &self,
+        sandbox: &Arc<Container>,
+        dest: PathBuf,
+        opts: &CheckpointOptions,
+    ) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.inner.pod_busy.swap(true, Ordering::SeqCst) {
+            return Err(Error::FailedPrecondition(format!(
+                "pod {} is busy: a checkpoint of it is already running",
+                sandbox.id
+            )));
+        }
+        struct Release<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _release = Release(&self.inner.pod_busy);
+        let containers: Vec<Arc<Container>> = lock(&self.inner.containers).values().cloned().collect();
+        let claims: Vec<_> = containers.iter().map(|c| c.claim()).collect::<Result<_>>()?;
+        let targets: Vec<Target> = containers.iter().map(|c| pod_target(c)).collect();
+        let ident = &sandbox.identity;
+        let spec = sandbox.bundle.spec().ok();
+        let pod = PodInfo {
+            sandbox_id: sandbox.id.clone(),
+            name: ident.pod_name.clone(),
+            namespace: ident.pod_namespace.clone(),
+            uid: ident.pod_uid.clone(),
+            hostname: spec.as_ref().and_then(|s| s.hostname().clone()),
+            annotations: spec
+                .as_ref()
+                .and_then(|s| s.annotations().clone())
+                .map(|a| a.into_iter().collect())
+                .unwrap_or_default(),
+            cri_config: None,
+        };
+        let dump = PodDump {
+            dest: dest.clone(),
+            pod,
+            host: host_info().await,
+            targets,
+            tcp_established: opts.open_tcp,
+        };
+        log::info!(
+            "pod {}: checkpoint of {} containers into {}",
+            sandbox.id,
+            containers.len(),
+            dest.display()
+        );
+        let report = dump_pod(dump)
+            .await
+            .inspect_err(|e| log::error!("pod {}: {e}", sandbox.id))?;
+        drop(claims);
+        log::info!(
+            "pod {}: checkpointed {:?} in {:?} (frozen {:?}, slowest dump {:?}, {} bytes)",
+            sandbox.id,
+            report.dumped,
+            report.total,
+            report.frozen,
+            report.slowest_dump,
+            report.bytes
+        );
+        if opts.exit {
+            // Stop the pod: apps first, the sandbox last.
+            for c in containers
+                .iter()
+                .filter(|c| !c.identity.is_sandbox)
+                .chain(std::iter::once(sandbox))
+            {
+                let s = c.init.state().status;
+                if s == Status::Running || s == Status::Paused {
+                    if let Err(e) = c.runc.kill(&c.id, libc::SIGKILL as u32, true).await {
+                        log::warn!("container {}: stop after the checkpoint: {e}", c.id);
+                    }
+                    if s == Status::Paused {
+                        let _ = c.runc.resume(&c.id).await;
+                    }
+                }
+            }
+        }
+        self.inner
+            .publish(
+                events::CHECKPOINTED,
+                Box::new(TaskCheckpointed {
+                    container_id: sandbox.id.clone(),
+                    checkpoint: dest.display().to_string(),
                     ..Default::default()
                 }),
             )
@@ -633,12 +743,7 @@ impl Inner {
                 image: c.identity.image.clone(),
                 created_order: c.created_order,
                 started_order: *lock(&c.started_order),
-                state: match s.status {
-                    Status::Created => ContainerState::Created,
-                    Status::Running => ContainerState::Running,
-                    Status::Paused => ContainerState::Paused,
-                    Status::Stopped => ContainerState::Stopped,
-                },
+                state: record_state(s.status),
                 pid: s.pid,
                 exit_code: (s.status == Status::Stopped).then_some(s.exit_code),
             });
@@ -824,12 +929,83 @@ impl Task for PodTask {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         let left = lock(&self.inner.containers).len();
-        log::debug!("shutdown asked for {} (now: {}), {left} containers left", req.id, req.now);
+        log::debug!(
+            "shutdown asked for {} (now: {}), {left} containers left",
+            req.id,
+            req.now
+        );
         if left == 0 || req.now {
             log::info!("no containers left: shim exits");
             self.inner.exit.signal();
         }
         Ok(api::Empty::new())
+    }
+}
+
+/// A container as the pod dump sees it.
+fn pod_target(c: &Container) -> Target {
+    let s = c.init.state();
+    let name = c
+        .identity
+        .name
+        .clone()
+        .filter(|n| validate_name(n).is_ok())
+        .unwrap_or_else(|| c.id.clone());
+    Target {
+        entry: ContainerEntry {
+            name,
+            id: c.id.clone(),
+            role: if c.identity.is_sandbox {
+                Role::Sandbox
+            } else {
+                Role::Container
+            },
+            image: c.identity.image.clone(),
+            created_order: c.created_order,
+            started_order: *lock(&c.started_order),
+            state: record_state(s.status),
+            exit_code: (s.status == Status::Stopped).then_some(s.exit_code),
+            dumped: false,
+            cri_config: None,
+        },
+        runc: c.runc.clone(),
+        bundle: c.bundle.path().to_path_buf(),
+        cgroups: c.cgroups(),
+    }
+}
+
+fn record_state(s: Status) -> ContainerState {
+    match s {
+        Status::Created => ContainerState::Created,
+        Status::Running => ContainerState::Running,
+        Status::Paused => ContainerState::Paused,
+        Status::Stopped => ContainerState::Stopped,
+    }
+}
+
+/// The versions a checkpoint records about the node it was taken on.
+async fn host_info() -> HostInfo {
+    use podsnap_runtime::launcher::{Capture, Launcher};
+    async fn first_line(cmd: &str, arg: &str, prefix: &str) -> String {
+        let mut c = std::process::Command::new(cmd);
+        c.arg(arg).stdin(std::process::Stdio::null());
+        match MonitorLauncher.run(c, Capture::Output).await {
+            Ok(out) => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix).map(|v| v.trim().to_string()))
+                .unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+    let uname = nix::sys::utsname::uname().ok();
+    HostInfo {
+        criu_version: first_line("criu", "--version", "Version:").await,
+        runc_version: first_line("runc", "--version", "runc version").await,
+        kernel: uname
+            .as_ref()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        arch: std::env::consts::ARCH.to_string(),
     }
 }
 
