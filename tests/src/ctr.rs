@@ -119,6 +119,9 @@ impl Ctr {
             .stderr(slave(&pty.slave)?)
             .spawn()
             .map_err(|e| failed(format!("cannot run it: {e}")))?;
+        // Close every slave descriptor of ours (the Command holds copies), or the terminal
+        // never reports its end.
+        drop(command);
         drop(pty.slave);
         let mut master = std::fs::File::from(pty.master);
         // Reads until EIO: every slave descriptor is closed once ctr (and what it started on

@@ -70,6 +70,42 @@ pub fn all_shim_pids(address: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Where containerd's shim API puts a shim's socket: `/run/containerd/s/<hex sha256 of
+/// "<containerd address>/<namespace>/<id>">` (the id is the group's, for a pod the sandbox id).
+pub fn shim_socket(address: &Path, namespace: &str, id: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let key = format!("{}/{namespace}/{id}", address.display());
+    Path::new(SHIM_SOCKET_DIR).join(hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+/// The directory of shim sockets, shared by every containerd on the host.
+pub const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
+
+/// runc state roots of the runtimes we run: containerd's Go shim uses
+/// `/run/containerd/runc/<namespace>`, ours `/run/podsnap/runc/<namespace>`.
+pub const RUNC_ROOT_PARENTS: [&str; 2] = ["/run/containerd/runc", "/run/podsnap/runc"];
+
+/// Every file or directory under `roots` whose name contains one of `ids` (state a runtime
+/// keeps per container: runc state dirs, pod records, console sockets).
+pub fn paths_named_after(roots: &[&str], ids: &[&str]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack: Vec<PathBuf> = roots.iter().map(PathBuf::from).collect();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if ids.iter().any(|id| !id.is_empty() && name.contains(id)) {
+                found.push(entry.path());
+            } else if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
 /// Whether `pid` exists (a zombie counts as gone).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

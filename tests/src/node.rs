@@ -658,12 +658,15 @@ fn clean_node(
         .and_then(|c| i32::try_from(c.id()).ok())
         .or_else(|| files.containerd_pid());
     let containerd_alive = containerd_pid.is_some_and(host::alive);
+    // (namespace, id) of every pod and task seen: their shim sockets go at the end.
+    let mut shim_ids: Vec<(String, String)> = Vec::new();
 
     // 1. Pods, through CRI (records each pod's netns first).
     if let Some(cri) = cri {
         match cri.pod_ids() {
             Ok(pods) => {
                 for pod in pods {
+                    shim_ids.push((CRI_NAMESPACE.to_owned(), pod.clone()));
                     if let Ok(Some(netns)) = cri.pod_netns(&pod) {
                         let _ = files.record("netns", &netns);
                     }
@@ -682,6 +685,7 @@ fn clean_node(
         let namespaces = ctr.list_ids(DEFAULT_NAMESPACE, "namespaces").unwrap_or_default();
         for namespace in namespaces {
             for task in ctr.list_ids(&namespace, "tasks").unwrap_or_default() {
+                shim_ids.push((namespace.clone(), task.clone()));
                 let _ = ctr.run(&namespace, &["tasks", "kill", "-a", "-s", "SIGKILL", &task]);
                 let _ = ctr.run(&namespace, &["tasks", "delete", "-f", &task]);
             }
@@ -714,6 +718,9 @@ fn clean_node(
     }
     for pid in host::wait_gone(&shims, Duration::from_secs(5)) {
         problems.push(format!("shim {pid} survived SIGKILL"));
+    }
+    for (namespace, id) in &shim_ids {
+        let _ = std::fs::remove_file(host::shim_socket(&socket, namespace, id));
     }
 
     // 5. runc containers whose bundle is in this node.
@@ -769,14 +776,16 @@ fn is_our_containerd(pid: i32, files: &NodeFiles) -> bool {
     host::cmdline(pid).is_some_and(|argv| argv.contains(&config))
 }
 
-/// `runc --root <root> delete --force` for every runc container (in any of containerd's runc
-/// roots) whose bundle lies under `dir`.
+/// `runc --root <root> delete --force` for every runc container (in any runc root of
+/// [`host::RUNC_ROOT_PARENTS`]) whose bundle lies under `dir`.
 fn delete_runc_leftovers(tools: &HostTools, dir: &Path) -> Vec<String> {
     let mut problems = Vec::new();
-    let Ok(roots) = std::fs::read_dir("/run/containerd/runc") else {
-        return problems;
-    };
-    for root in roots.flatten().map(|e| e.path()) {
+    let roots: Vec<PathBuf> = host::RUNC_ROOT_PARENTS
+        .iter()
+        .filter_map(|parent| std::fs::read_dir(parent).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .collect();
+    for root in roots {
         let listing = run_within(
             Command::new(&tools.runc)
                 .arg("--root")

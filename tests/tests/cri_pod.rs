@@ -191,6 +191,17 @@ fn cri_pod() {
     let cgroups = host::pod_cgroup_leftovers(&sandbox.uid);
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     assert!(!std::path::Path::new(&netns).exists(), "netns {netns} removed");
+    let socket = host::shim_socket(&node.address(), "k8s.io", &sandbox.id);
+    assert!(!socket.exists(), "shim socket {} removed", socket.display());
+    let state = host::paths_named_after(
+        &[
+            host::RUNC_ROOT_PARENTS[0],
+            host::RUNC_ROOT_PARENTS[1],
+            "/run/podsnap",
+        ],
+        &ids.iter().map(|id| id.as_str()).collect::<Vec<_>>(),
+    );
+    assert!(state.is_empty(), "runtime state left: {state:?}");
     assert!(
         host::remove_pod_cgroups(&sandbox.uid).is_empty(),
         "pod cgroups removable"
