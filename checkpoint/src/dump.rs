@@ -244,7 +244,7 @@ async fn capture_all(d: &PodDump, dir: &Path, running: &[&Target]) -> Result<(Du
         });
     }
     let volumes = empty_dirs(&d.targets);
-    std::fs::create_dir_all(dir.join("volumes")).map_err(|e| Error::io("create volumes dir", dir, e))?;
+    create_private_dir(&dir.join("volumes"))?;
     for (name, (src, _)) in &volumes {
         let src = src.clone();
         let tar = dir.join("volumes").join(format!("{name}.tar"));

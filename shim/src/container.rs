@@ -62,6 +62,8 @@ pub struct Container {
     flags: RuncFlags,
     /// Held while a checkpoint of this container runs.
     busy: AtomicBool,
+    /// For a container that is not to run: the exit it reports.
+    exited_plan: Option<u32>,
 }
 
 /// The checkpoint a container is to be restored from.
@@ -142,13 +144,32 @@ impl Container {
             restore_from: Mutex::new(None),
             flags,
             busy: AtomicBool::new(false),
+            exited_plan: None,
         }))
     }
 
-    /// Prepares a container to be restored from `image_dir` on Start (containerd's contract:
-    /// Create prepares, Start restores). Checks the checkpoint before anything exists.
-    pub fn prepare_restore(p: CreateParams, image_dir: PathBuf) -> Result<Arc<Container>> {
-        let options = ckpt::inspect(&image_dir)?;
+    /// Prepares a container to be restored on Start (containerd's contract: Create prepares,
+    /// Start restores). The caller has checked the checkpoint.
+    pub fn prepare_restore(p: CreateParams, src: RestoreSource) -> Result<Arc<Container>> {
+        Self::without_runc(p, Some(src), None)
+    }
+
+    /// A container that is not run at all: Start reports it exited with `code` (a completed
+    /// init container of a restored pod).
+    pub fn exited(p: CreateParams, code: u32) -> Result<Arc<Container>> {
+        Self::without_runc(p, None, Some(code))
+    }
+
+    /// The recorded exit of a container that is not to run, if it is one.
+    pub fn exited_plan(&self) -> Option<u32> {
+        self.exited_plan
+    }
+
+    fn without_runc(
+        p: CreateParams,
+        restore: Option<RestoreSource>,
+        exited_plan: Option<u32>,
+    ) -> Result<Arc<Container>> {
         let bundle = Bundle::new(&p.bundle);
         let spec = bundle
             .spec()
@@ -164,9 +185,10 @@ impl Container {
             rootfs_mounted: p.rootfs_mounted,
             runc: p.runc,
             cgroups: Mutex::new(None),
-            restore_from: Mutex::new(Some(RestoreSource { image_dir, options })),
+            restore_from: Mutex::new(restore),
             flags: p.flags,
             busy: AtomicBool::new(false),
+            exited_plan,
         }))
     }
 
@@ -186,6 +208,11 @@ impl Container {
         let (process_stdio, ends, console) = prepare_io(&self.init.stdio)?;
         let mut options = src.options;
         options.shell_job |= self.init.stdio.terminal;
+        if !options.tcp_established {
+            // Established connections were captured; without a request to keep them they are
+            // restored closed (CRIU's tcp-close), so a new pod IP does not break the restore.
+            self.use_criu_config("tcp-close\n").await?;
+        }
         let pid_file = self.bundle.path().join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let r = ckpt::Restore {
@@ -235,6 +262,7 @@ impl Container {
         let restore = lock(&self.restore_from).take();
         let pid = match restore {
             Some(src) => self.restore(src, exits).await?,
+            None if self.exited_plan.is_some() => 0,
             None => {
                 self.runc
                     .start(&self.id)
@@ -246,6 +274,28 @@ impl Container {
         self.init.set_status(Status::Running);
         *lock(&self.started_order) = Some(order.fetch_add(1, Ordering::SeqCst) + 1);
         Ok(pid)
+    }
+
+    /// Points runc at a CRIU configuration file for this container (`org.criu.config`).
+    async fn use_criu_config(&self, text: &str) -> Result<()> {
+        let conf = self.bundle.path().join("criu.conf");
+        write_private(&conf, text.as_bytes()).await?;
+        let path = self.bundle.config_path();
+        let raw = tokio::fs::read(&path)
+            .await
+            .map_err(|e| Error::Internal(format!("read {}: {e}", path.display())))?;
+        let mut spec: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|e| Error::Internal(format!("parse {}: {e}", path.display())))?;
+        let annotations = spec
+            .as_object_mut()
+            .ok_or_else(|| Error::Internal("the OCI spec is not an object".into()))?
+            .entry("annotations")
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(a) = annotations.as_object_mut() {
+            a.insert("org.criu.config".into(), conf.display().to_string().into());
+        }
+        let out = serde_json::to_vec(&spec).map_err(|e| Error::Internal(e.to_string()))?;
+        write_private(&path, &out).await
     }
 
     /// Whether Create prepared a restore that Start has not done yet.

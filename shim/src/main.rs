@@ -10,6 +10,7 @@ mod events;
 mod exits;
 mod metrics;
 mod process;
+mod restore;
 mod service;
 mod task;
 

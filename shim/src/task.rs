@@ -31,13 +31,15 @@ use podsnap_checkpoint::{ContainerRecord, ContainerState, PodRecord, Role};
 use podsnap_runtime::cgroup::OomNotifier;
 use podsnap_runtime::runc::Runc;
 
-use crate::container::{write_private, Container, CreateParams, RuncFlags};
+use crate::container::{write_private, Container, CreateParams, RestoreSource, RuncFlags};
 use crate::error::{Error, Result};
 use crate::events::{self, Events};
 use crate::exits::{ExitRouter, MonitorLauncher};
 use crate::metrics::to_metrics;
 use crate::process::{lock, Process, Status};
+use crate::restore::{Plan, RestorePlan, Restores};
 use crate::service::default_runc;
+use podsnap_runtime::bundle::{Bundle, PodIdentity};
 
 /// Where the shim keeps each pod's record for the coordinator, per containerd namespace.
 pub const POD_RECORD_DIR: &str = "/run/podsnap/pods";
@@ -61,6 +63,7 @@ struct Inner {
     started: AtomicU64,
     /// Held while a pod checkpoint runs.
     pod_busy: std::sync::atomic::AtomicBool,
+    restores: Restores,
 }
 
 impl PodTask {
@@ -75,6 +78,7 @@ impl PodTask {
                 created: AtomicU64::new(0),
                 started: AtomicU64::new(0),
                 pod_busy: std::sync::atomic::AtomicBool::new(false),
+                restores: Restores::default(),
             }),
         }
     }
@@ -115,6 +119,23 @@ impl PodTask {
         }
         let (runc, flags) = runc_from_options(&self.inner.namespace, req.options.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
+        let spec = Bundle::new(&bundle)
+            .spec()
+            .map_err(Error::runtime(format!("create container {id}")))?;
+        let identity = PodIdentity::from_spec(&spec);
+        // Decide before anything exists: a bad checkpoint is refused here.
+        let plan = if req.checkpoint.is_empty() {
+            self.inner.restores.plan(&spec, &identity).await?
+        } else {
+            let image_dir = PathBuf::from(&req.checkpoint);
+            let options = podsnap_checkpoint::container::inspect(&image_dir)?;
+            Plan::Restore(Box::new(RestorePlan {
+                image_dir,
+                options,
+                rootfs_changes: None,
+                volumes: Vec::new(),
+            }))
+        };
         let rootfs = bundle.join("rootfs");
         let mounted = !req.rootfs.is_empty();
         if mounted {
@@ -133,10 +154,30 @@ impl PodTask {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
                 + 1,
         };
-        let created = if req.checkpoint.is_empty() {
-            Container::create(params, &self.inner.exits).await
-        } else {
-            Container::prepare_restore(params, PathBuf::from(&req.checkpoint))
+        let created = match plan {
+            Plan::Fresh => Container::create(params, &self.inner.exits).await,
+            Plan::Exited(code) => {
+                log::info!(
+                    "container {id}: completed in its checkpoint (exit {code}); it will not run again"
+                );
+                Container::exited(params, code)
+            }
+            Plan::Restore(plan) => match self.inner.restores.prepare_files(&plan, &rootfs).await {
+                Ok(()) => {
+                    log::info!(
+                        "container {id}: will be restored from {}",
+                        plan.image_dir.display()
+                    );
+                    Container::prepare_restore(
+                        params,
+                        RestoreSource {
+                            image_dir: plan.image_dir,
+                            options: plan.options,
+                        },
+                    )
+                }
+                Err(e) => Err(e),
+            },
         };
         let container = match created {
             Ok(c) => c,
@@ -159,7 +200,7 @@ impl PodTask {
             }
         );
         lock(&self.inner.containers).insert(id.clone(), container.clone());
-        if !container.restore_pending() {
+        if !container.restore_pending() && container.exited_plan().is_none() {
             self.watch_oom(&container);
         }
         self.inner
@@ -241,6 +282,27 @@ impl PodTask {
 
     async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
         let c = self.container(&req.id)?;
+        if req.exec_id.is_empty() {
+            if let Some(code) = c.exited_plan() {
+                // A completed container of a restored pod: it "runs" and exits at once.
+                let pid = c.start(&self.inner.started, &self.inner.exits).await?;
+                self.inner
+                    .publish(
+                        events::START,
+                        Box::new(TaskStart {
+                            container_id: c.id.clone(),
+                            pid: pid as u32,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                self.inner.process_exited(&c.init, code as i32).await;
+                return Ok(api::StartResponse {
+                    pid: pid as u32,
+                    ..Default::default()
+                });
+            }
+        }
         let pid = if req.exec_id.is_empty() {
             let restoring = c.restore_pending();
             let pid = c.start(&self.inner.started, &self.inner.exits).await?;
@@ -312,7 +374,10 @@ impl PodTask {
         }
         // A created, never started container still has runc's init waiting: force removes it.
         let force = s.status == Status::Created;
-        if let Err(e) = c.runc.delete(&c.id, force).await {
+        let has_runc_container = c.exited_plan().is_none() && !c.restore_pending();
+        if !has_runc_container {
+            // Nothing was created in runc.
+        } else if let Err(e) = c.runc.delete(&c.id, force).await {
             if !e.to_string().contains("does not exist") {
                 log::warn!("container {}: runc delete: {e}; forcing", c.id);
                 c.runc
