@@ -106,7 +106,7 @@ pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
             }
             Err(Error::Dump {
                 id: d.id.clone(),
-                source,
+                source: Box::new(source),
                 log_tail,
             })
         }
@@ -178,7 +178,7 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
             }
             Err(Error::Restore {
                 id: r.id.clone(),
-                source,
+                source: Box::new(source),
                 log_tail,
             })
         }

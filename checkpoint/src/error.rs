@@ -10,7 +10,7 @@ pub enum Error {
     Dump {
         id: String,
         #[source]
-        source: podsnap_runtime::Error,
+        source: Box<podsnap_runtime::Error>,
         /// The last lines of CRIU's dump log.
         log_tail: Option<String>,
     },
@@ -19,7 +19,7 @@ pub enum Error {
     Restore {
         id: String,
         #[source]
-        source: podsnap_runtime::Error,
+        source: Box<podsnap_runtime::Error>,
         log_tail: Option<String>,
     },
     /// A checkpoint directory that is missing, incomplete, or not one of ours.
