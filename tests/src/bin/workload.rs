@@ -12,7 +12,16 @@
 //!   - `posix-shm-write NAME VAL` / `posix-shm-read NAME`: the file `/dev/shm/NAME`;
 //!   - `get HOST:PORT CMD`: sends CMD to another server and answers its reply;
 //!   - `touch PATH`: writes a file (in the container's rootfs or a volume);
-//!   - `exit CODE`: answers `bye` and exits with CODE.
+//!   - `exit CODE`: answers `bye` and exits with CODE;
+//!   - `held`: the state of the `--hold-file` descriptor (`fd N path P pos X flags 0O`);
+//!   - `loop-check`: sends a line each way over every `--loopback-pairs` connection
+//!     (`loop ok pairs=N checks=K ports=P,...`);
+//!   - `ballast-sum`: a checksum of the `--ballast-mib` memory (`ballast MiB sum S`).
+//!
+//!   Checkpoint/restore probes (all off by default): `--hold-file PATH` opens PATH with
+//!   O_APPEND at start, keeps it open and appends a line every tick; `--loopback-pairs N` makes
+//!   N TCP connections to its own listener over 127.0.0.1 at start and keeps both ends;
+//!   `--ballast-mib N` allocates N MiB and writes every page.
 //!
 //!   Every reply is one line; a failure is `error: <what>`.
 //! - `init --marker FILE`: appends one line to FILE and exits 0 (an init container).
@@ -38,6 +47,7 @@ const MAX_LINE: usize = 64 * 1024;
 const USAGE: &str = "usage:
   podsnap-workload pause
   podsnap-workload serve --name N --port P [--volume DIR] [--interval-ms 100] [--log-every 10]
+                         [--hold-file PATH] [--loopback-pairs N] [--ballast-mib N]
   podsnap-workload init --marker FILE
   podsnap-workload client HOST:PORT CMD...";
 
@@ -200,13 +210,25 @@ struct ServeOptions {
     volume: Option<PathBuf>,
     interval: Duration,
     log_every: u64,
+    hold_file: Option<PathBuf>,
+    loopback_pairs: usize,
+    ballast_mib: usize,
 }
 
 impl ServeOptions {
     fn parse(args: &[String]) -> Result<Self, String> {
         let flags = parse_flags(
             args,
-            &["--name", "--port", "--volume", "--interval-ms", "--log-every"],
+            &[
+                "--name",
+                "--port",
+                "--volume",
+                "--interval-ms",
+                "--log-every",
+                "--hold-file",
+                "--loopback-pairs",
+                "--ballast-mib",
+            ],
         )?;
         let name = flags
             .get("--name")
@@ -231,6 +253,9 @@ impl ServeOptions {
             volume: flags.get("--volume").map(PathBuf::from),
             interval: Duration::from_millis(interval_ms.max(1)),
             log_every: log_every.max(1),
+            hold_file: flags.get("--hold-file").map(PathBuf::from),
+            loopback_pairs: count_flag(&flags, "--loopback-pairs")?,
+            ballast_mib: count_flag(&flags, "--ballast-mib")?,
         })
     }
 }
@@ -270,7 +295,27 @@ struct Connection {
 struct Server {
     options: ServeOptions,
     counter: u64,
+    probes: Probes,
 }
+
+/// What a checkpoint must carry over besides the counter: an open file, established loopback
+/// connections, dirtied memory.
+#[derive(Default)]
+struct Probes {
+    held: Option<(std::fs::File, PathBuf)>,
+    pairs: Vec<LoopbackPair>,
+    ballast: Vec<u8>,
+}
+
+/// Both ends of one TCP connection to our own listener.
+struct LoopbackPair {
+    client: TcpStream,
+    server: TcpStream,
+    checks: u64,
+}
+
+/// The page size the ballast is written in.
+const PAGE: usize = 4096;
 
 fn serve(options: ServeOptions) -> Result<(), String> {
     install_stop_handlers()?;
@@ -285,7 +330,12 @@ fn serve(options: ServeOptions) -> Result<(), String> {
         options.port,
         std::process::id()
     ));
-    let mut server = Server { options, counter: 0 };
+    let probes = Probes::open(&options, &listener)?;
+    let mut server = Server {
+        options,
+        counter: 0,
+        probes,
+    };
     let mut connections: Vec<Connection> = Vec::new();
     let mut next_tick = Instant::now() + server.options.interval;
 
@@ -368,9 +418,153 @@ fn accept_all(listener: &TcpListener, connections: &mut Vec<Connection>) {
     }
 }
 
+impl Probes {
+    /// Opens what `options` asks for. Runs before the listener has served anyone, so every
+    /// connection it accepts is one of its own pairs.
+    fn open(options: &ServeOptions, listener: &TcpListener) -> Result<Self, String> {
+        let mut probes = Probes::default();
+        if let Some(path) = &options.hold_file {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            probes.held = Some((file, path.clone()));
+        }
+        for _ in 0..options.loopback_pairs {
+            let client = TcpStream::connect(("127.0.0.1", options.port))
+                .map_err(|e| format!("loopback connect: {e}"))?;
+            let deadline = Instant::now() + NET_TIMEOUT;
+            let server = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => return Err(format!("loopback accept: {e}")),
+                }
+            };
+            for stream in [&client, &server] {
+                stream
+                    .set_nonblocking(false)
+                    .and_then(|()| stream.set_read_timeout(Some(NET_TIMEOUT)))
+                    .map_err(|e| format!("loopback pair: {e}"))?;
+            }
+            probes.pairs.push(LoopbackPair {
+                client,
+                server,
+                checks: 0,
+            });
+        }
+        let bytes = options.ballast_mib * 1024 * 1024;
+        let mut ballast = vec![0u8; bytes];
+        for (index, page) in ballast.chunks_mut(PAGE).enumerate() {
+            page.fill(page_byte(index));
+        }
+        probes.ballast = ballast;
+        Ok(probes)
+    }
+
+    /// `held`: the descriptor's number, path, offset and flags as the kernel reports them.
+    fn held(&self) -> Result<String, String> {
+        let (file, path) = self.held.as_ref().ok_or("no --hold-file")?;
+        let fd = file.as_raw_fd();
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .map_err(|e| format!("fd {fd} of {}: {e}", path.display()))?;
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .map_err(|e| format!("fdinfo {fd}: {e}"))?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+                .unwrap_or_default()
+        };
+        Ok(format!(
+            "fd {fd} path {} pos {} flags {}",
+            target.display(),
+            field("pos:"),
+            field("flags:")
+        ))
+    }
+
+    /// `loop-check`: one line each way over every pair.
+    fn loop_check(&mut self) -> Result<String, String> {
+        if self.pairs.is_empty() {
+            return Err("no --loopback-pairs".to_owned());
+        }
+        let mut ports = Vec::new();
+        for (index, pair) in self.pairs.iter_mut().enumerate() {
+            pair.checks += 1;
+            let token = format!("check {index} {}\n", pair.checks);
+            send_and_receive(&mut pair.client, &mut pair.server, &token)?;
+            send_and_receive(&mut pair.server, &mut pair.client, &token)?;
+            let port = pair
+                .client
+                .local_addr()
+                .map_err(|e| format!("pair {index}: {e}"))?
+                .port();
+            ports.push(port.to_string());
+        }
+        let checks = self.pairs.iter().map(|p| p.checks).min().unwrap_or(0);
+        Ok(format!(
+            "loop ok pairs={} checks={checks} ports={}",
+            self.pairs.len(),
+            ports.join(",")
+        ))
+    }
+
+    /// `ballast-sum`: checks every page still holds what was written, and sums them.
+    fn ballast_sum(&self) -> Result<String, String> {
+        let mut sum: u64 = 0;
+        for (index, page) in self.ballast.chunks(PAGE).enumerate() {
+            let want = page_byte(index);
+            if page[0] != want || page[page.len() - 1] != want {
+                return Err(format!("ballast page {index} changed"));
+            }
+            sum = sum.wrapping_add(u64::from(want));
+        }
+        Ok(format!(
+            "ballast {} MiB sum {sum}",
+            self.ballast.len() / (1024 * 1024)
+        ))
+    }
+}
+
+/// What ballast page `index` is filled with (never zero: a zero page costs nothing to dump).
+fn page_byte(index: usize) -> u8 {
+    u8::try_from(index % 251).unwrap_or(0) + 1
+}
+
+/// Writes `line` into `from` and reads it back, whole, from `to`.
+fn send_and_receive(from: &mut TcpStream, to: &mut TcpStream, line: &str) -> Result<(), String> {
+    from.write_all(line.as_bytes())
+        .map_err(|e| format!("loopback send: {e}"))?;
+    let mut got = vec![0u8; line.len()];
+    to.read_exact(&mut got)
+        .map_err(|e| format!("loopback receive: {e}"))?;
+    if got != line.as_bytes() {
+        return Err(format!(
+            "loopback received {:?}, sent {line:?}",
+            String::from_utf8_lossy(&got)
+        ));
+    }
+    Ok(())
+}
+
+fn count_flag(flags: &HashMap<String, String>, name: &str) -> Result<usize, String> {
+    match flags.get(name) {
+        Some(v) => v.parse().map_err(|e| format!("{name}: {e}")),
+        None => Ok(0),
+    }
+}
+
 impl Server {
     fn tick(&mut self) {
         self.counter += 1;
+        if let Some((file, path)) = &mut self.probes.held {
+            if let Err(e) = writeln!(file, "{} tick {}", self.options.name, self.counter) {
+                eprintln!("podsnap-workload: cannot append to {}: {e}", path.display());
+            }
+        }
         if !self.counter.is_multiple_of(self.options.log_every) {
             return;
         }
@@ -482,6 +676,9 @@ impl Server {
                 std::fs::write(rest, content).map_err(|e| format!("cannot write {rest}: {e}"))?;
                 Ok("ok".to_owned())
             }
+            "held" => self.probes.held(),
+            "loop-check" => self.probes.loop_check(),
+            "ballast-sum" => self.probes.ballast_sum(),
             "exit" => {
                 let code: i32 = rest.parse().map_err(|e| format!("exit CODE: {e}"))?;
                 say(&format!("{} exiting with {code}", self.options.name));
