@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::CheckpointTaskRequest;
-use tonic::Request;
 use tonic::transport::Channel;
+use tonic::Request;
 
 /// containerd's default socket.
 pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+/// The containerd namespace of CRI's (kubelet's) pods.
+pub const CRI_NAMESPACE: &str = "k8s.io";
 
 /// runc's checkpoint options (`containerd.runc.v1.CheckpointOptions`), which containerd forwards
 /// to the shim unchanged. Field numbers follow containerd's `runc/options/oci.proto`.
@@ -62,8 +64,23 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("containerd refused to {what}: {status}")]
-    Call { what: String, status: Box<tonic::Status> },
+    /// A call failed; the message is containerd's (for a failed dump: the shim's, naming the
+    /// container and quoting CRIU's log), printed as is.
+    #[error("cannot {what}: {}", .status.message())]
+    Call {
+        what: String,
+        status: Box<tonic::Status>,
+    },
+}
+
+impl Error {
+    /// The gRPC code of a failed call (`FailedPrecondition` for a busy pod, for instance).
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Call { status, .. } => Some(status.code()),
+            Error::Connect { .. } => None,
+        }
+    }
 }
 
 impl Containerd {
@@ -73,7 +90,10 @@ impl Containerd {
         let path = PathBuf::from(text.strip_prefix("unix://").unwrap_or(&text));
         let channel = containerd_client::connect(&path)
             .await
-            .map_err(|source| Error::Connect { address: path, source })?;
+            .map_err(|source| Error::Connect {
+                address: path,
+                source,
+            })?;
         Ok(Self {
             channel,
             namespace: namespace.to_string(),
@@ -90,7 +110,11 @@ impl Containerd {
 
     /// Checkpoints a task. With `options.image_path` set, the shim writes the checkpoint into
     /// that directory and containerd stores nothing; returns containerd's descriptors otherwise.
-    pub async fn checkpoint_task(&self, container_id: &str, options: &CheckpointOptions) -> Result<usize, Error> {
+    pub async fn checkpoint_task(
+        &self,
+        container_id: &str,
+        options: &CheckpointOptions,
+    ) -> Result<usize, Error> {
         let req = CheckpointTaskRequest {
             container_id: container_id.to_string(),
             parent_checkpoint: String::new(),

@@ -1,4 +1,21 @@
 //! podsnap's coordinator: finds pods through CRI and drives pod dump and restore.
+//!
+//! The `podsnap` binary is a thin clap front end over these modules; tests call them directly.
+//! tonic and the CRI types live here only (never in the shim).
 
 pub mod containerd;
 pub mod cri;
+pub mod dump;
+pub mod error;
+pub mod inspect;
+pub mod pod;
+pub mod progress;
+pub mod restore;
+pub mod spec;
+pub mod summary;
+
+pub use error::{Error, Result};
+
+/// Where checkpoints live on a node unless `PODSNAP_CHECKPOINT_ROOT` says otherwise (the shim's
+/// default too).
+pub const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/podsnap/checkpoints";

@@ -1,1 +1,194 @@
-fn main() {}
+//! `podsnap`: checkpoint a whole Kubernetes pod on this node and bring it back.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use podsnap_coordinator::containerd::DEFAULT_ADDRESS;
+use podsnap_coordinator::dump::{dump, short, DumpRequest};
+use podsnap_coordinator::progress;
+use podsnap_coordinator::restore::{restore, RestoreRequest, DEFAULT_LOGS_DIR, DEFAULT_PODS_DIR};
+use podsnap_coordinator::summary::human_bytes;
+use podsnap_coordinator::{inspect, pod, DEFAULT_CHECKPOINT_ROOT};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "podsnap",
+    version,
+    about = "Checkpoint and restore whole Kubernetes pods run by the podsnap runtime"
+)]
+struct Cli {
+    /// CRI endpoint of the node's container runtime.
+    #[arg(
+        long,
+        global = true,
+        env = "CONTAINER_RUNTIME_ENDPOINT",
+        default_value = "unix:///run/containerd/containerd.sock"
+    )]
+    runtime_endpoint: String,
+    /// containerd's socket.
+    #[arg(long, global = true, env = "CONTAINERD_ADDRESS", default_value = DEFAULT_ADDRESS)]
+    address: PathBuf,
+    /// The node's checkpoint root (where the shim looks for `podsnap.io/restore-from` names).
+    #[arg(long, global = true, env = "PODSNAP_CHECKPOINT_ROOT", default_value = DEFAULT_CHECKPOINT_ROOT)]
+    checkpoint_root: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checkpoint every container of a pod at one instant.
+    Dump(DumpArgs),
+    /// Recreate a checkpointed pod (new sandbox, new IP), its containers restored in order.
+    Restore(RestoreArgs),
+    /// Verify a checkpoint's digests and show what it holds.
+    Inspect {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DumpArgs {
+    /// The pod's Kubernetes namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// The pod's name.
+    #[arg(long)]
+    pod: String,
+    /// Where to write the checkpoint (must not exist, or be empty); default
+    /// `<checkpoint root>/<namespace>-<pod>-<UTC time>`.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Leave the pod running after the dump (the default).
+    #[arg(long, conflicts_with = "stop")]
+    leave_running: bool,
+    /// Stop the pod's containers after the dump.
+    #[arg(long)]
+    stop: bool,
+    /// Restore established TCP connections too (they are closed on restore otherwise).
+    #[arg(long)]
+    tcp_established: bool,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The checkpoint to restore; one outside the checkpoint root is copied into it first.
+    #[arg(long)]
+    checkpoint_dir: PathBuf,
+    /// Namespace of the new pod (default: the checkpointed pod's).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Name of the new pod (default: the checkpointed pod's).
+    #[arg(long)]
+    name: Option<String>,
+    /// kubelet's pod directories (emptyDir volumes are made under them).
+    #[arg(long, default_value = DEFAULT_PODS_DIR)]
+    pods_dir: PathBuf,
+    /// kubelet's pod log directories.
+    #[arg(long, default_value = DEFAULT_LOGS_DIR)]
+    logs_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podsnap: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Dump(args) => {
+            let request = DumpRequest {
+                runtime_endpoint: cli.runtime_endpoint,
+                address: cli.address,
+                checkpoint_root: cli.checkpoint_root,
+                namespace: args.namespace,
+                pod: args.pod,
+                dir: args.dir,
+                stop: args.stop && !args.leave_running,
+                tcp_established: args.tcp_established,
+                handler: pod::HANDLER.to_owned(),
+            };
+            let progress = progress::for_stderr();
+            let outcome = runtime.block_on(dump(&request, progress.as_ref()));
+            progress.finish();
+            let outcome =
+                outcome.with_context(|| format!("dump of pod {}/{}", request.namespace, request.pod))?;
+            println!("{}", outcome.summary);
+            println!(
+                "took         {:.1?}{}",
+                outcome.took,
+                if request.stop { " (pod stopped)" } else { "" }
+            );
+            Ok(())
+        }
+        Command::Restore(args) => {
+            let request = RestoreRequest {
+                runtime_endpoint: cli.runtime_endpoint,
+                checkpoint_root: cli.checkpoint_root,
+                checkpoint_dir: args.checkpoint_dir,
+                namespace: args.namespace,
+                name: args.name,
+                pods_dir: args.pods_dir,
+                logs_dir: args.logs_dir,
+                handler: pod::HANDLER.to_owned(),
+            };
+            let progress = progress::for_stderr();
+            let restored = runtime.block_on(restore(&request, progress.as_ref()));
+            progress.finish();
+            let pod =
+                restored.with_context(|| format!("restore from {}", request.checkpoint_dir.display()))?;
+            println!("pod          {}/{} (uid {})", pod.namespace, pod.name, pod.uid);
+            println!("id           {}", pod.id);
+            println!("ip           {}", if pod.ip.is_empty() { "-" } else { &pod.ip });
+            for (name, id) in &pod.containers {
+                println!("restored     {name} ({})", short(id));
+            }
+            for name in &pod.not_rerun {
+                println!("not rerun    {name} (completed before the checkpoint)");
+            }
+            println!("checkpoint   {}", pod.checkpoint);
+            if let Some(copy) = &pod.imported {
+                println!("imported     {}", copy.display());
+            }
+            println!("took         {:.1?}", pod.took);
+            Ok(())
+        }
+        Command::Inspect { dir } => {
+            let summary = inspect::inspect(&dir, &cli.checkpoint_root)
+                .with_context(|| format!("inspect {}", dir.display()))?;
+            println!("{summary}");
+            println!("digests      all {} verified", human_bytes(summary.bytes));
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["podsnap", "dump", "--pod", "web", "--stop"]).expect("parses");
+        assert!(matches!(cli.command, Command::Dump(DumpArgs { stop: true, .. })));
+        assert!(
+            Cli::try_parse_from(["podsnap", "dump", "--pod", "web", "--stop", "--leave-running"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! `podsnap dump`: checkpoint a whole pod into a directory.
+//!
+//! The pod is found through CRI by its Kubernetes namespace and name; the checkpoint itself is a
+//! containerd Tasks.Checkpoint on the pod's sandbox task with runc `CheckpointOptions`, which the
+//! podsnap shim answers by quiescing and dumping every container of the pod into `image_path`.
+//! A failed dump leaves the pod running and no directory behind (the shim guarantees it); its
+//! error names the container and quotes CRIU's log.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use podsnap_checkpoint::manifest::{Manifest, MANIFEST, MAX_MANIFEST_BYTES};
+
+use crate::containerd::{CheckpointOptions, Containerd, CRI_NAMESPACE};
+use crate::cri;
+use crate::error::{Error, Result};
+use crate::pod::{find_ready_pod, PodRef};
+use crate::progress::Progress;
+use crate::summary::CheckpointSummary;
+
+/// What to dump, where, and how.
+#[derive(Debug, Clone)]
+pub struct DumpRequest {
+    /// CRI endpoint (`unix:///run/containerd/containerd.sock`).
+    pub runtime_endpoint: String,
+    /// containerd's socket.
+    pub address: PathBuf,
+    /// The node's checkpoint root (the default destination's parent).
+    pub checkpoint_root: PathBuf,
+    pub namespace: String,
+    pub pod: String,
+    /// Destination; `<root>/<namespace>-<pod>-<UTC time>` when `None`. Must not exist or be empty.
+    pub dir: Option<PathBuf>,
+    /// Stop the pod's containers after the dump instead of leaving them running.
+    pub stop: bool,
+    /// Keep established TCP connections on restore.
+    pub tcp_established: bool,
+    /// The runtime handler pods must run on.
+    pub handler: String,
+}
+
+impl DumpRequest {
+    /// A request with the standard sockets, root and handler.
+    pub fn new(namespace: &str, pod: &str) -> Self {
+        Self {
+            runtime_endpoint: format!("unix://{}", crate::containerd::DEFAULT_ADDRESS),
+            address: PathBuf::from(crate::containerd::DEFAULT_ADDRESS),
+            checkpoint_root: PathBuf::from(crate::DEFAULT_CHECKPOINT_ROOT),
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            dir: None,
+            stop: false,
+            tcp_established: false,
+            handler: crate::pod::HANDLER.to_owned(),
+        }
+    }
+}
+
+/// A finished dump.
+#[derive(Debug, Clone)]
+pub struct DumpOutcome {
+    pub pod: PodRef,
+    pub summary: CheckpointSummary,
+    /// Wall time of the whole operation.
+    pub took: Duration,
+}
+
+/// Checkpoints pod `request.namespace/request.pod`; see the module documentation.
+pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<DumpOutcome> {
+    let started = Instant::now();
+    progress.step(&format!("finding pod {}/{}", request.namespace, request.pod));
+    let clients = cri::connect(&request.runtime_endpoint).await?;
+    let pod = find_ready_pod(&clients, &request.namespace, &request.pod, &request.handler).await?;
+    let dir = destination(request)?;
+    let containerd = Containerd::connect(&request.address, CRI_NAMESPACE).await?;
+    progress.step(&format!(
+        "checkpointing pod {pod} (sandbox {}) into {}",
+        short(&pod.id),
+        dir.display()
+    ));
+    let options = CheckpointOptions {
+        image_path: dir.to_string_lossy().into_owned(),
+        exit: request.stop,
+        open_tcp: request.tcp_established,
+        ..Default::default()
+    };
+    containerd.checkpoint_task(&pod.id, &options).await.map_err(|e| {
+        log::error!("pod {pod} (sandbox {}): dump failed: {e}", pod.id);
+        e
+    })?;
+    progress.step("reading the checkpoint's manifest");
+    let manifest = read_manifest(&dir)?;
+    let summary = CheckpointSummary::new(&dir, &manifest, &request.checkpoint_root);
+    log::info!(
+        "pod {pod} (sandbox {}): dumped {:?} into {}",
+        pod.id,
+        summary.dumped,
+        dir.display()
+    );
+    Ok(DumpOutcome {
+        pod,
+        summary,
+        took: started.elapsed(),
+    })
+}
+
+/// The absolute destination, checked to be absent or empty; the root is created if missing.
+fn destination(request: &DumpRequest) -> Result<PathBuf> {
+    let dir = match &request.dir {
+        Some(dir) => dir.clone(),
+        None => {
+            create_private_dir_all(&request.checkpoint_root)?;
+            request.checkpoint_root.join(default_name(
+                &request.namespace,
+                &request.pod,
+                time::OffsetDateTime::now_utc(),
+            ))
+        }
+    };
+    let dir = std::path::absolute(&dir).map_err(Error::io("resolve the destination", &dir))?;
+    match std::fs::read_dir(&dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(Error::Refused(format!(
+                    "the destination {} exists and is not empty: give a new directory with --dir",
+                    dir.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(Error::Refused(format!(
+                "the destination {} exists and is not a directory",
+                dir.display()
+            )))
+        }
+        Err(e) => return Err(Error::io("inspect the destination", &dir)(e)),
+    }
+    Ok(dir)
+}
+
+/// `<namespace>-<pod>-<YYYYMMDDTHHMMSSZ>`.
+pub fn default_name(namespace: &str, pod: &str, at: time::OffsetDateTime) -> String {
+    format!("{namespace}-{pod}-{}", utc_stamp(at))
+}
+
+/// `YYYYMMDDTHHMMSSZ` (UTC): sorts by time, safe in file names.
+pub fn utc_stamp(at: time::OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
+}
+
+/// Reads and parses a checkpoint's manifest (digests are not checked: the dump just wrote them).
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let meta = std::fs::metadata(&path).map_err(Error::io("read the manifest", &path))?;
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(Error::Refused(format!(
+            "{} is larger than {MAX_MANIFEST_BYTES} bytes",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::read(&path).map_err(Error::io("read the manifest", &path))?;
+    Ok(Manifest::parse(&bytes)?)
+}
+
+fn create_private_dir_all(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::io("create the checkpoint root", dir))
+}
+
+/// The first 13 characters of an id, as `crictl` shows them.
+pub fn short(id: &str) -> &str {
+    id.get(..13).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_sort_by_time() {
+        let at = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("a time");
+        assert_eq!(default_name("default", "web", at), "default-web-20231114T221320Z");
+    }
+
+    #[test]
+    fn destinations_must_be_new_or_empty() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut request = DumpRequest::new("default", "web");
+        request.checkpoint_root = t.path().join("root");
+        let dir = destination(&request).expect("default destination");
+        assert!(dir.starts_with(t.path().join("root")) && dir.is_absolute());
+        assert!(t.path().join("root").is_dir(), "the root is created");
+        request.dir = Some(t.path().join("root"));
+        assert!(destination(&request).is_ok(), "an empty directory is fine");
+        std::fs::write(t.path().join("root/x"), b"x").expect("write");
+        let err = destination(&request).expect_err("not empty");
+        assert!(err.to_string().contains("is not empty"), "{err}");
+        request.dir = Some(t.path().join("root/x"));
+        assert!(destination(&request).is_err(), "a file");
+    }
+}

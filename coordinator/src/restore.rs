@@ -1,0 +1,600 @@
+//! `podsnap restore`: bring a checkpointed pod back as a new pod, through CRI, like kubelet.
+//!
+//! 1. Verify the checkpoint (every digest) and rebuild every CRI config from it, and check each
+//!    image is on the node: all before anything is created.
+//! 2. The checkpoint must lie inside the node's checkpoint root, where the shim looks for it
+//!    (its name is then its path relative to the root); one outside is copied in under a fresh
+//!    name first.
+//! 3. RunPodSandbox (handler `podsnap`, a new uid, the restore annotation naming the checkpoint:
+//!    a new network namespace and pod IP), then CreateContainer + StartContainer for each
+//!    container in its recorded start order. The shim restores each from its CRIU images
+//!    instead of starting it fresh; containers that had completed (init containers) are not run
+//!    again and are not created.
+//! 4. Any failure on the way removes what was made: the sandbox with its containers, the pod's
+//!    directories, its cgroups and the imported copy.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use oci_spec::runtime::Spec;
+use podsnap_checkpoint::manifest::{safe_relative, Manifest, MANIFEST};
+use podsnap_checkpoint::Role;
+
+use crate::cri::CriClients;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::spec::{container_plan, namespace_options, sandbox_config, ContainerPlan, NewPod};
+use crate::summary::name_in_root;
+
+/// Where kubelet keeps pod directories.
+pub const DEFAULT_PODS_DIR: &str = "/var/lib/kubelet/pods";
+/// Where kubelet keeps pod logs.
+pub const DEFAULT_LOGS_DIR: &str = "/var/log/pods";
+/// The largest saved container spec read back.
+const MAX_SPEC_BYTES: u64 = 4 * 1024 * 1024;
+/// Where the cgroup v1 hierarchies (and the unified one) are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// What to restore and where.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    /// CRI endpoint (`unix:///run/containerd/containerd.sock`).
+    pub runtime_endpoint: String,
+    /// The node's checkpoint root (the shim's `PODSNAP_CHECKPOINT_ROOT`).
+    pub checkpoint_root: PathBuf,
+    pub checkpoint_dir: PathBuf,
+    /// The new pod's namespace; the checkpointed pod's when `None`.
+    pub namespace: Option<String>,
+    /// The new pod's name; the checkpointed pod's when `None`.
+    pub name: Option<String>,
+    /// kubelet's pod directories (`<pods dir>/<uid>/volumes/...`).
+    pub pods_dir: PathBuf,
+    /// kubelet's pod log directories.
+    pub logs_dir: PathBuf,
+    /// The runtime handler to run the pod with.
+    pub handler: String,
+}
+
+impl RestoreRequest {
+    /// A request with the standard socket, root, kubelet directories and handler.
+    pub fn new(checkpoint_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            runtime_endpoint: format!("unix://{}", crate::containerd::DEFAULT_ADDRESS),
+            checkpoint_root: PathBuf::from(crate::DEFAULT_CHECKPOINT_ROOT),
+            checkpoint_dir: checkpoint_dir.into(),
+            namespace: None,
+            name: None,
+            pods_dir: PathBuf::from(DEFAULT_PODS_DIR),
+            logs_dir: PathBuf::from(DEFAULT_LOGS_DIR),
+            handler: crate::pod::HANDLER.to_owned(),
+        }
+    }
+}
+
+/// A restored pod.
+#[derive(Debug, Clone)]
+pub struct RestoredPod {
+    /// The new sandbox id.
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    /// The new pod IP (empty for a host-network pod).
+    pub ip: String,
+    /// The checkpoint's name in the root (what the restore annotation says).
+    pub checkpoint: String,
+    /// The copy made when the checkpoint lay outside the root.
+    pub imported: Option<PathBuf>,
+    /// (name, new container id) in the order they were started.
+    pub containers: Vec<(String, String)>,
+    /// Containers recorded in the checkpoint but not run again (completed init containers).
+    pub not_rerun: Vec<String>,
+    pub pod_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub took: Duration,
+}
+
+/// Everything decided before the first CRI call that creates something.
+struct Plan {
+    manifest: Manifest,
+    pod: NewPod,
+    sandbox: Option<Spec>,
+    namespaces: cri::NamespaceOption,
+    containers: Vec<ContainerPlan>,
+    not_rerun: Vec<String>,
+}
+
+/// Restores a pod from `request.checkpoint_dir`; see the module documentation.
+pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Result<RestoredPod> {
+    let started = Instant::now();
+    let dir = std::fs::canonicalize(&request.checkpoint_dir)
+        .map_err(Error::io("open the checkpoint", &request.checkpoint_dir))?;
+    progress.step(&format!("verifying checkpoint {}", dir.display()));
+    let verify_dir = dir.clone();
+    let manifest = tokio::task::spawn_blocking(move || Manifest::load_verified(&verify_dir))
+        .await
+        .map_err(|e| Error::Refused(format!("checkpoint verification stopped: {e}")))??;
+    let plan = plan(request, &dir, manifest)?;
+    let clients = crate::cri::connect(&request.runtime_endpoint).await?;
+    check_images(&clients, &plan.containers).await?;
+
+    let mut undo = Undo::default();
+    let (checkpoint, imported) = match name_in_root(&dir, &request.checkpoint_root) {
+        Some(name) => (name, None),
+        None => {
+            progress.step(&format!(
+                "copying the checkpoint into {}",
+                request.checkpoint_root.display()
+            ));
+            let copy = import(&dir, &plan.manifest, &request.checkpoint_root, &mut undo)?;
+            let name = name_in_root(&copy, &request.checkpoint_root).ok_or_else(|| {
+                Error::Refused(format!(
+                    "the copy {} is not inside {}",
+                    copy.display(),
+                    request.checkpoint_root.display()
+                ))
+            })?;
+            (name, Some(copy))
+        }
+    };
+    match create(request, &plan, &checkpoint, &clients, &mut undo, progress).await {
+        Ok((id, containers, ip)) => Ok(RestoredPod {
+            id,
+            name: plan.pod.name.clone(),
+            namespace: plan.pod.namespace.clone(),
+            uid: plan.pod.uid.clone(),
+            ip,
+            checkpoint,
+            imported,
+            containers,
+            not_rerun: plan.not_rerun,
+            pod_dir: plan.pod.pod_dir,
+            log_dir: plan.pod.log_dir,
+            took: started.elapsed(),
+        }),
+        Err(e) => {
+            progress.step("restore failed: removing what it created");
+            let cleanup = undo.run(&clients).await;
+            Err(Error::RolledBack {
+                source: Box::new(e),
+                cleanup,
+            })
+        }
+    }
+}
+
+/// Reads the saved specs and builds every CRI config for a new pod.
+fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest) -> Result<Plan> {
+    let recorded = |key: &str| manifest.pod.annotations.get(key).cloned();
+    let name = request
+        .name
+        .clone()
+        .or_else(|| manifest.pod.name.clone())
+        .or_else(|| recorded("io.kubernetes.cri.sandbox-name"))
+        .ok_or_else(|| Error::Refused("the checkpoint does not record the pod's name: give --name".into()))?;
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| manifest.pod.namespace.clone())
+        .or_else(|| recorded("io.kubernetes.cri.sandbox-namespace"))
+        .unwrap_or_else(|| "default".to_owned());
+    let uid = new_uid()?;
+    let pod = NewPod::new(&name, &namespace, &uid, &request.pods_dir, &request.logs_dir);
+
+    let mut sandbox = None;
+    let mut specs: Vec<(String, Option<String>, Spec)> = Vec::new();
+    let mut not_rerun = Vec::new();
+    for entry in manifest.restore_order() {
+        if entry.role == Role::Sandbox {
+            sandbox = Some(load_spec(dir, &entry.dir())?);
+            continue;
+        }
+        if !entry.dumped {
+            not_rerun.push(entry.name.clone());
+            continue;
+        }
+        let spec = load_spec(dir, &entry.dir())?;
+        specs.push((entry.name.clone(), entry.image.clone(), spec));
+    }
+    if specs.is_empty() {
+        return Err(Error::Refused(format!(
+            "checkpoint {} holds no running container to restore",
+            dir.display()
+        )));
+    }
+    let container_specs: Vec<&Spec> = specs.iter().map(|(_, _, s)| s).collect();
+    let namespaces = namespace_options(sandbox.as_ref(), &container_specs);
+    let mut containers = Vec::new();
+    for (name, image, spec) in &specs {
+        let random = new_uid()?;
+        containers.push(
+            container_plan(name, spec, image.as_deref(), &namespaces, &pod, &random[..8])
+                .map_err(Error::Refused)?,
+        );
+    }
+    Ok(Plan {
+        manifest,
+        pod,
+        sandbox,
+        namespaces,
+        containers,
+        not_rerun,
+    })
+}
+
+fn load_spec(dir: &Path, container_dir: &Path) -> Result<Spec> {
+    let path = dir.join(container_dir).join("config.json");
+    let meta = std::fs::metadata(&path).map_err(Error::io("read a saved container spec", &path))?;
+    if meta.len() > MAX_SPEC_BYTES {
+        return Err(Error::Refused(format!(
+            "{} is larger than {MAX_SPEC_BYTES} bytes",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::read(&path).map_err(Error::io("read a saved container spec", &path))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Refused(format!("{} is not an OCI runtime spec: {e}", path.display())))
+}
+
+/// Every image must be on the node already: the restore pulls nothing.
+async fn check_images(clients: &CriClients, containers: &[ContainerPlan]) -> Result<()> {
+    let images: BTreeSet<&str> = containers.iter().map(|c| c.image.as_str()).collect();
+    for image in images {
+        let status = clients
+            .image
+            .clone()
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.to_owned(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .map_err(Error::cri(format!("ImageStatus {image}")))?
+            .into_inner();
+        if status.image.is_none() {
+            let users: Vec<&str> = containers
+                .iter()
+                .filter(|c| c.image == image)
+                .map(|c| c.name.as_str())
+                .collect();
+            return Err(Error::Refused(format!(
+                "image {image} (container {}) is not on this node: pull it first",
+                users.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The CRI calls, recording in `undo` everything made.
+async fn create(
+    request: &RestoreRequest,
+    plan: &Plan,
+    checkpoint: &str,
+    clients: &CriClients,
+    undo: &mut Undo,
+    progress: &dyn Progress,
+) -> Result<(String, Vec<(String, String)>, String)> {
+    let pod = &plan.pod;
+    undo.uid = Some(pod.uid.clone());
+    make_dir(&pod.pod_dir, 0o750, undo)?;
+    make_dir(&pod.log_dir, 0o755, undo)?;
+    let config = sandbox_config(
+        &plan.manifest,
+        plan.sandbox.as_ref(),
+        &plan.namespaces,
+        pod,
+        checkpoint,
+    );
+    progress.step(&format!(
+        "creating pod {}/{} (uid {}) from checkpoint {checkpoint}",
+        pod.namespace, pod.name, pod.uid
+    ));
+    let mut runtime = clients.runtime.clone();
+    let id = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: request.handler.clone(),
+        })
+        .await
+        .map_err(Error::cri(format!(
+            "RunPodSandbox {}/{}",
+            pod.namespace, pod.name
+        )))?
+        .into_inner()
+        .pod_sandbox_id;
+    undo.sandbox = Some(id.clone());
+    log::info!("pod {}/{}: sandbox {id} created", pod.namespace, pod.name);
+
+    let mut started = Vec::new();
+    for c in &plan.containers {
+        progress.step(&format!("restoring container {}", c.name));
+        for dir in &c.empty_dirs {
+            make_dir(dir, 0o777, undo)?;
+        }
+        for file in &c.files {
+            if let Some(parent) = file.parent() {
+                make_dir(parent, 0o750, undo)?;
+            }
+            std::fs::File::create(file).map_err(Error::io("create the termination log", file))?;
+        }
+        make_dir(&pod.log_dir.join(&c.name), 0o755, undo)?;
+        let container_id = runtime
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: id.clone(),
+                config: Some(c.config.clone()),
+                sandbox_config: Some(config.clone()),
+            })
+            .await
+            .map_err(Error::cri(format!("CreateContainer {}", c.name)))?
+            .into_inner()
+            .container_id;
+        runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: container_id.clone(),
+            })
+            .await
+            .map_err(Error::cri(format!("StartContainer {}", c.name)))?;
+        log::info!(
+            "pod {}/{}: container {} ({container_id}) restored",
+            pod.namespace,
+            pod.name,
+            c.name
+        );
+        started.push((c.name.clone(), container_id));
+    }
+    let ip = runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .map_err(Error::cri(format!("PodSandboxStatus {id}")))?
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    Ok((id, started, ip))
+}
+
+/// Copies the checkpoint's files (those its manifest lists, and the manifest) into a fresh
+/// directory of `root`.
+fn import(dir: &Path, manifest: &Manifest, root: &Path, undo: &mut Undo) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(Error::io("create the checkpoint root", root))?;
+    let base = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "checkpoint".to_owned());
+    let stamp = format!(
+        "{base}-imported-{}",
+        crate::dump::utc_stamp(time::OffsetDateTime::now_utc())
+    );
+    let mut copy = root.join(&stamp);
+    let mut n = 1;
+    // A fresh name: never write into an existing checkpoint.
+    loop {
+        match std::fs::DirBuilder::new().mode(0o700).create(&copy) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => {
+                n += 1;
+                copy = root.join(format!("{stamp}-{n}"));
+            }
+            Err(e) => return Err(Error::io("create the imported checkpoint", &copy)(e)),
+        }
+    }
+    undo.imported = Some(copy.clone());
+    let files = manifest
+        .files
+        .keys()
+        .map(String::as_str)
+        .chain(std::iter::once(MANIFEST));
+    for rel in files {
+        let rel_path = safe_relative(rel).map_err(Error::Refused)?;
+        let (src, dst) = (dir.join(rel_path), copy.join(rel_path));
+        if let Some(parent) = dst.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(Error::io("create a directory of the imported checkpoint", parent))?;
+        }
+        std::fs::copy(&src, &dst).map_err(Error::io("copy a checkpoint file", &src))?;
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))
+            .map_err(Error::io("chmod a checkpoint file", &dst))?;
+    }
+    Ok(copy)
+}
+
+/// Makes `dir` (and missing parents, which are recorded too) with `mode`.
+fn make_dir(dir: &Path, mode: u32, undo: &mut Undo) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut missing = Vec::new();
+    let mut cursor = Some(dir);
+    while let Some(p) = cursor.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        missing.push(p.to_path_buf());
+        cursor = p.parent();
+    }
+    for p in missing.iter().rev() {
+        std::fs::create_dir(p).map_err(Error::io("create a directory", p))?;
+        undo.dirs.push(p.clone());
+    }
+    if !missing.is_empty() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::io("chmod a directory", dir))?;
+    }
+    Ok(())
+}
+
+/// What a failed restore must remove.
+#[derive(Debug, Default)]
+struct Undo {
+    sandbox: Option<String>,
+    uid: Option<String>,
+    /// Directories made, in creation order.
+    dirs: Vec<PathBuf>,
+    imported: Option<PathBuf>,
+}
+
+impl Undo {
+    /// Removes everything recorded; returns a line per thing done or failed.
+    async fn run(self, clients: &CriClients) -> String {
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        let mut runtime = clients.runtime.clone();
+        if let Some(id) = &self.sandbox {
+            let stopped = runtime
+                .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                })
+                .await;
+            let removed = runtime
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                })
+                .await;
+            match (stopped, removed) {
+                (_, Ok(_)) => done.push(format!("pod sandbox {id} and its containers")),
+                (Err(s), Err(r)) => failed.push(format!(
+                    "pod sandbox {id}: stop: {}; remove: {}",
+                    s.message(),
+                    r.message()
+                )),
+                (Ok(_), Err(r)) => failed.push(format!("pod sandbox {id}: remove: {}", r.message())),
+            }
+        }
+        if let Some(uid) = &self.uid {
+            failed.extend(remove_pod_cgroups(uid));
+        }
+        // The earliest directory made contains the later ones.
+        let mut removed: Vec<PathBuf> = Vec::new();
+        for dir in &self.dirs {
+            if removed.iter().any(|r| dir.starts_with(r)) {
+                continue;
+            }
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {
+                    done.push(dir.display().to_string());
+                    removed.push(dir.clone());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => failed.push(format!("{}: {e}", dir.display())),
+            }
+        }
+        if let Some(copy) = &self.imported {
+            match std::fs::remove_dir_all(copy) {
+                Ok(()) => done.push(format!("the imported copy {}", copy.display())),
+                Err(e) => failed.push(format!("the imported copy {}: {e}", copy.display())),
+            }
+        }
+        let mut report = format!(
+            "removed: {}",
+            if done.is_empty() {
+                "nothing".to_owned()
+            } else {
+                done.join(", ")
+            }
+        );
+        if !failed.is_empty() {
+            report.push_str(&format!(
+                "\nNOT removed (clean up by hand): {}",
+                failed.join("; ")
+            ));
+        }
+        report
+    }
+}
+
+/// Removes the pod's (now empty) cgroups `/kubepods/besteffort/pod<uid>` in every hierarchy,
+/// as kubelet does once a pod is gone. Returns what could not be removed.
+fn remove_pod_cgroups(uid: &str) -> Vec<String> {
+    let mut failed = Vec::new();
+    let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) else {
+        return failed;
+    };
+    for hierarchy in hierarchies.flatten() {
+        let pod = hierarchy
+            .path()
+            .join("kubepods/besteffort")
+            .join(format!("pod{uid}"));
+        if !pod.is_dir() {
+            continue;
+        }
+        let mut dirs = vec![pod.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+            i += 1;
+        }
+        for dir in dirs.iter().rev() {
+            if let Err(e) = std::fs::remove_dir(dir) {
+                failed.push(format!("cgroup {}: {e}", dir.display()));
+            }
+        }
+    }
+    failed
+}
+
+/// A random pod uid in the usual 8-4-4-4-12 form.
+fn new_uid() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(Error::io("read random bytes", "/dev/urandom"))?;
+    // Version 4, variant 1.
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_look_like_kubernetes_uids() {
+        let a = new_uid().expect("uid");
+        let b = new_uid().expect("uid");
+        assert_eq!(a.len(), 36);
+        assert_ne!(a, b);
+        assert_eq!(a.matches('-').count(), 4);
+    }
+
+    #[test]
+    fn make_dir_records_what_it_made() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut undo = Undo::default();
+        make_dir(&t.path().join("a/b/c"), 0o755, &mut undo).expect("mkdir");
+        make_dir(&t.path().join("a/b"), 0o755, &mut undo).expect("exists");
+        assert_eq!(
+            undo.dirs,
+            [t.path().join("a"), t.path().join("a/b"), t.path().join("a/b/c")]
+        );
+    }
+}
