@@ -12,6 +12,7 @@
 //! cni/ipam/            host-local's allocations
 //! certs.d/_default/    registry hosts: every pull goes to 127.0.0.1:9 and fails at once
 //! kubelet/             pod directories and logs, laid out like kubelet's
+//! checkpoints/         the checkpoint root (containerd's and the shim's PODSNAP_CHECKPOINT_ROOT)
 //! images/              the image archives imported into `k8s.io` and `default`
 //! ledger               netns paths, pod uids, the bridge: what teardown must remove
 //! owner                the pid of the process that owns this node (and `keep`)
@@ -115,6 +116,11 @@ impl NodeFiles {
     /// kubelet's root in this node (pods, logs).
     pub fn kubelet(&self) -> PathBuf {
         self.dir.join("kubelet")
+    }
+    /// The node's checkpoint root: containerd, and so the shim, get it as
+    /// `PODSNAP_CHECKPOINT_ROOT`.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.dir.join("checkpoints")
     }
 
     /// Appends `kind value` to the ledger.
@@ -244,6 +250,7 @@ impl Node {
             "cni/net.d",
             "cni/ipam",
             "kubelet",
+            "checkpoints",
             "images",
             "opt",
         ] {
@@ -384,6 +391,7 @@ state = '{dir}/state'
             .arg("--config")
             .arg(self.files.config())
             .env("PATH", path)
+            .env("PODSNAP_CHECKPOINT_ROOT", self.files.checkpoints())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log))
