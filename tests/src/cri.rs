@@ -83,6 +83,7 @@ impl CriClient {
     rpc!(runtime list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse);
     rpc!(image image_status(ImageStatusRequest) -> ImageStatusResponse);
     rpc!(image list_images(ListImagesRequest) -> ListImagesResponse);
+    rpc!(image pull_image(PullImageRequest) -> PullImageResponse);
 
     /// Whether CRI reports both `RuntimeReady` and `NetworkReady`.
     pub fn ready(&self) -> Result<bool, Status> {

@@ -155,6 +155,25 @@ fn cri_pod() {
         assert_eq!(container.metadata.as_ref().map(|m| m.name.as_str()), Some(name));
     }
 
+    // Pulls never leave the machine: the node's registry config sends them to 127.0.0.1:9.
+    let started = Instant::now();
+    let pull = node.cri().pull_image(cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: "docker.io/library/busybox:latest".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let refused = pull.expect_err("no registry is reachable");
+    assert!(
+        refused.message().contains("127.0.0.1:9"),
+        "the pull went elsewhere: {refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a pull fails at once"
+    );
+
     // One shim process for the whole pod.
     let shim = shim_binary(&handler);
     let shims = node.shim_pids(shim);

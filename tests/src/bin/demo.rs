@@ -100,20 +100,19 @@ fn demo(args: &Args) -> Result<()> {
     println!("shim       {shim} pid(s) {shims:?} (one process for the whole pod)");
     println!();
     println!(
-        "{:<10} {:<14} {:<8} {:>7}  {}",
-        "CONTAINER", "ID", "STATE", "PID", "NOTE"
+        "{:<10} {:<14} {:<8} {:>7}  NOTE",
+        "CONTAINER", "ID", "STATE", "PID"
     );
     let pause_pid = cri
         .sandbox_pid(&sandbox.id)?
         .map(|p| p.to_string())
         .unwrap_or_default();
     println!(
-        "{:<10} {:<14} {:<8} {:>7}  {}",
+        "{:<10} {:<14} {:<8} {:>7}  holds the pod's network and IPC namespaces",
         "(pause)",
         short(&sandbox.id),
         "READY",
         pause_pid,
-        "holds the pod's network and IPC namespaces"
     );
     for (name, id) in pod.containers() {
         let status = cri.container(id)?;
