@@ -104,14 +104,21 @@ impl Container {
         };
         let _ = std::fs::remove_file(&opts.pid_file);
         let pid_file = opts.pid_file.clone();
-        p.runc
-            .create(&p.id, bundle.path(), opts, process_stdio)
-            .await
-            .map_err(Error::runtime(format!("create container {}", p.id)))?;
+        let create = async {
+            p.runc
+                .create(&p.id, bundle.path(), opts, process_stdio)
+                .await
+                .map_err(Error::runtime(format!("create container {}", p.id)))
+        };
+        let created = run_attached(&init, console, create).await;
+        if let Err(e) = created {
+            init.io.abort().await;
+            return Err(e);
+        }
 
         let started = async {
             let pid = read_pid(&pid_file).await?;
-            connect_io(&init, ends, console).await?;
+            connect_pipes(&init, ends)?;
             Ok::<i32, Error>(pid)
         };
         let pid = match started.await {
@@ -127,7 +134,7 @@ impl Container {
         };
         init.set_pid(pid);
         if let Some(code) = exits.watch(pid, init.clone(), Instant::now()) {
-            init.set_exited(code);
+            init.set_early_exit(code);
         }
         let cgroups = CgroupPaths::of_pid(pid).ok();
         Ok(Arc::new(Container {
@@ -227,10 +234,14 @@ impl Container {
             log: self.bundle.path().join("log.json"),
         };
         let since = Instant::now();
-        ckpt::restore(&self.runc, &r, process_stdio).await?;
+        let restore = async { Ok(ckpt::restore(&self.runc, &r, process_stdio).await?) };
+        if let Err(e) = run_attached(&self.init, console, restore).await {
+            self.init.io.abort().await;
+            return Err(e);
+        }
         let started = async {
             let pid = read_pid(&pid_file).await?;
-            connect_io(&self.init, ends, console).await?;
+            connect_pipes(&self.init, ends)?;
             Ok::<i32, Error>(pid)
         };
         let pid = match started.await {
@@ -244,7 +255,7 @@ impl Container {
         self.init.set_pid(pid);
         *lock(&self.cgroups) = CgroupPaths::of_pid(pid).ok();
         if let Some(code) = exits.watch(pid, self.init.clone(), since) {
-            self.init.set_exited(code);
+            self.init.set_early_exit(code);
         }
         log::info!("container {}: restored, pid {pid}", self.id);
         Ok(pid)
@@ -367,17 +378,20 @@ impl Container {
                 console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
                 log: log.clone(),
             };
-            self.runc
-                .exec(&self.id, opts, process_stdio)
-                .await
-                .map_err(Error::runtime(exec.describe()))?;
+            let run = async {
+                self.runc
+                    .exec(&self.id, opts, process_stdio)
+                    .await
+                    .map_err(Error::runtime(exec.describe()))
+            };
+            run_attached(exec, console, run).await?;
             let pid = read_pid(&pid_file).await?;
             exec.set_pid(pid);
             exec.set_status(Status::Running);
+            connect_pipes(exec, ends)?;
             if let Some(code) = exits.watch(pid, exec.clone(), since) {
-                exec.set_exited(code);
+                exec.set_early_exit(code);
             }
-            connect_io(exec, ends, console).await?;
             Ok(pid)
         }
         .await;
@@ -421,39 +435,77 @@ fn prepare_io(s: &Stdio) -> Result<(ProcessStdio, ShimEnds, Option<ConsoleSocket
     Ok((process, ends, None))
 }
 
-/// Starts copying between the process's pipes or terminal and containerd's FIFOs.
-async fn connect_io(p: &Process, ends: ShimEnds, console: Option<ConsoleSocket>) -> Result<()> {
-    let s = &p.stdio;
-    let fifo = |path: &str| path.trim_start_matches("fifo://").to_string();
-    let io_err = |e: containerd_shim::Error| Error::Internal(format!("{} stdio: {e}", p.describe()));
-    if let Some(console) = console {
+/// Runs the runc command that starts a process (`create`, `exec`, `restore`) and, when the
+/// process gets a terminal, attaches to it as soon as runc hands it over: before runc returns,
+/// so a short-lived process cannot finish (and hang up its terminal) before its output is read.
+async fn run_attached<F>(p: &Process, console: Option<ConsoleSocket>, run: F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    let Some(console) = console else {
+        return run.await;
+    };
+    let attach = async {
         let master = tokio::time::timeout(CONSOLE_TIMEOUT, console.receive_master())
             .await
             .map_err(|_| Error::Internal(format!("{}: runc sent no terminal", p.describe())))?
             .map_err(Error::runtime("receive the terminal"))?;
-        let pty = Pty::new(master).map_err(io_err)?;
-        if !s.stdin.is_empty() {
-            p.io.copy_from_fifo(&fifo(&s.stdin), pty.clone())
-                .map_err(io_err)?;
+        attach_terminal(p, master)
+    };
+    tokio::pin!(run, attach);
+    let mut attached: Option<Result<()>> = None;
+    let ran = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            a = &mut attach, if attached.is_none() => attached = Some(a),
         }
-        if !s.stdout.is_empty() {
-            p.io.copy_to_fifo(pty.clone(), &fifo(&s.stdout)).map_err(io_err)?;
-        }
-        *lock(&p.pty) = Some(pty);
-        return Ok(());
+    };
+    ran?;
+    match attached {
+        Some(a) => a,
+        None => attach.await,
     }
+}
+
+/// Copies between a terminal's master side and containerd's FIFOs.
+fn attach_terminal(p: &Process, master: std::fs::File) -> Result<()> {
+    let s = &p.stdio;
+    let io_err = |e: containerd_shim::Error| Error::Internal(format!("{} stdio: {e}", p.describe()));
+    let pty = Pty::new(master).map_err(io_err)?;
+    if !s.stdin.is_empty() {
+        p.io.copy_from_fifo(&fifo_path(&s.stdin), pty.clone())
+            .map_err(io_err)?;
+    }
+    if !s.stdout.is_empty() {
+        p.io.copy_to_fifo(pty.clone(), &fifo_path(&s.stdout))
+            .map_err(io_err)?;
+    }
+    *lock(&p.pty) = Some(pty);
+    Ok(())
+}
+
+/// Starts copying between a process's pipes and containerd's FIFOs (pipes keep what the
+/// process wrote, so this can wait until runc returned).
+fn connect_pipes(p: &Process, ends: ShimEnds) -> Result<()> {
+    let s = &p.stdio;
+    let io_err = |e: containerd_shim::Error| Error::Internal(format!("{} stdio: {e}", p.describe()));
     if let Some(w) = ends.stdin {
-        p.io.copy_from_fifo(&fifo(&s.stdin), sender(w)?).map_err(io_err)?;
+        p.io.copy_from_fifo(&fifo_path(&s.stdin), sender(w)?)
+            .map_err(io_err)?;
     }
     if let Some(r) = ends.stdout {
-        p.io.copy_to_fifo(receiver(r)?, &fifo(&s.stdout))
+        p.io.copy_to_fifo(receiver(r)?, &fifo_path(&s.stdout))
             .map_err(io_err)?;
     }
     if let Some(r) = ends.stderr {
-        p.io.copy_to_fifo(receiver(r)?, &fifo(&s.stderr))
+        p.io.copy_to_fifo(receiver(r)?, &fifo_path(&s.stderr))
             .map_err(io_err)?;
     }
     Ok(())
+}
+
+fn fifo_path(path: &str) -> String {
+    path.trim_start_matches("fifo://").to_string()
 }
 
 fn sender(fd: OwnedFd) -> Result<pipe::Sender> {

@@ -37,6 +37,9 @@ pub struct Process {
     pub spec: Option<Vec<u8>>,
     state: Mutex<State>,
     exited: watch::Sender<bool>,
+    /// An exit seen before the shim knew the pid (a process that ended at once); the task
+    /// layer reports it once the process is set up.
+    early_exit: Mutex<Option<i32>>,
 }
 
 impl Process {
@@ -55,7 +58,18 @@ impl Process {
                 exited_at: None,
             }),
             exited: watch::channel(false).0,
+            early_exit: Mutex::new(None),
         }
+    }
+
+    /// Remembers an exit that came before the process was set up.
+    pub fn set_early_exit(&self, code: i32) {
+        *lock(&self.early_exit) = Some(code);
+    }
+
+    /// Takes that early exit, if there was one.
+    pub fn take_early_exit(&self) -> Option<i32> {
+        lock(&self.early_exit).take()
     }
 
     /// How logs name this process.

@@ -224,6 +224,9 @@ impl PodTask {
                 }),
             )
             .await;
+        if let Some(code) = container.init.take_early_exit() {
+            self.inner.process_exited(&container.init, code).await;
+        }
         self.inner.save_record();
         Ok(api::CreateTaskResponse {
             pid: pid as u32,
@@ -321,6 +324,9 @@ impl PodTask {
                 )
                 .await;
             self.inner.save_record();
+            if let Some(code) = c.init.take_early_exit() {
+                self.inner.process_exited(&c.init, code).await;
+            }
             pid
         } else {
             let exec = c.process(&req.exec_id)?;
@@ -336,6 +342,9 @@ impl PodTask {
                     }),
                 )
                 .await;
+            if let Some(code) = exec.take_early_exit() {
+                self.inner.process_exited(&exec, code).await;
+            }
             pid
         };
         Ok(api::StartResponse {
