@@ -27,6 +27,9 @@ const CRIU_INVENTORY: &str = "inventory.img";
 /// How many lines of CRIU's log an error quotes.
 const LOG_TAIL_LINES: usize = 15;
 
+/// How many of CRIU's error lines before the tail an error quotes.
+const LOG_CAUSE_LINES: usize = 5;
+
 /// The CRIU choices a dump made, which its restore must repeat.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DumpOptions {
@@ -185,12 +188,31 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
     }
 }
 
-/// The last lines of a CRIU log, if it exists.
+/// The last lines of a CRIU log, if it exists, after the log's first error lines when those
+/// come before the tail: CRIU states the cause (`Connected TCP socket, consider using
+/// --tcp-established option`) long before its closing `Dumping FAILED`.
 pub fn log_tail(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(LOG_TAIL_LINES);
-    Some(lines[start..].join("\n"))
+    let causes: Vec<&str> = lines[..start]
+        .iter()
+        .copied()
+        .filter(|line| is_criu_error(line))
+        .take(LOG_CAUSE_LINES)
+        .collect();
+    let tail = lines[start..].join("\n");
+    if causes.is_empty() {
+        Some(tail)
+    } else {
+        Some(format!("{}\n...\n{tail}", causes.join("\n")))
+    }
+}
+
+/// A CRIU error line, leaving out the one every run logs (CRIU cannot raise RLIMIT_NOFILE
+/// without CAP_SYS_RESOURCE; harmless).
+fn is_criu_error(line: &str) -> bool {
+    line.contains("Error (") && !line.contains("RLIMIT_NOFILE")
 }
 
 fn listing(dir: &Path) -> HashSet<OsString> {
@@ -314,6 +336,27 @@ mod tests {
         dump(&runc, &d).await.expect_err("must fail");
         let left: Vec<_> = listing(root.path()).into_iter().collect();
         assert_eq!(left, vec![OsString::from("mine")]);
+    }
+
+    #[test]
+    fn log_tail_quotes_the_cause_before_the_tail() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let log = root.path().join("dump.log");
+        let mut text = String::from(
+            "(00.01) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self\n\
+             (00.02) Error (criu/sk-inet.c:199): inet: Connected TCP socket, consider using \
+             --tcp-established option.\n",
+        );
+        for i in 0..40 {
+            text.push_str(&format!("(00.{i:02}) cleanup line {i}\n"));
+        }
+        text.push_str("(00.99) Error (criu/cr-dump.c:1975): Dumping FAILED.\n");
+        std::fs::write(&log, text).expect("write");
+        let tail = log_tail(&log).expect("a tail");
+        assert!(tail.starts_with("(00.02) Error (criu/sk-inet.c:199)"), "{tail}");
+        assert!(!tail.contains("RLIMIT_NOFILE"), "{tail}");
+        assert!(tail.ends_with("Dumping FAILED."), "{tail}");
+        assert_eq!(tail.lines().count(), 1 + 1 + LOG_TAIL_LINES, "{tail}");
     }
 
     #[test]

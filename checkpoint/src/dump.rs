@@ -37,6 +37,9 @@ pub struct Target {
     pub runc: Runc,
     pub bundle: PathBuf,
     pub cgroups: Option<CgroupPaths>,
+    /// The container's OCI spec when its bundle is gone (a completed container whose task was
+    /// deleted); read from the bundle otherwise.
+    pub spec: Option<Vec<u8>>,
 }
 
 /// What to dump and where.
@@ -154,9 +157,14 @@ async fn dump_into(d: &PodDump, dir: &Path) -> Result<DumpReport> {
 
     // 4. Specs, digests, manifest.
     for t in &d.targets {
-        let src = t.bundle.join("config.json");
         let dst = dir.join(t.entry.dir()).join("config.json");
-        let spec = std::fs::read(&src).map_err(|e| Error::io("read a container spec", &src, e))?;
+        let spec = match &t.spec {
+            Some(spec) => spec.clone(),
+            None => {
+                let src = t.bundle.join("config.json");
+                std::fs::read(&src).map_err(|e| Error::io("read a container spec", &src, e))?
+            }
+        };
         container::write_private(&dst, &spec)?;
     }
     let files = digest_tree(dir).await?;

@@ -64,6 +64,9 @@ struct Inner {
     /// Held while a pod checkpoint runs.
     pod_busy: std::sync::atomic::AtomicBool,
     restores: Restores,
+    /// Containers of the pod whose tasks were deleted after they exited (completed init
+    /// containers): a pod checkpoint records them. By name; the newest wins.
+    departed: Mutex<BTreeMap<String, Target>>,
 }
 
 impl PodTask {
@@ -79,6 +82,7 @@ impl PodTask {
                 started: AtomicU64::new(0),
                 pod_busy: std::sync::atomic::AtomicBool::new(false),
                 restores: Restores::default(),
+                departed: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -407,8 +411,15 @@ impl PodTask {
             unmount_rootfs(&c.bundle.rootfs());
         }
         self.inner.exits.forget(s.pid);
-        lock(&self.inner.containers).remove(&c.id);
         let s = c.init.state();
+        if !c.identity.is_sandbox && s.status == Status::Stopped {
+            let mut t = pod_target(&c);
+            t.spec = std::fs::read(c.bundle.config_path()).ok();
+            if t.spec.is_some() {
+                lock(&self.inner.departed).insert(t.entry.name.clone(), t);
+            }
+        }
+        lock(&self.inner.containers).remove(&c.id);
         log::info!("container {}: deleted (exit status {})", c.id, s.exit_code);
         self.inner
             .publish(
@@ -672,7 +683,12 @@ impl PodTask {
         let _release = Release(&self.inner.pod_busy);
         let containers: Vec<Arc<Container>> = lock(&self.inner.containers).values().cloned().collect();
         let claims: Vec<_> = containers.iter().map(|c| c.claim()).collect::<Result<_>>()?;
-        let targets: Vec<Target> = containers.iter().map(|c| pod_target(c)).collect();
+        let mut targets: Vec<Target> = containers.iter().map(|c| pod_target(c)).collect();
+        for (name, t) in lock(&self.inner.departed).iter() {
+            if !targets.iter().any(|live| &live.entry.name == name) {
+                targets.push(t.clone());
+            }
+        }
         let ident = &sandbox.identity;
         let spec = sandbox.bundle.spec().ok();
         let pod = PodInfo {
@@ -821,6 +837,22 @@ impl Inner {
                 pid: s.pid,
                 exit_code: (s.status == Status::Stopped).then_some(s.exit_code),
             });
+        }
+        for (name, t) in lock(&self.departed).iter() {
+            if !record.containers.iter().any(|c| c.name.as_ref() == Some(name)) {
+                let e = &t.entry;
+                record.containers.push(ContainerRecord {
+                    id: e.id.clone(),
+                    name: Some(e.name.clone()),
+                    role: e.role,
+                    image: e.image.clone(),
+                    created_order: e.created_order,
+                    started_order: e.started_order,
+                    state: e.state,
+                    pid: 0,
+                    exit_code: e.exit_code,
+                });
+            }
         }
         record.containers.sort_by_key(|c| c.created_order);
         Some(record)
@@ -1045,6 +1077,7 @@ fn pod_target(c: &Container) -> Target {
         runc: c.runc.clone(),
         bundle: c.bundle.path().to_path_buf(),
         cgroups: c.cgroups(),
+        spec: None,
     }
 }
 

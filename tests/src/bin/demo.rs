@@ -1,8 +1,11 @@
-//! `podsnap-demo`: a three-container pod on a private containerd, through the podsnap shim.
+//! `podsnap-demo`: a three-container pod on a private containerd, through the podsnap shim,
+//! checkpointed, removed and restored.
 //!
 //! Starts a throwaway node (its own containerd, CNI bridge and images; nothing of the host's
 //! containerd is touched), runs the pod kubelet-style through CRI, prints what runs where,
-//! shows the app reaching its sidecar over the pod's loopback, and tears everything down.
+//! shows the app reaching its sidecar over the pod's loopback, then dumps the pod with
+//! `podsnap dump`, removes it, restores it with `podsnap restore` and prints each container's
+//! in-memory counter before and after. Then it tears everything down.
 //! `--keep` leaves the node running for a look around; `--teardown DIR` removes it later.
 
 use std::path::PathBuf;
@@ -11,7 +14,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use k8s_cri::v1 as cri;
-use podsnap_tests::kubelet::{ask, run_three_container_pod, PodOptions, APP_PORT, SIDECAR_PORT};
+use podsnap_tests::kubelet::{
+    ask, run_three_container_pod, wait_answering, PodOptions, ThreeContainerPod, APP_PORT, SIDECAR_PORT,
+};
 use podsnap_tests::node::{teardown_dir, Node, NodeOptions};
 use podsnap_tests::{shim_binary, HANDLER};
 
@@ -157,6 +162,10 @@ fn demo(args: &Args) -> Result<()> {
     }
     println!("logs       {}", sandbox.log_dir.display());
 
+    if args.handler != "runc" {
+        checkpoint_and_restore(&node, &pod)?;
+    }
+
     if args.keep {
         println!();
         println!("kept. Look around with:");
@@ -166,13 +175,107 @@ fn demo(args: &Args) -> Result<()> {
         return Ok(());
     }
     println!();
-    println!("stopping and removing the pod, then the node ...");
-    cri.stop_and_remove_pod(&sandbox.id)
-        .context("StopPodSandbox/RemovePodSandbox")?;
+    println!("stopping and removing the pods, then the node ...");
+    for id in cri.pod_ids()? {
+        cri.stop_and_remove_pod(&id)
+            .context("StopPodSandbox/RemovePodSandbox")?;
+    }
     let problems = node.teardown();
     if !problems.is_empty() {
         anyhow::bail!("teardown left: {problems:#?}");
     }
     println!("done: nothing left behind");
+    Ok(())
+}
+
+/// Dumps the pod, removes it, restores it, and shows that its state came back.
+fn checkpoint_and_restore(node: &Node, pod: &ThreeContainerPod) -> Result<()> {
+    use podsnap_coordinator::dump::{dump, DumpRequest};
+    use podsnap_coordinator::progress::for_stderr;
+    use podsnap_coordinator::restore::{restore, RestoreRequest};
+
+    let sandbox = &pod.pod;
+    let cri = node.cri();
+    let runtime = tokio::runtime::Runtime::new().context("starting a tokio runtime")?;
+    println!();
+    println!("letting the counters advance for 3 s ...");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    println!(
+        "== podsnap dump --namespace {} --pod {}",
+        sandbox.namespace, sandbox.name
+    );
+    let before_sidecar = ask(&sandbox.ip, SIDECAR_PORT, "count")?;
+    let before_app = ask(&sandbox.ip, APP_PORT, "count")?;
+    let mut request = DumpRequest::new(&sandbox.namespace, &sandbox.name);
+    request.runtime_endpoint = node.endpoint();
+    request.address = node.address();
+    request.checkpoint_root = node.files().checkpoints();
+    let dumped = runtime.block_on(dump(&request, for_stderr().as_ref()))?;
+    let after_dump_app = ask(&sandbox.ip, APP_PORT, "count")?;
+    println!("counters just before the dump: sidecar {before_sidecar}, app {before_app}");
+    println!(
+        "checkpoint {} ({} bytes) in {:?}; the pod kept running (app counter now {after_dump_app})",
+        dumped.summary.dir.display(),
+        dumped.summary.bytes,
+        dumped.took
+    );
+
+    println!();
+    println!("== removing the pod {}", short(&sandbox.id));
+    cri.stop_and_remove_pod(&sandbox.id)
+        .context("StopPodSandbox/RemovePodSandbox")?;
+
+    println!();
+    println!(
+        "== podsnap restore --checkpoint-dir {}",
+        dumped.summary.dir.display()
+    );
+    let mut request = RestoreRequest::new(&dumped.summary.dir);
+    request.runtime_endpoint = node.endpoint();
+    request.checkpoint_root = node.files().checkpoints();
+    request.pods_dir = node.files().kubelet().join("pods");
+    request.logs_dir = node.files().kubelet().join("logs").join("pods");
+    let restored = runtime.block_on(restore(&request, for_stderr().as_ref()))?;
+    println!(
+        "restored pod {}/{} id {} ip {} (was {}) in {:?}",
+        restored.namespace,
+        restored.name,
+        short(&restored.id),
+        restored.ip,
+        sandbox.ip,
+        restored.took
+    );
+    for (name, id) in &restored.containers {
+        let pid = cri.container_pid(id)?.map(|p| p.to_string()).unwrap_or_default();
+        println!("  {name:<10} {:<14} pid {pid}", short(id));
+    }
+    for name in &restored.not_rerun {
+        println!("  {name:<10} completed before the checkpoint: not run again");
+    }
+    wait_answering(&restored.ip, APP_PORT, std::time::Duration::from_secs(20))?;
+    let sidecar_after = ask(&restored.ip, SIDECAR_PORT, "count")?;
+    let app_after = ask(&restored.ip, APP_PORT, "count")?;
+    println!();
+    println!("{:<10} {:>16} {:>16}", "COUNTER", "BEFORE DUMP", "AFTER RESTORE");
+    println!("{:<10} {:>16} {:>16}", "sidecar", before_sidecar, sidecar_after);
+    println!("{:<10} {:>16} {:>16}", "app", before_app, app_after);
+    println!(
+        "app -> sidecar over 127.0.0.1:9090 after restore: {}",
+        ask(&restored.ip, APP_PORT, "get 127.0.0.1:9090 ping")?
+    );
+    let volume = restored.pod_dir.join("volumes/kubernetes.io~empty-dir/data");
+    let init_runs = std::fs::read_to_string(volume.join("init.log"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0);
+    println!(
+        "init container ran {init_runs} time(s) in all; emptyDir {}:",
+        volume.display()
+    );
+    for entry in std::fs::read_dir(&volume)?.flatten() {
+        let lines = std::fs::read_to_string(entry.path())
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        println!("  {} ({lines} lines)", entry.file_name().to_string_lossy());
+    }
     Ok(())
 }
