@@ -73,16 +73,6 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// The gRPC code of a failed call (`FailedPrecondition` for a busy pod, for instance).
-    pub fn code(&self) -> Option<tonic::Code> {
-        match self {
-            Error::Call { status, .. } => Some(status.code()),
-            Error::Connect { .. } => None,
-        }
-    }
-}
-
 impl Containerd {
     /// Connects to containerd's socket (a path or `unix://` address).
     pub async fn connect(address: impl AsRef<Path>, namespace: &str) -> Result<Self, Error> {

@@ -86,7 +86,15 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
     };
     containerd.checkpoint_task(&pod.id, &options).await.map_err(|e| {
         log::error!("pod {pod} (sandbox {}): dump failed: {e}", pod.id);
-        e
+        match e {
+            crate::containerd::Error::Call { status, .. } => Error::Dump {
+                pod: pod.to_string(),
+                sandbox: short(&pod.id).to_owned(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            },
+            other => Error::Containerd(other),
+        }
     })?;
     progress.step("reading the checkpoint's manifest");
     let manifest = read_manifest(&dir)?;

@@ -26,6 +26,15 @@ pub enum Error {
     /// A checkpoint that is damaged, incomplete or not one of ours.
     #[error(transparent)]
     Checkpoint(#[from] Box<podsnap_checkpoint::Error>),
+    /// The pod's shim (through containerd) refused or failed the dump: a busy pod, or a
+    /// container CRIU could not dump (the message names it and quotes CRIU's log).
+    #[error("dump of pod {pod} (sandbox {sandbox}) failed: {message}")]
+    Dump {
+        pod: String,
+        sandbox: String,
+        code: tonic::Code,
+        message: String,
+    },
     /// No ready sandbox with that name in that namespace.
     #[error("pod {namespace}/{name} not found: {detail}")]
     PodNotFound {

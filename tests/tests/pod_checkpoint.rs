@@ -1,0 +1,342 @@
+//! Pod checkpoint and restore against the real stack: the three-container pod (init, sidecar,
+//! app sharing an emptyDir) dumped and brought back as a new pod, three ways:
+//! `podsnap dump` + `podsnap restore`; `ctr task checkpoint` on the sandbox task (a checkpoint
+//! image in containerd's content store) + `podsnap restore`; and kubelet's own CRI calls on a pod
+//! carrying `podsnap.io/restore-from`.
+
+mod pod_checkpoint_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use pod_checkpoint_support::*;
+use podsnap_tests::ctr::CRI_NAMESPACE;
+use podsnap_tests::kubelet::{
+    create_container, run_pod, run_three_container_pod, start_container, ContainerSpec, PodOptions, APP_PORT,
+    DATA_MOUNT, DATA_VOLUME, SIDECAR_PORT,
+};
+use podsnap_tests::{start_node, HANDLER};
+
+fn volume_of(node: &podsnap_tests::node::Node, uid: &str) -> PathBuf {
+    pods_dir(node)
+        .join(uid)
+        .join("volumes/kubernetes.io~empty-dir")
+        .join(DATA_VOLUME)
+}
+
+fn id_of<'a>(containers: &'a [(String, String)], name: &str) -> &'a str {
+    containers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, id)| id.as_str())
+        .unwrap_or_else(|| panic!("no restored container {name} in {containers:?}"))
+}
+
+#[test]
+fn podsnap_dump_and_restore_bring_the_pod_back() {
+    let node = start_node!();
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("webapp"), HANDLER))
+        .expect("the three-container pod runs");
+    let before = mark_and_count(&pod);
+
+    let outcome = dump(&node, &pod, None).expect("podsnap dump");
+    let summary = &outcome.summary;
+    eprintln!("{summary}");
+    assert!(
+        summary.dir.starts_with(node.files().checkpoints()),
+        "the default destination is in the root: {}",
+        summary.dir.display()
+    );
+    assert_eq!(summary.dumped, ["sidecar", "app"]);
+    assert_eq!(summary.volumes, [DATA_VOLUME]);
+    assert!(
+        summary.frozen > Duration::ZERO && summary.bytes > 0,
+        "{summary:?}"
+    );
+    assert!(summary.restore_name.is_some());
+
+    // --leave-running (the default): the pod goes on.
+    let after_dump = ask_count(&pod.pod.ip, APP_PORT);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        ask_count(&pod.pod.ip, APP_PORT) > after_dump,
+        "the dumped pod keeps running"
+    );
+
+    remove_original(&node, &pod);
+    let restored = restore(&node, &restore_request(&node, &summary.dir)).expect("podsnap restore");
+    let names: Vec<&str> = restored.containers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["sidecar", "app"], "restored in start order");
+    assert!(
+        restored.imported.is_none(),
+        "a checkpoint in the root is used in place"
+    );
+    assert_eq!(
+        Some(restored.checkpoint.as_str()),
+        summary.restore_name.as_deref()
+    );
+    for (name, id) in &restored.containers {
+        let status = node.cri().container(id).expect("ContainerStatus");
+        assert_eq!(
+            status.state,
+            cri::ContainerState::ContainerRunning as i32,
+            "{name} runs"
+        );
+    }
+    check_restored(
+        &node,
+        &restored.ip,
+        &pod.pod.ip,
+        &volume_of(&node, &restored.uid),
+        id_of(&restored.containers, "app"),
+        before,
+    );
+    // The completed init container is recorded (exit 0), not dumped, and not run again.
+    assert_eq!(summary.recorded, [("init".to_owned(), Some(0))]);
+    assert_eq!(restored.not_rerun, ["init"]);
+}
+
+fn ask_count(ip: &str, port: u16) -> u64 {
+    podsnap_tests::kubelet::ask(ip, port, "count")
+        .expect("count")
+        .parse()
+        .expect("a number")
+}
+
+/// The descriptor of the pod checkpoint layer in a checkpoint image's index.
+fn checkpoint_layer(node: &podsnap_tests::node::Node, digest: &str, depth: usize) -> Option<String> {
+    let blob = node.ctr().run(CRI_NAMESPACE, &["content", "get", digest]).ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&blob).ok()?;
+    let mut descriptors: Vec<&serde_json::Value> = Vec::new();
+    for key in ["manifests", "layers"] {
+        if let Some(list) = doc.get(key).and_then(|v| v.as_array()) {
+            descriptors.extend(list);
+        }
+    }
+    for d in &descriptors {
+        let media = d["mediaType"].as_str().unwrap_or_default();
+        if media.contains("checkpoint") && media.ends_with(".tar") {
+            return d["digest"].as_str().map(str::to_owned);
+        }
+    }
+    if depth == 0 {
+        return None;
+    }
+    descriptors
+        .iter()
+        .filter_map(|d| d["digest"].as_str())
+        .find_map(|d| checkpoint_layer(node, d, depth - 1))
+}
+
+#[test]
+fn ctr_task_checkpoint_of_the_sandbox_restores_through_podsnap() {
+    let node = start_node!();
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("webapp"), HANDLER))
+        .expect("the three-container pod runs");
+    let before = mark_and_count(&pod);
+    let images_before = node
+        .ctr()
+        .list_ids(CRI_NAMESPACE, "images")
+        .expect("ctr images ls");
+
+    let printed = node
+        .ctr()
+        .run(CRI_NAMESPACE, &["task", "checkpoint", &pod.pod.id])
+        .expect("ctr task checkpoint on the sandbox task");
+    eprintln!("ctr task checkpoint printed: {printed}");
+    let listing = node
+        .ctr()
+        .run(CRI_NAMESPACE, &["images", "ls"])
+        .expect("ctr images ls");
+    let (name, digest) = listing
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() >= 3).then(|| (f[0].to_owned(), f[2].to_owned()))
+        })
+        .find(|(name, _)| !images_before.contains(name))
+        .unwrap_or_else(|| panic!("no checkpoint image appeared:\n{listing}"));
+    let layer = checkpoint_layer(&node, &digest, 2)
+        .unwrap_or_else(|| panic!("checkpoint image {name} ({digest}) has no checkpoint layer"));
+
+    // Extract the layer into the checkpoint root and restore it from there.
+    let blob = node
+        .ctr()
+        .command(CRI_NAMESPACE)
+        .args(["content", "get", &layer])
+        .output()
+        .expect("ctr content get");
+    assert!(blob.status.success(), "{}", String::from_utf8_lossy(&blob.stderr));
+    let target = node.files().checkpoints().join("from-ctr");
+    std::fs::create_dir_all(&target).expect("mkdir");
+    tar::Archive::new(blob.stdout.as_slice())
+        .unpack(&target)
+        .expect("unpacking the checkpoint layer");
+    assert!(
+        target.join("manifest.json").is_file(),
+        "the layer holds a pod checkpoint: {:?}",
+        names_in(&target)
+    );
+
+    remove_original(&node, &pod);
+    let restored = restore(&node, &restore_request(&node, &target)).expect("podsnap restore");
+    assert_eq!(restored.checkpoint, "from-ctr");
+    check_restored(
+        &node,
+        &restored.ip,
+        &pod.pod.ip,
+        &volume_of(&node, &restored.uid),
+        id_of(&restored.containers, "app"),
+        before,
+    );
+}
+
+/// The `podsnap` binary next to this test's executable, built if missing.
+fn podsnap_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join("podsnap");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut build = Command::new(cargo);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "podsnap-coordinator",
+        "--bin",
+        "podsnap",
+    ]);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            build.arg("--release");
+        }
+        Some(other) => {
+            build.args(["--profile", other]);
+        }
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        build.env("CARGO_TARGET_DIR", target_dir);
+    }
+    let status = build
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("running cargo build for the podsnap binary");
+    assert!(status.success(), "cargo build of the podsnap binary failed");
+    assert!(binary.is_file(), "{} was not built", binary.display());
+    binary
+}
+
+fn workload_specs() -> [ContainerSpec; 3] {
+    let sidecar_port = SIDECAR_PORT.to_string();
+    let app_port = APP_PORT.to_string();
+    [
+        ContainerSpec::workload("init", &["init", "--marker", "/data/init.log"])
+            .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
+        ContainerSpec::workload(
+            "sidecar",
+            &[
+                "serve",
+                "--name",
+                "sidecar",
+                "--port",
+                &sidecar_port,
+                "--volume",
+                DATA_MOUNT,
+            ],
+        )
+        .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
+        ContainerSpec::workload(
+            "app",
+            &[
+                "serve", "--name", "app", "--port", &app_port, "--volume", DATA_MOUNT,
+            ],
+        )
+        .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
+    ]
+}
+
+#[test]
+fn kubelet_restores_a_pod_annotated_with_restore_from() {
+    let node = start_node!();
+    let name = node.unique("webapp");
+    let pod = run_three_container_pod(&node, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let before = mark_and_count(&pod);
+
+    // The dump through the real binary, into a named directory of the root.
+    let checkpoint = "webapp-kubelet";
+    let dir = node.files().checkpoints().join(checkpoint);
+    let output = Command::new(podsnap_binary())
+        .args(["dump", "--namespace", "default", "--pod", &name, "--dir"])
+        .arg(&dir)
+        .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
+        .env("CONTAINERD_ADDRESS", node.address())
+        .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+        .output()
+        .expect("running podsnap dump");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "podsnap dump failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("dumped       sidecar, app"), "{stdout}");
+    assert!(stdout.contains(&format!("restore-from {checkpoint}")), "{stdout}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no spinner when stderr is not a terminal: {stderr:?}"
+    );
+    remove_original(&node, &pod);
+
+    // kubelet: RunPodSandbox with the annotation, PodSandboxStatus (in run_pod), then each
+    // container in the pod spec's order: the init container to completion first.
+    let mut options = PodOptions::new(&name, HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), checkpoint.to_owned());
+    let new_pod = run_pod(&node, &options).expect("RunPodSandbox with podsnap.io/restore-from");
+    let volume = new_pod.empty_dir(DATA_VOLUME).expect("the emptyDir");
+    let [init, sidecar, app] = workload_specs();
+
+    // Checked after the rest, so one failure does not hide the others.
+    let mut init_problem = None;
+    let init_id = create_container(&node, &new_pod, &init).expect("CreateContainer init");
+    let started = Instant::now();
+    match start_container(&node, &init_id) {
+        Err(status) => init_problem = Some(format!("StartContainer init: {}", status.message())),
+        Ok(()) => {
+            let status = node
+                .cri()
+                .wait_container_state(
+                    &init_id,
+                    cri::ContainerState::ContainerExited,
+                    Duration::from_secs(10),
+                )
+                .expect("the completed init container exits at once");
+            assert_eq!(status.exit_code, 0, "{status:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "init answered at once"
+            );
+        }
+    }
+
+    let mut ids = Vec::new();
+    for spec in [&sidecar, &app] {
+        let id = create_container(&node, &new_pod, spec)
+            .unwrap_or_else(|s| panic!("CreateContainer {}: {}", spec.name, s.message()));
+        start_container(&node, &id)
+            .unwrap_or_else(|s| panic!("StartContainer {}: {}", spec.name, s.message()));
+        ids.push(id);
+    }
+    check_restored(&node, &new_pod.ip, &pod.pod.ip, &volume, &ids[1], before);
+    if let Some(problem) = init_problem {
+        panic!("the completed init container was not answered with exit 0: {problem}");
+    }
+}
