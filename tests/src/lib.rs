@@ -12,6 +12,7 @@
 //! A missing prerequisite is a test failure with a message saying what to install, never a skip.
 
 pub mod command;
+pub mod containerd_api;
 pub mod cri;
 pub mod ctr;
 pub mod host;
