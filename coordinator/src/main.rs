@@ -157,8 +157,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (name, id) in &pod.containers {
                 println!("restored     {name} ({})", short(id));
             }
-            for name in &pod.not_rerun {
-                println!("not rerun    {name} (completed before the checkpoint)");
+            for (name, id) in &pod.completed {
+                println!("completed    {name} ({}): not run again", short(id));
+            }
+            for name in &pod.skipped {
+                println!("left out     {name} (neither running nor completed at the checkpoint)");
             }
             println!("checkpoint   {}", pod.checkpoint);
             if let Some(copy) = &pod.imported {

@@ -7,9 +7,11 @@
 //!    name first.
 //! 3. RunPodSandbox (handler `podsnap`, a new uid, the restore annotation naming the checkpoint:
 //!    a new network namespace and pod IP), then CreateContainer + StartContainer for each
-//!    container in its recorded start order. The shim restores each from its CRIU images
-//!    instead of starting it fresh; containers that had completed (init containers) are not run
-//!    again and are not created.
+//!    container in its recorded start order, as kubelet would. The shim restores each from its
+//!    CRIU images instead of starting it fresh, and answers a container that had completed (an
+//!    init container) with its recorded exit at once, without running it: the new pod lists it
+//!    as exited, and a checkpoint of the new pod records it again. Containers that were neither
+//!    running nor completed are left out.
 //! 4. Any failure on the way removes what was made: the sandbox with its containers, the pod's
 //!    directories, its cgroups and the imported copy.
 
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::manifest::{safe_relative, Manifest, MANIFEST};
+use podsnap_checkpoint::manifest::{safe_relative, ContainerEntry, Manifest, MANIFEST};
 use podsnap_checkpoint::Role;
 
 use crate::cri::CriClients;
@@ -89,8 +91,13 @@ pub struct RestoredPod {
     pub imported: Option<PathBuf>,
     /// (name, new container id) in the order they were started.
     pub containers: Vec<(String, String)>,
-    /// Containers recorded in the checkpoint but not run again (completed init containers).
+    /// Containers that had completed (init containers): created and answered with their
+    /// recorded exit by the shim, not run again.
     pub not_rerun: Vec<String>,
+    /// (name, new container id) of those completed containers.
+    pub completed: Vec<(String, String)>,
+    /// Containers of the checkpoint neither running nor completed: not created.
+    pub skipped: Vec<String>,
     pub pod_dir: PathBuf,
     pub log_dir: PathBuf,
     pub took: Duration,
@@ -102,8 +109,9 @@ struct Plan {
     pod: NewPod,
     sandbox: Option<Spec>,
     namespaces: cri::NamespaceOption,
-    containers: Vec<ContainerPlan>,
-    not_rerun: Vec<String>,
+    /// In start order; `Some(exit code)` for a completed container.
+    containers: Vec<(ContainerPlan, Option<u32>)>,
+    skipped: Vec<String>,
 }
 
 /// Restores a pod from `request.checkpoint_dir`; see the module documentation.
@@ -118,7 +126,8 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
         .map_err(|e| Error::Refused(format!("checkpoint verification stopped: {e}")))??;
     let plan = plan(request, &dir, manifest)?;
     let clients = crate::cri::connect(&request.runtime_endpoint).await?;
-    check_images(&clients, &plan.containers).await?;
+    let plans: Vec<&ContainerPlan> = plan.containers.iter().map(|(c, _)| c).collect();
+    check_images(&clients, &plans).await?;
 
     let mut undo = Undo::default();
     let (checkpoint, imported) = match name_in_root(&dir, &request.checkpoint_root) {
@@ -140,7 +149,7 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
         }
     };
     match create(request, &plan, &checkpoint, &clients, &mut undo, progress).await {
-        Ok((id, containers, ip)) => Ok(RestoredPod {
+        Ok((id, containers, completed, ip)) => Ok(RestoredPod {
             id,
             name: plan.pod.name.clone(),
             namespace: plan.pod.namespace.clone(),
@@ -149,7 +158,9 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
             checkpoint,
             imported,
             containers,
-            not_rerun: plan.not_rerun,
+            not_rerun: completed.iter().map(|(name, _)| name.clone()).collect(),
+            completed,
+            skipped: plan.skipped,
             pod_dir: plan.pod.pod_dir,
             log_dir: plan.pod.log_dir,
             took: started.elapsed(),
@@ -184,43 +195,48 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest) -> Result<Plan
     let pod = NewPod::new(&name, &namespace, &uid, &request.pods_dir, &request.logs_dir);
 
     let mut sandbox = None;
-    let mut specs: Vec<(String, Option<String>, Spec)> = Vec::new();
-    let mut not_rerun = Vec::new();
+    let mut specs: Vec<(&ContainerEntry, Spec)> = Vec::new();
+    let mut skipped = Vec::new();
     for entry in manifest.restore_order() {
         if entry.role == Role::Sandbox {
             sandbox = Some(load_spec(dir, &entry.dir())?);
-            continue;
+        } else if entry.dumped || entry.completed() {
+            specs.push((entry, load_spec(dir, &entry.dir())?));
+        } else {
+            skipped.push(entry.name.clone());
         }
-        if !entry.dumped {
-            not_rerun.push(entry.name.clone());
-            continue;
-        }
-        let spec = load_spec(dir, &entry.dir())?;
-        specs.push((entry.name.clone(), entry.image.clone(), spec));
     }
-    if specs.is_empty() {
+    if !specs.iter().any(|(entry, _)| entry.dumped) {
         return Err(Error::Refused(format!(
             "checkpoint {} holds no running container to restore",
             dir.display()
         )));
     }
-    let container_specs: Vec<&Spec> = specs.iter().map(|(_, _, s)| s).collect();
+    let container_specs: Vec<&Spec> = specs.iter().map(|(_, s)| s).collect();
     let namespaces = namespace_options(sandbox.as_ref(), &container_specs);
     let mut containers = Vec::new();
-    for (name, image, spec) in &specs {
+    for (entry, spec) in &specs {
         let random = new_uid()?;
-        containers.push(
-            container_plan(name, spec, image.as_deref(), &namespaces, &pod, &random[..8])
-                .map_err(Error::Refused)?,
-        );
+        let config = container_plan(
+            &entry.name,
+            spec,
+            entry.image.as_deref(),
+            &namespaces,
+            &pod,
+            &random[..8],
+        )
+        .map_err(Error::Refused)?;
+        let completed = (!entry.dumped).then(|| entry.exit_code.unwrap_or(0));
+        containers.push((config, completed));
     }
+    drop(specs);
     Ok(Plan {
         manifest,
         pod,
         sandbox,
         namespaces,
         containers,
-        not_rerun,
+        skipped,
     })
 }
 
@@ -239,7 +255,7 @@ fn load_spec(dir: &Path, container_dir: &Path) -> Result<Spec> {
 }
 
 /// Every image must be on the node already: the restore pulls nothing.
-async fn check_images(clients: &CriClients, containers: &[ContainerPlan]) -> Result<()> {
+async fn check_images(clients: &CriClients, containers: &[&ContainerPlan]) -> Result<()> {
     let images: BTreeSet<&str> = containers.iter().map(|c| c.image.as_str()).collect();
     for image in images {
         let status = clients
@@ -270,7 +286,11 @@ async fn check_images(clients: &CriClients, containers: &[ContainerPlan]) -> Res
     Ok(())
 }
 
-/// The CRI calls, recording in `undo` everything made.
+/// (name, container id) pairs.
+type Named = Vec<(String, String)>;
+
+/// The CRI calls, recording in `undo` everything made. Returns the sandbox id, the restored
+/// and the completed containers, and the pod IP.
 async fn create(
     request: &RestoreRequest,
     plan: &Plan,
@@ -278,7 +298,7 @@ async fn create(
     clients: &CriClients,
     undo: &mut Undo,
     progress: &dyn Progress,
-) -> Result<(String, Vec<(String, String)>, String)> {
+) -> Result<(String, Named, Named, String)> {
     let pod = &plan.pod;
     undo.uid = Some(pod.uid.clone());
     make_dir(&pod.pod_dir, 0o750, undo)?;
@@ -311,8 +331,12 @@ async fn create(
     log::info!("pod {}/{}: sandbox {id} created", pod.namespace, pod.name);
 
     let mut started = Vec::new();
-    for c in &plan.containers {
-        progress.step(&format!("restoring container {}", c.name));
+    let mut completed = Vec::new();
+    for (c, exit_code) in &plan.containers {
+        progress.step(&match exit_code {
+            None => format!("restoring container {}", c.name),
+            Some(_) => format!("recreating completed container {} (not run again)", c.name),
+        });
         for dir in &c.empty_dirs {
             make_dir(dir, 0o777, undo)?;
         }
@@ -339,6 +363,11 @@ async fn create(
             })
             .await
             .map_err(Error::cri(format!("StartContainer {}", c.name)))?;
+        if let Some(code) = exit_code {
+            wait_exited(&mut runtime, &c.name, &container_id, *code).await?;
+            completed.push((c.name.clone(), container_id));
+            continue;
+        }
         log::info!(
             "pod {}/{}: container {} ({container_id}) restored",
             pod.namespace,
@@ -359,7 +388,48 @@ async fn create(
         .and_then(|s| s.network)
         .map(|n| n.ip)
         .unwrap_or_default();
-    Ok((id, started, ip))
+    Ok((id, started, completed, ip))
+}
+
+/// How long a completed container may take to be reported exited.
+const COMPLETED_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until CRI reports a completed container exited with its recorded code (the shim
+/// answers it at once, without running it).
+async fn wait_exited(
+    runtime: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    name: &str,
+    id: &str,
+    code: u32,
+) -> Result<()> {
+    let deadline = Instant::now() + COMPLETED_EXIT_TIMEOUT;
+    loop {
+        let status = runtime
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.to_owned(),
+                verbose: false,
+            })
+            .await
+            .map_err(Error::cri(format!("ContainerStatus {name}")))?
+            .into_inner()
+            .status;
+        if let Some(s) = status.filter(|s| s.state == cri::ContainerState::ContainerExited as i32) {
+            if i64::from(s.exit_code) == i64::from(code) {
+                return Ok(());
+            }
+            return Err(Error::Refused(format!(
+                "container {name} had completed with exit code {code} but exited with {}",
+                s.exit_code
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Refused(format!(
+                "container {name} had completed before the checkpoint but did not exit within \
+                 {COMPLETED_EXIT_TIMEOUT:?}: is the pod's runtime handler podsnap?"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Copies the checkpoint's files (those its manifest lists, and the manifest) into a fresh

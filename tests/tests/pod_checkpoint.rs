@@ -93,9 +93,26 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
         id_of(&restored.containers, "app"),
         before,
     );
-    // The completed init container is recorded (exit 0), not dumped, and not run again.
+    // The completed init container is recorded (exit 0), not dumped, and not run again: the
+    // new pod lists it as exited 0, and a checkpoint of the new pod records it again.
     assert_eq!(summary.recorded, [("init".to_owned(), Some(0))]);
     assert_eq!(restored.not_rerun, ["init"]);
+    let init = node
+        .cri()
+        .container(id_of(&restored.completed, "init"))
+        .expect("init status");
+    assert_eq!(
+        (init.state, init.exit_code),
+        (cri::ContainerState::ContainerExited as i32, 0)
+    );
+    let request = dump_request(&node, &restored.name, &restored.namespace, None);
+    let again = block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Quiet,
+    ))
+    .expect("a checkpoint of the restored pod");
+    assert_eq!(again.summary.dumped, ["sidecar", "app"]);
+    assert_eq!(again.summary.recorded, [("init".to_owned(), Some(0))]);
 }
 
 fn ask_count(ip: &str, port: u16) -> u64 {
