@@ -286,11 +286,20 @@ fn kubelet_restores_a_pod_annotated_with_restore_from() {
     let pod = run_three_container_pod(&node, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
     let before = mark_and_count(&pod);
 
-    // The dump through the real binary, into a named directory of the root.
+    // The dump through the real binary, into a named directory of the root; --stop ends the
+    // pod's containers once they are dumped.
     let checkpoint = "webapp-kubelet";
     let dir = node.files().checkpoints().join(checkpoint);
     let output = Command::new(podsnap_binary())
-        .args(["dump", "--namespace", "default", "--pod", &name, "--dir"])
+        .args([
+            "dump",
+            "--stop",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--dir",
+        ])
         .arg(&dir)
         .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
         .env("CONTAINERD_ADDRESS", node.address())
@@ -309,6 +318,11 @@ fn kubelet_restores_a_pod_annotated_with_restore_from() {
         !stderr.contains('\u{1b}'),
         "no spinner when stderr is not a terminal: {stderr:?}"
     );
+    for id in [&pod.sidecar_id, &pod.app_id] {
+        node.cri()
+            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(10))
+            .expect("--stop stops the dumped containers");
+    }
     remove_original(&node, &pod);
 
     // kubelet: RunPodSandbox with the annotation, PodSandboxStatus (in run_pod), then each

@@ -111,6 +111,10 @@ fn a_failed_dump_leaves_the_pod_running_and_writes_nothing() {
         message.contains("CRIU log"),
         "the error quotes CRIU's log: {message}"
     );
+    assert!(
+        message.contains("Can't dump ghost file"),
+        "CRIU's cause is quoted: {message}"
+    );
 
     assert!(
         names_in(&root).is_empty(),
