@@ -258,21 +258,29 @@ impl PodTask {
             let Ok(afd) = (unsafe { tokio::io::unix::AsyncFd::register(fd) }) else {
                 return;
             };
-            let mut kills = oom_kills(&dir);
             loop {
                 let Ok(mut guard) = afd.readable().await else {
                     return;
                 };
                 let mut buf = [0u8; 8];
-                let _ = guard
-                    .try_io(|fd| nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from));
+                match guard
+                    .try_io(|fd| nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from))
+                {
+                    Ok(Ok(8)) => {}
+                    Ok(Ok(_)) | Err(_) => continue, // spurious readiness
+                    Ok(Err(e)) => {
+                        log::warn!("container {id}: OOM notifications stopped: {e}");
+                        return;
+                    }
+                }
                 if !dir.exists() {
                     return; // the cgroup went away with the container
                 }
-                let now = oom_kills(&dir);
-                if now > kills {
-                    kills = now;
-                    log::info!("container {id}: OOM kill");
+                {
+                    // The kernel signals when the cgroup goes under OOM (before its killer
+                    // runs, so the kill counters may not have moved yet), and when the
+                    // cgroup is removed: any signal while it still exists is an OOM.
+                    log::info!("container {id}: out of memory");
                     inner
                         .publish(
                             events::OOM,
@@ -1226,16 +1234,6 @@ async fn drain_io(p: &Process) {
     if tokio::time::timeout(IO_DRAIN, p.io.shutdown()).await.is_err() {
         p.io.abort().await;
     }
-}
-
-fn oom_kills(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("memory.oom_control"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
