@@ -168,6 +168,7 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
         console_socket: r.console_socket.clone(),
         no_pivot: r.no_pivot,
         log: r.log.clone(),
+        deadline: Some(restore_deadline(&r.image_dir)),
     };
     match runc.restore(&r.id, &r.bundle, opts, stdio).await {
         Ok(()) => Ok(()),
@@ -179,6 +180,8 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
                     r.id
                 );
             }
+            // CRIU mounts a cgroup yard in its work directory; a killed restore leaves it.
+            podsnap_runtime::mount::unmount_under(&r.work_dir);
             Err(Error::Restore {
                 id: r.id.clone(),
                 source: Box::new(source),
@@ -186,6 +189,21 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
             })
         }
     }
+}
+
+/// How long a restore may take: a minute, plus a second per 32 MiB of memory images (a damaged
+/// image can make CRIU's restorer spin forever).
+pub fn restore_deadline(image_dir: &Path) -> std::time::Duration {
+    let bytes: u64 = std::fs::read_dir(image_dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    std::time::Duration::from_secs(60 + bytes / (32 << 20))
 }
 
 /// The last lines of a CRIU log, if it exists, after the log's first error lines when those

@@ -7,6 +7,7 @@
 
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::AsyncReadExt;
@@ -43,6 +44,60 @@ pub enum Capture {
 pub trait Launcher: Send + Sync {
     /// Runs `cmd` to completion.
     async fn run(&self, cmd: Command, capture: Capture) -> std::io::Result<Outcome>;
+
+    /// Runs `cmd`, but gives up after `deadline`: the program and every process it started
+    /// are killed, and the result is a `TimedOut` error.
+    async fn run_until(
+        &self,
+        cmd: Command,
+        capture: Capture,
+        deadline: Duration,
+    ) -> std::io::Result<Outcome> {
+        match tokio::time::timeout(deadline, self.run(cmd, capture)).await {
+            Ok(out) => out,
+            Err(_) => Err(timed_out(deadline)),
+        }
+    }
+}
+
+/// The error of a program that ran past its deadline.
+pub fn timed_out(deadline: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("did not finish within {} s and was killed", deadline.as_secs()),
+    )
+}
+
+/// Kills `pid` and every process descending from it (found through `/proc`), children first
+/// listed last so none is missed while its parent dies.
+pub fn kill_tree(pid: i32) {
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(children_of(parent));
+        i += 1;
+    }
+    for p in tree {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(p, libc::SIGKILL);
+        }
+    }
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let path = task.path().join("children");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out
 }
 
 /// A launcher that waits with tokio's own child handling. Right for any process that is not a

@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod cgroup;
 pub mod error;
 pub mod launcher;
+pub mod mount;
 pub mod runc;
 pub mod stdio;
 

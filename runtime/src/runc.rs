@@ -128,6 +128,8 @@ pub struct RestoreOpts {
     pub console_socket: Option<PathBuf>,
     pub no_pivot: bool,
     pub log: PathBuf,
+    /// Give up (killing runc, CRIU and the half-restored processes) after this long.
+    pub deadline: Option<std::time::Duration>,
 }
 
 /// What `runc state` reports.
@@ -201,18 +203,27 @@ impl Runc {
         mut cmd: Command,
         stdio: ProcessStdio,
         log: &Path,
+        deadline: Option<std::time::Duration>,
     ) -> Result<()> {
         cmd.stdin(stdio_of(stdio.stdin));
         cmd.stdout(stdio_of(stdio.stdout));
         cmd.stderr(stdio_of(stdio.stderr));
-        let out = self
-            .launcher
-            .run(cmd, Capture::Inherit)
-            .await
-            .map_err(|source| Error::Launch {
-                binary: self.binary.display().to_string(),
-                source,
-            })?;
+        let ran = match deadline {
+            Some(d) => self.launcher.run_until(cmd, Capture::Inherit, d).await,
+            None => self.launcher.run(cmd, Capture::Inherit).await,
+        };
+        let out = match ran {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(runc_error(what, id, e.to_string()));
+            }
+            Err(source) => {
+                return Err(Error::Launch {
+                    binary: self.binary.display().to_string(),
+                    source,
+                })
+            }
+        };
         if out.success() {
             return Ok(());
         }
@@ -235,7 +246,8 @@ impl Runc {
             cmd.arg("--no-new-keyring");
         }
         cmd.arg(id);
-        self.run_with_stdio("create", id, cmd, stdio, &opts.log).await
+        self.run_with_stdio("create", id, cmd, stdio, &opts.log, None)
+            .await
     }
 
     /// `runc start`.
@@ -314,7 +326,7 @@ impl Runc {
             cmd.arg("--console-socket").arg(sock);
         }
         cmd.arg(id);
-        self.run_with_stdio("exec", id, cmd, stdio, &opts.log).await
+        self.run_with_stdio("exec", id, cmd, stdio, &opts.log, None).await
     }
 
     /// `runc update --resources FILE`: applies new resource limits (OCI LinuxResources JSON).
@@ -359,7 +371,8 @@ impl Runc {
             cmd.arg("--no-pivot");
         }
         cmd.arg(id);
-        self.run_with_stdio("restore", id, cmd, stdio, &opts.log).await
+        self.run_with_stdio("restore", id, cmd, stdio, &opts.log, opts.deadline)
+            .await
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
 use containerd_shim::monitor::{Subject, Topic};
-use podsnap_runtime::launcher::{read_pipe, Capture, Launcher, Outcome};
+use podsnap_runtime::launcher::{kill_tree, read_pipe, timed_out, Capture, Launcher, Outcome};
 
 use crate::process::{lock, Process};
 
@@ -22,7 +22,27 @@ pub struct MonitorLauncher;
 
 #[async_trait]
 impl Launcher for MonitorLauncher {
-    async fn run(&self, mut cmd: Command, capture: Capture) -> std::io::Result<Outcome> {
+    async fn run(&self, cmd: Command, capture: Capture) -> std::io::Result<Outcome> {
+        self.run_bounded(cmd, capture, None).await
+    }
+
+    async fn run_until(
+        &self,
+        cmd: Command,
+        capture: Capture,
+        deadline: std::time::Duration,
+    ) -> std::io::Result<Outcome> {
+        self.run_bounded(cmd, capture, Some(deadline)).await
+    }
+}
+
+impl MonitorLauncher {
+    async fn run_bounded(
+        &self,
+        mut cmd: Command,
+        capture: Capture,
+        deadline: Option<std::time::Duration>,
+    ) -> std::io::Result<Outcome> {
         // Subscribe before spawning: a fast child could otherwise exit unseen.
         let mut sub = monitor_subscribe(Topic::Pid)
             .await
@@ -42,21 +62,59 @@ impl Launcher for MonitorLauncher {
         let stderr = child.stderr.take().map(OwnedFd::from);
         // Dropping a std Child neither waits nor kills: the reaper owns its exit.
         drop(child);
+        let mut expired = false;
         let ((stdout, stderr), code) = tokio::join!(
             async { tokio::join!(read_pipe(stdout), read_pipe(stderr)) },
             async {
-                while let Some(ev) = sub.rx.recv().await {
-                    if matches!(ev.subject, Subject::Pid(p) if p == pid) {
-                        return Some(ev.exit_code);
+                let limit = deadline.map(|d| tokio::time::Instant::now() + d);
+                loop {
+                    let next = async {
+                        match limit {
+                            Some(at) => tokio::time::timeout_at(at, sub.rx.recv()).await.ok(),
+                            None => Some(sub.rx.recv().await),
+                        }
+                    };
+                    match next.await {
+                        Some(Some(ev)) => {
+                            if matches!(ev.subject, Subject::Pid(p) if p == pid) {
+                                return Some(ev.exit_code);
+                            }
+                        }
+                        Some(None) => return None,
+                        None if !expired => {
+                            // Past the deadline: kill the program and all it started, then
+                            // collect its exit as usual.
+                            expired = true;
+                            log::warn!("{} ran past its deadline: killing it", runtime_describe(&pid));
+                            kill_tree(pid);
+                        }
+                        None => return None,
+                    }
+                    if expired {
+                        // The kill is delivered; wait for the reaper without a deadline.
+                        while let Some(ev) = sub.rx.recv().await {
+                            if matches!(ev.subject, Subject::Pid(p) if p == pid) {
+                                return Some(ev.exit_code);
+                            }
+                        }
+                        return None;
                     }
                 }
-                None
             }
         );
         let _ = monitor_unsubscribe(sub.id).await;
         let code = code.ok_or_else(|| std::io::Error::other("the shim's exit monitor closed"))?;
+        if expired {
+            return Err(timed_out(deadline.unwrap_or_default()));
+        }
         Ok(Outcome { code, stdout, stderr })
     }
+}
+
+fn runtime_describe(pid: &i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.replace('\0', " ").trim().to_string())
+        .unwrap_or_else(|_| format!("pid {pid}"))
 }
 
 /// How many exits nobody claimed are remembered, for a process whose pid is learnt only after
