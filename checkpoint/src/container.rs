@@ -132,6 +132,7 @@ pub fn inspect(dir: &Path) -> Result<DumpOptions> {
             "no CRIU {CRIU_INVENTORY}: this is not a checkpoint"
         )));
     }
+    check_memory_images(dir).map_err(invalid)?;
     match std::fs::read(dir.join(CRIU_OPTIONS_FILE)) {
         Ok(bytes) if bytes.len() <= 64 * 1024 => {
             serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{CRIU_OPTIONS_FILE}: {e}")))
@@ -140,6 +141,105 @@ pub fn inspect(dir: &Path) -> Result<DumpOptions> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DumpOptions::default()),
         Err(e) => Err(invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
     }
+}
+
+/// CRIU image files start with two magic numbers; entries follow as (u32 length, protobuf).
+const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+/// `pagemap_entry.flags`: the pages are in this image's pages file.
+const PE_PRESENT: u64 = 1 << 2;
+
+/// Checks every `pagemap-*.img` against its `pages-*.img`: the pages the map says are present
+/// must be exactly what the pages file holds. A truncated or missing pages file is caught here,
+/// before CRIU (whose restorer can spin forever on a short read) sees it.
+fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
+    let page = 4096u64;
+    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("pagemap-") && name.ends_with(".img")) || name.starts_with("pagemap-shmem") {
+            continue;
+        }
+        let data = std::fs::read(entry.path()).map_err(|e| format!("{name}: {e}"))?;
+        let (pages_id, present) = parse_pagemap(&data).map_err(|e| format!("{name}: {e}"))?;
+        let pages = format!("pages-{pages_id}.img");
+        let size = match std::fs::metadata(dir.join(&pages)) {
+            Ok(m) => m.len(),
+            Err(_) if present == 0 => 0,
+            Err(e) => return Err(format!("{pages} (named by {name}): {e}")),
+        };
+        if size != present * page {
+            return Err(format!(
+                "{pages} holds {size} bytes but {name} maps {} bytes of pages: the memory image is damaged",
+                present * page
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a pagemap image: its pages id and the number of pages present in its pages file.
+fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
+    let u32_at =
+        |at: usize| -> Option<u32> { Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?)) };
+    if u32_at(4) != Some(PAGEMAP_MAGIC) {
+        return Err("not a CRIU pagemap image".into());
+    }
+    let mut at = 8;
+    let mut pages_id = None;
+    let mut present = 0u64;
+    while at < data.len() {
+        let len = u32_at(at).ok_or("truncated entry")? as usize;
+        let msg = data.get(at + 4..at + 4 + len).ok_or("truncated entry")?;
+        at += 4 + len;
+        let fields = protobuf_fields(msg)?;
+        let get = |n: u64| fields.iter().find(|(f, _)| *f == n).map(|(_, v)| *v);
+        if pages_id.is_none() {
+            pages_id = Some(get(1).unwrap_or(0)); // pagemap_head.pages_id
+            continue;
+        }
+        // CRIU 4 moved the page count to a 64-bit field 5, leaving field 2 at 0.
+        let nr_pages = get(5).or(get(2)).unwrap_or(0);
+        let in_parent = get(3).unwrap_or(0) != 0;
+        let is_present = match get(4) {
+            Some(flags) => flags & PE_PRESENT != 0,
+            None => !in_parent,
+        };
+        if is_present {
+            present = present.saturating_add(nr_pages);
+        }
+    }
+    Ok((pages_id.ok_or("no pagemap head")?, present))
+}
+
+/// The varint fields of a protobuf message (others are skipped): (field number, value).
+fn protobuf_fields(mut msg: &[u8]) -> std::result::Result<Vec<(u64, u64)>, String> {
+    fn varint(buf: &mut &[u8]) -> std::result::Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = buf.split_first().ok_or("truncated varint")?;
+            *buf = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+    let mut out = Vec::new();
+    while !msg.is_empty() {
+        let key = varint(&mut msg)?;
+        match key & 7 {
+            0 => out.push((key >> 3, varint(&mut msg)?)),
+            1 => msg = msg.get(8..).ok_or("truncated field")?,
+            2 => {
+                let len = varint(&mut msg)? as usize;
+                msg = msg.get(len..).ok_or("truncated field")?;
+            }
+            5 => msg = msg.get(4..).ok_or("truncated field")?,
+            _ => return Err("unsupported protobuf wire type".into()),
+        }
+    }
+    Ok(out)
 }
 
 /// A request to restore one container from its images.
@@ -375,6 +475,59 @@ mod tests {
         assert!(!tail.contains("RLIMIT_NOFILE"), "{tail}");
         assert!(tail.ends_with("Dumping FAILED."), "{tail}");
         assert_eq!(tail.lines().count(), 1 + 1 + LOG_TAIL_LINES, "{tail}");
+    }
+
+    fn pagemap(pages_id: u64, entries: &[(u64, u64, u64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(0x5458_4319u32.to_le_bytes());
+        out.extend(PAGEMAP_MAGIC.to_le_bytes());
+        let mut push = |msg: Vec<u8>| {
+            out.extend((msg.len() as u32).to_le_bytes());
+            out.extend(msg);
+        };
+        push(vec![0x08, pages_id as u8]);
+        for &(vaddr, nr, flags) in entries {
+            let mut m = vec![0x08];
+            let mut v = vaddr;
+            loop {
+                let b = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    m.push(b);
+                    break;
+                }
+                m.push(b | 0x80);
+            }
+            // CRIU 4's layout: field 2 left at 0, the count in field 5.
+            m.extend([0x10, 0, 0x20, flags as u8, 0x28, nr as u8]);
+            push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn memory_images_must_match_their_pagemap() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path();
+        std::fs::write(d.join(CRIU_INVENTORY), b"").expect("inventory");
+        // 3 present pages and 2 lazy/parent ones that live elsewhere.
+        std::fs::write(
+            d.join("pagemap-1.img"),
+            pagemap(7, &[(0x40_0000, 3, PE_PRESENT), (0x50_0000, 2, 1)]),
+        )
+        .expect("pagemap");
+        std::fs::write(d.join("pages-7.img"), vec![0u8; 3 * 4096]).expect("pages");
+        assert_eq!(
+            parse_pagemap(&std::fs::read(d.join("pagemap-1.img")).expect("read")),
+            Ok((7, 3))
+        );
+        inspect(d).expect("consistent images");
+        std::fs::write(d.join("pages-7.img"), vec![0u8; 4096]).expect("truncate");
+        let err = inspect(d).expect_err("truncated").to_string();
+        assert!(err.contains("memory image is damaged"), "{err}");
+        std::fs::remove_file(d.join("pages-7.img")).expect("rm");
+        let err = inspect(d).expect_err("missing").to_string();
+        assert!(err.contains("pages-7.img"), "{err}");
     }
 
     #[test]
