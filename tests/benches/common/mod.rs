@@ -1,0 +1,226 @@
+//! What the benchmarks share: iteration counts, medians, markdown tables, process memory,
+//! directory sizes, and the workload's answers through `ctr task exec`.
+//!
+//! Every benchmark runs its contenders side by side on one private containerd, alternating
+//! them round by round (the first round of each is a warm-up and is not counted), and prints
+//! medians and ratios: these machines are small and noisy.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use podsnap_tests::ctr::Ctr;
+use podsnap_tests::node::Node;
+
+/// Rounds counted per contender: `PODSNAP_BENCH_N`, else `default`.
+pub fn rounds(default: usize) -> usize {
+    std::env::var("PODSNAP_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
+
+/// Samples of one measure.
+#[derive(Debug, Clone, Default)]
+pub struct Samples(pub Vec<f64>);
+
+impl Samples {
+    pub fn push(&mut self, value: f64) {
+        self.0.push(value);
+    }
+
+    pub fn median(&self) -> f64 {
+        let mut sorted = self.0.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        match sorted.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        }
+    }
+
+    pub fn min(&self) -> f64 {
+        self.0.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    pub fn max(&self) -> f64 {
+        self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// `median (min-max)` with `decimals` decimals.
+    pub fn cell(&self, decimals: usize) -> String {
+        if self.0.is_empty() {
+            return "-".to_owned();
+        }
+        format!(
+            "{:.d$} ({:.d$}-{:.d$})",
+            self.median(),
+            self.min(),
+            self.max(),
+            d = decimals
+        )
+    }
+}
+
+/// `a / b` of two medians as `0.52x`.
+pub fn ratio(a: &Samples, b: &Samples) -> String {
+    let (a, b) = (a.median(), b.median());
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".to_owned()
+    }
+}
+
+/// Prints a markdown table.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    println!("| {} |", header.join(" | "));
+    println!("|{}|", header.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    for row in rows {
+        println!("| {} |", row.join(" | "));
+    }
+}
+
+pub fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Flushes dirty pages so one contender's writeback does not land in the next one's timing.
+pub fn sync_disks() {
+    // SAFETY: sync() takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Total size in bytes of the regular files under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => stack.push(entry.path()),
+                Ok(m) if m.is_file() => total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// RSS and PSS of a process in KiB, from `/proc/<pid>/smaps_rollup`.
+pub fn rss_pss_kib(pid: i32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    Some((field("Rss:")?, field("Pss:")?))
+}
+
+/// A named network namespace with loopback up, removed on drop: containers join it by path,
+/// as a pod's do (runc restores a private namespace empty, with loopback down).
+pub struct Netns {
+    pub name: String,
+    pub path: PathBuf,
+    ip: PathBuf,
+}
+
+impl Netns {
+    pub fn new(node: &Node, base: &str) -> Self {
+        let name = format!("podsnap-{}", node.unique(base));
+        let ip = node.tools().ip.clone();
+        for args in [
+            vec!["netns", "add", name.as_str()],
+            vec!["-n", name.as_str(), "link", "set", "lo", "up"],
+        ] {
+            let status = std::process::Command::new(&ip)
+                .args(&args)
+                .status()
+                .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+            assert!(status.success(), "ip {args:?}: {status}");
+        }
+        Self {
+            path: Path::new("/var/run/netns").join(&name),
+            name,
+            ip,
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.ip)
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+static EXEC_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Sends `command` to the workload server on `127.0.0.1:port` inside container `id`.
+pub fn try_ask(ctr: &Ctr, namespace: &str, id: &str, port: u16, command: &str) -> Result<String, String> {
+    let exec_id = format!("b{}", EXEC_COUNTER.fetch_add(1, Ordering::SeqCst));
+    let address = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "task",
+        "exec",
+        "--exec-id",
+        &exec_id,
+        id,
+        "podsnap-workload",
+        "client",
+        &address,
+    ];
+    args.extend(command.split(' '));
+    ctr.run(namespace, &args)
+        .map(|out| out.trim().to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until the server in `id` answers `ping`.
+pub fn wait_answering(ctr: &Ctr, namespace: &str, id: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match try_ask(ctr, namespace, id, port, "ping") {
+            Ok(reply) if reply.starts_with("pong") => return,
+            other => assert!(Instant::now() < deadline, "{id} does not answer: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `ctr task ls` shows `id` in `status`.
+pub fn wait_status(ctr: &Ctr, namespace: &str, id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = ctr.task_status(namespace, id).expect("ctr task ls");
+        if seen.as_deref() == Some(status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task {id} is {seen:?}, not {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills, deletes and removes a `ctr` container.
+pub fn remove_container(ctr: &Ctr, namespace: &str, id: &str) {
+    if ctr.task_status(namespace, id).expect("ctr task ls").is_some() {
+        let _ = ctr.run(namespace, &["task", "kill", "-s", "SIGKILL", id]);
+        wait_status(ctr, namespace, id, "STOPPED");
+        ctr.run(namespace, &["task", "delete", id])
+            .unwrap_or_else(|e| panic!("ctr task delete {id}: {e}"));
+    }
+    ctr.run(namespace, &["container", "rm", id])
+        .unwrap_or_else(|e| panic!("ctr container rm {id}: {e}"));
+}
