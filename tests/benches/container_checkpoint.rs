@@ -160,7 +160,10 @@ fn one_round(node: &Node, ctr: &Ctr, api: &ContainerdApi, runtime: &str, round: 
     common::wait_status(ctr, NS, &id, "RUNNING");
     common::wait_answering(ctr, NS, &id, PORT);
     let ballast = common::try_ask(ctr, NS, &id, PORT, "ballast-sum").expect("ballast-sum");
-    assert!(ballast.starts_with(&format!("ballast {BALLAST_MIB} MiB")), "{ballast}");
+    assert!(
+        ballast.starts_with(&format!("ballast {BALLAST_MIB} MiB")),
+        "{ballast}"
+    );
     let count: u64 = common::try_ask(ctr, NS, &id, PORT, "count")
         .expect("count")
         .parse()
