@@ -70,6 +70,8 @@ pub struct NodeOptions {
     pub keep: bool,
     /// containerd's log level.
     pub log_level: String,
+    /// TOML appended to containerd's config (e.g. one more CRI runtime for a benchmark).
+    pub extra_config: String,
 }
 
 impl NodeOptions {
@@ -80,6 +82,7 @@ impl NodeOptions {
             podsnap_shim: crate::handler() != "runc",
             keep: false,
             log_level: "debug".to_owned(),
+            extra_config: String::new(),
         }
     }
 }
@@ -264,7 +267,10 @@ impl Node {
              server = \"http://127.0.0.1:9\"\n",
         )?;
         std::fs::write(dir.join("cni/net.d/10-podsnap.conflist"), self.cni_conflist())?;
-        std::fs::write(self.files.config(), self.containerd_config())?;
+        std::fs::write(
+            self.files.config(),
+            format!("{}{}", self.containerd_config(), self.options.extra_config),
+        )?;
         self.spawn_containerd()?;
         self.wait_ready()?;
         let archives = crate::images::build(&self.options.workload_bin, &dir.join("images"))
