@@ -310,7 +310,7 @@ pub fn restore_deadline(image_dir: &Path) -> std::time::Duration {
 /// come before the tail: CRIU states the cause (`Connected TCP socket, consider using
 /// --tcp-established option`) long before its closing `Dumping FAILED`.
 pub fn log_tail(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = read_log_end(path)?;
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(LOG_TAIL_LINES);
     let causes: Vec<&str> = lines[..start]
@@ -325,6 +325,28 @@ pub fn log_tail(path: &Path) -> Option<String> {
     } else {
         Some(format!("{}\n...\n{tail}", causes.join("\n")))
     }
+}
+
+/// The last 1 MiB of a log (a CRIU log can grow large; the cause and the tail are near its end).
+fn read_log_end(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let keep = 1 << 20;
+    if len > keep {
+        f.seek(SeekFrom::Start(len - keep)).ok()?;
+    }
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    // Drop a partial first line.
+    Some(if len > keep {
+        text.split_once('\n')
+            .map(|(_, rest)| rest.to_string())
+            .unwrap_or(text)
+    } else {
+        text
+    })
 }
 
 /// A CRIU error line, leaving out the one every run logs (CRIU cannot raise RLIMIT_NOFILE

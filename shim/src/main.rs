@@ -17,7 +17,7 @@ mod task;
 /// The runtime type containerd knows this shim by.
 pub const RUNTIME_ID: &str = "io.containerd.podsnap.v1";
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     containerd_shim::asynchronous::run::<service::PodShim>(RUNTIME_ID, None).await;
 }
