@@ -129,6 +129,29 @@ impl ContainerdApi {
             criu_image_path: image_dir.to_string_lossy().into_owned(),
             criu_work_path: String::new(),
         };
+        self.create_task(id, Some(options.to_any()), None, &image_dir.display().to_string())
+    }
+
+    /// Tasks.Create of the task of container `id` restoring from a CRIU checkpoint blob of the
+    /// content store (`media_type`, `digest`, `size`: the descriptor in a checkpoint image's
+    /// index); containerd unpacks it into a temporary directory for the shim.
+    pub fn create_task_from_blob(&self, id: &str, media_type: &str, digest: &str, size: i64) -> Result<u32> {
+        let descriptor = containerd_client::types::Descriptor {
+            media_type: media_type.to_owned(),
+            digest: digest.to_owned(),
+            size,
+            annotations: Default::default(),
+        };
+        self.create_task(id, None, Some(descriptor), digest)
+    }
+
+    fn create_task(
+        &self,
+        id: &str,
+        options: Option<prost_types::Any>,
+        checkpoint: Option<containerd_client::types::Descriptor>,
+        from: &str,
+    ) -> Result<u32> {
         let container = self
             .block_on(
                 "Containers.Get",
@@ -156,7 +179,8 @@ impl ContainerdApi {
         let request = CreateTaskRequest {
             container_id: id.to_owned(),
             rootfs,
-            options: Some(options.to_any()),
+            options,
+            checkpoint,
             ..Default::default()
         };
         let answer = self
@@ -164,7 +188,7 @@ impl ContainerdApi {
                 "Tasks.Create",
                 TasksClient::new(self.channel.clone()).create(self.request(request)),
             )?
-            .map_err(|s| anyhow!("Tasks.Create {id} from {}: {}", image_dir.display(), s.message()))?;
+            .map_err(|s| anyhow!("Tasks.Create {id} from {from}: {}", s.message()))?;
         Ok(answer.into_inner().pid)
     }
 
