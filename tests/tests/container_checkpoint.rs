@@ -323,7 +323,7 @@ fn api(node: &Node) -> ContainerdApi {
     ContainerdApi::connect(&node.address(), NS).expect("containerd API")
 }
 
-/// A host directory of the node, for image directories and volumes.
+/// A directory in the node (under its checkpoint root) for image directories and volumes.
 fn node_dir(node: &Node, name: &str) -> PathBuf {
     node.dir().join("checkpoints").join(name)
 }
@@ -505,7 +505,7 @@ fn paused_task_checkpoints_and_stays_paused() {
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }
 
-/// The digest of the first manifest of `media_type` in image `name`'s index, and the index.
+/// The digest of the first manifest of `media_type` in image `name`'s index.
 fn index_manifest(ctr: &Ctr, name: &str, media_type: &str) -> Option<String> {
     let listing = ctr.run(NS, &["images", "ls"]).expect("ctr images ls");
     let digest = listing.lines().skip(1).find_map(|line| {
