@@ -245,16 +245,48 @@ impl Manifest {
                 )));
             }
         }
-        for (rel, want) in &m.files {
-            let got = sha256_file(&dir.join(rel)).map_err(|e| invalid(format!("{rel}: {e}")))?;
-            if got != want.sha256 {
-                return Err(invalid(format!(
-                    "{rel} is damaged: its SHA-256 does not match the manifest"
-                )));
-            }
-        }
+        verify_digests(dir, &m.files).map_err(invalid)?;
         Ok(m)
     }
+}
+
+/// Checks every file's SHA-256, largest files first, on as many threads as there are cores.
+fn verify_digests(dir: &Path, files: &BTreeMap<String, FileDigest>) -> std::result::Result<(), String> {
+    let mut todo: Vec<(&String, &FileDigest)> = files.iter().collect();
+    todo.sort_by_key(|(_, d)| std::cmp::Reverse(d.size));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(todo.len().max(1));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((rel, want)) = todo.get(i) else {
+                        return Ok(());
+                    };
+                    let got = sha256_file(&dir.join(rel)).map_err(|e| format!("{rel}: {e}"))?;
+                    if got != want.sha256 {
+                        // Stop the other workers early.
+                        next.store(usize::MAX / 2, std::sync::atomic::Ordering::Relaxed);
+                        return Err(format!(
+                            "{rel} is damaged: its SHA-256 does not match the manifest"
+                        ));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a digest worker panicked".into()))
+            })
+            .collect::<std::result::Result<Vec<()>, String>>()
+            .map(drop)
+    })
 }
 
 /// The SHA-256 of a file, hex.
