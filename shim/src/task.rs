@@ -67,6 +67,8 @@ struct Inner {
     /// Containers of the pod whose tasks were deleted after they exited (completed init
     /// containers): a pod checkpoint records them. By name; the newest wins.
     departed: Mutex<BTreeMap<String, Target>>,
+    /// Where the pod's record was last written.
+    record_file: Mutex<Option<PathBuf>>,
 }
 
 impl PodTask {
@@ -83,6 +85,7 @@ impl PodTask {
                 pod_busy: std::sync::atomic::AtomicBool::new(false),
                 restores: Restores::default(),
                 departed: Mutex::new(BTreeMap::new()),
+                record_file: Mutex::new(None),
             }),
         }
     }
@@ -876,35 +879,19 @@ impl Inner {
     fn save_record(&self) {
         match self.record() {
             Some(r) => {
-                if let Err(e) = r.write_to(&self.record_path(&r.pod_id)) {
+                let path = self.record_path(&r.pod_id);
+                if let Err(e) = r.write_to(&path) {
                     log::warn!("pod {}: cannot write its record: {e}", r.pod_id);
                 }
+                *lock(&self.record_file) = Some(path);
             }
             None => {
-                // The pod is empty: the shim's own id names its record.
-                if let Ok(entries) = std::fs::read_dir(Path::new(POD_RECORD_DIR).join(&self.namespace)) {
-                    let me = std::process::id();
-                    for e in entries.flatten() {
-                        if pod_record_of(&e.path()) == Some(me) {
-                            let _ = std::fs::remove_file(e.path());
-                        }
-                    }
+                // The pod is empty: its record goes with it.
+                if let Some(path) = lock(&self.record_file).take() {
+                    let _ = std::fs::remove_file(path);
                 }
             }
         }
-    }
-}
-
-/// The shim pid a record file belongs to (records carry the pids of their containers; the
-/// record of this shim's pod names containers whose parent is this shim).
-fn pod_record_of(path: &Path) -> Option<u32> {
-    let r: PodRecord = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    let any_pid = r.containers.iter().map(|c| c.pid).find(|p| *p > 0)?;
-    let stat = std::fs::read_to_string(format!("/proc/{any_pid}/stat")).ok();
-    match stat {
-        // Containers all gone: the record is stale whoever wrote it.
-        None => Some(std::process::id()),
-        Some(stat) => stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok(),
     }
 }
 
