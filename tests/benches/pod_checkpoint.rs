@@ -55,6 +55,8 @@ struct Measures {
     restore: Samples,
     verify: Samples,
     image_mib: Samples,
+    slowest: Samples,
+    frozen_over_slowest: Samples,
 }
 
 fn main() {
@@ -113,6 +115,8 @@ fn main() {
             m.restore.cell(2),
             m.verify.cell(2),
             m.image_mib.cell(0),
+            m.slowest.cell(2),
+            m.frozen_over_slowest.cell(2),
         ]
     };
     let rows = vec![
@@ -126,6 +130,8 @@ fn main() {
             ratio(&podsnap.restore, &go.restore),
             String::new(),
             ratio(&podsnap.image_mib, &go.image_mib),
+            ratio(&podsnap.slowest, &go.slowest),
+            String::new(),
         ],
     ];
     print_table(
@@ -137,6 +143,8 @@ fn main() {
             "restore to all running (s)",
             "one digest check of the checkpoint (s)",
             "image (MiB)",
+            "slowest single container dump (s)",
+            "frozen window / slowest dump",
         ],
         &rows,
     );
@@ -150,6 +158,9 @@ struct Round {
     checkpoint: f64,
     frozen: f64,
     frozen_sum: f64,
+    /// The slowest single container's dump (podsnap: manifest stats.slowest_dump_us; Go shim:
+    /// the longest of the three pause-to-resume spans).
+    slowest: f64,
     restore: f64,
     /// One digest check of the whole checkpoint (podsnap only; informational).
     verify: f64,
@@ -166,6 +177,8 @@ impl Round {
             m.verify.push(self.verify);
         }
         m.image_mib.push(self.image_mib);
+        m.slowest.push(self.slowest);
+        m.frozen_over_slowest.push(self.frozen / self.slowest);
     }
 }
 
@@ -236,6 +249,10 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest.json"))
             .expect("manifest JSON");
     let frozen = manifest["stats"]["frozen_us"].as_f64().expect("stats.frozen_us") / 1e6;
+    let slowest = manifest["stats"]["slowest_dump_us"]
+        .as_f64()
+        .expect("stats.slowest_dump_us")
+        / 1e6;
     let image_mib = mib(common::dir_size(&dir));
     kubelet::remove_pod(node, &pod).expect("remove the pod");
 
@@ -277,6 +294,7 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
         // All three containers are frozen together for this window.
         frozen,
         frozen_sum: frozen * CONTAINERS.len() as f64,
+        slowest,
         restore,
         verify,
         image_mib,
@@ -401,6 +419,10 @@ fn go_round(node: &Node, round: usize) -> Round {
     let frozen = pauses.iter().map(|p| p.1).fold(f64::MIN, f64::max)
         - pauses.iter().map(|p| p.0).fold(f64::MAX, f64::min);
     let frozen_sum: f64 = pauses.iter().map(|(paused, resumed)| resumed - paused).sum();
+    let slowest = pauses
+        .iter()
+        .map(|(paused, resumed)| resumed - paused)
+        .fold(0.0, f64::max);
     let image_mib = mib(images.iter().map(|name| image_bytes(node, name)).sum());
 
     // Restore in place: each task is killed (CRI deletes it), then created again from the CRIU
@@ -430,6 +452,7 @@ fn go_round(node: &Node, round: usize) -> Round {
         checkpoint,
         frozen,
         frozen_sum,
+        slowest,
         restore,
         verify: 0.0,
         image_mib,
