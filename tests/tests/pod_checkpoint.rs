@@ -221,14 +221,9 @@ fn podsnap_binary() -> PathBuf {
     let binary = profile_dir.join("podsnap");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut build = Command::new(cargo);
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "podsnap-coordinator",
-        "--bin",
-        "podsnap",
-    ]);
+    // The same selection as the test command's own `cargo build --workspace --bins`, so the
+    // features resolve alike and this is a no-op there.
+    build.args(["build", "--quiet", "--workspace", "--bins"]);
     match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => {}
         Some("release") => {
