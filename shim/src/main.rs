@@ -9,6 +9,7 @@ mod error;
 mod events;
 mod exits;
 mod metrics;
+mod pod_checkpoint;
 mod process;
 mod restore;
 mod service;

@@ -1,0 +1,171 @@
+//! A whole-pod checkpoint, asked with a Checkpoint on the pod's sandbox task: every container
+//! of the pod is captured at one instant by `podsnap-checkpoint`'s pod dump; completed
+//! containers are recorded; the pod is stopped afterwards when asked.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use podsnap_checkpoint::dump::{dump_pod, PodDump, Target};
+use podsnap_checkpoint::manifest::{validate_name, ContainerEntry, HostInfo, PodInfo};
+use podsnap_checkpoint::{ContainerState, Role};
+
+use crate::container::Container;
+use crate::error::Result;
+use crate::exits::MonitorLauncher;
+use crate::process::{lock, Status};
+
+/// What a pod checkpoint was asked to do.
+#[derive(Debug, Clone)]
+pub struct PodCheckpoint {
+    pub dest: PathBuf,
+    /// Stop the pod's containers after the dump.
+    pub stop: bool,
+    /// Keep established TCP connections on restore (they are always captured).
+    pub keep_tcp: bool,
+}
+
+/// Checkpoints the pod of `sandbox`: `containers` are its live containers, `departed` those
+/// whose tasks were deleted after they exited.
+pub async fn checkpoint(
+    sandbox: &Arc<Container>,
+    containers: &[Arc<Container>],
+    departed: Vec<Target>,
+    request: &PodCheckpoint,
+) -> Result<()> {
+    let claims: Vec<_> = containers.iter().map(|c| c.claim()).collect::<Result<_>>()?;
+    let mut targets: Vec<Target> = containers.iter().map(|c| pod_target(c)).collect();
+    for t in departed {
+        if !targets.iter().any(|live| live.entry.name == t.entry.name) {
+            targets.push(t);
+        }
+    }
+    let ident = &sandbox.identity;
+    let spec = sandbox.bundle.spec().ok();
+    let pod = PodInfo {
+        sandbox_id: sandbox.id.clone(),
+        name: ident.pod_name.clone(),
+        namespace: ident.pod_namespace.clone(),
+        uid: ident.pod_uid.clone(),
+        hostname: spec.as_ref().and_then(|s| s.hostname().clone()),
+        annotations: spec
+            .as_ref()
+            .and_then(|s| s.annotations().clone())
+            .map(|a| a.into_iter().collect())
+            .unwrap_or_default(),
+        cri_config: None,
+    };
+    let dest = &request.dest;
+    let dump = PodDump {
+        dest: dest.clone(),
+        pod,
+        host: host_info().await,
+        targets,
+        tcp_established: request.keep_tcp,
+    };
+    log::info!(
+        "pod {}: checkpoint of {} containers into {}",
+        sandbox.id,
+        containers.len(),
+        dest.display()
+    );
+    let report = dump_pod(dump)
+        .await
+        .inspect_err(|e| log::error!("pod {}: {e}", sandbox.id))?;
+    drop(claims);
+    log::info!(
+        "pod {}: checkpointed {:?} in {:?} (frozen {:?}, slowest dump {:?}, {} bytes)",
+        sandbox.id,
+        report.dumped,
+        report.total,
+        report.frozen,
+        report.slowest_dump,
+        report.bytes
+    );
+    if request.stop {
+        // Stop the pod: apps first, the sandbox last.
+        for c in containers
+            .iter()
+            .filter(|c| !c.identity.is_sandbox)
+            .chain(std::iter::once(sandbox))
+        {
+            let s = c.init.state().status;
+            if s == Status::Running || s == Status::Paused {
+                if let Err(e) = c.runc.kill(&c.id, libc::SIGKILL as u32, true).await {
+                    log::warn!("container {}: stop after the checkpoint: {e}", c.id);
+                }
+                if s == Status::Paused {
+                    let _ = c.runc.resume(&c.id).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A container as the pod dump sees it.
+pub fn pod_target(c: &Container) -> Target {
+    let s = c.init.state();
+    let name = c
+        .identity
+        .name
+        .clone()
+        .filter(|n| validate_name(n).is_ok())
+        .unwrap_or_else(|| c.id.clone());
+    Target {
+        entry: ContainerEntry {
+            name,
+            id: c.id.clone(),
+            role: if c.identity.is_sandbox {
+                Role::Sandbox
+            } else {
+                Role::Container
+            },
+            image: c.identity.image.clone(),
+            created_order: c.created_order,
+            started_order: *lock(&c.started_order),
+            state: record_state(s.status),
+            exit_code: (s.status == Status::Stopped).then_some(s.exit_code),
+            dumped: false,
+            cri_config: None,
+        },
+        runc: c.runc.clone(),
+        bundle: c.bundle.path().to_path_buf(),
+        cgroups: c.cgroups(),
+        spec: None,
+    }
+}
+
+pub fn record_state(s: Status) -> ContainerState {
+    match s {
+        Status::Created => ContainerState::Created,
+        Status::Running => ContainerState::Running,
+        Status::Paused => ContainerState::Paused,
+        Status::Stopped => ContainerState::Stopped,
+    }
+}
+
+/// The versions a checkpoint records about the node it was taken on.
+async fn host_info() -> HostInfo {
+    use podsnap_runtime::launcher::{Capture, Launcher};
+    async fn first_line(cmd: &str, arg: &str, prefix: &str) -> String {
+        let mut c = std::process::Command::new(cmd);
+        c.arg(arg).stdin(std::process::Stdio::null());
+        match MonitorLauncher.run(c, Capture::Output).await {
+            Ok(out) => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix).map(|v| v.trim().to_string()))
+                .unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+    let uname = nix::sys::utsname::uname().ok();
+    HostInfo {
+        criu_version: first_line("criu", "--version", "Version:").await,
+        runc_version: first_line("runc", "--version", "runc version").await,
+        kernel: uname
+            .as_ref()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        arch: std::env::consts::ARCH.to_string(),
+    }
+}
