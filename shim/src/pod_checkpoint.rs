@@ -135,7 +135,7 @@ pub fn pod_target(c: &Container) -> Target {
     }
 }
 
-pub fn record_state(s: Status) -> ContainerState {
+fn record_state(s: Status) -> ContainerState {
     match s {
         Status::Created => ContainerState::Created,
         Status::Running => ContainerState::Running,

@@ -26,7 +26,8 @@ use containerd_shim::protos::types::task::{ProcessInfo, Status as ApiStatus};
 use containerd_shim::{TtrpcContext, TtrpcResult};
 use podsnap_checkpoint::container::{Dump, DumpOptions};
 use podsnap_checkpoint::dump::Target;
-use podsnap_checkpoint::{ContainerRecord, PodRecord, Role};
+use podsnap_checkpoint::manifest::ContainerEntry;
+use podsnap_checkpoint::{ContainerRecord, PodRecord};
 use podsnap_runtime::cgroup::OomNotifier;
 use podsnap_runtime::runc::Runc;
 
@@ -35,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::events::{self, Events};
 use crate::exits::{ExitRouter, MonitorLauncher};
 use crate::metrics::to_metrics;
-use crate::pod_checkpoint::{self, pod_target, record_state, PodCheckpoint};
+use crate::pod_checkpoint::{self, pod_target, PodCheckpoint};
 use crate::process::{lock, Process, Status};
 use crate::restore::{Plan, RestorePlan, Restores};
 use crate::service::default_runc;
@@ -772,38 +773,25 @@ impl Inner {
             pod_uid: ident.pod_uid.clone(),
             containers: Vec::new(),
         };
+        let record_of = |e: &ContainerEntry, pid: i32| ContainerRecord {
+            id: e.id.clone(),
+            name: Some(e.name.clone()),
+            role: e.role,
+            image: e.image.clone(),
+            created_order: e.created_order,
+            started_order: e.started_order,
+            state: e.state,
+            pid,
+            exit_code: e.exit_code,
+        };
         for c in containers.values() {
-            let s = c.init.state();
-            record.containers.push(ContainerRecord {
-                id: c.id.clone(),
-                name: c.identity.name.clone(),
-                role: if c.identity.is_sandbox {
-                    Role::Sandbox
-                } else {
-                    Role::Container
-                },
-                image: c.identity.image.clone(),
-                created_order: c.created_order,
-                started_order: *lock(&c.started_order),
-                state: record_state(s.status),
-                pid: s.pid,
-                exit_code: (s.status == Status::Stopped).then_some(s.exit_code),
-            });
+            record
+                .containers
+                .push(record_of(&pod_target(c).entry, c.init.state().pid));
         }
         for (name, t) in lock(&self.departed).iter() {
             if !record.containers.iter().any(|c| c.name.as_ref() == Some(name)) {
-                let e = &t.entry;
-                record.containers.push(ContainerRecord {
-                    id: e.id.clone(),
-                    name: Some(e.name.clone()),
-                    role: e.role,
-                    image: e.image.clone(),
-                    created_order: e.created_order,
-                    started_order: e.started_order,
-                    state: e.state,
-                    pid: 0,
-                    exit_code: e.exit_code,
-                });
+                record.containers.push(record_of(&t.entry, 0));
             }
         }
         record.containers.sort_by_key(|c| c.created_order);

@@ -75,6 +75,56 @@ impl Ctr {
             }
         }))
     }
+
+    /// Waits until `ctr task ls` shows task `id` in `status`.
+    ///
+    /// # Panics
+    /// When it is not there within `timeout`.
+    pub fn wait_task_status(&self, namespace: &str, id: &str, status: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let seen = self.task_status(namespace, id).expect("ctr task ls");
+            if seen.as_deref() == Some(status) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {id} is {seen:?}, not {status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `command` to the workload server on `127.0.0.1:port` inside container `id`
+    /// (`ctr task exec` of `podsnap-workload client`): the reply line, or the error.
+    pub fn ask_workload(
+        &self,
+        namespace: &str,
+        id: &str,
+        port: u16,
+        command: &str,
+    ) -> Result<String, String> {
+        static EXEC_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let exec_id = format!(
+            "ask{}",
+            EXEC_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let address = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "task",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            id,
+            "podsnap-workload",
+            "client",
+            &address,
+        ];
+        args.extend(command.split(' '));
+        self.run(namespace, &args)
+            .map(|out| out.trim().to_owned())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// What a program run on a pseudo-terminal printed.

@@ -23,7 +23,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
@@ -34,8 +33,6 @@ use podsnap_tests::{handler, host, runtime_type, start_node, WORKLOAD_IMAGE};
 
 /// The port every test server listens on (each container has its own network namespace).
 const PORT: &str = "7070";
-
-static EXEC_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// How a test container is made: extra `ctr run`/`ctr container create` flags and the serve
 /// flags after `--name N --port P`.
@@ -148,36 +145,13 @@ impl Drop for Netns {
 
 /// Waits until `ctr task ls` shows `id` in `status`.
 fn wait_status(ctr: &Ctr, id: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = ctr.task_status(NS, id).expect("ctr task ls");
-        if seen.as_deref() == Some(status) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "task {id} is {seen:?}, not {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ctr.wait_task_status(NS, id, status, Duration::from_secs(30));
 }
 
 /// Sends `command` to the container's server from inside it (`ctr task exec` of the workload's
 /// client on 127.0.0.1): the reply line, or the error.
 fn try_ask(ctr: &Ctr, id: &str, command: &str) -> Result<String, String> {
-    let exec_id = format!("q{}", EXEC_COUNTER.fetch_add(1, Ordering::SeqCst));
-    let address = format!("127.0.0.1:{PORT}");
-    let mut args = vec![
-        "task",
-        "exec",
-        "--exec-id",
-        &exec_id,
-        id,
-        "podsnap-workload",
-        "client",
-        &address,
-    ];
-    args.extend(command.split(' '));
-    ctr.run(NS, &args)
-        .map(|out| out.trim().to_owned())
-        .map_err(|e| e.to_string())
+    ctr.ask_workload(NS, id, PORT.parse().expect("port"), command)
 }
 
 fn ask(ctr: &Ctr, id: &str, command: &str) -> String {

@@ -8,15 +8,7 @@ use podsnap_tests::{handler, runtime_type, start_node, WORKLOAD_IMAGE};
 
 /// Waits until `ctr task ls` shows `id` in `status`.
 fn wait_status(ctr: &Ctr, id: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = ctr.task_status(NS, id).expect("ctr task ls");
-        if seen.as_deref() == Some(status) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "task {id} is {seen:?}, not {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ctr.wait_task_status(NS, id, status, Duration::from_secs(20));
 }
 
 /// `ctr task ps` pids of a task.

@@ -58,15 +58,7 @@ impl Drop for EventWatch {
 
 /// Waits until `ctr task ls` shows `id` in `status`.
 fn wait_status(ctr: &podsnap_tests::ctr::Ctr, id: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = ctr.task_status(NS, id).expect("ctr task ls");
-        if seen.as_deref() == Some(status) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "task {id} is {seen:?}, not {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ctr.wait_task_status(NS, id, status, Duration::from_secs(30));
 }
 
 /// The topics `ctr events` printed for container `id` (its lines name the topic and carry the

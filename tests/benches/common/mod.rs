@@ -8,7 +8,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use podsnap_tests::ctr::Ctr;
@@ -166,26 +165,9 @@ impl Drop for Netns {
     }
 }
 
-static EXEC_COUNTER: AtomicU32 = AtomicU32::new(0);
-
 /// Sends `command` to the workload server on `127.0.0.1:port` inside container `id`.
 pub fn try_ask(ctr: &Ctr, namespace: &str, id: &str, port: u16, command: &str) -> Result<String, String> {
-    let exec_id = format!("b{}", EXEC_COUNTER.fetch_add(1, Ordering::SeqCst));
-    let address = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "task",
-        "exec",
-        "--exec-id",
-        &exec_id,
-        id,
-        "podsnap-workload",
-        "client",
-        &address,
-    ];
-    args.extend(command.split(' '));
-    ctr.run(namespace, &args)
-        .map(|out| out.trim().to_owned())
-        .map_err(|e| e.to_string())
+    ctr.ask_workload(namespace, id, port, command)
 }
 
 /// Waits until the server in `id` answers `ping`.
@@ -202,15 +184,7 @@ pub fn wait_answering(ctr: &Ctr, namespace: &str, id: &str, port: u16) {
 
 /// Waits until `ctr task ls` shows `id` in `status`.
 pub fn wait_status(ctr: &Ctr, namespace: &str, id: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = ctr.task_status(namespace, id).expect("ctr task ls");
-        if seen.as_deref() == Some(status) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "task {id} is {seen:?}, not {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ctr.wait_task_status(namespace, id, status, Duration::from_secs(60));
 }
 
 /// Kills, deletes and removes a `ctr` container.
