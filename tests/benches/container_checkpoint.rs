@@ -16,9 +16,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::{mib, print_table, ratio, seconds, Netns, Samples};
+use common::{mib, print_table, ratio, seconds, Samples};
 use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
 use podsnap_tests::ctr::{Ctr, DEFAULT_NAMESPACE as NS};
+use podsnap_tests::host::Netns;
 use podsnap_tests::node::{Node, NodeOptions};
 use podsnap_tests::WORKLOAD_IMAGE;
 

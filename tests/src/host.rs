@@ -295,6 +295,44 @@ pub fn remove_pod_cgroups(uid: &str) -> Vec<String> {
     failures
 }
 
+/// A named network namespace with loopback up, removed on drop: containers join it by path,
+/// as a pod's do (runc restores a private namespace empty, with loopback down).
+pub struct Netns {
+    pub name: String,
+    pub path: PathBuf,
+    ip: PathBuf,
+}
+
+impl Netns {
+    pub fn new(node: &crate::node::Node, base: &str) -> Self {
+        let name = format!("podsnap-{}", node.unique(base));
+        let ip = node.tools().ip.clone();
+        for args in [
+            vec!["netns", "add", name.as_str()],
+            vec!["-n", name.as_str(), "link", "set", "lo", "up"],
+        ] {
+            let status = std::process::Command::new(&ip)
+                .args(&args)
+                .status()
+                .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+            assert!(status.success(), "ip {args:?}: {status}");
+        }
+        Self {
+            path: Path::new(NETNS_DIR).join(&name),
+            name,
+            ip,
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.ip)
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
 use podsnap_tests::ctr::{Ctr, DEFAULT_NAMESPACE as NS};
+use podsnap_tests::host::Netns;
 use podsnap_tests::kubelet::{self, ContainerSpec, PodOptions};
 use podsnap_tests::node::Node;
 use podsnap_tests::{handler, host, runtime_type, start_node, WORKLOAD_IMAGE};
@@ -104,42 +105,6 @@ impl Server {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         ctr.run(NS, &args)
             .unwrap_or_else(|e| panic!("ctr container create {id}: {e}"));
-    }
-}
-
-/// A named network namespace with loopback up (`ip netns add`), removed on drop.
-struct Netns {
-    name: String,
-    path: PathBuf,
-    ip: PathBuf,
-}
-
-impl Netns {
-    fn new(node: &Node, base: &str) -> Self {
-        let name = format!("podsnap-{}", node.unique(base));
-        let ip = node.tools().ip.clone();
-        let run = |args: &[&str]| {
-            let status = std::process::Command::new(&ip)
-                .args(args)
-                .status()
-                .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
-            assert!(status.success(), "ip {args:?}: {status}");
-        };
-        run(&["netns", "add", &name]);
-        run(&["-n", &name, "link", "set", "lo", "up"]);
-        Self {
-            path: Path::new("/var/run/netns").join(&name),
-            name,
-            ip,
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.ip)
-            .args(["netns", "delete", &self.name])
-            .status();
     }
 }
 

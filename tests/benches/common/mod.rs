@@ -7,11 +7,10 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use podsnap_tests::ctr::Ctr;
-use podsnap_tests::node::Node;
 
 /// Rounds counted per contender: `PODSNAP_BENCH_N`, else `default`.
 pub fn rounds(default: usize) -> usize {
@@ -125,44 +124,6 @@ pub fn rss_pss_kib(pid: i32) -> Option<(u64, u64)> {
             .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
     };
     Some((field("Rss:")?, field("Pss:")?))
-}
-
-/// A named network namespace with loopback up, removed on drop: containers join it by path,
-/// as a pod's do (runc restores a private namespace empty, with loopback down).
-pub struct Netns {
-    pub name: String,
-    pub path: PathBuf,
-    ip: PathBuf,
-}
-
-impl Netns {
-    pub fn new(node: &Node, base: &str) -> Self {
-        let name = format!("podsnap-{}", node.unique(base));
-        let ip = node.tools().ip.clone();
-        for args in [
-            vec!["netns", "add", name.as_str()],
-            vec!["-n", name.as_str(), "link", "set", "lo", "up"],
-        ] {
-            let status = std::process::Command::new(&ip)
-                .args(&args)
-                .status()
-                .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
-            assert!(status.success(), "ip {args:?}: {status}");
-        }
-        Self {
-            path: Path::new("/var/run/netns").join(&name),
-            name,
-            ip,
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.ip)
-            .args(["netns", "delete", &self.name])
-            .status();
-    }
 }
 
 /// Sends `command` to the workload server on `127.0.0.1:port` inside container `id`.
