@@ -133,11 +133,8 @@ pub fn inspect(dir: &Path) -> Result<DumpOptions> {
         )));
     }
     check_memory_images(dir).map_err(invalid)?;
-    match std::fs::read(dir.join(CRIU_OPTIONS_FILE)) {
-        Ok(bytes) if bytes.len() <= 64 * 1024 => {
-            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{CRIU_OPTIONS_FILE}: {e}")))
-        }
-        Ok(_) => Err(invalid(format!("{CRIU_OPTIONS_FILE} is too large"))),
+    match crate::manifest::read_capped(&dir.join(CRIU_OPTIONS_FILE), 64 * 1024) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DumpOptions::default()),
         Err(e) => Err(invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
     }
@@ -383,16 +380,39 @@ fn remove_partial(dir: &Path, created_dir: bool, before: &HashSet<OsString>) {
     }
 }
 
-/// Creates a directory (and parents) that only root can enter.
+/// Creates a directory (and missing parents) that only root can enter. Only what it creates is
+/// made 0700: an existing directory (say a 1777 `/tmp`) keeps its mode and owner.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::io("create a checkpoint directory", dir, e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io("make a checkpoint directory private", dir, e))
+    let mut missing = Vec::new();
+    let mut cursor = Some(dir);
+    while let Some(p) = cursor.filter(|p| !p.as_os_str().is_empty()) {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(Error::io(
+                    "create a checkpoint directory",
+                    p,
+                    std::io::Error::from(std::io::ErrorKind::NotADirectory),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(p.to_path_buf()),
+            Err(e) => return Err(Error::io("create a checkpoint directory", p, e)),
+        }
+        cursor = p.parent();
+    }
+    for p in missing.iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o700).create(p) {
+            Ok(()) => {
+                // The umask may have taken bits away; never more than 0700 either way.
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| Error::io("make a checkpoint directory private", p, e))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
+            Err(e) => return Err(Error::io("create a checkpoint directory", p, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Writes a file only root can read.
@@ -476,6 +496,22 @@ mod tests {
         dump(&runc, &d).await.expect_err("must fail");
         let left: Vec<_> = listing(root.path()).into_iter().collect();
         assert_eq!(left, vec![OsString::from("mine")]);
+    }
+
+    #[test]
+    fn private_dirs_leave_existing_parents_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        create_private_dir(&shared.join("a/b")).expect("create");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&shared), 0o1777, "an existing parent changed mode");
+        assert_eq!(mode(&shared.join("a")), 0o700);
+        assert_eq!(mode(&shared.join("a/b")), 0o700);
+        create_private_dir(&shared).expect("exists");
+        assert_eq!(mode(&shared), 0o1777);
     }
 
     #[test]

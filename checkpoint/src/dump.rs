@@ -16,13 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use podsnap_runtime::cgroup::CgroupPaths;
+use podsnap_runtime::launcher::Launcher;
 use podsnap_runtime::runc::Runc;
 
 use crate::container::{self, create_private_dir, Dump, DumpOptions};
 use crate::error::{Error, Result};
 use crate::manifest::{
     validate_name, ContainerEntry, DumpStats, FileDigest, HostInfo, Manifest, PodInfo, VolumeEntry,
-    VolumeMount, FORMAT, MANIFEST, VERSION,
+    VolumeMount, CPUINFO, FORMAT, MANIFEST, VERSION,
 };
 use crate::record::{ContainerState, Role};
 use crate::rootfs;
@@ -43,7 +44,7 @@ pub struct Target {
 }
 
 /// What to dump and where.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PodDump {
     pub dest: PathBuf,
     pub pod: PodInfo,
@@ -51,6 +52,18 @@ pub struct PodDump {
     pub targets: Vec<Target>,
     /// Keep established TCP connections on restore (they are always captured).
     pub tcp_established: bool,
+    /// Runs the programs of the dump that are not runc (`criu cpuinfo`).
+    pub launcher: std::sync::Arc<dyn Launcher>,
+}
+
+impl std::fmt::Debug for PodDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodDump")
+            .field("dest", &self.dest)
+            .field("pod", &self.pod.sandbox_id)
+            .field("targets", &self.targets.len())
+            .finish()
+    }
 }
 
 /// How a dump went.
@@ -101,6 +114,15 @@ async fn dump_into(d: &PodDump, dir: &Path) -> Result<DumpReport> {
     for t in &d.targets {
         create_private_dir(&dir.join(t.entry.dir()))?;
     }
+    // The CPU this pod runs on, so a restore elsewhere is checked before it starts (outside
+    // the frozen window).
+    let host_dir = dir
+        .join(CPUINFO)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    create_private_dir(&host_dir)?;
+    crate::host::dump_cpuinfo(d.launcher.as_ref(), &host_dir).await?;
 
     // 1. Quiesce.
     let freeze_start = Instant::now();
@@ -175,6 +197,9 @@ async fn dump_into(d: &PodDump, dir: &Path) -> Result<DumpReport> {
         .map(|t| {
             let mut e = t.entry.clone();
             e.dumped = running.iter().any(|r| r.entry.id == t.entry.id);
+            if e.role == Role::Container && e.rootfs_layers.is_empty() {
+                e.rootfs_layers = rootfs::lowerdirs_of(&t.bundle.join("rootfs")).unwrap_or_default();
+            }
             e
         })
         .collect();
@@ -252,7 +277,9 @@ async fn capture_all(d: &PodDump, dir: &Path, running: &[&Target]) -> Result<(Du
         });
     }
     let volumes = empty_dirs(&d.targets);
-    create_private_dir(&dir.join("volumes"))?;
+    if !volumes.is_empty() {
+        create_private_dir(&dir.join("volumes"))?;
+    }
     for (name, (src, _)) in &volumes {
         let src = src.clone();
         let tar = dir.join("volumes").join(format!("{name}.tar"));

@@ -25,6 +25,21 @@ pub enum Error {
     /// A checkpoint directory that is missing, incomplete, or not one of ours.
     #[error("invalid checkpoint at {path}: {reason}")]
     InvalidCheckpoint { path: PathBuf, reason: String },
+    /// The node configuration file is missing (when named), unreadable or wrong.
+    #[error("node configuration {path}: {reason}")]
+    Config {
+        path: PathBuf,
+        reason: String,
+        /// The file does not exist.
+        missing: bool,
+    },
+    /// A restore that a rule of the restore policy forbids; nothing of it was created.
+    #[error("restore from checkpoint {checkpoint:?} refused (rule: {rule}): {reason}")]
+    Refused {
+        checkpoint: String,
+        rule: &'static str,
+        reason: String,
+    },
     /// A file operation failed.
     #[error("{context} ({path}): {source}")]
     Io {
@@ -51,6 +66,17 @@ impl Error {
             context,
             path: path.into(),
             source,
+        }
+    }
+}
+
+impl Error {
+    /// The refusal of a restore from `checkpoint` for breaking `violation`.
+    pub fn refused(checkpoint: impl Into<String>, violation: crate::policy::Violation) -> Self {
+        Error::Refused {
+            checkpoint: checkpoint.into(),
+            rule: violation.rule,
+            reason: violation.reason,
         }
     }
 }

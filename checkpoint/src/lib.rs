@@ -3,10 +3,14 @@
 //!
 //! No protobuf and no ttrpc here: the shim adapts.
 
+pub mod config;
+pub mod confined;
 pub mod container;
 pub mod dump;
 pub mod error;
+pub mod host;
 pub mod manifest;
+pub mod policy;
 pub mod record;
 pub mod rootfs;
 

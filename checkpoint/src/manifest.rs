@@ -9,12 +9,17 @@
 //!   containers/<name>/rootfs-diff.tar    files the container added or changed in its rootfs
 //!   containers/<name>/rootfs-deleted.json      paths it removed from its image's files
 //!   volumes/<volume>.tar                 each emptyDir volume of the pod
+//!   host/cpuinfo.img                     the dumping node's CPU features (CRIU's cpuinfo image)
 //! ```
 //!
-//! Every file is 0600. `manifest.json` names every other file with its size and SHA-256; a
-//! checkpoint is refused before use when the manifest is missing, too large, of another format
-//! or version, or when any listed file is missing, of another size or digest, or escapes the
-//! checkpoint directory.
+//! Every file is 0600, every directory 0700. `manifest.json` names every other file with its
+//! size and SHA-256, and the checkpoint is exactly that: a checkpoint is refused before use when
+//! the manifest is missing, too large, of another format or version; when any listed file is
+//! missing, of another size or digest, escapes the checkpoint directory or is larger than its
+//! cap; and when the directory holds anything the manifest does not list (a file, a symlink, a
+//! directory that holds no listed file). [`Manifest::load_listed`] checks all but the digests
+//! (cheap: for early, clear errors); [`Manifest::load_verified`] checks the digests too, and is
+//! what a restore runs, once.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -36,6 +41,11 @@ pub const MANIFEST: &str = "manifest.json";
 pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 /// The most files a checkpoint may list.
 pub const MAX_FILES: usize = 100_000;
+/// The largest JSON file of a checkpoint other than the manifest (specs, deletion lists, CRIU
+/// options): they are read whole.
+pub const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
+/// Where the dumping node's CPU features are kept.
+pub const CPUINFO: &str = "host/cpuinfo.img";
 
 /// The manifest of a pod checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +101,10 @@ pub struct HostInfo {
     pub runc_version: String,
     pub kernel: String,
     pub arch: String,
+    /// The node's identity (`/etc/machine-id`): node-local facts (image layers) are compared
+    /// only on the node that recorded them.
+    #[serde(default)]
+    pub node_id: String,
 }
 
 /// One container of the pod.
@@ -102,6 +116,13 @@ pub struct ContainerEntry {
     pub id: String,
     pub role: Role,
     pub image: Option<String>,
+    /// The image id (digest, CRI's image ref), when the dump could ask CRI for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// The overlay lower directories of the container's root filesystem, top first: the
+    /// image's layers on the node that took the checkpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rootfs_layers: Vec<String>,
     pub created_order: u64,
     pub started_order: Option<u64>,
     pub state: ContainerState,
@@ -123,6 +144,11 @@ impl ContainerEntry {
     /// `containers/<name>` relative to the checkpoint root.
     pub fn dir(&self) -> PathBuf {
         Path::new("containers").join(&self.name)
+    }
+
+    /// `containers/<name>/<file>` as the manifest lists it.
+    pub fn file(&self, file: &str) -> String {
+        format!("containers/{}/{file}", self.name)
     }
 }
 
@@ -202,8 +228,32 @@ impl Manifest {
         for path in m.files.keys() {
             safe_relative(path).map_err(invalid)?;
         }
+        for (path, f) in &m.files {
+            if path.ends_with(".json") && f.size > MAX_JSON_BYTES {
+                return Err(invalid(format!(
+                    "{path} has {} bytes, more than the {MAX_JSON_BYTES} a checkpoint's JSON file may have",
+                    f.size
+                )));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
         for c in &m.containers {
             validate_name(&c.name).map_err(invalid)?;
+            if !names.insert(c.name.as_str()) {
+                return Err(invalid(format!("container {:?} is listed twice", c.name)));
+            }
+            if c.state == ContainerState::Stopped && c.exit_code.is_none() {
+                return Err(invalid(format!(
+                    "container {:?} is recorded as exited without an exit code",
+                    c.name
+                )));
+            }
+            if c.dumped && !m.files.contains_key(&c.file("criu/inventory.img")) {
+                return Err(invalid(format!(
+                    "container {:?} is recorded as dumped but its CRIU images are not listed",
+                    c.name
+                )));
+            }
         }
         for v in &m.volumes {
             validate_name(&v.name).map_err(invalid)?;
@@ -212,42 +262,122 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Reads `<dir>/manifest.json` and verifies every file it lists (size, then SHA-256).
-    pub fn load_verified(dir: &Path) -> Result<Manifest> {
+    /// Reads `<dir>/manifest.json` and checks the checkpoint is exactly what it lists, with
+    /// the listed sizes; digests are not read (see [`Manifest::load_verified`]).
+    pub fn load_listed(dir: &Path) -> Result<Manifest> {
         let invalid = |reason: String| Error::InvalidCheckpoint {
             path: dir.to_path_buf(),
             reason,
         };
         let path = dir.join(MANIFEST);
-        let meta = std::fs::metadata(&path).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
-        if meta.len() > MAX_MANIFEST_BYTES {
-            return Err(invalid(format!(
-                "{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes"
-            )));
-        }
-        let bytes = std::fs::read(&path).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
+        let bytes =
+            read_capped(&path, MAX_MANIFEST_BYTES).map_err(|e| invalid(format!("{MANIFEST}: {e}")))?;
         let m = Manifest::parse(&bytes).map_err(|e| match e {
             Error::InvalidCheckpoint { reason, .. } => invalid(reason),
             other => other,
         })?;
-        // Sizes first: a missing or truncated file is found without reading gigabytes.
-        for (rel, want) in &m.files {
-            let p = dir.join(rel);
-            let meta = std::fs::symlink_metadata(&p).map_err(|e| invalid(format!("{rel}: {e}")))?;
-            if !meta.is_file() {
-                return Err(invalid(format!("{rel} is not a regular file")));
-            }
-            if meta.len() != want.size {
-                return Err(invalid(format!(
-                    "{rel} has {} bytes, the manifest says {}",
-                    meta.len(),
-                    want.size
-                )));
-            }
-        }
-        verify_digests(dir, &m.files).map_err(invalid)?;
+        check_listing(dir, &m.files).map_err(invalid)?;
         Ok(m)
     }
+
+    /// [`Manifest::load_listed`], then every listed file's SHA-256.
+    pub fn load_verified(dir: &Path) -> Result<Manifest> {
+        let m = Self::load_listed(dir)?;
+        verify_digests(dir, &m.files).map_err(|reason| Error::InvalidCheckpoint {
+            path: dir.to_path_buf(),
+            reason,
+        })?;
+        Ok(m)
+    }
+
+    /// Whether the checkpoint lists `rel` (relative to its root).
+    pub fn lists(&self, rel: &str) -> bool {
+        self.files.contains_key(rel)
+    }
+}
+
+/// Reads a whole file after checking its size against `cap` (on the open file: no race).
+pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if len > cap {
+        return Err(std::io::Error::other(format!("{len} bytes, more than {cap}")));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(cap + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > cap {
+        return Err(std::io::Error::other(format!("more than {cap} bytes")));
+    }
+    Ok(buf)
+}
+
+/// The checkpoint directory holds exactly the manifest and the listed files, each a regular
+/// file of its listed size; directories only where a listed file needs them.
+fn check_listing(dir: &Path, files: &BTreeMap<String, FileDigest>) -> std::result::Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut needed_dirs = std::collections::HashSet::new();
+    for rel in files.keys() {
+        let mut p = Path::new(rel).parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            needed_dirs.insert(d.to_path_buf());
+            p = d.parent();
+        }
+    }
+    let mut seen = 0usize;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let abs = dir.join(&rel_dir);
+        let entries = std::fs::read_dir(&abs).map_err(|e| format!("{}: {e}", abs.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("{}: {e}", abs.display()))?;
+            let rel = rel_dir.join(entry.file_name());
+            let rel_str = rel.to_string_lossy().into_owned();
+            let ft = entry.file_type().map_err(|e| format!("{rel_str}: {e}"))?;
+            if ft.is_dir() {
+                if !needed_dirs.contains(&rel) {
+                    return Err(format!(
+                        "{rel_str}/ is not part of the checkpoint (the manifest lists nothing in it)"
+                    ));
+                }
+                stack.push(rel);
+            } else if ft.is_file() {
+                if rel_str == MANIFEST {
+                    continue;
+                }
+                let Some(want) = files.get(&rel_str) else {
+                    return Err(format!("{rel_str} is not listed in the manifest"));
+                };
+                let len = entry.metadata().map_err(|e| format!("{rel_str}: {e}"))?.len();
+                if len != want.size {
+                    return Err(format!(
+                        "{rel_str} has {len} bytes, the manifest says {}",
+                        want.size
+                    ));
+                }
+                seen += 1;
+            } else {
+                let kind = if ft.is_symlink() {
+                    "a symlink"
+                } else if ft.is_fifo() {
+                    "a FIFO"
+                } else if ft.is_socket() {
+                    "a socket"
+                } else {
+                    "a device node"
+                };
+                return Err(format!("{rel_str} is {kind}, not a regular file"));
+            }
+        }
+    }
+    if seen != files.len() {
+        let missing = files
+            .keys()
+            .find(|rel| !dir.join(rel).is_file())
+            .cloned()
+            .unwrap_or_default();
+        return Err(format!("{missing}: listed in the manifest but missing"));
+    }
+    Ok(())
 }
 
 /// Checks every file's SHA-256, largest files first, on as many threads as there are cores.
@@ -355,11 +485,13 @@ mod tests {
                     id: "c2".into(),
                     role: Role::Container,
                     image: None,
+                    image_id: None,
+                    rootfs_layers: vec![],
                     created_order: 3,
                     started_order: Some(3),
                     state: ContainerState::Running,
                     exit_code: None,
-                    dumped: true,
+                    dumped: false,
                     cri_config: None,
                 },
                 ContainerEntry {
@@ -367,6 +499,8 @@ mod tests {
                     id: "sb".into(),
                     role: Role::Sandbox,
                     image: None,
+                    image_id: None,
+                    rootfs_layers: vec![],
                     created_order: 1,
                     started_order: Some(1),
                     state: ContainerState::Running,
@@ -379,11 +513,13 @@ mod tests {
                     id: "c1".into(),
                     role: Role::Container,
                     image: None,
+                    image_id: None,
+                    rootfs_layers: vec![],
                     created_order: 2,
                     started_order: Some(2),
                     state: ContainerState::Running,
                     exit_code: None,
-                    dumped: true,
+                    dumped: false,
                     cri_config: None,
                 },
             ],
@@ -465,6 +601,54 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(err.contains("containers/app/config.json"), "{err}");
+    }
+
+    #[test]
+    fn unlisted_files_and_directories_are_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path();
+        write_checkpoint(dir);
+        Manifest::load_listed(dir).expect("exactly as listed");
+        std::fs::write(dir.join("containers/app/rootfs-diff.tar"), b"sneaked in").expect("write");
+        let err = Manifest::load_listed(dir).expect_err("unlisted").to_string();
+        assert!(err.contains("rootfs-diff.tar is not listed"), "{err}");
+        std::fs::remove_file(dir.join("containers/app/rootfs-diff.tar")).expect("rm");
+        std::fs::create_dir(dir.join("volumes")).expect("mkdir");
+        let err = Manifest::load_listed(dir).expect_err("empty dir").to_string();
+        assert!(err.contains("volumes/ is not part of the checkpoint"), "{err}");
+        std::fs::remove_dir(dir.join("volumes")).expect("rm");
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("containers/x")).expect("symlink");
+        let err = Manifest::load_listed(dir).expect_err("symlink").to_string();
+        assert!(err.contains("containers/x is a symlink"), "{err}");
+        std::fs::remove_file(dir.join("containers/x")).expect("rm");
+        std::fs::write(dir.join("containers/app/config.json"), b"{}\n").expect("grow");
+        let err = Manifest::load_listed(dir).expect_err("size").to_string();
+        assert!(err.contains("has 3 bytes, the manifest says 2"), "{err}");
+    }
+
+    #[test]
+    fn caps_and_recorded_states_are_checked() {
+        let mut m = sample();
+        m.files.insert(
+            "containers/app/config.json".into(),
+            FileDigest {
+                size: MAX_JSON_BYTES + 1,
+                sha256: String::new(),
+            },
+        );
+        let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("cap");
+        assert!(err.to_string().contains("more than"), "{err}");
+        let mut m = sample();
+        m.containers[0].state = ContainerState::Stopped;
+        let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("exit code");
+        assert!(err.to_string().contains("without an exit code"), "{err}");
+        let mut m = sample();
+        m.containers[0].dumped = true;
+        let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("images");
+        assert!(err.to_string().contains("CRIU images are not listed"), "{err}");
+        let mut m = sample();
+        m.containers[2].name = "app".into();
+        assert!(Manifest::parse(&serde_json::to_vec(&m).expect("json")).is_err());
     }
 
     /// Property: arbitrary bytes never make the parser panic, and whatever it accepts has only

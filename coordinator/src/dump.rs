@@ -96,7 +96,8 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
             other => Error::Containerd(other),
         }
     })?;
-    progress.step("reading the checkpoint's manifest");
+    progress.step("recording the containers' image ids");
+    record_image_ids(&clients, &pod.id, &dir).await?;
     let manifest = read_manifest(&dir)?;
     let summary = CheckpointSummary::new(&dir, &manifest, &request.checkpoint_root);
     log::info!(
@@ -180,13 +181,54 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(Manifest::parse(&bytes)?)
 }
 
+/// Records in the manifest each container's image id (its digest, CRI's image ref), which the
+/// shim cannot see: a restore then refuses a container whose image changed since.
+async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) -> Result<()> {
+    let listed = clients
+        .runtime
+        .clone()
+        .list_containers(k8s_cri::v1::ListContainersRequest {
+            filter: Some(k8s_cri::v1::ContainerFilter {
+                pod_sandbox_id: sandbox.to_owned(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(Error::cri(format!("ListContainers of sandbox {sandbox}")))?
+        .into_inner()
+        .containers;
+    // The newest attempt of each name is the one that was dumped.
+    let mut ids: std::collections::HashMap<String, (u32, String)> = Default::default();
+    for c in listed {
+        let Some(meta) = c.metadata else { continue };
+        if c.image_ref.is_empty() {
+            continue;
+        }
+        let e = ids
+            .entry(meta.name)
+            .or_insert((meta.attempt, c.image_ref.clone()));
+        if meta.attempt >= e.0 {
+            *e = (meta.attempt, c.image_ref);
+        }
+    }
+    let mut manifest = read_manifest(dir)?;
+    let mut changed = false;
+    for entry in manifest.containers.iter_mut().filter(|c| c.image_id.is_none()) {
+        if let Some((_, id)) = ids.get(&entry.name) {
+            entry.image_id = Some(id.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        let json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| Error::Refused(format!("encode the manifest: {e}")))?;
+        podsnap_checkpoint::dump::write_synced(&dir.join(MANIFEST), &json).map_err(Box::new)?;
+    }
+    Ok(())
+}
+
 fn create_private_dir_all(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(Error::io("create the checkpoint root", dir))
+    podsnap_checkpoint::container::create_private_dir(dir).map_err(|e| Box::new(e).into())
 }
 
 /// The first 13 characters of an id, as `crictl` shows them.

@@ -16,6 +16,6 @@ pub mod summary;
 
 pub use error::{Error, Result};
 
-/// Where checkpoints live on a node unless `PODSNAP_CHECKPOINT_ROOT` says otherwise (the shim's
-/// default too).
-pub const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/podsnap/checkpoints";
+/// Where checkpoints live on a node unless `PODSNAP_CHECKPOINT_ROOT` or the node configuration
+/// says otherwise (one definition, shared with the shim).
+pub use podsnap_checkpoint::config::DEFAULT_CHECKPOINT_ROOT;

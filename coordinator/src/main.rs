@@ -5,12 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use podsnap_checkpoint::config::NodeConfig;
 use podsnap_coordinator::containerd::DEFAULT_ADDRESS;
 use podsnap_coordinator::dump::{dump, short, DumpRequest};
 use podsnap_coordinator::progress;
 use podsnap_coordinator::restore::{restore, RestoreRequest, DEFAULT_LOGS_DIR, DEFAULT_PODS_DIR};
 use podsnap_coordinator::summary::human_bytes;
-use podsnap_coordinator::{inspect, pod, DEFAULT_CHECKPOINT_ROOT};
+use podsnap_coordinator::{inspect, pod};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,9 +31,10 @@ struct Cli {
     /// containerd's socket.
     #[arg(long, global = true, env = "CONTAINERD_ADDRESS", default_value = DEFAULT_ADDRESS)]
     address: PathBuf,
-    /// The node's checkpoint root (where the shim looks for `podsnap.io/restore-from` names).
-    #[arg(long, global = true, env = "PODSNAP_CHECKPOINT_ROOT", default_value = DEFAULT_CHECKPOINT_ROOT)]
-    checkpoint_root: PathBuf,
+    /// The node's checkpoint root (where the shim looks for `podsnap.io/restore-from` names);
+    /// else `checkpoint_root` of the node configuration, else /var/lib/podsnap/checkpoints.
+    #[arg(long, global = true, env = "PODSNAP_CHECKPOINT_ROOT")]
+    checkpoint_root: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -109,12 +111,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // One file for the shim and the CLI (PODSNAP_CONFIG or /etc/podsnap/config.toml).
+    let config = NodeConfig::load()?;
+    let checkpoint_root = cli
+        .checkpoint_root
+        .clone()
+        .unwrap_or_else(|| config.checkpoint_root());
     match cli.command {
         Command::Dump(args) => {
             let request = DumpRequest {
                 runtime_endpoint: cli.runtime_endpoint,
                 address: cli.address,
-                checkpoint_root: cli.checkpoint_root,
+                checkpoint_root,
                 namespace: args.namespace,
                 pod: args.pod,
                 dir: args.dir,
@@ -138,13 +146,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(args) => {
             let request = RestoreRequest {
                 runtime_endpoint: cli.runtime_endpoint,
-                checkpoint_root: cli.checkpoint_root,
+                checkpoint_root,
                 checkpoint_dir: args.checkpoint_dir,
                 namespace: args.namespace,
                 name: args.name,
                 pods_dir: args.pods_dir,
                 logs_dir: args.logs_dir,
                 handler: pod::HANDLER.to_owned(),
+                config,
             };
             let progress = progress::for_stderr();
             let restored = runtime.block_on(restore(&request, progress.as_ref()));
@@ -160,8 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (name, id) in &pod.completed {
                 println!("completed    {name} ({}): not run again", short(id));
             }
-            for name in &pod.skipped {
-                println!("left out     {name} (neither running nor completed at the checkpoint)");
+            for (name, id) in &pod.left_created {
+                println!(
+                    "created      {name} ({}): never started at the checkpoint, left created",
+                    short(id)
+                );
             }
             println!("checkpoint   {}", pod.checkpoint);
             if let Some(copy) = &pod.imported {
@@ -171,7 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Inspect { dir } => {
-            let summary = inspect::inspect(&dir, &cli.checkpoint_root)
+            let summary = inspect::inspect(&dir, &checkpoint_root)
                 .with_context(|| format!("inspect {}", dir.display()))?;
             println!("{summary}");
             println!("digests      all {} verified", human_bytes(summary.bytes));

@@ -1,17 +1,20 @@
 //! `podsnap restore`: bring a checkpointed pod back as a new pod, through CRI, like kubelet.
 //!
-//! 1. Verify the checkpoint (every digest) and rebuild every CRI config from it, and check each
-//!    image is on the node: all before anything is created.
+//! 1. Check the checkpoint is exactly what its manifest lists, the node's restore policy
+//!    (namespace rules), that this node can run it (architecture, CRIU, kernel, CPU), rebuild
+//!    every CRI config from it, and check each image is on the node with the image id the
+//!    checkpoint recorded: all before anything is created. The digests are verified once, by
+//!    the shim, which trusts nothing the CLI says.
 //! 2. The checkpoint must lie inside the node's checkpoint root, where the shim looks for it
 //!    (its name is then its path relative to the root); one outside is copied in under a fresh
 //!    name first.
 //! 3. RunPodSandbox (handler `podsnap`, a new uid, the restore annotation naming the checkpoint:
 //!    a new network namespace and pod IP), then CreateContainer + StartContainer for each
-//!    container in its recorded start order, as kubelet would. The shim restores each from its
-//!    CRIU images instead of starting it fresh, and answers a container that had completed (an
-//!    init container) with its recorded exit at once, without running it: the new pod lists it
-//!    as exited, and a checkpoint of the new pod records it again. Containers that were neither
-//!    running nor completed are left out.
+//!    container in its recorded start order, as kubelet would. Each container comes back in its
+//!    recorded state: a running one is restored from its CRIU images by the shim; one that had
+//!    exited (a completed init container, a crashed one) is answered with its recorded exit code
+//!    at once, without running; one that was created but never started is created and left
+//!    created.
 //! 4. Any failure on the way removes what was made: the sandbox with its containers, the pod's
 //!    directories, its cgroups and the imported copy.
 
@@ -21,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::manifest::{safe_relative, ContainerEntry, Manifest, MANIFEST};
-use podsnap_checkpoint::Role;
+use podsnap_checkpoint::config::NodeConfig;
+use podsnap_checkpoint::manifest::{safe_relative, ContainerEntry, Manifest, CPUINFO, MANIFEST};
+use podsnap_checkpoint::policy::{self, NewImage, Violation};
+use podsnap_checkpoint::{ContainerState, Role};
 
 use crate::cri::CriClients;
 use crate::error::{Error, Result};
@@ -57,6 +62,8 @@ pub struct RestoreRequest {
     pub logs_dir: PathBuf,
     /// The runtime handler to run the pod with.
     pub handler: String,
+    /// The node configuration (restore policy).
+    pub config: NodeConfig,
 }
 
 impl RestoreRequest {
@@ -71,6 +78,7 @@ impl RestoreRequest {
             pods_dir: PathBuf::from(DEFAULT_PODS_DIR),
             logs_dir: PathBuf::from(DEFAULT_LOGS_DIR),
             handler: crate::pod::HANDLER.to_owned(),
+            config: NodeConfig::default(),
         }
     }
 }
@@ -96,11 +104,23 @@ pub struct RestoredPod {
     pub not_rerun: Vec<String>,
     /// (name, new container id) of those completed containers.
     pub completed: Vec<(String, String)>,
-    /// Containers of the checkpoint neither running nor completed: not created.
-    pub skipped: Vec<String>,
+    /// (name, new container id) of containers that were created but never started at the
+    /// checkpoint: created again, and left created.
+    pub left_created: Vec<(String, String)>,
     pub pod_dir: PathBuf,
     pub log_dir: PathBuf,
     pub took: Duration,
+}
+
+/// What becomes of a container once created: its recorded state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Started: the shim restores it from its images.
+    Restore,
+    /// Started: the shim answers it exited with this code, without running it.
+    Exited(u32),
+    /// Not started: it had never been started.
+    LeaveCreated,
 }
 
 /// Everything decided before the first CRI call that creates something.
@@ -109,9 +129,8 @@ struct Plan {
     pod: NewPod,
     sandbox: Option<Spec>,
     namespaces: cri::NamespaceOption,
-    /// In start order; `Some(exit code)` for a completed container.
-    containers: Vec<(ContainerPlan, Option<u32>)>,
-    skipped: Vec<String>,
+    /// In start order, with the image id each must run (when the checkpoint recorded one).
+    containers: Vec<(ContainerPlan, Then, Option<String>)>,
 }
 
 /// Restores a pod from `request.checkpoint_dir`; see the module documentation.
@@ -119,15 +138,34 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
     let started = Instant::now();
     let dir = std::fs::canonicalize(&request.checkpoint_dir)
         .map_err(Error::io("open the checkpoint", &request.checkpoint_dir))?;
-    progress.step(&format!("verifying checkpoint {}", dir.display()));
-    let verify_dir = dir.clone();
-    let manifest = tokio::task::spawn_blocking(move || Manifest::load_verified(&verify_dir))
+    progress.step(&format!("checking checkpoint {}", dir.display()));
+    let listed_dir = dir.clone();
+    let manifest = tokio::task::spawn_blocking(move || Manifest::load_listed(&listed_dir))
         .await
-        .map_err(|e| Error::Refused(format!("checkpoint verification stopped: {e}")))??;
+        .map_err(|e| Error::Refused(format!("checkpoint check stopped: {e}")))?
+        .map_err(Box::new)?;
+    let shown = dir.display().to_string();
+    let refused = |v: Violation| Error::Refused(podsnap_checkpoint::Error::refused(&shown, v).to_string());
+    let namespace = target_namespace(request, &manifest);
+    policy::check_namespace(
+        &request.config.restore,
+        manifest.pod.namespace.as_deref(),
+        &namespace,
+        &request.config.describe(),
+    )
+    .map_err(refused)?;
+    let launcher = podsnap_runtime::launcher::TokioLauncher;
+    let here = podsnap_checkpoint::host::this_node(&launcher).await;
+    policy::check_host(&manifest.host, &here).map_err(refused)?;
+    if manifest.lists(CPUINFO) {
+        let host_dir = dir.join(CPUINFO);
+        podsnap_checkpoint::host::check_cpuinfo(&launcher, host_dir.parent().unwrap_or(&dir))
+            .await
+            .map_err(refused)?;
+    }
     let plan = plan(request, &dir, manifest)?;
     let clients = crate::cri::connect(&request.runtime_endpoint).await?;
-    let plans: Vec<&ContainerPlan> = plan.containers.iter().map(|(c, _)| c).collect();
-    check_images(&clients, &plans).await?;
+    check_images(&clients, &plan, &refused).await?;
 
     let mut undo = Undo::default();
     let (checkpoint, imported) = match name_in_root(&dir, &request.checkpoint_root) {
@@ -149,7 +187,13 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
         }
     };
     match create(request, &plan, &checkpoint, &clients, &mut undo, progress).await {
-        Ok((id, containers, completed, ip)) => Ok(RestoredPod {
+        Ok(Created {
+            id,
+            restored: containers,
+            completed,
+            left_created,
+            ip,
+        }) => Ok(RestoredPod {
             id,
             name: plan.pod.name.clone(),
             namespace: plan.pod.namespace.clone(),
@@ -160,7 +204,7 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
             containers,
             not_rerun: completed.iter().map(|(name, _)| name.clone()).collect(),
             completed,
-            skipped: plan.skipped,
+            left_created,
             pod_dir: plan.pod.pod_dir,
             log_dir: plan.pod.log_dir,
             took: started.elapsed(),
@@ -176,6 +220,22 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
     }
 }
 
+/// The new pod's namespace: the one asked for, else the checkpointed pod's.
+fn target_namespace(request: &RestoreRequest, manifest: &Manifest) -> String {
+    request
+        .namespace
+        .clone()
+        .or_else(|| manifest.pod.namespace.clone())
+        .or_else(|| {
+            manifest
+                .pod
+                .annotations
+                .get("io.kubernetes.cri.sandbox-namespace")
+                .cloned()
+        })
+        .unwrap_or_else(|| "default".to_owned())
+}
+
 /// Reads the saved specs and builds every CRI config for a new pod.
 fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest) -> Result<Plan> {
     let recorded = |key: &str| manifest.pod.annotations.get(key).cloned();
@@ -185,37 +245,41 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest) -> Result<Plan
         .or_else(|| manifest.pod.name.clone())
         .or_else(|| recorded("io.kubernetes.cri.sandbox-name"))
         .ok_or_else(|| Error::Refused("the checkpoint does not record the pod's name: give --name".into()))?;
-    let namespace = request
-        .namespace
-        .clone()
-        .or_else(|| manifest.pod.namespace.clone())
-        .or_else(|| recorded("io.kubernetes.cri.sandbox-namespace"))
-        .unwrap_or_else(|| "default".to_owned());
+    let namespace = target_namespace(request, &manifest);
     let uid = new_uid()?;
     let pod = NewPod::new(&name, &namespace, &uid, &request.pods_dir, &request.logs_dir);
 
     let mut sandbox = None;
-    let mut specs: Vec<(&ContainerEntry, Spec)> = Vec::new();
-    let mut skipped = Vec::new();
+    let mut specs: Vec<(&ContainerEntry, Spec, Then)> = Vec::new();
     for entry in manifest.restore_order() {
         if entry.role == Role::Sandbox {
             sandbox = Some(load_spec(dir, &entry.dir())?);
-        } else if entry.dumped || entry.completed() {
-            specs.push((entry, load_spec(dir, &entry.dir())?));
-        } else {
-            skipped.push(entry.name.clone());
+            continue;
         }
+        let then = match entry.state {
+            ContainerState::Running | ContainerState::Paused if entry.dumped => Then::Restore,
+            ContainerState::Running | ContainerState::Paused => {
+                return Err(Error::Refused(format!(
+                    "checkpoint {} records container {} as running but holds no images of it",
+                    dir.display(),
+                    entry.name
+                )))
+            }
+            ContainerState::Stopped => Then::Exited(entry.exit_code.unwrap_or(u32::MAX)),
+            ContainerState::Created => Then::LeaveCreated,
+        };
+        specs.push((entry, load_spec(dir, &entry.dir())?, then));
     }
-    if !specs.iter().any(|(entry, _)| entry.dumped) {
+    if !specs.iter().any(|(_, _, then)| *then == Then::Restore) {
         return Err(Error::Refused(format!(
             "checkpoint {} holds no running container to restore",
             dir.display()
         )));
     }
-    let container_specs: Vec<&Spec> = specs.iter().map(|(_, s)| s).collect();
+    let container_specs: Vec<&Spec> = specs.iter().map(|(_, s, _)| s).collect();
     let namespaces = namespace_options(sandbox.as_ref(), &container_specs);
     let mut containers = Vec::new();
-    for (entry, spec) in &specs {
+    for (entry, spec, then) in &specs {
         let random = new_uid()?;
         let config = container_plan(
             &entry.name,
@@ -226,8 +290,7 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest) -> Result<Plan
             &random[..8],
         )
         .map_err(Error::Refused)?;
-        let completed = (!entry.dumped).then(|| entry.exit_code.unwrap_or(0));
-        containers.push((config, completed));
+        containers.push((config, *then, entry.image_id.clone()));
     }
     drop(specs);
     Ok(Plan {
@@ -236,7 +299,6 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest) -> Result<Plan
         sandbox,
         namespaces,
         containers,
-        skipped,
     })
 }
 
@@ -254,9 +316,10 @@ fn load_spec(dir: &Path, container_dir: &Path) -> Result<Spec> {
         .map_err(|e| Error::Refused(format!("{} is not an OCI runtime spec: {e}", path.display())))
 }
 
-/// Every image must be on the node already: the restore pulls nothing.
-async fn check_images(clients: &CriClients, containers: &[&ContainerPlan]) -> Result<()> {
-    let images: BTreeSet<&str> = containers.iter().map(|c| c.image.as_str()).collect();
+/// Every image must be on the node already (the restore pulls nothing), with the image id the
+/// checkpoint recorded for its container.
+async fn check_images(clients: &CriClients, plan: &Plan, refused: &dyn Fn(Violation) -> Error) -> Result<()> {
+    let images: BTreeSet<&str> = plan.containers.iter().map(|(c, _, _)| c.image.as_str()).collect();
     for image in images {
         let status = clients
             .image
@@ -271,16 +334,25 @@ async fn check_images(clients: &CriClients, containers: &[&ContainerPlan]) -> Re
             .await
             .map_err(Error::cri(format!("ImageStatus {image}")))?
             .into_inner();
-        if status.image.is_none() {
-            let users: Vec<&str> = containers
-                .iter()
-                .filter(|c| c.image == image)
-                .map(|c| c.name.as_str())
-                .collect();
+        let users = plan.containers.iter().filter(|(c, _, _)| c.image == image);
+        let Some(found) = status.image else {
+            let names: Vec<&str> = users.map(|(c, _, _)| c.name.as_str()).collect();
             return Err(Error::Refused(format!(
                 "image {image} (container {}) is not on this node: pull it first",
-                users.join(", ")
+                names.join(", ")
             )));
+        };
+        for (c, _, _) in users.filter(|(_, then, _)| *then == Then::Restore) {
+            let Some(entry) = plan.manifest.container(&c.name) else {
+                continue;
+            };
+            let new = NewImage {
+                name: Some(image),
+                id: Some(&found.id),
+                layers: None,
+                same_node: false,
+            };
+            policy::check_image(entry, &new).map_err(refused)?;
         }
     }
     Ok(())
@@ -289,8 +361,16 @@ async fn check_images(clients: &CriClients, containers: &[&ContainerPlan]) -> Re
 /// (name, container id) pairs.
 type Named = Vec<(String, String)>;
 
-/// The CRI calls, recording in `undo` everything made. Returns the sandbox id, the restored
-/// and the completed containers, and the pod IP.
+/// What the CRI calls made.
+struct Created {
+    id: String,
+    restored: Named,
+    completed: Named,
+    left_created: Named,
+    ip: String,
+}
+
+/// The CRI calls, recording in `undo` everything made.
 async fn create(
     request: &RestoreRequest,
     plan: &Plan,
@@ -298,7 +378,7 @@ async fn create(
     clients: &CriClients,
     undo: &mut Undo,
     progress: &dyn Progress,
-) -> Result<(String, Named, Named, String)> {
+) -> Result<Created> {
     let pod = &plan.pod;
     undo.uid = Some(pod.uid.clone());
     make_dir(&pod.pod_dir, 0o750, undo)?;
@@ -332,10 +412,15 @@ async fn create(
 
     let mut started = Vec::new();
     let mut completed = Vec::new();
-    for (c, exit_code) in &plan.containers {
-        progress.step(&match exit_code {
-            None => format!("restoring container {}", c.name),
-            Some(_) => format!("recreating completed container {} (not run again)", c.name),
+    let mut left_created = Vec::new();
+    for (c, then, _) in &plan.containers {
+        progress.step(&match then {
+            Then::Restore => format!("restoring container {}", c.name),
+            Then::Exited(code) => format!(
+                "recreating exited container {} (exit {code}, not run again)",
+                c.name
+            ),
+            Then::LeaveCreated => format!("recreating container {} (never started)", c.name),
         });
         for dir in &c.empty_dirs {
             make_dir(dir, 0o777, undo)?;
@@ -357,13 +442,17 @@ async fn create(
             .map_err(Error::cri(format!("CreateContainer {}", c.name)))?
             .into_inner()
             .container_id;
+        if *then == Then::LeaveCreated {
+            left_created.push((c.name.clone(), container_id));
+            continue;
+        }
         runtime
             .start_container(cri::StartContainerRequest {
                 container_id: container_id.clone(),
             })
             .await
             .map_err(Error::cri(format!("StartContainer {}", c.name)))?;
-        if let Some(code) = exit_code {
+        if let Then::Exited(code) = then {
             wait_exited(&mut runtime, &c.name, &container_id, *code).await?;
             completed.push((c.name.clone(), container_id));
             continue;
@@ -388,7 +477,13 @@ async fn create(
         .and_then(|s| s.network)
         .map(|n| n.ip)
         .unwrap_or_default();
-    Ok((id, started, completed, ip))
+    Ok(Created {
+        id,
+        restored: started,
+        completed,
+        left_created,
+        ip,
+    })
 }
 
 /// How long a completed container may take to be reported exited.

@@ -21,7 +21,7 @@ use podsnap_checkpoint::dump::empty_dir_name;
 use podsnap_checkpoint::manifest::Manifest;
 
 /// The pod annotation that makes the shim restore the pod's containers.
-pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
+pub use podsnap_checkpoint::config::RESTORE_ANNOTATION;
 /// containerd's annotation with a container's image name.
 pub const IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.image-name";
 /// Where kubelet mounts the termination log unless the pod says otherwise.

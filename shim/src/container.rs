@@ -43,6 +43,8 @@ pub struct CreateParams {
     /// Whether the shim mounted the rootfs (and must unmount it).
     pub rootfs_mounted: bool,
     pub created_order: u64,
+    /// The overlay lower directories of its rootfs (the image's layers), top first.
+    pub rootfs_layers: Vec<String>,
 }
 
 /// One container of the pod.
@@ -51,6 +53,8 @@ pub struct Container {
     pub bundle: Bundle,
     pub identity: PodIdentity,
     pub created_order: u64,
+    /// The overlay lower directories of its rootfs (the image's layers), top first.
+    pub rootfs_layers: Vec<String>,
     pub started_order: Mutex<Option<u64>>,
     pub init: Arc<Process>,
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
@@ -142,6 +146,7 @@ impl Container {
             bundle,
             identity,
             created_order: p.created_order,
+            rootfs_layers: p.rootfs_layers,
             started_order: Mutex::new(None),
             init,
             execs: Mutex::new(HashMap::new()),
@@ -187,6 +192,7 @@ impl Container {
             id: p.id,
             bundle,
             created_order: p.created_order,
+            rootfs_layers: p.rootfs_layers,
             started_order: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
             rootfs_mounted: p.rootfs_mounted,

@@ -46,10 +46,13 @@ impl Error {
             Error::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
             Error::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
             Error::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
-            Error::Checkpoint(e) if matches!(**e, podsnap_checkpoint::Error::InvalidCheckpoint { .. }) => {
-                ttrpc::Code::INVALID_ARGUMENT
-            }
-            Error::Runtime { .. } | Error::Checkpoint(_) | Error::Internal(_) => ttrpc::Code::UNKNOWN,
+            Error::Checkpoint(e) => match **e {
+                podsnap_checkpoint::Error::InvalidCheckpoint { .. } => ttrpc::Code::INVALID_ARGUMENT,
+                podsnap_checkpoint::Error::Refused { .. } => ttrpc::Code::PERMISSION_DENIED,
+                podsnap_checkpoint::Error::Config { .. } => ttrpc::Code::FAILED_PRECONDITION,
+                _ => ttrpc::Code::UNKNOWN,
+            },
+            Error::Runtime { .. } | Error::Internal(_) => ttrpc::Code::UNKNOWN,
         }
     }
 }

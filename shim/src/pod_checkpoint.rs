@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use podsnap_checkpoint::dump::{dump_pod, PodDump, Target};
-use podsnap_checkpoint::manifest::{validate_name, ContainerEntry, HostInfo, PodInfo};
+use podsnap_checkpoint::manifest::{validate_name, ContainerEntry, PodInfo};
 use podsnap_checkpoint::{ContainerState, Role};
 
 use crate::container::Container;
@@ -58,9 +58,10 @@ pub async fn checkpoint(
     let dump = PodDump {
         dest: dest.clone(),
         pod,
-        host: host_info().await,
+        host: podsnap_checkpoint::host::this_node(&MonitorLauncher).await,
         targets,
         tcp_established: request.keep_tcp,
+        launcher: Arc::new(MonitorLauncher),
     };
     log::info!(
         "pod {}: checkpoint of {} containers into {}",
@@ -121,6 +122,8 @@ pub fn pod_target(c: &Container) -> Target {
                 Role::Container
             },
             image: c.identity.image.clone(),
+            image_id: None,
+            rootfs_layers: c.rootfs_layers.clone(),
             created_order: c.created_order,
             started_order: *lock(&c.started_order),
             state: record_state(s.status),
@@ -141,31 +144,5 @@ fn record_state(s: Status) -> ContainerState {
         Status::Running => ContainerState::Running,
         Status::Paused => ContainerState::Paused,
         Status::Stopped => ContainerState::Stopped,
-    }
-}
-
-/// The versions a checkpoint records about the node it was taken on.
-async fn host_info() -> HostInfo {
-    use podsnap_runtime::launcher::{Capture, Launcher};
-    async fn first_line(cmd: &str, arg: &str, prefix: &str) -> String {
-        let mut c = std::process::Command::new(cmd);
-        c.arg(arg).stdin(std::process::Stdio::null());
-        match MonitorLauncher.run(c, Capture::Output).await {
-            Ok(out) => String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .find_map(|l| l.strip_prefix(prefix).map(|v| v.trim().to_string()))
-                .unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    }
-    let uname = nix::sys::utsname::uname().ok();
-    HostInfo {
-        criu_version: first_line("criu", "--version", "Version:").await,
-        runc_version: first_line("runc", "--version", "runc version").await,
-        kernel: uname
-            .as_ref()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        arch: std::env::consts::ARCH.to_string(),
     }
 }

@@ -1,37 +1,42 @@
 //! Kubelet-driven restore: a pod carrying the annotation `podsnap.io/restore-from: <name>` has
-//! each of its containers restored from the checkpoint `<name>` in the node's checkpoint root
-//! instead of started fresh; a completed init container is answered with its recorded exit
-//! (0) without running it. The checkpoint is verified (every digest) once, at the sandbox's
-//! Create, before anything of the pod exists. `<name>` never leads outside the root: absolute
-//! paths, `..` and symlinks out of it are refused.
+//! each of its containers brought back from the checkpoint `<name>` in the node's checkpoint
+//! root instead of started fresh.
+//!
+//! At the sandbox's Create, before anything of the pod exists:
+//! 1. `<name>` is resolved inside the root (absolute paths, `..` and symlinks out of it are
+//!    refused);
+//! 2. the checkpoint must be exactly what its manifest lists (no unlisted file);
+//! 3. the restore policy of the node configuration: may a pod of this namespace restore a
+//!    checkpoint of that one ([`podsnap_checkpoint::policy`]);
+//! 4. the node can run it: architecture, CRIU, kernel, CPU features;
+//! 5. every digest, once for the pod's life in this shim.
+//!
+//! At each container's Create: the container's recorded state comes back as it was. Running
+//! and paused containers are restored from their CRIU images after the image and privilege
+//! checks (a paused one is paused again right after its restore); a container that had exited is answered with its recorded exit code without
+//! running; one that was created but never started is created fresh (it never ran). Only
+//! attempt 0 is restored: kubelet's restarts of a container (a restart count above 0, or a
+//! second Create of the same name in this pod) start fresh from the image.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::Spec;
+use podsnap_checkpoint::config::{NodeConfig, RESTORE_ANNOTATION};
 use podsnap_checkpoint::container::DumpOptions;
 use podsnap_checkpoint::dump::empty_dir_name;
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::manifest::{read_capped, Manifest, CPUINFO, MAX_JSON_BYTES};
+use podsnap_checkpoint::policy::{self, NewImage, Violation};
+use podsnap_checkpoint::ContainerState;
 use podsnap_runtime::bundle::PodIdentity;
 
 use crate::error::{Error, Result};
+use crate::exits::MonitorLauncher;
 use crate::process::lock;
 
-/// The pod annotation naming the checkpoint to restore from.
-pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
-/// Where checkpoints live unless `PODSNAP_CHECKPOINT_ROOT` says otherwise.
-pub const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/podsnap/checkpoints";
-/// The environment variable naming the node's checkpoint root.
-pub const CHECKPOINT_ROOT_ENV: &str = "PODSNAP_CHECKPOINT_ROOT";
-
-/// The node's checkpoint root.
-pub fn checkpoint_root() -> PathBuf {
-    std::env::var_os(CHECKPOINT_ROOT_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CHECKPOINT_ROOT))
-}
+/// kubelet's container annotation counting the container's restarts (its attempt).
+pub const RESTART_COUNT_ANNOTATION: &str = "io.kubernetes.container.restartCount";
 
 /// Resolves a checkpoint name inside `root`, refusing anything that leads elsewhere.
 pub fn resolve(root: &Path, name: &str) -> Result<PathBuf> {
@@ -66,7 +71,7 @@ pub fn resolve(root: &Path, name: &str) -> Result<PathBuf> {
 pub enum Plan {
     /// Create and start it as usual.
     Fresh,
-    /// Do not run it: it had exited with this code (a completed init container).
+    /// Do not run it: it had exited with this code.
     Exited(u32),
     /// Restore it from CRIU images.
     Restore(Box<RestorePlan>),
@@ -77,23 +82,47 @@ pub enum Plan {
 pub struct RestorePlan {
     pub image_dir: PathBuf,
     pub options: DumpOptions,
-    /// rootfs-diff.tar and rootfs-deleted.json, when the dump captured rootfs changes.
+    /// rootfs-diff.tar and rootfs-deleted.json, when the checkpoint lists them.
     pub rootfs_changes: Option<(PathBuf, PathBuf)>,
     /// (archive, host directory) of each emptyDir volume this container mounts.
     pub volumes: Vec<(PathBuf, PathBuf)>,
+    /// The container's name in its pod (kubelet path), marked restored once created.
+    pub name: Option<String>,
+    /// It was paused at the checkpoint: it comes back paused.
+    pub paused: bool,
 }
 
-/// Verified checkpoints and filled volumes, for the life of the pod's shim.
+/// What the shim knows of a container being created.
+pub struct NewContainer<'a> {
+    pub spec: &'a Spec,
+    pub identity: &'a PodIdentity,
+    /// The overlay lower directories of its rootfs, top first (from the Create request).
+    pub layers: &'a [String],
+}
+
+/// A checkpoint verified for this pod.
+struct Verified {
+    manifest: Manifest,
+    /// This node's identity, to tell node-local facts apart.
+    node_id: String,
+}
+
+/// Verified checkpoints, filled volumes and restored containers, for the life of the pod's shim.
 #[derive(Default)]
 pub struct Restores {
-    verified: Mutex<HashMap<PathBuf, Arc<Manifest>>>,
+    verified: Mutex<HashMap<PathBuf, Arc<Verified>>>,
     filled: Mutex<HashSet<PathBuf>>,
+    /// Names of the containers restored (or answered as exited) in this pod: a second Create
+    /// of one of them is a restart, which starts fresh.
+    restored: Mutex<HashSet<String>>,
 }
 
 impl Restores {
-    /// Decides how to create a container from its spec's annotations.
-    pub async fn plan(&self, spec: &Spec, identity: &PodIdentity) -> Result<Plan> {
-        let Some(name) = spec
+    /// Decides how to create a container from its spec's annotations; refuses (before
+    /// anything is created) whatever the node's restore policy forbids.
+    pub async fn plan(&self, new: &NewContainer<'_>) -> Result<Plan> {
+        let Some(name) = new
+            .spec
             .annotations()
             .as_ref()
             .and_then(|a| a.get(RESTORE_ANNOTATION))
@@ -102,28 +131,71 @@ impl Restores {
         else {
             return Ok(Plan::Fresh);
         };
-        let dir = resolve(&checkpoint_root(), &name)?;
-        let manifest = self.verified(&dir).await?;
-        if identity.is_sandbox {
-            return Ok(Plan::Fresh); // a new sandbox; its check above refused a bad checkpoint
-        }
+        let identity = new.identity;
         let cname = identity.name.clone().unwrap_or_default();
+        if !identity.is_sandbox {
+            if let Some(attempt) = restart_count(new.spec).filter(|n| *n > 0) {
+                log::info!("container {cname}: attempt {attempt} of a restored pod starts fresh");
+                return Ok(Plan::Fresh);
+            }
+            if lock(&self.restored).contains(&cname) {
+                log::info!("container {cname}: restarted in a restored pod, starts fresh");
+                return Ok(Plan::Fresh);
+            }
+        }
+        let config = NodeConfig::load()?;
+        let dir = resolve(&config.checkpoint_root(), &name)?;
+        let verified = self.verified(&dir, &name, &config, identity).await?;
+        let manifest = &verified.manifest;
+        if identity.is_sandbox {
+            return Ok(Plan::Fresh); // a new sandbox; the checks above refused a bad checkpoint
+        }
+        let refused = |v: Violation| Error::from(podsnap_checkpoint::Error::refused(&name, v));
         let entry = manifest.container(&cname).ok_or_else(|| {
             Error::InvalidArgument(format!("container {cname:?} is not in checkpoint {name:?}"))
         })?;
-        if !entry.dumped {
-            return Ok(Plan::Exited(entry.exit_code.unwrap_or(0)));
+        match entry.state {
+            ContainerState::Created => {
+                log::info!("container {cname}: was created but never started; created fresh");
+                lock(&self.restored).insert(cname);
+                return Ok(Plan::Fresh);
+            }
+            ContainerState::Stopped => {
+                // The manifest parser refuses a stopped container without an exit code.
+                return Ok(Plan::Exited(entry.exit_code.unwrap_or(u32::MAX)));
+            }
+            ContainerState::Running | ContainerState::Paused if !entry.dumped => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint {name:?} records container {cname:?} as running but holds no images of it"
+                )));
+            }
+            ContainerState::Running | ContainerState::Paused => {}
         }
-        let cdir = dir.join(entry.dir());
-        let image_dir = cdir.join("criu");
+        let image = NewImage {
+            name: identity.image.as_deref(),
+            id: None,
+            layers: Some(new.layers),
+            same_node: !verified.node_id.is_empty() && manifest.host.node_id == verified.node_id,
+        };
+        policy::check_image(entry, &image).map_err(refused)?;
+        let spec_file = dir.join(entry.file("config.json"));
+        let old: Spec = read_capped(&spec_file, MAX_JSON_BYTES)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                Error::InvalidArgument(format!("checkpoint {name:?}: {}: {e}", spec_file.display()))
+            })?;
+        policy::check_privilege(&cname, &old, new.spec).map_err(refused)?;
+
+        let image_dir = dir.join(entry.dir()).join("criu");
         let mut options = podsnap_checkpoint::container::inspect(&image_dir)?;
         // Connections are always captured; they come back only if the dump asked to keep them.
         options.tcp_established = manifest.tcp_established;
-        let tar = cdir.join("rootfs-diff.tar");
-        let del = cdir.join("rootfs-deleted.json");
-        let rootfs_changes = (tar.is_file() && del.is_file()).then_some((tar, del));
+        let (tar, del) = (entry.file("rootfs-diff.tar"), entry.file("rootfs-deleted.json"));
+        let rootfs_changes =
+            (manifest.lists(&tar) && manifest.lists(&del)).then(|| (dir.join(tar), dir.join(del)));
         let mut volumes = Vec::new();
-        for m in spec.mounts().iter().flatten() {
+        for m in new.spec.mounts().iter().flatten() {
             let Some(src) = m.source().as_ref().and_then(|s| s.to_str()) else {
                 continue;
             };
@@ -131,7 +203,9 @@ impl Restores {
                 continue;
             };
             if let Some(v) = manifest.volumes.iter().find(|v| v.name == vname) {
-                volumes.push((dir.join(&v.archive), PathBuf::from(src)));
+                if manifest.lists(&v.archive) {
+                    volumes.push((dir.join(&v.archive), PathBuf::from(src)));
+                }
             }
         }
         Ok(Plan::Restore(Box::new(RestorePlan {
@@ -139,27 +213,79 @@ impl Restores {
             options,
             rootfs_changes,
             volumes,
+            name: Some(cname),
+            paused: entry.state == ContainerState::Paused,
         })))
     }
 
-    async fn verified(&self, dir: &Path) -> Result<Arc<Manifest>> {
-        if let Some(m) = lock(&self.verified).get(dir) {
-            return Ok(m.clone());
-        }
-        let d = dir.to_path_buf();
-        let m = tokio::task::spawn_blocking(move || Manifest::load_verified(&d))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
-        let m = Arc::new(m);
-        lock(&self.verified).insert(dir.to_path_buf(), m.clone());
-        Ok(m)
+    /// Remembers that container `name` of this pod came back from the checkpoint: its next
+    /// Create is a restart.
+    pub fn mark_restored(&self, name: &str) {
+        lock(&self.restored).insert(name.to_owned());
+    }
+
+    /// The checkpoint at `dir`, checked against the node's policy and verified, once per pod.
+    async fn verified(
+        &self,
+        dir: &Path,
+        name: &str,
+        config: &NodeConfig,
+        identity: &PodIdentity,
+    ) -> Result<Arc<Verified>> {
+        let refused = |v: Violation| Error::from(podsnap_checkpoint::Error::refused(name, v));
+        let cached = lock(&self.verified).get(dir).cloned();
+        let checked = match cached {
+            Some(v) => v,
+            None => {
+                let d = dir.to_path_buf();
+                let manifest = tokio::task::spawn_blocking(move || Manifest::load_listed(&d))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                // The cheap refusals first: no digest of another namespace's checkpoint is read.
+                policy::check_namespace(
+                    &config.restore,
+                    manifest.pod.namespace.as_deref(),
+                    identity.pod_namespace.as_deref().unwrap_or(""),
+                    &config.describe(),
+                )
+                .map_err(refused)?;
+                let here = podsnap_checkpoint::host::this_node(&MonitorLauncher).await;
+                policy::check_host(&manifest.host, &here).map_err(refused)?;
+                if manifest.lists(CPUINFO) {
+                    let host_dir = dir.join(CPUINFO);
+                    let host_dir = host_dir.parent().unwrap_or(dir);
+                    podsnap_checkpoint::host::check_cpuinfo(&MonitorLauncher, host_dir)
+                        .await
+                        .map_err(refused)?;
+                }
+                let d = dir.to_path_buf();
+                let manifest = tokio::task::spawn_blocking(move || Manifest::load_verified(&d))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                let v = Arc::new(Verified {
+                    manifest,
+                    node_id: here.node_id,
+                });
+                lock(&self.verified).insert(dir.to_path_buf(), v.clone());
+                return Ok(v);
+            }
+        };
+        // Every container of the pod passes the namespace rule, not only the sandbox.
+        policy::check_namespace(
+            &config.restore,
+            checked.manifest.pod.namespace.as_deref(),
+            identity.pod_namespace.as_deref().unwrap_or(""),
+            &config.describe(),
+        )
+        .map_err(refused)?;
+        Ok(checked)
     }
 
     /// Prepares a container's filesystem for its restore: emptyDir volumes (once per pod) and
-    /// its rootfs changes.
+    /// its rootfs changes. A volume counts as filled only once its archive is unpacked.
     pub async fn prepare_files(&self, plan: &RestorePlan, rootfs: &Path) -> Result<()> {
         for (archive, dst) in &plan.volumes {
-            if !lock(&self.filled).insert(dst.clone()) {
+            if lock(&self.filled).contains(dst) {
                 continue;
             }
             let (a, d) = (archive.clone(), dst.clone());
@@ -170,6 +296,7 @@ impl Restores {
             })
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
+            lock(&self.filled).insert(dst.clone());
         }
         if let Some((tar, del)) = plan.rootfs_changes.clone() {
             let r = rootfs.to_path_buf();
@@ -179,6 +306,16 @@ impl Restores {
         }
         Ok(())
     }
+}
+
+/// kubelet's restart count of a container (0 for its first attempt), when it passes one.
+fn restart_count(spec: &Spec) -> Option<u64> {
+    spec.annotations()
+        .as_ref()?
+        .get(RESTART_COUNT_ANNOTATION)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -210,5 +347,25 @@ mod tests {
             let err = resolve(&root, bad).expect_err(bad).to_string();
             assert!(err.contains("is refused"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn restart_counts_come_from_kubelet_annotations() {
+        let spec = |count: Option<&str>| -> Spec {
+            let mut a = serde_json::Map::new();
+            if let Some(c) = count {
+                a.insert(RESTART_COUNT_ANNOTATION.into(), c.into());
+            }
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                "annotations": a
+            }))
+            .expect("spec")
+        };
+        assert_eq!(restart_count(&spec(None)), None);
+        assert_eq!(restart_count(&spec(Some("0"))), Some(0));
+        assert_eq!(restart_count(&spec(Some("3"))), Some(3));
+        assert_eq!(restart_count(&spec(Some("x"))), None);
     }
 }

@@ -38,7 +38,7 @@ use crate::exits::{ExitRouter, MonitorLauncher};
 use crate::metrics::to_metrics;
 use crate::pod_checkpoint::{self, pod_target, PodCheckpoint};
 use crate::process::{lock, Process, Status};
-use crate::restore::{Plan, RestorePlan, Restores};
+use crate::restore::{NewContainer, Plan, RestorePlan, Restores};
 use crate::service::default_runc;
 use podsnap_runtime::bundle::{Bundle, PodIdentity};
 
@@ -70,6 +70,8 @@ struct Inner {
     departed: Mutex<BTreeMap<String, Target>>,
     /// Where the pod's record was last written.
     record_file: Mutex<Option<PathBuf>>,
+    /// Containers that were paused at their checkpoint: paused again once restored.
+    pause_after_restore: Mutex<std::collections::HashSet<String>>,
 }
 
 impl PodTask {
@@ -87,6 +89,7 @@ impl PodTask {
                 restores: Restores::default(),
                 departed: Mutex::new(BTreeMap::new()),
                 record_file: Mutex::new(None),
+                pause_after_restore: Mutex::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -131,9 +134,17 @@ impl PodTask {
             .spec()
             .map_err(Error::runtime(format!("create container {id}")))?;
         let identity = PodIdentity::from_spec(&spec);
-        // Decide before anything exists: a bad checkpoint is refused here.
+        let layers = rootfs_layers(&req.rootfs);
+        // Decide before anything exists: a bad or forbidden checkpoint is refused here.
         let plan = if req.checkpoint.is_empty() {
-            self.inner.restores.plan(&spec, &identity).await?
+            self.inner
+                .restores
+                .plan(&NewContainer {
+                    spec: &spec,
+                    identity: &identity,
+                    layers: &layers,
+                })
+                .await?
         } else {
             let image_dir = PathBuf::from(&req.checkpoint);
             let options = podsnap_checkpoint::container::inspect(&image_dir)?;
@@ -142,7 +153,15 @@ impl PodTask {
                 options,
                 rootfs_changes: None,
                 volumes: Vec::new(),
+                name: None,
+                paused: false,
             }))
+        };
+        // From the checkpoint (by name, kubelet path): the next Create of that name is a restart.
+        let restored_name = match &plan {
+            Plan::Restore(p) => p.name.clone(),
+            Plan::Exited(_) => identity.name.clone(),
+            Plan::Fresh => None,
         };
         let rootfs = bundle.join("rootfs");
         let mounted = !req.rootfs.is_empty();
@@ -161,6 +180,7 @@ impl PodTask {
                 .created
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
                 + 1,
+            rootfs_layers: layers,
         };
         let created = match plan {
             Plan::Fresh => Container::create(params, &self.inner.exits).await,
@@ -172,6 +192,9 @@ impl PodTask {
             }
             Plan::Restore(plan) => match self.inner.restores.prepare_files(&plan, &rootfs).await {
                 Ok(()) => {
+                    if plan.paused {
+                        lock(&self.inner.pause_after_restore).insert(id.clone());
+                    }
                     log::info!(
                         "container {id}: will be restored from {}",
                         plan.image_dir.display()
@@ -208,6 +231,9 @@ impl PodTask {
             }
         );
         lock(&self.inner.containers).insert(id.clone(), container.clone());
+        if let Some(name) = restored_name {
+            self.inner.restores.mark_restored(&name);
+        }
         if !container.restore_pending() && container.exited_plan().is_none() {
             self.watch_oom(&container);
         }
@@ -342,6 +368,9 @@ impl PodTask {
             self.inner.save_record();
             if let Some(code) = c.init.take_early_exit() {
                 self.inner.process_exited(&c.init, code).await;
+            } else if restoring && lock(&self.inner.pause_after_restore).remove(&c.id) {
+                log::info!("container {}: paused at its checkpoint, paused again", c.id);
+                self.do_pause(&c.id, true).await?;
             }
             pid
         } else {
@@ -1049,6 +1078,19 @@ fn runc_from_options(namespace: &str, options: Option<&Any>) -> Result<(Runc, Ru
     flags.no_pivot = o.no_pivot_root;
     flags.no_new_keyring = o.no_new_keyring;
     Ok((runc, flags))
+}
+
+/// The overlay lower directories (the image's layers, top first) of a Create's rootfs mounts.
+fn rootfs_layers(mounts: &[api::Mount]) -> Vec<String> {
+    mounts
+        .iter()
+        .filter(|m| m.type_ == "overlay")
+        .flat_map(|m| m.options.iter())
+        .filter_map(|o| o.strip_prefix("lowerdir="))
+        .flat_map(|v| v.split(':'))
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 async fn mount_rootfs(mounts: &[api::Mount], rootfs: &Path) -> Result<()> {

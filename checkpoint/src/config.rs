@@ -1,0 +1,197 @@
+//! The node configuration: one TOML file, read by the shim and by the CLI, that says where
+//! checkpoints live and who may restore what.
+//!
+//! The file is `/etc/podsnap/config.toml`, or the one named by `PODSNAP_CONFIG`. A missing
+//! default file means the defaults below; a missing file named by `PODSNAP_CONFIG`, an unknown
+//! key, or a file that does not parse is an error (a typo must never widen the policy silently).
+//!
+//! ```toml
+//! # Where checkpoints live (PODSNAP_CHECKPOINT_ROOT overrides it).
+//! checkpoint_root = "/var/lib/podsnap/checkpoints"
+//!
+//! [restore]
+//! # false: every restore on this node is refused.
+//! enabled = true
+//! # Only pods of these namespaces may restore (absent: every namespace).
+//! namespaces = ["team-a", "team-b"]
+//!
+//! # A pod always may restore checkpoints taken in its own namespace. These add more:
+//! # pods of namespace "team-b" may also restore checkpoints taken in "team-a";
+//! # "*" as a key applies to every namespace.
+//! [restore.allow_from]
+//! team-b = ["team-a"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The environment variable naming the node configuration file.
+pub const CONFIG_ENV: &str = "PODSNAP_CONFIG";
+/// The node configuration file unless `PODSNAP_CONFIG` names another.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/podsnap/config.toml";
+/// Where checkpoints live unless the configuration or `PODSNAP_CHECKPOINT_ROOT` says otherwise.
+pub const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/podsnap/checkpoints";
+/// The environment variable naming the node's checkpoint root (it wins over the file).
+pub const CHECKPOINT_ROOT_ENV: &str = "PODSNAP_CHECKPOINT_ROOT";
+/// The pod annotation naming the checkpoint a pod restores from (kubelet path).
+pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
+/// The largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// The node configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where checkpoints live.
+    #[serde(default)]
+    pub checkpoint_root: Option<PathBuf>,
+    /// Who may restore what.
+    #[serde(default)]
+    pub restore: RestorePolicy,
+    /// The file this was read from (`None`: defaults, no file).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// Who may restore what on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestorePolicy {
+    /// Restores are allowed at all.
+    pub enabled: bool,
+    /// Only pods of these namespaces may restore; every namespace when `None`.
+    pub namespaces: Option<Vec<String>>,
+    /// Target namespace (or `*`) -> further source namespaces its pods may restore from.
+    pub allow_from: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for RestorePolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            namespaces: None,
+            allow_from: BTreeMap::new(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads the node configuration: `PODSNAP_CONFIG` if set, else the default file if it
+    /// exists, else the defaults.
+    pub fn load() -> Result<NodeConfig> {
+        match std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()) {
+            Some(path) => Self::read(Path::new(&path)),
+            None => match Self::read(Path::new(DEFAULT_CONFIG_PATH)) {
+                Err(Error::Config { missing: true, .. }) => Ok(NodeConfig::default()),
+                other => other,
+            },
+        }
+    }
+
+    /// Reads and checks one configuration file.
+    pub fn read(path: &Path) -> Result<NodeConfig> {
+        let bad = |reason: String, missing: bool| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+            missing,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| {
+            let missing = e.kind() == std::io::ErrorKind::NotFound;
+            bad(e.to_string(), missing)
+        })?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(bad(format!("larger than {MAX_CONFIG_BYTES} bytes"), false));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string(), false))?;
+        let mut config = Self::parse(&text).map_err(|reason| bad(reason, false))?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses configuration text.
+    pub fn parse(text: &str) -> std::result::Result<NodeConfig, String> {
+        let config: NodeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(root) = &config.checkpoint_root {
+            if !root.is_absolute() {
+                return Err(format!(
+                    "checkpoint_root {} is not an absolute path",
+                    root.display()
+                ));
+            }
+        }
+        Ok(config)
+    }
+
+    /// The node's checkpoint root: `PODSNAP_CHECKPOINT_ROOT`, else the file's, else the default.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        std::env::var_os(CHECKPOINT_ROOT_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| self.checkpoint_root.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CHECKPOINT_ROOT))
+    }
+
+    /// How the configuration is named in errors.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            Some(p) => p.display().to_string(),
+            None => format!("the defaults ({DEFAULT_CONFIG_PATH} does not exist)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_allow_own_namespace_only() {
+        let c = NodeConfig::parse("").expect("empty is defaults");
+        assert!(c.restore.enabled);
+        assert_eq!(c.restore.namespaces, None);
+        assert!(c.restore.allow_from.is_empty());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = NodeConfig::parse(
+            r#"
+checkpoint_root = "/srv/ckpt"
+[restore]
+enabled = false
+namespaces = ["a", "b"]
+[restore.allow_from]
+b = ["a"]
+"*" = ["shared"]
+"#,
+        )
+        .expect("parses");
+        assert_eq!(c.checkpoint_root, Some(PathBuf::from("/srv/ckpt")));
+        assert!(!c.restore.enabled);
+        assert_eq!(c.restore.allow_from["b"], ["a"]);
+        assert_eq!(c.restore.allow_from["*"], ["shared"]);
+    }
+
+    #[test]
+    fn typos_and_relative_roots_are_errors() {
+        let err = NodeConfig::parse("[restore]\nenable = false\n").expect_err("typo");
+        assert!(err.contains("enable"), "{err}");
+        assert!(NodeConfig::parse("checkpoint_root = \"rel\"").is_err());
+        assert!(NodeConfig::parse("[restore]\nnamespaces = \"a\"").is_err());
+    }
+
+    #[test]
+    fn a_named_file_must_exist() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let err = NodeConfig::read(&t.path().join("nope.toml")).expect_err("missing");
+        assert!(matches!(err, Error::Config { missing: true, .. }), "{err}");
+        std::fs::write(t.path().join("c.toml"), "[restore]\nenabled = false\n").expect("write");
+        let c = NodeConfig::read(&t.path().join("c.toml")).expect("read");
+        assert!(!c.restore.enabled);
+        assert_eq!(c.source, Some(t.path().join("c.toml")));
+    }
+}
