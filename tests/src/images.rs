@@ -180,6 +180,9 @@ fn base_layer(workload_bin: &Path) -> Result<Blob> {
         layer.dir(dir, 0o755)?;
     }
     layer.dir("/tmp", 0o1777)?;
+    // As in Debian's images: an absolute symlink to a directory, which a container may replace
+    // by a real directory (the restore must not follow it out of the rootfs).
+    layer.symlink("/var/run", "/run")?;
     layer.file("/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
     layer.file("/etc/group", b"root:x:0:\n", 0o644)?;
     layer.file("/etc/hosts", b"127.0.0.1 localhost\n", 0o644)?;

@@ -272,6 +272,10 @@ pub struct ContainerSpec {
     pub empty_dirs: Vec<(String, String)>,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// `securityContext.capabilities.add`.
+    pub add_capabilities: Vec<String>,
+    /// kubelet's attempt (restart count) of this container.
+    pub attempt: u32,
 }
 
 impl ContainerSpec {
@@ -284,6 +288,8 @@ impl ContainerSpec {
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             empty_dirs: Vec::new(),
             env: Vec::new(),
+            add_capabilities: Vec::new(),
+            attempt: 0,
         }
     }
 
@@ -355,7 +361,10 @@ pub fn container_config(
     ]);
     let annotations = HashMap::from([
         ("io.kubernetes.container.hash".to_owned(), "5f4f2f0e".to_owned()),
-        ("io.kubernetes.container.restartCount".to_owned(), "0".to_owned()),
+        (
+            "io.kubernetes.container.restartCount".to_owned(),
+            spec.attempt.to_string(),
+        ),
         (
             "io.kubernetes.container.terminationMessagePath".to_owned(),
             "/dev/termination-log".to_owned(),
@@ -386,7 +395,7 @@ pub fn container_config(
     Ok(cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata {
             name: spec.name.clone(),
-            attempt: 0,
+            attempt: spec.attempt,
         }),
         image: Some(cri::ImageSpec {
             image: image_ref.to_owned(),
@@ -415,6 +424,10 @@ pub fn container_config(
                 masked_paths: MASKED_PATHS.iter().map(|s| (*s).to_owned()).collect(),
                 readonly_paths: READONLY_PATHS.iter().map(|s| (*s).to_owned()).collect(),
                 seccomp: unconfined(),
+                capabilities: (!spec.add_capabilities.is_empty()).then(|| cri::Capability {
+                    add_capabilities: spec.add_capabilities.clone(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         }),

@@ -125,6 +125,12 @@ impl NodeFiles {
     pub fn checkpoints(&self) -> PathBuf {
         self.dir.join("checkpoints")
     }
+    /// The node's podsnap configuration (restore policy): containerd, and so the shim, get it
+    /// as `PODSNAP_CONFIG`. Empty (the defaults) unless a test writes it
+    /// ([`crate::node::Node::set_podsnap_config`]); the shim reads it at every restore.
+    pub fn podsnap_config(&self) -> PathBuf {
+        self.dir.join("podsnap.toml")
+    }
 
     /// Appends `kind value` to the ledger.
     fn record(&self, kind: &str, value: &str) -> Result<()> {
@@ -267,6 +273,7 @@ impl Node {
              server = \"http://127.0.0.1:9\"\n",
         )?;
         std::fs::write(dir.join("cni/net.d/10-podsnap.conflist"), self.cni_conflist())?;
+        std::fs::write(self.files.podsnap_config(), "")?;
         std::fs::write(
             self.files.config(),
             format!("{}{}", self.containerd_config(), self.options.extra_config),
@@ -355,6 +362,7 @@ state = '{dir}/state'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podsnap]
         runtime_type = 'io.containerd.podsnap.v1'
         pod_annotations = ['podsnap.io/*']
+        container_annotations = ['podsnap.io/*', 'io.kubernetes.container.restartCount']
     [plugins.'io.containerd.cri.v1.runtime'.cni]
       bin_dirs = ['{cni_bin}']
       conf_dir = '{dir}/cni/net.d'
@@ -398,6 +406,7 @@ state = '{dir}/state'
             .arg(self.files.config())
             .env("PATH", path)
             .env("PODSNAP_CHECKPOINT_ROOT", self.files.checkpoints())
+            .env("PODSNAP_CONFIG", self.files.podsnap_config())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log))
@@ -448,6 +457,14 @@ state = '{dir}/state'
     /// The node's files.
     pub fn files(&self) -> &NodeFiles {
         &self.files
+    }
+
+    /// Replaces the node's podsnap configuration (the shim reads it at every restore); returns
+    /// it parsed, for the CLI's `RestoreRequest`.
+    pub fn set_podsnap_config(&self, toml: &str) -> Result<podsnap_checkpoint::config::NodeConfig> {
+        let path = self.files.podsnap_config();
+        std::fs::write(&path, toml)?;
+        podsnap_checkpoint::config::NodeConfig::read(&path).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// This instance's short name (`<pid>-<n>`), unique on the host.

@@ -296,11 +296,18 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
     std::fs::write(no_image.join(spec_rel), serde_json::to_vec(&spec).expect("JSON")).expect("write");
     redigest(&no_image, spec_rel);
 
-    for (dir, expected) in [
-        (&flipped, "is damaged"),
-        (&missing, gone.as_str()),
-        (&future, "format version 2 is not supported"),
-        (&no_image, "localhost/podsnap/missing:1"),
+    let unlisted = outside.join("unlisted");
+    copy_tree(&good, &unlisted);
+    std::fs::write(unlisted.join("containers/app/criu/extra.img"), b"x").expect("write");
+
+    // The CLI checks structure, policy and images up front; the digests are verified once per
+    // restore, by the shim when the sandbox is created, and the CLI then removes what it made.
+    for (dir, expected, up_front) in [
+        (&flipped, "is damaged", false),
+        (&missing, gone.as_str(), true),
+        (&future, "format version 2 is not supported", true),
+        (&no_image, "localhost/podsnap/missing:1", true),
+        (&unlisted, "containers/app/criu/extra.img is not listed", true),
     ] {
         let err = restore(&node, &restore_request(&node, dir))
             .map(|p| p.id)
@@ -308,11 +315,18 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
         let message = err.to_string();
         eprintln!("{}: {message}", dir.display());
         assert!(message.contains(expected), "{}: {message}", dir.display());
-        assert!(
-            !message.contains("removed:"),
-            "refused before creating anything: {message}"
-        );
-        assert_eq!(node_state(&node), state, "{}: nothing created", dir.display());
+        if up_front {
+            assert!(
+                !message.contains("removed:"),
+                "refused before creating anything: {message}"
+            );
+        } else {
+            assert!(
+                message.contains("RunPodSandbox") && !message.contains("NOT removed"),
+                "refused by the shim before any container, and rolled back: {message}"
+            );
+        }
+        assert_eq!(node_state(&node), state, "{}: nothing left", dir.display());
     }
 
     // The kubelet path: the shim checks the checkpoint at the sandbox's creation; names that

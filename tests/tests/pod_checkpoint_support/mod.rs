@@ -56,6 +56,8 @@ pub fn restore_request(node: &Node, dir: &Path) -> RestoreRequest {
     request.checkpoint_root = node.files().checkpoints();
     request.pods_dir = pods_dir(node);
     request.logs_dir = logs_dir(node);
+    request.config = podsnap_checkpoint::config::NodeConfig::read(&node.files().podsnap_config())
+        .expect("the node's podsnap configuration");
     request
 }
 
