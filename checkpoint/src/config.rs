@@ -9,6 +9,11 @@
 //! # Where checkpoints live (PODSNAP_CHECKPOINT_ROOT overrides it).
 //! checkpoint_root = "/var/lib/podsnap/checkpoints"
 //!
+//! [dump]
+//! # How long a pod dump may take before it is stopped (the pod thawed, the output removed);
+//! # a pod's annotation podsnap.io/dump-deadline and the request's own deadline can shorten it.
+//! deadline_seconds = 120
+//!
 //! [restore]
 //! # false: every restore on this node is refused.
 //! enabled = true
@@ -52,9 +57,52 @@ pub struct NodeConfig {
     /// Who may restore what.
     #[serde(default)]
     pub restore: RestorePolicy,
+    /// How pod dumps run.
+    #[serde(default)]
+    pub dump: DumpPolicy,
     /// The file this was read from (`None`: defaults, no file).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// How pod dumps run on this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DumpPolicy {
+    /// How long a pod dump may take; [`crate::dump::DEFAULT_DEADLINE`] when `None`.
+    pub deadline_seconds: Option<u64>,
+}
+
+/// The pod annotation bounding a pod's dumps, in seconds (`"30"` or `"30s"`).
+pub const DUMP_DEADLINE_ANNOTATION: &str = "podsnap.io/dump-deadline";
+
+impl DumpPolicy {
+    /// The deadline of a dump: the pod's annotation if it has one, else the node's, else the
+    /// default; never longer than `request` (the caller's own deadline), when it has one.
+    pub fn deadline(
+        &self,
+        annotation: Option<&str>,
+        request: Option<std::time::Duration>,
+    ) -> std::result::Result<std::time::Duration, String> {
+        let pod = match annotation.map(str::trim).filter(|v| !v.is_empty()) {
+            Some(v) => Some(
+                v.trim_end_matches('s')
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("{DUMP_DEADLINE_ANNOTATION}: {v:?} is not a number of seconds"))?,
+            ),
+            None => None,
+        };
+        let base = pod
+            .or(self.deadline_seconds)
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(crate::dump::DEFAULT_DEADLINE);
+        Ok(match request {
+            Some(r) if r < base => r,
+            _ => base,
+        })
+    }
 }
 
 /// Who may restore what on this node.
@@ -174,6 +222,26 @@ b = ["a"]
         assert!(!c.restore.enabled);
         assert_eq!(c.restore.allow_from["b"], ["a"]);
         assert_eq!(c.restore.allow_from["*"], ["shared"]);
+    }
+
+    #[test]
+    fn dump_deadlines_come_from_the_pod_the_node_and_the_request() {
+        use std::time::Duration;
+        let node = NodeConfig::parse("[dump]\ndeadline_seconds = 60\n")
+            .expect("parses")
+            .dump;
+        assert_eq!(node.deadline(None, None), Ok(Duration::from_secs(60)));
+        assert_eq!(node.deadline(Some("30s"), None), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            node.deadline(Some("30"), Some(Duration::from_secs(5))),
+            Ok(Duration::from_secs(5))
+        );
+        assert_eq!(
+            DumpPolicy::default().deadline(None, None),
+            Ok(crate::dump::DEFAULT_DEADLINE)
+        );
+        assert!(node.deadline(Some("soon"), None).is_err());
+        assert!(node.deadline(Some("0"), None).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use podsnap_runtime::cgroup::CgroupPaths;
+use podsnap_runtime::launcher::Limit;
 use podsnap_runtime::runc::{CgroupsMode, CheckpointOpts, CriuOpts, ProcessStdio, RestoreOpts, Runc};
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,8 @@ pub struct Dump {
     pub cgroups: Option<CgroupPaths>,
     /// Whether the container was paused before the dump (then it stays paused).
     pub was_paused: bool,
+    /// When runc and CRIU must be stopped.
+    pub limit: Limit,
 }
 
 /// Dumps a container into `dump.image_dir` (created 0700 if missing).
@@ -86,6 +89,7 @@ pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
         criu,
         parent_path: None,
         leave_running: d.leave_running,
+        limit: d.limit.clone(),
     };
     match runc.checkpoint(&d.id, &opts).await {
         Ok(()) => {
@@ -472,6 +476,7 @@ mod tests {
             leave_running: true,
             cgroups: None,
             was_paused: false,
+            limit: Limit::default(),
         };
         let err = dump(&runc, &d).await.expect_err("must fail").to_string();
         assert!(err.starts_with("checkpoint of container c1 failed"), "{err}");
@@ -492,6 +497,7 @@ mod tests {
             leave_running: true,
             cgroups: None,
             was_paused: false,
+            limit: Limit::default(),
         };
         dump(&runc, &d).await.expect_err("must fail");
         let left: Vec<_> = listing(root.path()).into_iter().collect();

@@ -1,14 +1,26 @@
 //! Pod dump: every container of a pod captured at one instant.
 //!
-//! 1. quiesce: freeze each running container's own cgroup (CRIU cannot see a parent's freeze);
-//! 2. while frozen, in parallel: dump each container with CRIU (leave running), capture its
+//! 1. pre-flight: the memory in use, the rootfs changes and the volumes must fit in the free
+//!    space of the destination's filesystem, or the dump is refused up front with the numbers;
+//! 2. the crash journal ([`crate::journal`]) records what is about to be frozen and where the
+//!    staging output goes;
+//! 3. quiesce: lock the pod's network namespace once ([`crate::netlock`]), then freeze each
+//!    running container's own cgroup (CRIU cannot see a parent's freeze);
+//! 4. while frozen, in parallel: dump each container with CRIU (leave running), capture its
 //!    rootfs changes, archive the pod's emptyDir volumes;
-//! 3. thaw every container, whatever happened;
-//! 4. copy specs, digest every file, write the manifest last (temporary file, fsync, rename),
-//!    and rename the staging directory into place.
+//! 5. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is first completed (specs,
+//!    digests, manifest, renamed into place) while everything is still frozen, then every
+//!    process of the pod is killed before the thaw: nothing runs after the snapshot;
+//! 6. otherwise after the thaw: specs, digests, manifest last (temporary file, fsync, rename),
+//!    and the staging directory renamed into place.
 //!
-//! Any failure removes all output and returns an error naming the container, with the tail of
-//! CRIU's log. Containers that are not running (completed init containers) are recorded only.
+//! Guarantees, on every path (error, panic, a caller that gives up, the deadline): every
+//! freeze attempted is undone (a guard thaws on drop), the staging output is removed unless
+//! committed, and runc/CRIU still running are killed with every process they started. The
+//! deadline and the caller giving up stop the dump at once, with an error that says so. A
+//! failed dump leaves the pod running as it was and no output; its error names the container
+//! with the tail of CRIU's log, or the cause (ENOSPC, EIO, ...). Containers that are not
+//! running (completed init containers) are recorded only.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,11 +28,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use podsnap_runtime::cgroup::CgroupPaths;
-use podsnap_runtime::launcher::Launcher;
+use podsnap_runtime::launcher::{Launcher, Limit};
 use podsnap_runtime::runc::Runc;
 
 use crate::container::{self, create_private_dir, Dump, DumpOptions};
 use crate::error::{Error, Result};
+use crate::failpoint::hold;
+use crate::journal::{self, Journal};
 use crate::manifest::{
     validate_name, ContainerEntry, DumpStats, FileDigest, HostInfo, Manifest, PodInfo, VolumeEntry,
     VolumeMount, CPUINFO, FORMAT, MANIFEST, VERSION,
@@ -30,7 +44,9 @@ use crate::rootfs;
 
 /// Path fragment of a kubelet emptyDir volume's host directory.
 pub const EMPTY_DIR_MARK: &str = "/volumes/kubernetes.io~empty-dir/";
-
+/// How long a pod dump may take unless the node configuration, the pod or the request says
+/// otherwise.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 /// A container of the pod, as the shim knows it.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -54,6 +70,16 @@ pub struct PodDump {
     pub tcp_established: bool,
     /// Runs the programs of the dump that are not runc (`criu cpuinfo`).
     pub launcher: std::sync::Arc<dyn Launcher>,
+    /// Stop the pod at the snapshot: its processes are killed while still frozen.
+    pub stop: bool,
+    /// How long the whole dump may take.
+    pub deadline: Duration,
+    /// Turns `true` when the caller gives up.
+    pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Where to keep the crash journal (none when `None`).
+    pub journal: Option<PathBuf>,
+    /// The pod's network namespace, locked for the whole dump (`None`: the host's network).
+    pub netns: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PodDump {
@@ -62,6 +88,8 @@ impl std::fmt::Debug for PodDump {
             .field("dest", &self.dest)
             .field("pod", &self.pod.sandbox_id)
             .field("targets", &self.targets.len())
+            .field("stop", &self.stop)
+            .field("deadline", &self.deadline)
             .finish()
     }
 }
@@ -76,6 +104,8 @@ pub struct DumpReport {
     pub total: Duration,
     pub bytes: u64,
     pub dumped: Vec<String>,
+    /// Processes killed at the snapshot (`stop`).
+    pub killed: usize,
 }
 
 /// Dumps a pod; see the module documentation.
@@ -87,30 +117,79 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
             reason,
         })?;
     }
-    let staging = Staging::new(&d.dest)?;
-    match dump_into(&d, staging.dir()).await {
-        Ok(mut report) => {
-            staging.commit()?;
-            report.total = started.elapsed();
-            Ok(report)
-        }
-        Err(e) => {
-            staging.abandon();
-            Err(e)
-        }
-    }
+    let limit = Limit::after(d.deadline, d.cancel.clone());
+    let running = running(&d.targets);
+    crate::preflight::check(&d.dest, &d.targets, &running).await?;
+    // Drop order matters: the staging guard (removes uncommitted output) and the frozen guard
+    // inside `dump_into` go before the journal that lists them.
+    let (owner_pid, owner_start) = journal::this_process();
+    let mut entry = journal::Entry {
+        owner_pid,
+        owner_start,
+        frozen: running
+            .iter()
+            .filter_map(|t| {
+                t.cgroups
+                    .as_ref()
+                    .and_then(|c| c.freezer())
+                    .map(Path::to_path_buf)
+            })
+            .collect(),
+        staging: PathBuf::new(),
+        in_place: false,
+        dest: d.dest.clone(),
+        netns: d.netns.clone(),
+    };
+    let journal = match &d.journal {
+        Some(path) => Journal::begin(path, &entry)?,
+        None => Journal::none(),
+    };
+    let mut staging = Staging::new(&d.dest)?;
+    entry.staging = staging.dir.clone();
+    entry.in_place = staging.in_place;
+    journal.update(&entry)?;
+    let mut report = dump_into(&d, &mut staging, &running, &limit).await?;
+    staging.commit()?;
+    drop(staging);
+    drop(journal);
+    report.total = started.elapsed();
+    Ok(report)
 }
 
-async fn dump_into(d: &PodDump, dir: &Path) -> Result<DumpReport> {
-    let mut report = DumpReport::default();
-    let running: Vec<&Target> = d
-        .targets
+/// The containers whose processes are dumped (running or paused).
+fn running(targets: &[Target]) -> Vec<&Target> {
+    targets
         .iter()
         .filter(|t| {
             t.entry.role == Role::Container
                 && matches!(t.entry.state, ContainerState::Running | ContainerState::Paused)
         })
-        .collect();
+        .collect()
+}
+
+/// Fails once the deadline passed or the caller gave up, saying during what.
+fn check(limit: &Limit, deadline: Duration, during: &str) -> Result<()> {
+    if limit.cancelled() {
+        return Err(Error::Stopped {
+            reason: format!("the caller gave up {during}"),
+        });
+    }
+    if limit.expired() {
+        return Err(Error::Stopped {
+            reason: format!("the dump deadline of {} s passed {during}", deadline.as_secs()),
+        });
+    }
+    Ok(())
+}
+
+async fn dump_into(
+    d: &PodDump,
+    staging: &mut Staging,
+    running: &[&Target],
+    limit: &Limit,
+) -> Result<DumpReport> {
+    let dir = staging.dir.clone();
+    let mut report = DumpReport::default();
     for t in &d.targets {
         create_private_dir(&dir.join(t.entry.dir()))?;
     }
@@ -123,61 +202,106 @@ async fn dump_into(d: &PodDump, dir: &Path) -> Result<DumpReport> {
         .unwrap_or_default();
     create_private_dir(&host_dir)?;
     crate::host::dump_cpuinfo(d.launcher.as_ref(), &host_dir).await?;
+    hold("before-freeze").await;
+    check(limit, d.deadline, "before the freeze")?;
 
-    // 1. Quiesce.
+    // One network lock for the whole pod, before the first freeze and until the last thaw,
+    // whatever happens in between (the frozen phase thaws everything before it returns).
+    let netlock = crate::netlock::NetLock::take(d.launcher.clone(), d.netns.as_deref()).await?;
+    let quiesced = quiesced(d, staging, running, limit, &mut report).await;
+    netlock.release().await;
+    let volumes = match quiesced? {
+        Quiesced::Stopped => return Ok(report),
+        Quiesced::Thawed(volumes) => volumes,
+    };
+    hold("thawed").await;
+    check(limit, d.deadline, "after the thaw")?;
+    report.bytes = finish(d, &dir, running, volumes, &report, report.frozen).await?;
+    Ok(report)
+}
+
+/// How the frozen phase ended.
+enum Quiesced {
+    /// Thawed; the volumes captured, the checkpoint still to finish.
+    Thawed(Vec<VolumeEntry>),
+    /// The checkpoint is complete and committed, the pod killed at the snapshot (`stop`).
+    Stopped,
+}
+
+/// Freezes the pod, dumps it, and thaws it (or kills it at the snapshot), the thaw guaranteed
+/// on every path by the [`Frozen`] guard.
+async fn quiesced(
+    d: &PodDump,
+    staging: &mut Staging,
+    running: &[&Target],
+    limit: &Limit,
+    report: &mut DumpReport,
+) -> Result<Quiesced> {
+    let dir = staging.dir.clone();
+    // Each container is listed before its freeze is tried, so one whose freeze fails or times
+    // out is thawed too.
+    let mut frozen = Frozen::default();
     let freeze_start = Instant::now();
-    let mut frozen: Vec<&Target> = Vec::new();
-    let mut freeze_error = None;
     for t in running
         .iter()
         .filter(|t| t.entry.state == ContainerState::Running)
     {
-        let Some(cg) = t.cgroups.clone() else {
-            freeze_error = Some(format!("container {}: its cgroups are unknown", t.entry.name));
-            break;
-        };
-        match tokio::task::spawn_blocking(move || cg.set_frozen(true)).await {
-            Ok(Ok(())) => frozen.push(t),
-            Ok(Err(e)) => {
-                freeze_error = Some(format!("freeze container {}: {e}", t.entry.name));
-                break;
-            }
-            Err(e) => {
-                freeze_error = Some(format!("freeze container {}: {e}", t.entry.name));
-                break;
-            }
-        }
-    }
-
-    // 2. Capture while frozen.
-    let captured = if freeze_error.is_none() {
-        capture_all(d, dir, &running).await
-    } else {
-        Ok((Duration::ZERO, Vec::new()))
-    };
-
-    // 3. Resume, always.
-    for t in &frozen {
-        if let Some(cg) = t.cgroups.clone() {
-            match tokio::task::spawn_blocking(move || cg.set_frozen(false)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => log::error!("container {}: thaw after the dump failed: {e}", t.entry.id),
-                Err(e) => log::error!("container {}: thaw after the dump failed: {e}", t.entry.id),
-            }
-        }
-    }
-    report.frozen = freeze_start.elapsed();
-    if let Some(reason) = freeze_error {
-        return Err(Error::InvalidCheckpoint {
+        let cg = t.cgroups.clone().ok_or_else(|| Error::InvalidCheckpoint {
             path: d.dest.clone(),
-            reason,
-        });
+            reason: format!("container {}: its cgroups are unknown", t.entry.name),
+        })?;
+        frozen.list.push((t.entry.id.clone(), cg.clone()));
+        tokio::task::spawn_blocking(move || cg.set_frozen(true))
+            .await
+            .map_err(|e| Error::io("freeze a container", &t.bundle, std::io::Error::other(e)))?
+            .map_err(|e| Error::InvalidCheckpoint {
+                path: d.dest.clone(),
+                reason: format!("freeze container {}: {e}", t.entry.name),
+            })?;
+        check(limit, d.deadline, "while freezing the pod")?;
     }
-    let (slowest, volumes) = captured?;
+    hold("frozen").await;
+    check(limit, d.deadline, "while the pod was frozen")?;
+
+    // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
+    // up: their failure is then that.
+    let (slowest, volumes) = capture_all(d, &dir, running, limit).await.map_err(|e| {
+        match check(limit, d.deadline, "while the containers were dumped") {
+            Err(stopped) => {
+                log::warn!("pod dump stopped: {e}");
+                stopped
+            }
+            Ok(()) => e,
+        }
+    })?;
     report.slowest_dump = slowest;
     report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
+    hold("dumped").await;
+    check(limit, d.deadline, "after the containers were dumped")?;
 
-    // 4. Specs, digests, manifest.
+    if d.stop {
+        // Complete the checkpoint first, then nothing of the pod may run again.
+        report.bytes = finish(d, &dir, running, volumes, report, freeze_start.elapsed()).await?;
+        staging.commit()?;
+        report.killed = frozen.kill_all();
+        frozen.thaw_all();
+        report.frozen = freeze_start.elapsed();
+        return Ok(Quiesced::Stopped);
+    }
+    frozen.thaw_all();
+    report.frozen = freeze_start.elapsed();
+    Ok(Quiesced::Thawed(volumes))
+}
+
+/// Specs, digests of every file, and the manifest last. Returns the checkpoint's size.
+async fn finish(
+    d: &PodDump,
+    dir: &Path,
+    running: &[&Target],
+    volumes: Vec<VolumeEntry>,
+    report: &DumpReport,
+    frozen: Duration,
+) -> Result<u64> {
     for t in &d.targets {
         let dst = dir.join(t.entry.dir()).join("config.json");
         let spec = match &t.spec {
@@ -190,7 +314,7 @@ async fn dump_into(d: &PodDump, dir: &Path) -> Result<DumpReport> {
         container::write_private(&dst, &spec)?;
     }
     let files = digest_tree(dir).await?;
-    report.bytes = files.values().map(|f| f.size).sum();
+    let bytes = files.values().map(|f| f.size).sum();
     let mut containers: Vec<ContainerEntry> = d
         .targets
         .iter()
@@ -218,22 +342,70 @@ async fn dump_into(d: &PodDump, dir: &Path) -> Result<DumpReport> {
         volumes,
         files,
         stats: DumpStats {
-            frozen_us: report.frozen.as_micros() as u64,
+            frozen_us: frozen.as_micros() as u64,
             slowest_dump_us: report.slowest_dump.as_micros() as u64,
         },
     };
     let json =
         serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io("encode the manifest", dir, e.into()))?;
     write_synced(&dir.join(MANIFEST), &json)?;
-    Ok(report)
+    Ok(bytes)
+}
+
+/// The containers a dump froze: thawed on drop whatever happened (error, panic, a dropped
+/// future), or explicitly by [`Frozen::thaw_all`].
+#[derive(Default)]
+struct Frozen {
+    list: Vec<(String, CgroupPaths)>,
+}
+
+impl Frozen {
+    /// SIGKILLs every process of every frozen container (they die at the thaw, before running
+    /// anything). Returns how many were signalled.
+    fn kill_all(&self) -> usize {
+        let mut n = 0;
+        for (id, cg) in &self.list {
+            match cg.kill_all() {
+                Ok(k) => n += k,
+                Err(e) => log::error!("container {id}: kill at the snapshot failed: {e}"),
+            }
+        }
+        n
+    }
+
+    fn thaw_all(&mut self) {
+        for (id, cg) in self.list.drain(..) {
+            if let Err(e) = cg.set_frozen(false) {
+                log::error!("container {id}: thaw after the dump failed: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.list.is_empty() {
+            log::warn!(
+                "pod dump stopped half-way: thawing {} containers",
+                self.list.len()
+            );
+            self.thaw_all();
+        }
+    }
 }
 
 /// Dumps every running container and archives volumes, in parallel.
-async fn capture_all(d: &PodDump, dir: &Path, running: &[&Target]) -> Result<(Duration, Vec<VolumeEntry>)> {
+async fn capture_all(
+    d: &PodDump,
+    dir: &Path,
+    running: &[&Target],
+    limit: &Limit,
+) -> Result<(Duration, Vec<VolumeEntry>)> {
     let mut tasks = tokio::task::JoinSet::new();
     for t in running {
         let t = (*t).clone();
         let cdir = dir.join(t.entry.dir());
+        let limit = limit.clone();
         tasks.spawn(async move {
             let began = Instant::now();
             let dump = Dump {
@@ -248,6 +420,7 @@ async fn capture_all(d: &PodDump, dir: &Path, running: &[&Target]) -> Result<(Du
                 leave_running: true,
                 cgroups: None,
                 was_paused: true,
+                limit,
             };
             container::dump(&t.runc, &dump).await.map_err(|e| match e {
                 Error::Dump { source, log_tail, .. } => Error::Dump {
@@ -417,12 +590,13 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io("sync a directory", dir, e))
 }
 
-/// The directory a dump writes into until it is complete.
+/// The directory a dump writes into until it is complete; removed when dropped uncommitted.
 struct Staging {
     dest: PathBuf,
     dir: PathBuf,
     /// The destination existed (empty) and is written in place.
     in_place: bool,
+    committed: bool,
 }
 
 impl Staging {
@@ -441,11 +615,11 @@ impl Staging {
             Err(e) => return Err(Error::io("inspect the destination", dest, e)),
         };
         if exists_empty {
-            create_private_dir(dest)?;
             return Ok(Self {
                 dest: dest.to_path_buf(),
                 dir: dest.to_path_buf(),
                 in_place: true,
+                committed: false,
             });
         }
         let parent = dest.parent().unwrap_or(Path::new("."));
@@ -463,38 +637,39 @@ impl Staging {
             dest: dest.to_path_buf(),
             dir,
             in_place: false,
+            committed: false,
         })
     }
 
-    fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn commit(&self) -> Result<()> {
+    /// Moves the complete checkpoint into place (once; later calls do nothing).
+    fn commit(&mut self) -> Result<()> {
+        if self.committed {
+            return Ok(());
+        }
         if !self.in_place {
             std::fs::rename(&self.dir, &self.dest)
                 .map_err(|e| Error::io("move the checkpoint into place", &self.dest, e))?;
         }
-        sync_dir(self.dest.parent().unwrap_or(Path::new(".")))
+        sync_dir(self.dest.parent().unwrap_or(Path::new(".")))?;
+        self.committed = true;
+        Ok(())
     }
+}
 
-    fn abandon(&self) {
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
         let res = if self.in_place {
-            std::fs::read_dir(&self.dir).map(|rd| {
-                for e in rd.flatten() {
-                    let p = e.path();
-                    let _ = if p.is_dir() {
-                        std::fs::remove_dir_all(&p)
-                    } else {
-                        std::fs::remove_file(&p)
-                    };
-                }
-            })
+            journal::remove_contents(&self.dir)
         } else {
             std::fs::remove_dir_all(&self.dir)
         };
         if let Err(e) = res {
-            log::warn!("remove partial checkpoint {}: {e}", self.dir.display());
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("remove partial checkpoint {}: {e}", self.dir.display());
+            }
         }
     }
 }
@@ -526,12 +701,24 @@ mod tests {
         assert!(Staging::new(t.path()).is_err());
         let dest = t.path().join("new");
         let s = Staging::new(&dest).expect("staging");
-        std::fs::write(s.dir().join("partial"), b"x").expect("write");
-        s.abandon();
-        assert!(!s.dir().exists() && !dest.exists());
-        let s = Staging::new(&dest).expect("staging");
-        write_synced(&s.dir().join(MANIFEST), b"{}").expect("manifest");
+        let staged = s.dir.clone();
+        std::fs::write(staged.join("partial"), b"x").expect("write");
+        drop(s);
+        assert!(
+            !staged.exists() && !dest.exists(),
+            "uncommitted output is removed"
+        );
+        let mut s = Staging::new(&dest).expect("staging");
+        write_synced(&s.dir.join(MANIFEST), b"{}").expect("manifest");
         s.commit().expect("commit");
-        assert!(dest.join(MANIFEST).exists());
+        drop(s);
+        assert!(dest.join(MANIFEST).exists(), "committed output stays");
+        std::fs::remove_dir_all(&dest).expect("rm");
+        std::fs::create_dir(&dest).expect("an empty destination");
+        let s = Staging::new(&dest).expect("in place");
+        std::fs::write(s.dir.join("partial"), b"x").expect("write");
+        drop(s);
+        assert!(dest.is_dir(), "a destination podsnap did not create stays");
+        assert_eq!(std::fs::read_dir(&dest).expect("list").count(), 0);
     }
 }

@@ -40,6 +40,13 @@ pub enum Error {
         rule: &'static str,
         reason: String,
     },
+    /// A dump stopped by its deadline or by its caller giving up; the pod was left running as
+    /// it was and no output remains.
+    #[error("pod dump stopped: {reason}; every container was thawed and the partial output removed")]
+    Stopped { reason: String },
+    /// Not enough room for a dump: refused before anything was frozen.
+    #[error("not enough space for the dump in {path}: {reason}")]
+    NoSpace { path: PathBuf, reason: String },
     /// A file operation failed.
     #[error("{context} ({path}): {source}")]
     Io {

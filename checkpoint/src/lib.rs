@@ -8,11 +8,15 @@ pub mod confined;
 pub mod container;
 pub mod dump;
 pub mod error;
+pub mod failpoint;
 pub mod host;
+pub mod journal;
 pub mod manifest;
+pub mod netlock;
 pub mod policy;
+pub mod preflight;
 pub mod record;
 pub mod rootfs;
 
 pub use error::{Error, Result};
-pub use record::{ContainerRecord, ContainerState, PodRecord, Role};
+pub use record::{ContainerState, Role};

@@ -104,14 +104,20 @@ impl Containerd {
         &self,
         container_id: &str,
         options: &CheckpointOptions,
+        timeout: Option<std::time::Duration>,
     ) -> Result<usize, Error> {
         let req = CheckpointTaskRequest {
             container_id: container_id.to_string(),
             parent_checkpoint: String::new(),
             options: Some(options.to_any()),
         };
+        let mut request = self.request(req);
+        if let Some(t) = timeout {
+            // containerd hands the deadline on to the shim, which stops the dump at it.
+            request.set_timeout(t);
+        }
         let resp = TasksClient::new(self.channel.clone())
-            .checkpoint(self.request(req))
+            .checkpoint(request)
             .await
             .map_err(|status| Error::Call {
                 what: format!("checkpoint task {container_id}"),

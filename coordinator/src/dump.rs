@@ -37,6 +37,9 @@ pub struct DumpRequest {
     pub tcp_established: bool,
     /// The runtime handler pods must run on.
     pub handler: String,
+    /// Give up on the dump after this long (the shim then thaws the pod and removes the
+    /// output); the node's dump deadline applies either way.
+    pub timeout: Option<Duration>,
 }
 
 impl DumpRequest {
@@ -51,6 +54,7 @@ impl DumpRequest {
             dir: None,
             stop: false,
             tcp_established: false,
+            timeout: None,
             handler: crate::pod::HANDLER.to_owned(),
         }
     }
@@ -84,18 +88,21 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
         open_tcp: request.tcp_established,
         ..Default::default()
     };
-    containerd.checkpoint_task(&pod.id, &options).await.map_err(|e| {
-        log::error!("pod {pod} (sandbox {}): dump failed: {e}", pod.id);
-        match e {
-            crate::containerd::Error::Call { status, .. } => Error::Dump {
-                pod: pod.to_string(),
-                sandbox: short(&pod.id).to_owned(),
-                code: status.code(),
-                message: status.message().to_owned(),
-            },
-            other => Error::Containerd(other),
-        }
-    })?;
+    containerd
+        .checkpoint_task(&pod.id, &options, request.timeout)
+        .await
+        .map_err(|e| {
+            log::error!("pod {pod} (sandbox {}): dump failed: {e}", pod.id);
+            match e {
+                crate::containerd::Error::Call { status, .. } => Error::Dump {
+                    pod: pod.to_string(),
+                    sandbox: short(&pod.id).to_owned(),
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                },
+                other => Error::Containerd(other),
+            }
+        })?;
     progress.step("recording the containers' image ids");
     record_image_ids(&clients, &pod.id, &dir).await?;
     let manifest = read_manifest(&dir)?;

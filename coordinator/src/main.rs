@@ -67,12 +67,17 @@ struct DumpArgs {
     /// Leave the pod running after the dump (the default).
     #[arg(long, conflicts_with = "stop")]
     leave_running: bool,
-    /// Stop the pod's containers after the dump.
+    /// Stop the pod at the snapshot: its containers are killed while still frozen, so nothing
+    /// runs after the checkpoint (for a move to another node).
     #[arg(long)]
     stop: bool,
     /// Restore established TCP connections too (they are closed on restore otherwise).
     #[arg(long)]
     tcp_established: bool,
+    /// Give up after this many seconds: the pod is thawed and the output removed (the node's
+    /// dump deadline, 120 s unless configured, applies either way).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 stop: args.stop && !args.leave_running,
                 tcp_established: args.tcp_established,
                 handler: pod::HANDLER.to_owned(),
+                timeout: args.timeout.map(std::time::Duration::from_secs),
             };
             let progress = progress::for_stderr();
             let outcome = runtime.block_on(dump(&request, progress.as_ref()));

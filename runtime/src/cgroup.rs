@@ -92,24 +92,54 @@ impl CgroupPaths {
     /// Freezes (`true`) or thaws the freezer cgroup and waits until the kernel reports it done.
     pub fn set_frozen(&self, frozen: bool) -> Result<()> {
         let dir = self
-            .get("freezer")
+            .freezer()
             .ok_or_else(|| Error::NotFound("freezer cgroup".into()))?;
-        let file = dir.join("freezer.state");
-        let want = if frozen { "FROZEN" } else { "THAWED" };
-        for _ in 0..1000 {
-            std::fs::write(&file, want).map_err(|e| Error::io("write the freezer state", &file, e))?;
-            let now =
-                std::fs::read_to_string(&file).map_err(|e| Error::io("read the freezer state", &file, e))?;
-            if now.trim() == want {
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        Err(Error::Invalid {
-            what: "freezer state",
-            reason: format!("{} did not become {want}", file.display()),
-        })
+        set_freezer_state(dir, frozen)
     }
+
+    /// The freezer cgroup's directory.
+    pub fn freezer(&self) -> Option<&Path> {
+        self.get("freezer")
+    }
+
+    /// Sends SIGKILL to every process of the freezer cgroup (while it is frozen the kills wait
+    /// for the thaw, and nothing runs before it dies). Returns how many were signalled.
+    pub fn kill_all(&self) -> Result<usize> {
+        let dir = self
+            .freezer()
+            .ok_or_else(|| Error::NotFound("freezer cgroup".into()))?;
+        let file = dir.join("cgroup.procs");
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io("list the processes", &file, e))?;
+        let mut n = 0;
+        for pid in text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL) {
+                Ok(()) => n += 1,
+                Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(Error::io("kill a process", &file, e.into())),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Freezes (`true`) or thaws the freezer cgroup at `dir` and waits until the kernel reports it
+/// done (at most about a second).
+pub fn set_freezer_state(dir: &Path, frozen: bool) -> Result<()> {
+    let file = dir.join("freezer.state");
+    let want = if frozen { "FROZEN" } else { "THAWED" };
+    for _ in 0..1000 {
+        std::fs::write(&file, want).map_err(|e| Error::io("write the freezer state", &file, e))?;
+        let now =
+            std::fs::read_to_string(&file).map_err(|e| Error::io("read the freezer state", &file, e))?;
+        if now.trim() == want {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Err(Error::Invalid {
+        what: "freezer state",
+        reason: format!("{} did not become {want}", file.display()),
+    })
 }
 
 /// A cgroup's statistics, as the v1 controllers report them.

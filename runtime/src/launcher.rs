@@ -39,11 +39,83 @@ pub enum Capture {
     Inherit,
 }
 
+/// When a program must stop: at a deadline, or earlier when its caller gives up (the value of
+/// `cancel` turns `true`). The program and every process it started are then killed.
+#[derive(Debug, Clone, Default)]
+pub struct Limit {
+    pub deadline: Option<tokio::time::Instant>,
+    pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Limit {
+    /// A limit `after` from now, cancelled early through `cancel` if given.
+    pub fn after(after: Duration, cancel: Option<tokio::sync::watch::Receiver<bool>>) -> Self {
+        Self {
+            deadline: Some(tokio::time::Instant::now() + after),
+            cancel,
+        }
+    }
+
+    /// Whether the caller gave up.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| *c.borrow())
+    }
+
+    /// Whether the deadline passed.
+    pub fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+    }
+
+    /// Resolves when the deadline passes (`TimedOut`) or the caller gives up (`Interrupted`);
+    /// never, without either.
+    pub async fn reached(&self) -> std::io::Error {
+        let deadline = async {
+            match self.deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let mut cancel = self.cancel.clone();
+        let cancelled = async {
+            match cancel.as_mut() {
+                Some(rx) => {
+                    if rx.wait_for(|v| *v).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = deadline => std::io::Error::new(std::io::ErrorKind::TimedOut, "the deadline passed"),
+            () = cancelled => cancelled_error(),
+        }
+    }
+}
+
+/// The error of a program whose caller gave up.
+pub fn cancelled_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        "the caller gave up: it was killed",
+    )
+}
+
 /// Starts a program and waits for it to exit.
 #[async_trait]
 pub trait Launcher: Send + Sync {
     /// Runs `cmd` to completion.
     async fn run(&self, cmd: Command, capture: Capture) -> std::io::Result<Outcome>;
+
+    /// Runs `cmd` within `limit`: past its deadline, or once its caller gives up, the program
+    /// and every process it started are killed, and the result is a `TimedOut` or
+    /// `Interrupted` error.
+    /// The default ignores the limit: right for test doubles only; both real launchers
+    /// override it.
+    async fn run_limited(&self, cmd: Command, capture: Capture, limit: &Limit) -> std::io::Result<Outcome> {
+        let _ = limit;
+        self.run(cmd, capture).await
+    }
 
     /// Runs `cmd`, but gives up after `deadline`: the program and every process it started
     /// are killed, and the result is a `TimedOut` error.
@@ -53,10 +125,12 @@ pub trait Launcher: Send + Sync {
         capture: Capture,
         deadline: Duration,
     ) -> std::io::Result<Outcome> {
-        match tokio::time::timeout(deadline, self.run(cmd, capture)).await {
-            Ok(out) => out,
-            Err(_) => Err(timed_out(deadline)),
-        }
+        self.run_limited(cmd, capture, &Limit::after(deadline, None))
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut => timed_out(deadline),
+                _ => e,
+            })
     }
 }
 
@@ -124,6 +198,39 @@ impl Launcher for TokioLauncher {
                 ..Default::default()
             })
         }
+    }
+
+    async fn run_limited(&self, cmd: Command, capture: Capture, limit: &Limit) -> std::io::Result<Outcome> {
+        let mut cmd = tokio::process::Command::from(cmd);
+        if capture == Capture::Output {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child.id().map(|p| p as i32);
+        let stdout = child.stdout.take().map(|p| p.into_owned_fd()).transpose()?;
+        let stderr = child.stderr.take().map(|p| p.into_owned_fd()).transpose()?;
+        let output = async { tokio::join!(read_pipe(stdout), read_pipe(stderr)) };
+        let (waited, (stdout, stderr)) = tokio::join!(
+            async {
+                tokio::select! {
+                    status = child.wait() => Ok(status?),
+                    e = limit.reached() => {
+                        if let Some(pid) = pid {
+                            kill_tree(pid);
+                        }
+                        let _ = child.wait().await;
+                        Err(e)
+                    }
+                }
+            },
+            output
+        );
+        let status = waited?;
+        Ok(Outcome {
+            code: exit_code(status),
+            stdout,
+            stderr,
+        })
     }
 }
 

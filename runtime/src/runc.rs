@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::launcher::{Capture, Launcher, Outcome};
+use crate::launcher::{Capture, Launcher, Limit, Outcome};
 use crate::{Error, Result};
 
 /// How to reach runc and where it keeps its state.
@@ -118,6 +118,8 @@ pub struct CheckpointOpts {
     pub criu: CriuOpts,
     pub parent_path: Option<PathBuf>,
     pub leave_running: bool,
+    /// When runc and CRIU must be stopped (killed with every process they started).
+    pub limit: Limit,
 }
 
 /// Options of `runc restore`.
@@ -178,13 +180,23 @@ impl Runc {
     }
 
     async fn run(&self, what: &str, id: &str, cmd: Command) -> Result<Outcome> {
+        self.run_within(what, id, cmd, &Limit::default()).await
+    }
+
+    /// Runs runc within `limit`; a deadline passed or a caller that gave up is runc's error.
+    async fn run_within(&self, what: &str, id: &str, cmd: Command, limit: &Limit) -> Result<Outcome> {
         let out = self
             .launcher
-            .run(cmd, Capture::Output)
+            .run_limited(cmd, Capture::Output, limit)
             .await
-            .map_err(|source| Error::Launch {
-                binary: self.binary.display().to_string(),
-                source,
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted => {
+                    runc_error(what, id, source.to_string())
+                }
+                _ => Error::Launch {
+                    binary: self.binary.display().to_string(),
+                    source,
+                },
             })?;
         if out.success() {
             return Ok(out);
@@ -348,7 +360,9 @@ impl Runc {
             cmd.arg("--leave-running");
         }
         cmd.arg(id);
-        self.run("checkpoint", id, cmd).await.map(drop)
+        self.run_within("checkpoint", id, cmd, &opts.limit)
+            .await
+            .map(drop)
     }
 
     /// `runc restore --detach`: brings a container back from CRIU images.
@@ -488,6 +502,7 @@ mod tests {
             },
             parent_path: Some("/parent".into()),
             leave_running: true,
+            limit: Limit::default(),
         };
         r.checkpoint("c1", &opts).await.expect("checkpoint");
         let line = seen.seen.lock().expect("lock")[0].clone();

@@ -117,21 +117,25 @@ impl Drop for ConsoleSocket {
     }
 }
 
+/// Receives one message and the first descriptor passed with it. Every other descriptor the
+/// peer passed along is closed: each is owned the moment it is received.
 fn recv_fd(sock: RawFd) -> nix::Result<Option<File>> {
     let mut name = [0u8; 4096];
     let mut iov = [IoSliceMut::new(&mut name)];
     let mut space = nix::cmsg_space!([RawFd; 1]);
     let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut received: Vec<OwnedFd> = Vec::new();
     for cmsg in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            if let Some(&fd) = fds.first() {
+            for fd in fds {
                 // SAFETY: the kernel just installed `fd` in our table for this message; nothing
-                // else owns it, so the File takes sole ownership.
-                return Ok(Some(unsafe { File::from_raw_fd(fd) }));
+                // else owns it, so the OwnedFd takes sole ownership (and closes it if unused).
+                received.push(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
     }
-    Ok(None)
+    // The extras (a peer that sent more than the terminal) close as `received` drops.
+    Ok(received.into_iter().next().map(File::from))
 }
 
 /// Sets a terminal's window size.
@@ -154,6 +158,56 @@ pub fn resize(master: &impl AsRawFd, width: u16, height: u16) -> Result<()> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    #[test]
+    fn recv_fd_keeps_the_first_descriptor_and_closes_the_others() {
+        use nix::sys::socket::{sendmsg, socketpair, AddressFamily, ControlMessage, SockFlag, SockType};
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let first = File::open("/dev/null").expect("open /dev/null");
+        // The second descriptor is a pipe's write end: once every copy of it is closed, the
+        // read end sees end-of-file.
+        let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).expect("pipe");
+        let fds = [first.as_raw_fd(), write_end.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let iov = [std::io::IoSlice::new(b"x")];
+        sendmsg::<()>(theirs.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).expect("sendmsg");
+        drop(write_end);
+        drop(first);
+
+        let got = recv_fd(ours.as_raw_fd()).expect("recv").expect("a descriptor");
+        let meta = got.metadata().expect("fstat the received descriptor");
+        let null = std::fs::metadata("/dev/null").expect("stat /dev/null");
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(meta.rdev(), null.rdev(), "the first descriptor is /dev/null");
+        }
+
+        // Other tests of this process may fork: a copy can live for the instant between a fork
+        // and its exec, so allow a moment.
+        let mut read = File::from(read_end);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut buf = [0u8; 1];
+            match read.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => panic!("nothing was written to the pipe"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the second descriptor passed is still open"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
 
     #[test]
     fn pipes_connect_process_and_shim_ends() {

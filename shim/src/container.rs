@@ -18,6 +18,7 @@ use tokio::net::unix::pipe;
 
 use crate::error::{Error, Result};
 use crate::exits::ExitRouter;
+use crate::options::RuncFlags;
 use crate::process::{lock, Process, Status};
 
 /// Where console sockets are made (short paths: a unix socket path has 108 bytes at most).
@@ -25,13 +26,6 @@ pub const CONSOLE_DIR: &str = "/run/podsnap/console";
 
 /// How long runc gets to hand over a new terminal after it reported success.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// runc options that apply to one container.
-#[derive(Debug, Clone, Default)]
-pub struct RuncFlags {
-    pub no_pivot: bool,
-    pub no_new_keyring: bool,
-}
 
 /// What Create needs, in our own terms.
 pub struct CreateParams {
@@ -66,6 +60,8 @@ pub struct Container {
     flags: RuncFlags,
     /// Held while a checkpoint of this container runs.
     busy: AtomicBool,
+    /// Held while the container starts (or is restored): Kill and Delete wait for it.
+    pub starting: tokio::sync::Mutex<()>,
     /// For a container that is not to run: the exit it reports.
     exited_plan: Option<u32>,
 }
@@ -108,6 +104,8 @@ impl Container {
         };
         let _ = std::fs::remove_file(&opts.pid_file);
         let pid_file = opts.pid_file.clone();
+        // Before runc runs: the init can exit (and be reaped) before its pid is read back.
+        let since = Instant::now();
         let create = async {
             p.runc
                 .create(&p.id, bundle.path(), opts, process_stdio)
@@ -137,7 +135,7 @@ impl Container {
             }
         };
         init.set_pid(pid);
-        if let Some(code) = exits.watch(pid, init.clone(), Instant::now()) {
+        if let Some(code) = exits.watch(pid, init.clone(), since) {
             init.set_early_exit(code);
         }
         let cgroups = CgroupPaths::of_pid(pid).ok();
@@ -156,6 +154,7 @@ impl Container {
             restore_from: Mutex::new(None),
             flags,
             busy: AtomicBool::new(false),
+            starting: tokio::sync::Mutex::new(()),
             exited_plan: None,
         }))
     }
@@ -201,6 +200,7 @@ impl Container {
             restore_from: Mutex::new(restore),
             flags: p.flags,
             busy: AtomicBool::new(false),
+            starting: tokio::sync::Mutex::new(()),
             exited_plan,
         }))
     }
@@ -218,6 +218,7 @@ impl Container {
 
     /// `runc restore`s the container from the checkpoint Create prepared; returns its pid.
     async fn restore(&self, src: RestoreSource, exits: &ExitRouter) -> Result<i32> {
+        podsnap_checkpoint::failpoint::hold("restore").await;
         let (process_stdio, ends, console) = prepare_io(&self.init.stdio)?;
         let mut options = src.options;
         options.shell_job |= self.init.stdio.terminal;

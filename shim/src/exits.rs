@@ -12,7 +12,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
 use containerd_shim::monitor::{Subject, Topic};
-use podsnap_runtime::launcher::{kill_tree, read_pipe, timed_out, Capture, Launcher, Outcome};
+use podsnap_runtime::launcher::{kill_tree, read_pipe, timed_out, Capture, Launcher, Limit, Outcome};
 
 use crate::process::{lock, Process};
 
@@ -34,14 +34,36 @@ impl Launcher for MonitorLauncher {
     ) -> std::io::Result<Outcome> {
         self.run_bounded(cmd, capture, Some(deadline)).await
     }
+
+    async fn run_limited(&self, cmd: Command, capture: Capture, limit: &Limit) -> std::io::Result<Outcome> {
+        self.run_watched(cmd, capture, limit).await
+    }
 }
 
 impl MonitorLauncher {
     async fn run_bounded(
         &self,
-        mut cmd: Command,
+        cmd: Command,
         capture: Capture,
         deadline: Option<std::time::Duration>,
+    ) -> std::io::Result<Outcome> {
+        let limit = Limit {
+            deadline: deadline.map(|d| tokio::time::Instant::now() + d),
+            cancel: None,
+        };
+        self.run_watched(cmd, capture, &limit)
+            .await
+            .map_err(|e| match (e.kind(), deadline) {
+                (std::io::ErrorKind::TimedOut, Some(d)) => timed_out(d),
+                _ => e,
+            })
+    }
+
+    async fn run_watched(
+        &self,
+        mut cmd: Command,
+        capture: Capture,
+        limit: &Limit,
     ) -> std::io::Result<Outcome> {
         // Subscribe before spawning: a fast child could otherwise exit unseen.
         let mut sub = monitor_subscribe(Topic::Pid)
@@ -62,50 +84,35 @@ impl MonitorLauncher {
         let stderr = child.stderr.take().map(OwnedFd::from);
         // Dropping a std Child neither waits nor kills: the reaper owns its exit.
         drop(child);
-        let mut expired = false;
+        let mut stopped: Option<std::io::Error> = None;
         let ((stdout, stderr), code) = tokio::join!(
             async { tokio::join!(read_pipe(stdout), read_pipe(stderr)) },
             async {
-                let limit = deadline.map(|d| tokio::time::Instant::now() + d);
                 loop {
-                    let next = async {
-                        match limit {
-                            Some(at) => tokio::time::timeout_at(at, sub.rx.recv()).await.ok(),
-                            None => Some(sub.rx.recv().await),
-                        }
-                    };
-                    match next.await {
-                        Some(Some(ev)) => {
-                            if matches!(ev.subject, Subject::Pid(p) if p == pid) {
-                                return Some(ev.exit_code);
+                    tokio::select! {
+                        ev = sub.rx.recv() => match ev {
+                            Some(ev) => {
+                                if matches!(ev.subject, Subject::Pid(p) if p == pid) {
+                                    return Some(ev.exit_code);
+                                }
                             }
-                        }
-                        Some(None) => return None,
-                        None if !expired => {
-                            // Past the deadline: kill the program and all it started, then
-                            // collect its exit as usual.
-                            expired = true;
-                            log::warn!("{} ran past its deadline: killing it", runtime_describe(&pid));
+                            None => return None,
+                        },
+                        e = limit.reached(), if stopped.is_none() => {
+                            // Past the deadline, or the caller gave up: kill the program and
+                            // all it started, then collect its exit as usual.
+                            log::warn!("{} stopped ({e}): killing it", runtime_describe(&pid));
                             kill_tree(pid);
+                            stopped = Some(e);
                         }
-                        None => return None,
-                    }
-                    if expired {
-                        // The kill is delivered; wait for the reaper without a deadline.
-                        while let Some(ev) = sub.rx.recv().await {
-                            if matches!(ev.subject, Subject::Pid(p) if p == pid) {
-                                return Some(ev.exit_code);
-                            }
-                        }
-                        return None;
                     }
                 }
             }
         );
         let _ = monitor_unsubscribe(sub.id).await;
         let code = code.ok_or_else(|| std::io::Error::other("the shim's exit monitor closed"))?;
-        if expired {
-            return Err(timed_out(deadline.unwrap_or_default()));
+        if let Some(e) = stopped {
+            return Err(e);
         }
         Ok(Outcome { code, stdout, stderr })
     }
@@ -193,5 +200,21 @@ mod tests {
         let since = Instant::now() + std::time::Duration::from_secs(1);
         let p = Arc::new(Process::new("c", "e", ShimStdio::default(), None));
         assert_eq!(r.watch(43, p, since), None);
+    }
+
+    #[test]
+    fn exit_recorded_before_watch_is_matched_when_since_is_earlier() {
+        // Create's order: the instant is taken before runc runs; the init exits and is reaped
+        // while runc create returns and the pid file is read; only then is it watched.
+        let r = ExitRouter::default();
+        let since = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(r.exited(44, 137).is_none(), "nobody watches it yet");
+        assert!(r.exited(45, 1).is_none(), "nor this one");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let p = Arc::new(Process::new("c", "", ShimStdio::default(), None));
+        assert_eq!(r.watch(44, p.clone(), since), Some(137));
+        // An instant taken at watch time (after the exit) would have lost it.
+        assert_eq!(r.watch(45, p, Instant::now()), None);
     }
 }

@@ -9,6 +9,8 @@ mod error;
 mod events;
 mod exits;
 mod metrics;
+mod oom;
+mod options;
 mod pod_checkpoint;
 mod process;
 mod restore;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use podsnap_checkpoint::dump::{dump_pod, PodDump, Target};
+use podsnap_checkpoint::journal::journal_path;
 use podsnap_checkpoint::manifest::{validate_name, ContainerEntry, PodInfo};
 use podsnap_checkpoint::{ContainerState, Role};
 
@@ -18,10 +19,14 @@ use crate::process::{lock, Status};
 #[derive(Debug, Clone)]
 pub struct PodCheckpoint {
     pub dest: PathBuf,
-    /// Stop the pod's containers after the dump.
+    /// Stop the pod at the snapshot.
     pub stop: bool,
     /// Keep established TCP connections on restore (they are always captured).
     pub keep_tcp: bool,
+    /// How long the dump may take.
+    pub deadline: std::time::Duration,
+    /// Turns `true` when the caller gives up.
+    pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Checkpoints the pod of `sandbox`: `containers` are its live containers, `departed` those
@@ -62,6 +67,11 @@ pub async fn checkpoint(
         targets,
         tcp_established: request.keep_tcp,
         launcher: Arc::new(MonitorLauncher),
+        stop: request.stop,
+        deadline: request.deadline,
+        cancel: request.cancel.clone(),
+        journal: Some(journal_path(&sandbox.id)),
+        netns: spec.as_ref().and_then(pod_netns),
     };
     log::info!(
         "pod {}: checkpoint of {} containers into {}",
@@ -83,10 +93,17 @@ pub async fn checkpoint(
         report.bytes
     );
     if request.stop {
-        // Stop the pod: apps first, the sandbox last.
+        // The dump killed every running container's processes at the snapshot, while they
+        // were frozen. What remains: containers paused by their owner (frozen, their kills
+        // wait for a resume) and the sandbox, last.
+        log::info!(
+            "pod {}: stopped at the snapshot ({} processes killed while frozen)",
+            sandbox.id,
+            report.killed
+        );
         for c in containers
             .iter()
-            .filter(|c| !c.identity.is_sandbox)
+            .filter(|c| !c.identity.is_sandbox && c.init.state().status == Status::Paused)
             .chain(std::iter::once(sandbox))
         {
             let s = c.init.state().status;
@@ -145,4 +162,16 @@ fn record_state(s: Status) -> ContainerState {
         Status::Paused => ContainerState::Paused,
         Status::Stopped => ContainerState::Stopped,
     }
+}
+
+/// The pod's network namespace (the sandbox's, by path), when it is not the host's.
+fn pod_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .clone()
 }

@@ -40,6 +40,20 @@ pub struct Process {
     /// An exit seen before the shim knew the pid (a process that ended at once); the task
     /// layer reports it once the process is set up.
     early_exit: Mutex<Option<i32>>,
+    /// Whether an exit may be reported now, or is held until the event announcing the
+    /// process (its create, start or exec-started) is out.
+    exit_gate: Mutex<ExitGate>,
+}
+
+/// containerd's order of events for one process: TaskCreate (of an init) or TaskStart /
+/// TaskExecStarted first, TaskExit after. A process that ends at once can be reaped while the
+/// call that announces it is still running; its exit waits here until that call has published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitGate {
+    /// Exits are reported as they come.
+    Open,
+    /// The process is being announced: an exit (the first one) is kept for later.
+    Held(Option<i32>),
 }
 
 impl Process {
@@ -59,6 +73,37 @@ impl Process {
             }),
             exited: watch::channel(false).0,
             early_exit: Mutex::new(None),
+            // Not announced yet: Create (init) and Start (exec) open the gate.
+            exit_gate: Mutex::new(ExitGate::Held(None)),
+        }
+    }
+
+    /// Holds the process's exit back while the event announcing it is being published.
+    /// An exit already held stays held.
+    pub fn hold_exit(&self) {
+        let mut g = lock(&self.exit_gate);
+        if *g == ExitGate::Open {
+            *g = ExitGate::Held(None);
+        }
+    }
+
+    /// Offers an exit for reporting: true if it may be reported now, false if it is held
+    /// (then [`Process::release_exit`] hands it back).
+    pub fn admit_exit(&self, code: i32) -> bool {
+        match &mut *lock(&self.exit_gate) {
+            ExitGate::Open => true,
+            ExitGate::Held(held) => {
+                held.get_or_insert(code);
+                false
+            }
+        }
+    }
+
+    /// The process is announced: lets exits through from now on and returns the one held.
+    pub fn release_exit(&self) -> Option<i32> {
+        match std::mem::replace(&mut *lock(&self.exit_gate), ExitGate::Open) {
+            ExitGate::Open => None,
+            ExitGate::Held(held) => held,
         }
     }
 
@@ -146,5 +191,62 @@ mod tests {
         assert_eq!(s.status, Status::Stopped);
         assert_eq!(s.exit_code, 3);
         assert!(s.exited_at.is_some());
+    }
+
+    #[test]
+    fn an_exit_waits_until_the_process_is_announced() {
+        let p = Process::new("c", "", Stdio::default(), None);
+        // Before Create has published, an exit is held...
+        assert!(!p.admit_exit(1));
+        // ...and handed back once it has.
+        assert_eq!(p.release_exit(), Some(1));
+        assert!(p.admit_exit(2), "announced: exits pass");
+        assert_eq!(p.release_exit(), None);
+    }
+
+    #[test]
+    fn an_exit_during_start_is_held_until_start_is_published() {
+        let p = Process::new("c", "e", Stdio::default(), None);
+        assert_eq!(p.release_exit(), None, "created, nothing exited");
+        p.hold_exit();
+        assert!(!p.admit_exit(0));
+        assert!(!p.admit_exit(9), "a second exit is held too");
+        p.hold_exit();
+        assert_eq!(
+            p.release_exit(),
+            Some(0),
+            "the first exit wins, holding twice keeps it"
+        );
+        assert!(p.admit_exit(0));
+    }
+
+    #[tokio::test]
+    async fn a_start_that_publishes_first_comes_before_the_exit() {
+        // The task layer's use of the gate: the exit watcher and Start race; whichever runs
+        // first, the start event is out before the exit event.
+        use std::sync::Arc;
+        for exit_first in [true, false] {
+            let p = Arc::new(Process::new("c", "", Stdio::default(), None));
+            let log = Arc::new(Mutex::new(Vec::<&str>::new()));
+            assert_eq!(p.release_exit(), None, "created and announced");
+            let exited = |p: &Process, code: i32, log: &Mutex<Vec<&str>>| {
+                if p.admit_exit(code) && p.set_exited(code) {
+                    lock(log).push("exit");
+                }
+            };
+            p.hold_exit(); // Start begins
+            if exit_first {
+                exited(&p, 0, &log);
+            }
+            lock(&log).push("start");
+            if let Some(code) = p.release_exit() {
+                exited(&p, code, &log);
+            }
+            if !exit_first {
+                exited(&p, 0, &log);
+            }
+            assert_eq!(*lock(&log), ["start", "exit"], "exit first: {exit_first}");
+            assert_eq!(p.state().status, Status::Stopped);
+        }
     }
 }

@@ -15,8 +15,9 @@
 //! and paused containers are restored from their CRIU images after the image and privilege
 //! checks (a paused one is paused again right after its restore); a container that had exited is answered with its recorded exit code without
 //! running; one that was created but never started is created fresh (it never ran). Only
-//! attempt 0 is restored: kubelet's restarts of a container (a restart count above 0, or a
-//! second Create of the same name in this pod) start fresh from the image.
+//! attempt 0 is restored: kubelet's restarts of a container start fresh from the image. The
+//! attempt is kubelet's restart count annotation; without it, a second Create of a name this
+//! pod already restored counts as a restart.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
@@ -134,13 +135,19 @@ impl Restores {
         let identity = new.identity;
         let cname = identity.name.clone().unwrap_or_default();
         if !identity.is_sandbox {
-            if let Some(attempt) = restart_count(new.spec).filter(|n| *n > 0) {
-                log::info!("container {cname}: attempt {attempt} of a restored pod starts fresh");
-                return Ok(Plan::Fresh);
-            }
-            if lock(&self.restored).contains(&cname) {
-                log::info!("container {cname}: restarted in a restored pod, starts fresh");
-                return Ok(Plan::Fresh);
+            match restart_count(new.spec) {
+                // kubelet says which attempt this is (the drop-in passes its annotation).
+                Some(attempt) if attempt > 0 => {
+                    log::info!("container {cname}: attempt {attempt} of a restored pod starts fresh");
+                    return Ok(Plan::Fresh);
+                }
+                Some(_) => {}
+                // Without it: a second Create of a name already restored is a restart.
+                None if lock(&self.restored).contains(&cname) => {
+                    log::info!("container {cname}: restarted in a restored pod, starts fresh");
+                    return Ok(Plan::Fresh);
+                }
+                None => {}
             }
         }
         let config = NodeConfig::load()?;

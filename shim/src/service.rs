@@ -11,29 +11,17 @@ use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::{Config, Flags, StartOpts};
 use podsnap_runtime::bundle::{Bundle, PodIdentity};
-use podsnap_runtime::runc::Runc;
 
 use crate::events::Events;
 use crate::exits::MonitorLauncher;
+use crate::options::RuncChoice;
 use crate::task::PodTask;
-
-/// Where runc keeps state for podsnap containers, per containerd namespace.
-pub const RUNC_ROOT: &str = "/run/podsnap/runc";
 
 /// The shim process.
 pub struct PodShim {
     namespace: String,
     id: String,
     exit: Arc<ExitSignal>,
-}
-
-/// runc with podsnap's defaults for a containerd namespace.
-pub fn default_runc(namespace: &str) -> Runc {
-    Runc::new(
-        "runc",
-        Path::new(RUNC_ROOT).join(namespace),
-        Arc::new(MonitorLauncher),
-    )
 }
 
 #[async_trait]
@@ -59,6 +47,10 @@ impl Shim for PodShim {
         if shim_answers(&address).await {
             log::info!("container {}: joins the shim of pod {grouping}", opts.id);
         } else {
+            // A new shim for the pod: if the last one died in the middle of a pod dump, undo
+            // what that dump left (frozen containers, staging output, the network lock).
+            // (No reaper runs during `start`: programs are waited for by tokio here.)
+            recover_dead_dump(&podsnap_runtime::launcher::TokioLauncher, &grouping).await;
             let spawned = spawn(opts, &grouping, Vec::new()).await?;
             debug_assert_eq!(spawned, address);
         }
@@ -67,18 +59,40 @@ impl Shim for PodShim {
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        // Called after the shim died: remove what it leaves behind for this container.
-        let runc = default_runc(&self.namespace);
-        if let Err(e) = runc.delete(&self.id, true).await {
-            log::warn!(
-                "container {}: runc delete --force after the shim went away: {e}",
-                self.id
-            );
-        }
-        let rootfs = PathBuf::from("rootfs");
-        if let Ok(abs) = std::fs::canonicalize(&rootfs) {
-            if let Some(path) = abs.to_str() {
-                let _ = containerd_shim::mount::umount_recursive(Some(path), libc::MNT_DETACH);
+        // Called after the shim died, in the container's bundle: remove what it leaves behind,
+        // with the runc (and runc root) Create recorded there. First whatever a pod dump
+        // running in the dead shim left: a frozen container would not even die.
+        let pod = Bundle::new(".")
+            .spec()
+            .ok()
+            .and_then(|spec| PodIdentity::from_spec(&spec).sandbox_id)
+            .unwrap_or_else(|| self.id.clone());
+        recover_dead_dump(&MonitorLauncher, &pod).await;
+        let choice = match RuncChoice::recorded(Path::new(".")) {
+            Ok(Some(choice)) => choice,
+            Ok(None) => RuncChoice::default_for(&self.namespace),
+            Err(e) => {
+                log::warn!(
+                    "container {}: cannot read its runc record: {e}; using podsnap's runc root",
+                    self.id
+                );
+                RuncChoice::default_for(&self.namespace)
+            }
+        };
+        // containerd runs `delete` once for a dead shim, with the shim's own id (the pod's
+        // sandbox): the pod's other containers, whose shim this was too, go with it, apps first.
+        let runc = choice.runc();
+        let mut members = pod_members(&choice.root, &pod);
+        members.retain(|(id, _)| id != &self.id);
+        members.push((self.id.clone(), std::env::current_dir().unwrap_or_default()));
+        for (id, bundle) in members {
+            if let Err(e) = runc.delete(&id, true).await {
+                log::warn!("container {id}: runc delete --force after the shim went away: {e}");
+            }
+            if let Ok(abs) = std::fs::canonicalize(bundle.join("rootfs")) {
+                if let Some(path) = abs.to_str() {
+                    let _ = containerd_shim::mount::umount_recursive(Some(path), libc::MNT_DETACH);
+                }
             }
         }
         Ok(DeleteResponse {
@@ -101,6 +115,60 @@ impl Shim for PodShim {
         task.watch_exits().await;
         task
     }
+}
+
+/// Undoes what a pod dump of `pod` left if the shim running it died (see
+/// `podsnap_checkpoint::journal`).
+async fn recover_dead_dump(launcher: &dyn podsnap_runtime::launcher::Launcher, pod: &str) {
+    let path = podsnap_checkpoint::journal::journal_path(pod);
+    match podsnap_checkpoint::journal::recover(launcher, &path).await {
+        Ok(done) if done.owner_alive => {
+            log::info!("pod {pod}: a dump is in progress in a live shim; left alone")
+        }
+        Ok(done) if !done.thawed.is_empty() || done.removed.is_some() => log::warn!(
+            "pod {pod}: its last shim died during a pod dump: thawed {:?}, removed {:?}",
+            done.thawed,
+            done.removed
+        ),
+        Ok(_) => {}
+        Err(e) => log::error!("pod {pod}: recovering from a dead pod dump: {e}"),
+    }
+}
+
+/// The containers of pod `pod` that runc knows under `root`: (id, bundle), from runc's state
+/// (runc keeps the spec's annotations and the bundle as labels; containerd may have removed
+/// the bundles of a dead shim's tasks already).
+fn pod_members(root: &Path, pod: &str) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let sandbox_label = format!("{}={pod}", podsnap_runtime::bundle::SANDBOX_ID);
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let Ok(state) = std::fs::read(entry.path().join("state.json")) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_slice::<serde_json::Value>(&state) else {
+            continue;
+        };
+        let labels: Vec<&str> = state["config"]["labels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.as_str())
+            .collect();
+        if !labels.contains(&sandbox_label.as_str()) && id != pod {
+            continue;
+        }
+        let bundle = labels
+            .iter()
+            .find_map(|l| l.strip_prefix("bundle="))
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        out.push((id, bundle));
+    }
+    out
 }
 
 /// Whether a shim already serves at `address`.

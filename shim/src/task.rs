@@ -14,36 +14,33 @@ use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::monitor::{Subject, Topic};
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
-    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
-    TaskPaused, TaskResumed, TaskStart,
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageDyn};
-use containerd_shim::protos::shim::oci::{CheckpointOptions, Options, ProcessDetails};
+use containerd_shim::protos::shim::oci::{CheckpointOptions, ProcessDetails};
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::types::task::{ProcessInfo, Status as ApiStatus};
 use containerd_shim::{TtrpcContext, TtrpcResult};
 use podsnap_checkpoint::container::{Dump, DumpOptions};
 use podsnap_checkpoint::dump::Target;
-use podsnap_checkpoint::manifest::ContainerEntry;
-use podsnap_checkpoint::{ContainerRecord, PodRecord};
-use podsnap_runtime::cgroup::OomNotifier;
-use podsnap_runtime::runc::Runc;
+use podsnap_runtime::bundle::{Bundle, PodIdentity};
 
-use crate::container::{write_private, Container, CreateParams, RestoreSource, RuncFlags};
+use crate::container::{write_private, Container, CreateParams, RestoreSource};
 use crate::error::{Error, Result};
 use crate::events::{self, Events};
-use crate::exits::{ExitRouter, MonitorLauncher};
+use crate::exits::ExitRouter;
 use crate::metrics::to_metrics;
+use crate::oom;
+use crate::options::{runc_from_options, validate_id};
 use crate::pod_checkpoint::{self, pod_target, PodCheckpoint};
 use crate::process::{lock, Process, Status};
 use crate::restore::{NewContainer, Plan, RestorePlan, Restores};
-use crate::service::default_runc;
-use podsnap_runtime::bundle::{Bundle, PodIdentity};
 
-/// Where the shim keeps each pod's record for the coordinator, per containerd namespace.
-pub const POD_RECORD_DIR: &str = "/run/podsnap/pods";
+/// How long a lifecycle call waits for a pod dump in progress before it answers busy.
+const LIFECYCLE_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a deleted process's output may still drain into containerd's FIFOs.
 const IO_DRAIN: Duration = Duration::from_secs(2);
@@ -56,7 +53,7 @@ pub struct PodTask {
 
 struct Inner {
     namespace: String,
-    events: Events,
+    events: Arc<Events>,
     exit: Arc<ExitSignal>,
     containers: Mutex<BTreeMap<String, Arc<Container>>>,
     exits: ExitRouter,
@@ -64,12 +61,17 @@ struct Inner {
     started: AtomicU64,
     /// Held while a pod checkpoint runs.
     pod_busy: std::sync::atomic::AtomicBool,
+    /// The pod's lifecycle lock: a pod dump holds it exclusively; Create, Start, Kill,
+    /// Pause, Resume, Update, Exec, Delete and container checkpoints share it.
+    pod_lock: Arc<tokio::sync::RwLock<()>>,
     restores: Restores,
     /// Containers of the pod whose tasks were deleted after they exited (completed init
     /// containers): a pod checkpoint records them. By name; the newest wins.
     departed: Mutex<BTreeMap<String, Target>>,
-    /// Where the pod's record was last written.
-    record_file: Mutex<Option<PathBuf>>,
+    /// containerd asked the shim to exit while containers were left: it exits with the last.
+    shutdown_asked: std::sync::atomic::AtomicBool,
+    /// Containers being restored (id -> name in the pod): marked restored once they are.
+    restoring: Mutex<BTreeMap<String, String>>,
     /// Containers that were paused at their checkpoint: paused again once restored.
     pause_after_restore: Mutex<std::collections::HashSet<String>>,
 }
@@ -79,17 +81,19 @@ impl PodTask {
         Self {
             inner: Arc::new(Inner {
                 namespace,
-                events,
+                events: Arc::new(events),
                 exit,
                 containers: Mutex::new(BTreeMap::new()),
                 exits: ExitRouter::default(),
                 created: AtomicU64::new(0),
                 started: AtomicU64::new(0),
                 pod_busy: std::sync::atomic::AtomicBool::new(false),
+                pod_lock: Arc::new(tokio::sync::RwLock::new(())),
                 restores: Restores::default(),
                 departed: Mutex::new(BTreeMap::new()),
-                record_file: Mutex::new(None),
                 pause_after_restore: Mutex::new(std::collections::HashSet::new()),
+                restoring: Mutex::new(BTreeMap::new()),
+                shutdown_asked: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -128,7 +132,7 @@ impl PodTask {
         if lock(&self.inner.containers).contains_key(&id) {
             return Err(Error::AlreadyExists(format!("container {id}")));
         }
-        let (runc, flags) = runc_from_options(&self.inner.namespace, req.options.as_ref())?;
+        let (choice, flags) = runc_from_options(&self.inner.namespace, req.options.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
         let spec = Bundle::new(&bundle)
             .spec()
@@ -157,12 +161,15 @@ impl PodTask {
                 paused: false,
             }))
         };
-        // From the checkpoint (by name, kubelet path): the next Create of that name is a restart.
-        let restored_name = match &plan {
-            Plan::Restore(p) => p.name.clone(),
-            Plan::Exited(_) => identity.name.clone(),
-            Plan::Fresh => None,
+        // From the checkpoint (by name, kubelet path): once restored (at Start) or answered as
+        // exited (now), the next Create of that name is a restart.
+        let (restored_name, restoring_name) = match &plan {
+            Plan::Restore(p) => (None, p.name.clone()),
+            Plan::Exited(_) => (identity.name.clone(), None),
+            Plan::Fresh => (None, None),
         };
+        // Before runc runs: `delete` after a shim died must find the container where it is.
+        choice.record(&bundle).await?;
         let rootfs = bundle.join("rootfs");
         let mounted = !req.rootfs.is_empty();
         if mounted {
@@ -172,7 +179,7 @@ impl PodTask {
             id: id.clone(),
             bundle: bundle.clone(),
             stdio: Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal),
-            runc,
+            runc: choice.runc(),
             flags,
             rootfs_mounted: mounted,
             created_order: self
@@ -231,11 +238,16 @@ impl PodTask {
             }
         );
         lock(&self.inner.containers).insert(id.clone(), container.clone());
+        // The init's exit (it can die before it is started) follows TaskCreate.
+        let announcing = Announcing::hold(&self.inner, &container.init);
         if let Some(name) = restored_name {
             self.inner.restores.mark_restored(&name);
         }
+        if let Some(name) = restoring_name {
+            lock(&self.inner.restoring).insert(id.clone(), name);
+        }
         if !container.restore_pending() && container.exited_plan().is_none() {
-            self.watch_oom(&container);
+            oom::watch(&container, self.inner.events.clone());
         }
         self.inner
             .publish(
@@ -258,148 +270,94 @@ impl PodTask {
                 }),
             )
             .await;
+        announcing.release().await;
         if let Some(code) = container.init.take_early_exit() {
             self.inner.process_exited(&container.init, code).await;
         }
-        self.inner.save_record();
         Ok(api::CreateTaskResponse {
             pid: pid as u32,
             ..Default::default()
         })
     }
 
-    /// Publishes an OOM event each time the kernel kills in the container's memory cgroup.
-    fn watch_oom(&self, c: &Arc<Container>) {
-        let Some(dir) = c.cgroups().and_then(|g| g.get("memory").map(Path::to_path_buf)) else {
-            return;
-        };
-        let fd = match OomNotifier::register(&dir) {
-            Ok(n) => n.into_fd(),
-            Err(e) => {
-                log::warn!("container {}: no OOM notifications: {e}", c.id);
-                return;
-            }
-        };
-        let inner = self.inner.clone();
-        let id = c.id.clone();
-        tokio::spawn(async move {
-            // SAFETY: the AsyncFd owns the eventfd, so the descriptor stays open and the same
-            // for as long as it is registered.
-            let Ok(afd) = (unsafe { tokio::io::unix::AsyncFd::register(fd) }) else {
-                return;
-            };
-            loop {
-                let Ok(mut guard) = afd.readable().await else {
-                    return;
-                };
-                let mut buf = [0u8; 8];
-                match guard
-                    .try_io(|fd| nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from))
-                {
-                    Ok(Ok(8)) => {}
-                    Ok(Ok(_)) | Err(_) => continue, // spurious readiness
-                    Ok(Err(e)) => {
-                        log::warn!("container {id}: OOM notifications stopped: {e}");
-                        return;
-                    }
-                }
-                if !dir.exists() {
-                    return; // the cgroup went away with the container
-                }
-                {
-                    // The kernel signals when the cgroup goes under OOM (before its killer
-                    // runs, so the kill counters may not have moved yet), and when the
-                    // cgroup is removed: any signal while it still exists is an OOM.
-                    log::info!("container {id}: out of memory");
-                    inner
-                        .publish(
-                            events::OOM,
-                            Box::new(TaskOOM {
-                                container_id: id.clone(),
-                                ..Default::default()
-                            }),
-                        )
-                        .await;
-                }
-            }
-        });
-    }
-
     async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
         let c = self.container(&req.id)?;
-        if req.exec_id.is_empty() {
-            if let Some(code) = c.exited_plan() {
-                // A completed container of a restored pod: it "runs" and exits at once.
-                let pid = c.start(&self.inner.started, &self.inner.exits).await?;
-                self.inner
-                    .publish(
-                        events::START,
-                        Box::new(TaskStart {
-                            container_id: c.id.clone(),
-                            pid: pid as u32,
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
-                self.inner.process_exited(&c.init, code as i32).await;
-                return Ok(api::StartResponse {
-                    pid: pid as u32,
-                    ..Default::default()
-                });
-            }
-        }
+        let p = c.process(&req.exec_id)?;
+        // An exit of the process (it can end at once) follows its TaskStart / TaskExecStarted.
+        let announcing = Announcing::hold(&self.inner, &p);
+        let restoring = req.exec_id.is_empty() && c.restore_pending();
         let pid = if req.exec_id.is_empty() {
-            let restoring = c.restore_pending();
-            let pid = c.start(&self.inner.started, &self.inner.exits).await?;
-            if restoring {
-                self.watch_oom(&c);
-            }
-            log::info!("container {}: started", c.id);
-            self.inner
-                .publish(
-                    events::START,
-                    Box::new(TaskStart {
-                        container_id: c.id.clone(),
-                        pid: pid as u32,
-                        ..Default::default()
-                    }),
-                )
-                .await;
-            self.inner.save_record();
-            if let Some(code) = c.init.take_early_exit() {
-                self.inner.process_exited(&c.init, code).await;
-            } else if restoring && lock(&self.inner.pause_after_restore).remove(&c.id) {
-                log::info!("container {}: paused at its checkpoint, paused again", c.id);
-                self.do_pause(&c.id, true).await?;
-            }
-            pid
+            self.start_init(&c, restoring).await?
         } else {
-            let exec = c.process(&req.exec_id)?;
-            let pid = c.start_exec(&exec, &self.inner.exits).await?;
-            self.inner
-                .publish(
-                    events::EXEC_STARTED,
-                    Box::new(TaskExecStarted {
-                        container_id: c.id.clone(),
-                        exec_id: req.exec_id.clone(),
-                        pid: pid as u32,
-                        ..Default::default()
-                    }),
-                )
-                .await;
-            if let Some(code) = exec.take_early_exit() {
-                self.inner.process_exited(&exec, code).await;
-            }
-            pid
+            self.start_exec(&c, &p).await?
         };
+        announcing.release().await;
+        if let Some(code) = p.take_early_exit() {
+            self.inner.process_exited(&p, code).await;
+        } else if let Some(code) = c.exited_plan().filter(|_| req.exec_id.is_empty()) {
+            // A completed container of a restored pod: it "runs" and exits at once.
+            self.inner.process_exited(&c.init, code as i32).await;
+        } else if restoring && lock(&self.inner.pause_after_restore).remove(&c.id) {
+            log::info!("container {}: paused at its checkpoint, paused again", c.id);
+            self.do_pause(&c.id, true).await?;
+        }
         Ok(api::StartResponse {
             pid: pid as u32,
             ..Default::default()
         })
     }
 
+    /// Starts (or restores) a container's init process and publishes TaskStart.
+    async fn start_init(&self, c: &Arc<Container>, restoring: bool) -> Result<i32> {
+        // A Kill or Delete of the container waits until its start (a restore can take a while)
+        // is over: it then finds the process it must end.
+        let starting = c.starting.lock().await;
+        let pid = c.start(&self.inner.started, &self.inner.exits).await?;
+        drop(starting);
+        if restoring {
+            if let Some(name) = lock(&self.inner.restoring).remove(&c.id) {
+                self.inner.restores.mark_restored(&name);
+            }
+        }
+        if c.exited_plan().is_none() {
+            if restoring {
+                oom::watch(c, self.inner.events.clone());
+            }
+            log::info!("container {}: started", c.id);
+        }
+        self.inner
+            .publish(
+                events::START,
+                Box::new(TaskStart {
+                    container_id: c.id.clone(),
+                    pid: pid as u32,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        Ok(pid)
+    }
+
+    /// Starts an exec process and publishes TaskExecStarted.
+    async fn start_exec(&self, c: &Arc<Container>, exec: &Arc<Process>) -> Result<i32> {
+        let pid = c.start_exec(exec, &self.inner.exits).await?;
+        self.inner
+            .publish(
+                events::EXEC_STARTED,
+                Box::new(TaskExecStarted {
+                    container_id: c.id.clone(),
+                    exec_id: exec.exec_id.clone(),
+                    pid: pid as u32,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        Ok(pid)
+    }
+
     async fn do_delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
         let c = self.container(&req.id)?;
+        let _started = c.starting.lock().await;
         if !req.exec_id.is_empty() {
             let exec = c.process(&req.exec_id)?;
             let s = exec.state();
@@ -460,7 +418,11 @@ impl PodTask {
                 lock(&self.inner.departed).insert(t.entry.name.clone(), t);
             }
         }
-        lock(&self.inner.containers).remove(&c.id);
+        let now_empty = {
+            let mut containers = lock(&self.inner.containers);
+            containers.remove(&c.id);
+            containers.is_empty()
+        };
         log::info!("container {}: deleted (exit status {})", c.id, s.exit_code);
         self.inner
             .publish(
@@ -475,12 +437,23 @@ impl PodTask {
                 }),
             )
             .await;
-        self.inner.save_record();
+        if now_empty
+            && self
+                .inner
+                .shutdown_asked
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // containerd asked the shim to go when it deleted the sandbox's task, before this
+            // last container's: go now.
+            log::info!("no containers left: shim exits");
+            self.inner.exit.signal();
+        }
         Ok(delete_response(s))
     }
 
     async fn do_kill(&self, req: api::KillRequest) -> Result<()> {
         let c = self.container(&req.id)?;
+        let _started = c.starting.lock().await;
         let p = c.process(&req.exec_id)?;
         let s = p.state();
         if s.status == Status::Stopped && !req.all {
@@ -568,7 +541,6 @@ impl PodTask {
             })
         };
         self.inner.publish(topic, event).await;
-        self.inner.save_record();
         Ok(())
     }
 
@@ -623,7 +595,7 @@ impl PodTask {
         res.map_err(Error::runtime(format!("update container {}", c.id)))
     }
 
-    async fn do_checkpoint(&self, req: api::CheckpointTaskRequest) -> Result<()> {
+    async fn do_checkpoint(&self, req: api::CheckpointTaskRequest, within: Option<Duration>) -> Result<()> {
         let c = self.container(&req.id)?;
         let opts = match req.options.as_ref() {
             Some(any) if any.type_url.ends_with("containerd.runc.v1.CheckpointOptions") => {
@@ -650,8 +622,11 @@ impl PodTask {
             )));
         }
         if c.identity.is_sandbox {
-            return self.checkpoint_pod(&c, PathBuf::from(&image_dir), &opts).await;
+            return self
+                .checkpoint_pod(&c, PathBuf::from(&image_dir), &opts, within)
+                .await;
         }
+        let _pod = self.inner.lifecycle("Checkpoint").await?;
         let status = c.init.state().status;
         if status != Status::Running && status != Status::Paused {
             return Err(Error::FailedPrecondition(format!(
@@ -675,6 +650,10 @@ impl PodTask {
             leave_running: !opts.exit,
             cgroups: c.cgroups(),
             was_paused: status == Status::Paused,
+            limit: podsnap_runtime::launcher::Limit {
+                deadline: within.map(|d| tokio::time::Instant::now() + d),
+                cancel: None,
+            },
         };
         let started = std::time::Instant::now();
         podsnap_checkpoint::container::dump(&c.runc, &dump)
@@ -702,11 +681,15 @@ impl PodTask {
     }
 
     /// Checkpoints the whole pod: asked on the sandbox task.
+    /// Checkpoints the whole pod. The dump runs in a task of its own, holding the pod's
+    /// lifecycle lock: if this request is dropped (its caller gave up), the dump is told to
+    /// stop and cleans up (thaws, removes its output) instead of being cut off half-way.
     async fn checkpoint_pod(
         &self,
         sandbox: &Arc<Container>,
         dest: PathBuf,
         opts: &CheckpointOptions,
+        within: Option<Duration>,
     ) -> Result<()> {
         use std::sync::atomic::Ordering;
         if self.inner.pod_busy.swap(true, Ordering::SeqCst) {
@@ -715,21 +698,64 @@ impl PodTask {
                 sandbox.id
             )));
         }
-        struct Release<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for Release<'_> {
+        struct Release(Arc<Inner>);
+        impl Drop for Release {
             fn drop(&mut self) {
-                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+                self.0.pod_busy.store(false, std::sync::atomic::Ordering::SeqCst);
             }
         }
-        let _release = Release(&self.inner.pod_busy);
+        let release = Release(self.inner.clone());
+        let config = podsnap_checkpoint::config::NodeConfig::load()?;
+        let annotations = sandbox.bundle.spec().ok().and_then(|s| s.annotations().clone());
+        let deadline = config
+            .dump
+            .deadline(
+                annotations
+                    .as_ref()
+                    .and_then(|a| a.get(podsnap_checkpoint::config::DUMP_DEADLINE_ANNOTATION))
+                    .map(String::as_str),
+                within,
+            )
+            .map_err(Error::InvalidArgument)?;
+        // Lifecycle calls in flight finish first; new ones wait for the dump.
+        let lifecycle = tokio::time::timeout(LIFECYCLE_WAIT, self.inner.pod_lock.clone().write_owned())
+            .await
+            .map_err(|_| {
+                Error::FailedPrecondition(format!(
+                    "pod {}: lifecycle calls did not finish within {} s; try the checkpoint again",
+                    sandbox.id,
+                    LIFECYCLE_WAIT.as_secs()
+                ))
+            })?;
+        let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
+        struct GiveUp(tokio::sync::watch::Sender<bool>);
+        impl Drop for GiveUp {
+            fn drop(&mut self) {
+                let _ = self.0.send(true);
+            }
+        }
+        let give_up = GiveUp(cancel_tx);
         let containers: Vec<Arc<Container>> = lock(&self.inner.containers).values().cloned().collect();
         let departed: Vec<Target> = lock(&self.inner.departed).values().cloned().collect();
         let request = PodCheckpoint {
             dest: dest.clone(),
             stop: opts.exit,
             keep_tcp: opts.open_tcp,
+            deadline,
+            cancel: Some(cancel_rx),
         };
-        pod_checkpoint::checkpoint(sandbox, &containers, departed, &request).await?;
+        let sandbox_task = sandbox.clone();
+        let dump = tokio::spawn(async move {
+            let done = pod_checkpoint::checkpoint(&sandbox_task, &containers, departed, &request).await;
+            drop(lifecycle);
+            drop(release);
+            done
+        });
+        let done = dump
+            .await
+            .map_err(|e| Error::Internal(format!("the pod dump task failed: {e}")))?;
+        drop(give_up); // the dump is over: nothing left to cancel
+        done?;
         self.inner
             .publish(
                 events::CHECKPOINTED,
@@ -759,11 +785,30 @@ impl PodTask {
 }
 
 impl Inner {
+    /// Waits (at most [`LIFECYCLE_WAIT`]) for a pod dump in progress; the guard lets the next
+    /// dump wait for this call.
+    async fn lifecycle(&self, call: &str) -> Result<tokio::sync::OwnedRwLockReadGuard<()>> {
+        tokio::time::timeout(LIFECYCLE_WAIT, self.pod_lock.clone().read_owned())
+            .await
+            .map_err(|_| {
+                Error::FailedPrecondition(format!(
+                    "{call} refused: the pod is being checkpointed and did not finish within {} s; try again",
+                    LIFECYCLE_WAIT.as_secs()
+                ))
+            })
+    }
+
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         self.events.publish(topic, event).await;
     }
 
+    /// Reports a process's exit: its state, its waiters, and TaskExit (held back while the
+    /// process is being announced; see [`Announcing`]).
     async fn process_exited(&self, p: &Arc<Process>, code: i32) {
+        if !p.admit_exit(code) {
+            log::debug!("{}: exit {code} held until its start is published", p.describe());
+            return;
+        }
         if !p.set_exited(code) {
             return;
         }
@@ -785,70 +830,56 @@ impl Inner {
             }),
         )
         .await;
-        if p.exec_id.is_empty() {
-            self.save_record();
+    }
+}
+
+/// Holds a process's exit back while the call that announces the process (Create for an init,
+/// Start for an init or exec) has not published its event yet: containerd expects TaskCreate /
+/// TaskStart / TaskExecStarted before the TaskExit of the same process. Released after that
+/// event; dropped unreleased (the call failed or was given up) it reports a held exit anyway,
+/// so no exit is lost.
+struct Announcing {
+    inner: Arc<Inner>,
+    process: Arc<Process>,
+    released: bool,
+}
+
+impl Announcing {
+    fn hold(inner: &Arc<Inner>, process: &Arc<Process>) -> Self {
+        process.hold_exit();
+        Self {
+            inner: inner.clone(),
+            process: process.clone(),
+            released: false,
         }
     }
 
-    /// The pod's record: every container with its role, order and state.
-    fn record(&self) -> Option<PodRecord> {
-        let containers = lock(&self.containers);
-        let first = containers.values().next()?;
-        let ident = &first.identity;
-        let mut record = PodRecord {
-            pod_id: ident.sandbox_id.clone().unwrap_or_else(|| first.id.clone()),
-            pod_name: ident.pod_name.clone(),
-            pod_namespace: ident.pod_namespace.clone(),
-            pod_uid: ident.pod_uid.clone(),
-            containers: Vec::new(),
+    /// The announcing event is out: reports the exit held meanwhile, if any.
+    async fn release(mut self) {
+        self.released = true;
+        if let Some(code) = self.process.release_exit() {
+            self.inner.process_exited(&self.process, code).await;
+        }
+    }
+}
+
+impl Drop for Announcing {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let Some(code) = self.process.release_exit() else {
+            return;
         };
-        let record_of = |e: &ContainerEntry, pid: i32| ContainerRecord {
-            id: e.id.clone(),
-            name: Some(e.name.clone()),
-            role: e.role,
-            image: e.image.clone(),
-            created_order: e.created_order,
-            started_order: e.started_order,
-            state: e.state,
-            pid,
-            exit_code: e.exit_code,
-        };
-        for c in containers.values() {
-            record
-                .containers
-                .push(record_of(&pod_target(c).entry, c.init.state().pid));
-        }
-        for (name, t) in lock(&self.departed).iter() {
-            if !record.containers.iter().any(|c| c.name.as_ref() == Some(name)) {
-                record.containers.push(record_of(&t.entry, 0));
+        let (inner, process) = (self.inner.clone(), self.process.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { inner.process_exited(&process, code).await });
             }
-        }
-        record.containers.sort_by_key(|c| c.created_order);
-        Some(record)
-    }
-
-    fn record_path(&self, pod_id: &str) -> PathBuf {
-        Path::new(POD_RECORD_DIR)
-            .join(&self.namespace)
-            .join(format!("{pod_id}.json"))
-    }
-
-    /// Keeps the pod's record on disk for the coordinator; removes it once the pod is empty.
-    fn save_record(&self) {
-        match self.record() {
-            Some(r) => {
-                let path = self.record_path(&r.pod_id);
-                if let Err(e) = r.write_to(&path) {
-                    log::warn!("pod {}: cannot write its record: {e}", r.pod_id);
-                }
-                *lock(&self.record_file) = Some(path);
-            }
-            None => {
-                // The pod is empty: its record goes with it.
-                if let Some(path) = lock(&self.record_file).take() {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
+            Err(_) => log::warn!(
+                "{}: exit {code} not reported: no runtime to report it on",
+                process.describe()
+            ),
         }
     }
 }
@@ -884,14 +915,17 @@ impl Task for PodTask {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
+        let _pod = self.inner.lifecycle("Create").await?;
         Ok(self.do_create(req).await?)
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let _pod = self.inner.lifecycle("Start").await?;
         Ok(self.do_start(req).await?)
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        let _pod = self.inner.lifecycle("Delete").await?;
         Ok(self.do_delete(req).await?)
     }
 
@@ -900,30 +934,34 @@ impl Task for PodTask {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let _pod = self.inner.lifecycle("Pause").await?;
         self.do_pause(&req.id, true).await?;
         Ok(api::Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let _pod = self.inner.lifecycle("Resume").await?;
         self.do_pause(&req.id, false).await?;
         Ok(api::Empty::new())
     }
 
     async fn checkpoint(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.do_checkpoint(req).await?;
+        self.do_checkpoint(req, request_deadline(ctx)).await?;
         Ok(api::Empty::new())
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let _pod = self.inner.lifecycle("Kill").await?;
         self.do_kill(req).await?;
         Ok(api::Empty::new())
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let _pod = self.inner.lifecycle("Exec").await?;
         self.do_exec(req).await?;
         Ok(api::Empty::new())
     }
@@ -953,6 +991,7 @@ impl Task for PodTask {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let _pod = self.inner.lifecycle("Update").await?;
         self.do_update(req).await?;
         Ok(api::Empty::new())
     }
@@ -996,6 +1035,12 @@ impl Task for PodTask {
         if left == 0 || req.now {
             log::info!("no containers left: shim exits");
             self.inner.exit.signal();
+        } else {
+            // containerd asks once, when the sandbox's task is deleted; the pod's other
+            // containers may be deleted after it.
+            self.inner
+                .shutdown_asked
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(api::Empty::new())
     }
@@ -1040,44 +1085,9 @@ fn to_any(m: &dyn MessageDyn) -> Result<Any> {
     Ok(any)
 }
 
-/// Ids name files and sockets: refuse anything that could escape a directory.
-fn validate_id(id: &str) -> Result<()> {
-    if id.is_empty() || id.len() > 256 || id.contains('/') || id == "." || id == ".." || id.contains('\0') {
-        return Err(Error::InvalidArgument(format!("{id:?} is not a valid id")));
-    }
-    Ok(())
-}
-
-/// runc and its flags as the create request's runtime options ask.
-fn runc_from_options(namespace: &str, options: Option<&Any>) -> Result<(Runc, RuncFlags)> {
-    let mut runc = default_runc(namespace);
-    let mut flags = RuncFlags::default();
-    let Some(any) = options.filter(|a| !a.value.is_empty() || !a.type_url.is_empty()) else {
-        return Ok((runc, flags));
-    };
-    if !any.type_url.ends_with("containerd.runc.v1.Options") {
-        log::warn!("ignoring runtime options of type {}", any.type_url);
-        return Ok((runc, flags));
-    }
-    let o = Options::parse_from_bytes(&any.value)
-        .map_err(|e| Error::InvalidArgument(format!("runtime options: {e}")))?;
-    if !o.binary_name.is_empty() || !o.root.is_empty() {
-        let binary = if o.binary_name.is_empty() {
-            "runc".to_string()
-        } else {
-            o.binary_name.clone()
-        };
-        let root = if o.root.is_empty() {
-            Path::new(crate::service::RUNC_ROOT).join(namespace)
-        } else {
-            Path::new(&o.root).join(namespace)
-        };
-        runc = Runc::new(binary, root, Arc::new(MonitorLauncher));
-    }
-    runc = runc.with_systemd_cgroup(o.systemd_cgroup);
-    flags.no_pivot = o.no_pivot_root;
-    flags.no_new_keyring = o.no_new_keyring;
-    Ok((runc, flags))
+/// What is left of the caller's deadline (ttrpc carries it as `timeout_nano`).
+fn request_deadline(ctx: &TtrpcContext) -> Option<Duration> {
+    (ctx.timeout_nano > 0).then(|| Duration::from_nanos(ctx.timeout_nano as u64))
 }
 
 /// The overlay lower directories (the image's layers, top first) of a Create's rootfs mounts.
@@ -1123,33 +1133,5 @@ fn unmount_rootfs(rootfs: &Path) {
 async fn drain_io(p: &Process) {
     if tokio::time::timeout(IO_DRAIN, p.io.shutdown()).await.is_err() {
         p.io.abort().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_cannot_name_other_paths() {
-        for bad in ["", "..", ".", "a/b", "../x"] {
-            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
-        }
-        assert!(validate_id("0123abcdef").is_ok());
-    }
-
-    #[test]
-    fn runc_options_override_binary_and_root() {
-        let o = Options {
-            binary_name: "/usr/sbin/runc".into(),
-            root: "/run/x".into(),
-            no_pivot_root: true,
-            ..Default::default()
-        };
-        let any = to_any(&o).expect("any");
-        assert_eq!(any.type_url, "containerd.runc.v1.Options");
-        let (runc, flags) = runc_from_options("k8s.io", Some(&any)).expect("options");
-        assert_eq!(runc.root(), Path::new("/run/x/k8s.io"));
-        assert!(flags.no_pivot);
     }
 }

@@ -115,7 +115,7 @@ impl ContainerdApi {
         self.block_on(&format!("checkpoint of {id}"), async move {
             let containerd =
                 podsnap_coordinator::containerd::Containerd::connect(&address, &namespace).await?;
-            containerd.checkpoint_task(id, options).await
+            containerd.checkpoint_task(id, options, None).await
         })?
         .map(|_| ())
         .map_err(|e| anyhow!("{e}"))

@@ -72,6 +72,10 @@ pub struct NodeOptions {
     pub log_level: String,
     /// TOML appended to containerd's config (e.g. one more CRI runtime for a benchmark).
     pub extra_config: String,
+    /// More environment for containerd, and so for the shims it starts.
+    pub extra_env: Vec<(String, String)>,
+    /// Directories put first on containerd's (and the shims') `PATH`, e.g. a stand-in `criu`.
+    pub path_prefix: Vec<PathBuf>,
 }
 
 impl NodeOptions {
@@ -83,6 +87,8 @@ impl NodeOptions {
             keep: false,
             log_level: "debug".to_owned(),
             extra_config: String::new(),
+            extra_env: Vec::new(),
+            path_prefix: Vec::new(),
         }
     }
 }
@@ -393,6 +399,9 @@ state = '{dir}/state'
             .context("opening containerd.log")?;
         let err_log = log.try_clone()?;
         let mut path = String::new();
+        for dir in &self.options.path_prefix {
+            let _ = write!(path, "{}:", dir.display());
+        }
         if let Some(dir) = &self.shim_dir {
             let _ = write!(path, "{}:", dir.display());
         }
@@ -407,6 +416,7 @@ state = '{dir}/state'
             .env("PATH", path)
             .env("PODSNAP_CHECKPOINT_ROOT", self.files.checkpoints())
             .env("PODSNAP_CONFIG", self.files.podsnap_config())
+            .envs(self.options.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log))

@@ -1,0 +1,37 @@
+//! Fault injection, for the fault suite: hold points where a test can stop a dump or a restore
+//! to kill a process, restart containerd or race a call against it.
+//!
+//! `PODSNAP_FAILPOINT_HOLD` names a directory. An operation reaching phase P (a pod dump:
+//! `before-freeze`, `frozen`, `dumped`, `thawed`; a container restore: `restore`) while the
+//! file `<dir>/P` exists writes `<dir>/P.reached` and waits (at most a minute) until `<dir>/P`
+//! is removed. Unset, as in production, a hold point costs one environment lookup.
+
+use std::path::Path;
+use std::time::Duration;
+
+/// The environment variable naming the directory of hold points.
+pub const HOLD_ENV: &str = "PODSNAP_FAILPOINT_HOLD";
+
+/// A hold point named `phase`.
+pub async fn hold(phase: &str) {
+    let Some(dir) = std::env::var_os(HOLD_ENV).filter(|d| !d.is_empty()) else {
+        return;
+    };
+    let armed = Path::new(&dir).join(phase);
+    if !armed.exists() {
+        return;
+    }
+    log::warn!(
+        "{HOLD_ENV}: holding at {phase} until {} is removed",
+        armed.display()
+    );
+    if std::fs::write(Path::new(&dir).join(format!("{phase}.reached")), phase).is_err() {
+        return;
+    }
+    for _ in 0..600 {
+        if !armed.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

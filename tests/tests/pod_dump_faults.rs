@@ -1,0 +1,695 @@
+//! Faults during a pod dump, against the real stack: the shim killed at each phase, a CRIU
+//! that hangs, a client that gives up, a full disk, lifecycle calls racing the dump, four pods
+//! at once, and `--stop` with writers that must show nothing after the snapshot. After each:
+//! no frozen cgroup, no staging output, no journal left, and the pod running as it was (or,
+//! when its shim died, reported exited).
+
+mod pod_checkpoint_support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use pod_checkpoint_support::*;
+use podsnap_coordinator::dump::DumpRequest;
+use podsnap_coordinator::progress::Lines;
+use podsnap_tests::kubelet::{
+    ask, container_config, image_id, run_container, run_pod, run_three_container_pod, wait_answering,
+    ContainerSpec, KubePod, PodOptions, ThreeContainerPod, APP_PORT, DATA_MOUNT, DATA_VOLUME,
+};
+use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::{host, HANDLER, PODSNAP_SHIM};
+
+const HOLD_ENV: &str = "PODSNAP_FAILPOINT_HOLD";
+
+fn workload_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload"))
+}
+
+/// A node whose shims hold at the dump phases armed in `holds`.
+fn node_with_holds(holds: &Path) -> Node {
+    let mut options = NodeOptions::new(workload_bin());
+    options
+        .extra_env
+        .push((HOLD_ENV.to_owned(), holds.display().to_string()));
+    Node::start(options)
+}
+
+/// `freezer.state` of every cgroup of pod `uid`.
+fn frozen_cgroups(uid: &str) -> Vec<PathBuf> {
+    let mut frozen = Vec::new();
+    for dir in host::pod_cgroup_dirs(uid) {
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            if let Ok(state) = std::fs::read_to_string(d.join("freezer.state")) {
+                if state.trim() != "THAWED" {
+                    frozen.push(d.clone());
+                }
+            }
+            if let Ok(entries) = std::fs::read_dir(&d) {
+                stack.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+    }
+    frozen
+}
+
+/// Processes left in pod `uid`'s cgroups.
+fn pod_processes(uid: &str) -> usize {
+    let mut n = 0;
+    for dir in host::pod_cgroup_dirs(uid)
+        .into_iter()
+        .filter(|d| d.starts_with("/sys/fs/cgroup/freezer"))
+    {
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            n += std::fs::read_to_string(d.join("cgroup.procs"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            if let Ok(entries) = std::fs::read_dir(&d) {
+                stack.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+    }
+    n
+}
+
+/// Entries of the checkpoint root other than finished checkpoints (staging directories).
+fn staging_left(node: &Node) -> Vec<String> {
+    std::fs::read_dir(node.files().checkpoints())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn journal_of(sandbox: &str) -> PathBuf {
+    podsnap_checkpoint::journal::journal_path(sandbox)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Dumps `pod` in the background (the library, as `podsnap dump` does); the handle answers
+/// the outcome.
+fn dump_in_background(
+    node: &Node,
+    pod: &KubePod,
+    dir: PathBuf,
+    edit: impl FnOnce(&mut DumpRequest),
+) -> std::thread::JoinHandle<Result<(), String>> {
+    let mut request = dump_request(node, &pod.name, &pod.namespace, Some(dir));
+    edit(&mut request);
+    std::thread::spawn(move || {
+        block_on(podsnap_coordinator::dump::dump(&request, &Lines))
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    })
+}
+
+fn assert_running_and_counting(pod: &ThreeContainerPod, what: &str) {
+    let a: u64 = ask(&pod.pod.ip, APP_PORT, "count")
+        .unwrap_or_else(|e| panic!("{what}: the app answers: {e:#}"))
+        .parse()
+        .expect("a number");
+    std::thread::sleep(Duration::from_millis(400));
+    let b: u64 = ask(&pod.pod.ip, APP_PORT, "count")
+        .expect("count")
+        .parse()
+        .expect("n");
+    assert!(b > a, "{what}: the app's counter runs ({a} -> {b})");
+    assert!(
+        frozen_cgroups(&pod.pod.uid).is_empty(),
+        "{what}: a cgroup stayed frozen"
+    );
+}
+
+#[test]
+fn a_shim_killed_at_any_phase_of_a_dump_leaves_nothing_frozen_or_half_written() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let mut options = NodeOptions::new(workload_bin());
+    options
+        .extra_env
+        .push((HOLD_ENV.to_owned(), holds.path().display().to_string()));
+    let node = Node::start(options);
+    for phase in ["before-freeze", "frozen", "dumped", "thawed"] {
+        let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique(phase), HANDLER))
+            .expect("the pod runs");
+        std::fs::write(holds.path().join(phase), b"").expect("arm");
+        let dir = node.files().checkpoints().join(format!("killed-{phase}"));
+        let dump = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
+        let reached = holds.path().join(format!("{phase}.reached"));
+        wait_for(
+            &format!("the dump to reach {phase}"),
+            Duration::from_secs(30),
+            || reached.exists(),
+        );
+        assert!(
+            journal_of(&pod.pod.id).exists(),
+            "{phase}: the dump keeps a journal"
+        );
+        let shims = node.shim_pids(PODSNAP_SHIM);
+        assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(shims[0], libc::SIGKILL);
+        }
+        std::fs::remove_file(holds.path().join(phase)).expect("disarm");
+        std::fs::remove_file(&reached).expect("reset");
+        let outcome = dump.join().expect("the dump thread");
+        assert!(
+            outcome.is_err(),
+            "{phase}: a dump whose shim died fails: {outcome:?}"
+        );
+        // containerd cleans up after the dead shim (`containerd-shim-podsnap-v1 delete`).
+        wait_for(
+            &format!("{phase}: containerd to see the containers exited"),
+            Duration::from_secs(30),
+            || {
+                [&pod.sidecar_id, &pod.app_id].iter().all(|id| {
+                    node.cri()
+                        .container_status(cri::ContainerStatusRequest {
+                            container_id: (*id).clone(),
+                            verbose: false,
+                        })
+                        .ok()
+                        .and_then(|s| s.status)
+                        .is_some_and(|s| s.state == cri::ContainerState::ContainerExited as i32)
+                })
+            },
+        );
+        // Exited as containerd says: no process of the pod is left behind.
+        wait_for(
+            &format!("{phase}: the pod's processes to be gone"),
+            Duration::from_secs(30),
+            || pod_processes(&pod.pod.uid) == 0,
+        );
+        assert!(
+            frozen_cgroups(&pod.pod.uid).is_empty(),
+            "{phase}: a cgroup stayed frozen"
+        );
+        assert!(
+            staging_left(&node).is_empty(),
+            "{phase}: staging output left: {:?}",
+            staging_left(&node)
+        );
+        assert!(!dir.exists(), "{phase}: no checkpoint from a dump that died");
+        assert!(
+            !journal_of(&pod.pod.id).exists(),
+            "{phase}: the journal was recovered"
+        );
+        remove_original(&node, &pod);
+    }
+}
+
+/// A `criu` that passes everything through but hangs in the dump (`swrk`, runc's RPC mode).
+fn hanging_criu(dir: &Path) {
+    let real = which("criu");
+    let script = format!(
+        "#!/bin/sh\ncase \"$1\" in\n  swrk) sleep 600 ;;\n  *) exec {} \"$@\" ;;\nesac\n",
+        real.display()
+    );
+    let path = dir.join("criu");
+    std::fs::write(&path, script).expect("write the stand-in criu");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+fn which(binary: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin"].map(PathBuf::from))
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{binary} is not installed"))
+}
+
+#[test]
+fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
+    let bin = tempfile::tempdir().expect("tempdir");
+    hanging_criu(bin.path());
+    let mut options = NodeOptions::new(workload_bin());
+    options.path_prefix.push(bin.path().to_path_buf());
+    let node = Node::start(options);
+    node.set_podsnap_config("[dump]\ndeadline_seconds = 3\n")
+        .expect("config");
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("hung"), HANDLER))
+        .expect("the pod runs");
+
+    // The node's deadline.
+    let dir = node.files().checkpoints().join("hung");
+    let started = Instant::now();
+    let err = dump_in_background(&node, &pod.pod, dir.clone(), |_| {})
+        .join()
+        .expect("thread")
+        .expect_err("a hung CRIU cannot finish");
+    assert!(err.contains("deadline of 3 s passed"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "stopped at the deadline"
+    );
+    assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
+    assert!(!journal_of(&pod.pod.id).exists());
+    assert_running_and_counting(&pod, "after the deadline");
+    assert!(
+        host::processes()
+            .iter()
+            .all(|(_, argv)| !argv.iter().any(|a| a == "swrk")),
+        "the hung CRIU was killed"
+    );
+
+    // A client that gives up after a second: its deadline reaches the shim through containerd.
+    node.set_podsnap_config("").expect("config");
+    let started = Instant::now();
+    let err = dump_in_background(&node, &pod.pod, dir.clone(), |r| {
+        r.timeout = Some(Duration::from_secs(1));
+    })
+    .join()
+    .expect("thread")
+    .expect_err("the client gives up");
+    assert!(err.contains("Timeout expired"), "the client's deadline: {err}");
+    // The shim stops the dump at the client's deadline, not the node's (120 s).
+    wait_for("the dump to stop", Duration::from_secs(20), || {
+        !journal_of(&pod.pod.id).exists()
+    });
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
+    assert_running_and_counting(&pod, "after the client gave up");
+}
+
+/// A tmpfs mounted for the test; unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).expect("mkdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount tmpfs {options}");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_dump_cleanly() {
+    let node = podsnap_tests::start_node!();
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("full"), HANDLER))
+        .expect("the pod runs");
+    // Too small for what the pod holds: refused up front, with the numbers.
+    let tiny = Tmpfs::mount(&node.dir().join("tiny"), "size=64k");
+    let err = dump(&node, &pod, Some(tiny.0.join("ckpt"))).expect_err("64 KiB cannot hold the pod");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("not enough space") && err.contains("MiB free"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tiny.0).expect("list").count(),
+        0,
+        "nothing written"
+    );
+    // Room for the bytes but not for the files: ENOSPC in the middle of the dump.
+    let few_inodes = Tmpfs::mount(&node.dir().join("inodes"), "size=512m,nr_inodes=12");
+    let err = dump(&node, &pod, Some(few_inodes.0.join("ckpt"))).expect_err("out of inodes");
+    let err = format!("{err:#}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&few_inodes.0).expect("list").count(),
+        0,
+        "the partial output was removed"
+    );
+    assert!(!journal_of(&pod.pod.id).exists());
+    assert_running_and_counting(&pod, "after ENOSPC");
+    drop(few_inodes);
+    drop(tiny);
+    // And the pod still dumps fine.
+    dump(&node, &pod, None).expect("a dump with room");
+}
+
+#[test]
+fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let node = node_with_holds(holds.path());
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("race"), HANDLER))
+        .expect("the pod runs");
+    std::fs::write(holds.path().join("frozen"), b"").expect("arm");
+    let dir = node.files().checkpoints().join("raced");
+    let dumping = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
+    let reached = holds.path().join("frozen.reached");
+    wait_for("the dump to freeze the pod", Duration::from_secs(30), || {
+        reached.exists()
+    });
+
+    // While the pod is frozen: an Exec, a Resume and a new container all wait for the dump.
+    let exec = {
+        let (endpoint, app) = (node.endpoint(), pod.app_id.clone());
+        std::thread::spawn(move || {
+            let cri = podsnap_tests::cri::CriClient::connect(&endpoint).expect("CRI");
+            let started = Instant::now();
+            let out = cri.exec(&app, &["sh", "-c", "echo hi"], 60).map(|o| o.exit_code);
+            (out.map_err(|s| s.message().to_owned()), started.elapsed())
+        })
+    };
+    let resume = {
+        let node_ctr = node.ctr().clone();
+        let app = pod.app_id.clone();
+        std::thread::spawn(move || {
+            node_ctr
+                .run(podsnap_tests::ctr::CRI_NAMESPACE, &["task", "resume", &app])
+                .map(drop)
+                .map_err(|e| format!("{e:#}"))
+        })
+    };
+    let late_spec = ContainerSpec::workload("late", &["serve", "--name", "late", "--port", "7171"]);
+    let image = image_id(&node, &late_spec.image).expect("image id");
+    let late_config = container_config(&pod.pod, &late_spec, &image).expect("config");
+    let late = {
+        let (endpoint, sandbox) = (node.endpoint(), pod.pod.clone());
+        std::thread::spawn(move || {
+            let cri = podsnap_tests::cri::CriClient::connect(&endpoint).expect("CRI");
+            let id = cri
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: sandbox.id.clone(),
+                    config: Some(late_config),
+                    sandbox_config: Some(sandbox.config.clone()),
+                })
+                .map_err(|s| s.message().to_owned())?
+                .container_id;
+            cri.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .map_err(|s| s.message().to_owned())?;
+            Ok::<String, String>(id)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!exec.is_finished(), "an Exec waits while the pod is being dumped");
+    assert!(
+        !resume.is_finished(),
+        "a Resume waits while the pod is being dumped"
+    );
+    assert!(
+        !late.is_finished(),
+        "a new container's task waits while the pod is being dumped"
+    );
+    let app_freezer = frozen_cgroups(&pod.pod.uid);
+    assert!(
+        !app_freezer.is_empty(),
+        "the pod stays frozen: nothing thawed it mid-dump"
+    );
+    std::fs::remove_file(holds.path().join("frozen")).expect("release");
+    dumping.join().expect("thread").expect("the dump finishes");
+    let (out, waited) = exec.join().expect("thread");
+    assert_eq!(out, Ok(0), "the Exec ran after the dump");
+    assert!(waited >= Duration::from_millis(900), "it waited: {waited:?}");
+    let resumed = resume.join().expect("thread");
+    assert!(
+        resumed.is_err(),
+        "nothing to resume once the dump thawed it: {resumed:?}"
+    );
+    // The container started during the dump runs once the dump is over; the checkpoint is of
+    // the pod as it was when frozen (without it), nothing half-included.
+    late.join()
+        .expect("thread")
+        .expect("the late container starts after the dump");
+    wait_answering(&pod.pod.ip, 7171, Duration::from_secs(20)).expect("the late container answers");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    assert!(m.container("late").is_none());
+    assert_running_and_counting(&pod, "after the raced dump");
+    remove_original(&node, &pod);
+
+    // Four pods dumped at once: each its own shim, all succeed, none left frozen.
+    let pods: Vec<ThreeContainerPod> = (0..4)
+        .map(|i| {
+            run_three_container_pod(
+                &node,
+                &PodOptions::new(&node.unique(&format!("four{i}")), HANDLER),
+            )
+            .expect("a pod runs")
+        })
+        .collect();
+    let dumps: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            dump_in_background(
+                &node,
+                &p.pod,
+                node.files().checkpoints().join(format!("four-{i}")),
+                |_| {},
+            )
+        })
+        .collect();
+    for (i, d) in dumps.into_iter().enumerate() {
+        d.join()
+            .expect("thread")
+            .unwrap_or_else(|e| panic!("pod {i}: {e}"));
+        podsnap_checkpoint::manifest::Manifest::load_verified(
+            &node.files().checkpoints().join(format!("four-{i}")),
+        )
+        .expect("a valid checkpoint");
+    }
+    for p in &pods {
+        assert_running_and_counting(p, "after four dumps at once");
+    }
+}
+
+/// The last `<name> count N` line of a log, as N.
+fn last_count(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+#[test]
+fn stop_means_nothing_runs_after_the_snapshot() {
+    let node = podsnap_tests::start_node!();
+    let pod = run_pod(&node, &PodOptions::new(&node.unique("stop"), HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    // Logs a line to the volume every tick (20 ms).
+    let writer = ContainerSpec::workload(
+        "app",
+        &[
+            "serve",
+            "--name",
+            "app",
+            "--port",
+            &port,
+            "--volume",
+            DATA_MOUNT,
+            "--interval-ms",
+            "20",
+            "--log-every",
+            "1",
+        ],
+    )
+    .with_empty_dir(DATA_VOLUME, DATA_MOUNT);
+    run_container(&node, &pod, &writer).expect("the writer runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("answers");
+    // An observer outside the pod asks for the counter as fast as it can until the pod stops.
+    let observer = {
+        let ip = pod.ip.clone();
+        std::thread::spawn(move || {
+            let mut last = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                match ask(&ip, APP_PORT, "count") {
+                    Ok(v) => last = v.parse().unwrap_or(last),
+                    Err(_) => break,
+                }
+            }
+            last
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let dir = node.files().checkpoints().join("stopped");
+    let mut request = dump_request(&node, &pod.name, &pod.namespace, Some(dir.clone()));
+    request.stop = true;
+    block_on(podsnap_coordinator::dump::dump(&request, &Lines)).expect("dump --stop");
+    let seen_outside = observer.join().expect("observer");
+    std::thread::sleep(Duration::from_millis(500));
+    let volume = pod.empty_dir(DATA_VOLUME).expect("volume");
+    let on_host = std::fs::read_to_string(volume.join("app.log")).expect("the volume's log");
+    // What the checkpoint holds of the volume.
+    let archive = std::fs::File::open(dir.join(format!("volumes/{DATA_VOLUME}.tar"))).expect("archive");
+    let mut in_checkpoint = String::new();
+    for entry in tar::Archive::new(archive).entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        if entry.path().expect("path").ends_with("app.log") {
+            use std::io::Read;
+            entry.read_to_string(&mut in_checkpoint).expect("read");
+        }
+    }
+    assert_eq!(
+        on_host,
+        in_checkpoint,
+        "the volume was written after the snapshot (log grew from {} to {})",
+        last_count(&in_checkpoint),
+        last_count(&on_host)
+    );
+    let snapshot = last_count(&in_checkpoint);
+    assert!(snapshot > 10, "the writer ran: {snapshot}");
+    assert!(
+        seen_outside <= snapshot + 1,
+        "a client outside saw count {seen_outside}, after the snapshot's {snapshot}"
+    );
+    assert!(frozen_cgroups(&pod.uid).is_empty(), "nothing left frozen");
+}
+
+/// Whether podsnap's network lock chain exists in the pod's network namespace.
+fn network_locked(netns: &str) -> bool {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["--", "iptables", "-w", "5", "-S", "PODSNAP-LOCK"])
+        .output()
+        .expect("nsenter iptables")
+        .status
+        .success()
+}
+
+#[test]
+fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let mut node = node_with_holds(holds.path());
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("ctrd"), HANDLER))
+        .expect("the pod runs");
+    let netns = pod.pod.netns.clone().expect("the pod's netns");
+    let before = mark_and_count(&pod);
+
+    // Mid-dump: containerd goes away while the pod is frozen (and its network locked).
+    std::fs::write(holds.path().join("frozen"), b"").expect("arm");
+    let dir = node.files().checkpoints().join("mid-dump");
+    let dumping = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
+    let reached = holds.path().join("frozen.reached");
+    wait_for("the dump to freeze the pod", Duration::from_secs(30), || {
+        reached.exists()
+    });
+    assert!(
+        network_locked(&netns),
+        "one network lock for the pod while it is frozen"
+    );
+    node.restart_containerd().expect("containerd restarts");
+    std::fs::remove_file(holds.path().join("frozen")).expect("release");
+    let outcome = dumping.join().expect("thread");
+    wait_for("the dump to end", Duration::from_secs(30), || {
+        !journal_of(&pod.pod.id).exists()
+    });
+    match &outcome {
+        Ok(()) => {
+            podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("a finished dump is whole");
+        }
+        Err(e) => assert!(!dir.exists(), "a failed dump leaves nothing: {e}"),
+    }
+    assert!(staging_left(&node).is_empty());
+    assert!(!network_locked(&netns), "the network is unlocked after the dump");
+    assert_running_and_counting(&pod, "after containerd restarted mid-dump");
+    for id in [&pod.sidecar_id, &pod.app_id] {
+        let status = node.cri().container(id).expect("ContainerStatus");
+        assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32);
+    }
+
+    // Mid-restore: containerd goes away while the shim restores a container.
+    let checkpoint = node.files().checkpoints().join("for-restore");
+    dump(&node, &pod, Some(checkpoint)).expect("a dump");
+    remove_original(&node, &pod);
+    let mut options = PodOptions::new(&pod.pod.name, HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), "for-restore".to_owned());
+    let restored = run_pod(&node, &options).expect("the restored sandbox");
+    let port = APP_PORT.to_string();
+    let app_spec = ContainerSpec::workload(
+        "app",
+        &["serve", "--name", "app", "--port", &port, "--volume", DATA_MOUNT],
+    )
+    .with_empty_dir(DATA_VOLUME, DATA_MOUNT);
+    let image = image_id(&node, &app_spec.image).expect("image id");
+    let config = container_config(&restored, &app_spec, &image).expect("config");
+    std::fs::write(holds.path().join("restore"), b"").expect("arm");
+    let starting = {
+        let (endpoint, sandbox) = (node.endpoint(), restored.clone());
+        std::thread::spawn(move || {
+            let cri = podsnap_tests::cri::CriClient::connect(&endpoint).expect("CRI");
+            let id = cri
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: sandbox.id.clone(),
+                    config: Some(config),
+                    sandbox_config: Some(sandbox.config.clone()),
+                })
+                .map_err(|s| s.message().to_owned())?
+                .container_id;
+            let started = cri.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            });
+            Ok::<_, String>((id, started.map(drop).map_err(|s| s.message().to_owned())))
+        })
+    };
+    let reached = holds.path().join("restore.reached");
+    wait_for("the restore to start", Duration::from_secs(30), || {
+        reached.exists()
+    });
+    node.restart_containerd().expect("containerd restarts");
+    std::fs::remove_file(holds.path().join("restore")).expect("release");
+    let (app_id, started) = starting.join().expect("thread").expect("CreateContainer");
+    // The shim carries on with the restore without containerd. containerd comes back with the
+    // container as CRI last recorded it: RUNNING if the start's answer reached it, else CREATED
+    // (containerd's own rule for a start its restart interrupted, whatever the runtime). Either
+    // way the pod stays managed: a running app answers from its restored state, and removing
+    // the pod ends every process of it and leaves nothing behind.
+    std::thread::sleep(Duration::from_secs(3));
+    let state = node
+        .cri()
+        .container(&app_id)
+        .map(|s| s.state)
+        .expect("ContainerStatus");
+    eprintln!("after containerd restarted mid-restore: state {state}, first start {started:?}");
+    if state == cri::ContainerState::ContainerRunning as i32 {
+        wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the restored app answers");
+        let count: u64 = ask(&restored.ip, APP_PORT, "count")
+            .expect("count")
+            .parse()
+            .expect("n");
+        assert!(count >= before.app, "restored, not restarted: {count}");
+    } else {
+        assert_eq!(state, cri::ContainerState::ContainerCreated as i32, "{started:?}");
+    }
+    podsnap_tests::kubelet::remove_pod(&node, &restored).expect("the pod is removed cleanly");
+    assert_eq!(
+        pod_processes(&restored.uid),
+        0,
+        "nothing of the pod is left running"
+    );
+}
