@@ -120,6 +120,31 @@ pub struct Recovered {
     pub removed: Option<PathBuf>,
     /// The dump's owner is still alive: nothing was touched.
     pub owner_alive: bool,
+    /// Processes of the dead dump (runc, CRIU) that were still running, killed.
+    pub killed: usize,
+}
+
+/// Kills every process whose command line names `staging` (and its descendants).
+fn kill_workers(staging: &Path) -> usize {
+    let needle = staging.as_os_str().as_encoded_bytes();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            log::warn!("killing pid {pid} of a dead pod dump");
+            podsnap_runtime::launcher::kill_tree(pid);
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Undoes what a dead dump left: thaws every cgroup its journal lists, unlocks the pod's
@@ -147,6 +172,11 @@ pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &
         });
     }
     let mut done = Recovered::default();
+    // runc and CRIU outlive a killed shim: end whatever still works on the dead dump's output
+    // (their command lines name its staging directory), with everything they started.
+    if !entry.staging.as_os_str().is_empty() {
+        done.killed = kill_workers(&entry.staging);
+    }
     for dir in &entry.frozen {
         if !dir.join("freezer.state").exists() {
             continue; // the cgroup is gone with its container
@@ -172,7 +202,8 @@ pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &
     }
     std::fs::remove_file(path).map_err(|e| Error::io("remove the dump journal", path, e))?;
     log::warn!(
-        "a pod dump died half-way: thawed {:?}, removed {:?}",
+        "a pod dump died half-way: killed {} of its processes, thawed {:?}, removed {:?}",
+        done.killed,
         done.thawed,
         done.removed
     );

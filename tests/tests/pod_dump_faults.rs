@@ -59,6 +59,21 @@ fn frozen_cgroups(uid: &str) -> Vec<PathBuf> {
     frozen
 }
 
+/// Waits until containerd reports the pod's containers exited (after its shim died).
+fn wait_exited_in_cri(node: &Node, pod: &ThreeContainerPod, what: &str) {
+    wait_for(
+        &format!("{what}: containerd to see the containers exited"),
+        Duration::from_secs(30),
+        || {
+            [&pod.sidecar_id, &pod.app_id].iter().all(|id| {
+                node.cri()
+                    .container(id)
+                    .is_ok_and(|s| s.state == cri::ContainerState::ContainerExited as i32)
+            })
+        },
+    );
+}
+
 /// Processes left in pod `uid`'s cgroups.
 fn pod_processes(uid: &str) -> usize {
     let mut n = 0;
@@ -125,6 +140,33 @@ fn dump_in_background(
     })
 }
 
+/// CreateContainer + StartContainer of `spec` in `pod` from another thread (as kubelet would,
+/// while the test does something else): answers the container id and how its start went.
+fn run_container_in_background(
+    node: &Node,
+    pod: &KubePod,
+    spec: &ContainerSpec,
+) -> std::thread::JoinHandle<Result<(String, Result<(), String>), String>> {
+    let image = image_id(node, &spec.image).expect("image id");
+    let config = container_config(pod, spec, &image).expect("config");
+    let (endpoint, sandbox) = (node.endpoint(), pod.clone());
+    std::thread::spawn(move || {
+        let cri = podsnap_tests::cri::CriClient::connect(&endpoint).expect("CRI");
+        let id = cri
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox.id.clone(),
+                config: Some(config),
+                sandbox_config: Some(sandbox.config.clone()),
+            })
+            .map_err(|s| s.message().to_owned())?
+            .container_id;
+        let started = cri.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        });
+        Ok((id, started.map(drop).map_err(|s| s.message().to_owned())))
+    })
+}
+
 fn assert_running_and_counting(pod: &ThreeContainerPod, what: &str) {
     let a: u64 = ask(&pod.pod.ip, APP_PORT, "count")
         .unwrap_or_else(|e| panic!("{what}: the app answers: {e:#}"))
@@ -180,22 +222,7 @@ fn a_shim_killed_at_any_phase_of_a_dump_leaves_nothing_frozen_or_half_written() 
             "{phase}: a dump whose shim died fails: {outcome:?}"
         );
         // containerd cleans up after the dead shim (`containerd-shim-podsnap-v1 delete`).
-        wait_for(
-            &format!("{phase}: containerd to see the containers exited"),
-            Duration::from_secs(30),
-            || {
-                [&pod.sidecar_id, &pod.app_id].iter().all(|id| {
-                    node.cri()
-                        .container_status(cri::ContainerStatusRequest {
-                            container_id: (*id).clone(),
-                            verbose: false,
-                        })
-                        .ok()
-                        .and_then(|s| s.status)
-                        .is_some_and(|s| s.state == cri::ContainerState::ContainerExited as i32)
-                })
-            },
-        );
+        wait_exited_in_cri(&node, &pod, phase);
         // Exited as containerd says: no process of the pod is left behind.
         wait_for(
             &format!("{phase}: the pod's processes to be gone"),
@@ -295,6 +322,39 @@ fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
     assert!(started.elapsed() < Duration::from_secs(20));
     assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
     assert_running_and_counting(&pod, "after the client gave up");
+
+    // The shim killed while CRIU works: the cleanup of the dead shim also ends runc and CRIU.
+    node.set_podsnap_config("").expect("config");
+    let dumping = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
+    let in_criu = || {
+        host::processes()
+            .iter()
+            .any(|(_, argv)| argv.iter().any(|a| a == "swrk"))
+    };
+    wait_for("CRIU to run", Duration::from_secs(30), in_criu);
+    let shims = node.shim_pids(PODSNAP_SHIM);
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(shims[0], libc::SIGKILL);
+    }
+    assert!(
+        dumping.join().expect("thread").is_err(),
+        "the dump died with its shim"
+    );
+    wait_for(
+        "the dead dump's runc and CRIU to be gone",
+        Duration::from_secs(30),
+        || !in_criu(),
+    );
+    wait_for("the pod's processes to be gone", Duration::from_secs(30), || {
+        pod_processes(&pod.pod.uid) == 0
+    });
+    assert!(frozen_cgroups(&pod.pod.uid).is_empty(), "nothing stays frozen");
+    assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
+    assert!(!journal_of(&pod.pod.id).exists());
+    wait_exited_in_cri(&node, &pod, "shim killed during CRIU");
+    remove_original(&node, &pod);
 }
 
 /// A tmpfs mounted for the test; unmounted when dropped.
@@ -393,27 +453,7 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
         })
     };
     let late_spec = ContainerSpec::workload("late", &["serve", "--name", "late", "--port", "7171"]);
-    let image = image_id(&node, &late_spec.image).expect("image id");
-    let late_config = container_config(&pod.pod, &late_spec, &image).expect("config");
-    let late = {
-        let (endpoint, sandbox) = (node.endpoint(), pod.pod.clone());
-        std::thread::spawn(move || {
-            let cri = podsnap_tests::cri::CriClient::connect(&endpoint).expect("CRI");
-            let id = cri
-                .create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: sandbox.id.clone(),
-                    config: Some(late_config),
-                    sandbox_config: Some(sandbox.config.clone()),
-                })
-                .map_err(|s| s.message().to_owned())?
-                .container_id;
-            cri.start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .map_err(|s| s.message().to_owned())?;
-            Ok::<String, String>(id)
-        })
-    };
+    let late = run_container_in_background(&node, &pod.pod, &late_spec);
     std::thread::sleep(Duration::from_secs(1));
     assert!(!exec.is_finished(), "an Exec waits while the pod is being dumped");
     assert!(
@@ -441,9 +481,8 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
     );
     // The container started during the dump runs once the dump is over; the checkpoint is of
     // the pod as it was when frozen (without it), nothing half-included.
-    late.join()
-        .expect("thread")
-        .expect("the late container starts after the dump");
+    let (_, late_started) = late.join().expect("thread").expect("CreateContainer late");
+    late_started.expect("the late container starts after the dump");
     wait_answering(&pod.pod.ip, 7171, Duration::from_secs(20)).expect("the late container answers");
     let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
     assert!(m.container("late").is_none());
@@ -636,27 +675,8 @@ fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
         &["serve", "--name", "app", "--port", &port, "--volume", DATA_MOUNT],
     )
     .with_empty_dir(DATA_VOLUME, DATA_MOUNT);
-    let image = image_id(&node, &app_spec.image).expect("image id");
-    let config = container_config(&restored, &app_spec, &image).expect("config");
     std::fs::write(holds.path().join("restore"), b"").expect("arm");
-    let starting = {
-        let (endpoint, sandbox) = (node.endpoint(), restored.clone());
-        std::thread::spawn(move || {
-            let cri = podsnap_tests::cri::CriClient::connect(&endpoint).expect("CRI");
-            let id = cri
-                .create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: sandbox.id.clone(),
-                    config: Some(config),
-                    sandbox_config: Some(sandbox.config.clone()),
-                })
-                .map_err(|s| s.message().to_owned())?
-                .container_id;
-            let started = cri.start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            });
-            Ok::<_, String>((id, started.map(drop).map_err(|s| s.message().to_owned())))
-        })
-    };
+    let starting = run_container_in_background(&node, &restored, &app_spec);
     let reached = holds.path().join("restore.reached");
     wait_for("the restore to start", Duration::from_secs(30), || {
         reached.exists()
