@@ -140,13 +140,16 @@ fn dump_in_background(
     })
 }
 
+/// A container created in the background: its id and how its start went.
+type Started = (String, Result<(), String>);
+
 /// CreateContainer + StartContainer of `spec` in `pod` from another thread (as kubelet would,
 /// while the test does something else): answers the container id and how its start went.
 fn run_container_in_background(
     node: &Node,
     pod: &KubePod,
     spec: &ContainerSpec,
-) -> std::thread::JoinHandle<Result<(String, Result<(), String>), String>> {
+) -> std::thread::JoinHandle<Result<Started, String>> {
     let image = image_id(node, &spec.image).expect("image id");
     let config = container_config(pod, spec, &image).expect("config");
     let (endpoint, sandbox) = (node.endpoint(), pod.clone());
