@@ -55,6 +55,7 @@ fn cgroup_dirs(root: &Path) -> usize {
     n
 }
 
+/// Rules and chains of one's own (the built-in chains of a table appear once it is first used).
 fn iptables_rules(netns: Option<&str>) -> usize {
     let mut cmd = std::process::Command::new("nsenter");
     match netns {
@@ -66,7 +67,13 @@ fn iptables_rules(netns: Option<&str>) -> usize {
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
-                .filter(|l| l.starts_with('-') || l.starts_with(':'))
+                .filter(|l| {
+                    l.starts_with("-A")
+                        || (l.starts_with(':')
+                            && !["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"]
+                                .iter()
+                                .any(|b| l[1..].starts_with(&format!("{b} "))))
+                })
                 .count()
         })
         .unwrap_or(0)
@@ -163,7 +170,11 @@ fn main() {
     let started = Instant::now();
     let mut dump_s = common::Samples::default();
     let mut restore_s = common::Samples::default();
+    let mut rss_along = Vec::new();
     for cycle in 0..cycles {
+        if [1, cycles / 4, cycles / 2, 3 * cycles / 4].contains(&cycle) {
+            rss_along.push((cycle, vm_rss_kib(shim)));
+        }
         let dir = node.files().checkpoints().join(format!("soak-{cycle}"));
         let mut request = DumpRequest::new(&pod.namespace, &pod.name);
         request.runtime_endpoint = node.endpoint();
@@ -202,6 +213,12 @@ fn main() {
     for ((what, b), (_, a)) in before.iter().zip(after.iter()) {
         println!("| {what} | {b} | {a} | {:+} |", *a as i64 - *b as i64);
     }
+    rss_along.push((cycles, vm_rss_kib(shim)));
+    let along: Vec<String> = rss_along
+        .iter()
+        .map(|(c, kib)| format!("{kib} KiB after {c}"))
+        .collect();
+    println!("\nshim resident memory along the way: {}", along.join(", "));
     println!(
         "\ndump {} s, restore to all running {} s (median, min-max)",
         dump_s.cell(2),
