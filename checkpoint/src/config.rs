@@ -1,5 +1,6 @@
 //! The node configuration: one TOML file, read by the shim and by the CLI, that says where
-//! checkpoints live and who may restore what.
+//! checkpoints live, how pod dumps run, how many checkpoints the node keeps and who may restore
+//! what.
 //!
 //! The file is `/etc/podsnap/config.toml`, or the one named by `PODSNAP_CONFIG`. A missing
 //! default file means the defaults below; a missing file named by `PODSNAP_CONFIG`, an unknown
@@ -13,6 +14,18 @@
 //! # How long a pod dump may take before it is stopped (the pod thawed, the output removed);
 //! # a pod's annotation podsnap.io/dump-deadline and the request's own deadline can shorten it.
 //! deadline_seconds = 120
+//! # Free space a dump must leave on the filesystem it writes to: a dump whose estimate would
+//! # leave less is refused before anything is frozen, with the numbers (default 0).
+//! reserve_bytes = 10737418240
+//!
+//! # Bounds on the checkpoint root, applied by the shim after each pod dump into the root
+//! # (every dump path): the oldest checkpoints (by their manifest's created_unix) go first;
+//! # never the checkpoint just written, never one in use by a restored pod (crate::lease).
+//! # Each is optional: absent, unbounded.
+//! [retention]
+//! max_per_pod = 3                 # checkpoints kept per pod (namespace/name)
+//! max_total_bytes = 53687091200   # size of all valid checkpoints of the root together
+//! max_age_seconds = 604800        # older checkpoints are removed
 //!
 //! [restore]
 //! # false: every restore on this node is refused.
@@ -60,6 +73,9 @@ pub struct NodeConfig {
     /// How pod dumps run.
     #[serde(default)]
     pub dump: DumpPolicy,
+    /// Bounds on the checkpoint root.
+    #[serde(default)]
+    pub retention: RetentionPolicy,
     /// The file this was read from (`None`: defaults, no file).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -71,6 +87,28 @@ pub struct NodeConfig {
 pub struct DumpPolicy {
     /// How long a pod dump may take; [`crate::dump::DEFAULT_DEADLINE`] when `None`.
     pub deadline_seconds: Option<u64>,
+    /// Free space a dump must leave on its destination's filesystem (see
+    /// [`crate::preflight`]); 0 by default.
+    pub reserve_bytes: u64,
+}
+
+/// Bounds on the checkpoint root (see [`crate::retention`]); each unbounded when `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionPolicy {
+    /// Checkpoints kept per pod (`namespace/name`), at least 1.
+    pub max_per_pod: Option<u64>,
+    /// Size of every valid checkpoint of the root together.
+    pub max_total_bytes: Option<u64>,
+    /// Checkpoints older than this (by their manifest's `created_unix`) are removed.
+    pub max_age_seconds: Option<u64>,
+}
+
+impl RetentionPolicy {
+    /// No bound at all.
+    pub fn unbounded(&self) -> bool {
+        self == &RetentionPolicy::default()
+    }
 }
 
 /// The pod annotation bounding a pod's dumps, in seconds (`"30"` or `"30s"`).
@@ -163,6 +201,12 @@ impl NodeConfig {
     /// Parses configuration text.
     pub fn parse(text: &str) -> std::result::Result<NodeConfig, String> {
         let config: NodeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if config.retention.max_per_pod == Some(0) {
+            return Err(
+                "retention.max_per_pod = 0 would remove every checkpoint: give at least 1, or leave it out"
+                    .into(),
+            );
+        }
         if let Some(root) = &config.checkpoint_root {
             if !root.is_absolute() {
                 return Err(format!(
@@ -242,6 +286,32 @@ b = ["a"]
         );
         assert!(node.deadline(Some("soon"), None).is_err());
         assert!(node.deadline(Some("0"), None).is_err());
+    }
+
+    #[test]
+    fn retention_and_the_reserve_are_optional_and_checked() {
+        let c = NodeConfig::parse("").expect("defaults");
+        assert!(c.retention.unbounded());
+        assert_eq!(c.dump.reserve_bytes, 0);
+        let c = NodeConfig::parse(
+            "[dump]\nreserve_bytes = 1024\n[retention]\nmax_per_pod = 2\nmax_total_bytes = 4096\nmax_age_seconds = 60\n",
+        )
+        .expect("parses");
+        assert_eq!(c.dump.reserve_bytes, 1024);
+        assert_eq!(
+            c.retention,
+            RetentionPolicy {
+                max_per_pod: Some(2),
+                max_total_bytes: Some(4096),
+                max_age_seconds: Some(60),
+            }
+        );
+        assert!(!c.retention.unbounded());
+        let err = NodeConfig::parse("[retention]\nmax_per_pod = 0\n").expect_err("zero");
+        assert!(err.contains("max_per_pod"), "{err}");
+        let err = NodeConfig::parse("[retention]\nmax_count = 2\n").expect_err("typo");
+        assert!(err.contains("max_count"), "{err}");
+        assert!(NodeConfig::parse("[dump]\nreserve_bytes = -1\n").is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Pod dump: every container of a pod captured at one instant.
 //!
 //! 1. pre-flight: the memory in use, the rootfs changes and the volumes must fit in the free
-//!    space of the destination's filesystem, or the dump is refused up front with the numbers;
+//!    space of the destination's filesystem (leaving the node's reserve), or the dump is
+//!    refused up front with the numbers;
 //! 2. the crash journal ([`crate::journal`]) records what is about to be frozen and where the
 //!    staging output goes;
 //! 3. quiesce: lock the pod's network namespace once ([`crate::netlock`]), then freeze each
@@ -80,6 +81,9 @@ pub struct PodDump {
     pub journal: Option<PathBuf>,
     /// The pod's network namespace, locked for the whole dump (`None`: the host's network).
     pub netns: Option<PathBuf>,
+    /// Free space the dump must leave on the destination's filesystem (the node's
+    /// `[dump] reserve_bytes`).
+    pub reserve_bytes: u64,
 }
 
 impl std::fmt::Debug for PodDump {
@@ -119,7 +123,7 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     }
     let limit = Limit::after(d.deadline, d.cancel.clone());
     let running = running(&d.targets);
-    crate::preflight::check(&d.dest, &d.targets, &running).await?;
+    crate::preflight::check(&d.dest, &d.targets, &running, d.reserve_bytes).await?;
     // Drop order matters: the staging guard (removes uncommitted output) and the frozen guard
     // inside `dump_into` go before the journal that lists them.
     let (owner_pid, owner_start) = journal::this_process();
@@ -521,7 +525,9 @@ pub fn empty_dir_name(source: &str) -> Option<&str> {
     (validate_name(name).is_ok()).then_some(name)
 }
 
-/// Size and SHA-256 of every regular file under `dir` (but the manifest), in parallel.
+/// Size and SHA-256 of every regular file under `dir` (but the manifest), in parallel. Every
+/// directory under `dir` is made 0700 and every file 0600 on the way: they are this dump's
+/// output, and CRIU writes its images 0644.
 async fn digest_tree(dir: &Path) -> Result<BTreeMap<String, FileDigest>> {
     let mut paths = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -535,8 +541,10 @@ async fn digest_tree(dir: &Path) -> Result<BTreeMap<String, FileDigest>> {
                 .file_type()
                 .map_err(|err| Error::io("stat a checkpoint file", &p, err))?;
             if ft.is_dir() {
+                make_private(&p, 0o700)?;
                 stack.push(p);
             } else if ft.is_file() && p != dir.join(MANIFEST) {
+                make_private(&p, 0o600)?;
                 paths.push(p);
             }
         }
@@ -571,6 +579,17 @@ async fn digest_tree(dir: &Path) -> Result<BTreeMap<String, FileDigest>> {
         files.extend(part);
     }
     Ok(files)
+}
+
+/// Gives `path` (a file or directory this dump wrote, never a symlink) `mode` unless it has it.
+fn make_private(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io("stat a checkpoint file", path, e))?;
+    if meta.file_type().is_symlink() || meta.permissions().mode() & 0o7777 == mode {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("make a checkpoint file private", path, e))
 }
 
 /// Writes a file durably and atomically: temporary name, fsync, rename, fsync the directory.
@@ -692,6 +711,23 @@ mod tests {
             empty_dir_name("/x/volumes/kubernetes.io~empty-dir/../../etc"),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn every_file_of_a_dump_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let criu = t.path().join("containers/app/criu");
+        std::fs::create_dir_all(&criu).expect("mkdir");
+        std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::write(criu.join("core-1.img"), b"x").expect("write");
+        std::fs::set_permissions(criu.join("core-1.img"), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let files = digest_tree(t.path()).await.expect("digests");
+        assert_eq!(files.len(), 1);
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&criu.join("core-1.img")), 0o600);
+        assert_eq!(mode(&criu), 0o700);
     }
 
     #[test]

@@ -47,6 +47,21 @@ pub enum Error {
     /// Not enough room for a dump: refused before anything was frozen.
     #[error("not enough space for the dump in {path}: {reason}")]
     NoSpace { path: PathBuf, reason: String },
+    /// A checkpoint that pods restored from still need: it is not removed.
+    #[error("checkpoint {name:?} is in use by {holders}: remove those pods first")]
+    InUse {
+        name: String,
+        /// The pods holding it, e.g. `pod default/web (sandbox 0123456789abc)`.
+        holders: String,
+    },
+    /// A name in the checkpoint root that is not a checkpoint (a folder of checkpoints, a
+    /// symlink, a path leading out of the root, nothing at all).
+    #[error("{name:?} is not a checkpoint in {}: {reason}", .root.display())]
+    NotACheckpoint {
+        name: String,
+        root: PathBuf,
+        reason: String,
+    },
     /// A file operation failed.
     #[error("{context} ({path}): {source}")]
     Io {

@@ -98,6 +98,12 @@ pub fn this_process() -> (u32, u64) {
     (pid, start_time(pid).unwrap_or(0))
 }
 
+/// Whether the process `pid` that started at `start` (see [`this_process`]) still runs: the
+/// same pid with the same start time, not a zombie. A start time of 0 (unknown) never matches.
+pub fn alive(pid: u32, start: u64) -> bool {
+    start != 0 && start_time(pid) == Some(start)
+}
+
 /// A live process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22); `None`
 /// for a process that is gone or dead but not yet reaped (a zombie).
 fn start_time(pid: u32) -> Option<u64> {
@@ -165,7 +171,7 @@ pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &
             return Ok(Recovered::default());
         }
     };
-    if entry.owner_start != 0 && start_time(entry.owner_pid) == Some(entry.owner_start) {
+    if alive(entry.owner_pid, entry.owner_start) {
         return Ok(Recovered {
             owner_alive: true,
             ..Default::default()

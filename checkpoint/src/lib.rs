@@ -10,13 +10,17 @@ pub mod dump;
 pub mod error;
 pub mod failpoint;
 pub mod host;
+pub mod import;
 pub mod journal;
+pub mod lease;
 pub mod manifest;
 pub mod netlock;
 pub mod policy;
 pub mod preflight;
 pub mod record;
+pub mod retention;
 pub mod rootfs;
+pub mod store;
 
 pub use error::{Error, Result};
 pub use record::{ContainerState, Role};

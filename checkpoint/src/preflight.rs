@@ -3,6 +3,8 @@
 //! filesystems, the pod's emptyDir volumes) and compared with the free space of the filesystem
 //! the checkpoint goes to. A dump that cannot fit is refused with the numbers; one that fits
 //! the estimate but still runs out of space fails cleanly all the same (see [`crate::dump`]).
+//! The node configuration may keep a reserve free on that filesystem (`[dump] reserve_bytes`):
+//! a dump must then fit with the reserve left over.
 
 use std::path::{Path, PathBuf};
 
@@ -23,28 +25,36 @@ impl Estimate {
     }
 }
 
-/// Refuses a dump into `dest` that cannot fit.
-pub async fn check(dest: &Path, targets: &[Target], running: &[&Target]) -> Result<()> {
+/// Refuses a dump into `dest` that cannot fit and leave `reserve` bytes free.
+pub async fn check(dest: &Path, targets: &[Target], running: &[&Target], reserve: u64) -> Result<()> {
     let dest = dest.to_path_buf();
     let targets: Vec<Target> = targets.to_vec();
     let running: Vec<Target> = running.iter().map(|t| (*t).clone()).collect();
     tokio::task::spawn_blocking(move || {
         let estimate = estimate(&targets, &running);
         let (fs, free) = free_space(&dest)?;
-        decide(&dest, &fs, free, &estimate)
+        decide(&dest, &fs, free, &estimate, reserve)
     })
     .await
     .map_err(|e| Error::io("estimate the dump", "", std::io::Error::other(e)))?
 }
 
-fn decide(dest: &Path, fs: &Path, free: u64, e: &Estimate) -> Result<()> {
-    if e.total() <= free {
+fn decide(dest: &Path, fs: &Path, free: u64, e: &Estimate, reserve: u64) -> Result<()> {
+    if e.total().saturating_add(reserve) <= free {
         return Ok(());
     }
+    let keep = if reserve == 0 {
+        String::new()
+    } else {
+        format!(
+            ", the node keeps {} free there ([dump] reserve_bytes = {reserve})",
+            mib(reserve)
+        )
+    };
     Err(Error::NoSpace {
         path: dest.to_path_buf(),
         reason: format!(
-            "the dump needs about {} (memory {}, root filesystem changes {}, volumes {}) and {} has {} free",
+            "the dump needs about {} (memory {}, root filesystem changes {}, volumes {}){keep} and {} has {} free",
             mib(e.total()),
             mib(e.memory),
             mib(e.rootfs),
@@ -55,7 +65,7 @@ fn decide(dest: &Path, fs: &Path, free: u64, e: &Estimate) -> Result<()> {
     })
 }
 
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
@@ -128,12 +138,33 @@ mod tests {
             rootfs: 1 << 20,
             volumes: 0,
         };
-        assert!(decide(Path::new("/x"), Path::new("/"), 400 << 20, &e).is_ok());
-        let err = decide(Path::new("/x/ckpt"), Path::new("/x"), 100 << 20, &e)
+        assert!(decide(Path::new("/x"), Path::new("/"), 400 << 20, &e, 0).is_ok());
+        let err = decide(Path::new("/x/ckpt"), Path::new("/x"), 100 << 20, &e, 0)
             .expect_err("too big")
             .to_string();
         assert!(err.contains("needs about 301.0 MiB (memory 300.0 MiB"), "{err}");
         assert!(err.contains("/x has 100.0 MiB free"), "{err}");
+    }
+
+    #[test]
+    fn a_dump_that_would_eat_into_the_reserve_is_refused_with_the_numbers() {
+        let e = Estimate {
+            memory: 100 << 20,
+            rootfs: 0,
+            volumes: 0,
+        };
+        let free = 400 << 20;
+        assert!(decide(Path::new("/x"), Path::new("/"), free, &e, 300 << 20).is_ok());
+        let err = decide(Path::new("/x/ckpt"), Path::new("/x"), free, &e, (300 << 20) + 1)
+            .expect_err("into the reserve")
+            .to_string();
+        assert!(err.contains("needs about 100.0 MiB"), "{err}");
+        assert!(
+            err.contains("the node keeps 300.0 MiB free there ([dump] reserve_bytes = 314572801)"),
+            "{err}"
+        );
+        assert!(err.contains("/x has 400.0 MiB free"), "{err}");
+        assert!(decide(Path::new("/x"), Path::new("/"), free, &e, u64::MAX).is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cri;
 pub mod dump;
 pub mod error;
 pub mod inspect;
+pub mod list;
 pub mod pod;
 pub mod progress;
 pub mod restore;

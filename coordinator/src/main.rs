@@ -1,17 +1,19 @@
 //! `podsnap`: checkpoint a whole Kubernetes pod on this node and bring it back.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use podsnap_checkpoint::config::NodeConfig;
+use podsnap_checkpoint::lease::LEASE_DIR;
+use podsnap_checkpoint::store;
 use podsnap_coordinator::containerd::DEFAULT_ADDRESS;
 use podsnap_coordinator::dump::{dump, short, DumpRequest};
 use podsnap_coordinator::progress;
 use podsnap_coordinator::restore::{restore, RestoreRequest, DEFAULT_LOGS_DIR, DEFAULT_PODS_DIR};
 use podsnap_coordinator::summary::human_bytes;
-use podsnap_coordinator::{inspect, pod};
+use podsnap_coordinator::{inspect, list, pod};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +52,32 @@ enum Command {
         /// The checkpoint directory.
         dir: PathBuf,
     },
+    /// List the checkpoints of the node's checkpoint root.
+    List(ListArgs),
+    /// Remove checkpoints from the node's checkpoint root, by name (never one in use).
+    Rm {
+        /// Checkpoint names, as `podsnap list` shows them.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// Read every file of every checkpoint and check its digest.
+    #[arg(long)]
+    verify: bool,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// A table that fits a terminal.
+    Table,
+    /// A JSON array, for scripts.
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -82,7 +110,8 @@ struct DumpArgs {
 
 #[derive(Debug, Args)]
 struct RestoreArgs {
-    /// The checkpoint to restore; one outside the checkpoint root is copied into it first.
+    /// The checkpoint to restore; one outside the checkpoint root is brought into it for the
+    /// restore (hard links, a copy only from another filesystem) and removed afterwards.
     #[arg(long)]
     checkpoint_dir: PathBuf,
     /// Namespace of the new pod (default: the checkpointed pod's).
@@ -181,11 +210,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     short(id)
                 );
             }
-            println!("checkpoint   {}", pod.checkpoint);
-            if let Some(copy) = &pod.imported {
-                println!("imported     {}", copy.display());
+            match &pod.imported {
+                Some(imported) => println!(
+                    "checkpoint   {} (brought in as {}: {} files linked, {} copied; removed after the restore)",
+                    request.checkpoint_dir.display(),
+                    pod.checkpoint,
+                    imported.linked,
+                    imported.copied
+                ),
+                None => println!("checkpoint   {}", pod.checkpoint),
             }
             println!("took         {:.1?}", pod.took);
+            Ok(())
+        }
+        Command::List(args) => {
+            let progress = progress::for_stderr();
+            let rows = list::list(
+                &checkpoint_root,
+                Path::new(LEASE_DIR),
+                args.verify,
+                progress.as_ref(),
+            );
+            progress.finish();
+            let rows = rows.with_context(|| format!("list {}", checkpoint_root.display()))?;
+            match args.output {
+                Output::Table => println!("{}", list::table(&rows)),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).context("encode the list")?
+                ),
+            }
+            Ok(())
+        }
+        Command::Rm { names } => {
+            let mut refused = 0;
+            for name in &names {
+                match store::remove(&checkpoint_root, name, Path::new(LEASE_DIR)) {
+                    Ok(removed) => println!(
+                        "removed      {}{}",
+                        removed.name,
+                        match (&removed.pod, removed.bytes) {
+                            (Some(pod), Some(bytes)) => format!(" (pod {pod}, {})", human_bytes(bytes)),
+                            _ => " (broken)".to_owned(),
+                        }
+                    ),
+                    Err(e) => {
+                        eprintln!("podsnap: error: {e}");
+                        refused += 1;
+                    }
+                }
+            }
+            if refused > 0 {
+                anyhow::bail!("{refused} of {} checkpoints not removed", names.len());
+            }
             Ok(())
         }
         Command::Inspect { dir } => {
@@ -211,5 +288,17 @@ mod tests {
         assert!(
             Cli::try_parse_from(["podsnap", "dump", "--pod", "web", "--stop", "--leave-running"]).is_err()
         );
+        let cli = Cli::try_parse_from(["podsnap", "list", "--verify", "-o", "json"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::List(ListArgs {
+                verify: true,
+                output: Output::Json
+            })
+        ));
+        assert!(Cli::try_parse_from(["podsnap", "list", "-o", "yaml"]).is_err());
+        assert!(Cli::try_parse_from(["podsnap", "rm"]).is_err(), "rm takes names");
+        let cli = Cli::try_parse_from(["podsnap", "rm", "a", "b/c"]).expect("parses");
+        assert!(matches!(cli.command, Command::Rm { names } if names == ["a", "b/c"]));
     }
 }

@@ -6,8 +6,10 @@
 //!    checkpoint recorded: all before anything is created. The digests are verified once, by
 //!    the shim, which trusts nothing the CLI says.
 //! 2. The checkpoint must lie inside the node's checkpoint root, where the shim looks for it
-//!    (its name is then its path relative to the root); one outside is copied in under a fresh
-//!    name first.
+//!    (its name is then its path relative to the root); one outside is brought in under a
+//!    fresh name first, by hard links (no data copied; a copy only across filesystems, see
+//!    [`podsnap_checkpoint::import`]), and removed again once the restore is over: the shim
+//!    reads the checkpoint at each container's Create and Start, all of which happen here.
 //! 3. RunPodSandbox (handler `podsnap`, a new uid, the restore annotation naming the checkpoint:
 //!    a new network namespace and pod IP), then CreateContainer + StartContainer for each
 //!    container in its recorded start order, as kubelet would. Each container comes back in its
@@ -16,7 +18,7 @@
 //!    at once, without running; one that was created but never started is created and left
 //!    created.
 //! 4. Any failure on the way removes what was made: the sandbox with its containers, the pod's
-//!    directories, its cgroups and the imported copy.
+//!    directories, its cgroups and what was brought into the root.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,8 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Spec;
 use podsnap_checkpoint::config::NodeConfig;
-use podsnap_checkpoint::manifest::{safe_relative, ContainerEntry, Manifest, CPUINFO, MANIFEST};
+use podsnap_checkpoint::import::{import, Imported};
+use podsnap_checkpoint::manifest::{ContainerEntry, Manifest, CPUINFO};
 use podsnap_checkpoint::policy::{self, NewImage, Violation};
 use podsnap_checkpoint::{ContainerState, Role};
 
@@ -95,8 +98,9 @@ pub struct RestoredPod {
     pub ip: String,
     /// The checkpoint's name in the root (what the restore annotation says).
     pub checkpoint: String,
-    /// The copy made when the checkpoint lay outside the root.
-    pub imported: Option<PathBuf>,
+    /// What was brought into the root when the checkpoint lay outside it (removed again once
+    /// the restore was over).
+    pub imported: Option<Imported>,
     /// (name, new container id) in the order they were started.
     pub containers: Vec<(String, String)>,
     /// Containers that had completed (init containers): created and answered with their
@@ -171,22 +175,40 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
     let (checkpoint, imported) = match name_in_root(&dir, &request.checkpoint_root) {
         Some(name) => (name, None),
         None => {
-            progress.step(&format!(
-                "copying the checkpoint into {}",
-                request.checkpoint_root.display()
-            ));
-            let copy = import(&dir, &plan.manifest, &request.checkpoint_root, &mut undo)?;
-            let name = name_in_root(&copy, &request.checkpoint_root).ok_or_else(|| {
+            let imported = bring_in(request, &dir, &plan.manifest, progress).await?;
+            undo.imported = Some(imported.dir.clone());
+            let name = name_in_root(&imported.dir, &request.checkpoint_root).ok_or_else(|| {
                 Error::Refused(format!(
-                    "the copy {} is not inside {}",
-                    copy.display(),
+                    "the imported checkpoint {} is not inside {}",
+                    imported.dir.display(),
                     request.checkpoint_root.display()
                 ))
-            })?;
-            (name, Some(copy))
+            });
+            match name {
+                Ok(name) => (name, Some(imported)),
+                Err(e) => {
+                    undo.run(&clients).await;
+                    return Err(e);
+                }
+            }
         }
     };
-    match create(request, &plan, &checkpoint, &clients, &mut undo, progress).await {
+    let created = create(request, &plan, &checkpoint, &clients, &mut undo, progress).await;
+    if created.is_ok() {
+        if let Some(imported) = &imported {
+            // Every container was created and started: nothing reads the checkpoint again
+            // (restarts start fresh from their images).
+            progress.step(&format!("removing the imported checkpoint {checkpoint}"));
+            let dir = imported.dir.clone();
+            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+            match removed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::warn!("remove the imported checkpoint {}: {e}", imported.dir.display()),
+                Err(e) => log::warn!("remove the imported checkpoint {}: {e}", imported.dir.display()),
+            }
+        }
+    }
+    match created {
         Ok(Created {
             id,
             restored: containers,
@@ -527,58 +549,55 @@ async fn wait_exited(
     }
 }
 
-/// Copies the checkpoint's files (those its manifest lists, and the manifest) into a fresh
-/// directory of `root`.
-fn import(dir: &Path, manifest: &Manifest, root: &Path, undo: &mut Undo) -> Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(root)
-        .map_err(Error::io("create the checkpoint root", root))?;
+/// Brings the checkpoint at `dir` (outside the root) into the root for this restore: hard
+/// links, or a copy across filesystems (said on `progress`).
+async fn bring_in(
+    request: &RestoreRequest,
+    dir: &Path,
+    manifest: &Manifest,
+    progress: &dyn Progress,
+) -> Result<Imported> {
+    let root = request.checkpoint_root.clone();
+    progress.step(&format!("linking the checkpoint into {}", root.display()));
     let base = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| !n.is_empty())
+        .filter(|n| !n.is_empty() && !n.starts_with('.'))
         .unwrap_or_else(|| "checkpoint".to_owned());
-    let stamp = format!(
+    let name = format!(
         "{base}-imported-{}",
         crate::dump::utc_stamp(time::OffsetDateTime::now_utc())
     );
-    let mut copy = root.join(&stamp);
-    let mut n = 1;
-    // A fresh name: never write into an existing checkpoint.
-    loop {
-        match std::fs::DirBuilder::new().mode(0o700).create(&copy) {
-            Ok(()) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => {
-                n += 1;
-                copy = root.join(format!("{stamp}-{n}"));
-            }
-            Err(e) => return Err(Error::io("create the imported checkpoint", &copy)(e)),
+    // The import runs on a blocking thread; the line it says when it must copy is shown as
+    // it comes (a copy of a large checkpoint takes a while).
+    let (told, mut hear) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (src, manifest) = (dir.to_path_buf(), manifest.clone());
+    let mut work = tokio::task::spawn_blocking(move || {
+        import(&src, &manifest, &root, &name, &mut |line| {
+            let _ = told.send(line.to_owned());
+        })
+    });
+    let joined = loop {
+        tokio::select! {
+            Some(line) = hear.recv() => progress.step(&line),
+            joined = &mut work => break joined,
         }
+    };
+    while let Ok(line) = hear.try_recv() {
+        progress.step(&line);
     }
-    undo.imported = Some(copy.clone());
-    let files = manifest
-        .files
-        .keys()
-        .map(String::as_str)
-        .chain(std::iter::once(MANIFEST));
-    for rel in files {
-        let rel_path = safe_relative(rel).map_err(Error::Refused)?;
-        let (src, dst) = (dir.join(rel_path), copy.join(rel_path));
-        if let Some(parent) = dst.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(Error::io("create a directory of the imported checkpoint", parent))?;
-        }
-        std::fs::copy(&src, &dst).map_err(Error::io("copy a checkpoint file", &src))?;
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))
-            .map_err(Error::io("chmod a checkpoint file", &dst))?;
-    }
-    Ok(copy)
+    let imported = joined
+        .map_err(|e| Error::Refused(format!("bringing the checkpoint in stopped: {e}")))?
+        .map_err(Box::new)?;
+    log::info!(
+        "checkpoint {} brought in as {}: {} files linked, {} copied ({} bytes)",
+        dir.display(),
+        imported.dir.display(),
+        imported.linked,
+        imported.copied,
+        imported.copied_bytes
+    );
+    Ok(imported)
 }
 
 /// Makes `dir` (and missing parents, which are recorded too) with `mode`.
@@ -656,10 +675,10 @@ impl Undo {
                 Err(e) => failed.push(format!("{}: {e}", dir.display())),
             }
         }
-        if let Some(copy) = &self.imported {
-            match std::fs::remove_dir_all(copy) {
-                Ok(()) => done.push(format!("the imported copy {}", copy.display())),
-                Err(e) => failed.push(format!("the imported copy {}: {e}", copy.display())),
+        if let Some(imported) = &self.imported {
+            match std::fs::remove_dir_all(imported) {
+                Ok(()) => done.push(format!("the imported checkpoint {}", imported.display())),
+                Err(e) => failed.push(format!("the imported checkpoint {}: {e}", imported.display())),
             }
         }
         let mut report = format!(

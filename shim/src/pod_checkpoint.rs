@@ -1,10 +1,13 @@
 //! A whole-pod checkpoint, asked with a Checkpoint on the pod's sandbox task: every container
 //! of the pod is captured at one instant by `podsnap-checkpoint`'s pod dump; completed
-//! containers are recorded; the pod is stopped afterwards when asked.
+//! containers are recorded; the pod is stopped afterwards when asked. A checkpoint written
+//! into the node's checkpoint root is followed by the node's retention
+//! ([`podsnap_checkpoint::retention`]), whoever asked for the dump.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use podsnap_checkpoint::config::RetentionPolicy;
 use podsnap_checkpoint::dump::{dump_pod, PodDump, Target};
 use podsnap_checkpoint::journal::journal_path;
 use podsnap_checkpoint::manifest::{validate_name, ContainerEntry, PodInfo};
@@ -27,6 +30,11 @@ pub struct PodCheckpoint {
     pub deadline: std::time::Duration,
     /// Turns `true` when the caller gives up.
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Free space the dump must leave on the destination's filesystem.
+    pub reserve_bytes: u64,
+    /// The node's checkpoint root and its bounds, applied after a dump into it.
+    pub root: PathBuf,
+    pub retention: RetentionPolicy,
 }
 
 /// Checkpoints the pod of `sandbox`: `containers` are its live containers, `departed` those
@@ -72,6 +80,7 @@ pub async fn checkpoint(
         cancel: request.cancel.clone(),
         journal: Some(journal_path(&sandbox.id)),
         netns: spec.as_ref().and_then(pod_netns),
+        reserve_bytes: request.reserve_bytes,
     };
     log::info!(
         "pod {}: checkpoint of {} containers into {}",
@@ -117,7 +126,55 @@ pub async fn checkpoint(
             }
         }
     }
+    retain(&sandbox.id, request).await;
     Ok(())
+}
+
+/// Applies the node's retention to the checkpoint root after a dump into it (never to a
+/// destination elsewhere). What it removes is logged; a failure is logged and leaves the new
+/// checkpoint as it is.
+async fn retain(pod: &str, request: &PodCheckpoint) {
+    if request.retention.unbounded() {
+        return;
+    }
+    let inside = match (
+        std::fs::canonicalize(&request.root),
+        std::fs::canonicalize(&request.dest),
+    ) {
+        (Ok(root), Ok(dest)) => dest.starts_with(&root) && dest != root,
+        _ => false,
+    };
+    if !inside {
+        return;
+    }
+    let (root, dest, policy) = (
+        request.root.clone(),
+        request.dest.clone(),
+        request.retention.clone(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let leases = std::path::Path::new(podsnap_checkpoint::lease::LEASE_DIR);
+    let applied = tokio::task::spawn_blocking(move || {
+        podsnap_checkpoint::retention::apply(&root, &dest, &policy, leases, now)
+    })
+    .await;
+    match applied {
+        Ok(Ok(pruned)) if !pruned.is_empty() => log::info!(
+            "pod {pod}: retention removed {} checkpoints: {}",
+            pruned.len(),
+            pruned
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => log::warn!("pod {pod}: retention of {}: {e}", request.root.display()),
+        Err(e) => log::warn!("pod {pod}: retention stopped: {e}"),
+    }
 }
 
 /// A container as the pod dump sees it.

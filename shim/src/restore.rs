@@ -4,7 +4,8 @@
 //!
 //! At the sandbox's Create, before anything of the pod exists:
 //! 1. `<name>` is resolved inside the root (absolute paths, `..` and symlinks out of it are
-//!    refused);
+//!    refused), and the pod takes a lease on the checkpoint for the life of this shim
+//!    ([`podsnap_checkpoint::lease`]: `podsnap rm` and retention leave it alone);
 //! 2. the checkpoint must be exactly what its manifest lists (no unlisted file);
 //! 3. the restore policy of the node configuration: may a pod of this namespace restore a
 //!    checkpoint of that one ([`podsnap_checkpoint::policy`]);
@@ -20,13 +21,14 @@
 //! pod already restored counts as a restart.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::Spec;
 use podsnap_checkpoint::config::{NodeConfig, RESTORE_ANNOTATION};
 use podsnap_checkpoint::container::DumpOptions;
 use podsnap_checkpoint::dump::empty_dir_name;
+use podsnap_checkpoint::lease::{self, Holder, Lease, LEASE_DIR};
 use podsnap_checkpoint::manifest::{read_capped, Manifest, CPUINFO, MAX_JSON_BYTES};
 use podsnap_checkpoint::policy::{self, NewImage, Violation};
 use podsnap_checkpoint::ContainerState;
@@ -41,30 +43,12 @@ pub const RESTART_COUNT_ANNOTATION: &str = "io.kubernetes.container.restartCount
 
 /// Resolves a checkpoint name inside `root`, refusing anything that leads elsewhere.
 pub fn resolve(root: &Path, name: &str) -> Result<PathBuf> {
-    let refuse = |why: &str| {
+    podsnap_checkpoint::store::resolve(root, name).map_err(|why| {
         Error::InvalidArgument(format!(
             "{RESTORE_ANNOTATION}: {name:?} is refused: {why}; it must name a checkpoint inside {}",
             root.display()
         ))
-    };
-    let rel = Path::new(name);
-    if name.is_empty() || rel.is_absolute() {
-        return Err(refuse("not a relative name"));
-    }
-    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(refuse("it contains '..' or '.'"));
-    }
-    let root =
-        std::fs::canonicalize(root).map_err(|e| refuse(&format!("the checkpoint root is unusable ({e})")))?;
-    let dir =
-        std::fs::canonicalize(root.join(rel)).map_err(|e| refuse(&format!("no such checkpoint ({e})")))?;
-    if !dir.starts_with(&root) || dir == root {
-        return Err(refuse("it leads outside the checkpoint root"));
-    }
-    if !dir.is_dir() {
-        return Err(refuse("not a directory"));
-    }
-    Ok(dir)
+    })
 }
 
 /// What to do with a container at Create.
@@ -116,6 +100,9 @@ pub struct Restores {
     /// Names of the containers restored (or answered as exited) in this pod: a second Create
     /// of one of them is a restart, which starts fresh.
     restored: Mutex<HashSet<String>>,
+    /// The pod's leases on the checkpoints it restores from, by checkpoint directory: held
+    /// for the life of the shim (released as it exits, see `service.rs`).
+    leases: Mutex<HashMap<PathBuf, Lease>>,
 }
 
 impl Restores {
@@ -151,8 +138,19 @@ impl Restores {
             }
         }
         let config = NodeConfig::load()?;
-        let dir = resolve(&config.checkpoint_root(), &name)?;
-        let verified = self.verified(&dir, &name, &config, identity).await?;
+        let root = config.checkpoint_root();
+        let dir = resolve(&root, &name)?;
+        self.lease(&root, &name, &dir, identity)?;
+        let verified = match self.verified(&dir, &name, &config, identity).await {
+            Ok(v) => v,
+            Err(e) => {
+                if identity.is_sandbox {
+                    // The pod is refused: it holds nothing.
+                    lock(&self.leases).remove(&dir);
+                }
+                return Err(e);
+            }
+        };
         let manifest = &verified.manifest;
         if identity.is_sandbox {
             return Ok(Plan::Fresh); // a new sandbox; the checks above refused a bad checkpoint
@@ -223,6 +221,35 @@ impl Restores {
             name: Some(cname),
             paused: entry.state == ContainerState::Paused,
         })))
+    }
+
+    /// Takes this pod's lease on the checkpoint at `dir` (named `name` in `root`), once; then
+    /// checks the checkpoint is still there: a removal that did not see the lease has moved
+    /// it away (see [`podsnap_checkpoint::lease`]).
+    fn lease(&self, root: &Path, name: &str, dir: &Path, identity: &PodIdentity) -> Result<()> {
+        if lock(&self.leases).contains_key(dir) {
+            return Ok(());
+        }
+        let Some(sandbox) = identity.sandbox_id.as_deref() else {
+            log::warn!(
+                "container {:?}: no sandbox id: restores from {name} without a lease",
+                identity.name
+            );
+            return Ok(());
+        };
+        let pod = match (&identity.pod_namespace, &identity.pod_name) {
+            (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
+            _ => None,
+        };
+        let lease = lease::take(Path::new(LEASE_DIR), &Holder::this_process(sandbox, pod, dir))?;
+        if resolve(root, name)? != dir {
+            return Err(Error::InvalidArgument(format!(
+                "{RESTORE_ANNOTATION}: checkpoint {name:?} changed while it was being opened; try again"
+            )));
+        }
+        log::info!("pod {sandbox}: holds a lease on checkpoint {name}");
+        lock(&self.leases).insert(dir.to_path_buf(), lease);
+        Ok(())
     }
 
     /// Remembers that container `name` of this pod came back from the checkpoint: its next

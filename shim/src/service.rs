@@ -68,6 +68,11 @@ impl Shim for PodShim {
             .and_then(|spec| PodIdentity::from_spec(&spec).sandbox_id)
             .unwrap_or_else(|| self.id.clone());
         recover_dead_dump(&MonitorLauncher, &pod).await;
+        // The dead shim's leases on checkpoints (it held them while it ran) are stale now.
+        let pruned = podsnap_checkpoint::lease::prune(Path::new(podsnap_checkpoint::lease::LEASE_DIR));
+        if pruned > 0 {
+            log::info!("pod {pod}: released {pruned} stale checkpoint leases");
+        }
         let choice = match RuncChoice::recorded(Path::new(".")) {
             Ok(Some(choice)) => choice,
             Ok(None) => RuncChoice::default_for(&self.namespace),
@@ -104,6 +109,12 @@ impl Shim for PodShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The pod is gone with this shim: the checkpoints it was restored from are free.
+        let released =
+            podsnap_checkpoint::lease::release_own(Path::new(podsnap_checkpoint::lease::LEASE_DIR));
+        if released > 0 {
+            log::info!("pod {}: released {released} checkpoint leases", self.id);
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> PodTask {

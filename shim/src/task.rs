@@ -743,6 +743,9 @@ impl PodTask {
             keep_tcp: opts.open_tcp,
             deadline,
             cancel: Some(cancel_rx),
+            reserve_bytes: config.dump.reserve_bytes,
+            root: config.checkpoint_root(),
+            retention: config.retention.clone(),
         };
         let sandbox_task = sandbox.clone();
         let dump = tokio::spawn(async move {

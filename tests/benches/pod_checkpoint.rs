@@ -25,6 +25,12 @@
 //! Image size: podsnap's checkpoint directory; for the Go shim the content-store blobs of the
 //! three `ctr task checkpoint` images (CRIU tar, rw layer, spec).
 //!
+//! Restore from outside the checkpoint root (podsnap only): the same checkpoint moved out of
+//! the root on the same filesystem (`podsnap restore` hard-links it in: no data copied), and a
+//! copy of it on a tmpfs mounted by the bench (another filesystem: the restore must copy every
+//! file into the root first), each timed like the restore above; the difference is what not
+//! copying saves.
+//!
 //! `cargo build --release -p containerd-shim-podsnap-v1 && cargo bench -p podsnap-tests --bench
 //! pod_checkpoint` (rounds: `PODSNAP_BENCH_N`, default 5).
 
@@ -57,6 +63,9 @@ struct Measures {
     image_mib: Samples,
     slowest: Samples,
     frozen_over_slowest: Samples,
+    /// podsnap only: restore from outside the root, linked in / copied in.
+    restore_linked: Samples,
+    restore_copied: Samples,
 }
 
 fn main() {
@@ -148,6 +157,45 @@ fn main() {
         ],
         &rows,
     );
+    println!();
+    println!(
+        "### `podsnap restore` of that pod from outside the checkpoint root (median of {rounds}, min-max)"
+    );
+    println!();
+    println!(
+        "Same filesystem: the checkpoint is hard-linked into the root (no data copied). Another \
+         filesystem (a tmpfs): every file is copied into the root first. Both are removed from the \
+         root once the restore is over; times are to all containers running."
+    );
+    println!();
+    let saved = Samples(
+        podsnap
+            .restore_copied
+            .0
+            .iter()
+            .zip(&podsnap.restore_linked.0)
+            .map(|(copied, linked)| copied - linked)
+            .collect(),
+    );
+    print_table(
+        &["", "restore (s)"],
+        &[
+            vec!["checkpoint inside the root".to_owned(), podsnap.restore.cell(2)],
+            vec![
+                "outside the root, same filesystem (hard links)".to_owned(),
+                podsnap.restore_linked.cell(2),
+            ],
+            vec![
+                "outside the root, another filesystem (copied)".to_owned(),
+                podsnap.restore_copied.cell(2),
+            ],
+            vec!["saved by not copying (per round)".to_owned(), saved.cell(2)],
+            vec![
+                "ratio linked / copied".to_owned(),
+                ratio(&podsnap.restore_linked, &podsnap.restore_copied),
+            ],
+        ],
+    );
     let problems = node.teardown();
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }
@@ -165,6 +213,9 @@ struct Round {
     /// One digest check of the whole checkpoint (podsnap only; informational).
     verify: f64,
     image_mib: f64,
+    /// podsnap only: restores from outside the root (0 for the Go shim).
+    restore_linked: f64,
+    restore_copied: f64,
 }
 
 impl Round {
@@ -179,6 +230,10 @@ impl Round {
         m.image_mib.push(self.image_mib);
         m.slowest.push(self.slowest);
         m.frozen_over_slowest.push(self.frozen / self.slowest);
+        if self.restore_linked > 0.0 && self.restore_copied > 0.0 {
+            m.restore_linked.push(self.restore_linked);
+            m.restore_copied.push(self.restore_copied);
+        }
     }
 }
 
@@ -261,7 +316,53 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("the checkpoint verifies");
     let verify = seconds(clock.elapsed());
 
-    let mut request = RestoreRequest::new(&dir);
+    let (restore, imported) = timed_restore(node, runtime, &dir, &sums);
+    assert!(imported.is_none(), "a checkpoint in the root is used in place");
+
+    // The same checkpoint outside the root, same filesystem: linked in.
+    let outside = node.dir().join(format!("outside-{round}"));
+    std::fs::rename(&dir, &outside).expect("move the checkpoint out of the root");
+    let (restore_linked, imported) = timed_restore(node, runtime, &outside, &sums);
+    let imported = imported.expect("brought into the root");
+    assert_eq!(imported.copied, 0, "linked, not copied: {imported:?}");
+    // On another filesystem: copied in.
+    let tmpfs = Tmpfs::mount(&node.dir().join(format!("tmpfs-{round}")));
+    let copy = tmpfs.0.join("checkpoint");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&outside)
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "copy the checkpoint to the tmpfs");
+    let (restore_copied, imported) = timed_restore(node, runtime, &copy, &sums);
+    let imported = imported.expect("brought into the root");
+    assert_eq!(imported.linked, 0, "copied from the tmpfs: {imported:?}");
+    drop(tmpfs);
+    let _ = std::fs::remove_dir_all(&outside);
+    Round {
+        checkpoint,
+        // All three containers are frozen together for this window.
+        frozen,
+        frozen_sum: frozen * CONTAINERS.len() as f64,
+        slowest,
+        restore,
+        verify,
+        image_mib,
+        restore_linked,
+        restore_copied,
+    }
+}
+
+/// `podsnap restore` (the library) of `dir` until every container runs, timed; the restored
+/// pod is checked and removed. Returns the seconds and what was brought into the root.
+fn timed_restore(
+    node: &Node,
+    runtime: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    sums: &[String],
+) -> (f64, Option<podsnap_checkpoint::import::Imported>) {
+    let mut request = RestoreRequest::new(dir);
     request.runtime_endpoint = node.endpoint();
     request.checkpoint_root = node.files().checkpoints();
     request.pods_dir = node.files().kubelet().join("pods");
@@ -279,25 +380,47 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
             .wait_container_state(id, cri::ContainerState::ContainerRunning, Duration::from_secs(60))
             .expect("restored container runs");
     }
-    let restore = seconds(clock.elapsed());
+    let took = seconds(clock.elapsed());
     let netns = node.cri().pod_netns(&restored.id).ok().flatten();
     node.record_pod(&restored.uid, netns.as_deref())
         .expect("record the pod");
-    check_restored(&restored.ip, &sums);
+    check_restored(&restored.ip, sums);
     node.cri()
         .stop_and_remove_pod(&restored.id)
         .expect("remove the restored pod");
     podsnap_tests::host::remove_pod_cgroups(&restored.uid);
-    let _ = std::fs::remove_dir_all(&dir);
-    Round {
-        checkpoint,
-        // All three containers are frozen together for this window.
-        frozen,
-        frozen_sum: frozen * CONTAINERS.len() as f64,
-        slowest,
-        restore,
-        verify,
-        image_mib,
+    (took, restored.imported)
+}
+
+/// A tmpfs (another filesystem than the checkpoint root) for the life of the value.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path) -> Tmpfs {
+        std::fs::create_dir_all(at).expect("mkdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2g", "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount a tmpfs at {}", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = std::process::Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
@@ -456,6 +579,8 @@ fn go_round(node: &Node, round: usize) -> Round {
         restore,
         verify: 0.0,
         image_mib,
+        restore_linked: 0.0,
+        restore_copied: 0.0,
     }
 }
 

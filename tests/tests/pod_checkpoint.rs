@@ -6,7 +6,7 @@
 
 mod pod_checkpoint_support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -209,40 +209,6 @@ fn ctr_task_checkpoint_of_the_sandbox_restores_through_podsnap() {
         id_of(&restored.containers, "app"),
         before,
     );
-}
-
-/// The `podsnap` binary next to this test's executable, built if missing.
-fn podsnap_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let binary = profile_dir.join("podsnap");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut build = Command::new(cargo);
-    // The same selection as the test command's own `cargo build --workspace --bins`, so the
-    // features resolve alike and this is a no-op there.
-    build.args(["build", "--quiet", "--workspace", "--bins"]);
-    match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => {}
-        Some("release") => {
-            build.arg("--release");
-        }
-        Some(other) => {
-            build.args(["--profile", other]);
-        }
-    }
-    if let Some(target_dir) = profile_dir.parent() {
-        build.env("CARGO_TARGET_DIR", target_dir);
-    }
-    let status = build
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("running cargo build for the podsnap binary");
-    assert!(status.success(), "cargo build of the podsnap binary failed");
-    assert!(binary.is_file(), "{} was not built", binary.display());
-    binary
 }
 
 fn workload_specs() -> [ContainerSpec; 3] {

@@ -63,7 +63,16 @@ pub fn restore_request(node: &Node, dir: &Path) -> RestoreRequest {
 
 /// Runs `podsnap restore` (the library); records the new pod with the node for teardown.
 pub fn restore(node: &Node, request: &RestoreRequest) -> podsnap_coordinator::Result<RestoredPod> {
-    let restored = block_on(podsnap_coordinator::restore::restore(request, &Lines))?;
+    restore_with(node, request, &Lines)
+}
+
+/// [`restore`], telling its steps to `progress`.
+pub fn restore_with(
+    node: &Node,
+    request: &RestoreRequest,
+    progress: &dyn podsnap_coordinator::progress::Progress,
+) -> podsnap_coordinator::Result<RestoredPod> {
+    let restored = block_on(podsnap_coordinator::restore::restore(request, progress))?;
     let netns = node.cri().pod_netns(&restored.id).ok().flatten();
     node.record_pod(&restored.uid, netns.as_deref())
         .expect("recording the restored pod");
@@ -202,4 +211,38 @@ pub fn container_named(node: &Node, pod_id: &str, name: &str) -> cri::Container 
         .into_iter()
         .find(|c| c.metadata.as_ref().is_some_and(|m| m.name == name))
         .unwrap_or_else(|| panic!("pod {pod_id} has no container {name}"))
+}
+
+/// The `podsnap` binary next to this test's executable, built if missing.
+pub fn podsnap_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join("podsnap");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut build = std::process::Command::new(cargo);
+    // The same selection as the test command's own `cargo build --workspace --bins`, so the
+    // features resolve alike and this is a no-op there.
+    build.args(["build", "--quiet", "--workspace", "--bins"]);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            build.arg("--release");
+        }
+        Some(other) => {
+            build.args(["--profile", other]);
+        }
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        build.env("CARGO_TARGET_DIR", target_dir);
+    }
+    let status = build
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("running cargo build for the podsnap binary");
+    assert!(status.success(), "cargo build of the podsnap binary failed");
+    assert!(binary.is_file(), "{} was not built", binary.display());
+    binary
 }
