@@ -8,6 +8,7 @@ mod container;
 mod error;
 mod events;
 mod exits;
+mod info;
 mod metrics;
 mod oom;
 mod options;

@@ -28,6 +28,13 @@ pub struct PodShim {
 impl Shim for PodShim {
     type T = PodTask;
 
+    fn runtime_info(
+        runtime_id: &str,
+        options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+    ) -> containerd_shim::Result<containerd_shim::protos::types::introspection::RuntimeInfo> {
+        crate::info::runtime_info(runtime_id, options)
+    }
+
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         Self {
             namespace: args.namespace.clone(),

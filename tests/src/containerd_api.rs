@@ -93,6 +93,41 @@ impl ContainerdApi {
         })
     }
 
+    /// What containerd's Introspection API reports of the task runtime `runtime` (its shim's
+    /// `-info` answer, as containerd's CRI plugin asks for it).
+    pub fn runtime_info(&self, runtime: &str) -> Result<containerd_client::types::RuntimeInfo> {
+        use prost::Message;
+        let request = containerd_client::types::RuntimeRequest {
+            runtime_path: runtime.to_owned(),
+            options: None,
+        };
+        let options = prost_types::Any {
+            type_url: "types.containerd.io/containerd.types.RuntimeRequest".to_owned(),
+            value: request.encode_to_vec(),
+        };
+        let answer = self
+            .block_on(
+                "Introspection.PluginInfo",
+                containerd_client::services::v1::introspection_client::IntrospectionClient::new(
+                    self.channel.clone(),
+                )
+                .plugin_info(self.request(
+                    containerd_client::services::v1::PluginInfoRequest {
+                        r#type: "io.containerd.runtime.v2".to_owned(),
+                        id: "task".to_owned(),
+                        options: Some(options),
+                    },
+                )),
+            )?
+            .map_err(|s| anyhow!("PluginInfo for {runtime}: {}", s.message()))?
+            .into_inner();
+        let extra = answer
+            .extra
+            .ok_or_else(|| anyhow!("PluginInfo for {runtime}: no runtime info"))?;
+        containerd_client::types::RuntimeInfo::decode(extra.value.as_slice())
+            .with_context(|| format!("PluginInfo for {runtime}: {}", extra.type_url))
+    }
+
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Ok(value) = self.namespace.parse() {
