@@ -214,20 +214,20 @@ async fn dump_into(
     let netlock = crate::netlock::NetLock::take(d.launcher.clone(), d.netns.as_deref()).await?;
     let quiesced = quiesced(d, staging, running, limit, &mut report).await;
     netlock.release().await;
-    let volumes = match quiesced? {
+    let captured = match quiesced? {
         Quiesced::Stopped => return Ok(report),
-        Quiesced::Thawed(volumes) => volumes,
+        Quiesced::Thawed(captured) => captured,
     };
     hold("thawed").await;
     check(limit, d.deadline, "after the thaw")?;
-    report.bytes = finish(d, &dir, running, volumes, &report, report.frozen).await?;
+    report.bytes = finish(d, &dir, running, captured, &report, report.frozen).await?;
     Ok(report)
 }
 
 /// How the frozen phase ended.
 enum Quiesced {
-    /// Thawed; the volumes captured, the checkpoint still to finish.
-    Thawed(Vec<VolumeEntry>),
+    /// Thawed; what the containers share captured, the checkpoint still to finish.
+    Thawed(Captured),
     /// The checkpoint is complete and committed, the pod killed at the snapshot (`stop`).
     Stopped,
 }
@@ -269,7 +269,7 @@ async fn quiesced(
 
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
-    let (slowest, volumes) = capture_all(d, &dir, running, limit).await.map_err(|e| {
+    let (slowest, captured) = capture_all(d, &dir, running, limit).await.map_err(|e| {
         match check(limit, d.deadline, "while the containers were dumped") {
             Err(stopped) => {
                 log::warn!("pod dump stopped: {e}");
@@ -285,7 +285,7 @@ async fn quiesced(
 
     if d.stop {
         // Complete the checkpoint first, then nothing of the pod may run again.
-        report.bytes = finish(d, &dir, running, volumes, report, freeze_start.elapsed()).await?;
+        report.bytes = finish(d, &dir, running, captured, report, freeze_start.elapsed()).await?;
         staging.commit()?;
         report.killed = frozen.kill_all();
         frozen.thaw_all();
@@ -294,7 +294,7 @@ async fn quiesced(
     }
     frozen.thaw_all();
     report.frozen = freeze_start.elapsed();
-    Ok(Quiesced::Thawed(volumes))
+    Ok(Quiesced::Thawed(captured))
 }
 
 /// Specs, digests of every file, and the manifest last. Returns the checkpoint's size.
@@ -302,7 +302,7 @@ async fn finish(
     d: &PodDump,
     dir: &Path,
     running: &[&Target],
-    volumes: Vec<VolumeEntry>,
+    captured: Captured,
     report: &DumpReport,
     frozen: Duration,
 ) -> Result<u64> {
@@ -343,7 +343,8 @@ async fn finish(
         host: d.host.clone(),
         tcp_established: d.tcp_established,
         containers,
-        volumes,
+        volumes: captured.volumes,
+        dev_shm: captured.dev_shm,
         files,
         stats: DumpStats {
             frozen_us: frozen.as_micros() as u64,
@@ -404,7 +405,7 @@ async fn capture_all(
     dir: &Path,
     running: &[&Target],
     limit: &Limit,
-) -> Result<(Duration, Vec<VolumeEntry>)> {
+) -> Result<(Duration, Captured)> {
     let mut tasks = tokio::task::JoinSet::new();
     for t in running {
         let t = (*t).clone();
@@ -457,6 +458,18 @@ async fn capture_all(
     if !volumes.is_empty() {
         create_private_dir(&dir.join("volumes"))?;
     }
+    // The pod's /dev/shm, once for the pod (every container of it shares it).
+    let dev_shm = pod_dev_shm(&d.targets);
+    if let Some(src) = dev_shm.clone() {
+        create_private_dir(&dir.join("pod"))?;
+        let tar = dir.join(DEV_SHM_ARCHIVE);
+        tasks.spawn(async move {
+            tokio::task::spawn_blocking(move || rootfs::archive_dir(&src, &tar))
+                .await
+                .map_err(|e| Error::io("archive /dev/shm", "pod", std::io::Error::other(e)))??;
+            Ok(Duration::ZERO)
+        });
+    }
     for (name, (src, _)) in &volumes {
         let src = src.clone();
         let tar = dir.join("volumes").join(format!("{name}.tar"));
@@ -491,7 +504,57 @@ async fn capture_all(
             mounts,
         })
         .collect();
-    Ok((slowest, entries))
+    Ok((
+        slowest,
+        Captured {
+            volumes: entries,
+            dev_shm: dev_shm.map(|_| DEV_SHM_ARCHIVE.to_owned()),
+        },
+    ))
+}
+
+/// What the pod's containers share, captured once for the pod.
+struct Captured {
+    volumes: Vec<VolumeEntry>,
+    /// The `/dev/shm` archive, relative to the checkpoint.
+    dev_shm: Option<String>,
+}
+
+/// The pod's `/dev/shm` archive in a checkpoint.
+pub const DEV_SHM_ARCHIVE: &str = "pod/dev-shm.tar";
+
+/// The host directory of a container's `/dev/shm`, when it is the pod's own (a bind mount, in
+/// a container with an IPC namespace of the pod's; a pod on the host's IPC namespace shares the
+/// host's `/dev/shm`, which is never captured).
+pub fn dev_shm_source(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    let own_ipc = spec
+        .linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Ipc);
+    if !own_ipc {
+        return None;
+    }
+    let m = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .find(|m| m.destination() == Path::new("/dev/shm"))?;
+    let bind = m.typ().as_deref() == Some("bind")
+        || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
+    let src = m.source().clone()?;
+    (bind && src != Path::new("/dev/shm")).then_some(src)
+}
+
+/// The pod's `/dev/shm` directory, from its containers' specs.
+fn pod_dev_shm(targets: &[Target]) -> Option<PathBuf> {
+    targets
+        .iter()
+        .filter(|t| t.entry.role == Role::Container)
+        .filter_map(|t| podsnap_runtime::bundle::Bundle::new(&t.bundle).spec().ok())
+        .find_map(|spec| dev_shm_source(&spec))
 }
 
 /// The pod's emptyDir volumes: name -> (host directory, mounts), from the containers' specs.

@@ -9,6 +9,7 @@
 //!   containers/<name>/rootfs-diff.tar    files the container added or changed in its rootfs
 //!   containers/<name>/rootfs-deleted.json      paths it removed from its image's files
 //!   volumes/<volume>.tar                 each emptyDir volume of the pod
+//!   pod/dev-shm.tar                      the pod's /dev/shm (its IPC namespace's POSIX shm)
 //!   host/cpuinfo.img                     the dumping node's CPU features (CRIU's cpuinfo image)
 //! ```
 //!
@@ -61,6 +62,10 @@ pub struct Manifest {
     /// Containers in creation order.
     pub containers: Vec<ContainerEntry>,
     pub volumes: Vec<VolumeEntry>,
+    /// The pod's `/dev/shm` (POSIX shared memory of its IPC namespace), captured once for the
+    /// pod: `pod/dev-shm.tar` relative to the checkpoint root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_shm: Option<String>,
     /// Every other file of the checkpoint, by path relative to its root.
     pub files: BTreeMap<String, FileDigest>,
     /// How the dump went (informational).
@@ -258,6 +263,9 @@ impl Manifest {
         for v in &m.volumes {
             validate_name(&v.name).map_err(invalid)?;
             safe_relative(&v.archive).map_err(invalid)?;
+        }
+        if let Some(a) = &m.dev_shm {
+            safe_relative(a).map_err(invalid)?;
         }
         Ok(m)
     }
@@ -524,6 +532,7 @@ mod tests {
                 },
             ],
             volumes: vec![],
+            dev_shm: None,
             files: BTreeMap::new(),
             stats: DumpStats::default(),
         }

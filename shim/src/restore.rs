@@ -69,7 +69,8 @@ pub struct RestorePlan {
     pub options: DumpOptions,
     /// rootfs-diff.tar and rootfs-deleted.json, when the checkpoint lists them.
     pub rootfs_changes: Option<(PathBuf, PathBuf)>,
-    /// (archive, host directory) of each emptyDir volume this container mounts.
+    /// (archive, host directory) of each emptyDir volume this container mounts, and of the
+    /// pod's `/dev/shm`.
     pub volumes: Vec<(PathBuf, PathBuf)>,
     /// The container's name in its pod (kubelet path), marked restored once created.
     pub name: Option<String>,
@@ -212,6 +213,14 @@ impl Restores {
                     volumes.push((dir.join(&v.archive), PathBuf::from(src)));
                 }
             }
+        }
+        // The pod's /dev/shm comes back before its first container does (files its processes
+        // hold open or mapped must be there for CRIU).
+        if let (Some(archive), Some(dst)) = (
+            manifest.dev_shm.as_ref().filter(|a| manifest.lists(a)),
+            podsnap_checkpoint::dump::dev_shm_source(new.spec),
+        ) {
+            volumes.push((dir.join(archive), dst));
         }
         Ok(Plan::Restore(Box::new(RestorePlan {
             image_dir,

@@ -1,0 +1,84 @@
+//! What a pod's containers share comes back with the pod: its `/dev/shm` (POSIX shared memory
+//! of the pod's IPC namespace), including a file a process holds open, captured once for the
+//! pod while it is frozen and restored before its first container.
+
+mod pod_checkpoint_support;
+
+use std::time::Duration;
+
+use pod_checkpoint_support::*;
+use podsnap_tests::kubelet::{
+    ask, run_container, run_pod, wait_answering, ContainerSpec, PodOptions, APP_PORT,
+};
+use podsnap_tests::{start_node, HANDLER};
+
+/// `pos N` of the workload's `held` answer.
+fn held_pos(answer: &str) -> u64 {
+    answer
+        .split_whitespace()
+        .skip_while(|w| *w != "pos")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no position in {answer:?}"))
+}
+
+#[test]
+fn dev_shm_files_written_and_held_open_come_back() {
+    let node = start_node!();
+    let name = node.unique("shm");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    let app = ContainerSpec::workload(
+        "app",
+        &[
+            "serve",
+            "--name",
+            "app",
+            "--port",
+            &port,
+            "--hold-file",
+            "/dev/shm/held",
+        ],
+    );
+    run_container(&node, &pod, &app).expect("the app runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("answers");
+    assert_eq!(
+        ask(&pod.ip, APP_PORT, "posix-shm-write note hello").expect("write"),
+        "ok"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = ask(&pod.ip, APP_PORT, "held").expect("held");
+    assert!(before.contains("path /dev/shm/held"), "{before}");
+
+    let dir = node.files().checkpoints().join("shm");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    assert_eq!(
+        m.dev_shm.as_deref(),
+        Some("pod/dev-shm.tar"),
+        "the pod's /dev/shm is captured"
+    );
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
+
+    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+    wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the restored app answers");
+    assert_eq!(
+        ask(&restored.ip, APP_PORT, "posix-shm-read note").expect("read"),
+        "hello",
+        "a file the app wrote in /dev/shm is back"
+    );
+    let after = ask(&restored.ip, APP_PORT, "held").expect("held");
+    assert!(
+        after.contains("path /dev/shm/held"),
+        "the held descriptor is back: {after}"
+    );
+    assert!(
+        held_pos(&after) >= held_pos(&before),
+        "the held file goes on from where it was: {before} -> {after}"
+    );
+}
