@@ -60,19 +60,23 @@ fn runc_features(binary: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_answer_names_the_runtime_and_echoes_runc_options() {
+    /// runc `Options` naming `binary`, as containerd sends them.
+    fn runc_options(binary: &str) -> Any {
         let opts = Options {
-            binary_name: "runc".into(),
+            binary_name: binary.into(),
             root: "/run/x".into(),
             ..Default::default()
         };
-        let any = Any {
+        Any {
             type_url: "containerd.runc.v1.Options".into(),
             value: opts.write_to_bytes().expect("encode"),
             ..Default::default()
-        };
-        let info = runtime_info("io.containerd.podsnap.v1", Some(&any)).expect("info");
+        }
+    }
+
+    #[test]
+    fn the_answer_names_the_runtime_and_echoes_runc_options() {
+        let info = runtime_info("io.containerd.podsnap.v1", Some(&runc_options("runc"))).expect("info");
         assert_eq!(info.name, "io.containerd.podsnap.v1");
         assert_eq!(info.version.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(info.options.type_url, "containerd.runc.v1.Options");
@@ -84,16 +88,7 @@ mod tests {
 
     #[test]
     fn a_runtime_without_features_answers_without_them() {
-        let opts = Options {
-            binary_name: "/bin/false".into(),
-            ..Default::default()
-        };
-        let any = Any {
-            type_url: "containerd.runc.v1.Options".into(),
-            value: opts.write_to_bytes().expect("encode"),
-            ..Default::default()
-        };
-        let info = runtime_info("io.containerd.podsnap.v1", Some(&any)).expect("info");
+        let info = runtime_info("io.containerd.podsnap.v1", Some(&runc_options("/bin/false"))).expect("info");
         assert!(info.features.is_none());
     }
 }
