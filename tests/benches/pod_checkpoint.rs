@@ -47,6 +47,7 @@ use k8s_cri::v1 as cri;
 use podsnap_coordinator::restore::RestoreRequest;
 use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
 use podsnap_tests::ctr::CRI_NAMESPACE as NS;
+use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{self, ContainerSpec, KubePod, PodOptions};
 use podsnap_tests::node::{Node, NodeOptions};
 
@@ -326,7 +327,7 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     let imported = imported.expect("brought into the root");
     assert_eq!(imported.copied, 0, "linked, not copied: {imported:?}");
     // On another filesystem: copied in.
-    let tmpfs = Tmpfs::mount(&node.dir().join(format!("tmpfs-{round}")));
+    let tmpfs = Tmpfs::mount(&node.dir().join(format!("tmpfs-{round}")), "size=2g");
     let copy = tmpfs.0.join("checkpoint");
     let status = std::process::Command::new("cp")
         .arg("-a")
@@ -390,38 +391,6 @@ fn timed_restore(
         .expect("remove the restored pod");
     podsnap_tests::host::remove_pod_cgroups(&restored.uid);
     (took, restored.imported)
-}
-
-/// A tmpfs (another filesystem than the checkpoint root) for the life of the value.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path) -> Tmpfs {
-        std::fs::create_dir_all(at).expect("mkdir");
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2g", "tmpfs"])
-            .arg(at)
-            .status()
-            .expect("mount");
-        assert!(status.success(), "mount a tmpfs at {}", at.display());
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let unmounted = std::process::Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
 }
 
 /// `ctr events` lines, collected while it runs.

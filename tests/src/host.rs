@@ -344,3 +344,56 @@ mod tests {
         assert_eq!(unescape_mount_field(r"/x\"), r"/x\");
     }
 }
+
+/// A tmpfs mounted for a test or a bench (another filesystem, or a small one); unmounted and
+/// its mount point removed when dropped, also when the test fails.
+#[derive(Debug)]
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `options` (e.g. `size=64k`, `size=512m,nr_inodes=12`) at `at`.
+    pub fn mount(at: &Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).expect("mkdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount a tmpfs ({options}) at {}", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = std::process::Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Every cgroup directory of pod `uid`, in every hierarchy: the pod's and all below them.
+pub fn pod_cgroup_tree(uid: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = pod_cgroup_dirs(uid);
+    while let Some(d) = stack.pop() {
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        out.push(d);
+    }
+    out
+}

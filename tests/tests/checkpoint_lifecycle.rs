@@ -26,6 +26,7 @@ use podsnap_checkpoint::lease::LEASE_DIR;
 use podsnap_checkpoint::manifest::{Manifest, MANIFEST};
 use podsnap_checkpoint::store::{self, Content};
 use podsnap_coordinator::progress::Progress;
+use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{
     ask, remove_pod, run_pod, run_three_container_pod, KubePod, PodOptions, APP_PORT, DATA_VOLUME,
 };
@@ -136,28 +137,6 @@ impl Progress for Probe {
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some((imported.len(), shared));
         }
-    }
-}
-
-/// A tmpfs mounted for the life of the value.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path) -> Tmpfs {
-        std::fs::create_dir_all(at).expect("mkdir");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=512m", "tmpfs"])
-            .arg(at)
-            .status()
-            .expect("mount");
-        assert!(status.success(), "mount a tmpfs at {}", at.display());
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
@@ -285,7 +264,7 @@ fn a_restore_from_outside_the_root_links_it_in_and_leaves_the_root_as_it_was() {
     );
 
     // From another filesystem: copied, said so, and removed after all the same.
-    let tmpfs = Tmpfs::mount(&node.dir().join("other-fs"));
+    let tmpfs = Tmpfs::mount(&node.dir().join("other-fs"), "size=512m");
     let elsewhere = tmpfs.0.join("source");
     copy_checkpoint(&source, &elsewhere);
     let probe = Probe::new(&root, &elsewhere);

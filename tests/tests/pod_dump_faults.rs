@@ -13,6 +13,7 @@ use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
 use podsnap_coordinator::dump::DumpRequest;
 use podsnap_coordinator::progress::Lines;
+use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{
     ask, container_config, image_id, run_container, run_pod, run_three_container_pod, wait_answering,
     ContainerSpec, KubePod, PodOptions, ThreeContainerPod, APP_PORT, DATA_MOUNT, DATA_VOLUME,
@@ -35,28 +36,12 @@ fn node_with_holds(holds: &Path) -> Node {
     Node::start(options)
 }
 
-/// `freezer.state` of every cgroup of pod `uid`.
+/// The cgroups of pod `uid` whose freezer is not THAWED.
 fn frozen_cgroups(uid: &str) -> Vec<PathBuf> {
-    let mut frozen = Vec::new();
-    for dir in host::pod_cgroup_dirs(uid) {
-        let mut stack = vec![dir];
-        while let Some(d) = stack.pop() {
-            if let Ok(state) = std::fs::read_to_string(d.join("freezer.state")) {
-                if state.trim() != "THAWED" {
-                    frozen.push(d.clone());
-                }
-            }
-            if let Ok(entries) = std::fs::read_dir(&d) {
-                stack.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-        }
-    }
-    frozen
+    host::pod_cgroup_tree(uid)
+        .into_iter()
+        .filter(|d| std::fs::read_to_string(d.join("freezer.state")).is_ok_and(|s| s.trim() != "THAWED"))
+        .collect()
 }
 
 /// Waits until containerd reports the pod's containers exited (after its shim died).
@@ -74,29 +59,17 @@ fn wait_exited_in_cri(node: &Node, pod: &ThreeContainerPod, what: &str) {
     );
 }
 
-/// Processes left in pod `uid`'s cgroups.
+/// Processes left in pod `uid`'s cgroups (counted in the freezer hierarchy).
 fn pod_processes(uid: &str) -> usize {
-    let mut n = 0;
-    for dir in host::pod_cgroup_dirs(uid)
+    host::pod_cgroup_tree(uid)
         .into_iter()
         .filter(|d| d.starts_with("/sys/fs/cgroup/freezer"))
-    {
-        let mut stack = vec![dir];
-        while let Some(d) = stack.pop() {
-            n += std::fs::read_to_string(d.join("cgroup.procs"))
+        .map(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
                 .map(|t| t.lines().count())
-                .unwrap_or(0);
-            if let Ok(entries) = std::fs::read_dir(&d) {
-                stack.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-        }
-    }
-    n
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// Entries of the checkpoint root other than finished checkpoints (staging directories).
@@ -362,31 +335,6 @@ fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
     assert!(!journal_of(&pod.pod.id).exists());
     wait_exited_in_cri(&node, &pod, "shim killed during CRIU");
     remove_original(&node, &pod);
-}
-
-/// A tmpfs mounted for the test; unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, options: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).expect("mkdir");
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(at)
-            .status()
-            .expect("mount");
-        assert!(status.success(), "mount tmpfs {options}");
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]
