@@ -291,11 +291,17 @@ impl Manifest {
     /// [`Manifest::load_listed`], then every listed file's SHA-256.
     pub fn load_verified(dir: &Path) -> Result<Manifest> {
         let m = Self::load_listed(dir)?;
-        verify_digests(dir, &m.files).map_err(|reason| Error::InvalidCheckpoint {
+        m.verify(dir)?;
+        Ok(m)
+    }
+
+    /// Checks every listed file's SHA-256 in `dir` (for a manifest read by
+    /// [`Manifest::load_listed`], whose checks already passed).
+    pub fn verify(&self, dir: &Path) -> Result<()> {
+        verify_digests(dir, &self.files).map_err(|reason| Error::InvalidCheckpoint {
             path: dir.to_path_buf(),
             reason,
-        })?;
-        Ok(m)
+        })
     }
 
     /// Whether the checkpoint lists `rel` (relative to its root).

@@ -301,8 +301,9 @@ impl Restores {
                         .await
                         .map_err(refused)?;
                 }
+                // The digests of the manifest already checked (parsed and listed once).
                 let d = dir.to_path_buf();
-                let manifest = tokio::task::spawn_blocking(move || Manifest::load_verified(&d))
+                let manifest = tokio::task::spawn_blocking(move || manifest.verify(&d).map(|()| manifest))
                     .await
                     .map_err(|e| Error::Internal(e.to_string()))??;
                 let v = Arc::new(Verified {
