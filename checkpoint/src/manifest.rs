@@ -66,6 +66,10 @@ pub struct Manifest {
     /// pod: `pod/dev-shm.tar` relative to the checkpoint root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_shm: Option<String>,
+    /// The SysV IPC objects of the pod's IPC namespace, captured once for the pod:
+    /// [`crate::sysv::SYSV_STATE`] (and a data file per segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sysv_ipc: Option<String>,
     /// Every other file of the checkpoint, by path relative to its root.
     pub files: BTreeMap<String, FileDigest>,
     /// How the dump went (informational).
@@ -266,6 +270,12 @@ impl Manifest {
         }
         if let Some(a) = &m.dev_shm {
             safe_relative(a).map_err(invalid)?;
+        }
+        if let Some(a) = m.sysv_ipc.as_deref().filter(|a| *a != crate::sysv::SYSV_STATE) {
+            return Err(invalid(format!(
+                "the SysV IPC state is {a:?}, not {:?}",
+                crate::sysv::SYSV_STATE
+            )));
         }
         Ok(m)
     }
@@ -539,6 +549,7 @@ mod tests {
             ],
             volumes: vec![],
             dev_shm: None,
+            sysv_ipc: None,
             files: BTreeMap::new(),
             stats: DumpStats::default(),
         }

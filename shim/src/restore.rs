@@ -72,6 +72,9 @@ pub struct RestorePlan {
     /// (archive, host directory) of each emptyDir volume this container mounts, and of the
     /// pod's `/dev/shm`.
     pub volumes: Vec<(PathBuf, PathBuf)>,
+    /// (checkpoint directory, the new pod's IPC namespace) when the checkpoint holds SysV IPC
+    /// objects of the pod: created there once, before the pod's first container.
+    pub sysv_ipc: Option<(PathBuf, PathBuf)>,
     /// The container's name in its pod (kubelet path), marked restored once created.
     pub name: Option<String>,
     /// It was paused at the checkpoint: it comes back paused.
@@ -222,11 +225,24 @@ impl Restores {
         ) {
             volumes.push((dir.join(archive), dst));
         }
+        let sysv_ipc = match manifest.sysv_ipc.as_ref().filter(|a| manifest.lists(a)) {
+            Some(_) => Some((
+                dir.clone(),
+                podsnap_checkpoint::dump::joined_ipc_ns(new.spec).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "checkpoint {name:?} holds the pod's SysV IPC objects but container \
+                         {cname:?} joins no IPC namespace of a pod"
+                    ))
+                })?,
+            )),
+            None => None,
+        };
         Ok(Plan::Restore(Box::new(RestorePlan {
             image_dir,
             options,
             rootfs_changes,
             volumes,
+            sysv_ipc,
             name: Some(cname),
             paused: entry.state == ContainerState::Paused,
         })))
@@ -341,6 +357,26 @@ impl Restores {
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
             lock(&self.filled).insert(dst.clone());
+        }
+        if let Some((dir, ns)) = plan.sysv_ipc.clone() {
+            // Keyed by the namespace: once for the pod.
+            if !lock(&self.filled).contains(&ns) {
+                let n = ns.clone();
+                tokio::task::spawn_blocking(move || {
+                    let path = dir.join(podsnap_checkpoint::sysv::SYSV_STATE);
+                    let state: podsnap_checkpoint::sysv::SysvState = read_capped(&path, MAX_JSON_BYTES)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                        .map_err(|reason| podsnap_checkpoint::Error::InvalidCheckpoint {
+                            path: path.clone(),
+                            reason,
+                        })?;
+                    podsnap_checkpoint::sysv::restore(&n, &dir, &state)
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+                lock(&self.filled).insert(ns);
+            }
         }
         if let Some((tar, del)) = plan.rootfs_changes.clone() {
             let r = rootfs.to_path_buf();

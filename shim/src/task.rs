@@ -157,6 +157,7 @@ impl PodTask {
                 options,
                 rootfs_changes: None,
                 volumes: Vec::new(),
+                sysv_ipc: None,
                 name: None,
                 paused: false,
             }))
