@@ -101,6 +101,10 @@ pub struct PodInfo {
     /// The CRI PodSandboxConfig as JSON, when the dump was driven through CRI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cri_config: Option<serde_json::Value>,
+    /// The pod's addresses at dump time (its network namespace's global addresses): the local
+    /// addresses of its connections to outside.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// Where the checkpoint was taken: restore on a different CRIU or architecture may fail.

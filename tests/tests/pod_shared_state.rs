@@ -168,3 +168,82 @@ fn sysv_ipc_and_unix_listeners_come_back() {
     let reply = ask(&restored.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
     assert!(reply.ends_with("reply pong app"), "{reply}");
 }
+
+/// A TCP connection between two containers of the pod over 127.0.0.1 moves with the pod: after
+/// the restore the same connection (same local port) carries data again, without
+/// `--tcp-established` (both ends move together). A connection from outside the pod, not kept
+/// without `--tcp-established`, is closed in the restored pod.
+#[test]
+fn loopback_tcp_between_containers_survives() {
+    let node = start_node!();
+    let name = node.unique("loop");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    let sidecar_port = SIDECAR_PORT.to_string();
+    let app = ContainerSpec::workload("app", &["serve", "--name", "app", "--port", &port]);
+    let sidecar = ContainerSpec::workload(
+        "sidecar",
+        &["serve", "--name", "sidecar", "--port", &sidecar_port],
+    );
+    run_container(&node, &pod, &app).expect("the app runs");
+    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let target = format!("peer-connect tcp 127.0.0.1:{SIDECAR_PORT}");
+    assert_eq!(ask(&pod.ip, APP_PORT, &target).expect("connect"), "ok");
+    let before = ask(&pod.ip, APP_PORT, "peer-check").expect("peer-check");
+    assert!(before.ends_with("checks 1 reply pong sidecar"), "{before}");
+    // A client outside the pod keeps a connection open across the dump.
+    let outside = std::net::TcpStream::connect((pod.ip.as_str(), APP_PORT)).expect("connect");
+    let local = |reply: &str| {
+        reply
+            .split_whitespace()
+            .skip_while(|w| *w != "local")
+            .nth(1)
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no local port in {reply:?}"))
+    };
+
+    let dir = node.files().checkpoints().join("loop");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump");
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
+    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+    wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
+    let after = ask(&restored.ip, APP_PORT, "peer-check").expect("peer-check");
+    assert!(
+        after.ends_with("checks 2 reply pong sidecar"),
+        "the same connection carries data after the restore: {after}"
+    );
+    assert_eq!(
+        local(&after),
+        local(&before),
+        "the same connection: {before} / {after}"
+    );
+    drop(outside);
+    let netns = node
+        .cri()
+        .pod_netns(&restored.id)
+        .expect("pod status")
+        .expect("the restored pod's netns");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["ss", "-t", "-n", "-H", "state", "established"])
+        .output()
+        .expect("ss");
+    let established = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = established.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "both ends of the loopback connection, nothing else: {established}"
+    );
+    assert!(
+        lines.iter().all(|l| l.matches("127.0.0.1:").count() == 2),
+        "only loopback connections are left: {established}"
+    );
+}
