@@ -55,6 +55,8 @@ pub struct Target {
     pub runc: Runc,
     pub bundle: PathBuf,
     pub cgroups: Option<CgroupPaths>,
+    /// The host pid of its init process, while it runs.
+    pub pid: Option<i32>,
     /// The container's OCI spec when its bundle is gone (a completed container whose task was
     /// deleted); read from the bundle otherwise.
     pub spec: Option<Vec<u8>>,
@@ -269,7 +271,13 @@ async fn quiesced(
 
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
+    refuse_lost_processes(running)?;
     let ipc = pod_ipc(running)?;
+    let procs: Vec<(String, Vec<i32>)> = running
+        .iter()
+        .map(|t| (t.entry.name.clone(), cgroup_procs(t)))
+        .collect();
+    let loopback_linked = crate::netlock::loopback_linked(&procs);
     let (slowest, captured) = capture_all(d, &dir, running, limit, ipc.as_ref())
         .await
         .map_err(
@@ -282,6 +290,10 @@ async fn quiesced(
             },
         )?;
     report.slowest_dump = slowest;
+    let captured = Captured {
+        loopback_linked: loopback_linked.into_iter().collect(),
+        ..captured
+    };
     report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
     hold("dumped").await;
     check(limit, d.deadline, "after the containers were dumped")?;
@@ -349,6 +361,7 @@ async fn finish(
         volumes: captured.volumes,
         dev_shm: captured.dev_shm,
         sysv_ipc: captured.sysv_ipc,
+        loopback_linked: captured.loopback_linked,
         files,
         stats: DumpStats {
             frozen_us: frozen.as_micros() as u64,
@@ -554,6 +567,7 @@ async fn capture_all(
             volumes: entries,
             dev_shm: dev_shm.map(|_| DEV_SHM_ARCHIVE.to_owned()),
             sysv_ipc: sysv_ipc.map(|_| crate::sysv::SYSV_STATE.to_owned()),
+            loopback_linked: Vec::new(),
         },
     ))
 }
@@ -565,6 +579,8 @@ struct Captured {
     dev_shm: Option<String>,
     /// The SysV IPC state, relative to the checkpoint.
     sysv_ipc: Option<String>,
+    /// Containers linked by TCP over loopback.
+    loopback_linked: Vec<String>,
 }
 
 /// The pod's `/dev/shm` archive in a checkpoint.
@@ -615,6 +631,93 @@ pub fn joined_ipc_ns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
         .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Ipc)?
         .path()
         .clone()
+}
+
+/// Refuses, while the pod is frozen, a dump that would silently lose processes: each container
+/// is dumped from its init process, so a process of its cgroup outside that process tree is in
+/// no dump. In a pod sharing one PID namespace, a server that daemonizes is adopted by the
+/// pause process; an exec'd process is a child of the shim. The error names each such process.
+fn refuse_lost_processes(running: &[&Target]) -> Result<()> {
+    let mut lost = Vec::new();
+    for t in running {
+        let Some(init) = t.pid else { continue };
+        for pid in cgroup_procs(t) {
+            if let Some(parent) = outside_tree(pid, init) {
+                lost.push(format!(
+                    "pid {pid} ({}) of container {:?}, a child of pid {parent} ({})",
+                    comm(pid),
+                    t.entry.name,
+                    comm(parent)
+                ));
+            }
+        }
+    }
+    if lost.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidCheckpoint {
+        path: PathBuf::from("pod"),
+        reason: format!(
+            "these processes are outside their container's process tree and would be lost \
+             (each container is dumped from its init process; a process adopted by the pod's \
+             pause process, in a pod that shares one PID namespace, or started by exec is not \
+             in it): {}; the pod was left running",
+            lost.join("; ")
+        ),
+    })
+}
+
+/// The processes of a container's cgroup (none when it is unknown).
+fn cgroup_procs(t: &Target) -> Vec<i32> {
+    t.cgroups
+        .as_ref()
+        .and_then(|c| c.freezer())
+        .and_then(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// `None` if `pid` is `init` or descends from it; otherwise the parent of the topmost ancestor
+/// that does not (the process that adopted it or started it).
+fn outside_tree(pid: i32, init: i32) -> Option<i32> {
+    let mut cursor = pid;
+    for _ in 0..4096 {
+        if cursor == init {
+            return None;
+        }
+        let parent = parent_of(cursor)?; // gone meanwhile: nothing to lose
+        if parent <= 1 {
+            return Some(parent);
+        }
+        if parent == init {
+            return None;
+        }
+        // Leaving the container's cgroup: the process that adopted or started this branch.
+        if !same_cgroup(parent, pid) {
+            return Some(parent);
+        }
+        cursor = parent;
+    }
+    None
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name's closing parenthesis: state, ppid, ...
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn same_cgroup(a: i32, b: i32) -> bool {
+    let read = |p: i32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok();
+    matches!((read(a), read(b)), (Some(x), Some(y)) if x == y)
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// The pod's IPC namespace and which SysV segments its containers' processes attach.
