@@ -277,7 +277,9 @@ async fn quiesced(
         .iter()
         .map(|t| (t.entry.name.clone(), cgroup_procs(t)))
         .collect();
-    let loopback_linked = crate::netlock::loopback_linked(&procs);
+    let owners = crate::links::SocketOwners::read(&procs);
+    crate::links::refuse_unix_links(d.launcher.as_ref(), d.netns.as_deref(), &owners).await?;
+    let loopback_linked = crate::links::loopback_linked(&procs, &owners);
     let (slowest, captured) = capture_all(d, &dir, running, limit, ipc.as_ref())
         .await
         .map_err(

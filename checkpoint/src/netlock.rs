@@ -231,85 +231,6 @@ impl Drop for NetLock {
     }
 }
 
-/// The containers (names) at either end of an established TCP connection over loopback whose
-/// other end is in another container: `procs` lists each container's processes. Read while the
-/// pod is frozen, from the pod's `/proc/<pid>/net/tcp{,6}` and its processes' descriptors.
-pub fn loopback_linked(procs: &[(String, Vec<i32>)]) -> std::collections::BTreeSet<String> {
-    use std::collections::{BTreeSet, HashMap};
-    let mut owner: HashMap<u64, &str> = HashMap::new();
-    for (name, pids) in procs {
-        for pid in pids {
-            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-                continue;
-            };
-            for fd in fds.flatten() {
-                let Ok(link) = std::fs::read_link(fd.path()) else {
-                    continue;
-                };
-                let link = link.to_string_lossy();
-                if let Some(ino) = link.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                    if let Ok(ino) = ino.parse() {
-                        owner.insert(ino, name);
-                    }
-                }
-            }
-        }
-    }
-    let Some(pid) = procs.iter().flat_map(|(_, p)| p).next() else {
-        return BTreeSet::new();
-    };
-    let mut ends: HashMap<(String, String), Vec<&str>> = HashMap::new();
-    for table in ["tcp", "tcp6"] {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
-        for c in parse_tcp_table(&text) {
-            if let Some(name) = owner.get(&c.inode) {
-                // One key for both ends of a connection.
-                let key = if c.local < c.remote {
-                    (c.local.clone(), c.remote.clone())
-                } else {
-                    (c.remote.clone(), c.local.clone())
-                };
-                ends.entry(key).or_default().push(name);
-            }
-        }
-    }
-    ends.values()
-        .filter(|names| names.len() == 2 && names[0] != names[1])
-        .flat_map(|names| names.iter().map(|n| (*n).to_owned()))
-        .collect()
-}
-
-/// An established loopback connection of a `/proc/net/tcp{,6}` table.
-#[derive(Debug, PartialEq, Eq)]
-struct LoopbackConnection {
-    local: String,
-    remote: String,
-    inode: u64,
-}
-
-/// The established connections of a `/proc/net/tcp` or `tcp6` text whose both ends are on
-/// loopback (127.0.0.0/8 or ::1; addresses as the kernel prints them).
-fn parse_tcp_table(text: &str) -> Vec<LoopbackConnection> {
-    const ESTABLISHED: &str = "01";
-    let loopback = |endpoint: &str| {
-        let addr = endpoint.split(':').next().unwrap_or_default();
-        // IPv4: little-endian hex, first byte last; IPv6: four little-endian words.
-        (addr.len() == 8 && addr.ends_with("7F")) || addr == "00000000000000000000000001000000"
-    };
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (local, remote, state, inode) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(9)?);
-            (*state == ESTABLISHED && loopback(local) && loopback(remote)).then(|| LoopbackConnection {
-                local: (*local).to_owned(),
-                remote: (*remote).to_owned(),
-                inode: inode.parse().unwrap_or(0),
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,22 +257,6 @@ mod tests {
             ]
         );
         assert!(parse_addresses("garbage\n").is_empty());
-    }
-
-    #[test]
-    fn loopback_connections_come_from_the_tcp_table() {
-        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0\n\
-   1: 0100007F:A1B2 0100007F:2382 01 00000000:00000000 00:00000000 00000000     0        0 1002 1 0\n\
-   2: 0100007F:2382 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0\n\
-   3: 0500580A:1F90 0100580A:D431 01 00000000:00000000 00:00000000 00000000     0        0 1004 1 0\n";
-        let c = parse_tcp_table(text);
-        assert_eq!(c.len(), 2, "{c:?}");
-        assert_eq!(c[0].inode, 1002);
-        assert_eq!(
-            (c[1].local.as_str(), c[1].remote.as_str()),
-            ("0100007F:2382", "0100007F:A1B2")
-        );
     }
 
     #[test]

@@ -336,3 +336,59 @@ fn a_process_adopted_by_pause_is_named_and_the_dump_refused() {
     assert!(count(7070) > daemon_before, "the daemon runs on");
     assert_eq!(ask(&pod.ip, 7070, "ping").expect("ping"), "pong daemon");
 }
+
+/// A unix socket connection from one container to another's listener in a shared emptyDir
+/// cannot come back (each container is restored by its own CRIU run): the dump is refused with
+/// both containers named, and the connection carries data on as before.
+#[test]
+fn a_unix_connection_between_containers_is_named_and_the_dump_refused() {
+    let node = start_node!();
+    let name = node.unique("unix");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
+    let (port, sidecar_port) = (APP_PORT.to_string(), SIDECAR_PORT.to_string());
+    let app = ContainerSpec::workload(
+        "app",
+        &[
+            "serve",
+            "--name",
+            "app",
+            "--port",
+            &port,
+            "--unix-listen",
+            "/shared/app.sock",
+        ],
+    )
+    .with_empty_dir("shared", "/shared");
+    let sidecar = ContainerSpec::workload(
+        "sidecar",
+        &["serve", "--name", "sidecar", "--port", &sidecar_port],
+    )
+    .with_empty_dir("shared", "/shared");
+    run_container(&node, &pod, &app).expect("the app runs");
+    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    assert_eq!(
+        ask(&pod.ip, SIDECAR_PORT, "peer-connect unix /shared/app.sock").expect("connect"),
+        "ok"
+    );
+    let first = ask(&pod.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
+    assert!(first.ends_with("checks 1 reply pong app"), "{first}");
+
+    let dir = node.files().checkpoints().join("unix");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    let err = block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect_err("the connection cannot be restored")
+    .to_string();
+    assert!(err.contains("unix socket connection links containers"), "{err}");
+    assert!(err.contains("\"app\"") && err.contains("\"sidecar\""), "{err}");
+    assert!(!dir.exists(), "no checkpoint is left");
+    let again = ask(&pod.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
+    assert!(
+        again.ends_with("checks 2 reply pong app"),
+        "the connection is as it was: {again}"
+    );
+}
