@@ -11,7 +11,9 @@
 //!    rootfs changes, archive the pod's emptyDir volumes;
 //! 5. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is first completed (specs,
 //!    digests, manifest, renamed into place) while everything is still frozen, then every
-//!    process of the pod is killed before the thaw: nothing runs after the snapshot;
+//!    process of the pod is killed before the thaw: nothing runs after the snapshot, and the
+//!    network stays locked (no FIN or reset of a dying socket reaches a peer whose connection a
+//!    restore brings back);
 //! 6. otherwise after the thaw: specs, digests, manifest last (temporary file, fsync, rename),
 //!    and the staging directory renamed into place.
 //!
@@ -215,10 +217,19 @@ async fn dump_into(
     // whatever happens in between (the frozen phase thaws everything before it returns).
     let netlock = crate::netlock::NetLock::take(d.launcher.clone(), d.netns.as_deref()).await?;
     let quiesced = quiesced(d, staging, running, limit, &mut report).await;
-    netlock.release().await;
-    let captured = match quiesced? {
-        Quiesced::Stopped => return Ok(report),
-        Quiesced::Thawed(captured) => captured,
+    let captured = match quiesced {
+        Ok(Quiesced::Stopped) => {
+            netlock.leave_locked();
+            return Ok(report);
+        }
+        Ok(Quiesced::Thawed(captured)) => {
+            netlock.release().await;
+            captured
+        }
+        Err(e) => {
+            netlock.release().await;
+            return Err(e);
+        }
     };
     hold("thawed").await;
     check(limit, d.deadline, "after the thaw")?;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::config::NodeConfig;
+use podsnap_checkpoint::config::{NodeConfig, KEEP_IP_ANNOTATION};
 use podsnap_checkpoint::import::{import, Imported};
 use podsnap_checkpoint::manifest::{ContainerEntry, Manifest, CPUINFO};
 use podsnap_checkpoint::policy::{self, NewImage, Violation};
@@ -67,6 +67,9 @@ pub struct RestoreRequest {
     pub handler: String,
     /// The node configuration (restore policy).
     pub config: NodeConfig,
+    /// Ask for the pod's address at the checkpoint (`podsnap.io/keep-ip`; the node's CNI
+    /// configuration must use `podsnap-cni-ipam`).
+    pub keep_ip: bool,
 }
 
 impl RestoreRequest {
@@ -82,6 +85,7 @@ impl RestoreRequest {
             logs_dir: PathBuf::from(DEFAULT_LOGS_DIR),
             handler: crate::pod::HANDLER.to_owned(),
             config: NodeConfig::default(),
+            keep_ip: false,
         }
     }
 }
@@ -405,13 +409,18 @@ async fn create(
     undo.uid = Some(pod.uid.clone());
     make_dir(&pod.pod_dir, 0o750, undo)?;
     make_dir(&pod.log_dir, 0o755, undo)?;
-    let config = sandbox_config(
+    let mut config = sandbox_config(
         &plan.manifest,
         plan.sandbox.as_ref(),
         &plan.namespaces,
         pod,
         checkpoint,
     );
+    if request.keep_ip {
+        config
+            .annotations
+            .insert(KEEP_IP_ANNOTATION.to_owned(), "true".to_owned());
+    }
     progress.step(&format!(
         "creating pod {}/{} (uid {}) from checkpoint {checkpoint}",
         pod.namespace, pod.name, pod.uid

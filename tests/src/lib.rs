@@ -48,6 +48,9 @@ pub fn shim_binary(handler: &str) -> &'static str {
     }
 }
 
+/// podsnap's CNI IPAM plugin (built with the CLI, beside the shim).
+pub const IPAM_PLUGIN: &str = "podsnap-cni-ipam";
+
 /// Our shim's binary name.
 pub const PODSNAP_SHIM: &str = "containerd-shim-podsnap-v1";
 

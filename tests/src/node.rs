@@ -264,6 +264,7 @@ impl Node {
             "state",
             "cni/net.d",
             "cni/ipam",
+            "cni/bin",
             "kubelet",
             "checkpoints",
             "images",
@@ -278,6 +279,15 @@ impl Node {
             "# No registry is reachable from tests: every pull fails here, locally.\n\
              server = \"http://127.0.0.1:9\"\n",
         )?;
+        // podsnap's IPAM wrapper (it hands a restored pod its address at the checkpoint when
+        // asked), beside the node's CNI plugins.
+        let ipam = self.options.workload_bin.with_file_name(crate::IPAM_PLUGIN);
+        anyhow::ensure!(
+            ipam.is_file(),
+            "{} does not exist (build it: `cargo build -p podsnap-coordinator --bins`)",
+            ipam.display()
+        );
+        std::os::unix::fs::symlink(&ipam, dir.join("cni/bin").join(crate::IPAM_PLUGIN))?;
         std::fs::write(dir.join("cni/net.d/10-podsnap.conflist"), self.cni_conflist())?;
         std::fs::write(self.files.podsnap_config(), "")?;
         std::fs::write(
@@ -304,8 +314,9 @@ impl Node {
         Ok(())
     }
 
-    /// The conflist: a bridge and host-local IPAM of this instance. containerd itself adds the
-    /// loopback network (the `loopback` plugin) to every pod.
+    /// The conflist: a bridge and host-local IPAM of this instance, behind podsnap's IPAM
+    /// wrapper (the bridge passes it the pod's annotations). containerd itself adds the loopback
+    /// network (the `loopback` plugin) to every pod.
     fn cni_conflist(&self) -> String {
         let ipam_dir = self.files.dir.join("cni/ipam");
         serde_json::json!({
@@ -317,11 +328,15 @@ impl Node {
                 "isGateway": true,
                 "ipMasq": false,
                 "hairpinMode": true,
+                "capabilities": { "io.kubernetes.cri.pod-annotations": true },
                 "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{ "subnet": self.subnet }]],
-                    "routes": [{ "dst": "0.0.0.0/0" }],
-                    "dataDir": ipam_dir,
+                    "type": crate::IPAM_PLUGIN,
+                    "delegate": {
+                        "type": "host-local",
+                        "ranges": [[{ "subnet": self.subnet }]],
+                        "routes": [{ "dst": "0.0.0.0/0" }],
+                        "dataDir": ipam_dir,
+                    },
                 },
             }],
         })
@@ -370,7 +385,7 @@ state = '{dir}/state'
         pod_annotations = ['podsnap.io/*']
         container_annotations = ['podsnap.io/*', 'io.kubernetes.container.restartCount']
     [plugins.'io.containerd.cri.v1.runtime'.cni]
-      bin_dirs = ['{cni_bin}']
+      bin_dirs = ['{dir}/cni/bin', '{cni_bin}']
       conf_dir = '{dir}/cni/net.d'
       max_conf_num = 1
 

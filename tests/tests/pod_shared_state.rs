@@ -392,3 +392,69 @@ fn a_unix_connection_between_containers_is_named_and_the_dump_refused() {
         "the connection is as it was: {again}"
     );
 }
+
+/// `podsnap restore --keep-ip`: restored on its node after a dump that kept connections and
+/// stopped the pod, the pod gets its address back (podsnap-cni-ipam asks host-local for it), and
+/// a client outside the pod goes on over the connection it had. While that pod holds the
+/// address, another restore asking for it is refused with the reason, and creates nothing.
+#[test]
+fn keep_ip_brings_the_address_back_and_an_outside_connection_goes_on() {
+    use std::io::{BufRead, BufReader, Write};
+    let node = start_node!();
+    let name = node.unique("keep");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    let app = ContainerSpec::workload("app", &["serve", "--name", "app", "--port", &port]);
+    run_container(&node, &pod, &app).expect("the app runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    let stream = std::net::TcpStream::connect((pod.ip.as_str(), APP_PORT)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut call = |command: &str| {
+        writer.write_all(format!("{command}\n").as_bytes()).expect("send");
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the same connection answers");
+        line.trim().to_owned()
+    };
+    assert_eq!(call("ping"), "pong app");
+
+    let dir = node.files().checkpoints().join("keep");
+    let mut request = dump_request(&node, &name, "default", Some(dir.clone()));
+    request.tcp_established = true;
+    request.stop = true;
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump --tcp-established --stop");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    assert_eq!(
+        m.pod.ips,
+        vec![pod.ip.parse::<std::net::IpAddr>().expect("ip")],
+        "the dump records the pod's address"
+    );
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the stopped pod goes");
+
+    let mut restore_keep = restore_request(&node, &dir);
+    restore_keep.keep_ip = true;
+    let restored = restore(&node, &restore_keep).expect("podsnap restore --keep-ip");
+    assert_eq!(restored.ip, pod.ip, "the pod's address is back");
+    assert_eq!(
+        call("ping"),
+        "pong app",
+        "the outside client's connection goes on after the restore"
+    );
+
+    let before = sandbox_ids(&node).len();
+    let mut again = restore_request(&node, &dir);
+    again.keep_ip = true;
+    again.name = Some(format!("{name}-again"));
+    let err = restore(&node, &again)
+        .expect_err("the address is taken")
+        .to_string();
+    assert!(err.contains("cannot be had"), "{err}");
+    assert_eq!(sandbox_ids(&node).len(), before, "nothing was created");
+}
