@@ -24,7 +24,7 @@
 //! with the tail of CRIU's log, or the cause (ENOSPC, EIO, ...). Containers that are not
 //! running (completed init containers) are recorded only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -56,6 +56,8 @@ pub struct Target {
     pub runc: Runc,
     pub bundle: PathBuf,
     pub cgroups: Option<CgroupPaths>,
+    /// The host pid of its init process, while it runs.
+    pub pid: Option<i32>,
     /// The container's OCI spec when its bundle is gone (a completed container whose task was
     /// deleted); read from the bundle otherwise.
     pub spec: Option<Vec<u8>>,
@@ -270,16 +272,29 @@ async fn quiesced(
 
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
-    let (slowest, captured) = capture_all(d, &dir, running, limit).await.map_err(|e| {
-        match check(limit, d.deadline, "while the containers were dumped") {
-            Err(stopped) => {
-                log::warn!("pod dump stopped: {e}");
-                stopped
-            }
-            Ok(()) => e,
-        }
-    })?;
+    refuse_lost_processes(running)?;
+    let ipc = pod_ipc(running)?;
+    let procs: Vec<(String, Vec<i32>)> = running
+        .iter()
+        .map(|t| (t.entry.name.clone(), cgroup_procs(t)))
+        .collect();
+    let loopback_linked = crate::netlock::loopback_linked(&procs);
+    let (slowest, captured) = capture_all(d, &dir, running, limit, ipc.as_ref())
+        .await
+        .map_err(
+            |e| match check(limit, d.deadline, "while the containers were dumped") {
+                Err(stopped) => {
+                    log::warn!("pod dump stopped: {e}");
+                    stopped
+                }
+                Ok(()) => e,
+            },
+        )?;
     report.slowest_dump = slowest;
+    let captured = Captured {
+        loopback_linked: loopback_linked.into_iter().collect(),
+        ..captured
+    };
     report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
     hold("dumped").await;
     check(limit, d.deadline, "after the containers were dumped")?;
@@ -346,6 +361,8 @@ async fn finish(
         containers,
         volumes: captured.volumes,
         dev_shm: captured.dev_shm,
+        sysv_ipc: captured.sysv_ipc,
+        loopback_linked: captured.loopback_linked,
         files,
         stats: DumpStats {
             frozen_us: frozen.as_micros() as u64,
@@ -406,12 +423,15 @@ async fn capture_all(
     dir: &Path,
     running: &[&Target],
     limit: &Limit,
+    ipc: Option<&PodIpc>,
 ) -> Result<(Duration, Captured)> {
     let mut tasks = tokio::task::JoinSet::new();
     for t in running {
         let t = (*t).clone();
         let cdir = dir.join(t.entry.dir());
         let limit = limit.clone();
+        // Its CRIU images recreate only the SysV segments its own processes attach.
+        let keep_sysv = ipc.and_then(|i| i.members.get(&t.entry.id)).cloned();
         tasks.spawn(async move {
             let began = Instant::now();
             let dump = Dump {
@@ -437,6 +457,12 @@ async fn capture_all(
                 other => other,
             })?;
             let took = began.elapsed();
+            if let Some(keep) = keep_sysv {
+                let images = cdir.join("criu");
+                tokio::task::spawn_blocking(move || crate::sysv::trim_criu_images(&images, &keep))
+                    .await
+                    .map_err(|e| Error::io("trim IPC images", &cdir, std::io::Error::other(e)))??;
+            }
             let rootfs_dir = t.bundle.join("rootfs");
             let tar = cdir.join("rootfs-diff.tar");
             let del = cdir.join("rootfs-deleted.json");
@@ -481,6 +507,17 @@ async fn capture_all(
             Ok(Duration::ZERO)
         });
     }
+    // The SysV objects of the pod's IPC namespace, once for the pod.
+    let sysv = match ipc {
+        Some(ipc) => {
+            create_private_dir(&dir.join("pod"))?;
+            let (root, ns, attached) = (dir.to_path_buf(), ipc.ns.clone(), ipc.attached.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                crate::sysv::capture(&ns, &root, &attached)
+            }))
+        }
+        None => None,
+    };
     let mut slowest = Duration::ZERO;
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
@@ -494,8 +531,28 @@ async fn capture_all(
             }
         }
     }
+    let sysv_ipc = match sysv {
+        Some(task) => match task.await {
+            Ok(Ok(Some(state))) => Some(state),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+                None
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::io("SysV IPC capture", dir, std::io::Error::other(e)));
+                None
+            }
+        },
+        None => None,
+    };
     if let Some(e) = first_error {
         return Err(e);
+    }
+    if let Some(state) = &sysv_ipc {
+        let json = serde_json::to_vec_pretty(state)
+            .map_err(|e| Error::io("encode the SysV IPC state", dir, e.into()))?;
+        container::write_private(&dir.join(crate::sysv::SYSV_STATE), &json)?;
     }
     let entries = volumes
         .into_iter()
@@ -510,6 +567,8 @@ async fn capture_all(
         Captured {
             volumes: entries,
             dev_shm: dev_shm.map(|_| DEV_SHM_ARCHIVE.to_owned()),
+            sysv_ipc: sysv_ipc.map(|_| crate::sysv::SYSV_STATE.to_owned()),
+            loopback_linked: Vec::new(),
         },
     ))
 }
@@ -519,6 +578,10 @@ struct Captured {
     volumes: Vec<VolumeEntry>,
     /// The `/dev/shm` archive, relative to the checkpoint.
     dev_shm: Option<String>,
+    /// The SysV IPC state, relative to the checkpoint.
+    sysv_ipc: Option<String>,
+    /// Containers linked by TCP over loopback.
+    loopback_linked: Vec<String>,
 }
 
 /// The pod's `/dev/shm` archive in a checkpoint.
@@ -556,6 +619,161 @@ fn pod_dev_shm(targets: &[Target]) -> Option<PathBuf> {
         .filter(|t| t.entry.role == Role::Container)
         .filter_map(|t| podsnap_runtime::bundle::Bundle::new(&t.bundle).spec().ok())
         .find_map(|spec| dev_shm_source(&spec))
+}
+
+/// The IPC namespace a container joins by path (the pod's: the pause process's), when it has
+/// one of its own (`None`: the host's, or a private one CRIU captures with the container).
+pub fn joined_ipc_ns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Ipc)?
+        .path()
+        .clone()
+}
+
+/// Refuses, while the pod is frozen, a dump that would silently lose processes: each container
+/// is dumped from its init process, so a process of its cgroup outside that process tree is in
+/// no dump. In a pod sharing one PID namespace, a server that daemonizes is adopted by the
+/// pause process; an exec'd process is a child of the shim. The error names each such process.
+fn refuse_lost_processes(running: &[&Target]) -> Result<()> {
+    let mut lost = Vec::new();
+    for t in running {
+        let Some(init) = t.pid else { continue };
+        for pid in cgroup_procs(t) {
+            if let Some(parent) = outside_tree(pid, init) {
+                lost.push(format!(
+                    "pid {pid} ({}) of container {:?}, a child of pid {parent} ({})",
+                    comm(pid),
+                    t.entry.name,
+                    comm(parent)
+                ));
+            }
+        }
+    }
+    if lost.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidCheckpoint {
+        path: PathBuf::from("pod"),
+        reason: format!(
+            "these processes are outside their container's process tree and would be lost \
+             (each container is dumped from its init process; a process adopted by the pod's \
+             pause process, in a pod that shares one PID namespace, or started by exec is not \
+             in it): {}; the pod was left running",
+            lost.join("; ")
+        ),
+    })
+}
+
+/// The processes of a container's cgroup (none when it is unknown).
+fn cgroup_procs(t: &Target) -> Vec<i32> {
+    t.cgroups
+        .as_ref()
+        .and_then(|c| c.freezer())
+        .and_then(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// `None` if `pid` is `init` or descends from it; otherwise the parent of the topmost ancestor
+/// that does not (the process that adopted it or started it).
+fn outside_tree(pid: i32, init: i32) -> Option<i32> {
+    let mut cursor = pid;
+    for _ in 0..4096 {
+        if cursor == init {
+            return None;
+        }
+        let parent = parent_of(cursor)?; // gone meanwhile: nothing to lose
+        if parent <= 1 {
+            return Some(parent);
+        }
+        if parent == init {
+            return None;
+        }
+        // Leaving the container's cgroup: the process that adopted or started this branch.
+        if !same_cgroup(parent, pid) {
+            return Some(parent);
+        }
+        cursor = parent;
+    }
+    None
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name's closing parenthesis: state, ppid, ...
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn same_cgroup(a: i32, b: i32) -> bool {
+    let read = |p: i32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok();
+    matches!((read(a), read(b)), (Some(x), Some(y)) if x == y)
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The pod's IPC namespace and which SysV segments its containers' processes attach.
+struct PodIpc {
+    ns: PathBuf,
+    /// Segment id -> the container (name) whose processes attach it.
+    attached: BTreeMap<i32, String>,
+    /// Container id -> the segments its processes attach, for each container of the namespace.
+    members: BTreeMap<String, BTreeSet<i32>>,
+}
+
+/// Reads, while the pod is frozen, which SysV segments each container of the pod's IPC
+/// namespace attaches. A segment attached in two containers cannot come back (each container's
+/// CRIU run would create it), so such a dump is refused, naming both.
+fn pod_ipc(running: &[&Target]) -> Result<Option<PodIpc>> {
+    let mut ipc: Option<PodIpc> = None;
+    for t in running {
+        let Some(ns) = podsnap_runtime::bundle::Bundle::new(&t.bundle)
+            .spec()
+            .ok()
+            .and_then(|spec| joined_ipc_ns(&spec))
+        else {
+            continue;
+        };
+        let pod = ipc.get_or_insert_with(|| PodIpc {
+            ns: ns.clone(),
+            attached: BTreeMap::new(),
+            members: BTreeMap::new(),
+        });
+        if pod.ns != ns {
+            continue; // not the pod's (never made by kubelet)
+        }
+        let pids = t
+            .cgroups
+            .as_ref()
+            .and_then(|c| c.freezer())
+            .and_then(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+            .unwrap_or_default();
+        let segments = crate::sysv::attached_segments(pids.split_whitespace().filter_map(|p| p.parse().ok()));
+        for id in &segments {
+            if let Some(other) = pod.attached.insert(*id, t.entry.name.clone()) {
+                return Err(Error::InvalidCheckpoint {
+                    path: t.bundle.clone(),
+                    reason: format!(
+                        "SysV shared memory segment {id} is attached by processes of containers \
+                         {other:?} and {:?}; podsnap restores each container with its own CRIU \
+                         run and cannot attach one segment in two of them",
+                        t.entry.name
+                    ),
+                });
+            }
+        }
+        pod.members.insert(t.entry.id.clone(), segments);
+    }
+    Ok(ipc)
 }
 
 /// The pod's emptyDir volumes: name -> (host directory, mounts), from the containers' specs.

@@ -18,11 +18,25 @@ use crate::error::{Error, Result};
 /// podsnap's chain in the pod's namespace.
 pub const CHAIN: &str = "PODSNAP-LOCK";
 
+/// What a lock lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Loopback traffic passes (a dump: the pod's containers are frozen together).
+    AllButLoopback,
+    /// Nothing passes, loopback included (a restore: a connection between two containers
+    /// must not see a reset while one end is restored and the other not yet).
+    All,
+}
+
 /// The rules that lock the namespace (for `iptables-restore --noflush`).
-fn lock_rules() -> String {
+fn lock_rules(scope: Scope) -> String {
+    let loopback = match scope {
+        Scope::AllButLoopback => format!("-A {CHAIN} -i lo -j ACCEPT\n-A {CHAIN} -o lo -j ACCEPT\n"),
+        Scope::All => String::new(),
+    };
     format!(
         "*filter\n:{CHAIN} - [0:0]\n-I INPUT 1 -j {CHAIN}\n-I OUTPUT 1 -j {CHAIN}\n\
-         -A {CHAIN} -i lo -j ACCEPT\n-A {CHAIN} -o lo -j ACCEPT\n-A {CHAIN} -j DROP\nCOMMIT\n"
+         {loopback}-A {CHAIN} -j DROP\nCOMMIT\n"
     )
 }
 
@@ -35,13 +49,18 @@ fn in_netns(netns: &Path, program: &str) -> Command {
     cmd
 }
 
-/// Locks the network namespace at `netns`.
+/// Locks the network namespace at `netns` for a dump (loopback passes).
 pub async fn lock(launcher: &dyn Launcher, netns: &Path) -> Result<()> {
+    lock_with(launcher, netns, Scope::AllButLoopback).await
+}
+
+/// Locks the network namespace at `netns`, letting `scope` through.
+pub async fn lock_with(launcher: &dyn Launcher, netns: &Path, scope: Scope) -> Result<()> {
     // A lock left by a dump that died is replaced, not stacked.
     unlock(launcher, netns).await;
     let rules = tempfile::NamedTempFile::new()
         .map_err(|e| Error::io("write the network lock rules", std::env::temp_dir(), e))?;
-    std::fs::write(rules.path(), lock_rules())
+    std::fs::write(rules.path(), lock_rules(scope))
         .map_err(|e| Error::io("write the network lock rules", rules.path(), e))?;
     let mut cmd = in_netns(netns, "iptables-restore");
     cmd.arg("--noflush").arg(rules.path());
@@ -104,6 +123,97 @@ impl NetLock {
     }
 }
 
+/// The global addresses of the network namespace at `netns` (`ip -o addr show scope global`).
+pub async fn addresses(launcher: &dyn Launcher, netns: &Path) -> Result<Vec<std::net::IpAddr>> {
+    let mut cmd = in_netns(netns, "ip");
+    cmd.args(["-o", "addr", "show", "scope", "global"]);
+    let out = launcher
+        .run(cmd, Capture::Output)
+        .await
+        .map_err(|e| Error::io("list the pod's addresses (nsenter ip addr)", netns, e))?;
+    if !out.success() {
+        return Err(Error::io(
+            "list the pod's addresses (nsenter ip addr)",
+            netns,
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ));
+    }
+    Ok(parse_addresses(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The addresses of `ip -o addr` lines (`2: eth0    inet 10.1.0.5/24 brd ...`).
+fn parse_addresses(text: &str) -> Vec<std::net::IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace().skip_while(|w| *w != "inet" && *w != "inet6");
+            words.next()?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Adds (`true`) or removes the host addresses `ips` on the loopback device of the namespace at
+/// `netns`: while a pod is restored with another address than at its dump, CRIU can bring back
+/// the connections bound to the old one (they are closed after the restore).
+pub async fn borrow_addresses(
+    launcher: &dyn Launcher,
+    netns: &Path,
+    ips: &[std::net::IpAddr],
+    add: bool,
+) -> Result<()> {
+    for ip in ips {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let mut cmd = in_netns(netns, "ip");
+        cmd.args(["addr", if add { "add" } else { "del" }])
+            .arg(format!("{ip}/{prefix}"))
+            .args(["dev", "lo"]);
+        let out = launcher
+            .run(cmd, Capture::Output)
+            .await
+            .map_err(|e| Error::io("set a pod address (nsenter ip addr)", netns, e))?;
+        if !out.success() && add {
+            return Err(Error::io(
+                "add the pod's old address (nsenter ip addr add)",
+                netns,
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Closes (`SOCK_DESTROY`, through `ss -K`) every established TCP connection of the namespace at
+/// `netns` whose peer is not on loopback: after a restore that was not asked to keep them (or
+/// that could not keep them: the pod's address changed), the connections to outside the pod go,
+/// those between its containers stay. Returns how many.
+pub async fn close_outside_connections(launcher: &dyn Launcher, netns: &Path) -> Result<usize> {
+    let mut cmd = in_netns(netns, "ss");
+    cmd.args([
+        "-K",
+        "-t",
+        "-n",
+        "-H",
+        "state",
+        "established",
+        "( not dst 127.0.0.0/8 and not dst [::1] )",
+    ]);
+    let out = launcher
+        .run(cmd, Capture::Output)
+        .await
+        .map_err(|e| Error::io("close connections (nsenter ss -K)", netns, e))?;
+    if !out.success() {
+        return Err(Error::io(
+            "close connections (nsenter ss -K)",
+            netns,
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}
+
 impl Drop for NetLock {
     fn drop(&mut self) {
         if let Some(ns) = self.netns.take() {
@@ -121,16 +231,134 @@ impl Drop for NetLock {
     }
 }
 
+/// The containers (names) at either end of an established TCP connection over loopback whose
+/// other end is in another container: `procs` lists each container's processes. Read while the
+/// pod is frozen, from the pod's `/proc/<pid>/net/tcp{,6}` and its processes' descriptors.
+pub fn loopback_linked(procs: &[(String, Vec<i32>)]) -> std::collections::BTreeSet<String> {
+    use std::collections::{BTreeSet, HashMap};
+    let mut owner: HashMap<u64, &str> = HashMap::new();
+    for (name, pids) in procs {
+        for pid in pids {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let Ok(link) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                let link = link.to_string_lossy();
+                if let Some(ino) = link.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    if let Ok(ino) = ino.parse() {
+                        owner.insert(ino, name);
+                    }
+                }
+            }
+        }
+    }
+    let Some(pid) = procs.iter().flat_map(|(_, p)| p).next() else {
+        return BTreeSet::new();
+    };
+    let mut ends: HashMap<(String, String), Vec<&str>> = HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for c in parse_tcp_table(&text) {
+            if let Some(name) = owner.get(&c.inode) {
+                // One key for both ends of a connection.
+                let key = if c.local < c.remote {
+                    (c.local.clone(), c.remote.clone())
+                } else {
+                    (c.remote.clone(), c.local.clone())
+                };
+                ends.entry(key).or_default().push(name);
+            }
+        }
+    }
+    ends.values()
+        .filter(|names| names.len() == 2 && names[0] != names[1])
+        .flat_map(|names| names.iter().map(|n| (*n).to_owned()))
+        .collect()
+}
+
+/// An established loopback connection of a `/proc/net/tcp{,6}` table.
+#[derive(Debug, PartialEq, Eq)]
+struct LoopbackConnection {
+    local: String,
+    remote: String,
+    inode: u64,
+}
+
+/// The established connections of a `/proc/net/tcp` or `tcp6` text whose both ends are on
+/// loopback (127.0.0.0/8 or ::1; addresses as the kernel prints them).
+fn parse_tcp_table(text: &str) -> Vec<LoopbackConnection> {
+    const ESTABLISHED: &str = "01";
+    let loopback = |endpoint: &str| {
+        let addr = endpoint.split(':').next().unwrap_or_default();
+        // IPv4: little-endian hex, first byte last; IPv6: four little-endian words.
+        (addr.len() == 8 && addr.ends_with("7F")) || addr == "00000000000000000000000001000000"
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, remote, state, inode) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(9)?);
+            (*state == ESTABLISHED && loopback(local) && loopback(remote)).then(|| LoopbackConnection {
+                local: (*local).to_owned(),
+                remote: (*remote).to_owned(),
+                inode: inode.parse().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_lock_drops_all_but_loopback_in_a_chain_of_its_own() {
-        let rules = lock_rules();
+        let rules = lock_rules(Scope::AllButLoopback);
         assert!(rules.starts_with("*filter\n:PODSNAP-LOCK - [0:0]\n"), "{rules}");
         assert!(rules.contains("-I INPUT 1 -j PODSNAP-LOCK\n-I OUTPUT 1 -j PODSNAP-LOCK\n"));
         assert!(rules.contains("-A PODSNAP-LOCK -i lo -j ACCEPT\n"));
+        assert!(rules.ends_with("-A PODSNAP-LOCK -j DROP\nCOMMIT\n"));
+    }
+
+    #[test]
+    fn addresses_come_from_ip_addr_lines() {
+        let text =
+            "2: eth0    inet 10.88.0.5/16 brd 10.88.255.255 scope global eth0\\       valid_lft forever\n\
+                    2: eth0    inet6 fd00::5/64 scope global \\       valid_lft forever\n";
+        assert_eq!(
+            parse_addresses(text),
+            vec![
+                "10.88.0.5".parse::<std::net::IpAddr>().expect("ip"),
+                "fd00::5".parse().expect("ip")
+            ]
+        );
+        assert!(parse_addresses("garbage\n").is_empty());
+    }
+
+    #[test]
+    fn loopback_connections_come_from_the_tcp_table() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0\n\
+   1: 0100007F:A1B2 0100007F:2382 01 00000000:00000000 00:00000000 00000000     0        0 1002 1 0\n\
+   2: 0100007F:2382 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0\n\
+   3: 0500580A:1F90 0100580A:D431 01 00000000:00000000 00:00000000 00000000     0        0 1004 1 0\n";
+        let c = parse_tcp_table(text);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c[0].inode, 1002);
+        assert_eq!(
+            (c[1].local.as_str(), c[1].remote.as_str()),
+            ("0100007F:2382", "0100007F:A1B2")
+        );
+    }
+
+    #[test]
+    fn the_restore_lock_drops_loopback_too() {
+        let rules = lock_rules(Scope::All);
+        assert!(!rules.contains("lo"), "{rules}");
+        assert!(rules.contains("-I INPUT 1 -j PODSNAP-LOCK\n-I OUTPUT 1 -j PODSNAP-LOCK\n"));
         assert!(rules.ends_with("-A PODSNAP-LOCK -j DROP\nCOMMIT\n"));
     }
 }

@@ -19,6 +19,15 @@
 //! attempt 0 is restored: kubelet's restarts of a container start fresh from the image. The
 //! attempt is kubelet's restart count annotation; without it, a second Create of a name this
 //! pod already restored counts as a restart.
+//!
+//! Established connections are always restored ([`NetHold`]), so a TCP connection between two
+//! containers of the pod comes back whole: when the dump found such connections, the pod's
+//! network is locked, loopback included, until the containers at their ends are all restored
+//! (no packet of a restored end reaches the other before it exists: the kernel would answer
+//! with a reset). The pod's addresses at the dump are lent to its loopback device meanwhile, for
+//! the connections bound to them; the connections to outside the pod are closed after each
+//! container's restore unless the checkpoint was taken to keep them (`--tcp-established`) and
+//! the pod's address is the same.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -72,6 +81,9 @@ pub struct RestorePlan {
     /// (archive, host directory) of each emptyDir volume this container mounts, and of the
     /// pod's `/dev/shm`.
     pub volumes: Vec<(PathBuf, PathBuf)>,
+    /// (checkpoint directory, the new pod's IPC namespace) when the checkpoint holds SysV IPC
+    /// objects of the pod: created there once, before the pod's first container.
+    pub sysv_ipc: Option<(PathBuf, PathBuf)>,
     /// The container's name in its pod (kubelet path), marked restored once created.
     pub name: Option<String>,
     /// It was paused at the checkpoint: it comes back paused.
@@ -104,7 +116,35 @@ pub struct Restores {
     /// The pod's leases on the checkpoints it restores from, by checkpoint directory: held
     /// for the life of the shim (released as it exits, see `service.rs`).
     leases: Mutex<HashMap<PathBuf, Lease>>,
+    /// The pod's network while its containers are restored.
+    net: Arc<tokio::sync::Mutex<Option<NetHold>>>,
 }
+
+/// The new pod's network namespace while its containers are restored: its addresses at the
+/// dump lent to its loopback device until every container the checkpoint holds running is
+/// restored (or its restore failed), and locked (loopback too) until those linked by TCP over
+/// loopback are; released [`NET_HOLD_IDLE`] after a restore when no other container's began (a
+/// pod that restores only some of them), at the latest [`NET_HOLD_LIMIT`] after the first.
+pub struct NetHold {
+    netns: PathBuf,
+    /// Names of the containers still to restore.
+    waiting: HashSet<String>,
+    /// Those of them at an end of a connection over loopback to another container.
+    linked: HashSet<String>,
+    locked: bool,
+    /// The checkpoint asked to keep connections to outside the pod.
+    keep_outside: bool,
+    /// The pod's addresses at the dump that this pod does not have, lent to its loopback device
+    /// while CRIU restores the connections bound to them.
+    borrowed: Vec<std::net::IpAddr>,
+    /// Counts the pod's container restores planned and finished (the idle timer's clock).
+    generation: u64,
+}
+
+/// The longest the pod's network stays locked waiting for its containers' restores.
+const NET_HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long after a container's restore the next one must begin for the lock to wait for it.
+const NET_HOLD_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Restores {
     /// Decides how to create a container from its spec's annotations; refuses (before
@@ -195,8 +235,10 @@ impl Restores {
 
         let image_dir = dir.join(entry.dir()).join("criu");
         let mut options = podsnap_checkpoint::container::inspect(&image_dir)?;
-        // Connections are always captured; they come back only if the dump asked to keep them.
-        options.tcp_established = manifest.tcp_established;
+        // Connections are always captured and restored: those to outside the pod are closed
+        // after the last container's restore unless the dump asked to keep them.
+        options.tcp_established = true;
+        self.hold_network(new.spec, manifest).await?;
         let (tar, del) = (entry.file("rootfs-diff.tar"), entry.file("rootfs-deleted.json"));
         let rootfs_changes =
             (manifest.lists(&tar) && manifest.lists(&del)).then(|| (dir.join(tar), dir.join(del)));
@@ -222,11 +264,24 @@ impl Restores {
         ) {
             volumes.push((dir.join(archive), dst));
         }
+        let sysv_ipc = match manifest.sysv_ipc.as_ref().filter(|a| manifest.lists(a)) {
+            Some(_) => Some((
+                dir.clone(),
+                podsnap_checkpoint::dump::joined_ipc_ns(new.spec).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "checkpoint {name:?} holds the pod's SysV IPC objects but container \
+                         {cname:?} joins no IPC namespace of a pod"
+                    ))
+                })?,
+            )),
+            None => None,
+        };
         Ok(Plan::Restore(Box::new(RestorePlan {
             image_dir,
             options,
             rootfs_changes,
             volumes,
+            sysv_ipc,
             name: Some(cname),
             paused: entry.state == ContainerState::Paused,
         })))
@@ -259,6 +314,123 @@ impl Restores {
         log::info!("pod {sandbox}: holds a lease on checkpoint {name}");
         lock(&self.leases).insert(dir.to_path_buf(), lease);
         Ok(())
+    }
+
+    /// Prepares the pod's network before the first of its containers is restored: lends it its
+    /// addresses at the dump, and locks it when containers are linked by TCP over loopback.
+    async fn hold_network(&self, spec: &Spec, manifest: &Manifest) -> Result<()> {
+        use podsnap_checkpoint::netlock;
+        let mut net = self.net.lock().await;
+        if let Some(h) = net.as_mut() {
+            h.generation += 1;
+            return Ok(());
+        }
+        let Some(netns) = crate::pod_checkpoint::pod_netns(spec) else {
+            return Ok(()); // the host's network: nothing of the pod's own to hold
+        };
+        let waiting: HashSet<String> = manifest
+            .containers
+            .iter()
+            .filter(|c| c.dumped && matches!(c.state, ContainerState::Running | ContainerState::Paused))
+            .map(|c| c.name.clone())
+            .collect();
+        let linked: HashSet<String> = manifest
+            .loopback_linked
+            .iter()
+            .filter(|n| waiting.contains(*n))
+            .cloned()
+            .collect();
+        let now = netlock::addresses(&MonitorLauncher, &netns).await?;
+        let borrowed: Vec<_> = manifest
+            .pod
+            .ips
+            .iter()
+            .filter(|ip| !now.contains(ip))
+            .copied()
+            .collect();
+        let mut h = NetHold {
+            netns,
+            waiting,
+            linked,
+            locked: false,
+            keep_outside: manifest.tcp_established,
+            borrowed: Vec::new(),
+            generation: 0,
+        };
+        if !h.linked.is_empty() {
+            netlock::lock_with(&MonitorLauncher, &h.netns, netlock::Scope::All).await?;
+            h.locked = true;
+            log::info!(
+                "pod network {} locked until {:?} (linked over loopback) are restored",
+                h.netns.display(),
+                h.linked
+            );
+        }
+        // Connections come back bound to the pod's addresses at the dump.
+        let lent = netlock::borrow_addresses(&MonitorLauncher, &h.netns, &borrowed, true).await;
+        h.borrowed = borrowed;
+        if let Err(e) = lent {
+            release_network(&mut h).await;
+            return Err(e.into());
+        }
+        *net = Some(h);
+        let held = self.net.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(NET_HOLD_LIMIT).await;
+            if let Some(h) = held.lock().await.as_mut().filter(|h| !h.waiting.is_empty()) {
+                log::warn!(
+                    "pod network {}: still waiting for {:?} after {:?}; released",
+                    h.netns.display(),
+                    h.waiting,
+                    NET_HOLD_LIMIT
+                );
+                release_network(h).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Container `name`'s restore is over (restored or failed): its connections to outside the
+    /// pod are closed unless kept; the lock goes once every linked container is back, the lent
+    /// addresses once every container is.
+    pub async fn restore_over(&self, name: &str) {
+        let mut net = self.net.lock().await;
+        let Some(h) = net.as_mut() else { return };
+        if !h.waiting.remove(name) {
+            return;
+        }
+        close_outside(h).await;
+        h.linked.remove(name);
+        if h.locked && h.linked.is_empty() {
+            podsnap_checkpoint::netlock::unlock(&MonitorLauncher, &h.netns).await;
+            h.locked = false;
+            log::info!(
+                "pod network {} unlocked: its linked containers are back",
+                h.netns.display()
+            );
+        }
+        if h.waiting.is_empty() {
+            release_network(h).await;
+            return;
+        }
+        h.generation += 1;
+        let (held, generation) = (self.net.clone(), h.generation);
+        tokio::spawn(async move {
+            tokio::time::sleep(NET_HOLD_IDLE).await;
+            let mut net = held.lock().await;
+            if let Some(h) = net
+                .as_mut()
+                .filter(|h| h.generation == generation && !h.waiting.is_empty())
+            {
+                log::warn!(
+                    "pod network {}: no restore of {:?} began within {:?}; released",
+                    h.netns.display(),
+                    h.waiting,
+                    NET_HOLD_IDLE
+                );
+                release_network(h).await;
+            }
+        });
     }
 
     /// Remembers that container `name` of this pod came back from the checkpoint: its next
@@ -342,6 +514,26 @@ impl Restores {
             .map_err(|e| Error::Internal(e.to_string()))??;
             lock(&self.filled).insert(dst.clone());
         }
+        if let Some((dir, ns)) = plan.sysv_ipc.clone() {
+            // Keyed by the namespace: once for the pod.
+            if !lock(&self.filled).contains(&ns) {
+                let n = ns.clone();
+                tokio::task::spawn_blocking(move || {
+                    let path = dir.join(podsnap_checkpoint::sysv::SYSV_STATE);
+                    let state: podsnap_checkpoint::sysv::SysvState = read_capped(&path, MAX_JSON_BYTES)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                        .map_err(|reason| podsnap_checkpoint::Error::InvalidCheckpoint {
+                            path: path.clone(),
+                            reason,
+                        })?;
+                    podsnap_checkpoint::sysv::restore(&n, &dir, &state)
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+                lock(&self.filled).insert(ns);
+            }
+        }
         if let Some((tar, del)) = plan.rootfs_changes.clone() {
             let r = rootfs.to_path_buf();
             tokio::task::spawn_blocking(move || podsnap_checkpoint::rootfs::apply(&r, &tar, &del))
@@ -350,6 +542,46 @@ impl Restores {
         }
         Ok(())
     }
+}
+
+/// Closes the pod's connections to outside unless they are kept (and can be: its address did
+/// not change).
+async fn close_outside(h: &NetHold) {
+    if h.keep_outside && h.borrowed.is_empty() {
+        return;
+    }
+    if h.keep_outside {
+        log::warn!(
+            "pod network {}: the pod's address changed ({:?} at the dump): its connections to \
+             outside the pod cannot be kept",
+            h.netns.display(),
+            h.borrowed
+        );
+    }
+    match podsnap_checkpoint::netlock::close_outside_connections(&MonitorLauncher, &h.netns).await {
+        Ok(0) => {}
+        Ok(n) => log::info!(
+            "pod network {}: closed {n} connections to outside the pod",
+            h.netns.display()
+        ),
+        Err(e) => log::warn!("pod network {}: {e}", h.netns.display()),
+    }
+}
+
+/// Unlocks the pod's network and takes the lent addresses back: nothing more is waited for.
+async fn release_network(h: &mut NetHold) {
+    use podsnap_checkpoint::netlock;
+    if h.locked {
+        netlock::unlock(&MonitorLauncher, &h.netns).await;
+        h.locked = false;
+    }
+    if let Err(e) = netlock::borrow_addresses(&MonitorLauncher, &h.netns, &h.borrowed, false).await {
+        log::warn!("pod network {}: {e}", h.netns.display());
+    }
+    h.borrowed.clear();
+    h.waiting.clear();
+    h.linked.clear();
+    log::info!("pod network {} released", h.netns.display());
 }
 
 /// kubelet's restart count of a container (0 for its first attempt), when it passes one.
