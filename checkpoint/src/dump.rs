@@ -6,7 +6,8 @@
 //! 2. the crash journal ([`crate::journal`]) records what is about to be frozen and where the
 //!    staging output goes;
 //! 3. quiesce: lock the pod's network namespace once ([`crate::netlock`]), then freeze each
-//!    running container's own cgroup (CRIU cannot see a parent's freeze);
+//!    running container's own cgroup (CRIU cannot see a parent's freeze): v1 `freezer.state`,
+//!    or v2 `cgroup.freeze` until `cgroup.events` says `frozen 1`;
 //! 4. while frozen, in parallel: dump each container with CRIU (leave running), capture its
 //!    rootfs changes, archive the pod's emptyDir volumes;
 //! 5. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is first completed (specs,

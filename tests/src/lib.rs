@@ -20,6 +20,7 @@ pub mod images;
 pub mod kubelet;
 pub mod node;
 pub mod prereq;
+pub mod runc_v2;
 pub mod serial;
 
 /// The CRI runtime handler (and, through [`runtime_type`], the containerd runtime) the suite

@@ -49,6 +49,10 @@ const NODE_PARENT: &str = "/tmp";
 const NODE_PREFIX: &str = "podsnap-node-";
 /// How long containerd may take to answer CRI with runtime and network ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Run by `sh -c` inside `unshare --mount --propagation private` before containerd: the
+/// hybrid tree at /sys/fs/cgroup goes (in this namespace only) and cgroup2 takes its place.
+const CGROUP2_NAMESPACE_SCRIPT: &str =
+    "umount -l /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec \"$@\"";
 /// Where failed tests' containerd logs are copied.
 pub const SAVED_LOGS_DIR: &str = "/tmp/podsnap-test-logs";
 
@@ -76,6 +80,11 @@ pub struct NodeOptions {
     pub extra_env: Vec<(String, String)>,
     /// Directories put first on containerd's (and the shims') `PATH`, e.g. a stand-in `criu`.
     pub path_prefix: Vec<PathBuf>,
+    /// Run containerd (and so every shim, runc and CRIU it starts) in a private mount
+    /// namespace with cgroup2 mounted on `/sys/fs/cgroup`: a cgroup v2 node on this hybrid
+    /// machine (see ENVIRONMENT.md). No controller is available there: pair it with
+    /// [`crate::runc_v2::RuncV2`], which drops the resource settings runc cannot write.
+    pub cgroup2: bool,
 }
 
 impl NodeOptions {
@@ -89,6 +98,7 @@ impl NodeOptions {
             extra_config: String::new(),
             extra_env: Vec::new(),
             path_prefix: Vec::new(),
+            cgroup2: false,
         }
     }
 }
@@ -425,7 +435,18 @@ state = '{dir}/state'
             "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new(&self.tools.containerd)
+        let mut command = if self.options.cgroup2 {
+            // `exec` keeps the pid: the child is containerd itself, as without the namespace.
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(CGROUP2_NAMESPACE_SCRIPT)
+                .arg("containerd-on-cgroup2")
+                .arg(&self.tools.containerd);
+            c
+        } else {
+            Command::new(&self.tools.containerd)
+        };
+        let child = command
             .arg("--config")
             .arg(self.files.config())
             .env("PATH", path)
@@ -471,6 +492,15 @@ state = '{dir}/state'
                 bail!("containerd not ready after {READY_TIMEOUT:?}: {last_error}");
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `/sys/fs/cgroup` as containerd, its shims and runc see it (through containerd's root:
+    /// on a [`NodeOptions::cgroup2`] node that is the private cgroup2 mount).
+    pub fn cgroup_root(&self) -> PathBuf {
+        match self.containerd_pid() {
+            Some(pid) => PathBuf::from(format!("/proc/{pid}/root/sys/fs/cgroup")),
+            None => PathBuf::from("/sys/fs/cgroup"),
         }
     }
 
