@@ -685,12 +685,8 @@ fn refuse_lost_processes(running: &[&Target]) -> Result<()> {
 fn cgroup_procs(t: &Target) -> Vec<i32> {
     t.cgroups
         .as_ref()
-        .and_then(|c| c.freezer())
-        .and_then(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+        .and_then(|c| c.processes().ok())
         .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
 }
 
 /// `None` if `pid` is `init` or descends from it; otherwise the parent of the topmost ancestor
