@@ -84,8 +84,10 @@ pub struct PodDump {
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
     /// Where to keep the crash journal (none when `None`).
     pub journal: Option<PathBuf>,
-    /// The pod's network namespace, locked for the whole dump (`None`: the host's network).
+    /// The pod's network namespace (`None`: the host's network).
     pub netns: Option<PathBuf>,
+    /// Lock it for the whole dump (the node's `[dump] network_lock = "pod"`).
+    pub lock_network: bool,
     /// Free space the dump must leave on the destination's filesystem (the node's
     /// `[dump] reserve_bytes`).
     pub reserve_bytes: u64,
@@ -216,7 +218,8 @@ async fn dump_into(
 
     // One network lock for the whole pod, before the first freeze and until the last thaw,
     // whatever happens in between (the frozen phase thaws everything before it returns).
-    let netlock = crate::netlock::NetLock::take(d.launcher.clone(), d.netns.as_deref()).await?;
+    let lock = d.netns.as_deref().filter(|_| d.lock_network);
+    let netlock = crate::netlock::NetLock::take(d.launcher.clone(), lock).await?;
     let quiesced = quiesced(d, staging, running, limit, &mut report).await;
     let captured = match quiesced {
         Ok(Quiesced::Stopped) => {
