@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
+use podsnap_checkpoint::manifest::DigestAlgorithm;
 use podsnap_tests::kubelet::{
     ask, run_container, run_pod, run_three_container_pod, wait_answering, ContainerSpec, PodOptions,
     APP_PORT, DATA_MOUNT, DATA_VOLUME, SIDECAR_PORT,
 };
 use podsnap_tests::node::Node;
 use podsnap_tests::{host, start_node, HANDLER};
-use sha2::{Digest, Sha256};
 
 fn count(ip: &str, port: u16) -> u64 {
     ask(ip, port, "count").expect("count").parse().expect("a number")
@@ -195,10 +195,6 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-fn sha256_hex(path: &Path) -> String {
-    hex::encode(Sha256::digest(std::fs::read(path).expect("read")))
-}
-
 /// Edits a checkpoint's manifest.json.
 fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("manifest.json");
@@ -211,9 +207,11 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 /// Records `rel`'s current size and digest in the manifest (a consistent but altered checkpoint).
 fn redigest(dir: &Path, rel: &str) {
     let size = std::fs::metadata(dir.join(rel)).expect("stat").len();
-    let sha = sha256_hex(&dir.join(rel));
     edit_manifest(dir, |m| {
-        m["files"][rel] = serde_json::json!({"size": size, "sha256": sha});
+        let algorithm: DigestAlgorithm =
+            serde_json::from_value(m["digest_algorithm"].clone()).expect("the manifest's digest algorithm");
+        let digest = algorithm.file(&dir.join(rel)).expect("digest");
+        m["files"][rel] = serde_json::json!({"size": size, "digest": digest});
     });
 }
 
