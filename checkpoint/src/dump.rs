@@ -30,7 +30,7 @@
 //! with the tail of CRIU's log, or the cause (ENOSPC, EIO, ...). Containers that are not
 //! running (completed init containers) are recorded only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -339,15 +339,18 @@ async fn quiesced(
 
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
-    let (slowest, captured) = capture_all(d, &dir, running, limit).await.map_err(|e| {
-        match check(limit, d.deadline, "while the containers were dumped") {
-            Err(stopped) => {
-                log::warn!("pod dump stopped: {e}");
-                stopped
-            }
-            Ok(()) => e,
-        }
-    })?;
+    let ipc = pod_ipc(running)?;
+    let (slowest, captured) = capture_all(d, &dir, running, limit, ipc.as_ref())
+        .await
+        .map_err(
+            |e| match check(limit, d.deadline, "while the containers were dumped") {
+                Err(stopped) => {
+                    log::warn!("pod dump stopped: {e}");
+                    stopped
+                }
+                Ok(()) => e,
+            },
+        )?;
     report.slowest_dump = slowest;
     report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
     hold("dumped").await;
@@ -422,6 +425,7 @@ async fn finish(
         volumes: captured.volumes,
         digest_algorithm: DigestAlgorithm::WRITTEN,
         dev_shm: captured.dev_shm,
+        sysv_ipc: captured.sysv_ipc,
         files,
         stats: DumpStats {
             frozen_us: frozen.as_micros() as u64,
@@ -482,12 +486,15 @@ async fn capture_all(
     dir: &Path,
     running: &[&Target],
     limit: &Limit,
+    ipc: Option<&PodIpc>,
 ) -> Result<(Duration, Captured)> {
     let mut tasks = tokio::task::JoinSet::new();
     for t in running {
         let t = (*t).clone();
         let cdir = dir.join(t.entry.dir());
         let limit = limit.clone();
+        // Its CRIU images recreate only the SysV segments its own processes attach.
+        let keep_sysv = ipc.and_then(|i| i.members.get(&t.entry.id)).cloned();
         tasks.spawn(async move {
             let began = Instant::now();
             let dump = Dump {
@@ -533,6 +540,12 @@ async fn capture_all(
             })?;
             captured
                 .map_err(|e| Error::io("capture rootfs changes", &t.bundle, std::io::Error::other(e)))??;
+            if let Some(keep) = keep_sysv {
+                let images = cdir.join("criu");
+                tokio::task::spawn_blocking(move || crate::sysv::trim_criu_images(&images, &keep))
+                    .await
+                    .map_err(|e| Error::io("trim IPC images", &cdir, std::io::Error::other(e)))??;
+            }
             Ok::<Duration, Error>(took)
         });
     }
@@ -562,6 +575,17 @@ async fn capture_all(
             Ok(Duration::ZERO)
         });
     }
+    // The SysV objects of the pod's IPC namespace, once for the pod.
+    let sysv = match ipc {
+        Some(ipc) => {
+            create_private_dir(&dir.join("pod"))?;
+            let (root, ns, attached) = (dir.to_path_buf(), ipc.ns.clone(), ipc.attached.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                crate::sysv::capture(&ns, &root, &attached)
+            }))
+        }
+        None => None,
+    };
     let mut slowest = Duration::ZERO;
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
@@ -575,8 +599,28 @@ async fn capture_all(
             }
         }
     }
+    let sysv_ipc = match sysv {
+        Some(task) => match task.await {
+            Ok(Ok(Some(state))) => Some(state),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+                None
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::io("SysV IPC capture", dir, std::io::Error::other(e)));
+                None
+            }
+        },
+        None => None,
+    };
     if let Some(e) = first_error {
         return Err(e);
+    }
+    if let Some(state) = &sysv_ipc {
+        let json = serde_json::to_vec_pretty(state)
+            .map_err(|e| Error::io("encode the SysV IPC state", dir, e.into()))?;
+        container::write_private(&dir.join(crate::sysv::SYSV_STATE), &json)?;
     }
     let entries = volumes
         .into_iter()
@@ -591,6 +635,7 @@ async fn capture_all(
         Captured {
             volumes: entries,
             dev_shm: dev_shm.map(|_| DEV_SHM_ARCHIVE.to_owned()),
+            sysv_ipc: sysv_ipc.map(|_| crate::sysv::SYSV_STATE.to_owned()),
         },
     ))
 }
@@ -600,6 +645,8 @@ struct Captured {
     volumes: Vec<VolumeEntry>,
     /// The `/dev/shm` archive, relative to the checkpoint.
     dev_shm: Option<String>,
+    /// The SysV IPC state, relative to the checkpoint.
+    sysv_ipc: Option<String>,
 }
 
 /// The pod's `/dev/shm` archive in a checkpoint.
@@ -637,6 +684,74 @@ fn pod_dev_shm(targets: &[Target]) -> Option<PathBuf> {
         .filter(|t| t.entry.role == Role::Container)
         .filter_map(|t| podsnap_runtime::bundle::Bundle::new(&t.bundle).spec().ok())
         .find_map(|spec| dev_shm_source(&spec))
+}
+
+/// The IPC namespace a container joins by path (the pod's: the pause process's), when it has
+/// one of its own (`None`: the host's, or a private one CRIU captures with the container).
+pub fn joined_ipc_ns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Ipc)?
+        .path()
+        .clone()
+}
+
+/// The pod's IPC namespace and which SysV segments its containers' processes attach.
+struct PodIpc {
+    ns: PathBuf,
+    /// Segment id -> the container (name) whose processes attach it.
+    attached: BTreeMap<i32, String>,
+    /// Container id -> the segments its processes attach, for each container of the namespace.
+    members: BTreeMap<String, BTreeSet<i32>>,
+}
+
+/// Reads, while the pod is frozen, which SysV segments each container of the pod's IPC
+/// namespace attaches. A segment attached in two containers cannot come back (each container's
+/// CRIU run would create it), so such a dump is refused, naming both.
+fn pod_ipc(running: &[&Target]) -> Result<Option<PodIpc>> {
+    let mut ipc: Option<PodIpc> = None;
+    for t in running {
+        let Some(ns) = podsnap_runtime::bundle::Bundle::new(&t.bundle)
+            .spec()
+            .ok()
+            .and_then(|spec| joined_ipc_ns(&spec))
+        else {
+            continue;
+        };
+        let pod = ipc.get_or_insert_with(|| PodIpc {
+            ns: ns.clone(),
+            attached: BTreeMap::new(),
+            members: BTreeMap::new(),
+        });
+        if pod.ns != ns {
+            continue; // not the pod's (never made by kubelet)
+        }
+        let pids = t
+            .cgroups
+            .as_ref()
+            .and_then(|c| c.freezer())
+            .and_then(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+            .unwrap_or_default();
+        let segments = crate::sysv::attached_segments(pids.split_whitespace().filter_map(|p| p.parse().ok()));
+        for id in &segments {
+            if let Some(other) = pod.attached.insert(*id, t.entry.name.clone()) {
+                return Err(Error::InvalidCheckpoint {
+                    path: t.bundle.clone(),
+                    reason: format!(
+                        "SysV shared memory segment {id} is attached by processes of containers \
+                         {other:?} and {:?}; podsnap restores each container with its own CRIU \
+                         run and cannot attach one segment in two of them",
+                        t.entry.name
+                    ),
+                });
+            }
+        }
+        pod.members.insert(t.entry.id.clone(), segments);
+    }
+    Ok(ipc)
 }
 
 /// The pod's emptyDir volumes: name -> (host directory, mounts), from the containers' specs.

@@ -21,6 +21,7 @@ pub mod record;
 pub mod retention;
 pub mod rootfs;
 pub mod store;
+pub mod sysv;
 
 pub use error::{Error, Result};
 pub use record::{ContainerState, Role};

@@ -77,6 +77,10 @@ pub struct Manifest {
     /// pod: `pod/dev-shm.tar` relative to the checkpoint root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_shm: Option<String>,
+    /// The SysV IPC objects of the pod's IPC namespace, captured once for the pod:
+    /// [`crate::sysv::SYSV_STATE`] (and a data file per segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sysv_ipc: Option<String>,
     /// Every other file of the checkpoint, by path relative to its root.
     pub files: BTreeMap<String, FileDigest>,
     /// How the dump went (informational).
@@ -108,6 +112,10 @@ pub struct PodInfo {
     /// The CRI PodSandboxConfig as JSON, when the dump was driven through CRI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cri_config: Option<serde_json::Value>,
+    /// The pod's addresses at dump time (its network namespace's global addresses): the local
+    /// addresses of its connections to outside.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// Where the checkpoint was taken: restore on a different CRIU or architecture may fail.
@@ -344,6 +352,12 @@ impl Manifest {
         }
         if let Some(a) = &m.dev_shm {
             safe_relative(a).map_err(invalid)?;
+        }
+        if let Some(a) = m.sysv_ipc.as_deref().filter(|a| *a != crate::sysv::SYSV_STATE) {
+            return Err(invalid(format!(
+                "the SysV IPC state is {a:?}, not {:?}",
+                crate::sysv::SYSV_STATE
+            )));
         }
         Ok(m)
     }
@@ -661,6 +675,7 @@ mod tests {
             volumes: vec![],
             digest_algorithm: DigestAlgorithm::WRITTEN,
             dev_shm: None,
+            sysv_ipc: None,
             files: BTreeMap::new(),
             stats: DumpStats::default(),
         }

@@ -18,11 +18,25 @@ use crate::error::{Error, Result};
 /// podsnap's chain in the pod's namespace.
 pub const CHAIN: &str = "PODSNAP-LOCK";
 
+/// What a lock lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Loopback traffic passes (a dump: the pod's containers are frozen together).
+    AllButLoopback,
+    /// Nothing passes, loopback included (a restore: a connection between two containers
+    /// must not see a reset while one end is restored and the other not yet).
+    All,
+}
+
 /// The rules that lock the namespace (for `iptables-restore --noflush`).
-fn lock_rules() -> String {
+fn lock_rules(scope: Scope) -> String {
+    let loopback = match scope {
+        Scope::AllButLoopback => format!("-A {CHAIN} -i lo -j ACCEPT\n-A {CHAIN} -o lo -j ACCEPT\n"),
+        Scope::All => String::new(),
+    };
     format!(
         "*filter\n:{CHAIN} - [0:0]\n-I INPUT 1 -j {CHAIN}\n-I OUTPUT 1 -j {CHAIN}\n\
-         -A {CHAIN} -i lo -j ACCEPT\n-A {CHAIN} -o lo -j ACCEPT\n-A {CHAIN} -j DROP\nCOMMIT\n"
+         {loopback}-A {CHAIN} -j DROP\nCOMMIT\n"
     )
 }
 
@@ -59,8 +73,13 @@ async fn restore(
         .map_err(|e| Error::io("lock the pod's network (nsenter iptables-restore)", netns, e))
 }
 
-/// Locks the network namespace at `netns`.
+/// Locks the network namespace at `netns` for a dump (loopback passes).
 pub async fn lock(launcher: &dyn Launcher, netns: &Path) -> Result<()> {
+    lock_with(launcher, netns, Scope::AllButLoopback).await
+}
+
+/// Locks the network namespace at `netns`, letting `scope` through.
+pub async fn lock_with(launcher: &dyn Launcher, netns: &Path, scope: Scope) -> Result<()> {
     // A lock left by a dump that died is replaced, not stacked.
     let mut listed = in_netns(netns, "iptables");
     listed.args(["-w", "5", "-S", CHAIN]);
@@ -71,7 +90,7 @@ pub async fn lock(launcher: &dyn Launcher, netns: &Path) -> Result<()> {
     {
         unlock(launcher, netns).await;
     }
-    let out = restore(launcher, netns, &lock_rules()).await?;
+    let out = restore(launcher, netns, &lock_rules(scope)).await?;
     if !out.success() {
         return Err(Error::io(
             "lock the pod's network (nsenter iptables-restore)",
@@ -135,6 +154,97 @@ impl NetLock {
     }
 }
 
+/// The global addresses of the network namespace at `netns` (`ip -o addr show scope global`).
+pub async fn addresses(launcher: &dyn Launcher, netns: &Path) -> Result<Vec<std::net::IpAddr>> {
+    let mut cmd = in_netns(netns, "ip");
+    cmd.args(["-o", "addr", "show", "scope", "global"]);
+    let out = launcher
+        .run(cmd, Capture::Output)
+        .await
+        .map_err(|e| Error::io("list the pod's addresses (nsenter ip addr)", netns, e))?;
+    if !out.success() {
+        return Err(Error::io(
+            "list the pod's addresses (nsenter ip addr)",
+            netns,
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ));
+    }
+    Ok(parse_addresses(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The addresses of `ip -o addr` lines (`2: eth0    inet 10.1.0.5/24 brd ...`).
+fn parse_addresses(text: &str) -> Vec<std::net::IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace().skip_while(|w| *w != "inet" && *w != "inet6");
+            words.next()?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Adds (`true`) or removes the host addresses `ips` on the loopback device of the namespace at
+/// `netns`: while a pod is restored with another address than at its dump, CRIU can bring back
+/// the connections bound to the old one (they are closed after the restore).
+pub async fn borrow_addresses(
+    launcher: &dyn Launcher,
+    netns: &Path,
+    ips: &[std::net::IpAddr],
+    add: bool,
+) -> Result<()> {
+    for ip in ips {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let mut cmd = in_netns(netns, "ip");
+        cmd.args(["addr", if add { "add" } else { "del" }])
+            .arg(format!("{ip}/{prefix}"))
+            .args(["dev", "lo"]);
+        let out = launcher
+            .run(cmd, Capture::Output)
+            .await
+            .map_err(|e| Error::io("set a pod address (nsenter ip addr)", netns, e))?;
+        if !out.success() && add {
+            return Err(Error::io(
+                "add the pod's old address (nsenter ip addr add)",
+                netns,
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Closes (`SOCK_DESTROY`, through `ss -K`) every established TCP connection of the namespace at
+/// `netns` whose peer is not on loopback: after a restore that was not asked to keep them (or
+/// that could not keep them: the pod's address changed), the connections to outside the pod go,
+/// those between its containers stay. Returns how many.
+pub async fn close_outside_connections(launcher: &dyn Launcher, netns: &Path) -> Result<usize> {
+    let mut cmd = in_netns(netns, "ss");
+    cmd.args([
+        "-K",
+        "-t",
+        "-n",
+        "-H",
+        "state",
+        "established",
+        "( not dst 127.0.0.0/8 and not dst [::1] )",
+    ]);
+    let out = launcher
+        .run(cmd, Capture::Output)
+        .await
+        .map_err(|e| Error::io("close connections (nsenter ss -K)", netns, e))?;
+    if !out.success() {
+        return Err(Error::io(
+            "close connections (nsenter ss -K)",
+            netns,
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}
+
 impl Drop for NetLock {
     fn drop(&mut self) {
         if let Some(ns) = self.netns.take() {
@@ -158,7 +268,7 @@ mod tests {
 
     #[test]
     fn the_lock_drops_all_but_loopback_in_a_chain_of_its_own() {
-        let rules = lock_rules();
+        let rules = lock_rules(Scope::AllButLoopback);
         assert!(rules.starts_with("*filter\n:PODSNAP-LOCK - [0:0]\n"), "{rules}");
         assert!(rules.contains("-I INPUT 1 -j PODSNAP-LOCK\n-I OUTPUT 1 -j PODSNAP-LOCK\n"));
         assert!(rules.contains("-A PODSNAP-LOCK -i lo -j ACCEPT\n"));
@@ -168,5 +278,28 @@ mod tests {
             unlock,
             "*filter\n-D INPUT -j PODSNAP-LOCK\n-D OUTPUT -j PODSNAP-LOCK\n-F PODSNAP-LOCK\n-X PODSNAP-LOCK\nCOMMIT\n"
         );
+    }
+
+    #[test]
+    fn addresses_come_from_ip_addr_lines() {
+        let text =
+            "2: eth0    inet 10.88.0.5/16 brd 10.88.255.255 scope global eth0\\       valid_lft forever\n\
+                    2: eth0    inet6 fd00::5/64 scope global \\       valid_lft forever\n";
+        assert_eq!(
+            parse_addresses(text),
+            vec![
+                "10.88.0.5".parse::<std::net::IpAddr>().expect("ip"),
+                "fd00::5".parse().expect("ip")
+            ]
+        );
+        assert!(parse_addresses("garbage\n").is_empty());
+    }
+
+    #[test]
+    fn the_restore_lock_drops_loopback_too() {
+        let rules = lock_rules(Scope::All);
+        assert!(!rules.contains("lo"), "{rules}");
+        assert!(rules.contains("-I INPUT 1 -j PODSNAP-LOCK\n-I OUTPUT 1 -j PODSNAP-LOCK\n"));
+        assert!(rules.ends_with("-A PODSNAP-LOCK -j DROP\nCOMMIT\n"));
     }
 }

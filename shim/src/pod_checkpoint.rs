@@ -66,6 +66,15 @@ pub async fn checkpoint(
             .map(|a| a.into_iter().collect())
             .unwrap_or_default(),
         cri_config: None,
+        ips: match spec.as_ref().and_then(pod_netns) {
+            Some(ns) => podsnap_checkpoint::netlock::addresses(&MonitorLauncher, &ns)
+                .await
+                .unwrap_or_else(|e| {
+                    log::warn!("pod {}: its addresses are not recorded: {e}", sandbox.id);
+                    Vec::new()
+                }),
+            None => Vec::new(),
+        },
     };
     let dest = &request.dest;
     let dump = PodDump {
@@ -222,7 +231,7 @@ fn record_state(s: Status) -> ContainerState {
 }
 
 /// The pod's network namespace (the sandbox's, by path), when it is not the host's.
-fn pod_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+pub fn pod_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
     spec.linux()
         .as_ref()?
         .namespaces()

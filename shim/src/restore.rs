@@ -19,6 +19,13 @@
 //! attempt 0 is restored: kubelet's restarts of a container start fresh from the image. The
 //! attempt is kubelet's restart count annotation; without it, a second Create of a name this
 //! pod already restored counts as a restart.
+//!
+//! The pod's network is locked, loopback included, from the first container's restore until the
+//! last one's ([`NetHold`]): established connections are always restored, so a TCP connection
+//! between two containers of the pod comes back whole, and no packet of a restored end reaches
+//! the other before it exists (the kernel would answer with a reset). Then, unless the
+//! checkpoint was taken to keep them (`--tcp-established`), the connections to outside the pod
+//! are closed.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -72,6 +79,9 @@ pub struct RestorePlan {
     /// (archive, host directory) of each emptyDir volume this container mounts, and of the
     /// pod's `/dev/shm`.
     pub volumes: Vec<(PathBuf, PathBuf)>,
+    /// (checkpoint directory, the new pod's IPC namespace) when the checkpoint holds SysV IPC
+    /// objects of the pod: created there once, before the pod's first container.
+    pub sysv_ipc: Option<(PathBuf, PathBuf)>,
     /// The container's name in its pod (kubelet path), marked restored once created.
     pub name: Option<String>,
     /// It was paused at the checkpoint: it comes back paused.
@@ -104,7 +114,26 @@ pub struct Restores {
     /// The pod's leases on the checkpoints it restores from, by checkpoint directory: held
     /// for the life of the shim (released as it exits, see `service.rs`).
     leases: Mutex<HashMap<PathBuf, Lease>>,
+    /// The pod's network while its containers are restored.
+    net: Arc<tokio::sync::Mutex<Option<NetHold>>>,
 }
+
+/// The new pod's network namespace, locked (loopback too) until every container the checkpoint
+/// holds running is restored (or its restore failed), or at the latest [`NET_HOLD_LIMIT`]
+/// after the lock.
+pub struct NetHold {
+    netns: PathBuf,
+    /// Names of the containers still to restore.
+    pending: HashSet<String>,
+    /// The checkpoint asked to keep connections to outside the pod.
+    keep_outside: bool,
+    /// The pod's addresses at the dump that this pod does not have, lent to its loopback device
+    /// while CRIU restores the connections bound to them.
+    borrowed: Vec<std::net::IpAddr>,
+}
+
+/// The longest the pod's network stays locked waiting for its containers' restores.
+const NET_HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Restores {
     /// Decides how to create a container from its spec's annotations; refuses (before
@@ -195,8 +224,10 @@ impl Restores {
 
         let image_dir = dir.join(entry.dir()).join("criu");
         let mut options = podsnap_checkpoint::container::inspect(&image_dir)?;
-        // Connections are always captured; they come back only if the dump asked to keep them.
-        options.tcp_established = manifest.tcp_established;
+        // Connections are always captured and restored: those to outside the pod are closed
+        // after the last container's restore unless the dump asked to keep them.
+        options.tcp_established = true;
+        self.hold_network(new.spec, manifest).await?;
         let (tar, del) = (entry.file("rootfs-diff.tar"), entry.file("rootfs-deleted.json"));
         let rootfs_changes =
             (manifest.lists(&tar) && manifest.lists(&del)).then(|| (dir.join(tar), dir.join(del)));
@@ -222,11 +253,24 @@ impl Restores {
         ) {
             volumes.push((dir.join(archive), dst));
         }
+        let sysv_ipc = match manifest.sysv_ipc.as_ref().filter(|a| manifest.lists(a)) {
+            Some(_) => Some((
+                dir.clone(),
+                podsnap_checkpoint::dump::joined_ipc_ns(new.spec).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "checkpoint {name:?} holds the pod's SysV IPC objects but container \
+                         {cname:?} joins no IPC namespace of a pod"
+                    ))
+                })?,
+            )),
+            None => None,
+        };
         Ok(Plan::Restore(Box::new(RestorePlan {
             image_dir,
             options,
             rootfs_changes,
             volumes,
+            sysv_ipc,
             name: Some(cname),
             paused: entry.state == ContainerState::Paused,
         })))
@@ -259,6 +303,78 @@ impl Restores {
         log::info!("pod {sandbox}: holds a lease on checkpoint {name}");
         lock(&self.leases).insert(dir.to_path_buf(), lease);
         Ok(())
+    }
+
+    /// Locks the pod's network before the first of its containers is restored.
+    async fn hold_network(&self, spec: &Spec, manifest: &Manifest) -> Result<()> {
+        let mut net = self.net.lock().await;
+        if net.is_some() {
+            return Ok(());
+        }
+        let Some(netns) = crate::pod_checkpoint::pod_netns(spec) else {
+            return Ok(()); // the host's network: nothing of the pod's own to hold
+        };
+        let pending: HashSet<String> = manifest
+            .containers
+            .iter()
+            .filter(|c| c.dumped && matches!(c.state, ContainerState::Running | ContainerState::Paused))
+            .map(|c| c.name.clone())
+            .collect();
+        use podsnap_checkpoint::netlock;
+        let now = netlock::addresses(&MonitorLauncher, &netns).await?;
+        let borrowed: Vec<_> = manifest
+            .pod
+            .ips
+            .iter()
+            .filter(|ip| !now.contains(ip))
+            .copied()
+            .collect();
+        netlock::lock_with(&MonitorLauncher, &netns, netlock::Scope::All).await?;
+        // Connections come back bound to the pod's address at the dump.
+        if let Err(e) = netlock::borrow_addresses(&MonitorLauncher, &netns, &borrowed, true).await {
+            netlock::borrow_addresses(&MonitorLauncher, &netns, &borrowed, false)
+                .await
+                .ok();
+            netlock::unlock(&MonitorLauncher, &netns).await;
+            return Err(e.into());
+        }
+        log::info!(
+            "pod network {} locked until {} containers are restored",
+            netns.display(),
+            pending.len()
+        );
+        *net = Some(NetHold {
+            netns,
+            pending,
+            keep_outside: manifest.tcp_established,
+            borrowed,
+        });
+        let held = self.net.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(NET_HOLD_LIMIT).await;
+            if let Some(h) = held.lock().await.as_mut().filter(|h| !h.pending.is_empty()) {
+                log::warn!(
+                    "pod network {}: still waiting for {:?} after {:?}; unlocked",
+                    h.netns.display(),
+                    h.pending,
+                    NET_HOLD_LIMIT
+                );
+                h.pending.clear();
+                release_network(h).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Container `name`'s restore is over (restored or failed): after the last one the pod's
+    /// network is unlocked.
+    pub async fn restore_over(&self, name: &str) {
+        let mut net = self.net.lock().await;
+        if let Some(h) = net.as_mut() {
+            if h.pending.remove(name) && h.pending.is_empty() {
+                release_network(h).await;
+            }
+        }
     }
 
     /// Remembers that container `name` of this pod came back from the checkpoint: its next
@@ -342,6 +458,26 @@ impl Restores {
             .map_err(|e| Error::Internal(e.to_string()))??;
             lock(&self.filled).insert(dst.clone());
         }
+        if let Some((dir, ns)) = plan.sysv_ipc.clone() {
+            // Keyed by the namespace: once for the pod.
+            if !lock(&self.filled).contains(&ns) {
+                let n = ns.clone();
+                tokio::task::spawn_blocking(move || {
+                    let path = dir.join(podsnap_checkpoint::sysv::SYSV_STATE);
+                    let state: podsnap_checkpoint::sysv::SysvState = read_capped(&path, MAX_JSON_BYTES)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                        .map_err(|reason| podsnap_checkpoint::Error::InvalidCheckpoint {
+                            path: path.clone(),
+                            reason,
+                        })?;
+                    podsnap_checkpoint::sysv::restore(&n, &dir, &state)
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+                lock(&self.filled).insert(ns);
+            }
+        }
         if let Some((tar, del)) = plan.rootfs_changes.clone() {
             let r = rootfs.to_path_buf();
             tokio::task::spawn_blocking(move || podsnap_checkpoint::rootfs::apply(&r, &tar, &del))
@@ -350,6 +486,37 @@ impl Restores {
         }
         Ok(())
     }
+}
+
+/// Closes the connections to outside the pod unless they are kept, then unlocks its network.
+async fn release_network(h: &NetHold) {
+    use podsnap_checkpoint::netlock;
+    if !h.borrowed.is_empty() && h.keep_outside {
+        log::warn!(
+            "pod network {}: the pod's address changed ({:?} at the dump): its connections to \
+             outside the pod cannot be kept",
+            h.netns.display(),
+            h.borrowed
+        );
+    }
+    if !h.keep_outside || !h.borrowed.is_empty() {
+        match podsnap_checkpoint::netlock::close_outside_connections(&MonitorLauncher, &h.netns).await {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "pod network {}: closed {n} connections to outside the pod (not kept by the checkpoint)",
+                h.netns.display()
+            ),
+            Err(e) => log::warn!("pod network {}: {e}", h.netns.display()),
+        }
+    }
+    if let Err(e) = netlock::borrow_addresses(&MonitorLauncher, &h.netns, &h.borrowed, false).await {
+        log::warn!("pod network {}: {e}", h.netns.display());
+    }
+    netlock::unlock(&MonitorLauncher, &h.netns).await;
+    log::info!(
+        "pod network {} unlocked: every container restored",
+        h.netns.display()
+    );
 }
 
 /// kubelet's restart count of a container (0 for its first attempt), when it passes one.

@@ -157,6 +157,7 @@ impl PodTask {
                 options,
                 rootfs_changes: None,
                 volumes: Vec::new(),
+                sysv_ipc: None,
                 name: None,
                 paused: false,
             }))
@@ -312,13 +313,21 @@ impl PodTask {
         // A Kill or Delete of the container waits until its start (a restore can take a while)
         // is over: it then finds the process it must end.
         let starting = c.starting.lock().await;
-        let pid = c.start(&self.inner.started, &self.inner.exits).await?;
+        let restoring_name = if restoring {
+            lock(&self.inner.restoring).remove(&c.id)
+        } else {
+            None
+        };
+        let started = c.start(&self.inner.started, &self.inner.exits).await;
         drop(starting);
-        if restoring {
-            if let Some(name) = lock(&self.inner.restoring).remove(&c.id) {
+        if let Some(name) = restoring_name {
+            // Restored or failed, its restore is over (the pod's network waits for the last).
+            self.inner.restores.restore_over(&name).await;
+            if started.is_ok() {
                 self.inner.restores.mark_restored(&name);
             }
         }
+        let pid = started?;
         if c.exited_plan().is_none() {
             if restoring {
                 oom::watch(c, self.inner.events.clone());

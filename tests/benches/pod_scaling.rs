@@ -10,9 +10,9 @@
 //!      memory, run as plain processes (own session, stdio on /dev/null, host network) and
 //!      dumped by `criu dump --leave-running`, all at once: CRIU with no container runtime, no
 //!      pod freeze, no digests;
-//!    - a sequential write of the same number of bytes into one file, 1 MiB at a time,
-//!      through the page cache like the dumps (no fsync): the physical limit of writing that
-//!      much here.
+//!    - a sequential write of the same number of bytes, one file per container written at
+//!      once, 1 MiB at a time, through the page cache like the dumps (no fsync): the physical
+//!      limit of writing that much here.
 //!
 //! Every timing starts after `sync` (no writeback of the previous contender inside it). Pod
 //! frozen windows are observed from outside (`common::observer`).
@@ -128,7 +128,7 @@ fn main() {
                             .last()
                             .map(|m| (m * 1024.0 * 1024.0) as u64)
                             .unwrap_or((t as u64) << 20);
-                        let time = sequential_write(&node, bytes);
+                        let time = sequential_write(&node, bytes, MEMORY_PODS);
                         eprintln!("round {round}: write {t} MiB: {time:.3} s");
                         if round > 0 {
                             write[i].push(time, 0.0, bytes);
@@ -183,8 +183,8 @@ fn main() {
     println!(
         "raw criu dump: the same workload with the same memory as plain processes, `criu dump \
          --leave-running` of each at once (no runc, no pod freeze, no digests). Write: one file \
-         written 1 MiB at a time through the page cache on the same filesystem, no fsync (the \
-         dumps do not sync either). Throughput: image MiB / median time."
+         per container written at once, 1 MiB at a time, through the page cache on the same \
+         filesystem, no fsync (the dumps do not sync either). Throughput: image MiB / median time."
     );
     println!();
     let mut rows = Vec::new();
@@ -373,22 +373,33 @@ fn criu_dump(pid: u32, dir: &Path) {
     );
 }
 
-/// Writes `bytes` (not zeros) into a new file beside the checkpoints, 1 MiB at a time, no
-/// fsync; returns the seconds.
-fn sequential_write(node: &Node, bytes: u64) -> f64 {
-    let path = node.files().checkpoints().join("sequential-write");
+/// Writes `bytes` (not zeros) beside the checkpoints into `files` new files at once (one
+/// writer thread each, as many as the dumps that write them), 1 MiB at a time, no fsync;
+/// returns the seconds.
+fn sequential_write(node: &Node, bytes: u64, files: usize) -> f64 {
+    let paths: Vec<PathBuf> = (0..files)
+        .map(|i| node.files().checkpoints().join(format!("sequential-write-{i}")))
+        .collect();
     let block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
     common::sync_disks();
     let clock = Instant::now();
-    let mut f = std::fs::File::create(&path).expect("create");
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        f.write_all(&block[..n]).expect("write");
-        left -= n as u64;
-    }
-    drop(f);
+    std::thread::scope(|scope| {
+        for path in &paths {
+            let block = &block;
+            scope.spawn(move || {
+                let mut f = std::fs::File::create(path).expect("create");
+                let mut left = bytes / files as u64;
+                while left > 0 {
+                    let n = left.min(block.len() as u64) as usize;
+                    f.write_all(&block[..n]).expect("write");
+                    left -= n as u64;
+                }
+            });
+        }
+    });
     let time = seconds(clock.elapsed());
-    std::fs::remove_file(&path).expect("remove");
+    for path in &paths {
+        std::fs::remove_file(path).expect("remove");
+    }
     time
 }

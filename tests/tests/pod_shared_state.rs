@@ -4,11 +4,12 @@
 
 mod pod_checkpoint_support;
 
+use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use pod_checkpoint_support::*;
 use podsnap_tests::kubelet::{
-    ask, run_container, run_pod, wait_answering, ContainerSpec, PodOptions, APP_PORT,
+    ask, run_container, run_pod, wait_answering, ContainerSpec, PodOptions, APP_PORT, SIDECAR_PORT,
 };
 use podsnap_tests::{start_node, HANDLER};
 
@@ -80,5 +81,169 @@ fn dev_shm_files_written_and_held_open_come_back() {
     assert!(
         held_pos(&after) >= held_pos(&before),
         "the held file goes on from where it was: {before} -> {after}"
+    );
+}
+
+/// The SysV objects of the pod's IPC namespace (a segment the app keeps attached, a semaphore
+/// set, a queue of messages) and a `/dev/shm` file it keeps mapped come back with the same ids,
+/// contents and values, shared again by the pod's containers; a unix socket listening in an
+/// emptyDir neither stops the dump nor stays behind: it listens again after the restore.
+#[test]
+fn sysv_ipc_and_unix_listeners_come_back() {
+    let node = start_node!();
+    let name = node.unique("ipc");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    let sidecar_port = SIDECAR_PORT.to_string();
+    let app = ContainerSpec::workload(
+        "app",
+        &[
+            "serve",
+            "--name",
+            "app",
+            "--port",
+            &port,
+            "--ipc-probe",
+            "7100",
+            "--unix-listen",
+            "/shared/app.sock",
+        ],
+    )
+    .with_empty_dir("shared", "/shared");
+    let sidecar = ContainerSpec::workload(
+        "sidecar",
+        &["serve", "--name", "sidecar", "--port", &sidecar_port],
+    )
+    .with_empty_dir("shared", "/shared");
+    run_container(&node, &pod, &app).expect("the app runs");
+    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let before = ask(&pod.ip, APP_PORT, "ipc-check").expect("ipc-check");
+    assert!(before.starts_with("ipc shm "), "{before}");
+    assert!(before.contains("sem 3,7 msg 2 alpha"), "{before}");
+    assert_eq!(
+        ask(&pod.ip, SIDECAR_PORT, "shm-read 7100").expect("shm-read"),
+        "probe-7100",
+        "the sidecar sees the app's segment (one IPC namespace)"
+    );
+    let socket = pod.empty_dir("shared").expect("volume").join("app.sock");
+    assert!(
+        std::fs::symlink_metadata(&socket)
+            .expect("the socket file")
+            .file_type()
+            .is_socket(),
+        "the app listens at {}",
+        socket.display()
+    );
+
+    let dir = node.files().checkpoints().join("ipc");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump (a listening socket in a volume does not stop it)");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    assert_eq!(m.sysv_ipc.as_deref(), Some(podsnap_checkpoint::sysv::SYSV_STATE));
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
+
+    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+    wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
+    assert_eq!(
+        ask(&restored.ip, APP_PORT, "ipc-check").expect("ipc-check"),
+        before,
+        "the attached segment, the semaphores, the queue and the mapped /dev/shm file are back"
+    );
+    assert_eq!(
+        ask(&restored.ip, SIDECAR_PORT, "shm-read 7100").expect("shm-read"),
+        "probe-7100",
+        "the containers share the segment again"
+    );
+    assert_eq!(
+        ask(&restored.ip, SIDECAR_PORT, "peer-connect unix /shared/app.sock").expect("connect"),
+        "ok",
+        "the app listens on its unix socket again"
+    );
+    let reply = ask(&restored.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
+    assert!(reply.ends_with("reply pong app"), "{reply}");
+}
+
+/// A TCP connection between two containers of the pod over 127.0.0.1 moves with the pod: after
+/// the restore the same connection (same local port) carries data again, without
+/// `--tcp-established` (both ends move together). A connection from outside the pod, not kept
+/// without `--tcp-established`, is closed in the restored pod.
+#[test]
+fn loopback_tcp_between_containers_survives() {
+    let node = start_node!();
+    let name = node.unique("loop");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    let sidecar_port = SIDECAR_PORT.to_string();
+    let app = ContainerSpec::workload("app", &["serve", "--name", "app", "--port", &port]);
+    let sidecar = ContainerSpec::workload(
+        "sidecar",
+        &["serve", "--name", "sidecar", "--port", &sidecar_port],
+    );
+    run_container(&node, &pod, &app).expect("the app runs");
+    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let target = format!("peer-connect tcp 127.0.0.1:{SIDECAR_PORT}");
+    assert_eq!(ask(&pod.ip, APP_PORT, &target).expect("connect"), "ok");
+    let before = ask(&pod.ip, APP_PORT, "peer-check").expect("peer-check");
+    assert!(before.ends_with("checks 1 reply pong sidecar"), "{before}");
+    // A client outside the pod keeps a connection open across the dump.
+    let outside = std::net::TcpStream::connect((pod.ip.as_str(), APP_PORT)).expect("connect");
+    let local = |reply: &str| {
+        reply
+            .split_whitespace()
+            .skip_while(|w| *w != "local")
+            .nth(1)
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no local port in {reply:?}"))
+    };
+
+    let dir = node.files().checkpoints().join("loop");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump");
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
+    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+    wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
+    let after = ask(&restored.ip, APP_PORT, "peer-check").expect("peer-check");
+    assert!(
+        after.ends_with("checks 2 reply pong sidecar"),
+        "the same connection carries data after the restore: {after}"
+    );
+    assert_eq!(
+        local(&after),
+        local(&before),
+        "the same connection: {before} / {after}"
+    );
+    drop(outside);
+    let netns = node
+        .cri()
+        .pod_netns(&restored.id)
+        .expect("pod status")
+        .expect("the restored pod's netns");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["ss", "-t", "-n", "-H", "state", "established"])
+        .output()
+        .expect("ss");
+    let established = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = established.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "both ends of the loopback connection, nothing else: {established}"
+    );
+    assert!(
+        lines.iter().all(|l| l.matches("127.0.0.1:").count() == 2),
+        "only loopback connections are left: {established}"
     );
 }

@@ -16,12 +16,20 @@
 //!   - `held`: the state of the `--hold-file` descriptor (`fd N path P pos X flags 0O`);
 //!   - `loop-check`: sends a line each way over every `--loopback-pairs` connection
 //!     (`loop ok pairs=N checks=K ports=P,...`);
-//!   - `ballast-sum`: a checksum of the `--ballast-mib` memory (`ballast MiB sum S`).
+//!   - `ballast-sum`: a checksum of the `--ballast-mib` memory (`ballast MiB sum S`);
+//!   - `ipc-check`: the `--ipc-probe` objects as this process sees them, through the mappings
+//!     it made at start (`ipc shm S sem A,B msg N FIRST posix P`);
+//!   - `peer-connect tcp HOST:PORT` / `peer-connect unix PATH`: opens a connection to another
+//!     server and keeps it; `peer-check`: sends `ping` over that same connection
+//!     (`peer ok kind K local L checks N reply R`).
 //!
 //!   Checkpoint/restore probes (all off by default): `--hold-file PATH` opens PATH with
 //!   O_APPEND at start, keeps it open and appends a line every tick; `--loopback-pairs N` makes
 //!   N TCP connections to its own listener over 127.0.0.1 at start and keeps both ends;
-//!   `--ballast-mib N` allocates N MiB and writes every page.
+//!   `--ballast-mib N` allocates N MiB and writes every page; `--ipc-probe KEY` makes a SysV
+//!   segment (key KEY, kept attached), a semaphore set (KEY+1) and a queue of two messages
+//!   (KEY+2), and a `/dev/shm/probe-KEY` file kept mapped (not open); `--unix-listen PATH`
+//!   also answers the line protocol on a unix socket bound at PATH.
 //!
 //!   Every reply is one line; a failure is `error: <what>`.
 //! - `init --marker FILE`: appends one line to FILE and exits 0 (an init container).
@@ -31,7 +39,8 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -48,6 +57,7 @@ const USAGE: &str = "usage:
   podsnap-workload pause
   podsnap-workload serve --name N --port P [--volume DIR] [--interval-ms 100] [--log-every 10]
                          [--hold-file PATH] [--loopback-pairs N] [--ballast-mib N]
+                         [--ipc-probe KEY] [--unix-listen PATH]
   podsnap-workload init --marker FILE
   podsnap-workload client HOST:PORT CMD...";
 
@@ -213,6 +223,8 @@ struct ServeOptions {
     hold_file: Option<PathBuf>,
     loopback_pairs: usize,
     ballast_mib: usize,
+    ipc_probe: Option<libc::key_t>,
+    unix_listen: Option<PathBuf>,
 }
 
 impl ServeOptions {
@@ -228,6 +240,8 @@ impl ServeOptions {
                 "--hold-file",
                 "--loopback-pairs",
                 "--ballast-mib",
+                "--ipc-probe",
+                "--unix-listen",
             ],
         )?;
         let name = flags
@@ -256,6 +270,8 @@ impl ServeOptions {
             hold_file: flags.get("--hold-file").map(PathBuf::from),
             loopback_pairs: count_flag(&flags, "--loopback-pairs")?,
             ballast_mib: count_flag(&flags, "--ballast-mib")?,
+            ipc_probe: flags.get("--ipc-probe").map(|k| parse_key(k)).transpose()?,
+            unix_listen: flags.get("--unix-listen").map(PathBuf::from),
         })
     }
 }
@@ -284,8 +300,66 @@ fn install_stop_handlers() -> Result<(), String> {
     Ok(())
 }
 
+/// A connection the server answers: over TCP or a unix socket.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn set_timeouts(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s
+                .set_read_timeout(Some(NET_TIMEOUT))
+                .and_then(|()| s.set_write_timeout(Some(NET_TIMEOUT))),
+            Stream::Unix(s) => s
+                .set_read_timeout(Some(NET_TIMEOUT))
+                .and_then(|()| s.set_write_timeout(Some(NET_TIMEOUT))),
+        }
+    }
+
+    /// Where this end is: the local TCP port, or the socket's inode for a unix socket.
+    fn local(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s.local_addr().map(|a| a.port().to_string()).unwrap_or_default(),
+            Stream::Unix(s) => std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd()))
+                .map(|l| l.display().to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     input: Vec<u8>,
     output: Vec<u8>,
     /// The peer shut its side down: answer what is buffered, then close.
@@ -305,7 +379,21 @@ struct Probes {
     held: Option<(std::fs::File, PathBuf)>,
     pairs: Vec<LoopbackPair>,
     ballast: Vec<u8>,
+    ipc: Option<IpcProbe>,
+    /// A kept connection to another server (`peer-connect`), and how often it was checked.
+    peer: Option<(Stream, &'static str, u64)>,
 }
+
+/// SysV objects and a mapped `/dev/shm` file, made at start.
+struct IpcProbe {
+    shm: *mut u8,
+    sem: libc::c_int,
+    msg: libc::c_int,
+    posix: *mut u8,
+}
+
+/// Size of the probe's SysV segment and `/dev/shm` file.
+const PROBE_SIZE: usize = 64 * 1024;
 
 /// Both ends of one TCP connection to our own listener.
 struct LoopbackPair {
@@ -330,6 +418,16 @@ fn serve(options: ServeOptions) -> Result<(), String> {
         options.port,
         std::process::id()
     ));
+    let unix_listener = match &options.unix_listen {
+        Some(path) => {
+            let l =
+                UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            l.set_nonblocking(true)
+                .map_err(|e| format!("unix listener: {e}"))?;
+            Some(l)
+        }
+        None => None,
+    };
     let probes = Probes::open(&options, &listener)?;
     let mut server = Server {
         options,
@@ -349,9 +447,15 @@ fn serve(options: ServeOptions) -> Result<(), String> {
             return Ok(());
         }
 
-        let mut fds = Vec::with_capacity(connections.len() + 1);
+        let mut fds = Vec::with_capacity(connections.len() + 2);
         fds.push(libc::pollfd {
             fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // The unix listener, when there is one, polled in place of a second TCP one.
+        fds.push(libc::pollfd {
+            fd: unix_listener.as_ref().map_or(-1, |l| l.as_raw_fd()),
             events: libc::POLLIN,
             revents: 0,
         });
@@ -361,7 +465,7 @@ fn serve(options: ServeOptions) -> Result<(), String> {
                 events |= libc::POLLOUT;
             }
             fds.push(libc::pollfd {
-                fd: connection.stream.as_raw_fd(),
+                fd: connection.stream.fd(),
                 events,
                 revents: 0,
             });
@@ -387,8 +491,11 @@ fn serve(options: ServeOptions) -> Result<(), String> {
         if fds[0].revents != 0 {
             accept_all(&listener, &mut connections);
         }
+        if let Some(l) = unix_listener.as_ref().filter(|_| fds[1].revents != 0) {
+            accept_all_unix(l, &mut connections);
+        }
         // Connections accepted just now are not in `fds`; they are polled next round.
-        for (connection, pollfd) in connections.iter_mut().zip(&fds[1..]) {
+        for (connection, pollfd) in connections.iter_mut().zip(&fds[2..]) {
             if pollfd.revents != 0 {
                 server.service(connection);
             }
@@ -403,7 +510,7 @@ fn accept_all(listener: &TcpListener, connections: &mut Vec<Connection>) {
             Ok((stream, _)) => {
                 if stream.set_nonblocking(true).is_ok() {
                     connections.push(Connection {
-                        stream,
+                        stream: Stream::Tcp(stream),
                         input: Vec::new(),
                         output: Vec::new(),
                         eof: false,
@@ -413,6 +520,25 @@ fn accept_all(listener: &TcpListener, connections: &mut Vec<Connection>) {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             // WouldBlock: nothing more to accept. Other errors (EMFILE, a reset peer) are
             // transient for us: try again on the next readiness.
+            Err(_) => return,
+        }
+    }
+}
+
+fn accept_all_unix(listener: &UnixListener, connections: &mut Vec<Connection>) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if stream.set_nonblocking(true).is_ok() {
+                    connections.push(Connection {
+                        stream: Stream::Unix(stream),
+                        input: Vec::new(),
+                        output: Vec::new(),
+                        eof: false,
+                    });
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => return,
         }
     }
@@ -462,7 +588,98 @@ impl Probes {
             page.fill(page_byte(index));
         }
         probes.ballast = ballast;
+        if let Some(key) = options.ipc_probe {
+            probes.ipc = Some(IpcProbe::make(key)?);
+        }
         Ok(probes)
+    }
+
+    /// `ipc-check`: reads every probe object through what this process attached at start.
+    fn ipc_check(&self) -> Result<String, String> {
+        let ipc = self.ipc.as_ref().ok_or("no --ipc-probe")?;
+        // SAFETY: both mappings are PROBE_SIZE bytes long and stay mapped for the process's
+        // life.
+        let (shm, posix) = unsafe {
+            (
+                std::slice::from_raw_parts(ipc.shm, PROBE_SIZE),
+                std::slice::from_raw_parts(ipc.posix, PROBE_SIZE),
+            )
+        };
+        let mut values = [0u16; 2];
+        // SAFETY: GETALL writes one unsigned short per semaphore (the set has two).
+        if unsafe { libc::semctl(ipc.sem, 0, libc::GETALL, values.as_mut_ptr()) } != 0 {
+            return Err(errno_message("semctl GETALL"));
+        }
+        // SAFETY: IPC_STAT into a zeroed buffer.
+        let mut ds: libc::msqid_ds = unsafe { std::mem::zeroed() };
+        // SAFETY: `ds` is a valid out pointer.
+        if unsafe { libc::msgctl(ipc.msg, libc::IPC_STAT, &mut ds) } != 0 {
+            return Err(errno_message("msgctl IPC_STAT"));
+        }
+        let mut buf = [0u8; 8 + 256];
+        // SAFETY: `buf` is an mtype and 256 bytes; MSG_COPY (0o40000) leaves the message queued.
+        let n = unsafe {
+            libc::msgrcv(
+                ipc.msg,
+                buf.as_mut_ptr().cast(),
+                256,
+                0,
+                libc::IPC_NOWAIT | 0o40000,
+            )
+        };
+        if n < 0 {
+            return Err(errno_message("msgrcv MSG_COPY"));
+        }
+        let first = String::from_utf8_lossy(&buf[8..8 + n as usize]).into_owned();
+        Ok(format!(
+            "ipc shm {} sem {},{} msg {} {first} posix {}",
+            checksum(shm),
+            values[0],
+            values[1],
+            ds.msg_qnum,
+            checksum(posix)
+        ))
+    }
+
+    /// `peer-connect KIND ADDRESS`.
+    fn peer_connect(&mut self, rest: &str) -> Result<String, String> {
+        let (kind, address) = two_args(rest, "peer-connect tcp|unix ADDRESS")?;
+        let stream = match kind {
+            "tcp" => Stream::Tcp(
+                TcpStream::connect(address).map_err(|e| format!("cannot connect to {address}: {e}"))?,
+            ),
+            "unix" => Stream::Unix(
+                UnixStream::connect(address).map_err(|e| format!("cannot connect to {address}: {e}"))?,
+            ),
+            other => return Err(format!("peer-connect: unknown kind {other:?}")),
+        };
+        stream.set_timeouts().map_err(|e| format!("peer: {e}"))?;
+        let kind = if kind == "tcp" { "tcp" } else { "unix" };
+        self.peer = Some((stream, kind, 0));
+        Ok("ok".to_owned())
+    }
+
+    /// `peer-check`: one `ping` over the kept connection.
+    fn peer_check(&mut self) -> Result<String, String> {
+        let (stream, kind, checks) = self.peer.as_mut().ok_or("no peer-connect")?;
+        stream
+            .write_all(b"ping\n")
+            .map_err(|e| format!("peer send: {e}"))?;
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            match stream.read(&mut byte) {
+                Ok(0) => return Err("peer closed the connection".to_owned()),
+                Ok(_) => reply.push(byte[0]),
+                Err(e) => return Err(format!("peer receive: {e}")),
+            }
+        }
+        *checks += 1;
+        Ok(format!(
+            "peer ok kind {kind} local {} checks {checks} reply {}",
+            stream.local(),
+            String::from_utf8_lossy(&reply).trim()
+        ))
     }
 
     /// `held`: the descriptor's number, path, offset and flags as the kernel reports them.
@@ -526,6 +743,93 @@ impl Probes {
             "ballast {} MiB sum {sum}",
             self.ballast.len() / (1024 * 1024)
         ))
+    }
+}
+
+/// A sum of `bytes` that changes if any byte does.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().enumerate().fold(0u64, |sum, (i, b)| {
+        sum.wrapping_mul(31).wrapping_add(u64::from(*b) ^ (i as u64))
+    })
+}
+
+impl IpcProbe {
+    fn make(key: libc::key_t) -> Result<Self, String> {
+        // SAFETY: plain SysV calls; the segment is attached for the life of the process.
+        let shm = unsafe {
+            let id = libc::shmget(key, PROBE_SIZE, libc::IPC_CREAT | libc::IPC_EXCL | 0o600);
+            if id < 0 {
+                return Err(errno_message("shmget (probe)"));
+            }
+            let addr = libc::shmat(id, std::ptr::null(), 0);
+            if addr as isize == -1 {
+                return Err(errno_message("shmat (probe)"));
+            }
+            addr.cast::<u8>()
+        };
+        let label = format!("probe-{key}");
+        // SAFETY: the segment is PROBE_SIZE bytes, mapped read-write above.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(shm, PROBE_SIZE) };
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i % 253) as u8 | 1;
+        }
+        bytes[..label.len()].copy_from_slice(label.as_bytes());
+        bytes[label.len()] = 0;
+        // SAFETY: a set of two semaphores, set to 3 and 7.
+        let sem = unsafe {
+            let id = libc::semget(key + 1, 2, libc::IPC_CREAT | libc::IPC_EXCL | 0o600);
+            let mut values: [u16; 2] = [3, 7];
+            if id < 0 || libc::semctl(id, 0, libc::SETALL, values.as_mut_ptr()) != 0 {
+                return Err(errno_message("semget/SETALL (probe)"));
+            }
+            id
+        };
+        // SAFETY: a queue with two messages.
+        let msg = unsafe {
+            let id = libc::msgget(key + 2, libc::IPC_CREAT | libc::IPC_EXCL | 0o600);
+            if id < 0 {
+                return Err(errno_message("msgget (probe)"));
+            }
+            for (t, text) in [(1 as libc::c_long, &b"alpha"[..]), (2, &b"beta"[..])] {
+                let mut buf = t.to_ne_bytes().to_vec();
+                buf.extend_from_slice(text);
+                if libc::msgsnd(id, buf.as_ptr().cast(), text.len(), libc::IPC_NOWAIT) != 0 {
+                    return Err(errno_message("msgsnd (probe)"));
+                }
+            }
+            id
+        };
+        let path = format!("/dev/shm/probe-{key}");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| format!("cannot create {path}: {e}"))?;
+        file.set_len(PROBE_SIZE as u64)
+            .map_err(|e| format!("cannot size {path}: {e}"))?;
+        // SAFETY: a shared mapping of the whole file; kept for the life of the process (the
+        // descriptor is closed when `file` drops: the file stays mapped, not open).
+        let posix = unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                PROBE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            if addr == libc::MAP_FAILED {
+                return Err(errno_message("mmap (probe)"));
+            }
+            addr.cast::<u8>()
+        };
+        // SAFETY: the mapping is PROBE_SIZE bytes, read-write.
+        let mapped = unsafe { std::slice::from_raw_parts_mut(posix, PROBE_SIZE) };
+        for (i, b) in mapped.iter_mut().enumerate() {
+            *b = (i % 241) as u8 ^ 0x5a;
+        }
+        Ok(IpcProbe { shm, sem, msg, posix })
     }
 }
 
@@ -679,6 +983,9 @@ impl Server {
             "held" => self.probes.held(),
             "loop-check" => self.probes.loop_check(),
             "ballast-sum" => self.probes.ballast_sum(),
+            "ipc-check" => self.probes.ipc_check(),
+            "peer-connect" => self.probes.peer_connect(rest),
+            "peer-check" => self.probes.peer_check(),
             "exit" => {
                 let code: i32 = rest.parse().map_err(|e| format!("exit CODE: {e}"))?;
                 say(&format!("{} exiting with {code}", self.options.name));
