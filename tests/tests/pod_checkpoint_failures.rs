@@ -283,7 +283,9 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
 
     let future = outside.join("future");
     copy_tree(&good, &future);
-    edit_manifest(&future, |m| m["version"] = serde_json::json!(2));
+    let newer = podsnap_checkpoint::manifest::VERSION + 1;
+    edit_manifest(&future, |m| m["version"] = serde_json::json!(newer));
+    let newer_refused = format!("format version {newer} is not supported");
 
     let no_image = outside.join("no-image");
     copy_tree(&good, &no_image);
@@ -303,7 +305,7 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
     for (dir, expected, up_front) in [
         (&flipped, "is damaged", false),
         (&missing, gone.as_str(), true),
-        (&future, "format version 2 is not supported", true),
+        (&future, newer_refused.as_str(), true),
         (&no_image, "localhost/podsnap/missing:1", true),
         (&unlisted, "containers/app/criu/extra.img is not listed", true),
     ] {
