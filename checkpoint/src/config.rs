@@ -57,6 +57,9 @@ pub const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/podsnap/checkpoints";
 pub const CHECKPOINT_ROOT_ENV: &str = "PODSNAP_CHECKPOINT_ROOT";
 /// The pod annotation naming the checkpoint a pod restores from (kubelet path).
 pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
+/// Pod annotation (`"true"`) asking, on the node where its checkpoint was taken, for the pod's
+/// address at the checkpoint (through `podsnap-cni-ipam`, see the README).
+pub const KEEP_IP_ANNOTATION: &str = "podsnap.io/keep-ip";
 /// The largest configuration file read.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 

@@ -6,12 +6,15 @@
 //! 2. the crash journal ([`crate::journal`]) records what is about to be frozen and where the
 //!    staging output goes;
 //! 3. quiesce: lock the pod's network namespace once ([`crate::netlock`]), then freeze each
-//!    running container's own cgroup (CRIU cannot see a parent's freeze);
+//!    running container's own cgroup (CRIU cannot see a parent's freeze): v1 `freezer.state`,
+//!    or v2 `cgroup.freeze` until `cgroup.events` says `frozen 1`;
 //! 4. while frozen, in parallel: dump each container with CRIU (leave running), capture its
 //!    rootfs changes, archive the pod's emptyDir volumes;
 //! 5. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is first completed (specs,
 //!    digests, manifest, renamed into place) while everything is still frozen, then every
-//!    process of the pod is killed before the thaw: nothing runs after the snapshot;
+//!    process of the pod is killed before the thaw: nothing runs after the snapshot, and the
+//!    network stays locked (no FIN or reset of a dying socket reaches a peer whose connection a
+//!    restore brings back);
 //! 6. otherwise after the thaw: specs, digests, manifest last (temporary file, fsync, rename),
 //!    and the staging directory renamed into place.
 //!
@@ -62,6 +65,8 @@ pub struct Target {
     pub runc: Runc,
     pub bundle: PathBuf,
     pub cgroups: Option<CgroupPaths>,
+    /// The host pid of its init process, while it runs.
+    pub pid: Option<i32>,
     /// The container's OCI spec when its bundle is gone (a completed container whose task was
     /// deleted); read from the bundle otherwise.
     pub spec: Option<Vec<u8>>,
@@ -231,7 +236,7 @@ async fn dump_into(
             return Err(e);
         }
         Ok(Quiesced::Stopped) => {
-            netlock.release().await;
+            netlock.leave_locked();
             return Ok(report);
         }
         Ok(Quiesced::Thawed(captured)) => captured,
@@ -339,7 +344,15 @@ async fn quiesced(
 
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
+    refuse_lost_processes(running)?;
     let ipc = pod_ipc(running)?;
+    let procs: Vec<(String, Vec<i32>)> = running
+        .iter()
+        .map(|t| (t.entry.name.clone(), cgroup_procs(t)))
+        .collect();
+    let owners = crate::links::SocketOwners::read(&procs);
+    crate::links::refuse_unix_links(d.launcher.as_ref(), d.netns.as_deref(), &owners).await?;
+    let loopback_linked = crate::links::loopback_linked(&procs, &owners);
     let (slowest, captured) = capture_all(d, &dir, running, limit, ipc.as_ref())
         .await
         .map_err(
@@ -352,6 +365,10 @@ async fn quiesced(
             },
         )?;
     report.slowest_dump = slowest;
+    let captured = Captured {
+        loopback_linked: loopback_linked.into_iter().collect(),
+        ..captured
+    };
     report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
     hold("dumped").await;
     check(limit, d.deadline, "after the containers were dumped")?;
@@ -426,6 +443,7 @@ async fn finish(
         digest_algorithm: DigestAlgorithm::WRITTEN,
         dev_shm: captured.dev_shm,
         sysv_ipc: captured.sysv_ipc,
+        loopback_linked: captured.loopback_linked,
         files,
         stats: DumpStats {
             frozen_us: frozen.as_micros() as u64,
@@ -636,6 +654,7 @@ async fn capture_all(
             volumes: entries,
             dev_shm: dev_shm.map(|_| DEV_SHM_ARCHIVE.to_owned()),
             sysv_ipc: sysv_ipc.map(|_| crate::sysv::SYSV_STATE.to_owned()),
+            loopback_linked: Vec::new(),
         },
     ))
 }
@@ -647,6 +666,8 @@ struct Captured {
     dev_shm: Option<String>,
     /// The SysV IPC state, relative to the checkpoint.
     sysv_ipc: Option<String>,
+    /// Containers linked by TCP over loopback.
+    loopback_linked: Vec<String>,
 }
 
 /// The pod's `/dev/shm` archive in a checkpoint.
@@ -697,6 +718,89 @@ pub fn joined_ipc_ns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
         .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Ipc)?
         .path()
         .clone()
+}
+
+/// Refuses, while the pod is frozen, a dump that would silently lose processes: each container
+/// is dumped from its init process, so a process of its cgroup outside that process tree is in
+/// no dump. In a pod sharing one PID namespace, a server that daemonizes is adopted by the
+/// pause process; an exec'd process is a child of the shim. The error names each such process.
+fn refuse_lost_processes(running: &[&Target]) -> Result<()> {
+    let mut lost = Vec::new();
+    for t in running {
+        let Some(init) = t.pid else { continue };
+        for pid in cgroup_procs(t) {
+            if let Some(parent) = outside_tree(pid, init) {
+                lost.push(format!(
+                    "pid {pid} ({}) of container {:?}, a child of pid {parent} ({})",
+                    comm(pid),
+                    t.entry.name,
+                    comm(parent)
+                ));
+            }
+        }
+    }
+    if lost.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidCheckpoint {
+        path: PathBuf::from("pod"),
+        reason: format!(
+            "these processes are outside their container's process tree and would be lost \
+             (each container is dumped from its init process; a process adopted by the pod's \
+             pause process, in a pod that shares one PID namespace, or started by exec is not \
+             in it): {}; the pod was left running",
+            lost.join("; ")
+        ),
+    })
+}
+
+/// The processes of a container's cgroup (none when it is unknown).
+fn cgroup_procs(t: &Target) -> Vec<i32> {
+    t.cgroups
+        .as_ref()
+        .and_then(|c| c.processes().ok())
+        .unwrap_or_default()
+}
+
+/// `None` if `pid` is `init` or descends from it; otherwise the parent of the topmost ancestor
+/// that does not (the process that adopted it or started it).
+fn outside_tree(pid: i32, init: i32) -> Option<i32> {
+    let mut cursor = pid;
+    for _ in 0..4096 {
+        if cursor == init {
+            return None;
+        }
+        let parent = parent_of(cursor)?; // gone meanwhile: nothing to lose
+        if parent <= 1 {
+            return Some(parent);
+        }
+        if parent == init {
+            return None;
+        }
+        // Leaving the container's cgroup: the process that adopted or started this branch.
+        if !same_cgroup(parent, pid) {
+            return Some(parent);
+        }
+        cursor = parent;
+    }
+    None
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name's closing parenthesis: state, ppid, ...
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn same_cgroup(a: i32, b: i32) -> bool {
+    let read = |p: i32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok();
+    matches!((read(a), read(b)), (Some(x), Some(y)) if x == y)
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// The pod's IPC namespace and which SysV segments its containers' processes attach.

@@ -41,10 +41,15 @@ pub async fn this_node(launcher: &dyn Launcher) -> HostInfo {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
-        node_id: std::fs::read_to_string(MACHINE_ID)
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default(),
+        node_id: node_id(),
     }
+}
+
+/// This node's identity (`/etc/machine-id`; empty when unknown).
+pub fn node_id() -> String {
+    std::fs::read_to_string(MACHINE_ID)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Writes CRIU's image of this node's CPU features into `dir` (`cpuinfo.img`).

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! /run/podsnap/dumps/<sandbox-id>.json   0600, written atomically (temporary file, rename)
-//!   { "owner_pid", "owner_start", "frozen": [freezer dirs], "staging", "in_place", "dest",
+//!   { "owner_pid", "owner_start", "frozen": [cgroup dirs: v1 freezer cgroups, or v2 cgroups,
+//!     told apart by freezer.state / cgroup.freeze], "staging", "in_place", "dest",
 //!     "netns" }
 //! ```
 
@@ -33,7 +34,7 @@ pub struct Entry {
     /// The process running the dump, and its start time (so a reused pid is not mistaken for it).
     pub owner_pid: u32,
     pub owner_start: u64,
-    /// Freezer cgroup directories the dump freezes.
+    /// The cgroup directories the dump freezes: v1 freezer cgroups or v2 cgroups.
     pub frozen: Vec<PathBuf>,
     /// The staging directory the dump writes into.
     pub staging: PathBuf,
@@ -184,7 +185,7 @@ pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &
         done.killed = kill_workers(&entry.staging);
     }
     for dir in &entry.frozen {
-        if !dir.join("freezer.state").exists() {
+        if !podsnap_runtime::cgroup::can_freeze(dir) {
             continue; // the cgroup is gone with its container
         }
         match podsnap_runtime::cgroup::set_freezer_state(dir, false) {
@@ -302,6 +303,36 @@ mod tests {
             Recovered::default()
         );
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_dead_dumps_v1_and_v2_cgroups_are_thawed() {
+        // Fixture cgroups in the kernel's formats: a v1 freezer that reports THAWED once
+        // written, and a v2 cgroup whose cgroup.events already says frozen 0.
+        let t = tempfile::tempdir().expect("tempdir");
+        let v1 = t.path().join("freezer/kubepods/pod/c1");
+        let v2 = t.path().join("unified/kubepods/pod/c2");
+        std::fs::create_dir_all(&v1).expect("mkdir");
+        std::fs::create_dir_all(&v2).expect("mkdir");
+        std::fs::write(v1.join("freezer.state"), "FROZEN\n").expect("write");
+        std::fs::write(v2.join("cgroup.freeze"), "1\n").expect("write");
+        std::fs::write(v2.join("cgroup.events"), "populated 1\nfrozen 0\n").expect("write");
+        let staging = t.path().join("staging");
+        std::fs::create_dir(&staging).expect("mkdir");
+        let path = t.path().join("pod.json");
+        std::mem::forget(
+            Journal::begin(&path, &entry(&staging, vec![v1.clone(), v2.clone()])).expect("begin"),
+        );
+        let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!(done.thawed, [v1.clone(), v2.clone()]);
+        assert_eq!(
+            std::fs::read_to_string(v1.join("freezer.state")).expect("read"),
+            "THAWED"
+        );
+        assert_eq!(
+            std::fs::read_to_string(v2.join("cgroup.freeze")).expect("read"),
+            "0"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod host;
 pub mod import;
 pub mod journal;
 pub mod lease;
+pub mod links;
 pub mod manifest;
 pub mod netlock;
 pub mod policy;

@@ -81,6 +81,10 @@ pub struct Manifest {
     /// [`crate::sysv::SYSV_STATE`] (and a data file per segment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sysv_ipc: Option<String>,
+    /// Containers at either end of a TCP connection over loopback to another container of the
+    /// pod: a restore keeps the pod's network locked until all of them are back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loopback_linked: Vec<String>,
     /// Every other file of the checkpoint, by path relative to its root.
     pub files: BTreeMap<String, FileDigest>,
     /// How the dump went (informational).
@@ -676,6 +680,7 @@ mod tests {
             digest_algorithm: DigestAlgorithm::WRITTEN,
             dev_shm: None,
             sysv_ipc: None,
+            loopback_linked: Vec::new(),
             files: BTreeMap::new(),
             stats: DumpStats::default(),
         }

@@ -146,6 +146,18 @@ impl NetLock {
         })
     }
 
+    /// Leaves the namespace locked for good: the pod was stopped at the snapshot, and no packet
+    /// of its dying sockets (a FIN, a reset) may tell a peer its connection ended, since a
+    /// restore brings it back. The lock goes with the namespace.
+    pub fn leave_locked(mut self) {
+        if let Some(ns) = self.netns.take() {
+            log::info!(
+                "pod network {} stays locked: the pod stopped at its snapshot",
+                ns.display()
+            );
+        }
+    }
+
     /// Unlocks now.
     pub async fn release(mut self) {
         if let Some(ns) = self.netns.take() {

@@ -73,10 +73,13 @@ pub(crate) fn mib(bytes: u64) -> String {
 pub fn estimate(targets: &[Target], running: &[Target]) -> Estimate {
     let mut e = Estimate::default();
     for t in running {
-        if let Some(mem) = t.cgroups.as_ref().and_then(|c| c.stats().memory) {
-            // What CRIU writes: anonymous and shared memory (file-backed pages stay in files).
-            let get = |k: &str| mem.stat.get(k).copied().unwrap_or(0);
-            e.memory += get("total_rss") + get("total_shmem");
+        // What CRIU writes: anonymous and shared memory (file-backed pages stay in files).
+        // Without a memory controller (a v2 cgroup with none enabled), the processes' own.
+        if let Some(cg) = &t.cgroups {
+            e.memory += cg
+                .stats()
+                .dumpable_memory()
+                .unwrap_or_else(|| processes_memory(cg));
         }
         if let Some(upper) = crate::rootfs::upperdir_of(&t.bundle.join("rootfs")) {
             e.rootfs += tree_size(&upper);
@@ -86,6 +89,27 @@ pub fn estimate(targets: &[Target], running: &[Target]) -> Estimate {
         e.volumes += tree_size(src);
     }
     e
+}
+
+/// The anonymous and shared resident memory (`RssAnon` + `RssShmem`) of the cgroup's
+/// processes; shared pages count once per process, so this errs high.
+fn processes_memory(cg: &podsnap_runtime::cgroup::CgroupPaths) -> u64 {
+    let pids = cg.processes().unwrap_or_default();
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter_map(|l| {
+                    let rest = l
+                        .strip_prefix("RssAnon:")
+                        .or_else(|| l.strip_prefix("RssShmem:"))?;
+                    rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+                })
+                .sum::<u64>()
+                * 1024
+        })
+        .sum()
 }
 
 /// Bytes of the regular files under `dir` (not following symlinks).

@@ -126,6 +126,11 @@ struct RestoreArgs {
     /// kubelet's pod log directories.
     #[arg(long, default_value = DEFAULT_LOGS_DIR)]
     logs_dir: PathBuf,
+    /// On the node where the checkpoint was taken, give the pod its address at the checkpoint
+    /// (needs `podsnap-cni-ipam` in the node's CNI configuration; fails if it is taken), so
+    /// connections kept with `--tcp-established` at the dump go on.
+    #[arg(long)]
+    keep_ip: bool,
 }
 
 fn main() -> ExitCode {
@@ -189,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 logs_dir: args.logs_dir,
                 handler: pod::HANDLER.to_owned(),
                 config,
+                keep_ip: args.keep_ip,
             };
             let progress = progress::for_stderr();
             let restored = runtime.block_on(restore(&request, progress.as_ref()));

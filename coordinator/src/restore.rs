@@ -28,16 +28,17 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::config::NodeConfig;
+use podsnap_checkpoint::config::{NodeConfig, KEEP_IP_ANNOTATION};
 use podsnap_checkpoint::import::{import, Imported};
 use podsnap_checkpoint::manifest::{ContainerEntry, Manifest, CPUINFO};
 use podsnap_checkpoint::policy::{self, NewImage, Violation};
 use podsnap_checkpoint::{ContainerState, Role};
+use podsnap_runtime::cgroup::{CgroupMode, CgroupPaths, CGROUP_ROOT};
 
 use crate::cri::CriClients;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::spec::{container_plan, namespace_options, sandbox_config, ContainerPlan, NewPod};
+use crate::spec::{container_plan, namespace_options, sandbox_config, CgroupDriver, ContainerPlan, NewPod};
 use crate::summary::name_in_root;
 
 /// Where kubelet keeps pod directories.
@@ -46,8 +47,6 @@ pub const DEFAULT_PODS_DIR: &str = "/var/lib/kubelet/pods";
 pub const DEFAULT_LOGS_DIR: &str = "/var/log/pods";
 /// The largest saved container spec read back.
 const MAX_SPEC_BYTES: u64 = 4 * 1024 * 1024;
-/// Where the cgroup v1 hierarchies (and the unified one) are mounted.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// What to restore and where.
 #[derive(Debug, Clone)]
@@ -69,6 +68,9 @@ pub struct RestoreRequest {
     pub handler: String,
     /// The node configuration (restore policy).
     pub config: NodeConfig,
+    /// Ask for the pod's address at the checkpoint (`podsnap.io/keep-ip`; the node's CNI
+    /// configuration must use `podsnap-cni-ipam`).
+    pub keep_ip: bool,
 }
 
 impl RestoreRequest {
@@ -84,6 +86,7 @@ impl RestoreRequest {
             logs_dir: PathBuf::from(DEFAULT_LOGS_DIR),
             handler: crate::pod::HANDLER.to_owned(),
             config: NodeConfig::default(),
+            keep_ip: false,
         }
     }
 }
@@ -169,8 +172,9 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
             .await
             .map_err(refused)?;
     }
-    let plan = plan(request, &dir, manifest)?;
     let clients = crate::cri::connect(&request.runtime_endpoint).await?;
+    let driver = cgroup_driver(&clients).await;
+    let plan = plan(request, &dir, manifest, driver)?;
     check_images(&clients, &plan, &refused).await?;
 
     let mut undo = Undo::default();
@@ -261,7 +265,28 @@ fn target_namespace(request: &RestoreRequest, manifest: &Manifest) -> String {
 }
 
 /// Reads the saved specs and builds every CRI config for a new pod.
-fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest) -> Result<Plan> {
+/// The node's cgroup driver, as CRI's RuntimeConfig tells kubelet; cgroupfs when the runtime
+/// does not say (kubelet then keeps its own setting, cgroupfs by default).
+async fn cgroup_driver(clients: &CriClients) -> CgroupDriver {
+    let mut runtime = clients.runtime.clone();
+    match runtime.runtime_config(cri::RuntimeConfigRequest {}).await {
+        Ok(answer) => {
+            let driver = answer
+                .into_inner()
+                .linux
+                .map(|l| l.cgroup_driver)
+                .unwrap_or(cri::CgroupDriver::Cgroupfs as i32);
+            if driver == cri::CgroupDriver::Systemd as i32 {
+                CgroupDriver::Systemd
+            } else {
+                CgroupDriver::Cgroupfs
+            }
+        }
+        Err(_) => CgroupDriver::Cgroupfs,
+    }
+}
+
+fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: CgroupDriver) -> Result<Plan> {
     let recorded = |key: &str| manifest.pod.annotations.get(key).cloned();
     let name = request
         .name
@@ -271,7 +296,8 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest) -> Result<Plan
         .ok_or_else(|| Error::Refused("the checkpoint does not record the pod's name: give --name".into()))?;
     let namespace = target_namespace(request, &manifest);
     let uid = new_uid()?;
-    let pod = NewPod::new(&name, &namespace, &uid, &request.pods_dir, &request.logs_dir);
+    let mut pod = NewPod::new(&name, &namespace, &uid, &request.pods_dir, &request.logs_dir);
+    pod.cgroup_driver = driver;
 
     let mut sandbox = None;
     let mut specs: Vec<(&ContainerEntry, Spec, Then)> = Vec::new();
@@ -404,16 +430,21 @@ async fn create(
     progress: &dyn Progress,
 ) -> Result<Created> {
     let pod = &plan.pod;
-    undo.uid = Some(pod.uid.clone());
+    undo.cgroup = Some(pod.cgroup_dir());
     make_dir(&pod.pod_dir, 0o750, undo)?;
     make_dir(&pod.log_dir, 0o755, undo)?;
-    let config = sandbox_config(
+    let mut config = sandbox_config(
         &plan.manifest,
         plan.sandbox.as_ref(),
         &plan.namespaces,
         pod,
         checkpoint,
     );
+    if request.keep_ip {
+        config
+            .annotations
+            .insert(KEEP_IP_ANNOTATION.to_owned(), "true".to_owned());
+    }
     progress.step(&format!(
         "creating pod {}/{} (uid {}) from checkpoint {checkpoint}",
         pod.namespace, pod.name, pod.uid
@@ -653,7 +684,8 @@ fn make_dir(dir: &Path, mode: u32, undo: &mut Undo) -> Result<()> {
 #[derive(Debug, Default)]
 struct Undo {
     sandbox: Option<String>,
-    uid: Option<String>,
+    /// The pod's cgroup, relative to each hierarchy's root.
+    cgroup: Option<PathBuf>,
     /// Directories made, in creation order.
     dirs: Vec<PathBuf>,
     imported: Option<PathBuf>,
@@ -686,8 +718,8 @@ impl Undo {
                 (Ok(_), Err(r)) => failed.push(format!("pod sandbox {id}: remove: {}", r.message())),
             }
         }
-        if let Some(uid) = &self.uid {
-            failed.extend(remove_pod_cgroups(uid));
+        if let Some(rel) = &self.cgroup {
+            failed.extend(remove_pod_cgroups(rel));
         }
         // The earliest directory made contains the later ones.
         let mut removed: Vec<PathBuf> = Vec::new();
@@ -728,22 +760,20 @@ impl Undo {
     }
 }
 
-/// Removes the pod's (now empty) cgroups `/kubepods/besteffort/pod<uid>` in every hierarchy,
-/// as kubelet does once a pod is gone. Returns what could not be removed.
-fn remove_pod_cgroups(uid: &str) -> Vec<String> {
+/// Removes the pod's (now empty) cgroup `rel` and those below it, in every v1 hierarchy or
+/// the v2 one, as kubelet does once a pod is gone. Returns what could not be removed.
+fn remove_pod_cgroups(rel: &Path) -> Vec<String> {
     let mut failed = Vec::new();
-    let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) else {
-        return failed;
-    };
-    for hierarchy in hierarchies.flatten() {
-        let pod = hierarchy
-            .path()
-            .join("kubepods/besteffort")
-            .join(format!("pod{uid}"));
+    if rel.as_os_str().is_empty() {
+        return failed; // never a hierarchy's root
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let paths = CgroupPaths::at(rel, &own, Path::new(CGROUP_ROOT), CgroupMode::of_node());
+    for pod in paths.dirs() {
         if !pod.is_dir() {
             continue;
         }
-        let mut dirs = vec![pod.clone()];
+        let mut dirs = vec![pod.to_path_buf()];
         let mut i = 0;
         while i < dirs.len() {
             if let Ok(entries) = std::fs::read_dir(&dirs[i]) {

@@ -5,7 +5,8 @@
 //! What is kept: command (the whole `process.args`), environment, working directory, terminal,
 //! user, resources, masked and read-only paths, seccomp (unconfined or the runtime default),
 //! namespace modes, and bind mounts of host paths. What changes: the pod uid, the cgroup parent
-//! (`/kubepods/besteffort/pod<uid>`), the log directory, and the pod's own files: emptyDir
+//! (`/kubepods/besteffort/pod<uid>`, or `kubepods-besteffort-pod<uid>.slice` on a node with the
+//! systemd cgroup driver), the log directory, and the pod's own files: emptyDir
 //! volumes move to `<pods dir>/<uid>/volumes/kubernetes.io~empty-dir/<volume>` (created empty;
 //! the shim fills them from the checkpoint) and the termination log gets a fresh file, as kubelet
 //! makes one per container. What is dropped: the mounts CRI makes itself (`/etc/hosts`,
@@ -19,6 +20,7 @@ use k8s_cri::v1 as cri;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use podsnap_checkpoint::dump::empty_dir_name;
 use podsnap_checkpoint::manifest::Manifest;
+use podsnap_runtime::cgroup::systemd;
 
 /// The pod annotation that makes the shim restore the pod's containers.
 pub use podsnap_checkpoint::config::RESTORE_ANNOTATION;
@@ -41,6 +43,18 @@ pub struct NewPod {
     pub pod_dir: PathBuf,
     /// `<logs dir>/<namespace>_<name>_<uid>`.
     pub log_dir: PathBuf,
+    /// The node's cgroup driver (CRI's RuntimeConfig), which names the pod's cgroup.
+    pub cgroup_driver: CgroupDriver,
+}
+
+/// How the node names cgroups: kubelet's and containerd's cgroup driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CgroupDriver {
+    /// Paths: `/kubepods/besteffort/pod<uid>/<id>`.
+    #[default]
+    Cgroupfs,
+    /// systemd units: `kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>`.
+    Systemd,
 }
 
 impl NewPod {
@@ -52,6 +66,7 @@ impl NewPod {
             uid: uid.to_owned(),
             pod_dir: pods_dir.join(uid),
             log_dir: logs_dir.join(format!("{namespace}_{name}_{uid}")),
+            cgroup_driver: CgroupDriver::default(),
         }
     }
 
@@ -60,9 +75,22 @@ impl NewPod {
         self.pod_dir.join("volumes/kubernetes.io~empty-dir").join(volume)
     }
 
-    /// kubelet's cgroupfs parent for a BestEffort pod.
+    /// kubelet's cgroup parent for a BestEffort pod: `/kubepods/besteffort/pod<uid>` with the
+    /// cgroupfs driver, `kubepods-besteffort-pod<uid, - as _>.slice` with the systemd driver
+    /// (containerd then places each container at `<that slice>:cri-containerd:<id>`).
     pub fn cgroup_parent(&self) -> String {
-        format!("/kubepods/besteffort/pod{}", self.uid)
+        match self.cgroup_driver {
+            CgroupDriver::Cgroupfs => format!("/kubepods/besteffort/pod{}", self.uid),
+            CgroupDriver::Systemd => systemd::besteffort_pod_slice(&self.uid),
+        }
+    }
+
+    /// The pod's cgroup directory relative to each hierarchy's root.
+    pub fn cgroup_dir(&self) -> PathBuf {
+        match self.cgroup_driver {
+            CgroupDriver::Cgroupfs => PathBuf::from(format!("kubepods/besteffort/pod{}", self.uid)),
+            CgroupDriver::Systemd => systemd::expand_slice(&self.cgroup_parent()).unwrap_or_default(),
+        }
     }
 
     fn labels(&self) -> HashMap<String, String> {
@@ -501,5 +529,18 @@ mod tests {
         );
         let metadata = config.metadata.expect("metadata");
         assert_eq!((metadata.name.as_str(), metadata.uid.as_str()), ("web", "u-1"));
+        assert_eq!(pod.cgroup_dir(), Path::new("kubepods/besteffort/podu-1"));
+        // A node with the systemd cgroup driver: kubelet's slice, nested by its dashes.
+        let mut pod = new_pod();
+        pod.cgroup_driver = CgroupDriver::Systemd;
+        let config = sandbox_config(&manifest, Some(&sandbox), &ns, &pod, "default-web-1");
+        assert_eq!(
+            config.linux.as_ref().map(|l| l.cgroup_parent.as_str()),
+            Some("kubepods-besteffort-podu_1.slice")
+        );
+        assert_eq!(
+            pod.cgroup_dir(),
+            Path::new("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu_1.slice")
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! podsnap-runtime: the layer that drives the OCI runtime (the runc CLI) and the kernel pieces a
-//! container needs around it: bundles and specs, stdio plumbing (pipes, console sockets), cgroup
-//! v1 statistics and OOM notification, and the launching of external programs.
+//! container needs around it: bundles and specs, stdio plumbing (pipes, console sockets), cgroups
+//! (v1, hybrid and v2; cgroupfs and systemd paths: freezing, statistics, OOM notification),
+//! and the launching of external programs.
 //!
 //! It knows nothing of containerd, ttrpc or protobuf: the shim adapts its types to the task API.
 //! Every external program is started through a [`launcher::Launcher`], so the shim can make the

@@ -161,6 +161,12 @@ impl Runc {
         self
     }
 
+    /// Whether runc is told to use systemd for cgroups (containerd's `SystemdCgroup`): the
+    /// container's `cgroupsPath` is then `slice:prefix:name`.
+    pub fn systemd_cgroup(&self) -> bool {
+        self.systemd_cgroup
+    }
+
     /// runc's state directory.
     pub fn root(&self) -> &Path {
         &self.root

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use containerd_shim::asynchronous::io::{Pty, Stdio};
 use podsnap_checkpoint::container::{self as ckpt, DumpOptions};
 use podsnap_runtime::bundle::{Bundle, PodIdentity};
-use podsnap_runtime::cgroup::CgroupPaths;
+use podsnap_runtime::cgroup::{CgroupMode, CgroupPaths};
 use podsnap_runtime::runc::{CreateOpts, ExecOpts, ProcessStdio, Runc};
 use podsnap_runtime::stdio::{self, ConsoleSocket, ShimEnds, Wanted};
 use tokio::net::unix::pipe;
@@ -60,6 +60,8 @@ pub struct Container {
     flags: RuncFlags,
     /// Held while a checkpoint of this container runs.
     busy: AtomicBool,
+    /// The cgroup files its stats lacked were logged (once per container, not per request).
+    stats_gaps_logged: AtomicBool,
     /// Held while the container starts (or is restored): Kill and Delete wait for it.
     pub starting: tokio::sync::Mutex<()>,
     /// For a container that is not to run: the exit it reports.
@@ -138,7 +140,7 @@ impl Container {
         if let Some(code) = exits.watch(pid, init.clone(), since) {
             init.set_early_exit(code);
         }
-        let cgroups = CgroupPaths::of_pid(pid).ok();
+        let cgroups = cgroups_of(&p.id, &spec, &p.runc, pid);
         Ok(Arc::new(Container {
             id: p.id,
             bundle,
@@ -154,6 +156,7 @@ impl Container {
             restore_from: Mutex::new(None),
             flags,
             busy: AtomicBool::new(false),
+            stats_gaps_logged: AtomicBool::new(false),
             starting: tokio::sync::Mutex::new(()),
             exited_plan: None,
         }))
@@ -200,6 +203,7 @@ impl Container {
             restore_from: Mutex::new(restore),
             flags: p.flags,
             busy: AtomicBool::new(false),
+            stats_gaps_logged: AtomicBool::new(false),
             starting: tokio::sync::Mutex::new(()),
             exited_plan,
         }))
@@ -260,7 +264,11 @@ impl Container {
             }
         };
         self.init.set_pid(pid);
-        *lock(&self.cgroups) = CgroupPaths::of_pid(pid).ok();
+        *lock(&self.cgroups) = self
+            .bundle
+            .spec()
+            .ok()
+            .and_then(|spec| cgroups_of(&self.id, &spec, &self.runc, pid));
         if let Some(code) = exits.watch(pid, self.init.clone(), since) {
             self.init.set_early_exit(code);
         }
@@ -414,6 +422,41 @@ impl Container {
     /// The container's cgroups, learnt at create (the init process may be gone by now).
     pub fn cgroups(&self) -> Option<CgroupPaths> {
         lock(&self.cgroups).clone()
+    }
+
+    /// `true` the first time only: whether to log what its cgroup statistics lack.
+    pub fn first_stats_gap(&self) -> bool {
+        !self.stats_gaps_logged.swap(true, Ordering::SeqCst)
+    }
+}
+
+/// Where the container's cgroups are: its spec's `linux.cgroupsPath` as runc reads it (with
+/// the systemd driver when runc runs with it), checked against `/proc/<pid>/cgroup`.
+fn cgroups_of(id: &str, spec: &oci_spec::runtime::Spec, runc: &Runc, pid: i32) -> Option<CgroupPaths> {
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let found = if path.is_empty() {
+        CgroupPaths::of_pid(pid)
+    } else {
+        CgroupPaths::of_container(&path, runc.systemd_cgroup(), Some(pid))
+    };
+    match found {
+        Ok(c) => {
+            log::debug!(
+                "container {id}: cgroups ({}) at {:?}",
+                CgroupMode::of_node().name(),
+                c.freezer()
+            );
+            Some(c)
+        }
+        Err(e) => {
+            log::warn!("container {id}: its cgroups are unknown ({e}): no stats, OOM events or pod dump");
+            None
+        }
     }
 }
 

@@ -217,6 +217,7 @@ pub fn pod_target(c: &Container) -> Target {
         runc: c.runc.clone(),
         bundle: c.bundle.path().to_path_buf(),
         cgroups: c.cgroups(),
+        pid: (s.pid > 0).then_some(s.pid),
         spec: None,
     }
 }

@@ -20,12 +20,14 @@
 //! attempt is kubelet's restart count annotation; without it, a second Create of a name this
 //! pod already restored counts as a restart.
 //!
-//! The pod's network is locked, loopback included, from the first container's restore until the
-//! last one's ([`NetHold`]): established connections are always restored, so a TCP connection
-//! between two containers of the pod comes back whole, and no packet of a restored end reaches
-//! the other before it exists (the kernel would answer with a reset). Then, unless the
-//! checkpoint was taken to keep them (`--tcp-established`), the connections to outside the pod
-//! are closed.
+//! Established connections are always restored ([`NetHold`]), so a TCP connection between two
+//! containers of the pod comes back whole: when the dump found such connections, the pod's
+//! network is locked, loopback included, until the containers at their ends are all restored
+//! (no packet of a restored end reaches the other before it exists: the kernel would answer
+//! with a reset). The pod's addresses at the dump are lent to its loopback device meanwhile, for
+//! the connections bound to them; the connections to outside the pod are closed after each
+//! container's restore unless the checkpoint was taken to keep them (`--tcp-established`) and
+//! the pod's address is the same.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -122,22 +124,31 @@ pub struct Restores {
     net: Arc<tokio::sync::Mutex<Option<NetHold>>>,
 }
 
-/// The new pod's network namespace, locked (loopback too) until every container the checkpoint
-/// holds running is restored (or its restore failed), or at the latest [`NET_HOLD_LIMIT`]
-/// after the lock.
+/// The new pod's network namespace while its containers are restored: its addresses at the
+/// dump lent to its loopback device until every container the checkpoint holds running is
+/// restored (or its restore failed), and locked (loopback too) until those linked by TCP over
+/// loopback are; released [`NET_HOLD_IDLE`] after a restore when no other container's began (a
+/// pod that restores only some of them), at the latest [`NET_HOLD_LIMIT`] after the first.
 pub struct NetHold {
     netns: PathBuf,
     /// Names of the containers still to restore.
-    pending: HashSet<String>,
+    waiting: HashSet<String>,
+    /// Those of them at an end of a connection over loopback to another container.
+    linked: HashSet<String>,
+    locked: bool,
     /// The checkpoint asked to keep connections to outside the pod.
     keep_outside: bool,
     /// The pod's addresses at the dump that this pod does not have, lent to its loopback device
     /// while CRIU restores the connections bound to them.
     borrowed: Vec<std::net::IpAddr>,
+    /// Counts the pod's container restores planned and finished (the idle timer's clock).
+    generation: u64,
 }
 
 /// The longest the pod's network stays locked waiting for its containers' restores.
 const NET_HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long after a container's restore the next one must begin for the lock to wait for it.
+const NET_HOLD_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Restores {
     /// Decides how to create a container from its spec's annotations; refuses (before
@@ -309,22 +320,30 @@ impl Restores {
         Ok(())
     }
 
-    /// Locks the pod's network before the first of its containers is restored.
+    /// Prepares the pod's network before the first of its containers is restored: lends it its
+    /// addresses at the dump, and locks it when containers are linked by TCP over loopback.
     async fn hold_network(&self, spec: &Spec, manifest: &Manifest) -> Result<()> {
+        use podsnap_checkpoint::netlock;
         let mut net = self.net.lock().await;
-        if net.is_some() {
+        if let Some(h) = net.as_mut() {
+            h.generation += 1;
             return Ok(());
         }
         let Some(netns) = crate::pod_checkpoint::pod_netns(spec) else {
             return Ok(()); // the host's network: nothing of the pod's own to hold
         };
-        let pending: HashSet<String> = manifest
+        let waiting: HashSet<String> = manifest
             .containers
             .iter()
             .filter(|c| c.dumped && matches!(c.state, ContainerState::Running | ContainerState::Paused))
             .map(|c| c.name.clone())
             .collect();
-        use podsnap_checkpoint::netlock;
+        let linked: HashSet<String> = manifest
+            .loopback_linked
+            .iter()
+            .filter(|n| waiting.contains(*n))
+            .cloned()
+            .collect();
         let now = netlock::addresses(&MonitorLauncher, &netns).await?;
         let borrowed: Vec<_> = manifest
             .pod
@@ -333,52 +352,89 @@ impl Restores {
             .filter(|ip| !now.contains(ip))
             .copied()
             .collect();
-        netlock::lock_with(&MonitorLauncher, &netns, netlock::Scope::All).await?;
-        // Connections come back bound to the pod's address at the dump.
-        if let Err(e) = netlock::borrow_addresses(&MonitorLauncher, &netns, &borrowed, true).await {
-            netlock::borrow_addresses(&MonitorLauncher, &netns, &borrowed, false)
-                .await
-                .ok();
-            netlock::unlock(&MonitorLauncher, &netns).await;
+        let mut h = NetHold {
+            netns,
+            waiting,
+            linked,
+            locked: false,
+            keep_outside: manifest.tcp_established,
+            borrowed: Vec::new(),
+            generation: 0,
+        };
+        if !h.linked.is_empty() {
+            netlock::lock_with(&MonitorLauncher, &h.netns, netlock::Scope::All).await?;
+            h.locked = true;
+            log::info!(
+                "pod network {} locked until {:?} (linked over loopback) are restored",
+                h.netns.display(),
+                h.linked
+            );
+        }
+        // Connections come back bound to the pod's addresses at the dump.
+        let lent = netlock::borrow_addresses(&MonitorLauncher, &h.netns, &borrowed, true).await;
+        h.borrowed = borrowed;
+        if let Err(e) = lent {
+            release_network(&mut h).await;
             return Err(e.into());
         }
-        log::info!(
-            "pod network {} locked until {} containers are restored",
-            netns.display(),
-            pending.len()
-        );
-        *net = Some(NetHold {
-            netns,
-            pending,
-            keep_outside: manifest.tcp_established,
-            borrowed,
-        });
+        *net = Some(h);
         let held = self.net.clone();
         tokio::spawn(async move {
             tokio::time::sleep(NET_HOLD_LIMIT).await;
-            if let Some(h) = held.lock().await.as_mut().filter(|h| !h.pending.is_empty()) {
+            if let Some(h) = held.lock().await.as_mut().filter(|h| !h.waiting.is_empty()) {
                 log::warn!(
-                    "pod network {}: still waiting for {:?} after {:?}; unlocked",
+                    "pod network {}: still waiting for {:?} after {:?}; released",
                     h.netns.display(),
-                    h.pending,
+                    h.waiting,
                     NET_HOLD_LIMIT
                 );
-                h.pending.clear();
                 release_network(h).await;
             }
         });
         Ok(())
     }
 
-    /// Container `name`'s restore is over (restored or failed): after the last one the pod's
-    /// network is unlocked.
+    /// Container `name`'s restore is over (restored or failed): its connections to outside the
+    /// pod are closed unless kept; the lock goes once every linked container is back, the lent
+    /// addresses once every container is.
     pub async fn restore_over(&self, name: &str) {
         let mut net = self.net.lock().await;
-        if let Some(h) = net.as_mut() {
-            if h.pending.remove(name) && h.pending.is_empty() {
+        let Some(h) = net.as_mut() else { return };
+        if !h.waiting.remove(name) {
+            return;
+        }
+        close_outside(h).await;
+        h.linked.remove(name);
+        if h.locked && h.linked.is_empty() {
+            podsnap_checkpoint::netlock::unlock(&MonitorLauncher, &h.netns).await;
+            h.locked = false;
+            log::info!(
+                "pod network {} unlocked: its linked containers are back",
+                h.netns.display()
+            );
+        }
+        if h.waiting.is_empty() {
+            release_network(h).await;
+            return;
+        }
+        h.generation += 1;
+        let (held, generation) = (self.net.clone(), h.generation);
+        tokio::spawn(async move {
+            tokio::time::sleep(NET_HOLD_IDLE).await;
+            let mut net = held.lock().await;
+            if let Some(h) = net
+                .as_mut()
+                .filter(|h| h.generation == generation && !h.waiting.is_empty())
+            {
+                log::warn!(
+                    "pod network {}: no restore of {:?} began within {:?}; released",
+                    h.netns.display(),
+                    h.waiting,
+                    NET_HOLD_IDLE
+                );
                 release_network(h).await;
             }
-        }
+        });
     }
 
     /// Remembers that container `name` of this pod came back from the checkpoint: its next
@@ -494,10 +550,13 @@ impl Restores {
     }
 }
 
-/// Closes the connections to outside the pod unless they are kept, then unlocks its network.
-async fn release_network(h: &NetHold) {
-    use podsnap_checkpoint::netlock;
-    if !h.borrowed.is_empty() && h.keep_outside {
+/// Closes the pod's connections to outside unless they are kept (and can be: its address did
+/// not change).
+async fn close_outside(h: &NetHold) {
+    if h.keep_outside && h.borrowed.is_empty() {
+        return;
+    }
+    if h.keep_outside {
         log::warn!(
             "pod network {}: the pod's address changed ({:?} at the dump): its connections to \
              outside the pod cannot be kept",
@@ -505,24 +564,30 @@ async fn release_network(h: &NetHold) {
             h.borrowed
         );
     }
-    if !h.keep_outside || !h.borrowed.is_empty() {
-        match podsnap_checkpoint::netlock::close_outside_connections(&MonitorLauncher, &h.netns).await {
-            Ok(0) => {}
-            Ok(n) => log::info!(
-                "pod network {}: closed {n} connections to outside the pod (not kept by the checkpoint)",
-                h.netns.display()
-            ),
-            Err(e) => log::warn!("pod network {}: {e}", h.netns.display()),
-        }
+    match podsnap_checkpoint::netlock::close_outside_connections(&MonitorLauncher, &h.netns).await {
+        Ok(0) => {}
+        Ok(n) => log::info!(
+            "pod network {}: closed {n} connections to outside the pod",
+            h.netns.display()
+        ),
+        Err(e) => log::warn!("pod network {}: {e}", h.netns.display()),
+    }
+}
+
+/// Unlocks the pod's network and takes the lent addresses back: nothing more is waited for.
+async fn release_network(h: &mut NetHold) {
+    use podsnap_checkpoint::netlock;
+    if h.locked {
+        netlock::unlock(&MonitorLauncher, &h.netns).await;
+        h.locked = false;
     }
     if let Err(e) = netlock::borrow_addresses(&MonitorLauncher, &h.netns, &h.borrowed, false).await {
         log::warn!("pod network {}: {e}", h.netns.display());
     }
-    netlock::unlock(&MonitorLauncher, &h.netns).await;
-    log::info!(
-        "pod network {} unlocked: every container restored",
-        h.netns.display()
-    );
+    h.borrowed.clear();
+    h.waiting.clear();
+    h.linked.clear();
+    log::info!("pod network {} released", h.netns.display());
 }
 
 /// kubelet's restart count of a container (0 for its first attempt), when it passes one.

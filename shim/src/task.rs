@@ -27,12 +27,13 @@ use containerd_shim::{TtrpcContext, TtrpcResult};
 use podsnap_checkpoint::container::{Dump, DumpOptions};
 use podsnap_checkpoint::dump::Target;
 use podsnap_runtime::bundle::{Bundle, PodIdentity};
+use podsnap_runtime::cgroup::Stats;
 
 use crate::container::{write_private, Container, CreateParams, RestoreSource};
 use crate::error::{Error, Result};
 use crate::events::{self, Events};
 use crate::exits::ExitRouter;
-use crate::metrics::to_metrics;
+use crate::metrics;
 use crate::oom;
 use crate::options::{runc_from_options, validate_id};
 use crate::pod_checkpoint::{self, pod_target, PodCheckpoint};
@@ -789,8 +790,19 @@ impl PodTask {
         let stats = tokio::task::spawn_blocking(move || cgroups.stats())
             .await
             .map_err(|e| Error::Internal(e.to_string()))?;
+        if !stats.missing().is_empty() && c.first_stats_gap() {
+            log::warn!(
+                "container {id}: its cgroup has no {} (controller not enabled for it): those stats are left out \
+                 (logged once)",
+                stats.missing().join(", ")
+            );
+        }
+        let any = match &stats {
+            Stats::V1(s) => to_any(&metrics::v1(s))?,
+            Stats::V2(s) => to_any(&metrics::v2(s))?,
+        };
         Ok(api::StatsResponse {
-            stats: Some(to_any(&to_metrics(&stats))?).into(),
+            stats: Some(any).into(),
             ..Default::default()
         })
     }

@@ -210,10 +210,24 @@ impl CriClient {
     }
 
     /// StopPodSandbox then RemovePodSandbox.
+    ///
+    /// A failed StopPodSandbox is tried again, as kubelet does (a pod whose processes all just
+    /// exited can race containerd's own cleanup of its sandbox: "ttrpc: closed").
     pub fn stop_and_remove_pod(&self, pod_id: &str) -> Result<(), Status> {
-        self.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.to_owned(),
-        })?;
+        let stop = || {
+            self.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod_id.to_owned(),
+            })
+        };
+        let mut stopped = stop();
+        for _ in 0..3 {
+            if stopped.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            stopped = stop();
+        }
+        stopped?;
         self.remove_pod_sandbox(cri::RemovePodSandboxRequest {
             pod_sandbox_id: pod_id.to_owned(),
         })?;

@@ -83,6 +83,8 @@ pub struct PodOptions {
     pub labels: HashMap<String, String>,
     /// Pod annotations, e.g. `podsnap.io/...`.
     pub annotations: HashMap<String, String>,
+    /// `shareProcessNamespace`: one PID namespace for the pod (its pause process is PID 1).
+    pub share_process_namespace: bool,
 }
 
 impl PodOptions {
@@ -94,6 +96,7 @@ impl PodOptions {
             handler: handler.to_owned(),
             labels: HashMap::from([("app".to_owned(), name.to_owned())]),
             annotations: HashMap::new(),
+            share_process_namespace: false,
         }
     }
 }
@@ -142,10 +145,16 @@ impl KubePod {
     }
 }
 
-fn namespace_options() -> cri::NamespaceOption {
+/// kubelet's namespace options: the pod's network and IPC; the PID namespace per container
+/// unless the pod shares one.
+fn namespace_options(share_pid: bool) -> cri::NamespaceOption {
     cri::NamespaceOption {
         network: cri::NamespaceMode::Pod as i32,
-        pid: cri::NamespaceMode::Container as i32,
+        pid: if share_pid {
+            cri::NamespaceMode::Pod
+        } else {
+            cri::NamespaceMode::Container
+        } as i32,
         ipc: cri::NamespaceMode::Pod as i32,
         ..Default::default()
     }
@@ -194,7 +203,7 @@ pub fn pod_sandbox_config(options: &PodOptions, uid: &str, log_dir: &str) -> cri
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: format!("/kubepods/besteffort/pod{uid}"),
             security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(namespace_options()),
+                namespace_options: Some(namespace_options(options.share_process_namespace)),
                 seccomp: unconfined(),
                 ..Default::default()
             }),
@@ -420,7 +429,14 @@ pub fn container_config(
                 ..Default::default()
             }),
             security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(namespace_options()),
+                // The pod's, as kubelet passes them to each of its containers.
+                namespace_options: pod
+                    .config
+                    .linux
+                    .as_ref()
+                    .and_then(|l| l.security_context.as_ref())
+                    .and_then(|s| s.namespace_options.clone())
+                    .or_else(|| Some(namespace_options(false))),
                 masked_paths: MASKED_PATHS.iter().map(|s| (*s).to_owned()).collect(),
                 readonly_paths: READONLY_PATHS.iter().map(|s| (*s).to_owned()).collect(),
                 seccomp: unconfined(),

@@ -20,6 +20,7 @@ pub mod images;
 pub mod kubelet;
 pub mod node;
 pub mod prereq;
+pub mod runc_v2;
 pub mod serial;
 
 /// The CRI runtime handler (and, through [`runtime_type`], the containerd runtime) the suite
@@ -47,6 +48,9 @@ pub fn shim_binary(handler: &str) -> &'static str {
         _ => PODSNAP_SHIM,
     }
 }
+
+/// podsnap's CNI IPAM plugin (built with the CLI, beside the shim).
+pub const IPAM_PLUGIN: &str = "podsnap-cni-ipam";
 
 /// Our shim's binary name.
 pub const PODSNAP_SHIM: &str = "containerd-shim-podsnap-v1";

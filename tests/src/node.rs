@@ -49,6 +49,10 @@ const NODE_PARENT: &str = "/tmp";
 const NODE_PREFIX: &str = "podsnap-node-";
 /// How long containerd may take to answer CRI with runtime and network ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Run by `sh -c` inside `unshare --mount --propagation private` before containerd: the
+/// hybrid tree at /sys/fs/cgroup goes (in this namespace only) and cgroup2 takes its place.
+const CGROUP2_NAMESPACE_SCRIPT: &str =
+    "umount -l /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec \"$@\"";
 /// Where failed tests' containerd logs are copied.
 pub const SAVED_LOGS_DIR: &str = "/tmp/podsnap-test-logs";
 
@@ -76,6 +80,11 @@ pub struct NodeOptions {
     pub extra_env: Vec<(String, String)>,
     /// Directories put first on containerd's (and the shims') `PATH`, e.g. a stand-in `criu`.
     pub path_prefix: Vec<PathBuf>,
+    /// Run containerd (and so every shim, runc and CRIU it starts) in a private mount
+    /// namespace with cgroup2 mounted on `/sys/fs/cgroup`: a cgroup v2 node on this hybrid
+    /// machine (see ENVIRONMENT.md). No controller is available there: pair it with
+    /// [`crate::runc_v2::RuncV2`], which drops the resource settings runc cannot write.
+    pub cgroup2: bool,
 }
 
 impl NodeOptions {
@@ -89,6 +98,7 @@ impl NodeOptions {
             extra_config: String::new(),
             extra_env: Vec::new(),
             path_prefix: Vec::new(),
+            cgroup2: false,
         }
     }
 }
@@ -264,6 +274,7 @@ impl Node {
             "state",
             "cni/net.d",
             "cni/ipam",
+            "cni/bin",
             "kubelet",
             "checkpoints",
             "images",
@@ -278,6 +289,15 @@ impl Node {
             "# No registry is reachable from tests: every pull fails here, locally.\n\
              server = \"http://127.0.0.1:9\"\n",
         )?;
+        // podsnap's IPAM wrapper (it hands a restored pod its address at the checkpoint when
+        // asked), beside the node's CNI plugins.
+        let ipam = self.options.workload_bin.with_file_name(crate::IPAM_PLUGIN);
+        anyhow::ensure!(
+            ipam.is_file(),
+            "{} does not exist (build it: `cargo build -p podsnap-coordinator --bins`)",
+            ipam.display()
+        );
+        std::os::unix::fs::symlink(&ipam, dir.join("cni/bin").join(crate::IPAM_PLUGIN))?;
         std::fs::write(dir.join("cni/net.d/10-podsnap.conflist"), self.cni_conflist())?;
         std::fs::write(self.files.podsnap_config(), "")?;
         std::fs::write(
@@ -304,8 +324,9 @@ impl Node {
         Ok(())
     }
 
-    /// The conflist: a bridge and host-local IPAM of this instance. containerd itself adds the
-    /// loopback network (the `loopback` plugin) to every pod.
+    /// The conflist: a bridge and host-local IPAM of this instance, behind podsnap's IPAM
+    /// wrapper (the bridge passes it the pod's annotations). containerd itself adds the loopback
+    /// network (the `loopback` plugin) to every pod.
     fn cni_conflist(&self) -> String {
         let ipam_dir = self.files.dir.join("cni/ipam");
         serde_json::json!({
@@ -317,11 +338,15 @@ impl Node {
                 "isGateway": true,
                 "ipMasq": false,
                 "hairpinMode": true,
+                "capabilities": { "io.kubernetes.cri.pod-annotations": true },
                 "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{ "subnet": self.subnet }]],
-                    "routes": [{ "dst": "0.0.0.0/0" }],
-                    "dataDir": ipam_dir,
+                    "type": crate::IPAM_PLUGIN,
+                    "delegate": {
+                        "type": "host-local",
+                        "ranges": [[{ "subnet": self.subnet }]],
+                        "routes": [{ "dst": "0.0.0.0/0" }],
+                        "dataDir": ipam_dir,
+                    },
                 },
             }],
         })
@@ -370,7 +395,7 @@ state = '{dir}/state'
         pod_annotations = ['podsnap.io/*']
         container_annotations = ['podsnap.io/*', 'io.kubernetes.container.restartCount']
     [plugins.'io.containerd.cri.v1.runtime'.cni]
-      bin_dirs = ['{cni_bin}']
+      bin_dirs = ['{dir}/cni/bin', '{cni_bin}']
       conf_dir = '{dir}/cni/net.d'
       max_conf_num = 1
 
@@ -410,7 +435,18 @@ state = '{dir}/state'
             "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new(&self.tools.containerd)
+        let mut command = if self.options.cgroup2 {
+            // `exec` keeps the pid: the child is containerd itself, as without the namespace.
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(CGROUP2_NAMESPACE_SCRIPT)
+                .arg("containerd-on-cgroup2")
+                .arg(&self.tools.containerd);
+            c
+        } else {
+            Command::new(&self.tools.containerd)
+        };
+        let child = command
             .arg("--config")
             .arg(self.files.config())
             .env("PATH", path)
@@ -456,6 +492,15 @@ state = '{dir}/state'
                 bail!("containerd not ready after {READY_TIMEOUT:?}: {last_error}");
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `/sys/fs/cgroup` as containerd, its shims and runc see it (through containerd's root:
+    /// on a [`NodeOptions::cgroup2`] node that is the private cgroup2 mount).
+    pub fn cgroup_root(&self) -> PathBuf {
+        match self.containerd_pid() {
+            Some(pid) => PathBuf::from(format!("/proc/{pid}/root/sys/fs/cgroup")),
+            None => PathBuf::from("/sys/fs/cgroup"),
         }
     }
 

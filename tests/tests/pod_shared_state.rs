@@ -211,6 +211,8 @@ fn loopback_tcp_between_containers_survives() {
         &podsnap_coordinator::progress::Lines,
     ))
     .expect("podsnap dump");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    assert_eq!(m.loopback_linked, ["app", "sidecar"], "the dump saw the link");
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
     let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
     wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
@@ -246,4 +248,213 @@ fn loopback_tcp_between_containers_survives() {
         lines.iter().all(|l| l.matches("127.0.0.1:").count() == 2),
         "only loopback connections are left: {established}"
     );
+}
+
+/// A pod sharing one PID namespace (`shareProcessNamespace`) comes back with every container's
+/// processes at their PIDs, in the new pod's namespace.
+#[test]
+fn a_pod_sharing_one_pid_namespace_comes_back_with_its_pids() {
+    let node = start_node!();
+    let name = node.unique("spid");
+    let mut options = PodOptions::new(&name, HANDLER);
+    options.share_process_namespace = true;
+    let pod = run_pod(&node, &options).expect("sandbox");
+    let (port, sidecar_port) = (APP_PORT.to_string(), SIDECAR_PORT.to_string());
+    let app = ContainerSpec::workload("app", &["serve", "--name", "app", "--port", &port]);
+    let sidecar = ContainerSpec::workload(
+        "sidecar",
+        &["serve", "--name", "sidecar", "--port", &sidecar_port],
+    );
+    run_container(&node, &pod, &app).expect("the app runs");
+    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let pids = |ip: &str| {
+        [APP_PORT, SIDECAR_PORT].map(|p| ask(ip, p, "pid").expect("pid").parse::<u32>().expect("a pid"))
+    };
+    let before = pids(&pod.ip);
+    assert!(
+        before.iter().all(|p| *p > 1),
+        "one namespace, pause is 1: {before:?}"
+    );
+    assert_ne!(before[0], before[1], "one PID namespace for both: {before:?}");
+
+    let dir = node.files().checkpoints().join("spid");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump");
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
+    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+    wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
+    wait_answering(&restored.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    assert_eq!(pids(&restored.ip), before, "every process at its PID");
+}
+
+/// In a pod sharing one PID namespace, a server that daemonizes is adopted by the pause
+/// process: outside every container's process tree, no container's dump would hold it. The dump
+/// is refused with the process named, and the pod keeps running as it was.
+#[test]
+fn a_process_adopted_by_pause_is_named_and_the_dump_refused() {
+    let node = start_node!();
+    let name = node.unique("orphan");
+    let mut options = PodOptions::new(&name, HANDLER);
+    options.share_process_namespace = true;
+    let pod = run_pod(&node, &options).expect("sandbox");
+    let sidecar_port = SIDECAR_PORT.to_string();
+    let sidecar = ContainerSpec::workload(
+        "sidecar",
+        &["serve", "--name", "sidecar", "--port", &sidecar_port],
+    );
+    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
+    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let spawned = ask(&pod.ip, SIDECAR_PORT, "spawn-daemon 7070").expect("spawn-daemon");
+    assert!(spawned.starts_with("daemon pid "), "{spawned}");
+    wait_answering(&pod.ip, 7070, Duration::from_secs(20)).expect("the daemon answers");
+    let count = |port| {
+        ask(&pod.ip, port, "count")
+            .expect("count")
+            .parse::<u64>()
+            .expect("n")
+    };
+    let daemon_before = count(7070);
+
+    let dir = node.files().checkpoints().join("orphan");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    let err = block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect_err("a dump would lose the daemon");
+    let text = err.to_string();
+    assert!(text.contains("would be lost"), "{text}");
+    assert!(text.contains("of container \"sidecar\""), "{text}");
+    assert!(!dir.exists(), "no checkpoint is left");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(count(7070) > daemon_before, "the daemon runs on");
+    assert_eq!(ask(&pod.ip, 7070, "ping").expect("ping"), "pong daemon");
+}
+
+/// A unix socket connection from one container to another's listener in a shared emptyDir
+/// cannot come back (each container is restored by its own CRIU run): the dump is refused with
+/// both containers named, and the connection carries data on as before.
+#[test]
+fn a_unix_connection_between_containers_is_named_and_the_dump_refused() {
+    let node = start_node!();
+    let name = node.unique("unix");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
+    let (port, sidecar_port) = (APP_PORT.to_string(), SIDECAR_PORT.to_string());
+    let app = ContainerSpec::workload(
+        "app",
+        &[
+            "serve",
+            "--name",
+            "app",
+            "--port",
+            &port,
+            "--unix-listen",
+            "/shared/app.sock",
+        ],
+    )
+    .with_empty_dir("shared", "/shared");
+    let sidecar = ContainerSpec::workload(
+        "sidecar",
+        &["serve", "--name", "sidecar", "--port", &sidecar_port],
+    )
+    .with_empty_dir("shared", "/shared");
+    run_container(&node, &pod, &app).expect("the app runs");
+    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    assert_eq!(
+        ask(&pod.ip, SIDECAR_PORT, "peer-connect unix /shared/app.sock").expect("connect"),
+        "ok"
+    );
+    let first = ask(&pod.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
+    assert!(first.ends_with("checks 1 reply pong app"), "{first}");
+
+    let dir = node.files().checkpoints().join("unix");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    let err = block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect_err("the connection cannot be restored")
+    .to_string();
+    assert!(err.contains("unix socket connection links containers"), "{err}");
+    assert!(err.contains("\"app\"") && err.contains("\"sidecar\""), "{err}");
+    assert!(!dir.exists(), "no checkpoint is left");
+    let again = ask(&pod.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
+    assert!(
+        again.ends_with("checks 2 reply pong app"),
+        "the connection is as it was: {again}"
+    );
+}
+
+/// `podsnap restore --keep-ip`: restored on its node after a dump that kept connections and
+/// stopped the pod, the pod gets its address back (podsnap-cni-ipam asks host-local for it), and
+/// a client outside the pod goes on over the connection it had. While that pod holds the
+/// address, another restore asking for it is refused with the reason, and creates nothing.
+#[test]
+fn keep_ip_brings_the_address_back_and_an_outside_connection_goes_on() {
+    use std::io::{BufRead, BufReader, Write};
+    let node = start_node!();
+    let name = node.unique("keep");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    let app = ContainerSpec::workload("app", &["serve", "--name", "app", "--port", &port]);
+    run_container(&node, &pod, &app).expect("the app runs");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    let stream = std::net::TcpStream::connect((pod.ip.as_str(), APP_PORT)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut call = |command: &str| {
+        writer.write_all(format!("{command}\n").as_bytes()).expect("send");
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the same connection answers");
+        line.trim().to_owned()
+    };
+    assert_eq!(call("ping"), "pong app");
+
+    let dir = node.files().checkpoints().join("keep");
+    let mut request = dump_request(&node, &name, "default", Some(dir.clone()));
+    request.tcp_established = true;
+    request.stop = true;
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump --tcp-established --stop");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    assert_eq!(
+        m.pod.ips,
+        vec![pod.ip.parse::<std::net::IpAddr>().expect("ip")],
+        "the dump records the pod's address"
+    );
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the stopped pod goes");
+
+    let mut restore_keep = restore_request(&node, &dir);
+    restore_keep.keep_ip = true;
+    let restored = restore(&node, &restore_keep).expect("podsnap restore --keep-ip");
+    assert_eq!(restored.ip, pod.ip, "the pod's address is back");
+    assert_eq!(
+        call("ping"),
+        "pong app",
+        "the outside client's connection goes on after the restore"
+    );
+
+    let before = sandbox_ids(&node).len();
+    let mut again = restore_request(&node, &dir);
+    again.keep_ip = true;
+    again.name = Some(format!("{name}-again"));
+    let err = restore(&node, &again)
+        .expect_err("the address is taken")
+        .to_string();
+    assert!(err.contains("cannot be had"), "{err}");
+    assert_eq!(sandbox_ids(&node).len(), before, "nothing was created");
 }

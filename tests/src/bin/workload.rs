@@ -7,7 +7,7 @@
 //! - `serve --name N --port P [--volume DIR] [--interval-ms MS] [--log-every TICKS]`: keeps an
 //!   in-memory counter that advances once per interval, appends a line to `DIR/N.log` and prints a
 //!   line to stdout every `TICKS` ticks, and answers a line protocol on `0.0.0.0:P`:
-//!   - `count` -> the counter; `ping` -> `pong N`;
+//!   - `count` -> the counter; `ping` -> `pong N`; `pid` -> its pid (in its PID namespace);
 //!   - `shm-write KEY VAL` / `shm-read KEY`: a SysV shared memory segment with ipc key KEY;
 //!   - `posix-shm-write NAME VAL` / `posix-shm-read NAME`: the file `/dev/shm/NAME`;
 //!   - `get HOST:PORT CMD`: sends CMD to another server and answers its reply;
@@ -19,6 +19,9 @@
 //!   - `ballast-sum`: a checksum of the `--ballast-mib` memory (`ballast MiB sum S`);
 //!   - `ipc-check`: the `--ipc-probe` objects as this process sees them, through the mappings
 //!     it made at start (`ipc shm S sem A,B msg N FIRST posix P`);
+//!   - `spawn-daemon PORT`: starts a server on PORT that daemonizes (double fork): its parent
+//!     exits, so it is adopted (by the pod's pause process when the pod shares one PID
+//!     namespace); answers its pid;
 //!   - `peer-connect tcp HOST:PORT` / `peer-connect unix PATH`: opens a connection to another
 //!     server and keeps it; `peer-check`: sends `ping` over that same connection
 //!     (`peer ok kind K local L checks N reply R`).
@@ -746,6 +749,61 @@ impl Probes {
     }
 }
 
+/// `spawn-daemon PORT`: a double fork; the grandchild becomes `serve --name daemon --port PORT`.
+fn spawn_daemon(port: &str) -> Result<String, String> {
+    let port: u16 = port.parse().map_err(|e| format!("spawn-daemon PORT: {e}"))?;
+    let exe = std::ffi::CString::new("/proc/self/exe").map_err(|e| e.to_string())?;
+    let args: Vec<std::ffi::CString> = ["podsnap-workload", "serve", "--name", "daemon", "--port"]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .chain([port.to_string()])
+        .map(|a| std::ffi::CString::new(a).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` has room for two descriptors.
+    if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
+        return Err(errno_message("pipe"));
+    }
+    // SAFETY: this program is single-threaded; the child only calls async-signal-safe
+    // functions (fork, setsid, write, execv, _exit).
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(errno_message("fork"));
+    }
+    if child == 0 {
+        // SAFETY: see above.
+        unsafe {
+            libc::close(pipe[0]);
+            libc::setsid();
+            let grandchild = libc::fork();
+            if grandchild == 0 {
+                libc::close(pipe[1]);
+                libc::execv(exe.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            }
+            let bytes = grandchild.to_ne_bytes();
+            libc::write(pipe[1], bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end, reading the grandchild's pid, reaping the child.
+    let pid = unsafe {
+        libc::close(pipe[1]);
+        let mut bytes = [0u8; std::mem::size_of::<libc::pid_t>()];
+        let n = libc::read(pipe[0], bytes.as_mut_ptr().cast(), bytes.len());
+        libc::close(pipe[0]);
+        let mut status = 0;
+        libc::waitpid(child, &mut status, 0);
+        if n != bytes.len() as isize {
+            return Err("the daemon's pid did not come".to_owned());
+        }
+        libc::pid_t::from_ne_bytes(bytes)
+    };
+    Ok(format!("daemon pid {pid}"))
+}
+
 /// A sum of `bytes` that changes if any byte does.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().enumerate().fold(0u64, |sum, (i, b)| {
@@ -952,6 +1010,7 @@ impl Server {
         match command {
             "count" => Ok(self.counter.to_string()),
             "ping" => Ok(format!("pong {}", self.options.name)),
+            "pid" => Ok(std::process::id().to_string()),
             "shm-write" => {
                 let (key, value) = two_args(rest, "shm-write KEY VAL")?;
                 sysv_shm_write(parse_key(key)?, value)?;
@@ -986,6 +1045,7 @@ impl Server {
             "ipc-check" => self.probes.ipc_check(),
             "peer-connect" => self.probes.peer_connect(rest),
             "peer-check" => self.probes.peer_check(),
+            "spawn-daemon" => spawn_daemon(rest),
             "exit" => {
                 let code: i32 = rest.parse().map_err(|e| format!("exit CODE: {e}"))?;
                 say(&format!("{} exiting with {code}", self.options.name));
