@@ -557,8 +557,28 @@ fn criu_blob(node: &Node, name: &str) -> (String, i64) {
 }
 
 /// Kills a task and waits until it is gone (CRI deletes the task of a container that exited;
-/// we delete it if CRI does not).
+/// we delete it if CRI does not), its bundle included: containerd removes the bundle of a
+/// dead shim after the task is gone, and a task created again under the same id meanwhile
+/// loses its own (the Go shim's restore then fails with "open .../work: no such file").
 fn stop_task(node: &Node, api: &ContainerdApi, id: &str) {
+    stop_task_only(node, api, id);
+    let bundle = node
+        .dir()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(NS)
+        .join(id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bundle.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the bundle of task {id} stays: {}",
+            bundle.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop_task_only(node: &Node, api: &ContainerdApi, id: &str) {
     let _ = node.ctr().run(NS, &["task", "kill", "-s", "SIGKILL", id]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while let Some(task) = api.task(id).expect("Tasks.Get") {
