@@ -773,20 +773,7 @@ fn remove_pod_cgroups(rel: &Path) -> Vec<String> {
         if !pod.is_dir() {
             continue;
         }
-        let mut dirs = vec![pod.to_path_buf()];
-        let mut i = 0;
-        while i < dirs.len() {
-            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
-                dirs.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-            i += 1;
-        }
-        for dir in dirs.iter().rev() {
+        for dir in podsnap_runtime::cgroup::tree(pod).iter().rev() {
             if let Err(e) = std::fs::remove_dir(dir) {
                 failed.push(format!("cgroup {}: {e}", dir.display()));
             }

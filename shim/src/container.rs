@@ -73,6 +73,9 @@ pub struct Container {
 pub struct RestoreSource {
     pub image_dir: PathBuf,
     pub options: DumpOptions,
+    /// Where the container came in the pod's start order at the checkpoint: kept, whatever
+    /// order the restores of a pod's containers finish in.
+    pub started_order: Option<u64>,
 }
 
 /// Marks a container busy for as long as it lives.
@@ -328,6 +331,7 @@ impl Container {
             )));
         }
         let restore = lock(&self.restore_from).take();
+        let recorded_order = restore.as_ref().and_then(|r| r.started_order);
         let pid = match restore {
             Some(src) => self.restore(src, exits).await?,
             None if self.exited_plan.is_some() => 0,
@@ -340,7 +344,15 @@ impl Container {
             }
         };
         self.init.set_status(Status::Running);
-        *lock(&self.started_order) = Some(order.fetch_add(1, Ordering::SeqCst) + 1);
+        let started = match recorded_order {
+            Some(recorded) => {
+                // Later starts of the pod come after it.
+                order.fetch_max(recorded, Ordering::SeqCst);
+                recorded
+            }
+            None => order.fetch_add(1, Ordering::SeqCst) + 1,
+        };
+        *lock(&self.started_order) = Some(started);
         Ok(pid)
     }
 

@@ -86,6 +86,8 @@ pub struct RestorePlan {
     pub sysv_ipc: Option<(PathBuf, PathBuf)>,
     /// The container's name in its pod (kubelet path), marked restored once created.
     pub name: Option<String>,
+    /// Its place in the pod's start order at the checkpoint.
+    pub started_order: Option<u64>,
     /// It was paused at the checkpoint: it comes back paused.
     pub paused: bool,
 }
@@ -287,6 +289,7 @@ impl Restores {
             volumes,
             sysv_ipc,
             name: Some(cname),
+            started_order: entry.started_order,
             paused: entry.state == ContainerState::Paused,
         })))
     }

@@ -159,6 +159,7 @@ impl PodTask {
                 rootfs_changes: None,
                 volumes: Vec::new(),
                 sysv_ipc: None,
+                started_order: None,
                 name: None,
                 paused: false,
             }))
@@ -213,6 +214,7 @@ impl PodTask {
                         RestoreSource {
                             image_dir: plan.image_dir,
                             options: plan.options,
+                            started_order: plan.started_order,
                         },
                     )
                 }

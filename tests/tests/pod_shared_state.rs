@@ -1,6 +1,8 @@
-//! What a pod's containers share comes back with the pod: its `/dev/shm` (POSIX shared memory
-//! of the pod's IPC namespace), including a file a process holds open, captured once for the
-//! pod while it is frozen and restored before its first container.
+//! What a pod's containers share comes back with the pod (issue 9): its `/dev/shm` and the SysV
+//! objects of its IPC namespace, its PID namespace when it shares one, TCP connections between
+//! its containers over loopback, a listening unix socket in a volume, its address when asked
+//! (`--keep-ip`); what cannot come back is refused at the dump with the processes or containers
+//! named, and the pod runs on.
 
 mod pod_checkpoint_support;
 
@@ -9,9 +11,46 @@ use std::time::Duration;
 
 use pod_checkpoint_support::*;
 use podsnap_tests::kubelet::{
-    ask, run_container, run_pod, wait_answering, ContainerSpec, PodOptions, APP_PORT, SIDECAR_PORT,
+    ask, run_container, run_pod, wait_answering, ContainerSpec, KubePod, PodOptions, APP_PORT, SIDECAR_PORT,
 };
+use podsnap_tests::node::Node;
 use podsnap_tests::{start_node, HANDLER};
+
+/// `serve --name NAME --port PORT` with `extra` flags, in the workload image.
+fn server(name: &str, port: u16, extra: &[&str]) -> ContainerSpec {
+    let port = port.to_string();
+    let mut args = vec!["serve", "--name", name, "--port", &port];
+    args.extend_from_slice(extra);
+    ContainerSpec::workload(name, &args)
+}
+
+/// Runs a pod of `options` with `containers`, each answering on its port.
+fn pod_of(node: &Node, options: &PodOptions, containers: &[(ContainerSpec, u16)]) -> KubePod {
+    let pod = run_pod(node, options).expect("sandbox");
+    for (spec, _) in containers {
+        run_container(node, &pod, spec).unwrap_or_else(|e| panic!("{} runs: {e:#}", spec.name));
+    }
+    for (spec, port) in containers {
+        wait_answering(&pod.ip, *port, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{} answers: {e:#}", spec.name));
+    }
+    pod
+}
+
+/// `podsnap dump` of pod `name` (namespace default) into `dir`, the request changed by `edit`.
+fn dump_pod(
+    node: &Node,
+    name: &str,
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut podsnap_coordinator::dump::DumpRequest),
+) -> podsnap_coordinator::Result<podsnap_coordinator::dump::DumpOutcome> {
+    let mut request = dump_request(node, name, "default", Some(dir.to_path_buf()));
+    edit(&mut request);
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+}
 
 /// `pos N` of the workload's `held` answer.
 fn held_pos(answer: &str) -> u64 {
@@ -27,22 +66,8 @@ fn held_pos(answer: &str) -> u64 {
 fn dev_shm_files_written_and_held_open_come_back() {
     let node = start_node!();
     let name = node.unique("shm");
-    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
-    let port = APP_PORT.to_string();
-    let app = ContainerSpec::workload(
-        "app",
-        &[
-            "serve",
-            "--name",
-            "app",
-            "--port",
-            &port,
-            "--hold-file",
-            "/dev/shm/held",
-        ],
-    );
-    run_container(&node, &pod, &app).expect("the app runs");
-    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("answers");
+    let app = server("app", APP_PORT, &["--hold-file", "/dev/shm/held"]);
+    let pod = pod_of(&node, &PodOptions::new(&name, HANDLER), &[(app, APP_PORT)]);
     assert_eq!(
         ask(&pod.ip, APP_PORT, "posix-shm-write note hello").expect("write"),
         "ok"
@@ -52,12 +77,7 @@ fn dev_shm_files_written_and_held_open_come_back() {
     assert!(before.contains("path /dev/shm/held"), "{before}");
 
     let dir = node.files().checkpoints().join("shm");
-    let request = dump_request(&node, &name, "default", Some(dir.clone()));
-    block_on(podsnap_coordinator::dump::dump(
-        &request,
-        &podsnap_coordinator::progress::Lines,
-    ))
-    .expect("podsnap dump");
+    dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
     let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
     assert_eq!(
         m.dev_shm.as_deref(),
@@ -92,33 +112,18 @@ fn dev_shm_files_written_and_held_open_come_back() {
 fn sysv_ipc_and_unix_listeners_come_back() {
     let node = start_node!();
     let name = node.unique("ipc");
-    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
-    let port = APP_PORT.to_string();
-    let sidecar_port = SIDECAR_PORT.to_string();
-    let app = ContainerSpec::workload(
+    let app = server(
         "app",
-        &[
-            "serve",
-            "--name",
-            "app",
-            "--port",
-            &port,
-            "--ipc-probe",
-            "7100",
-            "--unix-listen",
-            "/shared/app.sock",
-        ],
+        APP_PORT,
+        &["--ipc-probe", "7100", "--unix-listen", "/shared/app.sock"],
     )
     .with_empty_dir("shared", "/shared");
-    let sidecar = ContainerSpec::workload(
-        "sidecar",
-        &["serve", "--name", "sidecar", "--port", &sidecar_port],
-    )
-    .with_empty_dir("shared", "/shared");
-    run_container(&node, &pod, &app).expect("the app runs");
-    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
-    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
-    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let sidecar = server("sidecar", SIDECAR_PORT, &[]).with_empty_dir("shared", "/shared");
+    let pod = pod_of(
+        &node,
+        &PodOptions::new(&name, HANDLER),
+        &[(app, APP_PORT), (sidecar, SIDECAR_PORT)],
+    );
     let before = ask(&pod.ip, APP_PORT, "ipc-check").expect("ipc-check");
     assert!(before.starts_with("ipc shm "), "{before}");
     assert!(before.contains("sem 3,7 msg 2 alpha"), "{before}");
@@ -138,12 +143,8 @@ fn sysv_ipc_and_unix_listeners_come_back() {
     );
 
     let dir = node.files().checkpoints().join("ipc");
-    let request = dump_request(&node, &name, "default", Some(dir.clone()));
-    block_on(podsnap_coordinator::dump::dump(
-        &request,
-        &podsnap_coordinator::progress::Lines,
-    ))
-    .expect("podsnap dump (a listening socket in a volume does not stop it)");
+    dump_pod(&node, &name, &dir, |_| {})
+        .expect("podsnap dump (a listening socket in a volume does not stop it)");
     let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
     assert_eq!(m.sysv_ipc.as_deref(), Some(podsnap_checkpoint::sysv::SYSV_STATE));
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
@@ -177,18 +178,12 @@ fn sysv_ipc_and_unix_listeners_come_back() {
 fn loopback_tcp_between_containers_survives() {
     let node = start_node!();
     let name = node.unique("loop");
-    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
-    let port = APP_PORT.to_string();
-    let sidecar_port = SIDECAR_PORT.to_string();
-    let app = ContainerSpec::workload("app", &["serve", "--name", "app", "--port", &port]);
-    let sidecar = ContainerSpec::workload(
-        "sidecar",
-        &["serve", "--name", "sidecar", "--port", &sidecar_port],
+    let (app, sidecar) = (server("app", APP_PORT, &[]), server("sidecar", SIDECAR_PORT, &[]));
+    let pod = pod_of(
+        &node,
+        &PodOptions::new(&name, HANDLER),
+        &[(app, APP_PORT), (sidecar, SIDECAR_PORT)],
     );
-    run_container(&node, &pod, &app).expect("the app runs");
-    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
-    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
-    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
     let target = format!("peer-connect tcp 127.0.0.1:{SIDECAR_PORT}");
     assert_eq!(ask(&pod.ip, APP_PORT, &target).expect("connect"), "ok");
     let before = ask(&pod.ip, APP_PORT, "peer-check").expect("peer-check");
@@ -205,12 +200,7 @@ fn loopback_tcp_between_containers_survives() {
     };
 
     let dir = node.files().checkpoints().join("loop");
-    let request = dump_request(&node, &name, "default", Some(dir.clone()));
-    block_on(podsnap_coordinator::dump::dump(
-        &request,
-        &podsnap_coordinator::progress::Lines,
-    ))
-    .expect("podsnap dump");
+    dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
     let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
     assert_eq!(m.loopback_linked, ["app", "sidecar"], "the dump saw the link");
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
@@ -258,17 +248,8 @@ fn a_pod_sharing_one_pid_namespace_comes_back_with_its_pids() {
     let name = node.unique("spid");
     let mut options = PodOptions::new(&name, HANDLER);
     options.share_process_namespace = true;
-    let pod = run_pod(&node, &options).expect("sandbox");
-    let (port, sidecar_port) = (APP_PORT.to_string(), SIDECAR_PORT.to_string());
-    let app = ContainerSpec::workload("app", &["serve", "--name", "app", "--port", &port]);
-    let sidecar = ContainerSpec::workload(
-        "sidecar",
-        &["serve", "--name", "sidecar", "--port", &sidecar_port],
-    );
-    run_container(&node, &pod, &app).expect("the app runs");
-    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
-    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
-    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let (app, sidecar) = (server("app", APP_PORT, &[]), server("sidecar", SIDECAR_PORT, &[]));
+    let pod = pod_of(&node, &options, &[(app, APP_PORT), (sidecar, SIDECAR_PORT)]);
     let pids = |ip: &str| {
         [APP_PORT, SIDECAR_PORT].map(|p| ask(ip, p, "pid").expect("pid").parse::<u32>().expect("a pid"))
     };
@@ -280,12 +261,7 @@ fn a_pod_sharing_one_pid_namespace_comes_back_with_its_pids() {
     assert_ne!(before[0], before[1], "one PID namespace for both: {before:?}");
 
     let dir = node.files().checkpoints().join("spid");
-    let request = dump_request(&node, &name, "default", Some(dir.clone()));
-    block_on(podsnap_coordinator::dump::dump(
-        &request,
-        &podsnap_coordinator::progress::Lines,
-    ))
-    .expect("podsnap dump");
+    dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
     let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
     wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
@@ -302,14 +278,8 @@ fn a_process_adopted_by_pause_is_named_and_the_dump_refused() {
     let name = node.unique("orphan");
     let mut options = PodOptions::new(&name, HANDLER);
     options.share_process_namespace = true;
-    let pod = run_pod(&node, &options).expect("sandbox");
-    let sidecar_port = SIDECAR_PORT.to_string();
-    let sidecar = ContainerSpec::workload(
-        "sidecar",
-        &["serve", "--name", "sidecar", "--port", &sidecar_port],
-    );
-    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
-    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let sidecar = server("sidecar", SIDECAR_PORT, &[]);
+    let pod = pod_of(&node, &options, &[(sidecar, SIDECAR_PORT)]);
     let spawned = ask(&pod.ip, SIDECAR_PORT, "spawn-daemon 7070").expect("spawn-daemon");
     assert!(spawned.starts_with("daemon pid "), "{spawned}");
     wait_answering(&pod.ip, 7070, Duration::from_secs(20)).expect("the daemon answers");
@@ -322,12 +292,7 @@ fn a_process_adopted_by_pause_is_named_and_the_dump_refused() {
     let daemon_before = count(7070);
 
     let dir = node.files().checkpoints().join("orphan");
-    let request = dump_request(&node, &name, "default", Some(dir.clone()));
-    let err = block_on(podsnap_coordinator::dump::dump(
-        &request,
-        &podsnap_coordinator::progress::Lines,
-    ))
-    .expect_err("a dump would lose the daemon");
+    let err = dump_pod(&node, &name, &dir, |_| {}).expect_err("a dump would lose the daemon");
     let text = err.to_string();
     assert!(text.contains("would be lost"), "{text}");
     assert!(text.contains("of container \"sidecar\""), "{text}");
@@ -344,30 +309,14 @@ fn a_process_adopted_by_pause_is_named_and_the_dump_refused() {
 fn a_unix_connection_between_containers_is_named_and_the_dump_refused() {
     let node = start_node!();
     let name = node.unique("unix");
-    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
-    let (port, sidecar_port) = (APP_PORT.to_string(), SIDECAR_PORT.to_string());
-    let app = ContainerSpec::workload(
-        "app",
-        &[
-            "serve",
-            "--name",
-            "app",
-            "--port",
-            &port,
-            "--unix-listen",
-            "/shared/app.sock",
-        ],
-    )
-    .with_empty_dir("shared", "/shared");
-    let sidecar = ContainerSpec::workload(
-        "sidecar",
-        &["serve", "--name", "sidecar", "--port", &sidecar_port],
-    )
-    .with_empty_dir("shared", "/shared");
-    run_container(&node, &pod, &app).expect("the app runs");
-    run_container(&node, &pod, &sidecar).expect("the sidecar runs");
-    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
-    wait_answering(&pod.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
+    let app =
+        server("app", APP_PORT, &["--unix-listen", "/shared/app.sock"]).with_empty_dir("shared", "/shared");
+    let sidecar = server("sidecar", SIDECAR_PORT, &[]).with_empty_dir("shared", "/shared");
+    let pod = pod_of(
+        &node,
+        &PodOptions::new(&name, HANDLER),
+        &[(app, APP_PORT), (sidecar, SIDECAR_PORT)],
+    );
     assert_eq!(
         ask(&pod.ip, SIDECAR_PORT, "peer-connect unix /shared/app.sock").expect("connect"),
         "ok"
@@ -376,13 +325,9 @@ fn a_unix_connection_between_containers_is_named_and_the_dump_refused() {
     assert!(first.ends_with("checks 1 reply pong app"), "{first}");
 
     let dir = node.files().checkpoints().join("unix");
-    let request = dump_request(&node, &name, "default", Some(dir.clone()));
-    let err = block_on(podsnap_coordinator::dump::dump(
-        &request,
-        &podsnap_coordinator::progress::Lines,
-    ))
-    .expect_err("the connection cannot be restored")
-    .to_string();
+    let err = dump_pod(&node, &name, &dir, |_| {})
+        .expect_err("the connection cannot be restored")
+        .to_string();
     assert!(err.contains("unix socket connection links containers"), "{err}");
     assert!(err.contains("\"app\"") && err.contains("\"sidecar\""), "{err}");
     assert!(!dir.exists(), "no checkpoint is left");
@@ -402,11 +347,8 @@ fn keep_ip_brings_the_address_back_and_an_outside_connection_goes_on() {
     use std::io::{BufRead, BufReader, Write};
     let node = start_node!();
     let name = node.unique("keep");
-    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("sandbox");
-    let port = APP_PORT.to_string();
-    let app = ContainerSpec::workload("app", &["serve", "--name", "app", "--port", &port]);
-    run_container(&node, &pod, &app).expect("the app runs");
-    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("app answers");
+    let app = server("app", APP_PORT, &[]);
+    let pod = pod_of(&node, &PodOptions::new(&name, HANDLER), &[(app, APP_PORT)]);
     let stream = std::net::TcpStream::connect((pod.ip.as_str(), APP_PORT)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -422,13 +364,10 @@ fn keep_ip_brings_the_address_back_and_an_outside_connection_goes_on() {
     assert_eq!(call("ping"), "pong app");
 
     let dir = node.files().checkpoints().join("keep");
-    let mut request = dump_request(&node, &name, "default", Some(dir.clone()));
-    request.tcp_established = true;
-    request.stop = true;
-    block_on(podsnap_coordinator::dump::dump(
-        &request,
-        &podsnap_coordinator::progress::Lines,
-    ))
+    dump_pod(&node, &name, &dir, |r| {
+        r.tcp_established = true;
+        r.stop = true;
+    })
     .expect("podsnap dump --tcp-established --stop");
     let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
     assert_eq!(

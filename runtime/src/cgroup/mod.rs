@@ -231,20 +231,11 @@ impl CgroupPaths {
             .freezer()
             .ok_or_else(|| Error::NotFound("freezer cgroup".into()))?;
         let mut pids = Vec::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
+        for d in tree(dir) {
             let file = d.join("cgroup.procs");
             let text =
                 std::fs::read_to_string(&file).map_err(|e| Error::io("list the processes", &file, e))?;
             pids.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            if let Ok(entries) = std::fs::read_dir(&d) {
-                stack.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
         }
         Ok(pids)
     }
@@ -272,20 +263,7 @@ impl CgroupPaths {
             }
         }
         // Empty now, the cgroup left behind goes (children first); a busy one stays.
-        let mut dirs = vec![from.clone()];
-        let mut i = 0;
-        while i < dirs.len() {
-            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
-                dirs.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-            i += 1;
-        }
-        for d in dirs.iter().rev() {
+        for d in tree(from).iter().rev() {
             let _ = std::fs::remove_dir(d);
         }
         Ok(moved)
@@ -325,6 +303,25 @@ fn v1_lines(text: &str) -> impl Iterator<Item = (Vec<&str>, &str)> {
             path,
         ))
     })
+}
+
+/// The cgroup directory `dir` and every one below it, parents before their children (reversed:
+/// an order to remove them in).
+pub fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut dirs = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        i += 1;
+    }
+    dirs
 }
 
 /// Freezes (`true`) or thaws the cgroup at `dir`, v1 (`freezer.state`) or v2 (`cgroup.freeze`)
