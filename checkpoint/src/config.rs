@@ -110,6 +110,21 @@ pub struct DumpPolicy {
     /// Free space a dump must leave on its destination's filesystem (see
     /// [`crate::preflight`]); 0 by default.
     pub reserve_bytes: u64,
+    /// How the pod's network is held still while it is dumped.
+    pub network_lock: NetworkLock,
+}
+
+/// How a pod dump holds the pod's network still.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkLock {
+    /// One lock for the pod's network namespace, from before the first freeze to after the last
+    /// thaw (loopback passes: the pod is frozen together).
+    #[default]
+    Pod,
+    /// No lock of podsnap's: each container's CRIU run locks only its own TCP connections,
+    /// while it dumps them (podsnap's behaviour before the pod lock; for comparison).
+    Container,
 }
 
 /// Checkpoint transport through OCI registries (`podsnap push` / `podsnap pull`).
@@ -462,6 +477,17 @@ b = ["a"]
         let err = NodeConfig::parse("[retention]\nmax_count = 2\n").expect_err("typo");
         assert!(err.contains("max_count"), "{err}");
         assert!(NodeConfig::parse("[dump]\nreserve_bytes = -1\n").is_err());
+    }
+
+    #[test]
+    fn the_network_lock_is_the_pods_unless_asked() {
+        assert_eq!(
+            NodeConfig::parse("").expect("defaults").dump.network_lock,
+            NetworkLock::Pod
+        );
+        let c = NodeConfig::parse("[dump]\nnetwork_lock = \"container\"\n").expect("parses");
+        assert_eq!(c.dump.network_lock, NetworkLock::Container);
+        assert!(NodeConfig::parse("[dump]\nnetwork_lock = \"none\"\n").is_err());
     }
 
     #[test]

@@ -29,9 +29,13 @@ pub async fn this_node(launcher: &dyn Launcher) -> HostInfo {
         }
     }
     let uname = nix::sys::utsname::uname().ok();
+    let (criu_version, runc_version) = tokio::join!(
+        first_line(launcher, "criu", "--version", "Version:"),
+        first_line(launcher, "runc", "--version", "runc version"),
+    );
     HostInfo {
-        criu_version: first_line(launcher, "criu", "--version", "Version:").await,
-        runc_version: first_line(launcher, "runc", "--version", "runc version").await,
+        criu_version,
+        runc_version,
         kernel: uname
             .as_ref()
             .map(|u| u.release().to_string_lossy().into_owned())

@@ -14,13 +14,19 @@
 //! ```
 //!
 //! Every file is 0600, every directory 0700. `manifest.json` names every other file with its
-//! size and SHA-256, and the checkpoint is exactly that: a checkpoint is refused before use when
-//! the manifest is missing, too large, of another format or version; when any listed file is
+//! size and digest, and the checkpoint is exactly that: a checkpoint is refused before use when
+//! the manifest is missing, too large, of another format or version, or names a digest
+//! algorithm this podsnap does not know; when any listed file is
 //! missing, of another size or digest, escapes the checkpoint directory or is larger than its
 //! cap; and when the directory holds anything the manifest does not list (a file, a symlink, a
 //! directory that holds no listed file). [`Manifest::load_listed`] checks all but the digests
 //! (cheap: for early, clear errors); [`Manifest::load_verified`] checks the digests too, and is
 //! what a restore runs, once.
+//!
+//! Digests: version 2 (what this code writes) names its algorithm in `digest_algorithm`,
+//! `blake3` (hashed on every core: a checkpoint is hundreds of MiB, hashed once at the dump
+//! and once at the restore), and each file's `digest` is hex. Version 1 checkpoints (SHA-256,
+//! each file's digest under `sha256`) are still read and verified.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -34,8 +40,10 @@ use crate::record::{ContainerState, Role};
 
 /// `format` of a podsnap pod checkpoint.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
-/// The version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The version this code writes.
+pub const VERSION: u32 = 2;
+/// The oldest version this code reads (SHA-256 digests, no `digest_algorithm`).
+pub const OLDEST_VERSION: u32 = 1;
 /// The manifest's file name.
 pub const MANIFEST: &str = "manifest.json";
 /// The largest manifest read back.
@@ -62,6 +70,9 @@ pub struct Manifest {
     /// Containers in creation order.
     pub containers: Vec<ContainerEntry>,
     pub volumes: Vec<VolumeEntry>,
+    /// How [`Manifest::files`] are digested (absent in version 1: SHA-256).
+    #[serde(default)]
+    pub digest_algorithm: DigestAlgorithm,
     /// The pod's `/dev/shm` (POSIX shared memory of its IPC namespace), captured once for the
     /// pod: `pod/dev-shm.tar` relative to the checkpoint root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,7 +201,51 @@ pub struct VolumeMount {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileDigest {
     pub size: u64,
-    pub sha256: String,
+    /// Hex, of the manifest's [`DigestAlgorithm`] (`sha256` in version 1 manifests).
+    #[serde(alias = "sha256")]
+    pub digest: String,
+}
+
+/// The digest algorithm of a checkpoint's files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DigestAlgorithm {
+    /// Version 1 checkpoints.
+    #[default]
+    Sha256,
+    /// What this code writes.
+    Blake3,
+}
+
+impl DigestAlgorithm {
+    /// The algorithm new checkpoints are written with.
+    pub const WRITTEN: DigestAlgorithm = DigestAlgorithm::Blake3;
+    /// The names a manifest may give.
+    pub const KNOWN: [&'static str; 2] = ["sha256", "blake3"];
+
+    /// The name a manifest gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Sha256 => "sha256",
+            DigestAlgorithm::Blake3 => "blake3",
+        }
+    }
+
+    /// The hex digest of the file at `path`.
+    pub fn file(self, path: &Path) -> std::io::Result<String> {
+        match self {
+            DigestAlgorithm::Sha256 => sha256_file(path),
+            DigestAlgorithm::Blake3 => blake3_file(path),
+        }
+    }
+
+    /// The display name in messages.
+    fn shown(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Sha256 => "SHA-256",
+            DigestAlgorithm::Blake3 => "BLAKE3",
+        }
+    }
 }
 
 impl Manifest {
@@ -219,6 +274,8 @@ impl Manifest {
         struct Head {
             format: String,
             version: u32,
+            #[serde(default)]
+            digest_algorithm: Option<serde_json::Value>,
         }
         let invalid = |reason: String| Error::InvalidCheckpoint {
             path: PathBuf::from(MANIFEST),
@@ -229,11 +286,32 @@ impl Manifest {
         if head.format != FORMAT {
             return Err(invalid(format!("format {:?} is not {FORMAT:?}", head.format)));
         }
-        if head.version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&head.version) {
             return Err(invalid(format!(
-                "format version {} is not supported (this podsnap reads version {VERSION})",
+                "format version {} is not supported (this podsnap reads versions {OLDEST_VERSION} to {VERSION})",
                 head.version
             )));
+        }
+        match (&head.digest_algorithm, head.version) {
+            (None, 1) => {}
+            (None, _) => {
+                return Err(invalid(format!(
+                    "format version {} names no digest_algorithm",
+                    head.version
+                )))
+            }
+            (Some(serde_json::Value::String(name)), 1) if name == "sha256" => {}
+            (Some(_), 1) => {
+                return Err(invalid("format version 1 digests with SHA-256 only".into()));
+            }
+            (Some(serde_json::Value::String(name)), _) if DigestAlgorithm::KNOWN.contains(&name.as_str()) => {
+            }
+            (Some(other), _) => {
+                return Err(invalid(format!(
+                    "digest algorithm {other} is not supported (this podsnap verifies {})",
+                    DigestAlgorithm::KNOWN.join(" and ")
+                )))
+            }
         }
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
         if m.files.len() > MAX_FILES {
@@ -306,17 +384,17 @@ impl Manifest {
         Ok(m)
     }
 
-    /// [`Manifest::load_listed`], then every listed file's SHA-256.
+    /// [`Manifest::load_listed`], then every listed file's digest.
     pub fn load_verified(dir: &Path) -> Result<Manifest> {
         let m = Self::load_listed(dir)?;
         m.verify(dir)?;
         Ok(m)
     }
 
-    /// Checks every listed file's SHA-256 in `dir` (for a manifest read by
+    /// Checks every listed file's digest in `dir` (for a manifest read by
     /// [`Manifest::load_listed`], whose checks already passed).
     pub fn verify(&self, dir: &Path) -> Result<()> {
-        verify_digests(dir, &self.files).map_err(|reason| Error::InvalidCheckpoint {
+        verify_digests(dir, self.digest_algorithm, &self.files).map_err(|reason| Error::InvalidCheckpoint {
             path: dir.to_path_buf(),
             reason,
         })
@@ -412,8 +490,12 @@ fn check_listing(dir: &Path, files: &BTreeMap<String, FileDigest>) -> std::resul
     Ok(())
 }
 
-/// Checks every file's SHA-256, largest files first, on as many threads as there are cores.
-fn verify_digests(dir: &Path, files: &BTreeMap<String, FileDigest>) -> std::result::Result<(), String> {
+/// Checks every file's digest, largest files first, on as many threads as there are cores.
+fn verify_digests(
+    dir: &Path,
+    algorithm: DigestAlgorithm,
+    files: &BTreeMap<String, FileDigest>,
+) -> std::result::Result<(), String> {
     let mut todo: Vec<(&String, &FileDigest)> = files.iter().collect();
     todo.sort_by_key(|(_, d)| std::cmp::Reverse(d.size));
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -429,12 +511,15 @@ fn verify_digests(dir: &Path, files: &BTreeMap<String, FileDigest>) -> std::resu
                     let Some((rel, want)) = todo.get(i) else {
                         return Ok(());
                     };
-                    let got = sha256_file(&dir.join(rel)).map_err(|e| format!("{rel}: {e}"))?;
-                    if got != want.sha256 {
+                    let got = algorithm
+                        .file(&dir.join(rel))
+                        .map_err(|e| format!("{rel}: {e}"))?;
+                    if got != want.digest {
                         // Stop the other workers early.
                         next.store(usize::MAX / 2, std::sync::atomic::Ordering::Relaxed);
                         return Err(format!(
-                            "{rel} is damaged: its SHA-256 does not match the manifest"
+                            "{rel} is damaged: its {} does not match the manifest",
+                            algorithm.shown()
                         ));
                     }
                 })
@@ -464,6 +549,42 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// The BLAKE3 digest of a file, hex: read in large blocks, each hashed on every core (rayon),
+/// so one large file (a container's memory) is not left to one core.
+pub fn blake3_file(path: &Path) -> std::io::Result<String> {
+    /// Below this a block is hashed on the calling thread (splitting costs more than it saves).
+    const PARALLEL_FROM: usize = 256 * 1024;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = read_full(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if n >= PARALLEL_FROM {
+            h.update_rayon(&buf[..n]);
+        } else {
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Reads until `buf` is full or the file ends; returns how much was read.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut at = 0;
+    while at < buf.len() {
+        match f.read(&mut buf[at..]) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(at)
 }
 
 /// Accepts a relative path that stays inside its root: no absolute paths, no `..`.
@@ -556,6 +677,7 @@ mod tests {
                 },
             ],
             volumes: vec![],
+            digest_algorithm: DigestAlgorithm::WRITTEN,
             dev_shm: None,
             sysv_ipc: None,
             loopback_linked: Vec::new(),
@@ -574,10 +696,11 @@ mod tests {
     #[test]
     fn unknown_version_and_format_are_refused() {
         let mut m = sample();
-        m.version = 2;
-        let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("v2");
+        m.version = VERSION + 1;
+        let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("newer");
         assert!(
-            err.to_string().contains("format version 2 is not supported"),
+            err.to_string()
+                .contains(&format!("format version {} is not supported", VERSION + 1)),
             "{err}"
         );
         let mut m = sample();
@@ -593,7 +716,7 @@ mod tests {
                 bad.into(),
                 FileDigest {
                     size: 0,
-                    sha256: String::new(),
+                    digest: String::new(),
                 },
             );
             assert!(
@@ -614,7 +737,9 @@ mod tests {
             "containers/app/config.json".into(),
             FileDigest {
                 size: 2,
-                sha256: sha256_file(&dir.join("containers/app/config.json")).expect("digest"),
+                digest: DigestAlgorithm::WRITTEN
+                    .file(&dir.join("containers/app/config.json"))
+                    .expect("digest"),
             },
         );
         std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&m).expect("json")).expect("write");
@@ -636,6 +761,95 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(err.contains("containers/app/config.json"), "{err}");
+    }
+
+    #[test]
+    fn the_digest_algorithm_is_named_and_an_unknown_one_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path();
+        write_checkpoint(dir);
+        let path = dir.join(MANIFEST);
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        assert_eq!(written["digest_algorithm"], "blake3");
+        assert_eq!(written["version"], VERSION);
+        let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut m = written.clone();
+            f(&mut m);
+            std::fs::write(&path, serde_json::to_vec(&m).expect("json")).expect("write");
+            Manifest::load_verified(dir).map_err(|e| e.to_string())
+        };
+        for (what, change) in [
+            (
+                "unknown",
+                &(|m: &mut serde_json::Value| m["digest_algorithm"] = "md5".into())
+                    as &dyn Fn(&mut serde_json::Value),
+            ),
+            ("not a name", &|m: &mut serde_json::Value| {
+                m["digest_algorithm"] = 3.into()
+            }),
+        ] {
+            let err = edit(change).expect_err(what);
+            assert!(
+                err.contains("is not supported (this podsnap verifies sha256 and blake3)"),
+                "{what}: {err}"
+            );
+        }
+        let err = edit(&|m| {
+            m.as_object_mut().expect("object").remove("digest_algorithm");
+        })
+        .expect_err("unnamed");
+        assert!(err.contains("names no digest_algorithm"), "{err}");
+        // The BLAKE3 digest verified as SHA-256 (a downgrade) does not match.
+        let err = edit(&|m| m["digest_algorithm"] = "sha256".into()).expect_err("other algorithm");
+        assert!(err.contains("its SHA-256 does not match"), "{err}");
+        edit(&|_| {}).expect("as written");
+    }
+
+    #[test]
+    fn version_1_checkpoints_still_verify_with_sha256() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path();
+        write_checkpoint(dir);
+        let file = dir.join("containers/app/config.json");
+        let path = dir.join(MANIFEST);
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        m["version"] = 1.into();
+        m.as_object_mut().expect("object").remove("digest_algorithm");
+        m["files"]["containers/app/config.json"] = serde_json::json!({
+            "size": 2, "sha256": sha256_file(&file).expect("digest")
+        });
+        std::fs::write(&path, serde_json::to_vec(&m).expect("json")).expect("write");
+        let loaded = Manifest::load_verified(dir).expect("a version 1 checkpoint verifies");
+        assert_eq!(loaded.digest_algorithm, DigestAlgorithm::Sha256);
+        std::fs::write(&file, b"{]").expect("flip");
+        let err = Manifest::load_verified(dir).expect_err("flipped").to_string();
+        assert!(err.contains("its SHA-256 does not match"), "{err}");
+        m["digest_algorithm"] = "blake3".into();
+        std::fs::write(&path, serde_json::to_vec(&m).expect("json")).expect("write");
+        let err = Manifest::load_listed(dir)
+            .expect_err("v1 with blake3")
+            .to_string();
+        assert!(err.contains("version 1 digests with SHA-256 only"), "{err}");
+    }
+
+    #[test]
+    fn blake3_digests_match_the_reference_and_span_blocks() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("f");
+        // Larger than one read block, not a multiple of it.
+        let data: Vec<u8> = (0..(9u32 << 20) + 12345).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).expect("write");
+        assert_eq!(
+            blake3_file(&p).expect("digest"),
+            blake3::hash(&data).to_hex().to_string()
+        );
+        std::fs::write(&p, b"").expect("write");
+        assert_eq!(
+            blake3_file(&p).expect("digest"),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
     }
 
     #[test]
@@ -668,7 +882,7 @@ mod tests {
             "containers/app/config.json".into(),
             FileDigest {
                 size: MAX_JSON_BYTES + 1,
-                sha256: String::new(),
+                digest: String::new(),
             },
         );
         let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("cap");

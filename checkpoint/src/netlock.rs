@@ -49,6 +49,30 @@ fn in_netns(netns: &Path, program: &str) -> Command {
     cmd
 }
 
+/// The rules that remove the lock in one transaction (fails, changing nothing, when the lock
+/// is not exactly there).
+fn unlock_rules() -> String {
+    format!("*filter\n-D INPUT -j {CHAIN}\n-D OUTPUT -j {CHAIN}\n-F {CHAIN}\n-X {CHAIN}\nCOMMIT\n")
+}
+
+/// Runs `iptables-restore --noflush` of `rules` in `netns`.
+async fn restore(
+    launcher: &dyn Launcher,
+    netns: &Path,
+    rules: &str,
+) -> Result<podsnap_runtime::launcher::Outcome> {
+    let file = tempfile::NamedTempFile::new()
+        .map_err(|e| Error::io("write the network lock rules", std::env::temp_dir(), e))?;
+    std::fs::write(file.path(), rules)
+        .map_err(|e| Error::io("write the network lock rules", file.path(), e))?;
+    let mut cmd = in_netns(netns, "iptables-restore");
+    cmd.arg("--noflush").arg(file.path());
+    launcher
+        .run(cmd, Capture::Output)
+        .await
+        .map_err(|e| Error::io("lock the pod's network (nsenter iptables-restore)", netns, e))
+}
+
 /// Locks the network namespace at `netns` for a dump (loopback passes).
 pub async fn lock(launcher: &dyn Launcher, netns: &Path) -> Result<()> {
     lock_with(launcher, netns, Scope::AllButLoopback).await
@@ -57,17 +81,16 @@ pub async fn lock(launcher: &dyn Launcher, netns: &Path) -> Result<()> {
 /// Locks the network namespace at `netns`, letting `scope` through.
 pub async fn lock_with(launcher: &dyn Launcher, netns: &Path, scope: Scope) -> Result<()> {
     // A lock left by a dump that died is replaced, not stacked.
-    unlock(launcher, netns).await;
-    let rules = tempfile::NamedTempFile::new()
-        .map_err(|e| Error::io("write the network lock rules", std::env::temp_dir(), e))?;
-    std::fs::write(rules.path(), lock_rules(scope))
-        .map_err(|e| Error::io("write the network lock rules", rules.path(), e))?;
-    let mut cmd = in_netns(netns, "iptables-restore");
-    cmd.arg("--noflush").arg(rules.path());
-    let out = launcher
-        .run(cmd, Capture::Output)
+    let mut listed = in_netns(netns, "iptables");
+    listed.args(["-w", "5", "-S", CHAIN]);
+    if launcher
+        .run(listed, Capture::Output)
         .await
-        .map_err(|e| Error::io("lock the pod's network (nsenter iptables-restore)", netns, e))?;
+        .is_ok_and(|out| out.success())
+    {
+        unlock(launcher, netns).await;
+    }
+    let out = restore(launcher, netns, &lock_rules(scope)).await?;
     if !out.success() {
         return Err(Error::io(
             "lock the pod's network (nsenter iptables-restore)",
@@ -81,6 +104,14 @@ pub async fn lock_with(launcher: &dyn Launcher, netns: &Path, scope: Scope) -> R
 /// Unlocks the network namespace at `netns` (nothing happens if it is not locked or gone).
 pub async fn unlock(launcher: &dyn Launcher, netns: &Path) {
     if !netns.exists() {
+        return;
+    }
+    // The lock as this code takes it goes in one call; anything else (half a lock, a jump
+    // twice) rule by rule.
+    if restore(launcher, netns, &unlock_rules())
+        .await
+        .is_ok_and(|out| out.success())
+    {
         return;
     }
     for args in [
@@ -254,6 +285,11 @@ mod tests {
         assert!(rules.contains("-I INPUT 1 -j PODSNAP-LOCK\n-I OUTPUT 1 -j PODSNAP-LOCK\n"));
         assert!(rules.contains("-A PODSNAP-LOCK -i lo -j ACCEPT\n"));
         assert!(rules.ends_with("-A PODSNAP-LOCK -j DROP\nCOMMIT\n"));
+        let unlock = unlock_rules();
+        assert_eq!(
+            unlock,
+            "*filter\n-D INPUT -j PODSNAP-LOCK\n-D OUTPUT -j PODSNAP-LOCK\n-F PODSNAP-LOCK\n-X PODSNAP-LOCK\nCOMMIT\n"
+        );
     }
 
     #[test]

@@ -310,7 +310,7 @@ pub fn remove(root: &Path, name: &str, leases: &Path) -> Result<Removed> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::manifest::{FileDigest, FORMAT, VERSION};
+    use crate::manifest::{DigestAlgorithm, FileDigest, FORMAT, VERSION};
 
     /// Writes a valid checkpoint of pod `namespace/pod` at `dir`, created at `created`, with one
     /// listed file of `size` bytes.
@@ -327,9 +327,10 @@ pub(crate) mod tests {
             "tcp_established": false,
             "containers": [],
             "volumes": [],
+            "digest_algorithm": DigestAlgorithm::WRITTEN,
             "files": {"containers/app/config.json": FileDigest {
                 size: size as u64,
-                sha256: crate::manifest::sha256_file(&file).expect("digest"),
+                digest: DigestAlgorithm::WRITTEN.file(&file).expect("digest"),
             }},
         });
         std::fs::write(dir.join(MANIFEST), manifest.to_string()).expect("manifest");

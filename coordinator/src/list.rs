@@ -332,7 +332,7 @@ mod tests {
         let mut files = std::collections::BTreeMap::new();
         files.insert(
             "containers/app/config.json".to_owned(),
-            serde_json::json!({"size": 2, "sha256": "00"}),
+            serde_json::json!({"size": 2, "digest": "00"}),
         );
         let manifest = serde_json::json!({
             "format": podsnap_checkpoint::manifest::FORMAT,
@@ -343,6 +343,7 @@ mod tests {
             "tcp_established": false,
             "containers": [],
             "volumes": [],
+            "digest_algorithm": "blake3",
             "files": files,
         });
         std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("manifest");

@@ -17,7 +17,7 @@
 //!
 //! The signed message is `podsnap.io/checkpoint-signature/v1 ` followed by the manifest digest
 //! (`sha256:<hex>`). The manifest digest covers the config (the checkpoint's manifest.json, which
-//! holds the size and SHA-256 of every file a restore reads) and every layer's digest, so one
+//! holds the size and digest of every file a restore reads) and every layer's digest, so one
 //! signature covers the whole checkpoint.
 //!
 //! Each layer holds the part's files only (regular files, mode 0600, owner 0:0, mtime 0, in
@@ -1187,7 +1187,7 @@ mod tests {
             "containers/web/a".to_owned(),
             podsnap_checkpoint::manifest::FileDigest {
                 size: 3,
-                sha256: hex::encode(Sha256::digest(b"abc")),
+                digest: hex::encode(Sha256::digest(b"abc")),
             },
         );
         let layer = |entries: &[(&str, &[u8], tar::EntryType)]| {

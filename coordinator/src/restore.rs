@@ -11,12 +11,14 @@
 //!    [`podsnap_checkpoint::import`]), and removed again once the restore is over: the shim
 //!    reads the checkpoint at each container's Create and Start, all of which happen here.
 //! 3. RunPodSandbox (handler `podsnap`, a new uid, the restore annotation naming the checkpoint:
-//!    a new network namespace and pod IP), then CreateContainer + StartContainer for each
-//!    container in its recorded start order, as kubelet would. Each container comes back in its
-//!    recorded state: a running one is restored from its CRIU images by the shim; one that had
-//!    exited (a completed init container, a crashed one) is answered with its recorded exit code
-//!    at once, without running; one that was created but never started is created and left
-//!    created.
+//!    a new network namespace and pod IP), then CreateContainer for each container in its
+//!    recorded start order, as kubelet would. Each container comes back in its recorded state:
+//!    one that had exited (a completed init container, a crashed one) is started and answered
+//!    with its recorded exit code at once, without running, before the next is created; one
+//!    that was created but never started is left created; the running ones are restored from
+//!    their CRIU images by the shim, all at once (StartContainer of each together, once every
+//!    container is created): they ran side by side at the checkpoint and each resumes at that
+//!    instant, so no ordering between them is lost.
 //! 4. Any failure on the way removes what was made: the sandbox with its containers, the pod's
 //!    directories, its cgroups and what was brought into the root.
 
@@ -466,6 +468,11 @@ async fn create(
     let mut started = Vec::new();
     let mut completed = Vec::new();
     let mut left_created = Vec::new();
+    // Containers are created one after another in their recorded order (completed ones are
+    // answered at once, in order); the restores of those that ran, the slow part, start
+    // together once all are created: they ran side by side at the checkpoint, and each
+    // comes back at that instant, so none waits for another.
+    let mut to_restore = Vec::new();
     for (c, then, _) in &plan.containers {
         progress.step(&match then {
             Then::Restore => format!("restoring container {}", c.name),
@@ -495,28 +502,50 @@ async fn create(
             .map_err(Error::cri(format!("CreateContainer {}", c.name)))?
             .into_inner()
             .container_id;
-        if *then == Then::LeaveCreated {
-            left_created.push((c.name.clone(), container_id));
-            continue;
+        match then {
+            Then::LeaveCreated => left_created.push((c.name.clone(), container_id)),
+            Then::Restore => to_restore.push((c.name.clone(), container_id)),
+            Then::Exited(code) => {
+                runtime
+                    .start_container(cri::StartContainerRequest {
+                        container_id: container_id.clone(),
+                    })
+                    .await
+                    .map_err(Error::cri(format!("StartContainer {}", c.name)))?;
+                wait_exited(&mut runtime, &c.name, &container_id, *code).await?;
+                completed.push((c.name.clone(), container_id));
+            }
         }
-        runtime
-            .start_container(cri::StartContainerRequest {
-                container_id: container_id.clone(),
-            })
-            .await
-            .map_err(Error::cri(format!("StartContainer {}", c.name)))?;
-        if let Then::Exited(code) = then {
-            wait_exited(&mut runtime, &c.name, &container_id, *code).await?;
-            completed.push((c.name.clone(), container_id));
-            continue;
+    }
+    let starts = to_restore.iter().map(|(name, container_id)| {
+        let mut runtime = runtime.clone();
+        async move {
+            runtime
+                .start_container(cri::StartContainerRequest {
+                    container_id: container_id.clone(),
+                })
+                .await
+                .map_err(Error::cri(format!("StartContainer {name}")))
         }
-        log::info!(
-            "pod {}/{}: container {} ({container_id}) restored",
-            pod.namespace,
-            pod.name,
-            c.name
-        );
-        started.push((c.name.clone(), container_id));
+    });
+    let mut first_error = None;
+    for ((name, container_id), result) in to_restore.iter().zip(futures::future::join_all(starts).await) {
+        match result {
+            Ok(_) => {
+                log::info!(
+                    "pod {}/{}: container {name} ({container_id}) restored",
+                    pod.namespace,
+                    pod.name
+                );
+                started.push((name.clone(), container_id.clone()));
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     let ip = runtime
         .pod_sandbox_status(cri::PodSandboxStatusRequest {

@@ -494,7 +494,8 @@ mod tests {
             "pod": {"sandbox_id": "sb", "name": "web", "namespace": "default", "uid": "old",
                     "hostname": "web", "annotations": {}},
             "host": {"criu_version": "", "runc_version": "", "kernel": "", "arch": ""},
-            "tcp_established": false, "containers": [], "volumes": [], "files": {}
+            "tcp_established": false, "containers": [], "volumes": [], "files": {},
+            "digest_algorithm": "blake3"
         }))
         .expect("a manifest");
         manifest

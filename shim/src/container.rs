@@ -264,16 +264,58 @@ impl Container {
             }
         };
         self.init.set_pid(pid);
-        *lock(&self.cgroups) = self
-            .bundle
-            .spec()
-            .ok()
-            .and_then(|spec| cgroups_of(&self.id, &spec, &self.runc, pid));
+        let spec = self.bundle.spec().ok();
+        let mut cgroups = spec
+            .as_ref()
+            .and_then(|s| cgroups_of(&self.id, s, &self.runc, pid));
+        if let (Some(actual), Some(spec)) = (cgroups.as_ref(), spec.as_ref()) {
+            if let Some(wanted) = self.v2_cgroup_elsewhere(actual, spec) {
+                match actual.move_processes_to(&wanted) {
+                    Ok(n) => {
+                        log::info!(
+                            "container {}: restored into {:?} (where it was dumped): {n} processes \
+                             moved to its own cgroup {:?}",
+                            self.id,
+                            actual.freezer(),
+                            wanted.freezer()
+                        );
+                        cgroups = Some(wanted);
+                    }
+                    Err(e) => log::warn!(
+                        "container {}: its processes stay in {:?}: {e}",
+                        self.id,
+                        actual.freezer()
+                    ),
+                }
+            }
+        }
+        *lock(&self.cgroups) = cgroups;
         if let Some(code) = exits.watch(pid, self.init.clone(), since) {
             self.init.set_early_exit(code);
         }
         log::info!("container {}: restored, pid {pid}", self.id);
         Ok(pid)
+    }
+
+    /// On v2, the cgroup the container's spec names when its restored processes are elsewhere
+    /// (CRIU put them back where they were dumped).
+    fn v2_cgroup_elsewhere(
+        &self,
+        actual: &CgroupPaths,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Option<CgroupPaths> {
+        if !actual.is_v2() {
+            return None;
+        }
+        let path = spec
+            .linux()
+            .as_ref()?
+            .cgroups_path()
+            .as_ref()?
+            .to_string_lossy()
+            .into_owned();
+        let wanted = CgroupPaths::of_container(&path, self.runc.systemd_cgroup(), None).ok()?;
+        (wanted.freezer() != actual.freezer()).then_some(wanted)
     }
 
     /// `runc start` (or `runc restore` for a container created from a checkpoint).

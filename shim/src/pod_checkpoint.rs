@@ -32,6 +32,8 @@ pub struct PodCheckpoint {
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
     /// Free space the dump must leave on the destination's filesystem.
     pub reserve_bytes: u64,
+    /// How the pod's network is held still.
+    pub network_lock: podsnap_checkpoint::config::NetworkLock,
     /// The node's checkpoint root and its bounds, applied after a dump into it.
     pub root: PathBuf,
     pub retention: RetentionPolicy,
@@ -89,6 +91,7 @@ pub async fn checkpoint(
         cancel: request.cancel.clone(),
         journal: Some(journal_path(&sandbox.id)),
         netns: spec.as_ref().and_then(pod_netns),
+        lock_network: request.network_lock == podsnap_checkpoint::config::NetworkLock::Pod,
         reserve_bytes: request.reserve_bytes,
     };
     log::info!(

@@ -110,6 +110,10 @@ struct Verified {
 pub struct Restores {
     verified: Mutex<HashMap<PathBuf, Arc<Verified>>>,
     filled: Mutex<HashSet<PathBuf>>,
+    /// Held while what the pod's containers share is filled (volumes, SysV IPC): containers
+    /// of a pod are created at once (`podsnap restore` starts their restores together), and
+    /// the first fills, the others wait and find it filled.
+    filling: tokio::sync::Mutex<()>,
     /// Names of the containers restored (or answered as exited) in this pod: a second Create
     /// of one of them is a restart, which starts fresh.
     restored: Mutex<HashSet<String>>,
@@ -500,6 +504,7 @@ impl Restores {
     /// Prepares a container's filesystem for its restore: emptyDir volumes (once per pod) and
     /// its rootfs changes. A volume counts as filled only once its archive is unpacked.
     pub async fn prepare_files(&self, plan: &RestorePlan, rootfs: &Path) -> Result<()> {
+        let filling = self.filling.lock().await;
         for (archive, dst) in &plan.volumes {
             if lock(&self.filled).contains(dst) {
                 continue;
@@ -534,6 +539,7 @@ impl Restores {
                 lock(&self.filled).insert(ns);
             }
         }
+        drop(filling);
         if let Some((tar, del)) = plan.rootfs_changes.clone() {
             let r = rootfs.to_path_buf();
             tokio::task::spawn_blocking(move || podsnap_checkpoint::rootfs::apply(&r, &tar, &del))

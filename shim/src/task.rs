@@ -754,6 +754,7 @@ impl PodTask {
             deadline,
             cancel: Some(cancel_rx),
             reserve_bytes: config.dump.reserve_bytes,
+            network_lock: config.dump.network_lock,
             root: config.checkpoint_root(),
             retention: config.retention.clone(),
         };

@@ -1,47 +1,52 @@
-//! Benchmark (issue 4): a pod of three containers holding 256 MiB of dirtied memory each,
-//! checkpointed and restored, podsnap against containerd's Go runc shim, side by side on one
-//! private containerd, alternating round by round.
+//! Benchmark (issues 4 and 12): a pod of three containers holding 256 MiB of dirtied memory
+//! each (`PODSNAP_BENCH_MIB` to change it), checkpointed and restored by podsnap and by
+//! containerd's Go runc shim, side by side on one private containerd, the contenders taking
+//! turns in a rotating order round by round (round 0 warms every one up and is not counted).
 //!
 //! - podsnap (handler `podsnap`): one Tasks.Checkpoint on the sandbox task with runc
 //!   `CheckpointOptions{image_path}` (leave running): the shim freezes every container, dumps
-//!   them in parallel and writes the manifest. Frozen window: the manifest's `stats.frozen_us`
-//!   (first freeze to last thaw). Restore: `podsnap restore` (the coordinator's library: verify
-//!   every digest, RunPodSandbox with the restore annotation, create and start each container)
-//!   until every container runs.
-//! - Go runc shim (handler `runc`): `ctr task checkpoint` of the three containers one after
-//!   another (each paused by ctr, dumped, its rw layer diffed, resumed; images in the content
-//!   store). Frozen window: from the first container's pause to the last one's resume (the
-//!   span during which some container of the pod is frozen), from containerd's
-//!   `/tasks/paused` and `/tasks/resumed` events; the sum of the three pauses is printed too.
-//!   No pod restore works for it here: containerd 2.1 CRI's restore-by-create (KEP-2008) re-pulls
-//!   the checkpoint's base image by reference and these nodes have no registry ("failed to pull
-//!   checkpoint base image sha256:..."), and `ctr container restore` needs runtime and snapshotter
-//!   annotations that `ctr task checkpoint` images lack. So its restore is containerd's own, in
-//!   place: each container's task is killed, then created again from the CRIU blob of its
-//!   checkpoint image (Tasks.Create with the descriptor; containerd unpacks it) and started, one
-//!   after another, in the same sandbox (no new sandbox, no digest check: less work than
-//!   podsnap's restore does).
+//!   them in parallel, thaws, and writes digests and the manifest. Restore: `podsnap restore`
+//!   (the coordinator's library: a new sandbox, every container restored from the checkpoint,
+//!   digests verified once) until every container runs.
+//! - Go runc shim, in parallel (handler `runc`; the main baseline): the three containers
+//!   checkpointed at once, one Tasks.Checkpoint each with runc `CheckpointOptions{image_path}`
+//!   (the same directory form podsnap writes; no rw-layer diff, no content store): what a
+//!   person would do by hand. Each container is frozen on its own, so the pod is not captured
+//!   at one instant. Restore: in place, each task killed, then all three created again at once
+//!   from their directories (Tasks.Create with runc `Options{criu_image_path}`) and started.
+//! - Go runc shim, in turn (a second reference): `ctr task checkpoint` of the three containers
+//!   one after another (each paused by ctr, dumped, its rw layer diffed, everything ingested
+//!   and hashed into the content store, resumed). Restore: in place, each task re-created from
+//!   its checkpoint image's CRIU blob (containerd unpacks it) and started, one after another.
 //!
-//! Image size: podsnap's checkpoint directory; for the Go shim the content-store blobs of the
-//! three `ctr task checkpoint` images (CRIU tar, rw layer, spec).
+//! The Go shim has no pod restore here: containerd 2.1 CRI's restore-by-create (KEP-2008)
+//! re-pulls the checkpoint's base image by reference and these nodes have no registry, and
+//! `ctr container restore` needs annotations that `ctr task checkpoint` images lack. So both
+//! Go restores are in place (same sandbox, no new sandbox, no digest check): less work than
+//! podsnap's restore does.
+//!
+//! Frozen windows are observed from outside, the same way for every contender
+//! (`common::observer`): a thread samples every millisecond each container's freezer state and
+//! whether CRIU holds its processes (ptrace). Pod frozen window: from the first container
+//! stopped to the last one running again. Per container: its own first stop to last resume.
+//!
+//! Image size: the checkpoint directories; for `ctr task checkpoint` the content-store blobs of
+//! the three checkpoint images (CRIU tar, rw layer, spec).
 //!
 //! Restore from outside the checkpoint root (podsnap only): the same checkpoint moved out of
 //! the root on the same filesystem (`podsnap restore` hard-links it in: no data copied), and a
 //! copy of it on a tmpfs mounted by the bench (another filesystem: the restore must copy every
-//! file into the root first), each timed like the restore above; the difference is what not
-//! copying saves.
+//! file into the root first), each timed like the restore above.
 //!
 //! `cargo build --release -p containerd-shim-podsnap-v1 && cargo bench -p podsnap-tests --bench
 //! pod_checkpoint` (rounds: `PODSNAP_BENCH_N`, default 5).
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::observer::{Observer, Watched, Windows};
 use common::{mib, print_table, ratio, seconds, Samples};
 use k8s_cri::v1 as cri;
 use podsnap_coordinator::restore::RestoreRequest;
@@ -51,22 +56,73 @@ use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{self, ContainerSpec, KubePod, PodOptions};
 use podsnap_tests::node::{Node, NodeOptions};
 
-const BALLAST_MIB: &str = "256";
 const CONTAINERS: [(&str, u16); 3] = [("one", 8081), ("two", 8082), ("three", 8083)];
+
+/// MiB of dirtied memory per container.
+fn ballast_mib() -> String {
+    std::env::var("PODSNAP_BENCH_MIB").unwrap_or_else(|_| "256".to_owned())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contender {
+    Podsnap,
+    GoParallel,
+    GoInTurn,
+}
+
+const CONTENDERS: [Contender; 3] = [Contender::Podsnap, Contender::GoParallel, Contender::GoInTurn];
 
 #[derive(Default)]
 struct Measures {
     checkpoint: Samples,
-    frozen: Samples,
-    frozen_sum: Samples,
-    restore: Samples,
-    verify: Samples,
+    pod_frozen: Samples,
+    longest: Samples,
+    sum: Samples,
     image_mib: Samples,
-    slowest: Samples,
-    frozen_over_slowest: Samples,
+    restore: Samples,
     /// podsnap only: restore from outside the root, linked in / copied in.
     restore_linked: Samples,
     restore_copied: Samples,
+}
+
+/// One round's numbers, in seconds and MiB.
+#[derive(Debug, Clone, Copy, Default)]
+struct Round {
+    checkpoint: f64,
+    pod_frozen: f64,
+    longest: f64,
+    sum: f64,
+    image_mib: f64,
+    restore: f64,
+    restore_linked: f64,
+    restore_copied: f64,
+}
+
+impl Round {
+    fn new(checkpoint: f64, windows: &Windows, image_mib: f64, restore: f64) -> Round {
+        Round {
+            checkpoint,
+            pod_frozen: windows.pod(),
+            longest: windows.longest(),
+            sum: windows.sum(),
+            image_mib,
+            restore,
+            ..Default::default()
+        }
+    }
+
+    fn record(&self, m: &mut Measures) {
+        m.checkpoint.push(self.checkpoint);
+        m.pod_frozen.push(self.pod_frozen);
+        m.longest.push(self.longest);
+        m.sum.push(self.sum);
+        m.image_mib.push(self.image_mib);
+        m.restore.push(self.restore);
+        if self.restore_linked > 0.0 && self.restore_copied > 0.0 {
+            m.restore_linked.push(self.restore_linked);
+            m.restore_copied.push(self.restore_copied);
+        }
+    }
 }
 
 fn main() {
@@ -79,84 +135,91 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let mut podsnap = Measures::default();
-    let mut go = Measures::default();
+    let mut measures: Vec<Measures> = CONTENDERS.iter().map(|_| Measures::default()).collect();
     let started = Instant::now();
     for round in 0..=rounds {
-        // Alternate who goes first; round 0 warms both up and is not counted.
-        for first in [round % 2 == 0, round % 2 != 0] {
-            if first {
-                let m = podsnap_round(&node, &runtime, round);
-                eprintln!("round {round} podsnap: {m:?}");
-                if round > 0 {
-                    m.record(&mut podsnap);
-                }
-            } else {
-                let m = go_round(&node, round);
-                eprintln!("round {round} Go runc shim: {m:?}");
-                if round > 0 {
-                    m.record(&mut go);
-                }
+        for turn in 0..CONTENDERS.len() {
+            let which = (round + turn) % CONTENDERS.len();
+            let contender = CONTENDERS[which];
+            let m = match contender {
+                Contender::Podsnap => podsnap_round(&node, &runtime, round),
+                Contender::GoParallel => go_parallel_round(&node, round),
+                Contender::GoInTurn => go_in_turn_round(&node, round),
+            };
+            eprintln!("round {round} {contender:?}: {m:?}");
+            if round > 0 {
+                m.record(&mut measures[which]);
             }
         }
     }
+    let [podsnap, parallel, in_turn] = &measures[..] else {
+        unreachable!("three contenders")
+    };
+    let mib_each = ballast_mib();
 
     println!();
     println!(
-        "### A pod of three containers, {BALLAST_MIB} MiB dirtied memory each: checkpoint and restore \
+        "### A pod of three containers, {mib_each} MiB dirtied memory each: checkpoint and restore \
          (median of {rounds}, min-max; {:.0} s in all)",
         seconds(started.elapsed())
     );
     println!();
     println!(
-        "podsnap: Tasks.Checkpoint on the sandbox task (image_path), frozen = manifest stats.frozen_us, \
-         restore = `podsnap restore` (library, digests verified). Go shim: `ctr task checkpoint` of \
-         the three containers in turn, frozen = first pause to last resume (sum of the three pauses \
-         in its own column), restore = each task re-created from its checkpoint image's CRIU blob and \
-         started, in place (same sandbox: no new sandbox, no digest check)."
+        "Frozen windows observed from outside (freezer state and CRIU's ptrace hold, sampled every \
+         millisecond), the same way for every contender. podsnap: Tasks.Checkpoint of the sandbox \
+         task (image_path), the pod frozen at one instant; restore = `podsnap restore` (new \
+         sandbox, digests verified once). Go shim in parallel: Tasks.Checkpoint (image_path) of \
+         the three containers at once, each frozen on its own; restore in place, the three tasks \
+         re-created from their directories at once. Go shim in turn: `ctr task checkpoint` of \
+         each container one after another (content store); restore in place from the CRIU blobs, \
+         one after another."
     );
     println!();
     let row = |label: &str, m: &Measures| {
         vec![
             label.to_owned(),
             m.checkpoint.cell(2),
-            m.frozen.cell(2),
-            m.frozen_sum.cell(2),
-            m.restore.cell(2),
-            m.verify.cell(2),
+            m.pod_frozen.cell(2),
+            m.longest.cell(2),
+            m.sum.cell(2),
             m.image_mib.cell(0),
-            m.slowest.cell(2),
-            m.frozen_over_slowest.cell(2),
+            m.restore.cell(2),
         ]
     };
-    let rows = vec![
-        row("podsnap pod checkpoint", &podsnap),
-        row("Go runc shim, 3 x ctr task checkpoint", &go),
+    let ratios = |label: &str, a: &Measures, b: &Measures| {
         vec![
-            "ratio podsnap / Go shim".to_owned(),
-            ratio(&podsnap.checkpoint, &go.checkpoint),
-            ratio(&podsnap.frozen, &go.frozen),
-            ratio(&podsnap.frozen_sum, &go.frozen_sum),
-            ratio(&podsnap.restore, &go.restore),
-            String::new(),
-            ratio(&podsnap.image_mib, &go.image_mib),
-            ratio(&podsnap.slowest, &go.slowest),
-            String::new(),
-        ],
-    ];
+            label.to_owned(),
+            ratio(&a.checkpoint, &b.checkpoint),
+            ratio(&a.pod_frozen, &b.pod_frozen),
+            ratio(&a.longest, &b.longest),
+            ratio(&a.sum, &b.sum),
+            ratio(&a.image_mib, &b.image_mib),
+            ratio(&a.restore, &b.restore),
+        ]
+    };
     print_table(
         &[
             "",
             "checkpoint (s)",
             "pod frozen window (s)",
+            "longest container frozen (s)",
             "container-seconds frozen",
-            "restore to all running (s)",
-            "one digest check of the checkpoint (s)",
             "image (MiB)",
-            "slowest single container dump (s)",
-            "frozen window / slowest dump",
+            "restore to all running (s)",
         ],
-        &rows,
+        &[
+            row("podsnap pod checkpoint", podsnap),
+            row("Go runc shim, 3 x Tasks.Checkpoint in parallel", parallel),
+            row("Go runc shim, 3 x ctr task checkpoint in turn", in_turn),
+            ratios("ratio podsnap / Go in parallel", podsnap, parallel),
+            ratios("ratio podsnap / Go in turn", podsnap, in_turn),
+        ],
+    );
+    println!();
+    println!(
+        "podsnap's pod frozen window / the Go shim's longest single-container frozen time (in \
+         parallel): {}",
+        ratio(&podsnap.pod_frozen, &parallel.longest)
     );
     println!();
     println!(
@@ -201,59 +264,15 @@ fn main() {
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }
 
-/// One round's numbers, in seconds and MiB.
-#[derive(Debug, Clone, Copy)]
-struct Round {
-    checkpoint: f64,
-    frozen: f64,
-    frozen_sum: f64,
-    /// The slowest single container's dump (podsnap: manifest stats.slowest_dump_us; Go shim:
-    /// the longest of the three pause-to-resume spans).
-    slowest: f64,
-    restore: f64,
-    /// One digest check of the whole checkpoint (podsnap only; informational).
-    verify: f64,
-    image_mib: f64,
-    /// podsnap only: restores from outside the root (0 for the Go shim).
-    restore_linked: f64,
-    restore_copied: f64,
-}
-
-impl Round {
-    fn record(&self, m: &mut Measures) {
-        m.checkpoint.push(self.checkpoint);
-        m.frozen.push(self.frozen);
-        m.frozen_sum.push(self.frozen_sum);
-        m.restore.push(self.restore);
-        if self.verify > 0.0 {
-            m.verify.push(self.verify);
-        }
-        m.image_mib.push(self.image_mib);
-        m.slowest.push(self.slowest);
-        m.frozen_over_slowest.push(self.frozen / self.slowest);
-        if self.restore_linked > 0.0 && self.restore_copied > 0.0 {
-            m.restore_linked.push(self.restore_linked);
-            m.restore_copied.push(self.restore_copied);
-        }
-    }
-}
-
 fn specs() -> Vec<ContainerSpec> {
+    let mib = ballast_mib();
     CONTAINERS
         .iter()
         .map(|(name, port)| {
             let port = port.to_string();
             ContainerSpec::workload(
                 name,
-                &[
-                    "serve",
-                    "--name",
-                    name,
-                    "--port",
-                    &port,
-                    "--ballast-mib",
-                    BALLAST_MIB,
-                ],
+                &["serve", "--name", name, "--port", &port, "--ballast-mib", &mib],
             )
         })
         .collect()
@@ -277,6 +296,16 @@ fn run_pod(node: &Node, handler: &str, name: &str) -> (KubePod, Vec<String>, Vec
     (pod, ids, sums)
 }
 
+/// Observes the containers `ids` of `pod`.
+fn observe(pod: &KubePod, ids: &[String]) -> Observer {
+    Observer::start(
+        ids.iter()
+            .zip(CONTAINERS)
+            .map(|(id, (name, _))| Watched::container(&pod.uid, id, name))
+            .collect(),
+    )
+}
+
 /// Checks the restored pod at `ip` holds the same memory.
 fn check_restored(ip: &str, sums: &[String]) {
     for ((name, port), sum) in CONTAINERS.iter().zip(sums) {
@@ -287,10 +316,11 @@ fn check_restored(ip: &str, sums: &[String]) {
 }
 
 fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -> Round {
-    let (pod, _ids, sums) = run_pod(node, "podsnap", &node.unique(&format!("pc-ps-{round}")));
+    let (pod, ids, sums) = run_pod(node, "podsnap", &node.unique(&format!("pc-ps-{round}")));
     let dir = node.files().checkpoints().join(format!("bench-{round}"));
     let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
     common::sync_disks();
+    let observer = observe(&pod, &ids);
     let clock = Instant::now();
     api.checkpoint(
         &pod.id,
@@ -301,21 +331,9 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     )
     .unwrap_or_else(|e| panic!("pod checkpoint of {}: {e:#}", pod.id));
     let checkpoint = seconds(clock.elapsed());
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest.json"))
-            .expect("manifest JSON");
-    let frozen = manifest["stats"]["frozen_us"].as_f64().expect("stats.frozen_us") / 1e6;
-    let slowest = manifest["stats"]["slowest_dump_us"]
-        .as_f64()
-        .expect("stats.slowest_dump_us")
-        / 1e6;
+    let windows = observer.stop();
     let image_mib = mib(common::dir_size(&dir));
     kubelet::remove_pod(node, &pod).expect("remove the pod");
-
-    // One digest check of every file, timed apart (the restore below does its own).
-    let clock = Instant::now();
-    podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("the checkpoint verifies");
-    let verify = seconds(clock.elapsed());
 
     let (restore, imported) = timed_restore(node, runtime, &dir, &sums);
     assert!(imported.is_none(), "a checkpoint in the root is used in place");
@@ -342,16 +360,9 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     drop(tmpfs);
     let _ = std::fs::remove_dir_all(&outside);
     Round {
-        checkpoint,
-        // All three containers are frozen together for this window.
-        frozen,
-        frozen_sum: frozen * CONTAINERS.len() as f64,
-        slowest,
-        restore,
-        verify,
-        image_mib,
         restore_linked,
         restore_copied,
+        ..Round::new(checkpoint, &windows, image_mib, restore)
     }
 }
 
@@ -360,7 +371,7 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
 fn timed_restore(
     node: &Node,
     runtime: &tokio::runtime::Runtime,
-    dir: &std::path::Path,
+    dir: &Path,
     sums: &[String],
 ) -> (f64, Option<podsnap_checkpoint::import::Imported>) {
     let mut request = RestoreRequest::new(dir);
@@ -393,61 +404,112 @@ fn timed_restore(
     (took, restored.imported)
 }
 
-/// `ctr events` lines, collected while it runs.
-struct Events {
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
+/// Runs `work` for every container at once, each on its own thread with its own containerd
+/// connection, all released together; returns when every one is done.
+fn at_once(node: &Node, ids: &[String], work: impl Fn(&ContainerdApi, usize, &str) + Sync) {
+    let apis: Vec<ContainerdApi> = ids
+        .iter()
+        .map(|_| ContainerdApi::connect(&node.address(), NS).expect("containerd API"))
+        .collect();
+    let barrier = std::sync::Barrier::new(ids.len());
+    std::thread::scope(|scope| {
+        for (i, (id, api)) in ids.iter().zip(&apis).enumerate() {
+            let (barrier, work) = (&barrier, &work);
+            scope.spawn(move || {
+                barrier.wait();
+                work(api, i, id);
+            });
+        }
+    });
 }
 
-impl Events {
-    fn start(node: &Node) -> Self {
-        let mut child = node
-            .ctr()
-            .command(NS)
-            .arg("events")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ctr events");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("ctr events stdout");
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(mut lines) = sink.lock() {
-                    lines.push(line);
-                }
-            }
-        });
-        // Let it subscribe before anything happens.
-        std::thread::sleep(Duration::from_millis(300));
-        Self { child, lines }
-    }
+fn go_parallel_round(node: &Node, round: usize) -> Round {
+    let (pod, ids, sums) = run_pod(node, "runc", &node.unique(&format!("pc-gp-{round}")));
+    let dir = node.dir().join(format!("go-parallel-{round}"));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let dirs: Vec<PathBuf> = CONTAINERS.iter().map(|(name, _)| dir.join(name)).collect();
+    common::sync_disks();
+    let observer = observe(&pod, &ids);
+    let clock = Instant::now();
+    at_once(node, &ids, |api, i, id| {
+        api.checkpoint(
+            id,
+            &CheckpointOptions {
+                image_path: dirs[i].to_string_lossy().into_owned(),
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("Tasks.Checkpoint of {id}: {e:#}"));
+    });
+    let checkpoint = seconds(clock.elapsed());
+    let windows = observer.stop();
+    let image_mib = mib(common::dir_size(&dir));
 
-    /// Stops `ctr events`; returns (topic, container id, seconds of the day) of every pause and
-    /// resume it saw.
-    fn stop(mut self) -> Vec<(String, String, f64)> {
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let lines = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
-        lines
-            .iter()
-            .filter_map(|line| {
-                // "2026-11-27 02:38:04.123456789 +0000 UTC k8s.io /tasks/paused {...}"
-                let fields: Vec<&str> = line.splitn(7, ' ').collect();
-                let topic = fields.get(5)?;
-                if *topic != "/tasks/paused" && *topic != "/tasks/resumed" {
-                    return None;
-                }
-                let clock: Vec<f64> = fields.get(1)?.split(':').filter_map(|p| p.parse().ok()).collect();
-                let at = clock.first()? * 3600.0 + clock.get(1)? * 60.0 + clock.get(2)?;
-                let body: serde_json::Value = serde_json::from_str(fields.get(6)?).ok()?;
-                let id = body["container_id"].as_str()?.to_owned();
-                Some(((*topic).to_owned(), id, at))
-            })
-            .collect()
+    // Restore in place: every task killed, then all re-created from their directories at once.
+    let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
+    for id in &ids {
+        stop_task(node, &api, id);
     }
+    common::sync_disks();
+    let clock = Instant::now();
+    at_once(node, &ids, |api, i, id| {
+        api.create_restored_task(id, &dirs[i])
+            .and_then(|_| api.start(id))
+            .unwrap_or_else(|e| panic!("restore of {id} from {}: {e:#}", dirs[i].display()));
+    });
+    let restore = seconds(clock.elapsed());
+    check_restored(&pod.ip, &sums);
+    for id in &ids {
+        stop_task(node, &api, id);
+    }
+    kubelet::remove_pod(node, &pod).expect("remove the pod");
+    let _ = std::fs::remove_dir_all(&dir);
+    Round::new(checkpoint, &windows, image_mib, restore)
+}
+
+fn go_in_turn_round(node: &Node, round: usize) -> Round {
+    let (pod, ids, sums) = run_pod(node, "runc", &node.unique(&format!("pc-go-{round}")));
+    common::sync_disks();
+    let observer = observe(&pod, &ids);
+    let clock = Instant::now();
+    let images: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            node.ctr()
+                .run(NS, &["task", "checkpoint", id])
+                .unwrap_or_else(|e| panic!("ctr task checkpoint {id}: {e}"))
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    let checkpoint = seconds(clock.elapsed());
+    let windows = observer.stop();
+    let image_mib = mib(images.iter().map(|name| image_bytes(node, name)).sum());
+
+    // Restore in place: each task is killed (CRI deletes it), then created again from the CRIU
+    // blob of its checkpoint image (containerd unpacks it for the shim) and started.
+    let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
+    for id in &ids {
+        stop_task(node, &api, id);
+    }
+    let blobs: Vec<(String, i64)> = images.iter().map(|name| criu_blob(node, name)).collect();
+    common::sync_disks();
+    let clock = Instant::now();
+    for (id, (digest, size)) in ids.iter().zip(&blobs) {
+        api.create_task_from_blob(id, CRIU_TAR, digest, *size)
+            .and_then(|_| api.start(id))
+            .unwrap_or_else(|e| panic!("restore of {id} from its checkpoint image: {e:#}"));
+    }
+    let restore = seconds(clock.elapsed());
+    check_restored(&pod.ip, &sums);
+    for id in &ids {
+        stop_task(node, &api, id);
+    }
+    for name in &images {
+        let _ = node.ctr().run(NS, &["images", "rm", "--sync", name]);
+    }
+    kubelet::remove_pod(node, &pod).expect("remove the pod");
+    Round::new(checkpoint, &windows, image_mib, restore)
 }
 
 /// The index of image `name` (a checkpoint image: CRIU tar, rw layer, spec).
@@ -481,78 +543,6 @@ fn image_bytes(node: &Node, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn go_round(node: &Node, round: usize) -> Round {
-    let (pod, ids, sums) = run_pod(node, "runc", &node.unique(&format!("pc-go-{round}")));
-    let events = Events::start(node);
-    common::sync_disks();
-    let clock = Instant::now();
-    let images: Vec<String> = ids
-        .iter()
-        .map(|id| {
-            node.ctr()
-                .run(NS, &["task", "checkpoint", id])
-                .unwrap_or_else(|e| panic!("ctr task checkpoint {id}: {e}"))
-                .trim()
-                .to_owned()
-        })
-        .collect();
-    let checkpoint = seconds(clock.elapsed());
-    let seen = events.stop();
-    let at = |topic: &str, id: &str| {
-        seen.iter()
-            .find(|(t, i, _)| t == topic && i == id)
-            .map(|(_, _, at)| *at)
-            .unwrap_or_else(|| panic!("no {topic} event for {id}: {seen:?}"))
-    };
-    let pauses: Vec<(f64, f64)> = ids
-        .iter()
-        .map(|id| (at("/tasks/paused", id), at("/tasks/resumed", id)))
-        .collect();
-    let frozen = pauses.iter().map(|p| p.1).fold(f64::MIN, f64::max)
-        - pauses.iter().map(|p| p.0).fold(f64::MAX, f64::min);
-    let frozen_sum: f64 = pauses.iter().map(|(paused, resumed)| resumed - paused).sum();
-    let slowest = pauses
-        .iter()
-        .map(|(paused, resumed)| resumed - paused)
-        .fold(0.0, f64::max);
-    let image_mib = mib(images.iter().map(|name| image_bytes(node, name)).sum());
-
-    // Restore in place: each task is killed (CRI deletes it), then created again from the CRIU
-    // blob of its checkpoint image (containerd unpacks it for the shim) and started.
-    let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
-    for id in &ids {
-        stop_task(node, &api, id);
-    }
-    let blobs: Vec<(String, i64)> = images.iter().map(|name| criu_blob(node, name)).collect();
-    common::sync_disks();
-    let clock = Instant::now();
-    for (id, (digest, size)) in ids.iter().zip(&blobs) {
-        api.create_task_from_blob(id, CRIU_TAR, digest, *size)
-            .and_then(|_| api.start(id))
-            .unwrap_or_else(|e| panic!("restore of {id} from its checkpoint image: {e:#}"));
-    }
-    let restore = seconds(clock.elapsed());
-    check_restored(&pod.ip, &sums);
-    for id in &ids {
-        stop_task(node, &api, id);
-    }
-    for name in &images {
-        let _ = node.ctr().run(NS, &["images", "rm", "--sync", name]);
-    }
-    kubelet::remove_pod(node, &pod).expect("remove the pod");
-    Round {
-        checkpoint,
-        frozen,
-        frozen_sum,
-        slowest,
-        restore,
-        verify: 0.0,
-        image_mib,
-        restore_linked: 0.0,
-        restore_copied: 0.0,
-    }
-}
-
 /// containerd's media type of a CRIU checkpoint tar.
 const CRIU_TAR: &str = "application/vnd.containerd.container.criu.checkpoint.criu.tar";
 
@@ -567,8 +557,28 @@ fn criu_blob(node: &Node, name: &str) -> (String, i64) {
 }
 
 /// Kills a task and waits until it is gone (CRI deletes the task of a container that exited;
-/// we delete it if CRI does not).
+/// we delete it if CRI does not), its bundle included: containerd removes the bundle of a
+/// dead shim after the task is gone, and a task created again under the same id meanwhile
+/// loses its own (the Go shim's restore then fails with "open .../work: no such file").
 fn stop_task(node: &Node, api: &ContainerdApi, id: &str) {
+    stop_task_only(node, api, id);
+    let bundle = node
+        .dir()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(NS)
+        .join(id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bundle.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the bundle of task {id} stays: {}",
+            bundle.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop_task_only(node: &Node, api: &ContainerdApi, id: &str) {
     let _ = node.ctr().run(NS, &["task", "kill", "-s", "SIGKILL", id]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while let Some(task) = api.task(id).expect("Tasks.Get") {

@@ -338,9 +338,22 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
         .join("volumes/kubernetes.io~empty-dir")
         .join(podsnap_tests::kubelet::DATA_VOLUME);
     check_restored(&node, &restored.ip, &pod.pod.ip, &volume, &app_id, before);
-    // Not checked: which cgroup the restored processes sit in. With runc 1.1.5 on v2 they go
-    // back to the cgroup path they were dumped from (the removed pod's), not the new pod's:
-    // runc passes CRIU the new cgroup on v1 only (README, "cgroup v2").
+    // CRIU puts restored processes back in the cgroup path they were dumped from (runc 1.1.5
+    // gives it the new one on v1 only); the shim moves them into the new pod's.
+    let restored_app = v2_cgroup(&node, task_pid(&ctr, CRI_NAMESPACE, &app_id));
+    assert!(
+        restored_app.starts_with(
+            node.cgroup_root()
+                .join(format!("kubepods/besteffort/pod{}", restored.uid))
+        ),
+        "the restored app runs in the new pod's cgroup: {}",
+        restored_app.display()
+    );
+    assert!(
+        !app.exists(),
+        "the cgroup CRIU re-created at the old path is gone: {}",
+        app.display()
+    );
     assert!(
         dropped.len() < runc.lines().len(),
         "the restore went through the stand-in runc too"

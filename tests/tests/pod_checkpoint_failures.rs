@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
+use podsnap_checkpoint::manifest::DigestAlgorithm;
 use podsnap_tests::kubelet::{
     ask, run_container, run_pod, run_three_container_pod, wait_answering, ContainerSpec, PodOptions,
     APP_PORT, DATA_MOUNT, DATA_VOLUME, SIDECAR_PORT,
 };
 use podsnap_tests::node::Node;
 use podsnap_tests::{host, start_node, HANDLER};
-use sha2::{Digest, Sha256};
 
 fn count(ip: &str, port: u16) -> u64 {
     ask(ip, port, "count").expect("count").parse().expect("a number")
@@ -195,10 +195,6 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-fn sha256_hex(path: &Path) -> String {
-    hex::encode(Sha256::digest(std::fs::read(path).expect("read")))
-}
-
 /// Edits a checkpoint's manifest.json.
 fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("manifest.json");
@@ -211,9 +207,11 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 /// Records `rel`'s current size and digest in the manifest (a consistent but altered checkpoint).
 fn redigest(dir: &Path, rel: &str) {
     let size = std::fs::metadata(dir.join(rel)).expect("stat").len();
-    let sha = sha256_hex(&dir.join(rel));
     edit_manifest(dir, |m| {
-        m["files"][rel] = serde_json::json!({"size": size, "sha256": sha});
+        let algorithm: DigestAlgorithm =
+            serde_json::from_value(m["digest_algorithm"].clone()).expect("the manifest's digest algorithm");
+        let digest = algorithm.file(&dir.join(rel)).expect("digest");
+        m["files"][rel] = serde_json::json!({"size": size, "digest": digest});
     });
 }
 
@@ -285,7 +283,9 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
 
     let future = outside.join("future");
     copy_tree(&good, &future);
-    edit_manifest(&future, |m| m["version"] = serde_json::json!(2));
+    let newer = podsnap_checkpoint::manifest::VERSION + 1;
+    edit_manifest(&future, |m| m["version"] = serde_json::json!(newer));
+    let newer_refused = format!("format version {newer} is not supported");
 
     let no_image = outside.join("no-image");
     copy_tree(&good, &no_image);
@@ -305,7 +305,7 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
     for (dir, expected, up_front) in [
         (&flipped, "is damaged", false),
         (&missing, gone.as_str(), true),
-        (&future, "format version 2 is not supported", true),
+        (&future, newer_refused.as_str(), true),
         (&no_image, "localhost/podsnap/missing:1", true),
         (&unlisted, "containers/app/criu/extra.img is not listed", true),
     ] {

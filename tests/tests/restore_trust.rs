@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
-use podsnap_checkpoint::manifest::{sha256_file, Manifest, MANIFEST};
+use podsnap_checkpoint::manifest::{DigestAlgorithm, Manifest, MANIFEST};
 use podsnap_tests::ctr::CRI_NAMESPACE;
 use podsnap_tests::kubelet::{
     ask, create_container, run_container, run_pod, run_three_container_pod, start_container, wait_answering,
@@ -192,9 +192,11 @@ fn forge(dir: &Path, rel: &str, content: &[u8]) {
     let path = dir.join(MANIFEST);
     let mut m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("json");
+    let algorithm: DigestAlgorithm =
+        serde_json::from_value(m["digest_algorithm"].clone()).expect("the manifest's digest algorithm");
     m["files"][rel] = serde_json::json!({
         "size": content.len(),
-        "sha256": sha256_file(&dir.join(rel)).expect("digest"),
+        "digest": algorithm.file(&dir.join(rel)).expect("digest"),
     });
     std::fs::write(&path, serde_json::to_vec_pretty(&m).expect("json")).expect("write manifest");
 }

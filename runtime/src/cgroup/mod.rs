@@ -249,6 +249,48 @@ impl CgroupPaths {
         Ok(pids)
     }
 
+    /// Moves every process of these v2 cgroups (and of those below) into `to` (made if missing),
+    /// then removes the cgroup they left when it is empty. For a container CRIU restored into the
+    /// cgroup path it was dumped from: on v2, runc 1.1.5 does not give CRIU the new container's
+    /// cgroup. Returns how many processes moved. Not for v1 (runc places restored processes
+    /// there itself).
+    pub fn move_processes_to(&self, to: &CgroupPaths) -> Result<usize> {
+        let (Self::V2 { dir: from }, Self::V2 { dir: dest }) = (self, to) else {
+            return Err(Error::Invalid {
+                what: "cgroup move",
+                reason: "only between v2 cgroups".into(),
+            });
+        };
+        std::fs::create_dir_all(dest).map_err(|e| Error::io("create a cgroup", dest, e))?;
+        let procs = dest.join("cgroup.procs");
+        let mut moved = 0;
+        for pid in self.processes()? {
+            match std::fs::write(&procs, pid.to_string()) {
+                Ok(()) => moved += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => return Err(Error::io("move a process into its cgroup", &procs, e)),
+            }
+        }
+        // Empty now, the cgroup left behind goes (children first); a busy one stays.
+        let mut dirs = vec![from.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+            i += 1;
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        Ok(moved)
+    }
+
     /// Sends SIGKILL to every process of the container's cgroup and those below it (while it
     /// is frozen the kills wait for the thaw, and nothing runs before it dies). Returns how
     /// many were signalled.

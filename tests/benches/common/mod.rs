@@ -159,3 +159,5 @@ pub fn remove_container(ctr: &Ctr, namespace: &str, id: &str) {
     ctr.run(namespace, &["container", "rm", id])
         .unwrap_or_else(|e| panic!("ctr container rm {id}: {e}"));
 }
+
+pub mod observer;
