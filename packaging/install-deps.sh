@@ -6,6 +6,8 @@
 #   CRIU 4.x           built from Debian sid's source package (bookworm's 3.17 fails on Linux 6.x)
 #   CNI plugins        from Debian sid (containernetworking-plugins), into /opt/cni/bin
 #   iptables, iproute2, protoc, busybox-static, build tools
+#   docker-registry    from bookworm: a local OCI distribution registry for the `podsnap push`/`pull`
+#                      integration tests (not started here; the tests run their own instance)
 #
 # Apt sources for sid are derived from this machine's own /etc/apt/sources.list.d/debian.sources
 # (same mirror, same keyring), kept in a private directory so the system's apt setup is untouched.
@@ -36,6 +38,7 @@ BOOKWORM_PKGS=(
   runc iptables iproute2 protobuf-compiler busybox-static ca-certificates xz-utils dpkg-dev
   build-essential pkgconf libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
   libnl-3-dev libnet1-dev libcap-dev uuid-dev libbsd-dev libgnutls28-dev libnftables-dev
+  docker-registry
 )
 missing=()
 for p in "${BOOKWORM_PKGS[@]}"; do
@@ -46,6 +49,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# docker-registry's maintainer script starts a system instance on :5000 where an init system
+# runs; the tests start their own on a free port and need only the binary.
+[ -x /usr/bin/docker-registry ] || die "docker-registry is not installed"
 
 # ---------------------------------------------------------------------------------------------
 # A private apt configuration for sid, derived from the system's sources (no host names here)

@@ -38,6 +38,20 @@
 //! # "*" as a key applies to every namespace.
 //! [restore.allow_from]
 //! team-b = ["team-a"]
+//!
+//! # Checkpoint transport (`podsnap push` / `podsnap pull`).
+//! [registry]
+//! # Registries (`host` or `host:port`) checkpoints may be pushed to and pulled from; a host
+//! # without a port matches it on any port. Empty (the default): none.
+//! allowed = ["127.0.0.1:5000", "registry.example.com"]
+//! # Registries spoken to over plain HTTP (localhost, 127.0.0.1 and [::1] always are).
+//! insecure = ["registry.lan:5000"]
+//! # The node's ed25519 private key (PKCS#8 PEM) that signs what it pushes.
+//! signing_key = "/etc/podsnap/signing.pem"
+//! # Public keys (SubjectPublicKeyInfo PEM) a pulled checkpoint's signature must verify against.
+//! trusted_keys = ["/etc/podsnap/trusted/node-a.pub"]
+//! # true: push without a signing key and pull unsigned or untrusted checkpoints (a warning).
+//! allow_unsigned = false
 //! ```
 
 use std::collections::BTreeMap;
@@ -79,6 +93,9 @@ pub struct NodeConfig {
     /// Bounds on the checkpoint root.
     #[serde(default)]
     pub retention: RetentionPolicy,
+    /// Which registries checkpoints travel through, and the keys that sign them.
+    #[serde(default)]
+    pub registry: RegistryPolicy,
     /// The file this was read from (`None`: defaults, no file).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -108,6 +125,65 @@ pub enum NetworkLock {
     /// No lock of podsnap's: each container's CRIU run locks only its own TCP connections,
     /// while it dumps them (podsnap's behaviour before the pod lock; for comparison).
     Container,
+}
+
+/// Checkpoint transport through OCI registries (`podsnap push` / `podsnap pull`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryPolicy {
+    /// Registries (`host` or `host:port`) checkpoints may travel through; none by default.
+    pub allowed: Vec<String>,
+    /// Registries spoken to over plain HTTP besides localhost, 127.0.0.1 and `[::1]`.
+    pub insecure: Vec<String>,
+    /// The ed25519 private key (PKCS#8 PEM) that signs pushed checkpoints.
+    pub signing_key: Option<PathBuf>,
+    /// Public keys (SubjectPublicKeyInfo PEM) a pulled checkpoint's signature may verify against.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Push unsigned and pull unsigned or untrusted checkpoints (with a warning).
+    pub allow_unsigned: bool,
+}
+
+/// Whether `registry` (`host[:port]` as a reference names it) matches `entry` of a registry
+/// list: equal (case-insensitive), or `entry` names the host alone and the registry is that
+/// host on some port.
+pub fn registry_matches(entry: &str, registry: &str) -> bool {
+    let entry = entry.trim().trim_end_matches('/').to_ascii_lowercase();
+    let registry = registry.to_ascii_lowercase();
+    if entry.is_empty() {
+        return false;
+    }
+    if entry == registry {
+        return true;
+    }
+    let has_port = |s: &str| match s.rsplit_once(':') {
+        // `[::1]:5000` has a port, `[::1]` has none.
+        Some((_, port)) => !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !s.ends_with(']'),
+        None => false,
+    };
+    !has_port(&entry)
+        && has_port(&registry)
+        && registry.rsplit_once(':').is_some_and(|(host, _)| host == entry)
+}
+
+impl RegistryPolicy {
+    /// Whether checkpoints may travel through `registry`.
+    pub fn allows(&self, registry: &str) -> bool {
+        self.allowed.iter().any(|e| registry_matches(e, registry))
+    }
+
+    /// Whether `registry` is spoken to over plain HTTP: a loopback host, or listed insecure.
+    pub fn is_insecure(&self, registry: &str) -> bool {
+        let host = match registry.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !registry.ends_with(']') => {
+                host
+            }
+            _ => registry,
+        };
+        matches!(
+            host.to_ascii_lowercase().as_str(),
+            "localhost" | "127.0.0.1" | "[::1]"
+        ) || self.insecure.iter().any(|e| registry_matches(e, registry))
+    }
 }
 
 /// Bounds on the checkpoint root (see [`crate::retention`]); each unbounded when `None`.
@@ -225,6 +301,25 @@ impl NodeConfig {
                     .into(),
             );
         }
+        let registry = &config.registry;
+        for key in registry.signing_key.iter().chain(&registry.trusted_keys) {
+            if !key.is_absolute() {
+                return Err(format!(
+                    "registry key file {} is not an absolute path",
+                    key.display()
+                ));
+            }
+        }
+        if let Some(bad) = registry
+            .allowed
+            .iter()
+            .chain(&registry.insecure)
+            .find(|e| e.trim().is_empty() || e.contains('/') || e.contains("://"))
+        {
+            return Err(format!(
+                "registry {bad:?} is not a registry host (give host or host:port, no scheme or path)"
+            ));
+        }
         if let Some(root) = &config.checkpoint_root {
             if !root.is_absolute() {
                 return Err(format!(
@@ -264,6 +359,58 @@ mod tests {
         assert!(c.restore.enabled);
         assert_eq!(c.restore.namespaces, None);
         assert!(c.restore.allow_from.is_empty());
+    }
+
+    #[test]
+    fn registry_section_parses_and_matches() {
+        let c = NodeConfig::parse(
+            r#"
+[registry]
+allowed = ["127.0.0.1:5000", "Registry.Example.com"]
+insecure = ["registry.lan"]
+signing_key = "/etc/podsnap/signing.pem"
+trusted_keys = ["/etc/podsnap/a.pub", "/etc/podsnap/b.pub"]
+allow_unsigned = true
+"#,
+        )
+        .expect("parses");
+        let r = &c.registry;
+        assert_eq!(r.signing_key, Some(PathBuf::from("/etc/podsnap/signing.pem")));
+        assert_eq!(r.trusted_keys.len(), 2);
+        assert!(r.allow_unsigned);
+        assert!(r.allows("127.0.0.1:5000"));
+        assert!(!r.allows("127.0.0.1:5001"), "a port given is the only port");
+        assert!(!r.allows("127.0.0.1"));
+        assert!(r.allows("registry.example.com"));
+        assert!(
+            r.allows("registry.example.com:443"),
+            "a host alone matches any port"
+        );
+        assert!(!r.allows("evil.example.com"));
+        assert!(!r.allows("registry.example.com.evil.net"));
+        assert!(r.is_insecure("localhost:5000"));
+        assert!(r.is_insecure("127.0.0.1:1234"));
+        assert!(r.is_insecure("[::1]:5000"));
+        assert!(r.is_insecure("registry.lan:5000"));
+        assert!(!r.is_insecure("registry.example.com"));
+        assert!(!r.is_insecure("localhost.example.com"));
+    }
+
+    #[test]
+    fn registry_defaults_allow_nothing_and_typos_are_errors() {
+        let c = NodeConfig::parse("").expect("defaults");
+        assert!(!c.registry.allows("127.0.0.1:5000"));
+        assert!(!c.registry.allow_unsigned);
+        for bad in [
+            "[registry]\nallowed_registries = [\"x\"]",
+            "[registry]\nallow_unsigned = \"yes\"",
+            "[registry]\nsigning_key = \"relative.pem\"",
+            "[registry]\ntrusted_keys = [\"keys/a.pub\"]",
+            "[registry]\nallowed = [\"https://registry.example.com\"]",
+            "[registry]\nallowed = [\"registry.example.com/team\"]",
+        ] {
+            assert!(NodeConfig::parse(bad).is_err(), "{bad} must be refused");
+        }
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub enum Error {
     /// The request itself cannot be carried out (a non-empty destination, a missing image...).
     #[error("{0}")]
     Refused(String),
+    /// Pushing a checkpoint to a registry or pulling one failed or was refused (the message names
+    /// the reference and what to do).
+    #[error("{0}")]
+    Registry(String),
     /// A file operation failed.
     #[error("{context} {}: {source}", .path.display())]
     Io {

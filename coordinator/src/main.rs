@@ -13,7 +13,7 @@ use podsnap_coordinator::dump::{dump, short, DumpRequest};
 use podsnap_coordinator::progress;
 use podsnap_coordinator::restore::{restore, RestoreRequest, DEFAULT_LOGS_DIR, DEFAULT_PODS_DIR};
 use podsnap_coordinator::summary::human_bytes;
-use podsnap_coordinator::{inspect, list, pod};
+use podsnap_coordinator::{inspect, list, oci, pod};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +54,27 @@ enum Command {
     },
     /// List the checkpoints of the node's checkpoint root.
     List(ListArgs),
+    /// Push a checkpoint to an OCI registry, signed with the node's key (`[registry]` of the
+    /// node configuration): one zstd layer per container, per volume and for the rest; layers
+    /// the registry already has are not uploaded again.
+    Push {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// An image reference, e.g. `registry.example.com/checkpoints/web:v1`.
+        reference: String,
+        /// zstd compression level (1-19).
+        #[arg(long, default_value_t = oci::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: i32,
+    },
+    /// Pull a checkpoint from an OCI registry into the node's checkpoint root, after checking
+    /// its signature against the trusted keys and every file's digest.
+    Pull {
+        /// An image reference (tag or digest).
+        reference: String,
+        /// The checkpoint's name in the checkpoint root (or a path directly inside the root);
+        /// must not exist.
+        dir: PathBuf,
+    },
     /// Remove checkpoints from the node's checkpoint root, by name (never one in use).
     Rm {
         /// Checkpoint names, as `podsnap list` shows them.
@@ -271,6 +292,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Push {
+            dir,
+            reference,
+            zstd_level,
+        } => {
+            let request = oci::PushRequest {
+                dir,
+                reference,
+                policy: config.registry.clone(),
+                config_name: config.describe(),
+                zstd_level,
+            };
+            let pushed = runtime
+                .block_on(oci::push(&request))
+                .with_context(|| format!("push {} to {}", request.dir.display(), request.reference))?;
+            println!("pushed       {}", pushed.pushed);
+            println!(
+                "layers       {} ({} uploaded, {}; {} already in the registry)",
+                pushed.layers,
+                pushed.uploaded,
+                human_bytes(pushed.uploaded_bytes),
+                pushed.layers - pushed.uploaded
+            );
+            match &pushed.signed_by {
+                Some(key) => println!("signed by    key {key}"),
+                None => println!("signed by    nobody (allow_unsigned)"),
+            }
+            Ok(())
+        }
+        Command::Pull { reference, dir } => {
+            let request = oci::PullRequest {
+                reference,
+                dest: dir,
+                checkpoint_root,
+                policy: config.registry.clone(),
+                config_name: config.describe(),
+            };
+            let pulled = runtime
+                .block_on(oci::pull(&request))
+                .with_context(|| format!("pull {}", request.reference))?;
+            println!("pulled       {} ({})", request.reference, pulled.digest);
+            println!("checkpoint   {}", pulled.dir.display());
+            println!("layers       {} ({})", pulled.layers, human_bytes(pulled.bytes));
+            match &pulled.verified_by {
+                Some(key) => println!("verified by  trusted key {key}"),
+                None => println!("verified by  nobody (allow_unsigned)"),
+            }
+            Ok(())
+        }
         Command::Inspect { dir } => {
             let summary = inspect::inspect(&dir, &checkpoint_root)
                 .with_context(|| format!("inspect {}", dir.display()))?;
@@ -304,6 +374,14 @@ mod tests {
         ));
         assert!(Cli::try_parse_from(["podsnap", "list", "-o", "yaml"]).is_err());
         assert!(Cli::try_parse_from(["podsnap", "rm"]).is_err(), "rm takes names");
+        let cli = Cli::try_parse_from(["podsnap", "push", "/x", "reg/ckpt:1", "--zstd-level", "9"])
+            .expect("parses");
+        assert!(matches!(cli.command, Command::Push { zstd_level: 9, .. }));
+        assert!(Cli::try_parse_from(["podsnap", "push", "/x", "reg/ckpt:1", "--zstd-level", "30"]).is_err());
+        assert!(
+            Cli::try_parse_from(["podsnap", "pull", "reg/ckpt:1"]).is_err(),
+            "pull takes a destination"
+        );
         let cli = Cli::try_parse_from(["podsnap", "rm", "a", "b/c"]).expect("parses");
         assert!(matches!(cli.command, Command::Rm { names } if names == ["a", "b/c"]));
     }

@@ -1,0 +1,459 @@
+//! Checkpoints through an OCI registry, against a real one (Debian's `docker-registry` on
+//! 127.0.0.1, its own port and storage) and the `podsnap` binary:
+//!
+//! - a pod checkpoint pushed and pulled back is the same files (digests), inside the node's
+//!   checkpoint root, directories 0700 and files 0600;
+//! - a second push of the same checkpoint uploads no blob (the registry's access log sees no
+//!   upload) and gives the same manifest digest;
+//! - a pull signed by a key that is not trusted is refused, leaving nothing behind;
+//! - a layer changed in the registry's storage is refused, leaving nothing behind;
+//! - a registry that is not allowed is refused before any network call (a listener on its
+//!   port sees no connection).
+
+mod pod_checkpoint_support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pod_checkpoint_support::*;
+use podsnap_tests::kubelet::{run_three_container_pod, PodOptions};
+use podsnap_tests::{start_node, HANDLER};
+use sha2::{Digest, Sha256};
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// A `docker-registry serve` of our own: killed (by its pid) and its directory removed on drop,
+/// whether the test passed or not.
+struct Registry {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        assert!(
+            Path::new(REGISTRY_BIN).is_file(),
+            "{REGISTRY_BIN} is missing: install Debian's docker-registry (packaging/install-deps.sh does)"
+        );
+        let dir = tempfile::tempdir().expect("a registry directory");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    \
+                 rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("storage").display()
+            ),
+        )
+        .expect("registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry");
+        let registry = Registry { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut answer = String::new();
+                let _ = s.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+                    return registry;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer on 127.0.0.1:{port}: {}",
+                registry.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Blob uploads the registry has seen (each starts with a POST to `.../blobs/uploads/`).
+    fn uploads(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"POST /v2/") && l.contains("/blobs/uploads/"))
+            .count()
+    }
+
+    fn blob(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Relative path -> (SHA-256, mode) of each regular file.
+type Files = BTreeMap<String, (String, u32)>;
+
+/// Every regular file under `dir`, and every directory's mode.
+fn tree(dir: &Path) -> (Files, Vec<(String, u32)>) {
+    let mut files = BTreeMap::new();
+    let mut dirs = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read_dir") {
+            let entry = entry.expect("entry");
+            let meta = entry.metadata().expect("metadata");
+            let rel = entry
+                .path()
+                .strip_prefix(dir)
+                .expect("beneath")
+                .to_string_lossy()
+                .into_owned();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                dirs.push((rel, mode));
+                stack.push(entry.path());
+            } else {
+                assert!(meta.is_file(), "{rel} is not a regular file");
+                let digest = hex::encode(Sha256::digest(std::fs::read(entry.path()).expect("read")));
+                files.insert(rel, (digest, mode));
+            }
+        }
+    }
+    (files, dirs)
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("docker")).expect("docker config dir");
+        Setup {
+            dir,
+            binary: podsnap_binary(),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// An ed25519 key pair made with openssl, as the README says: (private, public).
+    fn key_pair(&self, name: &str) -> (PathBuf, PathBuf) {
+        let private = self.dir.path().join(format!("{name}.pem"));
+        let public = self.dir.path().join(format!("{name}.pub"));
+        for args in [
+            vec![
+                "genpkey",
+                "-algorithm",
+                "ed25519",
+                "-out",
+                private.to_str().expect("utf8"),
+            ],
+            vec![
+                "pkey",
+                "-in",
+                private.to_str().expect("utf8"),
+                "-pubout",
+                "-out",
+                public.to_str().expect("utf8"),
+            ],
+        ] {
+            let status = Command::new("openssl").args(&args).status().expect("openssl");
+            assert!(status.success(), "openssl {args:?}");
+        }
+        (private, public)
+    }
+
+    fn config(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!("checkpoint_root = \"{}\"\n{text}", self.root().display()),
+        )
+        .expect("config");
+        path
+    }
+
+    fn podsnap(&self, config: &Path, args: &[&str]) -> Output {
+        Command::new(&self.binary)
+            .args(args)
+            .env("PODSNAP_CONFIG", config)
+            .env_remove("PODSNAP_CHECKPOINT_ROOT")
+            .env("DOCKER_CONFIG", self.dir.path().join("docker"))
+            .output()
+            .expect("running podsnap")
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The names in the checkpoint root, hidden ones (staging directories) included.
+fn root_names(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .map(|d| {
+            d.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn pushed_digest(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pushed"))
+        .and_then(|l| l.trim().rsplit_once('@'))
+        .map(|(_, d)| d.to_owned())
+        .unwrap_or_else(|| panic!("no pushed digest in {}", text(out)))
+}
+
+#[test]
+fn a_pod_checkpoint_travels_through_a_registry_signed_and_comes_back_identical() {
+    let node = start_node!();
+    let setup = Setup::new();
+    let name = node.unique("reg");
+    let pod = run_three_container_pod(&node, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let source = node.dir().join("source");
+    dump(&node, &pod, Some(source.clone())).expect("podsnap dump");
+    let (source_files, _) = tree(&source);
+    assert!(
+        source_files.keys().any(|p| p.starts_with("volumes/")) && source_files.contains_key("manifest.json"),
+        "the checkpoint has a volume and a manifest: {:?}",
+        source_files.keys()
+    );
+
+    let registry = Registry::start();
+    let (signing, trusted) = setup.key_pair("node-a");
+    let (_, stranger) = setup.key_pair("stranger");
+    let registry_section = format!(
+        "[registry]\nallowed = [\"{}\"]\nsigning_key = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+        registry.host(),
+        signing.display(),
+        trusted.display()
+    );
+    let config = setup.config("node", &registry_section);
+    let reference = format!("{}/checkpoints/web:v1", registry.host());
+    let source_arg = source.to_str().expect("utf8");
+
+    // Push: every layer uploaded, signed.
+    let out = setup.podsnap(&config, &["push", source_arg, &reference]);
+    assert!(out.status.success(), "push: {}", text(&out));
+    let digest = pushed_digest(&out);
+    let first_uploads = registry.uploads();
+    // containers init, sidecar, app; the volume; pod/host; the config; the signature and its
+    // empty config.
+    assert!(
+        first_uploads >= 6,
+        "uploads seen: {first_uploads}\n{}",
+        registry.log()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("signed by    key"),
+        "{}",
+        text(&out)
+    );
+
+    // A second push of the same checkpoint uploads nothing.
+    let out = setup.podsnap(&config, &["push", source_arg, &reference]);
+    assert!(out.status.success(), "second push: {}", text(&out));
+    assert_eq!(
+        pushed_digest(&out),
+        digest,
+        "the same checkpoint gives the same manifest"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(0 uploaded"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        registry.uploads(),
+        first_uploads,
+        "the second push uploaded blobs:\n{}",
+        registry.log()
+    );
+
+    // Pull by tag into the root: the same files, 0700/0600.
+    let out = setup.podsnap(&config, &["pull", &reference, "pulled"]);
+    assert!(out.status.success(), "pull: {}", text(&out));
+    let pulled = setup.root().join("pulled");
+    let (pulled_files, pulled_dirs) = tree(&pulled);
+    let digests = |t: &Files| -> BTreeMap<String, String> {
+        t.iter().map(|(k, (d, _))| (k.clone(), d.clone())).collect()
+    };
+    assert_eq!(
+        digests(&pulled_files),
+        digests(&source_files),
+        "pulled files differ from the pushed ones"
+    );
+    for (path, (_, mode)) in &pulled_files {
+        assert_eq!(*mode, 0o600, "{path} has mode {mode:o}");
+    }
+    for (path, mode) in &pulled_dirs {
+        assert_eq!(*mode, 0o700, "{path} has mode {mode:o}");
+    }
+    let root_mode = std::fs::metadata(&pulled).expect("pulled").permissions().mode() & 0o7777;
+    assert_eq!(root_mode, 0o700);
+    podsnap_checkpoint::manifest::Manifest::load_verified(&pulled).expect("the pulled checkpoint verifies");
+    // By digest too; a destination outside the root is refused.
+    let by_digest = format!("{}/checkpoints/web@{digest}", registry.host());
+    let out = setup.podsnap(&config, &["pull", &by_digest, "by-digest"]);
+    assert!(out.status.success(), "pull by digest: {}", text(&out));
+    let outside = setup.dir.path().join("elsewhere");
+    let out = setup.podsnap(&config, &["pull", &reference, outside.to_str().expect("utf8")]);
+    assert!(
+        !out.status.success() && text(&out).contains("checkpoint root"),
+        "{}",
+        text(&out)
+    );
+    assert!(!outside.exists());
+    assert_eq!(root_names(&setup.root()), ["by-digest", "pulled"]);
+
+    // Signed by a key this node does not trust: refused, nothing written.
+    let untrusting = setup.config(
+        "untrusting",
+        &format!(
+            "[registry]\nallowed = [\"{}\"]\ntrusted_keys = [\"{}\"]\n",
+            registry.host(),
+            stranger.display()
+        ),
+    );
+    let out = setup.podsnap(&untrusting, &["pull", &reference, "untrusted"]);
+    assert!(
+        !out.status.success(),
+        "an untrusted checkpoint was pulled: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("not a trusted key"), "{}", text(&out));
+    assert_eq!(root_names(&setup.root()), ["by-digest", "pulled"]);
+
+    // A layer changed in the registry's storage: refused, nothing left behind.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(registry.blob(&digest)).expect("the manifest blob in the registry's storage"),
+    )
+    .expect("manifest JSON");
+    let layer = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap_or(0))
+        .expect("a layer");
+    let blob = registry.blob(layer["digest"].as_str().expect("digest"));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&blob)
+        .expect("open the layer blob");
+    let middle = file.metadata().expect("meta").len() / 2;
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(middle)).expect("seek");
+    file.read_exact(&mut byte).expect("read");
+    byte[0] ^= 0xff;
+    file.seek(SeekFrom::Start(middle)).expect("seek");
+    file.write_all(&byte).expect("write");
+    drop(file);
+    let out = setup.podsnap(&config, &["pull", &reference, "tampered"]);
+    assert!(
+        !out.status.success(),
+        "a tampered layer was pulled: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains(&format!(
+            "part {} (",
+            layer["annotations"]["io.podsnap.checkpoint.part"]
+                .as_str()
+                .expect("part")
+        )) && text(&out).contains("is refused"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(root_names(&setup.root()), ["by-digest", "pulled"]);
+}
+
+#[test]
+fn a_registry_that_is_not_allowed_is_refused_before_any_network_call() {
+    let setup = Setup::new();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let (signing, trusted) = setup.key_pair("node");
+    let config = setup.config(
+        "node",
+        &format!(
+            "[registry]\nallowed = [\"127.0.0.1:1\"]\nsigning_key = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+            signing.display(),
+            trusted.display()
+        ),
+    );
+    let checkpoint = setup.dir.path().join("some-checkpoint");
+    std::fs::create_dir(&checkpoint).expect("mkdir");
+    let reference = format!("127.0.0.1:{port}/checkpoints/web:v1");
+    for args in [
+        vec!["push", checkpoint.to_str().expect("utf8"), &reference],
+        vec!["pull", &reference, "pulled"],
+    ] {
+        let out = setup.podsnap(&config, &args);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        let shown = text(&out);
+        assert!(
+            shown.contains(&format!("registry 127.0.0.1:{port}")) && shown.contains("not allowed"),
+            "{args:?}: {shown}"
+        );
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("{args:?} connected to the registry that is not allowed: {other:?}"),
+        }
+    }
+    assert!(!setup.root().join("pulled").exists());
+    // No [registry] section at all: nothing is allowed.
+    let bare = setup.config("bare", "");
+    let out = setup.podsnap(&bare, &["pull", &reference, "pulled"]);
+    assert!(
+        !out.status.success() && text(&out).contains("not allowed"),
+        "{}",
+        text(&out)
+    );
+}
