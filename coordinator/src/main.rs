@@ -127,14 +127,24 @@ struct DumpArgs {
     /// dump deadline, 120 s unless configured, applies either way).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
+    /// Then push the checkpoint to this OCI reference (as `podsnap push`).
+    #[arg(long, value_name = "REF")]
+    push: Option<String>,
+    /// zstd level of the pushed layers.
+    #[arg(long, default_value_t = 3, requires = "push")]
+    zstd_level: i32,
 }
 
 #[derive(Debug, Args)]
 struct RestoreArgs {
     /// The checkpoint to restore; one outside the checkpoint root is brought into it for the
     /// restore (hard links, a copy only from another filesystem) and removed afterwards.
-    #[arg(long)]
-    checkpoint_dir: PathBuf,
+    #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Pull the checkpoint from this OCI reference into the checkpoint root first (as
+    /// `podsnap pull`: allowed registries and signatures checked), then restore it.
+    #[arg(long, value_name = "REF")]
+    from: Option<String>,
     /// Namespace of the new pod (default: the checkpointed pod's).
     #[arg(long, short = 'n')]
     namespace: Option<String>,
@@ -202,13 +212,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 outcome.took,
                 if request.stop { " (pod stopped)" } else { "" }
             );
+            if let Some(reference) = args.push {
+                let push = oci::PushRequest {
+                    dir: outcome.summary.dir.clone(),
+                    reference,
+                    policy: config.registry.clone(),
+                    config_name: config.describe(),
+                    zstd_level: args.zstd_level,
+                };
+                let pushed = runtime
+                    .block_on(oci::push(&push))
+                    .with_context(|| format!("push {} to {}", push.dir.display(), push.reference))?;
+                println!(
+                    "pushed       {} ({} layers, {} uploaded)",
+                    pushed.pushed, pushed.layers, pushed.uploaded
+                );
+            }
             Ok(())
         }
         Command::Restore(args) => {
+            let checkpoint_dir = match (args.checkpoint_dir, args.from) {
+                (Some(dir), None) => dir,
+                (None, Some(reference)) => {
+                    let name = format!(
+                        "pulled-{}-{}",
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                        std::process::id()
+                    );
+                    let pull = oci::PullRequest {
+                        reference,
+                        dest: PathBuf::from(name),
+                        checkpoint_root: checkpoint_root.clone(),
+                        policy: config.registry.clone(),
+                        config_name: config.describe(),
+                    };
+                    let pulled = runtime
+                        .block_on(oci::pull(&pull))
+                        .with_context(|| format!("pull {}", pull.reference))?;
+                    println!("pulled       {} ({})", pull.reference, pulled.digest);
+                    pulled.dir
+                }
+                _ => anyhow::bail!("restore takes one of --checkpoint-dir and --from"),
+            };
             let request = RestoreRequest {
                 runtime_endpoint: cli.runtime_endpoint,
                 checkpoint_root,
-                checkpoint_dir: args.checkpoint_dir,
+                checkpoint_dir,
                 namespace: args.namespace,
                 name: args.name,
                 pods_dir: args.pods_dir,

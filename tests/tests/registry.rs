@@ -8,7 +8,8 @@
 //! - a pull signed by a key that is not trusted is refused, leaving nothing behind;
 //! - a layer changed in the registry's storage is refused, leaving nothing behind;
 //! - a registry that is not allowed is refused before any network call (a listener on its
-//!   port sees no connection).
+//!   port sees no connection);
+//! - a pod moves with `podsnap dump --stop --push REF` and `podsnap restore --from REF`.
 
 mod pod_checkpoint_support;
 
@@ -456,4 +457,95 @@ fn a_registry_that_is_not_allowed_is_refused_before_any_network_call() {
         "{}",
         text(&out)
     );
+}
+
+/// A pod moves through the registry with the two commands a person runs: `podsnap dump --stop
+/// --push REF` on the node, then (the pod removed) `podsnap restore --from REF`, which pulls
+/// the checkpoint into the root (allowed registry, signature and digests checked) and restores
+/// it: the counters go on, the volume holds what was written, the init container does not run
+/// again, the app reaches its sidecar on localhost.
+#[test]
+fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
+    let node = start_node!();
+    let setup = Setup::new();
+    let name = node.unique("move");
+    let pod = run_three_container_pod(&node, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let before = mark_and_count(&pod);
+    let registry = Registry::start();
+    let (signing, trusted) = setup.key_pair("node");
+    let config = setup.config(
+        "node",
+        &format!(
+            "[registry]\nallowed = [\"{}\"]\nsigning_key = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+            registry.host(),
+            signing.display(),
+            trusted.display()
+        ),
+    );
+    let reference = format!("{}/moves/{name}:v1", registry.host());
+    let podsnap = |args: &[&str]| {
+        Command::new(&setup.binary)
+            .args(args)
+            .env("PODSNAP_CONFIG", &config)
+            .env("DOCKER_CONFIG", setup.dir.path().join("docker"))
+            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
+            .env("CONTAINERD_ADDRESS", node.address())
+            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+            .output()
+            .expect("running podsnap")
+    };
+    let out = podsnap(&[
+        "dump",
+        "--stop",
+        "--namespace",
+        "default",
+        "--pod",
+        &name,
+        "--push",
+        &reference,
+    ]);
+    assert!(out.status.success(), "dump --push: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("pushed       "),
+        "{}",
+        text(&out)
+    );
+    remove_original(&node, &pod);
+
+    let pods = pods_dir(&node);
+    let logs = logs_dir(&node);
+    let out = podsnap(&[
+        "restore",
+        "--from",
+        &reference,
+        "--pods-dir",
+        pods.to_str().expect("utf8"),
+        "--logs-dir",
+        logs.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "restore --from: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {key:?} in {stdout}"))
+    };
+    assert!(field("pulled ").contains("sha256:"), "{stdout}");
+    let ip = field("ip ");
+    let id = field("id ");
+    let uid = field("pod ")
+        .rsplit_once("(uid ")
+        .and_then(|(_, u)| u.strip_suffix(')'))
+        .expect("the new pod's uid")
+        .to_owned();
+    let netns = node.cri().pod_netns(&id).ok().flatten();
+    node.record_pod(&uid, netns.as_deref())
+        .expect("record the restored pod");
+    let app_id = container_named(&node, &id, "app").id;
+    let volume = pods
+        .join(&uid)
+        .join("volumes/kubernetes.io~empty-dir")
+        .join(podsnap_tests::kubelet::DATA_VOLUME);
+    check_restored(&node, &ip, &pod.pod.ip, &volume, &app_id, before);
 }
