@@ -47,6 +47,10 @@ enum Command {
     Dump(DumpArgs),
     /// Recreate a checkpointed pod (new sandbox, new IP), its containers restored in order.
     Restore(RestoreArgs),
+    /// Move a pod off this node: dump it stopped at the snapshot, push the checkpoint to an OCI
+    /// registry, and print the time each phase took (then `podsnap restore --from REF` on the
+    /// target node).
+    Migrate(MigrateArgs),
     /// Verify a checkpoint's digests and show what it holds.
     Inspect {
         /// The checkpoint directory.
@@ -136,6 +140,28 @@ struct DumpArgs {
 }
 
 #[derive(Debug, Args)]
+struct MigrateArgs {
+    /// The pod's Kubernetes namespace.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// The pod's name.
+    #[arg(long)]
+    pod: String,
+    /// Where to push the checkpoint (an image reference).
+    #[arg(long, value_name = "REF")]
+    to: String,
+    /// Keep established TCP connections (they go on if the target gives the pod its address).
+    #[arg(long)]
+    tcp_established: bool,
+    /// Give up on the dump after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// zstd level of the pushed layers.
+    #[arg(long, default_value_t = 3)]
+    zstd_level: i32,
+}
+
+#[derive(Debug, Args)]
 struct RestoreArgs {
     /// The checkpoint to restore; one outside the checkpoint root is brought into it for the
     /// restore (hard links, a copy only from another filesystem) and removed afterwards.
@@ -175,6 +201,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `dump_and_push` reports of its dump.
+struct Dumped {
+    took: std::time::Duration,
+    frozen: std::time::Duration,
+}
+
+/// `podsnap dump`, then, with `push = Some((REF, level))`, `podsnap push` of the checkpoint it
+/// wrote. Prints what each did; returns the dump's times and how long the push took.
+fn dump_and_push(
+    runtime: &tokio::runtime::Runtime,
+    config: &NodeConfig,
+    request: &DumpRequest,
+    push: Option<(String, i32)>,
+) -> anyhow::Result<(Dumped, Option<std::time::Duration>)> {
+    let progress = progress::for_stderr();
+    let outcome = runtime.block_on(dump(request, progress.as_ref()));
+    progress.finish();
+    let outcome = outcome.with_context(|| format!("dump of pod {}/{}", request.namespace, request.pod))?;
+    println!("{}", outcome.summary);
+    println!(
+        "took         {:.1?}{}",
+        outcome.took,
+        if request.stop { " (pod stopped)" } else { "" }
+    );
+    let dumped = Dumped {
+        took: outcome.took,
+        frozen: outcome.summary.frozen,
+    };
+    let Some((reference, zstd_level)) = push else {
+        return Ok((dumped, None));
+    };
+    let started = std::time::Instant::now();
+    let push = oci::PushRequest {
+        dir: outcome.summary.dir.clone(),
+        reference,
+        policy: config.registry.clone(),
+        config_name: config.describe(),
+        zstd_level,
+    };
+    let pushed = runtime
+        .block_on(oci::push(&push))
+        .with_context(|| format!("push {} to {}", push.dir.display(), push.reference))?;
+    println!(
+        "pushed       {} ({} layers, {} uploaded)",
+        pushed.pushed, pushed.layers, pushed.uploaded
+    );
+    Ok((dumped, Some(started.elapsed())))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -201,33 +276,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 handler: pod::HANDLER.to_owned(),
                 timeout: args.timeout.map(std::time::Duration::from_secs),
             };
-            let progress = progress::for_stderr();
-            let outcome = runtime.block_on(dump(&request, progress.as_ref()));
-            progress.finish();
-            let outcome =
-                outcome.with_context(|| format!("dump of pod {}/{}", request.namespace, request.pod))?;
-            println!("{}", outcome.summary);
+            let push = args.push.map(|r| (r, args.zstd_level));
+            dump_and_push(&runtime, &config, &request, push).map(drop)
+        }
+        Command::Migrate(args) => {
+            let request = DumpRequest {
+                runtime_endpoint: cli.runtime_endpoint,
+                address: cli.address,
+                checkpoint_root,
+                namespace: args.namespace,
+                pod: args.pod,
+                dir: None,
+                stop: true,
+                tcp_established: args.tcp_established,
+                handler: pod::HANDLER.to_owned(),
+                timeout: args.timeout.map(std::time::Duration::from_secs),
+            };
+            let started = std::time::Instant::now();
+            let (dumped, pushed) = dump_and_push(
+                &runtime,
+                &config,
+                &request,
+                Some((args.to.clone(), args.zstd_level)),
+            )?;
             println!(
-                "took         {:.1?}{}",
-                outcome.took,
-                if request.stop { " (pod stopped)" } else { "" }
+                "phases       dump {:.2?} (frozen {:.2?}), push {:.2?}; {:.2?} in all",
+                dumped.took,
+                dumped.frozen,
+                pushed.unwrap_or_default(),
+                started.elapsed()
             );
-            if let Some(reference) = args.push {
-                let push = oci::PushRequest {
-                    dir: outcome.summary.dir.clone(),
-                    reference,
-                    policy: config.registry.clone(),
-                    config_name: config.describe(),
-                    zstd_level: args.zstd_level,
-                };
-                let pushed = runtime
-                    .block_on(oci::push(&push))
-                    .with_context(|| format!("push {} to {}", push.dir.display(), push.reference))?;
-                println!(
-                    "pushed       {} ({} layers, {} uploaded)",
-                    pushed.pushed, pushed.layers, pushed.uploaded
-                );
-            }
+            println!(
+                "next         on the target node: podsnap restore --from {}",
+                args.to
+            );
             Ok(())
         }
         Command::Restore(args) => {

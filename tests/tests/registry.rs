@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
 use podsnap_tests::kubelet::{run_three_container_pod, PodOptions};
 use podsnap_tests::{start_node, HANDLER};
@@ -548,4 +549,35 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
         .join("volumes/kubernetes.io~empty-dir")
         .join(podsnap_tests::kubelet::DATA_VOLUME);
     check_restored(&node, &ip, &pod.pod.ip, &volume, &app_id, before);
+
+    // And on: `podsnap migrate` dumps the restored pod stopped at the snapshot and pushes it,
+    // saying how long each phase took; the pushed checkpoint pulls back verified.
+    let again = format!("{}/moves/{name}:v2", registry.host());
+    let out = podsnap(&[
+        "migrate",
+        "--namespace",
+        "default",
+        "--pod",
+        &name,
+        "--to",
+        &again,
+    ]);
+    assert!(out.status.success(), "migrate: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("phases       dump "), "{stdout}");
+    assert!(
+        stdout.contains(&format!("podsnap restore --from {again}")),
+        "{stdout}"
+    );
+    node.cri()
+        .wait_container_state(
+            &app_id,
+            cri::ContainerState::ContainerExited,
+            Duration::from_secs(10),
+        )
+        .expect("migrate stops the pod at the snapshot");
+    let out = podsnap(&["pull", &again, "moved-again"]);
+    assert!(out.status.success(), "pull of the migrated pod: {}", text(&out));
+    podsnap_checkpoint::manifest::Manifest::load_verified(&node.files().checkpoints().join("moved-again"))
+        .expect("the migrated pod's checkpoint verifies");
 }
