@@ -47,6 +47,52 @@ use crate::error::{Error, Result};
 use crate::exits::MonitorLauncher;
 use crate::process::lock;
 
+/// A restore annotation naming a checkpoint in an OCI registry: `oci://REF`.
+pub const OCI_PREFIX: &str = "oci://";
+
+/// Pulls the checkpoint at `reference` into the checkpoint root for the pod of `identity`, once
+/// per pod (the sandbox's plan pulls it, its containers' find it): `podsnap pull`, so the
+/// node's `[registry]` rules apply (allowed registries, trusted signing keys) and every digest
+/// is checked before the checkpoint lands in the root. Returns its name there.
+async fn pull_for_pod(reference: &str, identity: &PodIdentity, root: &Path) -> Result<String> {
+    let sandbox = identity.sandbox_id.as_deref().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{RESTORE_ANNOTATION}: {OCI_PREFIX}{reference}: no sandbox id"
+        ))
+    })?;
+    let name = format!("oci-{}", &sandbox[..sandbox.len().min(16)]);
+    if root.join(&name).is_dir() {
+        return Ok(name);
+    }
+    if !identity.is_sandbox {
+        return Err(Error::InvalidArgument(format!(
+            "{RESTORE_ANNOTATION}: {OCI_PREFIX}{reference} was not pulled at the pod's creation"
+        )));
+    }
+    let mut cmd = std::process::Command::new("podsnap");
+    cmd.arg("pull")
+        .arg(reference)
+        .arg(&name)
+        .env("PODSNAP_CHECKPOINT_ROOT", root)
+        .stdin(std::process::Stdio::null());
+    log::info!("pod {sandbox}: pulling checkpoint {reference} as {name}");
+    let out = podsnap_runtime::launcher::Launcher::run(
+        &MonitorLauncher,
+        cmd,
+        podsnap_runtime::launcher::Capture::Output,
+    )
+    .await
+    .map_err(|e| Error::InvalidArgument(format!("{RESTORE_ANNOTATION}: podsnap pull {reference}: {e}")))?;
+    if !out.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::InvalidArgument(format!(
+            "{RESTORE_ANNOTATION}: {OCI_PREFIX}{reference}: {}",
+            stderr.trim().trim_start_matches("podsnap: error: ")
+        )));
+    }
+    Ok(name)
+}
+
 /// kubelet's container annotation counting the container's restarts (its attempt).
 pub const RESTART_COUNT_ANNOTATION: &str = "io.kubernetes.container.restartCount";
 
@@ -186,6 +232,10 @@ impl Restores {
         }
         let config = NodeConfig::load()?;
         let root = config.checkpoint_root();
+        let name = match name.strip_prefix(OCI_PREFIX) {
+            Some(reference) => pull_for_pod(reference, identity, &root).await?,
+            None => name,
+        };
         let dir = resolve(&root, &name)?;
         self.lease(&root, &name, &dir, identity)?;
         let verified = match self.verified(&dir, &name, &config, identity).await {

@@ -511,14 +511,44 @@ impl ThreeContainerPod {
     }
 }
 
+/// The three-container pod's containers, in its spec's order: an init container writing a
+/// marker in the emptyDir, a sidecar and an app serving on their ports and logging there.
+pub fn three_container_specs() -> [ContainerSpec; 3] {
+    let sidecar_port = SIDECAR_PORT.to_string();
+    let app_port = APP_PORT.to_string();
+    [
+        ContainerSpec::workload("init", &["init", "--marker", "/data/init.log"])
+            .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
+        ContainerSpec::workload(
+            "sidecar",
+            &[
+                "serve",
+                "--name",
+                "sidecar",
+                "--port",
+                &sidecar_port,
+                "--volume",
+                DATA_MOUNT,
+            ],
+        )
+        .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
+        ContainerSpec::workload(
+            "app",
+            &[
+                "serve", "--name", "app", "--port", &app_port, "--volume", DATA_MOUNT,
+            ],
+        )
+        .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
+    ]
+}
+
 /// Runs the three-container pod like kubelet: sandbox; init container to completion (exit 0
 /// required, then left exited); sidecar; app; waits until both answer on the pod IP (a TCP
 /// readiness probe from the host, as kubelet probes).
 pub fn run_three_container_pod(node: &Node, options: &PodOptions) -> Result<ThreeContainerPod> {
     let pod = run_pod(node, options)?;
     let volume = pod.empty_dir(DATA_VOLUME)?;
-    let init = ContainerSpec::workload("init", &["init", "--marker", "/data/init.log"])
-        .with_empty_dir(DATA_VOLUME, DATA_MOUNT);
+    let [init, sidecar, app] = three_container_specs();
     let init_id = run_container(node, &pod, &init)?;
     let status = node.cri().wait_container_state(
         &init_id,
@@ -533,29 +563,7 @@ pub fn run_three_container_pod(node: &Node, options: &PodOptions) -> Result<Thre
             status.message
         );
     }
-    let sidecar_port = SIDECAR_PORT.to_string();
-    let sidecar = ContainerSpec::workload(
-        "sidecar",
-        &[
-            "serve",
-            "--name",
-            "sidecar",
-            "--port",
-            &sidecar_port,
-            "--volume",
-            DATA_MOUNT,
-        ],
-    )
-    .with_empty_dir(DATA_VOLUME, DATA_MOUNT);
     let sidecar_id = run_container(node, &pod, &sidecar)?;
-    let app_port = APP_PORT.to_string();
-    let app = ContainerSpec::workload(
-        "app",
-        &[
-            "serve", "--name", "app", "--port", &app_port, "--volume", DATA_MOUNT,
-        ],
-    )
-    .with_empty_dir(DATA_VOLUME, DATA_MOUNT);
     let app_id = run_container(node, &pod, &app)?;
     if pod.ip.is_empty() {
         bail!("pod {} has no IP", pod.id);

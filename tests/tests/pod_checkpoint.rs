@@ -14,8 +14,7 @@ use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
 use podsnap_tests::ctr::CRI_NAMESPACE;
 use podsnap_tests::kubelet::{
-    create_container, run_pod, run_three_container_pod, start_container, ContainerSpec, PodOptions, APP_PORT,
-    DATA_MOUNT, DATA_VOLUME, SIDECAR_PORT,
+    create_container, run_pod, run_three_container_pod, start_container, PodOptions, APP_PORT, DATA_VOLUME,
 };
 use podsnap_tests::{start_node, HANDLER};
 
@@ -211,35 +210,6 @@ fn ctr_task_checkpoint_of_the_sandbox_restores_through_podsnap() {
     );
 }
 
-fn workload_specs() -> [ContainerSpec; 3] {
-    let sidecar_port = SIDECAR_PORT.to_string();
-    let app_port = APP_PORT.to_string();
-    [
-        ContainerSpec::workload("init", &["init", "--marker", "/data/init.log"])
-            .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
-        ContainerSpec::workload(
-            "sidecar",
-            &[
-                "serve",
-                "--name",
-                "sidecar",
-                "--port",
-                &sidecar_port,
-                "--volume",
-                DATA_MOUNT,
-            ],
-        )
-        .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
-        ContainerSpec::workload(
-            "app",
-            &[
-                "serve", "--name", "app", "--port", &app_port, "--volume", DATA_MOUNT,
-            ],
-        )
-        .with_empty_dir(DATA_VOLUME, DATA_MOUNT),
-    ]
-}
-
 #[test]
 fn kubelet_restores_a_pod_annotated_with_restore_from() {
     let node = start_node!();
@@ -294,7 +264,7 @@ fn kubelet_restores_a_pod_annotated_with_restore_from() {
         .insert("podsnap.io/restore-from".to_owned(), checkpoint.to_owned());
     let new_pod = run_pod(&node, &options).expect("RunPodSandbox with podsnap.io/restore-from");
     let volume = new_pod.empty_dir(DATA_VOLUME).expect("the emptyDir");
-    let [init, sidecar, app] = workload_specs();
+    let [init, sidecar, app] = podsnap_tests::kubelet::three_container_specs();
 
     // Checked after the rest, so one failure does not hide the others.
     let mut init_problem = None;

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
-use podsnap_tests::kubelet::{run_three_container_pod, PodOptions};
+use podsnap_tests::kubelet::{
+    ask, run_container, run_pod, run_three_container_pod, wait_answering, PodOptions, APP_PORT, SIDECAR_PORT,
+};
 use podsnap_tests::{start_node, HANDLER};
 use sha2::{Digest, Sha256};
 
@@ -580,4 +582,49 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     assert!(out.status.success(), "pull of the migrated pod: {}", text(&out));
     podsnap_checkpoint::manifest::Manifest::load_verified(&node.files().checkpoints().join("moved-again"))
         .expect("the migrated pod's checkpoint verifies");
+
+    // The kubelet path on the target: a pod annotated `podsnap.io/restore-from: oci://REF` is
+    // pulled by the shim under the node's rules and restored; a registry the node does not
+    // allow is refused before the pod exists. (The node's own configuration is the shim's.)
+    node.set_podsnap_config(&std::fs::read_to_string(&config).expect("config"))
+        .expect("the node's configuration");
+    let mut refused = PodOptions::new(&format!("{name}-x"), HANDLER);
+    refused.annotations.insert(
+        podsnap_checkpoint::config::RESTORE_ANNOTATION.to_owned(),
+        "oci://registry.invalid:5000/x/y:z".to_owned(),
+    );
+    let err = format!(
+        "{:#}",
+        run_pod(&node, &refused).expect_err("a registry not allowed")
+    );
+    assert!(err.contains("registry.invalid:5000"), "{err}");
+    let mut annotated = PodOptions::new(&name, HANDLER);
+    annotated.annotations.insert(
+        podsnap_checkpoint::config::RESTORE_ANNOTATION.to_owned(),
+        format!("oci://{again}"),
+    );
+    let kube = run_pod(&node, &annotated).expect("RunPodSandbox with oci:// restore-from");
+    let [init, sidecar, app] = podsnap_tests::kubelet::three_container_specs();
+    let init_id = run_container(&node, &kube, &init).expect("init (answered as completed)");
+    node.cri()
+        .wait_container_state(
+            &init_id,
+            cri::ContainerState::ContainerExited,
+            Duration::from_secs(10),
+        )
+        .expect("the init container does not run again");
+    run_container(&node, &kube, &sidecar).expect("sidecar restored");
+    run_container(&node, &kube, &app).expect("app restored");
+    let count = |port| {
+        wait_answering(&kube.ip, port, Duration::from_secs(20)).expect("answers");
+        ask(&kube.ip, port, "count")
+            .expect("count")
+            .parse::<u64>()
+            .expect("n")
+    };
+    assert!(count(APP_PORT) >= before.app, "the app's counter goes on");
+    assert!(
+        count(SIDECAR_PORT) >= before.sidecar,
+        "the sidecar's counter goes on"
+    );
 }
