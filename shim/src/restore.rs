@@ -47,6 +47,12 @@ use crate::error::{Error, Result};
 use crate::exits::MonitorLauncher;
 use crate::process::lock;
 
+/// The snapshotter directory overlay layers live in (`.../snapshots/<n>/fs` -> `...`): two
+/// containerds on one machine (their own roots) are two nodes.
+fn snapshot_root(layers: &[String]) -> Option<&str> {
+    layers.first()?.rsplit_once("/snapshots/").map(|(root, _)| root)
+}
+
 /// A restore annotation naming a checkpoint in an OCI registry: `oci://REF`.
 pub const OCI_PREFIX: &str = "oci://";
 
@@ -277,7 +283,10 @@ impl Restores {
             name: identity.image.as_deref(),
             id: None,
             layers: Some(new.layers),
-            same_node: !verified.node_id.is_empty() && manifest.host.node_id == verified.node_id,
+            // The same machine and the same containerd (snapshotter root): layer paths compare.
+            same_node: !verified.node_id.is_empty()
+                && manifest.host.node_id == verified.node_id
+                && snapshot_root(&entry.rootfs_layers) == snapshot_root(new.layers),
         };
         policy::check_image(entry, &image).map_err(refused)?;
         let spec_file = dir.join(entry.file("config.json"));
@@ -667,6 +676,18 @@ mod tests {
             "{err}"
         );
         assert!(err.ends_with(&format!("inside {}", t.path().display())), "{err}");
+    }
+
+    #[test]
+    fn layers_compare_only_within_one_snapshotter() {
+        let a = vec!["/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/7/fs".to_owned()];
+        let b = vec!["/srv/ctr/io.containerd.snapshotter.v1.overlayfs/snapshots/7/fs".to_owned()];
+        assert_eq!(
+            snapshot_root(&a),
+            Some("/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs")
+        );
+        assert_ne!(snapshot_root(&a), snapshot_root(&b));
+        assert_eq!(snapshot_root(&[]), None);
     }
 
     #[test]

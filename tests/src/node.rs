@@ -207,6 +207,26 @@ impl Node {
     /// # Panics
     /// When a prerequisite is missing or the node does not come up (with containerd's log tail).
     pub fn start(options: NodeOptions) -> Node {
+        let guard = serial();
+        reap_stale_nodes(&prereq::check_host());
+        Self::start_holding(options, Some(guard))
+    }
+
+    /// Two nodes at once (a pod moving between nodes): their own roots, sockets, bridges and
+    /// subnets, under one hold of the host-wide lock (the first node holds it; drop the second
+    /// first, as `let (a, b) = ...` does).
+    ///
+    /// # Panics
+    /// As [`Node::start`].
+    pub fn start_pair(first: NodeOptions, second: NodeOptions) -> (Node, Node) {
+        let a = Self::start(first);
+        let b = Self::start_holding(second, None);
+        (a, b)
+    }
+
+    /// Starts a node; the caller holds the host-wide lock (`guard`, or the node it runs beside)
+    /// and has reaped stale nodes.
+    fn start_holding(options: NodeOptions, guard: Option<SerialGuard>) -> Node {
         let tools = prereq::check_host();
         let shim_dir = options.podsnap_shim.then(|| {
             prereq::podsnap_shim(&options.workload_bin)
@@ -220,9 +240,6 @@ impl Node {
              -p podsnap-tests --bins`)",
             options.workload_bin.display()
         );
-        let guard = serial();
-        reap_stale_nodes(&tools);
-
         let counter = NODE_COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("{}-{counter}", std::process::id());
         let dir = Path::new(NODE_PARENT).join(format!("{NODE_PREFIX}{name}"));
@@ -241,7 +258,7 @@ impl Node {
             bridge,
             subnet,
             torn_down: false,
-            _serial: Some(guard),
+            _serial: guard,
         };
         if let Err(e) = node.bring_up() {
             let tail = node.log_tail(60);
@@ -561,6 +578,11 @@ state = '{dir}/state'
     /// The host programs.
     pub fn tools(&self) -> &HostTools {
         &self.tools
+    }
+
+    /// The pod subnet of this node.
+    pub fn subnet(&self) -> &str {
+        &self.subnet
     }
 
     /// The CNI bridge of this node.

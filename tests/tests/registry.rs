@@ -9,7 +9,9 @@
 //! - a layer changed in the registry's storage is refused, leaving nothing behind;
 //! - a registry that is not allowed is refused before any network call (a listener on its
 //!   port sees no connection);
-//! - a pod moves with `podsnap dump --stop --push REF` and `podsnap restore --from REF`.
+//! - a pod moves between two nodes (two private containerds, their own roots and pod subnets):
+//!   `podsnap dump --stop --push REF` on one, `podsnap restore --from REF` on the other,
+//!   `podsnap migrate` on, and back through the annotation `podsnap.io/restore-from: oci://REF`.
 
 mod pod_checkpoint_support;
 
@@ -462,17 +464,22 @@ fn a_registry_that_is_not_allowed_is_refused_before_any_network_call() {
     );
 }
 
-/// A pod moves through the registry with the two commands a person runs: `podsnap dump --stop
-/// --push REF` on the node, then (the pod removed) `podsnap restore --from REF`, which pulls
-/// the checkpoint into the root (allowed registry, signature and digests checked) and restores
-/// it: the counters go on, the volume holds what was written, the init container does not run
-/// again, the app reaches its sidecar on localhost.
+/// A pod moves between two nodes (two private containerds, their own roots, sockets and pod
+/// subnets) through the registry: on node A `podsnap dump --stop --push REF` (the pod stops at
+/// the snapshot), on node B `podsnap restore --from REF` (allowed registry, signature and
+/// digests checked): the counters go on, the volume holds what was written, the init container
+/// does not run again, the app reaches its sidecar on localhost. Then B moves it on with
+/// `podsnap migrate`, and A brings it back the kubelet way, through the annotation
+/// `podsnap.io/restore-from: oci://REF`; a registry A does not allow fails the pod first.
 #[test]
 fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
-    let node = start_node!();
+    let workload =
+        || podsnap_tests::node::NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+    let (node_a, node_b) = podsnap_tests::node::Node::start_pair(workload(), workload());
+    assert_ne!(node_a.subnet(), node_b.subnet(), "two pod networks");
     let setup = Setup::new();
-    let name = node.unique("move");
-    let pod = run_three_container_pod(&node, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let name = node_a.unique("move");
+    let pod = run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
     let before = mark_and_count(&pod);
     let registry = Registry::start();
     let (signing, trusted) = setup.key_pair("node");
@@ -486,7 +493,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
         ),
     );
     let reference = format!("{}/moves/{name}:v1", registry.host());
-    let podsnap = |args: &[&str]| {
+    let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| {
         Command::new(&setup.binary)
             .args(args)
             .env("PODSNAP_CONFIG", &config)
@@ -497,35 +504,48 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
             .output()
             .expect("running podsnap")
     };
-    let out = podsnap(&[
-        "dump",
-        "--stop",
-        "--namespace",
-        "default",
-        "--pod",
-        &name,
-        "--push",
-        &reference,
-    ]);
+    let out = podsnap(
+        &node_a,
+        &[
+            "dump",
+            "--stop",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--push",
+            &reference,
+        ],
+    );
     assert!(out.status.success(), "dump --push: {}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("pushed       "),
         "{}",
         text(&out)
     );
-    remove_original(&node, &pod);
+    for (cname, id) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
+        node_a
+            .cri()
+            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{cname} on node A stopped at the snapshot: {e:#}"));
+    }
+    remove_original(&node_a, &pod);
 
-    let pods = pods_dir(&node);
-    let logs = logs_dir(&node);
-    let out = podsnap(&[
-        "restore",
-        "--from",
-        &reference,
-        "--pods-dir",
-        pods.to_str().expect("utf8"),
-        "--logs-dir",
-        logs.to_str().expect("utf8"),
-    ]);
+    let node = &node_b;
+    let pods = pods_dir(node);
+    let logs = logs_dir(node);
+    let out = podsnap(
+        node,
+        &[
+            "restore",
+            "--from",
+            &reference,
+            "--pods-dir",
+            pods.to_str().expect("utf8"),
+            "--logs-dir",
+            logs.to_str().expect("utf8"),
+        ],
+    );
     assert!(out.status.success(), "restore --from: {}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let field = |key: &str| {
@@ -545,25 +565,28 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     let netns = node.cri().pod_netns(&id).ok().flatten();
     node.record_pod(&uid, netns.as_deref())
         .expect("record the restored pod");
-    let app_id = container_named(&node, &id, "app").id;
+    let app_id = container_named(node, &id, "app").id;
     let volume = pods
         .join(&uid)
         .join("volumes/kubernetes.io~empty-dir")
         .join(podsnap_tests::kubelet::DATA_VOLUME);
-    check_restored(&node, &ip, &pod.pod.ip, &volume, &app_id, before);
+    check_restored(node, &ip, &pod.pod.ip, &volume, &app_id, before);
 
     // And on: `podsnap migrate` dumps the restored pod stopped at the snapshot and pushes it,
     // saying how long each phase took; the pushed checkpoint pulls back verified.
     let again = format!("{}/moves/{name}:v2", registry.host());
-    let out = podsnap(&[
-        "migrate",
-        "--namespace",
-        "default",
-        "--pod",
-        &name,
-        "--to",
-        &again,
-    ]);
+    let out = podsnap(
+        node,
+        &[
+            "migrate",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--to",
+            &again,
+        ],
+    );
     assert!(out.status.success(), "migrate: {}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(stdout.contains("phases       dump "), "{stdout}");
@@ -578,10 +601,12 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
             Duration::from_secs(10),
         )
         .expect("migrate stops the pod at the snapshot");
-    let out = podsnap(&["pull", &again, "moved-again"]);
+    let out = podsnap(node, &["pull", &again, "moved-again"]);
     assert!(out.status.success(), "pull of the migrated pod: {}", text(&out));
     podsnap_checkpoint::manifest::Manifest::load_verified(&node.files().checkpoints().join("moved-again"))
         .expect("the migrated pod's checkpoint verifies");
+    // Back on node A, the kubelet way.
+    let node = &node_a;
 
     // The kubelet path on the target: a pod annotated `podsnap.io/restore-from: oci://REF` is
     // pulled by the shim under the node's rules and restored; a registry the node does not
@@ -595,7 +620,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     );
     let err = format!(
         "{:#}",
-        run_pod(&node, &refused).expect_err("a registry not allowed")
+        run_pod(node, &refused).expect_err("a registry not allowed")
     );
     assert!(err.contains("registry.invalid:5000"), "{err}");
     let mut annotated = PodOptions::new(&name, HANDLER);
@@ -603,9 +628,9 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
         podsnap_checkpoint::config::RESTORE_ANNOTATION.to_owned(),
         format!("oci://{again}"),
     );
-    let kube = run_pod(&node, &annotated).expect("RunPodSandbox with oci:// restore-from");
+    let kube = run_pod(node, &annotated).expect("RunPodSandbox with oci:// restore-from");
     let [init, sidecar, app] = podsnap_tests::kubelet::three_container_specs();
-    let init_id = run_container(&node, &kube, &init).expect("init (answered as completed)");
+    let init_id = run_container(node, &kube, &init).expect("init (answered as completed)");
     node.cri()
         .wait_container_state(
             &init_id,
@@ -613,8 +638,8 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
             Duration::from_secs(10),
         )
         .expect("the init container does not run again");
-    run_container(&node, &kube, &sidecar).expect("sidecar restored");
-    run_container(&node, &kube, &app).expect("app restored");
+    run_container(node, &kube, &sidecar).expect("sidecar restored");
+    run_container(node, &kube, &app).expect("app restored");
     let count = |port| {
         wait_answering(&kube.ip, port, Duration::from_secs(20)).expect("answers");
         ask(&kube.ip, port, "count")
