@@ -90,7 +90,7 @@ pub fn part_of(path: &str) -> String {
 }
 
 /// The checkpoint's files grouped by part, each part's files in path order.
-fn parts(manifest: &Manifest) -> BTreeMap<String, Vec<String>> {
+pub fn parts(manifest: &Manifest) -> BTreeMap<String, Vec<String>> {
     let mut parts: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for path in manifest.files.keys() {
         parts.entry(part_of(path)).or_default().push(path.clone());
@@ -359,6 +359,12 @@ impl<R: Read> Read for Hashing<R> {
         self.bytes += n as u64;
         Ok(n)
     }
+}
+
+/// Compresses one part of the checkpoint in `dir` as a push does (tar, zstd at `level` on every
+/// core, into a temporary file); returns the compressed size. For benchmarks.
+pub fn compressed_part_size(dir: &Path, part: &str, files: &[String], level: i32) -> Result<u64> {
+    build_layer(dir, part, files, level).map(|l| l.size)
 }
 
 /// Builds one part's layer: a tar of its files with fixed metadata, zstd-compressed with every

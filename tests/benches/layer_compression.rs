@@ -1,0 +1,160 @@
+//! Benchmark (issue 11): compressing a pod checkpoint for a registry push, podsnap's layers
+//! (tar with fixed metadata, zstd from the `zstd` crate with its multi-threaded compressor)
+//! against the `zstd` command at the same level and thread count (`tar -c FILES | zstd -T<cores>
+//! -<level>`), on the same checkpoint: a pod of three containers with 256 MiB of dirtied memory
+//! each (the workload's ballast: one byte value per page, so far more compressible than most
+//! memory; both contenders see the same bytes). Each part (container, volume, the rest) is
+//! compressed by both, alternating who goes first, several rounds; throughput is input bytes per
+//! second; ratio is input / output.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{print_table, ratio, seconds, Samples};
+use podsnap_tests::kubelet::{self, ContainerSpec, PodOptions};
+use podsnap_tests::node::{Node, NodeOptions};
+
+const LEVEL: i32 = 3;
+
+fn main() {
+    let rounds = common::rounds(5);
+    let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+    options.podsnap_shim = true;
+    let node = Node::start(options);
+    let name = node.unique("zstd");
+    let pod = kubelet::run_pod(&node, &PodOptions::new(&name, "podsnap")).expect("RunPodSandbox");
+    for (cname, port) in [("one", 8081u16), ("two", 8082), ("three", 8083)] {
+        let port_s = port.to_string();
+        let spec = ContainerSpec::workload(
+            cname,
+            &[
+                "serve",
+                "--name",
+                cname,
+                "--port",
+                &port_s,
+                "--ballast-mib",
+                "256",
+            ],
+        );
+        kubelet::run_container(&node, &pod, &spec).expect("a container");
+        kubelet::wait_answering(&pod.ip, port, Duration::from_secs(60)).expect("answers");
+    }
+    let dir = node.files().checkpoints().join("compression");
+    let mut request = podsnap_coordinator::dump::DumpRequest::new("default", &name);
+    request.runtime_endpoint = node.endpoint();
+    request.address = node.address();
+    request.checkpoint_root = node.files().checkpoints();
+    request.dir = Some(dir.clone());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(podsnap_coordinator::dump::dump(
+            &request,
+            &podsnap_coordinator::progress::Quiet,
+        ))
+        .expect("the pod checkpoint");
+    let manifest = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    let parts = podsnap_coordinator::oci::parts(&manifest);
+    let input: u64 = manifest.files.values().map(|f| f.size).sum();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let (mut ours, mut cli) = (Samples::default(), Samples::default());
+    let (mut ours_out, mut cli_out) = (0u64, 0u64);
+    for round in 0..=rounds {
+        for first in [round % 2 == 0, round % 2 != 0] {
+            let clock = Instant::now();
+            let out: u64 = if first {
+                parts
+                    .iter()
+                    .map(|(part, files)| {
+                        podsnap_coordinator::oci::compressed_part_size(&dir, part, files, LEVEL)
+                            .expect("podsnap layer")
+                    })
+                    .sum()
+            } else {
+                parts
+                    .values()
+                    .map(|files| zstd_command(&dir, files, threads))
+                    .sum()
+            };
+            let took = seconds(clock.elapsed());
+            eprintln!(
+                "round {round} {}: {:.2} s, {} -> {} bytes",
+                if first { "podsnap" } else { "zstd command" },
+                took,
+                input,
+                out
+            );
+            if round > 0 {
+                let mibs = input as f64 / (1024.0 * 1024.0) / took;
+                if first {
+                    ours.push(mibs);
+                    ours_out = out;
+                } else {
+                    cli.push(mibs);
+                    cli_out = out;
+                }
+            }
+        }
+    }
+    println!();
+    println!(
+        "### Compressing a 3 x 256 MiB pod checkpoint ({:.0} MiB in {} parts), zstd level {LEVEL}, \
+         {threads} threads (median of {rounds}, min-max)",
+        input as f64 / (1024.0 * 1024.0),
+        parts.len()
+    );
+    println!();
+    let row = |label: &str, s: &Samples, out: u64| {
+        vec![
+            label.to_owned(),
+            s.cell(0),
+            format!("{:.1}", input as f64 / out.max(1) as f64),
+            format!("{:.1}", out as f64 / (1024.0 * 1024.0)),
+        ]
+    };
+    print_table(
+        &["contender", "throughput MiB/s (input)", "ratio", "compressed MiB"],
+        &[
+            row("podsnap layers (zstd crate, multi-threaded)", &ours, ours_out),
+            row("tar, then the zstd command", &cli, cli_out),
+            vec![
+                "podsnap / zstd command".to_owned(),
+                ratio(&ours, &cli),
+                format!("{:.2}x", cli_out as f64 / ours_out.max(1) as f64),
+                String::new(),
+            ],
+        ],
+    );
+}
+
+/// `tar -c FILES | zstd -T<threads> -<LEVEL> -c`, counting the compressed bytes.
+fn zstd_command(dir: &Path, files: &[String], threads: usize) -> u64 {
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-cf")
+        .arg("-")
+        .args(files)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tar");
+    let tar_out = tar.stdout.take().expect("tar stdout");
+    let zstd = Command::new("zstd")
+        .arg(format!("-T{threads}"))
+        .arg(format!("-{LEVEL}"))
+        .arg("-c")
+        .stdin(tar_out)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("zstd");
+    let output = zstd.wait_with_output().expect("zstd output");
+    assert!(tar.wait().expect("tar").success(), "tar failed");
+    assert!(output.status.success(), "zstd failed");
+    output.stdout.len() as u64
+}
