@@ -233,21 +233,38 @@ fn dump_and_push(
         return Ok((dumped, None));
     };
     let started = std::time::Instant::now();
-    let push = oci::PushRequest {
-        dir: outcome.summary.dir.clone(),
+    let pushed = push_checkpoint(
+        runtime,
+        config,
+        outcome.summary.dir.clone(),
         reference,
-        policy: config.registry.clone(),
-        config_name: config.describe(),
         zstd_level,
-    };
-    let pushed = runtime
-        .block_on(oci::push(&push))
-        .with_context(|| format!("push {} to {}", push.dir.display(), push.reference))?;
+    )?;
     println!(
         "pushed       {} ({} layers, {} uploaded)",
         pushed.pushed, pushed.layers, pushed.uploaded
     );
     Ok((dumped, Some(started.elapsed())))
+}
+
+/// `podsnap push DIR REF` under the node's `[registry]` rules.
+fn push_checkpoint(
+    runtime: &tokio::runtime::Runtime,
+    config: &NodeConfig,
+    dir: PathBuf,
+    reference: String,
+    zstd_level: i32,
+) -> anyhow::Result<oci::PushOutcome> {
+    let request = oci::PushRequest {
+        dir,
+        reference,
+        policy: config.registry.clone(),
+        config_name: config.describe(),
+        zstd_level,
+    };
+    runtime
+        .block_on(oci::push(&request))
+        .with_context(|| format!("push {} to {}", request.dir.display(), request.reference))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -431,16 +448,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reference,
             zstd_level,
         } => {
-            let request = oci::PushRequest {
-                dir,
-                reference,
-                policy: config.registry.clone(),
-                config_name: config.describe(),
-                zstd_level,
-            };
-            let pushed = runtime
-                .block_on(oci::push(&request))
-                .with_context(|| format!("push {} to {}", request.dir.display(), request.reference))?;
+            let pushed = push_checkpoint(&runtime, &config, dir, reference, zstd_level)?;
             println!("pushed       {}", pushed.pushed);
             println!(
                 "layers       {} ({} uploaded, {}; {} already in the registry)",
