@@ -345,17 +345,19 @@ async fn quiesced(
     hold("frozen").await;
     check(limit, d.deadline, "while the pod was frozen")?;
 
-    // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
-    // up: their failure is then that.
-    refuse_lost_processes(running)?;
-    let ipc = pod_ipc(running)?;
+    // What would not come back, and what the containers share, read once from the frozen
+    // pod's processes.
     let procs: Vec<(String, Vec<i32>)> = running
         .iter()
         .map(|t| (t.entry.name.clone(), cgroup_procs(t)))
         .collect();
+    refuse_lost_processes(running, &procs)?;
+    let ipc = pod_ipc(running, &procs)?;
     let owners = crate::links::SocketOwners::read(&procs);
     crate::links::refuse_unix_links(d.launcher.as_ref(), d.netns.as_deref(), &owners).await?;
     let loopback_linked = crate::links::loopback_linked(&procs, &owners);
+    // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
+    // up: their failure is then that.
     let (slowest, captured) = capture_all(d, &dir, running, limit, ipc.as_ref())
         .await
         .map_err(
@@ -727,11 +729,12 @@ pub fn joined_ipc_ns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
 /// is dumped from its init process, so a process of its cgroup outside that process tree is in
 /// no dump. In a pod sharing one PID namespace, a server that daemonizes is adopted by the
 /// pause process; an exec'd process is a child of the shim. The error names each such process.
-fn refuse_lost_processes(running: &[&Target]) -> Result<()> {
+/// `procs` are the processes of each of `running`, in order.
+fn refuse_lost_processes(running: &[&Target], procs: &[(String, Vec<i32>)]) -> Result<()> {
     let mut lost = Vec::new();
-    for t in running {
+    for (t, (_, pids)) in running.iter().zip(procs) {
         let Some(init) = t.pid else { continue };
-        for pid in cgroup_procs(t) {
+        for &pid in pids {
             if let Some(parent) = outside_tree(pid, init) {
                 lost.push(format!(
                     "pid {pid} ({}) of container {:?}, a child of pid {parent} ({})",
@@ -818,9 +821,9 @@ struct PodIpc {
 /// Reads, while the pod is frozen, which SysV segments each container of the pod's IPC
 /// namespace attaches. A segment attached in two containers cannot come back (each container's
 /// CRIU run would create it), so such a dump is refused, naming both.
-fn pod_ipc(running: &[&Target]) -> Result<Option<PodIpc>> {
+fn pod_ipc(running: &[&Target], procs: &[(String, Vec<i32>)]) -> Result<Option<PodIpc>> {
     let mut ipc: Option<PodIpc> = None;
-    for t in running {
+    for (t, (_, pids)) in running.iter().zip(procs) {
         let Some(ns) = podsnap_runtime::bundle::Bundle::new(&t.bundle)
             .spec()
             .ok()
@@ -836,13 +839,7 @@ fn pod_ipc(running: &[&Target]) -> Result<Option<PodIpc>> {
         if pod.ns != ns {
             continue; // not the pod's (never made by kubelet)
         }
-        let pids = t
-            .cgroups
-            .as_ref()
-            .and_then(|c| c.freezer())
-            .and_then(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
-            .unwrap_or_default();
-        let segments = crate::sysv::attached_segments(pids.split_whitespace().filter_map(|p| p.parse().ok()));
+        let segments = crate::sysv::attached_segments(pids.iter().copied());
         for id in &segments {
             if let Some(other) = pod.attached.insert(*id, t.entry.name.clone()) {
                 return Err(Error::InvalidCheckpoint {

@@ -279,36 +279,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .checkpoint_root
         .clone()
         .unwrap_or_else(|| config.checkpoint_root());
+    // A dump of this node (`dump` and `migrate`).
+    let dump_request =
+        |namespace: String, pod_name: String, tcp_established: bool, timeout: Option<u64>| DumpRequest {
+            runtime_endpoint: cli.runtime_endpoint.clone(),
+            address: cli.address.clone(),
+            checkpoint_root: checkpoint_root.clone(),
+            namespace,
+            pod: pod_name,
+            dir: None,
+            stop: false,
+            tcp_established,
+            handler: pod::HANDLER.to_owned(),
+            timeout: timeout.map(std::time::Duration::from_secs),
+        };
     match cli.command {
         Command::Dump(args) => {
-            let request = DumpRequest {
-                runtime_endpoint: cli.runtime_endpoint,
-                address: cli.address,
-                checkpoint_root,
-                namespace: args.namespace,
-                pod: args.pod,
-                dir: args.dir,
-                stop: args.stop && !args.leave_running,
-                tcp_established: args.tcp_established,
-                handler: pod::HANDLER.to_owned(),
-                timeout: args.timeout.map(std::time::Duration::from_secs),
-            };
+            let mut request = dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
+            request.dir = args.dir;
+            request.stop = args.stop && !args.leave_running;
             let push = args.push.map(|r| (r, args.zstd_level));
             dump_and_push(&runtime, &config, &request, push).map(drop)
         }
         Command::Migrate(args) => {
-            let request = DumpRequest {
-                runtime_endpoint: cli.runtime_endpoint,
-                address: cli.address,
-                checkpoint_root,
-                namespace: args.namespace,
-                pod: args.pod,
-                dir: None,
-                stop: true,
-                tcp_established: args.tcp_established,
-                handler: pod::HANDLER.to_owned(),
-                timeout: args.timeout.map(std::time::Duration::from_secs),
-            };
+            let mut request = dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
+            request.stop = true;
             let started = std::time::Instant::now();
             let (dumped, pushed) = dump_and_push(
                 &runtime,

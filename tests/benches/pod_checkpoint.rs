@@ -321,16 +321,7 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
     common::sync_disks();
     let observer = observe(&pod, &ids);
-    let clock = Instant::now();
-    api.checkpoint(
-        &pod.id,
-        &CheckpointOptions {
-            image_path: dir.to_string_lossy().into_owned(),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("pod checkpoint of {}: {e:#}", pod.id));
-    let checkpoint = seconds(clock.elapsed());
+    let checkpoint = common::timed_pod_checkpoint(&api, &pod.id, &dir);
     let windows = observer.stop();
     let image_mib = mib(common::dir_size(&dir));
     kubelet::remove_pod(node, &pod).expect("remove the pod");

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{print_table, ratio, seconds, Samples};
-use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
+use podsnap_tests::containerd_api::ContainerdApi;
 use podsnap_tests::ctr::CRI_NAMESPACE as NS;
 use podsnap_tests::kubelet::{self, ContainerSpec, PodOptions};
 use podsnap_tests::node::{Node, NodeOptions};
@@ -136,16 +136,7 @@ fn dump_round(node: &Node, setting: &str, round: usize) -> (f64, f64, f64, bool)
         .join(format!("netlock-{setting}-{round}"));
     let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
     common::sync_disks();
-    let clock = Instant::now();
-    api.checkpoint(
-        &pod.id,
-        &CheckpointOptions {
-            image_path: dir.to_string_lossy().into_owned(),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("pod checkpoint of {}: {e:#}", pod.id));
-    let total = seconds(clock.elapsed());
+    let total = common::timed_pod_checkpoint(&api, &pod.id, &dir);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest.json"))
             .expect("manifest JSON");

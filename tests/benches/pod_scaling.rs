@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::observer::{Observer, Watched};
 use common::{mib, print_table, ratio, seconds, Samples};
-use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
+use podsnap_tests::containerd_api::ContainerdApi;
 use podsnap_tests::ctr::CRI_NAMESPACE as NS;
 use podsnap_tests::kubelet::{self, ContainerSpec, KubePod, PodOptions};
 use podsnap_tests::node::{Node, NodeOptions};
@@ -271,16 +271,7 @@ fn podsnap_dump(node: &Node, round: usize, n: usize, each: usize) -> (f64, f64, 
             .map(|(i, id)| Watched::container(&pod.uid, id, &format!("c{i}")))
             .collect(),
     );
-    let clock = Instant::now();
-    api.checkpoint(
-        &pod.id,
-        &CheckpointOptions {
-            image_path: dir.to_string_lossy().into_owned(),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("pod checkpoint of {}: {e:#}", pod.id));
-    let time = seconds(clock.elapsed());
+    let time = common::timed_pod_checkpoint(&api, &pod.id, &dir);
     let windows = observer.stop();
     let bytes = common::dir_size(&dir);
     kubelet::remove_pod(node, &pod).expect("remove the pod");

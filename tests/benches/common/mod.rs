@@ -12,6 +12,25 @@ use std::time::{Duration, Instant};
 
 use podsnap_tests::ctr::Ctr;
 
+/// One Tasks.Checkpoint of a pod's sandbox task with runc's `image_path` (podsnap's pod
+/// checkpoint into `dir`, leave running): how long the call took, in seconds.
+pub fn timed_pod_checkpoint(
+    api: &podsnap_tests::containerd_api::ContainerdApi,
+    sandbox_id: &str,
+    dir: &Path,
+) -> f64 {
+    let clock = Instant::now();
+    api.checkpoint(
+        sandbox_id,
+        &podsnap_tests::containerd_api::CheckpointOptions {
+            image_path: dir.to_string_lossy().into_owned(),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("pod checkpoint of {sandbox_id}: {e:#}"));
+    seconds(clock.elapsed())
+}
+
 /// Rounds counted per contender: `PODSNAP_BENCH_N`, else `default`.
 pub fn rounds(default: usize) -> usize {
     std::env::var("PODSNAP_BENCH_N")
