@@ -5,7 +5,8 @@
 #   runc               from bookworm, without recommends (it recommends bookworm's broken criu)
 #   CRIU 4.x           built from Debian sid's source package (bookworm's 3.17 fails on Linux 6.x)
 #   CNI plugins        from Debian sid (containernetworking-plugins), into /opt/cni/bin
-#   iptables, iproute2, protoc, busybox-static, build tools
+#   iptables, iproute2, protoc, busybox-static, build tools, openssl (the registry tests make
+#   keys with it), zstd (the compression bench compares with the command)
 #   docker-registry    from bookworm: a local OCI distribution registry for the `podsnap push`/`pull`
 #                      integration tests (not started here; the tests run their own instance)
 #
@@ -38,7 +39,7 @@ BOOKWORM_PKGS=(
   runc iptables iproute2 protobuf-compiler busybox-static ca-certificates xz-utils dpkg-dev
   build-essential pkgconf libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
   libnl-3-dev libnet1-dev libcap-dev uuid-dev libbsd-dev libgnutls28-dev libnftables-dev
-  docker-registry
+  docker-registry openssl zstd
 )
 missing=()
 for p in "${BOOKWORM_PKGS[@]}"; do
