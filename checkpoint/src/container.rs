@@ -22,6 +22,24 @@ use crate::error::{Error, Result};
 /// The file, beside the CRIU images, recording the options the dump used.
 pub const CRIU_OPTIONS_FILE: &str = "podsnap-criu.json";
 
+/// The CRIU configuration file of a container, in its bundle: runc hands its path to CRIU
+/// (the spec's [`CRIU_CONFIG_ANNOTATION`]) on every dump and restore, and CRIU reads it when it
+/// exists. The shim points every container it creates at it; a pod dump writes it for the
+/// length of the dump (CRIU's per-container network lock skipped under the pod's own lock),
+/// a restore for the length of the restore (`tcp-close`).
+pub const CRIU_CONFIG_FILE: &str = "criu.conf";
+
+/// runc's spec annotation naming the CRIU configuration file of a container.
+pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+/// The CRIU configuration file runc gives CRIU for the container of `bundle`, when it is the
+/// bundle's own [`CRIU_CONFIG_FILE`] (not one the user named, nor another bundle's).
+pub fn own_criu_config(bundle: &Path, spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    let own = bundle.join(CRIU_CONFIG_FILE);
+    let named = spec.annotations().as_ref()?.get(CRIU_CONFIG_ANNOTATION)?;
+    (Path::new(named) == own).then_some(own)
+}
+
 /// CRIU's own image that every dump writes first; its absence means "not a checkpoint".
 const CRIU_INVENTORY: &str = "inventory.img";
 

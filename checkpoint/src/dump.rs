@@ -124,11 +124,46 @@ pub struct DumpReport {
     pub dumped: Vec<String>,
     /// Processes killed at the snapshot (`stop`).
     pub killed: usize,
+    /// When each phase of the dump ended.
+    pub phases: Phases,
+}
+
+/// When each phase of a dump ended, from its start (for the log).
+#[derive(Debug, Clone, Default)]
+pub struct Phases {
+    start: Option<Instant>,
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn begin() -> Self {
+        Self {
+            start: Some(Instant::now()),
+            marks: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        if let Some(start) = self.start {
+            self.marks.push((phase, start.elapsed()));
+        }
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, at)) in self.marks.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{phase} {} ms", at.as_millis())?;
+        }
+        Ok(())
+    }
 }
 
 /// Dumps a pod; see the module documentation.
 pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     let started = Instant::now();
+    let mut phases = Phases::begin();
     for t in &d.targets {
         validate_name(&t.entry.name).map_err(|reason| Error::InvalidCheckpoint {
             path: d.dest.clone(),
@@ -138,6 +173,7 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     let limit = Limit::after(d.deadline, d.cancel.clone());
     let running = running(&d.targets);
     crate::preflight::check(&d.dest, &d.targets, &running, d.reserve_bytes).await?;
+    phases.mark("preflight");
     // Drop order matters: the staging guard (removes uncommitted output) and the frozen guard
     // inside `dump_into` go before the journal that lists them.
     let (owner_pid, owner_start) = journal::this_process();
@@ -166,10 +202,16 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     entry.staging = staging.dir.clone();
     entry.in_place = staging.in_place;
     journal.update(&entry)?;
-    let mut report = dump_into(&d, &mut staging, &running, &limit).await?;
+    phases.mark("journal");
+    let mut report = DumpReport {
+        phases,
+        ..Default::default()
+    };
+    dump_into(&d, &mut staging, &running, &limit, &mut report).await?;
     staging.commit()?;
     drop(staging);
     drop(journal);
+    report.phases.mark("committed");
     report.total = started.elapsed();
     Ok(report)
 }
@@ -205,9 +247,9 @@ async fn dump_into(
     staging: &mut Staging,
     running: &[&Target],
     limit: &Limit,
-) -> Result<DumpReport> {
+    report: &mut DumpReport,
+) -> Result<()> {
     let dir = staging.dir.clone();
-    let mut report = DumpReport::default();
     for t in &d.targets {
         create_private_dir(&dir.join(t.entry.dir()))?;
     }
@@ -232,7 +274,11 @@ async fn dump_into(
     // whatever happens in between (the frozen phase thaws everything before it returns).
     let lock = d.netns.as_deref().filter(|_| d.lock_network);
     let netlock = crate::netlock::NetLock::take(d.launcher.clone(), lock).await?;
-    let quiesced = quiesced(d, staging, running, limit, &mut report, &mut cpuinfo).await;
+    report.phases.mark("network locked");
+    // Under the pod's lock, each container's CRIU skips its own (iptables in the pod's
+    // namespace when it starts, per connection, and when it ends: all of it while frozen).
+    let criu_configs = CriuConfigs::write(running, lock.is_some())?;
+    let quiesced = quiesced(d, staging, running, limit, report, &mut cpuinfo).await;
     let captured = match quiesced {
         Err(e) => {
             netlock.release().await;
@@ -240,7 +286,7 @@ async fn dump_into(
         }
         Ok(Quiesced::Stopped) => {
             netlock.leave_locked();
-            return Ok(report);
+            return Ok(());
         }
         Ok(Quiesced::Thawed(captured)) => captured,
     };
@@ -249,11 +295,61 @@ async fn dump_into(
         hold("thawed").await;
         check(limit, d.deadline, "after the thaw")?;
         cpuinfo.done().await?;
-        finish(d, &dir, running, captured, &report, report.frozen).await
+        finish(d, &dir, running, captured, report, report.frozen).await
     };
+    drop(criu_configs);
     let ((), bytes) = tokio::join!(netlock.release(), finishing);
     report.bytes = bytes?;
-    Ok(report)
+    report.phases.mark("finished");
+    Ok(())
+}
+
+/// The CRIU configuration files of the dumped containers (see
+/// [`container::CRIU_CONFIG_FILE`]) for the length of the dump: removed when dropped.
+struct CriuConfigs(Vec<PathBuf>);
+
+impl CriuConfigs {
+    /// What CRIU is told for this dump: `network-lock skip` when the pod's network is locked
+    /// by podsnap; nothing otherwise (a file left by a restore, `tcp-close`, goes first).
+    fn write(running: &[&Target], pod_locked: bool) -> Result<Self> {
+        let mut files = CriuConfigs(Vec::new());
+        for t in running {
+            let bundle = podsnap_runtime::bundle::Bundle::new(&t.bundle);
+            let Some(conf) = bundle
+                .spec()
+                .ok()
+                .and_then(|spec| container::own_criu_config(&t.bundle, &spec))
+            else {
+                continue;
+            };
+            files.0.push(conf.clone());
+            if pod_locked {
+                container::write_private(&conf, b"network-lock skip\n")?;
+            } else {
+                remove_if_there(&conf)?;
+            }
+        }
+        Ok(files)
+    }
+}
+
+impl Drop for CriuConfigs {
+    fn drop(&mut self) {
+        for conf in &self.0 {
+            if let Err(e) = remove_if_there(conf) {
+                log::warn!("{e}");
+            }
+        }
+    }
+}
+
+fn remove_if_there(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("remove a CRIU configuration file", path, e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Work of the dump running beside it (`criu cpuinfo dump`): awaited before the digests,
@@ -341,6 +437,7 @@ async fn quiesced(
     if let Some(e) = failed {
         return Err(e);
     }
+    report.phases.mark("frozen");
     check(limit, d.deadline, "while freezing the pod")?;
     hold("frozen").await;
     check(limit, d.deadline, "while the pod was frozen")?;
@@ -356,6 +453,7 @@ async fn quiesced(
     let owners = crate::links::SocketOwners::read(&procs);
     crate::links::refuse_unix_links(d.launcher.as_ref(), d.netns.as_deref(), &owners).await?;
     let loopback_linked = crate::links::loopback_linked(&procs, &owners);
+    report.phases.mark("checked");
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
     let (slowest, captured) = capture_all(d, &dir, running, limit, ipc.as_ref())
@@ -370,6 +468,7 @@ async fn quiesced(
             },
         )?;
     report.slowest_dump = slowest;
+    report.phases.mark("dumped");
     let captured = Captured {
         loopback_linked: loopback_linked.into_iter().collect(),
         ..captured
@@ -395,6 +494,7 @@ async fn quiesced(
     }
     frozen.thaw_all();
     report.frozen = freeze_start.elapsed();
+    report.phases.mark("thawed");
     Ok(Quiesced::Thawed(captured))
 }
 
@@ -416,7 +516,7 @@ async fn finish(
                 std::fs::read(&src).map_err(|e| Error::io("read a container spec", &src, e))?
             }
         };
-        container::write_private(&dst, &spec)?;
+        container::write_private(&dst, &without_own_criu_config(spec, &t.bundle))?;
     }
     let files = digest_tree(dir).await?;
     let bytes = files.values().map(|f| f.size).sum();
@@ -459,6 +559,30 @@ async fn finish(
         serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io("encode the manifest", dir, e.into()))?;
     write_synced(&dir.join(MANIFEST), &json)?;
     Ok(bytes)
+}
+
+/// A container's spec as the checkpoint keeps it: without the annotation pointing runc at the
+/// container's own CRIU configuration file (the shim's, in a bundle a restore does not have).
+fn without_own_criu_config(spec: Vec<u8>, bundle: &Path) -> Vec<u8> {
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&spec) else {
+        return spec;
+    };
+    let own = bundle.join(container::CRIU_CONFIG_FILE).display().to_string();
+    let Some(annotations) = value
+        .get_mut("annotations")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return spec;
+    };
+    if annotations
+        .get(container::CRIU_CONFIG_ANNOTATION)
+        .and_then(|v| v.as_str())
+        != Some(own.as_str())
+    {
+        return spec;
+    }
+    annotations.remove(container::CRIU_CONFIG_ANNOTATION);
+    serde_json::to_vec(&value).unwrap_or(spec)
 }
 
 /// The containers a dump froze: thawed on drop whatever happened (error, panic, a dropped
@@ -550,6 +674,12 @@ async fn capture_all(
             });
             let dumped = async {
                 let result = container::dump(&t.runc, &dump).await;
+                log::info!(
+                    "container {} ({}): runc checkpoint took {} ms",
+                    t.entry.name,
+                    t.entry.id,
+                    began.elapsed().as_millis()
+                );
                 (result, began.elapsed())
             };
             let ((dumped, took), captured) = tokio::join!(dumped, capture);

@@ -78,6 +78,36 @@ pub struct RestoreSource {
     pub started_order: Option<u64>,
 }
 
+/// Points runc at the bundle's own CRIU configuration file ([`ckpt::CRIU_CONFIG_FILE`], read by
+/// CRIU only while it exists) through the spec's `org.criu.config` annotation. A file the spec
+/// already names is kept unless `replace`.
+async fn point_at_criu_config(bundle: &Bundle, replace: bool) -> Result<()> {
+    let conf = bundle.path().join(ckpt::CRIU_CONFIG_FILE);
+    let path = bundle.config_path();
+    let raw = tokio::fs::read(&path)
+        .await
+        .map_err(|e| Error::Internal(format!("read {}: {e}", path.display())))?;
+    let mut spec: serde_json::Value = serde_json::from_slice(&raw)
+        .map_err(|e| Error::Internal(format!("parse {}: {e}", path.display())))?;
+    let annotations = spec
+        .as_object_mut()
+        .ok_or_else(|| Error::Internal("the OCI spec is not an object".into()))?
+        .entry("annotations")
+        .or_insert_with(|| serde_json::json!({}));
+    let Some(a) = annotations.as_object_mut() else {
+        return Ok(());
+    };
+    let wanted = serde_json::Value::from(conf.display().to_string());
+    match a.get(ckpt::CRIU_CONFIG_ANNOTATION) {
+        Some(named) if *named == wanted => return Ok(()),
+        Some(_) if !replace => return Ok(()),
+        _ => {}
+    }
+    a.insert(ckpt::CRIU_CONFIG_ANNOTATION.into(), wanted);
+    let out = serde_json::to_vec(&spec).map_err(|e| Error::Internal(e.to_string()))?;
+    write_private(&path, &out).await
+}
+
 /// Marks a container busy for as long as it lives.
 pub struct BusyGuard<'a>(&'a AtomicBool);
 
@@ -96,6 +126,10 @@ impl Container {
             .spec()
             .map_err(Error::runtime(format!("create container {}", p.id)))?;
         let identity = PodIdentity::from_spec(&spec);
+        if !identity.is_sandbox {
+            // A pod dump hands CRIU options through it (the user's own file, if named, wins).
+            point_at_criu_config(&bundle, false).await?;
+        }
         let init = Arc::new(Process::new(&p.id, "", p.stdio.clone(), None));
         let flags = p.flags.clone();
 
@@ -229,11 +263,15 @@ impl Container {
         let (process_stdio, ends, console) = prepare_io(&self.init.stdio)?;
         let mut options = src.options;
         options.shell_job |= self.init.stdio.terminal;
-        if !options.tcp_established {
-            // Established connections were captured; without a request to keep them they are
-            // restored closed (CRIU's tcp-close), so a new pod IP does not break the restore.
-            self.use_criu_config("tcp-close\n").await?;
-        }
+        // Established connections were captured; without a request to keep them they are
+        // restored closed (CRIU's tcp-close), so a new pod IP does not break the restore. The
+        // file is this bundle's in any case (a spec from a checkpoint may name another's).
+        let conf = if options.tcp_established {
+            ""
+        } else {
+            "tcp-close\n"
+        };
+        self.use_criu_config(conf).await?;
         let pid_file = self.bundle.path().join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let r = ckpt::Restore {
@@ -249,7 +287,10 @@ impl Container {
         };
         let since = Instant::now();
         let restore = async { Ok(ckpt::restore(&self.runc, &r, process_stdio).await?) };
-        if let Err(e) = run_attached(&self.init, console, restore).await {
+        let restored = run_attached(&self.init, console, restore).await;
+        // Read by CRIU for this restore only (a later dump writes its own).
+        let _ = std::fs::remove_file(self.bundle.path().join(ckpt::CRIU_CONFIG_FILE));
+        if let Err(e) = restored {
             self.init.io.abort().await;
             return Err(e);
         }
@@ -356,26 +397,12 @@ impl Container {
         Ok(pid)
     }
 
-    /// Points runc at a CRIU configuration file for this container (`org.criu.config`).
+    /// Points runc at a CRIU configuration file for this container (`org.criu.config`) holding
+    /// `text` (for the restore Start is about to run).
     async fn use_criu_config(&self, text: &str) -> Result<()> {
-        let conf = self.bundle.path().join("criu.conf");
+        let conf = self.bundle.path().join(ckpt::CRIU_CONFIG_FILE);
         write_private(&conf, text.as_bytes()).await?;
-        let path = self.bundle.config_path();
-        let raw = tokio::fs::read(&path)
-            .await
-            .map_err(|e| Error::Internal(format!("read {}: {e}", path.display())))?;
-        let mut spec: serde_json::Value = serde_json::from_slice(&raw)
-            .map_err(|e| Error::Internal(format!("parse {}: {e}", path.display())))?;
-        let annotations = spec
-            .as_object_mut()
-            .ok_or_else(|| Error::Internal("the OCI spec is not an object".into()))?
-            .entry("annotations")
-            .or_insert_with(|| serde_json::json!({}));
-        if let Some(a) = annotations.as_object_mut() {
-            a.insert("org.criu.config".into(), conf.display().to_string().into());
-        }
-        let out = serde_json::to_vec(&spec).map_err(|e| Error::Internal(e.to_string()))?;
-        write_private(&path, &out).await
+        point_at_criu_config(&self.bundle, true).await
     }
 
     /// Whether Create prepared a restore that Start has not done yet.

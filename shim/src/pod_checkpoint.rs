@@ -105,13 +105,14 @@ pub async fn checkpoint(
         .inspect_err(|e| log::error!("pod {}: {e}", sandbox.id))?;
     drop(claims);
     log::info!(
-        "pod {}: checkpointed {:?} in {:?} (frozen {:?}, slowest dump {:?}, {} bytes)",
+        "pod {}: checkpointed {:?} in {:?} (frozen {:?}, slowest dump {:?}, {} bytes; {})",
         sandbox.id,
         report.dumped,
         report.total,
         report.frozen,
         report.slowest_dump,
-        report.bytes
+        report.bytes,
+        report.phases
     );
     if request.stop {
         // The dump killed every running container's processes at the snapshot, while they
