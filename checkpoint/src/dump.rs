@@ -451,7 +451,7 @@ async fn quiesced(
     refuse_lost_processes(running, &procs)?;
     let ipc = pod_ipc(running, &procs)?;
     let owners = crate::links::SocketOwners::read(&procs);
-    crate::links::refuse_unix_links(d.launcher.as_ref(), d.netns.as_deref(), &owners).await?;
+    crate::links::refuse_unix_links(d.launcher.as_ref(), d.netns.as_deref(), &procs, &owners).await?;
     let loopback_linked = crate::links::loopback_linked(&procs, &owners);
     report.phases.mark("checked");
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives

@@ -8,7 +8,7 @@
 //! recorded. A connected unix socket pair cannot: CRIU restores a pair only within one run, so a
 //! dump that holds one across two containers is refused, naming them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -114,8 +114,21 @@ fn parse_tcp_table(text: &str) -> Vec<LoopbackConnection> {
 pub async fn refuse_unix_links(
     launcher: &dyn Launcher,
     netns: Option<&Path>,
+    procs: &[(String, Vec<i32>)],
     owners: &SocketOwners,
 ) -> Result<()> {
+    // A link needs unix sockets in two containers; most pods have none in two (and `ss`,
+    // run while the pod is frozen, costs a nsenter and an ss).
+    let unix = unix_inodes(procs);
+    let holders: BTreeSet<&str> = owners
+        .0
+        .iter()
+        .filter(|(ino, _)| unix.contains(ino))
+        .map(|(_, (name, _))| name.as_str())
+        .collect();
+    if holders.len() < 2 {
+        return Ok(());
+    }
     let mut cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("nsenter");
@@ -159,6 +172,24 @@ pub async fn refuse_unix_links(
     })
 }
 
+/// The inodes of the unix sockets in the network namespaces of `procs` (each container's
+/// first process's `/proc/<pid>/net/unix`).
+fn unix_inodes(procs: &[(String, Vec<i32>)]) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    for pid in procs.iter().filter_map(|(_, pids)| pids.first()) {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+        out.extend(parse_unix_table(&text));
+    }
+    out
+}
+
+/// The inodes of a `/proc/net/unix` text (`Num RefCount Protocol Flags Type St Inode Path`).
+fn parse_unix_table(text: &str) -> impl Iterator<Item = u64> + '_ {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(6)?.parse().ok())
+}
+
 /// (socket inode, peer inode) of every connected unix socket in `ss -x -n -H` output (the
 /// inodes are the third-last and last words: a path may hold spaces, an inode cannot).
 fn parse_unix_pairs(text: &str) -> Vec<(u64, u64)> {
@@ -193,6 +224,14 @@ mod tests {
             (c[1].local.as_str(), c[1].remote.as_str()),
             ("0100007F:2382", "0100007F:A1B2")
         );
+    }
+
+    #[test]
+    fn unix_inodes_come_from_proc_net_unix() {
+        let text = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+                    ffff8f0a00000000: 00000002 00000000 00010000 0001 01 2728739 /tmp/a.sock\n\
+                    ffff8f0a00000001: 00000003 00000000 00000000 0001 03 2728740\n";
+        assert_eq!(parse_unix_table(text).collect::<Vec<_>>(), vec![2728739, 2728740]);
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! The pod's network lock: from before the first container is frozen until every container is
-//! thawed (or killed at the snapshot), no packet enters or leaves the pod's network namespace
-//! (loopback excepted: the pod's own containers are frozen together), so the kernel cannot
-//! move the TCP state of sockets already dumped while their neighbours are still being dumped.
+//! thawed (or killed at the snapshot), no packet moves in the pod's network namespace, loopback
+//! included, so the kernel cannot move the TCP state of sockets already dumped while their
+//! neighbours are still being dumped. Freezing stops the processes, not their kernel: an ACK
+//! on loopback from a container dumped first would let the other end's kernel send data that
+//! is in neither image, or count as received data one image lacks.
 //!
 //! One iptables chain of podsnap's own, `PODSNAP-LOCK`, jumped to first from INPUT and OUTPUT
-//! of the pod's namespace, entered with `nsenter --net`. CRIU 4.2.1 still takes its own lock
-//! around each container's dump (it has no method to skip it); that lock lives inside this one,
-//! in a chain of its own name, and changes nothing for the pod.
+//! of the pod's namespace, entered with `nsenter --net`. Under it each container's CRIU skips
+//! its own lock (`network-lock skip` in the container's CRIU configuration file, see
+//! [`crate::dump`]): CRIU's iptables lock and unlock of the same namespace per container, all
+//! inside the frozen window, cost more than the dump of a container's memory. What a dropped
+//! loopback packet costs is a retransmission after the thaw.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,10 +25,11 @@ pub const CHAIN: &str = "PODSNAP-LOCK";
 /// What a lock lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// Loopback traffic passes (a dump: the pod's containers are frozen together).
+    /// Loopback traffic passes.
     AllButLoopback,
-    /// Nothing passes, loopback included (a restore: a connection between two containers
-    /// must not see a reset while one end is restored and the other not yet).
+    /// Nothing passes, loopback included (a dump, see the module header; a restore: a
+    /// connection between two containers must not see a reset while one end is restored and
+    /// the other not yet).
     All,
 }
 
@@ -73,9 +78,9 @@ async fn restore(
         .map_err(|e| Error::io("lock the pod's network (nsenter iptables-restore)", netns, e))
 }
 
-/// Locks the network namespace at `netns` for a dump (loopback passes).
+/// Locks the network namespace at `netns` for a dump (loopback too: see the module header).
 pub async fn lock(launcher: &dyn Launcher, netns: &Path) -> Result<()> {
-    lock_with(launcher, netns, Scope::AllButLoopback).await
+    lock_with(launcher, netns, Scope::All).await
 }
 
 /// Locks the network namespace at `netns`, letting `scope` through.
