@@ -5,25 +5,34 @@
 //!    refused up front with the numbers;
 //! 2. the crash journal ([`crate::journal`]) records what is about to be frozen and where the
 //!    staging output goes;
-//! 3. quiesce: lock the pod's network namespace once ([`crate::netlock`]), then freeze each
-//!    running container's own cgroup (CRIU cannot see a parent's freeze): v1 `freezer.state`,
-//!    or v2 `cgroup.freeze` until `cgroup.events` says `frozen 1`;
-//! 4. while frozen, in parallel: dump each container with CRIU (leave running), capture its
-//!    rootfs changes, archive the pod's emptyDir volumes;
-//! 5. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is first completed (specs,
-//!    digests, manifest, renamed into place) while everything is still frozen, then every
-//!    process of the pod is killed before the thaw: nothing runs after the snapshot, and the
-//!    network stays locked (no FIN or reset of a dying socket reaches a peer whose connection a
-//!    restore brings back);
-//! 6. otherwise after the thaw: specs, digests, manifest last (temporary file, fsync, rename),
+//! 3. start each running container's `runc checkpoint` (leave running) while the pod still
+//!    runs; its CRIU starts, probes the kernel and waits in a pre-dump script before it
+//!    touches a process ([`crate::criu_hold`]). The container's CRIU configuration file says
+//!    so, and `network-lock skip` under the pod's lock;
+//! 4. quiesce: lock the pod's network namespace once ([`crate::netlock`]), then, once every
+//!    CRIU waits, freeze each running container's own cgroup (CRIU cannot see a parent's
+//!    freeze): v1 `freezer.state`, or v2 `cgroup.freeze` until `cgroup.events` says
+//!    `frozen 1`; check the frozen pod (processes that would be lost, SysV segments and unix
+//!    connections shared by two containers: the dump is refused and every CRIU gives up);
+//! 5. while frozen, in parallel: let every CRIU dump its container, capture the rootfs
+//!    changes, archive the pod's emptyDir volumes, `/dev/shm` and SysV IPC;
+//! 6. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is
+//!    first completed (specs, digests, manifest, renamed into place) while everything is
+//!    still frozen, then every process of the pod is killed before the thaw: nothing runs
+//!    after the snapshot, and the network stays locked (no FIN or reset of a dying socket
+//!    reaches a peer whose connection a restore brings back);
+//! 7. otherwise after the thaw: specs, digests, manifest last (temporary file, fsync, rename),
 //!    and the staging directory renamed into place.
 //!
-//! Speed: nothing is fsynced while the pod is frozen; the digests (BLAKE3, every core) are
-//! taken after the thaw, with `criu cpuinfo dump` run beside the dumps and the network
-//! unlocked beside the digests. The data files are not synced one by one: a checkpoint torn
-//! by a crash fails its digests and is refused, never half used; with `stop` the whole
-//! filesystem is synced (one `syncfs`) before the pod is killed, since the checkpoint is then
-//! all that is left of it.
+//! Speed: the frozen window holds the freeze, the checks and CRIU's own dump, no more: runc's
+//! and CRIU's start come before it, and CRIU's per-container iptables lock is skipped (the pod
+//! lock holds the namespace). Nothing is fsynced while the pod is frozen; the digests (BLAKE3,
+//! every core) are taken after the thaw, with `criu cpuinfo dump`, the node's runc and CRIU
+//! versions and the pod's addresses read beside the dumps and the network unlocked beside
+//! the digests. The data files are not synced one by one: a checkpoint torn by a crash fails
+//! its digests and is refused, never half used; with `stop` the whole filesystem is synced
+//! (one `syncfs`) before the pod is killed, since the checkpoint is then all that is left of
+//! it.
 //!
 //! Guarantees, on every path (error, panic, a caller that gives up, the deadline): every
 //! freeze attempted is undone (a guard thaws on drop), the staging output is removed unless
@@ -43,6 +52,7 @@ use podsnap_runtime::launcher::{Launcher, Limit};
 use podsnap_runtime::runc::Runc;
 
 use crate::container::{self, create_private_dir, Dump, DumpOptions};
+use crate::criu_hold::Hold;
 use crate::error::{Error, Result};
 use crate::failpoint::hold;
 use crate::journal::{self, Journal};
@@ -76,8 +86,8 @@ pub struct Target {
 #[derive(Clone)]
 pub struct PodDump {
     pub dest: PathBuf,
+    /// The pod; its addresses are read by the dump.
     pub pod: PodInfo,
-    pub host: HostInfo,
     pub targets: Vec<Target>,
     /// Keep established TCP connections on restore (they are always captured).
     pub tcp_established: bool,
@@ -261,24 +271,48 @@ async fn dump_into(
         .map(Path::to_path_buf)
         .unwrap_or_default();
     create_private_dir(&host_dir)?;
-    // `criu cpuinfo dump` runs beside the freeze and the dumps (it reads the CPU, not the
-    // pod); its image is needed only by the digests.
-    let launcher = d.launcher.clone();
-    let mut cpuinfo = Beside(Some(tokio::spawn(async move {
-        crate::host::dump_cpuinfo(launcher.as_ref(), &host_dir).await
-    })));
-    hold("before-freeze").await;
-    check(limit, d.deadline, "before the freeze")?;
-
     // One network lock for the whole pod, before the first freeze and until the last thaw,
     // whatever happens in between (the frozen phase thaws everything before it returns).
+    // Under it each container's CRIU skips its own (iptables in the pod's namespace when it
+    // starts, per connection, and when it ends: all of it while frozen).
     let lock = d.netns.as_deref().filter(|_| d.lock_network);
-    let netlock = crate::netlock::NetLock::take(d.launcher.clone(), lock).await?;
+    let (criu_configs, holds) = CriuConfigs::write(running, lock.is_some())?;
+    // runc and CRIU start first, while the pod runs; each CRIU waits before it touches a
+    // process, and no further than that until the pod is locked, frozen and checked.
+    let mut dumps = Dumps::start_held(&dir, running, limit, holds);
+    // What the checkpoint records of the node and of the pod's addresses, and `criu cpuinfo
+    // dump`, run beside the freeze and the dumps; only the digests and the manifest need them.
+    let launcher = d.launcher.clone();
+    let netns = d.netns.clone();
+    let sandbox = d.pod.sandbox_id.clone();
+    let mut recorded = Beside(Some(tokio::spawn(async move {
+        let ips = async {
+            match &netns {
+                Some(ns) => crate::netlock::addresses(launcher.as_ref(), ns)
+                    .await
+                    .unwrap_or_else(|e| {
+                        log::warn!("pod {sandbox}: its addresses are not recorded: {e}");
+                        Vec::new()
+                    }),
+                None => Vec::new(),
+            }
+        };
+        let (cpu, host, ips) = tokio::join!(
+            crate::host::dump_cpuinfo(launcher.as_ref(), &host_dir),
+            crate::host::this_node(launcher.as_ref()),
+            ips
+        );
+        cpu.map(|()| Recorded { host, ips })
+    })));
+    let netlock = match locked(d, limit, lock).await {
+        Ok(netlock) => netlock,
+        Err(e) => {
+            dumps.abort().await;
+            return Err(e);
+        }
+    };
     report.phases.mark("network locked");
-    // Under the pod's lock, each container's CRIU skips its own (iptables in the pod's
-    // namespace when it starts, per connection, and when it ends: all of it while frozen).
-    let criu_configs = CriuConfigs::write(running, lock.is_some())?;
-    let quiesced = quiesced(d, staging, running, limit, report, &mut cpuinfo).await;
+    let quiesced = quiesced(d, staging, running, limit, report, &mut recorded, &mut dumps).await;
     let captured = match quiesced {
         Err(e) => {
             netlock.release().await;
@@ -294,8 +328,8 @@ async fn dump_into(
     let finishing = async {
         hold("thawed").await;
         check(limit, d.deadline, "after the thaw")?;
-        cpuinfo.done().await?;
-        finish(d, &dir, running, captured, report, report.frozen).await
+        let recorded = recorded.done().await?;
+        finish(d, &dir, running, captured, recorded, report, report.frozen).await
     };
     drop(criu_configs);
     let ((), bytes) = tokio::join!(netlock.release(), finishing);
@@ -304,15 +338,32 @@ async fn dump_into(
     Ok(())
 }
 
+/// The pod's network lock, taken when the dump may go on to the freeze.
+async fn locked(d: &PodDump, limit: &Limit, lock: Option<&Path>) -> Result<crate::netlock::NetLock> {
+    hold("before-freeze").await;
+    check(limit, d.deadline, "before the freeze")?;
+    crate::netlock::NetLock::take(d.launcher.clone(), lock).await
+}
+
+/// What the checkpoint records of the node and of the pod's network, read beside the dump.
+struct Recorded {
+    host: HostInfo,
+    ips: Vec<std::net::IpAddr>,
+}
+
 /// The CRIU configuration files of the dumped containers (see
 /// [`container::CRIU_CONFIG_FILE`]) for the length of the dump: removed when dropped.
 struct CriuConfigs(Vec<PathBuf>);
 
 impl CriuConfigs {
-    /// What CRIU is told for this dump: `network-lock skip` when the pod's network is locked
-    /// by podsnap; nothing otherwise (a file left by a restore, `tcp-close`, goes first).
-    fn write(running: &[&Target], pod_locked: bool) -> Result<Self> {
+    /// What CRIU is told for this dump, for each of `running` whose bundle has podsnap's file
+    /// (the others get their CRIU started once the pod is frozen, with CRIU's own network
+    /// lock): its hold ([`crate::criu_hold`]), and `network-lock skip` when the pod's network
+    /// is locked by podsnap. A file left by a restore (`tcp-close`) is replaced. Returns the
+    /// holds, one place per container of `running`.
+    fn write(running: &[&Target], pod_locked: bool) -> Result<(Self, Vec<Option<Hold>>)> {
         let mut files = CriuConfigs(Vec::new());
+        let mut holds = Vec::new();
         for t in running {
             let bundle = podsnap_runtime::bundle::Bundle::new(&t.bundle);
             let Some(conf) = bundle
@@ -320,16 +371,18 @@ impl CriuConfigs {
                 .ok()
                 .and_then(|spec| container::own_criu_config(&t.bundle, &spec))
             else {
+                holds.push(None);
                 continue;
             };
             files.0.push(conf.clone());
+            let (hold, mut text) = Hold::prepare(&t.bundle)?;
             if pod_locked {
-                container::write_private(&conf, b"network-lock skip\n")?;
-            } else {
-                remove_if_there(&conf)?;
+                text.push_str("network-lock skip\n");
             }
+            container::write_private(&conf, text.as_bytes())?;
+            holds.push(Some(hold));
         }
-        Ok(files)
+        Ok((files, holds))
     }
 }
 
@@ -352,17 +405,21 @@ fn remove_if_there(path: &Path) -> Result<()> {
     }
 }
 
-/// Work of the dump running beside it (`criu cpuinfo dump`): awaited before the digests,
-/// aborted if the dump stops first.
-struct Beside(Option<tokio::task::JoinHandle<Result<()>>>);
+/// Work of the dump running beside it (`criu cpuinfo dump`, what the manifest records of the
+/// node and the pod's addresses): awaited before the digests, aborted if the dump stops first.
+struct Beside(Option<tokio::task::JoinHandle<Result<Recorded>>>);
 
 impl Beside {
-    async fn done(&mut self) -> Result<()> {
+    async fn done(&mut self) -> Result<Recorded> {
         match self.0.take() {
             Some(task) => task
                 .await
                 .map_err(|e| Error::io("record the CPU features", "criu", std::io::Error::other(e)))?,
-            None => Ok(()),
+            None => Err(Error::io(
+                "record the CPU features",
+                "criu",
+                std::io::Error::other("awaited twice"),
+            )),
         }
     }
 }
@@ -391,12 +448,71 @@ async fn quiesced(
     running: &[&Target],
     limit: &Limit,
     report: &mut DumpReport,
-    cpuinfo: &mut Beside,
+    recorded: &mut Beside,
+    dumps: &mut Dumps,
 ) -> Result<Quiesced> {
     let dir = staging.dir.clone();
+    let mut frozen = Frozen::default();
+    let frozen_capture = freeze_and_capture(d, &dir, running, limit, report, &mut frozen, dumps).await;
+    let (freeze_start, slowest, captured) = match frozen_capture {
+        Ok(done) => done,
+        Err(e) => {
+            // No runc may outlive the dump: the held ones give up, the others end.
+            dumps.abort().await;
+            return Err(e);
+        }
+    };
+    report.slowest_dump = slowest;
+    report.phases.mark("dumped");
+    hold("dumped").await;
+    check(limit, d.deadline, "after the containers were dumped")?;
+
+    if d.stop {
+        // Complete the checkpoint first, then nothing of the pod may run again.
+        let recorded = recorded.done().await?;
+        report.bytes = finish(
+            d,
+            &dir,
+            running,
+            captured,
+            recorded,
+            report,
+            freeze_start.elapsed(),
+        )
+        .await?;
+        // The pod is gone after this: its checkpoint must be on disk first.
+        let synced = dir.clone();
+        tokio::task::spawn_blocking(move || sync_filesystem(&synced))
+            .await
+            .map_err(|e| Error::io("sync the checkpoint", &dir, std::io::Error::other(e)))??;
+        staging.commit()?;
+        report.killed = frozen.kill_all();
+        frozen.thaw_all();
+        report.frozen = freeze_start.elapsed();
+        return Ok(Quiesced::Stopped);
+    }
+    frozen.thaw_all();
+    report.frozen = freeze_start.elapsed();
+    report.phases.mark("thawed");
+    Ok(Quiesced::Thawed(captured))
+}
+
+/// Freezes the pod once every held CRIU waits, checks it, and dumps it. Returns when the
+/// freeze began, the slowest container dump (from the moment the dumps were let go) and what
+/// was captured.
+async fn freeze_and_capture(
+    d: &PodDump,
+    dir: &Path,
+    running: &[&Target],
+    limit: &Limit,
+    report: &mut DumpReport,
+    frozen: &mut Frozen,
+    dumps: &mut Dumps,
+) -> Result<(Instant, Duration, Captured)> {
+    dumps.wait_ready(limit, d.deadline).await?;
+    report.phases.mark("criu waiting");
     // Each container is listed before its freeze is tried, so one whose freeze fails or times
     // out is thawed too.
-    let mut frozen = Frozen::default();
     let to_freeze: Vec<&&Target> = running
         .iter()
         .filter(|t| t.entry.state == ContainerState::Running)
@@ -456,7 +572,7 @@ async fn quiesced(
     report.phases.mark("checked");
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
-    let (slowest, captured) = capture_all(d, &dir, running, limit, ipc.as_ref())
+    let (slowest, captured) = capture_all(d, dir, running, limit, ipc.as_ref(), dumps)
         .await
         .map_err(
             |e| match check(limit, d.deadline, "while the containers were dumped") {
@@ -467,35 +583,12 @@ async fn quiesced(
                 Ok(()) => e,
             },
         )?;
-    report.slowest_dump = slowest;
-    report.phases.mark("dumped");
+    report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
     let captured = Captured {
         loopback_linked: loopback_linked.into_iter().collect(),
         ..captured
     };
-    report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
-    hold("dumped").await;
-    check(limit, d.deadline, "after the containers were dumped")?;
-
-    if d.stop {
-        // Complete the checkpoint first, then nothing of the pod may run again.
-        cpuinfo.done().await?;
-        report.bytes = finish(d, &dir, running, captured, report, freeze_start.elapsed()).await?;
-        // The pod is gone after this: its checkpoint must be on disk first.
-        let synced = dir.clone();
-        tokio::task::spawn_blocking(move || sync_filesystem(&synced))
-            .await
-            .map_err(|e| Error::io("sync the checkpoint", &dir, std::io::Error::other(e)))??;
-        staging.commit()?;
-        report.killed = frozen.kill_all();
-        frozen.thaw_all();
-        report.frozen = freeze_start.elapsed();
-        return Ok(Quiesced::Stopped);
-    }
-    frozen.thaw_all();
-    report.frozen = freeze_start.elapsed();
-    report.phases.mark("thawed");
-    Ok(Quiesced::Thawed(captured))
+    Ok((freeze_start, slowest, captured))
 }
 
 /// Specs, digests of every file, and the manifest last. Returns the checkpoint's size.
@@ -504,6 +597,7 @@ async fn finish(
     dir: &Path,
     running: &[&Target],
     captured: Captured,
+    recorded: Recorded,
     report: &DumpReport,
     frozen: Duration,
 ) -> Result<u64> {
@@ -540,8 +634,11 @@ async fn finish(
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        pod: d.pod.clone(),
-        host: d.host.clone(),
+        pod: PodInfo {
+            ips: recorded.ips,
+            ..d.pod.clone()
+        },
+        host: recorded.host,
         tcp_established: d.tcp_established,
         containers,
         volumes: captured.volumes,
@@ -583,6 +680,152 @@ fn without_own_criu_config(spec: Vec<u8>, bundle: &Path) -> Vec<u8> {
     }
     annotations.remove(container::CRIU_CONFIG_ANNOTATION);
     serde_json::to_vec(&value).unwrap_or(spec)
+}
+
+/// The runc checkpoints of the running containers, one place per container: started before
+/// the freeze and held at CRIU's start when the container has podsnap's CRIU configuration
+/// file ([`crate::criu_hold`]), otherwise started once the pod is frozen.
+struct Dumps {
+    slots: Vec<DumpSlot>,
+}
+
+struct DumpSlot {
+    hold: Option<Hold>,
+    /// Ends with the moment runc ended.
+    task: Option<tokio::task::JoinHandle<Result<Instant>>>,
+}
+
+impl Dumps {
+    /// Starts the runc checkpoint of every container of `running` with a hold.
+    fn start_held(dir: &Path, running: &[&Target], limit: &Limit, holds: Vec<Option<Hold>>) -> Dumps {
+        let slots = running
+            .iter()
+            .zip(holds)
+            .map(|(t, hold)| {
+                let task = hold
+                    .as_ref()
+                    .map(|h| spawn_dump(dir, t, limit, Some(h.keep_open())));
+                DumpSlot { hold, task }
+            })
+            .collect();
+        Dumps { slots }
+    }
+
+    /// Waits until every held CRIU is waiting. A runc that ends before is a failed dump (its
+    /// CRIU cannot have dumped anything): its error.
+    async fn wait_ready(&mut self, limit: &Limit, deadline: Duration) -> Result<()> {
+        loop {
+            for slot in &mut self.slots {
+                if let Some(ended) = slot.task.take_if(|t| t.is_finished()) {
+                    return Err(joined_dump(ended.await).err().unwrap_or_else(|| Error::Stopped {
+                        reason: "CRIU ended before the pod was frozen".into(),
+                    }));
+                }
+            }
+            if self.slots.iter().all(|s| s.hold.as_ref().is_none_or(Hold::ready)) {
+                return Ok(());
+            }
+            check(limit, deadline, "while runc and CRIU started")?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Lets every held CRIU go on.
+    fn release(&mut self) {
+        for hold in self.slots.iter_mut().filter_map(|s| s.hold.as_mut()) {
+            hold.release();
+        }
+    }
+
+    /// Starts the runc checkpoints not started yet.
+    fn start_rest(&mut self, dir: &Path, running: &[&Target], limit: &Limit) {
+        for (slot, t) in self.slots.iter_mut().zip(running) {
+            if slot.task.is_none() {
+                slot.task = Some(spawn_dump(dir, t, limit, None));
+            }
+        }
+    }
+
+    /// Waits for every runc; when each ended, or why it failed (in `running`'s order).
+    async fn wait(&mut self) -> Vec<Result<Instant>> {
+        let mut out = Vec::new();
+        for slot in &mut self.slots {
+            out.push(match slot.task.take() {
+                Some(task) => joined_dump(task.await),
+                None => Err(Error::Stopped {
+                    reason: "a container's dump was never started".into(),
+                }),
+            });
+            if let Some(hold) = slot.hold.take() {
+                hold.remove();
+            }
+        }
+        out
+    }
+
+    /// Makes the held CRIUs give up and waits for every runc started.
+    async fn abort(&mut self) {
+        for hold in self.slots.iter_mut().filter_map(|s| s.hold.as_mut()) {
+            hold.abort();
+        }
+        for (i, ended) in self.wait().await.into_iter().enumerate() {
+            if let Err(e) = ended {
+                log::debug!("pod dump stopped: dump {i}: {e}");
+            }
+        }
+    }
+}
+
+fn joined_dump(joined: std::result::Result<Result<Instant>, tokio::task::JoinError>) -> Result<Instant> {
+    joined.map_err(|e| Error::io("dump task", "pod", std::io::Error::other(e)))?
+}
+
+/// Starts `runc checkpoint` of `t` into its place under `dir`; `hold` is kept open until runc
+/// ends (its CRIU waits on it).
+fn spawn_dump(
+    dir: &Path,
+    t: &Target,
+    limit: &Limit,
+    hold: Option<std::sync::Arc<std::fs::File>>,
+) -> tokio::task::JoinHandle<Result<Instant>> {
+    let t = t.clone();
+    let image_dir = dir.join(t.entry.dir()).join("criu");
+    let limit = limit.clone();
+    tokio::spawn(async move {
+        let began = Instant::now();
+        let dump = Dump {
+            id: t.entry.id.clone(),
+            image_dir,
+            work_dir: None,
+            options: DumpOptions {
+                tcp_established: true,
+                file_locks: true,
+                ..Default::default()
+            },
+            leave_running: true,
+            cgroups: None,
+            was_paused: true,
+            limit,
+        };
+        let result = container::dump(&t.runc, &dump).await;
+        drop(hold);
+        log::info!(
+            "container {} ({}): runc checkpoint took {} ms{}",
+            t.entry.name,
+            t.entry.id,
+            began.elapsed().as_millis(),
+            if result.is_ok() { "" } else { ", failed" }
+        );
+        result.map_err(|e| match e {
+            Error::Dump { source, log_tail, .. } => Error::Dump {
+                id: format!("{} ({})", t.entry.name, t.entry.id),
+                source,
+                log_tail,
+            },
+            other => other,
+        })?;
+        Ok(Instant::now())
+    })
 }
 
 /// The containers a dump froze: thawed on drop whatever happened (error, panic, a dropped
@@ -627,42 +870,29 @@ impl Drop for Frozen {
     }
 }
 
-/// Dumps every running container and archives volumes, in parallel.
+/// Dumps every running container and archives volumes, in parallel, the pod frozen: the held
+/// CRIU dumps are let go, the others started.
 async fn capture_all(
     d: &PodDump,
     dir: &Path,
     running: &[&Target],
     limit: &Limit,
     ipc: Option<&PodIpc>,
+    dumps: &mut Dumps,
 ) -> Result<(Duration, Captured)> {
+    let released = Instant::now();
+    dumps.release();
+    dumps.start_rest(dir, running, limit);
     let mut tasks = tokio::task::JoinSet::new();
     for t in running {
-        let t = (*t).clone();
+        // The rootfs changes are archived beside the CRIU dump (both while frozen).
         let cdir = dir.join(t.entry.dir());
-        let limit = limit.clone();
-        // Its CRIU images recreate only the SysV segments its own processes attach.
-        let keep_sysv = ipc.and_then(|i| i.members.get(&t.entry.id)).cloned();
+        let rootfs_dir = t.bundle.join("rootfs");
+        let bundle = t.bundle.clone();
         tasks.spawn(async move {
-            let began = Instant::now();
-            let dump = Dump {
-                id: t.entry.id.clone(),
-                image_dir: cdir.join("criu"),
-                work_dir: None,
-                options: DumpOptions {
-                    tcp_established: true,
-                    file_locks: true,
-                    ..Default::default()
-                },
-                leave_running: true,
-                cgroups: None,
-                was_paused: true,
-                limit,
-            };
-            // The rootfs changes are archived beside the CRIU dump (both while frozen).
-            let rootfs_dir = t.bundle.join("rootfs");
             let tar = cdir.join("rootfs-diff.tar");
             let del = cdir.join("rootfs-deleted.json");
-            let capture = tokio::task::spawn_blocking(move || match rootfs::upperdir_of(&rootfs_dir) {
+            tokio::task::spawn_blocking(move || match rootfs::upperdir_of(&rootfs_dir) {
                 Some(upper) => rootfs::capture(&upper, &tar, &del).map(drop),
                 None => {
                     log::info!(
@@ -671,35 +901,10 @@ async fn capture_all(
                     );
                     Ok(())
                 }
-            });
-            let dumped = async {
-                let result = container::dump(&t.runc, &dump).await;
-                log::info!(
-                    "container {} ({}): runc checkpoint took {} ms",
-                    t.entry.name,
-                    t.entry.id,
-                    began.elapsed().as_millis()
-                );
-                (result, began.elapsed())
-            };
-            let ((dumped, took), captured) = tokio::join!(dumped, capture);
-            dumped.map_err(|e| match e {
-                Error::Dump { source, log_tail, .. } => Error::Dump {
-                    id: format!("{} ({})", t.entry.name, t.entry.id),
-                    source,
-                    log_tail,
-                },
-                other => other,
-            })?;
-            captured
-                .map_err(|e| Error::io("capture rootfs changes", &t.bundle, std::io::Error::other(e)))??;
-            if let Some(keep) = keep_sysv {
-                let images = cdir.join("criu");
-                tokio::task::spawn_blocking(move || crate::sysv::trim_criu_images(&images, &keep))
-                    .await
-                    .map_err(|e| Error::io("trim IPC images", &cdir, std::io::Error::other(e)))??;
-            }
-            Ok::<Duration, Error>(took)
+            })
+            .await
+            .map_err(|e| Error::io("capture rootfs changes", &bundle, std::io::Error::other(e)))??;
+            Ok::<Duration, Error>(Duration::ZERO)
         });
     }
     let volumes = empty_dirs(&d.targets);
@@ -741,6 +946,28 @@ async fn capture_all(
     };
     let mut slowest = Duration::ZERO;
     let mut first_error = None;
+    for (t, ended) in running.iter().zip(dumps.wait().await) {
+        match ended {
+            Ok(at) => {
+                slowest = slowest.max(at.saturating_duration_since(released));
+                // Its CRIU images recreate only the SysV segments its own processes attach.
+                if let Some(keep) = ipc.and_then(|i| i.members.get(&t.entry.id)).cloned() {
+                    let images = dir.join(t.entry.dir()).join("criu");
+                    let trimmed =
+                        tokio::task::spawn_blocking(move || crate::sysv::trim_criu_images(&images, &keep))
+                            .await
+                            .map_err(|e| Error::io("trim IPC images", &t.bundle, std::io::Error::other(e)))
+                            .and_then(|r| r);
+                    if let Err(e) = trimmed {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok(Ok(took)) => slowest = slowest.max(took),

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod confined;
 pub mod container;
+pub mod criu_hold;
 pub mod dump;
 pub mod error;
 pub mod failpoint;

@@ -68,21 +68,12 @@ pub async fn checkpoint(
             .map(|a| a.into_iter().collect())
             .unwrap_or_default(),
         cri_config: None,
-        ips: match spec.as_ref().and_then(pod_netns) {
-            Some(ns) => podsnap_checkpoint::netlock::addresses(&MonitorLauncher, &ns)
-                .await
-                .unwrap_or_else(|e| {
-                    log::warn!("pod {}: its addresses are not recorded: {e}", sandbox.id);
-                    Vec::new()
-                }),
-            None => Vec::new(),
-        },
+        ips: Vec::new(),
     };
     let dest = &request.dest;
     let dump = PodDump {
         dest: dest.clone(),
         pod,
-        host: podsnap_checkpoint::host::this_node(&MonitorLauncher).await,
         targets,
         tcp_established: request.keep_tcp,
         launcher: Arc::new(MonitorLauncher),

@@ -647,6 +647,7 @@ impl PodTask {
             )));
         }
         let _busy = c.claim()?;
+        podsnap_checkpoint::criu_hold::clear(c.bundle.path());
         let dump = Dump {
             id: c.id.clone(),
             image_dir: PathBuf::from(&image_dir),
