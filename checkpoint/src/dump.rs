@@ -568,8 +568,10 @@ async fn freeze_and_capture(
     let ipc = pod_ipc(running, &procs)?;
     let owners = crate::links::SocketOwners::read(&procs);
     crate::links::refuse_unix_links(d.launcher.as_ref(), d.netns.as_deref(), &procs, &owners).await?;
-    let loopback_linked = crate::links::loopback_linked(&procs, &owners);
     report.phases.mark("checked");
+    // Which containers loopback connections link, read beside the dumps (the pod stays frozen
+    // until they are done; the kernel's TCP tables take milliseconds to list).
+    let linked = tokio::task::spawn_blocking(move || crate::links::loopback_linked(&procs, &owners));
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
     let (slowest, captured) = capture_all(d, dir, running, limit, ipc.as_ref(), dumps)
@@ -584,6 +586,9 @@ async fn freeze_and_capture(
             },
         )?;
     report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
+    let loopback_linked = linked
+        .await
+        .map_err(|e| Error::io("list loopback connections", "pod", std::io::Error::other(e)))?;
     let captured = Captured {
         loopback_linked: loopback_linked.into_iter().collect(),
         ..captured
