@@ -120,7 +120,8 @@ pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
         }
         Err(source) => {
             let log_dir = d.work_dir.as_deref().unwrap_or(&d.image_dir);
-            let log_tail = log_tail(&log_dir.join("dump.log"));
+            // No log to quote when CRIU could not even write it: a full filesystem, say so.
+            let log_tail = log_tail(&log_dir.join("dump.log")).or_else(|| full_filesystem(log_dir));
             remove_partial(&d.image_dir, created_dir, &before);
             if d.leave_running && !d.was_paused {
                 if let Some(cg) = &d.cgroups {
@@ -323,6 +324,21 @@ pub fn restore_deadline(image_dir: &Path) -> std::time::Duration {
         })
         .unwrap_or(0);
     std::time::Duration::from_secs(60 + bytes / (32 << 20))
+}
+
+/// Says so when the filesystem holding `dir` (or its nearest existing parent) has no space or
+/// no inode left.
+fn full_filesystem(dir: &Path) -> Option<String> {
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    let st = nix::sys::statvfs::statvfs(existing).ok()?;
+    let (blocks, inodes) = (st.blocks_available(), st.files_available());
+    (blocks == 0 || inodes == 0).then(|| {
+        format!(
+            "No space left on device: {} has {} bytes and {inodes} inodes free",
+            existing.display(),
+            blocks * st.fragment_size()
+        )
+    })
 }
 
 /// The last lines of a CRIU log, if it exists, after the log's first error lines when those
