@@ -39,7 +39,8 @@
 //! file into the root first), each timed like the restore above.
 //!
 //! `cargo build --release -p containerd-shim-podsnap-v1 && cargo bench -p podsnap-tests --bench
-//! pod_checkpoint` (rounds: `PODSNAP_BENCH_N`, default 5).
+//! pod_checkpoint` (rounds: `PODSNAP_BENCH_N`, default 5). `PODSNAP_BENCH_CHECKPOINT_ONLY=1`: the
+//! checkpoints of podsnap and the Go shim in parallel only (no restores, no `ctr task checkpoint`).
 
 mod common;
 
@@ -71,6 +72,11 @@ enum Contender {
 }
 
 const CONTENDERS: [Contender; 3] = [Contender::Podsnap, Contender::GoParallel, Contender::GoInTurn];
+
+/// `PODSNAP_BENCH_CHECKPOINT_ONLY=1`: checkpoints only, podsnap against the Go shim in parallel.
+fn checkpoint_only() -> bool {
+    std::env::var("PODSNAP_BENCH_CHECKPOINT_ONLY").is_ok_and(|v| v == "1")
+}
 
 #[derive(Default)]
 struct Measures {
@@ -141,6 +147,9 @@ fn main() {
         for turn in 0..CONTENDERS.len() {
             let which = (round + turn) % CONTENDERS.len();
             let contender = CONTENDERS[which];
+            if checkpoint_only() && contender == Contender::GoInTurn {
+                continue;
+            }
             let m = match contender {
                 Contender::Podsnap => podsnap_round(&node, &runtime, round),
                 Contender::GoParallel => go_parallel_round(&node, round),
@@ -325,6 +334,10 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     let windows = observer.stop();
     let image_mib = mib(common::dir_size(&dir));
     kubelet::remove_pod(node, &pod).expect("remove the pod");
+    if checkpoint_only() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Round::new(checkpoint, &windows, image_mib, 0.0);
+    }
 
     let (restore, imported) = timed_restore(node, runtime, &dir, &sums);
     assert!(imported.is_none(), "a checkpoint in the root is used in place");
@@ -435,6 +448,11 @@ fn go_parallel_round(node: &Node, round: usize) -> Round {
     let checkpoint = seconds(clock.elapsed());
     let windows = observer.stop();
     let image_mib = mib(common::dir_size(&dir));
+    if checkpoint_only() {
+        kubelet::remove_pod(node, &pod).expect("remove the pod");
+        let _ = std::fs::remove_dir_all(&dir);
+        return Round::new(checkpoint, &windows, image_mib, 0.0);
+    }
 
     // Restore in place: every task killed, then all re-created from their directories at once.
     let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");

@@ -18,7 +18,8 @@
 //! frozen windows are observed from outside (`common::observer`).
 //!
 //! `cargo build --release -p containerd-shim-podsnap-v1 && cargo bench -p podsnap-tests --bench
-//! pod_scaling` (rounds: `PODSNAP_BENCH_N`, default 3).
+//! pod_scaling` (rounds: `PODSNAP_BENCH_N`, default 3; `PODSNAP_BENCH_PART=containers` runs part 1
+//! only).
 
 mod common;
 
@@ -48,6 +49,11 @@ fn total_mib() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512)
+}
+
+/// Whether part 2 runs (not with `PODSNAP_BENCH_PART=containers`).
+fn memory_part() -> bool {
+    std::env::var("PODSNAP_BENCH_PART").map_or(true, |p| p != "containers")
 }
 
 #[derive(Default, Clone)]
@@ -101,7 +107,7 @@ fn main() {
                 by_count[i].push(time, frozen, bytes);
             }
         }
-        for (i, &t) in TOTALS.iter().enumerate() {
+        for (i, &t) in TOTALS.iter().enumerate().filter(|_| memory_part()) {
             let each = t / MEMORY_PODS;
             for turn in 0..3 {
                 match (round + turn) % 3 {
