@@ -40,6 +40,12 @@ pub struct Hold {
 }
 
 impl Hold {
+    /// Whether CRIU can run a script from the container's `bundle` (not on a `noexec` mount).
+    pub fn possible(bundle: &Path) -> bool {
+        nix::sys::statvfs::statvfs(bundle)
+            .is_ok_and(|st| !st.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+    }
+
     /// Prepares the hold of the container of `bundle`; returns it and the CRIU configuration
     /// line naming its script.
     pub fn prepare(bundle: &Path) -> Result<(Hold, String)> {
@@ -201,6 +207,7 @@ mod tests {
     #[test]
     fn the_script_waits_for_go_at_pre_dump_only() {
         let t = tempfile::tempdir().expect("tempdir");
+        assert!(Hold::possible(t.path()), "a temporary directory allows exec");
         let (mut hold, line) = Hold::prepare(t.path()).expect("hold");
         assert!(line.starts_with("action-script /"), "{line}");
         // Other actions pass at once.

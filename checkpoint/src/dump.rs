@@ -375,12 +375,16 @@ impl CriuConfigs {
                 continue;
             };
             files.0.push(conf.clone());
-            let (hold, mut text) = Hold::prepare(&t.bundle)?;
+            // A bundle on a noexec mount cannot hold CRIU's script: dumped once frozen.
+            let (hold, mut text) = match Hold::possible(&t.bundle) {
+                true => Hold::prepare(&t.bundle).map(|(hold, line)| (Some(hold), line))?,
+                false => (None, String::new()),
+            };
             if pod_locked {
                 text.push_str("network-lock skip\n");
             }
             container::write_private(&conf, text.as_bytes())?;
-            holds.push(Some(hold));
+            holds.push(hold);
         }
         Ok((files, holds))
     }
