@@ -147,6 +147,11 @@ pub struct ContainerEntry {
     /// The image id (digest, CRI's image ref), when the dump could ask CRI for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
+    /// The image pinned by its manifest digest (`registry/repo@sha256:...`, one of CRI's repo
+    /// digests of the image), when the node knew where it came from: a restore on a node that
+    /// lacks the image pulls exactly this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     /// The overlay lower directories of the container's root filesystem, top first: the
     /// image's layers on the node that took the checkpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -639,6 +644,7 @@ mod tests {
                     role: Role::Container,
                     image: None,
                     image_id: None,
+                    image_digest: None,
                     rootfs_layers: vec![],
                     created_order: 3,
                     started_order: Some(3),
@@ -653,6 +659,7 @@ mod tests {
                     role: Role::Sandbox,
                     image: None,
                     image_id: None,
+                    image_digest: None,
                     rootfs_layers: vec![],
                     created_order: 1,
                     started_order: Some(1),
@@ -667,6 +674,7 @@ mod tests {
                     role: Role::Container,
                     image: None,
                     image_id: None,
+                    image_digest: None,
                     rootfs_layers: vec![],
                     created_order: 2,
                     started_order: Some(2),

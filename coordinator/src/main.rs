@@ -383,6 +383,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     short(id)
                 );
             }
+            for image in &pod.images_pulled {
+                println!("image pulled {image} (it was not on this node)");
+            }
             match &pod.imported {
                 Some(imported) => println!(
                     "checkpoint   {} (brought in as {}: {} files linked, {} copied; removed after the restore)",
