@@ -50,6 +50,7 @@ use crate::manifest::{
     validate_name, ContainerEntry, DigestAlgorithm, DumpStats, FileDigest, HostInfo, Manifest, PodInfo,
     VolumeEntry, VolumeMount, CPUINFO, FORMAT, MANIFEST, VERSION,
 };
+use crate::manifest::{CONFIG_DUMP, DELETED_FILES, PART_NAMES, ROOTFS_DELETED, ROOTFS_DIFF};
 use crate::record::{ContainerState, Role};
 use crate::rootfs;
 
@@ -407,8 +408,9 @@ async fn finish(
     report: &DumpReport,
     frozen: Duration,
 ) -> Result<u64> {
+    let checkpointed = time::OffsetDateTime::now_utc();
     for t in &d.targets {
-        let dst = dir.join(t.entry.dir()).join("config.json");
+        let cdir = dir.join(t.entry.dir());
         let spec = match &t.spec {
             Some(spec) => spec.clone(),
             None => {
@@ -416,7 +418,8 @@ async fn finish(
                 std::fs::read(&src).map_err(|e| Error::io("read a container spec", &src, e))?
             }
         };
-        container::write_private(&dst, &spec)?;
+        container::write_private(&cdir.join(PART_NAMES.spec), &spec)?;
+        write_kep_metadata(&cdir, &t.entry, checkpointed)?;
     }
     let files = digest_tree(dir).await?;
     let bytes = files.values().map(|f| f.size).sum();
@@ -522,7 +525,7 @@ async fn capture_all(
             let began = Instant::now();
             let dump = Dump {
                 id: t.entry.id.clone(),
-                image_dir: cdir.join("criu"),
+                image_dir: cdir.join(PART_NAMES.images),
                 work_dir: None,
                 options: DumpOptions {
                     tcp_established: true,
@@ -536,8 +539,8 @@ async fn capture_all(
             };
             // The rootfs changes are archived beside the CRIU dump (both while frozen).
             let rootfs_dir = t.bundle.join("rootfs");
-            let tar = cdir.join("rootfs-diff.tar");
-            let del = cdir.join("rootfs-deleted.json");
+            let tar = cdir.join(ROOTFS_DIFF);
+            let del = cdir.join(ROOTFS_DELETED);
             let capture = tokio::task::spawn_blocking(move || match rootfs::upperdir_of(&rootfs_dir) {
                 Some(upper) => rootfs::capture(&upper, &tar, &del).map(drop),
                 None => {
@@ -564,7 +567,7 @@ async fn capture_all(
             captured
                 .map_err(|e| Error::io("capture rootfs changes", &t.bundle, std::io::Error::other(e)))??;
             if let Some(keep) = keep_sysv {
-                let images = cdir.join("criu");
+                let images = cdir.join(PART_NAMES.images);
                 tokio::task::spawn_blocking(move || crate::sysv::trim_criu_images(&images, &keep))
                     .await
                     .map_err(|e| Error::io("trim IPC images", &cdir, std::io::Error::other(e)))??;
@@ -1073,6 +1076,40 @@ impl Drop for Staging {
             }
         }
     }
+}
+
+/// The runtime a KEP-2008 `config.dump` names.
+const RUNTIME_TYPE: &str = "io.containerd.podsnap.v1";
+
+/// A KEP-2008 `config.dump` (what CRI's CheckpointContainer writes beside the images: id,
+/// name, image, runtime, checkpoint time) and, when the container removed image files,
+/// `deleted.files`: with `checkpoint/`, `spec.dump` and `rootfs-diff.tar` a tar of the
+/// container's directory is such an archive.
+fn write_kep_metadata(cdir: &Path, entry: &ContainerEntry, at: time::OffsetDateTime) -> Result<()> {
+    let at = at
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| Error::io("format the checkpoint time", cdir, std::io::Error::other(e)))?;
+    let config = serde_json::json!({
+        "id": entry.id,
+        "name": entry.name,
+        "rootfsImageName": entry.image.as_deref().unwrap_or_default(),
+        "runtime": RUNTIME_TYPE,
+        "checkpointedTime": at,
+        "restored": false,
+    });
+    let encode = |v: &serde_json::Value| {
+        serde_json::to_vec_pretty(v).map_err(|e| Error::io("encode", cdir, std::io::Error::other(e)))
+    };
+    container::write_private(&cdir.join(CONFIG_DUMP), &encode(&config)?)?;
+    let deletions = cdir.join(ROOTFS_DELETED);
+    if deletions.exists() {
+        let deleted = rootfs::Deletions::read(&deletions)?.deleted;
+        if !deleted.is_empty() {
+            let list = deleted.into_iter().map(|p| format!("/{p}")).collect::<Vec<_>>();
+            container::write_private(&cdir.join(DELETED_FILES), &encode(&serde_json::json!(list))?)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,13 +1,18 @@
-//! The pod checkpoint on disk, format version 1.
+//! The pod checkpoint on disk, format version 3.
 //!
 //! ```text
 //! <checkpoint>/                          0700, written as <checkpoint>.tmp-<pid> and renamed
 //!   manifest.json                        written last (temporary file, fsync, rename)
-//!   containers/<name>/config.json        the container's OCI spec at dump time
-//!   containers/<name>/criu/              CRIU images (only containers that were running)
-//!   containers/<name>/criu/podsnap-criu.json   CRIU options the dump used
+//!   containers/<name>/spec.dump          the container's OCI spec at dump time
+//!   containers/<name>/config.dump        what a KEP-2008 archive's config.dump says (id, name,
+//!                                        image, runtime, times): for checkpointctl
+//!   containers/<name>/checkpoint/        CRIU images (only containers that were running)
+//!   containers/<name>/checkpoint/podsnap-criu.json   CRIU options the dump used
 //!   containers/<name>/rootfs-diff.tar    files the container added or changed in its rootfs
-//!   containers/<name>/rootfs-deleted.json      paths it removed from its image's files
+//!   containers/<name>/rootfs-deleted.json      paths it removed from its image's files, and
+//!                                        directories it replaced whole
+//!   containers/<name>/deleted.files      the removed paths as a KEP-2008 archive lists them
+//!                                        (a JSON list; written when there are any)
 //!   volumes/<volume>.tar                 each emptyDir volume of the pod
 //!   pod/dev-shm.tar                      the pod's /dev/shm (its IPC namespace's POSIX shm)
 //!   host/cpuinfo.img                     the dumping node's CPU features (CRIU's cpuinfo image)
@@ -27,6 +32,12 @@
 //! `blake3` (hashed on every core: a checkpoint is hundreds of MiB, hashed once at the dump
 //! and once at the restore), and each file's `digest` is hex. Version 1 checkpoints (SHA-256,
 //! each file's digest under `sha256`) are still read and verified.
+//!
+//! Container parts: since version 3 a container's directory holds what a KEP-2008 container
+//! checkpoint archive (CRI `CheckpointContainer`) holds, under the same names, so that a tar of
+//! it is such an archive (`checkpointctl show` reads it). Versions 1 and 2 named the images
+//! directory `criu/` and the spec `config.json`, and had no `config.dump` or `deleted.files`:
+//! [`Manifest::part_names`].
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -41,7 +52,7 @@ use crate::record::{ContainerState, Role};
 /// `format` of a podsnap pod checkpoint.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
 /// The version this code writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest version this code reads (SHA-256 digests, no `digest_algorithm`).
 pub const OLDEST_VERSION: u32 = 1;
 /// The manifest's file name.
@@ -53,6 +64,46 @@ pub const MAX_FILES: usize = 100_000;
 /// The largest JSON file of a checkpoint other than the manifest (specs, deletion lists, CRIU
 /// options): they are read whole.
 pub const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
+/// What a container's directory holds, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartNames {
+    /// The CRIU images directory.
+    pub images: &'static str,
+    /// The OCI runtime spec.
+    pub spec: &'static str,
+}
+
+/// The names this code writes: those of a KEP-2008 container checkpoint archive.
+pub const PART_NAMES: PartNames = PartNames {
+    images: "checkpoint",
+    spec: "spec.dump",
+};
+
+/// The names of format versions 1 and 2.
+const LEGACY_PART_NAMES: PartNames = PartNames {
+    images: "criu",
+    spec: "config.json",
+};
+
+/// A container part's KEP-2008 metadata file (`config.dump`).
+pub const CONFIG_DUMP: &str = "config.dump";
+/// A container part's archive of its root filesystem changes.
+pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
+/// What a container removed from its image's files, and directories it replaced whole
+/// (podsnap's own; what a restore reads).
+pub const ROOTFS_DELETED: &str = "rootfs-deleted.json";
+/// The removed paths as a KEP-2008 archive lists them (for other tools; never read back).
+pub const DELETED_FILES: &str = "deleted.files";
+
+/// The names of a container's files in a checkpoint of format `version`.
+pub fn part_names(version: u32) -> PartNames {
+    if version >= 3 {
+        PART_NAMES
+    } else {
+        LEGACY_PART_NAMES
+    }
+}
+
 /// Where the dumping node's CPU features are kept.
 pub const CPUINFO: &str = "host/cpuinfo.img";
 
@@ -348,7 +399,8 @@ impl Manifest {
                     c.name
                 )));
             }
-            if c.dumped && !m.files.contains_key(&c.file("criu/inventory.img")) {
+            let inventory = format!("{}/inventory.img", m.part_names().images);
+            if c.dumped && !m.files.contains_key(&c.file(&inventory)) {
                 return Err(invalid(format!(
                     "container {:?} is recorded as dumped but its CRIU images are not listed",
                     c.name
@@ -403,6 +455,11 @@ impl Manifest {
             path: dir.to_path_buf(),
             reason,
         })
+    }
+
+    /// The names of a container's files in this checkpoint (by its format version).
+    pub fn part_names(&self) -> PartNames {
+        part_names(self.version)
     }
 
     /// Whether the checkpoint lists `rel` (relative to its root).

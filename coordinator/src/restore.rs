@@ -306,7 +306,7 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
     let mut specs: Vec<(&ContainerEntry, Spec, Then)> = Vec::new();
     for entry in manifest.restore_order() {
         if entry.role == Role::Sandbox {
-            sandbox = Some(load_spec(dir, &entry.dir())?);
+            sandbox = Some(load_spec(dir, &manifest, entry)?);
             continue;
         }
         let then = match entry.state {
@@ -321,7 +321,7 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
             ContainerState::Stopped => Then::Exited(entry.exit_code.unwrap_or(u32::MAX)),
             ContainerState::Created => Then::LeaveCreated,
         };
-        specs.push((entry, load_spec(dir, &entry.dir())?, then));
+        specs.push((entry, load_spec(dir, &manifest, entry)?, then));
     }
     if !specs.iter().any(|(_, _, then)| *then == Then::Restore) {
         return Err(Error::Refused(format!(
@@ -355,8 +355,8 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
     })
 }
 
-fn load_spec(dir: &Path, container_dir: &Path) -> Result<Spec> {
-    let path = dir.join(container_dir).join("config.json");
+fn load_spec(dir: &Path, manifest: &Manifest, entry: &ContainerEntry) -> Result<Spec> {
+    let path = dir.join(entry.file(manifest.part_names().spec));
     let meta = std::fs::metadata(&path).map_err(Error::io("read a saved container spec", &path))?;
     if meta.len() > MAX_SPEC_BYTES {
         return Err(Error::Refused(format!(
