@@ -635,6 +635,44 @@ pub fn blake3_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// A file's digest computed over its bytes as they pass (a pull checks each file as it writes
+/// it instead of reading the checkpoint again).
+pub enum StreamDigest {
+    Sha256(Sha256),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl StreamDigest {
+    pub fn new(algorithm: DigestAlgorithm) -> Self {
+        match algorithm {
+            DigestAlgorithm::Sha256 => StreamDigest::Sha256(Sha256::new()),
+            DigestAlgorithm::Blake3 => StreamDigest::Blake3(Box::default()),
+        }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        /// Below this a block is hashed on the calling thread.
+        const PARALLEL_FROM: usize = 256 * 1024;
+        match self {
+            StreamDigest::Sha256(h) => h.update(bytes),
+            StreamDigest::Blake3(h) if bytes.len() >= PARALLEL_FROM => {
+                h.update_rayon(bytes);
+            }
+            StreamDigest::Blake3(h) => {
+                h.update(bytes);
+            }
+        }
+    }
+
+    /// Hex, as the manifest lists it.
+    pub fn finish(self) -> String {
+        match self {
+            StreamDigest::Sha256(h) => hex::encode(h.finalize()),
+            StreamDigest::Blake3(h) => h.finalize().to_hex().to_string(),
+        }
+    }
+}
+
 /// Reads until `buf` is full or the file ends; returns how much was read.
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut at = 0;
@@ -756,6 +794,30 @@ mod tests {
         let m = sample();
         let names: Vec<_> = m.restore_order().iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["webapp-123", "sidecar", "app"]);
+    }
+
+    #[test]
+    fn dumped_containers_need_their_images_under_the_versions_name() {
+        let digest = || FileDigest {
+            size: 1,
+            digest: "00".into(),
+        };
+        for (version, images, other) in [(3, "checkpoint", "criu"), (2, "criu", "checkpoint")] {
+            let mut m = sample();
+            m.version = version;
+            m.containers[0].dumped = true;
+            m.files
+                .insert(format!("containers/app/{other}/inventory.img"), digest());
+            let err = Manifest::parse(&serde_json::to_vec(&m).expect("json"))
+                .expect_err("the images under the other version's name");
+            assert!(err.to_string().contains("CRIU images are not listed"), "{err}");
+            m.files
+                .insert(format!("containers/app/{images}/inventory.img"), digest());
+            let parsed = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect("valid");
+            assert_eq!(parsed.part_names().images, images, "version {version}");
+        }
+        assert_eq!(part_names(1).spec, "config.json");
+        assert_eq!(part_names(VERSION).spec, "spec.dump");
     }
 
     #[test]
