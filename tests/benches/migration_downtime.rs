@@ -592,6 +592,20 @@ fn cri_pull(endpoint: &str, image: &str) {
         .unwrap_or_else(|e| panic!("PullImage {image}: {}", e.message()));
 }
 
+/// Removes every image name of `registry` from `node` (tags and the digest references CRI
+/// made when it pulled): CRI's restore pulls the base image by the first digest reference the
+/// source node has, and one of a registry gone since would fail it.
+fn remove_images_of(node: &Node, registry: &Registry) {
+    let prefix = format!("{}/", registry.host());
+    let names = node
+        .ctr()
+        .run(NS, &["images", "ls", "-q"])
+        .expect("ctr images ls");
+    for name in names.lines().filter(|n| n.starts_with(&prefix)) {
+        let _ = node.ctr().run(NS, &["images", "rm", "--sync", name]);
+    }
+}
+
 /// Runs `work(i)` for each of the three containers at once, each on its own thread.
 fn three_at_once<T: Send>(work: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let barrier = std::sync::Barrier::new(CONTAINERS.len());
@@ -713,11 +727,8 @@ fn kep_round(bench: &Bench, round: usize) -> Round {
     check_memory(&target.ip, &sums);
     kubelet::remove_pod(b, &target).expect("remove the restored pod");
     kubelet::remove_pod(a, &pod).expect("remove the source pod");
-    for image in &images {
-        let _ = b.ctr().run(NS, &["images", "rm", "--sync", image]);
-    }
     for node in [a, b] {
-        let _ = node.ctr().run(NS, &["images", "rm", "--sync", &base]);
+        remove_images_of(node, &registry);
     }
     let _ = std::fs::remove_dir_all(&archives_dir);
     round
