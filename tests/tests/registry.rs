@@ -17,113 +17,20 @@ mod pod_checkpoint_support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
 use podsnap_tests::kubelet::{
     ask, run_container, run_pod, run_three_container_pod, wait_answering, PodOptions, APP_PORT, SIDECAR_PORT,
 };
+use podsnap_tests::registry::Registry;
 use podsnap_tests::{start_node, HANDLER};
 use sha2::{Digest, Sha256};
-
-const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
-
-/// A `docker-registry serve` of our own: killed (by its pid) and its directory removed on drop,
-/// whether the test passed or not.
-struct Registry {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        assert!(
-            Path::new(REGISTRY_BIN).is_file(),
-            "{REGISTRY_BIN} is missing: install Debian's docker-registry (packaging/install-deps.sh does)"
-        );
-        let dir = tempfile::tempdir().expect("a registry directory");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    \
-                 rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("storage").display()
-            ),
-        )
-        .expect("registry config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
-        let child = Command::new(REGISTRY_BIN)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("starting docker-registry");
-        let registry = Registry { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut answer = String::new();
-                let _ = s.read_to_string(&mut answer);
-                if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
-                    return registry;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not answer on 127.0.0.1:{port}: {}",
-                registry.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// Blob uploads the registry has seen (each starts with a POST to `.../blobs/uploads/`).
-    fn uploads(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("\"POST /v2/") && l.contains("/blobs/uploads/"))
-            .count()
-    }
-
-    fn blob(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Relative path -> (SHA-256, mode) of each regular file.
 type Files = BTreeMap<String, (String, u32)>;
@@ -178,29 +85,7 @@ impl Setup {
 
     /// An ed25519 key pair made with openssl, as the README says: (private, public).
     fn key_pair(&self, name: &str) -> (PathBuf, PathBuf) {
-        let private = self.dir.path().join(format!("{name}.pem"));
-        let public = self.dir.path().join(format!("{name}.pub"));
-        for args in [
-            vec![
-                "genpkey",
-                "-algorithm",
-                "ed25519",
-                "-out",
-                private.to_str().expect("utf8"),
-            ],
-            vec![
-                "pkey",
-                "-in",
-                private.to_str().expect("utf8"),
-                "-pubout",
-                "-out",
-                public.to_str().expect("utf8"),
-            ],
-        ] {
-            let status = Command::new("openssl").args(&args).status().expect("openssl");
-            assert!(status.success(), "openssl {args:?}");
-        }
-        (private, public)
+        podsnap_tests::registry::key_pair(self.dir.path(), name)
     }
 
     fn config(&self, name: &str, text: &str) -> PathBuf {
