@@ -630,7 +630,8 @@ fn kep_round(bench: &Bench, round: usize) -> Round {
     let (a, b) = (&bench.a, &bench.b);
     let registry = Registry::start();
     for node in [a, b] {
-        registry::allow_pulls_from(node, &registry).expect("hosts.toml for the registry");
+        node.allow_registry(&registry.host())
+            .expect("hosts.toml for the registry");
     }
     // The base image under the registry's name, so the archive records a digest reference
     // node B can pull (containerd's restore pulls it).

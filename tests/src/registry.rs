@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-
 /// Debian's `docker-registry` (installed by `packaging/install-deps.sh`).
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
@@ -146,22 +144,4 @@ pub fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         assert!(status.success(), "openssl {args:?}");
     }
     (private, public)
-}
-
-/// Lets `node`'s CRI pull from `registry` over plain HTTP: a `hosts.toml` for its host in the
-/// node's registry configuration directory (the node's default sends every other pull
-/// nowhere). containerd reads the directory at each pull.
-pub fn allow_pulls_from(node: &crate::node::Node, registry: &Registry) -> Result<()> {
-    let host = registry.host();
-    let dir = node.dir().join("certs.d").join(&host);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(
-        dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n"
-        ),
-    )
-    .with_context(|| format!("writing {}/hosts.toml", dir.display()))?;
-    ensure!(dir.join("hosts.toml").is_file(), "no hosts.toml for {host}");
-    Ok(())
 }
