@@ -10,6 +10,9 @@
 //! new pod IP. Each contender works on a fresh pod; the memory restored is checked after the
 //! clock stops (the ballast checksums).
 //!
+//! Memory: `PODSNAP_BENCH_BALLAST` = `mixed` (default, heap-like, about 2.7:1 with zstd) or
+//! `uniform` (one byte value per page: compresses to almost nothing).
+//!
 //! - podsnap through the registry: `podsnap migrate --to REF` on A (the pod frozen at one
 //!   instant, dumped, stopped at the snapshot, pushed signed as zstd layers), then `podsnap
 //!   restore --from REF` on B (pull, signature and digests verified, new sandbox, containers
@@ -60,6 +63,14 @@ const WAIT: Duration = Duration::from_secs(120);
 /// MiB of dirtied memory per container.
 fn ballast_mib() -> String {
     std::env::var("PODSNAP_BENCH_MIB").unwrap_or_else(|_| "256".to_owned())
+}
+
+/// What the memory holds (`PODSNAP_BENCH_BALLAST`): `mixed` by default, heap-like (a quarter
+/// each of one-byte pages, random bytes, text, pointer-like words: about 2.7:1 with zstd);
+/// `uniform` pages of one byte value compress to almost nothing and flatter a compressed
+/// transfer.
+fn ballast_content() -> String {
+    std::env::var("PODSNAP_BENCH_BALLAST").unwrap_or_else(|_| "mixed".to_owned())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,11 +179,11 @@ fn main() {
 }
 
 fn print_tables(rounds: usize, started: Instant, reg: &Measures, local: &Measures, kep: &Measures) {
-    let mib_each = ballast_mib();
+    let (mib_each, content) = (ballast_mib(), ballast_content());
     println!();
     println!(
-        "### Migration downtime of a pod of three containers, {mib_each} MiB dirtied memory each, \
-         node A to node B (median of {rounds}, min-max; {:.0} s in all)",
+        "### Migration downtime of a pod of three containers, {mib_each} MiB dirtied memory each \
+         ({content}), node A to node B (median of {rounds}, min-max; {:.0} s in all)",
         seconds(started.elapsed())
     );
     println!();
@@ -245,14 +256,24 @@ fn print_tables(rounds: usize, started: Instant, reg: &Measures, local: &Measure
 }
 
 fn specs(image: Option<&str>) -> Vec<ContainerSpec> {
-    let mib = ballast_mib();
+    let (mib, content) = (ballast_mib(), ballast_content());
     CONTAINERS
         .iter()
         .map(|(name, port)| {
             let port = port.to_string();
             let mut spec = ContainerSpec::workload(
                 name,
-                &["serve", "--name", name, "--port", &port, "--ballast-mib", &mib],
+                &[
+                    "serve",
+                    "--name",
+                    name,
+                    "--port",
+                    &port,
+                    "--ballast-mib",
+                    &mib,
+                    "--ballast-content",
+                    &content,
+                ],
             );
             if let Some(image) = image {
                 spec.image = image.to_owned();
