@@ -133,6 +133,9 @@ fn client_for(reference: &Reference, policy: &RegistryPolicy) -> Client {
     };
     Client::new(ClientConfig {
         protocol,
+        // One streamed PUT per layer: a chunked upload sends a PATCH request per chunk the
+        // stream yields (hundreds for a layer of a few hundred MiB).
+        use_monolithic_push: true,
         ..Default::default()
     })
 }
