@@ -673,8 +673,8 @@ impl StreamDigest {
     }
 }
 
-/// Reads until `buf` is full or the file ends; returns how much was read.
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads until `buf` is full or the reader ends; returns how much was read.
+pub fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut at = 0;
     while at < buf.len() {
         match f.read(&mut buf[at..]) {

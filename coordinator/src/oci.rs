@@ -47,7 +47,9 @@ use oci_client::manifest::{OciDescriptor, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use podsnap_checkpoint::config::RegistryPolicy;
-use podsnap_checkpoint::manifest::{safe_relative, Manifest, StreamDigest, MANIFEST, MAX_MANIFEST_BYTES};
+use podsnap_checkpoint::manifest::{
+    read_full, safe_relative, Manifest, StreamDigest, MANIFEST, MAX_MANIFEST_BYTES,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -1092,7 +1094,7 @@ fn unpack_stream(
             let mut digest = StreamDigest::new(manifest.digest_algorithm);
             let mut copied = 0u64;
             loop {
-                let n = read_some(&mut entry, &mut buf).map_err(|e| format!("entry {name:?}: {e}"))?;
+                let n = read_full(&mut entry, &mut buf).map_err(|e| format!("entry {name:?}: {e}"))?;
                 if n == 0 {
                     break;
                 }
@@ -1130,20 +1132,6 @@ fn unpack_stream(
         return Err(format!("its content has digest {got}, not {digest}"));
     }
     Ok(size)
-}
-
-/// Reads until `buf` is full or the reader ends; returns how much was read.
-fn read_some(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut at = 0;
-    while at < buf.len() {
-        match reader.read(&mut buf[at..]) {
-            Ok(0) => break,
-            Ok(n) => at += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(at)
 }
 
 #[cfg(test)]

@@ -107,6 +107,19 @@ impl Setup {
             .output()
             .expect("running podsnap")
     }
+
+    /// `podsnap ARGS` against `node` (its CRI and containerd sockets and checkpoint root).
+    fn podsnap_on(&self, config: &Path, node: &podsnap_tests::node::Node, args: &[&str]) -> Output {
+        Command::new(&self.binary)
+            .args(args)
+            .env("PODSNAP_CONFIG", config)
+            .env("DOCKER_CONFIG", self.dir.path().join("docker"))
+            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
+            .env("CONTAINERD_ADDRESS", node.address())
+            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+            .output()
+            .expect("running podsnap")
+    }
 }
 
 fn text(out: &Output) -> String {
@@ -378,17 +391,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
         ),
     );
     let reference = format!("{}/moves/{name}:v1", registry.host());
-    let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| {
-        Command::new(&setup.binary)
-            .args(args)
-            .env("PODSNAP_CONFIG", &config)
-            .env("DOCKER_CONFIG", setup.dir.path().join("docker"))
-            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
-            .env("CONTAINERD_ADDRESS", node.address())
-            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
-            .output()
-            .expect("running podsnap")
-    };
+    let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| setup.podsnap_on(&config, node, args);
     let out = podsnap(
         &node_a,
         &[
@@ -627,17 +630,7 @@ fn a_container_image_missing_on_the_target_is_pulled_by_its_digest() {
             trusted.display()
         ),
     );
-    let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| {
-        Command::new(&setup.binary)
-            .args(args)
-            .env("PODSNAP_CONFIG", &config)
-            .env("DOCKER_CONFIG", setup.dir.path().join("docker"))
-            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
-            .env("CONTAINERD_ADDRESS", node.address())
-            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
-            .output()
-            .expect("running podsnap")
-    };
+    let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| setup.podsnap_on(&config, node, args);
     let reference = format!("{}/moves/{name}:v1", registry.host());
     let out = podsnap(
         &node_a,
