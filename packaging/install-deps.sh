@@ -9,6 +9,8 @@
 #   keys with it), zstd (the compression bench compares with the command)
 #   docker-registry    from bookworm: a local OCI distribution registry for the `podsnap push`/`pull`
 #                      integration tests (not started here; the tests run their own instance)
+#   checkpointctl      from Debian sid (with sid's libc beside it when the system's is older):
+#                      reads KEP-2008 container checkpoint archives, for the interop test
 #
 # Apt sources for sid are derived from this machine's own /etc/apt/sources.list.d/debian.sources
 # (same mirror, same keyring), kept in a private directory so the system's apt setup is untouched.
@@ -153,5 +155,31 @@ if [ "$(command -v criu)" != /usr/local/sbin/criu ]; then
   ln -sf /usr/local/sbin/criu /usr/local/bin/criu
 fi
 /usr/local/sbin/criu check >/dev/null 2>&1 || log "warning: 'criu check' is not clean on this kernel"
+
+# ---------------------------------------------------------------------------------------------
+# checkpointctl from sid (the tests check that a container part of a pod checkpoint is a KEP-2008
+# container checkpoint archive it reads). sid's build needs glibc 2.38; on an older system it
+# runs with sid's own libc and loader, kept beside it (nothing of the system's libc changes).
+# ---------------------------------------------------------------------------------------------
+CPCTL_DIR=/usr/local/lib/podsnap-checkpointctl
+if ! checkpointctl --help >/dev/null 2>&1; then
+  log "installing checkpointctl from sid"
+  stage=$(sid_unpack checkpointctl)
+  rm -rf "$CPCTL_DIR" && mkdir -p "$CPCTL_DIR"
+  install -m 0755 "$stage/usr/bin/checkpointctl" "$CPCTL_DIR/checkpointctl"
+  if "$CPCTL_DIR/checkpointctl" --help >/dev/null 2>&1; then
+    ln -sf "$CPCTL_DIR/checkpointctl" /usr/local/bin/checkpointctl
+  else
+    libc=$(sid_unpack libc6)
+    cp -a "$libc/usr/lib/x86_64-linux-gnu" "$CPCTL_DIR/lib"
+    cat >/usr/local/bin/checkpointctl <<WRAPPER
+#!/bin/sh
+# checkpointctl from Debian sid with sid's libc (installed by podsnap's install-deps.sh)
+exec $CPCTL_DIR/lib/ld-linux-x86-64.so.2 --library-path $CPCTL_DIR/lib $CPCTL_DIR/checkpointctl "\$@"
+WRAPPER
+    chmod 0755 /usr/local/bin/checkpointctl
+  fi
+fi
+checkpointctl --help >/dev/null 2>&1 || die "checkpointctl does not run"
 
 log "ready: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | sed -n 's/^runc version //p'), criu $(/usr/local/sbin/criu --version | sed -n 's/^Version: //p'), $(protoc --version)"

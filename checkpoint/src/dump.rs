@@ -60,6 +60,7 @@ use crate::manifest::{
     validate_name, ContainerEntry, DigestAlgorithm, DumpStats, FileDigest, HostInfo, Manifest, PodInfo,
     VolumeEntry, VolumeMount, CPUINFO, FORMAT, MANIFEST, VERSION,
 };
+use crate::manifest::{CONFIG_DUMP, DELETED_FILES, PART_NAMES, ROOTFS_DELETED, ROOTFS_DIFF};
 use crate::record::{ContainerState, Role};
 use crate::rootfs;
 
@@ -610,8 +611,9 @@ async fn finish(
     report: &DumpReport,
     frozen: Duration,
 ) -> Result<u64> {
+    let checkpointed = time::OffsetDateTime::now_utc();
     for t in &d.targets {
-        let dst = dir.join(t.entry.dir()).join("config.json");
+        let cdir = dir.join(t.entry.dir());
         let spec = match &t.spec {
             Some(spec) => spec.clone(),
             None => {
@@ -619,7 +621,11 @@ async fn finish(
                 std::fs::read(&src).map_err(|e| Error::io("read a container spec", &src, e))?
             }
         };
-        container::write_private(&dst, &without_own_criu_config(spec, &t.bundle))?;
+        container::write_private(
+            &cdir.join(PART_NAMES.spec),
+            &without_own_criu_config(spec, &t.bundle),
+        )?;
+        write_kep_metadata(&cdir, &t.entry, checkpointed)?;
     }
     let files = digest_tree(dir).await?;
     let bytes = files.values().map(|f| f.size).sum();
@@ -798,7 +804,7 @@ fn spawn_dump(
     hold: Option<std::sync::Arc<std::fs::File>>,
 ) -> tokio::task::JoinHandle<Result<Instant>> {
     let t = t.clone();
-    let image_dir = dir.join(t.entry.dir()).join("criu");
+    let image_dir = dir.join(t.entry.dir()).join(PART_NAMES.images);
     let limit = limit.clone();
     tokio::spawn(async move {
         let began = Instant::now();
@@ -899,8 +905,8 @@ async fn capture_all(
         let rootfs_dir = t.bundle.join("rootfs");
         let bundle = t.bundle.clone();
         tasks.spawn(async move {
-            let tar = cdir.join("rootfs-diff.tar");
-            let del = cdir.join("rootfs-deleted.json");
+            let tar = cdir.join(ROOTFS_DIFF);
+            let del = cdir.join(ROOTFS_DELETED);
             tokio::task::spawn_blocking(move || match rootfs::upperdir_of(&rootfs_dir) {
                 Some(upper) => rootfs::capture(&upper, &tar, &del).map(drop),
                 None => {
@@ -961,7 +967,7 @@ async fn capture_all(
                 slowest = slowest.max(at.saturating_duration_since(released));
                 // Its CRIU images recreate only the SysV segments its own processes attach.
                 if let Some(keep) = ipc.and_then(|i| i.members.get(&t.entry.id)).cloned() {
-                    let images = dir.join(t.entry.dir()).join("criu");
+                    let images = dir.join(t.entry.dir()).join(PART_NAMES.images);
                     let trimmed =
                         tokio::task::spawn_blocking(move || crate::sysv::trim_criu_images(&images, &keep))
                             .await
@@ -1439,6 +1445,40 @@ impl Drop for Staging {
             }
         }
     }
+}
+
+/// The runtime a KEP-2008 `config.dump` names.
+const RUNTIME_TYPE: &str = "io.containerd.podsnap.v1";
+
+/// A KEP-2008 `config.dump` (what CRI's CheckpointContainer writes beside the images: id,
+/// name, image, runtime, checkpoint time) and, when the container removed image files,
+/// `deleted.files`: with `checkpoint/`, `spec.dump` and `rootfs-diff.tar` a tar of the
+/// container's directory is such an archive.
+fn write_kep_metadata(cdir: &Path, entry: &ContainerEntry, at: time::OffsetDateTime) -> Result<()> {
+    let at = at
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| Error::io("format the checkpoint time", cdir, std::io::Error::other(e)))?;
+    let config = serde_json::json!({
+        "id": entry.id,
+        "name": entry.name,
+        "rootfsImageName": entry.image.as_deref().unwrap_or_default(),
+        "runtime": RUNTIME_TYPE,
+        "checkpointedTime": at,
+        "restored": false,
+    });
+    let encode = |v: &serde_json::Value| {
+        serde_json::to_vec_pretty(v).map_err(|e| Error::io("encode", cdir, std::io::Error::other(e)))
+    };
+    container::write_private(&cdir.join(CONFIG_DUMP), &encode(&config)?)?;
+    let deletions = cdir.join(ROOTFS_DELETED);
+    if deletions.exists() {
+        let deleted = rootfs::Deletions::read(&deletions)?.deleted;
+        if !deleted.is_empty() {
+            let list = deleted.into_iter().map(|p| format!("/{p}")).collect::<Vec<_>>();
+            container::write_private(&cdir.join(DELETED_FILES), &encode(&serde_json::json!(list))?)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,13 +1,18 @@
-//! The pod checkpoint on disk, format version 1.
+//! The pod checkpoint on disk, format version 3.
 //!
 //! ```text
 //! <checkpoint>/                          0700, written as <checkpoint>.tmp-<pid> and renamed
 //!   manifest.json                        written last (temporary file, fsync, rename)
-//!   containers/<name>/config.json        the container's OCI spec at dump time
-//!   containers/<name>/criu/              CRIU images (only containers that were running)
-//!   containers/<name>/criu/podsnap-criu.json   CRIU options the dump used
+//!   containers/<name>/spec.dump          the container's OCI spec at dump time
+//!   containers/<name>/config.dump        what a KEP-2008 archive's config.dump says (id, name,
+//!                                        image, runtime, times): for checkpointctl
+//!   containers/<name>/checkpoint/        CRIU images (only containers that were running)
+//!   containers/<name>/checkpoint/podsnap-criu.json   CRIU options the dump used
 //!   containers/<name>/rootfs-diff.tar    files the container added or changed in its rootfs
-//!   containers/<name>/rootfs-deleted.json      paths it removed from its image's files
+//!   containers/<name>/rootfs-deleted.json      paths it removed from its image's files, and
+//!                                        directories it replaced whole
+//!   containers/<name>/deleted.files      the removed paths as a KEP-2008 archive lists them
+//!                                        (a JSON list; written when there are any)
 //!   volumes/<volume>.tar                 each emptyDir volume of the pod
 //!   pod/dev-shm.tar                      the pod's /dev/shm (its IPC namespace's POSIX shm)
 //!   host/cpuinfo.img                     the dumping node's CPU features (CRIU's cpuinfo image)
@@ -27,6 +32,12 @@
 //! `blake3` (hashed on every core: a checkpoint is hundreds of MiB, hashed once at the dump
 //! and once at the restore), and each file's `digest` is hex. Version 1 checkpoints (SHA-256,
 //! each file's digest under `sha256`) are still read and verified.
+//!
+//! Container parts: since version 3 a container's directory holds what a KEP-2008 container
+//! checkpoint archive (CRI `CheckpointContainer`) holds, under the same names, so that a tar of
+//! it is such an archive (`checkpointctl show` reads it). Versions 1 and 2 named the images
+//! directory `criu/` and the spec `config.json`, and had no `config.dump` or `deleted.files`:
+//! [`Manifest::part_names`].
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -41,7 +52,7 @@ use crate::record::{ContainerState, Role};
 /// `format` of a podsnap pod checkpoint.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
 /// The version this code writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest version this code reads (SHA-256 digests, no `digest_algorithm`).
 pub const OLDEST_VERSION: u32 = 1;
 /// The manifest's file name.
@@ -53,6 +64,46 @@ pub const MAX_FILES: usize = 100_000;
 /// The largest JSON file of a checkpoint other than the manifest (specs, deletion lists, CRIU
 /// options): they are read whole.
 pub const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
+/// What a container's directory holds, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartNames {
+    /// The CRIU images directory.
+    pub images: &'static str,
+    /// The OCI runtime spec.
+    pub spec: &'static str,
+}
+
+/// The names this code writes: those of a KEP-2008 container checkpoint archive.
+pub const PART_NAMES: PartNames = PartNames {
+    images: "checkpoint",
+    spec: "spec.dump",
+};
+
+/// The names of format versions 1 and 2.
+const LEGACY_PART_NAMES: PartNames = PartNames {
+    images: "criu",
+    spec: "config.json",
+};
+
+/// A container part's KEP-2008 metadata file (`config.dump`).
+pub const CONFIG_DUMP: &str = "config.dump";
+/// A container part's archive of its root filesystem changes.
+pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
+/// What a container removed from its image's files, and directories it replaced whole
+/// (podsnap's own; what a restore reads).
+pub const ROOTFS_DELETED: &str = "rootfs-deleted.json";
+/// The removed paths as a KEP-2008 archive lists them (for other tools; never read back).
+pub const DELETED_FILES: &str = "deleted.files";
+
+/// The names of a container's files in a checkpoint of format `version`.
+pub fn part_names(version: u32) -> PartNames {
+    if version >= 3 {
+        PART_NAMES
+    } else {
+        LEGACY_PART_NAMES
+    }
+}
+
 /// Where the dumping node's CPU features are kept.
 pub const CPUINFO: &str = "host/cpuinfo.img";
 
@@ -147,6 +198,11 @@ pub struct ContainerEntry {
     /// The image id (digest, CRI's image ref), when the dump could ask CRI for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
+    /// The image pinned by its manifest digest (`registry/repo@sha256:...`, one of CRI's repo
+    /// digests of the image), when the node knew where it came from: a restore on a node that
+    /// lacks the image pulls exactly this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     /// The overlay lower directories of the container's root filesystem, top first: the
     /// image's layers on the node that took the checkpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -343,7 +399,8 @@ impl Manifest {
                     c.name
                 )));
             }
-            if c.dumped && !m.files.contains_key(&c.file("criu/inventory.img")) {
+            let inventory = format!("{}/inventory.img", m.part_names().images);
+            if c.dumped && !m.files.contains_key(&c.file(&inventory)) {
                 return Err(invalid(format!(
                     "container {:?} is recorded as dumped but its CRIU images are not listed",
                     c.name
@@ -398,6 +455,11 @@ impl Manifest {
             path: dir.to_path_buf(),
             reason,
         })
+    }
+
+    /// The names of a container's files in this checkpoint (by its format version).
+    pub fn part_names(&self) -> PartNames {
+        part_names(self.version)
     }
 
     /// Whether the checkpoint lists `rel` (relative to its root).
@@ -573,8 +635,46 @@ pub fn blake3_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// Reads until `buf` is full or the file ends; returns how much was read.
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+/// A file's digest computed over its bytes as they pass (a pull checks each file as it writes
+/// it instead of reading the checkpoint again).
+pub enum StreamDigest {
+    Sha256(Sha256),
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl StreamDigest {
+    pub fn new(algorithm: DigestAlgorithm) -> Self {
+        match algorithm {
+            DigestAlgorithm::Sha256 => StreamDigest::Sha256(Sha256::new()),
+            DigestAlgorithm::Blake3 => StreamDigest::Blake3(Box::default()),
+        }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        /// Below this a block is hashed on the calling thread.
+        const PARALLEL_FROM: usize = 256 * 1024;
+        match self {
+            StreamDigest::Sha256(h) => h.update(bytes),
+            StreamDigest::Blake3(h) if bytes.len() >= PARALLEL_FROM => {
+                h.update_rayon(bytes);
+            }
+            StreamDigest::Blake3(h) => {
+                h.update(bytes);
+            }
+        }
+    }
+
+    /// Hex, as the manifest lists it.
+    pub fn finish(self) -> String {
+        match self {
+            StreamDigest::Sha256(h) => hex::encode(h.finalize()),
+            StreamDigest::Blake3(h) => h.finalize().to_hex().to_string(),
+        }
+    }
+}
+
+/// Reads until `buf` is full or the reader ends; returns how much was read.
+pub fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut at = 0;
     while at < buf.len() {
         match f.read(&mut buf[at..]) {
@@ -639,6 +739,7 @@ mod tests {
                     role: Role::Container,
                     image: None,
                     image_id: None,
+                    image_digest: None,
                     rootfs_layers: vec![],
                     created_order: 3,
                     started_order: Some(3),
@@ -653,6 +754,7 @@ mod tests {
                     role: Role::Sandbox,
                     image: None,
                     image_id: None,
+                    image_digest: None,
                     rootfs_layers: vec![],
                     created_order: 1,
                     started_order: Some(1),
@@ -667,6 +769,7 @@ mod tests {
                     role: Role::Container,
                     image: None,
                     image_id: None,
+                    image_digest: None,
                     rootfs_layers: vec![],
                     created_order: 2,
                     started_order: Some(2),
@@ -691,6 +794,30 @@ mod tests {
         let m = sample();
         let names: Vec<_> = m.restore_order().iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["webapp-123", "sidecar", "app"]);
+    }
+
+    #[test]
+    fn dumped_containers_need_their_images_under_the_versions_name() {
+        let digest = || FileDigest {
+            size: 1,
+            digest: "00".into(),
+        };
+        for (version, images, other) in [(3, "checkpoint", "criu"), (2, "criu", "checkpoint")] {
+            let mut m = sample();
+            m.version = version;
+            m.containers[0].dumped = true;
+            m.files
+                .insert(format!("containers/app/{other}/inventory.img"), digest());
+            let err = Manifest::parse(&serde_json::to_vec(&m).expect("json"))
+                .expect_err("the images under the other version's name");
+            assert!(err.to_string().contains("CRIU images are not listed"), "{err}");
+            m.files
+                .insert(format!("containers/app/{images}/inventory.img"), digest());
+            let parsed = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect("valid");
+            assert_eq!(parsed.part_names().images, images, "version {version}");
+        }
+        assert_eq!(part_names(1).spec, "config.json");
+        assert_eq!(part_names(VERSION).spec, "spec.dump");
     }
 
     #[test]

@@ -163,6 +163,26 @@ fn same_image_name(a: &str, b: &str) -> bool {
     a == b || normal(a) == normal(b)
 }
 
+/// The repository an image reference names, normalized as containerd does (`busybox:1`,
+/// `docker.io/library/busybox@sha256:...` -> `docker.io/library/busybox`): what a tag and a
+/// digest of the same image have in common.
+pub fn image_repository(reference: &str) -> String {
+    let name = reference.split_once('@').map_or(reference, |(n, _)| n);
+    // A tag follows the last ':' after the last '/' (a registry's port comes before it).
+    let name = match name.rfind(':') {
+        Some(colon) if !name[colon..].contains('/') => &name[..colon],
+        _ => name,
+    };
+    let first = name.split('/').next().unwrap_or("");
+    let has_registry =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    match (has_registry, name.contains('/')) {
+        (true, _) => name.to_owned(),
+        (false, true) => format!("docker.io/{name}"),
+        (false, false) => format!("docker.io/library/{name}"),
+    }
+}
+
 /// Everything the new spec grants that the checkpointed one did not.
 pub fn check_privilege(name: &str, old: &Spec, new: &Spec) -> Result<(), Violation> {
     let found = more_privilege(old, new);
@@ -439,6 +459,7 @@ mod tests {
             role: Role::Container,
             image: Some(image.into()),
             image_id: Some("sha256:aaa".into()),
+            image_digest: None,
             rootfs_layers: vec!["/s/2/fs".into(), "/s/1/fs".into()],
             created_order: 1,
             started_order: Some(1),
@@ -631,5 +652,20 @@ mod tests {
         ));
         assert!(!same_image_name("busybox:1", "busybox:2"));
         assert!(!same_image_name("a/b", "c/b"));
+    }
+
+    #[test]
+    fn a_tag_and_a_digest_of_one_repository_agree() {
+        for (reference, repository) in [
+            ("busybox", "docker.io/library/busybox"),
+            ("busybox:1.36", "docker.io/library/busybox"),
+            ("docker.io/library/busybox@sha256:ab", "docker.io/library/busybox"),
+            ("team/app:v1", "docker.io/team/app"),
+            ("127.0.0.1:5000/team/app:v1", "127.0.0.1:5000/team/app"),
+            ("127.0.0.1:5000/team/app@sha256:ab", "127.0.0.1:5000/team/app"),
+            ("localhost/podsnap/workload:1", "localhost/podsnap/workload"),
+        ] {
+            assert_eq!(image_repository(reference), repository, "{reference}");
+        }
     }
 }

@@ -189,7 +189,9 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 }
 
 /// Records in the manifest each container's image id (its digest, CRI's image ref), which the
-/// shim cannot see: a restore then refuses a container whose image changed since.
+/// shim cannot see: a restore then refuses a container whose image changed since. And the image
+/// pinned by its manifest digest (one of CRI's repo digests), so that a node lacking the image
+/// can pull exactly it.
 async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) -> Result<()> {
     let listed = clients
         .runtime
@@ -220,10 +222,33 @@ async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) 
     }
     let mut manifest = read_manifest(dir)?;
     let mut changed = false;
-    for entry in manifest.containers.iter_mut().filter(|c| c.image_id.is_none()) {
-        if let Some((_, id)) = ids.get(&entry.name) {
+    for entry in manifest.containers.iter_mut() {
+        let Some((_, id)) = ids.get(&entry.name) else {
+            continue;
+        };
+        if entry.image_id.is_none() {
             entry.image_id = Some(id.clone());
             changed = true;
+        }
+        if entry.image_digest.is_none() {
+            let repo_digests = clients
+                .image
+                .clone()
+                .image_status(k8s_cri::v1::ImageStatusRequest {
+                    image: Some(k8s_cri::v1::ImageSpec {
+                        image: id.clone(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                })
+                .await
+                .map_err(Error::cri(format!("ImageStatus {id}")))?
+                .into_inner()
+                .image
+                .map(|i| i.repo_digests)
+                .unwrap_or_default();
+            entry.image_digest = pinned_reference(entry.image.as_deref(), &repo_digests);
+            changed |= entry.image_digest.is_some();
         }
     }
     if changed {
@@ -232,6 +257,26 @@ async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) 
         podsnap_checkpoint::dump::write_synced(&dir.join(MANIFEST), &json).map_err(Box::new)?;
     }
     Ok(())
+}
+
+/// Of an image's repo digests (`repo@sha256:...`), the one of the repository the container
+/// named (`repo:tag`), else the only one; none when it is ambiguous.
+fn pinned_reference(image: Option<&str>, repo_digests: &[String]) -> Option<String> {
+    let pinned = repo_digests.iter().filter(|d| d.contains("@sha256:"));
+    if let Some(image) = image {
+        let wanted = podsnap_checkpoint::policy::image_repository(image);
+        if let Some(found) = pinned
+            .clone()
+            .find(|d| podsnap_checkpoint::policy::image_repository(d) == wanted)
+        {
+            return Some(found.clone());
+        }
+    }
+    let all: Vec<&String> = pinned.collect();
+    match all.as_slice() {
+        [only] => Some((*only).clone()),
+        _ => None,
+    }
 }
 
 fn create_private_dir_all(dir: &Path) -> Result<()> {
@@ -268,5 +313,37 @@ mod tests {
         assert!(err.to_string().contains("is not empty"), "{err}");
         request.dir = Some(t.path().join("root/x"));
         assert!(destination(&request).is_err(), "a file");
+    }
+
+    #[test]
+    fn the_pinned_reference_is_of_the_containers_repository() {
+        let digests = [
+            "mirror.example/team/app@sha256:1111".to_owned(),
+            "127.0.0.1:5000/team/app@sha256:2222".to_owned(),
+        ];
+        assert_eq!(
+            pinned_reference(Some("127.0.0.1:5000/team/app:v1"), &digests).as_deref(),
+            Some("127.0.0.1:5000/team/app@sha256:2222")
+        );
+        assert_eq!(
+            pinned_reference(Some("127.0.0.1:5000/team/app"), &digests).as_deref(),
+            Some("127.0.0.1:5000/team/app@sha256:2222"),
+            "no tag"
+        );
+        assert_eq!(
+            pinned_reference(Some("other/app:v1"), &digests),
+            None,
+            "ambiguous"
+        );
+        assert_eq!(
+            pinned_reference(Some("other/app:v1"), &digests[..1]).as_deref(),
+            Some("mirror.example/team/app@sha256:1111"),
+            "the only one"
+        );
+        assert_eq!(
+            pinned_reference(Some("app:v1"), &[]),
+            None,
+            "imported, never pulled"
+        );
     }
 }

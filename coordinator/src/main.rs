@@ -233,7 +233,9 @@ fn dump_and_push(
         return Ok((dumped, None));
     };
     let started = std::time::Instant::now();
+    // The dump has just written and digested every file of it: no second pass before the push.
     let pushed = push_checkpoint(
+        true,
         runtime,
         config,
         outcome.summary.dir.clone(),
@@ -249,6 +251,7 @@ fn dump_and_push(
 
 /// `podsnap push DIR REF` under the node's `[registry]` rules.
 fn push_checkpoint(
+    just_dumped: bool,
     runtime: &tokio::runtime::Runtime,
     config: &NodeConfig,
     dir: PathBuf,
@@ -261,6 +264,7 @@ fn push_checkpoint(
         policy: config.registry.clone(),
         config_name: config.describe(),
         zstd_level,
+        just_dumped,
     };
     runtime
         .block_on(oci::push(&request))
@@ -383,6 +387,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     short(id)
                 );
             }
+            for image in &pod.images_pulled {
+                println!("image pulled {image} (it was not on this node)");
+            }
             match &pod.imported {
                 Some(imported) => println!(
                     "checkpoint   {} (brought in as {}: {} files linked, {} copied; removed after the restore)",
@@ -443,7 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reference,
             zstd_level,
         } => {
-            let pushed = push_checkpoint(&runtime, &config, dir, reference, zstd_level)?;
+            let pushed = push_checkpoint(false, &runtime, &config, dir, reference, zstd_level)?;
             println!("pushed       {}", pushed.pushed);
             println!(
                 "layers       {} ({} uploaded, {}; {} already in the registry)",

@@ -47,7 +47,9 @@ use oci_client::manifest::{OciDescriptor, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use podsnap_checkpoint::config::RegistryPolicy;
-use podsnap_checkpoint::manifest::{safe_relative, Manifest, MANIFEST, MAX_MANIFEST_BYTES};
+use podsnap_checkpoint::manifest::{
+    read_full, safe_relative, Manifest, StreamDigest, MANIFEST, MAX_MANIFEST_BYTES,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -133,6 +135,9 @@ fn client_for(reference: &Reference, policy: &RegistryPolicy) -> Client {
     };
     Client::new(ClientConfig {
         protocol,
+        // One streamed PUT per layer: a chunked upload sends a PATCH request per chunk the
+        // stream yields (hundreds for a layer of a few hundred MiB).
+        use_monolithic_push: true,
         ..Default::default()
     })
 }
@@ -309,6 +314,10 @@ pub struct PushRequest {
     /// How the configuration is named in errors.
     pub config_name: String,
     pub zstd_level: i32,
+    /// The checkpoint was written (and every file digested) by this process's dump just now:
+    /// its listing is checked, its digests are not computed a second time. A checkpoint named
+    /// on the command line is verified whole first.
+    pub just_dumped: bool,
 }
 
 /// What a push did.
@@ -514,9 +523,16 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
         }
     };
     let dir = request.dir.clone();
+    let just_dumped = request.just_dumped;
     let manifest = tokio::task::spawn_blocking({
         let dir = dir.clone();
-        move || Manifest::load_verified(&dir)
+        move || {
+            if just_dumped {
+                Manifest::load_listed(&dir)
+            } else {
+                Manifest::load_verified(&dir)
+            }
+        }
     })
     .await
     .map_err(|e| refused(format!("verifying {}: {e}", request.dir.display())))??;
@@ -531,12 +547,30 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
 
     let mut descriptors = Vec::new();
     let (mut uploaded, mut uploaded_bytes) = (0, 0);
-    for (part, files) in parts(&manifest) {
-        let level = request.zstd_level;
-        let dir = dir.clone();
-        let layer = tokio::task::spawn_blocking(move || build_layer(&dir, &part, &files, level))
-            .await
-            .map_err(|e| refused(format!("compressing a layer: {e}")))??;
+    // Compression runs one layer ahead of the upload: the next part is compressed while the
+    // last one goes to the registry (at most two compressed layers on disk at once).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Layer>>(1);
+    let compressor = tokio::task::spawn_blocking({
+        let (dir, level, parts) = (dir.clone(), request.zstd_level, parts(&manifest));
+        move || {
+            for (part, files) in parts {
+                let layer = build_layer(&dir, &part, &files, level);
+                let failed = layer.is_err();
+                if tx.blocking_send(layer).is_err() || failed {
+                    break; // the upload stopped (its error says why), or this layer failed
+                }
+            }
+        }
+    });
+    while let Some(layer) = rx.recv().await {
+        let layer = match layer {
+            Ok(layer) => layer,
+            Err(e) => {
+                drop(rx);
+                let _ = compressor.await;
+                return Err(e);
+            }
+        };
         descriptors.push(descriptor(
             LAYER_MEDIA_TYPE,
             &layer.digest,
@@ -553,6 +587,9 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
             log::info!("{}: part {part} is already in the registry", request.reference);
         }
     }
+    compressor
+        .await
+        .map_err(|e| refused(format!("compressing the layers: {e}")))?;
     let config_size = config_bytes.len() as u64;
     upload_bytes(&client, &image, config_bytes, &config_digest).await?;
     let layers = descriptors.len();
@@ -859,14 +896,24 @@ pub async fn pull(request: &PullRequest) -> Result<PullOutcome> {
     let guard = Staging(Some(staging.clone()));
     write_new(&staging.join(MANIFEST), &config)?;
     let manifest = std::sync::Arc::new(manifest);
+    // Layers download and unpack at once; each file's digest is checked as it is written, so
+    // the staged checkpoint is not read again: what is left is the listing (every listed file
+    // there, nothing else).
+    // Every unpacker is waited for, failed or not, before the staging directory may go.
     let mut total = 0;
-    for layer in &oci.layers {
-        total += unpack_layer(&client, &image, layer, &staging, manifest.clone()).await?;
+    for unpacked in futures::future::join_all(
+        oci.layers
+            .iter()
+            .map(|layer| unpack_layer(&client, &image, layer, &staging, manifest.clone())),
+    )
+    .await
+    {
+        total += unpacked?;
     }
     let staged = staging.clone();
-    tokio::task::spawn_blocking(move || Manifest::load_verified(&staged))
+    tokio::task::spawn_blocking(move || Manifest::load_listed(&staged))
         .await
-        .map_err(|e| refused(format!("verifying the pulled checkpoint: {e}")))??;
+        .map_err(|e| refused(format!("checking the pulled checkpoint: {e}")))??;
     std::fs::rename(&staging, &dest).map_err(Error::io("move the pulled checkpoint into place", &dest))?;
     guard.keep();
     Ok(PullOutcome {
@@ -988,8 +1035,8 @@ async fn unpack_layer(
 }
 
 /// Unpacks a layer's tar+zstd stream: regular files the manifest lists in this part, of their
-/// listed size, each created once (0600, parents 0700). Checks the compressed stream's digest
-/// and size at the end.
+/// listed size and digest (checked as they are written), each created once (0600, parents
+/// 0700). Checks the compressed stream's digest and size at the end.
 fn unpack_stream(
     reader: impl Read,
     part: &str,
@@ -1005,6 +1052,7 @@ fn unpack_stream(
     {
         let decoder = zstd::stream::Decoder::new(&mut hashing).map_err(|e| format!("zstd: {e}"))?;
         let mut archive = tar::Archive::new(decoder);
+        let mut buf = vec![0u8; 1 << 20];
         for entry in archive.entries().map_err(|e| format!("tar: {e}"))? {
             let mut entry = entry.map_err(|e| format!("tar: {e}"))?;
             let raw = entry.path_bytes().into_owned();
@@ -1043,10 +1091,27 @@ fn unpack_stream(
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|e| format!("creating {}: {e}", path.display()))?;
-            let copied = std::io::copy(&mut (&mut entry).take(listed.size), &mut out)
-                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            let mut digest = StreamDigest::new(manifest.digest_algorithm);
+            let mut copied = 0u64;
+            loop {
+                let n = read_full(&mut entry, &mut buf).map_err(|e| format!("entry {name:?}: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                digest.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                copied += n as u64;
+            }
             if copied != listed.size {
                 return Err(format!("entry {name:?} ends after {copied} bytes"));
+            }
+            let got = digest.finish();
+            if !got.eq_ignore_ascii_case(&listed.digest) {
+                return Err(format!(
+                    "entry {name:?} has digest {got}, the manifest lists {}",
+                    listed.digest
+                ));
             }
         }
         // What follows the archive's end inside the zstd frame is read and dropped.
@@ -1242,6 +1307,17 @@ mod tests {
         )
         .expect_err("must be refused")
         .contains("not a regular file"));
+        // The listed size, other bytes: refused by the file's digest as it is written.
+        let err = run(
+            layer(&[("containers/web/a", b"abd", tar::EntryType::Regular)]),
+            "containers/web",
+            &files,
+        )
+        .expect_err("must be refused");
+        assert!(
+            err.contains("has digest") && err.contains("the manifest lists"),
+            "{err}"
+        );
         // A blob that is not what its descriptor says.
         let staging = tempfile::tempdir().expect("tempdir");
         let m = test_manifest(files.clone());

@@ -111,6 +111,8 @@ pub struct RestoredPod {
     /// Containers that had completed (init containers): created and answered with their
     /// recorded exit by the shim, not run again.
     pub not_rerun: Vec<String>,
+    /// Images that were missing on this node and pulled by the digest the checkpoint pinned.
+    pub images_pulled: Vec<String>,
     /// (name, new container id) of those completed containers.
     pub completed: Vec<(String, String)>,
     /// (name, new container id) of containers that were created but never started at the
@@ -174,8 +176,8 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
     }
     let clients = crate::cri::connect(&request.runtime_endpoint).await?;
     let driver = cgroup_driver(&clients).await;
-    let plan = plan(request, &dir, manifest, driver)?;
-    check_images(&clients, &plan, &refused).await?;
+    let mut plan = plan(request, &dir, manifest, driver)?;
+    let images_pulled = check_images(&clients, &mut plan, &refused, progress).await?;
 
     let mut undo = Undo::default();
     let (checkpoint, imported) = match name_in_root(&dir, &request.checkpoint_root) {
@@ -231,6 +233,7 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
             imported,
             containers,
             not_rerun: completed.iter().map(|(name, _)| name.clone()).collect(),
+            images_pulled,
             completed,
             left_created,
             pod_dir: plan.pod.pod_dir,
@@ -303,7 +306,7 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
     let mut specs: Vec<(&ContainerEntry, Spec, Then)> = Vec::new();
     for entry in manifest.restore_order() {
         if entry.role == Role::Sandbox {
-            sandbox = Some(load_spec(dir, &entry.dir())?);
+            sandbox = Some(load_spec(dir, &manifest, entry)?);
             continue;
         }
         let then = match entry.state {
@@ -318,7 +321,7 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
             ContainerState::Stopped => Then::Exited(entry.exit_code.unwrap_or(u32::MAX)),
             ContainerState::Created => Then::LeaveCreated,
         };
-        specs.push((entry, load_spec(dir, &entry.dir())?, then));
+        specs.push((entry, load_spec(dir, &manifest, entry)?, then));
     }
     if !specs.iter().any(|(_, _, then)| *then == Then::Restore) {
         return Err(Error::Refused(format!(
@@ -352,8 +355,8 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
     })
 }
 
-fn load_spec(dir: &Path, container_dir: &Path) -> Result<Spec> {
-    let path = dir.join(container_dir).join("config.json");
+fn load_spec(dir: &Path, manifest: &Manifest, entry: &ContainerEntry) -> Result<Spec> {
+    let path = dir.join(entry.file(manifest.part_names().spec));
     let meta = std::fs::metadata(&path).map_err(Error::io("read a saved container spec", &path))?;
     if meta.len() > MAX_SPEC_BYTES {
         return Err(Error::Refused(format!(
@@ -366,38 +369,77 @@ fn load_spec(dir: &Path, container_dir: &Path) -> Result<Spec> {
         .map_err(|e| Error::Refused(format!("{} is not an OCI runtime spec: {e}", path.display())))
 }
 
-/// Every image must be on the node already (the restore pulls nothing), with the image id the
-/// checkpoint recorded for its container.
-async fn check_images(clients: &CriClients, plan: &Plan, refused: &dyn Fn(Violation) -> Error) -> Result<()> {
-    let images: BTreeSet<&str> = plan.containers.iter().map(|(c, _, _)| c.image.as_str()).collect();
+/// Every image must be on the node with the image id the checkpoint recorded for its container.
+/// An image missing here is pulled by the digest the checkpoint pinned (never by its tag, which
+/// may have moved since), and the restored container runs that exact image. Returns what was
+/// pulled.
+async fn check_images(
+    clients: &CriClients,
+    plan: &mut Plan,
+    refused: &dyn Fn(Violation) -> Error,
+    progress: &dyn Progress,
+) -> Result<Vec<String>> {
+    let images: BTreeSet<String> = plan.containers.iter().map(|(c, _, _)| c.image.clone()).collect();
+    let mut pulled = Vec::new();
     for image in images {
-        let status = clients
-            .image
-            .clone()
-            .image_status(cri::ImageStatusRequest {
-                image: Some(cri::ImageSpec {
-                    image: image.to_owned(),
-                    ..Default::default()
-                }),
-                verbose: false,
-            })
-            .await
-            .map_err(Error::cri(format!("ImageStatus {image}")))?
-            .into_inner();
-        let users = plan.containers.iter().filter(|(c, _, _)| c.image == image);
-        let Some(found) = status.image else {
-            let names: Vec<&str> = users.map(|(c, _, _)| c.name.as_str()).collect();
-            return Err(Error::Refused(format!(
-                "image {image} (container {}) is not on this node: pull it first",
-                names.join(", ")
-            )));
+        let users: Vec<&ContainerPlan> = plan
+            .containers
+            .iter()
+            .filter(|(c, _, _)| c.image == image)
+            .map(|(c, _, _)| c)
+            .collect();
+        let names = users
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let found = match image_status(clients, &image).await? {
+            Some(found) => found,
+            None => {
+                let pinned = pinned_digest(&plan.manifest, &users, &image, &names)?;
+                progress.step(&format!(
+                    "pulling image {pinned} (container {names}: {image} is not on this node)"
+                ));
+                clients
+                    .image
+                    .clone()
+                    .pull_image(cri::PullImageRequest {
+                        image: Some(image_spec(&pinned)),
+                        auth: None,
+                        sandbox_config: None,
+                    })
+                    .await
+                    .map_err(|e| {
+                        Error::Refused(format!(
+                            "image {image} (container {names}) is not on this node and pulling \
+                             {pinned} failed: {}",
+                            e.message()
+                        ))
+                    })?;
+                let found = image_status(clients, &pinned).await?.ok_or_else(|| {
+                    Error::Refused(format!("image {pinned} is not on this node after its pull"))
+                })?;
+                for (c, _, _) in plan.containers.iter_mut().filter(|(c, _, _)| c.image == image) {
+                    // kubelet's way: the resolved reference to run, the name the pod asked for.
+                    if let Some(spec) = c.config.image.as_mut() {
+                        spec.image = pinned.clone();
+                        spec.user_specified_image = image.clone();
+                    }
+                }
+                pulled.push(pinned);
+                found
+            }
         };
-        for (c, _, _) in users.filter(|(_, then, _)| *then == Then::Restore) {
+        for (c, _, _) in plan
+            .containers
+            .iter()
+            .filter(|(c, then, _)| c.image == image && *then == Then::Restore)
+        {
             let Some(entry) = plan.manifest.container(&c.name) else {
                 continue;
             };
             let new = NewImage {
-                name: Some(image),
+                name: Some(&image),
                 id: Some(&found.id),
                 layers: None,
                 same_node: false,
@@ -405,7 +447,66 @@ async fn check_images(clients: &CriClients, plan: &Plan, refused: &dyn Fn(Violat
             policy::check_image(entry, &new).map_err(refused)?;
         }
     }
-    Ok(())
+    Ok(pulled)
+}
+
+fn image_spec(image: &str) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    }
+}
+
+async fn image_status(clients: &CriClients, image: &str) -> Result<Option<cri::Image>> {
+    Ok(clients
+        .image
+        .clone()
+        .image_status(cri::ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: false,
+        })
+        .await
+        .map_err(Error::cri(format!("ImageStatus {image}")))?
+        .into_inner()
+        .image)
+}
+
+/// The digest the checkpoint pinned `image` to, for a pull: one for all its containers, of
+/// the image's own repository (a checkpoint cannot make a node pull another repository's image
+/// under this name).
+fn pinned_digest(manifest: &Manifest, users: &[&ContainerPlan], image: &str, names: &str) -> Result<String> {
+    let pins: BTreeSet<&str> = users
+        .iter()
+        .filter_map(|c| manifest.container(&c.name))
+        .filter_map(|e| e.image_digest.as_deref())
+        .collect();
+    let pinned = match pins.into_iter().collect::<Vec<_>>().as_slice() {
+        [] => {
+            return Err(Error::Refused(format!(
+                "image {image} (container {names}) is not on this node and the checkpoint does \
+                 not pin it by digest (it was never pulled from a registry on the node that took \
+                 it): pull it first"
+            )))
+        }
+        [one] => (*one).to_owned(),
+        many => {
+            return Err(Error::Refused(format!(
+                "image {image} (container {names}) is not on this node and the checkpoint pins \
+                 it to several digests: {}",
+                many.join(", ")
+            )))
+        }
+    };
+    let well_formed = pinned
+        .split_once("@sha256:")
+        .is_some_and(|(_, hex)| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed || policy::image_repository(&pinned) != policy::image_repository(image) {
+        return Err(Error::Refused(format!(
+            "the checkpoint pins image {image} (container {names}) to {pinned:?}, which is not a \
+             digest of that repository"
+        )));
+    }
+    Ok(pinned)
 }
 
 /// (name, container id) pairs.

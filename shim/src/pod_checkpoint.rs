@@ -201,6 +201,7 @@ pub fn pod_target(c: &Container) -> Target {
             },
             image: c.identity.image.clone(),
             image_id: None,
+            image_digest: None,
             rootfs_layers: c.rootfs_layers.clone(),
             created_order: c.created_order,
             started_order: *lock(&c.started_order),

@@ -38,7 +38,9 @@ use podsnap_checkpoint::config::{NodeConfig, RESTORE_ANNOTATION};
 use podsnap_checkpoint::container::DumpOptions;
 use podsnap_checkpoint::dump::empty_dir_name;
 use podsnap_checkpoint::lease::{self, Holder, Lease, LEASE_DIR};
-use podsnap_checkpoint::manifest::{read_capped, Manifest, CPUINFO, MAX_JSON_BYTES};
+use podsnap_checkpoint::manifest::{
+    read_capped, Manifest, CPUINFO, MAX_JSON_BYTES, ROOTFS_DELETED, ROOTFS_DIFF,
+};
 use podsnap_checkpoint::policy::{self, NewImage, Violation};
 use podsnap_checkpoint::ContainerState;
 use podsnap_runtime::bundle::PodIdentity;
@@ -289,7 +291,8 @@ impl Restores {
                 && snapshot_root(&entry.rootfs_layers) == snapshot_root(new.layers),
         };
         policy::check_image(entry, &image).map_err(refused)?;
-        let spec_file = dir.join(entry.file("config.json"));
+        let names = manifest.part_names();
+        let spec_file = dir.join(entry.file(names.spec));
         let old: Spec = read_capped(&spec_file, MAX_JSON_BYTES)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -298,13 +301,13 @@ impl Restores {
             })?;
         policy::check_privilege(&cname, &old, new.spec).map_err(refused)?;
 
-        let image_dir = dir.join(entry.dir()).join("criu");
+        let image_dir = dir.join(entry.dir()).join(names.images);
         let mut options = podsnap_checkpoint::container::inspect(&image_dir)?;
         // Connections are always captured and restored: those to outside the pod are closed
         // after the last container's restore unless the dump asked to keep them.
         options.tcp_established = true;
         self.hold_network(new.spec, manifest).await?;
-        let (tar, del) = (entry.file("rootfs-diff.tar"), entry.file("rootfs-deleted.json"));
+        let (tar, del) = (entry.file(ROOTFS_DIFF), entry.file(ROOTFS_DELETED));
         let rootfs_changes =
             (manifest.lists(&tar) && manifest.lists(&del)).then(|| (dir.join(tar), dir.join(del)));
         let mut volumes = Vec::new();

@@ -6,6 +6,11 @@
 //! memory; both contenders see the same bytes). Each part (container, volume, the rest) is
 //! compressed by both, alternating who goes first, several rounds; throughput is input bytes per
 //! second; ratio is input / output.
+//!
+//! Two checkpoints: the workload's `mixed` ballast (a quarter each of one-byte pages, random
+//! bytes, text and pointer-like words: closer to a real heap) is the one that says something;
+//! the `uniform` ballast (every page one byte value) is degenerate, a few hundred KiB out of
+//! 768 MiB, where per-frame overheads decide the ratio.
 
 mod common;
 
@@ -24,8 +29,14 @@ fn main() {
     let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
     options.podsnap_shim = true;
     let node = Node::start(options);
-    let name = node.unique("zstd");
-    let pod = kubelet::run_pod(&node, &PodOptions::new(&name, "podsnap")).expect("RunPodSandbox");
+    for content in ["mixed", "uniform"] {
+        measure(&node, content, rounds);
+    }
+}
+
+fn measure(node: &Node, content: &str, rounds: usize) {
+    let name = node.unique(&format!("zstd-{content}"));
+    let pod = kubelet::run_pod(node, &PodOptions::new(&name, "podsnap")).expect("RunPodSandbox");
     for (cname, port) in [("one", 8081u16), ("two", 8082), ("three", 8083)] {
         let port_s = port.to_string();
         let spec = ContainerSpec::workload(
@@ -38,12 +49,14 @@ fn main() {
                 &port_s,
                 "--ballast-mib",
                 "256",
+                "--ballast-content",
+                content,
             ],
         );
-        kubelet::run_container(&node, &pod, &spec).expect("a container");
+        kubelet::run_container(node, &pod, &spec).expect("a container");
         kubelet::wait_answering(&pod.ip, port, Duration::from_secs(60)).expect("answers");
     }
-    let dir = node.files().checkpoints().join("compression");
+    let dir = node.files().checkpoints().join(&name);
     let mut request = podsnap_coordinator::dump::DumpRequest::new("default", &name);
     request.runtime_endpoint = node.endpoint();
     request.address = node.address();
@@ -58,6 +71,7 @@ fn main() {
             &podsnap_coordinator::progress::Quiet,
         ))
         .expect("the pod checkpoint");
+    kubelet::remove_pod(node, &pod).expect("the pod removed once dumped");
     let manifest = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
     let parts = podsnap_coordinator::oci::parts(&manifest);
     let input: u64 = manifest.files.values().map(|f| f.size).sum();
@@ -104,8 +118,8 @@ fn main() {
     }
     println!();
     println!(
-        "### Compressing a 3 x 256 MiB pod checkpoint ({:.0} MiB in {} parts), zstd level {LEVEL}, \
-         {threads} threads (median of {rounds}, min-max)",
+        "### Compressing a 3 x 256 MiB pod checkpoint, {content} ballast ({:.0} MiB in {} parts), \
+         zstd level {LEVEL}, {threads} threads (median of {rounds}, min-max)",
         input as f64 / (1024.0 * 1024.0),
         parts.len()
     );
@@ -131,6 +145,7 @@ fn main() {
             ],
         ],
     );
+    std::fs::remove_dir_all(&dir).expect("the checkpoint removed");
 }
 
 /// `tar -c FILES | zstd -T<threads> -<LEVEL> -c`, counting the compressed bytes.

@@ -11,6 +11,7 @@
 //!
 //! A missing prerequisite is a test failure with a message saying what to install, never a skip.
 
+pub mod checkpoint_image;
 pub mod command;
 pub mod containerd_api;
 pub mod cri;
@@ -20,6 +21,7 @@ pub mod images;
 pub mod kubelet;
 pub mod node;
 pub mod prereq;
+pub mod registry;
 pub mod runc_v2;
 pub mod serial;
 

@@ -11,6 +11,7 @@
 //! cni/net.d/           the conflist (a bridge and a subnet of this instance)
 //! cni/ipam/            host-local's allocations
 //! certs.d/_default/    registry hosts: every pull goes to 127.0.0.1:9 and fails at once
+//!                      (a test's own local registry is added beside it: `allow_registry`)
 //! kubelet/             pod directories and logs, laid out like kubelet's
 //! checkpoints/         the checkpoint root (containerd's and the shim's PODSNAP_CHECKPOINT_ROOT)
 //! images/              the image archives imported into `k8s.io` and `default`
@@ -537,6 +538,20 @@ state = '{dir}/state'
         let path = self.files.podsnap_config();
         std::fs::write(&path, toml)?;
         podsnap_checkpoint::config::NodeConfig::read(&path).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Lets CRI pulls reach the registry at `host` (`127.0.0.1:PORT`, plain HTTP): every other
+    /// registry stays unreachable.
+    pub fn allow_registry(&self, host: &str) -> Result<()> {
+        let dir = self.files.dir.join("certs.d").join(host);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )?;
+        Ok(())
     }
 
     /// This instance's short name (`<pid>-<n>`), unique on the host.

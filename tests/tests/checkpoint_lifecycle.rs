@@ -180,12 +180,12 @@ fn a_restore_from_outside_the_root_links_it_in_and_leaves_the_root_as_it_was() {
     // Refused before anything is made (a listed file is missing): nothing brought in.
     let missing = outside.join("missing");
     copy_checkpoint(&source, &missing);
-    std::fs::remove_file(missing.join("containers/app/config.json")).expect("rm");
+    std::fs::remove_file(missing.join("containers/app/spec.dump")).expect("rm");
     let err = restore(&node, &restore_request(&node, &missing))
         .map(|p| p.id)
         .expect_err("a checkpoint missing a file")
         .to_string();
-    assert!(err.contains("containers/app/config.json"), "{err}");
+    assert!(err.contains("containers/app/spec.dump"), "{err}");
     assert_eq!(
         names_in(&root),
         root_before,
@@ -195,15 +195,15 @@ fn a_restore_from_outside_the_root_links_it_in_and_leaves_the_root_as_it_was() {
     // Brought in, then refused by the shim (a damaged image): removed with the rest.
     let damaged = outside.join("damaged");
     copy_checkpoint(&source, &damaged);
-    let victim = files_of(&damaged.join("containers/app/criu"))
+    let victim = files_of(&damaged.join("containers/app/checkpoint"))
         .into_keys()
         .max_by_key(|rel| {
-            std::fs::metadata(damaged.join("containers/app/criu").join(rel))
+            std::fs::metadata(damaged.join("containers/app/checkpoint").join(rel))
                 .map(|m| m.len())
                 .unwrap_or(0)
         })
         .expect("a CRIU image");
-    let path = damaged.join("containers/app/criu").join(victim);
+    let path = damaged.join("containers/app/checkpoint").join(victim);
     let mut bytes = std::fs::read(&path).expect("read");
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;

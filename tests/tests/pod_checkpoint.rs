@@ -55,6 +55,7 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
         "{summary:?}"
     );
     assert!(summary.restore_name.is_some());
+    kep_2008_archive_is_read_by_checkpointctl(&summary.dir, "app", &pod.app_id);
 
     // --leave-running (the default): the pod goes on.
     let after_dump = ask_count(&pod.pod.ip, APP_PORT);
@@ -112,6 +113,53 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     .expect("a checkpoint of the restored pod");
     assert_eq!(again.summary.dumped, ["sidecar", "app"]);
     assert_eq!(again.summary.recorded, [("init".to_owned(), Some(0))]);
+}
+
+/// A container part of the pod checkpoint, tarred as it is, is a KEP-2008 container checkpoint
+/// archive: `checkpointctl show` names the container, its image and id; `inspect --ps-tree`
+/// reads the process tree from the CRIU images.
+fn kep_2008_archive_is_read_by_checkpointctl(checkpoint: &std::path::Path, name: &str, id: &str) {
+    let t = tempfile::tempdir().expect("tempdir");
+    let archive = t.path().join(format!("{name}.tar"));
+    let part = checkpoint.join("containers").join(name);
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&part)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(status.success(), "tar of {}", part.display());
+    let checkpointctl = |args: &[&str]| {
+        let out = Command::new("checkpointctl")
+            .args(args)
+            .arg(&archive)
+            .output()
+            .expect("checkpointctl (packaging/install-deps.sh installs it)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "checkpointctl {args:?}: {text}");
+        text
+    };
+    let shown = checkpointctl(&["show"]);
+    let row = shown
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no row for {name} in:\n{shown}"));
+    for want in [
+        podsnap_tests::WORKLOAD_IMAGE,
+        &id[..12],
+        "io.containerd.podsnap.v1",
+        "containerd",
+    ] {
+        assert!(row.contains(want), "{want:?} missing in {row:?}\n{shown}");
+    }
+    let tree = checkpointctl(&["inspect", "--ps-tree"]);
+    assert!(tree.contains("podsnap-workloa"), "the app's process in:\n{tree}");
 }
 
 fn ask_count(ip: &str, port: u16) -> u64 {

@@ -270,7 +270,7 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
 
     let flipped = outside.join("flipped");
     copy_tree(&good, &flipped);
-    let victim = largest_file(&flipped, "containers/app/criu");
+    let victim = largest_file(&flipped, "containers/app/checkpoint");
     let mut bytes = std::fs::read(flipped.join(&victim)).expect("read");
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
@@ -278,7 +278,7 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
 
     let missing = outside.join("missing");
     copy_tree(&good, &missing);
-    let gone = largest_file(&missing, "containers/sidecar/criu");
+    let gone = largest_file(&missing, "containers/sidecar/checkpoint");
     std::fs::remove_file(missing.join(&gone)).expect("rm");
 
     let future = outside.join("future");
@@ -289,7 +289,7 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
 
     let no_image = outside.join("no-image");
     copy_tree(&good, &no_image);
-    let spec_rel = "containers/app/config.json";
+    let spec_rel = "containers/app/spec.dump";
     let mut spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(no_image.join(spec_rel)).expect("read")).expect("JSON");
     spec["annotations"]["io.kubernetes.cri.image-name"] = serde_json::json!("localhost/podsnap/missing:1");
@@ -298,7 +298,7 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
 
     let unlisted = outside.join("unlisted");
     copy_tree(&good, &unlisted);
-    std::fs::write(unlisted.join("containers/app/criu/extra.img"), b"x").expect("write");
+    std::fs::write(unlisted.join("containers/app/checkpoint/extra.img"), b"x").expect("write");
 
     // The CLI checks structure, policy and images up front; the digests are verified once per
     // restore, by the shim when the sandbox is created, and the CLI then removes what it made.
@@ -307,7 +307,11 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
         (&missing, gone.as_str(), true),
         (&future, newer_refused.as_str(), true),
         (&no_image, "localhost/podsnap/missing:1", true),
-        (&unlisted, "containers/app/criu/extra.img is not listed", true),
+        (
+            &unlisted,
+            "containers/app/checkpoint/extra.img is not listed",
+            true,
+        ),
     ] {
         let err = restore(&node, &restore_request(&node, dir))
             .map(|p| p.id)
@@ -359,11 +363,11 @@ fn a_restore_failing_half_way_removes_what_it_made() {
     // checkpoint, the sidecar is restored, then the app's restore fails at StartContainer.
     let broken = node.dir().join("outside/broken");
     copy_tree(&good, &broken);
-    let core = names_in(&broken.join("containers/app/criu"))
+    let core = names_in(&broken.join("containers/app/checkpoint"))
         .into_iter()
         .find(|n| n.starts_with("core-"))
         .expect("a CRIU core image");
-    let rel = format!("containers/app/criu/{core}");
+    let rel = format!("containers/app/checkpoint/{core}");
     std::fs::remove_file(broken.join(&rel)).expect("rm");
     edit_manifest(&broken, |m| {
         m["files"].as_object_mut().expect("files").remove(&rel);

@@ -17,113 +17,20 @@ mod pod_checkpoint_support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
 use podsnap_tests::kubelet::{
     ask, run_container, run_pod, run_three_container_pod, wait_answering, PodOptions, APP_PORT, SIDECAR_PORT,
 };
+use podsnap_tests::registry::Registry;
 use podsnap_tests::{start_node, HANDLER};
 use sha2::{Digest, Sha256};
-
-const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
-
-/// A `docker-registry serve` of our own: killed (by its pid) and its directory removed on drop,
-/// whether the test passed or not.
-struct Registry {
-    child: Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        assert!(
-            Path::new(REGISTRY_BIN).is_file(),
-            "{REGISTRY_BIN} is missing: install Debian's docker-registry (packaging/install-deps.sh does)"
-        );
-        let dir = tempfile::tempdir().expect("a registry directory");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    \
-                 rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("storage").display()
-            ),
-        )
-        .expect("registry config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
-        let child = Command::new(REGISTRY_BIN)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("starting docker-registry");
-        let registry = Registry { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut answer = String::new();
-                let _ = s.read_to_string(&mut answer);
-                if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
-                    return registry;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not answer on 127.0.0.1:{port}: {}",
-                registry.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// Blob uploads the registry has seen (each starts with a POST to `.../blobs/uploads/`).
-    fn uploads(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("\"POST /v2/") && l.contains("/blobs/uploads/"))
-            .count()
-    }
-
-    fn blob(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Relative path -> (SHA-256, mode) of each regular file.
 type Files = BTreeMap<String, (String, u32)>;
@@ -178,29 +85,7 @@ impl Setup {
 
     /// An ed25519 key pair made with openssl, as the README says: (private, public).
     fn key_pair(&self, name: &str) -> (PathBuf, PathBuf) {
-        let private = self.dir.path().join(format!("{name}.pem"));
-        let public = self.dir.path().join(format!("{name}.pub"));
-        for args in [
-            vec![
-                "genpkey",
-                "-algorithm",
-                "ed25519",
-                "-out",
-                private.to_str().expect("utf8"),
-            ],
-            vec![
-                "pkey",
-                "-in",
-                private.to_str().expect("utf8"),
-                "-pubout",
-                "-out",
-                public.to_str().expect("utf8"),
-            ],
-        ] {
-            let status = Command::new("openssl").args(&args).status().expect("openssl");
-            assert!(status.success(), "openssl {args:?}");
-        }
-        (private, public)
+        podsnap_tests::registry::key_pair(self.dir.path(), name)
     }
 
     fn config(&self, name: &str, text: &str) -> PathBuf {
@@ -219,6 +104,19 @@ impl Setup {
             .env("PODSNAP_CONFIG", config)
             .env_remove("PODSNAP_CHECKPOINT_ROOT")
             .env("DOCKER_CONFIG", self.dir.path().join("docker"))
+            .output()
+            .expect("running podsnap")
+    }
+
+    /// `podsnap ARGS` against `node` (its CRI and containerd sockets and checkpoint root).
+    fn podsnap_on(&self, config: &Path, node: &podsnap_tests::node::Node, args: &[&str]) -> Output {
+        Command::new(&self.binary)
+            .args(args)
+            .env("PODSNAP_CONFIG", config)
+            .env("DOCKER_CONFIG", self.dir.path().join("docker"))
+            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
+            .env("CONTAINERD_ADDRESS", node.address())
+            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
             .output()
             .expect("running podsnap")
     }
@@ -493,17 +391,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
         ),
     );
     let reference = format!("{}/moves/{name}:v1", registry.host());
-    let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| {
-        Command::new(&setup.binary)
-            .args(args)
-            .env("PODSNAP_CONFIG", &config)
-            .env("DOCKER_CONFIG", setup.dir.path().join("docker"))
-            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
-            .env("CONTAINERD_ADDRESS", node.address())
-            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
-            .output()
-            .expect("running podsnap")
-    };
+    let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| setup.podsnap_on(&config, node, args);
     let out = podsnap(
         &node_a,
         &[
@@ -651,5 +539,171 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     assert!(
         count(SIDECAR_PORT) >= before.sidecar,
         "the sidecar's counter goes on"
+    );
+}
+
+/// A container image the target node does not have is pulled by the digest the checkpoint
+/// pinned, not by its tag: node A pulls the app's image from the registry through CRI (as
+/// kubelet does, so that CRI knows its repo digest), runs it and moves the pod with
+/// `podsnap dump --stop --push`; node B, which never had the image, pulls
+/// `REPO@sha256:...` during `podsnap restore --from`, and the app's counter goes on. The tag
+/// is then pointed at another image in the registry: the restore still gets the pinned one.
+#[test]
+fn a_container_image_missing_on_the_target_is_pulled_by_its_digest() {
+    let workload =
+        || podsnap_tests::node::NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+    let (node_a, node_b) = podsnap_tests::node::Node::start_pair(workload(), workload());
+    let setup = Setup::new();
+    let registry = Registry::start();
+    let image = format!("{}/images/workload:1", registry.host());
+    for node in [&node_a, &node_b] {
+        node.allow_registry(&registry.host())
+            .expect("the registry reachable");
+    }
+    // Into the registry from node A's content store, then A's copy is dropped and pulled back
+    // through CRI: the image now has a repo digest, as any image pulled by kubelet has.
+    let ctr = |node: &podsnap_tests::node::Node, args: &[&str]| {
+        node.ctr()
+            .run("k8s.io", args)
+            .unwrap_or_else(|e| panic!("ctr {args:?}: {e}"));
+    };
+    ctr(&node_a, &["images", "tag", podsnap_tests::WORKLOAD_IMAGE, &image]);
+    ctr(&node_a, &["images", "push", "--plain-http", &image]);
+    ctr(&node_a, &["images", "rm", &image]);
+    let pull = |node: &podsnap_tests::node::Node, reference: &str| {
+        node.cri()
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: reference.to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("CRI PullImage {reference}: {e}"))
+    };
+    pull(&node_a, &image);
+    let status = |node: &podsnap_tests::node::Node, reference: &str| {
+        node.cri()
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: reference.to_owned(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .expect("ImageStatus")
+            .image
+    };
+    let on_a = status(&node_a, &image).expect("the image on node A");
+    let pinned = on_a
+        .repo_digests
+        .iter()
+        .find(|d| d.starts_with(&format!("{}/images/workload@sha256:", registry.host())))
+        .unwrap_or_else(|| panic!("a repo digest of {image}: {:?}", on_a.repo_digests))
+        .clone();
+    assert!(status(&node_b, &image).is_none(), "node B does not have {image}");
+
+    let name = node_a.unique("pin");
+    let pod = run_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod");
+    let mut app = podsnap_tests::kubelet::ContainerSpec::workload(
+        "app",
+        &["serve", "--name", "app", "--port", &APP_PORT.to_string()],
+    );
+    app.image = image.clone();
+    run_container(&node_a, &pod, &app).expect("the app on the registry's image");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(30)).expect("the app answers");
+    let count = |ip: &str| {
+        ask(ip, APP_PORT, "count")
+            .expect("count")
+            .parse::<u64>()
+            .expect("a number")
+    };
+    let before = count(&pod.ip);
+
+    let (signing, trusted) = setup.key_pair("node");
+    let config = setup.config(
+        "node",
+        &format!(
+            "[registry]\nallowed = [\"{}\"]\nsigning_key = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+            registry.host(),
+            signing.display(),
+            trusted.display()
+        ),
+    );
+    let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| setup.podsnap_on(&config, node, args);
+    let reference = format!("{}/moves/{name}:v1", registry.host());
+    let out = podsnap(
+        &node_a,
+        &[
+            "dump",
+            "--stop",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--push",
+            &reference,
+        ],
+    );
+    assert!(out.status.success(), "dump --push: {}", text(&out));
+    podsnap_tests::kubelet::remove_pod(&node_a, &pod).expect("the original pod removed");
+
+    // The tag moves on in the registry: an image the checkpoint was not taken on.
+    ctr(&node_a, &["images", "tag", podsnap_tests::PAUSE_IMAGE, &image]);
+    ctr(&node_a, &["images", "push", "--plain-http", &image]);
+
+    let pods = pods_dir(&node_b);
+    let logs = logs_dir(&node_b);
+    let out = podsnap(
+        &node_b,
+        &[
+            "restore",
+            "--from",
+            &reference,
+            "--pods-dir",
+            pods.to_str().expect("utf8"),
+            "--logs-dir",
+            logs.to_str().expect("utf8"),
+        ],
+    );
+    assert!(out.status.success(), "restore --from: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains(&format!("image pulled {pinned} (it was not on this node)")),
+        "{}",
+        text(&out)
+    );
+    let field = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {key:?} in {stdout}"))
+    };
+    let (ip, id) = (field("ip "), field("id "));
+    let uid = field("pod ")
+        .rsplit_once("(uid ")
+        .and_then(|(_, u)| u.strip_suffix(')'))
+        .expect("the new pod's uid")
+        .to_owned();
+    let netns = node_b.cri().pod_netns(&id).ok().flatten();
+    node_b
+        .record_pod(&uid, netns.as_deref())
+        .expect("record the restored pod");
+    wait_answering(&ip, APP_PORT, Duration::from_secs(20)).expect("the restored app answers");
+    assert!(count(&ip) >= before, "the app's counter goes on");
+    let on_b = status(&node_b, &pinned).expect("the pinned image on node B");
+    assert_eq!(
+        on_b.id, on_a.id,
+        "node B runs the image the checkpoint was taken on"
+    );
+    let restored = container_named(&node_b, &id, "app");
+    assert_eq!(
+        restored.image_ref, on_a.id,
+        "the restored container runs the pinned image"
+    );
+    assert_eq!(
+        restored.image.map(|i| i.user_specified_image).unwrap_or_default(),
+        image,
+        "the pod still names the image by its tag, as it asked"
     );
 }

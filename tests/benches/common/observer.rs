@@ -102,9 +102,22 @@ impl Seen {
 #[derive(Debug, Clone, Default)]
 pub struct Windows {
     pub containers: Vec<Seen>,
+    /// When the observer took its first sample (the origin of every `Seen` time).
+    pub began: Option<Instant>,
 }
 
 impl Windows {
+    /// The instant of the first sample that found any container stopped.
+    pub fn first_stop(&self) -> Option<Instant> {
+        let first = self
+            .containers
+            .iter()
+            .filter_map(|c| c.first)
+            .fold(f64::INFINITY, f64::min);
+        let began = self.began?;
+        first.is_finite().then(|| began + Duration::from_secs_f64(first))
+    }
+
     /// From the first container stopped to the last one running again: the span during which
     /// some container of the pod was frozen.
     pub fn pod(&self) -> f64 {
@@ -186,7 +199,10 @@ impl Observer {
                     s.last = Some(began.elapsed().as_secs_f64());
                 }
             }
-            Windows { containers: seen }
+            Windows {
+                containers: seen,
+                began: Some(began),
+            }
         });
         // Let it take its first sample.
         std::thread::sleep(Duration::from_millis(5));

@@ -29,7 +29,9 @@
 //!   Checkpoint/restore probes (all off by default): `--hold-file PATH` opens PATH with
 //!   O_APPEND at start, keeps it open and appends a line every tick; `--loopback-pairs N` makes
 //!   N TCP connections to its own listener over 127.0.0.1 at start and keeps both ends;
-//!   `--ballast-mib N` allocates N MiB and writes every page; `--ipc-probe KEY` makes a SysV
+//!   `--ballast-mib N` allocates N MiB and writes every page (`--ballast-content uniform`: one
+//!   byte value per page; `mixed`: a quarter each of such pages, random bytes, text and
+//!   pointer-like words, closer to a real heap for compression); `--ipc-probe KEY` makes a SysV
 //!   segment (key KEY, kept attached), a semaphore set (KEY+1) and a queue of two messages
 //!   (KEY+2), and a `/dev/shm/probe-KEY` file kept mapped (not open); `--unix-listen PATH`
 //!   also answers the line protocol on a unix socket bound at PATH.
@@ -60,6 +62,7 @@ const USAGE: &str = "usage:
   podsnap-workload pause
   podsnap-workload serve --name N --port P [--volume DIR] [--interval-ms 100] [--log-every 10]
                          [--hold-file PATH] [--loopback-pairs N] [--ballast-mib N]
+                         [--ballast-content uniform|mixed]
                          [--ipc-probe KEY] [--unix-listen PATH]
   podsnap-workload init --marker FILE
   podsnap-workload client HOST:PORT CMD...";
@@ -226,6 +229,7 @@ struct ServeOptions {
     hold_file: Option<PathBuf>,
     loopback_pairs: usize,
     ballast_mib: usize,
+    ballast_mixed: bool,
     ipc_probe: Option<libc::key_t>,
     unix_listen: Option<PathBuf>,
 }
@@ -243,6 +247,7 @@ impl ServeOptions {
                 "--hold-file",
                 "--loopback-pairs",
                 "--ballast-mib",
+                "--ballast-content",
                 "--ipc-probe",
                 "--unix-listen",
             ],
@@ -273,6 +278,11 @@ impl ServeOptions {
             hold_file: flags.get("--hold-file").map(PathBuf::from),
             loopback_pairs: count_flag(&flags, "--loopback-pairs")?,
             ballast_mib: count_flag(&flags, "--ballast-mib")?,
+            ballast_mixed: match flags.get("--ballast-content").map(String::as_str) {
+                None | Some("uniform") => false,
+                Some("mixed") => true,
+                Some(other) => return Err(format!("--ballast-content: {other:?} is not uniform or mixed")),
+            },
             ipc_probe: flags.get("--ipc-probe").map(|k| parse_key(k)).transpose()?,
             unix_listen: flags.get("--unix-listen").map(PathBuf::from),
         })
@@ -382,6 +392,7 @@ struct Probes {
     held: Option<(std::fs::File, PathBuf)>,
     pairs: Vec<LoopbackPair>,
     ballast: Vec<u8>,
+    ballast_mixed: bool,
     ipc: Option<IpcProbe>,
     /// A kept connection to another server (`peer-connect`), and how often it was checked.
     peer: Option<(Stream, &'static str, u64)>,
@@ -588,9 +599,10 @@ impl Probes {
         let bytes = options.ballast_mib * 1024 * 1024;
         let mut ballast = vec![0u8; bytes];
         for (index, page) in ballast.chunks_mut(PAGE).enumerate() {
-            page.fill(page_byte(index));
+            fill_page(page, index, options.ballast_mixed);
         }
         probes.ballast = ballast;
+        probes.ballast_mixed = options.ballast_mixed;
         if let Some(key) = options.ipc_probe {
             probes.ipc = Some(IpcProbe::make(key)?);
         }
@@ -735,12 +747,14 @@ impl Probes {
     /// `ballast-sum`: checks every page still holds what was written, and sums them.
     fn ballast_sum(&self) -> Result<String, String> {
         let mut sum: u64 = 0;
+        let mut want = vec![0u8; PAGE];
         for (index, page) in self.ballast.chunks(PAGE).enumerate() {
-            let want = page_byte(index);
-            if page[0] != want || page[page.len() - 1] != want {
+            let want = &mut want[..page.len()];
+            fill_page(want, index, self.ballast_mixed);
+            if page != want {
                 return Err(format!("ballast page {index} changed"));
             }
-            sum = sum.wrapping_add(u64::from(want));
+            sum = sum.wrapping_add(u64::from(want[0]));
         }
         Ok(format!(
             "ballast {} MiB sum {sum}",
@@ -894,6 +908,70 @@ impl IpcProbe {
 /// What ballast page `index` is filled with (never zero: a zero page costs nothing to dump).
 fn page_byte(index: usize) -> u8 {
     u8::try_from(index % 251).unwrap_or(0) + 1
+}
+
+/// Writes ballast page `index`: one byte value, or (mixed) by the page's index modulo 4 that,
+/// random bytes, words of text or pointer-like 8-byte words; the same bytes for the same index.
+fn fill_page(page: &mut [u8], index: usize, mixed: bool) {
+    if !mixed || index.is_multiple_of(4) {
+        page.fill(page_byte(index));
+        return;
+    }
+    let mut state = (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    match index % 4 {
+        1 => {
+            for chunk in page.chunks_mut(8) {
+                let bytes = next().to_le_bytes();
+                chunk.copy_from_slice(&bytes[..chunk.len()]);
+            }
+        }
+        2 => {
+            const WORDS: [&str; 16] = [
+                "pod ",
+                "container ",
+                "checkpoint ",
+                "restore ",
+                "the ",
+                "memory ",
+                "of ",
+                "node ",
+                "request=",
+                "200 ",
+                "GET /api/v1/",
+                "namespace ",
+                "and ",
+                "\n",
+                "status: ok ",
+                "id=",
+            ];
+            let mut at = 0;
+            while at < page.len() {
+                let word = WORDS[(next() % 16) as usize].as_bytes();
+                let n = word.len().min(page.len() - at);
+                page[at..at + n].copy_from_slice(&word[..n]);
+                at += n;
+            }
+        }
+        _ => {
+            let base = 0x7f3a_0000_0000u64 + ((index as u64) << 16);
+            for (i, chunk) in page.chunks_mut(8).enumerate() {
+                let r = next();
+                let word = if i % 2 == 0 {
+                    base + (r % 4096) * 16
+                } else {
+                    r % 64
+                };
+                chunk.copy_from_slice(&word.to_le_bytes()[..chunk.len()]);
+            }
+        }
+    }
 }
 
 /// Writes `line` into `from` and reads it back, whole, from `to`.

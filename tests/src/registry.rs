@@ -1,0 +1,147 @@
+//! A local OCI registry for tests and benches: Debian's `docker-registry serve` on 127.0.0.1,
+//! a free port and its own storage directory, killed (by its pid) and removed on drop; and what
+//! a node needs to use it (an ed25519 key pair for podsnap's signatures, a containerd
+//! `hosts.toml` so CRI pulls from it over plain HTTP).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Debian's `docker-registry` (installed by `packaging/install-deps.sh`).
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// A `docker-registry serve` of our own: killed (by its pid) and its directory removed on drop,
+/// whether the test passed or not.
+pub struct Registry {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Registry {
+    /// Starts a registry on a free port of 127.0.0.1 and waits until `/v2/` answers 200.
+    ///
+    /// # Panics
+    /// When the binary is missing or the registry does not answer within 20 s (with its log).
+    pub fn start() -> Registry {
+        assert!(
+            Path::new(REGISTRY_BIN).is_file(),
+            "{REGISTRY_BIN} is missing: install Debian's docker-registry (packaging/install-deps.sh does)"
+        );
+        let dir = tempfile::tempdir().expect("a registry directory");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    \
+                 rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("storage").display()
+            ),
+        )
+        .expect("registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry");
+        let registry = Registry { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut answer = String::new();
+                let _ = s.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+                    return registry;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer on 127.0.0.1:{port}: {}",
+                registry.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `127.0.0.1:<port>`, the registry part of an image reference.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What the registry wrote to its log (access log included).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Blob uploads the registry has seen (each starts with a POST to `.../blobs/uploads/`).
+    pub fn uploads(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"POST /v2/") && l.contains("/blobs/uploads/"))
+            .count()
+    }
+
+    /// The registry's storage directory (its blobs and repositories).
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// Where the registry's storage keeps blob `digest` (`sha256:...`).
+    pub fn blob(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An ed25519 key pair made with openssl in `dir`, as the README says: (private, public).
+///
+/// # Panics
+/// When openssl fails.
+pub fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let private = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub"));
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-out",
+            private.to_str().expect("utf8"),
+        ],
+        vec![
+            "pkey",
+            "-in",
+            private.to_str().expect("utf8"),
+            "-pubout",
+            "-out",
+            public.to_str().expect("utf8"),
+        ],
+    ] {
+        let status = Command::new("openssl").args(&args).status().expect("openssl");
+        assert!(status.success(), "openssl {args:?}");
+    }
+    (private, public)
+}
