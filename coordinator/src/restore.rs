@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::config::{NodeConfig, KEEP_IP_ANNOTATION};
+use podsnap_checkpoint::config::{NodeConfig, KEEP_IP_ANNOTATION, LAZY_ANNOTATION};
 use podsnap_checkpoint::import::{import, Imported};
 use podsnap_checkpoint::manifest::{ContainerEntry, Manifest, CPUINFO};
 use podsnap_checkpoint::policy::{self, NewImage, Violation};
@@ -71,6 +71,9 @@ pub struct RestoreRequest {
     /// Ask for the pod's address at the checkpoint (`podsnap.io/keep-ip`; the node's CNI
     /// configuration must use `podsnap-cni-ipam`).
     pub keep_ip: bool,
+    /// Restore lazily (`podsnap.io/restore-lazy`): each container runs once its processes are
+    /// back; its memory follows on demand from the checkpoint (see the README for the cost).
+    pub lazy: bool,
 }
 
 impl RestoreRequest {
@@ -87,6 +90,7 @@ impl RestoreRequest {
             handler: crate::pod::HANDLER.to_owned(),
             config: NodeConfig::default(),
             keep_ip: false,
+            lazy: false,
         }
     }
 }
@@ -545,6 +549,11 @@ async fn create(
         config
             .annotations
             .insert(KEEP_IP_ANNOTATION.to_owned(), "true".to_owned());
+    }
+    if request.lazy {
+        config
+            .annotations
+            .insert(LAZY_ANNOTATION.to_owned(), "true".to_owned());
     }
     progress.step(&format!(
         "creating pod {}/{} (uid {}) from checkpoint {checkpoint}",
