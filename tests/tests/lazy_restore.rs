@@ -1,0 +1,244 @@
+//! Lazy restore (issue 12 item 4) against the real stack: a pod of two containers holding
+//! ballast memory, dumped, then brought back with `podsnap restore --lazy` (and through
+//! kubelet's path with `podsnap.io/restore-lazy: "true"`): each container's memory comes back
+//! through a `criu lazy-pages` daemon of the pod's shim. Checked: every ballast page holds what
+//! was written (`ballast-sum` reads each page, faulting in whatever was not back yet), the
+//! counters continue, the daemons ran and all exit once every page is back, their leases on the
+//! checkpoint go with them, and with the pod gone the checkpoint can be removed.
+
+mod pod_checkpoint_support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use pod_checkpoint_support::*;
+use podsnap_checkpoint::lease::{self, LEASE_DIR};
+use podsnap_tests::kubelet::{self, ask, ContainerSpec, KubePod, PodOptions};
+use podsnap_tests::node::Node;
+use podsnap_tests::{start_node, HANDLER};
+
+/// (name, port, ballast MiB) of the pod's containers.
+const CONTAINERS: [(&str, u16, &str); 2] = [("big", 8201, "256"), ("small", 8202, "32")];
+
+fn specs() -> Vec<ContainerSpec> {
+    CONTAINERS
+        .iter()
+        .map(|(name, port, mib)| {
+            let port = port.to_string();
+            ContainerSpec::workload(
+                name,
+                &["serve", "--name", name, "--port", &port, "--ballast-mib", mib],
+            )
+        })
+        .collect()
+}
+
+fn count(ip: &str, port: u16) -> u64 {
+    ask(ip, port, "count")
+        .unwrap_or_else(|e| panic!("count from {ip}:{port}: {e:#}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("count from {ip}:{port} is not a number: {e}"))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pids of `criu lazy-pages` daemons serving any of the containers `ids`.
+fn lazy_daemons(ids: &[String]) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.starts_with("criu lazy-pages") && ids.iter().any(|id| cmdline.contains(id.as_str()))
+        })
+        .collect()
+}
+
+/// The live leases on the checkpoint at `dir`: (pod holds, lazy-pages daemon holds).
+fn holds(dir: &Path) -> (usize, usize) {
+    let held = lease::holders(Path::new(LEASE_DIR), dir).expect("the checkpoint's leases");
+    let lazy = held.iter().filter(|h| h.lazy_pages_of.is_some()).count();
+    (held.len() - lazy, lazy)
+}
+
+/// The sums and counters of the pod's containers, once every counter has gone past
+/// [`MIN_COUNT`] (a restart from zero cannot pass for a restore).
+fn sums_and_counts(ip: &str) -> (Vec<String>, Vec<u64>) {
+    let sums = CONTAINERS
+        .iter()
+        .map(|(_, port, _)| ask(ip, *port, "ballast-sum").expect("ballast-sum"))
+        .collect();
+    let mut counts = Vec::new();
+    wait_for("the counters to pass MIN_COUNT", Duration::from_secs(30), || {
+        counts = CONTAINERS.iter().map(|(_, port, _)| count(ip, *port)).collect();
+        counts.iter().all(|c| *c >= MIN_COUNT)
+    });
+    (sums, counts)
+}
+
+/// What a lazily restored pod must show, then its daemons' end: memory intact page by page,
+/// counters on from where they were, a daemon per container that ran and exits, its lease gone.
+fn check_lazy_pod(node: &Node, ip: &str, ids: &[String], dir: &Path, sums: &[String], counts: &[u64]) {
+    let logged = |id: &str, what: &str| {
+        node.log_grep(&format!("container {id} (pod "))
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
+    };
+    for id in ids {
+        // The shim's log reaches containerd's through a FIFO: waited for, not raced.
+        wait_for(
+            &format!("the shim to log {id}'s lazy-pages daemon"),
+            Duration::from_secs(30),
+            || logged(id, "serves its memory") > 0,
+        );
+        assert_eq!(logged(id, "serves its memory"), 1, "one daemon for {id}");
+    }
+    for (((name, port, _), sum), before) in CONTAINERS.iter().zip(sums).zip(counts) {
+        kubelet::wait_answering(ip, *port, Duration::from_secs(60)).expect("the restored container answers");
+        let after = count(ip, *port);
+        assert!(
+            after >= *before,
+            "{name}: the counter goes on from {before}, not from zero: {after}"
+        );
+        assert_eq!(
+            &ask(ip, *port, "ballast-sum").expect("ballast-sum"),
+            sum,
+            "{name}: every ballast page is back"
+        );
+    }
+    wait_for(
+        "the lazy-pages daemons to exit with every page back",
+        Duration::from_secs(120),
+        || lazy_daemons(ids).is_empty(),
+    );
+    for id in ids {
+        wait_for(
+            &format!("the shim to log how {id}'s daemon ended"),
+            Duration::from_secs(30),
+            || logged(id, "exited") + logged(id, "stopped") > 0,
+        );
+        assert_eq!(
+            logged(id, "exited: all of its memory is back"),
+            1,
+            "{id}'s daemon ended with every page transferred:\n{}",
+            node.log_tail(40)
+        );
+    }
+    assert!(
+        node.log_grep("lazy-pages daemon (pid").is_empty(),
+        "no daemon failed:\n{}",
+        node.log_tail(40)
+    );
+    // The daemons' holds went with them; the pod's own hold stays while it runs.
+    wait_for("the daemons' leases to go", Duration::from_secs(30), || {
+        holds(dir).1 == 0
+    });
+    assert_eq!(holds(dir), (1, 0), "the pod still holds the checkpoint");
+    for ((name, port, _), sum) in CONTAINERS.iter().zip(sums) {
+        assert_eq!(
+            &ask(ip, *port, "ballast-sum").expect("ballast-sum"),
+            sum,
+            "{name}: the memory is still whole once its daemon is gone"
+        );
+    }
+}
+
+fn remove_and_check_unheld(node: &Node, pod_id: &str, uid: &str, dir: &Path) {
+    node.cri()
+        .stop_and_remove_pod(pod_id)
+        .expect("remove the restored pod");
+    podsnap_tests::host::remove_pod_cgroups(uid);
+    wait_for(
+        "the pod's lease to go with its shim",
+        Duration::from_secs(30),
+        || holds(dir) == (0, 0),
+    );
+}
+
+#[test]
+fn a_lazily_restored_pod_has_all_of_its_memory_and_its_daemons_end() {
+    let node = start_node!();
+    let name = node.unique("lazy");
+    let pod = kubelet::run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("RunPodSandbox");
+    for spec in specs() {
+        kubelet::run_container(&node, &pod, &spec).expect("a container");
+    }
+    for (_, port, _) in CONTAINERS {
+        kubelet::wait_answering(&pod.ip, port, Duration::from_secs(60)).expect("answers");
+    }
+    let (sums, counts) = sums_and_counts(&pod.ip);
+    let request = dump_request(&node, &pod.name, &pod.namespace, None);
+    let outcome = block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump");
+    let dir: PathBuf = std::fs::canonicalize(&outcome.summary.dir).expect("the checkpoint");
+    let checkpoint = outcome.summary.restore_name.clone().expect("a name in the root");
+    kubelet::remove_pod(&node, &pod).expect("remove the original pod");
+
+    // A value other than "true" or "false" refuses the pod before anything exists.
+    let before = sandbox_ids(&node);
+    let mut options = PodOptions::new(&node.unique("lazy-bad"), HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), checkpoint.clone());
+    options
+        .annotations
+        .insert("podsnap.io/restore-lazy".to_owned(), "yes".to_owned());
+    let err = kubelet::run_pod(&node, &options).expect_err("a bad podsnap.io/restore-lazy is refused");
+    assert!(
+        format!("{err:#}").contains("podsnap.io/restore-lazy: \"yes\""),
+        "{err:#}"
+    );
+    assert_eq!(sandbox_ids(&node), before, "no sandbox left");
+
+    // podsnap restore --lazy.
+    let mut request = restore_request(&node, &dir);
+    request.lazy = true;
+    let restored = restore(&node, &request).expect("podsnap restore --lazy");
+    let ids: Vec<String> = restored.containers.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids.len(), CONTAINERS.len());
+    for id in &ids {
+        let status = node.cri().container(id).expect("ContainerStatus");
+        assert_eq!(
+            status.state,
+            cri::ContainerState::ContainerRunning as i32,
+            "{id} runs"
+        );
+    }
+    check_lazy_pod(&node, &restored.ip, &ids, &dir, &sums, &counts);
+    remove_and_check_unheld(&node, &restored.id, &restored.uid, &dir);
+
+    // kubelet's path: the annotations on the pod, its containers created and started by CRI.
+    options = PodOptions::new(&node.unique("lazy-kubelet"), HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), checkpoint.clone());
+    options
+        .annotations
+        .insert("podsnap.io/restore-lazy".to_owned(), "true".to_owned());
+    let again: KubePod = kubelet::run_pod(&node, &options).expect("RunPodSandbox, lazy");
+    let ids: Vec<String> = specs()
+        .iter()
+        .map(|spec| kubelet::run_container(&node, &again, spec).expect("a restored container"))
+        .collect();
+    check_lazy_pod(&node, &again.ip, &ids, &dir, &sums, &counts);
+    remove_and_check_unheld(&node, &again.id, &again.uid, &dir);
+
+    // Nothing holds it: it can be removed.
+    podsnap_checkpoint::store::remove(&node.files().checkpoints(), &checkpoint, Path::new(LEASE_DIR))
+        .expect("the checkpoint, no longer in use, is removed");
+}
