@@ -240,6 +240,12 @@ impl Container {
     /// lazy restore starts the container's lazy-pages daemon first and leaves it running.
     async fn restore(&self, src: RestoreSource, exits: &ExitRouter) -> Result<i32> {
         podsnap_checkpoint::failpoint::hold("restore").await;
+        log::info!(
+            "container {}: restoring from {}{}",
+            self.id,
+            src.image_dir.display(),
+            if src.lazy.is_some() { " (lazy)" } else { "" }
+        );
         let work_dir = self.bundle.path().join("criu-restore");
         let daemon = match &src.lazy {
             Some(lazy) => {
