@@ -4,7 +4,9 @@
 //! through a `criu lazy-pages` daemon of the pod's shim. Checked: every ballast page holds what
 //! was written (`ballast-sum` reads each page, faulting in whatever was not back yet), the
 //! counters continue, the daemons ran and all exit once every page is back, their leases on the
-//! checkpoint go with them, and with the pod gone the checkpoint can be removed.
+//! checkpoint go with them, and with the pod gone the checkpoint can be removed. A daemon that
+//! cannot start fails the container's start with the reason and leaves nothing running; a pod
+//! removed while it is restored lazily leaves no daemon and no lease.
 
 mod pod_checkpoint_support;
 
@@ -15,8 +17,8 @@ use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
 use podsnap_checkpoint::lease::{self, LEASE_DIR};
 use podsnap_tests::kubelet::{self, ask, ContainerSpec, KubePod, PodOptions};
-use podsnap_tests::node::Node;
-use podsnap_tests::{start_node, HANDLER};
+use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::HANDLER;
 
 /// (name, port, ballast MiB) of the pod's containers.
 const CONTAINERS: [(&str, u16, &str); 2] = [("big", 8201, "256"), ("small", 8202, "32")];
@@ -155,6 +157,18 @@ fn check_lazy_pod(node: &Node, ip: &str, ids: &[String], dir: &Path, sums: &[Str
     }
 }
 
+/// A pod restored lazily from `checkpoint` on kubelet's path.
+fn options_for(node: &Node, name: &str, checkpoint: &str) -> PodOptions {
+    let mut options = PodOptions::new(&node.unique(name), HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), checkpoint.to_owned());
+    options
+        .annotations
+        .insert("podsnap.io/restore-lazy".to_owned(), "true".to_owned());
+    options
+}
+
 fn remove_and_check_unheld(node: &Node, pod_id: &str, uid: &str, dir: &Path) {
     node.cri()
         .stop_and_remove_pod(pod_id)
@@ -169,7 +183,14 @@ fn remove_and_check_unheld(node: &Node, pod_id: &str, uid: &str, dir: &Path) {
 
 #[test]
 fn a_lazily_restored_pod_has_all_of_its_memory_and_its_daemons_end() {
-    let node = start_node!();
+    // The shim can be held at the start of a container's restore (see the failure case below).
+    let hold_points = tempfile::tempdir().expect("a directory of hold points");
+    let mut node_options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+    node_options.extra_env.push((
+        podsnap_checkpoint::failpoint::HOLD_ENV.to_owned(),
+        hold_points.path().display().to_string(),
+    ));
+    let node = Node::start(node_options);
     let name = node.unique("lazy");
     let pod = kubelet::run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("RunPodSandbox");
     for spec in specs() {
@@ -223,20 +244,70 @@ fn a_lazily_restored_pod_has_all_of_its_memory_and_its_daemons_end() {
     remove_and_check_unheld(&node, &restored.id, &restored.uid, &dir);
 
     // kubelet's path: the annotations on the pod, its containers created and started by CRI.
-    options = PodOptions::new(&node.unique("lazy-kubelet"), HANDLER);
-    options
-        .annotations
-        .insert("podsnap.io/restore-from".to_owned(), checkpoint.clone());
-    options
-        .annotations
-        .insert("podsnap.io/restore-lazy".to_owned(), "true".to_owned());
-    let again: KubePod = kubelet::run_pod(&node, &options).expect("RunPodSandbox, lazy");
+    let again: KubePod = kubelet::run_pod(&node, &options_for(&node, "lazy-kubelet", &checkpoint))
+        .expect("RunPodSandbox, lazy");
     let ids: Vec<String> = specs()
         .iter()
         .map(|spec| kubelet::run_container(&node, &again, spec).expect("a restored container"))
         .collect();
     check_lazy_pod(&node, &again.ip, &ids, &dir, &sums, &counts);
     remove_and_check_unheld(&node, &again.id, &again.uid, &dir);
+
+    // A daemon that cannot start (its pid file cannot be created: a directory is in the way,
+    // put there while the shim holds at the start of the container's restore) fails the start
+    // of its container, naming the daemon, and leaves nothing behind.
+    let pod =
+        kubelet::run_pod(&node, &options_for(&node, "lazy-nostart", &checkpoint)).expect("RunPodSandbox");
+    let [big, _] = &specs()[..] else {
+        unreachable!("two containers")
+    };
+    let id = kubelet::create_container(&node, &pod, big).expect("CreateContainer");
+    std::fs::write(hold_points.path().join("restore"), b"").expect("arm the hold");
+    let started = std::thread::scope(|scope| {
+        let starting = scope.spawn(|| kubelet::start_container(&node, &id));
+        let reached = hold_points.path().join("restore.reached");
+        wait_for("the restore to start", Duration::from_secs(60), || {
+            reached.exists()
+        });
+        let work_dir = node
+            .dir()
+            .join("state/io.containerd.runtime.v2.task/k8s.io")
+            .join(&id)
+            .join("criu-restore");
+        std::fs::create_dir_all(work_dir.join("lazy-pages.pid")).expect("a directory in the way");
+        std::fs::remove_file(hold_points.path().join("restore")).expect("release the hold");
+        starting.join().expect("the starting thread")
+    });
+    let err = started.expect_err("the restore fails");
+    assert!(
+        err.message()
+            .contains("the lazy-pages daemon (criu lazy-pages) did not start"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        lazy_daemons(std::slice::from_ref(&id)).is_empty(),
+        "no daemon left"
+    );
+    assert_eq!(holds(&dir), (1, 0), "no daemon lease left");
+    assert_ne!(
+        node.cri().container(&id).expect("status").state,
+        cri::ContainerState::ContainerRunning as i32,
+        "nothing runs"
+    );
+    remove_and_check_unheld(&node, &pod.id, &pod.uid, &dir);
+
+    // A lazily restored pod removed at once (its daemons may still be copying): no daemon and
+    // no lease are left.
+    let pod = kubelet::run_pod(&node, &options_for(&node, "lazy-gone", &checkpoint)).expect("RunPodSandbox");
+    let ids: Vec<String> = specs()
+        .iter()
+        .map(|spec| kubelet::run_container(&node, &pod, spec).expect("a restored container"))
+        .collect();
+    remove_and_check_unheld(&node, &pod.id, &pod.uid, &dir);
+    wait_for("no daemon of the removed pod", Duration::from_secs(30), || {
+        lazy_daemons(&ids).is_empty()
+    });
 
     // Nothing holds it: it can be removed.
     podsnap_checkpoint::store::remove(&node.files().checkpoints(), &checkpoint, Path::new(LEASE_DIR))
