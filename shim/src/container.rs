@@ -259,6 +259,9 @@ impl Container {
             None => None,
         };
         let lazy = daemon.is_some();
+        if lazy {
+            podsnap_checkpoint::failpoint::hold("lazy-pages").await;
+        }
         let restored = self.restore_from_images(src, exits, work_dir, lazy).await;
         match (restored, daemon) {
             (Ok(pid), Some(daemon)) => {
