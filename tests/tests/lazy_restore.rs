@@ -5,8 +5,9 @@
 //! was written (`ballast-sum` reads each page, faulting in whatever was not back yet), the
 //! counters continue, the daemons ran and all exit once every page is back, their leases on the
 //! checkpoint go with them, and with the pod gone the checkpoint can be removed. A daemon that
-//! cannot start fails the container's start with the reason and leaves nothing running; a pod
-//! removed while it is restored lazily leaves no daemon and no lease.
+//! cannot start fails the container's start with the reason and leaves nothing running; a
+//! daemon killed while its container is restored leaves nothing running (its pages would read as
+//! zeros); a pod removed while it is restored lazily leaves no daemon and no lease.
 
 mod pod_checkpoint_support;
 
@@ -295,6 +296,76 @@ fn a_lazily_restored_pod_has_all_of_its_memory_and_its_daemons_end() {
         cri::ContainerState::ContainerRunning as i32,
         "nothing runs"
     );
+    remove_and_check_unheld(&node, &pod.id, &pod.uid, &dir);
+
+    // A daemon that dies with pages not yet copied: they would read as zeros, so the container
+    // must not go on running. Made certain by stopping the daemon (SIGSTOP) before runc runs:
+    // CRIU's restorer hands the process's userfaultfd over and closes its own copy, then waits
+    // on the first lazy page it touches; the daemon is killed right then. Either the restore
+    // fails (seen: CRIU cannot tell the dead daemon the restore is over and kills the restored
+    // processes), or it completes on zeroed pages and the shim, seeing its daemon killed, kills
+    // the container: never a container running on.
+    let pod = kubelet::run_pod(&node, &options_for(&node, "lazy-dies", &checkpoint)).expect("RunPodSandbox");
+    let id = kubelet::create_container(&node, &pod, big).expect("CreateContainer");
+    let restore_log = node
+        .dir()
+        .join("state/io.containerd.runtime.v2.task/k8s.io")
+        .join(&id)
+        .join("criu-restore/restore.log");
+    std::fs::write(hold_points.path().join("lazy-pages"), b"").expect("arm the hold");
+    let started = std::thread::scope(|scope| {
+        let starting = scope.spawn(|| kubelet::start_container(&node, &id));
+        let reached = hold_points.path().join("lazy-pages.reached");
+        wait_for("the daemon to listen", Duration::from_secs(60), || {
+            reached.exists()
+        });
+        let daemons = lazy_daemons(std::slice::from_ref(&id));
+        assert_eq!(daemons.len(), 1, "one daemon for {id}: {daemons:?}");
+        let daemon = nix::unistd::Pid::from_raw(daemons[0]);
+        nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGSTOP).expect("stop the daemon");
+        std::fs::remove_file(hold_points.path().join("lazy-pages")).expect("release the hold");
+        wait_for(
+            "CRIU's restorer to hand its userfaultfd over",
+            Duration::from_secs(60),
+            || std::fs::read_to_string(&restore_log).is_ok_and(|l| l.contains("lazy-pages: closing uffd")),
+        );
+        nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGKILL).expect("kill the daemon");
+        starting.join().expect("the starting thread")
+    });
+    match started {
+        Err(status) => eprintln!("the restore failed: {}", status.message()),
+        Ok(()) => {
+            let status = node
+                .cri()
+                .wait_container_state(&id, cri::ContainerState::ContainerExited, Duration::from_secs(60))
+                .expect("the container whose daemon died ends");
+            eprintln!("restored, then ended: exit {}", status.exit_code);
+            wait_for(
+                "the shim to log the daemon's failure",
+                Duration::from_secs(30),
+                || {
+                    !node
+                        .log_grep(&format!("container {id}: killed: its memory is incomplete"))
+                        .is_empty()
+                },
+            );
+            assert!(
+                node.log_grep(&format!("container {id} (pod "))
+                    .iter()
+                    .any(|l| l.contains("failed (exit") && l.contains("read as zeros")),
+                "the daemon's failure is logged as such:\n{}",
+                node.log_tail(40)
+            );
+        }
+    }
+    assert_ne!(
+        node.cri().container(&id).expect("status").state,
+        cri::ContainerState::ContainerRunning as i32,
+        "nothing runs on zeroed memory"
+    );
+    wait_for("the dead daemon's lease to go", Duration::from_secs(30), || {
+        holds(&dir) == (1, 0)
+    });
     remove_and_check_unheld(&node, &pod.id, &pod.uid, &dir);
 
     // A lazily restored pod removed at once (its daemons may still be copying): no daemon and
