@@ -18,7 +18,9 @@
 //!    that was created but never started is left created; the running ones are restored from
 //!    their CRIU images by the shim, all at once (StartContainer of each together, once every
 //!    container is created): they ran side by side at the checkpoint and each resumes at that
-//!    instant, so no ordering between them is lost.
+//!    instant, so no ordering between them is lost. With `lazy` the sandbox also carries
+//!    `podsnap.io/restore-lazy: "true"`: the shim restores each container with CRIU's lazy pages
+//!    (see the shim's `lazy_pages.rs`).
 //! 4. Any failure on the way removes what was made: the sandbox with its containers, the pod's
 //!    directories, its cgroups and what was brought into the root.
 

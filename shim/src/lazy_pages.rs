@@ -239,10 +239,8 @@ impl LazyPages {
                     }
                 }
             };
-            let ended = match code {
-                Some(code) => Ended::of(code, stopped),
-                None => Ended::Failed(-1),
-            };
+            // No exit code: the shim's exit monitor closed, the shim is going away.
+            let ended = code.map_or(Ended::Stopped, |code| Ended::of(code, stopped));
             let log_path = self.work_dir.join(LOG);
             match ended {
                 Ended::Done => log::info!(
