@@ -74,6 +74,10 @@ pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
 /// Pod annotation (`"true"`) asking, on the node where its checkpoint was taken, for the pod's
 /// address at the checkpoint (through `podsnap-cni-ipam`, see the README).
 pub const KEEP_IP_ANNOTATION: &str = "podsnap.io/keep-ip";
+/// Pod annotation (`"true"`) asking for a lazy restore: each container runs as soon as its
+/// processes are back, and CRIU's lazy-pages daemon (userfaultfd) brings its memory back on
+/// demand and in the background (see the README: what it costs if the daemon dies).
+pub const LAZY_ANNOTATION: &str = "podsnap.io/restore-lazy";
 /// The largest configuration file read.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 

@@ -276,6 +276,8 @@ pub struct Restore {
     pub no_pivot: bool,
     /// runc's JSON log.
     pub log: PathBuf,
+    /// Memory comes back through a lazy-pages daemon already listening in `work_dir`.
+    pub lazy_pages: bool,
 }
 
 /// Restores a container (`runc restore --detach`); its process gets `stdio`.
@@ -289,6 +291,7 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
         no_pivot: r.no_pivot,
         log: r.log.clone(),
         deadline: Some(restore_deadline(&r.image_dir)),
+        lazy_pages: r.lazy_pages,
     };
     match runc.restore(&r.id, &r.bundle, opts, stdio).await {
         Ok(()) => Ok(()),

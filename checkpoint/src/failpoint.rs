@@ -2,9 +2,10 @@
 //! to kill a process, restart containerd or race a call against it.
 //!
 //! `PODSNAP_FAILPOINT_HOLD` names a directory. An operation reaching phase P (a pod dump:
-//! `before-freeze`, `frozen`, `dumped`, `thawed`; a container restore: `restore`) while the
-//! file `<dir>/P` exists writes `<dir>/P.reached` and waits (at most a minute) until `<dir>/P`
-//! is removed. Unset, as in production, a hold point costs one environment lookup.
+//! `before-freeze`, `frozen`, `dumped`, `thawed`; a container restore: `restore`, and in a lazy
+//! one `lazy-pages`, its daemon listening, runc not run yet) while the file `<dir>/P` exists
+//! writes `<dir>/P.reached` and waits (at most a minute) until `<dir>/P` is removed. Unset, as
+//! in production, a hold point costs one environment lookup.
 
 use std::path::Path;
 use std::time::Duration;

@@ -107,7 +107,7 @@ pub fn alive(pid: u32, start: u64) -> bool {
 
 /// A live process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22); `None`
 /// for a process that is gone or dead but not yet reaped (a zombie).
-fn start_time(pid: u32) -> Option<u64> {
+pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
     let rest = &stat[stat.rfind(')')? + 2..];

@@ -9,7 +9,13 @@
 //!   <encoded checkpoint path>/           0700, one per checkpoint in use
 //!     <sandbox id>                       0600, one per pod restored from it, written atomically
 //!       { "sandbox_id", "pod", "checkpoint", "owner_pid", "owner_start" }
+//!     <sandbox id>.lazy-pages.<container> 0600, one per lazy-pages daemon of a lazy restore
+//!       { ..., "lazy_pages_of": "<container id>" }  owned by the daemon, not the shim
 //! ```
+//!
+//! A lazy restore's `criu lazy-pages` daemon reads the checkpoint's page images after the
+//! restore is over, until every page is back; its lease is owned by the daemon's own pid, so
+//! it lasts exactly as long as the daemon, even past a shim that died.
 //!
 //! - **Key.** The checkpoint's resolved absolute path (several roots on one host never mix),
 //!   encoded into one file name ([`encode`]): every byte outside `[A-Za-z0-9._-]` becomes
@@ -57,6 +63,10 @@ pub struct Holder {
     /// The process holding the lease (the pod's shim) and its start time.
     pub owner_pid: u32,
     pub owner_start: u64,
+    /// The container whose lazy-pages daemon (the owner) serves its memory from the
+    /// checkpoint; `None` for the pod's own lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_pages_of: Option<String>,
 }
 
 impl Holder {
@@ -69,6 +79,35 @@ impl Holder {
             checkpoint: checkpoint.to_path_buf(),
             owner_pid,
             owner_start,
+            lazy_pages_of: None,
+        }
+    }
+
+    /// The lazy-pages daemon `pid` serving container `container`'s memory from `checkpoint`
+    /// for pod `sandbox_id`; `None` when `pid` is not a live process.
+    pub fn lazy_pages(
+        sandbox_id: &str,
+        pod: Option<String>,
+        checkpoint: &Path,
+        pid: u32,
+        container: &str,
+    ) -> Option<Self> {
+        Some(Self {
+            sandbox_id: sandbox_id.to_owned(),
+            pod,
+            checkpoint: checkpoint.to_path_buf(),
+            owner_pid: pid,
+            owner_start: crate::journal::start_time(pid)?,
+            lazy_pages_of: Some(container.to_owned()),
+        })
+    }
+
+    /// The lease file's name: the sandbox id, or for a lazy-pages daemon the sandbox id and
+    /// (the start of) its container's id.
+    fn file_name(&self) -> String {
+        match &self.lazy_pages_of {
+            None => self.sandbox_id.clone(),
+            Some(c) => format!("{}.lazy-pages.{}", self.sandbox_id, c.get(..12).unwrap_or(c)),
         }
     }
 
@@ -82,8 +121,17 @@ impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let short = self.sandbox_id.get(..13).unwrap_or(&self.sandbox_id);
         match &self.pod {
-            Some(pod) => write!(f, "pod {pod} (sandbox {short})"),
-            None => write!(f, "sandbox {short}"),
+            Some(pod) => write!(f, "pod {pod} (sandbox {short})")?,
+            None => write!(f, "sandbox {short}")?,
+        }
+        match &self.lazy_pages_of {
+            Some(c) => write!(
+                f,
+                " through the lazy-pages daemon of container {} (pid {})",
+                c.get(..13).unwrap_or(c),
+                self.owner_pid
+            ),
+            None => Ok(()),
         }
     }
 }
@@ -134,7 +182,7 @@ impl Drop for Lease {
 
 /// Takes a lease for `holder` on `holder.checkpoint` under `base` (normally [`LEASE_DIR`]).
 pub fn take(base: &Path, holder: &Holder) -> Result<Lease> {
-    let id = &holder.sandbox_id;
+    let id = &holder.file_name();
     let valid = !id.is_empty()
         && id.len() <= NAME_MAX
         && !id.starts_with('.')
@@ -398,6 +446,51 @@ mod tests {
             .expect("the child turns into a zombie");
         assert!(!crate::journal::alive(pid, start), "a zombie is dead");
         child.wait().expect("reap");
+    }
+
+    #[test]
+    fn a_lazy_pages_daemon_holds_its_own_lease_for_as_long_as_it_runs() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let base = t.path().join("leases");
+        let ckpt = t.path().join("root/ckpt");
+        let pod = take(
+            &base,
+            &Holder::this_process("sb1", Some("default/web".into()), &ckpt),
+        )
+        .expect("the pod's lease");
+        let mut daemon = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn");
+        let container = "0123456789abcdef0123";
+        let holder = Holder::lazy_pages("sb1", Some("default/web".into()), &ckpt, daemon.id(), container)
+            .expect("a live process");
+        let lease = take(&base, &holder).expect("the daemon's lease");
+        let held = holders(&base, &ckpt).expect("holders");
+        assert_eq!(held.len(), 2, "{held:?}");
+        let shown: Vec<String> = held.iter().map(Holder::to_string).collect();
+        assert!(
+            shown.contains(&format!(
+                "pod default/web (sandbox sb1) through the lazy-pages daemon of container \
+                 0123456789abc (pid {})",
+                daemon.id()
+            )),
+            "{shown:?}"
+        );
+        assert!(base
+            .join(encode(&ckpt))
+            .join("sb1.lazy-pages.0123456789ab")
+            .exists());
+        // The shim exiting releases its own lease, not the daemon's.
+        assert_eq!(release_own(&base), 1);
+        assert_eq!(holders(&base, &ckpt).expect("holders"), [holder]);
+        // A daemon that died (unreaped or gone) holds nothing.
+        daemon.kill().expect("kill");
+        daemon.wait().expect("reap");
+        assert!(holders(&base, &ckpt).expect("holders").is_empty());
+        drop(lease);
+        drop(pod);
+        assert!(Holder::lazy_pages("sb1", None, &ckpt, u32::MAX - 1, container).is_none());
     }
 
     #[test]

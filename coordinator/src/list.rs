@@ -47,6 +47,10 @@ pub struct User {
     pub sandbox_id: String,
     /// `namespace/name`, when known.
     pub pod: Option<String>,
+    /// The container whose lazy-pages daemon reads the checkpoint (a lazy restore still
+    /// bringing memory back); absent for the pod's own hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_pages_of: Option<String>,
 }
 
 /// Lists the checkpoints of `root`; leases live under `leases`. With `verify`, every digest of
@@ -59,6 +63,7 @@ pub fn list(root: &Path, leases: &Path, verify: bool, progress: &dyn Progress) -
             .map(|h| User {
                 sandbox_id: h.sandbox_id,
                 pod: h.pod,
+                lazy_pages_of: h.lazy_pages_of,
             })
             .collect();
         let mut row = Listed {
@@ -271,6 +276,7 @@ mod tests {
             .map(|i| User {
                 sandbox_id: format!("{i}{}", "a".repeat(63)),
                 pod: None,
+                lazy_pages_of: None,
             })
             .collect();
         let mut broken = row("partial");
@@ -311,6 +317,7 @@ mod tests {
         r.in_use_by.push(User {
             sandbox_id: "sb".into(),
             pod: Some("default/web".into()),
+            lazy_pages_of: None,
         });
         let v = serde_json::to_value([r]).expect("json");
         assert_eq!(v[0]["name"], "a");

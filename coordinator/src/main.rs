@@ -188,6 +188,11 @@ struct RestoreArgs {
     /// connections kept with `--tcp-established` at the dump go on.
     #[arg(long)]
     keep_ip: bool,
+    /// Restore lazily: each container runs as soon as its processes are back, and its memory
+    /// follows from the checkpoint on demand and in the background (CRIU lazy pages,
+    /// userfaultfd). The checkpoint stays in use until every page is back.
+    #[arg(long)]
+    lazy: bool,
 }
 
 fn main() -> ExitCode {
@@ -366,6 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 handler: pod::HANDLER.to_owned(),
                 config,
                 keep_ip: args.keep_ip,
+                lazy: args.lazy,
             };
             let progress = progress::for_stderr();
             let restored = runtime.block_on(restore(&request, progress.as_ref()));

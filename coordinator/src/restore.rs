@@ -18,7 +18,9 @@
 //!    that was created but never started is left created; the running ones are restored from
 //!    their CRIU images by the shim, all at once (StartContainer of each together, once every
 //!    container is created): they ran side by side at the checkpoint and each resumes at that
-//!    instant, so no ordering between them is lost.
+//!    instant, so no ordering between them is lost. With `lazy` the sandbox also carries
+//!    `podsnap.io/restore-lazy: "true"`: the shim restores each container with CRIU's lazy pages
+//!    (see the shim's `lazy_pages.rs`).
 //! 4. Any failure on the way removes what was made: the sandbox with its containers, the pod's
 //!    directories, its cgroups and what was brought into the root.
 
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::config::{NodeConfig, KEEP_IP_ANNOTATION};
+use podsnap_checkpoint::config::{NodeConfig, KEEP_IP_ANNOTATION, LAZY_ANNOTATION};
 use podsnap_checkpoint::import::{import, Imported};
 use podsnap_checkpoint::manifest::{ContainerEntry, Manifest, CPUINFO};
 use podsnap_checkpoint::policy::{self, NewImage, Violation};
@@ -71,6 +73,9 @@ pub struct RestoreRequest {
     /// Ask for the pod's address at the checkpoint (`podsnap.io/keep-ip`; the node's CNI
     /// configuration must use `podsnap-cni-ipam`).
     pub keep_ip: bool,
+    /// Restore lazily (`podsnap.io/restore-lazy`): each container runs once its processes are
+    /// back; its memory follows on demand from the checkpoint (see the README for the cost).
+    pub lazy: bool,
 }
 
 impl RestoreRequest {
@@ -87,6 +92,7 @@ impl RestoreRequest {
             handler: crate::pod::HANDLER.to_owned(),
             config: NodeConfig::default(),
             keep_ip: false,
+            lazy: false,
         }
     }
 }
@@ -545,6 +551,11 @@ async fn create(
         config
             .annotations
             .insert(KEEP_IP_ANNOTATION.to_owned(), "true".to_owned());
+    }
+    if request.lazy {
+        config
+            .annotations
+            .insert(LAZY_ANNOTATION.to_owned(), "true".to_owned());
     }
     progress.step(&format!(
         "creating pod {}/{} (uid {}) from checkpoint {checkpoint}",

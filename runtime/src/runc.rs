@@ -132,6 +132,9 @@ pub struct RestoreOpts {
     pub log: PathBuf,
     /// Give up (killing runc, CRIU and the half-restored processes) after this long.
     pub deadline: Option<std::time::Duration>,
+    /// `--lazy-pages`: CRIU leaves anonymous memory to a `criu lazy-pages` daemon listening
+    /// on `lazy-pages.socket` in the work directory (userfaultfd).
+    pub lazy_pages: bool,
 }
 
 /// What `runc state` reports.
@@ -389,6 +392,9 @@ impl Runc {
         }
         if opts.no_pivot {
             cmd.arg("--no-pivot");
+        }
+        if opts.lazy_pages {
+            cmd.arg("--lazy-pages");
         }
         cmd.arg(id);
         self.run_with_stdio("restore", id, cmd, stdio, &opts.log, opts.deadline)

@@ -18,6 +18,7 @@ use tokio::net::unix::pipe;
 
 use crate::error::{Error, Result};
 use crate::exits::ExitRouter;
+use crate::lazy_pages::{LazyPages, LeaseFor};
 use crate::options::RuncFlags;
 use crate::process::{lock, Process, Status};
 
@@ -66,6 +67,8 @@ pub struct Container {
     pub starting: tokio::sync::Mutex<()>,
     /// For a container that is not to run: the exit it reports.
     exited_plan: Option<u32>,
+    /// Stops the lazy-pages daemon of a lazy restore still bringing its memory back.
+    lazy_stop: Mutex<Option<tokio::sync::watch::Sender<bool>>>,
 }
 
 /// The checkpoint a container is to be restored from.
@@ -76,6 +79,14 @@ pub struct RestoreSource {
     /// Where the container came in the pod's start order at the checkpoint: kept, whatever
     /// order the restores of a pod's containers finish in.
     pub started_order: Option<u64>,
+    /// Restore lazily: memory comes back through a lazy-pages daemon.
+    pub lazy: Option<Lazy>,
+}
+
+/// A lazy restore's daemon: whose lease it holds on the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Lazy {
+    pub lease_for: Option<LeaseFor>,
 }
 
 /// Points runc at the bundle's own CRIU configuration file ([`ckpt::CRIU_CONFIG_FILE`], read by
@@ -196,6 +207,7 @@ impl Container {
             stats_gaps_logged: AtomicBool::new(false),
             starting: tokio::sync::Mutex::new(()),
             exited_plan: None,
+            lazy_stop: Mutex::new(None),
         }))
     }
 
@@ -243,6 +255,7 @@ impl Container {
             stats_gaps_logged: AtomicBool::new(false),
             starting: tokio::sync::Mutex::new(()),
             exited_plan,
+            lazy_stop: Mutex::new(None),
         }))
     }
 
@@ -257,9 +270,70 @@ impl Container {
         Ok(BusyGuard(&self.busy))
     }
 
-    /// `runc restore`s the container from the checkpoint Create prepared; returns its pid.
+    /// `runc restore`s the container from the checkpoint Create prepared; returns its pid. A
+    /// lazy restore starts the container's lazy-pages daemon first and leaves it running.
     async fn restore(&self, src: RestoreSource, exits: &ExitRouter) -> Result<i32> {
         podsnap_checkpoint::failpoint::hold("restore").await;
+        log::info!(
+            "container {}: restoring from {}{}",
+            self.id,
+            src.image_dir.display(),
+            if src.lazy.is_some() { " (lazy)" } else { "" }
+        );
+        let work_dir = self.bundle.path().join("criu-restore");
+        let daemon = match &src.lazy {
+            Some(lazy) => {
+                let pod = match (&self.identity.pod_namespace, &self.identity.pod_name) {
+                    (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+                    _ => None,
+                };
+                let lease_for = lazy.lease_for.as_ref();
+                Some(LazyPages::start(&self.id, pod.as_deref(), &src.image_dir, &work_dir, lease_for).await?)
+            }
+            None => None,
+        };
+        let lazy = daemon.is_some();
+        if lazy {
+            podsnap_checkpoint::failpoint::hold("lazy-pages").await;
+        }
+        let restored = self.restore_from_images(src, exits, work_dir, lazy).await;
+        match (restored, daemon) {
+            (Ok(pid), Some(daemon)) => {
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                *lock(&self.lazy_stop) = Some(stop);
+                let (runc, id) = (self.runc.clone(), self.id.clone());
+                daemon.watch(stopped, move |_| {
+                    tokio::spawn(async move {
+                        log::error!("container {id}: killed: its memory is incomplete");
+                        if let Err(e) = runc.kill(&id, libc::SIGKILL as u32, true).await {
+                            log::warn!("container {id}: kill after its lazy-pages daemon failed: {e}");
+                        }
+                    });
+                });
+                Ok(pid)
+            }
+            (Err(e), Some(daemon)) => {
+                daemon.stop().await;
+                Err(e)
+            }
+            (restored, None) => restored,
+        }
+    }
+
+    /// Stops the lazy-pages daemon of a lazy restore, if one still runs (the container goes).
+    pub fn stop_lazy_pages(&self) {
+        if let Some(stop) = lock(&self.lazy_stop).take() {
+            let _ = stop.send(true);
+        }
+    }
+
+    async fn restore_from_images(
+        &self,
+        src: RestoreSource,
+        exits: &ExitRouter,
+        work_dir: PathBuf,
+        lazy_pages: bool,
+    ) -> Result<i32> {
         let (process_stdio, ends, console) = prepare_io(&self.init.stdio)?;
         let mut options = src.options;
         options.shell_job |= self.init.stdio.terminal;
@@ -278,12 +352,13 @@ impl Container {
             id: self.id.clone(),
             bundle: self.bundle.path().to_path_buf(),
             image_dir: src.image_dir,
-            work_dir: self.bundle.path().join("criu-restore"),
+            work_dir,
             options,
             pid_file: pid_file.clone(),
             console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
             no_pivot: self.flags.no_pivot,
             log: self.bundle.path().join("log.json"),
+            lazy_pages,
         };
         let since = Instant::now();
         let restore = async { Ok(ckpt::restore(&self.runc, &r, process_stdio).await?) };

@@ -9,6 +9,7 @@ mod error;
 mod events;
 mod exits;
 mod info;
+mod lazy_pages;
 mod metrics;
 mod oom;
 mod options;

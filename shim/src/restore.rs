@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::config::{NodeConfig, RESTORE_ANNOTATION};
+use podsnap_checkpoint::config::{NodeConfig, LAZY_ANNOTATION, RESTORE_ANNOTATION};
 use podsnap_checkpoint::container::DumpOptions;
 use podsnap_checkpoint::dump::empty_dir_name;
 use podsnap_checkpoint::lease::{self, Holder, Lease, LEASE_DIR};
@@ -45,8 +45,10 @@ use podsnap_checkpoint::policy::{self, NewImage, Violation};
 use podsnap_checkpoint::ContainerState;
 use podsnap_runtime::bundle::PodIdentity;
 
+use crate::container::Lazy;
 use crate::error::{Error, Result};
 use crate::exits::MonitorLauncher;
+use crate::lazy_pages::LeaseFor;
 use crate::process::lock;
 
 /// The snapshotter directory overlay layers live in (`.../snapshots/<n>/fs` -> `...`): two
@@ -144,6 +146,8 @@ pub struct RestorePlan {
     pub started_order: Option<u64>,
     /// It was paused at the checkpoint: it comes back paused.
     pub paused: bool,
+    /// Restore it lazily (`podsnap.io/restore-lazy`).
+    pub lazy: Option<Lazy>,
 }
 
 /// What the shim knows of a container being created.
@@ -222,6 +226,8 @@ impl Restores {
         };
         let identity = new.identity;
         let cname = identity.name.clone().unwrap_or_default();
+        // Checked on the sandbox too: a pod asking for something else is refused whole.
+        let lazy = lazy_asked(new.spec)?;
         if !identity.is_sandbox {
             match restart_count(new.spec) {
                 // kubelet says which attempt this is (the drop-in passes its annotation).
@@ -344,6 +350,19 @@ impl Restores {
             )),
             None => None,
         };
+        let lazy = lazy.then(|| Lazy {
+            lease_for: identity.sandbox_id.as_ref().map(|sandbox_id| LeaseFor {
+                sandbox_id: sandbox_id.clone(),
+                pod: match (&identity.pod_namespace, &identity.pod_name) {
+                    (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
+                    _ => None,
+                },
+                checkpoint: dir.clone(),
+            }),
+        });
+        if lazy.is_some() {
+            log::info!("container {cname}: will be restored lazily (its memory on demand)");
+        }
         Ok(Plan::Restore(Box::new(RestorePlan {
             image_dir,
             options,
@@ -353,6 +372,7 @@ impl Restores {
             name: Some(cname),
             started_order: entry.started_order,
             paused: entry.state == ContainerState::Paused,
+            lazy,
         })))
     }
 
@@ -655,6 +675,23 @@ async fn release_network(h: &mut NetHold) {
     log::info!("pod network {} released", h.netns.display());
 }
 
+/// Whether the pod asks for a lazy restore: `podsnap.io/restore-lazy` is `"true"`; absent, empty
+/// or `"false"` is an eager one; anything else is refused.
+fn lazy_asked(spec: &Spec) -> Result<bool> {
+    match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(LAZY_ANNOTATION))
+        .map(|v| v.trim())
+    {
+        None | Some("" | "false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(Error::InvalidArgument(format!(
+            "{LAZY_ANNOTATION}: {other:?} is neither \"true\" nor \"false\""
+        ))),
+    }
+}
+
 /// kubelet's restart count of a container (0 for its first attempt), when it passes one.
 fn restart_count(spec: &Spec) -> Option<u64> {
     spec.annotations()
@@ -691,6 +728,28 @@ mod tests {
         );
         assert_ne!(snapshot_root(&a), snapshot_root(&b));
         assert_eq!(snapshot_root(&[]), None);
+    }
+
+    #[test]
+    fn a_lazy_restore_is_asked_with_true_and_nothing_else() {
+        let spec = |value: Option<&str>| -> Spec {
+            let mut a = serde_json::Map::new();
+            if let Some(v) = value {
+                a.insert(LAZY_ANNOTATION.into(), v.into());
+            }
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                "annotations": a
+            }))
+            .expect("spec")
+        };
+        assert!(!lazy_asked(&spec(None)).expect("absent"));
+        assert!(!lazy_asked(&spec(Some("false"))).expect("false"));
+        assert!(!lazy_asked(&spec(Some(""))).expect("empty"));
+        assert!(lazy_asked(&spec(Some("true"))).expect("true"));
+        let err = lazy_asked(&spec(Some("yes"))).expect_err("refused").to_string();
+        assert!(err.contains("podsnap.io/restore-lazy: \"yes\""), "{err}");
     }
 
     #[test]

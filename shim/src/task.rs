@@ -162,6 +162,7 @@ impl PodTask {
                 started_order: None,
                 name: None,
                 paused: false,
+                lazy: None,
             }))
         };
         // From the checkpoint (by name, kubelet path): once restored (at Start) or answered as
@@ -215,6 +216,7 @@ impl PodTask {
                             image_dir: plan.image_dir,
                             options: plan.options,
                             started_order: plan.started_order,
+                            lazy: plan.lazy,
                         },
                     )
                 }
@@ -398,6 +400,7 @@ impl PodTask {
         }
         // A created, never started container still has runc's init waiting: force removes it.
         let force = s.status == Status::Created;
+        c.stop_lazy_pages();
         let has_runc_container = c.exited_plan().is_none() && !c.restore_pending();
         if !has_runc_container {
             // Nothing was created in runc.
