@@ -24,6 +24,9 @@
 //! 7. otherwise after the thaw: specs, digests, manifest last (temporary file, fsync, rename),
 //!    and the staging directory renamed into place.
 //!
+//! Before the digests (in 6 or 7) each container's part is complete; when the caller made
+//! `<dest>.parts` the dump announces each there ([`PartReady`]), so a push can start on them.
+//!
 //! Speed: the frozen window holds the freeze, the checks and CRIU's own dump, no more: runc's
 //! and CRIU's start come before it, and CRIU's per-container iptables lock is skipped (the pod
 //! lock holds the namespace). Nothing is fsynced while the pod is frozen; the digests (BLAKE3,
@@ -627,6 +630,10 @@ async fn finish(
         )?;
         write_kep_metadata(&cdir, &t.entry, checkpointed)?;
     }
+    // Every container's part is complete: a caller pushing the checkpoint may start on them
+    // while the rest (digests, manifest, and with `stop` the sync and the kill) goes on.
+    announce_parts(d, dir);
+    hold("parts-ready").await;
     let files = digest_tree(dir).await?;
     let bytes = files.values().map(|f| f.size).sum();
     let mut containers: Vec<ContainerEntry> = d
@@ -1445,6 +1452,78 @@ impl Drop for Staging {
             }
         }
     }
+}
+
+/// The suffix of the directory beside a dump's destination where the dump announces each
+/// container part once it is complete (`<dest>.parts/<container>.json`, a [`PartReady`]): a
+/// caller that pushes the checkpoint creates it to upload parts while the dump finishes.
+pub const PARTS_SUFFIX: &str = ".parts";
+
+/// `<dest>.parts`.
+pub fn parts_dir(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(PARTS_SUFFIX);
+    dest.with_file_name(name)
+}
+
+/// A complete container part of a dump still being finished.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartReady {
+    /// The checkpoint directory being written (the staging directory until it is committed).
+    pub root: PathBuf,
+    /// `containers/<name>`.
+    pub part: String,
+    /// Its files, relative to `root`, sorted: what the manifest will list for the part.
+    pub files: Vec<String>,
+}
+
+/// Writes a [`PartReady`] for every container into `<dest>.parts` when the caller made that
+/// directory (a real one, not a symlink). Best effort: a caller that finds no announcement
+/// compresses the part after the dump, as without one.
+fn announce_parts(d: &PodDump, dir: &Path) {
+    let parts = parts_dir(&d.dest);
+    if !std::fs::symlink_metadata(&parts).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    for t in &d.targets {
+        let part = t.entry.dir().to_string_lossy().into_owned();
+        let mut files = Vec::new();
+        if let Err(e) = list_files(dir, &dir.join(&part), &mut files) {
+            log::warn!("{}: not announced: {e}", part);
+            continue;
+        }
+        files.sort();
+        let ready = PartReady {
+            root: dir.to_path_buf(),
+            part,
+            files,
+        };
+        let path = parts.join(format!("{}.json", t.entry.name));
+        let tmp = parts.join(format!(".{}.json.tmp", t.entry.name));
+        let written = serde_json::to_vec(&ready)
+            .map_err(std::io::Error::other)
+            .and_then(|json| container::write_private(&tmp, &json).map_err(std::io::Error::other))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            log::warn!("{}: not announced: {e}", path.display());
+        }
+    }
+}
+
+/// Every regular file under `dir`, relative to `root`.
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            list_files(root, &entry.path(), out)?;
+        } else if kind.is_file() {
+            let rel = entry.path();
+            let rel = rel.strip_prefix(root).map_err(std::io::Error::other)?;
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+    Ok(())
 }
 
 /// The runtime a KEP-2008 `config.dump` names.

@@ -2,7 +2,8 @@
 //! to kill a process, restart containerd or race a call against it.
 //!
 //! `PODSNAP_FAILPOINT_HOLD` names a directory. An operation reaching phase P (a pod dump:
-//! `before-freeze`, `frozen`, `dumped`, `thawed`; a container restore: `restore`, and in a lazy
+//! `before-freeze`, `frozen`, `dumped`, `parts-ready` (every container's part complete and
+//! announced, the digests not taken yet), `thawed`; a container restore: `restore`, and in a lazy
 //! one `lazy-pages`, its daemon listening, runc not run yet) while the file `<dir>/P` exists
 //! writes `<dir>/P.reached` and waits (at most a minute) until `<dir>/P` is removed. Unset, as
 //! in production, a hold point costs one environment lookup.

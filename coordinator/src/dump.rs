@@ -121,7 +121,7 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
 }
 
 /// The absolute destination, checked to be absent or empty; the root is created if missing.
-fn destination(request: &DumpRequest) -> Result<PathBuf> {
+pub fn destination(request: &DumpRequest) -> Result<PathBuf> {
     let dir = match &request.dir {
         Some(dir) => dir.clone(),
         None => {

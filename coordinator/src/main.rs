@@ -220,9 +220,33 @@ fn dump_and_push(
     request: &DumpRequest,
     push: Option<(String, i32)>,
 ) -> anyhow::Result<(Dumped, Option<std::time::Duration>)> {
+    // With a push, the container parts start uploading as soon as the dump announces them
+    // (`<dest>.parts`), while it digests, writes the manifest and, with --stop, syncs.
+    let mut request = request.clone();
+    let early = match &push {
+        Some((reference, zstd_level)) => {
+            let dest = podsnap_coordinator::dump::destination(&request)?;
+            request.dir = Some(dest.clone());
+            let push = push_request(config, dest.clone(), reference.clone(), *zstd_level);
+            let parts = Announcements::create(&dest)?;
+            let early = runtime
+                .block_on(oci::EarlyPush::start(&push, &dest, parts.0.clone()))
+                .with_context(|| format!("push to {reference}"))?;
+            Some((early, parts))
+        }
+        None => None,
+    };
     let progress = progress::for_stderr();
-    let outcome = runtime.block_on(dump(request, progress.as_ref()));
+    let outcome = runtime.block_on(dump(&request, progress.as_ref()));
     progress.finish();
+    let prebuilt = match early {
+        Some((early, parts)) => {
+            let prebuilt = runtime.block_on(early.finish());
+            drop(parts);
+            prebuilt
+        }
+        None => Default::default(),
+    };
     let outcome = outcome.with_context(|| format!("dump of pod {}/{}", request.namespace, request.pod))?;
     println!("{}", outcome.summary);
     println!(
@@ -239,40 +263,66 @@ fn dump_and_push(
     };
     let started = std::time::Instant::now();
     // The dump has just written and digested every file of it: no second pass before the push.
-    let pushed = push_checkpoint(
-        true,
-        runtime,
-        config,
-        outcome.summary.dir.clone(),
-        reference,
-        zstd_level,
-    )?;
+    let mut push = push_request(config, outcome.summary.dir.clone(), reference, zstd_level);
+    push.just_dumped = true;
+    push.prebuilt = prebuilt;
+    let pushed = push_checkpoint(runtime, &push)?;
     println!(
-        "pushed       {} ({} layers, {} uploaded)",
-        pushed.pushed, pushed.layers, pushed.uploaded
+        "pushed       {} ({} layers, {} uploaded, {} of them during the dump)",
+        pushed.pushed,
+        pushed.layers,
+        pushed.uploaded + pushed.early,
+        pushed.early
     );
     Ok((dumped, Some(started.elapsed())))
 }
 
-/// `podsnap push DIR REF` under the node's `[registry]` rules.
-fn push_checkpoint(
-    just_dumped: bool,
-    runtime: &tokio::runtime::Runtime,
-    config: &NodeConfig,
-    dir: PathBuf,
-    reference: String,
-    zstd_level: i32,
-) -> anyhow::Result<oci::PushOutcome> {
-    let request = oci::PushRequest {
+/// `<dest>.parts`, where a dump announces its complete container parts; removed on drop.
+struct Announcements(PathBuf);
+
+impl Announcements {
+    fn create(dest: &Path) -> anyhow::Result<Announcements> {
+        let dir = podsnap_checkpoint::dump::parts_dir(dest);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing a stale {}", dir.display()))
+            }
+            _ => {}
+        }
+        podsnap_checkpoint::container::create_private_dir(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Announcements(dir))
+    }
+}
+
+impl Drop for Announcements {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            log::warn!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// A push of `dir` to `reference` under the node's `[registry]` rules.
+fn push_request(config: &NodeConfig, dir: PathBuf, reference: String, zstd_level: i32) -> oci::PushRequest {
+    oci::PushRequest {
         dir,
         reference,
         policy: config.registry.clone(),
         config_name: config.describe(),
         zstd_level,
-        just_dumped,
-    };
+        just_dumped: false,
+        prebuilt: Default::default(),
+    }
+}
+
+/// `podsnap push DIR REF`.
+fn push_checkpoint(
+    runtime: &tokio::runtime::Runtime,
+    request: &oci::PushRequest,
+) -> anyhow::Result<oci::PushOutcome> {
     runtime
-        .block_on(oci::push(&request))
+        .block_on(oci::push(request))
         .with_context(|| format!("push {} to {}", request.dir.display(), request.reference))
 }
 
@@ -456,7 +506,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reference,
             zstd_level,
         } => {
-            let pushed = push_checkpoint(false, &runtime, &config, dir, reference, zstd_level)?;
+            let pushed = push_checkpoint(&runtime, &push_request(&config, dir, reference, zstd_level))?;
             println!("pushed       {}", pushed.pushed);
             println!(
                 "layers       {} ({} uploaded, {}; {} already in the registry)",

@@ -318,6 +318,9 @@ pub struct PushRequest {
     /// its listing is checked, its digests are not computed a second time. A checkpoint named
     /// on the command line is verified whole first.
     pub just_dumped: bool,
+    /// Layers already built and uploaded while the dump finished ([`EarlyPush`]), by part: used
+    /// as they are when the part holds the same files.
+    pub prebuilt: BTreeMap<String, Prebuilt>,
 }
 
 /// What a push did.
@@ -332,6 +335,23 @@ pub struct PushOutcome {
     pub uploaded_bytes: u64,
     /// The signing key's id (`None`: pushed unsigned, as the configuration allows).
     pub signed_by: Option<String>,
+    /// Layers uploaded while the dump was still finishing.
+    pub early: usize,
+}
+
+/// What the push loop gets for a part: a layer to upload, or one uploaded already.
+enum Ready {
+    Built(Layer),
+    Uploaded { part: String, digest: String, size: u64 },
+}
+
+fn layer_descriptor(part: &str, digest: &str, size: u64) -> serde_json::Value {
+    descriptor(
+        LAYER_MEDIA_TYPE,
+        digest,
+        size,
+        Some(BTreeMap::from([(PART_ANNOTATION.to_owned(), part.to_owned())])),
+    )
 }
 
 /// A compressed layer in a temporary file.
@@ -546,15 +566,23 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
         .map_err(registry_error("authenticating", &request.reference))?;
 
     let mut descriptors = Vec::new();
-    let (mut uploaded, mut uploaded_bytes) = (0, 0);
+    let (mut uploaded, mut uploaded_bytes, mut early) = (0, 0, 0);
     // Compression runs one layer ahead of the upload: the next part is compressed while the
     // last one goes to the registry (at most two compressed layers on disk at once).
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Layer>>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Ready>>(1);
     let compressor = tokio::task::spawn_blocking({
         let (dir, level, parts) = (dir.clone(), request.zstd_level, parts(&manifest));
+        let prebuilt = request.prebuilt.clone();
         move || {
             for (part, files) in parts {
-                let layer = build_layer(&dir, &part, &files, level);
+                let layer = match prebuilt.get(&part) {
+                    Some(p) if p.files == files => Ok(Ready::Uploaded {
+                        part,
+                        digest: p.digest.clone(),
+                        size: p.size,
+                    }),
+                    _ => build_layer(&dir, &part, &files, level).map(Ready::Built),
+                };
                 let failed = layer.is_err();
                 if tx.blocking_send(layer).is_err() || failed {
                     break; // the upload stopped (its error says why), or this layer failed
@@ -564,19 +592,19 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
     });
     while let Some(layer) = rx.recv().await {
         let layer = match layer {
-            Ok(layer) => layer,
+            Ok(Ready::Built(layer)) => layer,
+            Ok(Ready::Uploaded { part, digest, size }) => {
+                descriptors.push(layer_descriptor(&part, &digest, size));
+                early += 1;
+                continue;
+            }
             Err(e) => {
                 drop(rx);
                 let _ = compressor.await;
                 return Err(e);
             }
         };
-        descriptors.push(descriptor(
-            LAYER_MEDIA_TYPE,
-            &layer.digest,
-            layer.size,
-            Some(BTreeMap::from([(PART_ANNOTATION.to_owned(), layer.part.clone())])),
-        ));
+        descriptors.push(layer_descriptor(&layer.part, &layer.digest, layer.size));
         let size = layer.size;
         let part = layer.part.clone();
         if upload_file(&client, &image, layer).await? {
@@ -643,7 +671,134 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
         uploaded,
         uploaded_bytes,
         signed_by,
+        early,
     })
+}
+
+/// A layer built and uploaded while its dump was finishing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prebuilt {
+    /// The part's files it holds (relative to the checkpoint), sorted.
+    pub files: Vec<String>,
+    pub digest: String,
+    pub size: u64,
+}
+
+/// Uploads the container parts a dump announces in `<dest>.parts`
+/// ([`podsnap_checkpoint::dump::PartReady`]) while the dump still digests, writes the manifest
+/// and (with `--stop`) syncs and stops the pod: compressed and uploaded one at a time, as
+/// [`push`] would. What it could not do (the part changed, the staging directory was renamed
+/// away first, an upload failed) is left to [`push`], which reuses only layers of exactly the
+/// files the manifest lists. A pull checks every file's digest, whatever was uploaded.
+pub struct EarlyPush {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<BTreeMap<String, Prebuilt>>,
+}
+
+impl EarlyPush {
+    /// Checks the reference like [`push`] and starts watching `parts` (which the caller made).
+    pub async fn start(request: &PushRequest, dest: &Path, parts: PathBuf) -> Result<EarlyPush> {
+        let image = checked_reference(&request.reference, &request.policy, &request.config_name)?;
+        let auth = docker_auth(image.registry())?;
+        let client = client_for(&image, &request.policy);
+        client
+            .auth(&image, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(registry_error("authenticating", &request.reference))?;
+        let (stop, mut stopping) = tokio::sync::watch::channel(false);
+        let (level, dest) = (request.zstd_level, dest.to_path_buf());
+        let task = tokio::spawn(async move {
+            let mut seen = BTreeSet::new();
+            let mut done = BTreeMap::new();
+            loop {
+                let last = *stopping.borrow();
+                for ready in announced(&parts, &dest, &mut seen) {
+                    let part = ready.part.clone();
+                    match early_layer(&client, &image, ready, level).await {
+                        Ok(prebuilt) => {
+                            log::info!("{}: uploaded part {part} during the dump", image.whole());
+                            done.insert(part, prebuilt);
+                        }
+                        Err(e) => log::info!("part {part} is pushed after the dump: {e}"),
+                    }
+                }
+                if last {
+                    return done;
+                }
+                tokio::select! {
+                    _ = stopping.changed() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        Ok(EarlyPush { stop, task })
+    }
+
+    /// Stops watching (after one last look) and returns what was uploaded.
+    pub async fn finish(self) -> BTreeMap<String, Prebuilt> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// The announcements in `parts` not seen yet, of a dump into `dest` (its staging directory
+/// beside it, or itself) and naming only files of their own part.
+fn announced(
+    parts: &Path,
+    dest: &Path,
+    seen: &mut BTreeSet<String>,
+) -> Vec<podsnap_checkpoint::dump::PartReady> {
+    let Ok(entries) = std::fs::read_dir(parts) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".json") || !seen.insert(name.clone()) {
+            continue;
+        }
+        let ready = podsnap_checkpoint::manifest::read_capped(&entry.path(), MAX_MANIFEST_BYTES)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                serde_json::from_slice::<podsnap_checkpoint::dump::PartReady>(&b).map_err(|e| e.to_string())
+            });
+        match ready {
+            Ok(r) if announcement_fits(&r, dest) => found.push(r),
+            Ok(r) => log::warn!("{name}: {} is not a part of {}", r.part, dest.display()),
+            Err(e) => log::warn!("{name}: {e}"),
+        }
+    }
+    found
+}
+
+fn announcement_fits(r: &podsnap_checkpoint::dump::PartReady, dest: &Path) -> bool {
+    let beside = r.root == dest
+        || (r.root.parent() == dest.parent()
+            && r.root.file_name().is_some_and(|n| {
+                let staging = format!(".{}.tmp-", dest.file_name().unwrap_or_default().to_string_lossy());
+                n.to_string_lossy().starts_with(&staging)
+            }));
+    beside
+        && r.part.starts_with("containers/")
+        && r.files
+            .iter()
+            .all(|f| safe_relative(f).is_ok() && part_of(f) == r.part)
+}
+
+async fn early_layer(
+    client: &Client,
+    image: &Reference,
+    ready: podsnap_checkpoint::dump::PartReady,
+    level: i32,
+) -> Result<Prebuilt> {
+    let files = ready.files.clone();
+    let layer =
+        tokio::task::spawn_blocking(move || build_layer(&ready.root, &ready.part, &ready.files, level))
+            .await
+            .map_err(|e| refused(format!("compressing a layer: {e}")))??;
+    let (digest, size) = (layer.digest.clone(), layer.size);
+    upload_file(client, image, layer).await?;
+    Ok(Prebuilt { files, digest, size })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -92,6 +92,14 @@ impl Registry {
             .count()
     }
 
+    /// Blob uploads the registry has completed (the `PUT` that ends each).
+    pub fn completed_uploads(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"PUT /v2/") && l.contains("/blobs/uploads/"))
+            .count()
+    }
+
     /// The registry's storage directory (its blobs and repositories).
     pub fn storage(&self) -> PathBuf {
         self.dir.path().join("storage")

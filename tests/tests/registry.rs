@@ -21,7 +21,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
@@ -120,6 +120,18 @@ impl Setup {
             .output()
             .expect("running podsnap")
     }
+}
+
+/// Polls `done` every 50 ms until it holds or `timeout` passes; says whether it held.
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
 }
 
 fn text(out: &Output) -> String {
@@ -373,7 +385,14 @@ fn a_registry_that_is_not_allowed_is_refused_before_any_network_call() {
 fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     let workload =
         || podsnap_tests::node::NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-    let (node_a, node_b) = podsnap_tests::node::Node::start_pair(workload(), workload());
+    // Node A's shim can be held once the dump has announced its container parts.
+    let holds = tempfile::tempdir().expect("a directory of hold points");
+    let mut a = workload();
+    a.extra_env.push((
+        podsnap_checkpoint::failpoint::HOLD_ENV.to_owned(),
+        holds.path().display().to_string(),
+    ));
+    let (node_a, node_b) = podsnap_tests::node::Node::start_pair(a, workload());
     assert_ne!(node_a.subnet(), node_b.subnet(), "two pod networks");
     let setup = Setup::new();
     let name = node_a.unique("move");
@@ -392,22 +411,44 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     );
     let reference = format!("{}/moves/{name}:v1", registry.host());
     let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| setup.podsnap_on(&config, node, args);
-    let out = podsnap(
-        &node_a,
-        &[
-            "dump",
-            "--stop",
-            "--namespace",
-            "default",
-            "--pod",
-            &name,
-            "--push",
-            &reference,
-        ],
-    );
+    // The container parts go up while the dump is still finishing: held once they are
+    // announced (the pod frozen, nothing digested yet), the registry receives one layer per
+    // container (sandbox, init, sidecar, app) before the dump may go on.
+    std::fs::write(holds.path().join("parts-ready"), b"").expect("arm the hold");
+    let dumping = std::thread::scope(|scope| {
+        let dumping = scope.spawn(|| {
+            podsnap(
+                &node_a,
+                &[
+                    "dump",
+                    "--stop",
+                    "--namespace",
+                    "default",
+                    "--pod",
+                    &name,
+                    "--push",
+                    &reference,
+                ],
+            )
+        });
+        let waited = wait_until(Duration::from_secs(60), || {
+            holds.path().join("parts-ready.reached").exists() && registry.completed_uploads() >= 4
+        });
+        std::fs::remove_file(holds.path().join("parts-ready")).expect("release the hold");
+        let out = dumping.join().expect("the dump thread");
+        assert!(
+            waited,
+            "the container parts were not uploaded while the dump was held ({} uploads): {}\n{}",
+            registry.completed_uploads(),
+            text(&out),
+            registry.log()
+        );
+        out
+    });
+    let out = dumping;
     assert!(out.status.success(), "dump --push: {}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("pushed       "),
+        String::from_utf8_lossy(&out.stdout).contains("4 of them during the dump)"),
         "{}",
         text(&out)
     );
