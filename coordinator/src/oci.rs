@@ -1375,6 +1375,46 @@ mod tests {
     }
 
     #[test]
+    fn only_announcements_of_the_dump_and_of_their_own_part_are_taken() {
+        let dest = Path::new("/root/ckpt/web");
+        let ready = |root: &str, part: &str, files: &[&str]| podsnap_checkpoint::dump::PartReady {
+            root: PathBuf::from(root),
+            part: part.to_owned(),
+            files: files.iter().map(|f| (*f).to_owned()).collect(),
+        };
+        let app = ["containers/app/spec.dump", "containers/app/checkpoint/core-1.img"];
+        assert!(announcement_fits(
+            &ready("/root/ckpt/web", "containers/app", &app),
+            dest
+        ));
+        assert!(announcement_fits(
+            &ready("/root/ckpt/.web.tmp-77", "containers/app", &app),
+            dest
+        ));
+        for (root, part, files) in [
+            ("/etc", "containers/app", &app[..]),
+            ("/root/ckpt/.other.tmp-77", "containers/app", &app[..]),
+            ("/root/ckpt/web", "volumes/data.tar", &["volumes/data.tar"][..]),
+            (
+                "/root/ckpt/web",
+                "containers/app",
+                &["containers/db/spec.dump"][..],
+            ),
+            (
+                "/root/ckpt/web",
+                "containers/app",
+                &["containers/app/../../etc/shadow"][..],
+            ),
+            ("/root/ckpt/web", "containers/app", &["/etc/shadow"][..]),
+        ] {
+            assert!(
+                !announcement_fits(&ready(root, part, files), dest),
+                "{root} {part} {files:?}"
+            );
+        }
+    }
+
+    #[test]
     fn docker_config_credentials() {
         let text = br#"{"auths": {"https://reg.example.com/v1/": {"auth": "dXNlcjpwYXNz"},
             "127.0.0.1:5000": {"username": "a", "password": "b"}}}"#;
