@@ -424,15 +424,8 @@ fn duration_after(line: &str, word: &str) -> f64 {
 impl Bench {
     /// Runs the podsnap CLI against `node`, with the node configuration `config`.
     fn podsnap(&self, node: &Node, config: &Path, args: &[&str]) -> Output {
-        let out = Command::new(&self.podsnap)
-            .args(args)
-            .env("PODSNAP_CONFIG", config)
-            .env("DOCKER_CONFIG", self.dir.path().join("docker"))
-            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
-            .env("CONTAINERD_ADDRESS", node.address())
-            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
-            .output()
-            .expect("running podsnap");
+        let docker = self.dir.path().join("docker");
+        let out = registry::podsnap_on(&self.podsnap, config, &docker, node, args);
         assert!(out.status.success(), "podsnap {args:?}: {}", text(&out));
         out
     }

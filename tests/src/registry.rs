@@ -9,6 +9,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Runs the `podsnap` CLI at `binary` against `node` (its CRI and containerd sockets and its
+/// checkpoint root), with the node configuration `config` and Docker credentials from
+/// `docker_config`.
+pub fn podsnap_on(
+    binary: &Path,
+    config: &Path,
+    docker_config: &Path,
+    node: &crate::node::Node,
+    args: &[&str],
+) -> std::process::Output {
+    Command::new(binary)
+        .args(args)
+        .env("PODSNAP_CONFIG", config)
+        .env("DOCKER_CONFIG", docker_config)
+        .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
+        .env("CONTAINERD_ADDRESS", node.address())
+        .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+        .output()
+        .expect("running podsnap")
+}
+
 /// Debian's `docker-registry` (installed by `packaging/install-deps.sh`).
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 

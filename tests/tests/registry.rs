@@ -110,16 +110,23 @@ impl Setup {
 
     /// `podsnap ARGS` against `node` (its CRI and containerd sockets and checkpoint root).
     fn podsnap_on(&self, config: &Path, node: &podsnap_tests::node::Node, args: &[&str]) -> Output {
-        Command::new(&self.binary)
-            .args(args)
-            .env("PODSNAP_CONFIG", config)
-            .env("DOCKER_CONFIG", self.dir.path().join("docker"))
-            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
-            .env("CONTAINERD_ADDRESS", node.address())
-            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
-            .output()
-            .expect("running podsnap")
+        let docker = self.dir.path().join("docker");
+        podsnap_tests::registry::podsnap_on(&self.binary, config, &docker, node, args)
     }
+}
+
+/// `podsnap dump --stop --namespace default --pod NAME --push REF`'s arguments.
+fn dump_stop_push<'a>(name: &'a str, reference: &'a str) -> [&'a str; 8] {
+    [
+        "dump",
+        "--stop",
+        "--namespace",
+        "default",
+        "--pod",
+        name,
+        "--push",
+        reference,
+    ]
 }
 
 /// Polls `done` every 50 ms until it holds or `timeout` passes; says whether it held.
@@ -416,21 +423,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     // container (sandbox, init, sidecar, app) before the dump may go on.
     std::fs::write(holds.path().join("parts-ready"), b"").expect("arm the hold");
     let dumping = std::thread::scope(|scope| {
-        let dumping = scope.spawn(|| {
-            podsnap(
-                &node_a,
-                &[
-                    "dump",
-                    "--stop",
-                    "--namespace",
-                    "default",
-                    "--pod",
-                    &name,
-                    "--push",
-                    &reference,
-                ],
-            )
-        });
+        let dumping = scope.spawn(|| podsnap(&node_a, &dump_stop_push(&name, &reference)));
         let waited = wait_until(Duration::from_secs(60), || {
             holds.path().join("parts-ready.reached").exists() && registry.completed_uploads() >= 4
         });
@@ -673,19 +666,7 @@ fn a_container_image_missing_on_the_target_is_pulled_by_its_digest() {
     );
     let podsnap = |node: &podsnap_tests::node::Node, args: &[&str]| setup.podsnap_on(&config, node, args);
     let reference = format!("{}/moves/{name}:v1", registry.host());
-    let out = podsnap(
-        &node_a,
-        &[
-            "dump",
-            "--stop",
-            "--namespace",
-            "default",
-            "--pod",
-            &name,
-            "--push",
-            &reference,
-        ],
-    );
+    let out = podsnap(&node_a, &dump_stop_push(&name, &reference));
     assert!(out.status.success(), "dump --push: {}", text(&out));
     podsnap_tests::kubelet::remove_pod(&node_a, &pod).expect("the original pod removed");
 
