@@ -131,7 +131,9 @@ pub struct Recovered {
     pub killed: usize,
 }
 
-/// Kills every process whose command line names `staging` (and its descendants).
+/// Kills every process whose command line names `staging`, or whose working directory is
+/// inside it (a CRIU whose runc died first: `criu swrk` names no path, but it works in the
+/// images directory), and their descendants.
 fn kill_workers(staging: &Path) -> usize {
     let needle = staging.as_os_str().as_encoded_bytes();
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -145,7 +147,12 @@ fn kill_workers(staging: &Path) -> usize {
         let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
             continue;
         };
-        if cmdline.windows(needle.len()).any(|w| w == needle) {
+        let works_inside = std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| {
+            let cwd = cwd.as_os_str().as_encoded_bytes();
+            let cwd = cwd.strip_suffix(b" (deleted)").unwrap_or(cwd);
+            cwd.starts_with(needle) && matches!(cwd.get(needle.len()), None | Some(b'/'))
+        });
+        if works_inside || cmdline.windows(needle.len()).any(|w| w == needle) {
             log::warn!("killing pid {pid} of a dead pod dump");
             podsnap_runtime::launcher::kill_tree(pid);
             n += 1;
@@ -333,6 +340,33 @@ mod tests {
             std::fs::read_to_string(v2.join("cgroup.freeze")).expect("read"),
             "0"
         );
+    }
+
+    #[test]
+    fn a_worker_inside_the_staging_output_is_killed_even_when_nothing_names_it() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let staging = t.path().join(".web.tmp-1");
+        let images = staging.join("containers/app/checkpoint");
+        std::fs::create_dir_all(&images).expect("mkdir");
+        let other = t.path().join(".web.tmp-10");
+        std::fs::create_dir_all(&other).expect("mkdir");
+        let spawn = |cwd: &Path| {
+            std::process::Command::new("sleep")
+                .arg("100")
+                .current_dir(cwd)
+                .spawn()
+                .expect("sleep")
+        };
+        let (mut inside, mut beside) = (spawn(&images), spawn(&other));
+        assert_eq!(kill_workers(&staging), 1, "only the one working inside");
+        let status = inside.wait().expect("wait");
+        assert!(!status.success(), "killed");
+        assert!(
+            beside.try_wait().expect("try_wait").is_none(),
+            "a sibling's is left"
+        );
+        beside.kill().expect("kill");
+        beside.wait().expect("wait");
     }
 
     #[test]

@@ -142,13 +142,16 @@ pub fn timed_out(deadline: Duration) -> std::io::Error {
     )
 }
 
-/// Kills `pid` and every process descending from it (found through `/proc`), children first
-/// listed last so none is missed while its parent dies.
+/// Kills `pid` and every process descending from it (found through `/proc`). The tree is
+/// stopped top-down first (`SIGSTOP`, waiting until each is stopped): a stopped process forks
+/// no more, so a child forked while the tree is walked (runc starting CRIU) is seen instead of
+/// outliving its killed parent. Then every process of it is killed.
 pub fn kill_tree(pid: i32) {
     let mut tree = vec![pid];
     let mut i = 0;
     while i < tree.len() {
         let parent = tree[i];
+        stop_and_wait(parent);
         tree.extend(children_of(parent));
         i += 1;
     }
@@ -158,6 +161,27 @@ pub fn kill_tree(pid: i32) {
             libc::kill(p, libc::SIGKILL);
         }
     }
+}
+
+/// Sends `SIGSTOP` and waits (at most 100 ms: a process in uninterruptible sleep stops later)
+/// until the process is stopped or gone.
+fn stop_and_wait(pid: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+        return;
+    }
+    for _ in 0..100 {
+        match process_state(pid) {
+            None | Some('T' | 't' | 'Z' | 'X') => return,
+            Some(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// The state letter of `/proc/<pid>/stat` (after the command's closing parenthesis).
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 fn children_of(pid: i32) -> Vec<i32> {
@@ -255,4 +279,45 @@ pub async fn read_pipe(fd: Option<OwnedFd>) -> Vec<u8> {
         Err(e) => log::warn!("cannot read a child's output: {e}"),
     }
     buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_tree_kills_every_descendant() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 100 & sh -c 'sleep 100 & wait' & wait"])
+            .spawn()
+            .expect("sh");
+        let pid = child.id() as i32;
+        let mut descendants = Vec::new();
+        for _ in 0..200 {
+            descendants = {
+                let mut all = children_of(pid);
+                let grand: Vec<i32> = all.iter().flat_map(|c| children_of(*c)).collect();
+                all.extend(grand);
+                all
+            };
+            if descendants.len() >= 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(descendants.len() >= 3, "the tree started: {descendants:?}");
+        kill_tree(pid);
+        child.wait().expect("wait");
+        for p in descendants {
+            let mut gone = false;
+            for _ in 0..200 {
+                if matches!(process_state(p), None | Some('Z' | 'X')) {
+                    gone = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(gone, "pid {p} survived ({:?})", process_state(p));
+        }
+    }
 }
