@@ -102,6 +102,21 @@ pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
     let created_dir = !d.image_dir.exists();
     create_private_dir(&d.image_dir)?;
     let before = listing(&d.image_dir);
+    // CRIU's log exists before CRIU starts: on a filesystem out of inodes CRIU can still say
+    // in it why it failed (its log needs no new inode), and a log that cannot be made fails
+    // here with the filesystem's own error.
+    let log_dir = d.work_dir.as_deref().unwrap_or(&d.image_dir);
+    if log_dir.is_dir() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let log = log_dir.join("dump.log");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log)
+            .map_err(|e| Error::io("create CRIU's log", &log, e))?;
+    }
     let criu = d.options.criu(&d.image_dir, d.work_dir.clone())?;
     let opts = CheckpointOpts {
         criu,
