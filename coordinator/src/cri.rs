@@ -107,6 +107,33 @@ pub fn clients(channel: Channel) -> CriClients {
     CriClients { runtime, image }
 }
 
+/// A CRI image reference, as ImageStatus and PullImage take it.
+pub fn image_spec(image: &str) -> k8s_cri::v1::ImageSpec {
+    k8s_cri::v1::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// CRI's ImageStatus of `image` (a name, a digest reference or an image id); `None` when the
+/// node does not have it.
+pub async fn image_status(
+    clients: &CriClients,
+    image: &str,
+) -> crate::error::Result<Option<k8s_cri::v1::Image>> {
+    Ok(clients
+        .image
+        .clone()
+        .image_status(k8s_cri::v1::ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: false,
+        })
+        .await
+        .map_err(crate::error::Error::cri(format!("ImageStatus {image}")))?
+        .into_inner()
+        .image)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

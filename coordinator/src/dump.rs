@@ -231,20 +231,8 @@ async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) 
             changed = true;
         }
         if entry.image_digest.is_none() {
-            let repo_digests = clients
-                .image
-                .clone()
-                .image_status(k8s_cri::v1::ImageStatusRequest {
-                    image: Some(k8s_cri::v1::ImageSpec {
-                        image: id.clone(),
-                        ..Default::default()
-                    }),
-                    verbose: false,
-                })
-                .await
-                .map_err(Error::cri(format!("ImageStatus {id}")))?
-                .into_inner()
-                .image
+            let repo_digests = cri::image_status(clients, id)
+                .await?
                 .map(|i| i.repo_digests)
                 .unwrap_or_default();
             entry.image_digest = pinned_reference(entry.image.as_deref(), &repo_digests);

@@ -399,7 +399,7 @@ async fn check_images(
             .map(|c| c.name.as_str())
             .collect::<Vec<_>>()
             .join(", ");
-        let found = match image_status(clients, &image).await? {
+        let found = match crate::cri::image_status(clients, &image).await? {
             Some(found) => found,
             None => {
                 let pinned = pinned_digest(&plan.manifest, &users, &image, &names)?;
@@ -410,7 +410,7 @@ async fn check_images(
                     .image
                     .clone()
                     .pull_image(cri::PullImageRequest {
-                        image: Some(image_spec(&pinned)),
+                        image: Some(crate::cri::image_spec(&pinned)),
                         auth: None,
                         sandbox_config: None,
                     })
@@ -422,7 +422,7 @@ async fn check_images(
                             e.message()
                         ))
                     })?;
-                let found = image_status(clients, &pinned).await?.ok_or_else(|| {
+                let found = crate::cri::image_status(clients, &pinned).await?.ok_or_else(|| {
                     Error::Refused(format!("image {pinned} is not on this node after its pull"))
                 })?;
                 for (c, _, _) in plan.containers.iter_mut().filter(|(c, _, _)| c.image == image) {
@@ -454,27 +454,6 @@ async fn check_images(
         }
     }
     Ok(pulled)
-}
-
-fn image_spec(image: &str) -> cri::ImageSpec {
-    cri::ImageSpec {
-        image: image.to_owned(),
-        ..Default::default()
-    }
-}
-
-async fn image_status(clients: &CriClients, image: &str) -> Result<Option<cri::Image>> {
-    Ok(clients
-        .image
-        .clone()
-        .image_status(cri::ImageStatusRequest {
-            image: Some(image_spec(image)),
-            verbose: false,
-        })
-        .await
-        .map_err(Error::cri(format!("ImageStatus {image}")))?
-        .into_inner()
-        .image)
 }
 
 /// The digest the checkpoint pinned `image` to, for a pull: one for all its containers, of

@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 use common::observer::{Observer, Watched, Windows};
 use common::{mib, print_table, ratio, seconds, Samples};
 use k8s_cri::v1 as cri;
+use podsnap_tests::command::output_text as text;
 use podsnap_tests::containerd_api::ContainerdApi;
 use podsnap_tests::cri::CriClient;
 use podsnap_tests::ctr::CRI_NAMESPACE as NS;
@@ -372,15 +373,6 @@ fn clear_checkpoints(node: &Node) {
     for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
         let _ = std::fs::remove_dir_all(entry.path());
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The value after `key` on the first line of `stdout` that starts with it.

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
+use podsnap_tests::command::output_text as text;
 use podsnap_tests::kubelet::{
     ask, run_container, run_pod, run_three_container_pod, wait_answering, PodOptions, APP_PORT, SIDECAR_PORT,
 };
@@ -129,6 +130,67 @@ fn dump_stop_push<'a>(name: &'a str, reference: &'a str) -> [&'a str; 8] {
     ]
 }
 
+/// What `podsnap restore --from` printed of the pod it made.
+struct RestoredFrom {
+    stdout: String,
+    ip: String,
+    id: String,
+    uid: String,
+}
+
+impl RestoredFrom {
+    /// The value of the output line starting with `key`.
+    fn field(&self, key: &str) -> String {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {key:?} in {}", self.stdout))
+    }
+}
+
+/// `podsnap restore --from REF` on `node`, into kubelet's pod and log directories; the new pod
+/// is recorded for the node's teardown.
+fn restore_from(
+    setup: &Setup,
+    config: &Path,
+    node: &podsnap_tests::node::Node,
+    reference: &str,
+) -> RestoredFrom {
+    let (pods, logs) = (pods_dir(node), logs_dir(node));
+    let out = setup.podsnap_on(
+        config,
+        node,
+        &[
+            "restore",
+            "--from",
+            reference,
+            "--pods-dir",
+            pods.to_str().expect("utf8"),
+            "--logs-dir",
+            logs.to_str().expect("utf8"),
+        ],
+    );
+    assert!(out.status.success(), "restore --from: {}", text(&out));
+    let mut restored = RestoredFrom {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        ip: String::new(),
+        id: String::new(),
+        uid: String::new(),
+    };
+    restored.ip = restored.field("ip ");
+    restored.id = restored.field("id ");
+    restored.uid = restored
+        .field("pod ")
+        .rsplit_once("(uid ")
+        .and_then(|(_, u)| u.strip_suffix(')'))
+        .expect("the new pod's uid")
+        .to_owned();
+    let netns = node.cri().pod_netns(&restored.id).ok().flatten();
+    node.record_pod(&restored.uid, netns.as_deref())
+        .expect("record the restored pod");
+    restored
+}
+
 /// Polls `done` every 50 ms until it holds or `timeout` passes; says whether it held.
 fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + timeout;
@@ -139,15 +201,6 @@ fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     done()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The names in the checkpoint root, hidden ones (staging directories) included.
@@ -455,38 +508,13 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
 
     let node = &node_b;
     let pods = pods_dir(node);
-    let logs = logs_dir(node);
-    let out = podsnap(
-        node,
-        &[
-            "restore",
-            "--from",
-            &reference,
-            "--pods-dir",
-            pods.to_str().expect("utf8"),
-            "--logs-dir",
-            logs.to_str().expect("utf8"),
-        ],
+    let restored = restore_from(&setup, &config, node, &reference);
+    assert!(
+        restored.field("pulled ").contains("sha256:"),
+        "{}",
+        restored.stdout
     );
-    assert!(out.status.success(), "restore --from: {}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let field = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
-            .unwrap_or_else(|| panic!("no {key:?} in {stdout}"))
-    };
-    assert!(field("pulled ").contains("sha256:"), "{stdout}");
-    let ip = field("ip ");
-    let id = field("id ");
-    let uid = field("pod ")
-        .rsplit_once("(uid ")
-        .and_then(|(_, u)| u.strip_suffix(')'))
-        .expect("the new pod's uid")
-        .to_owned();
-    let netns = node.cri().pod_netns(&id).ok().flatten();
-    node.record_pod(&uid, netns.as_deref())
-        .expect("record the restored pod");
+    let RestoredFrom { ip, id, uid, .. } = restored;
     let app_id = container_named(node, &id, "app").id;
     let volume = pods
         .join(&uid)
@@ -674,43 +702,15 @@ fn a_container_image_missing_on_the_target_is_pulled_by_its_digest() {
     ctr(&node_a, &["images", "tag", podsnap_tests::PAUSE_IMAGE, &image]);
     ctr(&node_a, &["images", "push", "--plain-http", &image]);
 
-    let pods = pods_dir(&node_b);
-    let logs = logs_dir(&node_b);
-    let out = podsnap(
-        &node_b,
-        &[
-            "restore",
-            "--from",
-            &reference,
-            "--pods-dir",
-            pods.to_str().expect("utf8"),
-            "--logs-dir",
-            logs.to_str().expect("utf8"),
-        ],
-    );
-    assert!(out.status.success(), "restore --from: {}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let restored = restore_from(&setup, &config, &node_b, &reference);
     assert!(
-        stdout.contains(&format!("image pulled {pinned} (it was not on this node)")),
+        restored
+            .stdout
+            .contains(&format!("image pulled {pinned} (it was not on this node)")),
         "{}",
-        text(&out)
+        restored.stdout
     );
-    let field = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
-            .unwrap_or_else(|| panic!("no {key:?} in {stdout}"))
-    };
-    let (ip, id) = (field("ip "), field("id "));
-    let uid = field("pod ")
-        .rsplit_once("(uid ")
-        .and_then(|(_, u)| u.strip_suffix(')'))
-        .expect("the new pod's uid")
-        .to_owned();
-    let netns = node_b.cri().pod_netns(&id).ok().flatten();
-    node_b
-        .record_pod(&uid, netns.as_deref())
-        .expect("record the restored pod");
+    let RestoredFrom { ip, id, .. } = restored;
     wait_answering(&ip, APP_PORT, Duration::from_secs(20)).expect("the restored app answers");
     assert!(count(&ip) >= before, "the app's counter goes on");
     let on_b = status(&node_b, &pinned).expect("the pinned image on node B");
