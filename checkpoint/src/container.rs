@@ -180,6 +180,8 @@ pub fn inspect(dir: &Path) -> Result<DumpOptions> {
 
 /// CRIU image files start with two magic numbers; entries follow as (u32 length, protobuf).
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+const PSTREE_MAGIC: u32 = 0x5027_3030;
+const PSTREE_IMAGE: &str = "pstree.img";
 /// `pagemap_entry.flags`: the pages are in this image's pages file.
 const PE_PRESENT: u64 = 1 << 2;
 
@@ -212,20 +214,88 @@ fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Reads a pagemap image: its pages id and the number of pages present in its pages file.
-fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
+/// The entries of a CRIU image whose own magic number is `magic`: each a protobuf message.
+fn image_entries<'a>(data: &'a [u8], magic: u32, what: &str) -> std::result::Result<Vec<&'a [u8]>, String> {
     let u32_at =
         |at: usize| -> Option<u32> { Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?)) };
-    if u32_at(4) != Some(PAGEMAP_MAGIC) {
-        return Err("not a CRIU pagemap image".into());
+    if u32_at(4) != Some(magic) {
+        return Err(format!("not a CRIU {what} image"));
     }
     let mut at = 8;
-    let mut pages_id = None;
-    let mut present = 0u64;
+    let mut entries = Vec::new();
     while at < data.len() {
         let len = u32_at(at).ok_or("truncated entry")? as usize;
-        let msg = data.get(at + 4..at + 4 + len).ok_or("truncated entry")?;
+        entries.push(data.get(at + 4..at + 4 + len).ok_or("truncated entry")?);
         at += 4 + len;
+    }
+    Ok(entries)
+}
+
+/// The highest process or thread id of the container's processes in CRIU's images at `dir`
+/// (`pstree.img`), as its PID namespace numbers them: a restore into a PID namespace shared
+/// with other containers must find these free.
+pub fn highest_pid(dir: &Path) -> Result<u32> {
+    let invalid = |reason: String| Error::InvalidCheckpoint {
+        path: dir.join(PSTREE_IMAGE),
+        reason,
+    };
+    let data = crate::manifest::read_capped(&dir.join(PSTREE_IMAGE), 64 << 20)
+        .map_err(|e| invalid(e.to_string()))?;
+    let mut highest = 0u64;
+    for entry in image_entries(&data, PSTREE_MAGIC, "process tree").map_err(invalid)? {
+        // pstree_entry: pid = 1, ppid = 2, pgid = 3, sid = 4, threads = 5 (repeated).
+        for (field, value) in protobuf_fields(entry).map_err(invalid)? {
+            if field == 1 || field == 5 {
+                highest = highest.max(value);
+            }
+        }
+    }
+    u32::try_from(highest)
+        .ok()
+        .filter(|h| *h > 0)
+        .ok_or_else(|| invalid(format!("no valid process id (highest {highest})")))
+}
+
+/// Makes the PID namespace at `pidns` hand out ids above `highest` from now on: the next
+/// process any container of the pod starts (a restored server's new thread, a CRIU helper)
+/// cannot take an id a later restore of a container in the same namespace needs (CRIU asks
+/// the kernel for each recorded id, which fails with "File exists" when it is taken).
+pub async fn reserve_pids(
+    launcher: &dyn podsnap_runtime::launcher::Launcher,
+    pidns: &Path,
+    highest: u32,
+) -> Result<()> {
+    use podsnap_runtime::launcher::Capture;
+    // A process in the namespace writes its counter (`ns_last_pid` is the writer's own
+    // namespace's); the host's /proc is the one it sees, nsenter --pid forks into it.
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--pid={}", pidns.display()))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$1\" > /proc/sys/kernel/ns_last_pid",
+            "sh",
+        ])
+        .arg(highest.to_string())
+        .stdin(std::process::Stdio::null());
+    let what = "reserve the recorded process ids (nsenter --pid, ns_last_pid)";
+    let out = launcher
+        .run(cmd, Capture::Output)
+        .await
+        .map_err(|e| Error::io(what, pidns, e))?;
+    if !out.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(Error::io(what, pidns, std::io::Error::other(stderr)));
+    }
+    Ok(())
+}
+
+/// Reads a pagemap image: its pages id and the number of pages present in its pages file.
+fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
+    let mut pages_id = None;
+    let mut present = 0u64;
+    for msg in image_entries(data, PAGEMAP_MAGIC, "pagemap")? {
         let fields = protobuf_fields(msg)?;
         let get = |n: u64| fields.iter().find(|(f, _)| *f == n).map(|(_, v)| *v);
         if pages_id.is_none() {
@@ -644,6 +714,76 @@ mod tests {
         std::fs::remove_file(d.join("pages-7.img")).expect("rm");
         let err = inspect(d).expect_err("missing").to_string();
         assert!(err.contains("pages-7.img"), "{err}");
+    }
+
+    #[test]
+    fn the_highest_pid_counts_every_task_and_thread() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path();
+        // What CRIU 4.2 wrote for one task (pid 27254, no other thread), then a second task
+        // (pid 9, parent 27254) with threads 9 and 31000.
+        let mut img = vec![0x19, 0x43, 0x56, 0x54, 0x30, 0x30, 0x27, 0x50];
+        img.extend([
+            0x12, 0, 0, 0, 0x08, 0xf6, 0xd4, 0x01, 0x10, 0x00, 0x18, 0xf6, 0xd4, 0x01,
+        ]);
+        img.extend([0x20, 0xf6, 0xd4, 0x01, 0x28, 0xf6, 0xd4, 0x01]);
+        assert_eq!(highest_of(d, &img), Ok(27254));
+        img.extend([0x0c, 0, 0, 0, 0x08, 0x09, 0x10, 0xf6, 0xd4, 0x01, 0x28, 0x09]);
+        img.extend([0x28, 0x98, 0xf2, 0x01]);
+        assert_eq!(highest_of(d, &img), Ok(31000));
+        img.truncate(img.len() - 2);
+        let err = highest_of(d, &img).expect_err("truncated");
+        assert!(err.contains("truncated entry"), "{err}");
+        let err = highest_of(d, &pagemap(1, &[])).expect_err("another image");
+        assert!(err.contains("not a CRIU process tree image"), "{err}");
+        std::fs::remove_file(d.join(PSTREE_IMAGE)).expect("rm");
+        assert!(highest_pid(d).is_err(), "no pstree.img");
+    }
+
+    fn highest_of(d: &Path, img: &[u8]) -> std::result::Result<u32, String> {
+        std::fs::write(d.join(PSTREE_IMAGE), img).expect("write");
+        highest_pid(d).map_err(|e| e.to_string())
+    }
+
+    /// In a real PID namespace: after the reservation, the next process gets the id after it.
+    #[tokio::test]
+    async fn reserved_pids_are_not_handed_out_again() {
+        use podsnap_runtime::launcher::TokioLauncher;
+        let mut holder = Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "sleep", "60"])
+            .spawn()
+            .expect("unshare (util-linux) starts a PID namespace");
+        let ns = || -> Option<PathBuf> {
+            let children =
+                std::fs::read_to_string(format!("/proc/{}/task/{}/children", holder.id(), holder.id()))
+                    .ok()?;
+            let pid = children.split_whitespace().next()?;
+            Some(PathBuf::from(format!("/proc/{pid}/ns/pid")))
+        };
+        let mut pidns = None;
+        for _ in 0..200 {
+            pidns = ns();
+            if pidns.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let pidns = pidns.expect("the namespace's first process");
+        let result = reserve_pids(&TokioLauncher, &pidns, 4242).await;
+        let next = Command::new("nsenter")
+            .arg(format!("--pid={}", pidns.display()))
+            .args(["--", "sh", "-c", "echo $$"])
+            .output()
+            .expect("nsenter");
+        let _ = holder.kill();
+        let _ = holder.wait();
+        result.expect("reserved");
+        assert_eq!(String::from_utf8_lossy(&next.stdout).trim(), "4243");
+        let err = reserve_pids(&TokioLauncher, Path::new("/nonexistent/ns/pid"), 7)
+            .await
+            .expect_err("no such namespace")
+            .to_string();
+        assert!(err.contains("reserve the recorded process ids"), "{err}");
     }
 
     #[test]

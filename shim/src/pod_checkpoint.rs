@@ -229,12 +229,20 @@ fn record_state(s: Status) -> ContainerState {
 
 /// The pod's network namespace (the sandbox's, by path), when it is not the host's.
 pub fn pod_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    joined_namespace(spec, oci_spec::runtime::LinuxNamespaceType::Network)
+}
+
+/// The namespace of kind `typ` the container joins by path (the pod's), if it joins one.
+pub fn joined_namespace(
+    spec: &oci_spec::runtime::Spec,
+    typ: oci_spec::runtime::LinuxNamespaceType,
+) -> Option<PathBuf> {
     spec.linux()
         .as_ref()?
         .namespaces()
         .as_ref()?
         .iter()
-        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .find(|n| n.typ() == typ)?
         .path()
         .clone()
 }

@@ -182,6 +182,8 @@ pub struct Restores {
     leases: Mutex<HashMap<PathBuf, Lease>>,
     /// The pod's network while its containers are restored.
     net: Arc<tokio::sync::Mutex<Option<NetHold>>>,
+    /// Set once the pod's shared PID namespace hands out ids above the checkpoint's.
+    pids_reserved: tokio::sync::OnceCell<()>,
 }
 
 /// The new pod's network namespace while its containers are restored: its addresses at the
@@ -313,6 +315,7 @@ impl Restores {
         // after the last container's restore unless the dump asked to keep them.
         options.tcp_established = true;
         self.hold_network(new.spec, manifest).await?;
+        self.reserve_pids(new.spec, manifest, &dir).await?;
         let (tar, del) = (entry.file(ROOTFS_DIFF), entry.file(ROOTFS_DELETED));
         let rootfs_changes =
             (manifest.lists(&tar) && manifest.lists(&del)).then(|| (dir.join(tar), dir.join(del)));
@@ -477,6 +480,38 @@ impl Restores {
             }
         });
         Ok(())
+    }
+
+    /// In a pod sharing one PID namespace, before the first of its containers is restored:
+    /// makes the namespace hand out ids above every id the checkpoint's processes had. The
+    /// containers' restores run side by side, and a restored process's new thread or a CRIU
+    /// helper would otherwise take the next free id, which may be one another container's
+    /// restore needs.
+    async fn reserve_pids(&self, spec: &Spec, manifest: &Manifest, dir: &Path) -> Result<()> {
+        let Some(pidns) =
+            crate::pod_checkpoint::joined_namespace(spec, oci_spec::runtime::LinuxNamespaceType::Pid)
+        else {
+            return Ok(()); // a PID namespace of its own (or the host's): nothing is shared
+        };
+        self.pids_reserved
+            .get_or_try_init(|| async {
+                let names = manifest.part_names();
+                let mut highest = 1;
+                for c in manifest.containers.iter().filter(|c| {
+                    c.dumped && matches!(c.state, ContainerState::Running | ContainerState::Paused)
+                }) {
+                    let images = dir.join(c.dir()).join(names.images);
+                    highest = highest.max(podsnap_checkpoint::container::highest_pid(&images)?);
+                }
+                podsnap_checkpoint::container::reserve_pids(&MonitorLauncher, &pidns, highest).await?;
+                log::info!(
+                    "pod PID namespace {}: ids up to {highest} kept for the restores",
+                    pidns.display()
+                );
+                Ok(())
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Container `name`'s restore is over (restored or failed): its connections to outside the

@@ -259,6 +259,13 @@ fn a_pod_sharing_one_pid_namespace_comes_back_with_its_pids() {
         "one namespace, pause is 1: {before:?}"
     );
     assert_ne!(before[0], before[1], "one PID namespace for both: {before:?}");
+    // The sidecar's child has a high id: after 300 processes came and went in the namespace.
+    let child = ask(&pod.ip, SIDECAR_PORT, "spawn-child 300").expect("spawn-child");
+    let child: u32 = child
+        .strip_prefix("child pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{child}"));
+    assert!(child > 300, "{child}");
 
     let dir = node.files().checkpoints().join("spid");
     dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
@@ -267,6 +274,17 @@ fn a_pod_sharing_one_pid_namespace_comes_back_with_its_pids() {
     wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
     wait_answering(&restored.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("sidecar answers");
     assert_eq!(pids(&restored.ip), before, "every process at its PID");
+    // The namespace hands out ids above the checkpoint's (restores run side by side: a new
+    // process of one container must not take an id another's restore needs).
+    let spawned = ask(&restored.ip, APP_PORT, "spawn-daemon 7070").expect("spawn-daemon");
+    let new_pid: u32 = spawned
+        .strip_prefix("daemon pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{spawned}"));
+    assert!(
+        new_pid > child,
+        "a new process after the restore gets an id above the recorded ones: {new_pid} / {child}"
+    );
 }
 
 /// In a pod sharing one PID namespace, a server that daemonizes is adopted by the pause

@@ -22,6 +22,9 @@
 //!   - `spawn-daemon PORT`: starts a server on PORT that daemonizes (double fork): its parent
 //!     exits, so it is adopted (by the pod's pause process when the pod shares one PID
 //!     namespace); answers its pid;
+//!   - `spawn-child SKIP`: lets SKIP short-lived processes come and go (the PID namespace's
+//!     next ids pass by), then starts a `pause` child that stays in its process tree; answers
+//!     the child's pid;
 //!   - `peer-connect tcp HOST:PORT` / `peer-connect unix PATH`: opens a connection to another
 //!     server and keeps it; `peer-check`: sends `ping` over that same connection
 //!     (`peer ok kind K local L checks N reply R`).
@@ -763,6 +766,33 @@ impl Probes {
     }
 }
 
+/// `spawn-child SKIP`: SKIP forks that exit at once, then a `pause` child kept as ours.
+fn spawn_child(skip: &str) -> Result<String, String> {
+    let skip: u32 = skip.parse().map_err(|e| format!("spawn-child SKIP: {e}"))?;
+    for _ in 0..skip {
+        // SAFETY: single-threaded; the child only calls _exit.
+        let pid = unsafe { libc::fork() };
+        match pid {
+            p if p < 0 => return Err(errno_message("fork")),
+            0 => unsafe { libc::_exit(0) },
+            p => {
+                let mut status = 0;
+                // SAFETY: reaping the child just forked.
+                unsafe { libc::waitpid(p, &mut status, 0) };
+            }
+        }
+    }
+    let child = std::process::Command::new("/proc/self/exe")
+        .arg("pause")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the child: {e}"))?;
+    let pid = child.id();
+    // Kept running as our child for as long as we run (a zombie if it exits first).
+    std::mem::forget(child);
+    Ok(format!("child pid {pid}"))
+}
+
 /// `spawn-daemon PORT`: a double fork; the grandchild becomes `serve --name daemon --port PORT`.
 fn spawn_daemon(port: &str) -> Result<String, String> {
     let port: u16 = port.parse().map_err(|e| format!("spawn-daemon PORT: {e}"))?;
@@ -1124,6 +1154,7 @@ impl Server {
             "peer-connect" => self.probes.peer_connect(rest),
             "peer-check" => self.probes.peer_check(),
             "spawn-daemon" => spawn_daemon(rest),
+            "spawn-child" => spawn_child(rest),
             "exit" => {
                 let code: i32 = rest.parse().map_err(|e| format!("exit CODE: {e}"))?;
                 say(&format!("{} exiting with {code}", self.options.name));
