@@ -186,6 +186,8 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     }
     let limit = Limit::after(d.deadline, d.cancel.clone());
     let running = running(&d.targets);
+    // Each container's CRIU finds the kernel's features in the cache, not by probing.
+    crate::kdat::ensure_logged(&*d.launcher).await;
     crate::preflight::check(&d.dest, &d.targets, &running, d.reserve_bytes).await?;
     phases.mark("preflight");
     // Drop order matters: the staging guard (removes uncommitted output) and the frozen guard

@@ -13,6 +13,7 @@ pub mod failpoint;
 pub mod host;
 pub mod import;
 pub mod journal;
+pub mod kdat;
 pub mod lease;
 pub mod links;
 pub mod manifest;

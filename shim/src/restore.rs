@@ -316,6 +316,7 @@ impl Restores {
         options.tcp_established = true;
         self.hold_network(new.spec, manifest).await?;
         self.reserve_pids(new.spec, manifest, &dir).await?;
+        podsnap_checkpoint::kdat::ensure_logged(&MonitorLauncher).await;
         let (tar, del) = (entry.file(ROOTFS_DIFF), entry.file(ROOTFS_DELETED));
         let rootfs_changes =
             (manifest.lists(&tar) && manifest.lists(&del)).then(|| (dir.join(tar), dir.join(del)));

@@ -14,6 +14,11 @@
 //!      once, 1 MiB at a time, through the page cache like the dumps (no fsync): the physical
 //!      limit of writing that much here.
 //!
+//! Part 1 also runs every pod size on a second node whose shim has CRIU's kernel feature cache
+//! turned off (`PODSNAP_CRIU_KDAT_CACHE=off`, the cache moved aside for each of its dumps):
+//! podsnap on a node with a disk-backed `/run` as it was before it kept that cache, alternated
+//! with the cached runs round by round.
+//!
 //! Every timing starts after `sync` (no writeback of the previous contender inside it). Pod
 //! frozen windows are observed from outside (`common::observer`).
 //!
@@ -81,16 +86,50 @@ impl Dump {
     }
 }
 
+/// Moves CRIU's kernel feature cache (`/run/criu.kdat`, see `podsnap_checkpoint::kdat`) aside
+/// for as long as it lives, so that the CRIUs of a dump probe the kernel as on a node without
+/// it; puts it back on drop.
+struct NoKdatCache(Option<(PathBuf, PathBuf)>);
+
+impl NoKdatCache {
+    fn new() -> Self {
+        use podsnap_checkpoint::kdat::{CACHE, RUN_DIR};
+        let cache = Path::new(RUN_DIR).join(CACHE);
+        let aside = Path::new(RUN_DIR).join(format!("{CACHE}.bench-aside"));
+        match std::fs::rename(&cache, &aside) {
+            Ok(()) => Self(Some((aside, cache))),
+            Err(_) => Self(None), // no cache (a tmpfs /run keeps CRIU's own: not moved)
+        }
+    }
+}
+
+impl Drop for NoKdatCache {
+    fn drop(&mut self) {
+        if let Some((aside, cache)) = self.0.take() {
+            let _ = std::fs::rename(aside, cache);
+        }
+    }
+}
+
 fn main() {
     let rounds = common::rounds(3);
-    let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-    options.podsnap_shim = true;
-    options.log_level = "info".to_owned();
-    let mut node = Node::start(options);
+    let options = || {
+        let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+        options.podsnap_shim = true;
+        options.log_level = "info".to_owned();
+        options
+    };
+    // Part 1's second contender: podsnap with CRIU's kernel feature cache turned off (its
+    // shim leaves the cache alone, and the cache is moved aside for each of its dumps).
+    let mut off = options();
+    off.extra_env
+        .push((podsnap_checkpoint::kdat::SWITCH_ENV.to_owned(), "off".to_owned()));
+    let (mut node, mut uncached_node) = Node::start_pair(options(), off);
     let started = Instant::now();
     let total = total_mib();
 
     let mut by_count: Vec<Dump> = vec![Dump::default(); COUNTS.len()];
+    let mut uncached: Vec<Dump> = vec![Dump::default(); COUNTS.len()];
     let mut podsnap: Vec<Dump> = vec![Dump::default(); TOTALS.len()];
     let mut raw: Vec<Dump> = vec![Dump::default(); TOTALS.len()];
     let mut write: Vec<Dump> = vec![Dump::default(); TOTALS.len()];
@@ -98,13 +137,22 @@ fn main() {
         for turn in 0..COUNTS.len() {
             let i = (round + turn) % COUNTS.len();
             let n = COUNTS[i];
-            let (time, frozen, bytes) = podsnap_dump(&node, round, n, total / n);
-            eprintln!(
-                "round {round}: {n} containers x {} MiB: {time:.3} s, frozen {frozen:.3} s",
-                total / n
-            );
-            if round > 0 {
-                by_count[i].push(time, frozen, bytes);
+            for cached in [round % 2 == 0, round % 2 != 0] {
+                let (time, frozen, bytes) = if cached {
+                    podsnap_dump(&node, round, n, total / n)
+                } else {
+                    let _aside = NoKdatCache::new();
+                    podsnap_dump(&uncached_node, round, n, total / n)
+                };
+                eprintln!(
+                    "round {round}: {n} containers x {} MiB{}: {time:.3} s, frozen {frozen:.3} s",
+                    total / n,
+                    if cached { "" } else { " (no kdat cache)" }
+                );
+                if round > 0 {
+                    let into = if cached { &mut by_count } else { &mut uncached };
+                    into[i].push(time, frozen, bytes);
+                }
             }
         }
         for (i, &t) in TOTALS.iter().enumerate().filter(|_| memory_part()) {
@@ -152,11 +200,11 @@ fn main() {
         seconds(started.elapsed())
     );
     println!();
-    let one = by_count[0].clone();
+    let (one, uncached_one) = (by_count[0].clone(), uncached[0].clone());
     let rows: Vec<Vec<String>> = COUNTS
         .iter()
-        .zip(&by_count)
-        .map(|(n, m)| {
+        .zip(by_count.iter().zip(&uncached))
+        .map(|(n, (m, u))| {
             vec![
                 n.to_string(),
                 (total / n).to_string(),
@@ -165,6 +213,10 @@ fn main() {
                 m.mib.cell(0),
                 m.throughput(),
                 ratio(&m.time, &one.time),
+                u.time.cell(2),
+                u.frozen.cell(2),
+                ratio(&u.time, &uncached_one.time),
+                ratio(&m.time, &u.time),
             ]
         })
         .collect();
@@ -177,6 +229,10 @@ fn main() {
             "image (MiB)",
             "MiB/s",
             "time / 1 container",
+            "no kdat cache: checkpoint (s)",
+            "no kdat cache: frozen (s)",
+            "no kdat cache: time / 1 container",
+            "cache / no cache",
         ],
         &rows,
     );
@@ -223,7 +279,8 @@ fn main() {
         ],
         &rows,
     );
-    let problems = node.teardown();
+    let mut problems = node.teardown();
+    problems.extend(uncached_node.teardown());
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }
 
