@@ -40,6 +40,11 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
         .expect("the three-container pod runs");
     let before = mark_and_count(&pod);
 
+    // The dump makes CRIU's kernel feature cache again (shared by the host's CRIU runs: one
+    // removed meanwhile only makes them probe the kernel).
+    for f in [podsnap_checkpoint::kdat::CACHE, podsnap_checkpoint::kdat::RECORD] {
+        let _ = std::fs::remove_file(std::path::Path::new(podsnap_checkpoint::kdat::RUN_DIR).join(f));
+    }
     let outcome = dump(&node, &pod, None).expect("podsnap dump");
     let summary = &outcome.summary;
     eprintln!("{summary}");
@@ -56,6 +61,7 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     );
     assert!(summary.restore_name.is_some());
     kep_2008_archive_is_read_by_checkpointctl(&summary.dir, "app", &pod.app_id);
+    criu_kernel_cache_is_this_boots();
 
     // --leave-running (the default): the pod goes on.
     let after_dump = ask_count(&pod.pod.ip, APP_PORT);
@@ -160,6 +166,35 @@ fn kep_2008_archive_is_read_by_checkpointctl(checkpoint: &std::path::Path, name:
     }
     let tree = checkpointctl(&["inspect", "--ps-tree"]);
     assert!(tree.contains("podsnap-workloa"), "the app's process in:\n{tree}");
+}
+
+/// After a dump, on a node whose `/run` is not a tmpfs (these machines), CRIU's kernel feature
+/// cache is there, made for this boot and this kernel (see `podsnap_checkpoint::kdat`).
+fn criu_kernel_cache_is_this_boots() {
+    use podsnap_checkpoint::kdat::{CACHE, RECORD, RUN_DIR};
+    let run = std::path::Path::new(RUN_DIR);
+    if nix::sys::statfs::statfs(run)
+        .expect("statfs /run")
+        .filesystem_type()
+        == nix::sys::statfs::TMPFS_MAGIC
+    {
+        eprintln!("/run is a tmpfs: CRIU keeps its cache itself");
+        return;
+    }
+    let record = std::fs::read_to_string(run.join(RECORD)).expect("podsnap's record of CRIU's cache");
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    assert!(record.starts_with(&format!("boot {}\n", boot.trim())), "{record}");
+    let release = nix::sys::utsname::uname().expect("uname");
+    assert!(
+        record.contains(&format!("kernel {}\n", release.release().to_string_lossy())),
+        "{record}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let cache = std::fs::metadata(run.join(CACHE)).expect("CRIU's cache");
+    assert!(
+        cache.len() > 0 && cache.permissions().mode() & 0o777 == 0o600,
+        "{cache:?}"
+    );
 }
 
 fn ask_count(ip: &str, port: u16) -> u64 {
