@@ -228,6 +228,13 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     drop(staging);
     drop(journal);
     report.phases.mark("committed");
+    // The digests were just computed from these files: a restore of them needs not read them
+    // again while they stay as they are.
+    let sealed = Manifest::load_listed(&d.dest)
+        .and_then(|m| crate::seal::record(Path::new(crate::seal::SEAL_DIR), &d.dest, &m));
+    if let Err(e) = sealed {
+        log::warn!("{e}");
+    }
     report.total = started.elapsed();
     Ok(report)
 }

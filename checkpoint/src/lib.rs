@@ -23,6 +23,7 @@ pub mod preflight;
 pub mod record;
 pub mod retention;
 pub mod rootfs;
+pub mod seal;
 pub mod store;
 pub mod sysv;
 

@@ -25,8 +25,9 @@
 //! missing, of another size or digest, escapes the checkpoint directory or is larger than its
 //! cap; and when the directory holds anything the manifest does not list (a file, a symlink, a
 //! directory that holds no listed file). [`Manifest::load_listed`] checks all but the digests
-//! (cheap: for early, clear errors); [`Manifest::load_verified`] checks the digests too, and is
-//! what a restore runs, once.
+//! (cheap: for early, clear errors); [`Manifest::load_verified`] checks the digests too. A
+//! restore runs [`Manifest::verify_sealed`], once: the digests, unless the files are still
+//! exactly those a dump or pull hashed ([`crate::seal`]).
 //!
 //! Digests: version 2 (what this code writes) names its algorithm in `digest_algorithm`,
 //! `blake3` (hashed on every core: a checkpoint is hundreds of MiB, hashed once at the dump
@@ -717,7 +718,7 @@ pub fn validate_name(name: &str) -> std::result::Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> Manifest {

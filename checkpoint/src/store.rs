@@ -274,6 +274,7 @@ pub fn remove(root: &Path, name: &str, leases: &Path) -> Result<Removed> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let away = parent.join(format!(".{base}.removing-{}", std::process::id()));
+    crate::seal::forget(Path::new(crate::seal::SEAL_DIR), &dir);
     std::fs::rename(&dir, &away).map_err(|e| Error::io("move the checkpoint out of sight", &dir, e))?;
     let put_back = || {
         if let Err(e) = std::fs::rename(&away, &dir) {

@@ -242,7 +242,16 @@ async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) 
     if changed {
         let json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::Refused(format!("encode the manifest: {e}")))?;
+        // The dump sealed its files (`podsnap_checkpoint::seal`); a new manifest listing the
+        // same files keeps them sealed only if they still were.
+        let seals = Path::new(podsnap_checkpoint::seal::SEAL_DIR);
+        let sealed = podsnap_checkpoint::seal::holds(seals, dir, &manifest);
         podsnap_checkpoint::dump::write_synced(&dir.join(MANIFEST), &json).map_err(Box::new)?;
+        if sealed {
+            if let Err(e) = podsnap_checkpoint::seal::record(seals, dir, &manifest) {
+                log::warn!("{e}");
+            }
+        }
     }
     Ok(())
 }

@@ -1071,6 +1071,12 @@ pub async fn pull(request: &PullRequest) -> Result<PullOutcome> {
         .map_err(|e| refused(format!("checking the pulled checkpoint: {e}")))??;
     std::fs::rename(&staging, &dest).map_err(Error::io("move the pulled checkpoint into place", &dest))?;
     guard.keep();
+    // Every file's digest was checked as it was written: sealed, a restore does not read them
+    // all again (`podsnap_checkpoint::seal`).
+    let seals = Path::new(podsnap_checkpoint::seal::SEAL_DIR);
+    if let Err(e) = podsnap_checkpoint::seal::record(seals, &dest, &manifest) {
+        log::warn!("{e}");
+    }
     Ok(PullOutcome {
         dir: dest,
         digest,

@@ -598,11 +598,17 @@ impl Restores {
                         .await
                         .map_err(refused)?;
                 }
-                // The digests of the manifest already checked (parsed and listed once).
+                // The digests of the manifest already checked (parsed and listed once); not
+                // read again when podsnap sealed these very files (see
+                // `podsnap_checkpoint::seal`): right after the dump or pull that hashed them.
                 let d = dir.to_path_buf();
-                let manifest = tokio::task::spawn_blocking(move || manifest.verify(&d).map(|()| manifest))
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))??;
+                let (manifest, how) = tokio::task::spawn_blocking(move || {
+                    let seals = Path::new(podsnap_checkpoint::seal::SEAL_DIR);
+                    manifest.verify_sealed(&d, seals).map(|how| (manifest, how))
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+                log::info!("checkpoint {name}: digests {how:?}");
                 let v = Arc::new(Verified {
                     manifest,
                     node_id: here.node_id,

@@ -75,6 +75,14 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     let restored = restore(&node, &restore_request(&node, &summary.dir)).expect("podsnap restore");
     let names: Vec<&str> = restored.containers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["sidecar", "app"], "restored in start order");
+    let log = node.log_tail(2000);
+    assert!(
+        log.contains(&format!(
+            "checkpoint {}: digests Sealed",
+            summary.restore_name.as_deref().unwrap_or_default()
+        )),
+        "the checkpoint the dump sealed is not hashed again"
+    );
     assert!(
         restored.imported.is_none(),
         "a checkpoint in the root is used in place"

@@ -355,6 +355,59 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
     }
 }
 
+/// A checkpoint the dump sealed (its digests just computed: a restore does not hash it again)
+/// and then damaged in place, one byte of a CRIU image flipped, its size the same: the seal
+/// no longer holds, every digest is read, and the restore is refused before any container.
+#[test]
+fn a_sealed_checkpoint_damaged_in_place_is_refused() {
+    use podsnap_checkpoint::seal;
+    let node = start_node!();
+    let dir = good_checkpoint(&node, "sealed");
+    let seals = Path::new(seal::SEAL_DIR);
+    let manifest = podsnap_checkpoint::manifest::Manifest::load_listed(&dir).expect("listed");
+    assert!(
+        seal::holds(seals, &dir, &manifest),
+        "the dump sealed its checkpoint"
+    );
+    let state = node_state(&node);
+
+    let victim = dir.join(largest_file(&dir, "containers/app/checkpoint"));
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&victim, &bytes).expect("write in place");
+    assert!(!seal::holds(seals, &dir, &manifest), "a write breaks the seal");
+    let message = restore(&node, &restore_request(&node, &dir))
+        .map(|p| p.id)
+        .expect_err("a damaged checkpoint is refused")
+        .to_string();
+    assert!(message.contains("is damaged"), "{message}");
+    assert!(
+        message.contains("RunPodSandbox") && !message.contains("NOT removed"),
+        "refused by the shim before any container, and rolled back: {message}"
+    );
+    assert_eq!(node_state(&node), state, "nothing left");
+    assert!(
+        !seal::holds(seals, &dir, &manifest),
+        "a refused checkpoint is not sealed"
+    );
+
+    // Repaired in place: verified in full, restored, and sealed again.
+    bytes[middle] ^= 0x01;
+    std::fs::write(&victim, &bytes).expect("write in place");
+    let pod = restore(&node, &restore_request(&node, &dir)).expect("the repaired checkpoint restores");
+    assert!(
+        seal::holds(seals, &dir, &manifest),
+        "sealed by the restore's verification"
+    );
+    let before = node.log_tail(400);
+    assert!(
+        before.contains("digests Hashed"),
+        "the shim read every digest of the repaired checkpoint"
+    );
+    drop(pod);
+}
+
 #[test]
 fn a_restore_failing_half_way_removes_what_it_made() {
     let node = start_node!();

@@ -521,6 +521,14 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
         .join("volumes/kubernetes.io~empty-dir")
         .join(podsnap_tests::kubelet::DATA_VOLUME);
     check_restored(node, &ip, &pod.pod.ip, &volume, &app_id, before);
+    // The pull checked every file's digest as it wrote it and sealed the checkpoint: the
+    // shim did not read them all again.
+    let log = node.log_tail(3000);
+    assert!(
+        log.contains(": digests Sealed"),
+        "the pulled checkpoint was sealed"
+    );
+    assert!(!log.contains(": digests Hashed"), "and not hashed again");
 
     // And on: `podsnap migrate` dumps the restored pod stopped at the snapshot and pushes it,
     // saying how long each phase took; the pushed checkpoint pulls back verified.
