@@ -464,10 +464,19 @@ state = '{dir}/state'
         } else {
             Command::new(&self.tools.containerd)
         };
+        // containerd's temporary files under the node (a task created from a checkpoint image
+        // leaves its `ctrd-checkpoint*` directory behind there): gone with the node.
+        let tmp = self.files.dir.join("tmp");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tmp)
+            .context("creating the node's TMPDIR")?;
         let child = command
             .arg("--config")
             .arg(self.files.config())
             .env("PATH", path)
+            .env("TMPDIR", &tmp)
             .env("PODSNAP_CHECKPOINT_ROOT", self.files.checkpoints())
             .env("PODSNAP_CONFIG", self.files.podsnap_config())
             .envs(self.options.extra_env.iter().map(|(k, v)| (k, v)))
