@@ -134,8 +134,8 @@ struct DumpArgs {
     /// Then push the checkpoint to this OCI reference (as `podsnap push`).
     #[arg(long, value_name = "REF")]
     push: Option<String>,
-    /// zstd level of the pushed layers.
-    #[arg(long, default_value_t = 3, requires = "push")]
+    /// zstd level of the pushed layers (1-19).
+    #[arg(long, default_value_t = oci::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19), requires = "push")]
     zstd_level: i32,
 }
 
@@ -156,8 +156,8 @@ struct MigrateArgs {
     /// Give up on the dump after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
-    /// zstd level of the pushed layers.
-    #[arg(long, default_value_t = 3)]
+    /// zstd level of the pushed layers (1-19).
+    #[arg(long, default_value_t = oci::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     zstd_level: i32,
 }
 
@@ -578,6 +578,32 @@ mod tests {
             .expect("parses");
         assert!(matches!(cli.command, Command::Push { zstd_level: 9, .. }));
         assert!(Cli::try_parse_from(["podsnap", "push", "/x", "reg/ckpt:1", "--zstd-level", "30"]).is_err());
+        // The same levels, and the same default, for every command that pushes.
+        let cli =
+            Cli::try_parse_from(["podsnap", "migrate", "--pod", "p", "--to", "reg/ckpt:1"]).expect("parses");
+        assert!(matches!(cli.command, Command::Migrate(a) if a.zstd_level == oci::DEFAULT_ZSTD_LEVEL));
+        let migrate_30 = [
+            "podsnap",
+            "migrate",
+            "--pod",
+            "p",
+            "--to",
+            "r/c:1",
+            "--zstd-level",
+            "30",
+        ];
+        assert!(Cli::try_parse_from(migrate_30).is_err());
+        let dump_0 = [
+            "podsnap",
+            "dump",
+            "--pod",
+            "p",
+            "--push",
+            "r/c:1",
+            "--zstd-level",
+            "0",
+        ];
+        assert!(Cli::try_parse_from(dump_0).is_err());
         assert!(
             Cli::try_parse_from(["podsnap", "pull", "reg/ckpt:1"]).is_err(),
             "pull takes a destination"

@@ -69,8 +69,11 @@ pub const PART_ANNOTATION: &str = "io.podsnap.checkpoint.part";
 pub const POD_AND_HOST_PART: &str = "pod-and-host";
 /// What precedes the manifest digest in the signed message.
 pub const SIGNED_PREFIX: &str = "podsnap.io/checkpoint-signature/v1 ";
-/// The default zstd level.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// The default zstd level: 1. Checkpoint memory compresses almost as well as at 3 (3% more
+/// bytes on the heap-like bench memory) for about two thirds of the CPU, and a migration's
+/// downtime is the compression's on a node that has few cores to spare (`migration_downtime`:
+/// 0.73x of level 3's).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 const EMPTY_BLOB: &[u8] = b"{}";

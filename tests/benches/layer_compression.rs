@@ -22,7 +22,13 @@ use common::{print_table, ratio, seconds, Samples};
 use podsnap_tests::kubelet::{self, ContainerSpec, PodOptions};
 use podsnap_tests::node::{Node, NodeOptions};
 
-const LEVEL: i32 = 3;
+/// podsnap's default level (`PODSNAP_BENCH_ZSTD_LEVEL` to change it), the command at the same.
+fn level() -> i32 {
+    std::env::var("PODSNAP_BENCH_ZSTD_LEVEL")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(podsnap_coordinator::oci::DEFAULT_ZSTD_LEVEL)
+}
 
 fn main() {
     let rounds = common::rounds(5);
@@ -86,7 +92,7 @@ fn measure(node: &Node, content: &str, rounds: usize) {
                 parts
                     .iter()
                     .map(|(part, files)| {
-                        podsnap_coordinator::oci::compressed_part_size(&dir, part, files, LEVEL)
+                        podsnap_coordinator::oci::compressed_part_size(&dir, part, files, level())
                             .expect("podsnap layer")
                     })
                     .sum()
@@ -119,9 +125,10 @@ fn measure(node: &Node, content: &str, rounds: usize) {
     println!();
     println!(
         "### Compressing a 3 x 256 MiB pod checkpoint, {content} ballast ({:.0} MiB in {} parts), \
-         zstd level {LEVEL}, {threads} threads (median of {rounds}, min-max)",
+         zstd level {}, {threads} threads (median of {rounds}, min-max)",
         input as f64 / (1024.0 * 1024.0),
-        parts.len()
+        parts.len(),
+        level()
     );
     println!();
     let row = |label: &str, s: &Samples, out: u64| {
@@ -148,7 +155,7 @@ fn measure(node: &Node, content: &str, rounds: usize) {
     std::fs::remove_dir_all(&dir).expect("the checkpoint removed");
 }
 
-/// `tar -c FILES | zstd -T<threads> -<LEVEL> -c`, counting the compressed bytes.
+/// `tar -c FILES | zstd -T<threads> -<level> -c`, counting the compressed bytes.
 fn zstd_command(dir: &Path, files: &[String], threads: usize) -> u64 {
     let mut tar = Command::new("tar")
         .arg("-C")
@@ -162,7 +169,7 @@ fn zstd_command(dir: &Path, files: &[String], threads: usize) -> u64 {
     let tar_out = tar.stdout.take().expect("tar stdout");
     let zstd = Command::new("zstd")
         .arg(format!("-T{threads}"))
-        .arg(format!("-{LEVEL}"))
+        .arg(format!("-{}", level()))
         .arg("-c")
         .stdin(tar_out)
         .stdout(Stdio::piped())

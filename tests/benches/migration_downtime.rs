@@ -17,6 +17,7 @@
 //!   instant, dumped, stopped at the snapshot, pushed signed as zstd layers), then `podsnap
 //!   restore --from REF` on B (pull, signature and digests verified, new sandbox, containers
 //!   restored). A fresh `docker-registry` on 127.0.0.1 per round, so no layer is already there.
+//!   The same again at `--zstd-level 1` (a fourth contender): what the level buys.
 //! - (i) podsnap without a registry: `podsnap dump --stop --dir` on A, a plain `cp -a` of the
 //!   checkpoint directory into B's checkpoint root, `podsnap restore --checkpoint-dir` on B.
 //! - (ii) the per-container KEP-2008 way on containerd's Go runc shim (handler `runc`): CRI
@@ -77,11 +78,18 @@ fn ballast_content() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Contender {
     Registry,
+    /// The same at `--zstd-level 1`: less CPU per byte, a few % more bytes.
+    RegistryLevel1,
     Local,
     Kep2008,
 }
 
-const CONTENDERS: [Contender; 3] = [Contender::Registry, Contender::Local, Contender::Kep2008];
+const CONTENDERS: [Contender; 4] = [
+    Contender::Registry,
+    Contender::RegistryLevel1,
+    Contender::Local,
+    Contender::Kep2008,
+];
 
 /// One round's numbers, in seconds and MiB.
 #[derive(Debug, Clone, Copy, Default)]
@@ -160,7 +168,8 @@ fn main() {
             let which = (round + turn) % CONTENDERS.len();
             let contender = CONTENDERS[which];
             let r = match contender {
-                Contender::Registry => registry_round(&bench, round),
+                Contender::Registry => registry_round(&bench, round, None),
+                Contender::RegistryLevel1 => registry_round(&bench, round, Some("1")),
                 Contender::Local => local_round(&bench, round),
                 Contender::Kep2008 => kep_round(&bench, round),
             };
@@ -170,16 +179,22 @@ fn main() {
             }
         }
     }
-    let [through_registry, local, kep] = &measures[..] else {
-        unreachable!("three contenders")
+    let [through_registry, level1, local, kep] = &measures[..] else {
+        unreachable!("four contenders")
     };
-    print_tables(rounds, started, through_registry, local, kep);
+    print_tables(rounds, started, [through_registry, level1], local, kep);
     let mut problems = bench.b.teardown();
     problems.extend(bench.a.teardown());
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }
 
-fn print_tables(rounds: usize, started: Instant, reg: &Measures, local: &Measures, kep: &Measures) {
+fn print_tables(
+    rounds: usize,
+    started: Instant,
+    [reg, level1]: [&Measures; 2],
+    local: &Measures,
+    kep: &Measures,
+) {
     let (mib_each, content) = (ballast_mib(), ballast_content());
     println!();
     println!(
@@ -234,6 +249,7 @@ fn print_tables(rounds: usize, started: Instant, reg: &Measures, local: &Measure
         ],
         &[
             row("podsnap through the registry", reg),
+            row("podsnap through the registry, `--zstd-level 1`", level1),
             row("(i) podsnap dump, cp, restore (no registry)", local),
             row(
                 "(ii) KEP-2008: 3 x CheckpointContainer, registry, CRI restore (Go runc shim)",
@@ -241,6 +257,8 @@ fn print_tables(rounds: usize, started: Instant, reg: &Measures, local: &Measure
             ),
             ratios("ratio podsnap registry / (i)", reg, local),
             ratios("ratio podsnap registry / (ii)", reg, kep),
+            ratios("ratio podsnap registry, level 1 / (i)", level1, local),
+            ratios("ratio podsnap registry, level 1 / level 3", level1, reg),
         ],
     );
     println!();
@@ -473,7 +491,8 @@ impl Bench {
     }
 }
 
-fn registry_round(bench: &Bench, round: usize) -> Round {
+/// podsnap through a fresh registry, at `zstd_level` (the default when `None`).
+fn registry_round(bench: &Bench, round: usize, zstd_level: Option<&str>) -> Round {
     let (a, b) = (&bench.a, &bench.b);
     let registry = Registry::start();
     let config = bench.config(Some(&registry));
@@ -482,19 +501,19 @@ fn registry_round(bench: &Bench, round: usize) -> Round {
     let (pod, ids, sums) = source_pod(a, "podsnap", &name, None);
     common::sync_disks();
     let observer = observe(&pod, &ids);
-    let out = bench.podsnap(
-        a,
-        &config,
-        &[
-            "migrate",
-            "--namespace",
-            "default",
-            "--pod",
-            &name,
-            "--to",
-            &reference,
-        ],
-    );
+    let mut args = vec![
+        "migrate",
+        "--namespace",
+        "default",
+        "--pod",
+        &name,
+        "--to",
+        &reference,
+    ];
+    if let Some(level) = zstd_level {
+        args.extend(["--zstd-level", level]);
+    }
+    let out = bench.podsnap(a, &config, &args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let phases = field(&stdout, "phases ");
     let (dump, push) = (duration_after(phases, "dump"), duration_after(phases, "push"));
