@@ -113,7 +113,34 @@ pub fn record(seals: &Path, checkpoint: &Path, manifest: &Manifest) -> Result<()
     written.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(what, &path, e)
-    })
+    })?;
+    prune(seals);
+    Ok(())
+}
+
+/// Removes the seals of checkpoints that are gone (removed by other means than podsnap's) and
+/// of other boots.
+fn prune(seals: &Path) {
+    let Ok(entries) = std::fs::read_dir(seals) else {
+        return;
+    };
+    let boot = boot_id().unwrap_or_default();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let stale = match crate::manifest::read_capped(&path, MAX_SEAL_BYTES)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Seal>(&b).ok())
+        {
+            Some(seal) => seal.boot != boot || !seal.checkpoint.is_dir(),
+            None => true,
+        };
+        if stale {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// Whether `checkpoint` still holds exactly what its seal recorded, for the files `manifest`
@@ -245,5 +272,22 @@ mod tests {
         assert!(!holds(&seals, &copy, &m));
         forget(&seals, &dir);
         assert!(!holds(&seals, &dir, &m), "forgotten");
+
+        // Sealing prunes the seals of checkpoints that are gone.
+        record(&seals, &dir, &m).expect("seal");
+        record(&seals, &copy, &m).expect("seal");
+        std::fs::remove_dir_all(&copy).expect("rm");
+        std::fs::write(seals.join("junk.json"), b"not a seal").expect("write");
+        record(&seals, &dir, &m).expect("seal");
+        let left: Vec<_> = std::fs::read_dir(&seals)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(
+            left,
+            [seal_path(&seals, &dir).expect("path").0],
+            "only the live seal is left"
+        );
     }
 }
