@@ -555,6 +555,31 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .map_err(|e| Error::io("write a checkpoint file", path, e))
 }
 
+/// Replaces `path` whole or not at all: a private temporary file beside it (0600, never
+/// through a symlink left at its name) renamed over it. `what` names the file in errors.
+pub fn replace_private(path: &Path, data: &[u8], what: &'static str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(what, path, e)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,8 +14,7 @@
 //! keeps its cache itself. `PODSNAP_CRIU_KDAT_CACHE=off` in the shim's environment turns this
 //! off (a cache already made stays until the next reboot's check removes it).
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -149,26 +148,9 @@ async fn generate(launcher: &dyn Launcher) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Writes `path` whole or not at all (a private temporary file renamed over it), 0600.
+/// Writes `path` whole or not at all, 0600.
 fn install(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io("write CRIU's kernel feature cache", path, e)
-    })
+    crate::container::replace_private(path, bytes, "write CRIU's kernel feature cache")
 }
 
 #[cfg(test)]

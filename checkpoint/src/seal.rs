@@ -19,8 +19,7 @@
 //! root (see the README's threat model).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -100,20 +99,7 @@ pub fn record(seals: &Path, checkpoint: &Path, manifest: &Manifest) -> Result<()
         .create(seals)
         .map_err(|e| Error::io(what, seals, e))?;
     let bytes = serde_json::to_vec(&seal).map_err(|e| Error::io(what, &path, e.into()))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&bytes))
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(what, &path, e)
-    })?;
+    crate::container::replace_private(&path, &bytes, what)?;
     prune(seals);
     Ok(())
 }
