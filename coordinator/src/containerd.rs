@@ -116,20 +116,62 @@ impl Containerd {
             // containerd hands the deadline on to the shim, which stops the dump at it.
             request.set_timeout(t);
         }
+        let started = std::time::Instant::now();
         let resp = TasksClient::new(self.channel.clone())
             .checkpoint(request)
             .await
             .map_err(|status| Error::Call {
                 what: format!("checkpoint task {container_id}"),
-                status: Box::new(status),
+                status: Box::new(past_deadline(status, timeout, started.elapsed())),
             })?;
         Ok(resp.into_inner().descriptors.len())
+    }
+}
+
+/// A call that failed at (or just before) the caller's own timeout failed because of it, however
+/// the transport said so (tonic's "Timeout expired", or the stream reset as containerd gives up
+/// at the deadline it was handed: "h2 protocol error"): said as a deadline, with what came.
+fn past_deadline(
+    status: tonic::Status,
+    timeout: Option<std::time::Duration>,
+    elapsed: std::time::Duration,
+) -> tonic::Status {
+    /// Clocks of the two ends differ a little: the server's deadline may fire first.
+    const MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
+    match timeout {
+        Some(t) if elapsed + MARGIN >= t && status.code() != tonic::Code::DeadlineExceeded => {
+            tonic::Status::deadline_exceeded(format!(
+                "the client's deadline of {} s passed ({})",
+                t.as_secs_f64(),
+                status.message()
+            ))
+        }
+        _ => status,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_at_the_callers_timeout_is_a_deadline() {
+        use std::time::Duration;
+        let reset = || tonic::Status::unknown("h2 protocol error: http2 error");
+        let s = past_deadline(reset(), Some(Duration::from_secs(1)), Duration::from_millis(1005));
+        assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            s.message().contains("deadline of 1 s passed") && s.message().contains("h2 protocol"),
+            "{s:?}"
+        );
+        // Earlier than the timeout, or without one: as it came.
+        let s = past_deadline(reset(), Some(Duration::from_secs(10)), Duration::from_secs(1));
+        assert_eq!(s.code(), tonic::Code::Unknown);
+        assert_eq!(
+            past_deadline(reset(), None, Duration::from_secs(99)).code(),
+            tonic::Code::Unknown
+        );
+    }
 
     #[test]
     fn options_encode_with_containerds_type_url() {
