@@ -772,20 +772,23 @@ mod tests {
         assert_eq!(snapshot_root(&[]), None);
     }
 
+    /// A minimal spec with annotation `key` set to `value`, or without it.
+    fn annotated(key: &str, value: Option<&str>) -> Spec {
+        let mut a = serde_json::Map::new();
+        if let Some(v) = value {
+            a.insert(key.into(), v.into());
+        }
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "annotations": a
+        }))
+        .expect("spec")
+    }
+
     #[test]
     fn a_lazy_restore_is_asked_with_true_and_nothing_else() {
-        let spec = |value: Option<&str>| -> Spec {
-            let mut a = serde_json::Map::new();
-            if let Some(v) = value {
-                a.insert(LAZY_ANNOTATION.into(), v.into());
-            }
-            serde_json::from_value(serde_json::json!({
-                "ociVersion": "1.0.2",
-                "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
-                "annotations": a
-            }))
-            .expect("spec")
-        };
+        let spec = |value: Option<&str>| annotated(LAZY_ANNOTATION, value);
         assert!(!lazy_asked(&spec(None)).expect("absent"));
         assert!(!lazy_asked(&spec(Some("false"))).expect("false"));
         assert!(!lazy_asked(&spec(Some(""))).expect("empty"));
@@ -796,18 +799,7 @@ mod tests {
 
     #[test]
     fn restart_counts_come_from_kubelet_annotations() {
-        let spec = |count: Option<&str>| -> Spec {
-            let mut a = serde_json::Map::new();
-            if let Some(c) = count {
-                a.insert(RESTART_COUNT_ANNOTATION.into(), c.into());
-            }
-            serde_json::from_value(serde_json::json!({
-                "ociVersion": "1.0.2",
-                "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
-                "annotations": a
-            }))
-            .expect("spec")
-        };
+        let spec = |count: Option<&str>| annotated(RESTART_COUNT_ANNOTATION, count);
         assert_eq!(restart_count(&spec(None)), None);
         assert_eq!(restart_count(&spec(Some("0"))), Some(0));
         assert_eq!(restart_count(&spec(Some("3"))), Some(3));

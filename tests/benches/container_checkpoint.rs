@@ -13,14 +13,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use common::{mib, print_table, ratio, seconds, Samples};
 use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
 use podsnap_tests::ctr::{Ctr, DEFAULT_NAMESPACE as NS};
 use podsnap_tests::host::Netns;
-use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::node::Node;
 use podsnap_tests::WORKLOAD_IMAGE;
 
 /// The dirtied memory the container holds.
@@ -37,10 +37,7 @@ struct Contender {
 
 fn main() {
     let rounds = common::rounds(9);
-    let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-    options.podsnap_shim = true;
-    options.log_level = "info".to_owned();
-    let mut node = Node::start(options);
+    let mut node = Node::start(common::podsnap_node_options());
     let ctr = node.ctr().clone();
     let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
     let mut contenders = [

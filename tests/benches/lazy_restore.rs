@@ -29,7 +29,7 @@ use common::{print_table, ratio, seconds, Samples};
 use k8s_cri::v1 as cri;
 use podsnap_coordinator::restore::RestoreRequest;
 use podsnap_tests::kubelet::{self, ContainerSpec, PodOptions};
-use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::node::Node;
 
 /// (name, port) of the pod's containers.
 const CONTAINERS: [(&str, u16); 3] = [("c0", 8301), ("c1", 8302), ("c2", 8303)];
@@ -63,14 +63,8 @@ struct Timed {
 
 fn main() {
     let rounds = common::rounds(5);
-    let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-    options.podsnap_shim = true;
-    options.log_level = "info".to_owned();
-    let mut node = Node::start(options);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let mut node = Node::start(common::podsnap_node_options());
+    let runtime = common::runtime();
     let started = Instant::now();
     let mib = ballast_mib();
 

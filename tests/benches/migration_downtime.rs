@@ -55,7 +55,7 @@ use podsnap_tests::containerd_api::ContainerdApi;
 use podsnap_tests::cri::CriClient;
 use podsnap_tests::ctr::CRI_NAMESPACE as NS;
 use podsnap_tests::kubelet::{self, ContainerSpec, KubePod, PodOptions};
-use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::node::Node;
 use podsnap_tests::registry::{self, Registry};
 
 const CONTAINERS: [(&str, u16); 3] = [("one", 8081), ("two", 8082), ("three", 8083)];
@@ -147,13 +147,7 @@ fn main() {
         "{} is missing: `cargo build --workspace --bins` first (same profile)",
         podsnap.display()
     );
-    let options = || {
-        let mut options = NodeOptions::new(workload.clone());
-        options.podsnap_shim = true;
-        options.log_level = "info".to_owned();
-        options
-    };
-    let (a, b) = Node::start_pair(options(), options());
+    let (a, b) = Node::start_pair(common::podsnap_node_options(), common::podsnap_node_options());
     let dir = tempfile::tempdir().expect("a bench directory");
     std::fs::create_dir(dir.path().join("docker")).expect("docker config dir");
     let (signing, trusted) = registry::key_pair(dir.path(), "node");

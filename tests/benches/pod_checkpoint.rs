@@ -55,7 +55,7 @@ use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
 use podsnap_tests::ctr::CRI_NAMESPACE as NS;
 use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{self, ContainerSpec, KubePod, PodOptions};
-use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::node::Node;
 
 const CONTAINERS: [(&str, u16); 3] = [("one", 8081), ("two", 8082), ("three", 8083)];
 
@@ -133,14 +133,8 @@ impl Round {
 
 fn main() {
     let rounds = common::rounds(5);
-    let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-    options.podsnap_shim = true;
-    options.log_level = "info".to_owned();
-    let mut node = Node::start(options);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let mut node = Node::start(common::podsnap_node_options());
+    let runtime = common::runtime();
     let mut measures: Vec<Measures> = CONTENDERS.iter().map(|_| Measures::default()).collect();
     let started = Instant::now();
     for round in 0..=rounds {

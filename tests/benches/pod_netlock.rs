@@ -10,14 +10,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{print_table, ratio, seconds, Samples};
 use podsnap_tests::containerd_api::ContainerdApi;
 use podsnap_tests::ctr::CRI_NAMESPACE as NS;
 use podsnap_tests::kubelet::{self, ContainerSpec, PodOptions};
-use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::node::Node;
 
 const CONTAINERS: [(&str, u16); 3] = [("one", 8081), ("two", 8082), ("three", 8083)];
 
@@ -32,10 +31,7 @@ struct Measures {
 
 fn main() {
     let rounds = common::rounds(7);
-    let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-    options.podsnap_shim = true;
-    options.log_level = "info".to_owned();
-    let node = Node::start(options);
+    let node = Node::start(common::podsnap_node_options());
     let mut pod_lock = Measures::default();
     let mut per_container = Measures::default();
     let started = Instant::now();

@@ -38,7 +38,7 @@ use common::{mib, print_table, ratio, seconds, Samples};
 use podsnap_tests::containerd_api::ContainerdApi;
 use podsnap_tests::ctr::CRI_NAMESPACE as NS;
 use podsnap_tests::kubelet::{self, ContainerSpec, KubePod, PodOptions};
-use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::node::Node;
 
 /// Container counts of part 1.
 const COUNTS: [usize; 4] = [1, 2, 4, 8];
@@ -113,12 +113,7 @@ impl Drop for NoKdatCache {
 
 fn main() {
     let rounds = common::rounds(3);
-    let options = || {
-        let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-        options.podsnap_shim = true;
-        options.log_level = "info".to_owned();
-        options
-    };
+    let options = common::podsnap_node_options;
     // Part 1's second contender: podsnap with CRIU's kernel feature cache turned off (its
     // shim leaves the cache alone, and the cache is moved aside for each of its dumps).
     let mut off = options();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{print_table, ratio, seconds, Samples};
 use k8s_cri::v1 as cri;
 use podsnap_tests::kubelet::{self, ContainerSpec, PodOptions};
-use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::node::Node;
 
 /// The Rust runc shim's binary.
 const RUNC_RS_SHIM: &str = "containerd-shim-runc-v2-rs";
@@ -67,9 +67,7 @@ fn find_runc_rs() -> Option<PathBuf> {
 
 fn main() {
     let rounds = common::rounds(11);
-    let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-    options.podsnap_shim = true;
-    options.log_level = "info".to_owned();
+    let mut options = common::podsnap_node_options();
     let runc_rs = find_runc_rs();
     if let Some(path) = &runc_rs {
         options.extra_config = format!(

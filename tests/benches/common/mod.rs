@@ -11,6 +11,24 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use podsnap_tests::ctr::Ctr;
+use podsnap_tests::node::NodeOptions;
+
+/// A private node running podsnap's shim with the workload cargo built for this bench, its
+/// containerd logging at info (the shim's phase lines).
+pub fn podsnap_node_options() -> NodeOptions {
+    let mut options = NodeOptions::new(std::path::PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+    options.podsnap_shim = true;
+    options.log_level = "info".to_owned();
+    options
+}
+
+/// A current-thread tokio runtime for the coordinator's library calls.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
 
 /// One Tasks.Checkpoint of a pod's sandbox task with runc's `image_path` (podsnap's pod
 /// checkpoint into `dir`, leave running): how long the call took, in seconds.
