@@ -178,9 +178,7 @@ pub fn inspect(dir: &Path) -> Result<DumpOptions> {
     }
 }
 
-/// CRIU image files start with two magic numbers; entries follow as (u32 length, protobuf).
-const PAGEMAP_MAGIC: u32 = 0x5608_4025;
-const PSTREE_MAGIC: u32 = 0x5027_3030;
+use crate::criu_image::{PAGEMAP_MAGIC, PSTREE_MAGIC};
 const PSTREE_IMAGE: &str = "pstree.img";
 /// `pagemap_entry.flags`: the pages are in this image's pages file.
 const PE_PRESENT: u64 = 1 << 2;
@@ -214,23 +212,6 @@ fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The entries of a CRIU image whose own magic number is `magic`: each a protobuf message.
-fn image_entries<'a>(data: &'a [u8], magic: u32, what: &str) -> std::result::Result<Vec<&'a [u8]>, String> {
-    let u32_at =
-        |at: usize| -> Option<u32> { Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?)) };
-    if u32_at(4) != Some(magic) {
-        return Err(format!("not a CRIU {what} image"));
-    }
-    let mut at = 8;
-    let mut entries = Vec::new();
-    while at < data.len() {
-        let len = u32_at(at).ok_or("truncated entry")? as usize;
-        entries.push(data.get(at + 4..at + 4 + len).ok_or("truncated entry")?);
-        at += 4 + len;
-    }
-    Ok(entries)
-}
-
 /// The highest process or thread id of the container's processes in CRIU's images at `dir`
 /// (`pstree.img`), as its PID namespace numbers them: a restore into a PID namespace shared
 /// with other containers must find these free.
@@ -242,9 +223,9 @@ pub fn highest_pid(dir: &Path) -> Result<u32> {
     let data = crate::manifest::read_capped(&dir.join(PSTREE_IMAGE), 64 << 20)
         .map_err(|e| invalid(e.to_string()))?;
     let mut highest = 0u64;
-    for entry in image_entries(&data, PSTREE_MAGIC, "process tree").map_err(invalid)? {
+    for entry in crate::criu_image::entries(&data, PSTREE_MAGIC, "process tree").map_err(invalid)? {
         // pstree_entry: pid = 1, ppid = 2, pgid = 3, sid = 4, threads = 5 (repeated).
-        for (field, value) in protobuf_fields(entry).map_err(invalid)? {
+        for (field, value) in crate::criu_image::varints(entry).map_err(invalid)? {
             if field == 1 || field == 5 {
                 highest = highest.max(value);
             }
@@ -295,8 +276,8 @@ pub async fn reserve_pids(
 fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
     let mut pages_id = None;
     let mut present = 0u64;
-    for msg in image_entries(data, PAGEMAP_MAGIC, "pagemap")? {
-        let fields = protobuf_fields(msg)?;
+    for msg in crate::criu_image::entries(data, PAGEMAP_MAGIC, "pagemap")? {
+        let fields = crate::criu_image::varints(msg)?;
         let get = |n: u64| fields.iter().find(|(f, _)| *f == n).map(|(_, v)| *v);
         if pages_id.is_none() {
             pages_id = Some(get(1).unwrap_or(0)); // pagemap_head.pages_id
@@ -316,37 +297,6 @@ fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
     Ok((pages_id.ok_or("no pagemap head")?, present))
 }
 
-/// The varint fields of a protobuf message (others are skipped): (field number, value).
-fn protobuf_fields(mut msg: &[u8]) -> std::result::Result<Vec<(u64, u64)>, String> {
-    fn varint(buf: &mut &[u8]) -> std::result::Result<u64, String> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&b, rest) = buf.split_first().ok_or("truncated varint")?;
-            *buf = rest;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("varint too long".into())
-    }
-    let mut out = Vec::new();
-    while !msg.is_empty() {
-        let key = varint(&mut msg)?;
-        match key & 7 {
-            0 => out.push((key >> 3, varint(&mut msg)?)),
-            1 => msg = msg.get(8..).ok_or("truncated field")?,
-            2 => {
-                let len = varint(&mut msg)? as usize;
-                msg = msg.get(len..).ok_or("truncated field")?;
-            }
-            5 => msg = msg.get(4..).ok_or("truncated field")?,
-            _ => return Err("unsupported protobuf wire type".into()),
-        }
-    }
-    Ok(out)
-}
-
 /// A request to restore one container from its images.
 #[derive(Debug, Clone)]
 pub struct Restore {
@@ -363,6 +313,37 @@ pub struct Restore {
     pub log: PathBuf,
     /// Memory comes back through a lazy-pages daemon already listening in `work_dir`.
     pub lazy_pages: bool,
+    /// Sockets CRIU takes as they are for the socket of the same inode at the dump (ends of
+    /// unix connections to other containers, see [`crate::links::connect_link`]); the CRIU
+    /// configuration file must name them ([`inherit_lines`]).
+    pub inherited: Vec<InheritedSocket>,
+}
+
+/// A socket handed to a container's restore in place of one its CRIU images hold.
+#[derive(Debug, Clone)]
+pub struct InheritedSocket {
+    /// The socket's inode at the dump.
+    pub ino: u64,
+    pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+/// The descriptor number the first inherited socket has in runc and CRIU.
+const INHERITED_FD_BASE: i32 = 1000;
+
+/// The CRIU configuration lines naming `inherited` (`inherit-fd fd[N]:socket:[INO]`), at the
+/// numbers [`restore`] gives them.
+pub fn inherit_lines(inherited: &[InheritedSocket]) -> String {
+    inherited
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "inherit-fd fd[{}]:socket:[{}]\n",
+                INHERITED_FD_BASE + i as i32,
+                s.ino
+            )
+        })
+        .collect()
 }
 
 /// Restores a container (`runc restore --detach`); its process gets `stdio`.
@@ -377,6 +358,12 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
         log: r.log.clone(),
         deadline: Some(restore_deadline(&r.image_dir)),
         lazy_pages: r.lazy_pages,
+        inherit_fds: r
+            .inherited
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (INHERITED_FD_BASE + i as i32, s.fd.clone()))
+            .collect(),
     };
     match runc.restore(&r.id, &r.bundle, opts, stdio).await {
         Ok(()) => Ok(()),

@@ -45,7 +45,7 @@
 //! with the tail of CRIU's log, or the cause (ENOSPC, EIO, ...). Containers that are not
 //! running (completed init containers) are recorded only.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -289,10 +289,14 @@ async fn dump_into(
     // Under it each container's CRIU skips its own (iptables in the pod's namespace when it
     // starts, per connection, and when it ends: all of it while frozen).
     let lock = d.netns.as_deref().filter(|_| d.lock_network);
-    let (criu_configs, holds) = CriuConfigs::write(running, lock.is_some())?;
+    // Unix connections between containers, read while the pod runs: the CRIU of each end must
+    // be told before it starts that the socket is external (its peer is another CRIU's).
+    let planned = planned_unix_ends(d, running).await?;
+    let (criu_configs, holds, told) = CriuConfigs::write(running, lock.is_some(), &planned)?;
     // runc and CRIU start first, while the pod runs; each CRIU waits before it touches a
     // process, and no further than that until the pod is locked, frozen and checked.
     let mut dumps = Dumps::start_held(&dir, running, limit, holds);
+    dumps.external_unix = told;
     // What the checkpoint records of the node and of the pod's addresses, and `criu cpuinfo
     // dump`, run beside the freeze and the dumps; only the digests and the manifest need them.
     let launcher = d.launcher.clone();
@@ -364,6 +368,10 @@ struct Recorded {
     ips: Vec<std::net::IpAddr>,
 }
 
+/// (container name, socket inode) ends of unix connections between containers that the
+/// containers' CRIU runs were told are external.
+type ToldEnds = HashSet<(String, u64)>;
+
 /// The CRIU configuration files of the dumped containers (see
 /// [`container::CRIU_CONFIG_FILE`]) for the length of the dump: removed when dropped.
 struct CriuConfigs(Vec<PathBuf>);
@@ -371,12 +379,19 @@ struct CriuConfigs(Vec<PathBuf>);
 impl CriuConfigs {
     /// What CRIU is told for this dump, for each of `running` whose bundle has podsnap's file
     /// (the others get their CRIU started once the pod is frozen, with CRIU's own network
-    /// lock): its hold ([`crate::criu_hold`]), and `network-lock skip` when the pod's network
-    /// is locked by podsnap. A file left by a restore (`tcp-close`) is replaced. Returns the
-    /// holds, one place per container of `running`.
-    fn write(running: &[&Target], pod_locked: bool) -> Result<(Self, Vec<Option<Hold>>)> {
+    /// lock): its hold ([`crate::criu_hold`]), `network-lock skip` when the pod's network is
+    /// locked by podsnap, and `external unix[INO]` for each of its sockets in `unix_ends`
+    /// (container name -> inodes: ends of connections to other containers). A file left by a
+    /// restore (`tcp-close`) is replaced. Returns the holds, one place per container of
+    /// `running`, and the (container, inode) ends its CRIU was told of.
+    fn write(
+        running: &[&Target],
+        pod_locked: bool,
+        unix_ends: &HashMap<String, BTreeSet<u64>>,
+    ) -> Result<(Self, Vec<Option<Hold>>, ToldEnds)> {
         let mut files = CriuConfigs(Vec::new());
         let mut holds = Vec::new();
+        let mut told = HashSet::new();
         for t in running {
             let bundle = podsnap_runtime::bundle::Bundle::new(&t.bundle);
             let Some(conf) = bundle
@@ -396,10 +411,14 @@ impl CriuConfigs {
             if pod_locked {
                 text.push_str("network-lock skip\n");
             }
+            for ino in unix_ends.get(&t.entry.name).into_iter().flatten() {
+                text.push_str(&format!("external unix[{ino}]\n"));
+                told.insert((t.entry.name.clone(), *ino));
+            }
             container::write_private(&conf, text.as_bytes())?;
             holds.push(hold);
         }
-        Ok((files, holds))
+        Ok((files, holds, told))
     }
 }
 
@@ -584,7 +603,7 @@ async fn freeze_and_capture(
     refuse_lost_processes(running, &procs)?;
     let ipc = pod_ipc(running, &procs)?;
     let owners = crate::links::SocketOwners::read(&procs);
-    crate::links::refuse_unix_links(d.launcher.as_ref(), d.netns.as_deref(), &procs, &owners).await?;
+    let unix_links = checked_unix_links(d, &procs, &owners, &dumps.external_unix).await?;
     report.phases.mark("checked");
     // Which containers loopback connections link, read beside the dumps (the pod stays frozen
     // until they are done; the kernel's TCP tables take milliseconds to list).
@@ -608,6 +627,7 @@ async fn freeze_and_capture(
         .map_err(|e| Error::io("list loopback connections", "pod", std::io::Error::other(e)))?;
     let captured = Captured {
         loopback_linked: loopback_linked.into_iter().collect(),
+        unix_links,
         ..captured
     };
     Ok((freeze_start, slowest, captured))
@@ -639,6 +659,7 @@ async fn finish(
         )?;
         write_kep_metadata(&cdir, &t.entry, checkpointed)?;
     }
+    check_linked_queues(dir, &captured.unix_links)?;
     // Every container's part is complete: a caller pushing the checkpoint may start on them
     // while the rest (digests, manifest, and with `stop` the sync and the kill) goes on.
     announce_parts(d, dir);
@@ -677,6 +698,7 @@ async fn finish(
         dev_shm: captured.dev_shm,
         sysv_ipc: captured.sysv_ipc,
         loopback_linked: captured.loopback_linked,
+        unix_links: captured.unix_links,
         files,
         stats: DumpStats {
             frozen_us: frozen.as_micros() as u64,
@@ -718,6 +740,8 @@ fn without_own_criu_config(spec: Vec<u8>, bundle: &Path) -> Vec<u8> {
 /// file ([`crate::criu_hold`]), otherwise started once the pod is frozen.
 struct Dumps {
     slots: Vec<DumpSlot>,
+    /// What the containers' CRIU runs were told of unix connections between containers.
+    external_unix: ToldEnds,
 }
 
 struct DumpSlot {
@@ -739,7 +763,10 @@ impl Dumps {
                 DumpSlot { hold, task }
             })
             .collect();
-        Dumps { slots }
+        Dumps {
+            slots,
+            external_unix: HashSet::new(),
+        }
     }
 
     /// Waits until every held CRIU is waiting. A runc that ends before is a failed dump (its
@@ -1048,6 +1075,7 @@ async fn capture_all(
             dev_shm: dev_shm.map(|_| DEV_SHM_ARCHIVE.to_owned()),
             sysv_ipc: sysv_ipc.map(|_| crate::sysv::SYSV_STATE.to_owned()),
             loopback_linked: Vec::new(),
+            unix_links: Vec::new(),
         },
     ))
 }
@@ -1061,6 +1089,88 @@ struct Captured {
     sysv_ipc: Option<String>,
     /// Containers linked by TCP over loopback.
     loopback_linked: Vec<String>,
+    /// Unix connections between containers.
+    unix_links: Vec<crate::manifest::UnixLink>,
+}
+
+/// The ends of the unix connections between containers of the running pod, by container: what
+/// each container's CRIU is told are external sockets.
+async fn planned_unix_ends(d: &PodDump, running: &[&Target]) -> Result<HashMap<String, BTreeSet<u64>>> {
+    let procs: Vec<(String, Vec<i32>)> = running
+        .iter()
+        .map(|t| (t.entry.name.clone(), cgroup_procs(t)))
+        .collect();
+    let owners = crate::links::SocketOwners::read(&procs);
+    let found =
+        crate::links::unix_connections(d.launcher.as_ref(), d.netns.as_deref(), &procs, &owners).await?;
+    let mut ends: HashMap<String, BTreeSet<u64>> = HashMap::new();
+    for c in found.iter().filter(|c| c.link().is_some()) {
+        for (name, ino, _) in &c.ends {
+            ends.entry(name.clone()).or_default().insert(*ino);
+        }
+    }
+    Ok(ends)
+}
+
+/// The unix connections between containers of the frozen pod, as the manifest records them.
+/// Refused, naming the containers: a connected datagram socket (its peer is a bound socket
+/// of the other container, not a pair), and a connection whose ends' CRIU runs were not told
+/// of it (`told`: opened after they started; a dump again finds it from the start).
+async fn checked_unix_links(
+    d: &PodDump,
+    procs: &[(String, Vec<i32>)],
+    owners: &crate::links::SocketOwners,
+    told: &ToldEnds,
+) -> Result<Vec<crate::manifest::UnixLink>> {
+    let found =
+        crate::links::unix_connections(d.launcher.as_ref(), d.netns.as_deref(), procs, owners).await?;
+    let refuse = |reason: String| Error::InvalidCheckpoint {
+        path: "pod".into(),
+        reason: format!("{reason}; the pod was left running"),
+    };
+    let mut links = Vec::new();
+    for c in found {
+        let Some(link) = c.link() else {
+            return Err(refuse(format!(
+                "a connected unix datagram socket links containers {}: podsnap brings back \
+                 stream and seqpacket connections between containers only",
+                c.shown()
+            )));
+        };
+        if c.ends
+            .iter()
+            .any(|(name, ino, _)| !told.contains(&(name.clone(), *ino)))
+        {
+            return Err(refuse(format!(
+                "a unix socket connection between containers {} was opened while the dump \
+                 began (after their CRIU runs were told of the pod's connections): dump again",
+                c.shown()
+            )));
+        }
+        links.push(link);
+    }
+    Ok(links)
+}
+
+/// Checks that CRIU dumped each end of `links` and that what sat in its queue can be handed
+/// back (bytes, no descriptors): a checkpoint a restore would refuse is not written.
+fn check_linked_queues(dir: &Path, links: &[crate::manifest::UnixLink]) -> Result<()> {
+    for end in links.iter().flat_map(|l| &l.ends) {
+        let images = dir
+            .join("containers")
+            .join(&end.container)
+            .join(PART_NAMES.images);
+        let socket =
+            crate::criu_image::unix_socket(&images, end.ino)?.ok_or_else(|| Error::InvalidCheckpoint {
+                path: images.clone(),
+                reason: format!(
+                    "CRIU's images of container {:?} hold no unix socket {}",
+                    end.container, end.ino
+                ),
+            })?;
+        crate::criu_image::queued_packets(&images, socket.id)?;
+    }
+    Ok(())
 }
 
 /// The pod's `/dev/shm` archive in a checkpoint.

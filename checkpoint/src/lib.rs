@@ -7,6 +7,7 @@ pub mod config;
 pub mod confined;
 pub mod container;
 pub mod criu_hold;
+pub mod criu_image;
 pub mod dump;
 pub mod error;
 pub mod failpoint;

@@ -5,10 +5,11 @@
 //! Each container is dumped and restored by its own CRIU run. A TCP connection over loopback
 //! survives that (both ends come back through TCP repair; the restore keeps the pod's network
 //! locked until both are back, see the shim's restore), so the containers at its ends are
-//! recorded. A connected unix socket pair cannot: CRIU restores a pair only within one run, so a
-//! dump that holds one across two containers is refused, naming them.
+//! recorded. A connected unix socket with an end in each of two containers is dumped by each
+//! container's CRIU as external, and recorded: the restore hands both ends of a new pair in.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -108,17 +109,51 @@ fn parse_tcp_table(text: &str) -> Vec<LoopbackConnection> {
         .collect()
 }
 
-/// Refuses a pod whose containers are linked by a connected unix socket (one end in each of two
-/// containers), naming them. `netns` is the pod's network namespace (`None`: the host's), whose
-/// unix sockets `ss` lists with their peers.
-pub async fn refuse_unix_links(
+/// A connected unix socket with its ends in two containers of the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixConnection {
+    /// `ss`'s name of its kind: `u_str`, `u_seq` or `u_dgr`.
+    pub kind: String,
+    /// (container name, socket inode, pid holding it), the lower inode first.
+    pub ends: [(String, u64, i32); 2],
+}
+
+impl UnixConnection {
+    /// The link a manifest records; `None` for a kind podsnap cannot hand back (datagrams).
+    pub fn link(&self) -> Option<crate::manifest::UnixLink> {
+        use crate::manifest::{UnixEnd, UnixKind, UnixLink};
+        let kind = match self.kind.as_str() {
+            "u_str" => UnixKind::Stream,
+            "u_seq" => UnixKind::Seqpacket,
+            _ => return None,
+        };
+        let end = |(container, ino, _): &(String, u64, i32)| UnixEnd {
+            container: container.clone(),
+            ino: *ino,
+        };
+        Some(UnixLink {
+            kind,
+            ends: [end(&self.ends[0]), end(&self.ends[1])],
+        })
+    }
+
+    /// The two containers and pids, for an error.
+    pub fn shown(&self) -> String {
+        let [(na, _, pa), (nb, _, pb)] = &self.ends;
+        format!("{na:?} (pid {pa}) and {nb:?} (pid {pb})")
+    }
+}
+
+/// The connected unix sockets with one end in each of two containers of the pod. `netns` is the
+/// pod's network namespace (`None`: the host's), whose unix sockets `ss` lists with their peers.
+pub async fn unix_connections(
     launcher: &dyn Launcher,
     netns: Option<&Path>,
     procs: &[(String, Vec<i32>)],
     owners: &SocketOwners,
-) -> Result<()> {
-    // A link needs unix sockets in two containers; most pods have none in two (and `ss`,
-    // run while the pod is frozen, costs a nsenter and an ss).
+) -> Result<Vec<UnixConnection>> {
+    // A connection needs unix sockets in two containers; most pods have none in two (and `ss`
+    // costs a nsenter and an ss).
     let unix = unix_inodes(procs);
     let holders: BTreeSet<&str> = owners
         .0
@@ -127,7 +162,7 @@ pub async fn refuse_unix_links(
         .map(|(_, (name, _))| name.as_str())
         .collect();
     if holders.len() < 2 {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut cmd = match netns {
         Some(ns) => {
@@ -149,27 +184,112 @@ pub async fn refuse_unix_links(
             std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
         ));
     }
-    let mut links = BTreeSet::new();
-    for (a, b) in parse_unix_pairs(&String::from_utf8_lossy(&out.stdout)) {
+    let mut found = Vec::new();
+    for (kind, a, b) in parse_unix_pairs(&String::from_utf8_lossy(&out.stdout)) {
         if let (Some((na, pa)), Some((nb, pb))) = (owners.0.get(&a), owners.0.get(&b)) {
             if na != nb && a < b {
-                links.insert(format!("{na:?} (pid {pa}) and {nb:?} (pid {pb})"));
+                found.push(UnixConnection {
+                    kind,
+                    ends: [(na.clone(), a, *pa), (nb.clone(), b, *pb)],
+                });
             }
         }
     }
-    if links.is_empty() {
-        return Ok(());
+    Ok(found)
+}
+
+/// Makes the new connection of a recorded unix `link` of the checkpoint at `dir` (container
+/// images under `images`): one connected pair of the link's kind, end `i` for the container of
+/// `link.ends[i]`. What sat in each end's receive queue at the dump is sent from the other end
+/// first, so it waits there again; then each end gets its recorded shutdown and `O_NONBLOCK`.
+/// CRIU, handed an end as the socket of that inode (`inherit-fd`), takes it as it is.
+pub fn connect_link(dir: &Path, images: &str, link: &crate::manifest::UnixLink) -> Result<[OwnedFd; 2]> {
+    let mut raw = [0; 2];
+    let kind = link.kind.socket_type() as i32;
+    // SAFETY: socketpair writes two new descriptors into `raw` when it succeeds.
+    if unsafe { libc::socketpair(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0, raw.as_mut_ptr()) } != 0 {
+        return Err(Error::io(
+            "make a unix socket pair",
+            dir,
+            std::io::Error::last_os_error(),
+        ));
     }
-    Err(Error::InvalidCheckpoint {
-        path: "pod".into(),
-        reason: format!(
-            "a unix socket connection links containers {}: each container is dumped and restored \
-             by its own CRIU run, which restores a connected pair only within one container; \
-             close the connection before the dump (a listening socket alone is fine); the pod \
-             was left running",
-            links.into_iter().collect::<Vec<_>>().join(", ")
-        ),
-    })
+    // SAFETY: both descriptors are new and owned by nothing else.
+    let pair = unsafe { [OwnedFd::from_raw_fd(raw[0]), OwnedFd::from_raw_fd(raw[1])] };
+    let mut sockets = Vec::new();
+    for (i, end) in link.ends.iter().enumerate() {
+        let images = dir.join("containers").join(&end.container).join(images);
+        let invalid = |reason: String| Error::InvalidCheckpoint {
+            path: images.clone(),
+            reason,
+        };
+        let socket = crate::criu_image::unix_socket(&images, end.ino)?.ok_or_else(|| {
+            invalid(format!(
+                "container {:?}: no unix socket {} in its CRIU images",
+                end.container, end.ino
+            ))
+        })?;
+        if socket.kind != link.kind.socket_type() {
+            return Err(invalid(format!(
+                "container {:?}: unix socket {} is of type {}, not the recorded {:?}",
+                end.container, end.ino, socket.kind, link.kind
+            )));
+        }
+        for packet in crate::criu_image::queued_packets(&images, socket.id)? {
+            send_queued(&pair[1 - i], &packet).map_err(|e| {
+                invalid(format!(
+                    "container {:?}: the {} bytes queued at unix socket {} do not fit a new \
+                     connection: {e}",
+                    end.container,
+                    packet.len(),
+                    end.ino
+                ))
+            })?;
+        }
+        sockets.push(socket);
+    }
+    for (fd, socket) in pair.iter().zip(&sockets) {
+        let how = match socket.shutdown {
+            0 => None,
+            1 => Some(libc::SHUT_RD),
+            2 => Some(libc::SHUT_WR),
+            _ => Some(libc::SHUT_RDWR),
+        };
+        // SAFETY: plain calls on a descriptor this function owns.
+        let failed = unsafe {
+            how.is_some_and(|how| libc::shutdown(fd.as_raw_fd(), how) != 0)
+                || (socket.flags & libc::O_NONBLOCK as u32 != 0
+                    && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_RDWR | libc::O_NONBLOCK) != 0)
+        };
+        if failed {
+            return Err(Error::io(
+                "set up a restored unix socket",
+                dir,
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(pair)
+}
+
+/// Sends one queued packet whole without waiting (a stream may take it in parts).
+fn send_queued(fd: &OwnedFd, mut packet: &[u8]) -> std::io::Result<()> {
+    while !packet.is_empty() {
+        // SAFETY: the buffer is valid for its length; MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        packet = &packet[n as usize..];
+    }
+    Ok(())
 }
 
 /// The inodes of the unix sockets in the network namespaces of `procs` (each container's
@@ -190,9 +310,10 @@ fn parse_unix_table(text: &str) -> impl Iterator<Item = u64> + '_ {
         .filter_map(|l| l.split_whitespace().nth(6)?.parse().ok())
 }
 
-/// (socket inode, peer inode) of every connected unix socket in `ss -x -n -H` output (the
-/// inodes are the third-last and last words: a path may hold spaces, an inode cannot).
-fn parse_unix_pairs(text: &str) -> Vec<(u64, u64)> {
+/// (kind, socket inode, peer inode) of every connected unix socket in `ss -x -n -H` output
+/// (the kind is the first word; the inodes the third-last and last: a path may hold spaces, an
+/// inode cannot).
+fn parse_unix_pairs(text: &str) -> Vec<(String, u64, u64)> {
     text.lines()
         .filter_map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
@@ -201,7 +322,7 @@ fn parse_unix_pairs(text: &str) -> Vec<(u64, u64)> {
                 return None;
             }
             let (local, peer) = (w[n - 3].parse().ok()?, w[n - 1].parse().ok()?);
-            (peer != 0).then_some((local, peer))
+            (peer != 0).then(|| (w[0].to_owned(), local, peer))
         })
         .collect()
 }
@@ -238,10 +359,118 @@ mod tests {
     fn unix_pairs_come_from_ss() {
         let text = "u_str ESTAB 0      0                     * 2728740 * 2728741\n\
                     u_str ESTAB 0      0      /tmp/a b.sock 2728739 * 2728738\n\
+                    u_seq ESTAB 0      0                     * 17 * 18\n\
                     u_str LISTEN 0      4096      /run/x.sock 1234 * 0\n";
         assert_eq!(
             parse_unix_pairs(text),
-            vec![(2728740, 2728741), (2728739, 2728738)]
+            vec![
+                ("u_str".to_owned(), 2728740, 2728741),
+                ("u_str".to_owned(), 2728739, 2728738),
+                ("u_seq".to_owned(), 17, 18)
+            ]
         );
+    }
+
+    fn end(container: &str, ino: u64) -> crate::manifest::UnixEnd {
+        crate::manifest::UnixEnd {
+            container: container.into(),
+            ino,
+        }
+    }
+
+    fn read_available(fd: &OwnedFd) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: the buffer is valid for its length; MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        buf.truncate(n.max(0) as usize);
+        buf
+    }
+
+    #[test]
+    fn a_linked_pair_gets_each_ends_queue_shutdown_and_flags() {
+        use crate::criu_image::{testing::write_socket_images, UnixSocket};
+        use crate::manifest::{UnixKind, UnixLink};
+        let t = tempfile::tempdir().expect("tempdir");
+        let stream = libc::SOCK_STREAM as u32;
+        let app = UnixSocket {
+            id: 7,
+            ino: 100,
+            kind: stream,
+            flags: libc::O_RDWR as u32 | libc::O_NONBLOCK as u32,
+            shutdown: 0,
+        };
+        let sidecar = UnixSocket {
+            id: 9,
+            ino: 200,
+            kind: stream,
+            flags: libc::O_RDWR as u32,
+            shutdown: 2,
+        };
+        write_socket_images(
+            &t.path().join("containers/app/checkpoint"),
+            &[app],
+            &[(7, b"to the app\n"), (8, b"someone else's")],
+        );
+        write_socket_images(
+            &t.path().join("containers/sidecar/checkpoint"),
+            &[sidecar],
+            &[(9, b"to the sidecar\n")],
+        );
+        let link = UnixLink {
+            kind: UnixKind::Stream,
+            ends: [end("app", 100), end("sidecar", 200)],
+        };
+        let [a, s] = connect_link(t.path(), "checkpoint", &link).expect("pair");
+        assert_eq!(read_available(&a), b"to the app\n");
+        assert_eq!(read_available(&s), b"to the sidecar\n");
+        // The sidecar had shut its writing side: the app reads the end of the stream.
+        assert!(read_available(&a).is_empty());
+        // SAFETY: plain fcntl on owned descriptors.
+        let nonblocking =
+            |fd: &OwnedFd| unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) } & libc::O_NONBLOCK != 0;
+        assert!(nonblocking(&a) && !nonblocking(&s));
+
+        // A recorded kind the images contradict, and an end the images do not hold.
+        let seqpacket = UnixLink {
+            kind: UnixKind::Seqpacket,
+            ..link.clone()
+        };
+        let err = connect_link(t.path(), "checkpoint", &seqpacket)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("not the recorded"), "{err}");
+        let missing = UnixLink {
+            ends: [end("app", 100), end("sidecar", 201)],
+            ..link
+        };
+        let err = connect_link(t.path(), "checkpoint", &missing)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("no unix socket 201"), "{err}");
+    }
+
+    #[test]
+    fn only_stream_and_seqpacket_connections_are_linked() {
+        let c = |kind: &str| UnixConnection {
+            kind: kind.into(),
+            ends: [("a".into(), 1, 10), ("b".into(), 2, 20)],
+        };
+        assert_eq!(
+            c("u_str").link().expect("stream").kind,
+            crate::manifest::UnixKind::Stream
+        );
+        assert_eq!(
+            c("u_seq").link().expect("seqpacket").kind,
+            crate::manifest::UnixKind::Seqpacket
+        );
+        assert!(c("u_dgr").link().is_none());
+        assert_eq!(c("u_str").shown(), "\"a\" (pid 10) and \"b\" (pid 20)");
     }
 }

@@ -52,8 +52,9 @@ use crate::record::{ContainerState, Role};
 
 /// `format` of a podsnap pod checkpoint.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
-/// The version this code writes.
-pub const VERSION: u32 = 3;
+/// The version this code writes (4: [`Manifest::unix_links`], which an older restore would
+/// not hand back).
+pub const VERSION: u32 = 4;
 /// The oldest version this code reads (SHA-256 digests, no `digest_algorithm`).
 pub const OLDEST_VERSION: u32 = 1;
 /// The manifest's file name.
@@ -137,12 +138,53 @@ pub struct Manifest {
     /// pod: a restore keeps the pod's network locked until all of them are back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loopback_linked: Vec<String>,
+    /// Connected unix sockets with one end in each of two containers of the pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unix_links: Vec<UnixLink>,
     /// Every other file of the checkpoint, by path relative to its root.
     pub files: BTreeMap<String, FileDigest>,
     /// How the dump went (informational).
     #[serde(default)]
     pub stats: DumpStats,
 }
+
+/// A connected unix socket with its two ends in two containers of the pod. Each container's
+/// CRIU dumps its end as external (`external unix[INO]`, with what sat in its receive queue);
+/// a restore makes one new connected pair and hands each container's CRIU its end
+/// (`inherit-fd`), the queued bytes already in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixLink {
+    pub kind: UnixKind,
+    pub ends: [UnixEnd; 2],
+}
+
+/// The kind of a linked unix socket (a connected datagram socket is not linked: refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnixKind {
+    Stream,
+    Seqpacket,
+}
+
+impl UnixKind {
+    /// The socket type (`SOCK_STREAM`, `SOCK_SEQPACKET`).
+    pub fn socket_type(self) -> u32 {
+        match self {
+            UnixKind::Stream => libc::SOCK_STREAM as u32,
+            UnixKind::Seqpacket => libc::SOCK_SEQPACKET as u32,
+        }
+    }
+}
+
+/// One end of a [`UnixLink`]: the container holding it and the socket's inode at the dump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixEnd {
+    pub container: String,
+    pub ino: u64,
+}
+
+/// The most unix links a checkpoint may record.
+pub const MAX_UNIX_LINKS: usize = 1024;
 
 /// Timings of the dump that wrote a checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -415,6 +457,7 @@ impl Manifest {
         if let Some(a) = &m.dev_shm {
             safe_relative(a).map_err(invalid)?;
         }
+        check_unix_links(&m).map_err(invalid)?;
         if let Some(a) = m.sysv_ipc.as_deref().filter(|a| *a != crate::sysv::SYSV_STATE) {
             return Err(invalid(format!(
                 "the SysV IPC state is {a:?}, not {:?}",
@@ -467,6 +510,44 @@ impl Manifest {
     pub fn lists(&self, rel: &str) -> bool {
         self.files.contains_key(rel)
     }
+}
+
+/// Checks the recorded unix socket links: between two dumped containers, each socket once.
+fn check_unix_links(m: &Manifest) -> std::result::Result<(), String> {
+    if m.unix_links.len() > MAX_UNIX_LINKS {
+        return Err(format!(
+            "records {} unix socket links, more than {MAX_UNIX_LINKS}",
+            m.unix_links.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for link in &m.unix_links {
+        let [a, b] = &link.ends;
+        if a.container == b.container {
+            return Err(format!(
+                "a unix socket link has both ends in container {:?}",
+                a.container
+            ));
+        }
+        for end in &link.ends {
+            if !m.container(&end.container).is_some_and(|c| c.dumped) {
+                return Err(format!(
+                    "a unix socket link names container {:?}, which the checkpoint holds no images of",
+                    end.container
+                ));
+            }
+            if end.ino == 0 || end.ino > u64::from(u32::MAX) {
+                return Err(format!("a unix socket link names socket inode {}", end.ino));
+            }
+            if !seen.insert((end.container.as_str(), end.ino)) {
+                return Err(format!(
+                    "socket {} of container {:?} is linked twice",
+                    end.ino, end.container
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads a whole file after checking its size against `cap` (on the open file: no race).
@@ -785,6 +866,7 @@ pub(crate) mod tests {
             dev_shm: None,
             sysv_ipc: None,
             loopback_linked: Vec::new(),
+            unix_links: Vec::new(),
             files: BTreeMap::new(),
             stats: DumpStats::default(),
         }
@@ -1026,6 +1108,58 @@ pub(crate) mod tests {
         let mut m = sample();
         m.containers[2].name = "app".into();
         assert!(Manifest::parse(&serde_json::to_vec(&m).expect("json")).is_err());
+    }
+
+    #[test]
+    fn unix_links_are_checked() {
+        let end = |container: &str, ino: u64| UnixEnd {
+            container: container.into(),
+            ino,
+        };
+        // `sidecar` and `app` dumped, their images listed.
+        let dumped = || {
+            let mut m = sample();
+            for c in m.containers.iter_mut().filter(|c| c.name != "webapp-123") {
+                c.dumped = true;
+                let inventory = c.file("checkpoint/inventory.img");
+                m.files.insert(
+                    inventory,
+                    FileDigest {
+                        size: 0,
+                        digest: String::new(),
+                    },
+                );
+            }
+            m
+        };
+        let with = |ends: [UnixEnd; 2]| {
+            let mut m = dumped();
+            m.unix_links.push(UnixLink {
+                kind: UnixKind::Stream,
+                ends,
+            });
+            Manifest::parse(&serde_json::to_vec(&m).expect("json"))
+        };
+        let ok = with([end("app", 10), end("sidecar", 11)]).expect("a link between two dumped containers");
+        assert_eq!(ok.unix_links.len(), 1);
+        for (ends, says) in [
+            ([end("app", 10), end("app", 11)], "both ends"),
+            ([end("app", 10), end("webapp-123", 11)], "holds no images"),
+            ([end("app", 10), end("nobody", 11)], "holds no images"),
+            ([end("app", 0), end("sidecar", 11)], "inode 0"),
+            ([end("app", 1 << 40), end("sidecar", 11)], "inode"),
+        ] {
+            let err = with(ends).expect_err("refused").to_string();
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        let mut m = dumped();
+        let link = UnixLink {
+            kind: UnixKind::Stream,
+            ends: [end("app", 10), end("sidecar", 11)],
+        };
+        m.unix_links = vec![link.clone(), link];
+        let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("twice");
+        assert!(err.to_string().contains("linked twice"), "{err}");
     }
 
     /// Property: arbitrary bytes never make the parser panic, and whatever it accepts has only

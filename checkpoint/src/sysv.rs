@@ -571,8 +571,7 @@ fn sysv_mappings(maps: &str) -> Vec<i32> {
         .collect()
 }
 
-/// CRIU's magic at the start of every image but the inventory.
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+use crate::criu_image::{fields as protobuf_fields, Field, IMG_COMMON_MAGIC};
 
 /// Rewrites the IPC namespace images of one container's CRIU dump in `criu_dir` so its restore
 /// creates only the segments in `keep` (those its own processes attach: CRIU must create them to
@@ -678,49 +677,6 @@ impl ShmRecord {
         }
         Ok(r)
     }
-}
-
-enum Field<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Other,
-}
-
-/// The (field number, value) pairs of a protobuf message.
-fn protobuf_fields(mut bytes: &[u8]) -> std::result::Result<Vec<(u64, Field<'_>)>, String> {
-    fn varint(bytes: &mut &[u8]) -> std::result::Result<u64, String> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&b, rest) = bytes.split_first().ok_or("a truncated varint")?;
-            *bytes = rest;
-            value |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err("a varint too long".into())
-    }
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let key = varint(&mut bytes)?;
-        let value = match key & 7 {
-            0 => Field::Varint(varint(&mut bytes)?),
-            1 | 5 => {
-                let n = if key & 7 == 1 { 8 } else { 4 };
-                bytes = bytes.get(n..).ok_or("a truncated field")?;
-                Field::Other
-            }
-            2 => {
-                let n = usize::try_from(varint(&mut bytes)?).map_err(|_| "a field too long")?;
-                let (v, rest) = (bytes.get(..n).ok_or("a truncated field")?, &bytes[n..]);
-                bytes = rest;
-                Field::Bytes(v)
-            }
-            _ => return Err("an unknown protobuf wire type".into()),
-        };
-        out.push((key >> 3, value));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -135,7 +135,13 @@ pub struct RestoreOpts {
     /// `--lazy-pages`: CRIU leaves anonymous memory to a `criu lazy-pages` daemon listening
     /// on `lazy-pages.socket` in the work directory (userfaultfd).
     pub lazy_pages: bool,
+    /// Descriptors runc (and the CRIU it starts, which inherits them) gets at the given
+    /// numbers, for CRIU's `inherit-fd`.
+    pub inherit_fds: Vec<(std::os::fd::RawFd, std::sync::Arc<OwnedFd>)>,
 }
+
+/// The most descriptors a restore hands runc for CRIU's `inherit-fd`.
+pub const MAX_INHERITED_FDS: usize = 64;
 
 /// What `runc state` reports.
 #[derive(Debug, Clone, Deserialize)]
@@ -397,8 +403,52 @@ impl Runc {
             cmd.arg("--lazy-pages");
         }
         cmd.arg(id);
-        self.run_with_stdio("restore", id, cmd, stdio, &opts.log, opts.deadline)
-            .await
+        if opts.inherit_fds.len() > MAX_INHERITED_FDS {
+            return Err(runc_error(
+                "restore",
+                id,
+                format!(
+                    "{} descriptors to hand CRIU, more than {MAX_INHERITED_FDS}",
+                    opts.inherit_fds.len()
+                ),
+            ));
+        }
+        if !opts.inherit_fds.is_empty() {
+            let moves: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)> = opts
+                .inherit_fds
+                .iter()
+                .map(|(at, fd)| (*at, std::os::fd::AsRawFd::as_raw_fd(fd.as_ref())))
+                .collect();
+            let above = moves.iter().map(|(at, _)| *at).max().unwrap_or(0) + 1;
+            // SAFETY: between fork and exec the closure only calls fcntl and dup2, which are
+            // async-signal-safe; the descriptors stay open in `opts` until runc has ended.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    // Each source is first copied above every target (close-on-exec), so no
+                    // dup2 overwrites a source still to move, and a source already at its
+                    // number still gets a copy without close-on-exec.
+                    let mut copies = [0; MAX_INHERITED_FDS];
+                    for (i, (_, fd)) in moves.iter().enumerate().take(copies.len()) {
+                        copies[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above);
+                        if copies[i] < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    for (i, (at, _)) in moves.iter().enumerate().take(copies.len()) {
+                        // dup2 leaves the copy without close-on-exec: runc and CRIU keep it.
+                        if libc::dup2(copies[i], *at) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let ran = self
+            .run_with_stdio("restore", id, cmd, stdio, &opts.log, opts.deadline)
+            .await;
+        drop(opts.inherit_fds);
+        ran
     }
 }
 

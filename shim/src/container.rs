@@ -81,6 +81,8 @@ pub struct RestoreSource {
     pub started_order: Option<u64>,
     /// Restore lazily: memory comes back through a lazy-pages daemon.
     pub lazy: Option<Lazy>,
+    /// Its ends of the checkpoint's unix connections to other containers.
+    pub unix_ends: Vec<ckpt::InheritedSocket>,
 }
 
 /// A lazy restore's daemon: whose lease it holds on the checkpoint.
@@ -340,12 +342,13 @@ impl Container {
         // Established connections were captured; without a request to keep them they are
         // restored closed (CRIU's tcp-close), so a new pod IP does not break the restore. The
         // file is this bundle's in any case (a spec from a checkpoint may name another's).
-        let conf = if options.tcp_established {
-            ""
+        let mut conf = if options.tcp_established {
+            String::new()
         } else {
-            "tcp-close\n"
+            "tcp-close\n".to_owned()
         };
-        self.use_criu_config(conf).await?;
+        conf.push_str(&ckpt::inherit_lines(&src.unix_ends));
+        self.use_criu_config(&conf).await?;
         let pid_file = self.bundle.path().join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let r = ckpt::Restore {
@@ -359,6 +362,7 @@ impl Container {
             no_pivot: self.flags.no_pivot,
             log: self.bundle.path().join("log.json"),
             lazy_pages,
+            inherited: src.unix_ends,
         };
         let since = Instant::now();
         let restore = async { Ok(ckpt::restore(&self.runc, &r, process_stdio).await?) };

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::Spec;
 use podsnap_checkpoint::config::{NodeConfig, LAZY_ANNOTATION, RESTORE_ANNOTATION};
-use podsnap_checkpoint::container::DumpOptions;
+use podsnap_checkpoint::container::{DumpOptions, InheritedSocket};
 use podsnap_checkpoint::dump::empty_dir_name;
 use podsnap_checkpoint::lease::{self, Holder, Lease, LEASE_DIR};
 use podsnap_checkpoint::manifest::{
@@ -148,6 +148,8 @@ pub struct RestorePlan {
     pub paused: bool,
     /// Restore it lazily (`podsnap.io/restore-lazy`).
     pub lazy: Option<Lazy>,
+    /// Its ends of the checkpoint's unix connections to other containers.
+    pub unix_ends: Vec<InheritedSocket>,
 }
 
 /// What the shim knows of a container being created.
@@ -184,7 +186,14 @@ pub struct Restores {
     net: Arc<tokio::sync::Mutex<Option<NetHold>>>,
     /// Set once the pod's shared PID namespace hands out ids above the checkpoint's.
     pids_reserved: tokio::sync::OnceCell<()>,
+    /// The new connections of the checkpoint's unix links between containers, by checkpoint
+    /// directory and link: made by the first restore of a container at either end, each end
+    /// taken by the restore of its container.
+    unix_pairs: Mutex<HashMap<(PathBuf, usize), PairEnds>>,
 }
+
+/// The two ends of a new unix connection, each taken by one container's restore.
+type PairEnds = [Option<std::os::fd::OwnedFd>; 2];
 
 /// The new pod's network namespace while its containers are restored: its addresses at the
 /// dump lent to its loopback device until every container the checkpoint holds running is
@@ -316,6 +325,7 @@ impl Restores {
         options.tcp_established = true;
         self.hold_network(new.spec, manifest).await?;
         self.reserve_pids(new.spec, manifest, &dir).await?;
+        let unix_ends = self.unix_ends(&dir, manifest, &cname)?;
         podsnap_checkpoint::kdat::ensure_logged(&MonitorLauncher).await;
         let (tar, del) = (entry.file(ROOTFS_DIFF), entry.file(ROOTFS_DELETED));
         let rootfs_changes =
@@ -377,7 +387,46 @@ impl Restores {
             started_order: entry.started_order,
             paused: entry.state == ContainerState::Paused,
             lazy,
+            unix_ends,
         })))
+    }
+
+    /// Container `cname`'s ends of the unix connections between containers of the checkpoint
+    /// at `dir`: each link's pair is made once (the first restore at either end makes it, with
+    /// the queued bytes of both ends in it), and each end is handed out once.
+    fn unix_ends(&self, dir: &Path, manifest: &Manifest, cname: &str) -> Result<Vec<InheritedSocket>> {
+        let mut ends = Vec::new();
+        let mut pairs = lock(&self.unix_pairs);
+        for (i, link) in manifest.unix_links.iter().enumerate() {
+            let Some(side) = link.ends.iter().position(|e| e.container == cname) else {
+                continue;
+            };
+            let pair = match pairs.entry((dir.to_path_buf(), i)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let [a, b] =
+                        podsnap_checkpoint::links::connect_link(dir, manifest.part_names().images, link)?;
+                    log::info!(
+                        "unix connection {i} of the checkpoint: {:?} <-> {:?}, made for the restore",
+                        link.ends[0],
+                        link.ends[1]
+                    );
+                    e.insert([Some(a), Some(b)])
+                }
+            };
+            let fd = pair[side].take().ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "container {cname:?}: its end of the unix connection to {:?} went to an earlier \
+                     restore of it; the connection cannot be handed back twice",
+                    link.ends[1 - side].container
+                ))
+            })?;
+            ends.push(InheritedSocket {
+                ino: link.ends[side].ino,
+                fd: Arc::new(fd),
+            });
+        }
+        Ok(ends)
     }
 
     /// Takes this pod's lease on the checkpoint at `dir` (named `name` in `root`), once; then

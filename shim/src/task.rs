@@ -163,6 +163,7 @@ impl PodTask {
                 name: None,
                 paused: false,
                 lazy: None,
+                unix_ends: Vec::new(),
             }))
         };
         // From the checkpoint (by name, kubelet path): once restored (at Start) or answered as
@@ -217,6 +218,7 @@ impl PodTask {
                             options: plan.options,
                             started_order: plan.started_order,
                             lazy: plan.lazy,
+                            unix_ends: plan.unix_ends,
                         },
                     )
                 }

@@ -274,6 +274,9 @@ fn main() {
         ],
         &rows,
     );
+    for l in node.log_grep("checkpointed") {
+        eprintln!("PHASES {l}");
+    }
     let mut problems = node.teardown();
     problems.extend(uncached_node.teardown());
     assert!(problems.is_empty(), "teardown: {problems:?}");
@@ -332,6 +335,7 @@ fn podsnap_dump(node: &Node, round: usize, n: usize, each: usize) -> (f64, f64, 
     let time = common::timed_pod_checkpoint(&api, &pod.id, &dir);
     let windows = observer.stop();
     let bytes = common::dir_size(&dir);
+    let _ = std::process::Command::new("sh").arg("-c").arg(format!("mkdir -p /tmp/dl; for f in {}/containers/*/checkpoint/dump.log; do cp $f /tmp/dl/{n}-$(basename $(dirname $(dirname $f))).log; done; ls {}/containers/c0/checkpoint > /tmp/dl/ls", dir.display(), dir.display())).status();
     kubelet::remove_pod(node, &pod).expect("remove the pod");
     std::fs::remove_dir_all(&dir).expect("remove the checkpoint");
     (time, windows.pod(), bytes)

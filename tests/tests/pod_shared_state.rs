@@ -321,38 +321,105 @@ fn a_process_adopted_by_pause_is_named_and_the_dump_refused() {
 }
 
 /// A unix socket connection from one container to another's listener in a shared emptyDir
-/// cannot come back (each container is restored by its own CRIU run): the dump is refused with
-/// both containers named, and the connection carries data on as before.
+/// comes back: each container's CRIU dumps its end as external, the restore hands both ends of
+/// one new connection in, with what sat in each end's queue at the dump. The sidecar's end holds
+/// an unread reply; the app, paused by its owner, has not read a request the sidecar sent.
+/// After the restore (and the app's resume) the sidecar reads the old reply, then the app's
+/// answer to the old request, then goes on over the same connection (its check counter
+/// continues).
 #[test]
-fn a_unix_connection_between_containers_is_named_and_the_dump_refused() {
+fn a_unix_connection_between_containers_comes_back_with_what_was_queued() {
+    unix_connection_comes_back("/shared/app.sock", false);
+}
+
+/// The same over an abstract socket of the pod's network namespace, in a pod sharing one PID
+/// namespace (`shareProcessNamespace`).
+#[test]
+fn an_abstract_unix_connection_comes_back_in_a_pod_sharing_pids() {
+    unix_connection_comes_back("@podsnap-app", true);
+}
+
+fn unix_connection_comes_back(address: &str, share_pids: bool) {
     let node = start_node!();
     let name = node.unique("unix");
-    let app =
-        server("app", APP_PORT, &["--unix-listen", "/shared/app.sock"]).with_empty_dir("shared", "/shared");
+    let app = server("app", APP_PORT, &["--unix-listen", address]).with_empty_dir("shared", "/shared");
     let sidecar = server("sidecar", SIDECAR_PORT, &[]).with_empty_dir("shared", "/shared");
-    let pod = pod_of(
-        &node,
-        &PodOptions::new(&name, HANDLER),
-        &[(app, APP_PORT), (sidecar, SIDECAR_PORT)],
-    );
+    let mut options = PodOptions::new(&name, HANDLER);
+    options.share_process_namespace = share_pids;
+    let pod = pod_of(&node, &options, &[(app, APP_PORT), (sidecar, SIDECAR_PORT)]);
     assert_eq!(
-        ask(&pod.ip, SIDECAR_PORT, "peer-connect unix /shared/app.sock").expect("connect"),
+        ask(&pod.ip, SIDECAR_PORT, &format!("peer-connect unix {address}")).expect("connect"),
         "ok"
     );
     let first = ask(&pod.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
     assert!(first.ends_with("checks 1 reply pong app"), "{first}");
+    // The app answers at once; its answer waits, unread, in the sidecar's socket.
+    assert_eq!(
+        ask(&pod.ip, SIDECAR_PORT, "peer-send count").expect("send"),
+        "sent"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let app_id = container_named(&node, &pod.id, "app").id;
+    node.ctr()
+        .run(podsnap_tests::ctr::CRI_NAMESPACE, &["task", "pause", &app_id])
+        .expect("ctr task pause");
+    // The paused app cannot read: the request waits in the app's socket.
+    assert_eq!(
+        ask(&pod.ip, SIDECAR_PORT, "peer-send ping").expect("send"),
+        "sent"
+    );
 
     let dir = node.files().checkpoints().join("unix");
-    let err = dump_pod(&node, &name, &dir, |_| {})
-        .expect_err("the connection cannot be restored")
-        .to_string();
-    assert!(err.contains("unix socket connection links containers"), "{err}");
-    assert!(err.contains("\"app\"") && err.contains("\"sidecar\""), "{err}");
-    assert!(!dir.exists(), "no checkpoint is left");
-    let again = ask(&pod.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
+    dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    assert_eq!(m.unix_links.len(), 1, "{:?}", m.unix_links);
+    let mut ends: Vec<&str> = m.unix_links[0]
+        .ends
+        .iter()
+        .map(|e| e.container.as_str())
+        .collect();
+    ends.sort();
+    assert_eq!(ends, ["app", "sidecar"]);
+    assert_eq!(
+        m.unix_links[0].kind,
+        podsnap_checkpoint::manifest::UnixKind::Stream
+    );
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
+
+    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+    wait_answering(&restored.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("the sidecar answers");
+    let new_app = container_named(&node, &restored.id, "app").id;
+    assert_eq!(
+        node.ctr()
+            .task_status(podsnap_tests::ctr::CRI_NAMESPACE, &new_app)
+            .expect("ctr task ls")
+            .as_deref(),
+        Some("PAUSED"),
+        "the app was paused at the checkpoint"
+    );
+    node.ctr()
+        .run(podsnap_tests::ctr::CRI_NAMESPACE, &["task", "resume", &new_app])
+        .expect("ctr task resume");
+    let queued = ask(&restored.ip, SIDECAR_PORT, "peer-read").expect("peer-read");
     assert!(
-        again.ends_with("checks 2 reply pong app"),
-        "the connection is as it was: {again}"
+        queued
+            .strip_prefix("peer read ")
+            .is_some_and(|n| n.parse::<u64>().is_ok()),
+        "the app's answer to count, unread at the dump, comes first: {queued}"
+    );
+    assert_eq!(
+        ask(&restored.ip, SIDECAR_PORT, "peer-read").expect("peer-read"),
+        "peer read pong app",
+        "the app read the request that waited in its socket and answered it"
+    );
+    let again = ask(&restored.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
+    assert!(
+        again.contains("kind unix") && again.ends_with("checks 2 reply pong app"),
+        "the same connection carries data on: {again}"
+    );
+    assert!(
+        node.log_grep("unix connection 0 of the checkpoint").len() == 1,
+        "one pair was made for the two containers"
     );
 }
 

@@ -27,7 +27,8 @@
 //!     the child's pid;
 //!   - `peer-connect tcp HOST:PORT` / `peer-connect unix PATH`: opens a connection to another
 //!     server and keeps it; `peer-check`: sends `ping` over that same connection
-//!     (`peer ok kind K local L checks N reply R`).
+//!     (`peer ok kind K local L checks N reply R`); `peer-send CMD`: sends CMD over it and
+//!     leaves the reply unread (`sent`); `peer-read`: reads the next line (`peer read R`).
 //!
 //!   Checkpoint/restore probes (all off by default): `--hold-file PATH` opens PATH with
 //!   O_APPEND at start, keeps it open and appends a line every tick; `--loopback-pairs N` makes
@@ -37,7 +38,8 @@
 //!   pointer-like words, closer to a real heap for compression); `--ipc-probe KEY` makes a SysV
 //!   segment (key KEY, kept attached), a semaphore set (KEY+1) and a queue of two messages
 //!   (KEY+2), and a `/dev/shm/probe-KEY` file kept mapped (not open); `--unix-listen PATH`
-//!   also answers the line protocol on a unix socket bound at PATH.
+//!   also answers the line protocol on a unix socket bound at PATH (`@NAME`: NAME in the
+//!   abstract namespace; `peer-connect unix` takes the same).
 //!
 //!   Every reply is one line; a failure is `error: <what>`.
 //! - `init --marker FILE`: appends one line to FILE and exits 0 (an init container).
@@ -53,6 +55,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A unix socket address: `@NAME` is NAME in the abstract namespace (of the network
+/// namespace), anything else a path.
+fn unix_address(address: &str) -> Result<std::os::unix::net::SocketAddr, String> {
+    use std::os::linux::net::SocketAddrExt;
+    match address.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(address),
+    }
+    .map_err(|e| format!("unix address {address:?}: {e}"))
+}
 
 /// How long `get` and `client` wait to connect, and then for a reply.
 const NET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -437,8 +450,8 @@ fn serve(options: ServeOptions) -> Result<(), String> {
     ));
     let unix_listener = match &options.unix_listen {
         Some(path) => {
-            let l =
-                UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            let l = UnixListener::bind_addr(&unix_address(&path.to_string_lossy())?)
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
             l.set_nonblocking(true)
                 .map_err(|e| format!("unix listener: {e}"))?;
             Some(l)
@@ -667,7 +680,8 @@ impl Probes {
                 TcpStream::connect(address).map_err(|e| format!("cannot connect to {address}: {e}"))?,
             ),
             "unix" => Stream::Unix(
-                UnixStream::connect(address).map_err(|e| format!("cannot connect to {address}: {e}"))?,
+                UnixStream::connect_addr(&unix_address(address)?)
+                    .map_err(|e| format!("cannot connect to {address}: {e}"))?,
             ),
             other => return Err(format!("peer-connect: unknown kind {other:?}")),
         };
@@ -679,10 +693,28 @@ impl Probes {
 
     /// `peer-check`: one `ping` over the kept connection.
     fn peer_check(&mut self) -> Result<String, String> {
+        self.peer_send("ping")?;
+        let reply = self.peer_line()?;
         let (stream, kind, checks) = self.peer.as_mut().ok_or("no peer-connect")?;
+        *checks += 1;
+        Ok(format!(
+            "peer ok kind {kind} local {} checks {checks} reply {reply}",
+            stream.local(),
+        ))
+    }
+
+    /// `peer-send CMD`: sends CMD over the kept connection and leaves the reply unread.
+    fn peer_send(&mut self, command: &str) -> Result<String, String> {
+        let (stream, _, _) = self.peer.as_mut().ok_or("no peer-connect")?;
         stream
-            .write_all(b"ping\n")
+            .write_all(format!("{command}\n").as_bytes())
             .map_err(|e| format!("peer send: {e}"))?;
+        Ok("sent".to_owned())
+    }
+
+    /// `peer-read`: the next line from the kept connection.
+    fn peer_line(&mut self) -> Result<String, String> {
+        let (stream, _, _) = self.peer.as_mut().ok_or("no peer-connect")?;
         let mut reply = Vec::new();
         let mut byte = [0u8; 1];
         while byte[0] != b'\n' {
@@ -692,12 +724,7 @@ impl Probes {
                 Err(e) => return Err(format!("peer receive: {e}")),
             }
         }
-        *checks += 1;
-        Ok(format!(
-            "peer ok kind {kind} local {} checks {checks} reply {}",
-            stream.local(),
-            String::from_utf8_lossy(&reply).trim()
-        ))
+        Ok(String::from_utf8_lossy(&reply).trim().to_owned())
     }
 
     /// `held`: the descriptor's number, path, offset and flags as the kernel reports them.
@@ -1154,6 +1181,8 @@ impl Server {
             "ipc-check" => self.probes.ipc_check(),
             "peer-connect" => self.probes.peer_connect(rest),
             "peer-check" => self.probes.peer_check(),
+            "peer-send" => self.probes.peer_send(rest),
+            "peer-read" => self.probes.peer_line().map(|l| format!("peer read {l}")),
             "spawn-daemon" => spawn_daemon(rest),
             "spawn-child" => spawn_child(rest),
             "exit" => {
