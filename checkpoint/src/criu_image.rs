@@ -111,6 +111,79 @@ pub fn entries<'a>(data: &'a [u8], magic: u32, what: &str) -> std::result::Resul
     Ok(out)
 }
 
+fn put_varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// `msg` with each varint field `f(field number, value)` answers `Some` for set to that value;
+/// every other field copied as it is.
+fn with_varints(mut msg: &[u8], f: impl Fn(u64, u64) -> Option<u64>) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(msg.len());
+    while !msg.is_empty() {
+        let start = msg;
+        let key = varint(&mut msg)?;
+        let wire = key & 7;
+        if wire == 0 {
+            let value = varint(&mut msg)?;
+            put_varint(key, &mut out);
+            put_varint(f(key >> 3, value).unwrap_or(value), &mut out);
+            continue;
+        }
+        let len = match wire {
+            1 => 8,
+            5 => 4,
+            2 => usize::try_from(varint(&mut msg)?).map_err(|_| "a field too long")?,
+            _ => return Err("an unknown protobuf wire type".into()),
+        };
+        msg = msg.get(len..).ok_or("a truncated field")?;
+        out.extend_from_slice(&start[..start.len() - msg.len()]);
+    }
+    Ok(out)
+}
+
+/// Makes the first process of the dump in `dir` (the root of its tree) the leader of its own
+/// session and process group (`pstree.img`), with every process of the tree that shared its
+/// session or group. For a process a pod's pause process adopted: it was started in a session
+/// whose leader is gone (a daemon's double fork), which CRIU restores only as a shell job, in
+/// the restoring process's session, out of reach from the pod's PID namespace.
+pub fn make_session_leader(dir: &Path) -> Result<()> {
+    let path = dir.join("pstree.img");
+    let bad = |reason: String| invalid(&path, reason);
+    let data = crate::manifest::read_capped(&path, MAX_IMAGE_BYTES).map_err(|e| bad(e.to_string()))?;
+    let messages = entries(&data, PSTREE_MAGIC, "process tree").map_err(bad)?;
+    let read = |m: &[u8]| -> std::result::Result<(u64, u64, u64), String> {
+        let f = varints(m)?;
+        let get = |n: u64| f.iter().find(|(k, _)| *k == n).map(|(_, v)| *v).unwrap_or(0);
+        Ok((get(1), get(3), get(4)))
+    };
+    let root = messages.first().ok_or_else(|| bad("no process".into()))?;
+    let (pid, pgid, sid) = read(root).map_err(bad)?;
+    if sid == pid && pgid == pid {
+        return Ok(());
+    }
+    let pids: std::collections::HashSet<u64> = messages
+        .iter()
+        .map(|m| read(m).map(|(p, _, _)| p))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(bad)?;
+    // Only ids of processes gone (not in the tree) are replaced.
+    let gone = |v: u64| (v == sid || v == pgid) && !pids.contains(&v);
+    let mut out = data[..8].to_vec();
+    for m in &messages {
+        let m = with_varints(m, |field, v| {
+            ((field == 3 || field == 4) && gone(v)).then_some(pid)
+        })
+        .map_err(bad)?;
+        out.extend((m.len() as u32).to_le_bytes());
+        out.extend(m);
+    }
+    crate::container::replace_private(&path, &out, "rewrite CRIU's process tree")
+}
+
 /// What podsnap reads of a unix socket in `files.img` (CRIU's `unix_sk_entry`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnixSocket {
@@ -378,6 +451,43 @@ mod tests {
         write_socket_images(t.path(), &[other, s], &[]);
         assert_eq!(unix_socket(t.path(), 10_699_210).expect("read"), Some(s));
         assert_eq!(unix_socket(t.path(), 1).expect("read"), None);
+    }
+
+    #[test]
+    fn an_adopted_tree_leads_its_own_session() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let entry = |pid: u64, pgid: u64, sid: u64, threads: &[u64]| {
+            let mut m = Vec::new();
+            for (f, v) in [(1, pid), (2, 0), (3, pgid), (4, sid)] {
+                put_varint(f << 3, &mut m);
+                put_varint(v, &mut m);
+            }
+            for th in threads {
+                put_varint(5 << 3, &mut m);
+                put_varint(*th, &mut m);
+            }
+            m
+        };
+        // A daemon (12) whose session leader (11) is gone, and its child (13) in a group of its own.
+        let root = entry(12, 11, 11, &[12, 40]);
+        let child = entry(13, 13, 11, &[13]);
+        let path = t.path().join("pstree.img");
+        std::fs::write(&path, image(PSTREE_MAGIC, &[(&root, &[]), (&child, &[])])).expect("write");
+        make_session_leader(t.path()).expect("rewritten");
+        let data = std::fs::read(&path).expect("read");
+        let got: Vec<Vec<(u64, u64)>> = entries(&data, PSTREE_MAGIC, "x")
+            .expect("entries")
+            .into_iter()
+            .map(|m| varints(m).expect("fields"))
+            .collect();
+        assert_eq!(got[0], vec![(1, 12), (2, 0), (3, 12), (4, 12), (5, 12), (5, 40)]);
+        assert_eq!(got[1], vec![(1, 13), (2, 0), (3, 13), (4, 12), (5, 13)]);
+        // Already a leader: left alone.
+        let before = std::fs::read(&path).expect("read");
+        make_session_leader(t.path()).expect("no change");
+        assert_eq!(std::fs::read(&path).expect("read"), before);
+        std::fs::write(&path, b"junk").expect("write");
+        assert!(make_session_leader(t.path()).is_err());
     }
 
     #[test]

@@ -63,7 +63,9 @@ use crate::manifest::{
     validate_name, ContainerEntry, DigestAlgorithm, DumpStats, FileDigest, HostInfo, Manifest, PodInfo,
     VolumeEntry, VolumeMount, CPUINFO, FORMAT, MANIFEST, VERSION,
 };
-use crate::manifest::{CONFIG_DUMP, DELETED_FILES, PART_NAMES, ROOTFS_DELETED, ROOTFS_DIFF};
+use crate::manifest::{
+    AdoptedProcess, CONFIG_DUMP, DELETED_FILES, MAX_JSON_BYTES, PART_NAMES, ROOTFS_DELETED, ROOTFS_DIFF,
+};
 use crate::record::{ContainerState, Role};
 use crate::rootfs;
 
@@ -600,7 +602,7 @@ async fn freeze_and_capture(
         .iter()
         .map(|t| (t.entry.name.clone(), cgroup_procs(t)))
         .collect();
-    refuse_lost_processes(running, &procs)?;
+    let adopted = adopted_processes(d, running, &procs)?;
     let ipc = pod_ipc(running, &procs)?;
     let owners = crate::links::SocketOwners::read(&procs);
     let unix_links = checked_unix_links(d, &procs, &owners, &dumps.external_unix).await?;
@@ -621,6 +623,9 @@ async fn freeze_and_capture(
                 Ok(()) => e,
             },
         )?;
+    // Each process the pause process adopted, by a CRIU run of its own, once its container's
+    // run is over (both seize every task of the container's cgroup): the pod stays frozen.
+    let adopted = dump_adopted(d, dir, &adopted, limit).await?;
     report.dumped = running.iter().map(|t| t.entry.name.clone()).collect();
     let loopback_linked = linked
         .await
@@ -628,6 +633,7 @@ async fn freeze_and_capture(
     let captured = Captured {
         loopback_linked: loopback_linked.into_iter().collect(),
         unix_links,
+        adopted,
         ..captured
     };
     Ok((freeze_start, slowest, captured))
@@ -699,6 +705,7 @@ async fn finish(
         sysv_ipc: captured.sysv_ipc,
         loopback_linked: captured.loopback_linked,
         unix_links: captured.unix_links,
+        adopted: captured.adopted,
         files,
         stats: DumpStats {
             frozen_us: frozen.as_micros() as u64,
@@ -1076,6 +1083,7 @@ async fn capture_all(
             sysv_ipc: sysv_ipc.map(|_| crate::sysv::SYSV_STATE.to_owned()),
             loopback_linked: Vec::new(),
             unix_links: Vec::new(),
+            adopted: Vec::new(),
         },
     ))
 }
@@ -1091,6 +1099,8 @@ struct Captured {
     loopback_linked: Vec<String>,
     /// Unix connections between containers.
     unix_links: Vec<crate::manifest::UnixLink>,
+    /// Processes the pause process adopted, dumped.
+    adopted: Vec<AdoptedProcess>,
 }
 
 /// The ends of the unix connections between containers of the running pod, by container: what
@@ -1223,17 +1233,33 @@ pub fn joined_ipc_ns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
         .clone()
 }
 
-/// Refuses, while the pod is frozen, a dump that would silently lose processes: each container
-/// is dumped from its init process, so a process of its cgroup outside that process tree is in
-/// no dump. In a pod sharing one PID namespace, a server that daemonizes is adopted by the
-/// pause process; an exec'd process is a child of the shim. The error names each such process.
-/// `procs` are the processes of each of `running`, in order.
-fn refuse_lost_processes(running: &[&Target], procs: &[(String, Vec<i32>)]) -> Result<()> {
+/// The processes of `running`'s containers (`procs`) outside their container's process tree
+/// that the pod's pause process adopted (in a pod sharing one PID namespace): the roots of
+/// what each is dumped as, with its container. Any other process outside its container's tree
+/// (one started by exec) would be lost: refused, naming them.
+fn adopted_processes<'a>(
+    d: &PodDump,
+    running: &[&'a Target],
+    procs: &[(String, Vec<i32>)],
+) -> Result<Vec<(&'a Target, i32)>> {
+    let pause = d
+        .targets
+        .iter()
+        .find(|t| t.entry.role == Role::Sandbox)
+        .and_then(|t| t.pid);
+    let mut adopted = Vec::new();
     let mut lost = Vec::new();
     for (t, (_, pids)) in running.iter().zip(procs) {
         let Some(init) = t.pid else { continue };
         for &pid in pids {
-            if let Some(parent) = outside_tree(pid, init) {
+            let Some((top, parent)) = outside_tree(pid, init) else {
+                continue;
+            };
+            if Some(parent) == pause {
+                if !adopted.iter().any(|(_, p)| *p == top) {
+                    adopted.push((*t, top));
+                }
+            } else {
                 lost.push(format!(
                     "pid {pid} ({}) of container {:?}, a child of pid {parent} ({})",
                     comm(pid),
@@ -1244,18 +1270,183 @@ fn refuse_lost_processes(running: &[&Target], procs: &[(String, Vec<i32>)]) -> R
         }
     }
     if lost.is_empty() {
-        return Ok(());
+        return Ok(adopted);
     }
     Err(Error::InvalidCheckpoint {
         path: PathBuf::from("pod"),
         reason: format!(
             "these processes are outside their container's process tree and would be lost \
-             (each container is dumped from its init process; a process adopted by the pod's \
-             pause process, in a pod that shares one PID namespace, or started by exec is not \
-             in it): {}; the pod was left running",
+             (each container is dumped from its init process, and a process the pod's pause \
+             process adopted on its own; a process started by exec is neither): {}; the pod \
+             was left running",
             lost.join("; ")
         ),
     })
+}
+
+/// Dumps each process of `adopted` (container, root pid) with its descendants into
+/// `containers/<name>/adopted/<pid>/`, one at a time, while the pod is frozen. runc dumps only
+/// a container's init, so each goes through a runc state of its own for the length of its
+/// dump: its container's, naming the adopted process as init (runc then tells CRIU the
+/// container's mounts, namespaces and cgroup, all of which the process shares). It was started
+/// in a session whose leader is gone, which CRIU dumps only as a shell job; its images are
+/// then made to lead a session of their own (see [`crate::criu_image::make_session_leader`]).
+async fn dump_adopted(
+    d: &PodDump,
+    dir: &Path,
+    adopted: &[(&Target, i32)],
+    limit: &Limit,
+) -> Result<Vec<AdoptedProcess>> {
+    let mut out = Vec::new();
+    for (t, pid) in adopted {
+        let record = AdoptedProcess {
+            container: t.entry.name.clone(),
+            pid: pid_in_namespace(*pid)?,
+        };
+        let images = dir.join(record.images(PART_NAMES));
+        let fake = format!("{}-adopted-{}", t.entry.id, record.pid);
+        let state = AdoptedState::write(t, &fake, *pid, d.netns.is_some() && d.lock_network)?;
+        let began = Instant::now();
+        let dumped = container::dump(
+            &t.runc,
+            &Dump {
+                id: fake,
+                image_dir: images.clone(),
+                work_dir: None,
+                options: DumpOptions {
+                    tcp_established: true,
+                    file_locks: true,
+                    shell_job: true,
+                    ..Default::default()
+                },
+                leave_running: true,
+                cgroups: None,
+                was_paused: true,
+                limit: limit.clone(),
+            },
+        )
+        .await;
+        drop(state);
+        dumped.map_err(|e| match e {
+            Error::Dump { source, log_tail, .. } => Error::Dump {
+                id: format!(
+                    "pid {pid} adopted by the pod's pause process, of container {:?}",
+                    t.entry.name
+                ),
+                source,
+                log_tail,
+            },
+            other => other,
+        })?;
+        crate::criu_image::make_session_leader(&images)?;
+        log::info!(
+            "container {}: pid {pid} (pid {} in the pod), adopted by the pause process, dumped in {} ms",
+            t.entry.name,
+            record.pid,
+            began.elapsed().as_millis()
+        );
+        out.push(record);
+    }
+    Ok(out)
+}
+
+/// The runc state of an adopted process's dump (see [`dump_adopted`]) and its CRIU
+/// configuration file; removed when dropped. Never `runc delete`d: that would kill the
+/// container's cgroup.
+struct AdoptedState {
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl AdoptedState {
+    fn write(t: &Target, id: &str, pid: i32, pod_locked: bool) -> Result<Self> {
+        let source = t.runc.root().join(&t.entry.id).join("state.json");
+        let bytes = crate::manifest::read_capped(&source, MAX_JSON_BYTES)
+            .map_err(|e| Error::io("read the container's runc state", &source, e))?;
+        let mut state: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::io("read the container's runc state", &source, e.into()))?;
+        let conf = t.bundle.join(format!("criu-adopted-{pid}.conf"));
+        container::write_private(
+            &conf,
+            if pod_locked { "network-lock skip\n" } else { "" }.as_bytes(),
+        )?;
+        let this = AdoptedState {
+            dir: t.runc.root().join(id),
+            conf: conf.clone(),
+        };
+        state["id"] = id.into();
+        state["init_process_pid"] = pid.into();
+        state["init_process_start"] = start_time(pid)?.into();
+        if let Some(labels) = state.pointer_mut("/config/labels").and_then(|l| l.as_array_mut()) {
+            labels.retain(|l| !l.as_str().is_some_and(|l| l.starts_with("org.criu.config=")));
+            labels.push(format!("org.criu.config={}", conf.display()).into());
+        }
+        create_private_dir(&this.dir)?;
+        let json =
+            serde_json::to_vec(&state).map_err(|e| Error::io("write a runc state", &this.dir, e.into()))?;
+        container::write_private(&this.dir.join("state.json"), &json)?;
+        Ok(this)
+    }
+}
+
+impl Drop for AdoptedState {
+    fn drop(&mut self) {
+        for result in [
+            std::fs::remove_dir_all(&self.dir),
+            std::fs::remove_file(&self.conf),
+        ] {
+            if let Err(e) = result.filter_not_found() {
+                log::warn!("remove what an adopted process's dump left: {e}");
+            }
+        }
+    }
+}
+
+trait FilterNotFound {
+    fn filter_not_found(self) -> std::io::Result<()>;
+}
+
+impl FilterNotFound for std::io::Result<()> {
+    fn filter_not_found(self) -> std::io::Result<()> {
+        match self {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// The start time of `pid` (`/proc/<pid>/stat`'s 22nd field), as runc records its init's.
+fn start_time(pid: i32) -> Result<u64> {
+    let file = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&file).map_err(|e| Error::io("read a process's start", &file, e))?;
+    // The fields after the command's closing parenthesis start at the 3rd (state).
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19)?.parse().ok())
+        .ok_or_else(|| {
+            Error::io(
+                "read a process's start",
+                &file,
+                std::io::Error::other("no start time"),
+            )
+        })
+}
+
+/// `pid` as its own PID namespace numbers it (the last of `NSpid` in its status).
+fn pid_in_namespace(pid: i32) -> Result<u32> {
+    let file = format!("/proc/{pid}/status");
+    let status =
+        std::fs::read_to_string(&file).map_err(|e| Error::io("read a process's status", &file, e))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|ids| ids.split_whitespace().last()?.parse().ok())
+        .ok_or_else(|| {
+            Error::io(
+                "read a process's status",
+                &file,
+                std::io::Error::other("no NSpid"),
+            )
+        })
 }
 
 /// The processes of a container's cgroup (none when it is unknown).
@@ -1266,9 +1457,9 @@ fn cgroup_procs(t: &Target) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// `None` if `pid` is `init` or descends from it; otherwise the parent of the topmost ancestor
-/// that does not (the process that adopted it or started it).
-fn outside_tree(pid: i32, init: i32) -> Option<i32> {
+/// `None` if `pid` is `init` or descends from it; otherwise the topmost ancestor that does not
+/// (in the container's cgroup) and its parent (the process that adopted or started it).
+fn outside_tree(pid: i32, init: i32) -> Option<(i32, i32)> {
     let mut cursor = pid;
     for _ in 0..4096 {
         if cursor == init {
@@ -1276,14 +1467,14 @@ fn outside_tree(pid: i32, init: i32) -> Option<i32> {
         }
         let parent = parent_of(cursor)?; // gone meanwhile: nothing to lose
         if parent <= 1 {
-            return Some(parent);
+            return Some((cursor, parent));
         }
         if parent == init {
             return None;
         }
         // Leaving the container's cgroup: the process that adopted or started this branch.
         if !same_cgroup(parent, pid) {
-            return Some(parent);
+            return Some((cursor, parent));
         }
         cursor = parent;
     }

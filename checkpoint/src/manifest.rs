@@ -141,6 +141,9 @@ pub struct Manifest {
     /// Connected unix sockets with one end in each of two containers of the pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unix_links: Vec<UnixLink>,
+    /// Processes the pod's pause process adopted, each dumped with its descendants.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adopted: Vec<AdoptedProcess>,
     /// Every other file of the checkpoint, by path relative to its root.
     pub files: BTreeMap<String, FileDigest>,
     /// How the dump went (informational).
@@ -182,6 +185,30 @@ pub struct UnixEnd {
     pub container: String,
     pub ino: u64,
 }
+
+/// A process of a container that the pod's pause process adopted (a server's double fork, in a
+/// pod sharing one PID namespace), with its descendants: outside its container's process tree,
+/// it is dumped by a CRIU run of its own into [`AdoptedProcess::images`] and restored beside
+/// its container, into its container's cgroup, with its PID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedProcess {
+    pub container: String,
+    /// Its PID in the pod's PID namespace (the root of what was dumped).
+    pub pid: u32,
+}
+
+impl AdoptedProcess {
+    /// Its CRIU images, relative to the checkpoint root.
+    pub fn images(&self, names: PartNames) -> String {
+        format!(
+            "containers/{}/adopted/{}/{}",
+            self.container, self.pid, names.images
+        )
+    }
+}
+
+/// The most adopted processes a checkpoint may record.
+pub const MAX_ADOPTED: usize = 1024;
 
 /// The most unix links a checkpoint may record.
 pub const MAX_UNIX_LINKS: usize = 1024;
@@ -458,6 +485,7 @@ impl Manifest {
             safe_relative(a).map_err(invalid)?;
         }
         check_unix_links(&m).map_err(invalid)?;
+        check_adopted(&m).map_err(invalid)?;
         if let Some(a) = m.sysv_ipc.as_deref().filter(|a| *a != crate::sysv::SYSV_STATE) {
             return Err(invalid(format!(
                 "the SysV IPC state is {a:?}, not {:?}",
@@ -510,6 +538,40 @@ impl Manifest {
     pub fn lists(&self, rel: &str) -> bool {
         self.files.contains_key(rel)
     }
+}
+
+/// Checks the recorded adopted processes: of dumped containers, each once, with CRIU images.
+fn check_adopted(m: &Manifest) -> std::result::Result<(), String> {
+    if m.adopted.len() > MAX_ADOPTED {
+        return Err(format!(
+            "records {} adopted processes, more than {MAX_ADOPTED}",
+            m.adopted.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for a in &m.adopted {
+        if !m.container(&a.container).is_some_and(|c| c.dumped) {
+            return Err(format!(
+                "an adopted process names container {:?}, which the checkpoint holds no images of",
+                a.container
+            ));
+        }
+        // The kernel's largest PID_MAX_LIMIT.
+        if !(2..=4_194_304).contains(&a.pid) || !seen.insert(a.pid) {
+            return Err(format!(
+                "adopted process {} is not a valid, single process id",
+                a.pid
+            ));
+        }
+        let inventory = format!("{}/inventory.img", a.images(m.part_names()));
+        if !m.files.contains_key(&inventory) {
+            return Err(format!(
+                "adopted process {} of container {:?} has no CRIU images listed",
+                a.pid, a.container
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the recorded unix socket links: between two dumped containers, each socket once.
@@ -867,6 +929,7 @@ pub(crate) mod tests {
             sysv_ipc: None,
             loopback_linked: Vec::new(),
             unix_links: Vec::new(),
+            adopted: Vec::new(),
             files: BTreeMap::new(),
             stats: DumpStats::default(),
         }
@@ -1160,6 +1223,69 @@ pub(crate) mod tests {
         m.unix_links = vec![link.clone(), link];
         let err = Manifest::parse(&serde_json::to_vec(&m).expect("json")).expect_err("twice");
         assert!(err.to_string().contains("linked twice"), "{err}");
+    }
+
+    #[test]
+    fn adopted_processes_are_checked() {
+        let mut m = sample();
+        m.containers[2].dumped = true;
+        let listed = |m: &mut Manifest, rel: String| {
+            m.files.insert(
+                rel,
+                FileDigest {
+                    size: 0,
+                    digest: String::new(),
+                },
+            )
+        };
+        let images = m.containers[2].file("checkpoint/inventory.img");
+        listed(&mut m, images);
+        let adopted = AdoptedProcess {
+            container: m.containers[2].name.clone(),
+            pid: 12,
+        };
+        listed(&mut m, format!("{}/inventory.img", adopted.images(PART_NAMES)));
+        m.adopted.push(adopted.clone());
+        let parse = |m: &Manifest| Manifest::parse(&serde_json::to_vec(m).expect("json"));
+        assert_eq!(parse(&m).expect("valid").adopted, vec![adopted.clone()]);
+        for (edit, says) in [
+            (
+                AdoptedProcess {
+                    pid: 13,
+                    ..adopted.clone()
+                },
+                "no CRIU images",
+            ),
+            (
+                AdoptedProcess {
+                    pid: 1,
+                    ..adopted.clone()
+                },
+                "not a valid",
+            ),
+            (
+                AdoptedProcess {
+                    pid: 1 << 30,
+                    ..adopted.clone()
+                },
+                "not a valid",
+            ),
+            (
+                AdoptedProcess {
+                    container: "app".into(),
+                    ..adopted.clone()
+                },
+                "holds no images",
+            ),
+        ] {
+            let mut bad = m.clone();
+            bad.adopted = vec![edit];
+            let err = parse(&bad).expect_err("refused").to_string();
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        let mut twice = m.clone();
+        twice.adopted.push(adopted);
+        assert!(parse(&twice).expect_err("twice").to_string().contains("single"));
     }
 
     /// Property: arbitrary bytes never make the parser panic, and whatever it accepts has only

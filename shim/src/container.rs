@@ -83,6 +83,8 @@ pub struct RestoreSource {
     pub lazy: Option<Lazy>,
     /// Its ends of the checkpoint's unix connections to other containers.
     pub unix_ends: Vec<ckpt::InheritedSocket>,
+    /// (PID in the pod, CRIU images) of its processes the pod's pause process had adopted.
+    pub adopted: Vec<(u32, PathBuf)>,
 }
 
 /// A lazy restore's daemon: whose lease it holds on the checkpoint.
@@ -119,6 +121,26 @@ async fn point_at_criu_config(bundle: &Bundle, replace: bool) -> Result<()> {
     a.insert(ckpt::CRIU_CONFIG_ANNOTATION.into(), wanted);
     let out = serde_json::to_vec(&spec).map_err(|e| Error::Internal(e.to_string()))?;
     write_private(&path, &out).await
+}
+
+/// Paths removed (files or whole directories) when dropped.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let removed = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            if let Err(e) = removed {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("remove {}: {e}", p.display());
+                }
+            }
+        }
+    }
 }
 
 /// Marks a container busy for as long as it lives.
@@ -337,6 +359,8 @@ impl Container {
         lazy_pages: bool,
     ) -> Result<i32> {
         let (process_stdio, ends, console) = prepare_io(&self.init.stdio)?;
+        let adopted = src.adopted.clone();
+        let tcp_close = !src.options.tcp_established;
         let mut options = src.options;
         options.shell_job |= self.init.stdio.terminal;
         // Established connections were captured; without a request to keep them they are
@@ -355,7 +379,7 @@ impl Container {
             id: self.id.clone(),
             bundle: self.bundle.path().to_path_buf(),
             image_dir: src.image_dir,
-            work_dir,
+            work_dir: work_dir.clone(),
             options,
             pid_file: pid_file.clone(),
             console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
@@ -412,12 +436,112 @@ impl Container {
                 }
             }
         }
+        if let Err(e) = self
+            .restore_adopted(&adopted, &work_dir, tcp_close, cgroups.as_ref())
+            .await
+        {
+            // Nothing half-restored stays: the container goes with what was restored of it.
+            let _ = self.runc.delete(&self.id, true).await;
+            self.init.io.abort().await;
+            return Err(e);
+        }
         *lock(&self.cgroups) = cgroups;
         if let Some(code) = exits.watch(pid, self.init.clone(), since) {
             self.init.set_early_exit(code);
         }
         log::info!("container {}: restored, pid {pid}", self.id);
         Ok(pid)
+    }
+
+    /// Restores the processes of this container that the pod's pause process had adopted
+    /// (`adopted`: PID in the pod and CRIU images), each with its descendants, once the
+    /// container itself is back. runc restores a container's init only, so each comes back as
+    /// a container of its own for the length of its restore: this container's spec (its root,
+    /// mounts and namespaces, the pod's PID namespace among them) with a cgroup of its own, so
+    /// a failed restore removes nothing of this container's; then its processes move into this
+    /// container's cgroup (`into`) and that container's runc state goes (not `runc delete`,
+    /// which would kill them). Its output goes to /dev/null.
+    async fn restore_adopted(
+        &self,
+        adopted: &[(u32, PathBuf)],
+        work_dir: &Path,
+        tcp_close: bool,
+        into: Option<&CgroupPaths>,
+    ) -> Result<()> {
+        for (pid, images) in adopted {
+            let id = format!("{}-adopted-{pid}", self.id);
+            let dir = self.bundle.path().join(format!("adopted-{pid}"));
+            let _cleanup = RemoveOnDrop(vec![self.runc.root().join(&id), dir.clone()]);
+            ckpt::create_private_dir(&dir)?;
+            let raw = tokio::fs::read(self.bundle.config_path())
+                .await
+                .map_err(|e| Error::Internal(format!("read {}: {e}", self.bundle.config_path().display())))?;
+            let mut spec: serde_json::Value =
+                serde_json::from_slice(&raw).map_err(|e| Error::Internal(format!("parse the spec: {e}")))?;
+            let root = spec
+                .pointer("/root/path")
+                .and_then(|p| p.as_str())
+                .unwrap_or("rootfs");
+            spec["root"]["path"] = self.bundle.path().join(root).display().to_string().into();
+            if let Some(cg) = spec.pointer_mut("/linux/cgroupsPath") {
+                let own = format!("{}-adopted-{pid}", cg.as_str().unwrap_or_default());
+                *cg = own.into();
+            }
+            let conf = dir.join(ckpt::CRIU_CONFIG_FILE);
+            write_private(&conf, if tcp_close { "tcp-close\n" } else { "" }.as_bytes()).await?;
+            if let Some(a) = spec.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+                a.insert(
+                    ckpt::CRIU_CONFIG_ANNOTATION.into(),
+                    conf.display().to_string().into(),
+                );
+            }
+            let out = serde_json::to_vec(&spec).map_err(|e| Error::Internal(e.to_string()))?;
+            write_private(&dir.join("config.json"), &out).await?;
+            let mut options = ckpt::inspect(images)?;
+            options.tcp_established = true;
+            // Dumped as a shell job (its session's leader was gone); its images now lead a
+            // session of their own, which a restore into the pod's PID namespace can make.
+            options.shell_job = false;
+            let r = ckpt::Restore {
+                id: id.clone(),
+                bundle: dir.clone(),
+                image_dir: images.clone(),
+                work_dir: work_dir.join(format!("adopted-{pid}")),
+                options,
+                pid_file: dir.join("pid"),
+                console_socket: None,
+                no_pivot: self.flags.no_pivot,
+                log: dir.join("log.json"),
+                lazy_pages: false,
+                inherited: Vec::new(),
+            };
+            ckpt::restore(&self.runc, &r, ProcessStdio::default()).await?;
+            let host_pid = read_pid(&r.pid_file).await?;
+            let own_cgroup = spec
+                .pointer("/linux/cgroupsPath")
+                .and_then(|p| p.as_str())
+                .map(str::to_owned);
+            let moved = match (into, CgroupPaths::of_pid(host_pid)) {
+                (Some(into), Ok(own)) => own.move_processes_to(into).map_err(|e| {
+                    Error::Internal(format!("move adopted pid {pid} into its container's cgroup: {e}"))
+                })?,
+                _ => 0,
+            };
+            // The cgroup runc made for it, left empty when CRIU restored it elsewhere (v2).
+            if let Some(own) =
+                own_cgroup.and_then(|p| CgroupPaths::of_container(&p, self.runc.systemd_cgroup(), None).ok())
+            {
+                for d in own.dirs() {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+            log::info!(
+                "container {}: pid {pid} (adopted by the pod's pause process) restored as pid \
+                 {host_pid}, {moved} processes moved into the container's cgroup",
+                self.id
+            );
+        }
+        Ok(())
     }
 
     /// On v2, the cgroup the container's spec names when its restored processes are elsewhere

@@ -150,6 +150,9 @@ pub struct RestorePlan {
     pub lazy: Option<Lazy>,
     /// Its ends of the checkpoint's unix connections to other containers.
     pub unix_ends: Vec<InheritedSocket>,
+    /// (PID in the pod, CRIU images) of each of its processes the pod's pause process had
+    /// adopted: restored beside it.
+    pub adopted: Vec<(u32, PathBuf)>,
 }
 
 /// What the shim knows of a container being created.
@@ -326,6 +329,12 @@ impl Restores {
         self.hold_network(new.spec, manifest).await?;
         self.reserve_pids(new.spec, manifest, &dir).await?;
         let unix_ends = self.unix_ends(&dir, manifest, &cname)?;
+        let adopted = manifest
+            .adopted
+            .iter()
+            .filter(|a| a.container == cname)
+            .map(|a| (a.pid, dir.join(a.images(names))))
+            .collect();
         podsnap_checkpoint::kdat::ensure_logged(&MonitorLauncher).await;
         let (tar, del) = (entry.file(ROOTFS_DIFF), entry.file(ROOTFS_DELETED));
         let rootfs_changes =
@@ -388,6 +397,7 @@ impl Restores {
             paused: entry.state == ContainerState::Paused,
             lazy,
             unix_ends,
+            adopted,
         })))
     }
 
@@ -551,6 +561,10 @@ impl Restores {
                     c.dumped && matches!(c.state, ContainerState::Running | ContainerState::Paused)
                 }) {
                     let images = dir.join(c.dir()).join(names.images);
+                    highest = highest.max(podsnap_checkpoint::container::highest_pid(&images)?);
+                }
+                for a in &manifest.adopted {
+                    let images = dir.join(a.images(names));
                     highest = highest.max(podsnap_checkpoint::container::highest_pid(&images)?);
                 }
                 podsnap_checkpoint::container::reserve_pids(&MonitorLauncher, &pidns, highest).await?;

@@ -164,6 +164,7 @@ impl PodTask {
                 paused: false,
                 lazy: None,
                 unix_ends: Vec::new(),
+                adopted: Vec::new(),
             }))
         };
         // From the checkpoint (by name, kubelet path): once restored (at Start) or answered as
@@ -219,6 +220,7 @@ impl PodTask {
                             started_order: plan.started_order,
                             lazy: plan.lazy,
                             unix_ends: plan.unix_ends,
+                            adopted: plan.adopted,
                         },
                     )
                 }

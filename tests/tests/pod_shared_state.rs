@@ -288,10 +288,11 @@ fn a_pod_sharing_one_pid_namespace_comes_back_with_its_pids() {
 }
 
 /// In a pod sharing one PID namespace, a server that daemonizes is adopted by the pause
-/// process: outside every container's process tree, no container's dump would hold it. The dump
-/// is refused with the process named, and the pod keeps running as it was.
+/// process: outside every container's process tree. The dump takes it on its own (the manifest
+/// names it with its container), and the restore brings it back beside its container: at its
+/// PID, in its container's cgroup, its counter going on, serving on its port.
 #[test]
-fn a_process_adopted_by_pause_is_named_and_the_dump_refused() {
+fn a_process_adopted_by_pause_comes_back_and_serves() {
     let node = start_node!();
     let name = node.unique("orphan");
     let mut options = PodOptions::new(&name, HANDLER);
@@ -299,25 +300,47 @@ fn a_process_adopted_by_pause_is_named_and_the_dump_refused() {
     let sidecar = server("sidecar", SIDECAR_PORT, &[]);
     let pod = pod_of(&node, &options, &[(sidecar, SIDECAR_PORT)]);
     let spawned = ask(&pod.ip, SIDECAR_PORT, "spawn-daemon 7070").expect("spawn-daemon");
-    assert!(spawned.starts_with("daemon pid "), "{spawned}");
+    let daemon_pid: u32 = spawned
+        .strip_prefix("daemon pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{spawned}"));
     wait_answering(&pod.ip, 7070, Duration::from_secs(20)).expect("the daemon answers");
-    let count = |port| {
-        ask(&pod.ip, port, "count")
-            .expect("count")
-            .parse::<u64>()
-            .expect("n")
-    };
-    let daemon_before = count(7070);
+    let count = |ip: &str, port| ask(ip, port, "count").expect("count").parse::<u64>().expect("n");
+    std::thread::sleep(Duration::from_millis(1500));
+    let daemon_before = count(&pod.ip, 7070);
+    assert!(daemon_before > 0, "the daemon counts");
 
     let dir = node.files().checkpoints().join("orphan");
-    let err = dump_pod(&node, &name, &dir, |_| {}).expect_err("a dump would lose the daemon");
-    let text = err.to_string();
-    assert!(text.contains("would be lost"), "{text}");
-    assert!(text.contains("of container \"sidecar\""), "{text}");
-    assert!(!dir.exists(), "no checkpoint is left");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(count(7070) > daemon_before, "the daemon runs on");
-    assert_eq!(ask(&pod.ip, 7070, "ping").expect("ping"), "pong daemon");
+    dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    assert_eq!(
+        m.adopted,
+        vec![podsnap_checkpoint::manifest::AdoptedProcess {
+            container: "sidecar".into(),
+            pid: daemon_pid
+        }]
+    );
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
+
+    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+    wait_answering(&restored.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("the sidecar answers");
+    wait_answering(&restored.ip, 7070, Duration::from_secs(20)).expect("the daemon answers again");
+    assert_eq!(ask(&restored.ip, 7070, "ping").expect("ping"), "pong daemon");
+    assert_eq!(
+        ask(&restored.ip, 7070, "pid").expect("pid"),
+        daemon_pid.to_string(),
+        "at its PID in the new pod's namespace"
+    );
+    let after = count(&restored.ip, 7070);
+    assert!(
+        after >= daemon_before,
+        "its counter goes on: {after} < {daemon_before}"
+    );
+    let moved = node.log_grep("adopted by the pod's pause process) restored as pid");
+    assert!(
+        moved.len() == 1 && moved[0].contains("1 processes moved into the container's cgroup"),
+        "{moved:?}"
+    );
 }
 
 /// A unix socket connection from one container to another's listener in a shared emptyDir
