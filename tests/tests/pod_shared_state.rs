@@ -37,6 +37,14 @@ fn pod_of(node: &Node, options: &PodOptions, containers: &[(ContainerSpec, u16)]
     pod
 }
 
+/// A pod named `name` of the podsnap handler, its containers in one PID namespace when
+/// `share_pids` (`shareProcessNamespace`), else each in its own (kubelet's default).
+fn pod_options(name: &str, share_pids: bool) -> PodOptions {
+    let mut options = PodOptions::new(name, HANDLER);
+    options.share_process_namespace = share_pids;
+    options
+}
+
 /// `podsnap dump` of pod `name` (namespace default) into `dir`, the request changed by `edit`.
 fn dump_pod(
     node: &Node,
@@ -64,10 +72,20 @@ fn held_pos(answer: &str) -> u64 {
 
 #[test]
 fn dev_shm_files_written_and_held_open_come_back() {
+    dev_shm_files_written_and_held_open_come_back_in(false);
+}
+
+/// The same in a pod sharing one PID namespace.
+#[test]
+fn dev_shm_files_written_and_held_open_come_back_in_a_pod_sharing_pids() {
+    dev_shm_files_written_and_held_open_come_back_in(true);
+}
+
+fn dev_shm_files_written_and_held_open_come_back_in(share_pids: bool) {
     let node = start_node!();
     let name = node.unique("shm");
     let app = server("app", APP_PORT, &["--hold-file", "/dev/shm/held"]);
-    let pod = pod_of(&node, &PodOptions::new(&name, HANDLER), &[(app, APP_PORT)]);
+    let pod = pod_of(&node, &pod_options(&name, share_pids), &[(app, APP_PORT)]);
     assert_eq!(
         ask(&pod.ip, APP_PORT, "posix-shm-write note hello").expect("write"),
         "ok"
@@ -110,6 +128,16 @@ fn dev_shm_files_written_and_held_open_come_back() {
 /// emptyDir neither stops the dump nor stays behind: it listens again after the restore.
 #[test]
 fn sysv_ipc_and_unix_listeners_come_back() {
+    sysv_ipc_and_unix_listeners_come_back_in(false);
+}
+
+/// The same in a pod sharing one PID namespace.
+#[test]
+fn sysv_ipc_and_unix_listeners_come_back_in_a_pod_sharing_pids() {
+    sysv_ipc_and_unix_listeners_come_back_in(true);
+}
+
+fn sysv_ipc_and_unix_listeners_come_back_in(share_pids: bool) {
     let node = start_node!();
     let name = node.unique("ipc");
     let app = server(
@@ -121,7 +149,7 @@ fn sysv_ipc_and_unix_listeners_come_back() {
     let sidecar = server("sidecar", SIDECAR_PORT, &[]).with_empty_dir("shared", "/shared");
     let pod = pod_of(
         &node,
-        &PodOptions::new(&name, HANDLER),
+        &pod_options(&name, share_pids),
         &[(app, APP_PORT), (sidecar, SIDECAR_PORT)],
     );
     let before = ask(&pod.ip, APP_PORT, "ipc-check").expect("ipc-check");
@@ -176,12 +204,22 @@ fn sysv_ipc_and_unix_listeners_come_back() {
 /// without `--tcp-established`, is closed in the restored pod.
 #[test]
 fn loopback_tcp_between_containers_survives() {
+    loopback_tcp_between_containers_survives_in(false);
+}
+
+/// The same in a pod sharing one PID namespace.
+#[test]
+fn loopback_tcp_between_containers_survives_in_a_pod_sharing_pids() {
+    loopback_tcp_between_containers_survives_in(true);
+}
+
+fn loopback_tcp_between_containers_survives_in(share_pids: bool) {
     let node = start_node!();
     let name = node.unique("loop");
     let (app, sidecar) = (server("app", APP_PORT, &[]), server("sidecar", SIDECAR_PORT, &[]));
     let pod = pod_of(
         &node,
-        &PodOptions::new(&name, HANDLER),
+        &pod_options(&name, share_pids),
         &[(app, APP_PORT), (sidecar, SIDECAR_PORT)],
     );
     let target = format!("peer-connect tcp 127.0.0.1:{SIDECAR_PORT}");
@@ -367,9 +405,11 @@ fn unix_connection_comes_back(address: &str, share_pids: bool) {
     let name = node.unique("unix");
     let app = server("app", APP_PORT, &["--unix-listen", address]).with_empty_dir("shared", "/shared");
     let sidecar = server("sidecar", SIDECAR_PORT, &[]).with_empty_dir("shared", "/shared");
-    let mut options = PodOptions::new(&name, HANDLER);
-    options.share_process_namespace = share_pids;
-    let pod = pod_of(&node, &options, &[(app, APP_PORT), (sidecar, SIDECAR_PORT)]);
+    let pod = pod_of(
+        &node,
+        &pod_options(&name, share_pids),
+        &[(app, APP_PORT), (sidecar, SIDECAR_PORT)],
+    );
     assert_eq!(
         ask(&pod.ip, SIDECAR_PORT, &format!("peer-connect unix {address}")).expect("connect"),
         "ok"
