@@ -86,6 +86,9 @@ pub struct Target {
     /// The container's OCI spec when its bundle is gone (a completed container whose task was
     /// deleted); read from the bundle otherwise.
     pub spec: Option<Vec<u8>>,
+    /// (host pid, start time) of its processes restored as adopted by the pod's pause process
+    /// (a shim restoring them became their parent): dumped as adopted again.
+    pub adopted: Vec<(i32, u64)>,
 }
 
 /// What to dump and where.
@@ -370,9 +373,14 @@ struct Recorded {
     ips: Vec<std::net::IpAddr>,
 }
 
-/// (container name, socket inode) ends of unix connections between containers that the
-/// containers' CRIU runs were told are external.
-type ToldEnds = HashSet<(String, u64)>;
+/// What the containers' CRIU runs were told of unix connections between containers.
+#[derive(Default)]
+struct ToldEnds {
+    /// (container name, socket inode) ends they were told are external.
+    ends: HashSet<(String, u64)>,
+    /// Containers whose CRIU reads podsnap's configuration file (only those can be told).
+    configured: HashSet<String>,
+}
 
 /// The CRIU configuration files of the dumped containers (see
 /// [`container::CRIU_CONFIG_FILE`]) for the length of the dump: removed when dropped.
@@ -393,7 +401,7 @@ impl CriuConfigs {
     ) -> Result<(Self, Vec<Option<Hold>>, ToldEnds)> {
         let mut files = CriuConfigs(Vec::new());
         let mut holds = Vec::new();
-        let mut told = HashSet::new();
+        let mut told = ToldEnds::default();
         for t in running {
             let bundle = podsnap_runtime::bundle::Bundle::new(&t.bundle);
             let Some(conf) = bundle
@@ -405,6 +413,7 @@ impl CriuConfigs {
                 continue;
             };
             files.0.push(conf.clone());
+            told.configured.insert(t.entry.name.clone());
             // A bundle on a noexec mount cannot hold CRIU's script: dumped once frozen.
             let (hold, mut text) = match Hold::possible(&t.bundle) {
                 true => Hold::prepare(&t.bundle).map(|(hold, line)| (Some(hold), line))?,
@@ -415,7 +424,7 @@ impl CriuConfigs {
             }
             for ino in unix_ends.get(&t.entry.name).into_iter().flatten() {
                 text.push_str(&format!("external unix[{ino}]\n"));
-                told.insert((t.entry.name.clone(), *ino));
+                told.ends.insert((t.entry.name.clone(), *ino));
             }
             container::write_private(&conf, text.as_bytes())?;
             holds.push(hold);
@@ -605,7 +614,7 @@ async fn freeze_and_capture(
     let adopted = adopted_processes(d, running, &procs)?;
     let ipc = pod_ipc(running, &procs)?;
     let owners = crate::links::SocketOwners::read(&procs);
-    let unix_links = checked_unix_links(d, &procs, &owners, &dumps.external_unix).await?;
+    let unix_links = checked_unix_links(d, &procs, &owners, &dumps.external_unix, &adopted).await?;
     report.phases.mark("checked");
     // Which containers loopback connections link, read beside the dumps (the pod stays frozen
     // until they are done; the kernel's TCP tables take milliseconds to list).
@@ -772,7 +781,7 @@ impl Dumps {
             .collect();
         Dumps {
             slots,
-            external_unix: HashSet::new(),
+            external_unix: ToldEnds::default(),
         }
     }
 
@@ -1112,9 +1121,13 @@ async fn planned_unix_ends(d: &PodDump, running: &[&Target]) -> Result<HashMap<S
         .collect();
     let owners = crate::links::SocketOwners::read(&procs);
     let found =
-        crate::links::unix_connections(d.launcher.as_ref(), d.netns.as_deref(), &procs, &owners).await?;
+        crate::links::unix_connections(d.launcher.as_ref(), d.netns.as_deref(), &procs, &owners, false)
+            .await?;
     let mut ends: HashMap<String, BTreeSet<u64>> = HashMap::new();
-    for c in found.iter().filter(|c| c.link().is_some()) {
+    for c in found
+        .iter()
+        .filter(|c| c.between_containers() && c.link().is_some())
+    {
         for (name, ino, _) in &c.ends {
             ends.entry(name.clone()).or_default().insert(*ino);
         }
@@ -1123,23 +1136,51 @@ async fn planned_unix_ends(d: &PodDump, running: &[&Target]) -> Result<HashMap<S
 }
 
 /// The unix connections between containers of the frozen pod, as the manifest records them.
-/// Refused, naming the containers: a connected datagram socket (its peer is a bound socket
-/// of the other container, not a pair), and a connection whose ends' CRIU runs were not told
-/// of it (`told`: opened after they started; a dump again finds it from the start).
+/// Refused, naming the containers or processes: a connected datagram socket (its peer is a
+/// bound socket of the other container, not a pair); a connection whose ends' CRIU runs were
+/// not told of it (opened after they started: a dump again finds it from the start; or a
+/// container whose CRIU configuration is not podsnap's); a connection held by a process the
+/// pause process adopted, to anything outside its own tree (its CRIU run is its own); more
+/// ends in one container than a restore hands runc.
 async fn checked_unix_links(
     d: &PodDump,
     procs: &[(String, Vec<i32>)],
     owners: &crate::links::SocketOwners,
     told: &ToldEnds,
+    adopted: &[Adopted<'_>],
 ) -> Result<Vec<crate::manifest::UnixLink>> {
-    let found =
-        crate::links::unix_connections(d.launcher.as_ref(), d.netns.as_deref(), procs, owners).await?;
+    let found = crate::links::unix_connections(
+        d.launcher.as_ref(),
+        d.netns.as_deref(),
+        procs,
+        owners,
+        !adopted.is_empty(),
+    )
+    .await?;
     let refuse = |reason: String| Error::InvalidCheckpoint {
         path: "pod".into(),
         reason: format!("{reason}; the pod was left running"),
     };
+    let tree_of = |pid: i32| adopted.iter().find(|a| a.members.contains(&pid)).map(|a| a.root);
     let mut links = Vec::new();
-    for c in found {
+    let mut per_container: HashMap<&str, usize> = HashMap::new();
+    for c in &found {
+        let [(_, _, pa), (_, _, pb)] = &c.ends;
+        let (ta, tb) = (tree_of(*pa), tree_of(*pb));
+        if ta.is_some() || tb.is_some() {
+            if ta != tb || c.between_containers() {
+                return Err(refuse(format!(
+                    "a unix socket connection links {} and one of them was adopted by the pod's \
+                     pause process: such a process is dumped by a CRIU run of its own, which \
+                     cannot take a connection to a process outside its tree",
+                    c.shown()
+                )));
+            }
+            continue;
+        }
+        if !c.between_containers() {
+            continue;
+        }
         let Some(link) = c.link() else {
             return Err(refuse(format!(
                 "a connected unix datagram socket links containers {}: podsnap brings back \
@@ -1147,15 +1188,34 @@ async fn checked_unix_links(
                 c.shown()
             )));
         };
+        if let Some((name, _, _)) = c.ends.iter().find(|(name, _, _)| !told.configured.contains(name)) {
+            return Err(refuse(format!(
+                "a unix socket connection links containers {}, and container {name:?} names a \
+                 CRIU configuration file of its own (org.criu.config), so its CRIU cannot be \
+                 told that its end is external",
+                c.shown()
+            )));
+        }
         if c.ends
             .iter()
-            .any(|(name, ino, _)| !told.contains(&(name.clone(), *ino)))
+            .any(|(name, ino, _)| !told.ends.contains(&(name.clone(), *ino)))
         {
             return Err(refuse(format!(
                 "a unix socket connection between containers {} was opened while the dump \
                  began (after their CRIU runs were told of the pod's connections): dump again",
                 c.shown()
             )));
+        }
+        for (name, _, _) in &c.ends {
+            let n = per_container.entry(name.as_str()).or_default();
+            *n += 1;
+            if *n > podsnap_runtime::runc::MAX_INHERITED_FDS {
+                return Err(refuse(format!(
+                    "container {name:?} holds more than {} unix socket connections to other \
+                     containers, the most a restore hands runc",
+                    podsnap_runtime::runc::MAX_INHERITED_FDS
+                )));
+            }
         }
         links.push(link);
     }
@@ -1233,21 +1293,31 @@ pub fn joined_ipc_ns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
         .clone()
 }
 
+/// A process of a container that the pod's pause process adopted, with its descendants.
+struct Adopted<'a> {
+    target: &'a Target,
+    /// Its host pid: the root of what is dumped.
+    root: i32,
+    /// It and its descendants (host pids).
+    members: Vec<i32>,
+}
+
 /// The processes of `running`'s containers (`procs`) outside their container's process tree
-/// that the pod's pause process adopted (in a pod sharing one PID namespace): the roots of
-/// what each is dumped as, with its container. Any other process outside its container's tree
-/// (one started by exec) would be lost: refused, naming them.
+/// that the pod's pause process adopted (in a pod sharing one PID namespace), or that this
+/// shim restored as such (their parent is now the shim; see `Target::adopted`), grouped by the
+/// root each is dumped from. Any other process outside its container's tree (one started by
+/// exec) would be lost: refused, naming them.
 fn adopted_processes<'a>(
     d: &PodDump,
     running: &[&'a Target],
     procs: &[(String, Vec<i32>)],
-) -> Result<Vec<(&'a Target, i32)>> {
+) -> Result<Vec<Adopted<'a>>> {
     let pause = d
         .targets
         .iter()
         .find(|t| t.entry.role == Role::Sandbox)
         .and_then(|t| t.pid);
-    let mut adopted = Vec::new();
+    let mut adopted: Vec<Adopted<'a>> = Vec::new();
     let mut lost = Vec::new();
     for (t, (_, pids)) in running.iter().zip(procs) {
         let Some(init) = t.pid else { continue };
@@ -1255,9 +1325,19 @@ fn adopted_processes<'a>(
             let Some((top, parent)) = outside_tree(pid, init) else {
                 continue;
             };
-            if Some(parent) == pause {
-                if !adopted.iter().any(|(_, p)| *p == top) {
-                    adopted.push((*t, top));
+            let restored_as_adopted = || {
+                t.adopted
+                    .iter()
+                    .any(|(p, start)| *p == top && crate::journal::start_time(top as u32) == Some(*start))
+            };
+            if Some(parent) == pause || restored_as_adopted() {
+                match adopted.iter_mut().find(|a| a.root == top) {
+                    Some(a) => a.members.push(pid),
+                    None => adopted.push(Adopted {
+                        target: t,
+                        root: top,
+                        members: vec![pid],
+                    }),
                 }
             } else {
                 lost.push(format!(
@@ -1294,11 +1374,14 @@ fn adopted_processes<'a>(
 async fn dump_adopted(
     d: &PodDump,
     dir: &Path,
-    adopted: &[(&Target, i32)],
+    adopted: &[Adopted<'_>],
     limit: &Limit,
 ) -> Result<Vec<AdoptedProcess>> {
     let mut out = Vec::new();
-    for (t, pid) in adopted {
+    for Adopted {
+        target: t, root: pid, ..
+    } in adopted
+    {
         let record = AdoptedProcess {
             container: t.entry.name.clone(),
             pid: pid_in_namespace(*pid)?,
@@ -1376,7 +1459,15 @@ impl AdoptedState {
         };
         state["id"] = id.into();
         state["init_process_pid"] = pid.into();
-        state["init_process_start"] = start_time(pid)?.into();
+        // As runc records its init's: `/proc/<pid>/stat`'s start time.
+        let start = crate::journal::start_time(pid as u32).ok_or_else(|| {
+            Error::io(
+                "read a process's start",
+                format!("/proc/{pid}/stat"),
+                std::io::Error::other("gone"),
+            )
+        })?;
+        state["init_process_start"] = start.into();
         if let Some(labels) = state.pointer_mut("/config/labels").and_then(|l| l.as_array_mut()) {
             labels.retain(|l| !l.as_str().is_some_and(|l| l.starts_with("org.criu.config=")));
             labels.push(format!("org.criu.config={}", conf.display()).into());
@@ -1413,22 +1504,6 @@ impl FilterNotFound for std::io::Result<()> {
             other => other,
         }
     }
-}
-
-/// The start time of `pid` (`/proc/<pid>/stat`'s 22nd field), as runc records its init's.
-fn start_time(pid: i32) -> Result<u64> {
-    let file = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&file).map_err(|e| Error::io("read a process's start", &file, e))?;
-    // The fields after the command's closing parenthesis start at the 3rd (state).
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(19)?.parse().ok())
-        .ok_or_else(|| {
-            Error::io(
-                "read a process's start",
-                &file,
-                std::io::Error::other("no start time"),
-            )
-        })
 }
 
 /// `pid` as its own PID namespace numbers it (the last of `NSpid` in its status).

@@ -109,7 +109,7 @@ fn parse_tcp_table(text: &str) -> Vec<LoopbackConnection> {
         .collect()
 }
 
-/// A connected unix socket with its ends in two containers of the pod.
+/// A connected unix socket of the pod's processes (both ends held by them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnixConnection {
     /// `ss`'s name of its kind: `u_str`, `u_seq` or `u_dgr`.
@@ -137,6 +137,11 @@ impl UnixConnection {
         })
     }
 
+    /// Whether its ends are in two containers.
+    pub fn between_containers(&self) -> bool {
+        self.ends[0].0 != self.ends[1].0
+    }
+
     /// The two containers and pids, for an error.
     pub fn shown(&self) -> String {
         let [(na, _, pa), (nb, _, pb)] = &self.ends;
@@ -144,16 +149,18 @@ impl UnixConnection {
     }
 }
 
-/// The connected unix sockets with one end in each of two containers of the pod. `netns` is the
-/// pod's network namespace (`None`: the host's), whose unix sockets `ss` lists with their peers.
+/// The connected unix sockets with both ends held by the pod's processes (`procs`, each
+/// container's). `netns` is the pod's network namespace (`None`: the host's), whose unix
+/// sockets `ss` lists with their peers. Unless `within_containers`, only connections that can
+/// link two containers are looked for (none when fewer than two hold unix sockets).
 pub async fn unix_connections(
     launcher: &dyn Launcher,
     netns: Option<&Path>,
     procs: &[(String, Vec<i32>)],
     owners: &SocketOwners,
+    within_containers: bool,
 ) -> Result<Vec<UnixConnection>> {
-    // A connection needs unix sockets in two containers; most pods have none in two (and `ss`
-    // costs a nsenter and an ss).
+    // Most pods have no unix sockets in two containers (and `ss` costs a nsenter and an ss).
     let unix = unix_inodes(procs);
     let holders: BTreeSet<&str> = owners
         .0
@@ -161,7 +168,11 @@ pub async fn unix_connections(
         .filter(|(ino, _)| unix.contains(ino))
         .map(|(_, (name, _))| name.as_str())
         .collect();
-    if holders.len() < 2 {
+    let wanted = match within_containers {
+        true => !holders.is_empty(),
+        false => holders.len() >= 2,
+    };
+    if !wanted {
         return Ok(Vec::new());
     }
     let mut cmd = match netns {
@@ -187,7 +198,7 @@ pub async fn unix_connections(
     let mut found = Vec::new();
     for (kind, a, b) in parse_unix_pairs(&String::from_utf8_lossy(&out.stdout)) {
         if let (Some((na, pa)), Some((nb, pb))) = (owners.0.get(&a), owners.0.get(&b)) {
-            if na != nb && a < b {
+            if a < b {
                 found.push(UnixConnection {
                     kind,
                     ends: [(na.clone(), a, *pa), (nb.clone(), b, *pb)],
@@ -235,7 +246,12 @@ pub fn connect_link(dir: &Path, images: &str, link: &crate::manifest::UnixLink) 
                 end.container, end.ino, socket.kind, link.kind
             )));
         }
-        for packet in crate::criu_image::queued_packets(&images, socket.id)? {
+        let packets = crate::criu_image::queued_packets(&images, socket.id)?;
+        let queued: usize = packets.iter().map(Vec::len).sum();
+        if queued > 0 {
+            make_room(&pair[1 - i], queued);
+        }
+        for packet in packets {
             send_queued(&pair[1 - i], &packet).map_err(|e| {
                 invalid(format!(
                     "container {:?}: the {} bytes queued at unix socket {} do not fit a new \
@@ -270,6 +286,25 @@ pub fn connect_link(dir: &Path, images: &str, link: &crate::manifest::UnixLink) 
         }
     }
     Ok(pair)
+}
+
+/// Raises the send buffer of `fd` so that `queued` bytes fit without waiting for a reader (the
+/// original socket held them; its buffer may have been raised). Root's `SO_SNDBUFFORCE`
+/// passes the node's `wmem_max`; a refusal leaves the default, and a send that does not fit
+/// then fails with its error.
+fn make_room(fd: &OwnedFd, queued: usize) {
+    // The kernel doubles the value for its bookkeeping and counts each packet's overhead.
+    let want = i32::try_from(queued.saturating_mul(2).saturating_add(1 << 16)).unwrap_or(i32::MAX / 2);
+    // SAFETY: setsockopt reads an int from a valid pointer of the given length.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&want as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Sends one queued packet whole without waiting (a stream may take it in parts).

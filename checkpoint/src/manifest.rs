@@ -52,8 +52,8 @@ use crate::record::{ContainerState, Role};
 
 /// `format` of a podsnap pod checkpoint.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
-/// The version this code writes (4: [`Manifest::unix_links`], which an older restore would
-/// not hand back).
+/// The version this code writes (4: [`Manifest::unix_links`] and [`Manifest::adopted`], which
+/// an older restore would not bring back).
 pub const VERSION: u32 = 4;
 /// The oldest version this code reads (SHA-256 digests, no `digest_algorithm`).
 pub const OLDEST_VERSION: u32 = 1;

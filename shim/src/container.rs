@@ -69,6 +69,9 @@ pub struct Container {
     exited_plan: Option<u32>,
     /// Stops the lazy-pages daemon of a lazy restore still bringing its memory back.
     lazy_stop: Mutex<Option<tokio::sync::watch::Sender<bool>>>,
+    /// (host pid, start time) of the processes restored as adopted by the pod's pause process
+    /// (their parent is now this shim): a later pod dump takes them as adopted again.
+    pub adopted: Mutex<Vec<(i32, u64)>>,
 }
 
 /// The checkpoint a container is to be restored from.
@@ -232,6 +235,7 @@ impl Container {
             starting: tokio::sync::Mutex::new(()),
             exited_plan: None,
             lazy_stop: Mutex::new(None),
+            adopted: Mutex::new(Vec::new()),
         }))
     }
 
@@ -280,6 +284,7 @@ impl Container {
             starting: tokio::sync::Mutex::new(()),
             exited_plan,
             lazy_stop: Mutex::new(None),
+            adopted: Mutex::new(Vec::new()),
         }))
     }
 
@@ -389,6 +394,12 @@ impl Container {
             inherited: src.unix_ends,
         };
         let since = Instant::now();
+        // Processes the pause process adopted had the container's output (they were forked
+        // from it): they get it again.
+        let output = (
+            process_stdio.stdout.as_ref().and_then(|f| f.try_clone().ok()),
+            process_stdio.stderr.as_ref().and_then(|f| f.try_clone().ok()),
+        );
         let restore = async { Ok(ckpt::restore(&self.runc, &r, process_stdio).await?) };
         let restored = run_attached(&self.init, console, restore).await;
         // Read by CRIU for this restore only (a later dump writes its own).
@@ -437,7 +448,7 @@ impl Container {
             }
         }
         if let Err(e) = self
-            .restore_adopted(&adopted, &work_dir, tcp_close, cgroups.as_ref())
+            .restore_adopted(&adopted, &work_dir, tcp_close, cgroups.as_ref(), &output)
             .await
         {
             // Nothing half-restored stays: the container goes with what was restored of it.
@@ -457,16 +468,19 @@ impl Container {
     /// (`adopted`: PID in the pod and CRIU images), each with its descendants, once the
     /// container itself is back. runc restores a container's init only, so each comes back as
     /// a container of its own for the length of its restore: this container's spec (its root,
-    /// mounts and namespaces, the pod's PID namespace among them) with a cgroup of its own, so
-    /// a failed restore removes nothing of this container's; then its processes move into this
-    /// container's cgroup (`into`) and that container's runc state goes (not `runc delete`,
-    /// which would kill them). Its output goes to /dev/null.
+    /// mounts, the pod's namespaces; no terminal, no hooks) with a cgroup of its own, so a
+    /// failed restore removes nothing of this container's. CRIU leaves the restored processes
+    /// stopped; each moves into this container's cgroups (`into`), then they go on, and that
+    /// container's runc state goes (not `runc delete`, which would kill them). A failure after
+    /// CRIU's kills what it restored. Their output goes where the container's does (`output`:
+    /// copies of its stdout and stderr).
     async fn restore_adopted(
         &self,
         adopted: &[(u32, PathBuf)],
         work_dir: &Path,
         tcp_close: bool,
         into: Option<&CgroupPaths>,
+        output: &(Option<OwnedFd>, Option<OwnedFd>),
     ) -> Result<()> {
         for (pid, images) in adopted {
             let id = format!("{}-adopted-{pid}", self.id);
@@ -487,8 +501,15 @@ impl Container {
                 let own = format!("{}-adopted-{pid}", cg.as_str().unwrap_or_default());
                 *cg = own.into();
             }
+            if let Some(terminal) = spec.pointer_mut("/process/terminal") {
+                *terminal = false.into(); // its descriptors come from its images
+            }
+            if let Some(spec) = spec.as_object_mut() {
+                spec.remove("hooks"); // the container's ran when it was created
+            }
             let conf = dir.join(ckpt::CRIU_CONFIG_FILE);
-            write_private(&conf, if tcp_close { "tcp-close\n" } else { "" }.as_bytes()).await?;
+            let text = format!("leave-stopped\n{}", if tcp_close { "tcp-close\n" } else { "" });
+            write_private(&conf, text.as_bytes()).await?;
             if let Some(a) = spec.get_mut("annotations").and_then(|a| a.as_object_mut()) {
                 a.insert(
                     ckpt::CRIU_CONFIG_ANNOTATION.into(),
@@ -515,30 +536,64 @@ impl Container {
                 lazy_pages: false,
                 inherited: Vec::new(),
             };
-            ckpt::restore(&self.runc, &r, ProcessStdio::default()).await?;
-            let host_pid = read_pid(&r.pid_file).await?;
-            let own_cgroup = spec
+            let stdio = ProcessStdio {
+                stdin: None,
+                stdout: output.0.as_ref().and_then(|f| f.try_clone().ok()),
+                stderr: output.1.as_ref().and_then(|f| f.try_clone().ok()),
+            };
+            ckpt::restore(&self.runc, &r, stdio).await?;
+            let stopped = match read_pid(&r.pid_file).await {
+                Ok(root) => podsnap_runtime::cgroup::process_tree(root),
+                Err(e) => {
+                    // Restored, but which processes is unknown: what runc made goes whole.
+                    let _ = self.runc.delete(&id, true).await;
+                    return Err(e);
+                }
+            };
+            let went_on = (|| {
+                let moved = match into {
+                    Some(into) => into.add_processes(&stopped).map_err(|e| {
+                        Error::Internal(format!("move adopted pid {pid} into its container's cgroup: {e}"))
+                    })?,
+                    None => 0,
+                };
+                for p in &stopped {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::SIGCONT);
+                }
+                Ok::<usize, Error>(moved)
+            })();
+            let moved = match went_on {
+                Ok(moved) => moved,
+                Err(e) => {
+                    for p in &stopped {
+                        let _ =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::SIGKILL);
+                    }
+                    let _ = self.runc.delete(&id, true).await;
+                    return Err(e);
+                }
+            };
+            // The cgroup runc made for it, empty now (rmdir removes nothing that is not).
+            if let Some(own) = spec
                 .pointer("/linux/cgroupsPath")
                 .and_then(|p| p.as_str())
-                .map(str::to_owned);
-            let moved = match (into, CgroupPaths::of_pid(host_pid)) {
-                (Some(into), Ok(own)) => own.move_processes_to(into).map_err(|e| {
-                    Error::Internal(format!("move adopted pid {pid} into its container's cgroup: {e}"))
-                })?,
-                _ => 0,
-            };
-            // The cgroup runc made for it, left empty when CRIU restored it elsewhere (v2).
-            if let Some(own) =
-                own_cgroup.and_then(|p| CgroupPaths::of_container(&p, self.runc.systemd_cgroup(), None).ok())
+                .and_then(|p| CgroupPaths::of_container(p, self.runc.systemd_cgroup(), None).ok())
             {
                 for d in own.dirs() {
                     let _ = std::fs::remove_dir(d);
                 }
             }
+            let root = stopped.first().copied().unwrap_or_default();
+            lock(&self.adopted).extend(
+                stopped
+                    .first()
+                    .and_then(|p| Some((*p, podsnap_checkpoint::journal::start_time(*p as u32)?))),
+            );
             log::info!(
                 "container {}: pid {pid} (adopted by the pod's pause process) restored as pid \
-                 {host_pid}, {moved} processes moved into the container's cgroup",
-                self.id
+                 {root}, {} processes, {moved} moved into the container's cgroup",
+                self.id,
+                stopped.len()
             );
         }
         Ok(())

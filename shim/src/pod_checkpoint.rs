@@ -215,6 +215,7 @@ pub fn pod_target(c: &Container) -> Target {
         cgroups: c.cgroups(),
         pid: (s.pid > 0).then_some(s.pid),
         spec: None,
+        adopted: lock(&c.adopted).clone(),
     }
 }
 

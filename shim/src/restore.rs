@@ -192,11 +192,17 @@ pub struct Restores {
     /// The new connections of the checkpoint's unix links between containers, by checkpoint
     /// directory and link: made by the first restore of a container at either end, each end
     /// taken by the restore of its container.
-    unix_pairs: Mutex<HashMap<(PathBuf, usize), PairEnds>>,
+    unix_pairs: Arc<Mutex<HashMap<(PathBuf, usize), NewPair>>>,
 }
 
-/// The two ends of a new unix connection, each taken by one container's restore.
-type PairEnds = [Option<std::os::fd::OwnedFd>; 2];
+/// A new unix connection for a link of the checkpoint: each container's restore gets a copy of
+/// its end; the shim's copies go once both restores are over (else the peer of a container
+/// that died would never see the end of the stream), or when the pod's restore is.
+struct NewPair {
+    ends: [std::os::fd::OwnedFd; 2],
+    containers: [String; 2],
+    over: [bool; 2],
+}
 
 /// The new pod's network namespace while its containers are restored: its addresses at the
 /// dump lent to its loopback device until every container the checkpoint holds running is
@@ -328,7 +334,6 @@ impl Restores {
         options.tcp_established = true;
         self.hold_network(new.spec, manifest).await?;
         self.reserve_pids(new.spec, manifest, &dir).await?;
-        let unix_ends = self.unix_ends(&dir, manifest, &cname)?;
         let adopted = manifest
             .adopted
             .iter()
@@ -386,6 +391,8 @@ impl Restores {
         if lazy.is_some() {
             log::info!("container {cname}: will be restored lazily (its memory on demand)");
         }
+        // Last: every check above passed.
+        let unix_ends = self.unix_ends(&dir, manifest, &cname)?;
         Ok(Plan::Restore(Box::new(RestorePlan {
             image_dir,
             options,
@@ -403,7 +410,7 @@ impl Restores {
 
     /// Container `cname`'s ends of the unix connections between containers of the checkpoint
     /// at `dir`: each link's pair is made once (the first restore at either end makes it, with
-    /// the queued bytes of both ends in it), and each end is handed out once.
+    /// the queued bytes of both ends in it); each restore gets a copy of its end.
     fn unix_ends(&self, dir: &Path, manifest: &Manifest, cname: &str) -> Result<Vec<InheritedSocket>> {
         let mut ends = Vec::new();
         let mut pairs = lock(&self.unix_pairs);
@@ -414,23 +421,23 @@ impl Restores {
             let pair = match pairs.entry((dir.to_path_buf(), i)) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    let [a, b] =
+                    let made =
                         podsnap_checkpoint::links::connect_link(dir, manifest.part_names().images, link)?;
                     log::info!(
                         "unix connection {i} of the checkpoint: {:?} <-> {:?}, made for the restore",
                         link.ends[0],
                         link.ends[1]
                     );
-                    e.insert([Some(a), Some(b)])
+                    e.insert(NewPair {
+                        ends: made,
+                        containers: [link.ends[0].container.clone(), link.ends[1].container.clone()],
+                        over: [false; 2],
+                    })
                 }
             };
-            let fd = pair[side].take().ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "container {cname:?}: its end of the unix connection to {:?} went to an earlier \
-                     restore of it; the connection cannot be handed back twice",
-                    link.ends[1 - side].container
-                ))
-            })?;
+            let fd = pair.ends[side]
+                .try_clone()
+                .map_err(|e| Error::Internal(format!("copy a unix connection's end: {e}")))?;
             ends.push(InheritedSocket {
                 ino: link.ends[side].ino,
                 fd: Arc::new(fd),
@@ -582,6 +589,12 @@ impl Restores {
     /// pod are closed unless kept; the lock goes once every linked container is back, the lent
     /// addresses once every container is.
     pub async fn restore_over(&self, name: &str) {
+        lock(&self.unix_pairs).retain(|_, p| {
+            for (c, over) in p.containers.iter().zip(p.over.iter_mut()) {
+                *over |= c == name;
+            }
+            !p.over.iter().all(|o| *o)
+        });
         let mut net = self.net.lock().await;
         let Some(h) = net.as_mut() else { return };
         if !h.waiting.remove(name) {
@@ -599,10 +612,12 @@ impl Restores {
         }
         if h.waiting.is_empty() {
             release_network(h).await;
+            lock(&self.unix_pairs).clear(); // every restore of the pod is over
             return;
         }
         h.generation += 1;
         let (held, generation) = (self.net.clone(), h.generation);
+        let pairs = self.unix_pairs.clone();
         tokio::spawn(async move {
             tokio::time::sleep(NET_HOLD_IDLE).await;
             let mut net = held.lock().await;
@@ -617,6 +632,7 @@ impl Restores {
                     NET_HOLD_IDLE
                 );
                 release_network(h).await;
+                lock(&pairs).clear(); // the restores that did not come never will
             }
         });
     }

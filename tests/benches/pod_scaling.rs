@@ -19,6 +19,10 @@
 //! podsnap on a node with a disk-backed `/run` as it was before it kept that cache, alternated
 //! with the cached runs round by round.
 //!
+//! Part 1 also prints where each container's CRIU spent its time (memory pages, the mount tree
+//! with its tmpfs archives, the network namespace's conntrack tables, the rest), read from the
+//! timestamps of its `dump.log` in the checkpoint: the fixed cost every container's CRIU pays.
+//!
 //! Every timing starts after `sync` (no writeback of the previous contender inside it). Pod
 //! frozen windows are observed from outside (`common::observer`).
 //!
@@ -111,6 +115,48 @@ impl Drop for NoKdatCache {
     }
 }
 
+/// Where a container's CRIU spent its time, from the timestamps of its log (ms).
+#[derive(Debug, Clone, Default)]
+struct CriuPhases {
+    /// From its release by the pod dump (the pre-dump hold answered) to its end.
+    released: f64,
+    /// Writing the memory pages.
+    pages: f64,
+    /// The mount tree: each tmpfs (`/dev`, `/sys/fs/cgroup`, masked paths) archived by a
+    /// `tar --gzip` CRIU starts.
+    mounts: f64,
+    /// The network namespace: the conntrack and expectation tables.
+    netns: f64,
+}
+
+impl CriuPhases {
+    fn read(log: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(log).ok()?;
+        // The last run in the file (runc's version check may come first).
+        let run = text.rsplit("CRIU run id").next()?;
+        let lines: Vec<(f64, &str)> = run
+            .lines()
+            .filter_map(|l| {
+                let (ts, rest) = l.strip_prefix('(')?.split_once(')')?;
+                Some((ts.trim().parse::<f64>().ok()? * 1000.0, rest))
+            })
+            .collect();
+        let at = |needle: &str| lines.iter().find(|(_, l)| l.contains(needle)).map(|(t, _)| *t);
+        // The hold script's line follows "Running pre-dump scripts"; CRIU goes on after it.
+        let hold = lines
+            .iter()
+            .position(|(_, l)| l.contains("Running pre-dump scripts"))?;
+        let released = lines.get(hold + 3).map(|(t, _)| *t)?;
+        let end = at("Dumping finished successfully")?;
+        Some(CriuPhases {
+            released: end - released,
+            pages: at("Dumping core")? - at("Dumping pages")?,
+            mounts: at("Dumping file-locks")? - at("mnt: Dumping mountpoints")?,
+            netns: at("Namespaces dump complete")? - at("Dump NET namespace info")?,
+        })
+    }
+}
+
 fn main() {
     let rounds = common::rounds(3);
     let options = common::podsnap_node_options;
@@ -125,6 +171,7 @@ fn main() {
 
     let mut by_count: Vec<Dump> = vec![Dump::default(); COUNTS.len()];
     let mut uncached: Vec<Dump> = vec![Dump::default(); COUNTS.len()];
+    let mut phases: Vec<Vec<CriuPhases>> = vec![Vec::new(); COUNTS.len()];
     let mut podsnap: Vec<Dump> = vec![Dump::default(); TOTALS.len()];
     let mut raw: Vec<Dump> = vec![Dump::default(); TOTALS.len()];
     let mut write: Vec<Dump> = vec![Dump::default(); TOTALS.len()];
@@ -133,12 +180,15 @@ fn main() {
             let i = (round + turn) % COUNTS.len();
             let n = COUNTS[i];
             for cached in [round % 2 == 0, round % 2 != 0] {
-                let (time, frozen, bytes) = if cached {
+                let ((time, frozen, bytes), criu) = if cached {
                     podsnap_dump(&node, round, n, total / n)
                 } else {
                     let _aside = NoKdatCache::new();
                     podsnap_dump(&uncached_node, round, n, total / n)
                 };
+                if round > 0 && cached {
+                    phases[i].extend(criu);
+                }
                 eprintln!(
                     "round {round}: {n} containers x {} MiB{}: {time:.3} s, frozen {frozen:.3} s",
                     total / n,
@@ -155,7 +205,7 @@ fn main() {
             for turn in 0..3 {
                 match (round + turn) % 3 {
                     0 => {
-                        let (time, frozen, bytes) = podsnap_dump(&node, round, MEMORY_PODS, each);
+                        let ((time, frozen, bytes), _) = podsnap_dump(&node, round, MEMORY_PODS, each);
                         eprintln!("round {round}: podsnap {t} MiB: {time:.3} s");
                         if round > 0 {
                             podsnap[i].push(time, frozen, bytes);
@@ -233,6 +283,38 @@ fn main() {
     );
     println!();
     println!(
+        "### CRIU's own time per container in those dumps, from its dump.log (ms; median over \
+         the containers and rounds): what each container's CRIU pays whatever its memory"
+    );
+    println!();
+    let phase_rows: Vec<Vec<String>> = COUNTS
+        .iter()
+        .zip(&phases)
+        .map(|(n, p)| {
+            let med = |f: fn(&CriuPhases) -> f64| Samples(p.iter().map(f).collect()).cell(0);
+            vec![
+                n.to_string(),
+                med(|c| c.released),
+                med(|c| c.pages),
+                med(|c| c.mounts),
+                med(|c| c.netns),
+                med(|c| c.released - c.pages - c.mounts - c.netns),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "containers",
+            "released to done",
+            "memory pages",
+            "mount tree (tmpfs archived by tar+gzip)",
+            "network namespace (conntrack tables)",
+            "the rest",
+        ],
+        &phase_rows,
+    );
+    println!();
+    println!(
         "### podsnap pod checkpoint by memory ({MEMORY_PODS} containers), against a raw `criu dump` \
          of the same processes and a sequential write of as many bytes (median of {rounds}, min-max)"
     );
@@ -274,9 +356,6 @@ fn main() {
         ],
         &rows,
     );
-    for l in node.log_grep("checkpointed") {
-        eprintln!("PHASES {l}");
-    }
     let mut problems = node.teardown();
     problems.extend(uncached_node.teardown());
     assert!(problems.is_empty(), "teardown: {problems:?}");
@@ -318,7 +397,7 @@ fn run_pod(node: &Node, name: &str, n: usize, each: usize) -> (KubePod, Vec<Stri
 
 /// One podsnap pod checkpoint of a new pod of `n` x `each` MiB: (seconds, pod frozen window,
 /// checkpoint bytes).
-fn podsnap_dump(node: &Node, round: usize, n: usize, each: usize) -> (f64, f64, u64) {
+fn podsnap_dump(node: &Node, round: usize, n: usize, each: usize) -> ((f64, f64, u64), Vec<CriuPhases>) {
     let (pod, ids) = run_pod(node, &node.unique(&format!("sc-{round}-{n}-{each}")), n, each);
     let dir = node
         .files()
@@ -335,10 +414,12 @@ fn podsnap_dump(node: &Node, round: usize, n: usize, each: usize) -> (f64, f64, 
     let time = common::timed_pod_checkpoint(&api, &pod.id, &dir);
     let windows = observer.stop();
     let bytes = common::dir_size(&dir);
-    let _ = std::process::Command::new("sh").arg("-c").arg(format!("mkdir -p /tmp/dl; for f in {}/containers/*/checkpoint/dump.log; do cp $f /tmp/dl/{n}-$(basename $(dirname $(dirname $f))).log; done; ls {}/containers/c0/checkpoint > /tmp/dl/ls", dir.display(), dir.display())).status();
+    let criu = (0..n)
+        .filter_map(|i| CriuPhases::read(&dir.join(format!("containers/c{i}/checkpoint/dump.log"))))
+        .collect();
     kubelet::remove_pod(node, &pod).expect("remove the pod");
     std::fs::remove_dir_all(&dir).expect("remove the checkpoint");
-    (time, windows.pod(), bytes)
+    ((time, windows.pod(), bytes), criu)
 }
 
 /// A workload run as a plain process, killed on drop.

@@ -376,8 +376,50 @@ fn a_process_adopted_by_pause_comes_back_and_serves() {
     );
     let moved = node.log_grep("adopted by the pod's pause process) restored as pid");
     assert!(
-        moved.len() == 1 && moved[0].contains("1 processes moved into the container's cgroup"),
+        moved.len() == 1 && moved[0].contains("1 processes, 1 moved into the container's cgroup"),
         "{moved:?}"
+    );
+
+    // Its parent is now the shim that restored it, not pause: the restored pod dumps again,
+    // the daemon still taken as adopted.
+    let again = node.files().checkpoints().join("orphan-again");
+    dump_pod(&node, &restored.name, &again, |_| {}).expect("the restored pod dumps again");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&again).expect("valid");
+    assert_eq!(m.adopted.len(), 1, "{:?}", m.adopted);
+    assert_eq!(m.adopted[0].pid, daemon_pid);
+    assert!(
+        count(&restored.ip, 7070) >= after,
+        "the daemon runs on after that dump"
+    );
+}
+
+/// A process the pause process adopted is dumped by a CRIU run of its own: a unix connection
+/// from it to its container's main process cannot be taken. The dump is refused saying so,
+/// and the pod runs on.
+#[test]
+fn an_adopted_process_connected_to_its_container_is_refused() {
+    let node = start_node!();
+    let name = node.unique("orphan-unix");
+    let sidecar = server("sidecar", SIDECAR_PORT, &["--unix-listen", "@podsnap-sidecar"]);
+    let pod = pod_of(&node, &pod_options(&name, true), &[(sidecar, SIDECAR_PORT)]);
+    let spawned = ask(&pod.ip, SIDECAR_PORT, "spawn-daemon 7070").expect("spawn-daemon");
+    assert!(spawned.starts_with("daemon pid "), "{spawned}");
+    wait_answering(&pod.ip, 7070, Duration::from_secs(20)).expect("the daemon answers");
+    assert_eq!(
+        ask(&pod.ip, 7070, "peer-connect unix @podsnap-sidecar").expect("connect"),
+        "ok"
+    );
+    let dir = node.files().checkpoints().join("orphan-unix");
+    let err = dump_pod(&node, &name, &dir, |_| {})
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("adopted by the pod's pause process"), "{err}");
+    assert!(err.contains("the pod was left running"), "{err}");
+    assert!(!dir.exists(), "no checkpoint is left");
+    let check = ask(&pod.ip, 7070, "peer-check").expect("peer-check");
+    assert!(
+        check.ends_with("checks 1 reply pong sidecar"),
+        "the pod runs on: {check}"
     );
 }
 

@@ -240,47 +240,52 @@ impl CgroupPaths {
         Ok(pids)
     }
 
-    /// Moves every process of these cgroups (and of those below) into `to` (made if missing),
-    /// then removes the cgroups they left when empty. For processes CRIU restored elsewhere than
-    /// where they belong: on v2, runc 1.1.5 does not give CRIU the new container's cgroup; a
-    /// process adopted by a pod's pause process is restored through a cgroup of its own and
-    /// joins its container's. Returns how many processes moved.
+    /// Moves every process of these v2 cgroups (and of those below) into `to` (made if missing),
+    /// then removes the cgroup they left when it is empty. For a container CRIU restored into the
+    /// cgroup path it was dumped from: on v2, runc 1.1.5 does not give CRIU the new container's
+    /// cgroup. Returns how many processes moved. Not for v1 (runc places restored processes
+    /// there itself).
     pub fn move_processes_to(&self, to: &CgroupPaths) -> Result<usize> {
-        let pairs: Vec<(&Path, &Path)> = match (self, to) {
-            (Self::V2 { dir: from }, Self::V2 { dir: dest }) => vec![(from, dest)],
-            (Self::V1 { dirs: from }, Self::V1 { dirs: dest }) => from
-                .iter()
-                .filter_map(|(c, f)| Some((f.as_path(), dest.get(c)?.as_path())))
-                .collect(),
-            _ => {
-                return Err(Error::Invalid {
-                    what: "cgroup move",
-                    reason: "between cgroups of two layouts".into(),
-                })
-            }
+        let (Self::V2 { dir: from }, Self::V2 { dir: dest }) = (self, to) else {
+            return Err(Error::Invalid {
+                what: "cgroup move",
+                reason: "only between v2 cgroups".into(),
+            });
         };
-        let pids = self.processes()?;
-        let mut moved = BTreeSet::new();
-        for (_, dest) in &pairs {
-            std::fs::create_dir_all(dest).map_err(|e| Error::io("create a cgroup", dest, e))?;
-            let procs = dest.join("cgroup.procs");
-            for pid in &pids {
+        std::fs::create_dir_all(dest).map_err(|e| Error::io("create a cgroup", dest, e))?;
+        let procs = dest.join("cgroup.procs");
+        let mut moved = 0;
+        for pid in self.processes()? {
+            match std::fs::write(&procs, pid.to_string()) {
+                Ok(()) => moved += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => return Err(Error::io("move a process into its cgroup", &procs, e)),
+            }
+        }
+        // Empty now, the cgroup left behind goes (children first); a busy one stays.
+        for d in tree(from).iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        Ok(moved)
+    }
+
+    /// Puts the processes `pids` (and their threads) into these cgroups, every hierarchy of
+    /// them on v1; a process gone meanwhile is skipped. Returns how many were put.
+    pub fn add_processes(&self, pids: &[i32]) -> Result<usize> {
+        let mut added = BTreeSet::new();
+        for dir in self.dirs() {
+            let procs = dir.join("cgroup.procs");
+            for pid in pids {
                 match std::fs::write(&procs, pid.to_string()) {
                     Ok(()) => {
-                        moved.insert(*pid);
+                        added.insert(*pid);
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                     Err(e) => return Err(Error::io("move a process into its cgroup", &procs, e)),
                 }
             }
         }
-        // Empty now, the cgroups left behind go (children first); a busy one stays.
-        for (from, _) in &pairs {
-            for d in tree(from).iter().rev() {
-                let _ = std::fs::remove_dir(d);
-            }
-        }
-        Ok(moved.len())
+        Ok(added.len())
     }
 
     /// Sends SIGKILL to every process of the container's cgroup and those below it (while it
@@ -317,6 +322,29 @@ fn v1_lines(text: &str) -> impl Iterator<Item = (Vec<&str>, &str)> {
             path,
         ))
     })
+}
+
+/// `root` and every process descending from it, `root` first (from each thread's
+/// `/proc/<pid>/task/<tid>/children`). For a tree that cannot change meanwhile (stopped).
+pub fn process_tree(root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut at = 0;
+    while at < out.len() && out.len() < 65_536 {
+        let pid = out[at];
+        at += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+                if !out.contains(&child) {
+                    out.push(child);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The cgroup directory `dir` and every one below it, parents before their children (reversed:
