@@ -599,6 +599,25 @@ impl Container {
         Ok(())
     }
 
+    /// Removes what a dump or restore of an adopted process of this container left in runc's
+    /// root when the shim died during it (its temporary runc state, see
+    /// [`Container::restore_adopted`]): never `runc delete`d, which would kill the processes of
+    /// the container's cgroup.
+    pub fn forget_adopted_states(&self) {
+        let prefix = format!("{}-adopted-", self.id);
+        let Ok(entries) = std::fs::read_dir(self.runc.root()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                log::info!("container {}: removing a stale runc state {:?}", self.id, e.file_name());
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    log::warn!("remove {}: {err}", e.path().display());
+                }
+            }
+        }
+    }
+
     /// On v2, the cgroup the container's spec names when its restored processes are elsewhere
     /// (CRIU put them back where they were dumped).
     fn v2_cgroup_elsewhere(

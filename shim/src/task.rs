@@ -420,6 +420,7 @@ impl PodTask {
         if force {
             c.init.set_exited(128 + libc::SIGKILL);
         }
+        c.forget_adopted_states();
         let execs: Vec<_> = lock(&c.execs).drain().map(|(_, p)| p).collect();
         for p in execs {
             p.io.abort().await;
