@@ -610,7 +610,11 @@ impl Container {
         };
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
-                log::info!("container {}: removing a stale runc state {:?}", self.id, e.file_name());
+                log::info!(
+                    "container {}: removing a stale runc state {:?}",
+                    self.id,
+                    e.file_name()
+                );
                 if let Err(err) = std::fs::remove_dir_all(e.path()) {
                     log::warn!("remove {}: {err}", e.path().display());
                 }
