@@ -550,6 +550,8 @@ impl Container {
                     return Err(e);
                 }
             };
+            // Where CRIU put them: runc's cgroup for it, or (v2) the path they were dumped from.
+            let landed = stopped.first().and_then(|p| CgroupPaths::of_pid(*p).ok());
             let went_on = (|| {
                 let moved = match into {
                     Some(into) => into.add_processes(&stopped).map_err(|e| {
@@ -573,7 +575,12 @@ impl Container {
                     return Err(e);
                 }
             };
-            // The cgroup runc made for it, empty now (rmdir removes nothing that is not).
+            // The cgroups they left and the one runc made for it, empty now (rmdir removes
+            // nothing that is not; the container's own are kept).
+            let keep: Vec<&Path> = into.map(|c| c.dirs()).unwrap_or_default();
+            for d in landed.iter().flat_map(|c| c.dirs()).filter(|d| !keep.contains(d)) {
+                let _ = std::fs::remove_dir(d);
+            }
             if let Some(own) = spec
                 .pointer("/linux/cgroupsPath")
                 .and_then(|p| p.as_str())

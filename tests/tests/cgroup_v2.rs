@@ -359,3 +359,67 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
         "the restore went through the stand-in runc too"
     );
 }
+
+/// On v2, a process the pause process adopted (a pod sharing one PID namespace) comes back too:
+/// CRIU restores it into the cgroup path it was dumped from (runc 1.1.5 gives CRIU the new
+/// container's cgroup on v1 only); the shim moves it into its container's new cgroup, and the
+/// old path goes.
+#[test]
+fn an_adopted_process_on_cgroup_v2_comes_back_into_its_containers_cgroup() {
+    use podsnap_tests::kubelet::{ask, run_container, run_pod, wait_answering, ContainerSpec};
+    let (node, _runc) = v2_node(&[]);
+    let mut options = PodOptions::new(&node.unique("v2orphan"), HANDLER);
+    options.share_process_namespace = true;
+    let pod = run_pod(&node, &options).expect("sandbox");
+    let sidecar = ContainerSpec::workload("sidecar", &["serve", "--name", "sidecar", "--port", "9090"]);
+    let sidecar_id = run_container(&node, &pod, &sidecar).expect("the sidecar runs");
+    wait_answering(&pod.ip, 9090, Duration::from_secs(20)).expect("the sidecar answers");
+    let spawned = ask(&pod.ip, 9090, "spawn-daemon 7070").expect("spawn-daemon");
+    assert!(spawned.starts_with("daemon pid "), "{spawned}");
+    wait_answering(&pod.ip, 7070, Duration::from_secs(20)).expect("the daemon answers");
+    let ctr = node.ctr().clone();
+    let old = v2_cgroup(&node, task_pid(&ctr, CRI_NAMESPACE, &sidecar_id));
+    let procs = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .expect("cgroup.procs")
+            .split_whitespace()
+            .count()
+    };
+    assert_eq!(procs(&old), 2, "the sidecar and its daemon in one cgroup");
+
+    let request = dump_request(&node, &pod.name, "default", None);
+    let outcome = block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Quiet,
+    ))
+    .expect("podsnap dump on v2");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&outcome.summary.dir).expect("valid");
+    assert_eq!(m.adopted.len(), 1, "{:?}", m.adopted);
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
+
+    let restored =
+        restore(&node, &restore_request(&node, &outcome.summary.dir)).expect("podsnap restore on v2");
+    wait_answering(&restored.ip, 7070, Duration::from_secs(20)).expect("the daemon answers again");
+    assert_eq!(ask(&restored.ip, 7070, "ping").expect("ping"), "pong daemon");
+    let new_sidecar = restored
+        .containers
+        .iter()
+        .find(|(n, _)| n == "sidecar")
+        .map(|(_, id)| id.clone())
+        .expect("a restored sidecar");
+    let new = v2_cgroup(&node, task_pid(&ctr, CRI_NAMESPACE, &new_sidecar));
+    assert!(
+        new.starts_with(
+            node.cgroup_root()
+                .join(format!("kubepods/besteffort/pod{}", restored.uid))
+        ),
+        "the new pod's cgroup: {}",
+        new.display()
+    );
+    assert_eq!(procs(&new), 2, "the daemon joined its container's new cgroup");
+    assert!(
+        !old.exists(),
+        "the old path CRIU re-created is gone: {}",
+        old.display()
+    );
+}
