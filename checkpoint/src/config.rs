@@ -17,6 +17,10 @@
 //! # Free space a dump must leave on the filesystem it writes to: a dump whose estimate would
 //! # leave less is refused before anything is frozen, with the numbers (default 0).
 //! reserve_bytes = 10737418240
+//! # When the page images are digested: "early" (as CRIU closes them, in the idle scheduling
+//! # class while the pod is frozen: the dump ends sooner) or "after-thaw" (the shortest frozen
+//! # window). Default "early".
+//! digests = "early"
 //!
 //! # Bounds on the checkpoint root, applied by the shim after each pod dump into the root
 //! # (every dump path): the oldest checkpoints (by their manifest's created_unix) go first;
@@ -116,6 +120,20 @@ pub struct DumpPolicy {
     pub reserve_bytes: u64,
     /// How the pod's network is held still while it is dumped.
     pub network_lock: NetworkLock,
+    /// When the page images are digested.
+    pub digests: DigestTiming,
+}
+
+/// When a pod dump digests its containers' page images (the bulk of a checkpoint).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DigestTiming {
+    /// As CRIU closes each one, in the idle scheduling class while the pod is frozen
+    /// ([`crate::prehash`]): the dump ends sooner, the frozen window may be a little longer.
+    #[default]
+    Early,
+    /// All after the thaw: the shortest frozen window, the dump ends later.
+    AfterThaw,
 }
 
 /// How a pod dump holds the pod's network still.

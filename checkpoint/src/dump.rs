@@ -114,6 +114,8 @@ pub struct PodDump {
     pub netns: Option<PathBuf>,
     /// Lock it for the whole dump (the node's `[dump] network_lock = "pod"`).
     pub lock_network: bool,
+    /// Digest page images as CRIU closes them (the node's `[dump] digests = "early"`).
+    pub early_digests: bool,
     /// Free space the dump must leave on the destination's filesystem (the node's
     /// `[dump] reserve_bytes`).
     pub reserve_bytes: u64,
@@ -300,8 +302,21 @@ async fn dump_into(
     let (criu_configs, holds, told) = CriuConfigs::write(running, lock.is_some(), &planned)?;
     // runc and CRIU start first, while the pod runs; each CRIU waits before it touches a
     // process, and no further than that until the pod is locked, frozen and checked.
+    // Each container's page images are hashed as CRIU closes them (see crate::prehash).
+    let image_dirs: Vec<PathBuf> = running
+        .iter()
+        .map(|t| dir.join(t.entry.dir()).join(PART_NAMES.images))
+        .collect();
+    for d in &image_dirs {
+        create_private_dir(d)?;
+    }
+    let prehash = d
+        .early_digests
+        .then(|| crate::prehash::Prehash::start(&image_dirs))
+        .flatten();
     let mut dumps = Dumps::start_held(&dir, running, limit, holds);
     dumps.external_unix = told;
+    dumps.prehash = prehash;
     // What the checkpoint records of the node and of the pod's addresses, and `criu cpuinfo
     // dump`, run beside the freeze and the dumps; only the digests and the manifest need them.
     let launcher = d.launcher.clone();
@@ -643,6 +658,7 @@ async fn freeze_and_capture(
         loopback_linked: loopback_linked.into_iter().collect(),
         unix_links,
         adopted,
+        prehash: dumps.prehash.take(),
         ..captured
     };
     Ok((freeze_start, slowest, captured))
@@ -679,7 +695,28 @@ async fn finish(
     // while the rest (digests, manifest, and with `stop` the sync and the kill) goes on.
     announce_parts(d, dir);
     hold("parts-ready").await;
-    let files = digest_tree(dir).await?;
+    let prehashed = match captured.prehash {
+        Some(p) => tokio::task::spawn_blocking(move || p.finish())
+            .await
+            .unwrap_or_default(),
+        None => HashMap::new(),
+    };
+    let files = digest_tree(dir, &prehashed).await?;
+    let early: Vec<&FileDigest> = prehashed
+        .iter()
+        .filter_map(|(p, h)| {
+            let rel = p.strip_prefix(dir).ok()?.to_string_lossy().into_owned();
+            files.get(&rel).filter(|f| **f == h.digest)
+        })
+        .collect();
+    log::info!(
+        "pod {}: {} of {} files ({} of {} bytes) digested as CRIU closed them",
+        d.pod.sandbox_id,
+        early.len(),
+        files.len(),
+        early.iter().map(|f| f.size).sum::<u64>(),
+        files.values().map(|f| f.size).sum::<u64>()
+    );
     let bytes = files.values().map(|f| f.size).sum();
     let mut containers: Vec<ContainerEntry> = d
         .targets
@@ -758,6 +795,8 @@ struct Dumps {
     slots: Vec<DumpSlot>,
     /// What the containers' CRIU runs were told of unix connections between containers.
     external_unix: ToldEnds,
+    /// Their page images hashed as CRIU closes them.
+    prehash: Option<crate::prehash::Prehash>,
 }
 
 struct DumpSlot {
@@ -782,6 +821,7 @@ impl Dumps {
         Dumps {
             slots,
             external_unix: ToldEnds::default(),
+            prehash: None,
         }
     }
 
@@ -1093,6 +1133,7 @@ async fn capture_all(
             loopback_linked: Vec::new(),
             unix_links: Vec::new(),
             adopted: Vec::new(),
+            prehash: None,
         },
     ))
 }
@@ -1110,6 +1151,8 @@ struct Captured {
     unix_links: Vec<crate::manifest::UnixLink>,
     /// Processes the pause process adopted, dumped.
     adopted: Vec<AdoptedProcess>,
+    /// The page images hashed as CRIU closed them.
+    prehash: Option<crate::prehash::Prehash>,
 }
 
 /// The ends of the unix connections between containers of the running pod, by container: what
@@ -1656,8 +1699,12 @@ pub fn empty_dir_name(source: &str) -> Option<&str> {
 /// Size and digest of every regular file under `dir` (but the manifest), in parallel. Every
 /// directory under `dir` is made 0700 and every file 0600 on the way: they are this dump's
 /// output, and CRIU writes its images 0644.
-async fn digest_tree(dir: &Path) -> Result<BTreeMap<String, FileDigest>> {
+async fn digest_tree(
+    dir: &Path,
+    prehashed: &HashMap<PathBuf, crate::prehash::Prehashed>,
+) -> Result<BTreeMap<String, FileDigest>> {
     let mut paths = Vec::new();
+    let mut early = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d)
@@ -1673,7 +1720,13 @@ async fn digest_tree(dir: &Path) -> Result<BTreeMap<String, FileDigest>> {
                 stack.push(p);
             } else if ft.is_file() && p != dir.join(MANIFEST) {
                 make_private(&p, 0o600)?;
-                paths.push(p);
+                match prehashed.get(&p).filter(|h| h.holds_for(&p)) {
+                    Some(h) => {
+                        let rel = p.strip_prefix(dir).unwrap_or(&p).to_string_lossy().into_owned();
+                        early.push((rel, h.digest.clone()));
+                    }
+                    None => paths.push(p),
+                }
             }
         }
     }
@@ -1702,7 +1755,7 @@ async fn digest_tree(dir: &Path) -> Result<BTreeMap<String, FileDigest>> {
             Ok::<_, Error>(out)
         });
     }
-    let mut files = BTreeMap::new();
+    let mut files: BTreeMap<String, FileDigest> = early.into_iter().collect();
     while let Some(r) = tasks.join_next().await {
         let part = r.map_err(|e| Error::io("digest task", dir, std::io::Error::other(e)))??;
         files.extend(part);
@@ -1975,7 +2028,7 @@ mod tests {
         std::fs::write(criu.join("core-1.img"), b"x").expect("write");
         std::fs::set_permissions(criu.join("core-1.img"), std::fs::Permissions::from_mode(0o644))
             .expect("chmod");
-        let files = digest_tree(t.path()).await.expect("digests");
+        let files = digest_tree(t.path(), &HashMap::new()).await.expect("digests");
         assert_eq!(files.len(), 1);
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
         assert_eq!(mode(&criu.join("core-1.img")), 0o600);

@@ -21,6 +21,7 @@ pub mod manifest;
 pub mod netlock;
 pub mod policy;
 pub mod preflight;
+pub mod prehash;
 pub mod record;
 pub mod retention;
 pub mod rootfs;

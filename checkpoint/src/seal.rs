@@ -36,7 +36,7 @@ const MAX_SEAL_BYTES: u64 = 4 << 20;
 const DIR_KEY: &str = ".";
 
 /// What a file looked like when it was sealed: device, inode, size, mtime (s, ns), ctime (s, ns).
-type Fingerprint = [i64; 7];
+pub(crate) type Fingerprint = [i64; 7];
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Seal {
@@ -45,7 +45,7 @@ struct Seal {
     files: BTreeMap<String, Fingerprint>,
 }
 
-fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
+pub(crate) fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
     let m = std::fs::symlink_metadata(path)?;
     Ok([
         m.dev() as i64,

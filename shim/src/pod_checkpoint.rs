@@ -34,6 +34,8 @@ pub struct PodCheckpoint {
     pub reserve_bytes: u64,
     /// How the pod's network is held still.
     pub network_lock: podsnap_checkpoint::config::NetworkLock,
+    /// When the page images are digested.
+    pub digests: podsnap_checkpoint::config::DigestTiming,
     /// The node's checkpoint root and its bounds, applied after a dump into it.
     pub root: PathBuf,
     pub retention: RetentionPolicy,
@@ -83,6 +85,7 @@ pub async fn checkpoint(
         journal: Some(journal_path(&sandbox.id)),
         netns: spec.as_ref().and_then(pod_netns),
         lock_network: request.network_lock == podsnap_checkpoint::config::NetworkLock::Pod,
+        early_digests: request.digests == podsnap_checkpoint::config::DigestTiming::Early,
         reserve_bytes: request.reserve_bytes,
     };
     log::info!(

@@ -766,6 +766,7 @@ impl PodTask {
             cancel: Some(cancel_rx),
             reserve_bytes: config.dump.reserve_bytes,
             network_lock: config.dump.network_lock,
+            digests: config.dump.digests,
             root: config.checkpoint_root(),
             retention: config.retention.clone(),
         };

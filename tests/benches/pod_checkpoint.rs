@@ -7,7 +7,9 @@
 //!   `CheckpointOptions{image_path}` (leave running): the shim freezes every container, dumps
 //!   them in parallel, thaws, and writes digests and the manifest. Restore: `podsnap restore`
 //!   (the coordinator's library: a new sandbox, every container restored from the checkpoint,
-//!   digests verified once) until every container runs.
+//!   digests verified once) until every container runs. Its page images are digested as CRIU
+//!   closes them (`[dump] digests = "early"`, the default); a second podsnap contender digests
+//!   everything after the thaw (`"after-thaw"`), set in the node configuration before its turn.
 //! - Go runc shim, in parallel (handler `runc`; the main baseline): the three containers
 //!   checkpointed at once, one Tasks.Checkpoint each with runc `CheckpointOptions{image_path}`
 //!   (the same directory form podsnap writes; no rw-layer diff, no content store): what a
@@ -67,11 +69,18 @@ fn ballast_mib() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Contender {
     Podsnap,
+    /// podsnap with `[dump] digests = "after-thaw"`: every digest after the thaw.
+    PodsnapAfterThaw,
     GoParallel,
     GoInTurn,
 }
 
-const CONTENDERS: [Contender; 3] = [Contender::Podsnap, Contender::GoParallel, Contender::GoInTurn];
+const CONTENDERS: [Contender; 4] = [
+    Contender::Podsnap,
+    Contender::PodsnapAfterThaw,
+    Contender::GoParallel,
+    Contender::GoInTurn,
+];
 
 /// `PODSNAP_BENCH_CHECKPOINT_ONLY=1`: checkpoints only, podsnap against the Go shim in parallel.
 fn checkpoint_only() -> bool {
@@ -144,8 +153,13 @@ fn main() {
             if checkpoint_only() && contender == Contender::GoInTurn {
                 continue;
             }
+            let digests = match contender {
+                Contender::PodsnapAfterThaw => "[dump]\ndigests = \"after-thaw\"\n",
+                _ => "",
+            };
+            node.set_podsnap_config(digests).expect("node configuration");
             let m = match contender {
-                Contender::Podsnap => podsnap_round(&node, &runtime, round),
+                Contender::Podsnap | Contender::PodsnapAfterThaw => podsnap_round(&node, &runtime, round),
                 Contender::GoParallel => go_parallel_round(&node, round),
                 Contender::GoInTurn => go_in_turn_round(&node, round),
             };
@@ -155,8 +169,8 @@ fn main() {
             }
         }
     }
-    let [podsnap, parallel, in_turn] = &measures[..] else {
-        unreachable!("three contenders")
+    let [podsnap, after_thaw, parallel, in_turn] = &measures[..] else {
+        unreachable!("four contenders")
     };
     let mib_each = ballast_mib();
 
@@ -212,9 +226,14 @@ fn main() {
         ],
         &[
             row("podsnap pod checkpoint", podsnap),
+            row(
+                "podsnap, digests all after the thaw (`[dump] digests = \"after-thaw\"`)",
+                after_thaw,
+            ),
             row("Go runc shim, 3 x Tasks.Checkpoint in parallel", parallel),
             row("Go runc shim, 3 x ctr task checkpoint in turn", in_turn),
             ratios("ratio podsnap / Go in parallel", podsnap, parallel),
+            ratios("ratio podsnap after-thaw / Go in parallel", after_thaw, parallel),
             ratios("ratio podsnap / Go in turn", podsnap, in_turn),
         ],
     );

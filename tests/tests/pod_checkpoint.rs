@@ -76,6 +76,12 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     let names: Vec<&str> = restored.containers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["sidecar", "app"], "restored in start order");
     let log = node.log_tail(2000);
+    // The page images were hashed as CRIU closed them, not after the thaw.
+    let early = node.log_grep("digested as CRIU closed them");
+    assert!(
+        early.iter().any(|l| !l.contains(": 0 of ")),
+        "no page image was digested early: {early:?}"
+    );
     assert!(
         log.contains(&format!(
             "checkpoint {}: digests Sealed",
