@@ -513,6 +513,17 @@ b = ["a"]
     }
 
     #[test]
+    fn page_images_are_digested_early_unless_asked() {
+        assert_eq!(
+            NodeConfig::parse("").expect("defaults").dump.digests,
+            DigestTiming::Early
+        );
+        let c = NodeConfig::parse("[dump]\ndigests = \"after-thaw\"\n").expect("parses");
+        assert_eq!(c.dump.digests, DigestTiming::AfterThaw);
+        assert!(NodeConfig::parse("[dump]\ndigests = \"never\"\n").is_err());
+    }
+
+    #[test]
     fn typos_and_relative_roots_are_errors() {
         let err = NodeConfig::parse("[restore]\nenable = false\n").expect_err("typo");
         assert!(err.contains("enable"), "{err}");
