@@ -432,17 +432,34 @@ fn an_adopted_process_connected_to_its_container_is_refused() {
 /// continues).
 #[test]
 fn a_unix_connection_between_containers_comes_back_with_what_was_queued() {
-    unix_connection_comes_back("/shared/app.sock", false);
+    unix_connection_comes_back("/shared/app.sock", false, Driver::Cli);
+}
+
+/// The same on the kubelet path (the pod annotated with the checkpoint, its containers created
+/// one after another as kubelet does): the first restore makes the pair, the second takes its
+/// end later.
+#[test]
+fn a_unix_connection_comes_back_on_the_kubelet_path() {
+    unix_connection_comes_back("/shared/app.sock", false, Driver::Kubelet);
+}
+
+/// How a restore is driven.
+#[derive(Clone, Copy)]
+enum Driver {
+    /// `podsnap restore`.
+    Cli,
+    /// A pod annotated `podsnap.io/restore-from`, created the way kubelet creates it.
+    Kubelet,
 }
 
 /// The same over an abstract socket of the pod's network namespace, in a pod sharing one PID
 /// namespace (`shareProcessNamespace`).
 #[test]
 fn an_abstract_unix_connection_comes_back_in_a_pod_sharing_pids() {
-    unix_connection_comes_back("@podsnap-app", true);
+    unix_connection_comes_back("@podsnap-app", true, Driver::Cli);
 }
 
-fn unix_connection_comes_back(address: &str, share_pids: bool) {
+fn unix_connection_comes_back(address: &str, share_pids: bool, driver: Driver) {
     let node = start_node!();
     let name = node.unique("unix");
     let app = server("app", APP_PORT, &["--unix-listen", address]).with_empty_dir("shared", "/shared");
@@ -450,7 +467,7 @@ fn unix_connection_comes_back(address: &str, share_pids: bool) {
     let pod = pod_of(
         &node,
         &pod_options(&name, share_pids),
-        &[(app, APP_PORT), (sidecar, SIDECAR_PORT)],
+        &[(app.clone(), APP_PORT), (sidecar.clone(), SIDECAR_PORT)],
     );
     assert_eq!(
         ask(&pod.ip, SIDECAR_PORT, &format!("peer-connect unix {address}")).expect("connect"),
@@ -491,9 +508,24 @@ fn unix_connection_comes_back(address: &str, share_pids: bool) {
     );
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
 
-    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
-    wait_answering(&restored.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("the sidecar answers");
-    let new_app = container_named(&node, &restored.id, "app").id;
+    let (ip, new_app) = match driver {
+        Driver::Cli => {
+            let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+            let app = container_named(&node, &restored.id, "app").id;
+            (restored.ip, app)
+        }
+        Driver::Kubelet => {
+            let mut options = pod_options(&name, share_pids);
+            options
+                .annotations
+                .insert("podsnap.io/restore-from".to_owned(), "unix".to_owned());
+            let new_pod = run_pod(&node, &options).expect("the annotated sandbox");
+            let app = run_container(&node, &new_pod, &app).expect("the app restored");
+            run_container(&node, &new_pod, &sidecar).expect("the sidecar restored");
+            (new_pod.ip.clone(), app)
+        }
+    };
+    wait_answering(&ip, SIDECAR_PORT, Duration::from_secs(20)).expect("the sidecar answers");
     assert_eq!(
         node.ctr()
             .task_status(podsnap_tests::ctr::CRI_NAMESPACE, &new_app)
@@ -505,7 +537,7 @@ fn unix_connection_comes_back(address: &str, share_pids: bool) {
     node.ctr()
         .run(podsnap_tests::ctr::CRI_NAMESPACE, &["task", "resume", &new_app])
         .expect("ctr task resume");
-    let queued = ask(&restored.ip, SIDECAR_PORT, "peer-read").expect("peer-read");
+    let queued = ask(&ip, SIDECAR_PORT, "peer-read").expect("peer-read");
     assert!(
         queued
             .strip_prefix("peer read ")
@@ -513,11 +545,11 @@ fn unix_connection_comes_back(address: &str, share_pids: bool) {
         "the app's answer to count, unread at the dump, comes first: {queued}"
     );
     assert_eq!(
-        ask(&restored.ip, SIDECAR_PORT, "peer-read").expect("peer-read"),
+        ask(&ip, SIDECAR_PORT, "peer-read").expect("peer-read"),
         "peer read pong app",
         "the app read the request that waited in its socket and answered it"
     );
-    let again = ask(&restored.ip, SIDECAR_PORT, "peer-check").expect("peer-check");
+    let again = ask(&ip, SIDECAR_PORT, "peer-check").expect("peer-check");
     assert!(
         again.contains("kind unix") && again.ends_with("checks 2 reply pong app"),
         "the same connection carries data on: {again}"
