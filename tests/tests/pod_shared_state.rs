@@ -331,12 +331,22 @@ fn a_pod_sharing_one_pid_namespace_comes_back_with_its_pids() {
 /// PID, in its container's cgroup, its counter going on, serving on its port.
 #[test]
 fn a_process_adopted_by_pause_comes_back_and_serves() {
+    adopted_process_comes_back(Driver::Cli);
+}
+
+/// The same on the kubelet path (the pod annotated with the checkpoint).
+#[test]
+fn a_process_adopted_by_pause_comes_back_on_the_kubelet_path() {
+    adopted_process_comes_back(Driver::Kubelet);
+}
+
+fn adopted_process_comes_back(driver: Driver) {
     let node = start_node!();
     let name = node.unique("orphan");
     let mut options = PodOptions::new(&name, HANDLER);
     options.share_process_namespace = true;
     let sidecar = server("sidecar", SIDECAR_PORT, &[]);
-    let pod = pod_of(&node, &options, &[(sidecar, SIDECAR_PORT)]);
+    let pod = pod_of(&node, &options, &[(sidecar.clone(), SIDECAR_PORT)]);
     let spawned = ask(&pod.ip, SIDECAR_PORT, "spawn-daemon 7070").expect("spawn-daemon");
     let daemon_pid: u32 = spawned
         .strip_prefix("daemon pid ")
@@ -360,16 +370,31 @@ fn a_process_adopted_by_pause_comes_back_and_serves() {
     );
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
 
-    let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
-    wait_answering(&restored.ip, SIDECAR_PORT, Duration::from_secs(20)).expect("the sidecar answers");
-    wait_answering(&restored.ip, 7070, Duration::from_secs(20)).expect("the daemon answers again");
-    assert_eq!(ask(&restored.ip, 7070, "ping").expect("ping"), "pong daemon");
+    let ip = match driver {
+        Driver::Cli => {
+            restore(&node, &restore_request(&node, &dir))
+                .expect("podsnap restore")
+                .ip
+        }
+        Driver::Kubelet => {
+            let mut annotated = options.clone();
+            annotated
+                .annotations
+                .insert("podsnap.io/restore-from".to_owned(), "orphan".to_owned());
+            let new_pod = run_pod(&node, &annotated).expect("the annotated sandbox");
+            run_container(&node, &new_pod, &sidecar).expect("the sidecar restored");
+            new_pod.ip.clone()
+        }
+    };
+    wait_answering(&ip, SIDECAR_PORT, Duration::from_secs(20)).expect("the sidecar answers");
+    wait_answering(&ip, 7070, Duration::from_secs(20)).expect("the daemon answers again");
+    assert_eq!(ask(&ip, 7070, "ping").expect("ping"), "pong daemon");
     assert_eq!(
-        ask(&restored.ip, 7070, "pid").expect("pid"),
+        ask(&ip, 7070, "pid").expect("pid"),
         daemon_pid.to_string(),
         "at its PID in the new pod's namespace"
     );
-    let after = count(&restored.ip, 7070);
+    let after = count(&ip, 7070);
     assert!(
         after >= daemon_before,
         "its counter goes on: {after} < {daemon_before}"
@@ -383,14 +408,11 @@ fn a_process_adopted_by_pause_comes_back_and_serves() {
     // Its parent is now the shim that restored it, not pause: the restored pod dumps again,
     // the daemon still taken as adopted.
     let again = node.files().checkpoints().join("orphan-again");
-    dump_pod(&node, &restored.name, &again, |_| {}).expect("the restored pod dumps again");
+    dump_pod(&node, &name, &again, |_| {}).expect("the restored pod dumps again");
     let m = podsnap_checkpoint::manifest::Manifest::load_verified(&again).expect("valid");
     assert_eq!(m.adopted.len(), 1, "{:?}", m.adopted);
     assert_eq!(m.adopted[0].pid, daemon_pid);
-    assert!(
-        count(&restored.ip, 7070) >= after,
-        "the daemon runs on after that dump"
-    );
+    assert!(count(&ip, 7070) >= after, "the daemon runs on after that dump");
 }
 
 /// A process the pause process adopted is dumped by a CRIU run of its own: a unix connection
