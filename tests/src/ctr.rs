@@ -1,8 +1,10 @@
 //! `ctr` against the private node: `ctr -a <socket> -n <namespace> ...`.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::command::{output_within, run_within, CommandError, CommandOutput};
 
@@ -220,4 +222,64 @@ impl Ctr {
             }),
         }
     }
+}
+
+/// `ctr events` running in the background, its lines collected; killed on drop.
+pub struct EventWatch {
+    child: Child,
+    seen: Arc<Mutex<String>>,
+}
+
+impl EventWatch {
+    pub fn start(mut child: Child) -> Self {
+        let seen = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("ctr events stdout");
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut s = sink.lock().expect("events lock");
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Self { child, seen }
+    }
+
+    /// Everything printed so far.
+    pub fn text(&self) -> String {
+        self.seen.lock().expect("events lock").clone()
+    }
+
+    /// Waits (up to 20 s) until `topic` was seen for container `id`; returns all events.
+    pub fn wait_for(&self, id: &str, topic: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.text();
+            if topics_for(&text, id).iter().any(|t| t == topic) || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The topics `ctr events` printed for container `id` (its lines name the topic and carry the
+/// container id in the event body).
+pub fn topics_for(events: &str, id: &str) -> Vec<String> {
+    events
+        .lines()
+        .filter(|l| l.contains(id))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("/tasks/"))
+                .map(str::to_owned)
+        })
+        .collect()
 }

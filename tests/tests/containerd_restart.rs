@@ -63,6 +63,20 @@ fn containerd_restart() {
         .expect("a number");
     assert!(after > before, "the app kept counting: {before} then {after}");
 
+    // Events reach the new containerd: the shim's first forward after the restart fails on
+    // the old connection, and the shim connects again (the containerd-shim crate's publisher
+    // did not, and lost every event from then on).
+    let watch = podsnap_tests::ctr::EventWatch::start(
+        node.ctr()
+            .command(podsnap_tests::ctr::CRI_NAMESPACE)
+            .arg("events")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ctr events"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
     // ExecSync goes through the reconnected shim.
     let answer = cri
         .exec(
@@ -78,6 +92,13 @@ fn containerd_restart() {
         String::from_utf8_lossy(&answer.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&answer.stdout), "pong sidecar\n");
+    let events = watch.wait_for(&pod.app_id, "/tasks/exec-started");
+    let topics = podsnap_tests::ctr::topics_for(&events, &pod.app_id);
+    assert!(
+        topics.iter().any(|t| t == "/tasks/exec-added") && topics.iter().any(|t| t == "/tasks/exec-started"),
+        "the exec's events reached the restarted containerd: {topics:?}"
+    );
+    drop(watch);
     let stats = cri
         .container_stats(cri::ContainerStatsRequest {
             container_id: pod.app_id.clone(),

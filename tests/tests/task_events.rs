@@ -2,77 +2,15 @@
 //! paused, resumed, exit, delete, and OOM when the kernel kills in a container's memory cgroup.
 //! Watched with `ctr events`, the way an admin would.
 
-use std::io::BufRead;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-use podsnap_tests::ctr::DEFAULT_NAMESPACE as NS;
+use podsnap_tests::ctr::{topics_for, EventWatch, DEFAULT_NAMESPACE as NS};
 use podsnap_tests::{handler, runtime_type, start_node, WORKLOAD_IMAGE, WORKLOAD_IN_IMAGE};
-
-/// `ctr events` running in the background, its lines collected; killed on drop.
-struct EventWatch {
-    child: Child,
-    seen: Arc<Mutex<String>>,
-}
-
-impl EventWatch {
-    fn start(mut child: Child) -> Self {
-        let seen = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().expect("ctr events stdout");
-        let sink = seen.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut s = sink.lock().expect("events lock");
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Self { child, seen }
-    }
-
-    /// Everything printed so far.
-    fn text(&self) -> String {
-        self.seen.lock().expect("events lock").clone()
-    }
-
-    /// Waits (up to 20 s) until `topic` was seen for container `id`; returns all events.
-    fn wait_for(&self, id: &str, topic: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = self.text();
-            if topics_for(&text, id).iter().any(|t| t == topic) || Instant::now() > deadline {
-                return text;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for EventWatch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Waits until `ctr task ls` shows `id` in `status`.
 fn wait_status(ctr: &podsnap_tests::ctr::Ctr, id: &str, status: &str) {
     ctr.wait_task_status(NS, id, status, Duration::from_secs(30));
-}
-
-/// The topics `ctr events` printed for container `id` (its lines name the topic and carry the
-/// container id in the event body).
-fn topics_for(events: &str, id: &str) -> Vec<String> {
-    events
-        .lines()
-        .filter(|l| l.contains(id))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find(|w| w.starts_with("/tasks/"))
-                .map(str::to_owned)
-        })
-        .collect()
 }
 
 #[test]
