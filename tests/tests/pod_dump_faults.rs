@@ -669,3 +669,69 @@ fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
         "nothing of the pod is left running"
     );
 }
+
+/// A unix connection between containers opened after the dump told each container's CRIU run
+/// which sockets are external (the dump held before the freeze) cannot be taken: the dump is
+/// refused saying to dump again, nothing is left, the connection carries on, and the next dump
+/// takes it.
+#[test]
+fn a_unix_connection_opened_as_the_dump_began_is_refused_and_the_next_dump_takes_it() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let node = node_with_holds(holds.path());
+    let pod = run_pod(&node, &PodOptions::new(&node.unique("late-unix"), HANDLER)).expect("sandbox");
+    let app_port = APP_PORT.to_string();
+    let app = ContainerSpec::workload(
+        "app",
+        &[
+            "serve",
+            "--name",
+            "app",
+            "--port",
+            &app_port,
+            "--unix-listen",
+            "@podsnap-late",
+        ],
+    );
+    let sidecar = ContainerSpec::workload("sidecar", &["serve", "--name", "sidecar", "--port", "9191"]);
+    for spec in [&app, &sidecar] {
+        run_container(&node, &pod, spec).expect("runs");
+    }
+    for port in [APP_PORT, 9191] {
+        wait_answering(&pod.ip, port, Duration::from_secs(20)).expect("answers");
+    }
+
+    std::fs::write(holds.path().join("before-freeze"), b"").expect("arm");
+    let dir = node.files().checkpoints().join("late-unix");
+    let dump = dump_in_background(&node, &pod, dir.clone(), |_| {});
+    let reached = holds.path().join("before-freeze.reached");
+    wait_for(
+        "the dump to hold before the freeze",
+        Duration::from_secs(30),
+        || reached.exists(),
+    );
+    assert_eq!(
+        ask(&pod.ip, 9191, "peer-connect unix @podsnap-late").expect("connect"),
+        "ok"
+    );
+    std::fs::remove_file(holds.path().join("before-freeze")).expect("disarm");
+    let err = dump.join().expect("the dump thread").expect_err("refused");
+    assert!(
+        err.contains("was opened while the dump began") && err.contains("dump again"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "no checkpoint is left");
+    assert!(staging_left(&node).is_empty(), "{:?}", staging_left(&node));
+    let check = ask(&pod.ip, 9191, "peer-check").expect("peer-check");
+    assert!(
+        check.ends_with("checks 1 reply pong app"),
+        "the connection carries on: {check}"
+    );
+
+    let again = node.files().checkpoints().join("late-unix-again");
+    dump_in_background(&node, &pod, again.clone(), |_| {})
+        .join()
+        .expect("the dump thread")
+        .expect("the next dump takes the connection");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&again).expect("valid");
+    assert_eq!(m.unix_links.len(), 1, "{:?}", m.unix_links);
+}
