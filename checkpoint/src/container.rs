@@ -542,6 +542,33 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .map_err(|e| Error::io("write a checkpoint file", path, e))
 }
 
+/// Removes `path` (a file, or a directory with everything in it) that a podsnap operation
+/// left; one already gone is fine, any other failure is logged.
+pub fn remove_leftover(path: &Path) {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = removed {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Paths removed ([`remove_leftover`]) when dropped: what an operation makes for its own
+/// length, gone on every way out of it.
+pub struct RemoveOnDrop(pub Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            remove_leftover(p);
+        }
+    }
+}
+
 /// Replaces `path` whole or not at all: a private temporary file beside it (0600, never
 /// through a symlink left at its name) renamed over it. `what` names the file in errors.
 pub fn replace_private(path: &Path, data: &[u8], what: &'static str) -> Result<()> {

@@ -165,17 +165,8 @@ impl Hold {
 /// configuration file and hold), before a dump of that container alone: a pod dump that died
 /// half-way could leave CRIU a script to wait in.
 pub fn clear(bundle: &Path) {
-    let conf = bundle.join(crate::container::CRIU_CONFIG_FILE);
-    if let Err(e) = std::fs::remove_file(&conf) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            log::warn!("remove {}: {e}", conf.display());
-        }
-    }
-    if let Err(e) = std::fs::remove_dir_all(bundle.join(HOLD_DIR)) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            log::warn!("remove {}: {e}", bundle.join(HOLD_DIR).display());
-        }
-    }
+    crate::container::remove_leftover(&bundle.join(crate::container::CRIU_CONFIG_FILE));
+    crate::container::remove_leftover(&bundle.join(HOLD_DIR));
 }
 
 impl Drop for Hold {

@@ -1269,10 +1269,7 @@ async fn checked_unix_links(
 /// back (bytes, no descriptors): a checkpoint a restore would refuse is not written.
 fn check_linked_queues(dir: &Path, links: &[crate::manifest::UnixLink]) -> Result<()> {
     for end in links.iter().flat_map(|l| &l.ends) {
-        let images = dir
-            .join("containers")
-            .join(&end.container)
-            .join(PART_NAMES.images);
+        let images = dir.join(end.images(PART_NAMES));
         let socket =
             crate::criu_image::unix_socket(&images, end.ino)?.ok_or_else(|| Error::InvalidCheckpoint {
                 path: images.clone(),
@@ -1431,7 +1428,7 @@ async fn dump_adopted(
         };
         let images = dir.join(record.images(PART_NAMES));
         let fake = format!("{}-adopted-{}", t.entry.id, record.pid);
-        let state = AdoptedState::write(t, &fake, *pid, d.netns.is_some() && d.lock_network)?;
+        let state = adopted_state(t, &fake, *pid, d.netns.is_some() && d.lock_network)?;
         let began = Instant::now();
         let dumped = container::dump(
             &t.runc,
@@ -1476,77 +1473,41 @@ async fn dump_adopted(
     Ok(out)
 }
 
-/// The runc state of an adopted process's dump (see [`dump_adopted`]) and its CRIU
-/// configuration file; removed when dropped. Never `runc delete`d: that would kill the
-/// container's cgroup.
-struct AdoptedState {
-    dir: PathBuf,
-    conf: PathBuf,
-}
-
-impl AdoptedState {
-    fn write(t: &Target, id: &str, pid: i32, pod_locked: bool) -> Result<Self> {
-        let source = t.runc.root().join(&t.entry.id).join("state.json");
-        let bytes = crate::manifest::read_capped(&source, MAX_JSON_BYTES)
-            .map_err(|e| Error::io("read the container's runc state", &source, e))?;
-        let mut state: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::io("read the container's runc state", &source, e.into()))?;
-        let conf = t.bundle.join(format!("criu-adopted-{pid}.conf"));
-        container::write_private(
-            &conf,
-            if pod_locked { "network-lock skip\n" } else { "" }.as_bytes(),
-        )?;
-        let this = AdoptedState {
-            dir: t.runc.root().join(id),
-            conf: conf.clone(),
-        };
-        state["id"] = id.into();
-        state["init_process_pid"] = pid.into();
-        // As runc records its init's: `/proc/<pid>/stat`'s start time.
-        let start = crate::journal::start_time(pid as u32).ok_or_else(|| {
-            Error::io(
-                "read a process's start",
-                format!("/proc/{pid}/stat"),
-                std::io::Error::other("gone"),
-            )
-        })?;
-        state["init_process_start"] = start.into();
-        if let Some(labels) = state.pointer_mut("/config/labels").and_then(|l| l.as_array_mut()) {
-            labels.retain(|l| !l.as_str().is_some_and(|l| l.starts_with("org.criu.config=")));
-            labels.push(format!("org.criu.config={}", conf.display()).into());
-        }
-        create_private_dir(&this.dir)?;
-        let json =
-            serde_json::to_vec(&state).map_err(|e| Error::io("write a runc state", &this.dir, e.into()))?;
-        container::write_private(&this.dir.join("state.json"), &json)?;
-        Ok(this)
+/// Writes the runc state of an adopted process's dump (see [`dump_adopted`]) and its CRIU
+/// configuration file; both are removed when the answer is dropped. Never `runc delete`d: that
+/// would kill the container's cgroup.
+fn adopted_state(t: &Target, id: &str, pid: i32, pod_locked: bool) -> Result<container::RemoveOnDrop> {
+    let source = t.runc.root().join(&t.entry.id).join("state.json");
+    let bytes = crate::manifest::read_capped(&source, MAX_JSON_BYTES)
+        .map_err(|e| Error::io("read the container's runc state", &source, e))?;
+    let mut state: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::io("read the container's runc state", &source, e.into()))?;
+    let conf = t.bundle.join(format!("criu-adopted-{pid}.conf"));
+    let dir = t.runc.root().join(id);
+    let this = container::RemoveOnDrop(vec![dir.clone(), conf.clone()]);
+    container::write_private(
+        &conf,
+        if pod_locked { "network-lock skip\n" } else { "" }.as_bytes(),
+    )?;
+    state["id"] = id.into();
+    state["init_process_pid"] = pid.into();
+    // As runc records its init's: `/proc/<pid>/stat`'s start time.
+    let start = crate::journal::start_time(pid as u32).ok_or_else(|| {
+        Error::io(
+            "read a process's start",
+            format!("/proc/{pid}/stat"),
+            std::io::Error::other("gone"),
+        )
+    })?;
+    state["init_process_start"] = start.into();
+    if let Some(labels) = state.pointer_mut("/config/labels").and_then(|l| l.as_array_mut()) {
+        labels.retain(|l| !l.as_str().is_some_and(|l| l.starts_with("org.criu.config=")));
+        labels.push(format!("org.criu.config={}", conf.display()).into());
     }
-}
-
-impl Drop for AdoptedState {
-    fn drop(&mut self) {
-        for result in [
-            std::fs::remove_dir_all(&self.dir),
-            std::fs::remove_file(&self.conf),
-        ] {
-            if let Err(e) = result.filter_not_found() {
-                log::warn!("remove what an adopted process's dump left: {e}");
-            }
-        }
-    }
-}
-
-trait FilterNotFound {
-    fn filter_not_found(self) -> std::io::Result<()>;
-}
-
-impl FilterNotFound for std::io::Result<()> {
-    fn filter_not_found(self) -> std::io::Result<()> {
-        match self {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
-    }
+    create_private_dir(&dir)?;
+    let json = serde_json::to_vec(&state).map_err(|e| Error::io("write a runc state", &dir, e.into()))?;
+    container::write_private(&dir.join("state.json"), &json)?;
+    Ok(this)
 }
 
 /// `pid` as its own PID namespace numbers it (the last of `NSpid` in its status).

@@ -209,12 +209,16 @@ pub async fn unix_connections(
     Ok(found)
 }
 
-/// Makes the new connection of a recorded unix `link` of the checkpoint at `dir` (container
-/// images under `images`): one connected pair of the link's kind, end `i` for the container of
+/// Makes the new connection of a recorded unix `link` of the checkpoint at `dir` (its parts
+/// named as `names`): one connected pair of the link's kind, end `i` for the container of
 /// `link.ends[i]`. What sat in each end's receive queue at the dump is sent from the other end
 /// first, so it waits there again; then each end gets its recorded shutdown and `O_NONBLOCK`.
 /// CRIU, handed an end as the socket of that inode (`inherit-fd`), takes it as it is.
-pub fn connect_link(dir: &Path, images: &str, link: &crate::manifest::UnixLink) -> Result<[OwnedFd; 2]> {
+pub fn connect_link(
+    dir: &Path,
+    names: crate::manifest::PartNames,
+    link: &crate::manifest::UnixLink,
+) -> Result<[OwnedFd; 2]> {
     let mut raw = [0; 2];
     let kind = link.kind.socket_type() as i32;
     // SAFETY: socketpair writes two new descriptors into `raw` when it succeeds.
@@ -229,7 +233,7 @@ pub fn connect_link(dir: &Path, images: &str, link: &crate::manifest::UnixLink) 
     let pair = unsafe { [OwnedFd::from_raw_fd(raw[0]), OwnedFd::from_raw_fd(raw[1])] };
     let mut sockets = Vec::new();
     for (i, end) in link.ends.iter().enumerate() {
-        let images = dir.join("containers").join(&end.container).join(images);
+        let images = dir.join(end.images(names));
         let invalid = |reason: String| Error::InvalidCheckpoint {
             path: images.clone(),
             reason,
@@ -462,7 +466,7 @@ mod tests {
             kind: UnixKind::Stream,
             ends: [end("app", 100), end("sidecar", 200)],
         };
-        let [a, s] = connect_link(t.path(), "checkpoint", &link).expect("pair");
+        let [a, s] = connect_link(t.path(), crate::manifest::PART_NAMES, &link).expect("pair");
         assert_eq!(read_available(&a), b"to the app\n");
         assert_eq!(read_available(&s), b"to the sidecar\n");
         // The sidecar had shut its writing side: the app reads the end of the stream.
@@ -477,7 +481,7 @@ mod tests {
             kind: UnixKind::Seqpacket,
             ..link.clone()
         };
-        let err = connect_link(t.path(), "checkpoint", &seqpacket)
+        let err = connect_link(t.path(), crate::manifest::PART_NAMES, &seqpacket)
             .expect_err("refused")
             .to_string();
         assert!(err.contains("not the recorded"), "{err}");
@@ -485,7 +489,7 @@ mod tests {
             ends: [end("app", 100), end("sidecar", 201)],
             ..link
         };
-        let err = connect_link(t.path(), "checkpoint", &missing)
+        let err = connect_link(t.path(), crate::manifest::PART_NAMES, &missing)
             .expect_err("refused")
             .to_string();
         assert!(err.contains("no unix socket 201"), "{err}");

@@ -186,6 +186,13 @@ pub struct UnixEnd {
     pub ino: u64,
 }
 
+impl UnixEnd {
+    /// The CRIU images of its container, relative to the checkpoint root.
+    pub fn images(&self, names: PartNames) -> String {
+        format!("containers/{}/{}", self.container, names.images)
+    }
+}
+
 /// A process of a container that the pod's pause process adopted (a server's double fork, in a
 /// pod sharing one PID namespace), with its descendants: outside its container's process tree,
 /// it is dumped by a CRIU run of its own into [`AdoptedProcess::images`] and restored beside

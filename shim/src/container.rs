@@ -126,26 +126,6 @@ async fn point_at_criu_config(bundle: &Bundle, replace: bool) -> Result<()> {
     write_private(&path, &out).await
 }
 
-/// Paths removed (files or whole directories) when dropped.
-struct RemoveOnDrop(Vec<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let removed = if p.is_dir() {
-                std::fs::remove_dir_all(p)
-            } else {
-                std::fs::remove_file(p)
-            };
-            if let Err(e) = removed {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    log::warn!("remove {}: {e}", p.display());
-                }
-            }
-        }
-    }
-}
-
 /// Marks a container busy for as long as it lives.
 pub struct BusyGuard<'a>(&'a AtomicBool);
 
@@ -485,7 +465,7 @@ impl Container {
         for (pid, images) in adopted {
             let id = format!("{}-adopted-{pid}", self.id);
             let dir = self.bundle.path().join(format!("adopted-{pid}"));
-            let _cleanup = RemoveOnDrop(vec![self.runc.root().join(&id), dir.clone()]);
+            let _cleanup = ckpt::RemoveOnDrop(vec![self.runc.root().join(&id), dir.clone()]);
             ckpt::create_private_dir(&dir)?;
             let raw = tokio::fs::read(self.bundle.config_path())
                 .await
@@ -622,9 +602,7 @@ impl Container {
                     self.id,
                     e.file_name()
                 );
-                if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                    log::warn!("remove {}: {err}", e.path().display());
-                }
+                ckpt::remove_leftover(&e.path());
             }
         }
     }

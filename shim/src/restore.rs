@@ -421,8 +421,7 @@ impl Restores {
             let pair = match pairs.entry((dir.to_path_buf(), i)) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    let made =
-                        podsnap_checkpoint::links::connect_link(dir, manifest.part_names().images, link)?;
+                    let made = podsnap_checkpoint::links::connect_link(dir, manifest.part_names(), link)?;
                     log::info!(
                         "unix connection {i} of the checkpoint: {:?} <-> {:?}, made for the restore",
                         link.ends[0],
