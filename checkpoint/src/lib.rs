@@ -28,6 +28,13 @@ pub mod rootfs;
 pub mod seal;
 pub mod store;
 pub mod sysv;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+
+/// Unit tests count what each thread allocates (the parser properties bound it).
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: testkit::Counting = testkit::Counting;
 
 pub use error::{Error, Result};
 pub use record::{ContainerState, Role};
