@@ -202,10 +202,15 @@ fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
             Err(_) if present == 0 => 0,
             Err(e) => return Err(format!("{pages} (named by {name}): {e}")),
         };
-        if size != present * page {
+        // A crafted map may claim more pages than a byte count holds.
+        let Some(mapped) = present.checked_mul(page) else {
             return Err(format!(
-                "{pages} holds {size} bytes but {name} maps {} bytes of pages: the memory image is damaged",
-                present * page
+                "{name} maps {present} pages, more than any memory: the memory image is damaged"
+            ));
+        };
+        if size != mapped {
+            return Err(format!(
+                "{pages} holds {size} bytes but {name} maps {mapped} bytes of pages: the memory image is damaged"
             ));
         }
     }
@@ -848,3 +853,6 @@ mod tests {
         assert_eq!(inspect(root.path()).expect("options"), opts);
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -317,6 +317,58 @@ pub(crate) mod testing {
         out.push(v as u8);
     }
 
+    /// Values that make a varint field interesting: limits of the integer types the fields
+    /// become, and page counts whose byte count overflows.
+    pub const EDGE_VALUES: [u64; 12] = [
+        0,
+        1,
+        2,
+        0x7f,
+        0x80,
+        i32::MAX as u64,
+        u32::MAX as u64,
+        u32::MAX as u64 + 1,
+        u64::MAX / 4096 + 1,
+        1 << 52,
+        1 << 63,
+        u64::MAX,
+    ];
+
+    /// `data` (an image whose entries carry no data after them, as `magic` says) with varint
+    /// fields set to edge values: each pick `(entry, field, value)` sets, in entry number
+    /// `entry` (modulo the count), every varint of the field number found at index `field`
+    /// (modulo the fields) to `EDGE_VALUES[value]` (modulo their count). Entries are written
+    /// back with their new lengths, so the image stays well formed and reaches the fields'
+    /// readers.
+    pub fn with_edge_values(data: &[u8], magic: u32, picks: &[(u32, u32, u8)]) -> Vec<u8> {
+        let Ok(messages) = entries(data, magic, "image") else {
+            return data.to_vec();
+        };
+        let mut messages: Vec<Vec<u8>> = messages.into_iter().map(<[u8]>::to_vec).collect();
+        for &(entry, field, value) in picks {
+            if messages.is_empty() {
+                break;
+            }
+            let i = entry as usize % messages.len();
+            let Ok(numbers) = varints(&messages[i]) else {
+                continue;
+            };
+            let Some(&(number, _)) = numbers.get(field as usize % numbers.len().max(1)) else {
+                continue;
+            };
+            let edge = EDGE_VALUES[value as usize % EDGE_VALUES.len()];
+            if let Ok(m) = with_varints(&messages[i], |n, _| (n == number).then_some(edge)) {
+                messages[i] = m;
+            }
+        }
+        let mut out = data[..8].to_vec();
+        for m in messages {
+            out.extend((m.len() as u32).to_le_bytes());
+            out.extend(m);
+        }
+        out
+    }
+
     /// A `file_entry` holding a `unix_sk_entry`.
     pub fn unix_file_entry(s: &UnixSocket) -> Vec<u8> {
         let mut usk = Vec::new();

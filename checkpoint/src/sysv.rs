@@ -633,15 +633,18 @@ fn filter_shm_entries(body: &[u8], keep: &BTreeSet<i32>) -> std::result::Result<
         let len = u32::from_le_bytes(len_bytes) as usize;
         let entry = body.get(at + 4..at + 4 + len).ok_or("a truncated shm entry")?;
         let shm = ShmRecord::parse(entry)?;
+        // The segment's bytes, rounded up to 4; a crafted size may not fit an address.
         let data = if shm.in_pagemaps {
-            0
+            Some(0)
         } else {
-            (shm.size as usize).div_ceil(4) * 4
+            usize::try_from(shm.size)
+                .ok()
+                .and_then(|n| n.checked_next_multiple_of(4))
         };
-        let end = at + 4 + len + data;
-        if end > body.len() {
-            return Err("a truncated shm segment".into());
-        }
+        let end = data
+            .and_then(|data| (at + 4 + len).checked_add(data))
+            .filter(|end| *end <= body.len())
+            .ok_or("a truncated shm segment")?;
         if keep.contains(&shm.id) {
             out.extend_from_slice(&body[at..end]);
         }
@@ -958,3 +961,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -18,7 +18,12 @@ const PER_BYTE: usize = 64;
 const FIXED: usize = 64 << 10;
 
 fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
-    prop::collection::vec(any::<Mutation>(), 1..8)
+    prop::collection::vec(any::<Mutation>(), 0..6)
+}
+
+/// Varint fields of well-formed entries set to edge values (see `testing::with_edge_values`).
+fn edges() -> impl Strategy<Value = Vec<(u32, u32, u8)>> {
+    prop::collection::vec(any::<(u32, u32, u8)>(), 0..4)
 }
 
 /// The inodes of the unix sockets in a files image.
@@ -99,8 +104,8 @@ proptest! {
     /// A mutated process tree: the session rewrite and the highest pid answer, and a rewritten
     /// tree is still a tree of as many processes.
     #[test]
-    fn mutated_process_trees_are_read_or_refused(m in mutations()) {
-        let bytes = mutate(PSTREE, &m);
+    fn mutated_process_trees_are_read_or_refused(picks in edges(), m in mutations()) {
+        let bytes = mutate(&testing::with_edge_values(PSTREE, PSTREE_MAGIC, &picks), &m);
         let t = tempfile::tempdir().expect("tempdir");
         let path = t.path().join("pstree.img");
         std::fs::write(&path, &bytes).expect("write");
@@ -121,11 +126,13 @@ proptest! {
     /// queue read returns is never more than the image holds.
     #[test]
     fn mutated_socket_images_are_read_or_refused(
+        picks in edges(),
         files_m in mutations(),
         queue_m in mutations(),
         mutate_files in any::<bool>(),
     ) {
-        let files = if mutate_files { mutate(FILES, &files_m) } else { FILES.to_vec() };
+        let files = testing::with_edge_values(FILES, FILES_MAGIC, &picks);
+        let files = if mutate_files { mutate(&files, &files_m) } else { files };
         let queue = mutate(SK_QUEUES, &queue_m);
         let t = tempfile::tempdir().expect("tempdir");
         std::fs::write(t.path().join("files.img"), &files).expect("write");
