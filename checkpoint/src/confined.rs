@@ -1246,3 +1246,6 @@ mod tests {
         f.assert_canary_untouched();
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -1324,3 +1324,6 @@ pub(crate) mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -175,6 +175,110 @@ pub fn mutate(input: &[u8], mutations: &[Mutation]) -> Vec<u8> {
     out
 }
 
+/// Values a JSON field is set to by [`mutate_json`]: escapes, empty and long names, NUL
+/// bytes, numbers at the edges of the integer types and of other types than expected.
+fn json_edge(i: u32) -> serde_json::Value {
+    use serde_json::json;
+    match i % 24 {
+        0 => json!(".."),
+        1 => json!("/etc/passwd"),
+        2 => json!("a/../../b"),
+        3 => json!(""),
+        4 => json!("."),
+        5 => json!("x\u{0}y"),
+        6 => json!("containers/../../x"),
+        7 => json!("a".repeat(300)),
+        8 => json!("ü/ñ"),
+        9 => json!(0),
+        10 => json!(-1),
+        11 => json!(u32::MAX),
+        12 => json!(u64::MAX),
+        13 => json!(i64::MIN),
+        14 => json!(1.5),
+        15 => json!(null),
+        16 => json!(true),
+        17 => json!([]),
+        18 => json!({}),
+        19 => json!(["..", "/"]),
+        20 => json!({"..": {"size": 1, "digest": ""}}),
+        21 => json!("sha256:"),
+        22 => json!(1u64 << 53),
+        _ => json!("\\x/./y//"),
+    }
+}
+
+/// `value` with `picks` applied in order: each `(node, op, arg)` takes the node numbered `node`
+/// (modulo the count, depth first) and sets it to an edge value, removes it from its parent,
+/// duplicates it (in an array), or adds a key to it (an object).
+pub fn mutate_json(value: &mut serde_json::Value, picks: &[(u32, u8, u32)]) {
+    use serde_json::Value;
+    fn count(v: &Value) -> usize {
+        1 + match v {
+            Value::Array(a) => a.iter().map(count).sum(),
+            Value::Object(o) => o.values().map(count).sum(),
+            _ => 0,
+        }
+    }
+    /// Applies `op` to the `n`th node under `v` (0: `v` itself); `parent_op` says whether a
+    /// removal or duplication of `v` itself is asked of its parent.
+    fn apply(v: &mut Value, n: &mut usize, op: u8, arg: u32) -> bool {
+        if *n == 0 {
+            match op % 4 {
+                0 => *v = json_edge(arg),
+                1 | 2 => return true, // done by the parent
+                _ => match v {
+                    Value::Object(o) => {
+                        o.insert(format!("unknown{}", arg % 3), json_edge(arg / 3));
+                    }
+                    Value::Array(a) => a.push(json_edge(arg)),
+                    other => *other = json_edge(arg),
+                },
+            }
+            return false;
+        }
+        *n -= 1;
+        match v {
+            Value::Array(a) => {
+                for i in 0..a.len() {
+                    let size = count(&a[i]);
+                    if *n < size {
+                        if apply(&mut a[i], n, op, arg) {
+                            if op % 4 == 1 {
+                                a.remove(i);
+                            } else {
+                                let copy = a[i].clone();
+                                a.insert(i, copy);
+                            }
+                        }
+                        return false;
+                    }
+                    *n -= size;
+                }
+            }
+            Value::Object(o) => {
+                let keys: Vec<String> = o.keys().cloned().collect();
+                for k in keys {
+                    let size = o.get(&k).map_or(0, count);
+                    if *n < size {
+                        let remove = o.get_mut(&k).is_some_and(|child| apply(child, n, op, arg));
+                        if remove && op % 4 == 1 {
+                            o.remove(&k);
+                        }
+                        return false;
+                    }
+                    *n -= size;
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+    for &(node, op, arg) in picks {
+        let mut n = node as usize % count(value);
+        apply(value, &mut n, op, arg);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +312,22 @@ mod tests {
         }
         assert_eq!(mutate(&base, &[(4, 3, 0)]), b"012");
         assert_eq!(mutate(&base, &[(6, 0, 9)])[..4], [0xff; 4]);
+    }
+
+    #[test]
+    fn json_mutations_reach_every_node() {
+        let base = serde_json::json!({"a": [1, {"b": "c"}], "d": null});
+        let mut seen = std::collections::BTreeSet::new();
+        for node in 0..6 {
+            for op in 0..4 {
+                let mut v = base.clone();
+                mutate_json(&mut v, &[(node, op, 1)]);
+                seen.insert(v.to_string());
+            }
+        }
+        assert!(seen.len() > 12, "{seen:?}");
+        let mut v = base.clone();
+        mutate_json(&mut v, &[(3, 1, 0)]); // {"b": "c"} removed from the array
+        assert_eq!(v, serde_json::json!({"a": [1], "d": null}));
     }
 }
