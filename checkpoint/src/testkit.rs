@@ -175,6 +175,83 @@ pub fn mutate(input: &[u8], mutations: &[Mutation]) -> Vec<u8> {
     out
 }
 
+/// The offsets of the header blocks of a tar (walked as the tar crate walks it, sparse
+/// extension blocks included).
+pub fn tar_headers(tar: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(block) = tar.get(at..at + 512) {
+        if block.iter().all(|b| *b == 0) {
+            break;
+        }
+        out.push(at);
+        let h = tar::Header::from_byte_slice(block);
+        let mut next = at + 512;
+        if h.entry_type().is_gnu_sparse() && h.as_gnu().is_some_and(|g| g.is_extended()) {
+            while let Some(ext) = tar.get(next..next + 512) {
+                next += 512;
+                if ext[504] == 0 {
+                    break;
+                }
+            }
+        }
+        let size = h.entry_size().unwrap_or(0).min(tar.len() as u64) as usize;
+        at = next + size.div_ceil(512) * 512;
+    }
+    out
+}
+
+/// One header field change: `(header, field, value)`: the name or link name set to one of the
+/// names given, the entry type, size, uid, mode or mtime set; the checksum is set again after it.
+pub type TarEdit = (u32, u8, u32);
+
+pub fn edit_tar_headers(tar: &[u8], edits: &[TarEdit], names: &[&[u8]]) -> Vec<u8> {
+    let mut out = tar.to_vec();
+    let at = tar_headers(&out);
+    if at.is_empty() {
+        return out;
+    }
+    const EDGES: [u64; 8] = [0, 1, 511, 512, 1 << 20, u32::MAX as u64, 1 << 40, u64::MAX >> 1];
+    for &(h, field, value) in edits {
+        let start = at[h as usize % at.len()];
+        let mut header = tar::Header::new_old();
+        header.as_mut_bytes().copy_from_slice(&out[start..start + 512]);
+        let bytes = header.as_mut_bytes();
+        let set = |bytes: &mut [u8; 512], range: std::ops::Range<usize>, v: &[u8]| {
+            let field = &mut bytes[range];
+            field.fill(0);
+            let n = v.len().min(field.len());
+            field[..n].copy_from_slice(&v[..n]);
+        };
+        match field % 7 {
+            0 => set(
+                bytes,
+                0..100,
+                names
+                    .get(value as usize % names.len().max(1))
+                    .copied()
+                    .unwrap_or(b""),
+            ),
+            1 => set(
+                bytes,
+                157..257,
+                names
+                    .get(value as usize % names.len().max(1))
+                    .copied()
+                    .unwrap_or(b""),
+            ),
+            2 => bytes[156] = b"0125634LKxgS7V"[value as usize % 14],
+            3 => header.set_size(EDGES[value as usize % EDGES.len()]),
+            4 => header.set_uid(EDGES[value as usize % EDGES.len()]),
+            5 => header.set_mode(value),
+            _ => header.set_mtime(EDGES[value as usize % EDGES.len()]),
+        }
+        header.set_cksum();
+        out[start..start + 512].copy_from_slice(header.as_bytes());
+    }
+    out
+}
+
 /// Values a JSON field is set to by [`mutate_json`]: escapes, empty and long names, NUL
 /// bytes, numbers at the edges of the integer types and of other types than expected.
 fn json_edge(i: u32) -> serde_json::Value {

@@ -21,3 +21,8 @@ pub use error::{Error, Result};
 /// Where checkpoints live on a node unless `PODSNAP_CHECKPOINT_ROOT` or the node configuration
 /// says otherwise (one definition, shared with the shim).
 pub use podsnap_checkpoint::config::DEFAULT_CHECKPOINT_ROOT;
+
+/// Unit tests count what each thread allocates (the parser properties bound it).
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: podsnap_checkpoint::testkit::Counting = podsnap_checkpoint::testkit::Counting;

@@ -81,6 +81,8 @@ const EMPTY_BLOB: &[u8] = b"{}";
 const MAX_OCI_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 /// The largest signature blob read.
 const MAX_SIGNATURE_BYTES: usize = 64 * 1024;
+/// The longest name a layer's long-name entry may give (checkpoint paths are far shorter).
+const MAX_LONG_NAME_BYTES: u64 = 64 * 1024;
 /// The largest key file read.
 const MAX_KEY_BYTES: u64 = 64 * 1024;
 
@@ -1217,11 +1219,35 @@ fn unpack_stream(
         let decoder = zstd::stream::Decoder::new(&mut hashing).map_err(|e| format!("zstd: {e}"))?;
         let mut archive = tar::Archive::new(decoder);
         let mut buf = vec![0u8; 1 << 20];
-        for entry in archive.entries().map_err(|e| format!("tar: {e}"))? {
+        // Raw entries: the tar reader would hold a long-name entry whole in memory, whatever its
+        // size, before the layer's digest is known (a small compressed blob can expand to any
+        // size); long names are read here, capped. A push writes GNU long names only.
+        let mut long_name: Option<Vec<u8>> = None;
+        for entry in archive.entries().map_err(|e| format!("tar: {e}"))?.raw(true) {
             let mut entry = entry.map_err(|e| format!("tar: {e}"))?;
-            let raw = entry.path_bytes().into_owned();
-            let name = String::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_owned())?;
             let kind = entry.header().entry_type();
+            if kind == tar::EntryType::GNULongName {
+                if long_name.is_some() || entry.size() > MAX_LONG_NAME_BYTES {
+                    return Err(format!(
+                        "a long name of {} bytes (at most {MAX_LONG_NAME_BYTES}, one per entry)",
+                        entry.size()
+                    ));
+                }
+                let mut name = Vec::new();
+                entry
+                    .read_to_end(&mut name)
+                    .map_err(|e| format!("tar: a long name: {e}"))?;
+                if name.last() == Some(&0) {
+                    name.pop();
+                }
+                long_name = Some(name);
+                continue;
+            }
+            let raw = match long_name.take() {
+                Some(name) => name,
+                None => entry.path_bytes().into_owned(),
+            };
+            let name = String::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_owned())?;
             if kind != tar::EntryType::Regular {
                 return Err(format!("entry {name:?} is a {kind:?}, not a regular file"));
             }
@@ -1277,6 +1303,9 @@ fn unpack_stream(
                     listed.digest
                 ));
             }
+        }
+        if long_name.is_some() {
+            return Err("a long name describing no entry".into());
         }
         // What follows the archive's end inside the zstd frame is read and dropped.
         let mut decoder = archive.into_inner();
@@ -1551,3 +1580,6 @@ mod tests {
         m
     }
 }
+
+#[cfg(test)]
+mod proptests;

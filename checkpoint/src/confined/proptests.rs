@@ -14,7 +14,9 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 
 use super::*;
-use crate::testkit::{assert_bounded, cases, mutate, mutate_json, Mutation};
+use crate::testkit::{
+    assert_bounded, cases, edit_tar_headers, mutate, mutate_json, tar_headers, Mutation, TarEdit,
+};
 
 /// A capture of an upper directory and an archive of a volume, as bytes.
 struct Captured {
@@ -183,68 +185,6 @@ const NAMES: [&[u8]; 14] = [
     b"d/./f",
 ];
 
-/// The offsets of the header blocks of a tar (walked as the tar crate walks it, sparse
-/// extension blocks included).
-fn headers(tar: &[u8]) -> Vec<usize> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while let Some(block) = tar.get(at..at + 512) {
-        if block.iter().all(|b| *b == 0) {
-            break;
-        }
-        out.push(at);
-        let h = tar::Header::from_byte_slice(block);
-        let mut next = at + 512;
-        if h.entry_type().is_gnu_sparse() && h.as_gnu().is_some_and(|g| g.is_extended()) {
-            while let Some(ext) = tar.get(next..next + 512) {
-                next += 512;
-                if ext[504] == 0 {
-                    break;
-                }
-            }
-        }
-        let size = h.entry_size().unwrap_or(0).min(tar.len() as u64) as usize;
-        at = next + size.div_ceil(512) * 512;
-    }
-    out
-}
-
-/// One header field change: `(header, field, value)`; the checksum is set again after it.
-type HeaderEdit = (u32, u8, u32);
-
-fn edit_headers(tar: &[u8], edits: &[HeaderEdit]) -> Vec<u8> {
-    let mut out = tar.to_vec();
-    let at = headers(&out);
-    if at.is_empty() {
-        return out;
-    }
-    const EDGES: [u64; 8] = [0, 1, 511, 512, 1 << 20, u32::MAX as u64, 1 << 40, u64::MAX >> 1];
-    for &(h, field, value) in edits {
-        let start = at[h as usize % at.len()];
-        let mut header = tar::Header::new_old();
-        header.as_mut_bytes().copy_from_slice(&out[start..start + 512]);
-        let bytes = header.as_mut_bytes();
-        let set = |bytes: &mut [u8; 512], range: std::ops::Range<usize>, v: &[u8]| {
-            let field = &mut bytes[range];
-            field.fill(0);
-            let n = v.len().min(field.len());
-            field[..n].copy_from_slice(&v[..n]);
-        };
-        match field % 7 {
-            0 => set(bytes, 0..100, NAMES[value as usize % NAMES.len()]),
-            1 => set(bytes, 157..257, NAMES[value as usize % NAMES.len()]),
-            2 => bytes[156] = b"0125634LKxgS7V"[value as usize % 14],
-            3 => header.set_size(EDGES[value as usize % EDGES.len()]),
-            4 => header.set_uid(EDGES[value as usize % EDGES.len()]),
-            5 => header.set_mode(value),
-            _ => header.set_mtime(EDGES[value as usize % EDGES.len()]),
-        }
-        header.set_cksum();
-        out[start..start + 512].copy_from_slice(header.as_bytes());
-    }
-    out
-}
-
 #[test]
 fn the_captures_apply_whole() {
     let c = captured();
@@ -262,7 +202,7 @@ fn the_captures_apply_whole() {
         .file_type()
         .is_fifo());
     assert_eq!(
-        headers(&c.diff).len(),
+        tar_headers(&c.diff).len(),
         14,
         "every entry and the long names' extensions"
     );
@@ -284,13 +224,13 @@ proptest! {
     /// A mutated rootfs capture (archive and deletions) applied onto a root with symlinks out.
     #[test]
     fn mutated_captures_never_write_outside_the_root(
-        edits in prop::collection::vec(any::<HeaderEdit>(), 0..4),
+        edits in prop::collection::vec(any::<TarEdit>(), 0..4),
         m in prop::collection::vec(any::<Mutation>(), 0..3),
         picks in prop::collection::vec(any::<(u32, u8, u32)>(), 0..3),
     ) {
         let c = captured();
         let scene = Scene::new();
-        let tar = mutate(&edit_headers(&c.diff, &edits), &m);
+        let tar = mutate(&edit_tar_headers(&c.diff, &edits, &NAMES), &m);
         let mut deletions = c.deletions.clone();
         mutate_json(&mut deletions, &picks);
         let diff = scene.file("diff.tar", &tar);
@@ -305,12 +245,12 @@ proptest! {
     /// A mutated volume archive unpacked into a directory of the root.
     #[test]
     fn mutated_volume_archives_never_write_outside_their_directory(
-        edits in prop::collection::vec(any::<HeaderEdit>(), 0..4),
+        edits in prop::collection::vec(any::<TarEdit>(), 0..4),
         m in prop::collection::vec(any::<Mutation>(), 0..3),
     ) {
         let c = captured();
         let scene = Scene::new();
-        let tar = mutate(&edit_headers(&c.volume, &edits), &m);
+        let tar = mutate(&edit_tar_headers(&c.volume, &edits, &NAMES), &m);
         let volume = scene.file("volume.tar", &tar);
         let _ = assert_bounded("unpack", tar.len(), 8, 1 << 20, || unpack(&volume, &scene.root));
         scene.assert_outside_untouched("unpack")?;
