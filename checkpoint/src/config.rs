@@ -542,3 +542,6 @@ b = ["a"]
         assert_eq!(c.source, Some(t.path().join("c.toml")));
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -20,7 +20,8 @@
 //! - **Key.** The checkpoint's resolved absolute path (several roots on one host never mix),
 //!   encoded into one file name ([`encode`]): every byte outside `[A-Za-z0-9._-]` becomes
 //!   `%XX`, so `/` is `%2F` and the name always starts with `%2F`; a path whose encoding is
-//!   longer than a file name may be is `sha256-<hex digest of the path>` instead.
+//!   longer than a file name may be (or is empty, `.` or `..`: never a resolved path's) is
+//!   `sha256-<hex digest of the path>` instead.
 //! - **Taken** by the pod's shim when it first plans a restore from the checkpoint (the
 //!   sandbox's Create), before it reads anything of it; **released** when the shim exits, or
 //!   at once when the sandbox's restore is refused.
@@ -147,7 +148,9 @@ pub fn encode(checkpoint: &Path) -> String {
             out.push_str(&format!("%{b:02X}"));
         }
     }
-    if out.len() > NAME_MAX {
+    // Too long for a file name, or not one entry of the lease directory (never an absolute
+    // path's encoding, which starts with `%2F`).
+    if out.len() > NAME_MAX || matches!(out.as_str(), "" | "." | "..") {
         return format!("sha256-{}", hex::encode(Sha256::digest(bytes)));
     }
     out
@@ -502,3 +505,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -513,3 +513,6 @@ mod tests {
         assert_eq!(c("u_str").shown(), "\"a\" (pid 10) and \"b\" (pid 20)");
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -453,3 +453,6 @@ pub(crate) mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;
