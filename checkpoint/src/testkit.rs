@@ -365,7 +365,8 @@ mod tests {
         let ((), peak) = peak_during(|| {
             let v = vec![1u8; 1 << 20];
             drop(v);
-            let _small = vec![1u8; 16];
+            let small: Vec<u8> = Vec::with_capacity(16);
+            drop(small);
         });
         assert!((1 << 20..(1 << 20) + 4096).contains(&peak), "{peak}");
         let ((), other) = peak_during(|| {
