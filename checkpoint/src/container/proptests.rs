@@ -57,7 +57,7 @@ fn a_page_count_past_u64_bytes_is_refused() {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: cases(1000),
+        cases: cases(300),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
