@@ -27,7 +27,8 @@
 //! verifies the signature against the trusted keys before it downloads a layer, then streams
 //! each layer through the zstd decoder into a staging directory inside the checkpoint root
 //! (`.<name>.tmp-<pid>`, 0700, files 0600): only regular files the checkpoint's manifest lists,
-//! in the part the layer claims, of exactly the listed size. The staging directory must pass
+//! in the part the layer claims, of exactly the listed size (a GNU long name of at most 64 KiB
+//! names one; any other kind of entry is refused before its data is read). The staging directory must pass
 //! [`Manifest::load_verified`] (every file's digest, nothing unlisted) before it is renamed
 //! into place; on any failure it is removed.
 
