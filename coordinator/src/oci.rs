@@ -1469,6 +1469,38 @@ mod tests {
     }
 
     #[test]
+    fn docker_hub_credentials_match_docker_io() {
+        let text = br#"{"auths": {"https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"}}}"#;
+        assert!(
+            matches!(auth_from_docker_config(text, "docker.io"),
+            Ok(RegistryAuth::Basic(u, p)) if u == "user" && p == "pass"),
+            "{:?}",
+            auth_from_docker_config(text, "docker.io")
+        );
+    }
+
+    #[test]
+    fn a_signature_that_verifies_only_without_strictness_is_refused() {
+        // The identity point as a public key (a weak key of small order), R the identity and
+        // S = 0: [S]B = R + [k]A holds for every message, so a plain `verify` accepts it.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = VerifyingKey::from_bytes(&identity).expect("the identity point decodes");
+        let digest = sha256_digest(b"manifest");
+        let forged = SignatureBlob {
+            manifest: digest.clone(),
+            key: key_id(&weak),
+            signature: hex::encode({
+                let mut s = [0u8; 64];
+                s[..32].copy_from_slice(&identity);
+                s
+            }),
+        };
+        let err = verify(&forged, &digest, &[weak]).expect_err("a weak-key signature is refused");
+        assert!(err.contains("does not verify"), "{err}");
+    }
+
+    #[test]
     fn a_registry_not_allowed_is_refused_by_name() {
         let policy = RegistryPolicy {
             allowed: vec!["127.0.0.1:5000".into()],

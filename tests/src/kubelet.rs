@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -279,6 +279,8 @@ pub struct ContainerSpec {
     pub args: Vec<String>,
     /// emptyDir volumes: (volume name, mount path).
     pub empty_dirs: Vec<(String, String)>,
+    /// hostPath volumes: (host path, mount path, read-only).
+    pub host_paths: Vec<(PathBuf, String, bool)>,
     /// Extra environment.
     pub env: Vec<(String, String)>,
     /// `securityContext.capabilities.add`.
@@ -296,6 +298,7 @@ impl ContainerSpec {
             command: Vec::new(),
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             empty_dirs: Vec::new(),
+            host_paths: Vec::new(),
             env: Vec::new(),
             add_capabilities: Vec::new(),
             attempt: 0,
@@ -311,6 +314,12 @@ impl ContainerSpec {
     /// Mounts the emptyDir `volume` at `path`.
     pub fn with_empty_dir(mut self, volume: &str, path: &str) -> Self {
         self.empty_dirs.push((volume.to_owned(), path.to_owned()));
+        self
+    }
+
+    /// Mounts the host path `host` at `path` (a hostPath volume), read-only if `readonly`.
+    pub fn with_host_path(mut self, host: &Path, path: &str, readonly: bool) -> Self {
+        self.host_paths.push((host.to_path_buf(), path.to_owned(), readonly));
         self
     }
 }
@@ -341,6 +350,14 @@ pub fn container_config(
         mounts.push(cri::Mount {
             container_path: path.clone(),
             host_path: pod.empty_dir(volume)?.to_string_lossy().into_owned(),
+            ..Default::default()
+        });
+    }
+    for (host, path, readonly) in &spec.host_paths {
+        mounts.push(cri::Mount {
+            container_path: path.clone(),
+            host_path: host.to_string_lossy().into_owned(),
+            readonly: *readonly,
             ..Default::default()
         });
     }

@@ -45,7 +45,12 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     for f in [podsnap_checkpoint::kdat::CACHE, podsnap_checkpoint::kdat::RECORD] {
         let _ = std::fs::remove_file(std::path::Path::new(podsnap_checkpoint::kdat::RUN_DIR).join(f));
     }
+    let app_created = node.cri().container(&pod.app_id).expect("the app's status").created_at;
     let outcome = dump(&node, &pod, None).expect("podsnap dump");
+    let dumped = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock")
+        .as_secs() as i64;
     let summary = &outcome.summary;
     eprintln!("{summary}");
     assert!(
@@ -60,7 +65,8 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
         "{summary:?}"
     );
     assert!(summary.restore_name.is_some());
-    kep_2008_archive_is_read_by_checkpointctl(&summary.dir, "app", &pod.app_id);
+    let created = app_created / 1_000_000_000..=dumped;
+    kep_2008_archive_is_read_by_checkpointctl(&summary.dir, "app", &pod.app_id, created);
     criu_kernel_cache_is_this_boots();
 
     // --leave-running (the default): the pod goes on.
@@ -136,9 +142,15 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
 }
 
 /// A container part of the pod checkpoint, tarred as it is, is a KEP-2008 container checkpoint
-/// archive: `checkpointctl show` names the container, its image and id; `inspect --ps-tree`
-/// reads the process tree from the CRIU images.
-fn kep_2008_archive_is_read_by_checkpointctl(checkpoint: &std::path::Path, name: &str, id: &str) {
+/// archive: `checkpointctl show` names the container, its image and id, and its creation time
+/// (within `created`, seconds since the epoch); `inspect --ps-tree` reads the process tree from
+/// the CRIU images.
+fn kep_2008_archive_is_read_by_checkpointctl(
+    checkpoint: &std::path::Path,
+    name: &str,
+    id: &str,
+    created: std::ops::RangeInclusive<i64>,
+) {
     let t = tempfile::tempdir().expect("tempdir");
     let archive = t.path().join(format!("{name}.tar"));
     let part = checkpoint.join("containers").join(name);
@@ -178,8 +190,46 @@ fn kep_2008_archive_is_read_by_checkpointctl(checkpoint: &std::path::Path, name:
     ] {
         assert!(row.contains(want), "{want:?} missing in {row:?}\n{shown}");
     }
+    // CONTAINER IMAGE ID RUNTIME CREATED ENGINE ...: the time the container was created.
+    let shown_created = row.split_whitespace().nth(4).unwrap_or_default();
+    let secs = utc_seconds(shown_created)
+        .unwrap_or_else(|| panic!("CREATED {shown_created:?} is not a UTC time in:\n{shown}"));
+    assert!(
+        created.contains(&secs),
+        "CREATED {shown_created} ({secs}) is not the container's creation time (between {} and {}):\n{shown}",
+        created.start(),
+        created.end()
+    );
     let tree = checkpointctl(&["inspect", "--ps-tree"]);
     assert!(tree.contains("podsnap-workloa"), "the app's process in:\n{tree}");
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time as checkpointctl shows it
+/// (`2026-12-07T09:00:00Z`).
+fn utc_seconds(shown: &str) -> Option<i64> {
+    let (date, clock) = shown.strip_suffix('Z')?.split_once('T')?;
+    let number = |s: Option<&str>| s?.parse::<i64>().ok();
+    let mut d = date.splitn(3, '-');
+    let (y, m, day) = (number(d.next())?, number(d.next())?, number(d.next())?);
+    let mut c = clock.splitn(3, ':');
+    let (h, min, s) = (number(c.next())?, number(c.next())?, number(c.next())?);
+    // Days from 1970-01-01 of a proleptic Gregorian date (years counted from March).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some(days * 86_400 + h * 3600 + min * 60 + s)
+}
+
+#[test]
+fn checkpointctl_times_read_as_seconds_since_the_epoch() {
+    assert_eq!(utc_seconds("1970-01-01T00:00:00Z"), Some(0));
+    assert_eq!(utc_seconds("2026-12-07T09:00:00Z"), Some(1_796_634_000));
+    assert_eq!(utc_seconds("2024-02-29T23:59:59Z"), Some(1_709_251_199));
+    assert!(utc_seconds("0001-01-01T00:00:00Z").is_some_and(|s| s < 0));
+    assert_eq!(utc_seconds("2026-12-07 09:00:00"), None);
 }
 
 /// After a dump, on a node whose `/run` is not a tmpfs (these machines), CRIU's kernel feature

@@ -737,3 +737,100 @@ fn a_container_image_missing_on_the_target_is_pulled_by_its_digest() {
         "the pod still names the image by its tag, as it asked"
     );
 }
+
+/// A tenant's pod annotated `podsnap.io/restore-from: oci://REF` that the node's restore policy
+/// refuses (a pod of team-b naming team-a's signed checkpoint) is refused on the checkpoint's
+/// manifest (the config blob), before any layer is downloaded: the checkpoint root holds
+/// nothing new, however often kubelet tries again. The copy an allowed pod pulled goes with
+/// the pod.
+#[test]
+fn a_refused_oci_restore_leaves_nothing_in_the_root() {
+    let node = start_node!();
+    let setup = Setup::new();
+    let name = node.unique("tenant");
+    let mut options = PodOptions::new(&name, HANDLER);
+    options.namespace = "team-a".to_owned();
+    let pod = run_three_container_pod(&node, &options).expect("team-a's pod runs");
+    let source = node.dir().join("team-a-checkpoint");
+    dump(&node, &pod, Some(source.clone())).expect("podsnap dump");
+    let registry = Registry::start();
+    let (signing, trusted) = setup.key_pair("node");
+    let config = setup.config(
+        "node",
+        &format!(
+            "[registry]\nallowed = [\"{}\"]\nsigning_key = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+            registry.host(),
+            signing.display(),
+            trusted.display()
+        ),
+    );
+    let reference = format!("{}/team-a/{name}:v1", registry.host());
+    let out = setup.podsnap(&config, &["push", source.to_str().expect("utf8"), &reference]);
+    assert!(out.status.success(), "push: {}", text(&out));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(registry.blob(&pushed_digest(&out))).expect("the pushed manifest"),
+    )
+    .expect("manifest JSON");
+    let layers: Vec<String> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("a layer digest").to_owned())
+        .collect();
+    assert!(!layers.is_empty());
+    node.set_podsnap_config(&std::fs::read_to_string(&config).expect("config"))
+        .expect("the node's configuration");
+    let root = node.files().checkpoints();
+    let before = root_names(&root);
+    let annotated = |pod_name: String, namespace: &str| {
+        let mut options = PodOptions::new(&pod_name, HANDLER);
+        options.namespace = namespace.to_owned();
+        options.annotations.insert(
+            podsnap_checkpoint::config::RESTORE_ANNOTATION.to_owned(),
+            format!("oci://{reference}"),
+        );
+        options
+    };
+    for attempt in 0..2 {
+        let err = format!(
+            "{:#}",
+            run_pod(&node, &annotated(format!("{name}-b"), "team-b"))
+                .map(|p| format!("created pod {}", p.id))
+                .expect_err("team-b restoring team-a's checkpoint")
+        );
+        assert!(
+            err.contains("rule: namespace") && err.contains("\"team-a\""),
+            "attempt {attempt}: {err}"
+        );
+        assert_eq!(
+            root_names(&root),
+            before,
+            "attempt {attempt}: the refused pod left what it pulled in the checkpoint root"
+        );
+    }
+    let log = registry.log();
+    for layer in &layers {
+        assert!(
+            !log.lines().any(|l| l.contains("\"GET /v2/") && l.contains(layer.as_str())),
+            "layer {layer} was downloaded for a refused pod:\n{log}"
+        );
+    }
+
+    // team-a's own pod pulls it; the copy goes when the pod does.
+    let allowed = run_pod(&node, &annotated(format!("{name}-a"), "team-a"))
+        .expect("team-a's pod restores from the registry");
+    let pulled: Vec<String> = root_names(&root)
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect();
+    assert!(
+        pulled.len() == 1 && pulled[0].starts_with("oci-"),
+        "the pod's pulled copy: {pulled:?}"
+    );
+    podsnap_tests::kubelet::remove_pod(&node, &allowed).expect("the restored pod removed");
+    assert!(
+        wait_until(Duration::from_secs(30), || root_names(&root) == before),
+        "the removed pod's pulled copy is still in the root: {:?}",
+        root_names(&root)
+    );
+}

@@ -383,7 +383,17 @@ fn recorded_states_restarts_and_a_replaced_image_symlink_come_back_as_they_were(
         &tar.into_inner().expect("tar bytes"),
     );
     let hostile = run_pod(&node, &restore_annotated(&name, "default", "shared/forged")).expect("sandbox");
-    let _ = run_container(&node, &hostile, &app_spec());
+    let err = format!(
+        "{:#}",
+        run_container(&node, &hostile, &app_spec())
+            .map(|id| format!("restored as {id}"))
+            .expect_err("the forged deletion is refused")
+    );
+    let canary_name = canary.file_name().and_then(|n| n.to_str()).expect("name");
+    assert!(
+        err.contains(&format!("deleted path var/run/{canary_name} passes through a symlink")),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read(&canary).expect("the host canary survives a forged deletion"),
         b"host file"
@@ -425,4 +435,95 @@ fn recorded_states_restarts_and_a_replaced_image_symlink_come_back_as_they_were(
     );
     assert!(err.contains("extra.img is not listed"), "{err}");
     std::fs::remove_file(&canary).expect("remove the canary");
+}
+
+/// `podsnap restore` mounts a host path of the checkpoint again only where the node
+/// configuration's `[restore] host_paths` allows it (the pod's own emptyDir and termination log
+/// need no allowance: the restore makes them anew). A pod that mounted a host directory (a
+/// hostPath volume) is refused, naming the directory, before anything is created: with no
+/// prefix configured, and with one that matches only as a string (`.../host` for
+/// `.../hostdata`). Copies whose spec reaches the directory through `..` or a symlink under an
+/// allowed prefix are refused as well. Allowed, the pod comes back with the mount.
+#[test]
+fn a_cli_restore_mounts_again_only_the_host_paths_the_node_allows() {
+    let node = start_node!();
+    let name = node.unique("hostpath");
+    let host = node.dir().join("hostdata");
+    std::fs::create_dir_all(&host).expect("mkdir");
+    std::fs::write(host.join("greeting"), "from the host").expect("write");
+    let host = std::fs::canonicalize(&host).expect("the host directory");
+    let pod = run_pod(&node, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let app_id = run_container(&node, &pod, &app_spec().with_host_path(&host, "/host", true))
+        .expect("the app runs with the host directory");
+    wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
+    assert_eq!(exec_ok(&node, &app_id, "cat /host/greeting"), "from the host");
+    let dir = node.files().checkpoints().join("hostpath");
+    let request = dump_request(&node, &name, "default", Some(dir.clone()));
+    block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ))
+    .expect("podsnap dump");
+    podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod removed");
+
+    let pods = pods_dir(&node);
+    let (count, pod_dirs) = (sandboxes(&node), names_in(&pods));
+    let refused = |toml: &str, checkpoint: &Path| {
+        let mut cli = restore_request(&node, checkpoint);
+        cli.config = node.set_podsnap_config(toml).expect("config");
+        let err = restore(&node, &cli)
+            .map(|p| format!("restored as pod {}", p.id))
+            .expect_err(&format!("a host path the node does not allow ({toml:?}), restored"))
+            .to_string();
+        assert!(
+            err.contains(&host.display().to_string()) && err.contains("host_paths"),
+            "{toml}: {err}"
+        );
+        assert_eq!(sandboxes(&node), count, "{toml}: a refused restore created a pod");
+        assert_eq!(names_in(&pods), pod_dirs, "{toml}: a refused restore made a pod directory");
+    };
+    refused("", &dir);
+    let prefix = node.dir().join("host");
+    refused(
+        &format!("[restore]\nhost_paths = [\"{}\"]\n", prefix.display()),
+        &dir,
+    );
+    // Forged copies: the mount's source rewritten to reach the directory from an allowed one.
+    let allowed = node.dir().join("allowed");
+    std::fs::create_dir_all(&allowed).expect("mkdir");
+    std::os::unix::fs::symlink(&host, allowed.join("link")).expect("symlink");
+    let only_allowed = format!("[restore]\nhost_paths = [\"{}\"]\n", allowed.display());
+    for (copy, source) in [
+        ("dotdot", allowed.join("../hostdata")),
+        ("symlink", allowed.join("link")),
+    ] {
+        let forged = node.files().checkpoints().join(copy);
+        copy_checkpoint(&dir, &forged);
+        let rel = "containers/app/spec.dump";
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(forged.join(rel)).expect("the saved spec")).expect("json");
+        let mounts = spec["mounts"].as_array_mut().expect("mounts");
+        let mount = mounts
+            .iter_mut()
+            .find(|m| m["destination"] == "/host")
+            .expect("the host mount in the saved spec");
+        mount["source"] = serde_json::json!(source);
+        forge(&forged, rel, &serde_json::to_vec_pretty(&spec).expect("json"));
+        refused(&only_allowed, &forged);
+    }
+
+    // Allowed (a trailing slash is the same prefix): the pod comes back with the mount.
+    let mut cli = restore_request(&node, &dir);
+    cli.config = node
+        .set_podsnap_config(&format!("[restore]\nhost_paths = [\"{}/\"]\n", host.display()))
+        .expect("config");
+    let restored = restore(&node, &cli).expect("podsnap restore, the host path allowed");
+    let app = restored
+        .containers
+        .iter()
+        .find(|(n, _)| n == "app")
+        .map(|(_, id)| id.clone())
+        .expect("the app restored");
+    wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the restored app answers");
+    assert_eq!(exec_ok(&node, &app, "cat /host/greeting"), "from the host");
 }
