@@ -36,6 +36,11 @@
 //! enabled = true
 //! # Only pods of these namespaces may restore (absent: every namespace).
 //! namespaces = ["team-a", "team-b"]
+//! # Host paths `podsnap restore` may bind-mount again (prefixes, compared by path component
+//! # after `..` and symlinks are resolved; empty by default). The pod's own emptyDir volumes and
+//! # termination logs need none: the restore makes them anew. The kubelet path (the restore
+//! # annotation) mounts what kubelet asks and is not concerned.
+//! host_paths = ["/srv/shared"]
 //!
 //! # A pod always may restore checkpoints taken in its own namespace. These add more:
 //! # pods of namespace "team-b" may also restore checkpoints taken in "team-a";
@@ -269,6 +274,9 @@ pub struct RestorePolicy {
     pub namespaces: Option<Vec<String>>,
     /// Target namespace (or `*`) -> further source namespaces its pods may restore from.
     pub allow_from: BTreeMap<String, Vec<String>>,
+    /// Host path prefixes whose bind mounts `podsnap restore` may make again (see
+    /// [`crate::policy::check_host_path`]); none by default.
+    pub host_paths: Vec<PathBuf>,
 }
 
 impl Default for RestorePolicy {
@@ -277,6 +285,7 @@ impl Default for RestorePolicy {
             enabled: true,
             namespaces: None,
             allow_from: BTreeMap::new(),
+            host_paths: Vec::new(),
         }
     }
 }
@@ -340,6 +349,12 @@ impl NodeConfig {
         {
             return Err(format!(
                 "registry {bad:?} is not a registry host (give host or host:port, no scheme or path)"
+            ));
+        }
+        if let Some(bad) = config.restore.host_paths.iter().find(|p| !p.is_absolute()) {
+            return Err(format!(
+                "restore.host_paths: {} is not an absolute path",
+                bad.display()
             ));
         }
         if let Some(root) = &config.checkpoint_root {
@@ -453,6 +468,19 @@ b = ["a"]
         assert!(!c.restore.enabled);
         assert_eq!(c.restore.allow_from["b"], ["a"]);
         assert_eq!(c.restore.allow_from["*"], ["shared"]);
+        assert!(c.restore.host_paths.is_empty(), "no host path by default");
+    }
+
+    #[test]
+    fn host_paths_are_absolute() {
+        let c = NodeConfig::parse("[restore]\nhost_paths = [\"/srv/shared\", \"/etc/\"]\n").expect("parses");
+        assert_eq!(
+            c.restore.host_paths,
+            [PathBuf::from("/srv/shared"), PathBuf::from("/etc/")]
+        );
+        let err = NodeConfig::parse("[restore]\nhost_paths = [\"srv\"]\n").expect_err("relative");
+        assert!(err.contains("host_paths") && err.contains("srv"), "{err}");
+        assert!(NodeConfig::parse("[restore]\nhost_paths = \"/srv\"\n").is_err());
     }
 
     #[test]

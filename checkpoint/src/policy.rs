@@ -17,8 +17,14 @@
 //!   uncovered, no read-only root made writable.
 //! - `compatibility`: the node can run the images: the same architecture, a CRIU and a kernel
 //!   at least as new as the checkpoint's, and CPU features CRIU accepts.
+//! - `restore.host_paths` (node configuration): `podsnap restore`, which makes the pod through
+//!   CRI itself (no admission control sees it), bind-mounts a host path of a checkpointed spec
+//!   again only under a prefix the node allows ([`check_host_path`]). Under kubelet the pod
+//!   spec says what is mounted, and this rule does not apply.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use serde::Serialize;
@@ -181,6 +187,87 @@ pub fn image_repository(reference: &str) -> String {
         (false, true) => format!("docker.io/{name}"),
         (false, false) => format!("docker.io/library/{name}"),
     }
+}
+
+/// May `podsnap restore` bind-mount the host path `source` (container `name`'s mount at
+/// `destination` in the checkpointed spec) again? Only under a prefix of `restore.host_paths`,
+/// compared by whole path components once both are resolved ([`resolve_host_path`]): `/etc`
+/// allows `/etc/ssl`, never `/etcfoo`, and neither `..` nor a symlink under an allowed prefix
+/// leads out of it. Returns the resolved path: the one to mount, so the mount is made where
+/// the check looked.
+pub fn check_host_path(
+    policy: &RestorePolicy,
+    name: &str,
+    destination: &str,
+    source: &Path,
+    config_name: &str,
+) -> Result<PathBuf, Violation> {
+    let rule = "restore.host_paths";
+    let resolved = resolve_host_path(source).map_err(|why| {
+        Violation::new(
+            rule,
+            format!(
+                "container {name} mounts host path {} at {destination}, which is refused: {why}",
+                source.display()
+            ),
+        )
+    })?;
+    let allowed = policy
+        .host_paths
+        .iter()
+        .filter_map(|prefix| resolve_host_path(prefix).ok())
+        .any(|prefix| resolved.starts_with(prefix));
+    if allowed {
+        return Ok(resolved);
+    }
+    let named = if resolved == source {
+        String::new()
+    } else {
+        format!(" (the checkpoint names {})", source.display())
+    };
+    Err(Violation::new(
+        rule,
+        format!(
+            "container {name} mounts host path {}{named} at {destination}, and no prefix in \
+             [restore] host_paths of {config_name} allows it: add one there to let podsnap \
+             restore mount it again (a restore through kubelet mounts what the pod spec asks)",
+            resolved.display()
+        ),
+    ))
+}
+
+/// `path` as the kernel reaches it: its existing part with every symlink, `.` and `..`
+/// resolved (`realpath`), then the part that does not exist yet (CRI creates a missing host
+/// path) as written, which may hold no `..` and pass through no dangling symlink.
+pub fn resolve_host_path(path: &Path) -> Result<PathBuf, String> {
+    if !path.is_absolute() {
+        return Err("it is not an absolute path".into());
+    }
+    let mut existing = path.to_path_buf();
+    let mut missing: Vec<OsString> = Vec::new();
+    let real = loop {
+        match std::fs::canonicalize(&existing) {
+            Ok(real) => break real,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if std::fs::symlink_metadata(&existing).is_ok() {
+                    return Err(format!("{} is a symlink to nothing", existing.display()));
+                }
+                match existing.components().next_back() {
+                    Some(Component::Normal(last)) => missing.push(last.to_os_string()),
+                    Some(Component::ParentDir) => {
+                        return Err("'..' follows a directory that does not exist".into())
+                    }
+                    _ => return Err(format!("it cannot be resolved ({e})")),
+                }
+                existing.pop();
+            }
+            Err(e) => return Err(format!("it cannot be resolved ({e})")),
+        }
+    };
+    Ok(missing.iter().rev().fold(real, |mut p, c| {
+        p.push(c);
+        p
+    }))
 }
 
 /// Everything the new spec grants that the checkpointed one did not.
@@ -641,6 +728,61 @@ mod tests {
         for want in ["aarch64", "CRIU 4.1.1", "6.1.0"] {
             assert!(v.reason.contains(want), "{}", v.reason);
         }
+    }
+
+    #[test]
+    fn host_paths_are_allowed_by_whole_resolved_components() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let base = std::fs::canonicalize(t.path()).expect("canonical");
+        for d in ["etc/ssl", "etcfoo", "allowed/sub", "secret"] {
+            std::fs::create_dir_all(base.join(d)).expect("mkdir");
+        }
+        std::os::unix::fs::symlink(base.join("secret"), base.join("allowed/link")).expect("symlink");
+        std::os::unix::fs::symlink(base.join("gone"), base.join("allowed/dangling")).expect("symlink");
+        let mut p = policy();
+        p.host_paths = vec![base.join("etc/"), base.join("secret/../allowed")];
+        let check = |source: PathBuf| check_host_path(&p, "app", "/mnt", &source, "cfg");
+        for (source, resolved) in [
+            (base.join("etc"), base.join("etc")),
+            (base.join("etc/ssl"), base.join("etc/ssl")),
+            (base.join("etc//ssl/./"), base.join("etc/ssl")),
+            (base.join("etc/ssl/not-yet"), base.join("etc/ssl/not-yet")),
+            (base.join("allowed/sub"), base.join("allowed/sub")),
+            (base.join("etcfoo/../etc/ssl"), base.join("etc/ssl")),
+        ] {
+            assert_eq!(check(source.clone()), Ok(resolved), "{}", source.display());
+        }
+        for (source, named) in [
+            (base.join("etcfoo"), base.join("etcfoo")),
+            (base.join("allowed/../etcfoo"), base.join("etcfoo")),
+            (base.join("allowed/link"), base.join("secret")),
+            (base.join("allowed/link/x"), base.join("secret/x")),
+            (base.clone(), base.clone()),
+        ] {
+            let v = check(source.clone()).expect_err(&source.display().to_string());
+            assert_eq!(v.rule, "restore.host_paths");
+            assert!(
+                v.reason.contains(&format!("host path {} ", named.display()))
+                    && v.reason.contains("container app")
+                    && v.reason.contains("cfg"),
+                "{}: {}",
+                source.display(),
+                v.reason
+            );
+        }
+        for (source, why) in [
+            (base.join("allowed/nothing/../../etcfoo"), "'..'"),
+            (base.join("allowed/dangling"), "a symlink to nothing"),
+            (PathBuf::from("etc"), "not an absolute path"),
+        ] {
+            let v = check(source.clone()).expect_err(&source.display().to_string());
+            assert!(v.reason.contains(why), "{}: {}", source.display(), v.reason);
+        }
+        // None allowed by default, / allows every path.
+        let v = check_host_path(&policy(), "app", "/mnt", &base.join("etc"), "cfg");
+        assert!(v.is_err());
+        p.host_paths = vec![PathBuf::from("/")];
+        assert!(check_host_path(&p, "app", "/mnt", &base.join("etcfoo"), "cfg").is_ok());
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //!
 //! 1. Check the checkpoint is exactly what its manifest lists, the node's restore policy
 //!    (namespace rules), that this node can run it (architecture, CRIU, kernel, CPU), rebuild
-//!    every CRI config from it, and check each image is on the node with the image id the
-//!    checkpoint recorded: all before anything is created. The digests are verified once, by
+//!    every CRI config from it, check that each bind mount of a host path it names is one the
+//!    node configuration allows (`[restore] host_paths`: this pod is made through CRI by root,
+//!    past any admission control; the path mounted is the one checked, symlinks resolved), and
+//!    check each image is on the node with the image id the checkpoint recorded: all before
+//!    anything is created. The digests are verified once, by
 //!    the shim, which trusts nothing the CLI says.
 //! 2. The checkpoint must lie inside the node's checkpoint root, where the shim looks for it
 //!    (its name is then its path relative to the root); one outside is brought in under a
@@ -340,7 +343,7 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
     let mut containers = Vec::new();
     for (entry, spec, then) in &specs {
         let random = new_uid()?;
-        let config = container_plan(
+        let mut config = container_plan(
             &entry.name,
             spec,
             entry.image.as_deref(),
@@ -349,6 +352,7 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
             &random[..8],
         )
         .map_err(Error::Refused)?;
+        allow_host_mounts(request, dir, &mut config)?;
         containers.push((config, *then, entry.image_id.clone()));
     }
     drop(specs);
@@ -359,6 +363,28 @@ fn plan(request: &RestoreRequest, dir: &Path, manifest: Manifest, driver: Cgroup
         namespaces,
         containers,
     })
+}
+
+/// Checks each bind mount of a host path of `plan` against the node's `[restore] host_paths`
+/// and points it at the path checked (every symlink resolved).
+fn allow_host_mounts(request: &RestoreRequest, dir: &Path, plan: &mut ContainerPlan) -> Result<()> {
+    for &i in &plan.host_mounts {
+        let Some(mount) = plan.config.mounts.get_mut(i) else {
+            continue;
+        };
+        let resolved = policy::check_host_path(
+            &request.config.restore,
+            &plan.name,
+            &mount.container_path,
+            Path::new(&mount.host_path),
+            &request.config.describe(),
+        )
+        .map_err(|v| {
+            Error::Refused(podsnap_checkpoint::Error::refused(dir.display().to_string(), v).to_string())
+        })?;
+        mount.host_path = resolved.to_string_lossy().into_owned();
+    }
+    Ok(())
 }
 
 fn load_spec(dir: &Path, manifest: &Manifest, entry: &ContainerEntry) -> Result<Spec> {
@@ -905,6 +931,52 @@ mod tests {
         assert_eq!(a.len(), 36);
         assert_ne!(a, b);
         assert_eq!(a.matches('-').count(), 4);
+    }
+
+    #[test]
+    fn host_mounts_are_refused_or_pointed_at_the_path_checked() {
+        use crate::spec::{container_plan, namespace_options};
+        let t = tempfile::tempdir().expect("tempdir");
+        let base = std::fs::canonicalize(t.path()).expect("canonical");
+        std::fs::create_dir(base.join("data")).expect("mkdir");
+        std::os::unix::fs::symlink(base.join("data"), base.join("link")).expect("symlink");
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.1.0", "root": {"path": "rootfs"},
+            "process": {"user": {"uid": 0, "gid": 0}, "cwd": "/", "args": ["x"]},
+            "mounts": [
+                {"destination": "/data", "type": "bind", "source": base.join("link"),
+                 "options": ["rbind"]},
+                {"destination": "/scratch", "type": "bind", "options": ["rbind"],
+                 "source": "/var/lib/kubelet/pods/old/volumes/kubernetes.io~empty-dir/scratch"}
+            ]
+        }))
+        .expect("a spec");
+        let pod = NewPod::new("web", "default", "u-1", Path::new("/pods"), Path::new("/logs"));
+        let ns = namespace_options(None, &[&spec]);
+        let plan = || container_plan("app", &spec, Some("img"), &ns, &pod, "t").expect("a plan");
+        let mut request = RestoreRequest::new(base.join("ckpt"));
+        let data = base.join("data").display().to_string();
+        let err = allow_host_mounts(&request, &base, &mut plan())
+            .expect_err("no host path is allowed by default")
+            .to_string();
+        assert!(
+            err.contains("rule: restore.host_paths") && err.contains(&format!("host path {data} ")),
+            "{err}"
+        );
+        request.config.restore.host_paths = vec![base.join("data")];
+        let mut allowed = plan();
+        allow_host_mounts(&request, &base, &mut allowed).expect("allowed");
+        let hosts: Vec<&str> = allowed
+            .config
+            .mounts
+            .iter()
+            .map(|m| m.host_path.as_str())
+            .collect();
+        assert_eq!(
+            hosts,
+            [data.as_str(), "/pods/u-1/volumes/kubernetes.io~empty-dir/scratch"],
+            "the symlink resolved; the pod's own emptyDir needs no allowance"
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! What is kept: command (the whole `process.args`), environment, working directory, terminal,
 //! user, resources, masked and read-only paths, seccomp (unconfined or the runtime default),
-//! namespace modes, and bind mounts of host paths. What changes: the pod uid, the cgroup parent
+//! namespace modes, and bind mounts of host paths (listed in [`ContainerPlan::host_mounts`]: the
+//! restore mounts them only where the node configuration allows, see
+//! [`podsnap_checkpoint::policy::check_host_path`]). What changes: the pod uid, the cgroup parent
 //! (`/kubepods/besteffort/pod<uid>`, or `kubepods-besteffort-pod<uid>.slice` on a node with the
 //! systemd cgroup driver), the log directory, and the pod's own files: emptyDir
 //! volumes move to `<pods dir>/<uid>/volumes/kubernetes.io~empty-dir/<volume>` (created empty;
@@ -113,6 +115,9 @@ pub struct ContainerPlan {
     pub empty_dirs: Vec<PathBuf>,
     /// Empty files to create before CreateContainer (the termination log).
     pub files: Vec<PathBuf>,
+    /// Indices in `config.mounts` of the bind mounts of host paths the checkpointed spec names
+    /// (not the pod's own emptyDir volumes and termination log, which the restore makes).
+    pub host_mounts: Vec<usize>,
 }
 
 /// The pod's namespace modes from the saved specs: network and IPC from the sandbox (a
@@ -260,6 +265,7 @@ pub fn container_plan(
     let mut mounts = Vec::new();
     let mut empty_dirs = Vec::new();
     let mut files = Vec::new();
+    let mut host_mounts = Vec::new();
     for m in spec.mounts().iter().flatten() {
         let options = m.options().clone().unwrap_or_default();
         let is_bind =
@@ -281,6 +287,7 @@ pub fn container_plan(
             files.push(file.clone());
             file
         } else {
+            host_mounts.push(mounts.len());
             source.clone()
         };
         let propagation = if options.iter().any(|o| o == "rshared" || o == "shared") {
@@ -362,6 +369,7 @@ pub fn container_plan(
         config,
         empty_dirs,
         files,
+        host_mounts,
     })
 }
 
@@ -455,6 +463,11 @@ mod tests {
             [PathBuf::from("/pods/u-1/volumes/kubernetes.io~empty-dir/data")]
         );
         assert_eq!(plan.files, [PathBuf::from("/pods/u-1/containers/app/t1")]);
+        assert_eq!(
+            plan.host_mounts,
+            [2],
+            "only /srv/config is a host path of the checkpoint"
+        );
         assert!(c.annotations.is_empty(), "{:?}", c.annotations);
         assert_eq!(c.labels["io.kubernetes.pod.uid"], "u-1");
         assert_eq!(c.labels["io.kubernetes.container.name"], "app");
