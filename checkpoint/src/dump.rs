@@ -89,6 +89,8 @@ pub struct Target {
     /// (host pid, start time) of its processes restored as adopted by the pod's pause process
     /// (a shim restoring them became their parent): dumped as adopted again.
     pub adopted: Vec<(i32, u64)>,
+    /// When the runtime created it (its `config.dump`'s `createdTime`), when known.
+    pub created: Option<std::time::SystemTime>,
 }
 
 /// What to dump and where.
@@ -688,7 +690,7 @@ async fn finish(
             &cdir.join(PART_NAMES.spec),
             &without_own_criu_config(spec, &t.bundle),
         )?;
-        write_kep_metadata(&cdir, &t.entry, checkpointed)?;
+        write_kep_metadata(&cdir, &t.entry, t.created, checkpointed)?;
     }
     check_linked_queues(dir, &captured.unix_links)?;
     // Every container's part is complete: a caller pushing the checkpoint may start on them
@@ -1929,21 +1931,30 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result
 const RUNTIME_TYPE: &str = "io.containerd.podsnap.v1";
 
 /// A KEP-2008 `config.dump` (what CRI's CheckpointContainer writes beside the images: id,
-/// name, image, runtime, checkpoint time) and, when the container removed image files,
-/// `deleted.files`: with `checkpoint/`, `spec.dump` and `rootfs-diff.tar` a tar of the
+/// name, image, runtime, creation and checkpoint times) and, when the container removed image
+/// files, `deleted.files`: with `checkpoint/`, `spec.dump` and `rootfs-diff.tar` a tar of the
 /// container's directory is such an archive.
-fn write_kep_metadata(cdir: &Path, entry: &ContainerEntry, at: time::OffsetDateTime) -> Result<()> {
-    let at = at
-        .format(&time::format_description::well_known::Rfc3339)
-        .map_err(|e| Error::io("format the checkpoint time", cdir, std::io::Error::other(e)))?;
-    let config = serde_json::json!({
+fn write_kep_metadata(
+    cdir: &Path,
+    entry: &ContainerEntry,
+    created: Option<std::time::SystemTime>,
+    at: time::OffsetDateTime,
+) -> Result<()> {
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| Error::io("format a time", cdir, std::io::Error::other(e)))
+    };
+    let mut config = serde_json::json!({
         "id": entry.id,
         "name": entry.name,
         "rootfsImageName": entry.image.as_deref().unwrap_or_default(),
         "runtime": RUNTIME_TYPE,
-        "checkpointedTime": at,
+        "checkpointedTime": rfc3339(at)?,
         "restored": false,
     });
+    if let Some(created) = created {
+        config["createdTime"] = serde_json::json!(rfc3339(time::OffsetDateTime::from(created))?);
+    }
     let encode = |v: &serde_json::Value| {
         serde_json::to_vec_pretty(v).map_err(|e| Error::io("encode", cdir, std::io::Error::other(e)))
     };

@@ -72,6 +72,8 @@ pub struct Container {
     /// (host pid, start time) of the processes restored as adopted by the pod's pause process
     /// (their parent is now this shim): a later pod dump takes them as adopted again.
     pub adopted: Mutex<Vec<(i32, u64)>>,
+    /// When this shim created it (a pod checkpoint records it in `config.dump`).
+    pub created_at: std::time::SystemTime,
 }
 
 /// The checkpoint a container is to be restored from.
@@ -163,6 +165,7 @@ impl Container {
         let pid_file = opts.pid_file.clone();
         // Before runc runs: the init can exit (and be reaped) before its pid is read back.
         let since = Instant::now();
+        let created_at = std::time::SystemTime::now();
         let create = async {
             p.runc
                 .create(&p.id, bundle.path(), opts, process_stdio)
@@ -216,6 +219,7 @@ impl Container {
             exited_plan: None,
             lazy_stop: Mutex::new(None),
             adopted: Mutex::new(Vec::new()),
+            created_at,
         }))
     }
 
@@ -265,6 +269,7 @@ impl Container {
             exited_plan,
             lazy_stop: Mutex::new(None),
             adopted: Mutex::new(Vec::new()),
+            created_at: std::time::SystemTime::now(),
         }))
     }
 

@@ -219,6 +219,7 @@ pub fn pod_target(c: &Container) -> Target {
         pid: (s.pid > 0).then_some(s.pid),
         spec: None,
         adopted: lock(&c.adopted).clone(),
+        created: Some(c.created_at),
     }
 }
 
