@@ -78,6 +78,11 @@ enum Command {
         /// The checkpoint's name in the checkpoint root (or a path directly inside the root);
         /// must not exist.
         dir: PathBuf,
+        /// Pull it for a pod of this namespace to restore: the node's restore policy is
+        /// checked against the checkpoint's manifest before any layer is downloaded (the
+        /// shim's `oci://` restores pass the pod's namespace).
+        #[arg(long, value_name = "NAMESPACE")]
+        for_namespace: Option<String>,
     },
     /// Remove checkpoints from the node's checkpoint root, by name (never one in use).
     Rm {
@@ -384,10 +389,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Restore(args) => {
+            let mut pulled_name = None;
             let checkpoint_dir = match (args.checkpoint_dir, args.from) {
                 (Some(dir), None) => dir,
                 (None, Some(reference)) => {
-                    let name = format!(
+                    let name: String = format!(
                         "pulled-{}-{}",
                         std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
@@ -397,15 +403,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                     let pull = oci::PullRequest {
                         reference,
-                        dest: PathBuf::from(name),
+                        dest: PathBuf::from(&name),
                         checkpoint_root: checkpoint_root.clone(),
                         policy: config.registry.clone(),
                         config_name: config.describe(),
+                        restore_check: Some(oci::RestoreCheck {
+                            namespace: args.namespace.clone(),
+                            policy: config.restore.clone(),
+                        }),
                     };
                     let pulled = runtime
                         .block_on(oci::pull(&pull))
                         .with_context(|| format!("pull {}", pull.reference))?;
                     println!("pulled       {} ({})", pull.reference, pulled.digest);
+                    pulled_name = Some(name);
                     pulled.dir
                 }
                 _ => anyhow::bail!("restore takes one of --checkpoint-dir and --from"),
@@ -426,6 +437,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let progress = progress::for_stderr();
             let restored = runtime.block_on(restore(&request, progress.as_ref()));
             progress.finish();
+            if let (Err(_), Some(name)) = (&restored, &pulled_name) {
+                // A refused or failed restore keeps nothing of what it pulled.
+                if let Err(e) = store::remove(&request.checkpoint_root, name, Path::new(LEASE_DIR)) {
+                    log::warn!("the pulled checkpoint {name} stays in the root: {e}");
+                }
+            }
             let pod =
                 restored.with_context(|| format!("restore from {}", request.checkpoint_dir.display()))?;
             println!("pod          {}/{} (uid {})", pod.namespace, pod.name, pod.uid);
@@ -521,13 +538,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Pull { reference, dir } => {
+        Command::Pull {
+            reference,
+            dir,
+            for_namespace,
+        } => {
             let request = oci::PullRequest {
                 reference,
                 dest: dir,
                 checkpoint_root,
                 policy: config.registry.clone(),
                 config_name: config.describe(),
+                restore_check: for_namespace.map(|namespace| oci::RestoreCheck {
+                    namespace: Some(namespace),
+                    policy: config.restore.clone(),
+                }),
             };
             let pulled = runtime
                 .block_on(oci::pull(&request))

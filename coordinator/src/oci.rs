@@ -24,7 +24,10 @@
 //! path order), so an unchanged part compresses to the same blob and is not uploaded again.
 //!
 //! A pull refuses a registry the node configuration does not allow before any network call,
-//! verifies the signature against the trusted keys before it downloads a layer, then streams
+//! verifies the signature against the trusted keys before it downloads a layer, checks the
+//! node's restore policy against the checkpoint's manifest (the config blob) when it pulls for
+//! a restore ([`RestoreCheck`]: a pod that may not restore the checkpoint gets nothing of it
+//! pulled), then streams
 //! each layer through the zstd decoder into a staging directory inside the checkpoint root
 //! (`.<name>.tmp-<pid>`, 0700, files 0600): only regular files the checkpoint's manifest lists,
 //! in the part the layer claims, of exactly the listed size (a GNU long name of at most 64 KiB
@@ -41,13 +44,13 @@ use std::str::FromStr;
 
 use base64::Engine;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use futures::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use podsnap_checkpoint::config::RegistryPolicy;
+use podsnap_checkpoint::config::{RegistryPolicy, RestorePolicy};
 use podsnap_checkpoint::manifest::{
     read_full, safe_relative, Manifest, StreamDigest, MANIFEST, MAX_MANIFEST_BYTES,
 };
@@ -148,30 +151,101 @@ fn client_for(reference: &Reference, policy: &RegistryPolicy) -> Client {
     })
 }
 
-/// Credentials for `registry` from the Docker config file (`$DOCKER_CONFIG/config.json`, else
-/// `~/.docker/config.json`): `auths.<registry>.auth` (base64 `user:password`) or its
-/// `username`/`password`; anonymous when there is no file or no entry.
-pub fn docker_auth(registry: &str) -> Result<RegistryAuth> {
+/// Docker Hub's key in a Docker config file, whatever name a reference gives the Hub.
+pub const DOCKER_HUB_SERVER: &str = "https://index.docker.io/v1/";
+/// What a credential helper says when it holds nothing for a server.
+const HELPER_NOT_FOUND: &str = "credentials not found in native keychain";
+/// How long a credential helper may take to answer.
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The largest answer read from a credential helper.
+const MAX_HELPER_BYTES: usize = 64 * 1024;
+
+/// Credentials for a registry, and what they are: the registry errors of a push or pull name
+/// them (`anonymous: no entry for ... in ...`, `user "ci" from credential helper ...`), so an
+/// operator sees which credentials a refusal answered.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub auth: RegistryAuth,
+    pub source: String,
+}
+
+/// Credentials for `registry` (as a reference names it) from the Docker config file
+/// (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`), found as docker finds them:
+/// Docker Hub (`docker.io`, `index.docker.io`, `registry-1.docker.io`) under
+/// `https://index.docker.io/v1/`, every other registry under `host[:port]` (a key written as a
+/// URL, `https://host/v1/`, matches its host); a credential helper (`credHelpers` for this
+/// registry, else `credsStore`) is asked with `docker-credential-<name> get`, and when it has
+/// none the pull goes anonymous, as docker's does; else `auths` (`auth`, base64 `user:password`,
+/// or `username`/`password`). Anonymous when there is no file or no entry.
+pub async fn docker_auth(registry: &str) -> Result<Credentials> {
     let path = match std::env::var_os("DOCKER_CONFIG").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir).join("config.json"),
         None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
             Some(home) => PathBuf::from(home).join(".docker/config.json"),
-            None => return Ok(RegistryAuth::Anonymous),
+            None => {
+                return Ok(Credentials {
+                    auth: RegistryAuth::Anonymous,
+                    source: "anonymous: neither DOCKER_CONFIG nor HOME names a Docker config file".into(),
+                })
+            }
         },
     };
     let text = match std::fs::read(&path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryAuth::Anonymous),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Credentials {
+                auth: RegistryAuth::Anonymous,
+                source: format!("anonymous: there is no {}", path.display()),
+            })
+        }
         Err(e) => return Err(Error::io("read the Docker config file", &path)(e)),
     };
-    auth_from_docker_config(&text, registry)
+    credentials_from(&text, &path, registry, None)
+        .await
         .map_err(|reason| refused(format!("{}: {reason}", path.display())))
 }
 
+/// Whether `host` names Docker Hub.
+fn is_docker_hub(host: &str) -> bool {
+    matches!(
+        host.to_ascii_lowercase().as_str(),
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    )
+}
+
+/// The key Docker keeps `registry`'s credentials under.
+pub fn docker_server_address(registry: &str) -> String {
+    if is_docker_hub(registry) {
+        DOCKER_HUB_SERVER.to_owned()
+    } else {
+        registry.to_owned()
+    }
+}
+
+/// The registry a Docker config key names, compared case-insensitively, the Hub as one:
+/// `https://host:5000/v1/` -> `host:5000`.
+fn key_registry(key: &str) -> String {
+    let key = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = key.split('/').next().unwrap_or(key).to_ascii_lowercase();
+    if is_docker_hub(&host) {
+        "docker.io".to_owned()
+    } else {
+        host
+    }
+}
+
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct DockerConfig {
     #[serde(default)]
     auths: BTreeMap<String, DockerAuth>,
+    #[serde(default)]
+    creds_store: Option<String>,
+    #[serde(default)]
+    cred_helpers: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -179,37 +253,163 @@ struct DockerAuth {
     auth: Option<String>,
     username: Option<String>,
     password: Option<String>,
+    identitytoken: Option<String>,
 }
 
-fn auth_from_docker_config(text: &[u8], registry: &str) -> std::result::Result<RegistryAuth, String> {
+/// [`docker_auth`] on the config file `text` (read from `path`); credential helpers are run
+/// from `helper_dir` when given, else found through `PATH`.
+async fn credentials_from(
+    text: &[u8],
+    path: &Path,
+    registry: &str,
+    helper_dir: Option<&Path>,
+) -> std::result::Result<Credentials, String> {
     let config: DockerConfig =
         serde_json::from_slice(text).map_err(|e| format!("not a Docker config file: {e}"))?;
-    // Keys are `host[:port]`, sometimes written as a URL (`https://host/v1/`).
-    let entry = config.auths.iter().find(|(key, _)| {
-        let key = key
-            .strip_prefix("https://")
-            .or_else(|| key.strip_prefix("http://"))
-            .unwrap_or(key);
-        let host = key.split('/').next().unwrap_or(key);
-        host.eq_ignore_ascii_case(registry)
-    });
-    let Some((_, entry)) = entry else {
-        return Ok(RegistryAuth::Anonymous);
+    let server = docker_server_address(registry);
+    let wanted = key_registry(&server);
+    let shown = path.display();
+    let helper = config
+        .cred_helpers
+        .get(&server)
+        .or_else(|| {
+            config
+                .cred_helpers
+                .iter()
+                .find(|(key, _)| key_registry(key) == wanted)
+                .map(|(_, helper)| helper)
+        })
+        .map(|helper| (helper.as_str(), "credHelpers"))
+        .or(config.creds_store.as_deref().map(|helper| (helper, "credsStore")))
+        .filter(|(helper, _)| !helper.is_empty());
+    if let Some((helper, how)) = helper {
+        let asked = format!("credential helper docker-credential-{helper} ({how} in {shown}) for {server}");
+        return match run_helper(helper_dir, helper, &server).await? {
+            Some((user, _)) if user == "<token>" => Err(format!(
+                "{asked} answers with an identity token, which podsnap cannot use: store a user \
+                 and password (or access token) instead"
+            )),
+            Some((user, secret)) => Ok(Credentials {
+                source: format!("user {user:?} from {asked}"),
+                auth: RegistryAuth::Basic(user, secret),
+            }),
+            None => Ok(Credentials {
+                auth: RegistryAuth::Anonymous,
+                source: format!("anonymous: {asked} has none"),
+            }),
+        };
+    }
+    let entry = config
+        .auths
+        .get_key_value(&server)
+        .or_else(|| config.auths.iter().find(|(key, _)| key_registry(key) == wanted));
+    let Some((key, entry)) = entry else {
+        return Ok(Credentials {
+            auth: RegistryAuth::Anonymous,
+            source: format!("anonymous: no entry for {server} in {shown}"),
+        });
     };
+    let from = format!("auths.{key:?} of {shown}");
     if let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(auth.trim())
-            .map_err(|e| format!("auths.{registry}.auth is not base64: {e}"))?;
-        let decoded =
-            String::from_utf8(decoded).map_err(|_| format!("auths.{registry}.auth is not UTF-8"))?;
+            .map_err(|e| format!("{from}: auth is not base64: {e}"))?;
+        let decoded = String::from_utf8(decoded).map_err(|_| format!("{from}: auth is not UTF-8"))?;
         let (user, password) = decoded
             .split_once(':')
-            .ok_or_else(|| format!("auths.{registry}.auth is not user:password"))?;
-        return Ok(RegistryAuth::Basic(user.to_owned(), password.to_owned()));
+            .ok_or_else(|| format!("{from}: auth is not user:password"))?;
+        return Ok(Credentials {
+            auth: RegistryAuth::Basic(user.to_owned(), password.to_owned()),
+            source: format!("user {user:?} from {from}"),
+        });
     }
-    match (&entry.username, &entry.password) {
-        (Some(u), Some(p)) => Ok(RegistryAuth::Basic(u.clone(), p.clone())),
-        _ => Ok(RegistryAuth::Anonymous),
+    match (&entry.username, &entry.password, &entry.identitytoken) {
+        (Some(u), Some(p), _) => Ok(Credentials {
+            auth: RegistryAuth::Basic(u.clone(), p.clone()),
+            source: format!("user {u:?} from {from}"),
+        }),
+        (_, _, Some(_)) => Err(format!(
+            "{from} holds an identity token, which podsnap cannot use: log in with a user and \
+             password (or access token)"
+        )),
+        _ => Ok(Credentials {
+            auth: RegistryAuth::Anonymous,
+            source: format!("anonymous: {from} holds no credentials"),
+        }),
+    }
+}
+
+/// What a credential helper's `get` answers.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HelperAnswer {
+    username: String,
+    secret: String,
+}
+
+/// `docker-credential-<helper> get` for `server` (on its standard input): `(user, secret)`, or
+/// `None` when it holds nothing for the server.
+async fn run_helper(
+    dir: Option<&Path>,
+    helper: &str,
+    server: &str,
+) -> std::result::Result<Option<(String, String)>, String> {
+    use tokio::io::AsyncWriteExt;
+    let program = format!("docker-credential-{helper}");
+    let who = format!("credential helper {program}");
+    if helper.contains('/') {
+        return Err(format!("{who}: a helper is named, not given by path"));
+    }
+    let mut cmd = tokio::process::Command::new(match dir {
+        Some(dir) => dir.join(&program),
+        None => PathBuf::from(&program),
+    });
+    cmd.arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("{who} could not run: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(server.as_bytes())
+            .await
+            .map_err(|e| format!("{who}: writing the server: {e}"))?;
+    }
+    let out = tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| format!("{who} did not answer within {HELPER_TIMEOUT:?}"))?
+        .map_err(|e| format!("{who}: {e}"))?;
+    let said = |bytes: &[u8]| {
+        String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_HELPER_BYTES)])
+            .trim()
+            .to_owned()
+    };
+    if !out.status.success() {
+        let (stdout, stderr) = (said(&out.stdout), said(&out.stderr));
+        if stdout.contains(HELPER_NOT_FOUND) || stderr.contains(HELPER_NOT_FOUND) {
+            return Ok(None);
+        }
+        return Err(format!("{who} failed ({}): {stdout} {stderr}", out.status));
+    }
+    if out.stdout.len() > MAX_HELPER_BYTES {
+        return Err(format!("{who} answered more than {MAX_HELPER_BYTES} bytes"));
+    }
+    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{who} answered something that is not its JSON: {e}"))?;
+    if answer.username.is_empty() && answer.secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((answer.username, answer.secret)))
+}
+
+/// Adds the credentials tried to a registry error.
+fn tried(credentials: &Credentials) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Registry(message) => {
+            Error::Registry(format!("{message} (credentials tried: {})", credentials.source))
+        }
+        other => other,
     }
 }
 
@@ -297,7 +497,8 @@ pub fn verify(
         .and_then(|b| b.try_into().ok())
         .ok_or("the signature is not 64 bytes of hex")?;
     let message = format!("{SIGNED_PREFIX}{manifest_digest}");
-    key.verify(message.as_bytes(), &Signature::from_bytes(&bytes))
+    // Strict: no weak (small-order) key or signature component, no malleated signature.
+    key.verify_strict(message.as_bytes(), &Signature::from_bytes(&bytes))
         .map_err(|_| format!("the signature by key {} does not verify", blob.key))?;
     Ok(blob.key.clone())
 }
@@ -564,12 +765,13 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
     .map_err(|e| refused(format!("verifying {}: {e}", request.dir.display())))??;
     let config_bytes = std::fs::read(dir.join(MANIFEST)).map_err(Error::io("read", dir.join(MANIFEST)))?;
     let config_digest = sha256_digest(&config_bytes);
-    let auth = docker_auth(image.registry())?;
+    let credentials = docker_auth(image.registry()).await?;
     let client = client_for(&image, policy);
     client
-        .auth(&image, &auth, oci_client::RegistryOperation::Push)
+        .auth(&image, &credentials.auth, oci_client::RegistryOperation::Push)
         .await
-        .map_err(registry_error("authenticating", &request.reference))?;
+        .map_err(registry_error("authenticating", &request.reference))
+        .map_err(tried(&credentials))?;
 
     let mut descriptors = Vec::new();
     let (mut uploaded, mut uploaded_bytes, mut early) = (0, 0, 0);
@@ -613,7 +815,10 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
         descriptors.push(layer_descriptor(&layer.part, &layer.digest, layer.size));
         let size = layer.size;
         let part = layer.part.clone();
-        if upload_file(&client, &image, layer).await? {
+        if upload_file(&client, &image, layer)
+            .await
+            .map_err(tried(&credentials))?
+        {
             log::info!("{}: uploaded part {part} ({size} bytes)", request.reference);
             uploaded += 1;
             uploaded_bytes += size;
@@ -625,7 +830,9 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
         .await
         .map_err(|e| refused(format!("compressing the layers: {e}")))?;
     let config_size = config_bytes.len() as u64;
-    upload_bytes(&client, &image, config_bytes, &config_digest).await?;
+    upload_bytes(&client, &image, config_bytes, &config_digest)
+        .await
+        .map_err(tried(&credentials))?;
     let layers = descriptors.len();
     let body = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
@@ -640,7 +847,9 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
     }))
     .map_err(|e| refused(format!("encoding the manifest: {e}")))?;
     let digest = sha256_digest(&body);
-    push_manifest(&client, &image, &body).await?;
+    push_manifest(&client, &image, &body)
+        .await
+        .map_err(tried(&credentials))?;
 
     let signed_by = match key {
         Some(key) => {
@@ -705,12 +914,13 @@ impl EarlyPush {
     /// Checks the reference like [`push`] and starts watching `parts` (which the caller made).
     pub async fn start(request: &PushRequest, dest: &Path, parts: PathBuf) -> Result<EarlyPush> {
         let image = checked_reference(&request.reference, &request.policy, &request.config_name)?;
-        let auth = docker_auth(image.registry())?;
+        let credentials = docker_auth(image.registry()).await?;
         let client = client_for(&image, &request.policy);
         client
-            .auth(&image, &auth, oci_client::RegistryOperation::Push)
+            .auth(&image, &credentials.auth, oci_client::RegistryOperation::Push)
             .await
-            .map_err(registry_error("authenticating", &request.reference))?;
+            .map_err(registry_error("authenticating", &request.reference))
+            .map_err(tried(&credentials))?;
         let (stop, mut stopping) = tokio::sync::watch::channel(false);
         let (level, dest) = (request.zstd_level, dest.to_path_buf());
         let task = tokio::spawn(async move {
@@ -820,6 +1030,29 @@ pub struct PullRequest {
     pub checkpoint_root: PathBuf,
     pub policy: RegistryPolicy,
     pub config_name: String,
+    /// Pulling for a restore: the restore policy checked before any layer is downloaded.
+    pub restore_check: Option<RestoreCheck>,
+}
+
+/// Who a checkpoint is pulled for: checked against its manifest, before any layer is pulled.
+#[derive(Debug, Clone)]
+pub struct RestoreCheck {
+    /// The namespace of the pod to restore; the checkpoint's own when `None` (a CLI restore
+    /// that names none).
+    pub namespace: Option<String>,
+    /// The node's restore policy.
+    pub policy: RestorePolicy,
+}
+
+impl RestoreCheck {
+    /// Whether the restore may take the checkpoint of `manifest` (named `reference`): the
+    /// namespace rules of the node's restore policy.
+    fn check(&self, manifest: &Manifest, reference: &str, config_name: &str) -> Result<()> {
+        let source = manifest.pod.namespace.as_deref();
+        let target = self.namespace.as_deref().or(source).unwrap_or_default();
+        podsnap_checkpoint::policy::check_namespace(&self.policy, source, target, config_name)
+            .map_err(|v| podsnap_checkpoint::Error::refused(reference, v).into())
+    }
 }
 
 /// What a pull did.
@@ -967,13 +1200,15 @@ pub async fn pull(request: &PullRequest) -> Result<PullOutcome> {
             request.config_name
         )));
     }
-    let auth = docker_auth(image.registry())?;
+    let credentials = docker_auth(image.registry()).await?;
+    let auth = &credentials.auth;
     let client = client_for(&image, policy);
     let whole = request.reference.clone();
     let (bytes, _) = client
-        .pull_manifest_raw(&image, &auth, &[OCI_IMAGE_MEDIA_TYPE])
+        .pull_manifest_raw(&image, auth, &[OCI_IMAGE_MEDIA_TYPE])
         .await
-        .map_err(registry_error("fetching the manifest", &whole))?;
+        .map_err(registry_error("fetching the manifest", &whole))
+        .map_err(tried(&credentials))?;
     if bytes.len() > MAX_OCI_MANIFEST_BYTES {
         return Err(refused(format!(
             "the manifest of {whole} is larger than {MAX_OCI_MANIFEST_BYTES} bytes"
@@ -986,7 +1221,7 @@ pub async fn pull(request: &PullRequest) -> Result<PullOutcome> {
         }
     }
     // The signature first: nothing else is downloaded for an untrusted checkpoint.
-    let verified_by = match check_signature(&client, &image, &auth, &digest, &trusted).await {
+    let verified_by = match check_signature(&client, &image, auth, &digest, &trusted).await {
         Ok(key) => Some(key),
         Err(reason) if policy.allow_unsigned => {
             log::warn!("{whole}: pulling an unverified checkpoint ({reason}), as allow_unsigned permits");
@@ -1018,6 +1253,10 @@ pub async fn pull(request: &PullRequest) -> Result<PullOutcome> {
     )
     .await?;
     let manifest = Manifest::parse(&config)?;
+    // Whom it is for, before any layer: a pod that may not restore it gets nothing of it.
+    if let Some(check) = &request.restore_check {
+        check.check(&manifest, &whole, &request.config_name)?;
+    }
     let expected = parts(&manifest);
     let mut claimed = BTreeSet::new();
     for layer in &oci.layers {
@@ -1453,29 +1692,151 @@ mod tests {
         }
     }
 
+    /// [`credentials_from`] on `config`, helpers run from `helpers`.
+    fn credentials(
+        config: &str,
+        registry: &str,
+        helpers: Option<&Path>,
+    ) -> std::result::Result<Credentials, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(credentials_from(
+            config.as_bytes(),
+            Path::new("/home/ci/.docker/config.json"),
+            registry,
+            helpers,
+        ))
+    }
+
+    fn basic(c: &std::result::Result<Credentials, String>) -> Option<(String, String)> {
+        match c {
+            Ok(Credentials {
+                auth: RegistryAuth::Basic(u, p),
+                ..
+            }) => Some((u.clone(), p.clone())),
+            _ => None,
+        }
+    }
+
+    fn pair(u: &str, p: &str) -> Option<(String, String)> {
+        Some((u.to_owned(), p.to_owned()))
+    }
+
     #[test]
     fn docker_config_credentials() {
-        let text = br#"{"auths": {"https://reg.example.com/v1/": {"auth": "dXNlcjpwYXNz"},
-            "127.0.0.1:5000": {"username": "a", "password": "b"}}}"#;
-        assert!(matches!(auth_from_docker_config(text, "reg.example.com"),
-            Ok(RegistryAuth::Basic(u, p)) if u == "user" && p == "pass"));
-        assert!(matches!(auth_from_docker_config(text, "127.0.0.1:5000"),
-            Ok(RegistryAuth::Basic(u, p)) if u == "a" && p == "b"));
-        assert!(matches!(
-            auth_from_docker_config(text, "other"),
-            Ok(RegistryAuth::Anonymous)
-        ));
-        assert!(auth_from_docker_config(b"{\"auths\": {\"x\": {\"auth\": \"!!\"}}}", "x").is_err());
+        let text = r#"{"auths": {"https://reg.example.com/v1/": {"auth": "dXNlcjpwYXNz"},
+            "127.0.0.1:5000": {"username": "a", "password": "b", "email": "x@y"}}}"#;
+        assert_eq!(
+            basic(&credentials(text, "reg.example.com", None)),
+            pair("user", "pass")
+        );
+        assert_eq!(
+            basic(&credentials(text, "Reg.Example.com", None)),
+            pair("user", "pass")
+        );
+        assert_eq!(basic(&credentials(text, "127.0.0.1:5000", None)), pair("a", "b"));
+        let other = credentials(text, "other", None).expect("anonymous");
+        assert_eq!(other.auth, RegistryAuth::Anonymous);
+        assert!(
+            other
+                .source
+                .contains("no entry for other in /home/ci/.docker/config.json"),
+            "{}",
+            other.source
+        );
+        assert!(credentials(r#"{"auths": {"x": {"auth": "!!"}}}"#, "x", None).is_err());
+        let token = credentials(r#"{"auths": {"x": {"identitytoken": "t"}}}"#, "x", None);
+        assert!(token.expect_err("an identity token").contains("identity token"));
     }
 
     #[test]
     fn docker_hub_credentials_match_docker_io() {
-        let text = br#"{"auths": {"https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"}}}"#;
+        let text = r#"{"auths": {"https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"}}}"#;
+        for registry in ["docker.io", "index.docker.io", "registry-1.docker.io"] {
+            let c = credentials(text, registry, None);
+            assert_eq!(basic(&c), pair("user", "pass"), "{registry}: {c:?}");
+            assert!(
+                c.expect("credentials")
+                    .source
+                    .contains("https://index.docker.io/v1/"),
+                "{registry}"
+            );
+        }
+        // A key written as a host also counts for the Hub.
+        let text = r#"{"auths": {"docker.io": {"username": "u", "password": "p"}}}"#;
+        assert_eq!(basic(&credentials(text, "docker.io", None)), pair("u", "p"));
+    }
+
+    /// A fake credential helper in `dir`: it knows `server` (user `user`, secret `secret`), and
+    /// answers docker's "not found" for every other server.
+    fn fake_helper(dir: &Path, name: &str, server: &str, user: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(format!("docker-credential-{name}"));
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread -r server\nif [ \"$server\" = \"{server}\" ]; then\n  \
+                 printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"secret\"}}' \"$server\"\nelse\n  \
+                 echo '{HELPER_NOT_FOUND}'; exit 1\nfi\n"
+            ),
+        )
+        .expect("write the helper");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    #[test]
+    fn credential_helpers_are_asked_as_docker_asks_them() {
+        let t = tempfile::tempdir().expect("tempdir");
+        fake_helper(t.path(), "store", "https://index.docker.io/v1/", "hub-user");
+        fake_helper(t.path(), "ecr", "1234.dkr.ecr.example.com", "AWS");
+        fake_helper(t.path(), "tokens", "tokens.example.com", "<token>");
+        let helpers = Some(t.path());
+        let config = r#"{"credsStore": "store",
+            "credHelpers": {"1234.dkr.ecr.example.com": "ecr", "tokens.example.com": "tokens"},
+            "auths": {"https://index.docker.io/v1/": {"auth": "ZmlsZTpmaWxl"},
+                      "plain.example.com": {"auth": "ZmlsZTpmaWxl"}}}"#;
+        // The store (credsStore) wins over auths, for the Hub by its v1 address.
+        let hub = credentials(config, "docker.io", helpers);
+        assert_eq!(basic(&hub), pair("hub-user", "secret"), "{hub:?}");
+        let source = hub.expect("credentials").source;
         assert!(
-            matches!(auth_from_docker_config(text, "docker.io"),
-            Ok(RegistryAuth::Basic(u, p)) if u == "user" && p == "pass"),
-            "{:?}",
-            auth_from_docker_config(text, "docker.io")
+            source.contains("docker-credential-store (credsStore in /home/ci/.docker/config.json)"),
+            "{source}"
+        );
+        // credHelpers names the helper of its registry.
+        let ecr = credentials(config, "1234.dkr.ecr.example.com", helpers);
+        assert_eq!(basic(&ecr), pair("AWS", "secret"), "{ecr:?}");
+        assert!(ecr.expect("credentials").source.contains("credHelpers"));
+        // A helper without credentials for the registry: anonymous, as docker goes, and said.
+        let none = credentials(config, "plain.example.com", helpers).expect("anonymous");
+        assert_eq!(none.auth, RegistryAuth::Anonymous);
+        assert!(
+            none.source.contains("docker-credential-store") && none.source.contains("has none"),
+            "{}",
+            none.source
+        );
+        // An identity token cannot be used: refused, not sent as something else.
+        let token = credentials(config, "tokens.example.com", helpers).expect_err("a token");
+        assert!(token.contains("identity token"), "{token}");
+        // A helper that does not exist is an error naming it, not a silent anonymous pull.
+        let missing =
+            credentials(r#"{"credsStore": "nowhere"}"#, "docker.io", helpers).expect_err("no such helper");
+        assert!(missing.contains("docker-credential-nowhere"), "{missing}");
+    }
+
+    #[test]
+    fn registry_errors_say_which_credentials_were_tried() {
+        let credentials = Credentials {
+            auth: RegistryAuth::Anonymous,
+            source: "anonymous: no entry for docker.io in /root/.docker/config.json".into(),
+        };
+        let e = tried(&credentials)(refused("fetching the manifest (docker.io/x/y:1): unauthorized"));
+        assert!(
+            e.to_string()
+                .contains("credentials tried: anonymous: no entry for docker.io"),
+            "{e}"
         );
     }
 

@@ -60,17 +60,39 @@ fn snapshot_root(layers: &[String]) -> Option<&str> {
 /// A restore annotation naming a checkpoint in an OCI registry: `oci://REF`.
 pub const OCI_PREFIX: &str = "oci://";
 
+/// The name in the checkpoint root of the copy of an `oci://` checkpoint pulled for the pod
+/// with sandbox id `sandbox`: it belongs to that pod, and goes when the pod is refused or
+/// removed ([`remove_pulled`]).
+pub fn pulled_name(sandbox: &str) -> String {
+    format!("oci-{}", &sandbox[..sandbox.len().min(16)])
+}
+
+/// Removes the copy pulled for the pod with sandbox id `sandbox` from `root`, if there is one
+/// (never while a lease holds it: a lazy restore's daemon may still read it).
+pub fn remove_pulled(root: &Path, sandbox: &str) {
+    let name = pulled_name(sandbox);
+    if std::fs::symlink_metadata(root.join(&name)).is_err() {
+        return;
+    }
+    match podsnap_checkpoint::store::remove(root, &name, Path::new(LEASE_DIR)) {
+        Ok(_) => log::info!("pod {sandbox}: removed checkpoint {name}, pulled for it"),
+        Err(e) => log::warn!("pod {sandbox}: the checkpoint {name} pulled for it stays: {e}"),
+    }
+}
+
 /// Pulls the checkpoint at `reference` into the checkpoint root for the pod of `identity`, once
 /// per pod (the sandbox's plan pulls it, its containers' find it): `podsnap pull`, so the
-/// node's `[registry]` rules apply (allowed registries, trusted signing keys) and every digest
-/// is checked before the checkpoint lands in the root. Returns its name there.
+/// node's `[registry]` rules apply (allowed registries, trusted signing keys), the restore
+/// policy is checked against the checkpoint's manifest before any layer is downloaded
+/// (`--for-namespace`), and every digest is checked before the checkpoint lands in the root.
+/// Returns its name there.
 async fn pull_for_pod(reference: &str, identity: &PodIdentity, root: &Path) -> Result<String> {
     let sandbox = identity.sandbox_id.as_deref().ok_or_else(|| {
         Error::InvalidArgument(format!(
             "{RESTORE_ANNOTATION}: {OCI_PREFIX}{reference}: no sandbox id"
         ))
     })?;
-    let name = format!("oci-{}", &sandbox[..sandbox.len().min(16)]);
+    let name = pulled_name(sandbox);
     if root.join(&name).is_dir() {
         return Ok(name);
     }
@@ -83,6 +105,8 @@ async fn pull_for_pod(reference: &str, identity: &PodIdentity, root: &Path) -> R
     cmd.arg("pull")
         .arg(reference)
         .arg(&name)
+        .arg("--for-namespace")
+        .arg(identity.pod_namespace.as_deref().unwrap_or(""))
         .env("PODSNAP_CHECKPOINT_ROOT", root)
         .stdin(std::process::Stdio::null());
     log::info!("pod {sandbox}: pulling checkpoint {reference} as {name}");
@@ -266,18 +290,29 @@ impl Restores {
         }
         let config = NodeConfig::load()?;
         let root = config.checkpoint_root();
-        let name = match name.strip_prefix(OCI_PREFIX) {
-            Some(reference) => pull_for_pod(reference, identity, &root).await?,
-            None => name,
+        let (name, pulled) = match name.strip_prefix(OCI_PREFIX) {
+            Some(reference) => (pull_for_pod(reference, identity, &root).await?, true),
+            None => (name, false),
         };
-        let dir = resolve(&root, &name)?;
-        self.lease(&root, &name, &dir, identity)?;
-        let verified = match self.verified(&dir, &name, &config, identity).await {
-            Ok(v) => v,
+        let opened = async {
+            let dir = resolve(&root, &name)?;
+            self.lease(&root, &name, &dir, identity)?;
+            let verified = self.verified(&dir, &name, &config, identity).await;
+            if verified.is_err() && identity.is_sandbox {
+                // The pod is refused: it holds nothing.
+                lock(&self.leases).remove(&dir);
+            }
+            Ok::<_, Error>((dir, verified?))
+        };
+        let (dir, verified) = match opened.await {
+            Ok(opened) => opened,
             Err(e) => {
-                if identity.is_sandbox {
-                    // The pod is refused: it holds nothing.
-                    lock(&self.leases).remove(&dir);
+                if let (true, true, Some(sandbox)) =
+                    (pulled, identity.is_sandbox, identity.sandbox_id.as_deref())
+                {
+                    // Nor does the root keep what was pulled for it.
+                    let (root, sandbox) = (root.clone(), sandbox.to_owned());
+                    let _ = tokio::task::spawn_blocking(move || remove_pulled(&root, &sandbox)).await;
                 }
                 return Err(e);
             }

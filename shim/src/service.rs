@@ -80,6 +80,8 @@ impl Shim for PodShim {
         if pruned > 0 {
             log::info!("pod {pod}: released {pruned} stale checkpoint leases");
         }
+        // The pod is gone: so is the checkpoint pulled for it (an `oci://` restore).
+        remove_pulled_for(&pod).await;
         let choice = match RuncChoice::recorded(Path::new(".")) {
             Ok(Some(choice)) => choice,
             Ok(None) => RuncChoice::default_for(&self.namespace),
@@ -122,6 +124,8 @@ impl Shim for PodShim {
         if released > 0 {
             log::info!("pod {}: released {released} checkpoint leases", self.id);
         }
+        // And the checkpoint pulled for it (an `oci://` restore) with them.
+        remove_pulled_for(&self.id).await;
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> PodTask {
@@ -132,6 +136,17 @@ impl Shim for PodShim {
         );
         task.watch_exits().await;
         task
+    }
+}
+
+/// Removes the checkpoint pulled into the node's checkpoint root for pod `sandbox`, if any.
+async fn remove_pulled_for(sandbox: &str) {
+    match podsnap_checkpoint::config::NodeConfig::load() {
+        Ok(config) => {
+            let (root, sandbox) = (config.checkpoint_root(), sandbox.to_owned());
+            let _ = tokio::task::spawn_blocking(move || crate::restore::remove_pulled(&root, &sandbox)).await;
+        }
+        Err(e) => log::warn!("pod {sandbox}: a checkpoint pulled for it may stay in the root: {e}"),
     }
 }
 

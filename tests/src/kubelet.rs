@@ -319,7 +319,8 @@ impl ContainerSpec {
 
     /// Mounts the host path `host` at `path` (a hostPath volume), read-only if `readonly`.
     pub fn with_host_path(mut self, host: &Path, path: &str, readonly: bool) -> Self {
-        self.host_paths.push((host.to_path_buf(), path.to_owned(), readonly));
+        self.host_paths
+            .push((host.to_path_buf(), path.to_owned(), readonly));
         self
     }
 }

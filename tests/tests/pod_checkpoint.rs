@@ -45,7 +45,11 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     for f in [podsnap_checkpoint::kdat::CACHE, podsnap_checkpoint::kdat::RECORD] {
         let _ = std::fs::remove_file(std::path::Path::new(podsnap_checkpoint::kdat::RUN_DIR).join(f));
     }
-    let app_created = node.cri().container(&pod.app_id).expect("the app's status").created_at;
+    let app_created = node
+        .cri()
+        .container(&pod.app_id)
+        .expect("the app's status")
+        .created_at;
     let outcome = dump(&node, &pod, None).expect("podsnap dump");
     let dumped = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

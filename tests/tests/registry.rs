@@ -811,7 +811,8 @@ fn a_refused_oci_restore_leaves_nothing_in_the_root() {
     let log = registry.log();
     for layer in &layers {
         assert!(
-            !log.lines().any(|l| l.contains("\"GET /v2/") && l.contains(layer.as_str())),
+            !log.lines()
+                .any(|l| l.contains("\"GET /v2/") && l.contains(layer.as_str())),
             "layer {layer} was downloaded for a refused pod:\n{log}"
         );
     }

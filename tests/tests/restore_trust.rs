@@ -391,7 +391,9 @@ fn recorded_states_restarts_and_a_replaced_image_symlink_come_back_as_they_were(
     );
     let canary_name = canary.file_name().and_then(|n| n.to_str()).expect("name");
     assert!(
-        err.contains(&format!("deleted path var/run/{canary_name} passes through a symlink")),
+        err.contains(&format!(
+            "deleted path var/run/{canary_name} passes through a symlink"
+        )),
         "{err}"
     );
     assert_eq!(
@@ -473,14 +475,20 @@ fn a_cli_restore_mounts_again_only_the_host_paths_the_node_allows() {
         cli.config = node.set_podsnap_config(toml).expect("config");
         let err = restore(&node, &cli)
             .map(|p| format!("restored as pod {}", p.id))
-            .expect_err(&format!("a host path the node does not allow ({toml:?}), restored"))
+            .expect_err(&format!(
+                "a host path the node does not allow ({toml:?}), restored"
+            ))
             .to_string();
         assert!(
             err.contains(&host.display().to_string()) && err.contains("host_paths"),
             "{toml}: {err}"
         );
         assert_eq!(sandboxes(&node), count, "{toml}: a refused restore created a pod");
-        assert_eq!(names_in(&pods), pod_dirs, "{toml}: a refused restore made a pod directory");
+        assert_eq!(
+            names_in(&pods),
+            pod_dirs,
+            "{toml}: a refused restore made a pod directory"
+        );
     };
     refused("", &dir);
     let prefix = node.dir().join("host");
