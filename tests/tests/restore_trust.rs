@@ -369,11 +369,16 @@ fn recorded_states_restarts_and_a_replaced_image_symlink_come_back_as_they_were(
         "containers/app/rootfs-deleted.json",
         deletions.to_string().as_bytes(),
     );
+    // A well-formed archive (owner, mode, time set, as a capture writes them), so that the
+    // refusal is the deletion's and not the archive's.
     let mut tar = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Regular);
     header.set_size(4);
     header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(1);
     header.set_cksum();
     tar.append_data(&mut header, "tmp/forged", &b"evil"[..])
         .expect("tar");
