@@ -782,7 +782,7 @@ fn a_refused_oci_restore_leaves_nothing_in_the_root() {
         .expect("the node's configuration");
     let root = node.files().checkpoints();
     let before = root_names(&root);
-    let annotated = |pod_name: String, namespace: &str| {
+    let annotated = |pod_name: String, namespace: &str, reference: &str| {
         let mut options = PodOptions::new(&pod_name, HANDLER);
         options.namespace = namespace.to_owned();
         options.annotations.insert(
@@ -794,7 +794,7 @@ fn a_refused_oci_restore_leaves_nothing_in_the_root() {
     for attempt in 0..2 {
         let err = format!(
             "{:#}",
-            run_pod(&node, &annotated(format!("{name}-b"), "team-b"))
+            run_pod(&node, &annotated(format!("{name}-b"), "team-b", &reference))
                 .map(|p| format!("created pod {}", p.id))
                 .expect_err("team-b restoring team-a's checkpoint")
         );
@@ -818,7 +818,7 @@ fn a_refused_oci_restore_leaves_nothing_in_the_root() {
     }
 
     // team-a's own pod pulls it; the copy goes when the pod does.
-    let allowed = run_pod(&node, &annotated(format!("{name}-a"), "team-a"))
+    let allowed = run_pod(&node, &annotated(format!("{name}-a"), "team-a", &reference))
         .expect("team-a's pod restores from the registry");
     let pulled: Vec<String> = root_names(&root)
         .into_iter()
@@ -833,5 +833,64 @@ fn a_refused_oci_restore_leaves_nothing_in_the_root() {
         wait_until(Duration::from_secs(30), || root_names(&root) == before),
         "the removed pod's pulled copy is still in the root: {:?}",
         root_names(&root)
+    );
+
+    // A signed checkpoint this node cannot run (another architecture): pulled for team-a's pod
+    // (its namespace is right), refused by the compatibility rule after the pull; the copy goes
+    // with the refusal. `podsnap restore --from` removes what it pulled as well.
+    let foreign = node.dir().join("foreign-checkpoint");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&source)
+        .arg(&foreign)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    let path = foreign.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("json");
+    m["host"]["arch"] = serde_json::json!("riscv64");
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).expect("json")).expect("write");
+    let foreign_ref = format!("{}/team-a/{name}:riscv64", registry.host());
+    let out = setup.podsnap(&config, &["push", foreign.to_str().expect("utf8"), &foreign_ref]);
+    assert!(out.status.success(), "push: {}", text(&out));
+    let err = format!(
+        "{:#}",
+        run_pod(&node, &annotated(format!("{name}-r"), "team-a", &foreign_ref))
+            .map(|p| format!("created pod {}", p.id))
+            .expect_err("a checkpoint of another architecture")
+    );
+    assert!(
+        err.contains("rule: compatibility") && err.contains("riscv64"),
+        "{err}"
+    );
+    assert_eq!(
+        root_names(&root),
+        before,
+        "the pod refused after its pull left the copy in the root"
+    );
+    let (pods, logs) = (pods_dir(&node), logs_dir(&node));
+    let out = setup.podsnap_on(
+        &config,
+        &node,
+        &[
+            "restore",
+            "--from",
+            &foreign_ref,
+            "--pods-dir",
+            pods.to_str().expect("utf8"),
+            "--logs-dir",
+            logs.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("riscv64"),
+        "restore --from: {}",
+        text(&out)
+    );
+    assert_eq!(
+        root_names(&root),
+        before,
+        "a failed restore --from left what it pulled in the root"
     );
 }
