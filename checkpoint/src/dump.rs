@@ -233,7 +233,10 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
         ..Default::default()
     };
     dump_into(&d, &mut staging, &running, &limit, &mut report).await?;
-    staging.commit()?;
+    if !staging.committed {
+        staging.commit()?;
+        hold("committed").await;
+    }
     drop(staging);
     drop(journal);
     report.phases.mark("committed");
@@ -550,9 +553,12 @@ async fn quiesced(
             .await
             .map_err(|e| Error::io("sync the checkpoint", &dir, std::io::Error::other(e)))??;
         staging.commit()?;
+        hold("committed").await;
         report.killed = frozen.kill_all();
+        hold("killed").await;
         frozen.thaw_all();
         report.frozen = freeze_start.elapsed();
+        hold("stopped").await;
         return Ok(Quiesced::Stopped);
     }
     frozen.thaw_all();

@@ -168,11 +168,22 @@ fn a_shim_killed_at_any_phase_of_a_dump_leaves_nothing_frozen_or_half_written() 
         .extra_env
         .push((HOLD_ENV.to_owned(), holds.path().display().to_string()));
     let node = Node::start(options);
-    for phase in ["before-freeze", "frozen", "dumped", "thawed"] {
+    // Into a new directory, or into an existing empty one (the dump writes it in place).
+    for (phase, in_place) in [
+        ("before-freeze", false),
+        ("frozen", true),
+        ("dumped", false),
+        ("thawed", true),
+    ] {
         let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique(phase), HANDLER))
             .expect("the pod runs");
         std::fs::write(holds.path().join(phase), b"").expect("arm");
         let dir = node.files().checkpoints().join(format!("killed-{phase}"));
+        if in_place {
+            std::fs::create_dir(&dir).expect("an empty destination");
+        }
+        // A process of someone else whose command line names a path beside the dump's.
+        let mut bystander = Bystander::naming(&dir.with_file_name(format!("killed-{phase}-bystander")));
         let dump = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
         let reached = holds.path().join(format!("{phase}.reached"));
         wait_for(
@@ -214,12 +225,51 @@ fn a_shim_killed_at_any_phase_of_a_dump_leaves_nothing_frozen_or_half_written() 
             "{phase}: staging output left: {:?}",
             staging_left(&node)
         );
-        assert!(!dir.exists(), "{phase}: no checkpoint from a dump that died");
+        if in_place {
+            assert_eq!(
+                std::fs::read_dir(&dir).expect("the destination stays").count(),
+                0,
+                "{phase}: no checkpoint from a dump that died"
+            );
+        } else {
+            assert!(!dir.exists(), "{phase}: no checkpoint from a dump that died");
+        }
         assert!(
             !journal_of(&pod.pod.id).exists(),
             "{phase}: the journal was recovered"
         );
+        assert!(
+            bystander.runs(),
+            "{phase}: the recovery killed a process that was not the dump's"
+        );
         remove_original(&node, &pod);
+    }
+}
+
+/// A process that is not podsnap's whose command line names `path` (`sh -c 'sleep 600' PATH`);
+/// killed when dropped.
+struct Bystander(std::process::Child);
+
+impl Bystander {
+    fn naming(path: &Path) -> Self {
+        Self(
+            std::process::Command::new("sh")
+                .args(["-c", "sleep 600"])
+                .arg(path)
+                .spawn()
+                .expect("sh"),
+        )
+    }
+
+    fn runs(&mut self) -> bool {
+        self.0.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -489,12 +539,12 @@ fn last_count(log: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn stop_means_nothing_runs_after_the_snapshot() {
-    let node = podsnap_tests::start_node!();
-    let pod = run_pod(&node, &PodOptions::new(&node.unique("stop"), HANDLER)).expect("sandbox");
+/// A pod whose one container, `app`, appends a counted line to its emptyDir volume every
+/// `interval_ms` (`app.log`).
+fn writer_pod(node: &Node, name: &str, interval_ms: u32) -> KubePod {
+    let pod = run_pod(node, &PodOptions::new(name, HANDLER)).expect("sandbox");
     let port = APP_PORT.to_string();
-    // Logs a line to the volume every tick (20 ms).
+    let interval = interval_ms.to_string();
     let writer = ContainerSpec::workload(
         "app",
         &[
@@ -506,14 +556,36 @@ fn stop_means_nothing_runs_after_the_snapshot() {
             "--volume",
             DATA_MOUNT,
             "--interval-ms",
-            "20",
+            &interval,
             "--log-every",
             "1",
         ],
     )
     .with_empty_dir(DATA_VOLUME, DATA_MOUNT);
-    run_container(&node, &pod, &writer).expect("the writer runs");
+    run_container(node, &pod, &writer).expect("the writer runs");
     wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("answers");
+    pod
+}
+
+/// The writer's `app.log` as the checkpoint at `dir` holds it (its volume archive).
+fn log_in_checkpoint(dir: &Path) -> String {
+    let archive = std::fs::File::open(dir.join(format!("volumes/{DATA_VOLUME}.tar"))).expect("archive");
+    let mut log = String::new();
+    for entry in tar::Archive::new(archive).entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        if entry.path().expect("path").ends_with("app.log") {
+            use std::io::Read;
+            entry.read_to_string(&mut log).expect("read");
+        }
+    }
+    log
+}
+
+#[test]
+fn stop_means_nothing_runs_after_the_snapshot() {
+    let node = podsnap_tests::start_node!();
+    // Logs a line to the volume every tick (20 ms).
+    let pod = writer_pod(&node, &node.unique("stop"), 20);
     // An observer outside the pod asks for the counter as fast as it can until the pod stops.
     let observer = {
         let ip = pod.ip.clone();
@@ -539,15 +611,7 @@ fn stop_means_nothing_runs_after_the_snapshot() {
     let volume = pod.empty_dir(DATA_VOLUME).expect("volume");
     let on_host = std::fs::read_to_string(volume.join("app.log")).expect("the volume's log");
     // What the checkpoint holds of the volume.
-    let archive = std::fs::File::open(dir.join(format!("volumes/{DATA_VOLUME}.tar"))).expect("archive");
-    let mut in_checkpoint = String::new();
-    for entry in tar::Archive::new(archive).entries().expect("entries") {
-        let mut entry = entry.expect("entry");
-        if entry.path().expect("path").ends_with("app.log") {
-            use std::io::Read;
-            entry.read_to_string(&mut in_checkpoint).expect("read");
-        }
-    }
+    let in_checkpoint = log_in_checkpoint(&dir);
     assert_eq!(
         on_host,
         in_checkpoint,
@@ -562,6 +626,104 @@ fn stop_means_nothing_runs_after_the_snapshot() {
         "a client outside saw count {seen_outside}, after the snapshot's {snapshot}"
     );
     assert!(frozen_cgroups(&pod.uid).is_empty(), "nothing left frozen");
+}
+
+/// The shim killed once the dump committed its checkpoint, at each hold after the commit, with
+/// `--stop` and without, into a new directory and into an existing empty one: the recovery of
+/// the dead dump keeps the checkpoint whole (`podsnap inspect` verifies it), finishes a
+/// `--stop` (nothing of the pod ran after the snapshot: its volume holds exactly what the
+/// checkpoint holds), leaves nothing frozen and removes the journal.
+#[test]
+fn a_shim_killed_after_the_commit_keeps_the_checkpoint_and_finishes_the_stop() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let node = node_with_holds(holds.path());
+    let podsnap = podsnap_binary();
+    // (--stop, the hold the shim is killed at, into an existing empty directory)
+    let cases = [
+        (true, "committed", true),
+        (true, "committed", false),
+        (true, "killed", false),
+        (true, "stopped", true),
+        (false, "committed", true),
+        (false, "committed", false),
+    ];
+    for (i, (stop, phase, in_place)) in cases.into_iter().enumerate() {
+        let what = format!(
+            "{} killed at {phase}{}",
+            if stop { "--stop" } else { "leave running" },
+            if in_place { ", in place" } else { "" }
+        );
+        // A line every 5 ms: a pod thawed before it is killed writes more.
+        let pod = writer_pod(&node, &node.unique(&format!("commit{i}")), 5);
+        let dir = node.files().checkpoints().join(format!("commit-{i}"));
+        if in_place {
+            std::fs::create_dir(&dir).expect("an empty destination");
+        }
+        std::fs::write(holds.path().join(phase), b"").expect("arm");
+        let dump = dump_in_background(&node, &pod, dir.clone(), |r| r.stop = stop);
+        let reached = holds.path().join(format!("{phase}.reached"));
+        wait_for(
+            &format!("{what}: the dump to reach {phase}"),
+            Duration::from_secs(60),
+            || reached.exists(),
+        );
+        assert!(journal_of(&pod.id).exists(), "{what}: the dump keeps a journal");
+        let shims = node.shim_pids(PODSNAP_SHIM);
+        assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(shims[0], libc::SIGKILL);
+        }
+        std::fs::remove_file(holds.path().join(phase)).expect("disarm");
+        std::fs::remove_file(&reached).expect("reset");
+        let outcome = dump.join().expect("the dump thread");
+        assert!(outcome.is_err(), "{what}: its shim died: {outcome:?}");
+        // containerd cleans up after the dead shim (`containerd-shim-podsnap-v1 delete`, which
+        // recovers the dump first).
+        wait_for(
+            &format!("{what}: the journal to be recovered"),
+            Duration::from_secs(30),
+            || !journal_of(&pod.id).exists(),
+        );
+        wait_for(
+            &format!("{what}: the pod's processes to be gone"),
+            Duration::from_secs(30),
+            || pod_processes(&pod.uid) == 0,
+        );
+        assert!(frozen_cgroups(&pod.uid).is_empty(), "{what}: a cgroup stayed frozen");
+        assert!(
+            staging_left(&node).is_empty(),
+            "{what}: staging output left: {:?}",
+            staging_left(&node)
+        );
+        let out = std::process::Command::new(&podsnap)
+            .arg("inspect")
+            .arg(&dir)
+            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+            .env("PODSNAP_CONFIG", node.files().podsnap_config())
+            .output()
+            .expect("podsnap inspect");
+        assert!(
+            out.status.success(),
+            "{what}: the committed checkpoint is whole: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if stop {
+            let volume = pod.empty_dir(DATA_VOLUME).expect("volume");
+            let on_host = std::fs::read_to_string(volume.join("app.log")).expect("the volume's log");
+            let in_checkpoint = log_in_checkpoint(&dir);
+            assert!(last_count(&in_checkpoint) > 0, "{what}: the writer ran");
+            assert_eq!(
+                on_host,
+                in_checkpoint,
+                "{what}: the pod ran after the snapshot (its log grew from {} to {})",
+                last_count(&in_checkpoint),
+                last_count(&on_host)
+            );
+        }
+        podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the pod is removed");
+    }
 }
 
 /// Whether podsnap's network lock chain exists in the pod's network namespace.
