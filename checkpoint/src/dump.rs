@@ -40,6 +40,9 @@
 //! Guarantees, on every path (error, panic, a caller that gives up, the deadline): every
 //! freeze attempted is undone (a guard thaws on drop), the staging output is removed unless
 //! committed, and runc/CRIU still running are killed with every process they started. The
+//! journal records each program the dump starts and, before the commit, that the checkpoint is
+//! complete (`committed`, or `stopping` with `stop`): a recovery after the dump's process died
+//! undoes the dump before that and finishes it after (see [`crate::journal`]). The
 //! deadline and the caller giving up stop the dump at once, with an error that says so. A
 //! failed dump leaves the pod running as it was and no output; its error names the container
 //! with the tail of CRIU's log, or the cause (ENOSPC, EIO, ...). Containers that are not
@@ -48,6 +51,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use podsnap_runtime::cgroup::CgroupPaths;
@@ -202,11 +206,13 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     // Drop order matters: the staging guard (removes uncommitted output) and the frozen guard
     // inside `dump_into` go before the journal that lists them.
     let (owner_pid, owner_start) = journal::this_process();
-    let mut entry = journal::Entry {
+    let entry = journal::Entry {
         owner_pid,
         owner_start,
+        // The containers the dump freezes (a paused one stays as it is).
         frozen: running
             .iter()
+            .filter(|t| t.entry.state == ContainerState::Running)
             .filter_map(|t| {
                 t.cgroups
                     .as_ref()
@@ -214,19 +220,24 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
                     .map(Path::to_path_buf)
             })
             .collect(),
-        staging: PathBuf::new(),
-        in_place: false,
         dest: d.dest.clone(),
         netns: d.netns.clone(),
+        ..Default::default()
     };
-    let journal = match &d.journal {
-        Some(path) => Journal::begin(path, &entry)?,
+    let journal = Arc::new(match &d.journal {
+        Some(path) => Journal::begin(path, entry)?,
         None => Journal::none(),
-    };
-    let mut staging = Staging::new(&d.dest)?;
-    entry.staging = staging.dir.clone();
-    entry.in_place = staging.in_place;
-    journal.update(&entry)?;
+    });
+    // Every program the dump starts (runc, and the CRIU of an adopted process) is recorded as
+    // it starts: a recovery kills those and nothing else.
+    let mut limit = limit;
+    let recording = Arc::downgrade(&journal);
+    limit.spawned = Some(podsnap_runtime::launcher::Spawned::new(move |pid| {
+        if let Some(journal) = recording.upgrade() {
+            journal.worker_started(pid);
+        }
+    }));
+    let mut staging = Staging::new(&d.dest, journal.clone())?;
     phases.mark("journal");
     let mut report = DumpReport {
         phases,
@@ -234,7 +245,8 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     };
     dump_into(&d, &mut staging, &running, &limit, &mut report).await?;
     if !staging.committed {
-        staging.commit()?;
+        // Complete, and the pod thawed: from here on a recovery keeps the checkpoint.
+        staging.commit(journal::Phase::Committed)?;
         hold("committed").await;
     }
     drop(staging);
@@ -320,6 +332,7 @@ async fn dump_into(
         .then(|| crate::prehash::Prehash::start(&image_dirs))
         .flatten();
     let mut dumps = Dumps::start_held(&dir, running, limit, holds);
+    dumps.journal = Some(staging.journal.clone());
     dumps.external_unix = told;
     dumps.prehash = prehash;
     // What the checkpoint records of the node and of the pod's addresses, and `criu cpuinfo
@@ -552,7 +565,8 @@ async fn quiesced(
         tokio::task::spawn_blocking(move || sync_filesystem(&synced))
             .await
             .map_err(|e| Error::io("sync the checkpoint", &dir, std::io::Error::other(e)))??;
-        staging.commit()?;
+        // From here on a recovery keeps the checkpoint and kills the pod before its thaw.
+        staging.commit(journal::Phase::Stopping)?;
         hold("committed").await;
         report.killed = frozen.kill_all();
         hold("killed").await;
@@ -805,6 +819,8 @@ struct Dumps {
     external_unix: ToldEnds,
     /// Their page images hashed as CRIU closes them.
     prehash: Option<crate::prehash::Prehash>,
+    /// The dump's crash journal, told of each held CRIU once it waits.
+    journal: Option<Arc<Journal>>,
 }
 
 struct DumpSlot {
@@ -830,6 +846,7 @@ impl Dumps {
             slots,
             external_unix: ToldEnds::default(),
             prehash: None,
+            journal: None,
         }
     }
 
@@ -845,6 +862,11 @@ impl Dumps {
                 }
             }
             if self.slots.iter().all(|s| s.hold.as_ref().is_none_or(Hold::ready)) {
+                // Each held CRIU runs now (a child of its runc): recorded, so that a recovery
+                // finds it even if its runc dies first.
+                if let Some(journal) = &self.journal {
+                    journal.record_descendants();
+                }
                 return Ok(());
             }
             check(limit, deadline, "while runc and CRIU started")?;
@@ -1778,16 +1800,28 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// The directory a dump writes into until it is complete; removed when dropped uncommitted.
+/// The dump's journal lists it, and says when it is committed.
 struct Staging {
     dest: PathBuf,
     dir: PathBuf,
     /// The destination existed (empty) and is written in place.
     in_place: bool,
     committed: bool,
+    journal: Arc<Journal>,
 }
 
 impl Staging {
-    fn new(dest: &Path) -> Result<Self> {
+    /// The staging directory of a dump into `dest`, recorded in `journal`.
+    fn new(dest: &Path, journal: Arc<Journal>) -> Result<Self> {
+        let staging = Self::make(dest, journal)?;
+        staging.journal.update(|e| {
+            e.staging = staging.dir.clone();
+            e.in_place = staging.in_place;
+        })?;
+        Ok(staging)
+    }
+
+    fn make(dest: &Path, journal: Arc<Journal>) -> Result<Self> {
         let exists_empty = match std::fs::read_dir(dest) {
             Ok(mut rd) => {
                 if rd.next().is_some() {
@@ -1807,6 +1841,7 @@ impl Staging {
                 dir: dest.to_path_buf(),
                 in_place: true,
                 committed: false,
+                journal,
             });
         }
         let parent = dest.parent().unwrap_or(Path::new("."));
@@ -1825,19 +1860,30 @@ impl Staging {
             dir,
             in_place: false,
             committed: false,
+            journal,
         })
     }
 
-    /// Moves the complete checkpoint into place (once; later calls do nothing).
-    fn commit(&mut self) -> Result<()> {
+    /// Moves the complete checkpoint into place (once; later calls do nothing), the journal
+    /// saying `phase` (what a recovery must then finish: never undo) before the move, and
+    /// dumping again if the move fails (the output is then removed as uncommitted).
+    fn commit(&mut self, phase: journal::Phase) -> Result<()> {
         if self.committed {
             return Ok(());
         }
-        if !self.in_place {
-            std::fs::rename(&self.dir, &self.dest)
-                .map_err(|e| Error::io("move the checkpoint into place", &self.dest, e))?;
+        self.journal.update(|e| e.phase = phase)?;
+        let moved = match self.in_place {
+            true => Ok(()),
+            false => std::fs::rename(&self.dir, &self.dest)
+                .map_err(|e| Error::io("move the checkpoint into place", &self.dest, e)),
         }
-        sync_dir(self.dest.parent().unwrap_or(Path::new(".")))?;
+        .and_then(|()| sync_dir(self.dest.parent().unwrap_or(Path::new("."))));
+        if let Err(e) = moved {
+            if let Err(j) = self.journal.update(|e| e.phase = journal::Phase::Dumping) {
+                log::warn!("{j}");
+            }
+            return Err(e);
+        }
         self.committed = true;
         Ok(())
     }
@@ -2017,9 +2063,10 @@ mod tests {
     fn staging_refuses_a_non_empty_destination_and_cleans_up() {
         let t = tempfile::tempdir().expect("tempdir");
         std::fs::write(t.path().join("f"), b"x").expect("write");
-        assert!(Staging::new(t.path()).is_err());
+        let journal = Arc::new(Journal::none());
+        assert!(Staging::new(t.path(), journal.clone()).is_err());
         let dest = t.path().join("new");
-        let s = Staging::new(&dest).expect("staging");
+        let s = Staging::new(&dest, journal.clone()).expect("staging");
         let staged = s.dir.clone();
         std::fs::write(staged.join("partial"), b"x").expect("write");
         drop(s);
@@ -2027,14 +2074,14 @@ mod tests {
             !staged.exists() && !dest.exists(),
             "uncommitted output is removed"
         );
-        let mut s = Staging::new(&dest).expect("staging");
+        let mut s = Staging::new(&dest, journal.clone()).expect("staging");
         write_synced(&s.dir.join(MANIFEST), b"{}").expect("manifest");
-        s.commit().expect("commit");
+        s.commit(journal::Phase::Committed).expect("commit");
         drop(s);
         assert!(dest.join(MANIFEST).exists(), "committed output stays");
         std::fs::remove_dir_all(&dest).expect("rm");
         std::fs::create_dir(&dest).expect("an empty destination");
-        let s = Staging::new(&dest).expect("in place");
+        let s = Staging::new(&dest, journal.clone()).expect("in place");
         std::fs::write(s.dir.join("partial"), b"x").expect("write");
         drop(s);
         assert!(dest.is_dir(), "a destination podsnap did not create stays");

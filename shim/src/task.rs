@@ -673,7 +673,7 @@ impl PodTask {
             was_paused: status == Status::Paused,
             limit: podsnap_runtime::launcher::Limit {
                 deadline: within.map(|d| tokio::time::Instant::now() + d),
-                cancel: None,
+                ..Default::default()
             },
         };
         let started = std::time::Instant::now();

@@ -2,7 +2,8 @@
 //! that hangs, a client that gives up, a full disk, lifecycle calls racing the dump, four pods
 //! at once, and `--stop` with writers that must show nothing after the snapshot. After each:
 //! no frozen cgroup, no staging output, no journal left, and the pod running as it was (or,
-//! when its shim died, reported exited).
+//! when its shim died, reported exited); a checkpoint committed before the shim died is kept
+//! whole, and its `--stop` finished.
 
 mod pod_checkpoint_support;
 
@@ -246,16 +247,18 @@ fn a_shim_killed_at_any_phase_of_a_dump_leaves_nothing_frozen_or_half_written() 
     }
 }
 
-/// A process that is not podsnap's whose command line names `path` (`sh -c 'sleep 600' PATH`);
-/// killed when dropped.
+/// A process that is not podsnap's whose command line names `path` (`sh -c 'sleep 600' PATH`,
+/// in a process group of its own); killed with its group when dropped.
 struct Bystander(std::process::Child);
 
 impl Bystander {
     fn naming(path: &Path) -> Self {
+        use std::os::unix::process::CommandExt;
         Self(
             std::process::Command::new("sh")
                 .args(["-c", "sleep 600"])
                 .arg(path)
+                .process_group(0)
                 .spawn()
                 .expect("sh"),
         )
@@ -268,7 +271,10 @@ impl Bystander {
 
 impl Drop for Bystander {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // SAFETY: kill has no memory-safety preconditions; the group is the one made above.
+        unsafe {
+            libc::kill(-(self.0.id() as i32), libc::SIGKILL);
+        }
         let _ = self.0.wait();
     }
 }
@@ -690,7 +696,20 @@ fn a_shim_killed_after_the_commit_keeps_the_checkpoint_and_finishes_the_stop() {
             Duration::from_secs(30),
             || pod_processes(&pod.uid) == 0,
         );
-        assert!(frozen_cgroups(&pod.uid).is_empty(), "{what}: a cgroup stayed frozen");
+        wait_for(
+            &format!("{what}: containerd to see the containers exited"),
+            Duration::from_secs(30),
+            || {
+                node.cri().pod_containers(&pod.id).is_ok_and(|cs| {
+                    cs.iter()
+                        .all(|c| c.state == cri::ContainerState::ContainerExited as i32)
+                })
+            },
+        );
+        assert!(
+            frozen_cgroups(&pod.uid).is_empty(),
+            "{what}: a cgroup stayed frozen"
+        );
         assert!(
             staging_left(&node).is_empty(),
             "{what}: staging output left: {:?}",
