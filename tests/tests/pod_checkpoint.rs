@@ -453,3 +453,137 @@ fn kubelet_restores_a_pod_annotated_with_restore_from() {
         panic!("the completed init container was not answered with exit 0: {problem}");
     }
 }
+
+/// Processes in pod `uid`'s cgroups (counted in the freezer hierarchy).
+fn pod_processes(uid: &str) -> usize {
+    podsnap_tests::host::pod_cgroup_tree(uid)
+        .into_iter()
+        .filter(|d| d.starts_with("/sys/fs/cgroup/freezer"))
+        .map(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// The threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: i32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A CPU-bound `sh` loop, in a process group of its own; killed with its group when dropped.
+struct BusyLoop(std::process::Child);
+
+impl BusyLoop {
+    fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        Self(
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .process_group(0)
+                .spawn()
+                .expect("sh"),
+        )
+    }
+}
+
+impl Drop for BusyLoop {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the group is this child's own.
+        unsafe {
+            libc::kill(-(self.0.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// A container of 300 processes, each with memory of its own, dumps into a checkpoint that
+/// verifies, and the page images CRIU closes one per process are digested by a bounded pool:
+/// sampled all through the dump, the shim never runs more digest threads (named `prehash*`:
+/// the watcher and its workers) than the watcher plus one per core. Every core is kept busy
+/// meanwhile, as on a loaded node: the digests, in the idle scheduling class while the pod is
+/// frozen, queue up then instead of finishing as fast as CRIU closes the files.
+#[test]
+fn a_container_of_300_processes_dumps_with_a_bounded_digest_pool() {
+    const CHILDREN: usize = 300;
+    let node = start_node!();
+    let pod = run_pod(&node, &PodOptions::new(&node.unique("many"), HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    let children = CHILDREN.to_string();
+    let spec = podsnap_tests::kubelet::ContainerSpec::workload(
+        "app",
+        &[
+            "serve",
+            "--name",
+            "app",
+            "--port",
+            &port,
+            "--children",
+            &children,
+            "--child-kib",
+            "256",
+        ],
+    );
+    podsnap_tests::kubelet::run_container(&node, &pod, &spec).expect("the container runs");
+    podsnap_tests::kubelet::wait_answering(&pod.ip, APP_PORT, Duration::from_secs(30)).expect("answers");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The pause process, the server and its children.
+    while pod_processes(&pod.uid) < CHILDREN + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the children start: {}",
+            pod_processes(&pod.uid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let shims = node.shim_pids(podsnap_tests::PODSNAP_SHIM);
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    let shim = shims[0];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy: Vec<BusyLoop> = (0..cores).map(|_| BusyLoop::start()).collect();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(threads_named(shim, "prehash"));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            peak
+        })
+    };
+    let dir = node.files().checkpoints().join("many");
+    let request = dump_request(&node, &pod.name, &pod.namespace, Some(dir.clone()));
+    let dumped = block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ));
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.join().expect("sampler");
+    drop(busy);
+    dumped.expect("the dump of 300 processes");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("a valid checkpoint");
+    let page_images = m
+        .files
+        .keys()
+        .filter(|f| f.rsplit('/').next().is_some_and(|n| n.starts_with("pages-")))
+        .count();
+    assert!(page_images > CHILDREN, "a page image per process: {page_images}");
+    eprintln!("digest threads at most {peak} at once ({cores} cores, {page_images} page images)");
+    assert!(peak >= 1, "the sampler saw the digest watcher");
+    assert!(
+        peak <= 1 + cores,
+        "{peak} digest threads at once for {page_images} page images: not bounded by the {cores} cores"
+    );
+}
