@@ -196,7 +196,12 @@ fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
         if !(name.starts_with("pagemap-") && name.ends_with(".img")) || name.starts_with("pagemap-shmem") {
             continue;
         }
-        let data = std::fs::read(entry.path()).map_err(|e| format!("{name}: {e}"))?;
+        let data = crate::manifest::read_capped(&entry.path(), MAX_PAGEMAP_BYTES).map_err(|e| {
+            format!(
+                "{name}: {e} (podsnap reads at most {} MiB of a pagemap)",
+                MAX_PAGEMAP_BYTES >> 20
+            )
+        })?;
         let (pages_id, present) = parse_pagemap(&data).map_err(|e| format!("{name}: {e}"))?;
         let pages = format!("pages-{pages_id}.img");
         let size = match std::fs::metadata(dir.join(&pages)) {
@@ -298,7 +303,9 @@ fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
             None => !in_parent,
         };
         if is_present {
-            present = present.saturating_add(nr_pages);
+            present = present
+                .checked_add(nr_pages)
+                .ok_or("more present pages than a 64-bit count holds")?;
         }
     }
     Ok((pages_id.ok_or("no pagemap head")?, present))

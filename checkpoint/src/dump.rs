@@ -717,6 +717,10 @@ async fn finish(
     // while the rest (digests, manifest, and with `stop` the sync and the kill) goes on.
     announce_parts(d, dir);
     hold("parts-ready").await;
+    let threads = captured
+        .prehash
+        .as_ref()
+        .map_or(0, crate::prehash::Prehash::threads);
     let prehashed = match captured.prehash {
         Some(p) => tokio::task::spawn_blocking(move || p.finish())
             .await
@@ -732,7 +736,7 @@ async fn finish(
         })
         .collect();
     log::info!(
-        "pod {}: {} of {} files ({} of {} bytes) digested as CRIU closed them",
+        "pod {}: {} of {} files ({} of {} bytes) digested as CRIU closed them, on {threads} threads",
         d.pod.sandbox_id,
         early.len(),
         files.len(),
