@@ -1,5 +1,7 @@
-//! Which runc a container runs with and how: containerd's runtime options (runc's `Options`)
-//! turned into our own types, checked ids, and the runc choice recorded in the bundle so that
+//! Which runc a container runs with and how: containerd's runtime options (runc's `Options`, or
+//! the `runtimeoptions.v1.Options` containerd's CRI sends for a runtime that is not runc's, whose
+//! TOML body holds the handler's `options` table with runc's names: `SystemdCgroup`,
+//! `BinaryName`, `Root`, `NoPivotRoot`, `NoNewKeyring`) turned into our own types, checked ids, and the runc choice recorded in the bundle so that
 //! `delete` after a shim died reaches the container where it was created.
 //!
 //! The record (`podsnap-runc.json` in the bundle, 0600) is written at Create, before runc runs:
@@ -106,6 +108,13 @@ pub fn runc_from_options(namespace: &str, options: Option<&Any>) -> Result<(Runc
     let Some(any) = options.filter(|a| !a.value.is_empty() || !a.type_url.is_empty()) else {
         return Ok((choice, flags));
     };
+    if any.type_url.ends_with("runtimeoptions.v1.Options") {
+        // containerd's CRI sends a runtime that is not runc's its `options` table as TOML text
+        // (`podsnap node install` writes `SystemdCgroup` there, following runc's entry).
+        let body = runtime_options_body(&any.value)?;
+        apply_toml_options(&body, &mut choice, &mut flags)?;
+        return Ok((choice, flags));
+    }
     if !any.type_url.ends_with("containerd.runc.v1.Options") {
         log::warn!("ignoring runtime options of type {}", any.type_url);
         return Ok((choice, flags));
@@ -122,6 +131,55 @@ pub fn runc_from_options(namespace: &str, options: Option<&Any>) -> Result<(Runc
     flags.no_pivot = o.no_pivot_root;
     flags.no_new_keyring = o.no_new_keyring;
     Ok((choice, flags))
+}
+
+/// `config_body` (field 3) of containerd's `runtimeoptions.v1.Options`
+/// (`type_url` = 1, `config_path` = 2, `config_body` = 3).
+fn runtime_options_body(bytes: &[u8]) -> Result<Vec<u8>> {
+    let bad = |e: String| Error::InvalidArgument(format!("runtime options: {e}"));
+    let mut input = containerd_shim::protos::protobuf::CodedInputStream::from_bytes(bytes);
+    let mut body = Vec::new();
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(|e| bad(e.to_string()))? {
+        let (field, wire) = (tag >> 3, tag & 7);
+        match (field, wire) {
+            (3, 2) => body = input.read_bytes().map_err(|e| bad(e.to_string()))?,
+            (2, 2) => {
+                let path = input.read_string().map_err(|e| bad(e.to_string()))?;
+                if !path.is_empty() {
+                    log::warn!(
+                        "runtime options name a config file ({path}): only the inline options table is read"
+                    );
+                }
+            }
+            (_, 2) => drop(input.read_bytes().map_err(|e| bad(e.to_string()))?),
+            (_, 0) => drop(input.read_uint64().map_err(|e| bad(e.to_string()))?),
+            _ => return Err(bad(format!("unexpected field {field} of wire type {wire}"))),
+        }
+    }
+    Ok(body)
+}
+
+/// runc's option names (as in runc's `options` table) out of a TOML `options` table.
+fn apply_toml_options(body: &[u8], choice: &mut RuncChoice, flags: &mut RuncFlags) -> Result<()> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| Error::InvalidArgument("runtime options: the options table is not UTF-8".to_owned()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| Error::InvalidArgument(format!("runtime options: {}", e.message())))?;
+    let namespace_root = choice.root.file_name().map(|n| n.to_owned());
+    for (key, value) in &table {
+        match (key.as_str(), value) {
+            ("SystemdCgroup", toml::Value::Boolean(on)) => choice.systemd_cgroup = *on,
+            ("BinaryName", toml::Value::String(b)) if !b.is_empty() => choice.binary = PathBuf::from(b),
+            ("Root", toml::Value::String(r)) if !r.is_empty() => {
+                choice.root = Path::new(r).join(namespace_root.clone().unwrap_or_default())
+            }
+            ("NoPivotRoot", toml::Value::Boolean(on)) => flags.no_pivot = *on,
+            ("NoNewKeyring", toml::Value::Boolean(on)) => flags.no_new_keyring = *on,
+            (other, _) => log::warn!("ignoring runtime option {other} = {value:?}"),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -159,6 +217,25 @@ mod tests {
         assert_eq!(choice.binary, Path::new("/usr/sbin/runc"));
         assert_eq!(choice.runc().root(), Path::new("/run/x/k8s.io"));
         assert!(flags.no_pivot);
+    }
+
+    #[test]
+    fn cri_options_table_of_a_non_runc_runtime() {
+        // What containerd's CRI sends for `[...runtimes.podsnap.options] SystemdCgroup = true`:
+        // runtimeoptions.v1.Options{config_body: the table as TOML}.
+        let body = b"SystemdCgroup = true\nBinaryName = '/usr/local/sbin/runc'\n";
+        let mut value = vec![0x1a, body.len() as u8];
+        value.extend_from_slice(body);
+        let mut any = Any::new();
+        any.type_url = "runtimeoptions.v1.Options".to_owned();
+        any.value = value;
+        let (choice, _) = runc_from_options("k8s.io", Some(&any)).expect("options");
+        assert!(choice.systemd_cgroup);
+        assert_eq!(choice.binary, Path::new("/usr/local/sbin/runc"));
+        assert_eq!(choice.root, Path::new("/run/podsnap/runc/k8s.io"));
+        let mut broken = any.clone();
+        broken.value = vec![0x1a, 3, b'[', b'x', b'='];
+        assert!(runc_from_options("k8s.io", Some(&broken)).is_err());
     }
 
     #[test]
