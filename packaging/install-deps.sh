@@ -13,7 +13,7 @@
 #                      reads KEP-2008 container checkpoint archives, for the interop test
 #   kubectl 1.36       from Debian sid, side by side in /usr/local/lib/podsnap/kubectl (not on
 #                      PATH: another kubectl may be there): renders packaging/deploy offline
-#   umoci              from bookworm: builds the node image (packaging/node-image.sh)
+#   umoci, skopeo      from bookworm: build and push the node image (packaging/node-image.sh)
 #
 # Apt sources for sid are derived from this machine's own /etc/apt/sources.list.d/debian.sources
 # (same mirror, same keyring), kept in a private directory so the system's apt setup is untouched.
@@ -44,7 +44,7 @@ BOOKWORM_PKGS=(
   runc iptables iproute2 protobuf-compiler busybox-static ca-certificates xz-utils dpkg-dev
   build-essential pkgconf libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
   libnl-3-dev libnet1-dev libcap-dev uuid-dev libbsd-dev libgnutls28-dev libnftables-dev
-  docker-registry openssl zstd umoci
+  docker-registry openssl zstd umoci skopeo
 )
 missing=()
 for p in "${BOOKWORM_PKGS[@]}"; do
@@ -202,6 +202,6 @@ if [ "$(kubectl_minor)" = "" ] || [ "$(kubectl_minor)" -lt "$KUBECTL_MIN_MINOR" 
   install -m 0755 "$stage/usr/bin/kubectl" "$KUBECTL_DIR/kubectl"
 fi
 [ "$(kubectl_minor)" -ge "$KUBECTL_MIN_MINOR" ] 2>/dev/null || die "kubectl 1.$KUBECTL_MIN_MINOR+ did not install in $KUBECTL_DIR"
-command -v umoci >/dev/null || die "umoci is not installed"
+command -v umoci >/dev/null && command -v skopeo >/dev/null || die "umoci or skopeo is not installed"
 
 log "ready: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | sed -n 's/^runc version //p'), criu $(/usr/local/sbin/criu --version | sed -n 's/^Version: //p'), $(protoc --version)"
