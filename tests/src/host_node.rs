@@ -16,7 +16,9 @@
 //! the shim reads `/etc/podsnap/config.toml`), so it runs in a mount namespace of its own where
 //! `/etc` is a tmpfs of symlinks: every entry of the machine's `/etc` (through a bind mount of it
 //! at `<node>/etc-real`; symlinks copied as they are), except `containerd` and `podsnap`, which
-//! point into the host root. Nothing outside that namespace changes.
+//! point into the host root; `/` is made shared again (as on a systemd host: a pod's
+//! `HostToContainer` mount needs it), in a peer group of that namespace's own. Nothing outside
+//! that namespace changes.
 //!
 //! The restart command asks the test process to restart containerd, as `systemctl restart` asks
 //! systemd: it writes `restart` into one FIFO and reads the answer from the other. The service (a
@@ -62,6 +64,9 @@ for entry in "$real"/* "$real"/.[!.]*; do
 done
 ln -s "$node/host/etc/containerd" /etc/containerd
 ln -s "$node/host/etc/podsnap" /etc/podsnap
+# Shared, as / is on a systemd host (a pod's HostToContainer mount of the host needs it); the
+# peer group is this namespace's own.
+mount --make-rshared /
 exec "$@"
 "#;
 

@@ -10,7 +10,7 @@ use super::discover::{self, ContainerdConfig};
 use super::dropin;
 use super::host_root::{digest_bytes, digest_reader, HostRoot};
 use super::record::{Record, Role, FORMAT};
-use super::restart::{self, Restart};
+use super::restart::{self, Restarter};
 use super::transaction::Transaction;
 use super::{cri_state, Error};
 
@@ -131,7 +131,12 @@ pub async fn install(request: &InstallRequest) -> Result<Installed, Error> {
             config: config.path,
         });
     }
-    let restart = match restart::choose(&host, config.flavor, request.restart_command.as_deref()) {
+    let restart = match restart::restarter(
+        &host,
+        config.flavor,
+        request.restart_command.as_deref(),
+        &endpoint,
+    ) {
         Ok(r) => r,
         Err(e) => {
             let problems = tx.rollback();
@@ -165,7 +170,7 @@ pub async fn install(request: &InstallRequest) -> Result<Installed, Error> {
 }
 
 /// After a rollback: containerd restarted on the old configuration and waited for.
-async fn restart_back(restart: &Restart, endpoint: &str, handler: bool, timeout: Duration) -> String {
+async fn restart_back(restart: &Restarter, endpoint: &str, handler: bool, timeout: Duration) -> String {
     match restart.run(timeout).await {
         Err(e) => format!("restarting containerd on the old configuration failed too: {e}"),
         Ok(()) => match cri_state::wait_for(endpoint, handler, timeout).await {

@@ -8,9 +8,12 @@
 //!    knows (`containerd.service`, `k3s.service`, ...).
 //! 3. no system bus but systemd: `systemctl restart UNIT` in the host's namespaces.
 //!
-//! "The host's namespaces" are PID 1's (mount, UTS, IPC, network, PID, cgroup), entered with
-//! `setns` in the child before it executes, when they differ from the installer's own (the
-//! DaemonSet's pod runs with `hostPID`); on the node itself they are the installer's.
+//! "The host's namespaces" are those of the running containerd (mount, UTS, IPC, network, PID,
+//! cgroup): its pid comes from the CRI socket's peer credentials (the DaemonSet's pod runs with
+//! `hostPID`, so that pid is valid there), else PID 1's are taken. They are opened once, before
+//! the first restart (a restart that fails leaves no containerd to ask, and the rollback's
+//! restart needs them again), and entered with `setns` in the child before it executes, where
+//! they differ from the installer's own; on the node itself they are the installer's.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -23,6 +26,20 @@ use futures::StreamExt;
 use super::discover::Flavor;
 use super::host_root::HostRoot;
 use super::Error;
+
+/// How containerd is restarted on this host, and the namespaces commands run in.
+#[derive(Debug, Clone)]
+pub struct Restarter {
+    /// The way.
+    pub how: Restart,
+    namespaces: std::sync::Arc<Vec<(OwnedFd, nix::sched::CloneFlags)>>,
+}
+
+impl std::fmt::Display for Restarter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.how.fmt(f)
+    }
+}
 
 /// How containerd is restarted on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +70,29 @@ impl std::fmt::Display for Restart {
     }
 }
 
+/// Chooses how to restart containerd and opens the host's namespaces (containerd's, found
+/// through the CRI socket `endpoint`; see the module header).
+pub fn restarter(
+    host: &HostRoot,
+    flavor: Flavor,
+    command: Option<&str>,
+    endpoint: &str,
+) -> Result<Restarter, Error> {
+    let how = choose(host, flavor, command)?;
+    let pid = crate::cri::socket_path(endpoint).ok().and_then(|p| peer_pid(&p));
+    Ok(Restarter {
+        how,
+        namespaces: std::sync::Arc::new(host_namespaces(pid.unwrap_or(1))),
+    })
+}
+
+/// The pid of the process listening on unix socket `path` (its peer credentials).
+fn peer_pid(path: &Path) -> Option<i32> {
+    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let creds = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    (creds.pid() > 0).then_some(creds.pid())
+}
+
 /// Chooses how to restart containerd (see the module header).
 pub fn choose(host: &HostRoot, flavor: Flavor, command: Option<&str>) -> Result<Restart, Error> {
     if let Some(command) = command {
@@ -73,22 +113,29 @@ pub fn choose(host: &HostRoot, flavor: Flavor, command: Option<&str>) -> Result<
     )))
 }
 
-impl Restart {
+impl Restarter {
     /// Restarts containerd; returns when the restart was carried out (not when containerd is
     /// ready: the caller waits for CRI).
     pub async fn run(&self, timeout: Duration) -> Result<(), Error> {
-        match self {
+        let namespaces = &self.namespaces;
+        match &self.how {
             Restart::Command(command) => {
                 let mut cmd = Command::new("/bin/sh");
                 cmd.arg("-c").arg(command);
-                run_in_host(cmd, timeout, &format!("the restart command `{command}`")).await
+                run_in_host(
+                    cmd,
+                    namespaces,
+                    timeout,
+                    &format!("the restart command `{command}`"),
+                )
+                .await
             }
             Restart::Systemctl { units } => {
                 let mut last = String::new();
                 for unit in units {
                     let mut cmd = Command::new("systemctl");
                     cmd.args(["restart", unit]);
-                    match run_in_host(cmd, timeout, &format!("systemctl restart {unit}")).await {
+                    match run_in_host(cmd, namespaces, timeout, &format!("systemctl restart {unit}")).await {
                         Ok(()) => return Ok(()),
                         Err(e) => last = e.to_string(),
                     }
@@ -171,8 +218,9 @@ async fn restart_over_bus(socket: &Path, units: &[String]) -> Result<(), Error> 
     )))
 }
 
-/// PID 1's namespaces that differ from ours, opened, in the order they are entered.
-fn host_namespaces() -> Vec<(OwnedFd, nix::sched::CloneFlags)> {
+/// The namespaces of process `pid` that differ from ours, opened, in the order they are entered
+/// (none when they cannot be read).
+fn host_namespaces(pid: i32) -> Vec<(OwnedFd, nix::sched::CloneFlags)> {
     use nix::sched::CloneFlags;
     let kinds = [
         ("cgroup", CloneFlags::CLONE_NEWCGROUP),
@@ -185,7 +233,7 @@ fn host_namespaces() -> Vec<(OwnedFd, nix::sched::CloneFlags)> {
     ];
     let mut found = Vec::new();
     for (name, flag) in kinds {
-        let host = format!("/proc/1/ns/{name}");
+        let host = format!("/proc/{pid}/ns/{name}");
         let ours = format!("/proc/self/ns/{name}");
         let (Ok(h), Ok(o)) = (std::fs::read_link(&host), std::fs::read_link(&ours)) else {
             continue;
@@ -205,15 +253,20 @@ fn host_namespaces() -> Vec<(OwnedFd, nix::sched::CloneFlags)> {
 
 /// Runs `cmd` in the host's namespaces, its output logged; fails on a non-zero exit or after
 /// `timeout` (then it is killed).
-async fn run_in_host(mut cmd: Command, timeout: Duration, what: &str) -> Result<(), Error> {
-    let namespaces = host_namespaces();
+async fn run_in_host(
+    mut cmd: Command,
+    namespaces: &[(OwnedFd, nix::sched::CloneFlags)],
+    timeout: Duration,
+    what: &str,
+) -> Result<(), Error> {
     if !namespaces.is_empty() {
         let raw: Vec<(i32, nix::sched::CloneFlags)> = namespaces
             .iter()
             .map(|(fd, flag)| (fd.as_raw_fd(), *flag))
             .collect();
         // SAFETY: the closure runs in the forked child before exec and calls only setns(2) and
-        // chdir(2), which are async-signal-safe, on descriptors the parent keeps open.
+        // chdir(2), which are async-signal-safe, on descriptors the parent keeps open (the
+        // Restarter owns them until the child has executed).
         unsafe {
             cmd.pre_exec(move || {
                 for (fd, flag) in &raw {
@@ -234,7 +287,6 @@ async fn run_in_host(mut cmd: Command, timeout: Duration, what: &str) -> Result<
         .await
         .map_err(|_| Error::Restart(format!("{what} did not finish within {timeout:?}")))?
         .map_err(|e| Error::Restart(format!("{what} could not run: {e}")))?;
-    drop(namespaces);
     let tail = |bytes: &[u8]| {
         let text = String::from_utf8_lossy(bytes);
         let lines: Vec<&str> = text.lines().collect();
@@ -257,19 +309,26 @@ async fn run_in_host(mut cmd: Command, timeout: Duration, what: &str) -> Result<
 mod tests {
     use super::*;
 
+    fn command(c: &str) -> Restarter {
+        Restarter {
+            how: Restart::Command(c.to_owned()),
+            namespaces: Default::default(),
+        }
+    }
+
     #[tokio::test]
     async fn a_command_runs_and_its_failure_is_reported() {
-        Restart::Command("true".to_owned())
+        command("true")
             .run(Duration::from_secs(10))
             .await
             .expect("true succeeds");
-        let err = Restart::Command("echo broken >&2; exit 3".to_owned())
+        let err = command("echo broken >&2; exit 3")
             .run(Duration::from_secs(10))
             .await
             .expect_err("exit 3")
             .to_string();
         assert!(err.contains("broken") && err.contains("exit status: 3"), "{err}");
-        let err = Restart::Command("sleep 5".to_owned())
+        let err = command("sleep 5")
             .run(Duration::from_millis(200))
             .await
             .expect_err("too slow")

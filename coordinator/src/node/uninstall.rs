@@ -177,7 +177,7 @@ pub async fn uninstall(request: &UninstallRequest) -> Result<Uninstalled, Error>
             .as_ref()
             .map(|c| c.flavor)
             .unwrap_or(super::discover::Flavor::Containerd);
-        let restart = restart::choose(&host, flavor, request.restart_command.as_deref())?;
+        let restart = restart::restarter(&host, flavor, request.restart_command.as_deref(), &endpoint)?;
         restart.run(request.timeout).await?;
         cri_state::wait_for(&endpoint, false, request.timeout).await?;
         done.restarted = Some(restart.to_string());
