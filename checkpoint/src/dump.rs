@@ -15,7 +15,9 @@
 //!    `frozen 1`; check the frozen pod (processes that would be lost, SysV segments and unix
 //!    connections shared by two containers: the dump is refused and every CRIU gives up);
 //! 5. while frozen, in parallel: let every CRIU dump its container, capture the rootfs
-//!    changes, archive the pod's emptyDir volumes, `/dev/shm` and SysV IPC;
+//!    changes (from the overlay upper directory mountinfo names; a container whose changes
+//!    cannot be found fails the dump: see [`crate::rootfs::upperdir_for_dump`]), archive the pod's
+//!    emptyDir volumes, `/dev/shm` and SysV IPC;
 //! 6. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is
 //!    first completed (specs, digests, manifest, renamed into place) while everything is
 //!    still frozen, then every process of the pod is killed before the thaw: nothing runs
@@ -1037,14 +1039,15 @@ async fn capture_all(
         let cdir = dir.join(t.entry.dir());
         let rootfs_dir = t.bundle.join("rootfs");
         let bundle = t.bundle.clone();
+        let name = t.entry.name.clone();
         tasks.spawn(async move {
             let tar = cdir.join(ROOTFS_DIFF);
             let del = cdir.join(ROOTFS_DELETED);
-            tokio::task::spawn_blocking(move || match rootfs::upperdir_of(&rootfs_dir) {
+            tokio::task::spawn_blocking(move || match rootfs::upperdir_for_dump(&name, &rootfs_dir)? {
                 Some(upper) => rootfs::capture(&upper, &tar, &del).map(drop),
                 None => {
                     log::info!(
-                        "{}: rootfs is not an overlay, no changes captured",
+                        "container {name}: its rootfs {} is a read-only overlay: no changes to capture",
                         rootfs_dir.display()
                     );
                     Ok(())

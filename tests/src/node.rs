@@ -7,7 +7,7 @@
 //! containerd.sock      gRPC (CRI and containerd API); containerd.sock.ttrpc
 //! containerd.log       containerd's output at debug level (shim logs land here too)
 //! containerd.pid       so a later run can clean up after a killed test
-//! root/ state/         containerd's root and state
+//! root/ state/         containerd's root (another name if a test asks: NodeOptions) and state
 //! cni/net.d/           the conflist (a bridge and a subnet of this instance)
 //! cni/ipam/            host-local's allocations
 //! certs.d/_default/    registry hosts: every pull goes to 127.0.0.1:9 and fails at once
@@ -88,6 +88,11 @@ pub struct NodeOptions {
     /// `<dir>/host/run/containerd/containerd.sock`; `<dir>/host/usr/local/bin` comes first on its
     /// `PATH`; the restart command [`Node::restart_command`] restarts it in place.
     pub host_root: Option<crate::host_node::ConfigStyle>,
+    /// The name, in the node directory, of containerd's root directory (its snapshots, so the
+    /// containers' overlay upper and lower directories): `root`, or a name with bytes the
+    /// kernel escapes in mountinfo or that are not ASCII (TOML literal string: no `'`). A
+    /// [`NodeOptions::host_root`] node keeps `root`.
+    pub containerd_root: String,
 }
 
 impl NodeOptions {
@@ -103,6 +108,7 @@ impl NodeOptions {
             path_prefix: Vec::new(),
             cgroup2: false,
             host_root: None,
+            containerd_root: "root".to_owned(),
         }
     }
 }
@@ -308,6 +314,7 @@ impl Node {
         self.files.record("bridge", &self.bridge)?;
         for sub in [
             "root",
+            self.options.containerd_root.as_str(),
             "state",
             "cni/net.d",
             "cni/ipam",
@@ -415,7 +422,7 @@ impl Node {
         format!(
             r#"# podsnap test node {name}
 version = 3
-root = '{dir}/root'
+root = '{dir}/{root}'
 state = '{dir}/state'
 
 [grpc]
@@ -466,6 +473,7 @@ state = '{dir}/state'
     path = '{dir}/opt'
 "#,
             name = self.name,
+            root = self.options.containerd_root,
         )
     }
 

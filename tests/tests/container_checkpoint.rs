@@ -241,11 +241,11 @@ fn leftovers(node: &Node, id: &str) -> Vec<String> {
         .into_iter()
         .map(|p| format!("runc state {}", p.display()))
         .collect();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts = podsnap_runtime::mountinfo::read_self().expect("this process's mount table");
     found.extend(
-        mountinfo
-            .lines()
-            .filter_map(|line| line.split(' ').nth(4))
+        mounts
+            .iter()
+            .map(|m| m.mount_point.to_string_lossy())
             .filter(|point| point.contains(id))
             .map(|point| format!("mount {point}")),
     );

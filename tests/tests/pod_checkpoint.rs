@@ -587,3 +587,57 @@ fn a_container_of_300_processes_dumps_with_a_bounded_digest_pool() {
         "{peak} digest threads at once for {page_images} page images: not bounded by the {cores} cores"
     );
 }
+
+/// On a node whose containerd root, and so every overlay upper directory, lies under a path
+/// with a space (escaped `\040` in mountinfo) and a character that is not ASCII (`é`: two
+/// bytes the kernel writes as they are), the app's rootfs change is in the checkpoint and back
+/// in the restored app.
+#[test]
+fn rootfs_changes_are_kept_when_the_containerd_root_has_a_space_and_a_non_ascii_byte() {
+    let mut options =
+        podsnap_tests::node::NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+    options.containerd_root = "root d\u{e9}".to_owned();
+    let node = podsnap_tests::node::Node::start(options);
+    let snapshots = node
+        .dir()
+        .join("root d\u{e9}/io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("webapp"), HANDLER))
+        .expect("the three-container pod runs");
+    assert!(
+        !names_in(&snapshots).is_empty(),
+        "the containers' layers are under {}",
+        snapshots.display()
+    );
+    let before = mark_and_count(&pod);
+
+    let outcome = dump(&node, &pod, None).expect("podsnap dump");
+    let diff = outcome.summary.dir.join("containers/app/rootfs-diff.tar");
+    let file = std::fs::File::open(&diff).unwrap_or_else(|e| panic!("{}: {e}", diff.display()));
+    let captured: Vec<String> = tar::Archive::new(file)
+        .entries()
+        .expect("the rootfs tar")
+        .map(|e| {
+            e.expect("a tar entry")
+                .path()
+                .expect("an entry path")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let want = ROOTFS_FILE.trim_start_matches('/');
+    assert!(
+        captured.iter().any(|p| p == want),
+        "{want} is not in the app's rootfs capture: {captured:?}"
+    );
+
+    remove_original(&node, &pod);
+    let restored = restore(&node, &restore_request(&node, &outcome.summary.dir)).expect("podsnap restore");
+    check_restored(
+        &node,
+        &restored.ip,
+        &pod.pod.ip,
+        &volume_of(&node, &restored.uid),
+        id_of(&restored.containers, "app"),
+        before,
+    );
+}
