@@ -608,6 +608,9 @@ impl PodTask {
                 req.id, resources.type_url
             )));
         }
+        // One Update of a container at a time: two at once would share the file (one runc
+        // reading the other's resources, or none after the first removed it).
+        let _one = c.updating.lock().await;
         let file = c.bundle.path().join(".update-resources.json");
         write_private(&file, &resources.value).await?;
         let res = c.runc.update(&c.id, &file).await;
