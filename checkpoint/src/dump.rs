@@ -399,7 +399,7 @@ async fn dump_into(
 async fn locked(d: &PodDump, limit: &Limit, lock: Option<&Path>) -> Result<crate::netlock::NetLock> {
     hold("before-freeze").await;
     check(limit, d.deadline, "before the freeze")?;
-    crate::netlock::NetLock::take(d.launcher.clone(), lock).await
+    crate::netlock::NetLock::take(d.launcher.clone(), lock, limit).await
 }
 
 /// What the checkpoint records of the node and of the pod's network, read beside the dump.

@@ -568,7 +568,8 @@ impl Restores {
             generation: 0,
         };
         if !h.linked.is_empty() {
-            netlock::lock_with(&MonitorLauncher, &h.netns, netlock::Scope::All).await?;
+            let wait = podsnap_runtime::launcher::Limit::after(netlock::XTABLES_WAIT, None);
+            netlock::lock_with(&MonitorLauncher, &h.netns, netlock::Scope::All, &wait).await?;
             h.locked = true;
             log::info!(
                 "pod network {} locked until {:?} (linked over loopback) are restored",

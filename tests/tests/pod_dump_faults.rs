@@ -916,3 +916,147 @@ fn a_unix_connection_opened_as_the_dump_began_is_refused_and_the_next_dump_takes
     let m = podsnap_checkpoint::manifest::Manifest::load_verified(&again).expect("valid");
     assert_eq!(m.unix_links.len(), 1, "{:?}", m.unix_links);
 }
+
+/// A directory whose `iptables`, `iptables-restore` and `iptables-save` are the legacy
+/// (xtables) ones: those take `/run/xtables.lock`, as on nodes where kube-proxy or a CNI
+/// plugin runs legacy iptables (this machine's default nft ones take no lock).
+fn legacy_iptables() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let multi = which("xtables-legacy-multi");
+    for name in ["iptables", "iptables-restore", "iptables-save"] {
+        std::os::unix::fs::symlink(&multi, dir.path().join(name)).expect("link legacy iptables");
+    }
+    dir
+}
+
+const XTABLES_LOCK: &str = "/run/xtables.lock";
+
+/// Another process holding the xtables lock (`flock`) for a while; killed on drop.
+struct XtablesHolder(std::process::Child);
+
+impl XtablesHolder {
+    /// Starts `flock XTABLES_LOCK sleep SECONDS`; returns once it holds the lock.
+    fn hold(seconds: u64) -> Self {
+        let child = std::process::Command::new("flock")
+            .arg(XTABLES_LOCK)
+            .args(["sleep", &seconds.to_string()])
+            .spawn()
+            .expect("flock (util-linux)");
+        let holder = Self(child);
+        wait_for("flock to hold the xtables lock", Duration::from_secs(10), || {
+            !std::process::Command::new("flock")
+                .args(["-n", XTABLES_LOCK, "true"])
+                .status()
+                .expect("flock -n")
+                .success()
+        });
+        holder
+    }
+
+    /// Whether it has let go (exited).
+    fn released(&mut self) -> bool {
+        self.0.try_wait().expect("try_wait").is_some()
+    }
+}
+
+impl Drop for XtablesHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `iptables -S PODSNAP-LOCK` (legacy) in the pod's namespace: whether podsnap's lock chain is
+/// there.
+fn lock_chain_present(netns: &str) -> bool {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["--", "iptables-legacy", "-w", "-S", "PODSNAP-LOCK"])
+        .output()
+        .expect("nsenter iptables-legacy")
+        .status
+        .success()
+}
+
+/// With another process holding the xtables lock, the pod dump's network lock and unlock wait
+/// for it (within the dump's deadline), and the dump succeeds; held past the deadline, the
+/// dump gives up at the deadline saying why, and leaves the pod running and unlocked.
+#[test]
+fn the_pod_network_lock_waits_for_the_xtables_lock_within_the_dump_deadline() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let legacy = legacy_iptables();
+    let mut options = NodeOptions::new(workload_bin());
+    options
+        .extra_env
+        .push((HOLD_ENV.to_owned(), holds.path().display().to_string()));
+    options.path_prefix.insert(0, legacy.path().to_path_buf());
+    let node = Node::start(options);
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("xtables"), HANDLER))
+        .expect("the pod runs");
+    let netns = pod.pod.netns.clone().expect("the pod's netns");
+
+    // Held when the dump locks the pod's network and again when it unlocks it.
+    for phase in ["before-freeze", "frozen"] {
+        std::fs::write(holds.path().join(phase), b"").expect("arm");
+    }
+    let dir = node.files().checkpoints().join("xtables-waited");
+    let dump = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
+    let reached = |phase: &str| holds.path().join(format!("{phase}.reached"));
+    wait_for("the dump to reach before-freeze", Duration::from_secs(30), || {
+        reached("before-freeze").exists()
+    });
+    let mut first = XtablesHolder::hold(3);
+    std::fs::remove_file(holds.path().join("before-freeze")).expect("release");
+    wait_for(
+        "the dump to lock the pod and freeze it",
+        Duration::from_secs(60),
+        || reached("frozen").exists() || dump.is_finished(),
+    );
+    assert!(
+        first.released(),
+        "the pod's network was locked while another process held the xtables lock"
+    );
+    assert!(
+        lock_chain_present(&netns),
+        "the pod's network is locked while frozen"
+    );
+    let mut second = XtablesHolder::hold(3);
+    std::fs::remove_file(holds.path().join("frozen")).expect("release");
+    let outcome = dump.join().expect("the dump thread");
+    assert!(
+        outcome.is_ok(),
+        "the dump waited for the xtables lock: {outcome:?}"
+    );
+    assert!(
+        second.released(),
+        "the dump unlocked the pod's network while another process held the xtables lock"
+    );
+    assert!(!lock_chain_present(&netns), "the unlock went through");
+    assert!(dir.join("manifest.json").is_file(), "the checkpoint is there");
+    assert_running_and_counting(&pod, "after the dump that waited");
+
+    // Held past the dump's deadline: the dump stops at its deadline, the pod runs unlocked.
+    let deadline = Duration::from_secs(8);
+    node.set_podsnap_config(&format!("[dump]\ndeadline_seconds = {}\n", deadline.as_secs()))
+        .expect("config");
+    let third = XtablesHolder::hold(120);
+    let started = Instant::now();
+    let dir = node.files().checkpoints().join("xtables-deadline");
+    let outcome = dump_in_background(&node, &pod.pod, dir.clone(), |_| {})
+        .join()
+        .expect("the dump thread");
+    let took = started.elapsed();
+    drop(third);
+    let err = outcome.expect_err("a dump that cannot lock the pod's network fails");
+    assert!(err.contains("xtables lock"), "the error says why: {err}");
+    assert!(
+        took < deadline + Duration::from_secs(10),
+        "the dump ended {took:?} after it started, its deadline {deadline:?}"
+    );
+    assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
+    assert!(
+        !lock_chain_present(&netns),
+        "the pod's network is not left locked"
+    );
+    assert_running_and_counting(&pod, "after the dump that gave up");
+}
