@@ -400,9 +400,24 @@ mod tests {
         let mounts = read_self().expect("/proc/self/mountinfo");
         assert!(mounts.iter().any(|m| m.mount_point == Path::new("/")));
     }
+}
+
+/// Property tests: any bytes give a table or an error, never a panic; kernel-shaped lines give
+/// their paths back byte for byte. 2000 cases each (`PROPTEST_CASES` overrides).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn cases(default: u32) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(cases(2000)))]
 
         /// Random bytes: an error or a table, never a panic.
         #[test]
