@@ -194,15 +194,19 @@ pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-/// The cgroup directories of pod `uid` in every hierarchy: `<hierarchy>/kubepods[/<qos>]/pod<uid>`.
+/// The cgroup directories of pod `uid` in every hierarchy: `<hierarchy>/kubepods[/<qos>]/pod<uid>`
+/// (the v1 ones and `unified` under `/sys/fs/cgroup`, or `/sys/fs/cgroup` itself on a
+/// unified host).
 pub fn pod_cgroup_dirs(uid: &str) -> Vec<PathBuf> {
     let wanted = format!("pod{uid}");
     let mut found = Vec::new();
     let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) else {
         return found;
     };
-    for hierarchy in hierarchies.flatten() {
-        let kubepods = hierarchy.path().join("kubepods");
+    let hierarchies =
+        std::iter::once(PathBuf::from(CGROUP_ROOT)).chain(hierarchies.flatten().map(|e| e.path()));
+    for hierarchy in hierarchies {
+        let kubepods = hierarchy.join("kubepods");
         let direct = kubepods.join(&wanted);
         if direct.is_dir() {
             found.push(direct);

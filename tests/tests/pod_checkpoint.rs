@@ -75,11 +75,8 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
 
     // --leave-running (the default): the pod goes on.
     let after_dump = ask_count(&pod.pod.ip, APP_PORT);
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(
-        ask_count(&pod.pod.ip, APP_PORT) > after_dump,
-        "the dumped pod keeps running"
-    );
+    podsnap_tests::kubelet::wait_count_above(&pod.pod.ip, APP_PORT, after_dump, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the dumped pod keeps running: {e:#}"));
 
     remove_original(&node, &pod);
     let restored = restore(&node, &restore_request(&node, &summary.dir)).expect("podsnap restore");
@@ -236,8 +233,10 @@ fn checkpointctl_times_read_as_seconds_since_the_epoch() {
     assert_eq!(utc_seconds("2026-12-07 09:00:00"), None);
 }
 
-/// After a dump, on a node whose `/run` is not a tmpfs (these machines), CRIU's kernel feature
-/// cache is there, made for this boot and this kernel (see `podsnap_checkpoint::kdat`).
+/// After a dump (which started with no cache), CRIU's kernel feature cache is there: on a
+/// node whose `/run` is a tmpfs CRIU wrote it itself and podsnap recorded nothing; elsewhere
+/// (these machines) podsnap made it, for this boot and this kernel (see
+/// `podsnap_checkpoint::kdat`).
 fn criu_kernel_cache_is_this_boots() {
     use podsnap_checkpoint::kdat::{CACHE, RECORD, RUN_DIR};
     let run = std::path::Path::new(RUN_DIR);
@@ -246,7 +245,14 @@ fn criu_kernel_cache_is_this_boots() {
         .filesystem_type()
         == nix::sys::statfs::TMPFS_MAGIC
     {
-        eprintln!("/run is a tmpfs: CRIU keeps its cache itself");
+        assert!(
+            run.join(CACHE).is_file(),
+            "CRIU keeps its cache in a tmpfs /run itself"
+        );
+        assert!(
+            !run.join(RECORD).exists(),
+            "podsnap leaves CRIU's own cache alone on a tmpfs /run"
+        );
         return;
     }
     let record = std::fs::read_to_string(run.join(RECORD)).expect("podsnap's record of CRIU's cache");

@@ -17,7 +17,8 @@ use podsnap_coordinator::progress::Lines;
 use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{
     ask, container_config, image_id, run_container, run_pod, run_three_container_pod, wait_answering,
-    ContainerSpec, KubePod, PodOptions, ThreeContainerPod, APP_PORT, DATA_MOUNT, DATA_VOLUME,
+    wait_count_above, ContainerSpec, KubePod, PodOptions, ThreeContainerPod, APP_PORT, DATA_MOUNT,
+    DATA_VOLUME,
 };
 use podsnap_tests::node::{Node, NodeOptions};
 use podsnap_tests::{host, HANDLER, PODSNAP_SHIM};
@@ -149,12 +150,8 @@ fn assert_running_and_counting(pod: &ThreeContainerPod, what: &str) {
         .unwrap_or_else(|e| panic!("{what}: the app answers: {e:#}"))
         .parse()
         .expect("a number");
-    std::thread::sleep(Duration::from_millis(400));
-    let b: u64 = ask(&pod.pod.ip, APP_PORT, "count")
-        .expect("count")
-        .parse()
-        .expect("n");
-    assert!(b > a, "{what}: the app's counter runs ({a} -> {b})");
+    wait_count_above(&pod.pod.ip, APP_PORT, a, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{what}: the app's counter runs: {e:#}"));
     assert!(
         frozen_cgroups(&pod.pod.uid).is_empty(),
         "{what}: a cgroup stayed frozen"
@@ -449,9 +446,8 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
         let (endpoint, app) = (node.endpoint(), pod.app_id.clone());
         std::thread::spawn(move || {
             let cri = podsnap_tests::cri::CriClient::connect(&endpoint).expect("CRI");
-            let started = Instant::now();
             let out = cri.exec(&app, &["sh", "-c", "echo hi"], 60).map(|o| o.exit_code);
-            (out.map_err(|s| s.message().to_owned()), started.elapsed())
+            (out.map_err(|s| s.message().to_owned()), Instant::now())
         })
     };
     let resume = {
@@ -466,7 +462,19 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
     };
     let late_spec = ContainerSpec::workload("late", &["serve", "--name", "late", "--port", "7171"]);
     let late = run_container_in_background(&node, &pod.pod, &late_spec);
-    std::thread::sleep(Duration::from_secs(1));
+    // Each call reached the shim, which holds it (and says so).
+    for call in ["Exec", "Resume", "Create"] {
+        let said = format!("{call} of container ");
+        wait_for(
+            &format!("the shim to hold the {call}"),
+            Duration::from_secs(30),
+            || {
+                node.log_grep(&said)
+                    .iter()
+                    .any(|l| l.contains("waits until the pod's checkpoint is over"))
+            },
+        );
+    }
     assert!(!exec.is_finished(), "an Exec waits while the pod is being dumped");
     assert!(
         !resume.is_finished(),
@@ -481,11 +489,15 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
         !app_freezer.is_empty(),
         "the pod stays frozen: nothing thawed it mid-dump"
     );
+    let released = Instant::now();
     std::fs::remove_file(holds.path().join("frozen")).expect("release");
     dumping.join().expect("thread").expect("the dump finishes");
-    let (out, waited) = exec.join().expect("thread");
+    let (out, answered) = exec.join().expect("thread");
     assert_eq!(out, Ok(0), "the Exec ran after the dump");
-    assert!(waited >= Duration::from_millis(900), "it waited: {waited:?}");
+    assert!(
+        answered > released,
+        "the Exec was answered only after the dump went on"
+    );
     let resumed = resume.join().expect("thread");
     assert!(
         resumed.is_err(),
@@ -607,13 +619,27 @@ fn stop_means_nothing_runs_after_the_snapshot() {
             last
         })
     };
-    std::thread::sleep(Duration::from_secs(1));
+    // The writer has written a while (50 ticks) before the dump.
+    wait_count_above(&pod.ip, APP_PORT, 50, Duration::from_secs(20)).expect("the writer counts");
     let dir = node.files().checkpoints().join("stopped");
     let mut request = dump_request(&node, &pod.name, &pod.namespace, Some(dir.clone()));
     request.stop = true;
     block_on(podsnap_coordinator::dump::dump(&request, &Lines)).expect("dump --stop");
     let seen_outside = observer.join().expect("observer");
-    std::thread::sleep(Duration::from_millis(500));
+    // Once no process of the writer is left, nothing more can be written: the volume is final.
+    let writer_id = container_named(&node, &pod.id, "app").id;
+    wait_for(
+        "the writer's processes to be gone",
+        Duration::from_secs(30),
+        || {
+            host::pod_cgroup_tree(&pod.uid)
+                .into_iter()
+                .filter(|d| d.starts_with("/sys/fs/cgroup/freezer") && d.ends_with(&writer_id))
+                .all(|d| {
+                    std::fs::read_to_string(d.join("cgroup.procs")).map_or(true, |t| t.trim().is_empty())
+                })
+        },
+    );
     let volume = pod.empty_dir(DATA_VOLUME).expect("volume");
     let on_host = std::fs::read_to_string(volume.join("app.log")).expect("the volume's log");
     // What the checkpoint holds of the volume.
@@ -826,7 +852,22 @@ fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
     // (containerd's own rule for a start its restart interrupted, whatever the runtime). Either
     // way the pod stays managed: a running app answers from its restored state, and removing
     // the pod ends every process of it and leaves nothing behind.
-    std::thread::sleep(Duration::from_secs(3));
+    // Read once the shim is done with the app's start (the restore): its task is no longer
+    // CREATED (the shim's log lines after the restart do not reach the new containerd's log).
+    let api = podsnap_tests::containerd_api::ContainerdApi::connect(
+        &node.files().socket(),
+        podsnap_tests::ctr::CRI_NAMESPACE,
+    )
+    .expect("containerd API");
+    wait_for(
+        "the shim to finish the app's restore",
+        Duration::from_secs(60),
+        || match api.task(&app_id) {
+            Ok(Some(task)) => task.status != "CREATED",
+            Ok(None) => true,
+            Err(_) => false,
+        },
+    );
     let state = node
         .cri()
         .container(&app_id)

@@ -28,7 +28,8 @@
 //!   - `peer-connect tcp HOST:PORT` / `peer-connect unix PATH`: opens a connection to another
 //!     server and keeps it; `peer-check`: sends `ping` over that same connection
 //!     (`peer ok kind K local L checks N reply R`); `peer-send CMD`: sends CMD over it and
-//!     leaves the reply unread (`sent`); `peer-read`: reads the next line (`peer read R`).
+//!     leaves the reply unread (`sent`); `peer-read`: reads the next line (`peer read R`);
+//!     `peer-pending`: how many bytes wait unread on it (`pending N`).
 //!
 //!   Checkpoint/restore probes (all off by default): `--hold-file PATH` opens PATH with
 //!   O_APPEND at start, keeps it open and appends a line every tick; `--loopback-pairs N` makes
@@ -727,6 +728,17 @@ impl Probes {
         Ok("sent".to_owned())
     }
 
+    /// `peer-pending`: how many bytes wait unread on the kept connection (`FIONREAD`).
+    fn peer_pending(&self) -> Result<String, String> {
+        let (stream, _, _) = self.peer.as_ref().ok_or("no peer-connect")?;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+        if unsafe { libc::ioctl(stream.fd(), libc::FIONREAD, &mut n) } != 0 {
+            return Err(errno_message("ioctl FIONREAD"));
+        }
+        Ok(format!("pending {n}"))
+    }
+
     /// `peer-read`: the next line from the kept connection.
     fn peer_line(&mut self) -> Result<String, String> {
         let (stream, _, _) = self.peer.as_mut().ok_or("no peer-connect")?;
@@ -1224,6 +1236,7 @@ impl Server {
             "peer-check" => self.probes.peer_check(),
             "peer-send" => self.probes.peer_send(rest),
             "peer-read" => self.probes.peer_line().map(|l| format!("peer read {l}")),
+            "peer-pending" => self.probes.peer_pending(),
             "spawn-daemon" => spawn_daemon(rest),
             "spawn-child" => spawn_child(rest),
             "exit" => {
