@@ -976,11 +976,14 @@ const XTABLES_LOCK: &str = "/run/xtables.lock";
 struct XtablesHolder(std::process::Child);
 
 impl XtablesHolder {
-    /// Starts `flock XTABLES_LOCK sleep SECONDS`; returns once it holds the lock.
+    /// Starts `flock -o XTABLES_LOCK sleep SECONDS` (flock alone holds the lock, in a process
+    /// group of its own); returns once it holds the lock.
     fn hold(seconds: u64) -> Self {
+        use std::os::unix::process::CommandExt;
         let child = std::process::Command::new("flock")
-            .arg(XTABLES_LOCK)
+            .args(["-o", XTABLES_LOCK])
             .args(["sleep", &seconds.to_string()])
+            .process_group(0)
             .spawn()
             .expect("flock (util-linux)");
         let holder = Self(child);
@@ -1001,8 +1004,14 @@ impl XtablesHolder {
 }
 
 impl Drop for XtablesHolder {
+    /// Kills flock and its sleep (the group), which lets go of the lock at once.
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill has no memory-safety preconditions; the group is the holder's own.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
         let _ = self.0.wait();
     }
 }
