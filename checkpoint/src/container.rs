@@ -354,7 +354,17 @@ pub fn inherit_lines(inherited: &[InheritedSocket]) -> String {
 /// Restores a container (`runc restore --detach`); its process gets `stdio`.
 pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()> {
     create_private_dir(&r.work_dir)?;
-    let criu = r.options.criu(&r.image_dir, Some(r.work_dir.clone()))?;
+    let mut criu = r.options.criu(&r.image_dir, Some(r.work_dir.clone()))?;
+    if criu.cgroups_mode == CgroupsMode::Ignore && !runc_offers_ignore(runc).await {
+        // A dump by runc 1.2+ restored by an older runc: CRIU's default (soft) mode puts the
+        // processes into the container's new cgroup too (the images record no cgroup below it).
+        log::info!(
+            "container {}: dumped with cgroups mode ignore, which this runc does not offer: \
+             restored in runc's default mode",
+            r.id
+        );
+        criu.cgroups_mode = CgroupsMode::Default;
+    }
     let opts = RestoreOpts {
         criu,
         pid_file: r.pid_file.clone(),
@@ -387,6 +397,17 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
                 source: Box::new(source),
                 log_tail,
             })
+        }
+    }
+}
+
+/// Whether `runc` offers `--manage-cgroups-mode ignore` (a runc that cannot tell does not).
+async fn runc_offers_ignore(runc: &Runc) -> bool {
+    match runc.features().await {
+        Ok(f) => f.cgroups_mode_ignore(),
+        Err(e) => {
+            log::warn!("runc's features are unknown: {e}");
+            false
         }
     }
 }

@@ -15,6 +15,9 @@
 //! kubelet/             pod directories and logs, laid out like kubelet's
 //! checkpoints/         the checkpoint root (containerd's and the shim's PODSNAP_CHECKPOINT_ROOT)
 //! images/              the image archives imported into `k8s.io` and `default`
+//! runc/runc            the node's runc (a link to [`NodeOptions::runc`]), first on containerd's
+//!                      `PATH` after the test's own [`NodeOptions::path_prefix`]: every shim
+//!                      (ours and the Go one) and teardown run it
 //! ledger               netns paths, pod uids, the bridge: what teardown must remove
 //! owner                the pid of the process that owns this node (and `keep`)
 //! ```
@@ -86,6 +89,8 @@ pub struct NodeOptions {
     /// machine (see ENVIRONMENT.md). No controller is available there: pair it with
     /// [`crate::runc_v2::RuncV2`], which drops the resource settings runc cannot write.
     pub cgroup2: bool,
+    /// The runc the node runs ([`prereq::runc_under_test`] unless a test chooses another).
+    pub runc: PathBuf,
 }
 
 impl NodeOptions {
@@ -100,6 +105,7 @@ impl NodeOptions {
             extra_env: Vec::new(),
             path_prefix: Vec::new(),
             cgroup2: false,
+            runc: prereq::runc_under_test(),
         }
     }
 }
@@ -132,6 +138,19 @@ impl NodeFiles {
     }
     fn owner(&self) -> PathBuf {
         self.dir.join("owner")
+    }
+    /// The directory holding the node's `runc` (first on containerd's `PATH`).
+    pub fn runc_dir(&self) -> PathBuf {
+        self.dir.join("runc")
+    }
+    /// The node's runc, or `fallback` for a node made before it had one.
+    fn runc_or(&self, fallback: &Path) -> PathBuf {
+        let runc = self.runc_dir().join("runc");
+        if runc.exists() {
+            runc
+        } else {
+            fallback.to_path_buf()
+        }
     }
     /// kubelet's root in this node (pods, logs).
     pub fn kubelet(&self) -> PathBuf {
@@ -297,9 +316,12 @@ impl Node {
             "checkpoints",
             "images",
             "opt",
+            "runc",
         ] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
+        std::os::unix::fs::symlink(&self.options.runc, self.files.runc_dir().join("runc"))
+            .context("linking the node's runc")?;
         let hosts_dir = dir.join("certs.d/_default");
         std::fs::create_dir_all(&hosts_dir)?;
         std::fs::write(
@@ -332,12 +354,14 @@ impl Node {
             }
         }
         eprintln!(
-            "podsnap-tests: node {} up (containerd {}, bridge {}, subnet {}, handler {})",
+            "podsnap-tests: node {} up (containerd {}, bridge {}, subnet {}, handler {}, runc {} {})",
             self.files.dir.display(),
             self.files.socket().display(),
             self.bridge,
             self.subnet,
-            crate::handler()
+            crate::handler(),
+            prereq::runc_version(&self.options.runc),
+            self.options.runc.display()
         );
         Ok(())
     }
@@ -445,6 +469,7 @@ state = '{dir}/state'
         for dir in &self.options.path_prefix {
             let _ = write!(path, "{}:", dir.display());
         }
+        let _ = write!(path, "{}:", self.files.runc_dir().display());
         if let Some(dir) = &self.shim_dir {
             let _ = write!(path, "{}:", dir.display());
         }
@@ -597,6 +622,16 @@ state = '{dir}/state'
     /// `ctr` against this node.
     pub fn ctr(&self) -> &Ctr {
         &self.ctr
+    }
+
+    /// The runc this node runs (every shim finds it first on `PATH`).
+    pub fn runc(&self) -> &Path {
+        &self.options.runc
+    }
+
+    /// Its release (`runc --version`).
+    pub fn runc_version(&self) -> podsnap_runtime::runc::RuncVersion {
+        prereq::runc_version(&self.options.runc)
     }
 
     /// The host programs.
@@ -855,8 +890,8 @@ fn clean_node(
         let _ = std::fs::remove_file(host::shim_socket(&socket, namespace, id));
     }
 
-    // 5. runc containers whose bundle is in this node.
-    problems.extend(delete_runc_leftovers(tools, &files.dir));
+    // 5. runc containers whose bundle is in this node (with the node's own runc).
+    problems.extend(delete_runc_leftovers(&files.runc_or(&tools.runc), &files.dir));
 
     // 6. Any process still rooted in this node's filesystem.
     let rooted = processes_rooted_under(&files.dir);
@@ -910,7 +945,7 @@ fn is_our_containerd(pid: i32, files: &NodeFiles) -> bool {
 
 /// `runc --root <root> delete --force` for every runc container (in any runc root of
 /// [`host::RUNC_ROOT_PARENTS`]) whose bundle lies under `dir`.
-fn delete_runc_leftovers(tools: &HostTools, dir: &Path) -> Vec<String> {
+fn delete_runc_leftovers(runc: &Path, dir: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     let roots: Vec<PathBuf> = host::RUNC_ROOT_PARENTS
         .iter()
@@ -919,7 +954,7 @@ fn delete_runc_leftovers(tools: &HostTools, dir: &Path) -> Vec<String> {
         .collect();
     for root in roots {
         let listing = run_within(
-            Command::new(&tools.runc)
+            Command::new(runc)
                 .arg("--root")
                 .arg(&root)
                 .args(["list", "--format", "json"]),
@@ -937,7 +972,7 @@ fn delete_runc_leftovers(tools: &HostTools, dir: &Path) -> Vec<String> {
                 continue;
             }
             if let Err(e) = run_within(
-                Command::new(&tools.runc)
+                Command::new(runc)
                     .arg("--root")
                     .arg(&root)
                     .args(["delete", "--force", id]),

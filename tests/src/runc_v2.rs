@@ -32,7 +32,7 @@ impl RuncV2 {
 
     /// `options` for a cgroup v2 node whose runc is the stand-in.
     pub fn node_options(&self, mut options: NodeOptions) -> NodeOptions {
-        let real = crate::prereq::check_host().runc;
+        let real = options.runc.clone();
         options.cgroup2 = true;
         options.path_prefix.insert(0, self.dir.path().to_path_buf());
         options.extra_env.extend([
