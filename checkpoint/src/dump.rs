@@ -913,7 +913,10 @@ async fn cgroups_mode(t: &Target) -> String {
     let features = match t.runc.features().await {
         Ok(f) => f,
         Err(e) => {
-            log::warn!("container {}: runc's features are unknown ({e}): CRIU's default cgroups mode", t.entry.id);
+            log::warn!(
+                "container {}: runc's features are unknown ({e}): CRIU's default cgroups mode",
+                t.entry.id
+            );
             return String::new();
         }
     };
@@ -923,7 +926,10 @@ async fn cgroups_mode(t: &Target) -> String {
     let Some(cgroups) = &t.cgroups else {
         return String::new();
     };
-    let nested = cgroups.dirs().into_iter().find(|d| podsnap_runtime::cgroup::tree(d).len() > 1);
+    let nested = cgroups
+        .dirs()
+        .into_iter()
+        .find(|d| podsnap_runtime::cgroup::tree(d).len() > 1);
     match nested {
         Some(dir) => {
             log::info!(

@@ -744,7 +744,12 @@ mod tests {
         assert!(v13.cgroups_mode_ignore() && v13.tcp_skip_in_flight() && v13.link_remap());
         let v2 = RuncFeatures::from_version_output("runc version 2.0\n");
         assert!(v2.cgroups_mode_ignore(), "a later major offers them too");
-        for unknown in ["runc version unknown\n", "", "crun version 1.28\n", "runc version 1\n"] {
+        for unknown in [
+            "runc version unknown\n",
+            "",
+            "crun version 1.28\n",
+            "runc version 1\n",
+        ] {
             let f = RuncFeatures::from_version_output(unknown);
             assert_eq!(f.version, None, "{unknown:?}");
             assert!(!f.cgroups_mode_ignore(), "{unknown:?}: nothing is assumed");

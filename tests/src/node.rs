@@ -17,7 +17,9 @@
 //! images/              the image archives imported into `k8s.io` and `default`
 //! runc/runc            the node's runc (a link to [`NodeOptions::runc`]), first on containerd's
 //!                      `PATH` after the test's own [`NodeOptions::path_prefix`]: every shim
-//!                      (ours and the Go one) and teardown run it
+//!                      (ours and the Go one) and teardown run it; a systemd node names it in
+//!                      both CRI handlers' options (`BinaryName`) instead
+//! systemd/             a systemd node's units, its start scripts and output ([`crate::systemd`])
 //! ledger               netns paths, pod uids, the bridge: what teardown must remove
 //! owner                the pid of the process that owns this node (and `keep`)
 //! ```
@@ -91,6 +93,12 @@ pub struct NodeOptions {
     pub cgroup2: bool,
     /// The runc the node runs ([`prereq::runc_under_test`] unless a test chooses another).
     pub runc: PathBuf,
+    /// The systemd cgroup driver: systemd runs as the init of private namespaces
+    /// ([`crate::systemd`]), containerd runs as its service, and both CRI handlers have
+    /// `SystemdCgroup = true` and `BinaryName` (the node's runc, left off `PATH`, so a shim
+    /// that ignored its options would run another runc). With [`NodeOptions::cgroup2`], the
+    /// namespaces have cgroup2 alone.
+    pub systemd: bool,
 }
 
 impl NodeOptions {
@@ -106,6 +114,7 @@ impl NodeOptions {
             path_prefix: Vec::new(),
             cgroup2: false,
             runc: prereq::runc_under_test(),
+            systemd: false,
         }
     }
 }
@@ -202,6 +211,10 @@ pub struct Node {
     options: NodeOptions,
     shim_dir: Option<PathBuf>,
     containerd: Option<Child>,
+    /// The node's systemd ([`NodeOptions::systemd`]).
+    systemd: Option<crate::systemd::Systemd>,
+    /// How many times containerd was started (a systemd node names each run's unit).
+    starts: u32,
     cri: Option<CriClient>,
     ctr: Ctr,
     bridge: String,
@@ -273,6 +286,8 @@ impl Node {
             options,
             shim_dir,
             containerd: None,
+            systemd: None,
+            starts: 0,
             cri: None,
             ctr,
             bridge,
@@ -340,6 +355,14 @@ impl Node {
         std::os::unix::fs::symlink(&ipam, dir.join("cni/bin").join(crate::IPAM_PLUGIN))?;
         std::fs::write(dir.join("cni/net.d/10-podsnap.conflist"), self.cni_conflist())?;
         std::fs::write(self.files.podsnap_config(), "")?;
+        if self.options.systemd {
+            let files = self.files.clone();
+            let record = move |kind: &str, value: &str| files.record(kind, value);
+            self.systemd = Some(
+                crate::systemd::Systemd::start(&dir, &self.name, self.options.cgroup2, &record)
+                    .context("starting the node's systemd")?,
+            );
+        }
         std::fs::write(
             self.files.config(),
             format!("{}{}", self.containerd_config(), self.options.extra_config),
@@ -432,11 +455,11 @@ state = '{dir}/state'
       default_runtime_name = 'runc'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
         runtime_type = 'io.containerd.runc.v2'
-      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podsnap]
+{runc_options}      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podsnap]
         runtime_type = 'io.containerd.podsnap.v1'
         pod_annotations = ['podsnap.io/*']
         container_annotations = ['podsnap.io/*', 'io.kubernetes.container.restartCount']
-    [plugins.'io.containerd.cri.v1.runtime'.cni]
+{podsnap_options}    [plugins.'io.containerd.cri.v1.runtime'.cni]
       bin_dirs = ['{dir}/cni/bin', '{cni_bin}']
       conf_dir = '{dir}/cni/net.d'
       max_conf_num = 1
@@ -455,6 +478,30 @@ state = '{dir}/state'
     path = '{dir}/opt'
 "#,
             name = self.name,
+            runc_options = self.handler_options("runc"),
+            podsnap_options = self.handler_options("podsnap"),
+        )
+    }
+
+    /// A CRI handler's `options` table: on a systemd node, the systemd cgroup driver and the
+    /// node's runc by path (the first `runc` of the test's own `PATH` directories, such as the
+    /// v2 stand-in, else the node's runc); nothing otherwise.
+    fn handler_options(&self, handler: &str) -> String {
+        if !self.options.systemd {
+            return String::new();
+        }
+        let runc = self
+            .options
+            .path_prefix
+            .iter()
+            .map(|d| d.join("runc"))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| self.files.runc_dir().join("runc"));
+        format!(
+            "      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{handler}.options]\n\
+             \x20       BinaryName = '{}'\n\
+             \x20       SystemdCgroup = true\n",
+            runc.display()
         )
     }
 
@@ -469,7 +516,9 @@ state = '{dir}/state'
         for dir in &self.options.path_prefix {
             let _ = write!(path, "{}:", dir.display());
         }
-        let _ = write!(path, "{}:", self.files.runc_dir().display());
+        if !self.options.systemd {
+            let _ = write!(path, "{}:", self.files.runc_dir().display());
+        }
         if let Some(dir) = &self.shim_dir {
             let _ = write!(path, "{}:", dir.display());
         }
@@ -478,6 +527,30 @@ state = '{dir}/state'
             "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             std::env::var("PATH").unwrap_or_default()
         );
+        // containerd's temporary files under the node (a task created from a checkpoint image
+        // leaves its `ctrd-checkpoint*` directory behind there): gone with the node.
+        let tmp = self.files.dir.join("tmp");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tmp)
+            .context("creating the node's TMPDIR")?;
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".to_owned(), path),
+            ("TMPDIR".to_owned(), tmp.to_string_lossy().into_owned()),
+            (
+                "PODSNAP_CHECKPOINT_ROOT".to_owned(),
+                self.files.checkpoints().to_string_lossy().into_owned(),
+            ),
+            (
+                "PODSNAP_CONFIG".to_owned(),
+                self.files.podsnap_config().to_string_lossy().into_owned(),
+            ),
+        ];
+        env.extend(self.options.extra_env.iter().cloned());
+        if self.systemd.is_some() {
+            return self.spawn_containerd_under_systemd(&env);
+        }
         let mut command = if self.options.cgroup2 {
             // `exec` keeps the pid: the child is containerd itself, as without the namespace.
             let mut c = Command::new("unshare");
@@ -489,22 +562,10 @@ state = '{dir}/state'
         } else {
             Command::new(&self.tools.containerd)
         };
-        // containerd's temporary files under the node (a task created from a checkpoint image
-        // leaves its `ctrd-checkpoint*` directory behind there): gone with the node.
-        let tmp = self.files.dir.join("tmp");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&tmp)
-            .context("creating the node's TMPDIR")?;
         let child = command
             .arg("--config")
             .arg(self.files.config())
-            .env("PATH", path)
-            .env("TMPDIR", &tmp)
-            .env("PODSNAP_CHECKPOINT_ROOT", self.files.checkpoints())
-            .env("PODSNAP_CONFIG", self.files.podsnap_config())
-            .envs(self.options.extra_env.iter().map(|(k, v)| (k, v)))
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log))
@@ -517,6 +578,51 @@ state = '{dir}/state'
         Ok(())
     }
 
+    /// Starts containerd as a transient service of the node's systemd, as containerd.service
+    /// runs on a node (`Delegate=yes`: its shims' cgroups are its own; `KillMode=process`:
+    /// stopping it leaves the shims), and records its host pid. Its output goes to the node's
+    /// containerd.log.
+    fn spawn_containerd_under_systemd(&mut self, env: &[(String, String)]) -> Result<()> {
+        self.starts += 1;
+        let systemd = self.systemd.as_ref().context("the node has no systemd")?;
+        let unit = format!("podsnap-containerd-{}.service", self.starts);
+        let log = self.files.log();
+        let mut command = systemd.command("systemd-run");
+        command
+            .arg(format!("--unit={unit}"))
+            .args(["--collect", "--quiet", "--property=DefaultDependencies=no"])
+            .args(["--property=Delegate=yes", "--property=KillMode=process"])
+            .arg(format!("--property=StandardOutput=append:{}", log.display()))
+            .arg(format!("--property=StandardError=append:{}", log.display()));
+        for (k, v) in env {
+            command.arg(format!("--setenv={k}={v}"));
+        }
+        command
+            .arg(&self.tools.containerd)
+            .arg("--config")
+            .arg(self.files.config());
+        run_within(&mut command, Duration::from_secs(30)).context("systemd-run containerd")?;
+        let config = self.files.config().to_string_lossy().into_owned();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let pid = loop {
+            let found = host::processes().into_iter().find(|(_, argv)| {
+                argv.first().is_some_and(|a| a.ends_with("containerd")) && argv.contains(&config)
+            });
+            if let Some((pid, _)) = found {
+                break pid;
+            }
+            if Instant::now() >= deadline {
+                let state = systemd
+                    .systemctl(&["status", "--no-pager", &unit])
+                    .unwrap_or_else(|e| e.to_string());
+                bail!("containerd did not start as {unit}: {state}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::fs::write(self.files.pid_file(), pid.to_string())?;
+        Ok(())
+    }
+
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let endpoint = format!("unix://{}", self.files.socket().display());
@@ -526,6 +632,8 @@ state = '{dir}/state'
                 if let Some(status) = child.try_wait()? {
                     bail!("containerd exited during startup ({status})");
                 }
+            } else if !self.files.containerd_pid().is_some_and(host::alive) {
+                bail!("containerd exited during startup");
             }
             if self.files.socket().exists() {
                 match CriClient::connect(&endpoint) {
@@ -651,7 +759,20 @@ state = '{dir}/state'
 
     /// containerd's pid.
     pub fn containerd_pid(&self) -> Option<u32> {
-        self.containerd.as_ref().map(Child::id)
+        self.containerd
+            .as_ref()
+            .map(Child::id)
+            .or_else(|| self.files.containerd_pid().and_then(|p| u32::try_from(p).ok()))
+    }
+
+    /// The node's systemd ([`NodeOptions::systemd`]).
+    pub fn systemd(&self) -> Option<&crate::systemd::Systemd> {
+        self.systemd.as_ref()
+    }
+
+    /// Whether pods get the systemd cgroup driver's cgroup parents (a pod slice).
+    pub fn systemd_cgroups(&self) -> bool {
+        self.options.systemd
     }
 
     /// Shim processes of `binary` serving this node.
@@ -698,6 +819,12 @@ state = '{dir}/state'
         self.cri = None;
         if let Some(mut child) = self.containerd.take() {
             stop_process(&mut child, Duration::from_secs(10));
+        } else if let Some(pid) = self.files.containerd_pid() {
+            host::signal(pid, Signal::SIGTERM);
+            if !host::wait_gone(&[pid], Duration::from_secs(10)).is_empty() {
+                host::signal(pid, Signal::SIGKILL);
+                host::wait_gone(&[pid], Duration::from_secs(5));
+            }
         }
         self.spawn_containerd()?;
         self.wait_ready()
@@ -721,6 +848,9 @@ state = '{dir}/state'
         let cri = self.cri.take();
         let containerd = self.containerd.take();
         let problems = clean_node(&self.files, &self.tools, cri.as_ref(), containerd);
+        if let Some(systemd) = self.systemd.as_mut() {
+            systemd.reap();
+        }
         self._serial = None;
         problems
     }
@@ -889,6 +1019,15 @@ fn clean_node(
     for (namespace, id) in &shim_ids {
         let _ = std::fs::remove_file(host::shim_socket(&socket, namespace, id));
     }
+
+    // 4b. A systemd node's systemd, with everything in its namespaces, then its cgroups.
+    let systemd_pids: Vec<i32> = files
+        .recorded("systemd")
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let systemd_cgroups: Vec<PathBuf> = files.recorded("cgroup").iter().map(PathBuf::from).collect();
+    problems.extend(crate::systemd::clean(&files.dir, &systemd_pids, &systemd_cgroups));
 
     // 5. runc containers whose bundle is in this node (with the node's own runc).
     problems.extend(delete_runc_leftovers(&files.runc_or(&tools.runc), &files.dir));

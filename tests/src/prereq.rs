@@ -147,8 +147,12 @@ pub fn runc_under_test() -> PathBuf {
 /// # Panics
 /// When it does not run or does not say its release.
 pub fn runc_version(runc: &Path) -> RuncVersion {
-    let out = run_within(Command::new(runc).arg("--version"), Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("prerequisite broken: {} does not run: {e}; {INSTALL_HINT}", runc.display()));
+    let out = run_within(Command::new(runc).arg("--version"), Duration::from_secs(20)).unwrap_or_else(|e| {
+        panic!(
+            "prerequisite broken: {} does not run: {e}; {INSTALL_HINT}",
+            runc.display()
+        )
+    });
     RuncVersion::parse(&out)
         .unwrap_or_else(|| panic!("{} --version names no release: {out:?}", runc.display()))
 }

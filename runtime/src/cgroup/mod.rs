@@ -217,6 +217,18 @@ impl CgroupPaths {
         }
     }
 
+    /// Whether the container's v1 freezer cgroup is frozen (or freezing). Always `false` on
+    /// v2, whose freezer lets SIGKILL through; `false` when the cgroup is gone.
+    pub fn v1_frozen(&self) -> bool {
+        match self {
+            Self::V1 { .. } => self
+                .freezer()
+                .and_then(|d| std::fs::read_to_string(d.join("freezer.state")).ok())
+                .is_some_and(|s| s.trim() != "THAWED"),
+            Self::V2 { .. } => false,
+        }
+    }
+
     /// Freezes (`true`) or thaws the container and waits until the kernel reports it done.
     pub fn set_frozen(&self, frozen: bool) -> Result<()> {
         let dir = self
