@@ -354,17 +354,7 @@ pub fn inherit_lines(inherited: &[InheritedSocket]) -> String {
 /// Restores a container (`runc restore --detach`); its process gets `stdio`.
 pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()> {
     create_private_dir(&r.work_dir)?;
-    let mut criu = r.options.criu(&r.image_dir, Some(r.work_dir.clone()))?;
-    if criu.cgroups_mode == CgroupsMode::Ignore && !runc_offers_ignore(runc).await {
-        // A dump by runc 1.2+ restored by an older runc: CRIU's default (soft) mode puts the
-        // processes into the container's new cgroup too (the images record no cgroup below it).
-        log::info!(
-            "container {}: dumped with cgroups mode ignore, which this runc does not offer: \
-             restored in runc's default mode",
-            r.id
-        );
-        criu.cgroups_mode = CgroupsMode::Default;
-    }
+    let criu = r.options.criu(&r.image_dir, Some(r.work_dir.clone()))?;
     let opts = RestoreOpts {
         criu,
         pid_file: r.pid_file.clone(),
@@ -401,15 +391,38 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
     }
 }
 
-/// Whether `runc` offers `--manage-cgroups-mode ignore` (a runc that cannot tell does not).
-async fn runc_offers_ignore(runc: &Runc) -> bool {
-    match runc.features().await {
+/// CRIU's configuration line for the restore by `runc` of container `id`, dumped with
+/// `options`, when that runc cannot pass the dump's cgroups mode: a dump that left cgroups to
+/// runc (`ignore`, runc 1.2+) restored by an older runc. Its default mode would move the
+/// processes into the cgroups they were dumped from, which the images do not record (on a
+/// hybrid node CRIU fails: "cg: Can't move into unified//kubepods/.../<old id>/cgroup.procs:
+/// No such file or directory"); the configuration file overrides runc's options, so CRIU
+/// leaves the processes where runc puts it, in the container's new cgroups. `options` then
+/// asks runc for its default mode.
+pub async fn cgroups_mode_by_config(
+    runc: &Runc,
+    id: &str,
+    options: &mut DumpOptions,
+) -> Option<&'static str> {
+    if options.cgroups_mode != "ignore" {
+        return None;
+    }
+    let offered = match runc.features().await {
         Ok(f) => f.cgroups_mode_ignore(),
         Err(e) => {
-            log::warn!("runc's features are unknown: {e}");
+            log::warn!("container {id}: runc's features are unknown: {e}");
             false
         }
+    };
+    if offered {
+        return None;
     }
+    log::info!(
+        "container {id}: dumped with cgroups mode ignore, which this runc does not pass: \
+         told to CRIU through its configuration file"
+    );
+    options.cgroups_mode.clear();
+    Some("manage-cgroups=ignore\n")
 }
 
 /// How long a restore may take: a minute, plus a second per 32 MiB of memory images (a damaged

@@ -362,6 +362,9 @@ impl Container {
             "tcp-close\n".to_owned()
         };
         conf.push_str(&ckpt::inherit_lines(&src.unix_ends));
+        if let Some(line) = ckpt::cgroups_mode_by_config(&self.runc, &self.id, &mut options).await {
+            conf.push_str(line);
+        }
         self.use_criu_config(&conf).await?;
         let pid_file = self.bundle.path().join("init.pid");
         let _ = std::fs::remove_file(&pid_file);

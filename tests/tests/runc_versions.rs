@@ -8,7 +8,9 @@
 //!   later, read from `runc --version`), and not on 1.1.5, which refuses the mode; the restore
 //!   repeats what the dump used, and the pod comes back either way.
 //! - A checkpoint moves between nodes running different runc releases, both ways: a restore by
-//!   1.1.5 of a dump made with `ignore` runs in runc's default mode.
+//!   1.1.5 of a dump made with `ignore` tells CRIU the mode through the container's CRIU
+//!   configuration file (runc 1.1.5 cannot pass it, and CRIU's default mode looks for the
+//!   dumped container's cgroups, gone with it).
 
 mod pod_checkpoint_support;
 
@@ -184,7 +186,7 @@ fn a_checkpoint_moves_between_runc_1_3_and_1_1_both_ways() {
         node_old.runc_version()
     );
 
-    // Dumped on 1.3 (cgroups ignored), restored on 1.1.5 (its default mode).
+    // Dumped on 1.3 (cgroups ignored), restored on 1.1.5 (ignore through CRIU's configuration).
     let pod = run_three_container_pod(&node_new, &PodOptions::new(&node_new.unique("to-old"), HANDLER))
         .expect("the pod runs on runc 1.3");
     let before = mark_and_count(&pod);
@@ -196,7 +198,7 @@ fn a_checkpoint_moves_between_runc_1_3_and_1_1_both_ways() {
     check_back(&node_old, &pod, &on_old, before);
     assert!(
         !node_old
-            .log_grep("dumped with cgroups mode ignore, which this runc does not offer")
+            .log_grep("dumped with cgroups mode ignore, which this runc does not pass")
             .is_empty(),
         "the shim says it fell back"
     );
