@@ -903,12 +903,15 @@ fn joined_dump(joined: std::result::Result<Result<Instant>, tokio::task::JoinErr
 }
 
 /// CRIU's cgroups mode for the dump of `t`, chosen before its CRIU starts: `ignore` when its
-/// runc offers it (1.2 and later) and every process of the container sits in the container's
-/// own cgroup (no cgroup below it in any hierarchy). CRIU then skips walking and recording the
-/// container's cgroups while the pod is frozen, and its restore leaves the processes where runc
-/// puts them: in the container's new cgroup, which runc makes from the spec (as it does in every
-/// mode). Otherwise runc's default (soft), which records and restores cgroups below the
-/// container's. A runc that cannot say its release gets the default.
+/// runc offers it (1.2 and later), every process of the container sits in the container's own
+/// cgroup (no cgroup below it in any hierarchy) and the container has no cgroup namespace of
+/// its own. CRIU then skips walking and recording the container's cgroups while the pod is
+/// frozen, and its restore leaves the processes where runc puts them: in the container's new
+/// cgroup, which runc makes from the spec (as it does in every mode). Otherwise runc's default
+/// (soft), which records and restores cgroups below the container's, and the container's cgroup
+/// namespace: CRIU restores that only when it manages cgroups (with `ignore` a container with
+/// its own, as CRI makes them on cgroup v2, came back in the host's). A runc that cannot say its
+/// release gets the default.
 async fn cgroups_mode(t: &Target) -> String {
     let features = match t.runc.features().await {
         Ok(f) => f,
@@ -926,6 +929,18 @@ async fn cgroups_mode(t: &Target) -> String {
     let Some(cgroups) = &t.cgroups else {
         return String::new();
     };
+    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).ok();
+    let own_namespace = match t.pid {
+        Some(pid) => namespace(&pid.to_string()) != namespace("self"),
+        None => true,
+    };
+    if own_namespace {
+        log::info!(
+            "container {}: it has a cgroup namespace of its own: CRIU records it (default cgroups mode)",
+            t.entry.id
+        );
+        return String::new();
+    }
     let nested = cgroups
         .dirs()
         .into_iter()

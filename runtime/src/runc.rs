@@ -210,6 +210,13 @@ impl RuncFeatures {
         self.at_least(1, 2)
     }
 
+    /// On cgroup v2, runc tells CRIU the restored container's cgroup (CRIU's `cgroup_root`;
+    /// runc 1.2, which dropped 1.1's "v1 only"). Without it CRIU restores the processes into
+    /// the cgroup path they were dumped from.
+    pub fn v2_cgroup_root(&self) -> bool {
+        self.at_least(1, 2)
+    }
+
     /// `--tcp-skip-in-flight` on checkpoint (runc 1.3).
     pub fn tcp_skip_in_flight(&self) -> bool {
         self.at_least(1, 3)
@@ -737,8 +744,9 @@ mod tests {
             })
         );
         assert!(!old.cgroups_mode_ignore() && !old.tcp_skip_in_flight() && !old.link_remap());
+        assert!(!old.v2_cgroup_root());
         let v12 = RuncFeatures::from_version_output("runc version 1.2.0-rc.1\n");
-        assert!(v12.cgroups_mode_ignore() && !v12.tcp_skip_in_flight());
+        assert!(v12.cgroups_mode_ignore() && v12.v2_cgroup_root() && !v12.tcp_skip_in_flight());
         let v13 = RuncFeatures::from_version_output("runc version 1.3.6+ds1\ncommit: x\n");
         assert_eq!(v13.version.map(|v| v.to_string()).as_deref(), Some("1.3.6"));
         assert!(v13.cgroups_mode_ignore() && v13.tcp_skip_in_flight() && v13.link_remap());

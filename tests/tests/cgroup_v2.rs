@@ -307,6 +307,15 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
             "{dropped:?}"
         );
     }
+    // CRI gives each container a cgroup namespace of its own on v2.
+    let cgroup_namespace =
+        |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).expect("the cgroup namespace");
+    let node_namespace = cgroup_namespace(node.containerd_pid().expect("containerd") as i32);
+    assert_ne!(
+        cgroup_namespace(task_pid(&ctr, CRI_NAMESPACE, &pod.app_id)),
+        node_namespace,
+        "the app has a cgroup namespace of its own"
+    );
     let before = mark_and_count(&pod);
 
     // Hold the dump once everything is frozen and look: both containers' cgroup.events say
@@ -355,8 +364,8 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
         .join("volumes/kubernetes.io~empty-dir")
         .join(podsnap_tests::kubelet::DATA_VOLUME);
     check_restored(&node, &restored.ip, &pod.pod.ip, &volume, &app_id, before);
-    // CRIU puts restored processes back in the cgroup path they were dumped from (runc 1.1.5
-    // gives it the new one on v1 only); the shim moves them into the new pod's.
+    // The restored app runs in the new pod's cgroup: runc 1.2+ tells CRIU that cgroup, for
+    // runc 1.1.5 (which does so on v1 only) the shim names it in CRIU's configuration.
     let restored_app = v2_cgroup(&node, task_pid(&ctr, CRI_NAMESPACE, &app_id));
     assert!(
         restored_app.starts_with(
@@ -370,6 +379,33 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
         !app.exists(),
         "the cgroup CRIU re-created at the old path is gone: {}",
         app.display()
+    );
+    // And it has a cgroup namespace of its own again (CRIU restores it when it manages
+    // cgroups: the dump used runc's default mode for such containers, not ignore).
+    assert_ne!(
+        cgroup_namespace(task_pid(&ctr, CRI_NAMESPACE, &app_id)),
+        node_namespace,
+        "the restored app's cgroup namespace is its own"
+    );
+    let modes: Vec<String> = ["sidecar", "app"]
+        .iter()
+        .map(|c| {
+            let options = outcome
+                .summary
+                .dir
+                .join("containers")
+                .join(c)
+                .join("checkpoint")
+                .join(podsnap_checkpoint::container::CRIU_OPTIONS_FILE);
+            let json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&options).expect("podsnap-criu.json")).expect("JSON");
+            json["cgroups_mode"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        ["", ""],
+        "runc's default mode for containers with a cgroup namespace"
     );
     assert!(
         dropped.len() < runc.lines().len(),
