@@ -658,7 +658,8 @@ impl Container {
     }
 
     /// On v2, the cgroup the container's spec names when its restored processes are elsewhere
-    /// (CRIU put them back where they were dumped).
+    /// (CRIU put them back where they were dumped; [`Container::v2_cgroup_root_line`] keeps
+    /// that from happening).
     fn v2_cgroup_elsewhere(
         &self,
         actual: &CgroupPaths,

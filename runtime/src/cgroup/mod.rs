@@ -253,10 +253,11 @@ impl CgroupPaths {
     }
 
     /// Moves every process of these v2 cgroups (and of those below) into `to` (made if missing),
-    /// then removes the cgroup they left when it is empty. For a container CRIU restored into the
-    /// cgroup path it was dumped from: on v2, runc 1.1.5 does not give CRIU the new container's
-    /// cgroup. Returns how many processes moved. Not for v1 (runc places restored processes
-    /// there itself).
+    /// then removes the cgroup they left when it is empty. For processes CRIU restored into the
+    /// cgroup path they were dumped from (on v2, runc 1.1.5 does not give CRIU the new
+    /// container's cgroup, so the shim names it in CRIU's configuration; a process the pause
+    /// process adopted is restored into a cgroup of its own, then moved). Returns how many
+    /// processes moved. Not for v1 (runc places restored processes there itself).
     pub fn move_processes_to(&self, to: &CgroupPaths) -> Result<usize> {
         let (Self::V2 { dir: from }, Self::V2 { dir: dest }) = (self, to) else {
             return Err(Error::Invalid {
