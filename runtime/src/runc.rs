@@ -7,7 +7,8 @@
 //! runc's checkpoint and restore options changed between the releases nodes run (bookworm's
 //! 1.1.5, containerd 2.x nodes' 1.2 and 1.3): what a binary offers is read from its
 //! `runc --version` once per binary and process ([`Runc::features`], [`RuncFeatures`]), never
-//! assumed.
+//! assumed. (1.3's `--tcp-skip-in-flight` and `--link-remap` are not used: podsnap sets such
+//! CRIU options in each container's CRIU configuration file, which works with every runc.)
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -215,16 +216,6 @@ impl RuncFeatures {
     /// the cgroup path they were dumped from.
     pub fn v2_cgroup_root(&self) -> bool {
         self.at_least(1, 2)
-    }
-
-    /// `--tcp-skip-in-flight` on checkpoint (runc 1.3).
-    pub fn tcp_skip_in_flight(&self) -> bool {
-        self.at_least(1, 3)
-    }
-
-    /// `--link-remap` on checkpoint (runc 1.3).
-    pub fn link_remap(&self) -> bool {
-        self.at_least(1, 3)
     }
 }
 
@@ -743,13 +734,12 @@ mod tests {
                 patch: 5
             })
         );
-        assert!(!old.cgroups_mode_ignore() && !old.tcp_skip_in_flight() && !old.link_remap());
-        assert!(!old.v2_cgroup_root());
+        assert!(!old.cgroups_mode_ignore() && !old.v2_cgroup_root());
         let v12 = RuncFeatures::from_version_output("runc version 1.2.0-rc.1\n");
-        assert!(v12.cgroups_mode_ignore() && v12.v2_cgroup_root() && !v12.tcp_skip_in_flight());
+        assert!(v12.cgroups_mode_ignore() && v12.v2_cgroup_root());
         let v13 = RuncFeatures::from_version_output("runc version 1.3.6+ds1\ncommit: x\n");
         assert_eq!(v13.version.map(|v| v.to_string()).as_deref(), Some("1.3.6"));
-        assert!(v13.cgroups_mode_ignore() && v13.tcp_skip_in_flight() && v13.link_remap());
+        assert!(v13.cgroups_mode_ignore() && v13.v2_cgroup_root());
         let v2 = RuncFeatures::from_version_output("runc version 2.0\n");
         assert!(v2.cgroups_mode_ignore(), "a later major offers them too");
         for unknown in [
@@ -773,7 +763,7 @@ mod tests {
         });
         let r = Runc::new("/test/only/runc-features-once", "/run/r", seen.clone());
         assert!(r.features().await.expect("features").cgroups_mode_ignore());
-        assert!(r.features().await.expect("features").link_remap());
+        assert!(r.features().await.expect("features").v2_cgroup_root());
         assert_eq!(
             *seen.seen.lock().expect("lock"),
             ["/test/only/runc-features-once --version"]

@@ -29,10 +29,9 @@ pub struct HostTools {
     pub containerd: PathBuf,
     /// containerd's CLI.
     pub ctr: PathBuf,
-    /// The OCI runtime every node runs ([`runc_under_test`]).
+    /// The OCI runtime every node runs ([`runc_under_test`]; checked to run and say its
+    /// release).
     pub runc: PathBuf,
-    /// Its release.
-    pub runc_version: RuncVersion,
     /// CRIU 4.
     pub criu: PathBuf,
     /// containerd's Go runc shim, the baseline handler.
@@ -82,8 +81,8 @@ pub fn check_host() -> HostTools {
         "the podsnap integration tests run containerd, runc and CRIU and must run as root"
     );
     let runc = runc_under_test();
+    runc_version(&runc);
     let tools = HostTools {
-        runc_version: runc_version(&runc),
         runc,
         containerd: require("containerd", "containerd 2.x"),
         ctr: require("ctr", "containerd's CLI"),

@@ -33,6 +33,10 @@ pub use stats::Stats;
 /// Where cgroup filesystems are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
+/// The cgroup2 hierarchy of a hybrid node, under [`CGROUP_ROOT`] (and its key in
+/// [`CgroupPaths::V1`]).
+pub const UNIFIED: &str = "unified";
+
 /// How long a freeze or a thaw may take before it is an error.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,7 +87,9 @@ impl CgroupMode {
 /// Where a container's cgroups are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupPaths {
-    /// cgroup v1 (legacy or hybrid): a directory per controller (`name=systemd` as `systemd`).
+    /// cgroup v1 (legacy or hybrid): a directory per controller (`name=systemd` as `systemd`),
+    /// and on a hybrid node the cgroup2 one as `unified` (runc puts containers there too, and
+    /// runc 1.2+ kills a container through its `cgroup.kill`).
     V1 { dirs: BTreeMap<String, PathBuf> },
     /// cgroup v2: the one directory.
     V2 { dir: PathBuf },
@@ -155,7 +161,18 @@ impl CgroupPaths {
                         dirs.insert(c.to_owned(), root.join(c).join(path.trim_start_matches('/')));
                     }
                 }
-                (!dirs.is_empty()).then_some(Self::V1 { dirs })
+                if dirs.is_empty() {
+                    return None;
+                }
+                if mode == CgroupMode::Hybrid {
+                    if let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::")) {
+                        dirs.insert(
+                            UNIFIED.to_owned(),
+                            root.join(UNIFIED).join(path.trim_start_matches('/')),
+                        );
+                    }
+                }
+                Some(Self::V1 { dirs })
             }
         }
     }
@@ -168,6 +185,7 @@ impl CgroupPaths {
             CgroupMode::Legacy | CgroupMode::Hybrid => Self::V1 {
                 dirs: v1_lines(own)
                     .flat_map(|(controllers, _)| controllers)
+                    .chain((mode == CgroupMode::Hybrid).then_some(UNIFIED))
                     .map(|c| (c.to_owned(), root.join(c).join(rel)))
                     .collect(),
             },
@@ -481,8 +499,15 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/cpuacct/kubepods/pod1/abc"))
         );
         assert_eq!(p.get("systemd"), Some(Path::new("/sys/fs/cgroup/systemd/x")));
+        assert_eq!(
+            p.get("unified"),
+            Some(Path::new("/sys/fs/cgroup/unified")),
+            "hybrid: the cgroup2 one too"
+        );
         assert!(p.get("memory").is_none());
         assert!(!p.is_v2());
+        let legacy = CgroupPaths::parse(HYBRID, Path::new("/sys/fs/cgroup"), CgroupMode::Legacy).expect("v1");
+        assert!(legacy.get("unified").is_none(), "legacy: no cgroup2");
     }
 
     #[test]
@@ -517,7 +542,11 @@ mod tests {
             v1.get("cpu"),
             Some(Path::new("/cg/cpu/kubepods/besteffort/podu/c1"))
         );
-        assert_eq!(v1.dirs().len(), 4, "freezer, cpu, cpuacct, systemd");
+        assert_eq!(v1.dirs().len(), 5, "freezer, cpu, cpuacct, systemd, unified");
+        assert_eq!(
+            v1.get("unified"),
+            Some(Path::new("/cg/unified/kubepods/besteffort/podu/c1"))
+        );
         let v2 = CgroupPaths::at(rel, "0::/\n", Path::new("/cg"), CgroupMode::Unified);
         assert_eq!(v2.dirs(), [Path::new("/cg/kubepods/besteffort/podu/c1")]);
     }
