@@ -16,6 +16,9 @@
 #                      integration tests (not started here; the tests run their own instance)
 #   checkpointctl      from Debian sid (with sid's libc beside it when the system's is older):
 #                      reads KEP-2008 container checkpoint archives, for the interop test
+#   kubectl 1.36       from Debian sid, side by side in /usr/local/lib/podsnap/kubectl (not on
+#                      PATH: another kubectl may be there): renders packaging/deploy offline
+#   umoci, skopeo      from bookworm: build and push the node image (packaging/node-image.sh)
 #
 # Apt sources for sid are derived from this machine's own /etc/apt/sources.list.d/debian.sources
 # (same mirror, same keyring), kept in a private directory so the system's apt setup is untouched.
@@ -46,7 +49,7 @@ BOOKWORM_PKGS=(
   runc iptables iproute2 protobuf-compiler busybox-static ca-certificates xz-utils dpkg-dev
   build-essential pkgconf libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
   libnl-3-dev libnet1-dev libcap-dev uuid-dev libbsd-dev libgnutls28-dev libnftables-dev
-  docker-registry openssl zstd patchelf
+  docker-registry openssl zstd umoci skopeo patchelf
 )
 missing=()
 for p in "${BOOKWORM_PKGS[@]}"; do
@@ -88,11 +91,12 @@ sid_prepare() {
 }
 
 # Download a binary package from sid and unpack it into a staging directory; print that directory.
+# (`pkg/sid` selects sid's version even when the system has a higher one of that name installed.)
 sid_unpack() {
   local pkg=$1 stage="$DEPS_DIR/stage-$1"
   sid_prepare
   rm -rf "$stage" && mkdir -p "$stage"
-  (cd "$DEPS_DIR" && rm -f "${pkg}"_*.deb && sid_apt download -qq "$pkg" >/dev/null)
+  (cd "$DEPS_DIR" && rm -f "${pkg}"_*.deb && sid_apt download -qq "$pkg/sid" >/dev/null)
   dpkg-deb -x "$DEPS_DIR/${pkg}"_*.deb "$stage"
   printf '%s\n' "$stage"
 }
@@ -220,5 +224,23 @@ WRAPPER
   fi
 fi
 checkpointctl --help >/dev/null 2>&1 || die "checkpointctl does not run"
+
+# ---------------------------------------------------------------------------------------------
+# kubectl from sid (kustomize 5.8 inside), beside whatever kubectl the machine has: the manifest
+# test renders packaging/deploy with it. A Go binary that needs only libc.
+# ---------------------------------------------------------------------------------------------
+KUBECTL_DIR=/usr/local/lib/podsnap/kubectl
+KUBECTL_MIN_MINOR=36
+kubectl_minor() {
+  "$KUBECTL_DIR/kubectl" version --client 2>/dev/null | sed -nE 's/^Client Version: v1\.([0-9]+)\..*/\1/p'
+}
+if [ "$(kubectl_minor)" = "" ] || [ "$(kubectl_minor)" -lt "$KUBECTL_MIN_MINOR" ]; then
+  log "installing kubectl from sid into $KUBECTL_DIR"
+  stage=$(sid_unpack kubectl)
+  mkdir -p "$KUBECTL_DIR"
+  install -m 0755 "$stage/usr/bin/kubectl" "$KUBECTL_DIR/kubectl"
+fi
+[ "$(kubectl_minor)" -ge "$KUBECTL_MIN_MINOR" ] 2>/dev/null || die "kubectl 1.$KUBECTL_MIN_MINOR+ did not install in $KUBECTL_DIR"
+command -v umoci >/dev/null && command -v skopeo >/dev/null || die "umoci or skopeo is not installed"
 
 log "ready: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | sed -n 's/^runc version //p') and $("$RUNC13_DIR/runc" --version | sed -n 's/^runc version //p'), criu $(/usr/local/sbin/criu --version | sed -n 's/^Version: //p'), $(protoc --version)"

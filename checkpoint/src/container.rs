@@ -182,6 +182,8 @@ use crate::criu_image::{PAGEMAP_MAGIC, PSTREE_MAGIC};
 const PSTREE_IMAGE: &str = "pstree.img";
 /// `pagemap_entry.flags`: the pages are in this image's pages file.
 const PE_PRESENT: u64 = 1 << 2;
+/// The largest `pagemap-*.img` read (about 16 bytes an entry: some 4 million runs of pages).
+const MAX_PAGEMAP_BYTES: u64 = 64 << 20;
 
 /// Checks every `pagemap-*.img` against its `pages-*.img`: the pages the map says are present
 /// must be exactly what the pages file holds. A truncated or missing pages file is caught here,
@@ -194,7 +196,12 @@ fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
         if !(name.starts_with("pagemap-") && name.ends_with(".img")) || name.starts_with("pagemap-shmem") {
             continue;
         }
-        let data = std::fs::read(entry.path()).map_err(|e| format!("{name}: {e}"))?;
+        let data = crate::manifest::read_capped(&entry.path(), MAX_PAGEMAP_BYTES).map_err(|e| {
+            format!(
+                "{name}: {e} (podsnap reads at most {} MiB of a pagemap)",
+                MAX_PAGEMAP_BYTES >> 20
+            )
+        })?;
         let (pages_id, present) = parse_pagemap(&data).map_err(|e| format!("{name}: {e}"))?;
         let pages = format!("pages-{pages_id}.img");
         let size = match std::fs::metadata(dir.join(&pages)) {
@@ -296,7 +303,9 @@ fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
             None => !in_parent,
         };
         if is_present {
-            present = present.saturating_add(nr_pages);
+            present = present
+                .checked_add(nr_pages)
+                .ok_or("more present pages than a 64-bit count holds")?;
         }
     }
     Ok((pages_id.ok_or("no pagemap head")?, present))
@@ -750,23 +759,71 @@ mod tests {
             out.extend(msg);
         };
         push(vec![0x08, pages_id as u8]);
+        let varint = |m: &mut Vec<u8>, mut v: u64| loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                m.push(b);
+                break;
+            }
+            m.push(b | 0x80);
+        };
         for &(vaddr, nr, flags) in entries {
             let mut m = vec![0x08];
-            let mut v = vaddr;
-            loop {
-                let b = (v & 0x7f) as u8;
-                v >>= 7;
-                if v == 0 {
-                    m.push(b);
-                    break;
-                }
-                m.push(b | 0x80);
-            }
+            varint(&mut m, vaddr);
             // CRIU 4's layout: field 2 left at 0, the count in field 5.
-            m.extend([0x10, 0, 0x20, flags as u8, 0x28, nr as u8]);
+            m.extend([0x10, 0, 0x20, flags as u8, 0x28]);
+            varint(&mut m, nr);
             push(m);
         }
         out
+    }
+
+    #[test]
+    fn a_crafted_pagemap_whose_pages_overflow_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path();
+        std::fs::write(d.join(CRIU_INVENTORY), b"").expect("inventory");
+        std::fs::write(d.join("pages-7.img"), vec![0u8; 4096]).expect("pages");
+        // 2^52 + 1 pages: 2^64 + 4096 bytes, 4096 once wrapped, as the pages file holds.
+        std::fs::write(
+            d.join("pagemap-1.img"),
+            pagemap(7, &[(0x40_0000, (1 << 52) + 1, PE_PRESENT)]),
+        )
+        .expect("pagemap");
+        let err = inspect(d).expect_err("more pages than can exist").to_string();
+        assert!(err.contains("pagemap-1.img") && err.contains("pages"), "{err}");
+        // Counts that overflow when added up.
+        std::fs::write(
+            d.join("pagemap-1.img"),
+            pagemap(
+                7,
+                &[(0x40_0000, u64::MAX, PE_PRESENT), (0x50_0000, 2, PE_PRESENT)],
+            ),
+        )
+        .expect("pagemap");
+        assert!(inspect(d).is_err());
+    }
+
+    #[test]
+    fn a_pagemap_larger_than_the_cap_is_refused_unread() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path();
+        std::fs::write(d.join(CRIU_INVENTORY), b"").expect("inventory");
+        // A valid head (14 bytes), then empty entries (4 zero bytes each) to just past the cap:
+        // a well-formed image (sparse: nothing is written, and nothing must be read).
+        let f = std::fs::File::create(d.join("pagemap-1.img")).expect("create");
+        use std::io::Write;
+        let head = pagemap(7, &[]);
+        (&f).write_all(&head).expect("head");
+        let len = head.len() as u64 + (MAX_PAGEMAP_BYTES - head.len() as u64) / 4 * 4 + 4;
+        assert!(len > MAX_PAGEMAP_BYTES);
+        f.set_len(len).expect("grow");
+        let err = inspect(d).expect_err("too large").to_string();
+        assert!(
+            err.contains("pagemap-1.img") && err.contains("more than"),
+            "{err}"
+        );
     }
 
     #[test]

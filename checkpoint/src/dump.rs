@@ -15,7 +15,9 @@
 //!    `frozen 1`; check the frozen pod (processes that would be lost, SysV segments and unix
 //!    connections shared by two containers: the dump is refused and every CRIU gives up);
 //! 5. while frozen, in parallel: let every CRIU dump its container, capture the rootfs
-//!    changes, archive the pod's emptyDir volumes, `/dev/shm` and SysV IPC;
+//!    changes (from the overlay upper directory mountinfo names; a container whose changes
+//!    cannot be found fails the dump: see [`crate::rootfs::upperdir_for_dump`]), archive the pod's
+//!    emptyDir volumes, `/dev/shm` and SysV IPC;
 //! 6. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is
 //!    first completed (specs, digests, manifest, renamed into place) while everything is
 //!    still frozen, then every process of the pod is killed before the thaw: nothing runs
@@ -40,6 +42,9 @@
 //! Guarantees, on every path (error, panic, a caller that gives up, the deadline): every
 //! freeze attempted is undone (a guard thaws on drop), the staging output is removed unless
 //! committed, and runc/CRIU still running are killed with every process they started. The
+//! journal records each program the dump starts and, before the commit, that the checkpoint is
+//! complete (`committed`, or `stopping` with `stop`): a recovery after the dump's process died
+//! undoes the dump before that and finishes it after (see [`crate::journal`]). The
 //! deadline and the caller giving up stop the dump at once, with an error that says so. A
 //! failed dump leaves the pod running as it was and no output; its error names the container
 //! with the tail of CRIU's log, or the cause (ENOSPC, EIO, ...). Containers that are not
@@ -48,6 +53,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use podsnap_runtime::cgroup::CgroupPaths;
@@ -202,11 +208,13 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     // Drop order matters: the staging guard (removes uncommitted output) and the frozen guard
     // inside `dump_into` go before the journal that lists them.
     let (owner_pid, owner_start) = journal::this_process();
-    let mut entry = journal::Entry {
+    let entry = journal::Entry {
         owner_pid,
         owner_start,
+        // The containers the dump freezes (a paused one stays as it is).
         frozen: running
             .iter()
+            .filter(|t| t.entry.state == ContainerState::Running)
             .filter_map(|t| {
                 t.cgroups
                     .as_ref()
@@ -214,26 +222,35 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
                     .map(Path::to_path_buf)
             })
             .collect(),
-        staging: PathBuf::new(),
-        in_place: false,
         dest: d.dest.clone(),
         netns: d.netns.clone(),
+        ..Default::default()
     };
-    let journal = match &d.journal {
-        Some(path) => Journal::begin(path, &entry)?,
+    let journal = Arc::new(match &d.journal {
+        Some(path) => Journal::begin(path, entry)?,
         None => Journal::none(),
-    };
-    let mut staging = Staging::new(&d.dest)?;
-    entry.staging = staging.dir.clone();
-    entry.in_place = staging.in_place;
-    journal.update(&entry)?;
+    });
+    // Every program the dump starts (runc, and the CRIU of an adopted process) is recorded as
+    // it starts: a recovery kills those and nothing else.
+    let mut limit = limit;
+    let recording = Arc::downgrade(&journal);
+    limit.spawned = Some(podsnap_runtime::launcher::Spawned::new(move |pid| {
+        if let Some(journal) = recording.upgrade() {
+            journal.worker_started(pid);
+        }
+    }));
+    let mut staging = Staging::new(&d.dest, journal.clone())?;
     phases.mark("journal");
     let mut report = DumpReport {
         phases,
         ..Default::default()
     };
     dump_into(&d, &mut staging, &running, &limit, &mut report).await?;
-    staging.commit()?;
+    if !staging.committed {
+        // Complete, and the pod thawed: from here on a recovery keeps the checkpoint.
+        staging.commit(journal::Phase::Committed)?;
+        hold("committed").await;
+    }
     drop(staging);
     drop(journal);
     report.phases.mark("committed");
@@ -317,6 +334,7 @@ async fn dump_into(
         .then(|| crate::prehash::Prehash::start(&image_dirs))
         .flatten();
     let mut dumps = Dumps::start_held(&dir, running, limit, holds);
+    dumps.journal = Some(staging.journal.clone());
     dumps.external_unix = told;
     dumps.prehash = prehash;
     // What the checkpoint records of the node and of the pod's addresses, and `criu cpuinfo
@@ -387,7 +405,7 @@ async fn dump_into(
 async fn locked(d: &PodDump, limit: &Limit, lock: Option<&Path>) -> Result<crate::netlock::NetLock> {
     hold("before-freeze").await;
     check(limit, d.deadline, "before the freeze")?;
-    crate::netlock::NetLock::take(d.launcher.clone(), lock).await
+    crate::netlock::NetLock::take(d.launcher.clone(), lock, limit).await
 }
 
 /// What the checkpoint records of the node and of the pod's network, read beside the dump.
@@ -555,10 +573,14 @@ async fn quiesced(
         tokio::task::spawn_blocking(move || sync_filesystem(&synced))
             .await
             .map_err(|e| Error::io("sync the checkpoint", &dir, std::io::Error::other(e)))??;
-        staging.commit()?;
+        // From here on a recovery keeps the checkpoint and kills the pod before its thaw.
+        staging.commit(journal::Phase::Stopping)?;
+        hold("committed").await;
         report.killed = frozen.kill_all();
+        hold("killed").await;
         frozen.thaw_all();
         report.frozen = freeze_start.elapsed();
+        hold("stopped").await;
         return Ok(Quiesced::Stopped);
     }
     frozen.thaw_all();
@@ -703,6 +725,10 @@ async fn finish(
     // while the rest (digests, manifest, and with `stop` the sync and the kill) goes on.
     announce_parts(d, dir);
     hold("parts-ready").await;
+    let threads = captured
+        .prehash
+        .as_ref()
+        .map_or(0, crate::prehash::Prehash::threads);
     let prehashed = match captured.prehash {
         Some(p) => tokio::task::spawn_blocking(move || p.finish())
             .await
@@ -718,7 +744,7 @@ async fn finish(
         })
         .collect();
     log::info!(
-        "pod {}: {} of {} files ({} of {} bytes) digested as CRIU closed them",
+        "pod {}: {} of {} files ({} of {} bytes) digested as CRIU closed them, on {threads} threads",
         d.pod.sandbox_id,
         early.len(),
         files.len(),
@@ -805,6 +831,8 @@ struct Dumps {
     external_unix: ToldEnds,
     /// Their page images hashed as CRIU closes them.
     prehash: Option<crate::prehash::Prehash>,
+    /// The dump's crash journal, told of each held CRIU once it waits.
+    journal: Option<Arc<Journal>>,
 }
 
 struct DumpSlot {
@@ -830,6 +858,7 @@ impl Dumps {
             slots,
             external_unix: ToldEnds::default(),
             prehash: None,
+            journal: None,
         }
     }
 
@@ -845,6 +874,11 @@ impl Dumps {
                 }
             }
             if self.slots.iter().all(|s| s.hold.as_ref().is_none_or(Hold::ready)) {
+                // Each held CRIU runs now (a child of its runc): recorded, so that a recovery
+                // finds it even if its runc dies first.
+                if let Some(journal) = &self.journal {
+                    journal.record_descendants();
+                }
                 return Ok(());
             }
             check(limit, deadline, "while runc and CRIU started")?;
@@ -1069,14 +1103,15 @@ async fn capture_all(
         let cdir = dir.join(t.entry.dir());
         let rootfs_dir = t.bundle.join("rootfs");
         let bundle = t.bundle.clone();
+        let name = t.entry.name.clone();
         tasks.spawn(async move {
             let tar = cdir.join(ROOTFS_DIFF);
             let del = cdir.join(ROOTFS_DELETED);
-            tokio::task::spawn_blocking(move || match rootfs::upperdir_of(&rootfs_dir) {
+            tokio::task::spawn_blocking(move || match rootfs::upperdir_for_dump(&name, &rootfs_dir)? {
                 Some(upper) => rootfs::capture(&upper, &tar, &del).map(drop),
                 None => {
                     log::info!(
-                        "{}: rootfs is not an overlay, no changes captured",
+                        "container {name}: its rootfs {} is a read-only overlay: no changes to capture",
                         rootfs_dir.display()
                     );
                     Ok(())
@@ -1836,16 +1871,28 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// The directory a dump writes into until it is complete; removed when dropped uncommitted.
+/// The dump's journal lists it, and says when it is committed.
 struct Staging {
     dest: PathBuf,
     dir: PathBuf,
     /// The destination existed (empty) and is written in place.
     in_place: bool,
     committed: bool,
+    journal: Arc<Journal>,
 }
 
 impl Staging {
-    fn new(dest: &Path) -> Result<Self> {
+    /// The staging directory of a dump into `dest`, recorded in `journal`.
+    fn new(dest: &Path, journal: Arc<Journal>) -> Result<Self> {
+        let staging = Self::make(dest, journal)?;
+        staging.journal.update(|e| {
+            e.staging = staging.dir.clone();
+            e.in_place = staging.in_place;
+        })?;
+        Ok(staging)
+    }
+
+    fn make(dest: &Path, journal: Arc<Journal>) -> Result<Self> {
         let exists_empty = match std::fs::read_dir(dest) {
             Ok(mut rd) => {
                 if rd.next().is_some() {
@@ -1865,6 +1912,7 @@ impl Staging {
                 dir: dest.to_path_buf(),
                 in_place: true,
                 committed: false,
+                journal,
             });
         }
         let parent = dest.parent().unwrap_or(Path::new("."));
@@ -1883,19 +1931,30 @@ impl Staging {
             dir,
             in_place: false,
             committed: false,
+            journal,
         })
     }
 
-    /// Moves the complete checkpoint into place (once; later calls do nothing).
-    fn commit(&mut self) -> Result<()> {
+    /// Moves the complete checkpoint into place (once; later calls do nothing), the journal
+    /// saying `phase` (what a recovery must then finish: never undo) before the move, and
+    /// dumping again if the move fails (the output is then removed as uncommitted).
+    fn commit(&mut self, phase: journal::Phase) -> Result<()> {
         if self.committed {
             return Ok(());
         }
-        if !self.in_place {
-            std::fs::rename(&self.dir, &self.dest)
-                .map_err(|e| Error::io("move the checkpoint into place", &self.dest, e))?;
+        self.journal.update(|e| e.phase = phase)?;
+        let moved = match self.in_place {
+            true => Ok(()),
+            false => std::fs::rename(&self.dir, &self.dest)
+                .map_err(|e| Error::io("move the checkpoint into place", &self.dest, e)),
         }
-        sync_dir(self.dest.parent().unwrap_or(Path::new(".")))?;
+        .and_then(|()| sync_dir(self.dest.parent().unwrap_or(Path::new("."))));
+        if let Err(e) = moved {
+            if let Err(j) = self.journal.update(|e| e.phase = journal::Phase::Dumping) {
+                log::warn!("{j}");
+            }
+            return Err(e);
+        }
         self.committed = true;
         Ok(())
     }
@@ -2075,9 +2134,10 @@ mod tests {
     fn staging_refuses_a_non_empty_destination_and_cleans_up() {
         let t = tempfile::tempdir().expect("tempdir");
         std::fs::write(t.path().join("f"), b"x").expect("write");
-        assert!(Staging::new(t.path()).is_err());
+        let journal = Arc::new(Journal::none());
+        assert!(Staging::new(t.path(), journal.clone()).is_err());
         let dest = t.path().join("new");
-        let s = Staging::new(&dest).expect("staging");
+        let s = Staging::new(&dest, journal.clone()).expect("staging");
         let staged = s.dir.clone();
         std::fs::write(staged.join("partial"), b"x").expect("write");
         drop(s);
@@ -2085,14 +2145,14 @@ mod tests {
             !staged.exists() && !dest.exists(),
             "uncommitted output is removed"
         );
-        let mut s = Staging::new(&dest).expect("staging");
+        let mut s = Staging::new(&dest, journal.clone()).expect("staging");
         write_synced(&s.dir.join(MANIFEST), b"{}").expect("manifest");
-        s.commit().expect("commit");
+        s.commit(journal::Phase::Committed).expect("commit");
         drop(s);
         assert!(dest.join(MANIFEST).exists(), "committed output stays");
         std::fs::remove_dir_all(&dest).expect("rm");
         std::fs::create_dir(&dest).expect("an empty destination");
-        let s = Staging::new(&dest).expect("in place");
+        let s = Staging::new(&dest, journal.clone()).expect("in place");
         std::fs::write(s.dir.join("partial"), b"x").expect("write");
         drop(s);
         assert!(dest.is_dir(), "a destination podsnap did not create stays");

@@ -40,6 +40,11 @@ pub enum Error {
         rule: &'static str,
         reason: String,
     },
+    /// A container whose file changes the dump cannot find (its rootfs is not an overlay with
+    /// an upper directory podsnap can read): the dump is refused rather than lose them, and
+    /// the pod left running.
+    #[error("checkpoint of container {container} refused: its file changes cannot be captured: {reason}")]
+    RootfsChanges { container: String, reason: String },
     /// A dump stopped by its deadline or by its caller giving up; the pod was left running as
     /// it was and no output remains.
     #[error("pod dump stopped: {reason}; every container was thawed and the partial output removed")]

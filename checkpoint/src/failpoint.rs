@@ -3,8 +3,11 @@
 //!
 //! `PODSNAP_FAILPOINT_HOLD` names a directory. An operation reaching phase P (a pod dump:
 //! `before-freeze`, `frozen`, `dumped`, `parts-ready` (every container's part complete and
-//! announced, the digests not taken yet), `thawed`; a container restore: `restore`, and in a lazy
-//! one `lazy-pages`, its daemon listening, runc not run yet) while the file `<dir>/P` exists
+//! announced, the digests not taken yet), `thawed`, `committed` (the checkpoint in place; with
+//! `stop` the pod still frozen), and with `stop` `killed` (every process of the pod killed, not
+//! thawed yet) and `stopped` (thawed: the pod gone, the journal not removed yet); a container
+//! restore: `restore`, and in a lazy one `lazy-pages`, its daemon listening, runc not run yet)
+//! while the file `<dir>/P` exists
 //! writes `<dir>/P.reached` and waits (at most a minute) until `<dir>/P` is removed. Unset, as
 //! in production, a hold point costs one environment lookup.
 

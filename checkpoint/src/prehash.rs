@@ -5,8 +5,10 @@
 //! closes the file, then dumps the rest (the mount tree, namespaces, cgroups: a third of its run
 //! or more). Watching each container's images directory (inotify, `IN_CLOSE_WRITE`), a page
 //! image is hashed from the moment CRIU closes it, beside CRIU's remaining work and the other
-//! containers' dumps, instead of after the thaw. While the pod is frozen the hashing runs in the
-//! idle scheduling class (`SCHED_IDLE`), on whatever CPU the dumps leave idle, so that it
+//! containers' dumps, instead of after the thaw. The files are hashed in the order CRIU closed
+//! them by a pool of one thread per core (at most [`MAX_THREADS`]), however many processes the
+//! pod has (CRIU writes a page image per process). While the pod is frozen the hashing runs in
+//! the idle scheduling class (`SCHED_IDLE`), on whatever CPU the dumps leave idle, so that it
 //! lengthens the frozen window as little as it can; once the dump waits for it, it runs in the
 //! normal class. The manifest takes
 //! such a digest only if the file is exactly as it was hashed (device, inode, size, times);
@@ -37,13 +39,19 @@ impl Prehashed {
     }
 }
 
-/// The watcher: a thread reading inotify events, a thread per page image closed.
+/// The most threads hashing page images for one dump.
+pub const MAX_THREADS: usize = 8;
+
+/// The watcher: a thread reading inotify events and queueing each page image closed to a pool
+/// of [`Prehash::threads`] threads.
 pub struct Prehash {
     stop: Arc<AtomicBool>,
     /// Set when the dump waits for the digests: they run at normal priority from then on.
     urgent: Arc<AtomicBool>,
-    watcher: Option<std::thread::JoinHandle<Vec<std::thread::JoinHandle<()>>>>,
+    /// Ends once every queued page image is hashed (or skipped, for a dump that failed).
+    watcher: Option<std::thread::JoinHandle<()>>,
     done: Arc<Mutex<HashMap<PathBuf, Prehashed>>>,
+    threads: usize,
 }
 
 impl Prehash {
@@ -62,33 +70,48 @@ impl Prehash {
                 Err(e) => log::debug!("no early digests for {} ({e})", d.display()),
             }
         }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+        let pool = rayon_core::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("prehash-{i}"))
+            .build()
+            .inspect_err(|e| log::debug!("no early digests (thread pool: {e})"))
+            .ok()?;
         let stop = Arc::new(AtomicBool::new(false));
         let urgent = Arc::new(AtomicBool::new(false));
         let done = Arc::new(Mutex::new(HashMap::new()));
         let (stop_w, urgent_w, done_w) = (stop.clone(), urgent.clone(), done.clone());
         let watcher = std::thread::Builder::new()
             .name("prehash".into())
-            .spawn(move || watch(inotify, watched, stop_w, urgent_w, done_w))
+            .spawn(move || {
+                // Returns once every page image queued to the pool is done.
+                pool.in_place_scope_fifo(|hashing| {
+                    watch(inotify, watched, &stop_w, &urgent_w, &done_w, hashing)
+                });
+            })
             .inspect_err(|e| log::debug!("no early digests (thread: {e})"))
             .ok()?;
+        log::debug!("page images are digested as CRIU closes them, on {threads} threads");
         Some(Prehash {
             stop,
             urgent,
             watcher: Some(watcher),
             done,
+            threads,
         })
     }
 
-    /// Stops watching, waits for the digests under way, and returns them by path.
+    /// How many threads hash page images.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Stops watching, waits for the digests under way and queued, and returns them by path.
     pub fn finish(mut self) -> HashMap<PathBuf, Prehashed> {
         self.urgent.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         if let Some(w) = self.watcher.take() {
-            if let Ok(hashing) = w.join() {
-                for h in hashing {
-                    let _ = h.join();
-                }
-            }
+            let _ = w.join();
         }
         std::mem::take(&mut *self.done.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -96,20 +119,20 @@ impl Prehash {
 
 impl Drop for Prehash {
     fn drop(&mut self) {
-        // A dump that failed: the threads end on their own (the watcher at its next poll).
+        // A dump that failed: the watcher ends at its next poll, the pool skips what is queued.
         self.stop.store(true, Ordering::SeqCst);
     }
 }
 
-fn watch(
+fn watch<'s>(
     inotify: Inotify,
     watched: HashMap<nix::sys::inotify::WatchDescriptor, PathBuf>,
-    stop: Arc<AtomicBool>,
-    urgent: Arc<AtomicBool>,
-    done: Arc<Mutex<HashMap<PathBuf, Prehashed>>>,
-) -> Vec<std::thread::JoinHandle<()>> {
+    stop: &'s AtomicBool,
+    urgent: &'s AtomicBool,
+    done: &'s Mutex<HashMap<PathBuf, Prehashed>>,
+    hashing: &rayon_core::ScopeFifo<'s>,
+) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut hashing = Vec::new();
     // Events already queued when asked to stop are still taken: a page image closed just
     // before the last dump ended is hashed here, not again after the thaw.
     loop {
@@ -126,16 +149,16 @@ fn watch(
                     continue;
                 }
                 let path = dir.join(name.as_ref());
-                let (done, urgent) = (done.clone(), urgent.clone());
-                if let Ok(h) = std::thread::Builder::new()
-                    .name("prehash-file".into())
-                    .spawn(move || hash_one(&path, &urgent, &done))
-                {
-                    hashing.push(h);
-                }
+                hashing.spawn_fifo(move |_| {
+                    // Stopped without being waited for: the dump failed, its output goes.
+                    if stop.load(Ordering::SeqCst) && !urgent.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    hash_one(&path, urgent, done)
+                });
             }
         } else if stopping {
-            return hashing;
+            return;
         }
     }
 }

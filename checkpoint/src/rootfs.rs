@@ -14,6 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use podsnap_runtime::mountinfo;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -52,66 +53,71 @@ impl Deletions {
     }
 }
 
-/// The overlay upper directory of the filesystem mounted at `mountpoint`, if it is an overlay.
+/// The overlay upper directory of the filesystem mounted at `mountpoint`, if it is an overlay
+/// with one (the dump's size estimate; the dump itself asks [`upperdir_for_dump`]).
 pub fn upperdir_of(mountpoint: &Path) -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    upperdir_in(&info, mountpoint)
+    let mounts = mountinfo::read_self().ok()?;
+    mountinfo::top_at(&mounts, mountpoint)?.overlay_upperdir()
 }
 
 /// The overlay lower directories (the image's layers, top first) of the filesystem mounted at
 /// `mountpoint`, if it is an overlay.
 pub fn lowerdirs_of(mountpoint: &Path) -> Option<Vec<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    lowerdirs_in(&info, mountpoint)
+    let mounts = mountinfo::read_self().ok()?;
+    let top = mountinfo::top_at(&mounts, mountpoint).filter(|m| m.is_overlay())?;
+    Some(
+        top.overlay_lowerdirs()
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect(),
+    )
 }
 
-fn lowerdirs_in(mountinfo: &str, mountpoint: &Path) -> Option<Vec<String>> {
-    overlay_option(mountinfo, mountpoint, "lowerdir=").map(|v| {
-        v.split(':')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()
-    })
+/// Where the dump finds `container`'s file changes: the upper directory of the overlay mounted
+/// at its `rootfs` (`None`: a read-only overlay, where nothing can change). Anything else is an
+/// error naming the container, since a checkpoint without its file changes would lose them.
+pub fn upperdir_for_dump(container: &str, rootfs: &Path) -> Result<Option<PathBuf>> {
+    let refuse = |reason: String| Error::RootfsChanges {
+        container: container.to_owned(),
+        reason,
+    };
+    let mounts = mountinfo::read_self().map_err(|e| refuse(e.to_string()))?;
+    upperdir_in(&mounts, rootfs).map_err(refuse)
 }
 
-fn upperdir_in(mountinfo: &str, mountpoint: &Path) -> Option<PathBuf> {
-    overlay_option(mountinfo, mountpoint, "upperdir=").map(PathBuf::from)
-}
-
-/// The value of one option of the overlay mounted at `mountpoint` (the mount on top).
-fn overlay_option(mountinfo: &str, mountpoint: &Path, key: &str) -> Option<String> {
-    let want = mountpoint.to_str()?;
-    // The last matching line is the mount on top.
-    mountinfo.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let dash = fields.iter().position(|f| *f == "-")?;
-        if unescape(fields.get(4)?) != want || fields.get(dash + 1) != Some(&"overlay") {
-            return None;
-        }
-        fields
-            .get(dash + 3)?
-            .split(',')
-            .find_map(|opt| opt.strip_prefix(key).map(unescape))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i] as char);
-        i += 1;
+fn upperdir_in(mounts: &[mountinfo::Mount], rootfs: &Path) -> std::result::Result<Option<PathBuf>, String> {
+    let Some(top) = mountinfo::top_at(mounts, rootfs) else {
+        return Err(format!("nothing is mounted at {}", rootfs.display()));
+    };
+    if !top.is_overlay() {
+        return Err(format!(
+            "{} is a {} mount, not an overlay",
+            rootfs.display(),
+            top.fs_type
+        ));
     }
-    out
+    let Some(upper) = top.overlay_upperdir() else {
+        if top.super_options().iter().any(|(name, _)| name == b"ro") {
+            return Ok(None);
+        }
+        return Err(format!(
+            "the overlay at {} is writable but names no upper directory",
+            rootfs.display()
+        ));
+    };
+    match std::fs::symlink_metadata(&upper) {
+        Ok(meta) if meta.is_dir() => Ok(Some(upper)),
+        Ok(_) => Err(format!(
+            "the upper directory of the overlay at {} is not a directory: {}",
+            rootfs.display(),
+            upper.display()
+        )),
+        Err(e) => Err(format!(
+            "the upper directory of the overlay at {} ({}): {e}",
+            rootfs.display(),
+            upper.display()
+        )),
+    }
 }
 
 /// Captures the changes in `upper` into `tar_path` and `deletions_path`; returns how many
@@ -334,24 +340,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_upperdir_of_an_overlay_mount() {
-        let info = "36 35 0:30 / /run/x/rootfs rw,relatime - overlay overlay rw,lowerdir=/l1:/l2,upperdir=/s/9/fs,workdir=/s/9/work\n\
-                    37 35 0:31 / /other rw - tmpfs tmpfs rw\n";
-        assert_eq!(
-            upperdir_in(info, Path::new("/run/x/rootfs")),
-            Some(PathBuf::from("/s/9/fs"))
+    fn the_dump_finds_the_upper_directory_or_says_why_not() {
+        let t = tempfile::tempdir().expect("tempdir");
+        // A directory name with a space, a tab, a backslash and bytes that are not UTF-8.
+        let odd = t
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"sp ace\ttab\\\xc3\xa9\xff"));
+        let upper = odd.join("fs");
+        std::fs::create_dir_all(&upper).expect("mkdir");
+        // As overlayfs writes it: the backslash escape it was given (`\\`), octal-escaped.
+        let escaped: Vec<u8> = upper
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .flat_map(|&b| match b {
+                b'\\' => b"\\134\\134".to_vec(),
+                b' ' | b'\t' | b'\n' => format!("\\{b:03o}").into_bytes(),
+                _ => vec![b],
+            })
+            .collect();
+        let mut text =
+            b"36 35 0:30 / /run/x/rootfs rw,relatime - overlay overlay rw,lowerdir=/l1:/l2,upperdir="
+                .to_vec();
+        text.extend(escaped);
+        text.extend_from_slice(b",workdir=/w\n37 35 0:31 / /other rw - tmpfs tmpfs rw\n");
+        text.extend_from_slice(b"38 35 0:32 / /ro ro - overlay overlay ro,lowerdir=/l1:/l2\n");
+        text.extend_from_slice(
+            b"39 35 0:33 / /gone rw - overlay overlay rw,lowerdir=/l,upperdir=/nowhere/fs,workdir=/w\n",
         );
-        assert_eq!(upperdir_in(info, Path::new("/other")), None);
+        let mounts = mountinfo::parse(&text).expect("parse");
+        assert_eq!(upperdir_in(&mounts, Path::new("/run/x/rootfs")), Ok(Some(upper)));
         assert_eq!(
-            lowerdirs_in(info, Path::new("/run/x/rootfs")),
-            Some(vec!["/l1".to_string(), "/l2".to_string()])
+            upperdir_in(&mounts, Path::new("/ro")),
+            Ok(None),
+            "read-only: nothing changed"
         );
-    }
-
-    #[test]
-    fn unescapes_mountinfo_octal() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
+        for (at, why) in [
+            ("/other", "a tmpfs mount, not an overlay"),
+            ("/gone", "/nowhere/fs"),
+            ("/unmounted", "nothing is mounted at /unmounted"),
+        ] {
+            let e = upperdir_in(&mounts, Path::new(at)).expect_err(at);
+            assert!(e.contains(why), "{at}: {e}");
+        }
+        let e = upperdir_for_dump("app", Path::new("/surely/not/mounted")).expect_err("refused");
+        assert!(e.to_string().contains("container app"), "{e}");
     }
 
     #[test]

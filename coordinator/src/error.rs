@@ -76,6 +76,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Installing on or uninstalling from a node failed (`podsnap node`).
+    #[error(transparent)]
+    Node(#[from] crate::node::Error),
     /// A restore failed after it had created something; says what was removed and what not.
     #[error("{source}\n{cleanup}")]
     RolledBack {

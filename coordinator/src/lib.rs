@@ -9,6 +9,7 @@ pub mod dump;
 pub mod error;
 pub mod inspect;
 pub mod list;
+pub mod node;
 pub mod oci;
 pub mod pod;
 pub mod progress;

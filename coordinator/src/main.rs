@@ -22,14 +22,11 @@ use podsnap_coordinator::{inspect, list, oci, pod};
     about = "Checkpoint and restore whole Kubernetes pods run by the podsnap runtime"
 )]
 struct Cli {
-    /// CRI endpoint of the node's container runtime.
-    #[arg(
-        long,
-        global = true,
-        env = "CONTAINER_RUNTIME_ENDPOINT",
-        default_value = "unix:///run/containerd/containerd.sock"
-    )]
-    runtime_endpoint: String,
+    /// CRI endpoint of the node's container runtime [default:
+    /// unix:///run/containerd/containerd.sock; for `podsnap node`, the socket containerd's
+    /// configuration names, under the host root].
+    #[arg(long, global = true, env = "CONTAINER_RUNTIME_ENDPOINT")]
+    runtime_endpoint: Option<String>,
     /// containerd's socket.
     #[arg(long, global = true, env = "CONTAINERD_ADDRESS", default_value = DEFAULT_ADDRESS)]
     address: PathBuf,
@@ -84,12 +81,82 @@ enum Command {
         #[arg(long, value_name = "NAMESPACE")]
         for_namespace: Option<String>,
     },
+    /// Install podsnap on this node (shim, containerd drop-in, restart), remove it, or show it.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Remove checkpoints from the node's checkpoint root, by name (never one in use).
     Rm {
         /// Checkpoint names, as `podsnap list` shows them.
         #[arg(required = true)]
         names: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Install the shim and the CLI, register the `podsnap` runtime handler with containerd (a
+    /// drop-in and one import), restart containerd if that changed anything and wait until CRI
+    /// serves the handler; on any failure, put everything back.
+    Install(NodeInstallArgs),
+    /// Undo what `install` did (its record, /etc/podsnap/installed.json), restart containerd and
+    /// wait until the handler is gone; refused while podsnap pods run unless --force.
+    Uninstall {
+        #[command(flatten)]
+        host: NodeHostArgs,
+        /// Uninstall even while pods of the podsnap handler run (their shims lose their binary).
+        #[arg(long)]
+        force: bool,
+    },
+    /// What is installed, the versions, and whether containerd serves the handler.
+    Status {
+        /// The host's root directory (`/host` in the DaemonSet).
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct NodeHostArgs {
+    /// The host's root directory: every file is read and written under it (`/host` in the
+    /// DaemonSet).
+    #[arg(long, default_value = "/")]
+    host_root: PathBuf,
+    /// Shell command that restarts containerd, run in the host's namespaces (default: systemd's
+    /// unit, over D-Bus or with systemctl).
+    #[arg(long, value_name = "CMD")]
+    restart_command: Option<String>,
+    /// How long containerd may take to come back after a restart.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct NodeInstallArgs {
+    #[command(flatten)]
+    host: NodeHostArgs,
+    /// containerd's configuration, as a host path (default: /etc/containerd/config.toml, or
+    /// k3s's and RKE2's templates where they run).
+    #[arg(long, value_name = "PATH")]
+    containerd_config: Option<PathBuf>,
+    /// Where the binaries to install are (default: this program's directory).
+    #[arg(long, value_name = "DIR")]
+    binaries: Option<PathBuf>,
+    /// Where the shim and the CLI go on the host (on containerd's PATH).
+    #[arg(long, value_name = "DIR", default_value = "/usr/local/bin")]
+    bin_dir: PathBuf,
+    /// Also install podsnap-cni-ipam into this CNI plugin directory of the host.
+    #[arg(long, value_name = "DIR")]
+    cni_bin_dir: Option<PathBuf>,
+    /// Write this node configuration to /etc/podsnap/config.toml unless one is there.
+    #[arg(long, value_name = "FILE")]
+    node_config: Option<PathBuf>,
+    /// Stay after the install; on SIGTERM (or SIGINT), uninstall (the DaemonSet's way).
+    #[arg(long)]
+    wait: bool,
+    /// Label this Kubernetes node podsnap.io/runtime=ready once the handler is served (removed
+    /// before the uninstall), with the pod's service account.
+    #[arg(long, value_name = "NODE", requires = "wait", env = "PODSNAP_LABEL_NODE")]
+    label_node: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +269,10 @@ struct RestoreArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Node(_)) {
+        // The installer's steps are worth seeing in a pod's log.
+        init_logging();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -331,12 +402,112 @@ fn push_checkpoint(
         .with_context(|| format!("push {} to {}", request.dir.display(), request.reference))
 }
 
+/// Log lines (info and up, or `PODSNAP_LOG`'s level) on stderr.
+fn init_logging() {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::max_level()
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                eprintln!(
+                    "podsnap: {}: {}",
+                    record.level().as_str().to_lowercase(),
+                    record.args()
+                );
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Stderr = Stderr;
+    let level = std::env::var("PODSNAP_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(log::LevelFilter::Info);
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+/// `podsnap node ...`.
+fn run_node(
+    runtime: &tokio::runtime::Runtime,
+    endpoint: Option<String>,
+    command: NodeCommand,
+) -> anyhow::Result<()> {
+    use podsnap_coordinator::node::{self, report};
+    match command {
+        NodeCommand::Install(args) => {
+            let binaries = match args.binaries {
+                Some(dir) => dir,
+                None => std::env::current_exe()
+                    .context("finding this program's directory")?
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            };
+            let request = node::InstallRequest {
+                host_root: args.host.host_root,
+                containerd_config: args.containerd_config,
+                restart_command: args.host.restart_command,
+                runtime_endpoint: endpoint,
+                binaries,
+                bin_dir: args.bin_dir,
+                cni_bin_dir: args.cni_bin_dir,
+                node_config: args.node_config,
+                timeout: std::time::Duration::from_secs(args.host.timeout),
+            };
+            if args.wait {
+                let report = |line: &str| println!("{line}");
+                return runtime
+                    .block_on(node::daemon::run(&request, args.label_node.as_deref(), report))
+                    .context("podsnap node install --wait");
+            }
+            let done = runtime
+                .block_on(node::install(&request))
+                .context("podsnap node install")?;
+            println!("{}", report::installed(&done));
+            Ok(())
+        }
+        NodeCommand::Uninstall { host, force } => {
+            let request = node::UninstallRequest {
+                host_root: host.host_root,
+                restart_command: host.restart_command,
+                runtime_endpoint: endpoint,
+                force,
+                timeout: std::time::Duration::from_secs(host.timeout),
+            };
+            let done = runtime
+                .block_on(node::uninstall(&request))
+                .context("podsnap node uninstall")?;
+            println!("{}", report::uninstalled(&done));
+            Ok(())
+        }
+        NodeCommand::Status { host_root } => {
+            let status = runtime
+                .block_on(node::status(&host_root, endpoint.as_deref()))
+                .context("podsnap node status")?;
+            println!("{status}");
+            Ok(())
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let command = match cli.command {
+        Command::Node(command) => return run_node(&runtime, cli.runtime_endpoint, command),
+        other => other,
+    };
+    let runtime_endpoint = cli
+        .runtime_endpoint
+        .clone()
+        .unwrap_or_else(|| "unix:///run/containerd/containerd.sock".to_owned());
     // One file for the shim and the CLI (PODSNAP_CONFIG or /etc/podsnap/config.toml).
     let config = NodeConfig::load()?;
     let checkpoint_root = cli
@@ -346,7 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // A dump of this node (`dump` and `migrate`).
     let dump_request =
         |namespace: String, pod_name: String, tcp_established: bool, timeout: Option<u64>| DumpRequest {
-            runtime_endpoint: cli.runtime_endpoint.clone(),
+            runtime_endpoint: runtime_endpoint.clone(),
             address: cli.address.clone(),
             checkpoint_root: checkpoint_root.clone(),
             namespace,
@@ -357,7 +528,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             handler: pod::HANDLER.to_owned(),
             timeout: timeout.map(std::time::Duration::from_secs),
         };
-    match cli.command {
+    match command {
+        Command::Node(_) => unreachable!("handled above"),
         Command::Dump(args) => {
             let mut request = dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
             request.dir = args.dir;
@@ -422,7 +594,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => anyhow::bail!("restore takes one of --checkpoint-dir and --from"),
             };
             let request = RestoreRequest {
-                runtime_endpoint: cli.runtime_endpoint,
+                runtime_endpoint,
                 checkpoint_root,
                 checkpoint_dir,
                 namespace: args.namespace,
@@ -633,6 +805,33 @@ mod tests {
             Cli::try_parse_from(["podsnap", "pull", "reg/ckpt:1"]).is_err(),
             "pull takes a destination"
         );
+        let cli = Cli::try_parse_from([
+            "podsnap",
+            "node",
+            "install",
+            "--host-root",
+            "/host",
+            "--restart-command",
+            "x",
+            "--wait",
+            "--label-node",
+            "n1",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Node(NodeCommand::Install(NodeInstallArgs { wait: true, ref label_node, .. }))
+                if label_node.as_deref() == Some("n1")
+        ));
+        assert!(
+            Cli::try_parse_from(["podsnap", "node", "install", "--label-node", "n1"]).is_err(),
+            "labelling is for the DaemonSet's --wait"
+        );
+        let cli = Cli::try_parse_from(["podsnap", "node", "uninstall", "--force"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Node(NodeCommand::Uninstall { force: true, .. })
+        ));
         let cli = Cli::try_parse_from(["podsnap", "rm", "a", "b/c"]).expect("parses");
         assert!(matches!(cli.command, Command::Rm { names } if names == ["a", "b/c"]));
     }

@@ -45,6 +45,25 @@ pub enum Capture {
 pub struct Limit {
     pub deadline: Option<tokio::time::Instant>,
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Told the pid of each program started under this limit, as soon as it runs (a pod
+    /// dump's crash journal records its workers so).
+    pub spawned: Option<Spawned>,
+}
+
+/// What a launcher tells of each program it starts under a [`Limit`]: its pid.
+#[derive(Clone)]
+pub struct Spawned(std::sync::Arc<dyn Fn(i32) + Send + Sync>);
+
+impl Spawned {
+    pub fn new(f: impl Fn(i32) + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Spawned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Spawned")
+    }
 }
 
 impl Limit {
@@ -53,6 +72,15 @@ impl Limit {
         Self {
             deadline: Some(tokio::time::Instant::now() + after),
             cancel,
+            spawned: None,
+        }
+    }
+
+    /// Tells [`Limit::spawned`] (when set) that the program `pid` was started under this limit.
+    /// Launchers call it right after the start, before waiting.
+    pub fn started(&self, pid: i32) {
+        if let Some(Spawned(f)) = &self.spawned {
+            f(pid);
         }
     }
 
@@ -231,6 +259,9 @@ impl Launcher for TokioLauncher {
         }
         let mut child = cmd.spawn()?;
         let pid = child.id().map(|p| p as i32);
+        if let Some(pid) = pid {
+            limit.started(pid);
+        }
         let stdout = child.stdout.take().map(|p| p.into_owned_fd()).transpose()?;
         let stderr = child.stderr.take().map(|p| p.into_owned_fd()).transpose()?;
         let output = async { tokio::join!(read_pipe(stdout), read_pipe(stderr)) };

@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod error;
 pub mod launcher;
 pub mod mount;
+pub mod mountinfo;
 pub mod runc;
 pub mod stdio;
 

@@ -2,13 +2,19 @@
 
 use std::path::{Path, PathBuf};
 
-/// Mount points at or below `dir`, deepest first, from `/proc/self/mountinfo`.
+/// Mount points at or below `dir`, deepest first, from `/proc/self/mountinfo` (none when the
+/// table cannot be read: logged).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+    let mounts = match crate::mountinfo::read_self() {
+        Ok(mounts) => mounts,
+        Err(e) => {
+            log::warn!("mounts under {}: {e}", dir.display());
+            return Vec::new();
+        }
+    };
+    let mut found: Vec<PathBuf> = mounts
+        .into_iter()
+        .map(|m| m.mount_point)
         .filter(|p| p.starts_with(dir))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));

@@ -65,6 +65,9 @@ pub struct Container {
     stats_gaps_logged: AtomicBool,
     /// Held while the container starts (or is restored): Kill and Delete wait for it.
     pub starting: tokio::sync::Mutex<()>,
+    /// Held while an Update runs: Updates of one container apply one after the other (each
+    /// writes the resources file runc reads, and runc writes the cgroup files one by one).
+    pub updating: tokio::sync::Mutex<()>,
     /// For a container that is not to run: the exit it reports.
     exited_plan: Option<u32>,
     /// Stops the lazy-pages daemon of a lazy restore still bringing its memory back.
@@ -216,6 +219,7 @@ impl Container {
             busy: AtomicBool::new(false),
             stats_gaps_logged: AtomicBool::new(false),
             starting: tokio::sync::Mutex::new(()),
+            updating: tokio::sync::Mutex::new(()),
             exited_plan: None,
             lazy_stop: Mutex::new(None),
             adopted: Mutex::new(Vec::new()),
@@ -266,6 +270,7 @@ impl Container {
             busy: AtomicBool::new(false),
             stats_gaps_logged: AtomicBool::new(false),
             starting: tokio::sync::Mutex::new(()),
+            updating: tokio::sync::Mutex::new(()),
             exited_plan,
             lazy_stop: Mutex::new(None),
             adopted: Mutex::new(Vec::new()),

@@ -49,7 +49,8 @@ impl Error {
             Error::Checkpoint(e) => match **e {
                 podsnap_checkpoint::Error::InvalidCheckpoint { .. } => ttrpc::Code::INVALID_ARGUMENT,
                 podsnap_checkpoint::Error::Refused { .. } => ttrpc::Code::PERMISSION_DENIED,
-                podsnap_checkpoint::Error::Config { .. } => ttrpc::Code::FAILED_PRECONDITION,
+                podsnap_checkpoint::Error::Config { .. }
+                | podsnap_checkpoint::Error::RootfsChanges { .. } => ttrpc::Code::FAILED_PRECONDITION,
                 _ => ttrpc::Code::UNKNOWN,
             },
             Error::Runtime { .. } | Error::Internal(_) => ttrpc::Code::UNKNOWN,

@@ -49,7 +49,7 @@ impl MonitorLauncher {
     ) -> std::io::Result<Outcome> {
         let limit = Limit {
             deadline: deadline.map(|d| tokio::time::Instant::now() + d),
-            cancel: None,
+            ..Default::default()
         };
         self.run_watched(cmd, capture, &limit)
             .await
@@ -80,6 +80,7 @@ impl MonitorLauncher {
             }
         };
         let pid = child.id() as i32;
+        limit.started(pid);
         let stdout = child.stdout.take().map(OwnedFd::from);
         let stderr = child.stderr.take().map(OwnedFd::from);
         // Dropping a std Child neither waits nor kills: the reaper owns its exit.

@@ -15,7 +15,8 @@
 //!   SystemdCgroup = true
 //! ```
 //!
-//! runs that runc with the systemd cgroup driver. Keys: `BinaryName`, `Root`, `SystemdCgroup`,
+//! runs that runc with the systemd cgroup driver (`podsnap node install` writes `SystemdCgroup`
+//! there, following runc's entry). Keys: `BinaryName`, `Root`, `SystemdCgroup`,
 //! `NoPivotRoot`, `NoNewKeyring` (matched without regard to case, as containerd does); others are
 //! logged and ignored.
 //!
@@ -322,6 +323,25 @@ mod tests {
             err.to_string().contains("/nonexistent/podsnap-options.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cri_options_table_of_a_non_runc_runtime() {
+        // What containerd's CRI sends for `[...runtimes.podsnap.options] SystemdCgroup = true`:
+        // runtimeoptions.v1.Options{config_body: the table as TOML}.
+        let body = b"SystemdCgroup = true\nBinaryName = '/usr/local/sbin/runc'\n";
+        let mut value = vec![0x1a, body.len() as u8];
+        value.extend_from_slice(body);
+        let mut any = Any::new();
+        any.type_url = "runtimeoptions.v1.Options".to_owned();
+        any.value = value;
+        let (choice, _) = runc_from_options("k8s.io", Some(&any)).expect("options");
+        assert!(choice.systemd_cgroup);
+        assert_eq!(choice.binary, Path::new("/usr/local/sbin/runc"));
+        assert_eq!(choice.root, Path::new("/run/podsnap/runc/k8s.io"));
+        let mut broken = any.clone();
+        broken.value = vec![0x1a, 3, b'[', b'x', b'='];
+        assert!(runc_from_options("k8s.io", Some(&broken)).is_err());
     }
 
     #[test]

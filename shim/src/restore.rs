@@ -62,15 +62,32 @@ pub const OCI_PREFIX: &str = "oci://";
 
 /// The name in the checkpoint root of the copy of an `oci://` checkpoint pulled for the pod
 /// with sandbox id `sandbox`: it belongs to that pod, and goes when the pod is refused or
-/// removed ([`remove_pulled`]).
-pub fn pulled_name(sandbox: &str) -> String {
-    format!("oci-{}", &sandbox[..sandbox.len().min(16)])
+/// removed ([`remove_pulled`]). `oci-` and the id's first 16 characters; the id must be a
+/// containerd identifier (ASCII letters and digits, `.`, `_`, `-` between them: CRI's are
+/// hex), so the name is one path component of ASCII (the annotation comes from the pod spec:
+/// a `/`, a `..` or a multi-byte character is refused, not sliced).
+pub fn pulled_name(sandbox: &str) -> Result<String> {
+    let valid = sandbox.len() <= 76
+        && sandbox.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && sandbox
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !valid {
+        return Err(Error::InvalidArgument(format!(
+            "{RESTORE_ANNOTATION}: the pod's sandbox id {sandbox:?} is not a containerd identifier \
+             (ASCII letters, digits, '.', '_', '-'): no checkpoint is pulled for it"
+        )));
+    }
+    Ok(format!("oci-{}", &sandbox[..sandbox.len().min(16)]))
 }
 
 /// Removes the copy pulled for the pod with sandbox id `sandbox` from `root`, if there is one
 /// (never while a lease holds it: a lazy restore's daemon may still read it).
 pub fn remove_pulled(root: &Path, sandbox: &str) {
-    let name = pulled_name(sandbox);
+    // Nothing was pulled for an id that names none.
+    let Ok(name) = pulled_name(sandbox) else {
+        return;
+    };
     if std::fs::symlink_metadata(root.join(&name)).is_err() {
         return;
     }
@@ -92,7 +109,7 @@ async fn pull_for_pod(reference: &str, identity: &PodIdentity, root: &Path) -> R
             "{RESTORE_ANNOTATION}: {OCI_PREFIX}{reference}: no sandbox id"
         ))
     })?;
-    let name = pulled_name(sandbox);
+    let name = pulled_name(sandbox)?;
     if root.join(&name).is_dir() {
         return Ok(name);
     }
@@ -551,7 +568,8 @@ impl Restores {
             generation: 0,
         };
         if !h.linked.is_empty() {
-            netlock::lock_with(&MonitorLauncher, &h.netns, netlock::Scope::All).await?;
+            let wait = podsnap_runtime::launcher::Limit::after(netlock::XTABLES_WAIT, None);
+            netlock::lock_with(&MonitorLauncher, &h.netns, netlock::Scope::All, &wait).await?;
             h.locked = true;
             log::info!(
                 "pod network {} locked until {:?} (linked over loopback) are restored",
@@ -872,6 +890,29 @@ mod tests {
             "{err}"
         );
         assert!(err.ends_with(&format!("inside {}", t.path().display())), "{err}");
+    }
+
+    #[test]
+    fn a_pulled_checkpoint_is_named_after_a_valid_sandbox_id_only() {
+        let hex = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            pulled_name(hex).expect("a CRI sandbox id"),
+            "oci-0123456789abcdef"
+        );
+        assert_eq!(pulled_name("web-1").expect("a short id"), "oci-web-1");
+        // A multi-byte character across the 16th byte, a path, and nothing at all: refused
+        // with the id quoted, never a panic or a name outside the root.
+        for bad in [
+            "aaaaaaaaaaaaaaa\u{e9}tail",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+            "../../etc",
+            "a/b",
+            ".hidden",
+            "",
+        ] {
+            let e = pulled_name(bad).expect_err(bad).to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
     }
 
     #[test]

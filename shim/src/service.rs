@@ -55,7 +55,8 @@ impl Shim for PodShim {
             log::info!("container {}: joins the shim of pod {grouping}", opts.id);
         } else {
             // A new shim for the pod: if the last one died in the middle of a pod dump, undo
-            // what that dump left (frozen containers, staging output, the network lock).
+            // what that dump left (frozen containers, staging output, the network lock), or
+            // finish it once its checkpoint was committed.
             // (No reaper runs during `start`: programs are waited for by tokio here.)
             recover_dead_dump(&podsnap_runtime::launcher::TokioLauncher, &grouping).await;
             let spawned = spawn(opts, &grouping, Vec::new()).await?;
@@ -158,8 +159,10 @@ async fn recover_dead_dump(launcher: &dyn podsnap_runtime::launcher::Launcher, p
         Ok(done) if done.owner_alive => {
             log::info!("pod {pod}: a dump is in progress in a live shim; left alone")
         }
-        Ok(done) if !done.thawed.is_empty() || done.removed.is_some() => log::warn!(
-            "pod {pod}: its last shim died during a pod dump: thawed {:?}, removed {:?}",
+        Ok(done) if !done.thawed.is_empty() || done.removed.is_some() || done.kept.is_some() => log::warn!(
+            "pod {pod}: its last shim died during a pod dump: kept the checkpoint {:?}, stopped {} of the pod's processes at it, thawed {:?}, removed {:?}",
+            done.kept,
+            done.stopped,
             done.thawed,
             done.removed
         ),

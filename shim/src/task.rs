@@ -612,6 +612,9 @@ impl PodTask {
                 req.id, resources.type_url
             )));
         }
+        // One Update of a container at a time: two at once would share the file (one runc
+        // reading the other's resources, or none after the first removed it).
+        let _one = c.updating.lock().await;
         let file = c.bundle.path().join(".update-resources.json");
         write_private(&file, &resources.value).await?;
         let res = c.runc.update(&c.id, &file).await;
@@ -650,7 +653,7 @@ impl PodTask {
                 .checkpoint_pod(&c, PathBuf::from(&image_dir), &opts, within)
                 .await;
         }
-        let _pod = self.inner.lifecycle("Checkpoint").await?;
+        let _pod = self.inner.lifecycle("Checkpoint", &req.id).await?;
         let status = c.init.state().status;
         if status != Status::Running && status != Status::Paused {
             return Err(Error::FailedPrecondition(format!(
@@ -677,7 +680,7 @@ impl PodTask {
             was_paused: status == Status::Paused,
             limit: podsnap_runtime::launcher::Limit {
                 deadline: within.map(|d| tokio::time::Instant::now() + d),
-                cancel: None,
+                ..Default::default()
             },
         };
         let started = std::time::Instant::now();
@@ -828,12 +831,16 @@ impl PodTask {
 impl Inner {
     /// Waits (at most [`LIFECYCLE_WAIT`]) for a pod dump in progress; the guard lets the next
     /// dump wait for this call.
-    async fn lifecycle(&self, call: &str) -> Result<tokio::sync::OwnedRwLockReadGuard<()>> {
+    async fn lifecycle(&self, call: &str, id: &str) -> Result<tokio::sync::OwnedRwLockReadGuard<()>> {
+        if let Ok(guard) = self.pod_lock.clone().try_read_owned() {
+            return Ok(guard);
+        }
+        log::info!("{call} of container {id} waits until the pod's checkpoint is over");
         tokio::time::timeout(LIFECYCLE_WAIT, self.pod_lock.clone().read_owned())
             .await
             .map_err(|_| {
                 Error::FailedPrecondition(format!(
-                    "{call} refused: the pod is being checkpointed and did not finish within {} s; try again",
+                    "{call} of container {id} refused: the pod is being checkpointed and did not finish within {} s; try again",
                     LIFECYCLE_WAIT.as_secs()
                 ))
             })
@@ -956,17 +963,17 @@ impl Task for PodTask {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        let _pod = self.inner.lifecycle("Create").await?;
+        let _pod = self.inner.lifecycle("Create", &req.id).await?;
         Ok(self.do_create(req).await?)
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        let _pod = self.inner.lifecycle("Start").await?;
+        let _pod = self.inner.lifecycle("Start", &req.id).await?;
         Ok(self.do_start(req).await?)
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
-        let _pod = self.inner.lifecycle("Delete").await?;
+        let _pod = self.inner.lifecycle("Delete", &req.id).await?;
         Ok(self.do_delete(req).await?)
     }
 
@@ -975,13 +982,13 @@ impl Task for PodTask {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let _pod = self.inner.lifecycle("Pause").await?;
+        let _pod = self.inner.lifecycle("Pause", &req.id).await?;
         self.do_pause(&req.id, true).await?;
         Ok(api::Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        let _pod = self.inner.lifecycle("Resume").await?;
+        let _pod = self.inner.lifecycle("Resume", &req.id).await?;
         self.do_pause(&req.id, false).await?;
         Ok(api::Empty::new())
     }
@@ -996,13 +1003,13 @@ impl Task for PodTask {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let _pod = self.inner.lifecycle("Kill").await?;
+        let _pod = self.inner.lifecycle("Kill", &req.id).await?;
         self.do_kill(req).await?;
         Ok(api::Empty::new())
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        let _pod = self.inner.lifecycle("Exec").await?;
+        let _pod = self.inner.lifecycle("Exec", &req.id).await?;
         self.do_exec(req).await?;
         Ok(api::Empty::new())
     }
@@ -1032,7 +1039,7 @@ impl Task for PodTask {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        let _pod = self.inner.lifecycle("Update").await?;
+        let _pod = self.inner.lifecycle("Update", &req.id).await?;
         self.do_update(req).await?;
         Ok(api::Empty::new())
     }

@@ -31,12 +31,6 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-fn count_lines(path: impl AsRef<Path>) -> usize {
-    std::fs::read_to_string(path)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-}
-
 fn count_entries(dir: impl AsRef<Path>) -> usize {
     std::fs::read_dir(dir).map(|rd| rd.count()).unwrap_or(0)
 }
@@ -95,7 +89,10 @@ fn census(node: &Node, shim: i32, netns: Option<&str>) -> Vec<(&'static str, usi
     vec![
         ("shim open descriptors", count_entries(format!("/proc/{shim}/fd"))),
         ("shim resident memory (KiB)", vm_rss_kib(shim)),
-        ("mounts (host)", count_lines("/proc/self/mountinfo")),
+        (
+            "mounts (host)",
+            podsnap_runtime::mountinfo::read_self().map_or(0, |m| m.len()),
+        ),
         (
             "pod cgroups (freezer)",
             cgroup_dirs(Path::new("/sys/fs/cgroup/freezer/kubepods")),

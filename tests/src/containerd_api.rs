@@ -5,7 +5,9 @@
 //! - a task restored from such a directory: Tasks.Create with runc `Options` carrying
 //!   `criu_image_path`, which containerd's task service turns into the shim's `checkpoint`
 //!   path (the Go client's `WithRestoreImagePath`), then Tasks.Start;
-//! - CRI CheckpointContainer (containerd writes its KEP-2008 archive at `location`).
+//! - CRI CheckpointContainer (containerd writes its KEP-2008 archive at `location`);
+//! - Tasks.Update calls in flight together (CRI serializes its own per container; another
+//!   client of containerd's API does not, and `ctr` has no update).
 //!
 //! Blocking calls on a private single-threaded runtime, like the rest of the harness.
 
@@ -18,7 +20,9 @@ use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::MountsRequest;
 use containerd_client::services::v1::tasks_client::TasksClient;
-use containerd_client::services::v1::{CreateTaskRequest, GetContainerRequest, GetRequest, StartRequest};
+use containerd_client::services::v1::{
+    CreateTaskRequest, GetContainerRequest, GetRequest, StartRequest, UpdateTaskRequest,
+};
 use k8s_cri::v1 as cri;
 use tonic::transport::Channel;
 use tonic::Request;
@@ -245,6 +249,43 @@ impl ContainerdApi {
             .map_err(|_| anyhow!("Tasks.Start {id} took longer than {timeout:?}"))?
             .map_err(|s| anyhow!("Tasks.Start {id}: {}", s.message()))?;
         Ok(answer.into_inner().pid)
+    }
+
+    /// Tasks.Update of task `id` with each of `resources` (OCI LinuxResources, sent as JSON
+    /// the way containerd's Go client sends them), every call in flight at once; the answers
+    /// in the order of `resources`.
+    pub fn update_at_once(&self, id: &str, resources: &[serde_json::Value]) -> Vec<Result<()>> {
+        let calls: Vec<_> = resources
+            .iter()
+            .map(|r| {
+                let request = self.request(UpdateTaskRequest {
+                    container_id: id.to_owned(),
+                    resources: Some(prost_types::Any {
+                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+                            .to_owned(),
+                        value: r.to_string().into_bytes(),
+                    }),
+                    annotations: Default::default(),
+                });
+                let mut client = TasksClient::new(self.channel.clone());
+                async move { client.update(request).await }
+            })
+            .collect();
+        self.runtime.block_on(async {
+            let handles: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
+            let mut answers = Vec::new();
+            for (h, r) in handles.into_iter().zip(resources) {
+                answers.push(match tokio::time::timeout(CALL_TIMEOUT, h).await {
+                    Ok(Ok(Ok(_))) => Ok(()),
+                    Ok(Ok(Err(s))) => Err(anyhow!("Tasks.Update {id} with {r}: {}", s.message())),
+                    Ok(Err(e)) => Err(anyhow!("Tasks.Update {id} with {r}: {e}")),
+                    Err(_) => Err(anyhow!(
+                        "Tasks.Update {id} with {r} took longer than {CALL_TIMEOUT:?}"
+                    )),
+                });
+            }
+            answers
+        })
     }
 
     /// Tasks.Get: the task's pid and status, `None` when containerd has no task `id`.

@@ -245,6 +245,40 @@ impl EventWatch {
         Self { child, seen }
     }
 
+    /// Waits (at most 20 s) until `ctr events` is subscribed: labels `namespace` with a new
+    /// value (containerd publishes `/namespaces/update`) until the watch prints it, so every
+    /// event from now on is seen.
+    pub fn wait_subscribed(&self, ctr: &Ctr, namespace: &str) {
+        static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let value = format!("probe-{}-{n}", std::process::id());
+            ctr.run(
+                namespace,
+                &[
+                    "namespaces",
+                    "label",
+                    namespace,
+                    &format!("podsnap.test/events={value}"),
+                ],
+            )
+            .expect("ctr namespaces label");
+            let round = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < round {
+                if self.text().contains(&value) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ctr events printed no event within 20 s: {}",
+                self.text()
+            );
+        }
+    }
+
     /// Everything printed so far.
     pub fn text(&self) -> String {
         self.seen.lock().expect("events lock").clone()

@@ -137,36 +137,15 @@ pub fn wait_gone(pids: &[i32], timeout: std::time::Duration) -> Vec<i32> {
     }
 }
 
-/// Decodes the octal escapes (`\040` for a space...) of a /proc/self/mountinfo field.
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            let octal = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("x");
-            if let Ok(value) = u8::from_str_radix(octal, 8) {
-                out.push(value);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Mount points in this process's mount namespace (the host's) at or under `prefix`,
 /// deepest (and most recently mounted) first: the order to unmount them in.
 pub fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(table) = podsnap_runtime::mountinfo::read_self() else {
         return Vec::new();
     };
-    let mut mounts: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mount_field(field)))
+    let mut mounts: Vec<PathBuf> = table
+        .into_iter()
+        .map(|m| m.mount_point)
         .filter(|point| point.starts_with(prefix))
         .collect();
     // Later mounts may sit on top of earlier ones: reverse mount order, then deepest first.
@@ -215,15 +194,19 @@ pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-/// The cgroup directories of pod `uid` in every hierarchy: `<hierarchy>/kubepods[/<qos>]/pod<uid>`.
+/// The cgroup directories of pod `uid` in every hierarchy: `<hierarchy>/kubepods[/<qos>]/pod<uid>`
+/// (the v1 ones and `unified` under `/sys/fs/cgroup`, or `/sys/fs/cgroup` itself on a
+/// unified host).
 pub fn pod_cgroup_dirs(uid: &str) -> Vec<PathBuf> {
     let wanted = format!("pod{uid}");
     let mut found = Vec::new();
     let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) else {
         return found;
     };
-    for hierarchy in hierarchies.flatten() {
-        let kubepods = hierarchy.path().join("kubepods");
+    let hierarchies =
+        std::iter::once(PathBuf::from(CGROUP_ROOT)).chain(hierarchies.flatten().map(|e| e.path()));
+    for hierarchy in hierarchies {
+        let kubepods = hierarchy.join("kubepods");
         let direct = kubepods.join(&wanted);
         if direct.is_dir() {
             found.push(direct);
@@ -330,18 +313,6 @@ impl Drop for Netns {
         let _ = std::process::Command::new(&self.ip)
             .args(["netns", "delete", &self.name])
             .status();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mount_field(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mount_field(r"/plain"), "/plain");
-        assert_eq!(unescape_mount_field(r"/x\"), r"/x\");
     }
 }
 

@@ -658,6 +658,30 @@ pub fn wait_answering(ip: &str, port: u16, timeout: Duration) -> Result<()> {
     }
 }
 
+/// Waits (at most `timeout`) until the `count` of the server at `ip:port` is above `above`,
+/// and returns it: a process that runs on is seen to, however slow the machine, with no fixed
+/// sleep.
+pub fn wait_count_above(ip: &str, port: u16, above: u64, timeout: Duration) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = ask(ip, port, "count").and_then(|reply| {
+            reply
+                .parse::<u64>()
+                .with_context(|| format!("{ip}:{port} answered count with {reply:?}"))
+        });
+        match last {
+            Ok(n) if n > above => return Ok(n),
+            Ok(n) if Instant::now() >= deadline => {
+                bail!("{ip}:{port} counted {n}, not past {above}, after {timeout:?}")
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("{ip}:{port} not counting past {above} after {timeout:?}")))
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// Stops and removes a pod (StopPodSandbox, RemovePodSandbox), then removes its cgroups as
 /// kubelet would.
 pub fn remove_pod(node: &Node, pod: &KubePod) -> Result<()> {

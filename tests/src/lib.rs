@@ -17,6 +17,7 @@ pub mod containerd_api;
 pub mod cri;
 pub mod ctr;
 pub mod host;
+pub mod host_node;
 pub mod images;
 pub mod kubelet;
 pub mod node;

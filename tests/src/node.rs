@@ -7,7 +7,7 @@
 //! containerd.sock      gRPC (CRI and containerd API); containerd.sock.ttrpc
 //! containerd.log       containerd's output at debug level (shim logs land here too)
 //! containerd.pid       so a later run can clean up after a killed test
-//! root/ state/         containerd's root and state
+//! root/ state/         containerd's root (another name if a test asks: NodeOptions) and state
 //! cni/net.d/           the conflist (a bridge and a subnet of this instance)
 //! cni/ipam/            host-local's allocations
 //! certs.d/_default/    registry hosts: every pull goes to 127.0.0.1:9 and fails at once
@@ -33,9 +33,8 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -55,10 +54,6 @@ const NODE_PARENT: &str = "/tmp";
 const NODE_PREFIX: &str = "podsnap-node-";
 /// How long containerd may take to answer CRI with runtime and network ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Run by `sh -c` inside `unshare --mount --propagation private` before containerd: the
-/// hybrid tree at /sys/fs/cgroup goes (in this namespace only) and cgroup2 takes its place.
-const CGROUP2_NAMESPACE_SCRIPT: &str =
-    "umount -l /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec \"$@\"";
 /// Where failed tests' containerd logs are copied.
 pub const SAVED_LOGS_DIR: &str = "/tmp/podsnap-test-logs";
 
@@ -91,6 +86,18 @@ pub struct NodeOptions {
     /// machine (see ENVIRONMENT.md). No controller is available there: pair it with
     /// [`crate::runc_v2::RuncV2`], which drops the resource settings runc cannot write.
     pub cgroup2: bool,
+    /// A node laid out like a host for `podsnap node install` ([`crate::host_node`]):
+    /// containerd's configuration (in this style, without podsnap's runtime) is
+    /// `<dir>/host/etc/containerd/config.toml` and containerd sees `<dir>/host/etc/containerd`
+    /// and `<dir>/host/etc/podsnap` as `/etc/containerd` and `/etc/podsnap`; its socket is
+    /// `<dir>/host/run/containerd/containerd.sock`; `<dir>/host/usr/local/bin` comes first on its
+    /// `PATH`; the restart command [`Node::restart_command`] restarts it in place.
+    pub host_root: Option<crate::host_node::ConfigStyle>,
+    /// The name, in the node directory, of containerd's root directory (its snapshots, so the
+    /// containers' overlay upper and lower directories): `root`, or a name with bytes the
+    /// kernel escapes in mountinfo or that are not ASCII (TOML literal string: no `'`). A
+    /// [`NodeOptions::host_root`] node keeps `root`.
+    pub containerd_root: String,
     /// The runc the node runs ([`prereq::runc_under_test`] unless a test chooses another).
     pub runc: PathBuf,
     /// The systemd cgroup driver: systemd runs as the init of private namespaces
@@ -113,6 +120,8 @@ impl NodeOptions {
             extra_env: Vec::new(),
             path_prefix: Vec::new(),
             cgroup2: false,
+            host_root: None,
+            containerd_root: "root".to_owned(),
             runc: prereq::runc_under_test(),
             systemd: false,
         }
@@ -127,19 +136,33 @@ pub struct NodeFiles {
 }
 
 impl NodeFiles {
+    /// The host root of a [`NodeOptions::host_root`] node (`<dir>/host`).
+    pub fn host_root(&self) -> PathBuf {
+        self.dir.join("host")
+    }
+    /// Whether this is a [`NodeOptions::host_root`] node.
+    pub fn is_host_root(&self) -> bool {
+        self.host_root().is_dir()
+    }
     /// containerd's config.
     pub fn config(&self) -> PathBuf {
+        if self.is_host_root() {
+            return self.host_root().join("etc/containerd/config.toml");
+        }
         self.dir.join("config.toml")
     }
     /// containerd's gRPC socket.
     pub fn socket(&self) -> PathBuf {
+        if self.is_host_root() {
+            return self.host_root().join("run/containerd/containerd.sock");
+        }
         self.dir.join("containerd.sock")
     }
     /// containerd's output.
     pub fn log(&self) -> PathBuf {
         self.dir.join("containerd.log")
     }
-    fn pid_file(&self) -> PathBuf {
+    pub(crate) fn pid_file(&self) -> PathBuf {
         self.dir.join("containerd.pid")
     }
     fn ledger(&self) -> PathBuf {
@@ -210,7 +233,8 @@ pub struct Node {
     tools: HostTools,
     options: NodeOptions,
     shim_dir: Option<PathBuf>,
-    containerd: Option<Child>,
+    containerd: crate::host_node::Containerd,
+    restart_service: Option<crate::host_node::RestartService>,
     /// The node's systemd ([`NodeOptions::systemd`]).
     systemd: Option<crate::systemd::Systemd>,
     /// How many times containerd was started (a systemd node names each run's unit).
@@ -261,7 +285,7 @@ impl Node {
     /// and has reaped stale nodes.
     fn start_holding(options: NodeOptions, guard: Option<SerialGuard>) -> Node {
         let tools = prereq::check_host();
-        let shim_dir = options.podsnap_shim.then(|| {
+        let shim_dir = (options.podsnap_shim && options.host_root.is_none()).then(|| {
             prereq::podsnap_shim(&options.workload_bin)
                 .parent()
                 .map(Path::to_path_buf)
@@ -285,7 +309,8 @@ impl Node {
             tools,
             options,
             shim_dir,
-            containerd: None,
+            containerd: Default::default(),
+            restart_service: None,
             systemd: None,
             starts: 0,
             cri: None,
@@ -323,6 +348,7 @@ impl Node {
         self.files.record("bridge", &self.bridge)?;
         for sub in [
             "root",
+            self.options.containerd_root.as_str(),
             "state",
             "cni/net.d",
             "cni/ipam",
@@ -363,11 +389,27 @@ impl Node {
                     .context("starting the node's systemd")?,
             );
         }
+        let config = match self.options.host_root {
+            Some(style) => {
+                crate::host_node::lay_out(&self.files)?;
+                // The socket is under the host root now.
+                self.ctr = Ctr::new(&self.tools.ctr, self.files.socket());
+                style.render(&self.files, &self.options.log_level, &self.cni_bin_dirs())
+            }
+            None => self.containerd_config(),
+        };
         std::fs::write(
             self.files.config(),
-            format!("{}{}", self.containerd_config(), self.options.extra_config),
+            format!("{config}{}", self.options.extra_config),
         )?;
         self.spawn_containerd()?;
+        if self.options.host_root.is_some() {
+            self.restart_service = Some(crate::host_node::RestartService::start(
+                &self.files,
+                self.containerd.clone(),
+                self.launcher(),
+            )?);
+        }
         self.wait_ready()?;
         let archives = crate::images::build(&self.options.workload_bin, &dir.join("images"))
             .context("building the test images")?;
@@ -427,7 +469,7 @@ impl Node {
         format!(
             r#"# podsnap test node {name}
 version = 3
-root = '{dir}/root'
+root = '{dir}/{root}'
 state = '{dir}/state'
 
 [grpc]
@@ -478,6 +520,7 @@ state = '{dir}/state'
     path = '{dir}/opt'
 "#,
             name = self.name,
+            root = self.options.containerd_root,
             runc_options = self.handler_options("runc"),
             podsnap_options = self.handler_options("podsnap"),
         )
@@ -505,13 +548,17 @@ state = '{dir}/state'
         )
     }
 
-    fn spawn_containerd(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.files.log())
-            .context("opening containerd.log")?;
-        let err_log = log.try_clone()?;
+    /// The CNI plugin directories of this node's configuration.
+    fn cni_bin_dirs(&self) -> String {
+        format!(
+            "'{}/cni/bin', '{}'",
+            self.files.dir.display(),
+            prereq::CNI_BIN_DIR
+        )
+    }
+
+    /// How this node's containerd is started (also by the restart service).
+    fn launcher(&self) -> crate::host_node::Launcher {
         let mut path = String::new();
         for dir in &self.options.path_prefix {
             let _ = write!(path, "{}:", dir.display());
@@ -522,59 +569,53 @@ state = '{dir}/state'
         if let Some(dir) = &self.shim_dir {
             let _ = write!(path, "{}:", dir.display());
         }
+        if self.options.host_root.is_some() {
+            let _ = write!(
+                path,
+                "{}:",
+                self.files.host_root().join("usr/local/bin").display()
+            );
+        }
         let _ = write!(
             path,
             "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             std::env::var("PATH").unwrap_or_default()
         );
-        // containerd's temporary files under the node (a task created from a checkpoint image
-        // leaves its `ctrd-checkpoint*` directory behind there): gone with the node.
-        let tmp = self.files.dir.join("tmp");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&tmp)
-            .context("creating the node's TMPDIR")?;
-        let mut env: Vec<(String, String)> = vec![
+        let mut env = vec![
             ("PATH".to_owned(), path),
-            ("TMPDIR".to_owned(), tmp.to_string_lossy().into_owned()),
+            (
+                "TMPDIR".to_owned(),
+                self.files.dir.join("tmp").display().to_string(),
+            ),
             (
                 "PODSNAP_CHECKPOINT_ROOT".to_owned(),
-                self.files.checkpoints().to_string_lossy().into_owned(),
-            ),
-            (
-                "PODSNAP_CONFIG".to_owned(),
-                self.files.podsnap_config().to_string_lossy().into_owned(),
+                self.files.checkpoints().display().to_string(),
             ),
         ];
-        env.extend(self.options.extra_env.iter().cloned());
-        if self.systemd.is_some() {
-            return self.spawn_containerd_under_systemd(&env);
+        // A host-root node's shim reads /etc/podsnap/config.toml, as on a host.
+        if self.options.host_root.is_none() {
+            env.push((
+                "PODSNAP_CONFIG".to_owned(),
+                self.files.podsnap_config().display().to_string(),
+            ));
         }
-        let mut command = if self.options.cgroup2 {
-            // `exec` keeps the pid: the child is containerd itself, as without the namespace.
-            let mut c = Command::new("unshare");
-            c.args(["--mount", "--propagation", "private", "sh", "-c"])
-                .arg(CGROUP2_NAMESPACE_SCRIPT)
-                .arg("containerd-on-cgroup2")
-                .arg(&self.tools.containerd);
-            c
-        } else {
-            Command::new(&self.tools.containerd)
-        };
-        let child = command
-            .arg("--config")
-            .arg(self.files.config())
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(err_log))
-            // Its own process group: a ^C aimed at the test runner does not kill it halfway.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {}", self.tools.containerd.display()))?;
-        std::fs::write(self.files.pid_file(), child.id().to_string())?;
-        self.containerd = Some(child);
+        env.extend(self.options.extra_env.iter().cloned());
+        crate::host_node::Launcher {
+            containerd: self.tools.containerd.clone(),
+            files: self.files.clone(),
+            env,
+            cgroup2: self.options.cgroup2,
+            host_root: self.options.host_root.is_some(),
+        }
+    }
+
+    fn spawn_containerd(&mut self) -> Result<()> {
+        let launcher = self.launcher();
+        if self.systemd.is_some() {
+            return self.spawn_containerd_under_systemd(&launcher.env);
+        }
+        let child = launcher.spawn()?;
+        *crate::host_node::lock(&self.containerd) = Some(child);
         Ok(())
     }
 
@@ -585,6 +626,11 @@ state = '{dir}/state'
     fn spawn_containerd_under_systemd(&mut self, env: &[(String, String)]) -> Result<()> {
         self.starts += 1;
         let systemd = self.systemd.as_ref().context("the node has no systemd")?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.files.dir.join("tmp"))
+            .context("creating the node's TMPDIR")?;
         let unit = format!("podsnap-containerd-{}.service", self.starts);
         let log = self.files.log();
         let mut command = systemd.command("systemd-run");
@@ -628,7 +674,7 @@ state = '{dir}/state'
         let endpoint = format!("unix://{}", self.files.socket().display());
         let mut last_error = String::from("socket not created yet");
         loop {
-            if let Some(child) = self.containerd.as_mut() {
+            if let Some(child) = crate::host_node::lock(&self.containerd).as_mut() {
                 if let Some(status) = child.try_wait()? {
                     bail!("containerd exited during startup ({status})");
                 }
@@ -662,6 +708,26 @@ state = '{dir}/state'
             Some(pid) => PathBuf::from(format!("/proc/{pid}/root/sys/fs/cgroup")),
             None => PathBuf::from("/sys/fs/cgroup"),
         }
+    }
+
+    /// Connects the node's CRI client again and waits until CRI is ready (after containerd was
+    /// restarted from outside the harness, e.g. by `podsnap node install`).
+    pub fn reconnect(&mut self) -> Result<()> {
+        self.cri = None;
+        self.wait_ready()
+    }
+
+    /// The host root of a [`NodeOptions::host_root`] node (`--host-root` for the installer).
+    pub fn host_root(&self) -> PathBuf {
+        self.files.host_root()
+    }
+
+    /// The command that restarts a [`NodeOptions::host_root`] node's containerd in place
+    /// (`--restart-command`): see [`crate::host_node`].
+    pub fn restart_command(&self) -> String {
+        crate::host_node::restart_script(&self.files)
+            .display()
+            .to_string()
     }
 
     /// The node directory.
@@ -759,10 +825,14 @@ state = '{dir}/state'
 
     /// containerd's pid.
     pub fn containerd_pid(&self) -> Option<u32> {
-        self.containerd
-            .as_ref()
-            .map(Child::id)
-            .or_else(|| self.files.containerd_pid().and_then(|p| u32::try_from(p).ok()))
+        if self.files.is_host_root() || self.systemd.is_some() {
+            // Restarted in place, or a service of the node's systemd: whichever containerd the
+            // pid file names.
+            return std::fs::read_to_string(self.files.pid_file())
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+        }
+        crate::host_node::lock(&self.containerd).as_ref().map(Child::id)
     }
 
     /// The node's systemd ([`NodeOptions::systemd`]).
@@ -817,7 +887,8 @@ state = '{dir}/state'
     /// config. Shims and their containers keep running; containerd reconnects to them.
     pub fn restart_containerd(&mut self) -> Result<()> {
         self.cri = None;
-        if let Some(mut child) = self.containerd.take() {
+        let old = crate::host_node::lock(&self.containerd).take();
+        if let Some(mut child) = old {
             stop_process(&mut child, Duration::from_secs(10));
         } else if let Some(pid) = self.files.containerd_pid() {
             host::signal(pid, Signal::SIGTERM);
@@ -846,7 +917,10 @@ state = '{dir}/state'
         }
         self.torn_down = true;
         let cri = self.cri.take();
-        let containerd = self.containerd.take();
+        if let Some(service) = self.restart_service.take() {
+            service.stop();
+        }
+        let containerd = crate::host_node::lock(&self.containerd).take();
         let problems = clean_node(&self.files, &self.tools, cri.as_ref(), containerd);
         if let Some(systemd) = self.systemd.as_mut() {
             systemd.reap();
@@ -878,7 +952,7 @@ impl Drop for Node {
                 self.containerd_pid()
             );
             // Detach: containerd keeps running in its own process group.
-            if let Some(child) = self.containerd.take() {
+            if let Some(child) = crate::host_node::lock(&self.containerd).take() {
                 std::mem::forget(child);
             }
             return;
@@ -891,7 +965,7 @@ impl Drop for Node {
 }
 
 /// SIGTERM, wait up to `grace`, then SIGKILL; reaps the child.
-fn stop_process(child: &mut Child, grace: Duration) {
+pub(crate) fn stop_process(child: &mut Child, grace: Duration) {
     let pid = i32::try_from(child.id()).unwrap_or(0);
     if pid > 0 {
         host::signal(pid, Signal::SIGTERM);

@@ -144,10 +144,23 @@ fn bad_input() {
         refused.stderr
     );
     eprintln!("ctr task delete <running>: {}", refused.stderr.trim());
-    std::thread::sleep(Duration::from_millis(200));
+    // The refusal came back: the task runs on, its process alive (no later change can come
+    // from a call that has answered).
     assert_eq!(
         ctr.task_status(NS, &running).expect("ctr task ls").as_deref(),
         Some("RUNNING")
+    );
+    let listing = ctr.run(NS, &["task", "ls"]).expect("ctr task ls");
+    let pid: i32 = listing
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&running.as_str())).then(|| f.get(1)?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no pid for {running} in {listing}"));
+    assert!(
+        podsnap_tests::host::alive(pid),
+        "the refused delete left its process alive"
     );
     ctr.run(NS, &["task", "kill", &running]).expect("ctr task kill");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -1,9 +1,13 @@
-//! cgroup v2 end to end, as far as this hybrid machine lets it go: containerd, the podsnap
-//! shim, runc (1.3 or 1.1.5, as the suite runs) and CRIU 4.2.1 run in a private mount namespace with cgroup2 on
-//! `/sys/fs/cgroup` (`NodeOptions::cgroup2`), and `runc` on their `PATH` is the test-only
-//! stand-in that drops the resource settings a cgroup2 root without controllers cannot take
-//! (`podsnap_tests::runc_v2`). What is real: the cgroup2 mount, the containers' cgroups in it,
-//! the freeze through `cgroup.freeze`, runc, CRIU, containerd, the shim.
+//! cgroup v2 end to end on any host (`podsnap_tests::runc_v2::V2Plan`): on a unified host
+//! containerd, the podsnap shim, runc and CRIU run as they are; on a hybrid or v1 host (these
+//! machines) in a private mount namespace with cgroup2 on `/sys/fs/cgroup`
+//! (`NodeOptions::cgroup2`). Where the cgroup2 root offers the cpu, memory and pids
+//! controllers, the real runc runs and the resources (ctr's and CRI's CPU and memory settings,
+//! an Update) are checked in the containers' cgroups, before and after checkpoint and restore;
+//! where it offers none (these machines), `runc` on their `PATH` is the test-only stand-in
+//! that drops the resource settings and the tests check what it dropped. What is real either
+//! way: the cgroup2 hierarchy, the containers' cgroups in it, the freeze through
+//! `cgroup.freeze`, runc (1.3 or 1.1.5, as the suite runs), CRIU, containerd, the shim.
 
 mod pod_checkpoint_support;
 
@@ -16,13 +20,15 @@ use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
 use podsnap_tests::ctr::{Ctr, CRI_NAMESPACE, DEFAULT_NAMESPACE as NS};
 use podsnap_tests::kubelet::{run_three_container_pod, PodOptions};
 use podsnap_tests::node::{Node, NodeOptions};
-use podsnap_tests::runc_v2::RuncV2;
+use podsnap_tests::runc_v2::{RuncV2, V2Plan};
 use podsnap_tests::{runtime_type, HANDLER, WORKLOAD_IMAGE};
 
 const PORT: u16 = 7070;
 
 fn v2_node(extra_env: &[(&str, &str)]) -> (Node, RuncV2) {
-    let runc = RuncV2::new(Path::new(env!("CARGO_BIN_EXE_podsnap-test-runc")));
+    let plan = V2Plan::of_host();
+    eprintln!("cgroup v2 node on this host: {plan:?}");
+    let runc = RuncV2::new(Path::new(env!("CARGO_BIN_EXE_podsnap-test-runc")), plan);
     let mut options = runc.node_options(NodeOptions::new(PathBuf::from(env!(
         "CARGO_BIN_EXE_podsnap-workload"
     ))));
@@ -30,15 +36,32 @@ fn v2_node(extra_env: &[(&str, &str)]) -> (Node, RuncV2) {
         .extra_env
         .extend(extra_env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let node = Node::start(options);
-    // The node really is a v2 node, on a machine that is not.
+    // The node really is a v2 node: the host's own layout, or a private namespace's on a host
+    // that is not unified (the test process keeps the host's).
     assert_eq!(CgroupMode::detect(&node.cgroup_root()), CgroupMode::Unified);
-    assert_ne!(
-        CgroupMode::detect(Path::new("/sys/fs/cgroup")),
-        CgroupMode::Unified,
-        "the test process keeps the machine's layout"
+    assert_eq!(
+        CgroupMode::detect(Path::new("/sys/fs/cgroup")) == CgroupMode::Unified,
+        !plan.private_namespace,
+        "the test process keeps the host's layout"
     );
     (node, runc)
 }
+
+/// A number in a cgroup file (`max` is `None`).
+fn cgroup_value(dir: &Path, file: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(file))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()));
+    text.trim().parse().ok()
+}
+
+/// runc's cgroup v2 weight for CPU shares (`1 + (shares - 2) * 9999 / 262142`).
+fn cpu_weight(shares: u64) -> u64 {
+    1 + (shares - 2) * 9999 / 262142
+}
+
+/// The CPU shares and memory limit a container is run with where the node can take them.
+const SHARES: u64 = 512;
+const MEMORY: u64 = 256 << 20;
 
 /// The pid of task `id` (`ctr task ls`).
 fn task_pid(ctr: &Ctr, namespace: &str, id: &str) -> i32 {
@@ -109,27 +132,39 @@ fn wait_count(ctr: &Ctr, id: &str, n: u64) -> u64 {
 
 /// `ctr run -d` of a counting server on the host's network: a netns made now would not reach
 /// the node's private mount namespace, and runc restores a private one empty (loopback down).
-fn run_server(ctr: &Ctr, id: &str) {
+/// With `resources`, ctr is given CPU shares and a memory limit ([`SHARES`], [`MEMORY`]).
+fn run_server(ctr: &Ctr, id: &str, resources: bool) {
     let port = PORT.to_string();
-    ctr.run(
-        NS,
-        &[
-            "run",
-            "-d",
-            "--net-host",
-            "--runtime",
-            runtime_type(HANDLER),
-            WORKLOAD_IMAGE,
-            id,
-            "podsnap-workload",
-            "serve",
-            "--name",
-            id,
-            "--port",
-            &port,
-        ],
-    )
-    .expect("ctr run on the v2 node");
+    let (shares, memory) = (SHARES.to_string(), MEMORY.to_string());
+    let mut args = vec!["run", "-d", "--net-host", "--runtime", runtime_type(HANDLER)];
+    if resources {
+        args.extend(["--cpu-shares", &shares, "--memory-limit", &memory]);
+    }
+    args.extend([
+        WORKLOAD_IMAGE,
+        id,
+        "podsnap-workload",
+        "serve",
+        "--name",
+        id,
+        "--port",
+        &port,
+    ]);
+    ctr.run(NS, &args).expect("ctr run on the v2 node");
+}
+
+/// The container's resources are in its cgroup: [`SHARES`] as `cpu.weight`, [`MEMORY`] as
+/// `memory.max`.
+fn assert_resources(cgroup: &Path, what: &str) {
+    assert_eq!(
+        (
+            cgroup_value(cgroup, "cpu.weight"),
+            cgroup_value(cgroup, "memory.max")
+        ),
+        (Some(cpu_weight(SHARES)), Some(MEMORY)),
+        "{what}: the resources in {}",
+        cgroup.display()
+    );
 }
 
 fn shim_log_lines(node: &Node, needle: &str) -> usize {
@@ -143,21 +178,32 @@ fn shim_log_lines(node: &Node, needle: &str) -> usize {
 #[test]
 fn a_container_on_cgroup_v2_pauses_execs_reports_v2_metrics_and_checkpoints() {
     let (node, runc) = v2_node(&[]);
+    let resources = runc.plan().resources;
     let ctr = node.ctr().clone();
     let id = node.unique("v2");
-    run_server(&ctr, &id);
+    run_server(&ctr, &id, resources);
     ctr.wait_task_status(NS, &id, "RUNNING", Duration::from_secs(30));
     wait_count(&ctr, &id, 3);
-    // What the stand-in runc dropped: ctr's default 1024 CPU shares, which runc would write
-    // as cpu.weight.
-    let created = runc.lines();
-    assert!(
-        created
-            .iter()
-            .any(|l| l.starts_with(&format!("create {id} dropped: ")) && l.contains("cpu=")),
-        "{created:?}"
-    );
     let cgroup = v2_cgroup(&node, task_pid(&ctr, NS, &id));
+    if resources {
+        // runc wrote ctr's CPU shares and memory limit; an Update changes the limit.
+        assert_resources(&cgroup, "created");
+        let api = ContainerdApi::connect(&node.files().socket(), NS).expect("containerd API");
+        let raised = MEMORY * 2;
+        let answers = api.update_at_once(&id, &[serde_json::json!({ "memory": { "limit": raised } })]);
+        assert!(answers.iter().all(Result::is_ok), "Update: {answers:?}");
+        assert_eq!(cgroup_value(&cgroup, "memory.max"), Some(raised), "updated");
+    } else {
+        // What the stand-in runc dropped: ctr's default 1024 CPU shares, which runc would
+        // write as cpu.weight.
+        let created = runc.lines();
+        assert!(
+            created
+                .iter()
+                .any(|l| l.starts_with(&format!("create {id} dropped: ")) && l.contains("cpu=")),
+            "{created:?}"
+        );
+    }
 
     // Pause and resume: cgroup.freeze through runc, seen in cgroup.events.
     assert_eq!(frozen(&cgroup), 0);
@@ -187,7 +233,7 @@ fn a_container_on_cgroup_v2_pauses_execs_reports_v2_metrics_and_checkpoints() {
     );
 
     // Metrics: containerd's v2 message (ctr decodes it by its type), with the core cpu.stat
-    // numbers; no memory, io or pids part, since no controller is enabled here.
+    // numbers; a memory and pids part only where those controllers are enabled.
     for _ in 0..3 {
         let json = ctr
             .run(NS, &["task", "metrics", "--format", "json", &id])
@@ -195,16 +241,21 @@ fn a_container_on_cgroup_v2_pauses_execs_reports_v2_metrics_and_checkpoints() {
         let metrics: serde_json::Value = serde_json::from_str(&json).expect("metrics JSON");
         let usage = metrics["cpu"]["usage_usec"].as_u64().unwrap_or(0);
         assert!(usage > 0, "v2 cpu usage_usec: {json}");
-        assert!(
-            metrics.get("memory").is_none() && metrics.get("pids").is_none(),
-            "{json}"
-        );
+        if resources {
+            let used = metrics["memory"]["usage"].as_u64().unwrap_or(0);
+            assert!(used > 0, "v2 memory usage: {json}");
+        } else {
+            assert!(
+                metrics.get("memory").is_none() && metrics.get("pids").is_none(),
+                "{json}"
+            );
+        }
     }
     let gap = format!("container {id}: its cgroup has no memory.current");
     assert_eq!(
         shim_log_lines(&node, &gap),
-        1,
-        "the missing files are logged once for three requests"
+        usize::from(!resources),
+        "the missing files are logged once for three requests (none when they are there)"
     );
 
     // Container checkpoint and restore, in each of CRIU's cgroup modes.
@@ -235,7 +286,7 @@ fn a_container_on_cgroup_v2_pauses_execs_reports_v2_metrics_and_checkpoints() {
     for &mode in modes {
         // A fresh container per mode (one port at a time on the host's network).
         let id = format!("{id}-{}", if mode.is_empty() { "default" } else { mode });
-        run_server(&ctr, &id);
+        run_server(&ctr, &id, resources);
         ctr.wait_task_status(NS, &id, "RUNNING", Duration::from_secs(30));
         let before = wait_count(&ctr, &id, 3);
         let images = node.dir().join(format!(
@@ -264,20 +315,24 @@ fn a_container_on_cgroup_v2_pauses_execs_reports_v2_metrics_and_checkpoints() {
             after >= before,
             "mode {mode:?}: counter went back {before} -> {after}"
         );
-        // Restored into a v2 cgroup of its own, which freezes.
+        // Restored into a v2 cgroup of its own, which freezes (and holds its resources).
         let cgroup = v2_cgroup(&node, task_pid(&ctr, NS, &id));
         assert_eq!(frozen(&cgroup), 0);
+        if resources {
+            assert_resources(&cgroup, &format!("restored (cgroups mode {mode:?})"));
+        }
         ctr.run(NS, &["task", "kill", "-s", "SIGKILL", &id])
             .expect("kill");
         ctr.wait_task_status(NS, &id, "STOPPED", Duration::from_secs(30));
         ctr.run(NS, &["task", "delete", &id]).expect("delete");
         ctr.run(NS, &["container", "rm", &id]).expect("rm");
     }
-    assert!(
+    assert_eq!(
         runc.lines()
             .iter()
             .any(|l| l.starts_with(&format!("restore {id}-default dropped: "))),
-        "the restores went through the stand-in: {:?}",
+        !resources,
+        "the restores went through the stand-in (only where the node has no controllers): {:?}",
         runc.lines()
     );
 }
@@ -297,15 +352,28 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
         "CRI's cgroupfs parent on v2: {}",
         app.display()
     );
-    // CRI's shares and the pod's limits were dropped for every container, the pause too.
+    let resources = runc.plan().resources;
     let dropped = runc.lines();
-    for c in [&pod.sidecar_id, &pod.app_id] {
-        assert!(
-            dropped
-                .iter()
-                .any(|l| l.starts_with(&format!("create {c} dropped: ")) && l.contains("cpu=")),
-            "{dropped:?}"
-        );
+    if resources {
+        // CRI's CPU shares of a BestEffort container (2) are its cgroup's weight.
+        for c in [&sidecar, &app] {
+            assert_eq!(
+                cgroup_value(c, "cpu.weight"),
+                Some(cpu_weight(2)),
+                "{}",
+                c.display()
+            );
+        }
+    } else {
+        // CRI's shares and the pod's limits were dropped for every container, the pause too.
+        for c in [&pod.sidecar_id, &pod.app_id] {
+            assert!(
+                dropped
+                    .iter()
+                    .any(|l| l.starts_with(&format!("create {c} dropped: ")) && l.contains("cpu=")),
+                "{dropped:?}"
+            );
+        }
     }
     // CRI gives each container a cgroup namespace of its own on v2.
     let cgroup_namespace =
@@ -407,10 +475,18 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
         ["", ""],
         "runc's default mode for containers with a cgroup namespace"
     );
-    assert!(
-        dropped.len() < runc.lines().len(),
-        "the restore went through the stand-in runc too"
-    );
+    if resources {
+        assert_eq!(
+            cgroup_value(&restored_app, "cpu.weight"),
+            Some(cpu_weight(2)),
+            "the restored app's resources"
+        );
+    } else {
+        assert!(
+            dropped.len() < runc.lines().len(),
+            "the restore went through the stand-in runc too"
+        );
+    }
 }
 
 /// On v2, a process the pause process adopted (a pod sharing one PID namespace) comes back too:

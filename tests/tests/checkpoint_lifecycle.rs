@@ -579,8 +579,8 @@ fn the_reserve_refuses_a_dump_that_would_cross_it_with_the_numbers() {
             .expect("a number")
     };
     let first = count(&pod.pod);
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(count(&pod.pod) > first, "the pod runs on");
+    podsnap_tests::kubelet::wait_count_above(&pod.pod.ip, APP_PORT, first, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the pod runs on: {e:#}"));
 
     node.set_podsnap_config("").expect("no reserve");
     dump(&node, &pod, Some(root.join("fits"))).expect("a dump without the reserve");

@@ -241,11 +241,11 @@ fn leftovers(node: &Node, id: &str) -> Vec<String> {
         .into_iter()
         .map(|p| format!("runc state {}", p.display()))
         .collect();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts = podsnap_runtime::mountinfo::read_self().expect("this process's mount table");
     found.extend(
-        mountinfo
-            .lines()
-            .filter_map(|line| line.split(' ').nth(4))
+        mounts
+            .iter()
+            .map(|m| m.mount_point.to_string_lossy())
             .filter(|point| point.contains(id))
             .map(|point| format!("mount {point}")),
     );
@@ -378,11 +378,11 @@ fn directory_checkpoint_through_the_api_keeps_state_files_and_connections() {
         pos(&after_held) >= pos(&before_held),
         "{after_held:?} vs {before_held:?}"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        pos(&held(&ctr, &restored)) > pos(&after_held),
-        "the restored process appends"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pos(&held(&ctr, &restored)) <= pos(&after_held) {
+        assert!(Instant::now() < deadline, "the restored process appends");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     remove(&ctr, &restored);
     let left = leftovers(&node, &restored);
@@ -508,6 +508,7 @@ fn ctr_checkpoint_and_restore_through_the_content_store() {
     wait_count(&ctr, &id, 5);
 
     // ctr task checkpoint: a checkpoint image in the content store.
+    let first_checkpoint = std::time::SystemTime::now();
     let image = ctr
         .run(NS, &["task", "checkpoint", &id])
         .expect("ctr task checkpoint")
@@ -526,8 +527,17 @@ fn ctr_checkpoint_and_restore_through_the_content_store() {
     // ctr task checkpoint --image-path: ctr 2.1 sends runc CheckpointOptions whatever the
     // runtime, so the directory reaches the shim.
     let images = node_dir(&node, "ctr-image-path");
-    // ctr names checkpoint images by the second: do not reuse the previous one's name.
-    std::thread::sleep(Duration::from_millis(1100));
+    // ctr names checkpoint images by the second: do not reuse the previous one's name (wait
+    // until the clock is a whole second past the previous checkpoint's end).
+    let second = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    let taken = second(std::time::SystemTime::now()).max(second(first_checkpoint));
+    while second(std::time::SystemTime::now()) <= taken {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     ctr.run(
         NS,
         &[

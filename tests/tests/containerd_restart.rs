@@ -75,7 +75,7 @@ fn containerd_restart() {
             .spawn()
             .expect("ctr events"),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    watch.wait_subscribed(node.ctr(), podsnap_tests::ctr::CRI_NAMESPACE);
 
     // ExecSync goes through the reconnected shim.
     let answer = cri

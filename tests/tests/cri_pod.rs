@@ -85,12 +85,16 @@ fn cri_pod() {
             .expect("count is a number")
     };
     let first = count();
-    std::thread::sleep(Duration::from_millis(500));
-    let second = count();
-    assert!(
-        second > first,
-        "the app's counter advances: {first} then {second}"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut second = count();
+    while second <= first {
+        assert!(
+            Instant::now() < deadline,
+            "the app's counter advances: {first} then {second}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        second = count();
+    }
     let three = cri
         .exec(&pod.app_id, &["sh", "-c", "exit 3"], 20)
         .expect("ExecSync exit 3");

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use podsnap_tests::containerd_api::ContainerdApi;
 use podsnap_tests::ctr::{Ctr, DEFAULT_NAMESPACE as NS};
 use podsnap_tests::{handler, runtime_type, start_node, WORKLOAD_IMAGE};
 
@@ -292,4 +293,81 @@ fn ctr_run() {
     assert!(ctr.list_ids(NS, "tasks").expect("ctr t ls").is_empty());
     let problems = node.teardown();
     assert!(problems.is_empty(), "teardown: {problems:?}");
+}
+
+/// The memory cgroup (v1, this machine's layout) of `pid`.
+fn memory_cgroup(pid: u32) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/pid/cgroup");
+    let path = text
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned()))
+        .unwrap_or_else(|| panic!("no memory cgroup in {text}"));
+    std::path::Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'))
+}
+
+/// Resource updates of one task at once (containerd's Tasks.Update from clients other than
+/// CRI, which serializes its own per container) each succeed, the limit in force is one of
+/// theirs, and no resources file is left in the bundle.
+#[test]
+fn updates_of_one_task_at_once_each_apply() {
+    const ROUNDS: u64 = 12;
+    const AT_ONCE: u64 = 4;
+    let node = start_node!();
+    let ctr = node.ctr().clone();
+    let id = node.unique("update");
+    ctr.run(
+        NS,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            runtime_type(&handler()),
+            WORKLOAD_IMAGE,
+            &id,
+            "sleep",
+            "1000",
+        ],
+    )
+    .expect("ctr run -d");
+    wait_status(&ctr, &id, "RUNNING");
+    let api = ContainerdApi::connect(&node.files().socket(), NS).expect("containerd API");
+    let pid = api.task(&id).expect("Tasks.Get").expect("the task").pid;
+    let limit_file = memory_cgroup(pid).join("memory.limit_in_bytes");
+    for round in 0..ROUNDS {
+        let limits: Vec<u64> = (0..AT_ONCE).map(|k| (256 + round * 8 + k) << 20).collect();
+        let resources: Vec<serde_json::Value> = limits
+            .iter()
+            .map(|l| serde_json::json!({ "memory": { "limit": l } }))
+            .collect();
+        let answers = api.update_at_once(&id, &resources);
+        let failed: Vec<String> = answers
+            .iter()
+            .filter_map(|a| a.as_ref().err().map(|e| format!("{e:#}")))
+            .collect();
+        assert!(failed.is_empty(), "round {round}: updates failed: {failed:#?}");
+        let now: u64 = std::fs::read_to_string(&limit_file)
+            .expect("memory.limit_in_bytes")
+            .trim()
+            .parse()
+            .expect("a number");
+        assert!(
+            limits.contains(&now),
+            "round {round}: the limit {now} is none of {limits:?}"
+        );
+    }
+    let bundle = node
+        .dir()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(NS)
+        .join(&id);
+    let left: Vec<String> = std::fs::read_dir(&bundle)
+        .expect("the bundle")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("update-resources"))
+        .collect();
+    assert!(left.is_empty(), "left in the bundle: {left:?}");
+    ctr.run(NS, &["task", "kill", "-s", "SIGKILL", &id])
+        .expect("kill");
+    wait_status(&ctr, &id, "STOPPED");
 }

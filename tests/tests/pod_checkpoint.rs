@@ -75,11 +75,8 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
 
     // --leave-running (the default): the pod goes on.
     let after_dump = ask_count(&pod.pod.ip, APP_PORT);
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(
-        ask_count(&pod.pod.ip, APP_PORT) > after_dump,
-        "the dumped pod keeps running"
-    );
+    podsnap_tests::kubelet::wait_count_above(&pod.pod.ip, APP_PORT, after_dump, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the dumped pod keeps running: {e:#}"));
 
     remove_original(&node, &pod);
     let restored = restore(&node, &restore_request(&node, &summary.dir)).expect("podsnap restore");
@@ -236,8 +233,10 @@ fn checkpointctl_times_read_as_seconds_since_the_epoch() {
     assert_eq!(utc_seconds("2026-12-07 09:00:00"), None);
 }
 
-/// After a dump, on a node whose `/run` is not a tmpfs (these machines), CRIU's kernel feature
-/// cache is there, made for this boot and this kernel (see `podsnap_checkpoint::kdat`).
+/// After a dump (which started with no cache), CRIU's kernel feature cache is there: on a
+/// node whose `/run` is a tmpfs CRIU wrote it itself and podsnap recorded nothing; elsewhere
+/// (these machines) podsnap made it, for this boot and this kernel (see
+/// `podsnap_checkpoint::kdat`).
 fn criu_kernel_cache_is_this_boots() {
     use podsnap_checkpoint::kdat::{CACHE, RECORD, RUN_DIR};
     let run = std::path::Path::new(RUN_DIR);
@@ -246,7 +245,14 @@ fn criu_kernel_cache_is_this_boots() {
         .filesystem_type()
         == nix::sys::statfs::TMPFS_MAGIC
     {
-        eprintln!("/run is a tmpfs: CRIU keeps its cache itself");
+        assert!(
+            run.join(CACHE).is_file(),
+            "CRIU keeps its cache in a tmpfs /run itself"
+        );
+        assert!(
+            !run.join(RECORD).exists(),
+            "podsnap leaves CRIU's own cache alone on a tmpfs /run"
+        );
         return;
     }
     let record = std::fs::read_to_string(run.join(RECORD)).expect("podsnap's record of CRIU's cache");
@@ -452,4 +458,192 @@ fn kubelet_restores_a_pod_annotated_with_restore_from() {
     if let Some(problem) = init_problem {
         panic!("the completed init container was not answered with exit 0: {problem}");
     }
+}
+
+/// Processes in pod `uid`'s cgroups (counted in the freezer hierarchy).
+fn pod_processes(uid: &str) -> usize {
+    podsnap_tests::host::pod_cgroup_tree(uid)
+        .into_iter()
+        .filter(|d| d.starts_with("/sys/fs/cgroup/freezer"))
+        .map(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// The threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: i32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A CPU-bound `sh` loop, in a process group of its own; killed with its group when dropped.
+struct BusyLoop(std::process::Child);
+
+impl BusyLoop {
+    fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        Self(
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .process_group(0)
+                .spawn()
+                .expect("sh"),
+        )
+    }
+}
+
+impl Drop for BusyLoop {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the group is this child's own.
+        unsafe {
+            libc::kill(-(self.0.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// A container of 300 processes, each with memory of its own, dumps into a checkpoint that
+/// verifies, and the page images CRIU closes one per process are digested by a bounded pool:
+/// sampled all through the dump, the shim never runs more digest threads (named `prehash*`:
+/// the watcher and its workers) than the watcher plus one per core. Every core is kept busy
+/// meanwhile, as on a loaded node: the digests, in the idle scheduling class while the pod is
+/// frozen, queue up then instead of finishing as fast as CRIU closes the files.
+#[test]
+fn a_container_of_300_processes_dumps_with_a_bounded_digest_pool() {
+    const CHILDREN: usize = 300;
+    let node = start_node!();
+    let pod = run_pod(&node, &PodOptions::new(&node.unique("many"), HANDLER)).expect("sandbox");
+    let port = APP_PORT.to_string();
+    let children = CHILDREN.to_string();
+    let spec = podsnap_tests::kubelet::ContainerSpec::workload(
+        "app",
+        &[
+            "serve",
+            "--name",
+            "app",
+            "--port",
+            &port,
+            "--children",
+            &children,
+            "--child-kib",
+            "256",
+        ],
+    );
+    podsnap_tests::kubelet::run_container(&node, &pod, &spec).expect("the container runs");
+    podsnap_tests::kubelet::wait_answering(&pod.ip, APP_PORT, Duration::from_secs(30)).expect("answers");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The pause process, the server and its children.
+    while pod_processes(&pod.uid) < CHILDREN + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the children start: {}",
+            pod_processes(&pod.uid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let shims = node.shim_pids(podsnap_tests::PODSNAP_SHIM);
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    let shim = shims[0];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy: Vec<BusyLoop> = (0..cores).map(|_| BusyLoop::start()).collect();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(threads_named(shim, "prehash"));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            peak
+        })
+    };
+    let dir = node.files().checkpoints().join("many");
+    let request = dump_request(&node, &pod.name, &pod.namespace, Some(dir.clone()));
+    let dumped = block_on(podsnap_coordinator::dump::dump(
+        &request,
+        &podsnap_coordinator::progress::Lines,
+    ));
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.join().expect("sampler");
+    drop(busy);
+    dumped.expect("the dump of 300 processes");
+    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("a valid checkpoint");
+    let page_images = m
+        .files
+        .keys()
+        .filter(|f| f.rsplit('/').next().is_some_and(|n| n.starts_with("pages-")))
+        .count();
+    assert!(page_images > CHILDREN, "a page image per process: {page_images}");
+    eprintln!("digest threads at most {peak} at once ({cores} cores, {page_images} page images)");
+    assert!(peak >= 1, "the sampler saw the digest watcher");
+    assert!(
+        peak <= 1 + cores,
+        "{peak} digest threads at once for {page_images} page images: not bounded by the {cores} cores"
+    );
+}
+
+/// On a node whose containerd root, and so every overlay upper directory, lies under a path
+/// with a space (escaped `\040` in mountinfo) and a character that is not ASCII (`é`: two
+/// bytes the kernel writes as they are), the app's rootfs change is in the checkpoint and back
+/// in the restored app.
+#[test]
+fn rootfs_changes_are_kept_when_the_containerd_root_has_a_space_and_a_non_ascii_byte() {
+    let mut options =
+        podsnap_tests::node::NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+    options.containerd_root = "root d\u{e9}".to_owned();
+    let node = podsnap_tests::node::Node::start(options);
+    let snapshots = node
+        .dir()
+        .join("root d\u{e9}/io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("webapp"), HANDLER))
+        .expect("the three-container pod runs");
+    assert!(
+        !names_in(&snapshots).is_empty(),
+        "the containers' layers are under {}",
+        snapshots.display()
+    );
+    let before = mark_and_count(&pod);
+
+    let outcome = dump(&node, &pod, None).expect("podsnap dump");
+    let diff = outcome.summary.dir.join("containers/app/rootfs-diff.tar");
+    let file = std::fs::File::open(&diff).unwrap_or_else(|e| panic!("{}: {e}", diff.display()));
+    let captured: Vec<String> = tar::Archive::new(file)
+        .entries()
+        .expect("the rootfs tar")
+        .map(|e| {
+            e.expect("a tar entry")
+                .path()
+                .expect("an entry path")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let want = ROOTFS_FILE.trim_start_matches('/');
+    assert!(
+        captured.iter().any(|p| p == want),
+        "{want} is not in the app's rootfs capture: {captured:?}"
+    );
+
+    remove_original(&node, &pod);
+    let restored = restore(&node, &restore_request(&node, &outcome.summary.dir)).expect("podsnap restore");
+    check_restored(
+        &node,
+        &restored.ip,
+        &pod.pod.ip,
+        &volume_of(&node, &restored.uid),
+        id_of(&restored.containers, "app"),
+        before,
+    );
 }

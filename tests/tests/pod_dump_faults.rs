@@ -2,7 +2,8 @@
 //! that hangs, a client that gives up, a full disk, lifecycle calls racing the dump, four pods
 //! at once, and `--stop` with writers that must show nothing after the snapshot. After each:
 //! no frozen cgroup, no staging output, no journal left, and the pod running as it was (or,
-//! when its shim died, reported exited).
+//! when its shim died, reported exited); a checkpoint committed before the shim died is kept
+//! whole, and its `--stop` finished.
 
 mod pod_checkpoint_support;
 
@@ -16,7 +17,8 @@ use podsnap_coordinator::progress::Lines;
 use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{
     ask, container_config, image_id, run_container, run_pod, run_three_container_pod, wait_answering,
-    ContainerSpec, KubePod, PodOptions, ThreeContainerPod, APP_PORT, DATA_MOUNT, DATA_VOLUME,
+    wait_count_above, ContainerSpec, KubePod, PodOptions, ThreeContainerPod, APP_PORT, DATA_MOUNT,
+    DATA_VOLUME,
 };
 use podsnap_tests::node::{Node, NodeOptions};
 use podsnap_tests::{host, HANDLER, PODSNAP_SHIM};
@@ -148,12 +150,8 @@ fn assert_running_and_counting(pod: &ThreeContainerPod, what: &str) {
         .unwrap_or_else(|e| panic!("{what}: the app answers: {e:#}"))
         .parse()
         .expect("a number");
-    std::thread::sleep(Duration::from_millis(400));
-    let b: u64 = ask(&pod.pod.ip, APP_PORT, "count")
-        .expect("count")
-        .parse()
-        .expect("n");
-    assert!(b > a, "{what}: the app's counter runs ({a} -> {b})");
+    wait_count_above(&pod.pod.ip, APP_PORT, a, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{what}: the app's counter runs: {e:#}"));
     assert!(
         frozen_cgroups(&pod.pod.uid).is_empty(),
         "{what}: a cgroup stayed frozen"
@@ -168,11 +166,22 @@ fn a_shim_killed_at_any_phase_of_a_dump_leaves_nothing_frozen_or_half_written() 
         .extra_env
         .push((HOLD_ENV.to_owned(), holds.path().display().to_string()));
     let node = Node::start(options);
-    for phase in ["before-freeze", "frozen", "dumped", "thawed"] {
+    // Into a new directory, or into an existing empty one (the dump writes it in place).
+    for (phase, in_place) in [
+        ("before-freeze", false),
+        ("frozen", true),
+        ("dumped", false),
+        ("thawed", true),
+    ] {
         let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique(phase), HANDLER))
             .expect("the pod runs");
         std::fs::write(holds.path().join(phase), b"").expect("arm");
         let dir = node.files().checkpoints().join(format!("killed-{phase}"));
+        if in_place {
+            std::fs::create_dir(&dir).expect("an empty destination");
+        }
+        // A process of someone else whose command line names a path beside the dump's.
+        let mut bystander = Bystander::naming(&dir.with_file_name(format!("killed-{phase}-bystander")));
         let dump = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
         let reached = holds.path().join(format!("{phase}.reached"));
         wait_for(
@@ -214,12 +223,56 @@ fn a_shim_killed_at_any_phase_of_a_dump_leaves_nothing_frozen_or_half_written() 
             "{phase}: staging output left: {:?}",
             staging_left(&node)
         );
-        assert!(!dir.exists(), "{phase}: no checkpoint from a dump that died");
+        if in_place {
+            assert_eq!(
+                std::fs::read_dir(&dir).expect("the destination stays").count(),
+                0,
+                "{phase}: no checkpoint from a dump that died"
+            );
+        } else {
+            assert!(!dir.exists(), "{phase}: no checkpoint from a dump that died");
+        }
         assert!(
             !journal_of(&pod.pod.id).exists(),
             "{phase}: the journal was recovered"
         );
+        assert!(
+            bystander.runs(),
+            "{phase}: the recovery killed a process that was not the dump's"
+        );
         remove_original(&node, &pod);
+    }
+}
+
+/// A process that is not podsnap's whose command line names `path` (`sh -c 'sleep 600' PATH`,
+/// in a process group of its own); killed with its group when dropped.
+struct Bystander(std::process::Child);
+
+impl Bystander {
+    fn naming(path: &Path) -> Self {
+        use std::os::unix::process::CommandExt;
+        Self(
+            std::process::Command::new("sh")
+                .args(["-c", "sleep 600"])
+                .arg(path)
+                .process_group(0)
+                .spawn()
+                .expect("sh"),
+        )
+    }
+
+    fn runs(&mut self) -> bool {
+        self.0.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the group is the one made above.
+        unsafe {
+            libc::kill(-(self.0.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.0.wait();
     }
 }
 
@@ -393,9 +446,8 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
         let (endpoint, app) = (node.endpoint(), pod.app_id.clone());
         std::thread::spawn(move || {
             let cri = podsnap_tests::cri::CriClient::connect(&endpoint).expect("CRI");
-            let started = Instant::now();
             let out = cri.exec(&app, &["sh", "-c", "echo hi"], 60).map(|o| o.exit_code);
-            (out.map_err(|s| s.message().to_owned()), started.elapsed())
+            (out.map_err(|s| s.message().to_owned()), Instant::now())
         })
     };
     let resume = {
@@ -410,7 +462,19 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
     };
     let late_spec = ContainerSpec::workload("late", &["serve", "--name", "late", "--port", "7171"]);
     let late = run_container_in_background(&node, &pod.pod, &late_spec);
-    std::thread::sleep(Duration::from_secs(1));
+    // Each call reached the shim, which holds it (and says so).
+    for call in ["Exec", "Resume", "Create"] {
+        let said = format!("{call} of container ");
+        wait_for(
+            &format!("the shim to hold the {call}"),
+            Duration::from_secs(30),
+            || {
+                node.log_grep(&said)
+                    .iter()
+                    .any(|l| l.contains("waits until the pod's checkpoint is over"))
+            },
+        );
+    }
     assert!(!exec.is_finished(), "an Exec waits while the pod is being dumped");
     assert!(
         !resume.is_finished(),
@@ -425,11 +489,15 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
         !app_freezer.is_empty(),
         "the pod stays frozen: nothing thawed it mid-dump"
     );
+    let released = Instant::now();
     std::fs::remove_file(holds.path().join("frozen")).expect("release");
     dumping.join().expect("thread").expect("the dump finishes");
-    let (out, waited) = exec.join().expect("thread");
+    let (out, answered) = exec.join().expect("thread");
     assert_eq!(out, Ok(0), "the Exec ran after the dump");
-    assert!(waited >= Duration::from_millis(900), "it waited: {waited:?}");
+    assert!(
+        answered > released,
+        "the Exec was answered only after the dump went on"
+    );
     let resumed = resume.join().expect("thread");
     assert!(
         resumed.is_err(),
@@ -489,12 +557,12 @@ fn last_count(log: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn stop_means_nothing_runs_after_the_snapshot() {
-    let node = podsnap_tests::start_node!();
-    let pod = run_pod(&node, &PodOptions::new(&node.unique("stop"), HANDLER)).expect("sandbox");
+/// A pod whose one container, `app`, appends a counted line to its emptyDir volume every
+/// `interval_ms` (`app.log`).
+fn writer_pod(node: &Node, name: &str, interval_ms: u32) -> KubePod {
+    let pod = run_pod(node, &PodOptions::new(name, HANDLER)).expect("sandbox");
     let port = APP_PORT.to_string();
-    // Logs a line to the volume every tick (20 ms).
+    let interval = interval_ms.to_string();
     let writer = ContainerSpec::workload(
         "app",
         &[
@@ -506,14 +574,36 @@ fn stop_means_nothing_runs_after_the_snapshot() {
             "--volume",
             DATA_MOUNT,
             "--interval-ms",
-            "20",
+            &interval,
             "--log-every",
             "1",
         ],
     )
     .with_empty_dir(DATA_VOLUME, DATA_MOUNT);
-    run_container(&node, &pod, &writer).expect("the writer runs");
+    run_container(node, &pod, &writer).expect("the writer runs");
     wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("answers");
+    pod
+}
+
+/// The writer's `app.log` as the checkpoint at `dir` holds it (its volume archive).
+fn log_in_checkpoint(dir: &Path) -> String {
+    let archive = std::fs::File::open(dir.join(format!("volumes/{DATA_VOLUME}.tar"))).expect("archive");
+    let mut log = String::new();
+    for entry in tar::Archive::new(archive).entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        if entry.path().expect("path").ends_with("app.log") {
+            use std::io::Read;
+            entry.read_to_string(&mut log).expect("read");
+        }
+    }
+    log
+}
+
+#[test]
+fn stop_means_nothing_runs_after_the_snapshot() {
+    let node = podsnap_tests::start_node!();
+    // Logs a line to the volume every tick (20 ms).
+    let pod = writer_pod(&node, &node.unique("stop"), 20);
     // An observer outside the pod asks for the counter as fast as it can until the pod stops.
     let observer = {
         let ip = pod.ip.clone();
@@ -529,25 +619,31 @@ fn stop_means_nothing_runs_after_the_snapshot() {
             last
         })
     };
-    std::thread::sleep(Duration::from_secs(1));
+    // The writer has written a while (50 ticks) before the dump.
+    wait_count_above(&pod.ip, APP_PORT, 50, Duration::from_secs(20)).expect("the writer counts");
     let dir = node.files().checkpoints().join("stopped");
     let mut request = dump_request(&node, &pod.name, &pod.namespace, Some(dir.clone()));
     request.stop = true;
     block_on(podsnap_coordinator::dump::dump(&request, &Lines)).expect("dump --stop");
     let seen_outside = observer.join().expect("observer");
-    std::thread::sleep(Duration::from_millis(500));
+    // Once no process of the writer is left, nothing more can be written: the volume is final.
+    let writer_id = container_named(&node, &pod.id, "app").id;
+    wait_for(
+        "the writer's processes to be gone",
+        Duration::from_secs(30),
+        || {
+            host::pod_cgroup_tree(&pod.uid)
+                .into_iter()
+                .filter(|d| d.starts_with("/sys/fs/cgroup/freezer") && d.ends_with(&writer_id))
+                .all(|d| {
+                    std::fs::read_to_string(d.join("cgroup.procs")).map_or(true, |t| t.trim().is_empty())
+                })
+        },
+    );
     let volume = pod.empty_dir(DATA_VOLUME).expect("volume");
     let on_host = std::fs::read_to_string(volume.join("app.log")).expect("the volume's log");
     // What the checkpoint holds of the volume.
-    let archive = std::fs::File::open(dir.join(format!("volumes/{DATA_VOLUME}.tar"))).expect("archive");
-    let mut in_checkpoint = String::new();
-    for entry in tar::Archive::new(archive).entries().expect("entries") {
-        let mut entry = entry.expect("entry");
-        if entry.path().expect("path").ends_with("app.log") {
-            use std::io::Read;
-            entry.read_to_string(&mut in_checkpoint).expect("read");
-        }
-    }
+    let in_checkpoint = log_in_checkpoint(&dir);
     assert_eq!(
         on_host,
         in_checkpoint,
@@ -562,6 +658,117 @@ fn stop_means_nothing_runs_after_the_snapshot() {
         "a client outside saw count {seen_outside}, after the snapshot's {snapshot}"
     );
     assert!(frozen_cgroups(&pod.uid).is_empty(), "nothing left frozen");
+}
+
+/// The shim killed once the dump committed its checkpoint, at each hold after the commit, with
+/// `--stop` and without, into a new directory and into an existing empty one: the recovery of
+/// the dead dump keeps the checkpoint whole (`podsnap inspect` verifies it), finishes a
+/// `--stop` (nothing of the pod ran after the snapshot: its volume holds exactly what the
+/// checkpoint holds), leaves nothing frozen and removes the journal.
+#[test]
+fn a_shim_killed_after_the_commit_keeps_the_checkpoint_and_finishes_the_stop() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let node = node_with_holds(holds.path());
+    let podsnap = podsnap_binary();
+    // (--stop, the hold the shim is killed at, into an existing empty directory)
+    let cases = [
+        (true, "committed", true),
+        (true, "committed", false),
+        (true, "killed", false),
+        (true, "stopped", true),
+        (false, "committed", true),
+        (false, "committed", false),
+    ];
+    for (i, (stop, phase, in_place)) in cases.into_iter().enumerate() {
+        let what = format!(
+            "{} killed at {phase}{}",
+            if stop { "--stop" } else { "leave running" },
+            if in_place { ", in place" } else { "" }
+        );
+        // A line every 5 ms: a pod thawed before it is killed writes more.
+        let pod = writer_pod(&node, &node.unique(&format!("commit{i}")), 5);
+        let dir = node.files().checkpoints().join(format!("commit-{i}"));
+        if in_place {
+            std::fs::create_dir(&dir).expect("an empty destination");
+        }
+        std::fs::write(holds.path().join(phase), b"").expect("arm");
+        let dump = dump_in_background(&node, &pod, dir.clone(), |r| r.stop = stop);
+        let reached = holds.path().join(format!("{phase}.reached"));
+        wait_for(
+            &format!("{what}: the dump to reach {phase}"),
+            Duration::from_secs(60),
+            || reached.exists(),
+        );
+        assert!(journal_of(&pod.id).exists(), "{what}: the dump keeps a journal");
+        let shims = node.shim_pids(PODSNAP_SHIM);
+        assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(shims[0], libc::SIGKILL);
+        }
+        std::fs::remove_file(holds.path().join(phase)).expect("disarm");
+        std::fs::remove_file(&reached).expect("reset");
+        let outcome = dump.join().expect("the dump thread");
+        assert!(outcome.is_err(), "{what}: its shim died: {outcome:?}");
+        // containerd cleans up after the dead shim (`containerd-shim-podsnap-v1 delete`, which
+        // recovers the dump first).
+        wait_for(
+            &format!("{what}: the journal to be recovered"),
+            Duration::from_secs(30),
+            || !journal_of(&pod.id).exists(),
+        );
+        wait_for(
+            &format!("{what}: the pod's processes to be gone"),
+            Duration::from_secs(30),
+            || pod_processes(&pod.uid) == 0,
+        );
+        wait_for(
+            &format!("{what}: containerd to see the containers exited"),
+            Duration::from_secs(30),
+            || {
+                node.cri().pod_containers(&pod.id).is_ok_and(|cs| {
+                    cs.iter()
+                        .all(|c| c.state == cri::ContainerState::ContainerExited as i32)
+                })
+            },
+        );
+        assert!(
+            frozen_cgroups(&pod.uid).is_empty(),
+            "{what}: a cgroup stayed frozen"
+        );
+        assert!(
+            staging_left(&node).is_empty(),
+            "{what}: staging output left: {:?}",
+            staging_left(&node)
+        );
+        let out = std::process::Command::new(&podsnap)
+            .arg("inspect")
+            .arg(&dir)
+            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+            .env("PODSNAP_CONFIG", node.files().podsnap_config())
+            .output()
+            .expect("podsnap inspect");
+        assert!(
+            out.status.success(),
+            "{what}: the committed checkpoint is whole: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if stop {
+            let volume = pod.empty_dir(DATA_VOLUME).expect("volume");
+            let on_host = std::fs::read_to_string(volume.join("app.log")).expect("the volume's log");
+            let in_checkpoint = log_in_checkpoint(&dir);
+            assert!(last_count(&in_checkpoint) > 0, "{what}: the writer ran");
+            assert_eq!(
+                on_host,
+                in_checkpoint,
+                "{what}: the pod ran after the snapshot (its log grew from {} to {})",
+                last_count(&in_checkpoint),
+                last_count(&on_host)
+            );
+        }
+        podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the pod is removed");
+    }
 }
 
 /// Whether podsnap's network lock chain exists in the pod's network namespace.
@@ -645,7 +852,22 @@ fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
     // (containerd's own rule for a start its restart interrupted, whatever the runtime). Either
     // way the pod stays managed: a running app answers from its restored state, and removing
     // the pod ends every process of it and leaves nothing behind.
-    std::thread::sleep(Duration::from_secs(3));
+    // Read once the shim is done with the app's start (the restore): its task is no longer
+    // CREATED (the shim's log lines after the restart do not reach the new containerd's log).
+    let api = podsnap_tests::containerd_api::ContainerdApi::connect(
+        &node.files().socket(),
+        podsnap_tests::ctr::CRI_NAMESPACE,
+    )
+    .expect("containerd API");
+    wait_for(
+        "the shim to finish the app's restore",
+        Duration::from_secs(60),
+        || match api.task(&app_id) {
+            Ok(Some(task)) => task.status != "CREATED",
+            Ok(None) => true,
+            Err(_) => false,
+        },
+    );
     let state = node
         .cri()
         .container(&app_id)
@@ -734,4 +956,157 @@ fn a_unix_connection_opened_as_the_dump_began_is_refused_and_the_next_dump_takes
         .expect("the next dump takes the connection");
     let m = podsnap_checkpoint::manifest::Manifest::load_verified(&again).expect("valid");
     assert_eq!(m.unix_links.len(), 1, "{:?}", m.unix_links);
+}
+
+/// A directory whose `iptables`, `iptables-restore` and `iptables-save` are the legacy
+/// (xtables) ones: those take `/run/xtables.lock`, as on nodes where kube-proxy or a CNI
+/// plugin runs legacy iptables (this machine's default nft ones take no lock).
+fn legacy_iptables() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let multi = which("xtables-legacy-multi");
+    for name in ["iptables", "iptables-restore", "iptables-save"] {
+        std::os::unix::fs::symlink(&multi, dir.path().join(name)).expect("link legacy iptables");
+    }
+    dir
+}
+
+const XTABLES_LOCK: &str = "/run/xtables.lock";
+
+/// Another process holding the xtables lock (`flock`) for a while; killed on drop.
+struct XtablesHolder(std::process::Child);
+
+impl XtablesHolder {
+    /// Starts `flock -o XTABLES_LOCK sleep SECONDS` (flock alone holds the lock, in a process
+    /// group of its own); returns once it holds the lock.
+    fn hold(seconds: u64) -> Self {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("flock")
+            .args(["-o", XTABLES_LOCK])
+            .args(["sleep", &seconds.to_string()])
+            .process_group(0)
+            .spawn()
+            .expect("flock (util-linux)");
+        let holder = Self(child);
+        wait_for("flock to hold the xtables lock", Duration::from_secs(10), || {
+            !std::process::Command::new("flock")
+                .args(["-n", XTABLES_LOCK, "true"])
+                .status()
+                .expect("flock -n")
+                .success()
+        });
+        holder
+    }
+
+    /// Whether it has let go (exited).
+    fn released(&mut self) -> bool {
+        self.0.try_wait().expect("try_wait").is_some()
+    }
+}
+
+impl Drop for XtablesHolder {
+    /// Kills flock and its sleep (the group), which lets go of the lock at once.
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill has no memory-safety preconditions; the group is the holder's own.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// `iptables -S PODSNAP-LOCK` (legacy) in the pod's namespace: whether podsnap's lock chain is
+/// there.
+fn lock_chain_present(netns: &str) -> bool {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["--", "iptables-legacy", "-w", "-S", "PODSNAP-LOCK"])
+        .output()
+        .expect("nsenter iptables-legacy")
+        .status
+        .success()
+}
+
+/// With another process holding the xtables lock, the pod dump's network lock and unlock wait
+/// for it (within the dump's deadline), and the dump succeeds; held past the deadline, the
+/// dump gives up at the deadline saying why, and leaves the pod running and unlocked.
+#[test]
+fn the_pod_network_lock_waits_for_the_xtables_lock_within_the_dump_deadline() {
+    let holds = tempfile::tempdir().expect("tempdir");
+    let legacy = legacy_iptables();
+    let mut options = NodeOptions::new(workload_bin());
+    options
+        .extra_env
+        .push((HOLD_ENV.to_owned(), holds.path().display().to_string()));
+    options.path_prefix.insert(0, legacy.path().to_path_buf());
+    let node = Node::start(options);
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("xtables"), HANDLER))
+        .expect("the pod runs");
+    let netns = pod.pod.netns.clone().expect("the pod's netns");
+
+    // Held when the dump locks the pod's network and again when it unlocks it.
+    for phase in ["before-freeze", "frozen"] {
+        std::fs::write(holds.path().join(phase), b"").expect("arm");
+    }
+    let dir = node.files().checkpoints().join("xtables-waited");
+    let dump = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
+    let reached = |phase: &str| holds.path().join(format!("{phase}.reached"));
+    wait_for("the dump to reach before-freeze", Duration::from_secs(30), || {
+        reached("before-freeze").exists()
+    });
+    let mut first = XtablesHolder::hold(3);
+    std::fs::remove_file(holds.path().join("before-freeze")).expect("release");
+    wait_for(
+        "the dump to lock the pod and freeze it",
+        Duration::from_secs(60),
+        || reached("frozen").exists() || dump.is_finished(),
+    );
+    assert!(
+        first.released(),
+        "the pod's network was locked while another process held the xtables lock"
+    );
+    assert!(
+        lock_chain_present(&netns),
+        "the pod's network is locked while frozen"
+    );
+    let mut second = XtablesHolder::hold(3);
+    std::fs::remove_file(holds.path().join("frozen")).expect("release");
+    let outcome = dump.join().expect("the dump thread");
+    assert!(
+        outcome.is_ok(),
+        "the dump waited for the xtables lock: {outcome:?}"
+    );
+    assert!(
+        second.released(),
+        "the dump unlocked the pod's network while another process held the xtables lock"
+    );
+    assert!(!lock_chain_present(&netns), "the unlock went through");
+    assert!(dir.join("manifest.json").is_file(), "the checkpoint is there");
+    assert_running_and_counting(&pod, "after the dump that waited");
+
+    // Held past the dump's deadline: the dump stops at its deadline, the pod runs unlocked.
+    let deadline = Duration::from_secs(8);
+    node.set_podsnap_config(&format!("[dump]\ndeadline_seconds = {}\n", deadline.as_secs()))
+        .expect("config");
+    let third = XtablesHolder::hold(120);
+    let started = Instant::now();
+    let dir = node.files().checkpoints().join("xtables-deadline");
+    let outcome = dump_in_background(&node, &pod.pod, dir.clone(), |_| {})
+        .join()
+        .expect("the dump thread");
+    let took = started.elapsed();
+    drop(third);
+    let err = outcome.expect_err("a dump that cannot lock the pod's network fails");
+    assert!(err.contains("xtables lock"), "the error says why: {err}");
+    assert!(
+        took < deadline + Duration::from_secs(10),
+        "the dump ended {took:?} after it started, its deadline {deadline:?}"
+    );
+    assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
+    assert!(
+        !lock_chain_present(&netns),
+        "the pod's network is not left locked"
+    );
+    assert_running_and_counting(&pod, "after the dump that gave up");
 }

@@ -7,7 +7,7 @@
 mod pod_checkpoint_support;
 
 use std::os::unix::fs::FileTypeExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pod_checkpoint_support::*;
 use podsnap_tests::kubelet::{
@@ -90,8 +90,19 @@ fn dev_shm_files_written_and_held_open_come_back_in(share_pids: bool) {
         ask(&pod.ip, APP_PORT, "posix-shm-write note hello").expect("write"),
         "ok"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    let before = ask(&pod.ip, APP_PORT, "held").expect("held");
+    // The app appends to the held file as it counts: wait until it has.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let held = ask(&pod.ip, APP_PORT, "held").expect("held");
+        if held_pos(&held) > 0 {
+            break held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app never appended to its held file: {held}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(before.contains("path /dev/shm/held"), "{before}");
 
     let dir = node.files().checkpoints().join("shm");
@@ -354,9 +365,8 @@ fn adopted_process_comes_back(driver: Driver) {
         .unwrap_or_else(|| panic!("{spawned}"));
     wait_answering(&pod.ip, 7070, Duration::from_secs(20)).expect("the daemon answers");
     let count = |ip: &str, port| ask(ip, port, "count").expect("count").parse::<u64>().expect("n");
-    std::thread::sleep(Duration::from_millis(1500));
-    let daemon_before = count(&pod.ip, 7070);
-    assert!(daemon_before > 0, "the daemon counts");
+    let daemon_before = podsnap_tests::kubelet::wait_count_above(&pod.ip, 7070, 0, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the daemon counts: {e:#}"));
 
     let dir = node.files().checkpoints().join("orphan");
     dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
@@ -524,7 +534,14 @@ fn unix_connection_comes_back(address: &str, share_pids: bool, driver: Driver) {
         ask(&pod.ip, SIDECAR_PORT, "peer-send count").expect("send"),
         "sent"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ask(&pod.ip, SIDECAR_PORT, "peer-pending").expect("peer-pending") == "pending 0" {
+        assert!(
+            Instant::now() < deadline,
+            "the app's answer never reached the sidecar"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let app_id = container_named(&node, &pod.id, "app").id;
     node.ctr()
         .run(podsnap_tests::ctr::CRI_NAMESPACE, &["task", "pause", &app_id])

@@ -30,13 +30,18 @@ use podsnap_tests::kubelet::{
     create_container, run_pod, run_three_container_pod, start_container, ContainerSpec, PodOptions,
 };
 use podsnap_tests::node::{Node, NodeOptions};
-use podsnap_tests::runc_v2::RuncV2;
+use podsnap_tests::runc_v2::{RuncV2, V2Plan};
 use podsnap_tests::{handler, host, systemd};
 
 /// A systemd node, on cgroup v2 alone when `cgroup2` (with the stand-in runc).
 fn systemd_node(cgroup2: bool) -> (Node, Option<RuncV2>) {
     let mut options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
-    let stand_in = cgroup2.then(|| RuncV2::new(Path::new(env!("CARGO_BIN_EXE_podsnap-test-runc"))));
+    let stand_in = cgroup2.then(|| {
+        RuncV2::new(
+            Path::new(env!("CARGO_BIN_EXE_podsnap-test-runc")),
+            V2Plan::of_host(),
+        )
+    });
     if let Some(runc) = &stand_in {
         options = runc.node_options(options);
     }

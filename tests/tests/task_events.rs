@@ -26,7 +26,7 @@ fn task_events() {
             .spawn()
             .expect("ctr events"),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    watch.wait_subscribed(&ctr, NS);
 
     // A long-running task through its whole life.
     let id = node.unique("events");

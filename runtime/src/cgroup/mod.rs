@@ -323,16 +323,29 @@ impl CgroupPaths {
     /// is frozen the kills wait for the thaw, and nothing runs before it dies). Returns how
     /// many were signalled.
     pub fn kill_all(&self) -> Result<usize> {
-        let mut n = 0;
-        for pid in self.processes()? {
+        let dir = self
+            .freezer()
+            .ok_or_else(|| Error::NotFound("freezer cgroup".into()))?;
+        kill_all_in(dir)
+    }
+}
+
+/// Sends SIGKILL to every process of the cgroup at `dir` (a v1 freezer or a v2 cgroup) and of
+/// those below it; see [`CgroupPaths::kill_all`]. Returns how many were signalled.
+pub fn kill_all_in(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for d in tree(dir) {
+        let file = d.join("cgroup.procs");
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io("list the processes", &file, e))?;
+        for pid in text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
             match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL) {
                 Ok(()) => n += 1,
                 Err(nix::errno::Errno::ESRCH) => {}
                 Err(e) => return Err(Error::sys("kill a process of a cgroup", e)),
             }
         }
-        Ok(n)
     }
+    Ok(n)
 }
 
 /// The v1 lines of `/proc/<pid>/cgroup`: each hierarchy's controllers (`name=` dropped) and path.

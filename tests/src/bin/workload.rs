@@ -28,7 +28,8 @@
 //!   - `peer-connect tcp HOST:PORT` / `peer-connect unix PATH`: opens a connection to another
 //!     server and keeps it; `peer-check`: sends `ping` over that same connection
 //!     (`peer ok kind K local L checks N reply R`); `peer-send CMD`: sends CMD over it and
-//!     leaves the reply unread (`sent`); `peer-read`: reads the next line (`peer read R`).
+//!     leaves the reply unread (`sent`); `peer-read`: reads the next line (`peer read R`);
+//!     `peer-pending`: how many bytes wait unread on it (`pending N`).
 //!
 //!   Checkpoint/restore probes (all off by default): `--hold-file PATH` opens PATH with
 //!   O_APPEND at start, keeps it open and appends a line every tick; `--loopback-pairs N` makes
@@ -39,7 +40,9 @@
 //!   segment (key KEY, kept attached), a semaphore set (KEY+1) and a queue of two messages
 //!   (KEY+2), and a `/dev/shm/probe-KEY` file kept mapped (not open); `--unix-listen PATH`
 //!   also answers the line protocol on a unix socket bound at PATH (`@NAME`: NAME in the
-//!   abstract namespace; `peer-connect unix` takes the same).
+//!   abstract namespace; `peer-connect unix` takes the same); `--children N` forks N child
+//!   processes at start, each writing every page of `--child-kib K` KiB of its own memory
+//!   (default 64) and then sleeping until SIGTERM/SIGINT (a container of many processes).
 //!
 //!   Every reply is one line; a failure is `error: <what>`.
 //! - `init --marker FILE`: appends one line to FILE and exits 0 (an init container).
@@ -79,7 +82,8 @@ const USAGE: &str = "usage:
   podsnap-workload serve --name N --port P [--volume DIR] [--interval-ms 100] [--log-every 10]
                          [--hold-file PATH] [--loopback-pairs N] [--ballast-mib N]
                          [--ballast-content uniform|mixed]
-                         [--ipc-probe KEY] [--unix-listen PATH]
+                         [--ipc-probe KEY] [--unix-listen PATH] [--children N]
+                         [--child-kib K]
   podsnap-workload init --marker FILE
   podsnap-workload client HOST:PORT CMD...";
 
@@ -248,6 +252,8 @@ struct ServeOptions {
     ballast_mixed: bool,
     ipc_probe: Option<libc::key_t>,
     unix_listen: Option<PathBuf>,
+    children: usize,
+    child_kib: usize,
 }
 
 impl ServeOptions {
@@ -266,6 +272,8 @@ impl ServeOptions {
                 "--ballast-content",
                 "--ipc-probe",
                 "--unix-listen",
+                "--children",
+                "--child-kib",
             ],
         )?;
         let name = flags
@@ -301,6 +309,11 @@ impl ServeOptions {
             },
             ipc_probe: flags.get("--ipc-probe").map(|k| parse_key(k)).transpose()?,
             unix_listen: flags.get("--unix-listen").map(PathBuf::from),
+            children: count_flag(&flags, "--children")?,
+            child_kib: match flags.get("--child-kib") {
+                Some(v) => v.parse().map_err(|e| format!("--child-kib: {e}"))?,
+                None => 64,
+            },
         })
     }
 }
@@ -437,6 +450,9 @@ const PAGE: usize = 4096;
 
 fn serve(options: ServeOptions) -> Result<(), String> {
     install_stop_handlers()?;
+    for index in 0..options.children {
+        spawn_sleeper(index, options.child_kib)?;
+    }
     let listener = TcpListener::bind(("0.0.0.0", options.port))
         .map_err(|e| format!("cannot listen on 0.0.0.0:{}: {e}", options.port))?;
     listener
@@ -712,6 +728,17 @@ impl Probes {
         Ok("sent".to_owned())
     }
 
+    /// `peer-pending`: how many bytes wait unread on the kept connection (`FIONREAD`).
+    fn peer_pending(&self) -> Result<String, String> {
+        let (stream, _, _) = self.peer.as_ref().ok_or("no peer-connect")?;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+        if unsafe { libc::ioctl(stream.fd(), libc::FIONREAD, &mut n) } != 0 {
+            return Err(errno_message("ioctl FIONREAD"));
+        }
+        Ok(format!("pending {n}"))
+    }
+
     /// `peer-read`: the next line from the kept connection.
     fn peer_line(&mut self) -> Result<String, String> {
         let (stream, _, _) = self.peer.as_mut().ok_or("no peer-connect")?;
@@ -790,6 +817,32 @@ impl Probes {
             "ballast {} MiB sum {sum}",
             self.ballast.len() / (1024 * 1024)
         ))
+    }
+}
+
+/// Forks a child that writes every page of `kib` KiB of its own (each child's bytes differ)
+/// and sleeps until SIGTERM/SIGINT.
+fn spawn_sleeper(index: usize, kib: usize) -> Result<(), String> {
+    // SAFETY: this program is single-threaded; the child only allocates, writes its memory,
+    // waits for signals and exits.
+    match unsafe { libc::fork() } {
+        p if p < 0 => Err(errno_message("fork")),
+        0 => {
+            let mut memory = vec![0u8; kib * 1024];
+            for (page, bytes) in memory.chunks_mut(PAGE).enumerate() {
+                fill_page(bytes, index.wrapping_mul(1 << 20) + page, false);
+            }
+            while STOP_SIGNAL.load(Ordering::SeqCst) == 0 {
+                // SAFETY: pause has no preconditions; it returns when a signal was handled.
+                unsafe {
+                    libc::pause();
+                }
+            }
+            std::hint::black_box(&memory);
+            // SAFETY: _exit ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(0) }
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1183,6 +1236,7 @@ impl Server {
             "peer-check" => self.probes.peer_check(),
             "peer-send" => self.probes.peer_send(rest),
             "peer-read" => self.probes.peer_line().map(|l| format!("peer read {l}")),
+            "peer-pending" => self.probes.peer_pending(),
             "spawn-daemon" => spawn_daemon(rest),
             "spawn-child" => spawn_child(rest),
             "exit" => {

@@ -151,8 +151,8 @@ pub fn check_restored(node: &Node, ip: &str, old_ip: &str, volume: &Path, app_id
         before.sidecar,
         before.app
     );
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(count(ip, APP_PORT) > app, "the restored app's counter advances");
+    podsnap_tests::kubelet::wait_count_above(ip, APP_PORT, app, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the restored app's counter advances: {e:#}"));
 
     let written = volume.join(VOLUME_FILE);
     let text = std::fs::read_to_string(&written)
