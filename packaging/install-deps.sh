@@ -2,7 +2,12 @@
 # Install the podsnap node stack on a Debian 12 (bookworm) x86_64 machine, idempotently.
 #
 #   containerd 2.x     from Debian sid (bookworm/trixie ship 1.x; the shim speaks task API v3)
-#   runc               from bookworm, without recommends (it recommends bookworm's broken criu)
+#   runc 1.1.5         from bookworm, without recommends (it recommends bookworm's broken criu),
+#                      as /usr/sbin/runc
+#   runc 1.3           from Debian sid, side by side in /usr/local/lib/podsnap/runc-1.3/ (runc, and
+#                      sid's libc, loader and libseccomp in lib/, which the binary names as its
+#                      interpreter and library path through bookworm's patchelf): what nodes with
+#                      containerd 2.x run; the integration suite runs on it by default
 #   CRIU 4.x           built from Debian sid's source package (bookworm's 3.17 fails on Linux 6.x)
 #   CNI plugins        from Debian sid (containernetworking-plugins), into /opt/cni/bin
 #   iptables, iproute2, protoc, busybox-static, build tools, openssl (the registry tests make
@@ -44,7 +49,7 @@ BOOKWORM_PKGS=(
   runc iptables iproute2 protobuf-compiler busybox-static ca-certificates xz-utils dpkg-dev
   build-essential pkgconf libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler python3-protobuf
   libnl-3-dev libnet1-dev libcap-dev uuid-dev libbsd-dev libgnutls28-dev libnftables-dev
-  docker-registry openssl zstd umoci skopeo
+  docker-registry openssl zstd umoci skopeo patchelf
 )
 missing=()
 for p in "${BOOKWORM_PKGS[@]}"; do
@@ -113,6 +118,40 @@ fi
 containerd --version >/dev/null || die "containerd did not install"
 [ "$(containerd_major)" -ge 2 ] || die "containerd is older than 2.0: $(containerd --version)"
 command -v containerd-shim-runc-v2 >/dev/null || die "containerd-shim-runc-v2 missing"
+
+# ---------------------------------------------------------------------------------------------
+# runc 1.3 from sid, beside bookworm's runc (never replacing /usr/sbin/runc). sid's build needs
+# glibc 2.38: the binary gets sid's loader as its interpreter and a library path holding sid's
+# libc and libseccomp (no wrapper script: runc re-executes /proc/self/exe for `runc init`).
+# ---------------------------------------------------------------------------------------------
+RUNC13_DIR=/usr/local/lib/podsnap/runc-1.3
+# (The output is read whole: `grep -q` on a pipe would end it early, and pipefail would fail.)
+runc13_ok() { case "$("$RUNC13_DIR/runc" --version 2>/dev/null)" in "runc version 1.3."*) ;; *) return 1 ;; esac; }
+if ! runc13_ok; then
+  log "installing runc 1.3 from sid into $RUNC13_DIR"
+  new="$RUNC13_DIR.new"
+  rm -rf "$new" && mkdir -p "$new/lib"
+  stage=$(sid_unpack runc)
+  install -m 0755 "$stage/usr/sbin/runc" "$new/runc"
+  sid_version=$(dpkg-deb -f "$DEPS_DIR"/runc_*.deb Version)
+  case "$sid_version" in
+    1.3.*) ;;
+    *) die "sid's runc is $sid_version, not 1.3.x: update the runc 1.3 step of install-deps.sh" ;;
+  esac
+  for pkg in libc6 libseccomp2; do
+    stage=$(sid_unpack "$pkg")
+    for lib in libc.so.6 ld-linux-x86-64.so.2 libseccomp.so.2; do
+      [ -e "$stage/usr/lib/x86_64-linux-gnu/$lib" ] &&
+        cp -L "$stage/usr/lib/x86_64-linux-gnu/$lib" "$new/lib/$lib"
+    done
+  done
+  for lib in libc.so.6 ld-linux-x86-64.so.2 libseccomp.so.2; do
+    [ -f "$new/lib/$lib" ] || die "sid's $lib is missing from the unpacked packages"
+  done
+  patchelf --set-interpreter "$RUNC13_DIR/lib/ld-linux-x86-64.so.2" --set-rpath "$RUNC13_DIR/lib" "$new/runc"
+  rm -rf "$RUNC13_DIR" && mkdir -p "$(dirname "$RUNC13_DIR")" && mv "$new" "$RUNC13_DIR"
+fi
+runc13_ok || die "runc 1.3 in $RUNC13_DIR does not run: $("$RUNC13_DIR/runc" --version 2>&1 | head -n1)"
 
 # ---------------------------------------------------------------------------------------------
 # CNI plugins
@@ -204,4 +243,4 @@ fi
 [ "$(kubectl_minor)" -ge "$KUBECTL_MIN_MINOR" ] 2>/dev/null || die "kubectl 1.$KUBECTL_MIN_MINOR+ did not install in $KUBECTL_DIR"
 command -v umoci >/dev/null && command -v skopeo >/dev/null || die "umoci or skopeo is not installed"
 
-log "ready: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | sed -n 's/^runc version //p'), criu $(/usr/local/sbin/criu --version | sed -n 's/^Version: //p'), $(protoc --version)"
+log "ready: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | sed -n 's/^runc version //p') and $("$RUNC13_DIR/runc" --version | sed -n 's/^runc version //p'), criu $(/usr/local/sbin/criu --version | sed -n 's/^Version: //p'), $(protoc --version)"

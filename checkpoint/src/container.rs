@@ -400,6 +400,40 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
     }
 }
 
+/// CRIU's configuration line for the restore by `runc` of container `id`, dumped with
+/// `options`, when that runc cannot pass the dump's cgroups mode: a dump that left cgroups to
+/// runc (`ignore`, runc 1.2+) restored by an older runc. Its default mode would move the
+/// processes into the cgroups they were dumped from, which the images do not record (on a
+/// hybrid node CRIU fails: "cg: Can't move into unified//kubepods/.../<old id>/cgroup.procs:
+/// No such file or directory"); the configuration file overrides runc's options, so CRIU
+/// leaves the processes where runc puts it, in the container's new cgroups. `options` then
+/// asks runc for its default mode.
+pub async fn cgroups_mode_by_config(
+    runc: &Runc,
+    id: &str,
+    options: &mut DumpOptions,
+) -> Option<&'static str> {
+    if options.cgroups_mode != "ignore" {
+        return None;
+    }
+    let offered = match runc.features().await {
+        Ok(f) => f.cgroups_mode_ignore(),
+        Err(e) => {
+            log::warn!("container {id}: runc's features are unknown: {e}");
+            false
+        }
+    };
+    if offered {
+        return None;
+    }
+    log::info!(
+        "container {id}: dumped with cgroups mode ignore, which this runc does not pass: \
+         told to CRIU through its configuration file"
+    );
+    options.cgroups_mode.clear();
+    Some("manage-cgroups=ignore\n")
+}
+
 /// How long a restore may take: a minute, plus a second per 32 MiB of memory images (a damaged
 /// image can make CRIU's restorer spin forever).
 pub fn restore_deadline(image_dir: &Path) -> std::time::Duration {

@@ -340,6 +340,12 @@ async fn dump_into(
     // What the checkpoint records of the node and of the pod's addresses, and `criu cpuinfo
     // dump`, run beside the freeze and the dumps; only the digests and the manifest need them.
     let launcher = d.launcher.clone();
+    let runc = running
+        .first()
+        .copied()
+        .or(d.targets.first())
+        .map(|t| t.runc.binary().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("runc"));
     let netns = d.netns.clone();
     let sandbox = d.pod.sandbox_id.clone();
     let mut recorded = Beside(Some(tokio::spawn(async move {
@@ -356,7 +362,7 @@ async fn dump_into(
         };
         let (cpu, host, ips) = tokio::join!(
             crate::host::dump_cpuinfo(launcher.as_ref(), &host_dir),
-            crate::host::this_node(launcher.as_ref()),
+            crate::host::this_node(launcher.as_ref(), &runc),
             ips
         );
         cpu.map(|()| Recorded { host, ips })
@@ -930,6 +936,62 @@ fn joined_dump(joined: std::result::Result<Result<Instant>, tokio::task::JoinErr
     joined.map_err(|e| Error::io("dump task", "pod", std::io::Error::other(e)))?
 }
 
+/// CRIU's cgroups mode for the dump of `t`, chosen before its CRIU starts: `ignore` when its
+/// runc offers it (1.2 and later), every process of the container sits in the container's own
+/// cgroup (no cgroup below it in any hierarchy) and the container has no cgroup namespace of
+/// its own. CRIU then skips walking and recording the container's cgroups while the pod is
+/// frozen, and its restore leaves the processes where runc puts them: in the container's new
+/// cgroup, which runc makes from the spec (as it does in every mode). Otherwise runc's default
+/// (soft), which records and restores cgroups below the container's, and the container's cgroup
+/// namespace: CRIU restores that only when it manages cgroups (with `ignore` a container with
+/// its own, as CRI makes them on cgroup v2, came back in the host's). A runc that cannot say its
+/// release gets the default.
+async fn cgroups_mode(t: &Target) -> String {
+    let features = match t.runc.features().await {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!(
+                "container {}: runc's features are unknown ({e}): CRIU's default cgroups mode",
+                t.entry.id
+            );
+            return String::new();
+        }
+    };
+    if !features.cgroups_mode_ignore() {
+        return String::new();
+    }
+    let Some(cgroups) = &t.cgroups else {
+        return String::new();
+    };
+    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).ok();
+    let own_namespace = match t.pid {
+        Some(pid) => namespace(&pid.to_string()) != namespace("self"),
+        None => true,
+    };
+    if own_namespace {
+        log::info!(
+            "container {}: it has a cgroup namespace of its own: CRIU records it (default cgroups mode)",
+            t.entry.id
+        );
+        return String::new();
+    }
+    let nested = cgroups
+        .dirs()
+        .into_iter()
+        .find(|d| podsnap_runtime::cgroup::tree(d).len() > 1);
+    match nested {
+        Some(dir) => {
+            log::info!(
+                "container {}: {} holds cgroups of its own: CRIU records them (default cgroups mode)",
+                t.entry.id,
+                dir.display()
+            );
+            String::new()
+        }
+        None => "ignore".to_owned(),
+    }
+}
+
 /// Starts `runc checkpoint` of `t` into its place under `dir`; `hold` is kept open until runc
 /// ends (its CRIU waits on it).
 fn spawn_dump(
@@ -943,6 +1005,7 @@ fn spawn_dump(
     let limit = limit.clone();
     tokio::spawn(async move {
         let began = Instant::now();
+        let cgroups_mode = cgroups_mode(&t).await;
         let dump = Dump {
             id: t.entry.id.clone(),
             image_dir,
@@ -950,6 +1013,7 @@ fn spawn_dump(
             options: DumpOptions {
                 tcp_established: true,
                 file_locks: true,
+                cgroups_mode,
                 ..Default::default()
             },
             leave_running: true,

@@ -15,9 +15,10 @@ use crate::policy::Violation;
 /// Where the node's identity is read.
 const MACHINE_ID: &str = "/etc/machine-id";
 
-/// The versions, architecture and identity of this node.
-pub async fn this_node(launcher: &dyn Launcher) -> HostInfo {
-    async fn first_line(launcher: &dyn Launcher, cmd: &str, arg: &str, prefix: &str) -> String {
+/// The versions, architecture and identity of this node; `runc` is the runc binary the pod's
+/// containers run with (a node may have more than one).
+pub async fn this_node(launcher: &dyn Launcher, runc: &Path) -> HostInfo {
+    async fn first_line(launcher: &dyn Launcher, cmd: &Path, arg: &str, prefix: &str) -> String {
         let mut c = Command::new(cmd);
         c.arg(arg).stdin(Stdio::null());
         match launcher.run(c, Capture::Output).await {
@@ -30,8 +31,8 @@ pub async fn this_node(launcher: &dyn Launcher) -> HostInfo {
     }
     let uname = nix::sys::utsname::uname().ok();
     let (criu_version, runc_version) = tokio::join!(
-        first_line(launcher, "criu", "--version", "Version:"),
-        first_line(launcher, "runc", "--version", "runc version"),
+        first_line(launcher, Path::new("criu"), "--version", "Version:"),
+        first_line(launcher, runc, "--version", "runc version"),
     );
     HostInfo {
         criu_version,

@@ -175,7 +175,8 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
     )
     .map_err(refused)?;
     let launcher = podsnap_runtime::launcher::TokioLauncher;
-    let here = podsnap_checkpoint::host::this_node(&launcher).await;
+    // (Only CRIU's version, the kernel and the architecture are compared.)
+    let here = podsnap_checkpoint::host::this_node(&launcher, Path::new("runc")).await;
     policy::check_host(&manifest.host, &here).map_err(refused)?;
     if manifest.lists(CPUINFO) {
         let host_dir = dir.join(CPUINFO);

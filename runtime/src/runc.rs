@@ -3,6 +3,12 @@
 //! Each method runs one `runc` subcommand through the [`Launcher`]. Commands that hand the new
 //! process its stdio (create, exec, restore) cannot capture runc's own stderr (it belongs to the
 //! container), so runc logs those in JSON to a file and errors are read back from there.
+//!
+//! runc's checkpoint and restore options changed between the releases nodes run (bookworm's
+//! 1.1.5, containerd 2.x nodes' 1.2 and 1.3): what a binary offers is read from its
+//! `runc --version` once per binary and process ([`Runc::features`], [`RuncFeatures`]), never
+//! assumed. (1.3's `--tcp-skip-in-flight` and `--link-remap` are not used: podsnap sets such
+//! CRIU options in each container's CRIU configuration file, which works with every runc.)
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -143,6 +149,76 @@ pub struct RestoreOpts {
 /// The most descriptors a restore hands runc for CRIU's `inherit-fd`.
 pub const MAX_INHERITED_FDS: usize = 64;
 
+/// A runc release, from the first line of `runc --version` (`runc version 1.3.6+ds1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RuncVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl RuncVersion {
+    /// Reads `runc --version` output; `None` when its first line names no `X.Y[.Z]` release
+    /// (a development build says `runc version unknown`).
+    pub fn parse(version_output: &str) -> Option<Self> {
+        let line = version_output.lines().next()?;
+        let v = line.trim().strip_prefix("runc version")?.trim();
+        let numeric: String = v
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let mut parts = numeric.split('.').map(|p| p.parse::<u32>().ok());
+        let major = parts.next()??;
+        let minor = parts.next()??;
+        let patch = parts.next().flatten().unwrap_or(0);
+        Some(Self { major, minor, patch })
+    }
+
+    fn at_least(self, major: u32, minor: u32) -> bool {
+        (self.major, self.minor) >= (major, minor)
+    }
+}
+
+impl std::fmt::Display for RuncVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// What a runc binary offers for checkpoint and restore, by its release: an unknown release
+/// (a build that does not say) is taken to offer none of the newer options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RuncFeatures {
+    pub version: Option<RuncVersion>,
+}
+
+impl RuncFeatures {
+    /// The features of the runc whose `runc --version` printed `version_output`.
+    pub fn from_version_output(version_output: &str) -> Self {
+        Self {
+            version: RuncVersion::parse(version_output),
+        }
+    }
+
+    fn at_least(&self, major: u32, minor: u32) -> bool {
+        self.version.is_some_and(|v| v.at_least(major, minor))
+    }
+
+    /// `--manage-cgroups-mode ignore` (runc 1.2): CRIU neither dumps nor restores the
+    /// container's cgroups; on restore runc alone puts the processes into the container's
+    /// cgroup (as it does in every mode: CRIU starts inside it).
+    pub fn cgroups_mode_ignore(&self) -> bool {
+        self.at_least(1, 2)
+    }
+
+    /// On cgroup v2, runc tells CRIU the restored container's cgroup (CRIU's `cgroup_root`;
+    /// runc 1.2, which dropped 1.1's "v1 only"). Without it CRIU restores the processes into
+    /// the cgroup path they were dumped from.
+    pub fn v2_cgroup_root(&self) -> bool {
+        self.at_least(1, 2)
+    }
+}
+
 /// What `runc state` reports.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ContainerState {
@@ -179,6 +255,61 @@ impl Runc {
     /// runc's state directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The runc binary (a name looked up on `PATH`, or a path).
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// What this runc offers, from `runc --version`: run once per binary in this process (a
+    /// binary does not change under a running shim), later calls answer from memory. A runc
+    /// that cannot be run is an error; one that does not say its release offers nothing new.
+    pub async fn features(&self) -> Result<RuncFeatures> {
+        static KNOWN: std::sync::Mutex<Vec<(PathBuf, RuncFeatures)>> = std::sync::Mutex::new(Vec::new());
+        let known = |binary: &Path| {
+            KNOWN
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .find(|(b, _)| b == binary)
+                .map(|(_, f)| *f)
+        };
+        if let Some(f) = known(&self.binary) {
+            return Ok(f);
+        }
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--version").stdin(Stdio::null());
+        let out = self
+            .launcher
+            .run(cmd, Capture::Output)
+            .await
+            .map_err(|source| Error::Launch {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        if !out.success() {
+            return Err(runc_error(
+                "--version",
+                "-",
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let features = RuncFeatures::from_version_output(&text);
+        match features.version {
+            Some(v) => log::info!("{}: runc {v}", self.binary.display()),
+            None => log::warn!(
+                "{}: its release is unknown ({:?}): none of the newer checkpoint options is used",
+                self.binary.display(),
+                text.lines().next().unwrap_or_default()
+            ),
+        }
+        let mut all = KNOWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !all.iter().any(|(b, _)| *b == self.binary) {
+            all.push((self.binary.clone(), features));
+        }
+        Ok(features)
     }
 
     fn command(&self, log: Option<&Path>) -> Command {
@@ -587,6 +718,55 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "runc kill failed for nope: container does not exist"
+        );
+    }
+
+    #[test]
+    fn versions_tell_the_checkpoint_options() {
+        let old = RuncFeatures::from_version_output(
+            "runc version 1.1.5+ds1\ncommit: 1.1.5+ds1-1+deb12u1\nspec: 1.0.2-dev\n",
+        );
+        assert_eq!(
+            old.version,
+            Some(RuncVersion {
+                major: 1,
+                minor: 1,
+                patch: 5
+            })
+        );
+        assert!(!old.cgroups_mode_ignore() && !old.v2_cgroup_root());
+        let v12 = RuncFeatures::from_version_output("runc version 1.2.0-rc.1\n");
+        assert!(v12.cgroups_mode_ignore() && v12.v2_cgroup_root());
+        let v13 = RuncFeatures::from_version_output("runc version 1.3.6+ds1\ncommit: x\n");
+        assert_eq!(v13.version.map(|v| v.to_string()).as_deref(), Some("1.3.6"));
+        assert!(v13.cgroups_mode_ignore() && v13.v2_cgroup_root());
+        let v2 = RuncFeatures::from_version_output("runc version 2.0\n");
+        assert!(v2.cgroups_mode_ignore(), "a later major offers them too");
+        for unknown in [
+            "runc version unknown\n",
+            "",
+            "crun version 1.28\n",
+            "runc version 1\n",
+        ] {
+            let f = RuncFeatures::from_version_output(unknown);
+            assert_eq!(f.version, None, "{unknown:?}");
+            assert!(!f.cgroups_mode_ignore(), "{unknown:?}: nothing is assumed");
+        }
+    }
+
+    #[tokio::test]
+    async fn features_are_read_once_per_binary() {
+        let (_, seen) = runc(Outcome {
+            code: 0,
+            stdout: b"runc version 1.3.6+ds1\n".to_vec(),
+            stderr: vec![],
+        });
+        let r = Runc::new("/test/only/runc-features-once", "/run/r", seen.clone());
+        assert!(r.features().await.expect("features").cgroups_mode_ignore());
+        assert!(r.features().await.expect("features").v2_cgroup_root());
+        assert_eq!(
+            *seen.seen.lock().expect("lock"),
+            ["/test/only/runc-features-once --version"]
         );
     }
 

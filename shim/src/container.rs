@@ -367,6 +367,10 @@ impl Container {
             "tcp-close\n".to_owned()
         };
         conf.push_str(&ckpt::inherit_lines(&src.unix_ends));
+        if let Some(line) = ckpt::cgroups_mode_by_config(&self.runc, &self.id, &mut options).await {
+            conf.push_str(line);
+        }
+        conf.push_str(&self.v2_cgroup_root_line().await);
         self.use_criu_config(&conf).await?;
         let pid_file = self.bundle.path().join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
@@ -617,8 +621,50 @@ impl Container {
         }
     }
 
+    /// On cgroup v2 with a runc that does not tell CRIU the restored container's cgroup (runc
+    /// before 1.2): CRIU's `cgroup-root` line naming it, so CRIU restores the processes there,
+    /// with their cgroup namespace, instead of in the cgroup path they were dumped from (the
+    /// old pod's). Needed under the systemd driver: the scope runc made for the container holds
+    /// only CRIU, and systemd removed it once CRIU was gone, so moving the processes there
+    /// after the restore left them in a directory outside any unit. Empty otherwise.
+    async fn v2_cgroup_root_line(&self) -> String {
+        if CgroupMode::of_node() != CgroupMode::Unified {
+            return String::new();
+        }
+        match self.runc.features().await {
+            Ok(f) if f.v2_cgroup_root() => return String::new(),
+            Ok(_) => {}
+            Err(e) => log::warn!("container {}: runc's features are unknown: {e}", self.id),
+        }
+        let path = self
+            .bundle
+            .spec()
+            .ok()
+            .and_then(|s| s.linux().as_ref()?.cgroups_path().clone())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = match CgroupPaths::of_container(&path, self.runc.systemd_cgroup(), None) {
+            Ok(CgroupPaths::V2 { dir }) => dir,
+            other => {
+                log::warn!(
+                    "container {}: its v2 cgroup is unknown ({:?}): CRIU restores it where it was \
+                     dumped",
+                    self.id,
+                    other.err()
+                );
+                return String::new();
+            }
+        };
+        let Ok(rel) = dir.strip_prefix(podsnap_runtime::cgroup::CGROUP_ROOT) else {
+            return String::new();
+        };
+        // ":" names the unified hierarchy alone (a root for every controller otherwise).
+        format!("cgroup-root :/{}\n", rel.display())
+    }
+
     /// On v2, the cgroup the container's spec names when its restored processes are elsewhere
-    /// (CRIU put them back where they were dumped).
+    /// (CRIU put them back where they were dumped; [`Container::v2_cgroup_root_line`] keeps
+    /// that from happening).
     fn v2_cgroup_elsewhere(
         &self,
         actual: &CgroupPaths,

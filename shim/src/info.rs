@@ -9,8 +9,7 @@
 //! for directly.
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::{Message, MessageField};
-use containerd_shim::protos::shim::oci::Options;
+use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::types::introspection::{RuntimeInfo, RuntimeVersion};
 
 /// The type containerd registers for runtime-spec's `features.Features` (JSON-encoded).
@@ -27,9 +26,9 @@ pub fn runtime_info(runtime_id: &str, options: Option<&Any>) -> containerd_shim:
         ..Default::default()
     };
     let mut binary = "runc".to_owned();
-    if let Some(any) = options.filter(|a| a.type_url.ends_with("containerd.runc.v1.Options")) {
-        let opts = Options::parse_from_bytes(&any.value)
-            .map_err(|e| containerd_shim::Error::InvalidArgument(format!("runtime options: {e}")))?;
+    let opts = crate::options::runc_options(options)
+        .map_err(|e| containerd_shim::Error::InvalidArgument(e.to_string()))?;
+    if let (Some(opts), Some(any)) = (opts, options) {
         if !opts.binary_name.is_empty() {
             binary = opts.binary_name.clone();
         }
@@ -59,6 +58,8 @@ fn runc_features(binary: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use containerd_shim::protos::protobuf::Message;
+    use containerd_shim::protos::shim::oci::Options;
 
     /// runc `Options` naming `binary`, as containerd sends them.
     fn runc_options(binary: &str) -> Any {

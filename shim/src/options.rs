@@ -1,8 +1,24 @@
-//! Which runc a container runs with and how: containerd's runtime options (runc's `Options`, or
-//! the `runtimeoptions.v1.Options` containerd's CRI sends for a runtime that is not runc's, whose
-//! TOML body holds the handler's `options` table with runc's names: `SystemdCgroup`,
-//! `BinaryName`, `Root`, `NoPivotRoot`, `NoNewKeyring`) turned into our own types, checked ids, and the runc choice recorded in the bundle so that
-//! `delete` after a shim died reaches the container where it was created.
+//! Which runc a container runs with and how: containerd's runtime options turned into our own
+//! types, checked ids, and the runc choice recorded in the bundle so that `delete` after a shim
+//! died reaches the container where it was created.
+//!
+//! The options come in one of two messages. `ctr` and containerd's API clients send runc's own
+//! `containerd.runc.v1.Options`. containerd's CRI plugin sends that message to runtimes of type
+//! `io.containerd.runc.v2` only; to every other type, ours included, it sends
+//! `runtimeoptions.v1.Options`, whose `config_body` is the TOML of the handler's `options`
+//! table (or whose `config_path` names a TOML file instead). podsnap reads runc's keys from it,
+//! as containerd's runc shim reads them from runc's message, so a handler configured as
+//!
+//! ```toml
+//! [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podsnap.options]
+//!   BinaryName = '/usr/local/lib/podsnap/runc-1.3/runc'
+//!   SystemdCgroup = true
+//! ```
+//!
+//! runs that runc with the systemd cgroup driver (`podsnap node install` writes `SystemdCgroup`
+//! there, following runc's entry). Keys: `BinaryName`, `Root`, `SystemdCgroup`,
+//! `NoPivotRoot`, `NoNewKeyring` (matched without regard to case, as containerd does); others are
+//! logged and ignored.
 //!
 //! The record (`podsnap-runc.json` in the bundle, 0600) is written at Create, before runc runs:
 //!
@@ -101,26 +117,104 @@ pub fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The type containerd's CRI plugin gives the options of a runtime that is not runc's.
+const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
+
+/// The most of a runtime options file (`config_path`) read.
+const RUNTIME_OPTIONS_FILE_CAP: u64 = 64 * 1024;
+
+/// runc's `Options` from any message containerd sends a shim: runc's own, or the generic
+/// `runtimeoptions.v1.Options` carrying the handler's TOML. `None`: no options, or a type
+/// podsnap does not read (logged).
+pub fn runc_options(options: Option<&Any>) -> Result<Option<Options>> {
+    let Some(any) = options.filter(|a| !a.value.is_empty() || !a.type_url.is_empty()) else {
+        return Ok(None);
+    };
+    if any.type_url.ends_with("containerd.runc.v1.Options") {
+        return Options::parse_from_bytes(&any.value)
+            .map(Some)
+            .map_err(|e| Error::InvalidArgument(format!("runtime options: {e}")));
+    }
+    if any.type_url.trim_start_matches("types.containerd.io/") == RUNTIME_OPTIONS_TYPE {
+        return options_from_runtime_options(&any.value).map(Some);
+    }
+    log::warn!("ignoring runtime options of type {}", any.type_url);
+    Ok(None)
+}
+
+/// Reads `runtimeoptions.v1.Options` (`type_url` = 1, `config_path` = 2, `config_body` = 3;
+/// the message is not among the crate's protos, so its fields are read as the unknown fields
+/// of an empty message) and the TOML it carries or names.
+fn options_from_runtime_options(bytes: &[u8]) -> Result<Options> {
+    use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
+    use containerd_shim::protos::protobuf::UnknownValueRef;
+    let message = Empty::parse_from_bytes(bytes)
+        .map_err(|e| Error::InvalidArgument(format!("runtime options ({RUNTIME_OPTIONS_TYPE}): {e}")))?;
+    let field = |n: u32| match message.special_fields.unknown_fields().get(n) {
+        Some(UnknownValueRef::LengthDelimited(b)) => Ok(b.to_vec()),
+        None => Ok(Vec::new()),
+        Some(_) => Err(Error::InvalidArgument(format!(
+            "runtime options ({RUNTIME_OPTIONS_TYPE}): field {n} is not a string"
+        ))),
+    };
+    let path = String::from_utf8(field(2)?).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "runtime options ({RUNTIME_OPTIONS_TYPE}): config_path: {e}"
+        ))
+    })?;
+    let (text, from) = if path.is_empty() {
+        (field(3)?, "the handler's options".to_owned())
+    } else {
+        let mut raw = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(RUNTIME_OPTIONS_FILE_CAP + 1).read_to_end(&mut raw))
+            .map_err(|e| Error::InvalidArgument(format!("runtime options file {path}: {e}")))?;
+        if raw.len() as u64 > RUNTIME_OPTIONS_FILE_CAP {
+            return Err(Error::InvalidArgument(format!(
+                "runtime options file {path} is larger than {RUNTIME_OPTIONS_FILE_CAP} bytes"
+            )));
+        }
+        (raw, path)
+    };
+    let text = String::from_utf8(text)
+        .map_err(|e| Error::InvalidArgument(format!("runtime options ({from}): {e}")))?;
+    options_from_toml(&text, &from)
+}
+
+/// runc's `Options` from TOML holding its keys (`BinaryName = "..."`, `SystemdCgroup = true`).
+fn options_from_toml(text: &str, from: &str) -> Result<Options> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| Error::InvalidArgument(format!("runtime options ({from}): {e}")))?;
+    let mut o = Options::default();
+    for (key, value) in &table {
+        let wrong = |want: &str| {
+            Error::InvalidArgument(format!(
+                "runtime options ({from}): {key} must be {want}, not {}",
+                value.type_str()
+            ))
+        };
+        let string = || value.as_str().map(str::to_owned).ok_or_else(|| wrong("a string"));
+        let flag = || value.as_bool().ok_or_else(|| wrong("true or false"));
+        match key.to_ascii_lowercase().as_str() {
+            "binaryname" => o.binary_name = string()?,
+            "root" => o.root = string()?,
+            "systemdcgroup" => o.systemd_cgroup = flag()?,
+            "nopivotroot" => o.no_pivot_root = flag()?,
+            "nonewkeyring" => o.no_new_keyring = flag()?,
+            _ => log::warn!("runtime options ({from}): {key} is not read by podsnap"),
+        }
+    }
+    Ok(o)
+}
+
 /// runc and its flags as the create request's runtime options ask.
 pub fn runc_from_options(namespace: &str, options: Option<&Any>) -> Result<(RuncChoice, RuncFlags)> {
     let mut choice = RuncChoice::default_for(namespace);
     let mut flags = RuncFlags::default();
-    let Some(any) = options.filter(|a| !a.value.is_empty() || !a.type_url.is_empty()) else {
+    let Some(o) = runc_options(options)? else {
         return Ok((choice, flags));
     };
-    if any.type_url.ends_with("runtimeoptions.v1.Options") {
-        // containerd's CRI sends a runtime that is not runc's its `options` table as TOML text
-        // (`podsnap node install` writes `SystemdCgroup` there, following runc's entry).
-        let body = runtime_options_body(&any.value)?;
-        apply_toml_options(&body, &mut choice, &mut flags)?;
-        return Ok((choice, flags));
-    }
-    if !any.type_url.ends_with("containerd.runc.v1.Options") {
-        log::warn!("ignoring runtime options of type {}", any.type_url);
-        return Ok((choice, flags));
-    }
-    let o = Options::parse_from_bytes(&any.value)
-        .map_err(|e| Error::InvalidArgument(format!("runtime options: {e}")))?;
     if !o.binary_name.is_empty() {
         choice.binary = PathBuf::from(&o.binary_name);
     }
@@ -131,55 +225,6 @@ pub fn runc_from_options(namespace: &str, options: Option<&Any>) -> Result<(Runc
     flags.no_pivot = o.no_pivot_root;
     flags.no_new_keyring = o.no_new_keyring;
     Ok((choice, flags))
-}
-
-/// `config_body` (field 3) of containerd's `runtimeoptions.v1.Options`
-/// (`type_url` = 1, `config_path` = 2, `config_body` = 3).
-fn runtime_options_body(bytes: &[u8]) -> Result<Vec<u8>> {
-    let bad = |e: String| Error::InvalidArgument(format!("runtime options: {e}"));
-    let mut input = containerd_shim::protos::protobuf::CodedInputStream::from_bytes(bytes);
-    let mut body = Vec::new();
-    while let Some(tag) = input.read_raw_tag_or_eof().map_err(|e| bad(e.to_string()))? {
-        let (field, wire) = (tag >> 3, tag & 7);
-        match (field, wire) {
-            (3, 2) => body = input.read_bytes().map_err(|e| bad(e.to_string()))?,
-            (2, 2) => {
-                let path = input.read_string().map_err(|e| bad(e.to_string()))?;
-                if !path.is_empty() {
-                    log::warn!(
-                        "runtime options name a config file ({path}): only the inline options table is read"
-                    );
-                }
-            }
-            (_, 2) => drop(input.read_bytes().map_err(|e| bad(e.to_string()))?),
-            (_, 0) => drop(input.read_uint64().map_err(|e| bad(e.to_string()))?),
-            _ => return Err(bad(format!("unexpected field {field} of wire type {wire}"))),
-        }
-    }
-    Ok(body)
-}
-
-/// runc's option names (as in runc's `options` table) out of a TOML `options` table.
-fn apply_toml_options(body: &[u8], choice: &mut RuncChoice, flags: &mut RuncFlags) -> Result<()> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| Error::InvalidArgument("runtime options: the options table is not UTF-8".to_owned()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| Error::InvalidArgument(format!("runtime options: {}", e.message())))?;
-    let namespace_root = choice.root.file_name().map(|n| n.to_owned());
-    for (key, value) in &table {
-        match (key.as_str(), value) {
-            ("SystemdCgroup", toml::Value::Boolean(on)) => choice.systemd_cgroup = *on,
-            ("BinaryName", toml::Value::String(b)) if !b.is_empty() => choice.binary = PathBuf::from(b),
-            ("Root", toml::Value::String(r)) if !r.is_empty() => {
-                choice.root = Path::new(r).join(namespace_root.clone().unwrap_or_default())
-            }
-            ("NoPivotRoot", toml::Value::Boolean(on)) => flags.no_pivot = *on,
-            ("NoNewKeyring", toml::Value::Boolean(on)) => flags.no_new_keyring = *on,
-            (other, _) => log::warn!("ignoring runtime option {other} = {value:?}"),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -217,6 +262,67 @@ mod tests {
         assert_eq!(choice.binary, Path::new("/usr/sbin/runc"));
         assert_eq!(choice.runc().root(), Path::new("/run/x/k8s.io"));
         assert!(flags.no_pivot);
+    }
+
+    /// `runtimeoptions.v1.Options` as containerd's CRI plugin encodes it: (field, bytes).
+    fn runtime_options(fields: &[(u32, &[u8])]) -> Any {
+        use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
+        let mut m = Empty::new();
+        for (n, v) in fields {
+            m.special_fields
+                .mut_unknown_fields()
+                .add_length_delimited(*n, v.to_vec());
+        }
+        Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: m.write_to_bytes().expect("encode"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cri_handler_options_reach_runc() {
+        // containerd marshals the handler's options table as TOML into config_body.
+        let body = b"BinaryName = '/usr/local/lib/podsnap/runc-1.3/runc'\nSystemdCgroup = true\n\
+                     Root = '/run/r'\nnopivotroot = true\nShimCgroup = ''\n";
+        let any = runtime_options(&[(3, body)]);
+        let (choice, flags) = runc_from_options("k8s.io", Some(&any)).expect("options");
+        assert_eq!(choice.binary, Path::new("/usr/local/lib/podsnap/runc-1.3/runc"));
+        assert!(choice.systemd_cgroup);
+        assert_eq!(choice.root, Path::new("/run/r/k8s.io"));
+        assert!(flags.no_pivot, "keys match without regard to case");
+        assert!(!flags.no_new_keyring);
+
+        // A file named by config_path instead of a body.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("podsnap-runc.toml");
+        std::fs::write(&file, "SystemdCgroup = true\n").expect("write");
+        let any = runtime_options(&[(2, file.to_string_lossy().as_bytes()), (3, b"ignored = 1")]);
+        let (choice, _) = runc_from_options("k8s.io", Some(&any)).expect("options file");
+        assert!(choice.systemd_cgroup);
+        assert_eq!(choice.binary, Path::new("runc"));
+
+        // No options table at all: an empty message, podsnap's defaults.
+        let (choice, _) = runc_from_options("k8s.io", Some(&runtime_options(&[]))).expect("empty");
+        assert_eq!(choice, RuncChoice::default_for("k8s.io"));
+    }
+
+    #[test]
+    fn bad_cri_handler_options_are_refused_with_the_key() {
+        let wrong_type = runtime_options(&[(3, b"SystemdCgroup = 'yes'\n")]);
+        let err = runc_from_options("k8s.io", Some(&wrong_type)).expect_err("a string flag");
+        assert!(
+            err.to_string().contains("SystemdCgroup must be true or false"),
+            "{err}"
+        );
+        let not_toml = runtime_options(&[(3, b"BinaryName = \n")]);
+        assert!(runc_from_options("k8s.io", Some(&not_toml)).is_err());
+        let missing = runtime_options(&[(2, b"/nonexistent/podsnap-options.toml")]);
+        let err = runc_from_options("k8s.io", Some(&missing)).expect_err("no file");
+        assert!(
+            err.to_string().contains("/nonexistent/podsnap-options.toml"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -720,7 +720,8 @@ impl Restores {
                     &config.describe(),
                 )
                 .map_err(refused)?;
-                let here = podsnap_checkpoint::host::this_node(&MonitorLauncher).await;
+                // (Only CRIU's version, the kernel and the architecture are compared.)
+                let here = podsnap_checkpoint::host::this_node(&MonitorLauncher, Path::new("runc")).await;
                 policy::check_host(&manifest.host, &here).map_err(refused)?;
                 if manifest.lists(CPUINFO) {
                     let host_dir = dir.join(CPUINFO);

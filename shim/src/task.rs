@@ -483,13 +483,17 @@ impl PodTask {
             )));
         }
         if req.exec_id.is_empty() {
-            return c.runc.kill(&c.id, req.signal, req.all).await.map_err(|e| {
+            c.runc.kill(&c.id, req.signal, req.all).await.map_err(|e| {
                 if c.init.state().status == Status::Stopped {
                     Error::NotFound(format!("container {}: process already finished", c.id))
                 } else {
                     Error::runtime(format!("kill container {}", c.id))(e)
                 }
-            });
+            })?;
+            if req.signal == libc::SIGKILL as u32 {
+                thaw_after_kill(&c);
+            }
+            return Ok(());
         }
         let signal = nix::sys::signal::Signal::try_from(req.signal as i32)
             .map_err(|_| Error::InvalidArgument(format!("signal {} is not a signal", req.signal)))?;
@@ -1177,5 +1181,24 @@ fn unmount_rootfs(rootfs: &Path) {
 async fn drain_io(p: &Process) {
     if tokio::time::timeout(IO_DRAIN, p.io.shutdown()).await.is_err() {
         p.io.abort().await;
+    }
+}
+
+/// A SIGKILL for a paused container on cgroup v1 waits in its frozen processes until the
+/// freezer thaws. runc thaws after its own SIGKILL of a paused container's init, but not after
+/// writing `cgroup.kill` (runc 1.2+ on a hybrid node, for `kill --all` and for a container
+/// sharing the pod's PID namespace): the container never exited and StopPodSandbox hung. So a
+/// container still frozen after SIGKILL is thawed here, and its processes die.
+fn thaw_after_kill(c: &Container) {
+    let Some(cgroups) = c.cgroups() else { return };
+    if !cgroups.v1_frozen() {
+        return;
+    }
+    log::info!(
+        "container {}: thawing its frozen cgroup so the SIGKILL takes effect",
+        c.id
+    );
+    if let Err(e) = cgroups.set_frozen(false) {
+        log::warn!("container {}: thaw after SIGKILL: {e}", c.id);
     }
 }

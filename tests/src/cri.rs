@@ -66,6 +66,7 @@ impl CriClient {
 
     rpc!(runtime version(VersionRequest) -> VersionResponse);
     rpc!(runtime status(StatusRequest) -> StatusResponse);
+    rpc!(runtime runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse);
     rpc!(runtime run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse);
     rpc!(runtime stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse);
     rpc!(runtime remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse);

@@ -85,6 +85,10 @@ pub struct PodOptions {
     pub annotations: HashMap<String, String>,
     /// `shareProcessNamespace`: one PID namespace for the pod (its pause process is PID 1).
     pub share_process_namespace: bool,
+    /// kubelet's cgroup driver is systemd's: the pod's cgroup parent is its slice
+    /// (`kubepods-besteffort-pod<uid>.slice`) instead of `/kubepods/besteffort/pod<uid>`.
+    /// [`run_pod`] sets it from the node.
+    pub systemd_cgroups: bool,
 }
 
 impl PodOptions {
@@ -97,6 +101,7 @@ impl PodOptions {
             labels: HashMap::from([("app".to_owned(), name.to_owned())]),
             annotations: HashMap::new(),
             share_process_namespace: false,
+            systemd_cgroups: false,
         }
     }
 }
@@ -124,6 +129,8 @@ pub struct KubePod {
     pub ip: String,
     /// The pod's network namespace path.
     pub netns: Option<String>,
+    /// Whether its cgroup parent is a systemd slice.
+    pub systemd_cgroups: bool,
 }
 
 impl KubePod {
@@ -134,14 +141,26 @@ impl KubePod {
         Ok(dir)
     }
 
-    /// The cgroup parent kubelet's cgroupfs driver gives a BestEffort pod.
+    /// The cgroup parent kubelet gives a BestEffort pod.
     pub fn cgroup_parent(&self) -> String {
-        format!("/kubepods/besteffort/pod{}", self.uid)
+        cgroup_parent(&self.uid, self.systemd_cgroups)
     }
 
     /// A container's log file (kubelet's `<log_dir>/<name>/<restart count>.log`).
     pub fn container_log(&self, container: &str) -> PathBuf {
         self.log_dir.join(container).join("0.log")
+    }
+}
+
+/// The cgroup parent kubelet gives the BestEffort pod `uid`: with the cgroupfs driver
+/// `/kubepods/besteffort/pod<uid>`, with the systemd driver the pod's slice
+/// `kubepods-besteffort-pod<uid, dashes as underscores>.slice` (systemd nests it in
+/// `kubepods.slice/kubepods-besteffort.slice`).
+pub fn cgroup_parent(uid: &str, systemd: bool) -> String {
+    if systemd {
+        podsnap_runtime::cgroup::systemd::besteffort_pod_slice(uid)
+    } else {
+        format!("/kubepods/besteffort/pod{uid}")
     }
 }
 
@@ -201,7 +220,7 @@ pub fn pod_sandbox_config(options: &PodOptions, uid: &str, log_dir: &str) -> cri
         labels,
         annotations,
         linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: format!("/kubepods/besteffort/pod{uid}"),
+            cgroup_parent: cgroup_parent(uid, options.systemd_cgroups),
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 namespace_options: Some(namespace_options(options.share_process_namespace)),
                 seccomp: unconfined(),
@@ -229,6 +248,9 @@ pub fn run_pod(node: &Node, options: &PodOptions) -> Result<KubePod> {
         &pod_dir.join("etc-hosts"),
         "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost\n",
     )?;
+    let mut options = options.clone();
+    options.systemd_cgroups |= node.systemd_cgroups();
+    let options = &options;
     let config = pod_sandbox_config(options, &uid, &log_dir.to_string_lossy());
     node.record_pod(&uid, None)?;
     let id = node
@@ -263,6 +285,7 @@ pub fn run_pod(node: &Node, options: &PodOptions) -> Result<KubePod> {
         log_dir,
         ip,
         netns,
+        systemd_cgroups: options.systemd_cgroups,
     })
 }
 
@@ -287,6 +310,8 @@ pub struct ContainerSpec {
     pub add_capabilities: Vec<String>,
     /// kubelet's attempt (restart count) of this container.
     pub attempt: u32,
+    /// `resources.limits.memory` in bytes (0: none).
+    pub memory_limit: i64,
 }
 
 impl ContainerSpec {
@@ -302,6 +327,7 @@ impl ContainerSpec {
             env: Vec::new(),
             add_capabilities: Vec::new(),
             attempt: 0,
+            memory_limit: 0,
         }
     }
 
@@ -442,7 +468,7 @@ pub fn container_config(
                 cpu_period: 100_000,
                 cpu_quota: 0,
                 cpu_shares: 2,
-                memory_limit_in_bytes: 0,
+                memory_limit_in_bytes: spec.memory_limit,
                 oom_score_adj: 1000,
                 ..Default::default()
             }),

@@ -25,6 +25,7 @@ pub mod prereq;
 pub mod registry;
 pub mod runc_v2;
 pub mod serial;
+pub mod systemd;
 
 /// The CRI runtime handler (and, through [`runtime_type`], the containerd runtime) the suite
 /// tests. Flip to `"runc"` to check a test against containerd's Go runc shim, or set

@@ -15,6 +15,11 @@
 //! kubelet/             pod directories and logs, laid out like kubelet's
 //! checkpoints/         the checkpoint root (containerd's and the shim's PODSNAP_CHECKPOINT_ROOT)
 //! images/              the image archives imported into `k8s.io` and `default`
+//! runc/runc            the node's runc (a link to [`NodeOptions::runc`]), first on containerd's
+//!                      `PATH` after the test's own [`NodeOptions::path_prefix`]: every shim
+//!                      (ours and the Go one) and teardown run it; a systemd node names it in
+//!                      both CRI handlers' options (`BinaryName`) instead
+//! systemd/             a systemd node's units, its start scripts and output ([`crate::systemd`])
 //! ledger               netns paths, pod uids, the bridge: what teardown must remove
 //! owner                the pid of the process that owns this node (and `keep`)
 //! ```
@@ -93,6 +98,14 @@ pub struct NodeOptions {
     /// kernel escapes in mountinfo or that are not ASCII (TOML literal string: no `'`). A
     /// [`NodeOptions::host_root`] node keeps `root`.
     pub containerd_root: String,
+    /// The runc the node runs ([`prereq::runc_under_test`] unless a test chooses another).
+    pub runc: PathBuf,
+    /// The systemd cgroup driver: systemd runs as the init of private namespaces
+    /// ([`crate::systemd`]), containerd runs as its service, and both CRI handlers have
+    /// `SystemdCgroup = true` and `BinaryName` (the node's runc, left off `PATH`, so a shim
+    /// that ignored its options would run another runc). With [`NodeOptions::cgroup2`], the
+    /// namespaces have cgroup2 alone.
+    pub systemd: bool,
 }
 
 impl NodeOptions {
@@ -109,6 +122,8 @@ impl NodeOptions {
             cgroup2: false,
             host_root: None,
             containerd_root: "root".to_owned(),
+            runc: prereq::runc_under_test(),
+            systemd: false,
         }
     }
 }
@@ -155,6 +170,19 @@ impl NodeFiles {
     }
     fn owner(&self) -> PathBuf {
         self.dir.join("owner")
+    }
+    /// The directory holding the node's `runc` (first on containerd's `PATH`).
+    pub fn runc_dir(&self) -> PathBuf {
+        self.dir.join("runc")
+    }
+    /// The node's runc, or `fallback` for a node made before it had one.
+    fn runc_or(&self, fallback: &Path) -> PathBuf {
+        let runc = self.runc_dir().join("runc");
+        if runc.exists() {
+            runc
+        } else {
+            fallback.to_path_buf()
+        }
     }
     /// kubelet's root in this node (pods, logs).
     pub fn kubelet(&self) -> PathBuf {
@@ -207,6 +235,10 @@ pub struct Node {
     shim_dir: Option<PathBuf>,
     containerd: crate::host_node::Containerd,
     restart_service: Option<crate::host_node::RestartService>,
+    /// The node's systemd ([`NodeOptions::systemd`]).
+    systemd: Option<crate::systemd::Systemd>,
+    /// How many times containerd was started (a systemd node names each run's unit).
+    starts: u32,
     cri: Option<CriClient>,
     ctr: Ctr,
     bridge: String,
@@ -279,6 +311,8 @@ impl Node {
             shim_dir,
             containerd: Default::default(),
             restart_service: None,
+            systemd: None,
+            starts: 0,
             cri: None,
             ctr,
             bridge,
@@ -323,9 +357,12 @@ impl Node {
             "checkpoints",
             "images",
             "opt",
+            "runc",
         ] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
+        std::os::unix::fs::symlink(&self.options.runc, self.files.runc_dir().join("runc"))
+            .context("linking the node's runc")?;
         let hosts_dir = dir.join("certs.d/_default");
         std::fs::create_dir_all(&hosts_dir)?;
         std::fs::write(
@@ -344,6 +381,14 @@ impl Node {
         std::os::unix::fs::symlink(&ipam, dir.join("cni/bin").join(crate::IPAM_PLUGIN))?;
         std::fs::write(dir.join("cni/net.d/10-podsnap.conflist"), self.cni_conflist())?;
         std::fs::write(self.files.podsnap_config(), "")?;
+        if self.options.systemd {
+            let files = self.files.clone();
+            let record = move |kind: &str, value: &str| files.record(kind, value);
+            self.systemd = Some(
+                crate::systemd::Systemd::start(&dir, &self.name, self.options.cgroup2, &record)
+                    .context("starting the node's systemd")?,
+            );
+        }
         let config = match self.options.host_root {
             Some(style) => {
                 crate::host_node::lay_out(&self.files)?;
@@ -374,12 +419,14 @@ impl Node {
             }
         }
         eprintln!(
-            "podsnap-tests: node {} up (containerd {}, bridge {}, subnet {}, handler {})",
+            "podsnap-tests: node {} up (containerd {}, bridge {}, subnet {}, handler {}, runc {} {})",
             self.files.dir.display(),
             self.files.socket().display(),
             self.bridge,
             self.subnet,
-            crate::handler()
+            crate::handler(),
+            prereq::runc_version(&self.options.runc),
+            self.options.runc.display()
         );
         Ok(())
     }
@@ -450,11 +497,11 @@ state = '{dir}/state'
       default_runtime_name = 'runc'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
         runtime_type = 'io.containerd.runc.v2'
-      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podsnap]
+{runc_options}      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podsnap]
         runtime_type = 'io.containerd.podsnap.v1'
         pod_annotations = ['podsnap.io/*']
         container_annotations = ['podsnap.io/*', 'io.kubernetes.container.restartCount']
-    [plugins.'io.containerd.cri.v1.runtime'.cni]
+{podsnap_options}    [plugins.'io.containerd.cri.v1.runtime'.cni]
       bin_dirs = ['{dir}/cni/bin', '{cni_bin}']
       conf_dir = '{dir}/cni/net.d'
       max_conf_num = 1
@@ -474,6 +521,30 @@ state = '{dir}/state'
 "#,
             name = self.name,
             root = self.options.containerd_root,
+            runc_options = self.handler_options("runc"),
+            podsnap_options = self.handler_options("podsnap"),
+        )
+    }
+
+    /// A CRI handler's `options` table: on a systemd node, the systemd cgroup driver and the
+    /// node's runc by path (the first `runc` of the test's own `PATH` directories, such as the
+    /// v2 stand-in, else the node's runc); nothing otherwise.
+    fn handler_options(&self, handler: &str) -> String {
+        if !self.options.systemd {
+            return String::new();
+        }
+        let runc = self
+            .options
+            .path_prefix
+            .iter()
+            .map(|d| d.join("runc"))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| self.files.runc_dir().join("runc"));
+        format!(
+            "      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{handler}.options]\n\
+             \x20       BinaryName = '{}'\n\
+             \x20       SystemdCgroup = true\n",
+            runc.display()
         )
     }
 
@@ -491,6 +562,9 @@ state = '{dir}/state'
         let mut path = String::new();
         for dir in &self.options.path_prefix {
             let _ = write!(path, "{}:", dir.display());
+        }
+        if !self.options.systemd {
+            let _ = write!(path, "{}:", self.files.runc_dir().display());
         }
         if let Some(dir) = &self.shim_dir {
             let _ = write!(path, "{}:", dir.display());
@@ -536,8 +610,62 @@ state = '{dir}/state'
     }
 
     fn spawn_containerd(&mut self) -> Result<()> {
-        let child = self.launcher().spawn()?;
+        let launcher = self.launcher();
+        if self.systemd.is_some() {
+            return self.spawn_containerd_under_systemd(&launcher.env);
+        }
+        let child = launcher.spawn()?;
         *crate::host_node::lock(&self.containerd) = Some(child);
+        Ok(())
+    }
+
+    /// Starts containerd as a transient service of the node's systemd, as containerd.service
+    /// runs on a node (`Delegate=yes`: its shims' cgroups are its own; `KillMode=process`:
+    /// stopping it leaves the shims), and records its host pid. Its output goes to the node's
+    /// containerd.log.
+    fn spawn_containerd_under_systemd(&mut self, env: &[(String, String)]) -> Result<()> {
+        self.starts += 1;
+        let systemd = self.systemd.as_ref().context("the node has no systemd")?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.files.dir.join("tmp"))
+            .context("creating the node's TMPDIR")?;
+        let unit = format!("podsnap-containerd-{}.service", self.starts);
+        let log = self.files.log();
+        let mut command = systemd.command("systemd-run");
+        command
+            .arg(format!("--unit={unit}"))
+            .args(["--collect", "--quiet", "--property=DefaultDependencies=no"])
+            .args(["--property=Delegate=yes", "--property=KillMode=process"])
+            .arg(format!("--property=StandardOutput=append:{}", log.display()))
+            .arg(format!("--property=StandardError=append:{}", log.display()));
+        for (k, v) in env {
+            command.arg(format!("--setenv={k}={v}"));
+        }
+        command
+            .arg(&self.tools.containerd)
+            .arg("--config")
+            .arg(self.files.config());
+        run_within(&mut command, Duration::from_secs(30)).context("systemd-run containerd")?;
+        let config = self.files.config().to_string_lossy().into_owned();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let pid = loop {
+            let found = host::processes().into_iter().find(|(_, argv)| {
+                argv.first().is_some_and(|a| a.ends_with("containerd")) && argv.contains(&config)
+            });
+            if let Some((pid, _)) = found {
+                break pid;
+            }
+            if Instant::now() >= deadline {
+                let state = systemd
+                    .systemctl(&["status", "--no-pager", &unit])
+                    .unwrap_or_else(|e| e.to_string());
+                bail!("containerd did not start as {unit}: {state}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::fs::write(self.files.pid_file(), pid.to_string())?;
         Ok(())
     }
 
@@ -550,6 +678,8 @@ state = '{dir}/state'
                 if let Some(status) = child.try_wait()? {
                     bail!("containerd exited during startup ({status})");
                 }
+            } else if !self.files.containerd_pid().is_some_and(host::alive) {
+                bail!("containerd exited during startup");
             }
             if self.files.socket().exists() {
                 match CriClient::connect(&endpoint) {
@@ -668,6 +798,16 @@ state = '{dir}/state'
         &self.ctr
     }
 
+    /// The runc this node runs (every shim finds it first on `PATH`).
+    pub fn runc(&self) -> &Path {
+        &self.options.runc
+    }
+
+    /// Its release (`runc --version`).
+    pub fn runc_version(&self) -> podsnap_runtime::runc::RuncVersion {
+        prereq::runc_version(&self.options.runc)
+    }
+
     /// The host programs.
     pub fn tools(&self) -> &HostTools {
         &self.tools
@@ -685,13 +825,24 @@ state = '{dir}/state'
 
     /// containerd's pid.
     pub fn containerd_pid(&self) -> Option<u32> {
-        if self.files.is_host_root() {
-            // Restarted in place: whichever containerd the pid file names.
+        if self.files.is_host_root() || self.systemd.is_some() {
+            // Restarted in place, or a service of the node's systemd: whichever containerd the
+            // pid file names.
             return std::fs::read_to_string(self.files.pid_file())
                 .ok()
                 .and_then(|p| p.trim().parse().ok());
         }
         crate::host_node::lock(&self.containerd).as_ref().map(Child::id)
+    }
+
+    /// The node's systemd ([`NodeOptions::systemd`]).
+    pub fn systemd(&self) -> Option<&crate::systemd::Systemd> {
+        self.systemd.as_ref()
+    }
+
+    /// Whether pods get the systemd cgroup driver's cgroup parents (a pod slice).
+    pub fn systemd_cgroups(&self) -> bool {
+        self.options.systemd
     }
 
     /// Shim processes of `binary` serving this node.
@@ -739,6 +890,12 @@ state = '{dir}/state'
         let old = crate::host_node::lock(&self.containerd).take();
         if let Some(mut child) = old {
             stop_process(&mut child, Duration::from_secs(10));
+        } else if let Some(pid) = self.files.containerd_pid() {
+            host::signal(pid, Signal::SIGTERM);
+            if !host::wait_gone(&[pid], Duration::from_secs(10)).is_empty() {
+                host::signal(pid, Signal::SIGKILL);
+                host::wait_gone(&[pid], Duration::from_secs(5));
+            }
         }
         self.spawn_containerd()?;
         self.wait_ready()
@@ -765,6 +922,9 @@ state = '{dir}/state'
         }
         let containerd = crate::host_node::lock(&self.containerd).take();
         let problems = clean_node(&self.files, &self.tools, cri.as_ref(), containerd);
+        if let Some(systemd) = self.systemd.as_mut() {
+            systemd.reap();
+        }
         self._serial = None;
         problems
     }
@@ -934,8 +1094,17 @@ fn clean_node(
         let _ = std::fs::remove_file(host::shim_socket(&socket, namespace, id));
     }
 
-    // 5. runc containers whose bundle is in this node.
-    problems.extend(delete_runc_leftovers(tools, &files.dir));
+    // 4b. A systemd node's systemd, with everything in its namespaces, then its cgroups.
+    let systemd_pids: Vec<i32> = files
+        .recorded("systemd")
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let systemd_cgroups: Vec<PathBuf> = files.recorded("cgroup").iter().map(PathBuf::from).collect();
+    problems.extend(crate::systemd::clean(&files.dir, &systemd_pids, &systemd_cgroups));
+
+    // 5. runc containers whose bundle is in this node (with the node's own runc).
+    problems.extend(delete_runc_leftovers(&files.runc_or(&tools.runc), &files.dir));
 
     // 6. Any process still rooted in this node's filesystem.
     let rooted = processes_rooted_under(&files.dir);
@@ -989,7 +1158,7 @@ fn is_our_containerd(pid: i32, files: &NodeFiles) -> bool {
 
 /// `runc --root <root> delete --force` for every runc container (in any runc root of
 /// [`host::RUNC_ROOT_PARENTS`]) whose bundle lies under `dir`.
-fn delete_runc_leftovers(tools: &HostTools, dir: &Path) -> Vec<String> {
+fn delete_runc_leftovers(runc: &Path, dir: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     let roots: Vec<PathBuf> = host::RUNC_ROOT_PARENTS
         .iter()
@@ -998,7 +1167,7 @@ fn delete_runc_leftovers(tools: &HostTools, dir: &Path) -> Vec<String> {
         .collect();
     for root in roots {
         let listing = run_within(
-            Command::new(&tools.runc)
+            Command::new(runc)
                 .arg("--root")
                 .arg(&root)
                 .args(["list", "--format", "json"]),
@@ -1016,7 +1185,7 @@ fn delete_runc_leftovers(tools: &HostTools, dir: &Path) -> Vec<String> {
                 continue;
             }
             if let Err(e) = run_within(
-                Command::new(&tools.runc)
+                Command::new(runc)
                     .arg("--root")
                     .arg(&root)
                     .args(["delete", "--force", id]),

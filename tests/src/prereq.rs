@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use podsnap_runtime::runc::RuncVersion;
+
 use crate::command::run_within;
 
 /// Where the CNI plugins live.
@@ -13,6 +15,10 @@ pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
 pub const CNI_PLUGINS: [&str; 3] = ["bridge", "host-local", "loopback"];
 /// The static busybox the workload image carries.
 pub const BUSYBOX: &str = "/bin/busybox";
+/// Where `packaging/install-deps.sh` installs runc 1.3 (Debian sid's, beside bookworm's 1.1.5).
+pub const RUNC_1_3: &str = "/usr/local/lib/podsnap/runc-1.3/runc";
+/// Chooses the runc of the suite: `1.3` (the default), `1.1`, or a path to a runc binary.
+pub const RUNC_VARIABLE: &str = "PODSNAP_TEST_RUNC";
 
 const INSTALL_HINT: &str = "install the node stack with packaging/install-deps.sh";
 
@@ -23,7 +29,8 @@ pub struct HostTools {
     pub containerd: PathBuf,
     /// containerd's CLI.
     pub ctr: PathBuf,
-    /// The OCI runtime.
+    /// The OCI runtime every node runs ([`runc_under_test`]; checked to run and say its
+    /// release).
     pub runc: PathBuf,
     /// CRIU 4.
     pub criu: PathBuf,
@@ -73,10 +80,12 @@ pub fn check_host() -> HostTools {
         nix::unistd::geteuid().is_root(),
         "the podsnap integration tests run containerd, runc and CRIU and must run as root"
     );
+    let runc = runc_under_test();
+    runc_version(&runc);
     let tools = HostTools {
+        runc,
         containerd: require("containerd", "containerd 2.x"),
         ctr: require("ctr", "containerd's CLI"),
-        runc: require("runc", "the OCI runtime"),
         criu: require("criu", "CRIU 4, for checkpoints"),
         runc_shim: require("containerd-shim-runc-v2", "containerd's runc shim"),
         ip: require("ip", "iproute2"),
@@ -109,6 +118,42 @@ pub fn check_host() -> HostTools {
         "prerequisite missing: {BUSYBOX} (busybox-static) for the workload image; {INSTALL_HINT}"
     );
     tools
+}
+
+/// The runc the suite runs on, as [`RUNC_VARIABLE`] says: `1.3` or unset is [`RUNC_1_3`]
+/// (nodes with containerd 2.x run runc 1.2-1.3); `1.1` is bookworm's 1.1.5 (`runc` on
+/// `PATH`, `/usr/sbin/runc`); anything else is taken as the path of a runc binary.
+///
+/// # Panics
+/// When that runc does not exist.
+pub fn runc_under_test() -> PathBuf {
+    let choice = std::env::var(RUNC_VARIABLE).unwrap_or_default();
+    let runc = match choice.as_str() {
+        "" | "1.3" => PathBuf::from(RUNC_1_3),
+        "1.1" => require("runc", "bookworm's runc 1.1.5"),
+        path => PathBuf::from(path),
+    };
+    assert!(
+        is_executable(&runc),
+        "prerequisite missing: runc {} ({RUNC_VARIABLE}={choice:?}) does not exist; {INSTALL_HINT}",
+        runc.display()
+    );
+    runc
+}
+
+/// The release of the runc at `runc` (`runc --version`).
+///
+/// # Panics
+/// When it does not run or does not say its release.
+pub fn runc_version(runc: &Path) -> RuncVersion {
+    let out = run_within(Command::new(runc).arg("--version"), Duration::from_secs(20)).unwrap_or_else(|e| {
+        panic!(
+            "prerequisite broken: {} does not run: {e}; {INSTALL_HINT}",
+            runc.display()
+        )
+    });
+    RuncVersion::parse(&out)
+        .unwrap_or_else(|| panic!("{} --version names no release: {out:?}", runc.display()))
 }
 
 /// Finds our shim binary: `$PODSNAP_SHIM_DIR/containerd-shim-podsnap-v1` if that variable is

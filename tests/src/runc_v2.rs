@@ -99,7 +99,7 @@ impl RuncV2 {
     pub fn node_options(&self, mut options: NodeOptions) -> NodeOptions {
         options.cgroup2 = self.plan.private_namespace;
         if !self.plan.resources {
-            let real = crate::prereq::check_host().runc;
+            let real = options.runc.clone();
             options.path_prefix.insert(0, self.dir.path().to_path_buf());
             options.extra_env.extend([
                 (

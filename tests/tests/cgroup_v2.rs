@@ -7,7 +7,7 @@
 //! where it offers none (these machines), `runc` on their `PATH` is the test-only stand-in
 //! that drops the resource settings and the tests check what it dropped. What is real either
 //! way: the cgroup2 hierarchy, the containers' cgroups in it, the freeze through
-//! `cgroup.freeze`, runc, CRIU, containerd, the shim.
+//! `cgroup.freeze`, runc (1.3 or 1.1.5, as the suite runs), CRIU, containerd, the shim.
 
 mod pod_checkpoint_support;
 
@@ -265,8 +265,25 @@ fn a_container_on_cgroup_v2_pauses_execs_reports_v2_metrics_and_checkpoints() {
     ctr.wait_task_status(NS, &id, "STOPPED", Duration::from_secs(30));
     ctr.run(NS, &["task", "delete", &id]).expect("delete");
     ctr.run(NS, &["container", "rm", &id]).expect("rm");
-    // runc 1.1.5 knows soft, full and strict ("ignore" it refuses: "Invalid manage cgroups mode").
-    for mode in ["", "soft", "full", "strict"] {
+    // runc 1.1.5 knows soft, full and strict on checkpoint ("ignore" it refuses: "Invalid manage
+    // cgroups mode"), and restores in soft mode whatever it is asked (its restore never reads the
+    // flag: CRIU's restore.log says "cgroups restore mode 0x4"). runc 1.2 added ignore, and its
+    // restore passes the mode on. Here, on a v2 node of a machine whose controllers all stay on
+    // v1, the container's processes also sit in v1 root cgroups, which runc 1.2+ hands CRIU as
+    // well: full and strict then write the dumped v1 root's properties (CRIU: "Failed writing
+    // 1024 to cpu///cpu.shares: Invalid argument"), which cannot happen on a real v2 node (no v1
+    // hierarchy). So 1.1.5 runs full and strict, 1.2+ runs ignore.
+    let modes: &[&str] = if node.runc_version()
+        >= (podsnap_runtime::runc::RuncVersion {
+            major: 1,
+            minor: 2,
+            patch: 0,
+        }) {
+        &["", "soft", "ignore"]
+    } else {
+        &["", "soft", "full", "strict"]
+    };
+    for &mode in modes {
         // A fresh container per mode (one port at a time on the host's network).
         let id = format!("{id}-{}", if mode.is_empty() { "default" } else { mode });
         run_server(&ctr, &id, resources);
@@ -358,6 +375,15 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
             );
         }
     }
+    // CRI gives each container a cgroup namespace of its own on v2.
+    let cgroup_namespace =
+        |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).expect("the cgroup namespace");
+    let node_namespace = cgroup_namespace(node.containerd_pid().expect("containerd") as i32);
+    assert_ne!(
+        cgroup_namespace(task_pid(&ctr, CRI_NAMESPACE, &pod.app_id)),
+        node_namespace,
+        "the app has a cgroup namespace of its own"
+    );
     let before = mark_and_count(&pod);
 
     // Hold the dump once everything is frozen and look: both containers' cgroup.events say
@@ -406,8 +432,8 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
         .join("volumes/kubernetes.io~empty-dir")
         .join(podsnap_tests::kubelet::DATA_VOLUME);
     check_restored(&node, &restored.ip, &pod.pod.ip, &volume, &app_id, before);
-    // CRIU puts restored processes back in the cgroup path they were dumped from (runc 1.1.5
-    // gives it the new one on v1 only); the shim moves them into the new pod's.
+    // The restored app runs in the new pod's cgroup: runc 1.2+ tells CRIU that cgroup, for
+    // runc 1.1.5 (which does so on v1 only) the shim names it in CRIU's configuration.
     let restored_app = v2_cgroup(&node, task_pid(&ctr, CRI_NAMESPACE, &app_id));
     assert!(
         restored_app.starts_with(
@@ -421,6 +447,33 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
         !app.exists(),
         "the cgroup CRIU re-created at the old path is gone: {}",
         app.display()
+    );
+    // And it has a cgroup namespace of its own again (CRIU restores it when it manages
+    // cgroups: the dump used runc's default mode for such containers, not ignore).
+    assert_ne!(
+        cgroup_namespace(task_pid(&ctr, CRI_NAMESPACE, &app_id)),
+        node_namespace,
+        "the restored app's cgroup namespace is its own"
+    );
+    let modes: Vec<String> = ["sidecar", "app"]
+        .iter()
+        .map(|c| {
+            let options = outcome
+                .summary
+                .dir
+                .join("containers")
+                .join(c)
+                .join("checkpoint")
+                .join(podsnap_checkpoint::container::CRIU_OPTIONS_FILE);
+            let json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&options).expect("podsnap-criu.json")).expect("JSON");
+            json["cgroups_mode"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        ["", ""],
+        "runc's default mode for containers with a cgroup namespace"
     );
     if resources {
         assert_eq!(

@@ -175,6 +175,7 @@ fn the_installer_pod_installs_and_its_deletion_uninstalls() {
         log_dir: log_dir.clone(),
         ip: String::new(),
         netns: None,
+        systemd_cgroups: node.systemd_cgroups(),
     };
 
     // The container: the manifest's command and arguments (`--label-node` left out, the restart

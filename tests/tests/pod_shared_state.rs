@@ -380,11 +380,11 @@ fn adopted_process_comes_back(driver: Driver) {
     );
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
 
-    let ip = match driver {
+    let (ip, sidecar_id) = match driver {
         Driver::Cli => {
-            restore(&node, &restore_request(&node, &dir))
-                .expect("podsnap restore")
-                .ip
+            let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
+            let id = container_named(&node, &restored.id, "sidecar").id;
+            (restored.ip, id)
         }
         Driver::Kubelet => {
             let mut annotated = options.clone();
@@ -392,8 +392,8 @@ fn adopted_process_comes_back(driver: Driver) {
                 .annotations
                 .insert("podsnap.io/restore-from".to_owned(), "orphan".to_owned());
             let new_pod = run_pod(&node, &annotated).expect("the annotated sandbox");
-            run_container(&node, &new_pod, &sidecar).expect("the sidecar restored");
-            new_pod.ip.clone()
+            let id = run_container(&node, &new_pod, &sidecar).expect("the sidecar restored");
+            (new_pod.ip.clone(), id)
         }
     };
     wait_answering(&ip, SIDECAR_PORT, Duration::from_secs(20)).expect("the sidecar answers");
@@ -413,6 +413,28 @@ fn adopted_process_comes_back(driver: Driver) {
     assert!(
         moved.len() == 1 && moved[0].contains("1 processes, 1 moved into the container's cgroup"),
         "{moved:?}"
+    );
+    // In every hierarchy, the cgroup2 one of a hybrid node included (runc 1.2+ kills a
+    // container through its cgroup.kill: a daemon left elsewhere survived the pod's stop).
+    let sidecar_pid = node
+        .cri()
+        .container_pid(&sidecar_id)
+        .expect("ContainerStatus")
+        .expect("the sidecar's pid");
+    let pid_namespace = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let daemon: Vec<i32> = podsnap_tests::host::processes()
+        .into_iter()
+        .filter(|(p, argv)| {
+            argv.join(" ").contains("--name daemon") && pid_namespace(*p) == pid_namespace(sidecar_pid)
+        })
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(daemon.len(), 1, "the daemon in the pod: {daemon:?}");
+    let cgroups = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroups");
+    assert_eq!(
+        cgroups(daemon[0]),
+        cgroups(sidecar_pid),
+        "the restored daemon shares the sidecar's cgroups"
     );
 
     // Its parent is now the shim that restored it, not pause: the restored pod dumps again,

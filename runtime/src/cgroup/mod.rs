@@ -33,6 +33,10 @@ pub use stats::Stats;
 /// Where cgroup filesystems are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
+/// The cgroup2 hierarchy of a hybrid node, under [`CGROUP_ROOT`] (and its key in
+/// [`CgroupPaths::V1`]).
+pub const UNIFIED: &str = "unified";
+
 /// How long a freeze or a thaw may take before it is an error.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,7 +87,9 @@ impl CgroupMode {
 /// Where a container's cgroups are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupPaths {
-    /// cgroup v1 (legacy or hybrid): a directory per controller (`name=systemd` as `systemd`).
+    /// cgroup v1 (legacy or hybrid): a directory per controller (`name=systemd` as `systemd`),
+    /// and on a hybrid node the cgroup2 one as `unified` (runc puts containers there too, and
+    /// runc 1.2+ kills a container through its `cgroup.kill`).
     V1 { dirs: BTreeMap<String, PathBuf> },
     /// cgroup v2: the one directory.
     V2 { dir: PathBuf },
@@ -155,7 +161,18 @@ impl CgroupPaths {
                         dirs.insert(c.to_owned(), root.join(c).join(path.trim_start_matches('/')));
                     }
                 }
-                (!dirs.is_empty()).then_some(Self::V1 { dirs })
+                if dirs.is_empty() {
+                    return None;
+                }
+                if mode == CgroupMode::Hybrid {
+                    if let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::")) {
+                        dirs.insert(
+                            UNIFIED.to_owned(),
+                            root.join(UNIFIED).join(path.trim_start_matches('/')),
+                        );
+                    }
+                }
+                Some(Self::V1 { dirs })
             }
         }
     }
@@ -168,6 +185,7 @@ impl CgroupPaths {
             CgroupMode::Legacy | CgroupMode::Hybrid => Self::V1 {
                 dirs: v1_lines(own)
                     .flat_map(|(controllers, _)| controllers)
+                    .chain((mode == CgroupMode::Hybrid).then_some(UNIFIED))
                     .map(|c| (c.to_owned(), root.join(c).join(rel)))
                     .collect(),
             },
@@ -217,6 +235,18 @@ impl CgroupPaths {
         }
     }
 
+    /// Whether the container's v1 freezer cgroup is frozen (or freezing). Always `false` on
+    /// v2, whose freezer lets SIGKILL through; `false` when the cgroup is gone.
+    pub fn v1_frozen(&self) -> bool {
+        match self {
+            Self::V1 { .. } => self
+                .freezer()
+                .and_then(|d| std::fs::read_to_string(d.join("freezer.state")).ok())
+                .is_some_and(|s| s.trim() != "THAWED"),
+            Self::V2 { .. } => false,
+        }
+    }
+
     /// Freezes (`true`) or thaws the container and waits until the kernel reports it done.
     pub fn set_frozen(&self, frozen: bool) -> Result<()> {
         let dir = self
@@ -241,10 +271,11 @@ impl CgroupPaths {
     }
 
     /// Moves every process of these v2 cgroups (and of those below) into `to` (made if missing),
-    /// then removes the cgroup they left when it is empty. For a container CRIU restored into the
-    /// cgroup path it was dumped from: on v2, runc 1.1.5 does not give CRIU the new container's
-    /// cgroup. Returns how many processes moved. Not for v1 (runc places restored processes
-    /// there itself).
+    /// then removes the cgroup they left when it is empty. For processes CRIU restored into the
+    /// cgroup path they were dumped from (on v2, runc 1.1.5 does not give CRIU the new
+    /// container's cgroup, so the shim names it in CRIU's configuration; a process the pause
+    /// process adopted is restored into a cgroup of its own, then moved). Returns how many
+    /// processes moved. Not for v1 (runc places restored processes there itself).
     pub fn move_processes_to(&self, to: &CgroupPaths) -> Result<usize> {
         let (Self::V2 { dir: from }, Self::V2 { dir: dest }) = (self, to) else {
             return Err(Error::Invalid {
@@ -481,8 +512,15 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/cpuacct/kubepods/pod1/abc"))
         );
         assert_eq!(p.get("systemd"), Some(Path::new("/sys/fs/cgroup/systemd/x")));
+        assert_eq!(
+            p.get("unified"),
+            Some(Path::new("/sys/fs/cgroup/unified")),
+            "hybrid: the cgroup2 one too"
+        );
         assert!(p.get("memory").is_none());
         assert!(!p.is_v2());
+        let legacy = CgroupPaths::parse(HYBRID, Path::new("/sys/fs/cgroup"), CgroupMode::Legacy).expect("v1");
+        assert!(legacy.get("unified").is_none(), "legacy: no cgroup2");
     }
 
     #[test]
@@ -517,7 +555,11 @@ mod tests {
             v1.get("cpu"),
             Some(Path::new("/cg/cpu/kubepods/besteffort/podu/c1"))
         );
-        assert_eq!(v1.dirs().len(), 4, "freezer, cpu, cpuacct, systemd");
+        assert_eq!(v1.dirs().len(), 5, "freezer, cpu, cpuacct, systemd, unified");
+        assert_eq!(
+            v1.get("unified"),
+            Some(Path::new("/cg/unified/kubepods/besteffort/podu/c1"))
+        );
         let v2 = CgroupPaths::at(rel, "0::/\n", Path::new("/cg"), CgroupMode::Unified);
         assert_eq!(v2.dirs(), [Path::new("/cg/kubepods/besteffort/podu/c1")]);
     }
