@@ -330,9 +330,9 @@ fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
     // Only this test's stand-in counts: other tests run CRIU at the same time.
     let stand_in = bin.path().join("criu").to_string_lossy().into_owned();
     let in_criu = || {
-        host::processes().iter().any(|(_, argv)| {
-            argv.iter().any(|a| *a == stand_in) && argv.iter().any(|a| a == "swrk")
-        })
+        host::processes()
+            .iter()
+            .any(|(_, argv)| argv.iter().any(|a| *a == stand_in) && argv.iter().any(|a| a == "swrk"))
     };
     assert!(!in_criu(), "the hung CRIU was killed");
 
