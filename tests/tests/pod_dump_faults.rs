@@ -332,7 +332,7 @@ fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
     let in_criu = || {
         host::processes()
             .iter()
-            .any(|(_, argv)| argv.iter().any(|a| *a == stand_in) && argv.iter().any(|a| a == "swrk"))
+            .any(|(_, argv)| argv.contains(&stand_in) && argv.iter().any(|a| a == "swrk"))
     };
     assert!(!in_criu(), "the hung CRIU was killed");
 
