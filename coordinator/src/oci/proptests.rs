@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use podsnap_checkpoint::manifest::FileDigest;
+use ed25519_dalek::SigningKey;
+use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
+use podsnap_checkpoint::config::RegistryPolicy;
+use podsnap_checkpoint::manifest::{FileDigest, StreamDigest};
 use podsnap_checkpoint::testkit::{
     assert_bounded, cases, edit_tar_headers, mutate, mutate_json, peak_during, Mutation, TarEdit,
 };

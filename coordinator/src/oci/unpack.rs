@@ -1,0 +1,221 @@
+//! One layer streamed from the registry through the zstd decoder into the staging directory,
+//! each entry checked against the checkpoint's manifest before its data is read.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+use futures::StreamExt;
+use oci_client::manifest::OciDescriptor;
+use oci_client::{Client, Reference};
+use podsnap_checkpoint::manifest::{read_full, safe_relative, Manifest, StreamDigest};
+use sha2::{Digest, Sha256};
+
+use crate::error::Result;
+
+use super::*;
+
+/// A blocking reader over the chunks of an async download.
+pub(super) struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Streams one layer through the zstd decoder into `staging`; returns the compressed size.
+pub(super) async fn unpack_layer(
+    client: &Client,
+    image: &Reference,
+    layer: &OciDescriptor,
+    staging: &Path,
+    manifest: std::sync::Arc<Manifest>,
+) -> Result<u64> {
+    let part = layer
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PART_ANNOTATION))
+        .cloned()
+        .unwrap_or_default();
+    let mut download = client
+        .pull_blob_stream(image, layer)
+        .await
+        .map_err(registry_error(
+            &format!("downloading part {part}"),
+            &image.whole(),
+        ))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let expected = (layer.digest.clone(), layer.size.max(0) as u64);
+    let staging = staging.to_path_buf();
+    let unpacker = tokio::task::spawn_blocking({
+        let part = part.clone();
+        move || {
+            unpack_stream(
+                ChannelReader {
+                    rx,
+                    current: bytes::Bytes::new(),
+                },
+                &part,
+                &staging,
+                &manifest,
+                expected,
+            )
+        }
+    });
+    while let Some(chunk) = download.stream.next().await {
+        let failed = chunk.is_err();
+        if tx.send(chunk).await.is_err() || failed {
+            break; // the unpacker stopped (its error says why), or the download failed
+        }
+    }
+    drop(tx);
+    unpacker
+        .await
+        .map_err(|e| refused(format!("unpacking part {part}: {e}")))?
+        .map_err(|reason| {
+            refused(format!(
+                "{}: part {part} ({}) is refused: {reason}",
+                image.whole(),
+                layer.digest
+            ))
+        })
+}
+
+/// Unpacks a layer's tar+zstd stream: regular files the manifest lists in this part, of their
+/// listed size and digest (checked as they are written), each created once (0600, parents
+/// 0700). Checks the compressed stream's digest and size at the end.
+pub(super) fn unpack_stream(
+    reader: impl Read,
+    part: &str,
+    staging: &Path,
+    manifest: &Manifest,
+    (digest, size): (String, u64),
+) -> std::result::Result<u64, String> {
+    let mut hashing = Hashing {
+        inner: reader.take(size + 1),
+        hasher: Sha256::new(),
+        bytes: 0,
+    };
+    {
+        let decoder = zstd::stream::Decoder::new(&mut hashing).map_err(|e| format!("zstd: {e}"))?;
+        let mut archive = tar::Archive::new(decoder);
+        let mut buf = vec![0u8; 1 << 20];
+        // Raw entries: the tar reader would hold a long-name entry whole in memory, whatever its
+        // size, before the layer's digest is known (a small compressed blob can expand to any
+        // size); long names are read here, capped. A push writes GNU long names only.
+        let mut long_name: Option<Vec<u8>> = None;
+        for entry in archive.entries().map_err(|e| format!("tar: {e}"))?.raw(true) {
+            let mut entry = entry.map_err(|e| format!("tar: {e}"))?;
+            let kind = entry.header().entry_type();
+            if kind == tar::EntryType::GNULongName {
+                if long_name.is_some() || entry.size() > MAX_LONG_NAME_BYTES {
+                    return Err(format!(
+                        "a long name of {} bytes (at most {MAX_LONG_NAME_BYTES}, one per entry)",
+                        entry.size()
+                    ));
+                }
+                let mut name = Vec::new();
+                entry
+                    .read_to_end(&mut name)
+                    .map_err(|e| format!("tar: a long name: {e}"))?;
+                if name.last() == Some(&0) {
+                    name.pop();
+                }
+                long_name = Some(name);
+                continue;
+            }
+            let raw = match long_name.take() {
+                Some(name) => name,
+                None => entry.path_bytes().into_owned(),
+            };
+            let name = String::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_owned())?;
+            if kind != tar::EntryType::Regular {
+                return Err(format!("entry {name:?} is a {kind:?}, not a regular file"));
+            }
+            let rel = safe_relative(&name).map_err(|e| format!("entry {name:?}: {e}"))?;
+            let listed = manifest
+                .files
+                .get(&name)
+                .ok_or_else(|| format!("entry {name:?} is not a file of the checkpoint"))?;
+            if part_of(&name) != part {
+                return Err(format!("entry {name:?} belongs to part {}", part_of(&name)));
+            }
+            if entry.size() != listed.size {
+                return Err(format!(
+                    "entry {name:?} is {} bytes, the manifest lists {}",
+                    entry.size(),
+                    listed.size
+                ));
+            }
+            let path = staging.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            }
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| format!("creating {}: {e}", path.display()))?;
+            let mut digest = StreamDigest::new(manifest.digest_algorithm);
+            let mut copied = 0u64;
+            loop {
+                let n = read_full(&mut entry, &mut buf).map_err(|e| format!("entry {name:?}: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                digest.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                copied += n as u64;
+            }
+            if copied != listed.size {
+                return Err(format!("entry {name:?} ends after {copied} bytes"));
+            }
+            let got = digest.finish();
+            if !got.eq_ignore_ascii_case(&listed.digest) {
+                return Err(format!(
+                    "entry {name:?} has digest {got}, the manifest lists {}",
+                    listed.digest
+                ));
+            }
+        }
+        if long_name.is_some() {
+            return Err("a long name describing no entry".into());
+        }
+        // What follows the archive's end inside the zstd frame is read and dropped.
+        let mut decoder = archive.into_inner();
+        std::io::copy(&mut (&mut decoder).take(1 << 20), &mut std::io::sink())
+            .map_err(|e| format!("zstd: {e}"))?;
+    }
+    // The rest of the compressed stream, for its digest.
+    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| format!("download: {e}"))?;
+    let got = format!("sha256:{}", hex::encode(hashing.hasher.finalize_reset()));
+    if hashing.bytes != size {
+        return Err(format!(
+            "it is {} bytes, its descriptor says {size}",
+            hashing.bytes
+        ));
+    }
+    if got != digest {
+        return Err(format!("its content has digest {got}, not {digest}"));
+    }
+    Ok(size)
+}
