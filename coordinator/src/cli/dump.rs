@@ -1,0 +1,142 @@
+//! `podsnap dump` and `podsnap migrate` (a dump, stopped, pushed while it finishes).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use podsnap_checkpoint::config::NodeConfig;
+use podsnap_coordinator::dump::{dump as dump_pod, DumpRequest};
+use podsnap_coordinator::{oci, progress};
+
+use super::args::{DumpArgs, MigrateArgs};
+use super::registry::{push_checkpoint, push_request};
+use super::Context;
+
+/// `podsnap dump`.
+pub(crate) fn dump(ctx: &Context, args: DumpArgs) -> anyhow::Result<()> {
+    let mut request = ctx.dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
+    request.dir = args.dir;
+    request.stop = args.stop && !args.leave_running;
+    let push = args.push.map(|r| (r, args.zstd_level));
+    dump_and_push(&ctx.runtime, &ctx.config, &request, push).map(drop)
+}
+
+/// `podsnap migrate`.
+pub(crate) fn migrate(ctx: &Context, args: MigrateArgs) -> anyhow::Result<()> {
+    let mut request = ctx.dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
+    request.stop = true;
+    let started = std::time::Instant::now();
+    let (dumped, pushed) = dump_and_push(
+        &ctx.runtime,
+        &ctx.config,
+        &request,
+        Some((args.to.clone(), args.zstd_level)),
+    )?;
+    println!(
+        "phases       dump {:.2?} (frozen {:.2?}), push {:.2?}; {:.2?} in all",
+        dumped.took,
+        dumped.frozen,
+        pushed.unwrap_or_default(),
+        started.elapsed()
+    );
+    println!(
+        "next         on the target node: podsnap restore --from {}",
+        args.to
+    );
+    Ok(())
+}
+/// What `dump_and_push` reports of its dump.
+pub(crate) struct Dumped {
+    took: std::time::Duration,
+    frozen: std::time::Duration,
+}
+
+/// `podsnap dump`, then, with `push = Some((REF, level))`, `podsnap push` of the checkpoint it
+/// wrote. Prints what each did; returns the dump's times and how long the push took.
+pub(crate) fn dump_and_push(
+    runtime: &tokio::runtime::Runtime,
+    config: &NodeConfig,
+    request: &DumpRequest,
+    push: Option<(String, i32)>,
+) -> anyhow::Result<(Dumped, Option<std::time::Duration>)> {
+    // With a push, the container parts start uploading as soon as the dump announces them
+    // (`<dest>.parts`), while it digests, writes the manifest and, with --stop, syncs.
+    let mut request = request.clone();
+    let early = match &push {
+        Some((reference, zstd_level)) => {
+            let dest = podsnap_coordinator::dump::destination(&request)?;
+            request.dir = Some(dest.clone());
+            let push = push_request(config, dest.clone(), reference.clone(), *zstd_level);
+            let parts = Announcements::create(&dest)?;
+            let early = runtime
+                .block_on(oci::EarlyPush::start(&push, &dest, parts.0.clone()))
+                .with_context(|| format!("push to {reference}"))?;
+            Some((early, parts))
+        }
+        None => None,
+    };
+    let progress = progress::for_stderr();
+    let outcome = runtime.block_on(dump_pod(&request, progress.as_ref()));
+    progress.finish();
+    let prebuilt = match early {
+        Some((early, parts)) => {
+            let prebuilt = runtime.block_on(early.finish());
+            drop(parts);
+            prebuilt
+        }
+        None => Default::default(),
+    };
+    let outcome = outcome.with_context(|| format!("dump of pod {}/{}", request.namespace, request.pod))?;
+    println!("{}", outcome.summary);
+    println!(
+        "took         {:.1?}{}",
+        outcome.took,
+        if request.stop { " (pod stopped)" } else { "" }
+    );
+    let dumped = Dumped {
+        took: outcome.took,
+        frozen: outcome.summary.frozen,
+    };
+    let Some((reference, zstd_level)) = push else {
+        return Ok((dumped, None));
+    };
+    let started = std::time::Instant::now();
+    // The dump has just written and digested every file of it: no second pass before the push.
+    let mut push = push_request(config, outcome.summary.dir.clone(), reference, zstd_level);
+    push.just_dumped = true;
+    push.prebuilt = prebuilt;
+    let pushed = push_checkpoint(runtime, &push)?;
+    println!(
+        "pushed       {} ({} layers, {} uploaded, {} of them during the dump)",
+        pushed.pushed,
+        pushed.layers,
+        pushed.uploaded + pushed.early,
+        pushed.early
+    );
+    Ok((dumped, Some(started.elapsed())))
+}
+
+/// `<dest>.parts`, where a dump announces its complete container parts; removed on drop.
+pub(crate) struct Announcements(PathBuf);
+
+impl Announcements {
+    fn create(dest: &Path) -> anyhow::Result<Announcements> {
+        let dir = podsnap_checkpoint::dump::parts_dir(dest);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing a stale {}", dir.display()))
+            }
+            _ => {}
+        }
+        podsnap_checkpoint::container::create_private_dir(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Announcements(dir))
+    }
+}
+
+impl Drop for Announcements {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            log::warn!("removing {}: {e}", self.0.display());
+        }
+    }
+}
