@@ -44,6 +44,9 @@ pub(crate) enum Command {
     Inspect {
         /// The checkpoint directory.
         dir: PathBuf,
+        /// Output format (`json`: the verified manifest and whether the checkpoint is sealed).
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
     },
     /// List the checkpoints of the node's checkpoint root.
     List(ListArgs),
@@ -282,6 +285,14 @@ mod tests {
         ));
         assert!(Cli::try_parse_from(["podsnap", "list", "-o", "yaml"]).is_err());
         assert!(Cli::try_parse_from(["podsnap", "rm"]).is_err(), "rm takes names");
+        let cli = Cli::try_parse_from(["podsnap", "inspect", "-o", "json", "/x"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Inspect {
+                output: Output::Json,
+                ..
+            }
+        ));
         let cli = Cli::try_parse_from(["podsnap", "push", "/x", "reg/ckpt:1", "--zstd-level", "9"])
             .expect("parses");
         assert!(matches!(cli.command, Command::Push { zstd_level: 9, .. }));

@@ -89,7 +89,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(args) => restore::run(ctx, args),
         Command::List(args) => store::list(&ctx, args),
         Command::Rm { names } => store::rm(&ctx, names),
-        Command::Inspect { dir } => store::inspect(&ctx, dir),
+        Command::Inspect { dir, output } => store::inspect(&ctx, dir, output),
         Command::Push {
             dir,
             reference,

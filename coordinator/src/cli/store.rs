@@ -59,8 +59,19 @@ pub(crate) fn rm(ctx: &Context, names: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `podsnap inspect DIR`.
-pub(crate) fn inspect(ctx: &Context, dir: PathBuf) -> anyhow::Result<()> {
+/// `podsnap inspect DIR` (`-o json`: [`inspect::inspect_json`]).
+pub(crate) fn inspect(ctx: &Context, dir: PathBuf, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        let inspected = inspect::inspect_json(&dir).with_context(|| format!("inspect {}", dir.display()))?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&inspected).context("encode the checkpoint")?
+        );
+        if let Some(problem) = inspected.problem {
+            anyhow::bail!("inspect {}: {problem}", dir.display());
+        }
+        return Ok(());
+    }
     let checkpoint_root = &ctx.checkpoint_root;
     let summary =
         inspect::inspect(&dir, checkpoint_root).with_context(|| format!("inspect {}", dir.display()))?;

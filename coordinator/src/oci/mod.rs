@@ -92,6 +92,11 @@ pub fn parts(manifest: &Manifest) -> BTreeMap<String, Vec<String>> {
     parts
 }
 
+/// [`parts`] of the checkpoint in `dir`, once every digest is checked.
+pub fn parts_in(dir: &std::path::Path) -> crate::Result<BTreeMap<String, Vec<String>>> {
+    Ok(parts(&Manifest::load_verified(dir)?))
+}
+
 fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }

@@ -31,7 +31,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use podsnap_checkpoint::config::NodeConfig;
-use podsnap_checkpoint::import::Imported;
+/// What bringing a checkpoint into the root did ([`RestoredPod::imported`]).
+pub use podsnap_checkpoint::import::Imported;
 use podsnap_checkpoint::manifest::{Manifest, CPUINFO};
 use podsnap_checkpoint::policy::{self, Violation};
 
