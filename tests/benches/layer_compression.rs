@@ -78,8 +78,8 @@ fn measure(node: &Node, content: &str, rounds: usize) {
         ))
         .expect("the pod checkpoint");
     kubelet::remove_pod(node, &pod).expect("the pod removed once dumped");
-    let manifest = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
-    let parts = podsnap_coordinator::oci::parts(&manifest);
+    let parts = podsnap_coordinator::oci::parts_in(&dir).expect("a valid checkpoint");
+    let manifest = podsnap_tests::checkpoint::read_manifest(&dir).expect("its manifest");
     let input: u64 = manifest.files.values().map(|f| f.size).sum();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 

@@ -390,7 +390,7 @@ fn timed_restore(
     runtime: &tokio::runtime::Runtime,
     dir: &Path,
     sums: &[String],
-) -> (f64, Option<podsnap_checkpoint::import::Imported>) {
+) -> (f64, Option<podsnap_coordinator::restore::Imported>) {
     let mut request = RestoreRequest::new(dir);
     request.runtime_endpoint = node.endpoint();
     request.checkpoint_root = node.files().checkpoints();

@@ -90,14 +90,14 @@ impl Dump {
     }
 }
 
-/// Moves CRIU's kernel feature cache (`/run/criu.kdat`, see `podsnap_checkpoint::kdat`) aside
+/// Moves CRIU's kernel feature cache (`/run/criu.kdat`, see docs/node-notes.md) aside
 /// for as long as it lives, so that the CRIUs of a dump probe the kernel as on a node without
 /// it; puts it back on drop.
 struct NoKdatCache(Option<(PathBuf, PathBuf)>);
 
 impl NoKdatCache {
     fn new() -> Self {
-        use podsnap_checkpoint::kdat::{CACHE, RUN_DIR};
+        use podsnap_tests::paths::{KDAT_CACHE as CACHE, KDAT_RUN_DIR as RUN_DIR};
         let cache = Path::new(RUN_DIR).join(CACHE);
         let aside = Path::new(RUN_DIR).join(format!("{CACHE}.bench-aside"));
         match std::fs::rename(&cache, &aside) {
@@ -164,7 +164,7 @@ fn main() {
     // shim leaves the cache alone, and the cache is moved aside for each of its dumps).
     let mut off = options();
     off.extra_env
-        .push((podsnap_checkpoint::kdat::SWITCH_ENV.to_owned(), "off".to_owned()));
+        .push((podsnap_tests::paths::KDAT_SWITCH_ENV.to_owned(), "off".to_owned()));
     let (mut node, mut uncached_node) = Node::start_pair(options(), off);
     let started = Instant::now();
     let total = total_mib();

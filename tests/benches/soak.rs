@@ -110,10 +110,7 @@ fn census(node: &Node, shim: i32, netns: Option<&str>) -> Vec<(&'static str, usi
                 })
                 .unwrap_or(0),
         ),
-        (
-            "dump journals",
-            count_entries(podsnap_checkpoint::journal::JOURNAL_DIR),
-        ),
+        ("dump journals", count_entries(podsnap_tests::paths::JOURNAL_DIR)),
     ]
 }
 

@@ -11,7 +11,9 @@
 //!
 //! A missing prerequisite is a test failure with a message saying what to install, never a skip.
 
+pub mod checkpoint;
 pub mod checkpoint_image;
+pub mod cli;
 pub mod command;
 pub mod containerd_api;
 pub mod cri;
@@ -21,6 +23,7 @@ pub mod host_node;
 pub mod images;
 pub mod kubelet;
 pub mod node;
+pub mod paths;
 pub mod prereq;
 pub mod registry;
 pub mod runc_v2;

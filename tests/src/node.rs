@@ -742,10 +742,10 @@ state = '{dir}/state'
 
     /// Replaces the node's podsnap configuration (the shim reads it at every restore); returns
     /// it parsed, for the CLI's `RestoreRequest`.
-    pub fn set_podsnap_config(&self, toml: &str) -> Result<podsnap_checkpoint::config::NodeConfig> {
+    pub fn set_podsnap_config(&self, toml: &str) -> Result<podsnap_coordinator::NodeConfig> {
         let path = self.files.podsnap_config();
         std::fs::write(&path, toml)?;
-        podsnap_checkpoint::config::NodeConfig::read(&path).map_err(|e| anyhow::anyhow!("{e}"))
+        podsnap_coordinator::NodeConfig::read(&path).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Lets CRI pulls reach the registry at `host` (`127.0.0.1:PORT`, plain HTTP): every other

@@ -464,7 +464,7 @@ fn a_pod_dump_on_cgroup_v2_freezes_through_cgroup_freeze_and_the_pod_restores() 
                 .join("containers")
                 .join(c)
                 .join("checkpoint")
-                .join(podsnap_checkpoint::container::CRIU_OPTIONS_FILE);
+                .join(podsnap_tests::paths::CRIU_OPTIONS_FILE);
             let json: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(&options).expect("podsnap-criu.json")).expect("JSON");
             json["cgroups_mode"].as_str().unwrap_or_default().to_owned()
@@ -522,7 +522,7 @@ fn an_adopted_process_on_cgroup_v2_comes_back_into_its_containers_cgroup() {
         &podsnap_coordinator::progress::Quiet,
     ))
     .expect("podsnap dump on v2");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&outcome.summary.dir).expect("valid");
+    let m = verified(&node, &outcome.summary.dir);
     assert_eq!(m.adopted.len(), 1, "{:?}", m.adopted);
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
 

@@ -22,10 +22,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pod_checkpoint_support::*;
-use podsnap_checkpoint::lease::LEASE_DIR;
-use podsnap_checkpoint::manifest::{Manifest, MANIFEST};
-use podsnap_checkpoint::store::{self, Content};
 use podsnap_coordinator::progress::Progress;
+use podsnap_tests::checkpoint::MANIFEST;
 use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{
     ask, remove_pod, run_pod, run_three_container_pod, KubePod, PodOptions, APP_PORT, DATA_VOLUME,
@@ -168,7 +166,11 @@ fn a_restore_from_outside_the_root_links_it_in_and_leaves_the_root_as_it_was() {
     std::fs::create_dir_all(&outside).expect("mkdir");
     let source = outside.join("source");
     std::fs::rename(root.join("source"), &source).expect("move the checkpoint out of the root");
-    let files = Manifest::load_listed(&source).expect("valid").files.len() + 1;
+    let files = podsnap_tests::checkpoint::verify(&source)
+        .expect("valid")
+        .files
+        .len()
+        + 1;
     let mode = |p: &Path| std::fs::symlink_metadata(p).expect("stat").mode() & 0o7777;
     for rel in files_of(&source).keys() {
         assert_eq!(mode(&source.join(rel)), 0o600, "{rel}: a dump's files are 0600");
@@ -253,7 +255,7 @@ fn a_restore_from_outside_the_root_links_it_in_and_leaves_the_root_as_it_was() {
         files_of(&source).values().all(|(_, links)| *links == 1),
         "no link to the source is left"
     );
-    Manifest::load_verified(&source).expect("the source is intact");
+    verified(&node, &source);
     check_restored(
         &node,
         &restored.ip,
@@ -446,22 +448,20 @@ fn list_shows_every_checkpoint_and_rm_never_removes_one_in_use() {
     );
 }
 
-/// Names of the valid checkpoints of `root`.
-fn valid_in(root: &Path) -> Vec<String> {
-    store::list(root)
-        .expect("list the root")
+/// Names of the valid checkpoints of the node's root (`podsnap list`: no problem).
+fn valid_in(node: &Node) -> Vec<String> {
+    list_json(node, podsnap_bin())
         .into_iter()
-        .filter(|s| matches!(s.content, Content::Valid { .. }))
-        .map(|s| s.name)
+        .filter(|(_, row)| row["problem"].is_null())
+        .map(|(name, _)| name)
         .collect()
 }
 
-fn size_of(root: &Path, name: &str) -> u64 {
-    store::list(root)
-        .expect("list the root")
-        .into_iter()
-        .find(|s| s.name == name)
-        .and_then(|s| s.bytes())
+/// The size `podsnap list` gives a valid checkpoint of the node's root.
+fn size_of(node: &Node, name: &str) -> u64 {
+    list_json(node, podsnap_bin())
+        .get(name)
+        .and_then(|row| row["size_bytes"].as_u64())
         .unwrap_or_else(|| panic!("no valid checkpoint {name}"))
 }
 
@@ -472,16 +472,12 @@ fn now() -> u64 {
         .expect("a clock after 1970")
 }
 
-fn wait_unleased(dir: &Path) {
-    let dir = std::fs::canonicalize(dir).expect("canonical");
+/// Waits until `podsnap list` shows no pod using the checkpoint at `dir`.
+fn wait_unleased(node: &Node, dir: &Path) {
     wait_for(
         &format!("the leases on {} to go", dir.display()),
         Duration::from_secs(30),
-        || {
-            podsnap_checkpoint::lease::holders(Path::new(LEASE_DIR), &dir)
-                .expect("leases")
-                .is_empty()
-        },
+        || podsnap_tests::cli::users_of(node, podsnap_bin(), dir).is_empty(),
     );
 }
 
@@ -503,30 +499,30 @@ fn retention_bounds_the_root_by_count_bytes_and_age_and_spares_what_is_in_use() 
     edit_manifest(&root.join("other"), |m| {
         m["pod"]["name"] = serde_json::json!("someone-else")
     });
-    assert_eq!(valid_in(&root), ["other", "r1", "r2"]);
+    assert_eq!(valid_in(&node), ["other", "r1", "r2"]);
 
     // By count per pod: the oldest of this pod goes.
     node.set_podsnap_config("[retention]\nmax_per_pod = 2\n")
         .expect("config");
     dump_as("r3");
-    assert_eq!(valid_in(&root), ["other", "r2", "r3"]);
+    assert_eq!(valid_in(&node), ["other", "r2", "r3"]);
 
     // A checkpoint in use (a pod restored from it through kubelet's path) stays; the next
     // oldest goes instead.
     let restored =
         run_pod(&node, &restore_annotated(&node.unique("from-r2"), "r2")).expect("restored sandbox");
     dump_as("r4");
-    assert_eq!(valid_in(&root), ["other", "r2", "r4"]);
+    assert_eq!(valid_in(&node), ["other", "r2", "r4"]);
     remove_pod(&node, &restored).expect("remove the restored pod");
-    wait_unleased(&root.join("r2"));
-    store::remove(&root, "other", Path::new(LEASE_DIR)).expect("rm other");
+    wait_unleased(&node, &root.join("r2"));
+    podsnap_tests::cli::rm(&node, podsnap_bin(), "other").expect("rm other");
 
     // By total size: the oldest go until the root fits.
-    let size = size_of(&root, "r4");
+    let size = size_of(&node, "r4");
     node.set_podsnap_config(&format!("[retention]\nmax_total_bytes = {}\n", size + size / 2))
         .expect("config");
     dump_as("r5");
-    assert_eq!(valid_in(&root), ["r5"]);
+    assert_eq!(valid_in(&node), ["r5"]);
 
     // By age (the manifest's created_unix, backdated): the old one goes, not the new one.
     edit_manifest(&root.join("r5"), |m| {
@@ -535,14 +531,14 @@ fn retention_bounds_the_root_by_count_bytes_and_age_and_spares_what_is_in_use() 
     node.set_podsnap_config("[retention]\nmax_age_seconds = 3600\n")
         .expect("config");
     dump_as("r6");
-    assert_eq!(valid_in(&root), ["r6"]);
+    assert_eq!(valid_in(&node), ["r6"]);
 
     // A dump elsewhere leaves the root alone, bounds or not.
     edit_manifest(&root.join("r6"), |m| {
         m["created_unix"] = serde_json::json!(now() - 7200)
     });
     dump(&node, &pod, Some(node.dir().join("elsewhere/r7"))).expect("dump outside the root");
-    assert_eq!(valid_in(&root), ["r6"]);
+    assert_eq!(valid_in(&node), ["r6"]);
     assert!(
         names_in(&root).iter().all(|n| !n.starts_with('.')),
         "{:?}",
@@ -556,7 +552,8 @@ fn the_reserve_refuses_a_dump_that_would_cross_it_with_the_numbers() {
     let root = node.files().checkpoints();
     let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("reserve"), HANDLER))
         .expect("the pod runs");
-    let (_, free) = podsnap_checkpoint::preflight::free_space(&root).expect("statvfs");
+    let st = nix::sys::statvfs::statvfs(&root).expect("statvfs");
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
     let reserve = free + (1 << 30);
     node.set_podsnap_config(&format!("[dump]\nreserve_bytes = {reserve}\n"))
         .expect("config");
@@ -584,5 +581,5 @@ fn the_reserve_refuses_a_dump_that_would_cross_it_with_the_numbers() {
 
     node.set_podsnap_config("").expect("no reserve");
     dump(&node, &pod, Some(root.join("fits"))).expect("a dump without the reserve");
-    assert_eq!(valid_in(&root), ["fits"]);
+    assert_eq!(valid_in(&node), ["fits"]);
 }

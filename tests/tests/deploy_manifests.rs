@@ -211,8 +211,7 @@ fn the_deploy_tree_renders_into_valid_kubernetes_objects() {
         .expect("config.toml in the ConfigMap");
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), text).expect("write");
-    podsnap_checkpoint::config::NodeConfig::read(file.path())
-        .expect("the ConfigMap's node configuration parses");
+    podsnap_coordinator::NodeConfig::read(file.path()).expect("the ConfigMap's node configuration parses");
 
     // RBAC: patch on nodes, bound to the installer's service account.
     let role: ClusterRole = round_trip(find(&objects, "ClusterRole")).expect("typed");

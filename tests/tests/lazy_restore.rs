@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
-use podsnap_checkpoint::lease::{self, LEASE_DIR};
 use podsnap_tests::kubelet::{self, ask, ContainerSpec, KubePod, PodOptions};
 use podsnap_tests::node::{Node, NodeOptions};
 use podsnap_tests::HANDLER;
@@ -68,10 +67,11 @@ fn lazy_daemons(ids: &[String]) -> Vec<i32> {
         .collect()
 }
 
-/// The live leases on the checkpoint at `dir`: (pod holds, lazy-pages daemon holds).
-fn holds(dir: &Path) -> (usize, usize) {
-    let held = lease::holders(Path::new(LEASE_DIR), dir).expect("the checkpoint's leases");
-    let lazy = held.iter().filter(|h| h.lazy_pages_of.is_some()).count();
+/// The live leases on the checkpoint at `dir`, as `podsnap list -o json` shows them in its
+/// `in_use_by`: (pod holds, lazy-pages daemon holds).
+fn holds(node: &Node, dir: &Path) -> (usize, usize) {
+    let held = podsnap_tests::cli::users_of(node, podsnap_bin(), dir);
+    let lazy = held.iter().filter(|h| h.get("lazy_pages_of").is_some()).count();
     (held.len() - lazy, lazy)
 }
 
@@ -146,9 +146,9 @@ fn check_lazy_pod(node: &Node, ip: &str, ids: &[String], dir: &Path, sums: &[Str
     );
     // The daemons' holds went with them; the pod's own hold stays while it runs.
     wait_for("the daemons' leases to go", Duration::from_secs(30), || {
-        holds(dir).1 == 0
+        holds(node, dir).1 == 0
     });
-    assert_eq!(holds(dir), (1, 0), "the pod still holds the checkpoint");
+    assert_eq!(holds(node, dir), (1, 0), "the pod still holds the checkpoint");
     for ((name, port, _), sum) in CONTAINERS.iter().zip(sums) {
         assert_eq!(
             &ask(ip, *port, "ballast-sum").expect("ballast-sum"),
@@ -178,7 +178,7 @@ fn remove_and_check_unheld(node: &Node, pod_id: &str, uid: &str, dir: &Path) {
     wait_for(
         "the pod's lease to go with its shim",
         Duration::from_secs(30),
-        || holds(dir) == (0, 0),
+        || holds(node, dir) == (0, 0),
     );
 }
 
@@ -188,7 +188,7 @@ fn a_lazily_restored_pod_has_all_of_its_memory_and_its_daemons_end() {
     let hold_points = tempfile::tempdir().expect("a directory of hold points");
     let mut node_options = NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
     node_options.extra_env.push((
-        podsnap_checkpoint::failpoint::HOLD_ENV.to_owned(),
+        podsnap_tests::paths::FAILPOINT_HOLD_ENV.to_owned(),
         hold_points.path().display().to_string(),
     ));
     let node = Node::start(node_options);
@@ -290,7 +290,7 @@ fn a_lazily_restored_pod_has_all_of_its_memory_and_its_daemons_end() {
         lazy_daemons(std::slice::from_ref(&id)).is_empty(),
         "no daemon left"
     );
-    assert_eq!(holds(&dir), (1, 0), "no daemon lease left");
+    assert_eq!(holds(&node, &dir), (1, 0), "no daemon lease left");
     assert_ne!(
         node.cri().container(&id).expect("status").state,
         cri::ContainerState::ContainerRunning as i32,
@@ -364,7 +364,7 @@ fn a_lazily_restored_pod_has_all_of_its_memory_and_its_daemons_end() {
         "nothing runs on zeroed memory"
     );
     wait_for("the dead daemon's lease to go", Duration::from_secs(30), || {
-        holds(&dir) == (1, 0)
+        holds(&node, &dir) == (1, 0)
     });
     remove_and_check_unheld(&node, &pod.id, &pod.uid, &dir);
 
@@ -381,6 +381,6 @@ fn a_lazily_restored_pod_has_all_of_its_memory_and_its_daemons_end() {
     });
 
     // Nothing holds it: it can be removed.
-    podsnap_checkpoint::store::remove(&node.files().checkpoints(), &checkpoint, Path::new(LEASE_DIR))
+    podsnap_tests::cli::rm(&node, podsnap_bin(), &checkpoint)
         .expect("the checkpoint, no longer in use, is removed");
 }

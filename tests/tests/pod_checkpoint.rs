@@ -16,7 +16,7 @@ use podsnap_tests::ctr::CRI_NAMESPACE;
 use podsnap_tests::kubelet::{
     create_container, run_pod, run_three_container_pod, start_container, PodOptions, APP_PORT, DATA_VOLUME,
 };
-use podsnap_tests::{start_node, HANDLER};
+use podsnap_tests::{paths, start_node, HANDLER};
 
 fn volume_of(node: &podsnap_tests::node::Node, uid: &str) -> PathBuf {
     pods_dir(node)
@@ -42,8 +42,8 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
 
     // The dump makes CRIU's kernel feature cache again (shared by the host's CRIU runs: one
     // removed meanwhile only makes them probe the kernel).
-    for f in [podsnap_checkpoint::kdat::CACHE, podsnap_checkpoint::kdat::RECORD] {
-        let _ = std::fs::remove_file(std::path::Path::new(podsnap_checkpoint::kdat::RUN_DIR).join(f));
+    for f in [paths::KDAT_CACHE, paths::KDAT_RECORD] {
+        let _ = std::fs::remove_file(std::path::Path::new(paths::KDAT_RUN_DIR).join(f));
     }
     let app_created = node
         .cri()
@@ -236,9 +236,9 @@ fn checkpointctl_times_read_as_seconds_since_the_epoch() {
 /// After a dump (which started with no cache), CRIU's kernel feature cache is there: on a
 /// node whose `/run` is a tmpfs CRIU wrote it itself and podsnap recorded nothing; elsewhere
 /// (these machines) podsnap made it, for this boot and this kernel (see
-/// `podsnap_checkpoint::kdat`).
+/// docs/node-notes.md).
 fn criu_kernel_cache_is_this_boots() {
-    use podsnap_checkpoint::kdat::{CACHE, RECORD, RUN_DIR};
+    use paths::{KDAT_CACHE as CACHE, KDAT_RECORD as RECORD, KDAT_RUN_DIR as RUN_DIR};
     let run = std::path::Path::new(RUN_DIR);
     if nix::sys::statfs::statfs(run)
         .expect("statfs /run")
@@ -579,7 +579,7 @@ fn a_container_of_300_processes_dumps_with_a_bounded_digest_pool() {
     let peak = sampler.join().expect("sampler");
     drop(busy);
     dumped.expect("the dump of 300 processes");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("a valid checkpoint");
+    let m = verified(&node, &dir);
     let page_images = m
         .files
         .keys()

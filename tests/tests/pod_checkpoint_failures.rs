@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
-use podsnap_checkpoint::manifest::DigestAlgorithm;
 use podsnap_tests::kubelet::{
     ask, run_container, run_pod, run_three_container_pod, wait_answering, ContainerSpec, PodOptions,
     APP_PORT, DATA_MOUNT, DATA_VOLUME, SIDECAR_PORT,
@@ -205,13 +204,7 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 /// Records `rel`'s current size and digest in the manifest (a consistent but altered checkpoint).
 fn redigest(dir: &Path, rel: &str) {
-    let size = std::fs::metadata(dir.join(rel)).expect("stat").len();
-    edit_manifest(dir, |m| {
-        let algorithm: DigestAlgorithm =
-            serde_json::from_value(m["digest_algorithm"].clone()).expect("the manifest's digest algorithm");
-        let digest = algorithm.file(&dir.join(rel)).expect("digest");
-        m["files"][rel] = serde_json::json!({"size": size, "digest": digest});
-    });
+    podsnap_tests::checkpoint::redigest(dir, rel);
 }
 
 /// The largest file under `dir`, relative to `root`.
@@ -282,7 +275,11 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
 
     let future = outside.join("future");
     copy_tree(&good, &future);
-    let newer = podsnap_checkpoint::manifest::VERSION + 1;
+    // One past the version the dump wrote: the newest this podsnap knows.
+    let newer = podsnap_tests::checkpoint::read_manifest(&good)
+        .expect("the manifest")
+        .version
+        + 1;
     edit_manifest(&future, |m| m["version"] = serde_json::json!(newer));
     let newer_refused = format!("format version {newer} is not supported");
 
@@ -354,20 +351,23 @@ fn bad_checkpoints_and_names_are_refused_before_anything_is_created() {
     }
 }
 
+/// Whether a seal holds for the checkpoint at `dir`, as `podsnap inspect -o json` reads it
+/// (before it checks any digest; inspect never seals).
+fn sealed(node: &Node, dir: &Path) -> bool {
+    let (inspected, _) = podsnap_tests::cli::inspect_json(node, podsnap_bin(), dir);
+    inspected["sealed"]
+        .as_bool()
+        .expect("inspect says whether it is sealed")
+}
+
 /// A checkpoint the dump sealed (its digests just computed: a restore does not hash it again)
 /// and then damaged in place, one byte of a CRIU image flipped, its size the same: the seal
 /// no longer holds, every digest is read, and the restore is refused before any container.
 #[test]
 fn a_sealed_checkpoint_damaged_in_place_is_refused() {
-    use podsnap_checkpoint::seal;
     let node = start_node!();
     let dir = good_checkpoint(&node, "sealed");
-    let seals = Path::new(seal::SEAL_DIR);
-    let manifest = podsnap_checkpoint::manifest::Manifest::load_listed(&dir).expect("listed");
-    assert!(
-        seal::holds(seals, &dir, &manifest),
-        "the dump sealed its checkpoint"
-    );
+    assert!(sealed(&node, &dir), "the dump sealed its checkpoint");
     let state = node_state(&node);
 
     let victim = dir.join(largest_file(&dir, "containers/app/checkpoint"));
@@ -375,7 +375,7 @@ fn a_sealed_checkpoint_damaged_in_place_is_refused() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&victim, &bytes).expect("write in place");
-    assert!(!seal::holds(seals, &dir, &manifest), "a write breaks the seal");
+    assert!(!sealed(&node, &dir), "a write breaks the seal");
     let message = restore(&node, &restore_request(&node, &dir))
         .map(|p| p.id)
         .expect_err("a damaged checkpoint is refused")
@@ -386,19 +386,13 @@ fn a_sealed_checkpoint_damaged_in_place_is_refused() {
         "refused by the shim before any container, and rolled back: {message}"
     );
     assert_eq!(node_state(&node), state, "nothing left");
-    assert!(
-        !seal::holds(seals, &dir, &manifest),
-        "a refused checkpoint is not sealed"
-    );
+    assert!(!sealed(&node, &dir), "a refused checkpoint is not sealed");
 
     // Repaired in place: verified in full, restored, and sealed again.
     bytes[middle] ^= 0x01;
     std::fs::write(&victim, &bytes).expect("write in place");
     let pod = restore(&node, &restore_request(&node, &dir)).expect("the repaired checkpoint restores");
-    assert!(
-        seal::holds(seals, &dir, &manifest),
-        "sealed by the restore's verification"
-    );
+    assert!(sealed(&node, &dir), "sealed by the restore's verification");
     let before = node.log_tail(400);
     assert!(
         before.contains("digests Hashed"),

@@ -87,7 +87,7 @@ fn staging_left(node: &Node) -> Vec<String> {
 }
 
 fn journal_of(sandbox: &str) -> PathBuf {
-    podsnap_checkpoint::journal::journal_path(sandbox)
+    podsnap_tests::paths::journal(sandbox)
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
@@ -505,7 +505,7 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
     let (_, late_started) = late.join().expect("thread").expect("CreateContainer late");
     late_started.expect("the late container starts after the dump");
     wait_answering(&pod.pod.ip, 7171, Duration::from_secs(20)).expect("the late container answers");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    let m = verified(&node, &dir);
     assert!(m.container("late").is_none());
     assert_running_and_counting(&pod, "after the raced dump");
     remove_original(&node, &pod);
@@ -536,10 +536,7 @@ fn lifecycle_calls_wait_for_a_dump_and_four_pods_dump_at_once() {
         d.join()
             .expect("thread")
             .unwrap_or_else(|e| panic!("pod {i}: {e}"));
-        podsnap_checkpoint::manifest::Manifest::load_verified(
-            &node.files().checkpoints().join(format!("four-{i}")),
-        )
-        .expect("a valid checkpoint");
+        verified(&node, &node.files().checkpoints().join(format!("four-{i}")));
     }
     for p in &pods {
         assert_running_and_counting(p, "after four dumps at once");
@@ -808,7 +805,7 @@ fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
     });
     match &outcome {
         Ok(()) => {
-            podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("a finished dump is whole");
+            verified(&node, &dir);
         }
         Err(e) => assert!(!dir.exists(), "a failed dump leaves nothing: {e}"),
     }
@@ -951,7 +948,7 @@ fn a_unix_connection_opened_as_the_dump_began_is_refused_and_the_next_dump_takes
         .join()
         .expect("the dump thread")
         .expect("the next dump takes the connection");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&again).expect("valid");
+    let m = verified(&node, &again);
     assert_eq!(m.unix_links.len(), 1, "{:?}", m.unix_links);
 }
 

@@ -107,7 +107,7 @@ fn dev_shm_files_written_and_held_open_come_back_in(share_pids: bool) {
 
     let dir = node.files().checkpoints().join("shm");
     dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    let m = verified(&node, &dir);
     assert_eq!(
         m.dev_shm.as_deref(),
         Some("pod/dev-shm.tar"),
@@ -184,8 +184,8 @@ fn sysv_ipc_and_unix_listeners_come_back_in(share_pids: bool) {
     let dir = node.files().checkpoints().join("ipc");
     dump_pod(&node, &name, &dir, |_| {})
         .expect("podsnap dump (a listening socket in a volume does not stop it)");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
-    assert_eq!(m.sysv_ipc.as_deref(), Some(podsnap_checkpoint::sysv::SYSV_STATE));
+    let m = verified(&node, &dir);
+    assert_eq!(m.sysv_ipc.as_deref(), Some("pod/sysv-ipc.json"));
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
 
     let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
@@ -250,7 +250,7 @@ fn loopback_tcp_between_containers_survives_in(share_pids: bool) {
 
     let dir = node.files().checkpoints().join("loop");
     dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    let m = verified(&node, &dir);
     assert_eq!(m.loopback_linked, ["app", "sidecar"], "the dump saw the link");
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
     let restored = restore(&node, &restore_request(&node, &dir)).expect("podsnap restore");
@@ -370,10 +370,10 @@ fn adopted_process_comes_back(driver: Driver) {
 
     let dir = node.files().checkpoints().join("orphan");
     dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    let m = verified(&node, &dir);
     assert_eq!(
         m.adopted,
-        vec![podsnap_checkpoint::manifest::AdoptedProcess {
+        vec![podsnap_tests::checkpoint::Adopted {
             container: "sidecar".into(),
             pid: daemon_pid
         }]
@@ -441,7 +441,7 @@ fn adopted_process_comes_back(driver: Driver) {
     // the daemon still taken as adopted.
     let again = node.files().checkpoints().join("orphan-again");
     dump_pod(&node, &name, &again, |_| {}).expect("the restored pod dumps again");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&again).expect("valid");
+    let m = verified(&node, &again);
     assert_eq!(m.adopted.len(), 1, "{:?}", m.adopted);
     assert_eq!(m.adopted[0].pid, daemon_pid);
     assert!(count(&ip, 7070) >= after, "the daemon runs on after that dump");
@@ -554,7 +554,7 @@ fn unix_connection_comes_back(address: &str, share_pids: bool, driver: Driver) {
 
     let dir = node.files().checkpoints().join("unix");
     dump_pod(&node, &name, &dir, |_| {}).expect("podsnap dump");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    let m = verified(&node, &dir);
     assert_eq!(m.unix_links.len(), 1, "{:?}", m.unix_links);
     let mut ends: Vec<&str> = m.unix_links[0]
         .ends
@@ -563,10 +563,7 @@ fn unix_connection_comes_back(address: &str, share_pids: bool, driver: Driver) {
         .collect();
     ends.sort();
     assert_eq!(ends, ["app", "sidecar"]);
-    assert_eq!(
-        m.unix_links[0].kind,
-        podsnap_checkpoint::manifest::UnixKind::Stream
-    );
+    assert_eq!(m.unix_links[0].kind, "stream");
     podsnap_tests::kubelet::remove_pod(&node, &pod).expect("the original pod goes");
 
     let (ip, new_app) = match driver {
@@ -652,7 +649,7 @@ fn keep_ip_brings_the_address_back_and_an_outside_connection_goes_on() {
         r.stop = true;
     })
     .expect("podsnap dump --tcp-established --stop");
-    let m = podsnap_checkpoint::manifest::Manifest::load_verified(&dir).expect("valid");
+    let m = verified(&node, &dir);
     assert_eq!(
         m.pod.ips,
         vec![pod.ip.parse::<std::net::IpAddr>().expect("ip")],

@@ -312,7 +312,7 @@ fn a_pod_checkpoint_travels_through_a_registry_signed_and_comes_back_identical()
     }
     let root_mode = std::fs::metadata(&pulled).expect("pulled").permissions().mode() & 0o7777;
     assert_eq!(root_mode, 0o700);
-    podsnap_checkpoint::manifest::Manifest::load_verified(&pulled).expect("the pulled checkpoint verifies");
+    verified(&node, &pulled);
     // By digest too; a destination outside the root is refused.
     let by_digest = format!("{}/checkpoints/web@{digest}", registry.host());
     let out = setup.podsnap(&config, &["pull", &by_digest, "by-digest"]);
@@ -449,7 +449,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     let holds = tempfile::tempdir().expect("a directory of hold points");
     let mut a = workload();
     a.extra_env.push((
-        podsnap_checkpoint::failpoint::HOLD_ENV.to_owned(),
+        podsnap_tests::paths::FAILPOINT_HOLD_ENV.to_owned(),
         holds.path().display().to_string(),
     ));
     let (node_a, node_b) = podsnap_tests::node::Node::start_pair(a, workload());
@@ -561,8 +561,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
         .expect("migrate stops the pod at the snapshot");
     let out = podsnap(node, &["pull", &again, "moved-again"]);
     assert!(out.status.success(), "pull of the migrated pod: {}", text(&out));
-    podsnap_checkpoint::manifest::Manifest::load_verified(&node.files().checkpoints().join("moved-again"))
-        .expect("the migrated pod's checkpoint verifies");
+    verified(node, &node.files().checkpoints().join("moved-again"));
     // Back on node A, the kubelet way.
     let node = &node_a;
 
@@ -573,7 +572,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
         .expect("the node's configuration");
     let mut refused = PodOptions::new(&format!("{name}-x"), HANDLER);
     refused.annotations.insert(
-        podsnap_checkpoint::config::RESTORE_ANNOTATION.to_owned(),
+        podsnap_tests::paths::RESTORE_ANNOTATION.to_owned(),
         "oci://registry.invalid:5000/x/y:z".to_owned(),
     );
     let err = format!(
@@ -583,7 +582,7 @@ fn dump_push_and_restore_from_move_a_pod_through_the_registry() {
     assert!(err.contains("registry.invalid:5000"), "{err}");
     let mut annotated = PodOptions::new(&name, HANDLER);
     annotated.annotations.insert(
-        podsnap_checkpoint::config::RESTORE_ANNOTATION.to_owned(),
+        podsnap_tests::paths::RESTORE_ANNOTATION.to_owned(),
         format!("oci://{again}"),
     );
     let kube = run_pod(node, &annotated).expect("RunPodSandbox with oci:// restore-from");
@@ -786,7 +785,7 @@ fn a_refused_oci_restore_leaves_nothing_in_the_root() {
         let mut options = PodOptions::new(&pod_name, HANDLER);
         options.namespace = namespace.to_owned();
         options.annotations.insert(
-            podsnap_checkpoint::config::RESTORE_ANNOTATION.to_owned(),
+            podsnap_tests::paths::RESTORE_ANNOTATION.to_owned(),
             format!("oci://{reference}"),
         );
         options

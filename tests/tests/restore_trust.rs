@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
-use podsnap_checkpoint::manifest::{DigestAlgorithm, Manifest, MANIFEST};
+use podsnap_tests::checkpoint::MANIFEST;
 use podsnap_tests::ctr::CRI_NAMESPACE;
 use podsnap_tests::kubelet::{
     ask, create_container, run_container, run_pod, run_three_container_pod, start_container, wait_answering,
@@ -98,7 +98,7 @@ fn restores_follow_the_namespace_policy_and_refuse_other_images_and_more_privile
         &podsnap_coordinator::progress::Lines,
     ))
     .expect("podsnap dump");
-    let manifest = Manifest::load_verified(&dir).expect("a valid checkpoint");
+    let manifest = verified(&node, &dir);
     assert_eq!(manifest.pod.namespace.as_deref(), Some("alpha"));
     let app = manifest.container("app").expect("app recorded");
     assert!(
@@ -189,16 +189,7 @@ fn restores_follow_the_namespace_policy_and_refuse_other_images_and_more_privile
 /// with write access to a copy of it could.
 fn forge(dir: &Path, rel: &str, content: &[u8]) {
     std::fs::write(dir.join(rel), content).expect("write the forged file");
-    let path = dir.join(MANIFEST);
-    let mut m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("json");
-    let algorithm: DigestAlgorithm =
-        serde_json::from_value(m["digest_algorithm"].clone()).expect("the manifest's digest algorithm");
-    m["files"][rel] = serde_json::json!({
-        "size": content.len(),
-        "digest": algorithm.file(&dir.join(rel)).expect("digest"),
-    });
-    std::fs::write(&path, serde_json::to_vec_pretty(&m).expect("json")).expect("write manifest");
+    podsnap_tests::checkpoint::redigest(dir, rel);
 }
 
 fn copy_checkpoint(from: &Path, to: &Path) {
@@ -264,15 +255,15 @@ fn recorded_states_restarts_and_a_replaced_image_symlink_come_back_as_they_were(
         "the dump changed a directory it did not create"
     );
     assert_eq!(mode(&dir), 0o700);
-    let m = Manifest::load_verified(&dir).expect("valid");
+    let m = verified(&node, &dir);
     let state = |n: &str| {
         let c = m.container(n).expect(n);
-        (c.state, c.exit_code)
+        (c.state.clone(), c.exit_code)
     };
-    use podsnap_checkpoint::ContainerState as S;
-    assert_eq!(state("crasher"), (S::Stopped, Some(3)));
-    assert_eq!(state("sidecar"), (S::Paused, None));
-    assert_eq!(state("init"), (S::Stopped, Some(0)));
+    let stopped = "stopped".to_owned();
+    assert_eq!(state("crasher"), (stopped.clone(), Some(3)));
+    assert_eq!(state("sidecar"), ("paused".to_owned(), None));
+    assert_eq!(state("init"), (stopped, Some(0)));
     remove_original(&node, &pod);
 
     // kubelet path: every container in its recorded state.

@@ -81,7 +81,7 @@ fn recorded_modes(checkpoint: &Path) -> Vec<String> {
                 .join("containers")
                 .join(c)
                 .join("checkpoint")
-                .join(podsnap_checkpoint::container::CRIU_OPTIONS_FILE);
+                .join(podsnap_tests::paths::CRIU_OPTIONS_FILE);
             let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             let json: serde_json::Value = serde_json::from_str(&text).expect("JSON");
             json["cgroups_mode"].as_str().unwrap_or_default().to_owned()

@@ -217,8 +217,7 @@ fn pod_runs_dumps_and_restores_under_slices(node: &Node, memory: bool) {
     let before = mark_and_count(&pod);
     let outcome = dump(node, &pod, None).expect("podsnap dump on the systemd node");
     assert_eq!(outcome.summary.dumped, ["sidecar", "app"]);
-    let manifest =
-        podsnap_checkpoint::manifest::Manifest::load_verified(&outcome.summary.dir).expect("valid");
+    let manifest = verified(node, &outcome.summary.dir);
     // The runc that dumped is the node's (its BinaryName), not bookworm's on PATH.
     assert_eq!(
         manifest.host.runc_version.split('+').next(),

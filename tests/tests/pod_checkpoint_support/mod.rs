@@ -56,7 +56,7 @@ pub fn restore_request(node: &Node, dir: &Path) -> RestoreRequest {
     request.checkpoint_root = node.files().checkpoints();
     request.pods_dir = pods_dir(node);
     request.logs_dir = logs_dir(node);
-    request.config = podsnap_checkpoint::config::NodeConfig::read(&node.files().podsnap_config())
+    request.config = podsnap_coordinator::NodeConfig::read(&node.files().podsnap_config())
         .expect("the node's podsnap configuration");
     request
 }
@@ -211,6 +211,25 @@ pub fn container_named(node: &Node, pod_id: &str, name: &str) -> cri::Container 
         .into_iter()
         .find(|c| c.metadata.as_ref().is_some_and(|m| m.name == name))
         .unwrap_or_else(|| panic!("pod {pod_id} has no container {name}"))
+}
+
+/// [`podsnap_binary`], built (or found built) once per test process.
+pub fn podsnap_bin() -> &'static Path {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(podsnap_binary)
+}
+
+/// The checkpoint at `dir`, checked twice over: `podsnap inspect -o json` verifies it (every
+/// digest, as a restore does), and the suite's own reader of the format finds exactly the files
+/// its manifest lists, of their sizes and digests. Its manifest, as that reader parses it.
+pub fn verified(node: &Node, dir: &Path) -> podsnap_tests::checkpoint::Manifest {
+    let (inspected, ok) = podsnap_tests::cli::inspect_json(node, podsnap_bin(), dir);
+    assert!(
+        ok && inspected["verified"] == true,
+        "podsnap inspect does not verify {}: {inspected}",
+        dir.display()
+    );
+    podsnap_tests::checkpoint::verify(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 /// The `podsnap` binary next to this test's executable, built if missing.
