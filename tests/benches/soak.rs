@@ -91,7 +91,7 @@ fn census(node: &Node, shim: i32, netns: Option<&str>) -> Vec<(&'static str, usi
         ("shim resident memory (KiB)", vm_rss_kib(shim)),
         (
             "mounts (host)",
-            podsnap_runtime::mountinfo::read_self().map_or(0, |m| m.len()),
+            podsnap_tests::host::mount_points().map_or(0, |m| m.len()),
         ),
         (
             "pod cgroups (freezer)",

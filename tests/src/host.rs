@@ -137,15 +137,96 @@ pub fn wait_gone(pids: &[i32], timeout: std::time::Duration) -> Vec<i32> {
     }
 }
 
+/// The mount points of this process's mount namespace, in `/proc/self/mountinfo`'s order
+/// (field 5, its `\ooo` escapes decoded).
+pub fn mount_points() -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::ffi::OsStringExt;
+    let table = std::fs::read("/proc/self/mountinfo")?;
+    let mut points = Vec::new();
+    for line in table.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let field = line.split(|b| *b == b' ').nth(4).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a mountinfo line of under 5 fields",
+            )
+        })?;
+        let mut point = Vec::with_capacity(field.len());
+        let mut i = 0;
+        while i < field.len() {
+            let octal = field
+                .get(i + 1..i + 4)
+                .filter(|d| field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+                .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')));
+            match octal.and_then(|v| u8::try_from(v).ok()) {
+                Some(byte) => {
+                    point.push(byte);
+                    i += 4;
+                }
+                None => {
+                    point.push(field[i]);
+                    i += 1;
+                }
+            }
+        }
+        points.push(PathBuf::from(std::ffi::OsString::from_vec(point)));
+    }
+    Ok(points)
+}
+
+/// How a host's cgroups are laid out at a root (`/sys/fs/cgroup`): the statfs magic of the
+/// root, or of its `unified` directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// cgroup v1 only.
+    Legacy,
+    /// v1, with cgroup2 at `unified/`.
+    Hybrid,
+    /// cgroup2 at the root.
+    Unified,
+}
+
+impl CgroupMode {
+    pub fn detect(root: &Path) -> Self {
+        let is_cgroup2 = |p: &Path| {
+            nix::sys::statfs::statfs(p)
+                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        };
+        if is_cgroup2(root) {
+            Self::Unified
+        } else if is_cgroup2(&root.join("unified")) {
+            Self::Hybrid
+        } else {
+            Self::Legacy
+        }
+    }
+}
+
+/// `dir` and every directory below it, parents before children.
+pub fn cgroup_tree(dir: &Path) -> Vec<PathBuf> {
+    let mut dirs = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+            let below: Vec<PathBuf> = entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
+            dirs.extend(below);
+        }
+        i += 1;
+    }
+    dirs
+}
+
 /// Mount points in this process's mount namespace (the host's) at or under `prefix`,
 /// deepest (and most recently mounted) first: the order to unmount them in.
 pub fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
-    let Ok(table) = podsnap_runtime::mountinfo::read_self() else {
+    let Ok(table) = mount_points() else {
         return Vec::new();
     };
     let mut mounts: Vec<PathBuf> = table
         .into_iter()
-        .map(|m| m.mount_point)
         .filter(|point| point.starts_with(prefix))
         .collect();
     // Later mounts may sit on top of earlier ones: reverse mount order, then deepest first.
@@ -367,4 +448,17 @@ pub fn pod_cgroup_tree(uid: &str) -> Vec<PathBuf> {
         out.push(d);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_processs_mount_table_has_its_root_and_proc() {
+        let points = mount_points().expect("/proc/self/mountinfo");
+        assert!(points.iter().any(|p| p == Path::new("/")), "{points:?}");
+        assert!(points.iter().any(|p| p == Path::new("/proc")), "{points:?}");
+        assert!(!cgroup_tree(Path::new("/sys/fs/cgroup")).is_empty());
+    }
 }

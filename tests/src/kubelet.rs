@@ -158,7 +158,7 @@ impl KubePod {
 /// `kubepods.slice/kubepods-besteffort.slice`).
 pub fn cgroup_parent(uid: &str, systemd: bool) -> String {
     if systemd {
-        podsnap_runtime::cgroup::systemd::besteffort_pod_slice(uid)
+        format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"))
     } else {
         format!("/kubepods/besteffort/pod{uid}")
     }

@@ -804,7 +804,7 @@ state = '{dir}/state'
     }
 
     /// Its release (`runc --version`).
-    pub fn runc_version(&self) -> podsnap_runtime::runc::RuncVersion {
+    pub fn runc_version(&self) -> prereq::RuncVersion {
         prereq::runc_version(&self.options.runc)
     }
 

@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use podsnap_runtime::runc::RuncVersion;
-
 use crate::command::run_within;
 
 /// Where the CNI plugins live.
@@ -141,6 +139,41 @@ pub fn runc_under_test() -> PathBuf {
     runc
 }
 
+/// A runc release, from the first line of `runc --version` (`runc version 1.3.6+ds1`): the
+/// suite's own reading of what runc prints, not the runtime crate's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RuncVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl RuncVersion {
+    /// `None` when the first line names no `X.Y[.Z]` release.
+    pub fn parse(version_output: &str) -> Option<Self> {
+        let v = version_output
+            .lines()
+            .next()?
+            .trim()
+            .strip_prefix("runc version")?
+            .trim();
+        let release = v.split(|c: char| !(c.is_ascii_digit() || c == '.')).next()?;
+        let mut parts = release.split('.').map(|p| p.parse::<u32>().ok());
+        let (major, minor) = (parts.next()??, parts.next()??);
+        Some(Self {
+            major,
+            minor,
+            patch: parts.next().flatten().unwrap_or(0),
+        })
+    }
+}
+
+impl std::fmt::Display for RuncVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
 /// The release of the runc at `runc` (`runc --version`).
 ///
 /// # Panics
@@ -214,5 +247,27 @@ fn warn_if_stale(shim: &Path) {
                 path.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RuncVersion;
+
+    #[test]
+    fn runc_releases_are_read_from_the_first_line() {
+        let v = |s: &str| RuncVersion::parse(s).map(|v| v.to_string());
+        assert_eq!(
+            v("runc version 1.3.6+ds1\ncommit: x\nspec: 1.2.1").as_deref(),
+            Some("1.3.6")
+        );
+        assert_eq!(v("runc version 1.1.5").as_deref(), Some("1.1.5"));
+        assert_eq!(v("runc version 1.2").as_deref(), Some("1.2.0"));
+        assert_eq!(v("runc version unknown"), None);
+        assert_eq!(v("crun version 1.8"), None);
+        assert!(
+            RuncVersion::parse("runc version 1.10.0") > RuncVersion::parse("runc version 1.9.9"),
+            "compared as numbers"
+        );
     }
 }

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use podsnap_runtime::cgroup::CgroupMode;
+use crate::host::CgroupMode;
 
 use crate::node::NodeOptions;
 

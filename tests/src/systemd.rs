@@ -404,7 +404,7 @@ pub fn clean(dir: &Path, pids: &[i32], cgroups: &[PathBuf]) -> Vec<String> {
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             let mut failed = Vec::new();
-            for d in podsnap_runtime::cgroup::tree(top).iter().rev() {
+            for d in crate::host::cgroup_tree(top).iter().rev() {
                 if let Err(e) = std::fs::remove_dir(d) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         failed.push(format!("rmdir {}: {e}", d.display()));

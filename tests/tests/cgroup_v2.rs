@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pod_checkpoint_support::*;
-use podsnap_runtime::cgroup::CgroupMode;
 use podsnap_tests::containerd_api::{CheckpointOptions, ContainerdApi};
 use podsnap_tests::ctr::{Ctr, CRI_NAMESPACE, DEFAULT_NAMESPACE as NS};
+use podsnap_tests::host::CgroupMode;
 use podsnap_tests::kubelet::{run_three_container_pod, PodOptions};
 use podsnap_tests::node::{Node, NodeOptions};
 use podsnap_tests::runc_v2::{RuncV2, V2Plan};
@@ -274,7 +274,7 @@ fn a_container_on_cgroup_v2_pauses_execs_reports_v2_metrics_and_checkpoints() {
     // 1024 to cpu///cpu.shares: Invalid argument"), which cannot happen on a real v2 node (no v1
     // hierarchy). So 1.1.5 runs full and strict, 1.2+ runs ignore.
     let modes: &[&str] = if node.runc_version()
-        >= (podsnap_runtime::runc::RuncVersion {
+        >= (podsnap_tests::prereq::RuncVersion {
             major: 1,
             minor: 2,
             patch: 0,

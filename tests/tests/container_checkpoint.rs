@@ -241,11 +241,11 @@ fn leftovers(node: &Node, id: &str) -> Vec<String> {
         .into_iter()
         .map(|p| format!("runc state {}", p.display()))
         .collect();
-    let mounts = podsnap_runtime::mountinfo::read_self().expect("this process's mount table");
+    let mounts = host::mount_points().expect("this process's mount table");
     found.extend(
         mounts
             .iter()
-            .map(|m| m.mount_point.to_string_lossy())
+            .map(|m| m.to_string_lossy())
             .filter(|point| point.contains(id))
             .map(|point| format!("mount {point}")),
     );

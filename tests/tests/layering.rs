@@ -586,7 +586,7 @@ fn the_checkpoint_crate_knows_no_protobuf() {
 #[test]
 fn the_suite_depends_on_no_crate_below_the_coordinator() {
     let deps = dependencies(&workspace().join("tests/Cargo.toml"));
-    for name in ["podsnap-checkpoint", "podsnap-shim"] {
+    for name in ["podsnap-checkpoint", "podsnap-runtime", "podsnap-shim"] {
         assert!(
             !deps.lines().any(|l| l.starts_with(name)),
             "tests/Cargo.toml depends on {name}: check checkpoints through podsnap (inspect, list) \

@@ -18,10 +18,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use pod_checkpoint_support::*;
-use podsnap_runtime::runc::RuncVersion;
 use podsnap_tests::kubelet::{run_three_container_pod, PodOptions, ThreeContainerPod};
 use podsnap_tests::node::{Node, NodeOptions};
 use podsnap_tests::prereq;
+use podsnap_tests::prereq::RuncVersion;
 use podsnap_tests::HANDLER;
 
 /// A `runc` that writes each command line it is given to a log, then runs the node's runc.

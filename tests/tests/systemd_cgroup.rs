@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use pod_checkpoint_support::*;
-use podsnap_runtime::cgroup::CgroupMode;
+use podsnap_tests::host::CgroupMode;
 use podsnap_tests::kubelet::{
     create_container, run_pod, run_three_container_pod, start_container, ContainerSpec, PodOptions,
 };
@@ -149,7 +149,7 @@ fn check_scope(node: &Node, uid: &str, id: &str) -> String {
         group,
         format!(
             "/kubepods.slice/kubepods-besteffort.slice/{}/{unit}",
-            podsnap_runtime::cgroup::systemd::besteffort_pod_slice(uid)
+            podsnap_tests::kubelet::cgroup_parent(uid, true)
         )
     );
     // CRI's pid is the one of the node's PID namespace (containerd's): read the scope's
