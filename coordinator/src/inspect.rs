@@ -59,3 +59,59 @@ pub fn inspect_json(dir: &Path) -> Result<Inspected> {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podsnap_checkpoint::manifest::{DigestAlgorithm, FileDigest, MANIFEST};
+
+    /// A checkpoint of one file (`host/cpuinfo.img`) in `dir`.
+    fn checkpoint(dir: &Path) {
+        std::fs::create_dir_all(dir.join("host")).expect("mkdir");
+        let file = dir.join("host/cpuinfo.img");
+        std::fs::write(&file, b"cpu").expect("write");
+        let mut m: Manifest = serde_json::from_value(serde_json::json!({
+            "format": podsnap_checkpoint::manifest::FORMAT,
+            "version": podsnap_checkpoint::manifest::VERSION,
+            "created_unix": 0,
+            "pod": {"sandbox_id": "s", "name": "web", "namespace": "default", "uid": null, "hostname": null},
+            "host": {"criu_version": "4.2.1", "runc_version": "1.1.5", "kernel": "6.18", "arch": "x86_64"},
+            "tcp_established": false, "digest_algorithm": "blake3",
+            "containers": [], "volumes": [], "files": {},
+        }))
+        .unwrap_or_else(|e| panic!("a manifest: {e}"));
+        let digest = DigestAlgorithm::Blake3.file(&file).expect("digest");
+        m.files
+            .insert("host/cpuinfo.img".to_owned(), FileDigest { size: 3, digest });
+        std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&m).expect("json")).expect("write");
+    }
+
+    #[test]
+    fn inspect_json_gives_the_verified_manifest_or_the_problem() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("c");
+        checkpoint(&dir);
+        let whole = serde_json::to_value(inspect_json(&dir).expect("inspected")).expect("json");
+        assert_eq!(whole["verified"], true);
+        assert_eq!(whole["sealed"], false, "nothing sealed it");
+        assert!(whole.get("problem").is_none());
+        assert_eq!(whole["manifest"]["pod"]["name"], "web");
+        assert_eq!(whole["manifest"]["files"]["host/cpuinfo.img"]["size"], 3);
+
+        std::fs::write(dir.join("host/cpuinfo.img"), b"cpx").expect("flip a byte");
+        let damaged = serde_json::to_value(inspect_json(&dir).expect("inspected")).expect("json");
+        assert_eq!(damaged["verified"], false);
+        assert!(
+            damaged.get("manifest").is_none(),
+            "no manifest of a damaged checkpoint"
+        );
+        let problem = damaged["problem"].as_str().expect("a problem");
+        assert!(problem.contains("is damaged"), "{problem}");
+
+        std::fs::write(dir.join("unlisted"), b"").expect("an unlisted file");
+        assert!(
+            inspect_json(&dir).is_err(),
+            "a wrong listing is an error, as for inspect"
+        );
+    }
+}
