@@ -1,6 +1,7 @@
-//! Public names of podsnap the suite uses, quoted from the docs (README.md, docs/): paths on
-//! the node, environment switches and pod annotations. Written out here, not imported from the
-//! crates under test, so a renamed path is a visible change of behaviour that a test catches.
+//! Names of podsnap the suite uses: paths on the node, environment switches and the restore
+//! annotation, as the docs (README.md, docs/) and the checkpoint crate's module headers state
+//! them. Written out here, not imported from the crates under test, so a renamed path is a
+//! visible change of behaviour that a test catches.
 
 use std::path::PathBuf;
 
@@ -12,13 +13,14 @@ pub const KDAT_CACHE: &str = "criu.kdat";
 pub const KDAT_RECORD: &str = "criu.kdat.podsnap";
 /// Set to `off` to leave CRIU's cache alone.
 pub const KDAT_SWITCH_ENV: &str = "PODSNAP_CRIU_KDAT_CACHE";
-/// The test hold points of a dump or restore (docs/guarantees.md).
+/// The test hold points of a dump or restore (`checkpoint/src/failpoint.rs`): a directory.
 pub const FAILPOINT_HOLD_ENV: &str = "PODSNAP_FAILPOINT_HOLD";
-/// Where a running pod dump keeps its journal (docs/guarantees.md).
+/// Where a running pod dump keeps its crash journal (docs/guarantees.md).
 pub const JOURNAL_DIR: &str = "/run/podsnap/dumps";
 /// The pod annotation naming the checkpoint a pod is restored from.
 pub const RESTORE_ANNOTATION: &str = "podsnap.io/restore-from";
-/// The CRIU options a container's dump used, in its images directory (docs/checkpoint-format.md).
+/// The CRIU options a container's dump used, in its images directory (the layout drawn in
+/// the checkpoint crate's manifest module).
 pub const CRIU_OPTIONS_FILE: &str = "podsnap-criu.json";
 
 /// The journal of a dump of the pod sandbox `sandbox`.
