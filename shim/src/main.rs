@@ -13,7 +13,7 @@ mod lazy_pages;
 mod metrics;
 mod oom;
 mod options;
-mod pod_checkpoint;
+mod pod;
 mod process;
 mod restore;
 mod service;

@@ -36,7 +36,7 @@ use crate::exits::ExitRouter;
 use crate::metrics;
 use crate::oom;
 use crate::options::{runc_from_options, validate_id};
-use crate::pod_checkpoint::{self, pod_target, PodCheckpoint};
+use crate::pod::dump::{self, pod_target, PodCheckpoint};
 use crate::process::{lock, Process, Status};
 use crate::restore::{NewContainer, Plan, RestorePlan, Restores};
 
@@ -779,7 +779,7 @@ impl PodTask {
         };
         let sandbox_task = sandbox.clone();
         let dump = tokio::spawn(async move {
-            let done = pod_checkpoint::checkpoint(&sandbox_task, &containers, departed, &request).await;
+            let done = dump::checkpoint(&sandbox_task, &containers, departed, &request).await;
             drop(lifecycle);
             drop(release);
             done

@@ -535,7 +535,7 @@ impl Restores {
             h.generation += 1;
             return Ok(());
         }
-        let Some(netns) = crate::pod_checkpoint::pod_netns(spec) else {
+        let Some(netns) = crate::pod::dump::pod_netns(spec) else {
             return Ok(()); // the host's network: nothing of the pod's own to hold
         };
         let waiting: HashSet<String> = manifest
@@ -608,7 +608,7 @@ impl Restores {
     /// restore needs.
     async fn reserve_pids(&self, spec: &Spec, manifest: &Manifest, dir: &Path) -> Result<()> {
         let Some(pidns) =
-            crate::pod_checkpoint::joined_namespace(spec, oci_spec::runtime::LinuxNamespaceType::Pid)
+            crate::pod::dump::joined_namespace(spec, oci_spec::runtime::LinuxNamespaceType::Pid)
         else {
             return Ok(()); // a PID namespace of its own (or the host's): nothing is shared
         };

@@ -1,0 +1,3 @@
+//! The pod a shim serves.
+
+pub mod dump;
