@@ -80,6 +80,14 @@ impl Events {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::task_event::EventSink for Events {
+    async fn publish(&self, event: crate::task_event::TaskEvent) {
+        let (topic, message) = crate::convert::event_message(event);
+        Events::publish(self, topic, message).await;
+    }
+}
+
 fn envelope(topic: &str, namespace: &str, event: Box<dyn MessageDyn>) -> containerd_shim::Result<Envelope> {
     let mut e = Envelope::new();
     e.set_topic(topic.to_owned());

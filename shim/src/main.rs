@@ -5,6 +5,7 @@
 //! `podsnap-checkpoint`; protobuf stays in this crate.
 
 mod container;
+mod convert;
 mod error;
 mod events;
 mod exits;
@@ -18,6 +19,7 @@ mod process;
 mod restore;
 mod service;
 mod task;
+mod task_event;
 
 /// The runtime type containerd knows this shim by.
 pub const RUNTIME_ID: &str = "io.containerd.podsnap.v1";

@@ -3,16 +3,15 @@
 
 use std::sync::Arc;
 
-use containerd_shim::protos::events::task::TaskOOM;
 use podsnap_runtime::cgroup::oom::{OomCheck, OomWatch};
 
 use crate::container::Container;
-use crate::events::{self, Events};
+use crate::task_event::{EventSink, TaskEvent};
 
 /// Publishes an OOM event each time the kernel reports one in the container's memory cgroup,
 /// for as long as that cgroup exists. A container whose cgroup cannot say (no memory
 /// controller there) gets one warning, at its creation.
-pub fn watch(c: &Container, events: Arc<Events>) {
+pub fn watch(c: &Container, events: Arc<dyn EventSink>) {
     let Some(cgroups) = c.cgroups() else {
         return; // already warned when its cgroups were not found
     };
@@ -49,13 +48,9 @@ pub fn watch(c: &Container, events: Arc<Events>) {
             log::info!("container {id}: out of memory ({n})");
             for _ in 0..n {
                 events
-                    .publish(
-                        events::OOM,
-                        Box::new(TaskOOM {
-                            container_id: id.clone(),
-                            ..Default::default()
-                        }),
-                    )
+                    .publish(TaskEvent::Oom {
+                        container_id: id.clone(),
+                    })
                     .await;
             }
         }

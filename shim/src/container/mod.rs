@@ -1,6 +1,8 @@
 //! A container the shim runs: creating it with runc, starting it, its exec processes, stdio
 //! plumbing, and its removal. Protobuf stays in `task.rs`; this speaks our own types.
 
+pub mod factory;
+
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

@@ -45,7 +45,7 @@ use podsnap_checkpoint::policy::{self, NewImage, Violation};
 use podsnap_checkpoint::ContainerState;
 use podsnap_runtime::bundle::PodIdentity;
 
-use crate::container::Lazy;
+use crate::container::{Lazy, RestoreSource};
 use crate::error::{Error, Result};
 use crate::exits::MonitorLauncher;
 use crate::lazy_pages::LeaseFor;
@@ -166,6 +166,34 @@ pub enum Plan {
     Exited(u32),
     /// Restore it from CRIU images.
     Restore(Box<RestorePlan>),
+}
+
+impl Plan {
+    /// A restore from CRIU images containerd names itself (a Create's `checkpoint`: `ctr`'s
+    /// path), not from a pod checkpoint.
+    pub fn from_images(image_dir: PathBuf) -> Result<Plan> {
+        let options = podsnap_checkpoint::container::inspect(&image_dir)?;
+        Ok(Plan::Restore(Box::new(RestorePlan {
+            image_dir,
+            options,
+            rootfs_changes: None,
+            volumes: Vec::new(),
+            sysv_ipc: None,
+            started_order: None,
+            name: None,
+            paused: false,
+            lazy: None,
+            unix_ends: Vec::new(),
+            adopted: Vec::new(),
+        })))
+    }
+}
+
+/// A container's restore prepared at its Create: what its Start restores from.
+pub struct Prepared {
+    pub source: RestoreSource,
+    /// It was paused at the checkpoint: paused again once restored.
+    pub paused: bool,
 }
 
 /// Everything a container's restore needs from its checkpoint.
@@ -762,7 +790,22 @@ impl Restores {
 
     /// Prepares a container's filesystem for its restore: emptyDir volumes (once per pod) and
     /// its rootfs changes. A volume counts as filled only once its archive is unpacked.
-    pub async fn prepare_files(&self, plan: &RestorePlan, rootfs: &Path) -> Result<()> {
+    pub async fn prepare(&self, plan: RestorePlan, rootfs: &Path) -> Result<Prepared> {
+        self.prepare_files(&plan, rootfs).await?;
+        Ok(Prepared {
+            paused: plan.paused,
+            source: RestoreSource {
+                image_dir: plan.image_dir,
+                options: plan.options,
+                started_order: plan.started_order,
+                lazy: plan.lazy,
+                unix_ends: plan.unix_ends,
+                adopted: plan.adopted,
+            },
+        })
+    }
+
+    async fn prepare_files(&self, plan: &RestorePlan, rootfs: &Path) -> Result<()> {
         let filling = self.filling.lock().await;
         for (archive, dst) in &plan.volumes {
             if lock(&self.filled).contains(dst) {
