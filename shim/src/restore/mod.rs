@@ -70,6 +70,8 @@ use crate::error::Result;
 use crate::process::lock;
 
 pub use network::NetHold;
+#[cfg(test)]
+use open::RESTART_COUNT_ANNOTATION;
 pub use pull::remove_pulled;
 use shared::NewPair;
 
@@ -199,5 +201,80 @@ impl Restores {
     /// Create is a restart.
     pub fn mark_restored(&self, name: &str) {
         lock(&self.restored).insert(name.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Which containers are restored, from their annotations alone (decided before the node
+    //! configuration or any checkpoint is read).
+
+    use podsnap_checkpoint::config::RESTORE_ANNOTATION;
+
+    use super::*;
+
+    fn spec(annotations: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "annotations": annotations
+        }))
+        .expect("spec")
+    }
+
+    async fn plan_of(r: &Restores, annotations: serde_json::Value) -> Result<Plan> {
+        let spec = spec(annotations);
+        let identity = PodIdentity::from_spec(&spec);
+        r.plan(&NewContainer {
+            spec: &spec,
+            identity: &identity,
+            layers: &[],
+        })
+        .await
+    }
+
+    fn app(extra: &[(&str, &str)]) -> serde_json::Value {
+        let mut a = serde_json::json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.container-name": "app",
+            "io.kubernetes.cri.sandbox-id": "pod1",
+        });
+        for (k, v) in extra {
+            a[*k] = (*v).into();
+        }
+        a
+    }
+
+    #[tokio::test]
+    async fn without_the_annotation_a_container_is_created_fresh() {
+        let r = Restores::default();
+        assert!(matches!(plan_of(&r, app(&[])).await, Ok(Plan::Fresh)));
+        // An empty value asks for nothing either.
+        let empty = app(&[(RESTORE_ANNOTATION, "")]);
+        assert!(matches!(plan_of(&r, empty).await, Ok(Plan::Fresh)));
+    }
+
+    #[tokio::test]
+    async fn kubelets_restarts_of_a_restored_container_start_fresh() {
+        let r = Restores::default();
+        let restart = app(&[(RESTORE_ANNOTATION, "web"), (RESTART_COUNT_ANNOTATION, "1")]);
+        assert!(matches!(plan_of(&r, restart).await, Ok(Plan::Fresh)));
+        // Without kubelet's count: a name already restored in this pod is a restart.
+        r.mark_restored("app");
+        let again = app(&[(RESTORE_ANNOTATION, "web")]);
+        assert!(matches!(plan_of(&r, again).await, Ok(Plan::Fresh)));
+    }
+
+    #[tokio::test]
+    async fn a_lazy_value_other_than_true_or_false_refuses_the_restore() {
+        let r = Restores::default();
+        let a = app(&[
+            (RESTORE_ANNOTATION, "web"),
+            (podsnap_checkpoint::config::LAZY_ANNOTATION, "yes"),
+            (RESTART_COUNT_ANNOTATION, "1"),
+        ]);
+        // Refused even for a restart: the pod asked for something podsnap does not do.
+        let e = plan_of(&r, a).await.err().expect("refused").to_string();
+        assert!(e.contains("podsnap.io/restore-lazy: \"yes\""), "{e}");
     }
 }
