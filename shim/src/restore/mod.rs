@@ -274,7 +274,7 @@ mod tests {
             (RESTART_COUNT_ANNOTATION, "1"),
         ]);
         // Refused even for a restart: the pod asked for something podsnap does not do.
-        let e = plan_of(&r, a).await.err().expect("refused").to_string();
+        let e = plan_of(&r, a).await.expect_err("refused").to_string();
         assert!(e.contains("podsnap.io/restore-lazy: \"yes\""), "{e}");
     }
 }
