@@ -29,8 +29,9 @@ use crate::process::{Process, State, Status};
 use crate::task_event::{Mount, TaskEvent, TaskIo};
 
 pub fn create_task(namespace: &str, req: api::CreateTaskRequest) -> CreateTask {
+    let (namespace, options) = (namespace.to_owned(), req.options.clone().into_option());
     CreateTask {
-        runc: runc_from_options(namespace, req.options.as_ref()),
+        runc: Box::new(move || runc_from_options(&namespace, options.as_ref())),
         stdio: Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal),
         rootfs: req.rootfs.iter().map(mount_from).collect(),
         bundle: PathBuf::from(req.bundle),

@@ -390,7 +390,7 @@ mod tests {
                 rootfs: Vec::new(),
                 stdio: Stdio::default(),
                 checkpoint: String::new(),
-                runc: Ok((RuncChoice::default_for("test"), Default::default())),
+                runc: Box::new(|| Ok((RuncChoice::default_for("test"), Default::default()))),
             })
             .await
             .expect("created");

@@ -29,7 +29,7 @@ impl Pod {
         if lock(&self.containers).contains_key(&id) {
             return Err(Error::AlreadyExists(format!("container {id}")));
         }
-        let (choice, flags) = req.runc?;
+        let (choice, flags) = (req.runc)()?;
         let bundle = req.bundle;
         let spec = Bundle::new(&bundle)
             .spec()
@@ -173,7 +173,7 @@ mod tests {
             rootfs,
             stdio: Stdio::default(),
             checkpoint: String::new(),
-            runc: Ok((RuncChoice::default_for("test"), Default::default())),
+            runc: Box::new(|| Ok((RuncChoice::default_for("test"), Default::default()))),
         }
     }
 
@@ -213,6 +213,22 @@ mod tests {
             "nothing made for the refusals"
         );
         assert_eq!(f.pod.container_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_runtime_options_are_read_only_after_the_id_checks() {
+        let f = FakePod::new();
+        let b = f.bundle("c1", serde_json::json!({}));
+        let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut req = request("../x", b, Vec::new());
+        let seen = read.clone();
+        req.runc = Box::new(move || {
+            seen.store(true, Ordering::SeqCst);
+            Err(Error::InvalidArgument("bad options".into()))
+        });
+        let e = f.pod.create(req).await.expect_err("bad id").to_string();
+        assert!(e.contains("is not a valid id"), "{e}");
+        assert!(!read.load(Ordering::SeqCst), "options read for a refused id");
     }
 
     #[tokio::test]

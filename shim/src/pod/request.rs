@@ -1,6 +1,6 @@
 //! The task calls in our own terms (made from containerd's protobuf requests by `convert.rs`).
-//! Parts that can be refused carry their `Result`, so the pod refuses in the order it always
-//! did (the container is looked up first, then its options are judged).
+//! Parts that can be refused are judged by the pod where it always did (a Checkpoint's options
+//! after the container is found, a Create's runtime options after the id checks).
 
 use std::path::PathBuf;
 
@@ -10,6 +10,9 @@ use crate::error::Result;
 use crate::options::{RuncChoice, RuncFlags};
 use crate::task_event::Mount;
 
+/// Reads a Create's runtime options.
+pub type RuncOptions = Box<dyn FnOnce() -> Result<(RuncChoice, RuncFlags)> + Send>;
+
 /// Create a container's task.
 pub struct CreateTask {
     pub id: String,
@@ -18,8 +21,9 @@ pub struct CreateTask {
     pub stdio: Stdio,
     /// A checkpoint directory to restore from (containerd's own path); empty for none.
     pub checkpoint: String,
-    /// Which runc and its flags, from the Create's options.
-    pub runc: Result<(RuncChoice, RuncFlags)>,
+    /// Which runc and its flags, read from the Create's options when called (after the id
+    /// checks, as before: reading them may log or read a runtime options file).
+    pub runc: RuncOptions,
 }
 
 /// Signal a container's init process (and with `all` every process of it) or an exec.
