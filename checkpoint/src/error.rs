@@ -99,7 +99,7 @@ impl Error {
 
 impl Error {
     /// The refusal of a restore from `checkpoint` for breaking `violation`.
-    pub fn refused(checkpoint: impl Into<String>, violation: crate::policy::Violation) -> Self {
+    pub fn refused(checkpoint: impl Into<String>, violation: crate::trust::policy::Violation) -> Self {
         Error::Refused {
             checkpoint: checkpoint.into(),
             rule: violation.rule,

@@ -1,33 +1,24 @@
-//! podsnap-checkpoint: the pod checkpoint. Its on-disk format, the pod plan (which containers,
-//! in which order, in which role), and dump/restore orchestration on top of `podsnap-runtime`.
-//!
+//! podsnap-checkpoint: the pod checkpoint. Layers, lowest first; a module names only lower ones:
+//!   error, failpoint      errors (one enum) and test hold points
+//!   fs/                   private files and dirs, synced writes, capped reads, /proc, confined apply
+//!   format/ config/       the checkpoint on disk; the node configuration and pod annotations
+//!   criu/ archive/        one container's CRIU work; tar archives of rootfs changes and volumes
+//!   trust/                restore policy, node identity, seals
+//!   node/                 the checkpoint root: store, leases, import, retention
+//!   pod/                  a pod's spec and shared state; pod/dump, phase by phase
+//! Follow a dump: pod/dump/mod.rs, then the phases it names in order.
 //! No protobuf and no ttrpc here: the shim adapts.
 
+pub mod archive;
 pub mod config;
-pub mod confined;
-pub mod container;
-pub mod criu_hold;
-pub mod criu_image;
-pub mod dump;
+pub mod criu;
 pub mod error;
 pub mod failpoint;
-pub mod host;
-pub mod import;
-pub mod journal;
-pub mod kdat;
-pub mod lease;
-pub mod links;
-pub mod manifest;
-pub mod netlock;
-pub mod policy;
-pub mod preflight;
-pub mod prehash;
-pub mod record;
-pub mod retention;
-pub mod rootfs;
-pub mod seal;
-pub mod store;
-pub mod sysv;
+pub mod format;
+pub mod fs;
+pub mod node;
+pub mod pod;
+pub mod trust;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
@@ -37,4 +28,73 @@ pub mod testkit;
 static ALLOCATOR: testkit::Counting = testkit::Counting;
 
 pub use error::{Error, Result};
-pub use record::{ContainerState, Role};
+pub use format::record::{ContainerState, Role};
+
+// The module paths before the layers, for the shim, the CLI and the tests until they name the
+// layered ones. Re-exports only; nothing inside this crate uses them.
+pub mod manifest {
+    pub use crate::format::manifest::*;
+}
+pub mod record {
+    pub use crate::format::record::*;
+}
+pub mod confined {
+    pub use crate::fs::confined::*;
+}
+pub mod container {
+    pub use crate::criu::container::*;
+}
+pub mod criu_hold {
+    pub use crate::criu::hold::*;
+}
+pub mod criu_image {
+    pub use crate::criu::image::*;
+}
+pub mod kdat {
+    pub use crate::criu::kdat::*;
+}
+pub mod rootfs {
+    pub use crate::archive::rootfs::*;
+}
+pub mod policy {
+    pub use crate::trust::policy::*;
+}
+pub mod host {
+    pub use crate::trust::identity::*;
+}
+pub mod seal {
+    pub use crate::trust::seal::*;
+}
+pub mod store {
+    pub use crate::node::store::*;
+}
+pub mod lease {
+    pub use crate::node::lease::*;
+}
+pub mod import {
+    pub use crate::node::import::*;
+}
+pub mod retention {
+    pub use crate::node::retention::*;
+}
+pub mod links {
+    pub use crate::pod::shared::links::*;
+}
+pub mod netlock {
+    pub use crate::pod::shared::netlock::*;
+}
+pub mod sysv {
+    pub use crate::pod::shared::sysv::*;
+}
+pub mod dump {
+    pub use crate::pod::dump::*;
+}
+pub mod journal {
+    pub use crate::pod::dump::journal::*;
+}
+pub mod prehash {
+    pub use crate::pod::dump::prehash::*;
+}
+pub mod preflight {
+    pub use crate::pod::dump::preflight::*;
+}

@@ -1,0 +1,949 @@
+//! Checkpoint and restore of one container with runc and CRIU, with podsnap's guarantees:
+//!
+//! - a failed dump leaves the container as it was (running, or paused if it was paused) and
+//!   removes whatever it wrote; its error quotes the tail of CRIU's log;
+//! - the CRIU options a dump used are kept beside its images (`podsnap-criu.json`), so a restore
+//!   passes the matching flags (established TCP, external unix sockets, file locks, shell job,
+//!   empty namespaces, cgroups mode) even when the restoring client does not repeat them;
+//! - a restore checks the images exist before anything is created, and a failed restore removes
+//!   what runc left of the container.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use podsnap_runtime::cgroup::CgroupPaths;
+use podsnap_runtime::launcher::Limit;
+use podsnap_runtime::runc::{CgroupsMode, CheckpointOpts, CriuOpts, ProcessStdio, RestoreOpts, Runc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The file, beside the CRIU images, recording the options the dump used.
+pub const CRIU_OPTIONS_FILE: &str = "podsnap-criu.json";
+
+/// The CRIU configuration file of a container, in its bundle: runc hands its path to CRIU
+/// (the spec's [`CRIU_CONFIG_ANNOTATION`]) on every dump and restore, and CRIU reads it when it
+/// exists. The shim points every container it creates at it; a pod dump writes it for the
+/// length of the dump (CRIU's per-container network lock skipped under the pod's own lock),
+/// a restore for the length of the restore (`tcp-close`).
+pub const CRIU_CONFIG_FILE: &str = "criu.conf";
+
+/// runc's spec annotation naming the CRIU configuration file of a container.
+pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+/// The CRIU configuration file runc gives CRIU for the container of `bundle`, when it is the
+/// bundle's own [`CRIU_CONFIG_FILE`] (not one the user named, nor another bundle's).
+pub fn own_criu_config(bundle: &Path, spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    let own = bundle.join(CRIU_CONFIG_FILE);
+    let named = spec.annotations().as_ref()?.get(CRIU_CONFIG_ANNOTATION)?;
+    (Path::new(named) == own).then_some(own)
+}
+
+/// CRIU's own image that every dump writes first; its absence means "not a checkpoint".
+const CRIU_INVENTORY: &str = "inventory.img";
+
+/// How many lines of CRIU's log an error quotes.
+const LOG_TAIL_LINES: usize = 15;
+
+/// How many of CRIU's error lines before the tail an error quotes.
+const LOG_CAUSE_LINES: usize = 5;
+
+/// The CRIU choices a dump made, which its restore must repeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpOptions {
+    pub tcp_established: bool,
+    pub external_unix_sockets: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+    pub empty_namespaces: Vec<String>,
+    /// soft, full, strict, ignore; empty for runc's default.
+    pub cgroups_mode: String,
+}
+
+impl DumpOptions {
+    fn criu(&self, image_path: &Path, work_path: Option<PathBuf>) -> Result<CriuOpts> {
+        Ok(CriuOpts {
+            image_path: image_path.to_path_buf(),
+            work_path,
+            tcp_established: self.tcp_established,
+            external_unix_sockets: self.external_unix_sockets,
+            shell_job: self.shell_job,
+            file_locks: self.file_locks,
+            empty_namespaces: self.empty_namespaces.clone(),
+            cgroups_mode: CgroupsMode::parse(&self.cgroups_mode).map_err(|e| Error::InvalidCheckpoint {
+                path: image_path.to_path_buf(),
+                reason: e.to_string(),
+            })?,
+        })
+    }
+}
+
+/// A request to dump one container.
+#[derive(Debug, Clone)]
+pub struct Dump {
+    pub id: String,
+    pub image_dir: PathBuf,
+    /// Where CRIU writes its logs; the image directory when `None`.
+    pub work_dir: Option<PathBuf>,
+    pub options: DumpOptions,
+    /// Keep the container running after the dump (otherwise it exits).
+    pub leave_running: bool,
+    /// The container's cgroups, to make sure a failed dump leaves it thawed.
+    pub cgroups: Option<CgroupPaths>,
+    /// Whether the container was paused before the dump (then it stays paused).
+    pub was_paused: bool,
+    /// When runc and CRIU must be stopped.
+    pub limit: Limit,
+}
+
+/// Dumps a container into `dump.image_dir` (created 0700 if missing).
+pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
+    let created_dir = !d.image_dir.exists();
+    create_private_dir(&d.image_dir)?;
+    let before = listing(&d.image_dir);
+    // CRIU's log exists before CRIU starts: on a filesystem out of inodes CRIU can still say
+    // in it why it failed (its log needs no new inode), and a log that cannot be made fails
+    // here with the filesystem's own error.
+    let log_dir = d.work_dir.as_deref().unwrap_or(&d.image_dir);
+    if log_dir.is_dir() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let log = log_dir.join("dump.log");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log)
+            .map_err(|e| Error::io("create CRIU's log", &log, e))?;
+    }
+    let criu = d.options.criu(&d.image_dir, d.work_dir.clone())?;
+    let opts = CheckpointOpts {
+        criu,
+        parent_path: None,
+        leave_running: d.leave_running,
+        limit: d.limit.clone(),
+    };
+    match runc.checkpoint(&d.id, &opts).await {
+        Ok(()) => {
+            let meta = serde_json::to_vec_pretty(&d.options).map_err(|e| Error::InvalidCheckpoint {
+                path: d.image_dir.clone(),
+                reason: e.to_string(),
+            })?;
+            write_private(&d.image_dir.join(CRIU_OPTIONS_FILE), &meta)?;
+            Ok(())
+        }
+        Err(source) => {
+            let log_dir = d.work_dir.as_deref().unwrap_or(&d.image_dir);
+            // No log to quote when CRIU could not even write it: a full filesystem, say so.
+            let log_tail = log_tail(&log_dir.join("dump.log")).or_else(|| full_filesystem(log_dir));
+            remove_partial(&d.image_dir, created_dir, &before);
+            if d.leave_running && !d.was_paused {
+                if let Some(cg) = &d.cgroups {
+                    if let Err(e) = cg.set_frozen(false) {
+                        log::warn!("container {}: thaw after a failed dump: {e}", d.id);
+                    }
+                }
+            }
+            Err(Error::Dump {
+                id: d.id.clone(),
+                source: Box::new(source),
+                log_tail,
+            })
+        }
+    }
+}
+
+/// Checks that `dir` holds a container checkpoint (CRIU images) and reads the options its dump
+/// used. A missing options file (a dump made by another tool) means defaults.
+pub fn inspect(dir: &Path) -> Result<DumpOptions> {
+    let invalid = |reason: String| Error::InvalidCheckpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+    if !meta.is_dir() {
+        return Err(invalid("not a directory".into()));
+    }
+    if !dir.join(CRIU_INVENTORY).is_file() {
+        return Err(invalid(format!(
+            "no CRIU {CRIU_INVENTORY}: this is not a checkpoint"
+        )));
+    }
+    check_memory_images(dir).map_err(invalid)?;
+    match crate::format::manifest::read_capped(&dir.join(CRIU_OPTIONS_FILE), 64 * 1024) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DumpOptions::default()),
+        Err(e) => Err(invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
+    }
+}
+
+use crate::criu::image::{PAGEMAP_MAGIC, PSTREE_MAGIC};
+const PSTREE_IMAGE: &str = "pstree.img";
+/// `pagemap_entry.flags`: the pages are in this image's pages file.
+const PE_PRESENT: u64 = 1 << 2;
+/// The largest `pagemap-*.img` read (about 16 bytes an entry: some 4 million runs of pages).
+const MAX_PAGEMAP_BYTES: u64 = 64 << 20;
+
+/// Checks every `pagemap-*.img` against its `pages-*.img`: the pages the map says are present
+/// must be exactly what the pages file holds. A truncated or missing pages file is caught here,
+/// before CRIU (whose restorer can spin forever on a short read) sees it.
+fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
+    let page = 4096u64;
+    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("pagemap-") && name.ends_with(".img")) || name.starts_with("pagemap-shmem") {
+            continue;
+        }
+        let data = crate::format::manifest::read_capped(&entry.path(), MAX_PAGEMAP_BYTES).map_err(|e| {
+            format!(
+                "{name}: {e} (podsnap reads at most {} MiB of a pagemap)",
+                MAX_PAGEMAP_BYTES >> 20
+            )
+        })?;
+        let (pages_id, present) = parse_pagemap(&data).map_err(|e| format!("{name}: {e}"))?;
+        let pages = format!("pages-{pages_id}.img");
+        let size = match std::fs::metadata(dir.join(&pages)) {
+            Ok(m) => m.len(),
+            Err(_) if present == 0 => 0,
+            Err(e) => return Err(format!("{pages} (named by {name}): {e}")),
+        };
+        // A crafted map may claim more pages than a byte count holds.
+        let Some(mapped) = present.checked_mul(page) else {
+            return Err(format!(
+                "{name} maps {present} pages, more than any memory: the memory image is damaged"
+            ));
+        };
+        if size != mapped {
+            return Err(format!(
+                "{pages} holds {size} bytes but {name} maps {mapped} bytes of pages: the memory image is damaged"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The highest process or thread id of the container's processes in CRIU's images at `dir`
+/// (`pstree.img`), as its PID namespace numbers them: a restore into a PID namespace shared
+/// with other containers must find these free.
+pub fn highest_pid(dir: &Path) -> Result<u32> {
+    let invalid = |reason: String| Error::InvalidCheckpoint {
+        path: dir.join(PSTREE_IMAGE),
+        reason,
+    };
+    let data = crate::format::manifest::read_capped(&dir.join(PSTREE_IMAGE), 64 << 20)
+        .map_err(|e| invalid(e.to_string()))?;
+    let mut highest = 0u64;
+    for entry in crate::criu::image::entries(&data, PSTREE_MAGIC, "process tree").map_err(invalid)? {
+        // pstree_entry: pid = 1, ppid = 2, pgid = 3, sid = 4, threads = 5 (repeated).
+        for (field, value) in crate::criu::image::varints(entry).map_err(invalid)? {
+            if field == 1 || field == 5 {
+                highest = highest.max(value);
+            }
+        }
+    }
+    u32::try_from(highest)
+        .ok()
+        .filter(|h| *h > 0)
+        .ok_or_else(|| invalid(format!("no valid process id (highest {highest})")))
+}
+
+/// Makes the PID namespace at `pidns` hand out ids above `highest` from now on: the next
+/// process any container of the pod starts (a restored server's new thread, a CRIU helper)
+/// cannot take an id a later restore of a container in the same namespace needs (CRIU asks
+/// the kernel for each recorded id, which fails with "File exists" when it is taken).
+pub async fn reserve_pids(
+    launcher: &dyn podsnap_runtime::launcher::Launcher,
+    pidns: &Path,
+    highest: u32,
+) -> Result<()> {
+    use podsnap_runtime::launcher::Capture;
+    // A process in the namespace writes its counter (`ns_last_pid` is the writer's own
+    // namespace's); the host's /proc is the one it sees, nsenter --pid forks into it.
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--pid={}", pidns.display()))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"$1\" > /proc/sys/kernel/ns_last_pid",
+            "sh",
+        ])
+        .arg(highest.to_string())
+        .stdin(std::process::Stdio::null());
+    let what = "reserve the recorded process ids (nsenter --pid, ns_last_pid)";
+    let out = launcher
+        .run(cmd, Capture::Output)
+        .await
+        .map_err(|e| Error::io(what, pidns, e))?;
+    if !out.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(Error::io(what, pidns, std::io::Error::other(stderr)));
+    }
+    Ok(())
+}
+
+/// Reads a pagemap image: its pages id and the number of pages present in its pages file.
+fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
+    let mut pages_id = None;
+    let mut present = 0u64;
+    for msg in crate::criu::image::entries(data, PAGEMAP_MAGIC, "pagemap")? {
+        let fields = crate::criu::image::varints(msg)?;
+        let get = |n: u64| fields.iter().find(|(f, _)| *f == n).map(|(_, v)| *v);
+        if pages_id.is_none() {
+            pages_id = Some(get(1).unwrap_or(0)); // pagemap_head.pages_id
+            continue;
+        }
+        // CRIU 4 moved the page count to a 64-bit field 5, leaving field 2 at 0.
+        let nr_pages = get(5).or(get(2)).unwrap_or(0);
+        let in_parent = get(3).unwrap_or(0) != 0;
+        let is_present = match get(4) {
+            Some(flags) => flags & PE_PRESENT != 0,
+            None => !in_parent,
+        };
+        if is_present {
+            present = present
+                .checked_add(nr_pages)
+                .ok_or("more present pages than a 64-bit count holds")?;
+        }
+    }
+    Ok((pages_id.ok_or("no pagemap head")?, present))
+}
+
+/// A request to restore one container from its images.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub image_dir: PathBuf,
+    /// Where CRIU writes its restore log (must be writable).
+    pub work_dir: PathBuf,
+    pub options: DumpOptions,
+    pub pid_file: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub no_pivot: bool,
+    /// runc's JSON log.
+    pub log: PathBuf,
+    /// Memory comes back through a lazy-pages daemon already listening in `work_dir`.
+    pub lazy_pages: bool,
+    /// Sockets CRIU takes as they are for the socket of the same inode at the dump (ends of
+    /// unix connections to other containers, see [`crate::pod::shared::links::connect_link`]); the CRIU
+    /// configuration file must name them ([`inherit_lines`]).
+    pub inherited: Vec<InheritedSocket>,
+}
+
+/// A socket handed to a container's restore in place of one its CRIU images hold.
+#[derive(Debug, Clone)]
+pub struct InheritedSocket {
+    /// The socket's inode at the dump.
+    pub ino: u64,
+    pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+/// The descriptor number the first inherited socket has in runc and CRIU.
+const INHERITED_FD_BASE: i32 = 1000;
+
+/// The CRIU configuration lines naming `inherited` (`inherit-fd fd[N]:socket:[INO]`), at the
+/// numbers [`restore`] gives them.
+pub fn inherit_lines(inherited: &[InheritedSocket]) -> String {
+    inherited
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "inherit-fd fd[{}]:socket:[{}]\n",
+                INHERITED_FD_BASE + i as i32,
+                s.ino
+            )
+        })
+        .collect()
+}
+
+/// Restores a container (`runc restore --detach`); its process gets `stdio`.
+pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()> {
+    create_private_dir(&r.work_dir)?;
+    let criu = r.options.criu(&r.image_dir, Some(r.work_dir.clone()))?;
+    let opts = RestoreOpts {
+        criu,
+        pid_file: r.pid_file.clone(),
+        console_socket: r.console_socket.clone(),
+        no_pivot: r.no_pivot,
+        log: r.log.clone(),
+        deadline: Some(restore_deadline(&r.image_dir)),
+        lazy_pages: r.lazy_pages,
+        inherit_fds: r
+            .inherited
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (INHERITED_FD_BASE + i as i32, s.fd.clone()))
+            .collect(),
+    };
+    match runc.restore(&r.id, &r.bundle, opts, stdio).await {
+        Ok(()) => Ok(()),
+        Err(source) => {
+            let log_tail = log_tail(&r.work_dir.join("restore.log"));
+            if let Err(e) = runc.delete(&r.id, true).await {
+                log::debug!(
+                    "container {}: nothing to remove after a failed restore: {e}",
+                    r.id
+                );
+            }
+            // CRIU mounts a cgroup yard in its work directory; a killed restore leaves it.
+            podsnap_runtime::mount::unmount_under(&r.work_dir);
+            Err(Error::Restore {
+                id: r.id.clone(),
+                source: Box::new(source),
+                log_tail,
+            })
+        }
+    }
+}
+
+/// CRIU's configuration line for the restore by `runc` of container `id`, dumped with
+/// `options`, when that runc cannot pass the dump's cgroups mode: a dump that left cgroups to
+/// runc (`ignore`, runc 1.2+) restored by an older runc. Its default mode would move the
+/// processes into the cgroups they were dumped from, which the images do not record (on a
+/// hybrid node CRIU fails: "cg: Can't move into unified//kubepods/.../<old id>/cgroup.procs:
+/// No such file or directory"); the configuration file overrides runc's options, so CRIU
+/// leaves the processes where runc puts it, in the container's new cgroups. `options` then
+/// asks runc for its default mode.
+pub async fn cgroups_mode_by_config(
+    runc: &Runc,
+    id: &str,
+    options: &mut DumpOptions,
+) -> Option<&'static str> {
+    if options.cgroups_mode != "ignore" {
+        return None;
+    }
+    let offered = match runc.features().await {
+        Ok(f) => f.cgroups_mode_ignore(),
+        Err(e) => {
+            log::warn!("container {id}: runc's features are unknown: {e}");
+            false
+        }
+    };
+    if offered {
+        return None;
+    }
+    log::info!(
+        "container {id}: dumped with cgroups mode ignore, which this runc does not pass: \
+         told to CRIU through its configuration file"
+    );
+    options.cgroups_mode.clear();
+    Some("manage-cgroups=ignore\n")
+}
+
+/// How long a restore may take: a minute, plus a second per 32 MiB of memory images (a damaged
+/// image can make CRIU's restorer spin forever).
+pub fn restore_deadline(image_dir: &Path) -> std::time::Duration {
+    let bytes: u64 = std::fs::read_dir(image_dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    std::time::Duration::from_secs(60 + bytes / (32 << 20))
+}
+
+/// Says so when the filesystem holding `dir` (or its nearest existing parent) has no space or
+/// no inode left.
+fn full_filesystem(dir: &Path) -> Option<String> {
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    let st = nix::sys::statvfs::statvfs(existing).ok()?;
+    let (blocks, inodes) = (st.blocks_available(), st.files_available());
+    (blocks == 0 || inodes == 0).then(|| {
+        format!(
+            "No space left on device: {} has {} bytes and {inodes} inodes free",
+            existing.display(),
+            blocks * st.fragment_size()
+        )
+    })
+}
+
+/// The last lines of a CRIU log, if it exists, after the log's first error lines when those
+/// come before the tail: CRIU states the cause (`Connected TCP socket, consider using
+/// --tcp-established option`) long before its closing `Dumping FAILED`.
+pub fn log_tail(path: &Path) -> Option<String> {
+    let text = read_log_end(path)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+    let causes: Vec<&str> = lines[..start]
+        .iter()
+        .copied()
+        .filter(|line| is_criu_error(line))
+        .take(LOG_CAUSE_LINES)
+        .collect();
+    let tail = lines[start..].join("\n");
+    if causes.is_empty() {
+        Some(tail)
+    } else {
+        Some(format!("{}\n...\n{tail}", causes.join("\n")))
+    }
+}
+
+/// The last 1 MiB of a log (a CRIU log can grow large; the cause and the tail are near its end).
+fn read_log_end(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let keep = 1 << 20;
+    if len > keep {
+        f.seek(SeekFrom::Start(len - keep)).ok()?;
+    }
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    // Drop a partial first line.
+    Some(if len > keep {
+        text.split_once('\n')
+            .map(|(_, rest)| rest.to_string())
+            .unwrap_or(text)
+    } else {
+        text
+    })
+}
+
+/// A CRIU error line, leaving out the one every run logs (CRIU cannot raise RLIMIT_NOFILE
+/// without CAP_SYS_RESOURCE; harmless).
+fn is_criu_error(line: &str) -> bool {
+    line.contains("Error (") && !line.contains("RLIMIT_NOFILE")
+}
+
+fn listing(dir: &Path) -> HashSet<OsString> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default()
+}
+
+/// Removes what a failed dump wrote: the whole directory if the dump made it, else the new
+/// entries only.
+fn remove_partial(dir: &Path, created_dir: bool, before: &HashSet<OsString>) {
+    if created_dir {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            log::warn!("remove partial checkpoint {}: {e}", dir.display());
+        }
+        return;
+    }
+    for name in listing(dir).difference(before) {
+        let path = dir.join(name);
+        let res = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(e) = res {
+            log::warn!("remove partial checkpoint file {}: {e}", path.display());
+        }
+    }
+}
+
+/// Creates a directory (and missing parents) that only root can enter. Only what it creates is
+/// made 0700: an existing directory (say a 1777 `/tmp`) keeps its mode and owner.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mut missing = Vec::new();
+    let mut cursor = Some(dir);
+    while let Some(p) = cursor.filter(|p| !p.as_os_str().is_empty()) {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(Error::io(
+                    "create a checkpoint directory",
+                    p,
+                    std::io::Error::from(std::io::ErrorKind::NotADirectory),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(p.to_path_buf()),
+            Err(e) => return Err(Error::io("create a checkpoint directory", p, e)),
+        }
+        cursor = p.parent();
+    }
+    for p in missing.iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o700).create(p) {
+            Ok(()) => {
+                // The umask may have taken bits away; never more than 0700 either way.
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| Error::io("make a checkpoint directory private", p, e))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
+            Err(e) => return Err(Error::io("create a checkpoint directory", p, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file only root can read.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| Error::io("write a checkpoint file", path, e))
+}
+
+/// Removes `path` (a file, or a directory with everything in it) that a podsnap operation
+/// left; one already gone is fine, any other failure is logged.
+pub fn remove_leftover(path: &Path) {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = removed {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Paths removed ([`remove_leftover`]) when dropped: what an operation makes for its own
+/// length, gone on every way out of it.
+pub struct RemoveOnDrop(pub Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            remove_leftover(p);
+        }
+    }
+}
+
+/// Replaces `path` whole or not at all: a private temporary file beside it (0600, never
+/// through a symlink left at its name) renamed over it. `what` names the file in errors.
+pub fn replace_private(path: &Path, data: &[u8], what: &'static str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(data))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(what, path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podsnap_runtime::launcher::{Capture, Launcher, Outcome};
+    use std::process::Command;
+    use std::sync::Arc;
+
+    /// runc that "checkpoints" by writing a file into the image dir, then fails with a CRIU log.
+    struct FailingCriu;
+
+    #[async_trait::async_trait]
+    impl Launcher for FailingCriu {
+        async fn run(&self, cmd: Command, _c: Capture) -> std::io::Result<Outcome> {
+            let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+            let pos = args.iter().position(|a| a == "--image-path").expect("image path");
+            let dir = PathBuf::from(&args[pos + 1]);
+            std::fs::write(dir.join("pages-1.img"), b"partial").expect("write");
+            std::fs::write(
+                dir.join("dump.log"),
+                "line 1\nError (criu/sk-unix.c:1): unix: cannot dump\n",
+            )
+            .expect("write");
+            Ok(Outcome {
+                code: 1,
+                stdout: vec![],
+                stderr: b"criu failed: type NOTIFY errno 0".to_vec(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_dump_removes_its_directory_and_quotes_criu() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("ckpt");
+        let runc = Runc::new("runc", "/run/x", Arc::new(FailingCriu));
+        let d = Dump {
+            id: "c1".into(),
+            image_dir: dir.clone(),
+            work_dir: None,
+            options: DumpOptions::default(),
+            leave_running: true,
+            cgroups: None,
+            was_paused: false,
+            limit: Limit::default(),
+        };
+        let err = dump(&runc, &d).await.expect_err("must fail").to_string();
+        assert!(err.starts_with("checkpoint of container c1 failed"), "{err}");
+        assert!(err.contains("unix: cannot dump"), "{err}");
+        assert!(!dir.exists(), "partial checkpoint left behind");
+    }
+
+    #[tokio::test]
+    async fn failed_dump_into_existing_dir_keeps_what_was_there() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::write(root.path().join("mine"), b"x").expect("write");
+        let runc = Runc::new("runc", "/run/x", Arc::new(FailingCriu));
+        let d = Dump {
+            id: "c1".into(),
+            image_dir: root.path().to_path_buf(),
+            work_dir: None,
+            options: DumpOptions::default(),
+            leave_running: true,
+            cgroups: None,
+            was_paused: false,
+            limit: Limit::default(),
+        };
+        dump(&runc, &d).await.expect_err("must fail");
+        let left: Vec<_> = listing(root.path()).into_iter().collect();
+        assert_eq!(left, vec![OsString::from("mine")]);
+    }
+
+    #[test]
+    fn private_dirs_leave_existing_parents_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        create_private_dir(&shared.join("a/b")).expect("create");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&shared), 0o1777, "an existing parent changed mode");
+        assert_eq!(mode(&shared.join("a")), 0o700);
+        assert_eq!(mode(&shared.join("a/b")), 0o700);
+        create_private_dir(&shared).expect("exists");
+        assert_eq!(mode(&shared), 0o1777);
+    }
+
+    #[test]
+    fn log_tail_quotes_the_cause_before_the_tail() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let log = root.path().join("dump.log");
+        let mut text = String::from(
+            "(00.01) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self\n\
+             (00.02) Error (criu/sk-inet.c:199): inet: Connected TCP socket, consider using \
+             --tcp-established option.\n",
+        );
+        for i in 0..40 {
+            text.push_str(&format!("(00.{i:02}) cleanup line {i}\n"));
+        }
+        text.push_str("(00.99) Error (criu/cr-dump.c:1975): Dumping FAILED.\n");
+        std::fs::write(&log, text).expect("write");
+        let tail = log_tail(&log).expect("a tail");
+        assert!(tail.starts_with("(00.02) Error (criu/sk-inet.c:199)"), "{tail}");
+        assert!(!tail.contains("RLIMIT_NOFILE"), "{tail}");
+        assert!(tail.ends_with("Dumping FAILED."), "{tail}");
+        assert_eq!(tail.lines().count(), 1 + 1 + LOG_TAIL_LINES, "{tail}");
+    }
+
+    fn pagemap(pages_id: u64, entries: &[(u64, u64, u64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(0x5458_4319u32.to_le_bytes());
+        out.extend(PAGEMAP_MAGIC.to_le_bytes());
+        let mut push = |msg: Vec<u8>| {
+            out.extend((msg.len() as u32).to_le_bytes());
+            out.extend(msg);
+        };
+        push(vec![0x08, pages_id as u8]);
+        let varint = |m: &mut Vec<u8>, mut v: u64| loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                m.push(b);
+                break;
+            }
+            m.push(b | 0x80);
+        };
+        for &(vaddr, nr, flags) in entries {
+            let mut m = vec![0x08];
+            varint(&mut m, vaddr);
+            // CRIU 4's layout: field 2 left at 0, the count in field 5.
+            m.extend([0x10, 0, 0x20, flags as u8, 0x28]);
+            varint(&mut m, nr);
+            push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn a_crafted_pagemap_whose_pages_overflow_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path();
+        std::fs::write(d.join(CRIU_INVENTORY), b"").expect("inventory");
+        std::fs::write(d.join("pages-7.img"), vec![0u8; 4096]).expect("pages");
+        // 2^52 + 1 pages: 2^64 + 4096 bytes, 4096 once wrapped, as the pages file holds.
+        std::fs::write(
+            d.join("pagemap-1.img"),
+            pagemap(7, &[(0x40_0000, (1 << 52) + 1, PE_PRESENT)]),
+        )
+        .expect("pagemap");
+        let err = inspect(d).expect_err("more pages than can exist").to_string();
+        assert!(err.contains("pagemap-1.img") && err.contains("pages"), "{err}");
+        // Counts that overflow when added up.
+        std::fs::write(
+            d.join("pagemap-1.img"),
+            pagemap(
+                7,
+                &[(0x40_0000, u64::MAX, PE_PRESENT), (0x50_0000, 2, PE_PRESENT)],
+            ),
+        )
+        .expect("pagemap");
+        assert!(inspect(d).is_err());
+    }
+
+    #[test]
+    fn a_pagemap_larger_than_the_cap_is_refused_unread() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path();
+        std::fs::write(d.join(CRIU_INVENTORY), b"").expect("inventory");
+        // A valid head (14 bytes), then empty entries (4 zero bytes each) to just past the cap:
+        // a well-formed image (sparse: nothing is written, and nothing must be read).
+        let f = std::fs::File::create(d.join("pagemap-1.img")).expect("create");
+        use std::io::Write;
+        let head = pagemap(7, &[]);
+        (&f).write_all(&head).expect("head");
+        let len = head.len() as u64 + (MAX_PAGEMAP_BYTES - head.len() as u64) / 4 * 4 + 4;
+        assert!(len > MAX_PAGEMAP_BYTES);
+        f.set_len(len).expect("grow");
+        let err = inspect(d).expect_err("too large").to_string();
+        assert!(
+            err.contains("pagemap-1.img") && err.contains("more than"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn memory_images_must_match_their_pagemap() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path();
+        std::fs::write(d.join(CRIU_INVENTORY), b"").expect("inventory");
+        // 3 present pages and 2 lazy/parent ones that live elsewhere.
+        std::fs::write(
+            d.join("pagemap-1.img"),
+            pagemap(7, &[(0x40_0000, 3, PE_PRESENT), (0x50_0000, 2, 1)]),
+        )
+        .expect("pagemap");
+        std::fs::write(d.join("pages-7.img"), vec![0u8; 3 * 4096]).expect("pages");
+        assert_eq!(
+            parse_pagemap(&std::fs::read(d.join("pagemap-1.img")).expect("read")),
+            Ok((7, 3))
+        );
+        inspect(d).expect("consistent images");
+        std::fs::write(d.join("pages-7.img"), vec![0u8; 4096]).expect("truncate");
+        let err = inspect(d).expect_err("truncated").to_string();
+        assert!(err.contains("memory image is damaged"), "{err}");
+        std::fs::remove_file(d.join("pages-7.img")).expect("rm");
+        let err = inspect(d).expect_err("missing").to_string();
+        assert!(err.contains("pages-7.img"), "{err}");
+    }
+
+    #[test]
+    fn the_highest_pid_counts_every_task_and_thread() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let d = root.path();
+        // What CRIU 4.2 wrote for one task (pid 27254, no other thread), then a second task
+        // (pid 9, parent 27254) with threads 9 and 31000.
+        let mut img = vec![0x19, 0x43, 0x56, 0x54, 0x30, 0x30, 0x27, 0x50];
+        img.extend([
+            0x12, 0, 0, 0, 0x08, 0xf6, 0xd4, 0x01, 0x10, 0x00, 0x18, 0xf6, 0xd4, 0x01,
+        ]);
+        img.extend([0x20, 0xf6, 0xd4, 0x01, 0x28, 0xf6, 0xd4, 0x01]);
+        assert_eq!(highest_of(d, &img), Ok(27254));
+        img.extend([0x0c, 0, 0, 0, 0x08, 0x09, 0x10, 0xf6, 0xd4, 0x01, 0x28, 0x09]);
+        img.extend([0x28, 0x98, 0xf2, 0x01]);
+        assert_eq!(highest_of(d, &img), Ok(31000));
+        img.truncate(img.len() - 2);
+        let err = highest_of(d, &img).expect_err("truncated");
+        assert!(err.contains("truncated entry"), "{err}");
+        let err = highest_of(d, &pagemap(1, &[])).expect_err("another image");
+        assert!(err.contains("not a CRIU process tree image"), "{err}");
+        std::fs::remove_file(d.join(PSTREE_IMAGE)).expect("rm");
+        assert!(highest_pid(d).is_err(), "no pstree.img");
+    }
+
+    fn highest_of(d: &Path, img: &[u8]) -> std::result::Result<u32, String> {
+        std::fs::write(d.join(PSTREE_IMAGE), img).expect("write");
+        highest_pid(d).map_err(|e| e.to_string())
+    }
+
+    /// In a real PID namespace: after the reservation, the next process gets the id after it.
+    #[tokio::test]
+    async fn reserved_pids_are_not_handed_out_again() {
+        use podsnap_runtime::launcher::TokioLauncher;
+        let mut holder = Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "sleep", "60"])
+            .spawn()
+            .expect("unshare (util-linux) starts a PID namespace");
+        let ns = || -> Option<PathBuf> {
+            let children =
+                std::fs::read_to_string(format!("/proc/{}/task/{}/children", holder.id(), holder.id()))
+                    .ok()?;
+            let pid = children.split_whitespace().next()?;
+            Some(PathBuf::from(format!("/proc/{pid}/ns/pid")))
+        };
+        let mut pidns = None;
+        for _ in 0..200 {
+            pidns = ns();
+            if pidns.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let pidns = pidns.expect("the namespace's first process");
+        let result = reserve_pids(&TokioLauncher, &pidns, 4242).await;
+        let next = Command::new("nsenter")
+            .arg(format!("--pid={}", pidns.display()))
+            .args(["--", "sh", "-c", "echo $$"])
+            .output()
+            .expect("nsenter");
+        let _ = holder.kill();
+        let _ = holder.wait();
+        result.expect("reserved");
+        assert_eq!(String::from_utf8_lossy(&next.stdout).trim(), "4243");
+        let err = reserve_pids(&TokioLauncher, Path::new("/nonexistent/ns/pid"), 7)
+            .await
+            .expect_err("no such namespace")
+            .to_string();
+        assert!(err.contains("reserve the recorded process ids"), "{err}");
+    }
+
+    #[test]
+    fn inspect_refuses_what_is_not_a_checkpoint() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let missing = inspect(&root.path().join("nope"))
+            .expect_err("missing")
+            .to_string();
+        assert!(missing.contains("cannot read it"), "{missing}");
+        let empty = inspect(root.path()).expect_err("empty").to_string();
+        assert!(empty.contains("no CRIU inventory.img"), "{empty}");
+        std::fs::write(root.path().join(CRIU_INVENTORY), b"").expect("write");
+        assert_eq!(inspect(root.path()).expect("defaults"), DumpOptions::default());
+        let opts = DumpOptions {
+            tcp_established: true,
+            ..Default::default()
+        };
+        write_private(
+            &root.path().join(CRIU_OPTIONS_FILE),
+            &serde_json::to_vec(&opts).expect("json"),
+        )
+        .expect("write");
+        assert_eq!(inspect(root.path()).expect("options"), opts);
+    }
+}
+
+#[cfg(test)]
+mod proptests;

@@ -1,0 +1,678 @@
+//! The pod dump's crash journal: before a pod dump freezes anything it writes down what it is
+//! about to freeze and where its staging output is, and it removes the note only once every
+//! container is thawed (or killed, with `stop`) and the output committed or removed. If the
+//! process running the dump dies (a shim killed mid-dump), whoever comes next for that pod
+//! (containerd's cleanup of a dead shim, `containerd-shim-podsnap-v1 delete`, or the pod's next
+//! shim) calls [`recover`], which does what the dump's [`Phase`] says is left to do:
+//!
+//! - `dumping`: undo it. Kill the dump's workers, thaw what the note lists, unlock the pod's
+//!   network, remove the staging output.
+//! - `committed` (the checkpoint is complete and the pod thawed): finish it. Kill the workers,
+//!   move the checkpoint into place if the move had not happened yet, thaw, unlock.
+//! - `stopping` (`stop`: the checkpoint is complete and synced, the pod frozen and to be killed
+//!   at its snapshot): finish the stop. Kill the workers, move the checkpoint into place, kill
+//!   every process of the listed cgroups while they are frozen, then thaw (they die before
+//!   running anything); the network stays locked, as the dump leaves it.
+//!
+//! A committed checkpoint is never removed, in place or not. The dump's workers (runc, and the
+//! CRIU each runc started) are known exactly: each program the dump starts is recorded with
+//! its start time as it starts, and each CRIU once it waits to be let go; nothing else is
+//! killed, whatever its command line or working directory.
+//!
+//! ```text
+//! /run/podsnap/dumps/<sandbox-id>.json   0600, written atomically (temporary file, rename)
+//!   { "owner_pid", "owner_start", "frozen": [cgroup dirs: v1 freezer cgroups, or v2 cgroups,
+//!     told apart by freezer.state / cgroup.freeze], "staging", "in_place", "dest",
+//!     "netns", "phase": "dumping" | "committed" | "stopping",
+//!     "workers": [{ "pid", "start" }] }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where pod dumps keep their journals.
+pub const JOURNAL_DIR: &str = "/run/podsnap/dumps";
+/// The largest journal read back.
+const MAX_JOURNAL_BYTES: u64 = 1024 * 1024;
+/// The most workers a journal records (a dump starts a runc and a CRIU per container).
+const MAX_WORKERS: usize = 4096;
+
+/// The journal of pod `sandbox_id`.
+pub fn journal_path(sandbox_id: &str) -> PathBuf {
+    Path::new(JOURNAL_DIR).join(format!("{sandbox_id}.json"))
+}
+
+/// How far a dump got, as far as its recovery is concerned (see the module documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Nothing is committed: a recovery undoes the dump.
+    #[default]
+    Dumping,
+    /// The checkpoint is complete and the pod thawed: a recovery keeps the checkpoint.
+    Committed,
+    /// `stop`: the checkpoint is complete and synced; the pod, frozen, is to be killed at the
+    /// snapshot: a recovery keeps the checkpoint and kills the pod before it thaws.
+    Stopping,
+}
+
+/// A process the dump started (runc, CRIU), and its start time (a reused pid is not it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worker {
+    pub pid: u32,
+    pub start: u64,
+}
+
+/// What a dump in progress may leave behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The process running the dump, and its start time (so a reused pid is not mistaken for it).
+    pub owner_pid: u32,
+    pub owner_start: u64,
+    /// The cgroup directories the dump freezes: v1 freezer cgroups or v2 cgroups.
+    pub frozen: Vec<PathBuf>,
+    /// The staging directory the dump writes into.
+    pub staging: PathBuf,
+    /// The staging directory is the destination itself (it existed, empty): only its contents
+    /// are removed.
+    pub in_place: bool,
+    pub dest: PathBuf,
+    /// The pod's network namespace, locked by the dump.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// How far the dump got.
+    #[serde(default)]
+    pub phase: Phase,
+    /// The processes the dump started, as they started.
+    #[serde(default)]
+    pub workers: Vec<Worker>,
+}
+
+/// A journal written for a dump in progress; removed when dropped (after the dump's own
+/// cleanup has run).
+#[derive(Debug, Default)]
+pub struct Journal {
+    path: Option<PathBuf>,
+    entry: Mutex<Entry>,
+}
+
+impl Journal {
+    /// No journal (a dump whose caller keeps none).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Writes `entry` at `path`, durably, before anything is frozen.
+    pub fn begin(path: &Path, entry: Entry) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        crate::criu::container::create_private_dir(dir)?;
+        write(path, &entry)?;
+        Ok(Self {
+            path: Some(path.to_path_buf()),
+            entry: Mutex::new(entry),
+        })
+    }
+
+    /// Changes the entry with `change` and writes it (e.g. once the staging directory is
+    /// known, or at a new phase).
+    pub fn update(&self, change: impl FnOnce(&mut Entry)) -> Result<()> {
+        let mut entry = self.entry.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut entry);
+        match &self.path {
+            Some(path) => write(path, &entry),
+            None => Ok(()),
+        }
+    }
+
+    /// The phase written last.
+    pub fn phase(&self) -> Phase {
+        self.entry.lock().unwrap_or_else(|e| e.into_inner()).phase
+    }
+
+    /// Records the process `pid` the dump just started (a failure to is logged: the recovery
+    /// then cannot end that one).
+    pub fn worker_started(&self, pid: i32) {
+        let Some(start) = u32::try_from(pid).ok().and_then(start_time) else {
+            return; // gone already
+        };
+        let recorded = self.update(|e| {
+            if e.workers.len() < MAX_WORKERS {
+                e.workers.push(Worker {
+                    pid: pid as u32,
+                    start,
+                });
+            }
+        });
+        if let Err(e) = recorded {
+            log::warn!("the dump journal does not list its worker {pid}: {e}");
+        }
+    }
+
+    /// Records every process descending from a recorded worker that is not recorded yet (the
+    /// CRIU each runc started: one whose runc dies first is no longer found through it).
+    pub fn record_descendants(&self) {
+        let recorded = self.update(|e| {
+            let mut found = Vec::new();
+            for w in e.workers.iter().filter(|w| alive(w.pid, w.start)) {
+                for pid in podsnap_runtime::cgroup::process_tree(w.pid as i32)
+                    .into_iter()
+                    .skip(1)
+                {
+                    let pid = pid as u32;
+                    if e.workers.iter().chain(&found).any(|k: &Worker| k.pid == pid) {
+                        continue;
+                    }
+                    if let Some(start) = start_time(pid) {
+                        found.push(Worker { pid, start });
+                    }
+                }
+            }
+            let room = MAX_WORKERS.saturating_sub(e.workers.len());
+            e.workers.extend(found.into_iter().take(room));
+        });
+        if let Err(e) = recorded {
+            log::warn!("the dump journal does not list the CRIU runs: {e}");
+        }
+    }
+}
+
+/// Writes a journal entry durably and atomically.
+fn write(path: &Path, entry: &Entry) -> Result<()> {
+    let json =
+        serde_json::to_vec_pretty(entry).map_err(|e| Error::io("encode the dump journal", path, e.into()))?;
+    crate::pod::dump::write_synced(path, &json)
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("remove the dump journal {}: {e}", path.display());
+                }
+            }
+        }
+    }
+}
+
+/// This process as a journal owner.
+pub fn this_process() -> (u32, u64) {
+    let pid = std::process::id();
+    (pid, start_time(pid).unwrap_or(0))
+}
+
+/// Whether the process `pid` that started at `start` (see [`this_process`]) still runs: the
+/// same pid with the same start time, not a zombie. A start time of 0 (unknown) never matches.
+pub fn alive(pid: u32, start: u64) -> bool {
+    start != 0 && start_time(pid) == Some(start)
+}
+
+/// A live process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22); `None`
+/// for a process that is gone or dead but not yet reaped (a zombie).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Freezer cgroups thawed.
+    pub thawed: Vec<PathBuf>,
+    /// The staging output removed.
+    pub removed: Option<PathBuf>,
+    /// The committed checkpoint kept (and moved into place, if the dump had not yet).
+    pub kept: Option<PathBuf>,
+    /// Processes of the pod killed at the snapshot (a dump with `stop` that had committed).
+    pub stopped: usize,
+    /// The dump's owner is still alive: nothing was touched.
+    pub owner_alive: bool,
+    /// Processes of the dead dump (runc, CRIU) that were still running, killed.
+    pub killed: usize,
+}
+
+/// Kills each of `workers` that still runs (the same pid with the same start time), with every
+/// process descending from it. Returns how many were found running.
+fn kill_workers(workers: &[Worker]) -> usize {
+    let running: Vec<&Worker> = workers.iter().filter(|w| alive(w.pid, w.start)).collect();
+    for w in &running {
+        log::warn!("killing pid {} of a dead pod dump", w.pid);
+        podsnap_runtime::launcher::kill_tree(w.pid as i32);
+    }
+    running.len()
+}
+
+/// Finishes the commit of a dead dump's complete checkpoint: moves the staging directory into
+/// place if it is still there. Checks that the checkpoint holds every file its manifest lists
+/// (the digests were taken by the dump; `podsnap inspect` checks them).
+fn finish_commit(entry: &Entry) -> std::result::Result<(), String> {
+    let moved = entry.in_place || !entry.staging.exists();
+    let at = if moved { &entry.dest } else { &entry.staging };
+    crate::format::manifest::Manifest::load_listed(at).map_err(|e| e.to_string())?;
+    if moved {
+        return Ok(());
+    }
+    if entry.dest.exists() {
+        return Err(format!(
+            "{} exists: the checkpoint stays at {}",
+            entry.dest.display(),
+            entry.staging.display()
+        ));
+    }
+    std::fs::rename(&entry.staging, &entry.dest)
+        .and_then(|()| std::fs::File::open(entry.dest.parent().unwrap_or(Path::new("/")))?.sync_all())
+        .map_err(|e| format!("move {} into place: {e}", entry.staging.display()))
+}
+
+/// Finishes or undoes what a dead dump left, by its phase (see the module documentation), then
+/// removes the journal. A journal whose owner still runs is left alone. No journal: nothing
+/// to do.
+pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &Path) -> Result<Recovered> {
+    let bytes = match crate::format::manifest::read_capped(path, MAX_JOURNAL_BYTES) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::default()),
+        Err(e) => return Err(Error::io("read the dump journal", path, e)),
+    };
+    let entry: Entry = match serde_json::from_slice(&bytes) {
+        Ok(e) => e,
+        Err(e) => {
+            // A torn journal (the owner died writing it) froze nothing yet.
+            log::warn!("dump journal {} is unreadable ({e}): removed", path.display());
+            let _ = std::fs::remove_file(path);
+            return Ok(Recovered::default());
+        }
+    };
+    if alive(entry.owner_pid, entry.owner_start) {
+        return Ok(Recovered {
+            owner_alive: true,
+            ..Default::default()
+        });
+    }
+    // runc and CRIU outlive a killed shim: end whatever still works for the dead dump, with
+    // everything it started.
+    let mut done = Recovered {
+        killed: kill_workers(&entry.workers),
+        ..Default::default()
+    };
+    let mut phase = entry.phase;
+    if phase != Phase::Dumping {
+        match finish_commit(&entry) {
+            Ok(()) => done.kept = Some(entry.dest.clone()),
+            Err(e) => {
+                // Not a checkpoint to stop the pod for; kept all the same (it was complete).
+                log::error!(
+                    "the committed checkpoint of a dead pod dump is not whole: {e}; the pod is thawed, nothing is removed"
+                );
+                phase = Phase::Committed;
+            }
+        }
+    }
+    if phase == Phase::Stopping {
+        for dir in entry
+            .frozen
+            .iter()
+            .filter(|d| podsnap_runtime::cgroup::can_freeze(d))
+        {
+            match podsnap_runtime::cgroup::kill_all_in(dir) {
+                Ok(n) => done.stopped += n,
+                Err(e) => log::error!("kill {} at the snapshot after a dead dump: {e}", dir.display()),
+            }
+        }
+    }
+    for dir in &entry.frozen {
+        if !podsnap_runtime::cgroup::can_freeze(dir) {
+            continue; // the cgroup is gone with its container
+        }
+        match podsnap_runtime::cgroup::set_freezer_state(dir, false) {
+            Ok(()) => done.thawed.push(dir.clone()),
+            Err(e) => log::error!("thaw {} after a dead dump: {e}", dir.display()),
+        }
+    }
+    if let Some(ns) = entry.netns.as_ref().filter(|_| phase != Phase::Stopping) {
+        crate::pod::shared::netlock::unlock(launcher, ns).await;
+    }
+    if phase == Phase::Dumping && !entry.staging.as_os_str().is_empty() && entry.staging.exists() {
+        let res = if entry.in_place {
+            remove_contents(&entry.staging)
+        } else {
+            std::fs::remove_dir_all(&entry.staging)
+        };
+        match res {
+            Ok(()) => done.removed = Some(entry.staging.clone()),
+            Err(e) => log::error!("remove {} after a dead dump: {e}", entry.staging.display()),
+        }
+    }
+    std::fs::remove_file(path).map_err(|e| Error::io("remove the dump journal", path, e))?;
+    log::warn!(
+        "a pod dump died half-way ({phase:?}): killed {} of its processes, kept {:?}, stopped {} processes of the pod, thawed {:?}, removed {:?}",
+        done.killed,
+        done.kept,
+        done.stopped,
+        done.thawed,
+        done.removed
+    );
+    Ok(done)
+}
+
+/// Removes everything inside `dir` (never following symlinks), keeping `dir`.
+pub fn remove_contents(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(staging: &Path, frozen: Vec<PathBuf>) -> Entry {
+        Entry {
+            owner_pid: u32::MAX - 1,
+            owner_start: 12345,
+            frozen,
+            staging: staging.to_path_buf(),
+            in_place: false,
+            dest: staging.with_extension("final"),
+            netns: None,
+            phase: Phase::Dumping,
+            workers: Vec::new(),
+        }
+    }
+
+    const NO_PROGRAMS: podsnap_runtime::launcher::TokioLauncher = podsnap_runtime::launcher::TokioLauncher;
+
+    #[tokio::test]
+    async fn a_dead_owners_staging_is_removed_and_the_journal_with_it() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let staging = t.path().join(".ckpt.tmp-1");
+        std::fs::create_dir_all(staging.join("containers/app")).expect("mkdir");
+        let path = t.path().join("journal/pod.json");
+        let j = Journal::begin(&path, entry(&staging, vec![])).expect("begin");
+        std::mem::forget(j); // the owner "dies": its Drop never runs
+        let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!(done.removed.as_deref(), Some(staging.as_path()));
+        assert!(!staging.exists() && !path.exists());
+        assert_eq!(
+            recover(&NO_PROGRAMS, &path).await.expect("again"),
+            Recovered::default()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_owner_is_left_alone() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let staging = t.path().join("staging");
+        std::fs::create_dir(&staging).expect("mkdir");
+        let (pid, start) = this_process();
+        let mut e = entry(&staging, vec![]);
+        e.owner_pid = pid;
+        e.owner_start = start;
+        let path = t.path().join("pod.json");
+        let j = Journal::begin(&path, e).expect("begin");
+        assert!(recover(&NO_PROGRAMS, &path).await.expect("recover").owner_alive);
+        assert!(staging.exists() && path.exists());
+        drop(j);
+        assert!(!path.exists(), "the journal goes with its guard");
+    }
+
+    #[tokio::test]
+    async fn in_place_staging_keeps_the_directory_and_torn_journals_are_dropped() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dest = t.path().join("dest");
+        std::fs::create_dir_all(dest.join("containers")).expect("mkdir");
+        std::fs::write(dest.join("manifest.tmp"), b"x").expect("write");
+        let mut e = entry(&dest, vec![t.path().join("no-such-cgroup")]);
+        e.in_place = true;
+        let path = t.path().join("pod.json");
+        std::mem::forget(Journal::begin(&path, e).expect("begin"));
+        let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+        assert!(done.thawed.is_empty(), "a gone cgroup is skipped");
+        assert!(dest.is_dir());
+        assert_eq!(std::fs::read_dir(&dest).expect("list").count(), 0);
+        std::fs::write(&path, b"{\"owner_pid\": 1").expect("torn");
+        assert_eq!(
+            recover(&NO_PROGRAMS, &path).await.expect("torn"),
+            Recovered::default()
+        );
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_dead_dumps_v1_and_v2_cgroups_are_thawed() {
+        // Fixture cgroups in the kernel's formats: a v1 freezer that reports THAWED once
+        // written, and a v2 cgroup whose cgroup.events already says frozen 0.
+        let t = tempfile::tempdir().expect("tempdir");
+        let v1 = t.path().join("freezer/kubepods/pod/c1");
+        let v2 = t.path().join("unified/kubepods/pod/c2");
+        std::fs::create_dir_all(&v1).expect("mkdir");
+        std::fs::create_dir_all(&v2).expect("mkdir");
+        std::fs::write(v1.join("freezer.state"), "FROZEN\n").expect("write");
+        std::fs::write(v2.join("cgroup.freeze"), "1\n").expect("write");
+        std::fs::write(v2.join("cgroup.events"), "populated 1\nfrozen 0\n").expect("write");
+        let staging = t.path().join("staging");
+        std::fs::create_dir(&staging).expect("mkdir");
+        let path = t.path().join("pod.json");
+        std::mem::forget(
+            Journal::begin(&path, entry(&staging, vec![v1.clone(), v2.clone()])).expect("begin"),
+        );
+        let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!(done.thawed, [v1.clone(), v2.clone()]);
+        assert_eq!(
+            std::fs::read_to_string(v1.join("freezer.state")).expect("read"),
+            "THAWED"
+        );
+        assert_eq!(
+            std::fs::read_to_string(v2.join("cgroup.freeze")).expect("read"),
+            "0"
+        );
+    }
+
+    /// A process in a process group of its own, killed with its group when dropped.
+    struct Spawned(std::process::Child);
+
+    impl Spawned {
+        fn new(cmd: &mut std::process::Command) -> Self {
+            use std::os::unix::process::CommandExt;
+            Self(cmd.process_group(0).spawn().expect("spawn"))
+        }
+
+        fn runs(&mut self) -> bool {
+            self.0.try_wait().expect("try_wait").is_none()
+        }
+
+        fn pid(&self) -> i32 {
+            self.0.id() as i32
+        }
+    }
+
+    impl Drop for Spawned {
+        fn drop(&mut self) {
+            // SAFETY: kill has no memory-safety preconditions; the group is this child's own.
+            unsafe {
+                libc::kill(-self.pid(), libc::SIGKILL);
+            }
+            let _ = self.0.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_dumps_recorded_workers_are_killed_not_a_neighbour_naming_a_similar_path() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let staging = t.path().join("ck2");
+        let images = staging.join("containers/app/checkpoint");
+        std::fs::create_dir_all(&images).expect("mkdir");
+        let bystander_dir = t.path().join("ck2-bystander");
+        std::fs::create_dir(&bystander_dir).expect("mkdir");
+        // The dump's worker (a runc: its command line names the images), and the CRIU it
+        // starts, found by `record_descendants`.
+        let mut worker = Spawned::new(
+            std::process::Command::new("sh")
+                .args(["-c", "sleep 100 & wait"])
+                .arg(&images)
+                .current_dir(&images),
+        );
+        // Someone else's: one naming a path beside the dump's, one working in it.
+        let mut neighbour = Spawned::new(
+            std::process::Command::new("sh")
+                .args(["-c", "sleep 100"])
+                .arg(&bystander_dir),
+        );
+        let mut inside = Spawned::new(
+            std::process::Command::new("sleep")
+                .arg("100")
+                .current_dir(&staging),
+        );
+        let mut e = entry(&staging, vec![]);
+        e.in_place = true;
+        let path = t.path().join("pod.json");
+        let j = Journal::begin(&path, e).expect("begin");
+        j.worker_started(worker.pid());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while podsnap_runtime::cgroup::process_tree(worker.pid()).len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the worker's child starts");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        j.record_descendants();
+        let child = podsnap_runtime::cgroup::process_tree(worker.pid())[1];
+        std::mem::forget(j);
+        let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!(done.killed, 2, "the worker and its child, recorded");
+        assert!(!worker.runs(), "the dump's worker is killed");
+        assert!(start_time(child as u32).is_none(), "its child too");
+        assert!(
+            neighbour.runs(),
+            "a process naming ck2-bystander is not the dump's"
+        );
+        assert!(inside.runs(), "nor one working in the destination");
+    }
+
+    #[tokio::test]
+    async fn a_committed_checkpoint_is_kept_and_moved_into_place_if_it_was_not() {
+        let t = tempfile::tempdir().expect("tempdir");
+        // Committed in place: kept as it is.
+        let dest = t.path().join("in-place");
+        crate::node::store::tests::write_checkpoint(&dest, "default", "web", 1, 10);
+        let mut e = entry(&dest, vec![]);
+        (e.in_place, e.dest, e.phase) = (true, dest.clone(), Phase::Committed);
+        let path = t.path().join("pod.json");
+        std::mem::forget(Journal::begin(&path, e).expect("begin"));
+        let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!(done.kept.as_deref(), Some(dest.as_path()));
+        assert_eq!(done.removed, None);
+        crate::format::manifest::Manifest::load_verified(&dest).expect("whole");
+
+        // Complete in staging, the move not done yet: moved.
+        let staging = t.path().join(".moved.tmp-1");
+        crate::node::store::tests::write_checkpoint(&staging, "default", "web", 1, 10);
+        let dest = t.path().join("moved");
+        let mut e = entry(&staging, vec![]);
+        (e.dest, e.phase) = (dest.clone(), Phase::Stopping);
+        std::mem::forget(Journal::begin(&path, e).expect("begin"));
+        let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!(done.kept.as_deref(), Some(dest.as_path()));
+        assert!(!staging.exists());
+        crate::format::manifest::Manifest::load_verified(&dest).expect("whole");
+
+        // Said committed but not whole (a listed file is missing): nothing is removed.
+        let staging = t.path().join(".torn.tmp-1");
+        crate::node::store::tests::write_checkpoint(&staging, "default", "web", 1, 10);
+        std::fs::remove_file(staging.join("containers/app/config.json")).expect("rm");
+        let mut e = entry(&staging, vec![]);
+        e.phase = Phase::Stopping;
+        std::mem::forget(Journal::begin(&path, e).expect("begin"));
+        let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!((done.kept, done.removed, done.stopped), (None, None, 0));
+        assert!(staging.exists() && !path.exists());
+    }
+
+    /// A real cgroup of this node's layout (a v1 freezer, or v2) holding one `sleep`, frozen;
+    /// removed when dropped.
+    struct FrozenSleeper {
+        dir: PathBuf,
+        sleeper: Option<Spawned>,
+    }
+
+    impl FrozenSleeper {
+        fn new(name: &str) -> Self {
+            use podsnap_runtime::cgroup::{CgroupMode, CGROUP_ROOT};
+            let base = match CgroupMode::of_node() {
+                CgroupMode::Unified => PathBuf::from(CGROUP_ROOT),
+                _ => Path::new(CGROUP_ROOT).join("freezer"),
+            };
+            let dir = base.join(format!("podsnap-journal-{name}-{}", std::process::id()));
+            std::fs::create_dir(&dir).expect("make a cgroup (root is needed)");
+            let sleeper = Spawned::new(std::process::Command::new("sleep").arg("100"));
+            std::fs::write(dir.join("cgroup.procs"), sleeper.pid().to_string()).expect("join it");
+            podsnap_runtime::cgroup::set_freezer_state(&dir, true).expect("freeze");
+            Self {
+                dir,
+                sleeper: Some(sleeper),
+            }
+        }
+
+        fn sleeper(&mut self) -> &mut Spawned {
+            self.sleeper.as_mut().expect("sleeper")
+        }
+    }
+
+    impl Drop for FrozenSleeper {
+        fn drop(&mut self) {
+            let _ = podsnap_runtime::cgroup::set_freezer_state(&self.dir, false);
+            drop(self.sleeper.take());
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_committed_dump_is_thawed_and_a_stopping_one_killed_before_the_thaw() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let path = t.path().join("pod.json");
+        for phase in [Phase::Committed, Phase::Stopping] {
+            let mut cg = FrozenSleeper::new(&format!("{phase:?}"));
+            let dest = t.path().join(format!("{phase:?}"));
+            crate::node::store::tests::write_checkpoint(&dest, "default", "web", 1, 10);
+            let mut e = entry(&dest, vec![cg.dir.clone()]);
+            (e.in_place, e.dest, e.phase) = (true, dest.clone(), phase);
+            std::mem::forget(Journal::begin(&path, e).expect("begin"));
+            let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+            assert_eq!(done.thawed, [cg.dir.clone()], "{phase:?}");
+            assert_eq!(done.kept.as_deref(), Some(dest.as_path()), "{phase:?}");
+            let state = std::fs::read_to_string(cg.dir.join("freezer.state"))
+                .or_else(|_| std::fs::read_to_string(cg.dir.join("cgroup.freeze")))
+                .expect("freezer state");
+            assert!(matches!(state.trim(), "THAWED" | "0"), "{phase:?}: {state}");
+            if phase == Phase::Stopping {
+                assert_eq!(done.stopped, 1);
+                let status = cg.sleeper().0.wait().expect("wait");
+                assert!(!status.success(), "killed at the snapshot");
+            } else {
+                assert_eq!(done.stopped, 0);
+                assert!(cg.sleeper().runs(), "the pod runs on, thawed");
+            }
+        }
+    }
+
+    #[test]
+    fn start_times_identify_this_process() {
+        let (pid, start) = this_process();
+        assert_eq!(pid, std::process::id());
+        assert!(start > 0);
+    }
+}

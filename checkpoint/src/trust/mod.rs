@@ -1,0 +1,6 @@
+//! What a restore may trust: the restore policy, this node's identity, seals of verified
+//! checkpoints. Names the layers below (`error` to `archive`).
+
+pub mod identity;
+pub mod policy;
+pub mod seal;
