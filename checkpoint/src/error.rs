@@ -99,11 +99,27 @@ impl Error {
 
 impl Error {
     /// The refusal of a restore from `checkpoint` for breaking `violation`.
-    pub fn refused(checkpoint: impl Into<String>, violation: crate::trust::policy::Violation) -> Self {
+    pub fn refused(checkpoint: impl Into<String>, violation: Violation) -> Self {
         Error::Refused {
             checkpoint: checkpoint.into(),
             rule: violation.rule,
             reason: violation.reason,
+        }
+    }
+}
+
+/// A rule a restore broke, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: &'static str,
+    pub reason: String,
+}
+
+impl Violation {
+    pub(crate) fn new(rule: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            rule,
+            reason: reason.into(),
         }
     }
 }

@@ -18,9 +18,9 @@ pub mod format;
 pub mod fs;
 pub mod node;
 pub mod pod;
-pub mod trust;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod trust;
 
 /// Unit tests count what each thread allocates (the parser properties bound it).
 #[cfg(test)]
@@ -34,6 +34,7 @@ pub use format::record::{ContainerState, Role};
 // layered ones. Re-exports only; nothing inside this crate uses them.
 pub mod manifest {
     pub use crate::format::manifest::*;
+    pub use crate::fs::read::{read_capped, read_full};
 }
 pub mod record {
     pub use crate::format::record::*;
@@ -43,6 +44,8 @@ pub mod confined {
 }
 pub mod container {
     pub use crate::criu::container::*;
+    pub use crate::fs::private::{create_private_dir, replace_private, write_private};
+    pub use crate::fs::remove::{remove_leftover, RemoveOnDrop};
 }
 pub mod criu_hold {
     pub use crate::criu::hold::*;
@@ -55,6 +58,7 @@ pub mod kdat {
 }
 pub mod rootfs {
     pub use crate::archive::rootfs::*;
+    pub use crate::format::deletions::{Deletions, MAX_DELETIONS_BYTES};
 }
 pub mod policy {
     pub use crate::trust::policy::*;
@@ -84,12 +88,20 @@ pub mod netlock {
     pub use crate::pod::shared::netlock::*;
 }
 pub mod sysv {
+    pub use crate::format::layout::SYSV_STATE;
     pub use crate::pod::shared::sysv::*;
 }
 pub mod dump {
+    pub use crate::config::DEFAULT_DEADLINE;
+    pub use crate::format::layout::{
+        empty_dir_name, parts_dir, PartReady, DEV_SHM_ARCHIVE, EMPTY_DIR_MARK, PARTS_SUFFIX,
+    };
+    pub use crate::fs::private::write_synced;
     pub use crate::pod::dump::*;
 }
 pub mod journal {
+    pub use crate::fs::proc::{alive, start_time, this_process};
+    pub use crate::fs::remove::remove_contents;
     pub use crate::pod::dump::journal::*;
 }
 pub mod prehash {

@@ -15,43 +15,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use podsnap_runtime::mountinfo;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-
-/// The largest deletions file read back.
-pub const MAX_DELETIONS_BYTES: u64 = 64 * 1024 * 1024;
-
-/// What the container removed from its image's files.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Deletions {
-    /// Paths (relative to the rootfs) that were deleted.
-    pub deleted: Vec<String>,
-    /// Directories whose image content was replaced whole.
-    pub opaque: Vec<String>,
-}
-
-impl Deletions {
-    /// Reads a deletions file written by [`capture`], refusing one above
-    /// [`MAX_DELETIONS_BYTES`].
-    pub fn read(path: &Path) -> Result<Deletions> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io("read the rootfs deletions", path, e))?;
-        let mut text = Vec::new();
-        file.take(MAX_DELETIONS_BYTES + 1)
-            .read_to_end(&mut text)
-            .map_err(|e| Error::io("read the rootfs deletions", path, e))?;
-        if text.len() as u64 > MAX_DELETIONS_BYTES {
-            return Err(Error::InvalidCheckpoint {
-                path: path.to_path_buf(),
-                reason: format!("larger than {MAX_DELETIONS_BYTES} bytes"),
-            });
-        }
-        serde_json::from_slice(&text).map_err(|e| Error::InvalidCheckpoint {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
-    }
-}
+use crate::format::deletions::Deletions;
+use crate::fs::private::create_private;
 
 /// The overlay upper directory of the filesystem mounted at `mountpoint`, if it is an overlay
 /// with one (the dump's size estimate; the dump itself asks [`upperdir_for_dump`]).
@@ -129,7 +96,7 @@ pub fn capture(upper: &Path, tar_path: &Path, deletions_path: &Path) -> Result<u
     let count = archive.finish()?;
     let json = serde_json::to_vec_pretty(&deletions)
         .map_err(|e| Error::io("encode deletions", deletions_path, e.into()))?;
-    crate::criu::container::write_private(deletions_path, &json)?;
+    crate::fs::private::write_private(deletions_path, &json)?;
     Ok(count)
 }
 
@@ -156,17 +123,6 @@ pub fn apply(rootfs: &Path, tar_path: &Path, deletions_path: &Path) -> Result<()
 /// Unpacks a volume archive into `dst`, confined to it: see [`crate::fs::confined`].
 pub fn unpack(tar_path: &Path, dst: &Path) -> Result<()> {
     crate::fs::confined::unpack(tar_path, dst)
-}
-
-/// Creates a file only root can read.
-pub(crate) fn create_private(path: &Path) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io("create a checkpoint file", path, e))
 }
 
 /// Archives a directory's contents (an emptyDir volume) into `tar_path`: a `.` entry for the

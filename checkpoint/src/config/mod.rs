@@ -69,6 +69,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use std::time::Duration;
+
+/// How long a pod dump may take unless the node configuration, the pod or the request says
+/// otherwise.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 
 /// The environment variable naming the node configuration file.
 pub const CONFIG_ENV: &str = "PODSNAP_CONFIG";
@@ -118,7 +123,7 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DumpPolicy {
-    /// How long a pod dump may take; [`crate::pod::dump::DEFAULT_DEADLINE`] when `None`.
+    /// How long a pod dump may take; [`DEFAULT_DEADLINE`] when `None`.
     pub deadline_seconds: Option<u64>,
     /// Free space a dump must leave on its destination's filesystem (see
     /// [`crate::pod::dump::preflight`]); 0 by default.
@@ -256,7 +261,7 @@ impl DumpPolicy {
         let base = pod
             .or(self.deadline_seconds)
             .map(std::time::Duration::from_secs)
-            .unwrap_or(crate::pod::dump::DEFAULT_DEADLINE);
+            .unwrap_or(DEFAULT_DEADLINE);
         Ok(match request {
             Some(r) if r < base => r,
             _ => base,
@@ -495,10 +500,7 @@ b = ["a"]
             node.deadline(Some("30"), Some(Duration::from_secs(5))),
             Ok(Duration::from_secs(5))
         );
-        assert_eq!(
-            DumpPolicy::default().deadline(None, None),
-            Ok(crate::pod::dump::DEFAULT_DEADLINE)
-        );
+        assert_eq!(DumpPolicy::default().deadline(None, None), Ok(DEFAULT_DEADLINE));
         assert!(node.deadline(Some("soon"), None).is_err());
         assert!(node.deadline(Some("0"), None).is_err());
     }

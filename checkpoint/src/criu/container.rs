@@ -18,6 +18,7 @@ use podsnap_runtime::runc::{CgroupsMode, CheckpointOpts, CriuOpts, ProcessStdio,
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fs::private::{create_private_dir, write_private};
 
 /// The file, beside the CRIU images, recording the options the dump used.
 pub const CRIU_OPTIONS_FILE: &str = "podsnap-criu.json";
@@ -171,7 +172,7 @@ pub fn inspect(dir: &Path) -> Result<DumpOptions> {
         )));
     }
     check_memory_images(dir).map_err(invalid)?;
-    match crate::format::manifest::read_capped(&dir.join(CRIU_OPTIONS_FILE), 64 * 1024) {
+    match crate::fs::read::read_capped(&dir.join(CRIU_OPTIONS_FILE), 64 * 1024) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DumpOptions::default()),
         Err(e) => Err(invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
@@ -196,7 +197,7 @@ fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
         if !(name.starts_with("pagemap-") && name.ends_with(".img")) || name.starts_with("pagemap-shmem") {
             continue;
         }
-        let data = crate::format::manifest::read_capped(&entry.path(), MAX_PAGEMAP_BYTES).map_err(|e| {
+        let data = crate::fs::read::read_capped(&entry.path(), MAX_PAGEMAP_BYTES).map_err(|e| {
             format!(
                 "{name}: {e} (podsnap reads at most {} MiB of a pagemap)",
                 MAX_PAGEMAP_BYTES >> 20
@@ -232,7 +233,7 @@ pub fn highest_pid(dir: &Path) -> Result<u32> {
         path: dir.join(PSTREE_IMAGE),
         reason,
     };
-    let data = crate::format::manifest::read_capped(&dir.join(PSTREE_IMAGE), 64 << 20)
+    let data = crate::fs::read::read_capped(&dir.join(PSTREE_IMAGE), 64 << 20)
         .map_err(|e| invalid(e.to_string()))?;
     let mut highest = 0u64;
     for entry in crate::criu::image::entries(&data, PSTREE_MAGIC, "process tree").map_err(invalid)? {
@@ -539,107 +540,6 @@ fn remove_partial(dir: &Path, created_dir: bool, before: &HashSet<OsString>) {
             log::warn!("remove partial checkpoint file {}: {e}", path.display());
         }
     }
-}
-
-/// Creates a directory (and missing parents) that only root can enter. Only what it creates is
-/// made 0700: an existing directory (say a 1777 `/tmp`) keeps its mode and owner.
-pub fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let mut missing = Vec::new();
-    let mut cursor = Some(dir);
-    while let Some(p) = cursor.filter(|p| !p.as_os_str().is_empty()) {
-        match std::fs::symlink_metadata(p) {
-            Ok(m) if m.is_dir() => break,
-            Ok(_) => {
-                return Err(Error::io(
-                    "create a checkpoint directory",
-                    p,
-                    std::io::Error::from(std::io::ErrorKind::NotADirectory),
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(p.to_path_buf()),
-            Err(e) => return Err(Error::io("create a checkpoint directory", p, e)),
-        }
-        cursor = p.parent();
-    }
-    for p in missing.iter().rev() {
-        match std::fs::DirBuilder::new().mode(0o700).create(p) {
-            Ok(()) => {
-                // The umask may have taken bits away; never more than 0700 either way.
-                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
-                    .map_err(|e| Error::io("make a checkpoint directory private", p, e))?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
-            Err(e) => return Err(Error::io("create a checkpoint directory", p, e)),
-        }
-    }
-    Ok(())
-}
-
-/// Writes a file only root can read.
-pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(data))
-        .map_err(|e| Error::io("write a checkpoint file", path, e))
-}
-
-/// Removes `path` (a file, or a directory with everything in it) that a podsnap operation
-/// left; one already gone is fine, any other failure is logged.
-pub fn remove_leftover(path: &Path) {
-    let removed = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = removed {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            log::warn!("remove {}: {e}", path.display());
-        }
-    }
-}
-
-/// Paths removed ([`remove_leftover`]) when dropped: what an operation makes for its own
-/// length, gone on every way out of it.
-pub struct RemoveOnDrop(pub Vec<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            remove_leftover(p);
-        }
-    }
-}
-
-/// Replaces `path` whole or not at all: a private temporary file beside it (0600, never
-/// through a symlink left at its name) renamed over it. `what` names the file in errors.
-pub fn replace_private(path: &Path, data: &[u8], what: &'static str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(data))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(what, path, e)
-    })
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ impl Hold {
             }
             _ => {}
         }
-        crate::criu::container::create_private_dir(&dir)?;
+        crate::fs::private::create_private_dir(&dir)?;
         let go = dir.join("go");
         let c_go = std::ffi::CString::new(go.as_os_str().as_encoded_bytes())
             .map_err(|e| Error::io("hold CRIU's dump", &go, std::io::Error::other(e)))?;
@@ -165,8 +165,8 @@ impl Hold {
 /// configuration file and hold), before a dump of that container alone: a pod dump that died
 /// half-way could leave CRIU a script to wait in.
 pub fn clear(bundle: &Path) {
-    crate::criu::container::remove_leftover(&bundle.join(crate::criu::container::CRIU_CONFIG_FILE));
-    crate::criu::container::remove_leftover(&bundle.join(HOLD_DIR));
+    crate::fs::remove::remove_leftover(&bundle.join(crate::criu::container::CRIU_CONFIG_FILE));
+    crate::fs::remove::remove_leftover(&bundle.join(HOLD_DIR));
 }
 
 impl Drop for Hold {

@@ -153,7 +153,7 @@ fn with_varints(mut msg: &[u8], f: impl Fn(u64, u64) -> Option<u64>) -> std::res
 pub fn make_session_leader(dir: &Path) -> Result<()> {
     let path = dir.join("pstree.img");
     let bad = |reason: String| invalid(&path, reason);
-    let data = crate::format::manifest::read_capped(&path, MAX_IMAGE_BYTES).map_err(|e| bad(e.to_string()))?;
+    let data = crate::fs::read::read_capped(&path, MAX_IMAGE_BYTES).map_err(|e| bad(e.to_string()))?;
     let messages = entries(&data, PSTREE_MAGIC, "process tree").map_err(bad)?;
     let read = |m: &[u8]| -> std::result::Result<(u64, u64, u64), String> {
         let f = varints(m)?;
@@ -181,7 +181,7 @@ pub fn make_session_leader(dir: &Path) -> Result<()> {
         out.extend((m.len() as u32).to_le_bytes());
         out.extend(m);
     }
-    crate::criu::container::replace_private(&path, &out, "rewrite CRIU's process tree")
+    crate::fs::private::replace_private(&path, &out, "rewrite CRIU's process tree")
 }
 
 /// What podsnap reads of a unix socket in `files.img` (CRIU's `unix_sk_entry`).
@@ -203,7 +203,7 @@ const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
 fn read_image(dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
     let path = dir.join(name);
-    match crate::format::manifest::read_capped(&path, MAX_IMAGE_BYTES) {
+    match crate::fs::read::read_capped(&path, MAX_IMAGE_BYTES) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(invalid(&path, e.to_string())),

@@ -150,7 +150,7 @@ async fn generate(launcher: &dyn Launcher) -> Result<Vec<u8>> {
 
 /// Writes `path` whole or not at all, 0600.
 fn install(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::criu::container::replace_private(path, bytes, "write CRIU's kernel feature cache")
+    crate::fs::private::replace_private(path, bytes, "write CRIU's kernel feature cache")
 }
 
 #[cfg(test)]

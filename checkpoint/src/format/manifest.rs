@@ -49,6 +49,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::format::record::{ContainerState, Role};
+use crate::fs::read::{read_capped, read_full};
 
 /// `format` of a podsnap pod checkpoint.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
@@ -131,7 +132,7 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_shm: Option<String>,
     /// The SysV IPC objects of the pod's IPC namespace, captured once for the pod:
-    /// [`crate::pod::shared::sysv::SYSV_STATE`] (and a data file per segment).
+    /// [`crate::format::layout::SYSV_STATE`] (and a data file per segment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sysv_ipc: Option<String>,
     /// Containers at either end of a TCP connection over loopback to another container of the
@@ -493,10 +494,14 @@ impl Manifest {
         }
         check_unix_links(&m).map_err(invalid)?;
         check_adopted(&m).map_err(invalid)?;
-        if let Some(a) = m.sysv_ipc.as_deref().filter(|a| *a != crate::pod::shared::sysv::SYSV_STATE) {
+        if let Some(a) = m
+            .sysv_ipc
+            .as_deref()
+            .filter(|a| *a != crate::format::layout::SYSV_STATE)
+        {
             return Err(invalid(format!(
                 "the SysV IPC state is {a:?}, not {:?}",
-                crate::pod::shared::sysv::SYSV_STATE
+                crate::format::layout::SYSV_STATE
             )));
         }
         Ok(m)
@@ -617,21 +622,6 @@ fn check_unix_links(m: &Manifest) -> std::result::Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Reads a whole file after checking its size against `cap` (on the open file: no race).
-pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
-    let f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    if len > cap {
-        return Err(std::io::Error::other(format!("{len} bytes, more than {cap}")));
-    }
-    let mut buf = Vec::with_capacity(len as usize);
-    f.take(cap + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > cap {
-        return Err(std::io::Error::other(format!("more than {cap} bytes")));
-    }
-    Ok(buf)
 }
 
 /// The checkpoint directory holds exactly the manifest and the listed files, each a regular
@@ -822,20 +812,6 @@ impl StreamDigest {
             StreamDigest::Blake3(h) => h.finalize().to_hex().to_string(),
         }
     }
-}
-
-/// Reads until `buf` is full or the reader ends; returns how much was read.
-pub fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut at = 0;
-    while at < buf.len() {
-        match f.read(&mut buf[at..]) {
-            Ok(0) => break,
-            Ok(n) => at += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(at)
 }
 
 /// Accepts a relative path that stays inside its root: no absolute paths, no `..`.

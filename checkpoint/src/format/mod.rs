@@ -1,5 +1,7 @@
 //! The checkpoint on disk: the manifest (types, parsing, validation, digests, names and the
 //! layout's file names) and the records it holds. Names only `error` and `fs`.
 
+pub mod deletions;
+pub mod layout;
 pub mod manifest;
 pub mod record;

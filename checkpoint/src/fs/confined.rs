@@ -82,7 +82,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use crate::error::{Error, Result};
-use crate::archive::rootfs::Deletions;
+use crate::format::deletions::Deletions;
 
 /// The largest file a sparse archive entry may expand to. Its holes are read back as zeros, so
 /// this bounds the time one entry can take.

@@ -3,3 +3,9 @@
 //! `error`.
 
 pub mod confined;
+pub mod fingerprint;
+pub mod private;
+pub mod proc;
+pub mod read;
+pub mod remove;
+pub mod units;

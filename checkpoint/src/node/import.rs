@@ -27,9 +27,9 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
-use crate::criu::container::create_private_dir;
 use crate::error::{Error, Result};
 use crate::format::manifest::{safe_relative, Manifest, MANIFEST};
+use crate::fs::private::create_private_dir;
 
 /// How many fresh names are tried before giving up.
 const MAX_NAME_TRIES: usize = 1000;
@@ -157,7 +157,7 @@ pub fn import(
                 if link {
                     format!("{rel} (others are linked)")
                 } else {
-                    format!("the checkpoint's files ({})", crate::pod::dump::preflight::mib(total))
+                    format!("the checkpoint's files ({})", crate::fs::units::mib(total))
                 },
                 root.display()
             ));

@@ -73,7 +73,7 @@ pub struct Holder {
 impl Holder {
     /// This process holding a lease on `checkpoint` for pod `sandbox_id`.
     pub fn this_process(sandbox_id: &str, pod: Option<String>, checkpoint: &Path) -> Self {
-        let (owner_pid, owner_start) = crate::pod::dump::journal::this_process();
+        let (owner_pid, owner_start) = crate::fs::proc::this_process();
         Self {
             sandbox_id: sandbox_id.to_owned(),
             pod,
@@ -98,7 +98,7 @@ impl Holder {
             pod,
             checkpoint: checkpoint.to_path_buf(),
             owner_pid: pid,
-            owner_start: crate::pod::dump::journal::start_time(pid)?,
+            owner_start: crate::fs::proc::start_time(pid)?,
             lazy_pages_of: Some(container.to_owned()),
         })
     }
@@ -114,7 +114,7 @@ impl Holder {
 
     /// Whether the lease's owner still runs.
     pub fn alive(&self) -> bool {
-        crate::pod::dump::journal::alive(self.owner_pid, self.owner_start)
+        crate::fs::proc::alive(self.owner_pid, self.owner_start)
     }
 }
 
@@ -204,11 +204,11 @@ pub fn take(base: &Path, holder: &Holder) -> Result<Lease> {
         .map_err(|e| Error::io("encode a checkpoint lease", &dir, e.into()))?;
     let mut last = None;
     for _ in 0..TAKE_ATTEMPTS {
-        crate::criu::container::create_private_dir(&dir)?;
+        crate::fs::private::create_private_dir(&dir)?;
         let path = dir.join(id);
         let tmp = dir.join(format!(".{id}.tmp-{}", std::process::id()));
         // A sweep may remove the directory while it is empty: then try again.
-        match crate::criu::container::write_private(&tmp, &json)
+        match crate::fs::private::write_private(&tmp, &json)
             .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| Error::io("write a lease", &path, e)))
         {
             Ok(()) => return Ok(Lease { path }),
@@ -256,7 +256,7 @@ pub fn holders(base: &Path, checkpoint: &Path) -> Result<Vec<Holder>> {
 
 /// The lease at `path` when its owner lives; a stale or unreadable lease is removed.
 fn read_live(path: &Path) -> Option<Holder> {
-    let bytes = match crate::format::manifest::read_capped(path, MAX_LEASE_BYTES) {
+    let bytes = match crate::fs::read::read_capped(path, MAX_LEASE_BYTES) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
@@ -287,7 +287,7 @@ fn read_live(path: &Path) -> Option<Holder> {
 
 /// Removes every lease this process holds (the shim, as it exits); returns how many.
 pub fn release_own(base: &Path) -> usize {
-    let (pid, start) = crate::pod::dump::journal::this_process();
+    let (pid, start) = crate::fs::proc::this_process();
     sweep(base, |h| h.owner_pid == pid && h.owner_start == start)
 }
 
@@ -311,7 +311,7 @@ fn sweep(base: &Path, drop_it: impl Fn(&Holder) -> bool) -> usize {
                 continue;
             }
             let path = file.path();
-            let holder = crate::format::manifest::read_capped(&path, MAX_LEASE_BYTES)
+            let holder = crate::fs::read::read_capped(&path, MAX_LEASE_BYTES)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Holder>(&b).ok());
             // An unparseable lease file is nobody's: dropped as stale.
@@ -447,7 +447,7 @@ mod tests {
                 None
             })
             .expect("the child turns into a zombie");
-        assert!(!crate::pod::dump::journal::alive(pid, start), "a zombie is dead");
+        assert!(!crate::fs::proc::alive(pid, start), "a zombie is dead");
         child.wait().expect("reap");
     }
 

@@ -59,8 +59,8 @@ impl fmt::Display for Reason {
             Reason::Total { total, max } => write!(
                 f,
                 "the root held {} in checkpoints, more than max_total_bytes = {max} ({})",
-                crate::pod::dump::preflight::mib(*total),
-                crate::pod::dump::preflight::mib(*max)
+                crate::fs::units::mib(*total),
+                crate::fs::units::mib(*max)
             ),
         }
     }
@@ -181,7 +181,7 @@ pub fn apply(
                     "retention: removed checkpoint {} of pod {} ({}): {reason}",
                     c.name,
                     c.pod,
-                    crate::pod::dump::preflight::mib(c.bytes)
+                    crate::fs::units::mib(c.bytes)
                 );
                 pruned.push(Pruned {
                     name: c.name.clone(),
@@ -333,8 +333,11 @@ mod tests {
         write_checkpoint(&root.join("db-1"), "ns", "db", 5, 10);
         std::fs::create_dir_all(root.join("broken/containers")).expect("mkdir");
         let held = std::fs::canonicalize(root.join("web-1")).expect("canonical");
-        let lease = crate::node::lease::take(&leases, &crate::node::lease::Holder::this_process("sb", None, &held))
-            .expect("lease");
+        let lease = crate::node::lease::take(
+            &leases,
+            &crate::node::lease::Holder::this_process("sb", None, &held),
+        )
+        .expect("lease");
         let policy = RetentionPolicy {
             max_per_pod: Some(1),
             ..Default::default()

@@ -30,8 +30,8 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::node::lease::{self, Holder};
 use crate::format::manifest::{Manifest, MANIFEST};
+use crate::node::lease::{self, Holder};
 
 /// How deep folders of checkpoints are looked into.
 const MAX_DEPTH: usize = 8;

@@ -30,23 +30,8 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use serde::Serialize;
 
 use crate::config::RestorePolicy;
+pub use crate::error::Violation;
 use crate::format::manifest::{ContainerEntry, HostInfo};
-
-/// A rule a restore broke, and how.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    pub rule: &'static str,
-    pub reason: String,
-}
-
-impl Violation {
-    fn new(rule: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            rule,
-            reason: reason.into(),
-        }
-    }
-}
 
 /// May a pod of namespace `target` restore a checkpoint taken in namespace `source`?
 pub fn check_namespace(

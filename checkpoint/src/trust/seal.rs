@@ -19,7 +19,7 @@
 //! root (see the README's threat model).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{Manifest, MANIFEST};
+use crate::fs::fingerprint::{fingerprint, Fingerprint};
 
 /// Where the node's seals are kept.
 pub const SEAL_DIR: &str = "/run/podsnap/seals";
@@ -35,27 +36,11 @@ const MAX_SEAL_BYTES: u64 = 4 << 20;
 /// The key under which a seal records the checkpoint directory itself.
 const DIR_KEY: &str = ".";
 
-/// What a file looked like when it was sealed: device, inode, size, mtime (s, ns), ctime (s, ns).
-pub(crate) type Fingerprint = [i64; 7];
-
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Seal {
     boot: String,
     checkpoint: PathBuf,
     files: BTreeMap<String, Fingerprint>,
-}
-
-pub(crate) fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
-    let m = std::fs::symlink_metadata(path)?;
-    Ok([
-        m.dev() as i64,
-        m.ino() as i64,
-        m.size() as i64,
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec(),
-    ])
 }
 
 fn boot_id() -> std::io::Result<String> {
@@ -99,7 +84,7 @@ pub fn record(seals: &Path, checkpoint: &Path, manifest: &Manifest) -> Result<()
         .create(seals)
         .map_err(|e| Error::io(what, seals, e))?;
     let bytes = serde_json::to_vec(&seal).map_err(|e| Error::io(what, &path, e.into()))?;
-    crate::criu::container::replace_private(&path, &bytes, what)?;
+    crate::fs::private::replace_private(&path, &bytes, what)?;
     prune(seals);
     Ok(())
 }
@@ -116,7 +101,7 @@ fn prune(seals: &Path) {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        let stale = match crate::format::manifest::read_capped(&path, MAX_SEAL_BYTES)
+        let stale = match crate::fs::read::read_capped(&path, MAX_SEAL_BYTES)
             .ok()
             .and_then(|b| serde_json::from_slice::<Seal>(&b).ok())
         {
@@ -136,7 +121,7 @@ pub fn holds(seals: &Path, checkpoint: &Path, manifest: &Manifest) -> bool {
     let Ok((path, canonical)) = seal_path(seals, checkpoint) else {
         return false;
     };
-    let Ok(bytes) = crate::format::manifest::read_capped(&path, MAX_SEAL_BYTES) else {
+    let Ok(bytes) = crate::fs::read::read_capped(&path, MAX_SEAL_BYTES) else {
         return false;
     };
     let Ok(sealed) = serde_json::from_slice::<Seal>(&bytes) else {
@@ -181,6 +166,7 @@ impl Manifest {
 mod tests {
     use super::*;
     use crate::format::manifest::FileDigest;
+    use std::os::unix::fs::MetadataExt;
 
     /// A checkpoint of two files with real digests, and its manifest.
     fn checkpoint(dir: &Path) -> Manifest {

@@ -44,7 +44,7 @@ fn full() -> Manifest {
         ("containers/app/rootfs-deleted.json".into(), ()),
         ("volumes/cache.tar".into(), ()),
         ("pod/dev-shm.tar".into(), ()),
-        (crate::pod::shared::sysv::SYSV_STATE.into(), ()),
+        (crate::format::layout::SYSV_STATE.into(), ()),
         (CPUINFO.into(), ()),
     ] {
         m.files.insert(rel, digest());
@@ -58,7 +58,7 @@ fn full() -> Manifest {
         }],
     });
     m.dev_shm = Some("pod/dev-shm.tar".into());
-    m.sysv_ipc = Some(crate::pod::shared::sysv::SYSV_STATE.into());
+    m.sysv_ipc = Some(crate::format::layout::SYSV_STATE.into());
     m.loopback_linked = vec!["app".into(), "sidecar".into()];
     m.unix_links.push(UnixLink {
         kind: UnixKind::Stream,

@@ -33,6 +33,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fs::proc::{alive, start_time};
+use crate::fs::remove::remove_contents;
 
 /// Where pod dumps keep their journals.
 pub const JOURNAL_DIR: &str = "/run/podsnap/dumps";
@@ -109,7 +111,7 @@ impl Journal {
     /// Writes `entry` at `path`, durably, before anything is frozen.
     pub fn begin(path: &Path, entry: Entry) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new("/"));
-        crate::criu::container::create_private_dir(dir)?;
+        crate::fs::private::create_private_dir(dir)?;
         write(path, &entry)?;
         Ok(Self {
             path: Some(path.to_path_buf()),
@@ -184,7 +186,7 @@ impl Journal {
 fn write(path: &Path, entry: &Entry) -> Result<()> {
     let json =
         serde_json::to_vec_pretty(entry).map_err(|e| Error::io("encode the dump journal", path, e.into()))?;
-    crate::pod::dump::write_synced(path, &json)
+    crate::fs::private::write_synced(path, &json)
 }
 
 impl Drop for Journal {
@@ -197,31 +199,6 @@ impl Drop for Journal {
             }
         }
     }
-}
-
-/// This process as a journal owner.
-pub fn this_process() -> (u32, u64) {
-    let pid = std::process::id();
-    (pid, start_time(pid).unwrap_or(0))
-}
-
-/// Whether the process `pid` that started at `start` (see [`this_process`]) still runs: the
-/// same pid with the same start time, not a zombie. A start time of 0 (unknown) never matches.
-pub fn alive(pid: u32, start: u64) -> bool {
-    start != 0 && start_time(pid) == Some(start)
-}
-
-/// A live process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22); `None`
-/// for a process that is gone or dead but not yet reaped (a zombie).
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split(' ');
-    if matches!(fields.next(), Some("Z" | "X")) {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
 }
 
 /// What [`recover`] did.
@@ -278,7 +255,7 @@ fn finish_commit(entry: &Entry) -> std::result::Result<(), String> {
 /// removes the journal. A journal whose owner still runs is left alone. No journal: nothing
 /// to do.
 pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &Path) -> Result<Recovered> {
-    let bytes = match crate::format::manifest::read_capped(path, MAX_JOURNAL_BYTES) {
+    let bytes = match crate::fs::read::read_capped(path, MAX_JOURNAL_BYTES) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::default()),
         Err(e) => return Err(Error::io("read the dump journal", path, e)),
@@ -364,23 +341,10 @@ pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &
     Ok(done)
 }
 
-/// Removes everything inside `dir` (never following symlinks), keeping `dir`.
-pub fn remove_contents(dir: &Path) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        let meta = std::fs::symlink_metadata(&p)?;
-        if meta.is_dir() {
-            std::fs::remove_dir_all(&p)?;
-        } else {
-            std::fs::remove_file(&p)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs::proc::this_process;
 
     fn entry(staging: &Path, frozen: Vec<PathBuf>) -> Entry {
         Entry {

@@ -64,11 +64,12 @@ use podsnap_runtime::cgroup::CgroupPaths;
 use podsnap_runtime::launcher::{Launcher, Limit};
 use podsnap_runtime::runc::Runc;
 
-use crate::criu::container::{self, create_private_dir, Dump, DumpOptions};
+use crate::archive::rootfs;
+use crate::criu::container::{self, Dump, DumpOptions};
 use crate::criu::hold::Hold;
 use crate::error::{Error, Result};
 use crate::failpoint::hold;
-use journal::Journal;
+use crate::format::layout::{empty_dir_name, parts_dir, PartReady, DEV_SHM_ARCHIVE};
 use crate::format::manifest::{
     validate_name, ContainerEntry, DigestAlgorithm, DumpStats, FileDigest, HostInfo, Manifest, PodInfo,
     VolumeEntry, VolumeMount, CPUINFO, FORMAT, MANIFEST, VERSION,
@@ -77,13 +78,12 @@ use crate::format::manifest::{
     AdoptedProcess, CONFIG_DUMP, DELETED_FILES, MAX_JSON_BYTES, PART_NAMES, ROOTFS_DELETED, ROOTFS_DIFF,
 };
 use crate::format::record::{ContainerState, Role};
-use crate::archive::rootfs;
+use crate::fs::private::{
+    create_private_dir, make_private, sync_dir, sync_filesystem, write_private, write_synced,
+};
+use crate::fs::remove::RemoveOnDrop;
+use journal::Journal;
 
-/// Path fragment of a kubelet emptyDir volume's host directory.
-pub const EMPTY_DIR_MARK: &str = "/volumes/kubernetes.io~empty-dir/";
-/// How long a pod dump may take unless the node configuration, the pod or the request says
-/// otherwise.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 /// A container of the pod, as the shim knows it.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -211,7 +211,7 @@ pub async fn dump_pod(d: PodDump) -> Result<DumpReport> {
     phases.mark("preflight");
     // Drop order matters: the staging guard (removes uncommitted output) and the frozen guard
     // inside `dump_into` go before the journal that lists them.
-    let (owner_pid, owner_start) = journal::this_process();
+    let (owner_pid, owner_start) = crate::fs::proc::this_process();
     let entry = journal::Entry {
         owner_pid,
         owner_start,
@@ -406,7 +406,11 @@ async fn dump_into(
 }
 
 /// The pod's network lock, taken when the dump may go on to the freeze.
-async fn locked(d: &PodDump, limit: &Limit, lock: Option<&Path>) -> Result<crate::pod::shared::netlock::NetLock> {
+async fn locked(
+    d: &PodDump,
+    limit: &Limit,
+    lock: Option<&Path>,
+) -> Result<crate::pod::shared::netlock::NetLock> {
     hold("before-freeze").await;
     check(limit, d.deadline, "before the freeze")?;
     crate::pod::shared::netlock::NetLock::take(d.launcher.clone(), lock, limit).await
@@ -471,7 +475,7 @@ impl CriuConfigs {
                 text.push_str(&format!("external unix[{ino}]\n"));
                 told.ends.insert((t.entry.name.clone(), *ino));
             }
-            container::write_private(&conf, text.as_bytes())?;
+            write_private(&conf, text.as_bytes())?;
             holds.push(hold);
         }
         Ok((files, holds, told))
@@ -667,7 +671,8 @@ async fn freeze_and_capture(
     report.phases.mark("checked");
     // Which containers loopback connections link, read beside the dumps (the pod stays frozen
     // until they are done; the kernel's TCP tables take milliseconds to list).
-    let linked = tokio::task::spawn_blocking(move || crate::pod::shared::links::loopback_linked(&procs, &owners));
+    let linked =
+        tokio::task::spawn_blocking(move || crate::pod::shared::links::loopback_linked(&procs, &owners));
     // Capture while frozen. runc and CRIU are killed at the deadline or when the caller gives
     // up: their failure is then that.
     let (slowest, captured) = capture_all(d, dir, running, limit, ipc.as_ref(), dumps)
@@ -718,7 +723,7 @@ async fn finish(
                 std::fs::read(&src).map_err(|e| Error::io("read a container spec", &src, e))?
             }
         };
-        container::write_private(
+        write_private(
             &cdir.join(PART_NAMES.spec),
             &without_own_criu_config(spec, &t.bundle),
         )?;
@@ -1172,11 +1177,12 @@ async fn capture_all(
                 // Its CRIU images recreate only the SysV segments its own processes attach.
                 if let Some(keep) = ipc.and_then(|i| i.members.get(&t.entry.id)).cloned() {
                     let images = dir.join(t.entry.dir()).join(PART_NAMES.images);
-                    let trimmed =
-                        tokio::task::spawn_blocking(move || crate::pod::shared::sysv::trim_criu_images(&images, &keep))
-                            .await
-                            .map_err(|e| Error::io("trim IPC images", &t.bundle, std::io::Error::other(e)))
-                            .and_then(|r| r);
+                    let trimmed = tokio::task::spawn_blocking(move || {
+                        crate::pod::shared::sysv::trim_criu_images(&images, &keep)
+                    })
+                    .await
+                    .map_err(|e| Error::io("trim IPC images", &t.bundle, std::io::Error::other(e)))
+                    .and_then(|r| r);
                     if let Err(e) = trimmed {
                         first_error.get_or_insert(e);
                     }
@@ -1219,7 +1225,7 @@ async fn capture_all(
     if let Some(state) = &sysv_ipc {
         let json = serde_json::to_vec_pretty(state)
             .map_err(|e| Error::io("encode the SysV IPC state", dir, e.into()))?;
-        container::write_private(&dir.join(crate::pod::shared::sysv::SYSV_STATE), &json)?;
+        write_private(&dir.join(crate::format::layout::SYSV_STATE), &json)?;
     }
     let entries = volumes
         .into_iter()
@@ -1234,7 +1240,7 @@ async fn capture_all(
         Captured {
             volumes: entries,
             dev_shm: dev_shm.map(|_| DEV_SHM_ARCHIVE.to_owned()),
-            sysv_ipc: sysv_ipc.map(|_| crate::pod::shared::sysv::SYSV_STATE.to_owned()),
+            sysv_ipc: sysv_ipc.map(|_| crate::format::layout::SYSV_STATE.to_owned()),
             loopback_linked: Vec::new(),
             unix_links: Vec::new(),
             adopted: Vec::new(),
@@ -1268,9 +1274,14 @@ async fn planned_unix_ends(d: &PodDump, running: &[&Target]) -> Result<HashMap<S
         .map(|t| (t.entry.name.clone(), cgroup_procs(t)))
         .collect();
     let owners = crate::pod::shared::links::SocketOwners::read(&procs);
-    let found =
-        crate::pod::shared::links::unix_connections(d.launcher.as_ref(), d.netns.as_deref(), &procs, &owners, false)
-            .await?;
+    let found = crate::pod::shared::links::unix_connections(
+        d.launcher.as_ref(),
+        d.netns.as_deref(),
+        &procs,
+        &owners,
+        false,
+    )
+    .await?;
     let mut ends: HashMap<String, BTreeSet<u64>> = HashMap::new();
     for c in found
         .iter()
@@ -1388,9 +1399,6 @@ fn check_linked_queues(dir: &Path, links: &[crate::format::manifest::UnixLink]) 
     Ok(())
 }
 
-/// The pod's `/dev/shm` archive in a checkpoint.
-pub const DEV_SHM_ARCHIVE: &str = "pod/dev-shm.tar";
-
 /// The host directory of a container's `/dev/shm`, when it is the pod's own (a bind mount, in
 /// a container with an IPC namespace of the pod's; a pod on the host's IPC namespace shares the
 /// host's `/dev/shm`, which is never captured).
@@ -1473,7 +1481,7 @@ fn adopted_processes<'a>(
             let restored_as_adopted = || {
                 t.adopted
                     .iter()
-                    .any(|(p, start)| *p == top && crate::pod::dump::journal::start_time(top as u32) == Some(*start))
+                    .any(|(p, start)| *p == top && crate::fs::proc::start_time(top as u32) == Some(*start))
             };
             if Some(parent) == pause || restored_as_adopted() {
                 match adopted.iter_mut().find(|a| a.root == top) {
@@ -1581,23 +1589,23 @@ async fn dump_adopted(
 /// Writes the runc state of an adopted process's dump (see [`dump_adopted`]) and its CRIU
 /// configuration file; both are removed when the answer is dropped. Never `runc delete`d: that
 /// would kill the container's cgroup.
-fn adopted_state(t: &Target, id: &str, pid: i32, pod_locked: bool) -> Result<container::RemoveOnDrop> {
+fn adopted_state(t: &Target, id: &str, pid: i32, pod_locked: bool) -> Result<RemoveOnDrop> {
     let source = t.runc.root().join(&t.entry.id).join("state.json");
-    let bytes = crate::format::manifest::read_capped(&source, MAX_JSON_BYTES)
+    let bytes = crate::fs::read::read_capped(&source, MAX_JSON_BYTES)
         .map_err(|e| Error::io("read the container's runc state", &source, e))?;
     let mut state: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::io("read the container's runc state", &source, e.into()))?;
     let conf = t.bundle.join(format!("criu-adopted-{pid}.conf"));
     let dir = t.runc.root().join(id);
-    let this = container::RemoveOnDrop(vec![dir.clone(), conf.clone()]);
-    container::write_private(
+    let this = RemoveOnDrop(vec![dir.clone(), conf.clone()]);
+    write_private(
         &conf,
         if pod_locked { "network-lock skip\n" } else { "" }.as_bytes(),
     )?;
     state["id"] = id.into();
     state["init_process_pid"] = pid.into();
     // As runc records its init's: `/proc/<pid>/stat`'s start time.
-    let start = crate::pod::dump::journal::start_time(pid as u32).ok_or_else(|| {
+    let start = crate::fs::proc::start_time(pid as u32).ok_or_else(|| {
         Error::io(
             "read a process's start",
             format!("/proc/{pid}/stat"),
@@ -1611,7 +1619,7 @@ fn adopted_state(t: &Target, id: &str, pid: i32, pod_locked: bool) -> Result<con
     }
     create_private_dir(&dir)?;
     let json = serde_json::to_vec(&state).map_err(|e| Error::io("write a runc state", &dir, e.into()))?;
-    container::write_private(&dir.join("state.json"), &json)?;
+    write_private(&dir.join("state.json"), &json)?;
     Ok(this)
 }
 
@@ -1755,13 +1763,6 @@ pub fn empty_dirs(targets: &[Target]) -> BTreeMap<String, (PathBuf, Vec<VolumeMo
     out
 }
 
-/// The volume name of a kubelet emptyDir host path.
-pub fn empty_dir_name(source: &str) -> Option<&str> {
-    let (_, rest) = source.split_once(EMPTY_DIR_MARK)?;
-    let name = rest.trim_end_matches('/');
-    (validate_name(name).is_ok()).then_some(name)
-}
-
 /// Size and digest of every regular file under `dir` (but the manifest), in parallel. Every
 /// directory under `dir` is made 0700 and every file 0600 on the way: they are this dump's
 /// output, and CRIU writes its images 0644.
@@ -1827,51 +1828,6 @@ async fn digest_tree(
         files.extend(part);
     }
     Ok(files)
-}
-
-/// Gives `path` (a file or directory this dump wrote, never a symlink) `mode` unless it has it.
-fn make_private(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io("stat a checkpoint file", path, e))?;
-    if meta.file_type().is_symlink() || meta.permissions().mode() & 0o7777 == mode {
-        return Ok(());
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io("make a checkpoint file private", path, e))
-}
-
-/// Writes a file durably and atomically: temporary name, fsync, rename, fsync the directory.
-pub fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = rootfs::create_private(&tmp)?;
-    f.write_all(data).map_err(|e| Error::io("write", &tmp, e))?;
-    f.sync_all().map_err(|e| Error::io("sync", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// Writes every dirty page of the filesystem holding `dir` to disk (one `syncfs`, instead of
-/// an fsync per file).
-fn sync_filesystem(dir: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let d = std::fs::File::open(dir).map_err(|e| Error::io("open the checkpoint", dir, e))?;
-    // SAFETY: syncfs on a descriptor we own and keep open across the call.
-    let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
-    if rc != 0 {
-        return Err(Error::io(
-            "sync the checkpoint",
-            dir,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync a directory", dir, e))
 }
 
 /// The directory a dump writes into until it is complete; removed when dropped uncommitted.
@@ -1970,7 +1926,7 @@ impl Drop for Staging {
             return;
         }
         let res = if self.in_place {
-            journal::remove_contents(&self.dir)
+            crate::fs::remove::remove_contents(&self.dir)
         } else {
             std::fs::remove_dir_all(&self.dir)
         };
@@ -1980,29 +1936,6 @@ impl Drop for Staging {
             }
         }
     }
-}
-
-/// The suffix of the directory beside a dump's destination where the dump announces each
-/// container part once it is complete (`<dest>.parts/<container>.json`, a [`PartReady`]): a
-/// caller that pushes the checkpoint creates it to upload parts while the dump finishes.
-pub const PARTS_SUFFIX: &str = ".parts";
-
-/// `<dest>.parts`.
-pub fn parts_dir(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(PARTS_SUFFIX);
-    dest.with_file_name(name)
-}
-
-/// A complete container part of a dump still being finished.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PartReady {
-    /// The checkpoint directory being written (the staging directory until it is committed).
-    pub root: PathBuf,
-    /// `containers/<name>`.
-    pub part: String,
-    /// Its files, relative to `root`, sorted: what the manifest will list for the part.
-    pub files: Vec<String>,
 }
 
 /// Writes a [`PartReady`] for every container into `<dest>.parts` when the caller made that
@@ -2030,7 +1963,7 @@ fn announce_parts(d: &PodDump, dir: &Path) {
         let tmp = parts.join(format!(".{}.json.tmp", t.entry.name));
         let written = serde_json::to_vec(&ready)
             .map_err(std::io::Error::other)
-            .and_then(|json| container::write_private(&tmp, &json).map_err(std::io::Error::other))
+            .and_then(|json| write_private(&tmp, &json).map_err(std::io::Error::other))
             .and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             log::warn!("{}: not announced: {e}", path.display());
@@ -2085,13 +2018,13 @@ fn write_kep_metadata(
     let encode = |v: &serde_json::Value| {
         serde_json::to_vec_pretty(v).map_err(|e| Error::io("encode", cdir, std::io::Error::other(e)))
     };
-    container::write_private(&cdir.join(CONFIG_DUMP), &encode(&config)?)?;
+    write_private(&cdir.join(CONFIG_DUMP), &encode(&config)?)?;
     let deletions = cdir.join(ROOTFS_DELETED);
     if deletions.exists() {
-        let deleted = rootfs::Deletions::read(&deletions)?.deleted;
+        let deleted = crate::format::deletions::Deletions::read(&deletions)?.deleted;
         if !deleted.is_empty() {
             let list = deleted.into_iter().map(|p| format!("/{p}")).collect::<Vec<_>>();
-            container::write_private(&cdir.join(DELETED_FILES), &encode(&serde_json::json!(list))?)?;
+            write_private(&cdir.join(DELETED_FILES), &encode(&serde_json::json!(list))?)?;
         }
     }
     Ok(())

@@ -8,8 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::pod::dump::{empty_dirs, Target};
 use crate::error::{Error, Result};
+use crate::fs::units::mib;
+use crate::pod::dump::{empty_dirs, Target};
 
 /// What a dump is expected to write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -63,10 +64,6 @@ fn decide(dest: &Path, fs: &Path, free: u64, e: &Estimate, reserve: u64) -> Resu
             mib(free)
         ),
     })
-}
-
-pub(crate) fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// The dump's expected size.

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::format::manifest::{DigestAlgorithm, FileDigest};
-use crate::trust::seal::{fingerprint, Fingerprint};
+use crate::fs::fingerprint::{fingerprint, Fingerprint};
 
 /// A digest taken early, and what the file looked like then.
 #[derive(Debug, Clone)]
@@ -221,7 +221,7 @@ fn blake3_politely(path: &Path, urgent: &AtomicBool) -> Option<String> {
             set_idle(false);
             polite = false;
         }
-        let n = crate::format::manifest::read_full(&mut f, &mut buf).ok()?;
+        let n = crate::fs::read::read_full(&mut f, &mut buf).ok()?;
         if n == 0 {
             break;
         }

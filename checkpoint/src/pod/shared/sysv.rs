@@ -32,9 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-
-/// The state of the pod's SysV objects, relative to the checkpoint root.
-pub const SYSV_STATE: &str = "pod/sysv-ipc.json";
+use crate::format::layout::SYSV_STATE;
 
 /// `shmctl` commands and flags glibc has and the libc crate does not.
 const SHM_DEST: u32 = 0o1000;

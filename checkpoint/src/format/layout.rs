@@ -1,0 +1,45 @@
+//! Names in the checkpoint's layout that are not the manifest's own: the pod's shared state,
+//! emptyDir volume names, and the part announcements beside a dump's destination.
+
+use std::path::{Path, PathBuf};
+
+use crate::format::manifest::validate_name;
+
+/// The state of the pod's SysV objects, relative to the checkpoint root.
+pub const SYSV_STATE: &str = "pod/sysv-ipc.json";
+
+/// The pod's `/dev/shm` archive in a checkpoint.
+pub const DEV_SHM_ARCHIVE: &str = "pod/dev-shm.tar";
+
+/// Path fragment of a kubelet emptyDir volume's host directory.
+pub const EMPTY_DIR_MARK: &str = "/volumes/kubernetes.io~empty-dir/";
+
+/// The volume name of a kubelet emptyDir host path.
+pub fn empty_dir_name(source: &str) -> Option<&str> {
+    let (_, rest) = source.split_once(EMPTY_DIR_MARK)?;
+    let name = rest.trim_end_matches('/');
+    (validate_name(name).is_ok()).then_some(name)
+}
+
+/// The suffix of the directory beside a dump's destination where the dump announces each
+/// container part once it is complete (`<dest>.parts/<container>.json`, a [`PartReady`]): a
+/// caller that pushes the checkpoint creates it to upload parts while the dump finishes.
+pub const PARTS_SUFFIX: &str = ".parts";
+
+/// `<dest>.parts`.
+pub fn parts_dir(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(PARTS_SUFFIX);
+    dest.with_file_name(name)
+}
+
+/// A complete container part of a dump still being finished.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartReady {
+    /// The checkpoint directory being written (the staging directory until it is committed).
+    pub root: PathBuf,
+    /// `containers/<name>`.
+    pub part: String,
+    /// Its files, relative to `root`, sorted: what the manifest will list for the part.
+    pub files: Vec<String>,
+}
