@@ -117,7 +117,14 @@ fn is_opaque(dir: &Path) -> bool {
 
 /// Applies captured changes onto a mounted `rootfs`, confined to it: see [`crate::fs::confined`].
 pub fn apply(rootfs: &Path, tar_path: &Path, deletions_path: &Path) -> Result<()> {
-    crate::fs::confined::apply_changes(rootfs, tar_path, deletions_path)
+    let deletions = Deletions::read(deletions_path)?;
+    crate::fs::confined::apply_changes(
+        rootfs,
+        tar_path,
+        &deletions.deleted,
+        &deletions.opaque,
+        deletions_path,
+    )
 }
 
 /// Unpacks a volume archive into `dst`, confined to it: see [`crate::fs::confined`].

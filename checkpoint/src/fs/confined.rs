@@ -82,18 +82,23 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use crate::error::{Error, Result};
-use crate::format::deletions::Deletions;
 
 /// The largest file a sparse archive entry may expand to. Its holes are read back as zeros, so
 /// this bounds the time one entry can take.
 pub const MAX_SPARSE_FILE_BYTES: u64 = 64 << 30;
 
-/// Applies a rootfs capture (`tar_path` and the [`Deletions`] at `deletions_path`) onto
-/// `rootfs`, a fresh mount of the container's image, following the rule in the module header.
-pub fn apply_changes(rootfs: &Path, tar_path: &Path, deletions_path: &Path) -> Result<()> {
-    let deletions = Deletions::read(deletions_path)?;
-    let deleted = parse_listed(&deletions.deleted, deletions_path, "deleted")?;
-    let opaque = parse_listed(&deletions.opaque, deletions_path, "opaque")?;
+/// Applies a rootfs capture (`tar_path`, and the `deleted` and `opaque` lists of its deletions
+/// file `deletions_path`, named in errors) onto `rootfs`, a fresh mount of the container's
+/// image, following the rule in the module header.
+pub fn apply_changes(
+    rootfs: &Path,
+    tar_path: &Path,
+    deleted: &[String],
+    opaque: &[String],
+    deletions_path: &Path,
+) -> Result<()> {
+    let deleted = parse_listed(deleted, deletions_path, "deleted")?;
+    let opaque = parse_listed(opaque, deletions_path, "opaque")?;
     let archive = ArchiveFile::open(tar_path, "rootfs diff")?;
     let dirs = archive.survey()?;
     if let Some(missing) = opaque.iter().find(|p| !dirs.contains(*p)) {
@@ -823,8 +828,15 @@ fn list_dir(dir: BorrowedFd<'_>) -> nix::Result<Vec<CString>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::deletions::Deletions;
     use std::collections::BTreeMap;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
+    /// [`apply_changes`] with the lists read from a deletions file, as a restore does.
+    pub(super) fn apply_file(rootfs: &Path, tar: &Path, deletions: &Path) -> Result<()> {
+        let d = Deletions::read(deletions)?;
+        apply_changes(rootfs, tar, &d.deleted, &d.opaque, deletions)
+    }
 
     #[test]
     fn names_are_relative_and_normal() {
@@ -896,7 +908,7 @@ mod tests {
                 opaque: opaque.iter().map(|s| s.to_string()).collect(),
             };
             std::fs::write(&del, serde_json::to_vec(&d).expect("json")).expect("write");
-            apply_changes(&self.rootfs, &tar, &del)
+            apply_file(&self.rootfs, &tar, &del)
         }
     }
 

@@ -191,7 +191,7 @@ fn the_captures_apply_whole() {
     let scene = Scene::new();
     let diff = scene.file("diff.tar", &c.diff);
     let deletions = scene.file("deletions.json", &serde_json::to_vec(&c.deletions).expect("json"));
-    apply_changes(&scene.root, &diff, &deletions).expect("a capture applies");
+    super::tests::apply_file(&scene.root, &diff, &deletions).expect("a capture applies");
     assert!(!scene.root.join("gone").exists());
     assert_eq!(std::fs::read(scene.root.join("d/h")).expect("read"), b"hello");
     assert!(std::fs::symlink_metadata(scene.root.join("opaque"))
@@ -237,7 +237,7 @@ proptest! {
         let json = serde_json::to_vec(&deletions).expect("json");
         let del = scene.file("deletions.json", &json);
         let _ = assert_bounded("apply_changes", tar.len() + json.len(), 8, 1 << 20, || {
-            apply_changes(&scene.root, &diff, &del)
+            super::tests::apply_file(&scene.root, &diff, &del)
         });
         scene.assert_outside_untouched("apply_changes")?;
     }
