@@ -5,11 +5,13 @@
 //!
 //! It knows nothing of containerd, ttrpc or protobuf: the shim adapts its types to the task API.
 //! Every external program is started through a [`launcher::Launcher`], so the shim can make the
-//! real one wait through its child reaper, and unit tests can inject a fake.
+//! real one wait through its child reaper, and unit tests can inject a fake. Cgroup and /proc
+//! work goes through [`host::Host`] for the same reason (a scripted fake: feature `fake-host`).
 
 pub mod bundle;
 pub mod cgroup;
 pub mod error;
+pub mod host;
 pub mod launcher;
 pub mod mount;
 pub mod mountinfo;
