@@ -98,6 +98,7 @@ pub mod dump {
     };
     pub use crate::fs::private::write_synced;
     pub use crate::pod::dump::*;
+    pub use crate::pod::spec::{dev_shm_source, empty_dirs, joined_ipc_ns};
 }
 pub mod journal {
     pub use crate::fs::proc::{alive, start_time, this_process};

@@ -286,7 +286,7 @@ impl TreeArchive {
     /// Ends the archive; returns how many entries it holds. Not synced: it is written while
     /// the pod is frozen, and an fsync there waits for the disk (the dump's digests make a
     /// checkpoint torn by a crash fail verification; `--stop` syncs the whole checkpoint
-    /// before the pod is killed, see [`crate::pod::dump`]).
+    /// before the pod is killed, see the pod dump).
     fn finish(self) -> Result<u64> {
         let mut out = self
             .builder

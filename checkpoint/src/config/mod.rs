@@ -126,7 +126,7 @@ pub struct DumpPolicy {
     /// How long a pod dump may take; [`DEFAULT_DEADLINE`] when `None`.
     pub deadline_seconds: Option<u64>,
     /// Free space a dump must leave on its destination's filesystem (see
-    /// [`crate::pod::dump::preflight`]); 0 by default.
+    /// the pod dump's pre-flight check); 0 by default.
     pub reserve_bytes: u64,
     /// How the pod's network is held still while it is dumped.
     pub network_lock: NetworkLock,
@@ -139,7 +139,7 @@ pub struct DumpPolicy {
 #[serde(rename_all = "kebab-case")]
 pub enum DigestTiming {
     /// As CRIU closes each one, in the idle scheduling class while the pod is frozen
-    /// ([`crate::pod::dump::prehash`]): the dump ends sooner, the frozen window may be a little longer.
+    /// (the pod dump's prehash): the dump ends sooner, the frozen window may be a little longer.
     #[default]
     Early,
     /// All after the thaw: the shortest frozen window, the dump ends later.

@@ -329,8 +329,8 @@ pub struct Restore {
     /// Memory comes back through a lazy-pages daemon already listening in `work_dir`.
     pub lazy_pages: bool,
     /// Sockets CRIU takes as they are for the socket of the same inode at the dump (ends of
-    /// unix connections to other containers, see [`crate::pod::shared::links::connect_link`]); the CRIU
-    /// configuration file must name them ([`inherit_lines`]).
+    /// unix connections to other containers, see the pod's shared links); the CRIU configuration
+    /// file must name them ([`inherit_lines`]).
     pub inherited: Vec<InheritedSocket>,
 }
 

@@ -43,3 +43,32 @@ pub struct PartReady {
     /// Its files, relative to `root`, sorted: what the manifest will list for the part.
     pub files: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_dir_names_come_from_kubelet_paths() {
+        assert_eq!(
+            empty_dir_name("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/data"),
+            Some("data")
+        );
+        assert_eq!(
+            empty_dir_name("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~secret/x"),
+            None
+        );
+        assert_eq!(
+            empty_dir_name("/x/volumes/kubernetes.io~empty-dir/../../etc"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_parts_dir_sits_beside_the_destination() {
+        assert_eq!(
+            parts_dir(Path::new("/ckpt/web")),
+            PathBuf::from("/ckpt/web.parts")
+        );
+    }
+}

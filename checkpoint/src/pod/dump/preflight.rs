@@ -2,7 +2,7 @@
 //! is estimated (the memory the containers' processes use, what they changed in their root
 //! filesystems, the pod's emptyDir volumes) and compared with the free space of the filesystem
 //! the checkpoint goes to. A dump that cannot fit is refused with the numbers; one that fits
-//! the estimate but still runs out of space fails cleanly all the same (see [`crate::pod::dump`]).
+//! the estimate but still runs out of space fails cleanly all the same (see the pod dump).
 //! The node configuration may keep a reserve free on that filesystem (`[dump] reserve_bytes`):
 //! a dump must then fit with the reserve left over.
 
@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fs::units::mib;
-use crate::pod::dump::{empty_dirs, Target};
+use crate::pod::spec::empty_dirs;
+use crate::pod::target::Target;
+use podsnap_runtime::host::{Host, LinuxHost};
+use std::sync::Arc;
 
 /// What a dump is expected to write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,13 +30,19 @@ impl Estimate {
 }
 
 /// Refuses a dump into `dest` that cannot fit and leave `reserve` bytes free.
-pub async fn check(dest: &Path, targets: &[Target], running: &[&Target], reserve: u64) -> Result<()> {
+pub async fn check(
+    host: Arc<dyn Host>,
+    dest: &Path,
+    targets: &[Target],
+    running: &[Target],
+    reserve: u64,
+) -> Result<()> {
     let dest = dest.to_path_buf();
     let targets: Vec<Target> = targets.to_vec();
-    let running: Vec<Target> = running.iter().map(|t| (*t).clone()).collect();
+    let running: Vec<Target> = running.to_vec();
     tokio::task::spawn_blocking(move || {
         let estimate = estimate(&targets, &running);
-        let (fs, free) = free_space(&dest)?;
+        let (fs, free) = free_space_on(host.as_ref(), &dest)?;
         decide(&dest, &fs, free, &estimate, reserve)
     })
     .await
@@ -134,6 +143,11 @@ fn tree_size(dir: &Path) -> u64 {
 /// The free space (for unprivileged use, as CRIU's files are no different) of the filesystem
 /// holding `path` or its nearest existing ancestor.
 pub fn free_space(path: &Path) -> Result<(PathBuf, u64)> {
+    free_space_on(&LinuxHost, path)
+}
+
+/// [`free_space`] on `host`.
+pub fn free_space_on(host: &dyn Host, path: &Path) -> Result<(PathBuf, u64)> {
     let mut p = path.to_path_buf();
     while !p.exists() {
         match p.parent() {
@@ -144,8 +158,10 @@ pub fn free_space(path: &Path) -> Result<(PathBuf, u64)> {
             }
         }
     }
-    let st = nix::sys::statvfs::statvfs(&p).map_err(|e| Error::io("read free space", &p, e.into()))?;
-    Ok((p, st.blocks_available() as u64 * st.fragment_size() as u64))
+    let free = host
+        .free_bytes(&p)
+        .map_err(|e| Error::io("read free space", &p, e))?;
+    Ok((p, free))
 }
 
 #[cfg(test)]

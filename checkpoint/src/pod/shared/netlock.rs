@@ -8,7 +8,7 @@
 //! One iptables chain of podsnap's own, `PODSNAP-LOCK`, jumped to first from INPUT and OUTPUT
 //! of the pod's namespace, entered with `nsenter --net`. Under it each container's CRIU skips
 //! its own lock (`network-lock skip` in the container's CRIU configuration file, see
-//! [`crate::pod::dump`]): CRIU's iptables lock and unlock of the same namespace per container, all
+//! the pod dump): CRIU's iptables lock and unlock of the same namespace per container, all
 //! inside the frozen window, cost more than the dump of a container's memory. What a dropped
 //! loopback packet costs is a retransmission after the thaw.
 //!

@@ -1,0 +1,154 @@
+//! What each container's CRIU is told for a dump, in its own configuration file: its hold,
+//! `network-lock skip` under the pod's lock, and which unix sockets are external.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use crate::criu::container::{CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_FILE};
+use crate::criu::hold::Hold;
+use crate::error::{Error, Result};
+use crate::fs::private::write_private;
+use crate::pod::target::Target;
+
+/// What the containers' CRIU runs were told of unix connections between containers.
+#[derive(Default)]
+pub(super) struct ToldEnds {
+    /// (container name, socket inode) ends they were told are external.
+    pub(super) ends: HashSet<(String, u64)>,
+    /// Containers whose CRIU reads podsnap's configuration file (only those can be told).
+    pub(super) configured: HashSet<String>,
+}
+
+/// The CRIU configuration files of the dumped containers (see
+/// [`CRIU_CONFIG_FILE`]) for the length of the dump: removed when dropped.
+pub(super) struct CriuConfigs(Vec<PathBuf>);
+
+impl CriuConfigs {
+    /// What CRIU is told for this dump, for each of `running` whose bundle has podsnap's file
+    /// (the others get their CRIU started once the pod is frozen, with CRIU's own network
+    /// lock): its hold ([`crate::criu::hold`]), `network-lock skip` when the pod's network is
+    /// locked by podsnap, and `external unix[INO]` for each of its sockets in `unix_ends`
+    /// (container name -> inodes: ends of connections to other containers). A file left by a
+    /// restore (`tcp-close`) is replaced. Returns the holds, one place per container of
+    /// `running`, and the (container, inode) ends its CRIU was told of.
+    pub(super) fn write(
+        running: &[Target],
+        pod_locked: bool,
+        unix_ends: &HashMap<String, BTreeSet<u64>>,
+    ) -> Result<(Self, Vec<Option<Hold>>, ToldEnds)> {
+        let mut files = CriuConfigs(Vec::new());
+        let mut holds = Vec::new();
+        let mut told = ToldEnds::default();
+        for t in running {
+            let bundle = podsnap_runtime::bundle::Bundle::new(&t.bundle);
+            let Some(conf) = bundle
+                .spec()
+                .ok()
+                .and_then(|spec| crate::criu::container::own_criu_config(&t.bundle, &spec))
+            else {
+                holds.push(None);
+                continue;
+            };
+            files.0.push(conf.clone());
+            told.configured.insert(t.entry.name.clone());
+            // A bundle on a noexec mount cannot hold CRIU's script: dumped once frozen.
+            let (hold, mut text) = match Hold::possible(&t.bundle) {
+                true => Hold::prepare(&t.bundle).map(|(hold, line)| (Some(hold), line))?,
+                false => (None, String::new()),
+            };
+            if pod_locked {
+                text.push_str("network-lock skip\n");
+            }
+            for ino in unix_ends.get(&t.entry.name).into_iter().flatten() {
+                text.push_str(&format!("external unix[{ino}]\n"));
+                told.ends.insert((t.entry.name.clone(), *ino));
+            }
+            write_private(&conf, text.as_bytes())?;
+            holds.push(hold);
+        }
+        Ok((files, holds, told))
+    }
+}
+
+impl Drop for CriuConfigs {
+    fn drop(&mut self) {
+        for conf in &self.0 {
+            if let Err(e) = remove_if_there(conf) {
+                log::warn!("{e}");
+            }
+        }
+    }
+}
+
+fn remove_if_there(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("remove a CRIU configuration file", path, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A container's spec as the checkpoint keeps it: without the annotation pointing runc at the
+/// container's own CRIU configuration file (the shim's, in a bundle a restore does not have).
+pub(super) fn without_own_criu_config(spec: Vec<u8>, bundle: &Path) -> Vec<u8> {
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&spec) else {
+        return spec;
+    };
+    let own = bundle.join(CRIU_CONFIG_FILE).display().to_string();
+    let Some(annotations) = value
+        .get_mut("annotations")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return spec;
+    };
+    if annotations.get(CRIU_CONFIG_ANNOTATION).and_then(|v| v.as_str()) != Some(own.as_str()) {
+        return spec;
+    }
+    annotations.remove(CRIU_CONFIG_ANNOTATION);
+    serde_json::to_vec(&value).unwrap_or(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_kept_loses_only_the_annotation_naming_our_own_file() {
+        let bundle = Path::new("/run/b");
+        let own = bundle.join(CRIU_CONFIG_FILE).display().to_string();
+        let spec = serde_json::json!({"annotations": {CRIU_CONFIG_ANNOTATION: own, "k": "v"}});
+        let kept: serde_json::Value = serde_json::from_slice(&without_own_criu_config(
+            serde_json::to_vec(&spec).expect("json"),
+            bundle,
+        ))
+        .expect("json");
+        assert_eq!(kept["annotations"], serde_json::json!({"k": "v"}));
+    }
+
+    #[test]
+    fn a_spec_naming_another_criu_file_is_kept_byte_for_byte() {
+        let spec = serde_json::to_vec(&serde_json::json!({
+            "annotations": {CRIU_CONFIG_ANNOTATION: "/etc/criu/mine.conf"}
+        }))
+        .expect("json");
+        assert_eq!(without_own_criu_config(spec.clone(), Path::new("/run/b")), spec);
+        let not_json = b"not json".to_vec();
+        assert_eq!(
+            without_own_criu_config(not_json.clone(), Path::new("/run/b")),
+            not_json
+        );
+    }
+
+    #[test]
+    fn configuration_files_go_with_the_dump() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let conf = t.path().join(CRIU_CONFIG_FILE);
+        std::fs::write(&conf, b"external unix[1]\n").expect("write");
+        drop(CriuConfigs(vec![conf.clone(), t.path().join("never-written")]));
+        assert!(
+            !conf.exists(),
+            "removed when the dump ends; a missing one is fine"
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! The runc checkpoints of a pod's running containers: started before the freeze and held at
+//! CRIU's start where the container's CRIU reads podsnap's configuration file, let go once the
+//! pod is frozen and checked.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use podsnap_runtime::launcher::Limit;
+
+use crate::criu::container::{self, Dump, DumpOptions};
+use crate::criu::hold::Hold;
+use crate::error::{Error, Result};
+use crate::format::manifest::PART_NAMES;
+use crate::pod::dump::criu_configs::ToldEnds;
+use crate::pod::dump::journal::Journal;
+use crate::pod::dump::limits::check;
+use crate::pod::target::Target;
+
+/// The runc checkpoints of the running containers, one place per container: started before
+/// the freeze and held at CRIU's start when the container has podsnap's CRIU configuration
+/// file ([`crate::criu::hold`]), otherwise started once the pod is frozen.
+pub(super) struct CriuRuns {
+    slots: Vec<DumpSlot>,
+    /// What the containers' CRIU runs were told of unix connections between containers.
+    pub(super) external_unix: ToldEnds,
+    /// Their page images hashed as CRIU closes them.
+    pub(super) prehash: Option<crate::pod::dump::prehash::Prehash>,
+    /// The dump's crash journal, told of each held CRIU once it waits.
+    pub(super) journal: Option<Arc<Journal>>,
+}
+
+struct DumpSlot {
+    hold: Option<Hold>,
+    /// Ends with the moment runc ended.
+    task: Option<tokio::task::JoinHandle<Result<Instant>>>,
+}
+
+impl CriuRuns {
+    /// Starts the runc checkpoint of every container of `running` with a hold.
+    pub(super) fn start_held(
+        dir: &Path,
+        running: &[Target],
+        limit: &Limit,
+        holds: Vec<Option<Hold>>,
+    ) -> CriuRuns {
+        let slots = running
+            .iter()
+            .zip(holds)
+            .map(|(t, hold)| {
+                let task = hold
+                    .as_ref()
+                    .map(|h| spawn_dump(dir, t, limit, Some(h.keep_open())));
+                DumpSlot { hold, task }
+            })
+            .collect();
+        CriuRuns {
+            slots,
+            external_unix: ToldEnds::default(),
+            prehash: None,
+            journal: None,
+        }
+    }
+
+    /// Waits until every held CRIU is waiting. A runc that ends before is a failed dump (its
+    /// CRIU cannot have dumped anything): its error.
+    pub(super) async fn wait_ready(&mut self, limit: &Limit, deadline: Duration) -> Result<()> {
+        loop {
+            for slot in &mut self.slots {
+                if let Some(ended) = slot.task.take_if(|t| t.is_finished()) {
+                    return Err(joined_dump(ended.await).err().unwrap_or_else(|| Error::Stopped {
+                        reason: "CRIU ended before the pod was frozen".into(),
+                    }));
+                }
+            }
+            if self.slots.iter().all(|s| s.hold.as_ref().is_none_or(Hold::ready)) {
+                // Each held CRIU runs now (a child of its runc): recorded, so that a recovery
+                // finds it even if its runc dies first.
+                if let Some(journal) = &self.journal {
+                    journal.record_descendants();
+                }
+                return Ok(());
+            }
+            check(limit, deadline, "while runc and CRIU started")?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Lets every held CRIU go on.
+    pub(super) fn release(&mut self) {
+        for hold in self.slots.iter_mut().filter_map(|s| s.hold.as_mut()) {
+            hold.release();
+        }
+    }
+
+    /// Starts the runc checkpoints not started yet.
+    pub(super) fn start_rest(&mut self, dir: &Path, running: &[Target], limit: &Limit) {
+        for (slot, t) in self.slots.iter_mut().zip(running) {
+            if slot.task.is_none() {
+                slot.task = Some(spawn_dump(dir, t, limit, None));
+            }
+        }
+    }
+
+    /// Waits for every runc; when each ended, or why it failed (in `running`'s order).
+    pub(super) async fn wait(&mut self) -> Vec<Result<Instant>> {
+        let mut out = Vec::new();
+        for slot in &mut self.slots {
+            out.push(match slot.task.take() {
+                Some(task) => joined_dump(task.await),
+                None => Err(Error::Stopped {
+                    reason: "a container's dump was never started".into(),
+                }),
+            });
+            if let Some(hold) = slot.hold.take() {
+                hold.remove();
+            }
+        }
+        out
+    }
+
+    /// Makes the held CRIUs give up and waits for every runc started.
+    pub(super) async fn abort(&mut self) {
+        for hold in self.slots.iter_mut().filter_map(|s| s.hold.as_mut()) {
+            hold.abort();
+        }
+        for (i, ended) in self.wait().await.into_iter().enumerate() {
+            if let Err(e) = ended {
+                log::debug!("pod dump stopped: dump {i}: {e}");
+            }
+        }
+    }
+}
+
+fn joined_dump(joined: std::result::Result<Result<Instant>, tokio::task::JoinError>) -> Result<Instant> {
+    joined.map_err(|e| Error::io("dump task", "pod", std::io::Error::other(e)))?
+}
+
+/// CRIU's cgroups mode for the dump of `t`, chosen before its CRIU starts: `ignore` when its
+/// runc offers it (1.2 and later), every process of the container sits in the container's own
+/// cgroup (no cgroup below it in any hierarchy) and the container has no cgroup namespace of
+/// its own. CRIU then skips walking and recording the container's cgroups while the pod is
+/// frozen, and its restore leaves the processes where runc puts them: in the container's new
+/// cgroup, which runc makes from the spec (as it does in every mode). Otherwise runc's default
+/// (soft), which records and restores cgroups below the container's, and the container's cgroup
+/// namespace: CRIU restores that only when it manages cgroups (with `ignore` a container with
+/// its own, as CRI makes them on cgroup v2, came back in the host's). A runc that cannot say its
+/// release gets the default.
+async fn cgroups_mode(t: &Target) -> String {
+    let features = match t.runc.features().await {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!(
+                "container {}: runc's features are unknown ({e}): CRIU's default cgroups mode",
+                t.entry.id
+            );
+            return String::new();
+        }
+    };
+    if !features.cgroups_mode_ignore() {
+        return String::new();
+    }
+    let Some(cgroups) = &t.cgroups else {
+        return String::new();
+    };
+    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).ok();
+    let own_namespace = match t.pid {
+        Some(pid) => namespace(&pid.to_string()) != namespace("self"),
+        None => true,
+    };
+    if own_namespace {
+        log::info!(
+            "container {}: it has a cgroup namespace of its own: CRIU records it (default cgroups mode)",
+            t.entry.id
+        );
+        return String::new();
+    }
+    let nested = cgroups
+        .dirs()
+        .into_iter()
+        .find(|d| podsnap_runtime::cgroup::tree(d).len() > 1);
+    match nested {
+        Some(dir) => {
+            log::info!(
+                "container {}: {} holds cgroups of its own: CRIU records them (default cgroups mode)",
+                t.entry.id,
+                dir.display()
+            );
+            String::new()
+        }
+        None => "ignore".to_owned(),
+    }
+}
+
+/// Starts `runc checkpoint` of `t` into its place under `dir`; `hold` is kept open until runc
+/// ends (its CRIU waits on it).
+fn spawn_dump(
+    dir: &Path,
+    t: &Target,
+    limit: &Limit,
+    hold: Option<Arc<std::fs::File>>,
+) -> tokio::task::JoinHandle<Result<Instant>> {
+    let t = t.clone();
+    let image_dir = dir.join(t.entry.dir()).join(PART_NAMES.images);
+    let limit = limit.clone();
+    tokio::spawn(async move {
+        let began = Instant::now();
+        let cgroups_mode = cgroups_mode(&t).await;
+        let dump = Dump {
+            id: t.entry.id.clone(),
+            image_dir,
+            work_dir: None,
+            options: DumpOptions {
+                tcp_established: true,
+                file_locks: true,
+                cgroups_mode,
+                ..Default::default()
+            },
+            leave_running: true,
+            cgroups: None,
+            was_paused: true,
+            limit,
+        };
+        let result = container::dump(&t.runc, &dump).await;
+        drop(hold);
+        log::info!(
+            "container {} ({}): runc checkpoint took {} ms{}",
+            t.entry.name,
+            t.entry.id,
+            began.elapsed().as_millis(),
+            if result.is_ok() { "" } else { ", failed" }
+        );
+        result.map_err(|e| match e {
+            Error::Dump { source, log_tail, .. } => Error::Dump {
+                id: format!("{} ({})", t.entry.name, t.entry.id),
+                source,
+                log_tail,
+            },
+            other => other,
+        })?;
+        Ok(Instant::now())
+    })
+}

@@ -1,0 +1,51 @@
+//! KEP-2008 metadata: what CRI's CheckpointContainer writes beside a container's images.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::format::deletions::Deletions;
+use crate::format::manifest::{ContainerEntry, CONFIG_DUMP, DELETED_FILES, ROOTFS_DELETED};
+use crate::fs::private::write_private;
+
+/// The runtime a KEP-2008 `config.dump` names.
+const RUNTIME_TYPE: &str = "io.containerd.podsnap.v1";
+
+/// A KEP-2008 `config.dump` (what CRI's CheckpointContainer writes beside the images: id,
+/// name, image, runtime, creation and checkpoint times) and, when the container removed image
+/// files, `deleted.files`: with `checkpoint/`, `spec.dump` and `rootfs-diff.tar` a tar of the
+/// container's directory is such an archive.
+pub(super) fn write_kep_metadata(
+    cdir: &Path,
+    entry: &ContainerEntry,
+    created: Option<std::time::SystemTime>,
+    at: time::OffsetDateTime,
+) -> Result<()> {
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| Error::io("format a time", cdir, std::io::Error::other(e)))
+    };
+    let mut config = serde_json::json!({
+        "id": entry.id,
+        "name": entry.name,
+        "rootfsImageName": entry.image.as_deref().unwrap_or_default(),
+        "runtime": RUNTIME_TYPE,
+        "checkpointedTime": rfc3339(at)?,
+        "restored": false,
+    });
+    if let Some(created) = created {
+        config["createdTime"] = serde_json::json!(rfc3339(time::OffsetDateTime::from(created))?);
+    }
+    let encode = |v: &serde_json::Value| {
+        serde_json::to_vec_pretty(v).map_err(|e| Error::io("encode", cdir, std::io::Error::other(e)))
+    };
+    write_private(&cdir.join(CONFIG_DUMP), &encode(&config)?)?;
+    let deletions = cdir.join(ROOTFS_DELETED);
+    if deletions.exists() {
+        let deleted = Deletions::read(&deletions)?.deleted;
+        if !deleted.is_empty() {
+            let list = deleted.into_iter().map(|p| format!("/{p}")).collect::<Vec<_>>();
+            write_private(&cdir.join(DELETED_FILES), &encode(&serde_json::json!(list))?)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Announcements of each complete container part beside the destination (`<dest>.parts`),
+//! for a caller that pushes a checkpoint while the dump finishes.
+
+use std::path::Path;
+
+use crate::format::layout::{parts_dir, PartReady};
+use crate::fs::private::write_private;
+use crate::pod::target::Target;
+
+/// Writes a [`PartReady`] for every container into `<dest>.parts` when the caller made that
+/// directory (a real one, not a symlink). Best effort: a caller that finds no announcement
+/// compresses the part after the dump, as without one.
+pub(super) fn announce_parts(dest: &Path, targets: &[Target], dir: &Path) {
+    let parts = parts_dir(dest);
+    if !std::fs::symlink_metadata(&parts).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    for t in targets {
+        let part = t.entry.dir().to_string_lossy().into_owned();
+        let mut files = Vec::new();
+        if let Err(e) = list_files(dir, &dir.join(&part), &mut files) {
+            log::warn!("{}: not announced: {e}", part);
+            continue;
+        }
+        files.sort();
+        let ready = PartReady {
+            root: dir.to_path_buf(),
+            part,
+            files,
+        };
+        let path = parts.join(format!("{}.json", t.entry.name));
+        let tmp = parts.join(format!(".{}.json.tmp", t.entry.name));
+        let written = serde_json::to_vec(&ready)
+            .map_err(std::io::Error::other)
+            .and_then(|json| write_private(&tmp, &json).map_err(std::io::Error::other))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            log::warn!("{}: not announced: {e}", path.display());
+        }
+    }
+}
+
+/// Every regular file under `dir`, relative to `root`.
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            list_files(root, &entry.path(), out)?;
+        } else if kind.is_file() {
+            let rel = entry.path();
+            let rel = rel.strip_prefix(root).map_err(std::io::Error::other)?;
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+    Ok(())
+}
