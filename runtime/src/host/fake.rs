@@ -137,6 +137,11 @@ impl Host for FakeHost {
         Ok(self.script().members.get(&dir).map_or(0, Vec::len))
     }
 
+    fn kill_dir(&self, dir: &Path) -> Result<usize> {
+        self.record(Call::Kill(dir.to_path_buf()));
+        Ok(self.script().members.get(dir).map_or(0, Vec::len))
+    }
+
     fn add_processes(&self, cg: &CgroupPaths, pids: &[i32]) -> Result<usize> {
         self.record(Call::AddProcesses(key(cg), pids.to_vec()));
         Ok(pids.len())

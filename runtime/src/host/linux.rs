@@ -38,6 +38,10 @@ impl Host for LinuxHost {
         cg.kill_all()
     }
 
+    fn kill_dir(&self, dir: &Path) -> Result<usize> {
+        cgroup::kill_all_in(dir)
+    }
+
     fn add_processes(&self, cg: &CgroupPaths, pids: &[i32]) -> Result<usize> {
         cg.add_processes(pids)
     }

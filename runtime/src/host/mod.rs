@@ -34,6 +34,9 @@ pub trait Host: Send + Sync {
     fn cgroup_processes(&self, cg: &CgroupPaths) -> Result<Vec<i32>>;
     /// SIGKILLs every process of a container's cgroup; how many were signalled.
     fn kill_cgroup(&self, cg: &CgroupPaths) -> Result<usize>;
+    /// SIGKILLs every process of the cgroup directory `dir` (a v1 freezer or a v2 cgroup) and
+    /// of those below it; how many were signalled.
+    fn kill_dir(&self, dir: &Path) -> Result<usize>;
     /// Puts `pids` into a container's cgroups; how many were put.
     fn add_processes(&self, cg: &CgroupPaths, pids: &[i32]) -> Result<usize>;
     /// A process's parent (`/proc/<pid>/stat`); `None` when it is gone.

@@ -21,6 +21,12 @@ pub(super) struct Recorded {
 pub(super) struct Beside(Option<tokio::task::JoinHandle<Result<Recorded>>>);
 
 impl Beside {
+    /// Nothing beside (unit tests of the phases before the finish).
+    #[cfg(test)]
+    pub(super) fn idle() -> Self {
+        Beside(None)
+    }
+
     /// Starts `criu cpuinfo dump` into `host_dir`, and reads what the checkpoint records of
     /// the node (runc and CRIU versions, with the `runc` binary) and of the pod's addresses
     /// (in `netns`).

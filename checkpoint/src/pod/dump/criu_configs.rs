@@ -24,6 +24,12 @@ pub(super) struct ToldEnds {
 pub(super) struct CriuConfigs(Vec<PathBuf>);
 
 impl CriuConfigs {
+    /// No configuration file (unit tests of the phases).
+    #[cfg(test)]
+    pub(super) fn none() -> Self {
+        CriuConfigs(Vec::new())
+    }
+
     /// What CRIU is told for this dump, for each of `running` whose bundle has podsnap's file
     /// (the others get their CRIU started once the pod is frozen, with CRIU's own network
     /// lock): its hold ([`crate::criu::hold`]), `network-lock skip` when the pod's network is

@@ -255,6 +255,15 @@ fn finish_commit(entry: &Entry) -> std::result::Result<(), String> {
 /// removes the journal. A journal whose owner still runs is left alone. No journal: nothing
 /// to do.
 pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &Path) -> Result<Recovered> {
+    recover_on(&podsnap_runtime::host::LinuxHost, launcher, path).await
+}
+
+/// [`recover`], thawing and killing through `host`.
+pub async fn recover_on(
+    host: &dyn podsnap_runtime::host::Host,
+    launcher: &dyn podsnap_runtime::launcher::Launcher,
+    path: &Path,
+) -> Result<Recovered> {
     let bytes = match crate::fs::read::read_capped(path, MAX_JOURNAL_BYTES) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::default()),
@@ -295,22 +304,18 @@ pub async fn recover(launcher: &dyn podsnap_runtime::launcher::Launcher, path: &
         }
     }
     if phase == Phase::Stopping {
-        for dir in entry
-            .frozen
-            .iter()
-            .filter(|d| podsnap_runtime::cgroup::can_freeze(d))
-        {
-            match podsnap_runtime::cgroup::kill_all_in(dir) {
+        for dir in entry.frozen.iter().filter(|d| host.can_freeze(d)) {
+            match host.kill_dir(dir) {
                 Ok(n) => done.stopped += n,
                 Err(e) => log::error!("kill {} at the snapshot after a dead dump: {e}", dir.display()),
             }
         }
     }
     for dir in &entry.frozen {
-        if !podsnap_runtime::cgroup::can_freeze(dir) {
+        if !host.can_freeze(dir) {
             continue; // the cgroup is gone with its container
         }
-        match podsnap_runtime::cgroup::set_freezer_state(dir, false) {
+        match host.set_freezer_state(dir, false) {
             Ok(()) => done.thawed.push(dir.clone()),
             Err(e) => log::error!("thaw {} after a dead dump: {e}", dir.display()),
         }
@@ -416,6 +421,52 @@ mod tests {
             Recovered::default()
         );
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_dead_dump_thaws_exactly_the_listed_cgroups_that_still_exist() {
+        use podsnap_runtime::host::fake::{Call, FakeHost, Script};
+        let t = tempfile::tempdir().expect("tempdir");
+        let staging = t.path().join("staging");
+        std::fs::create_dir(&staging).expect("mkdir");
+        let (a, gone, b) = (t.path().join("a"), t.path().join("gone"), t.path().join("b"));
+        let host = FakeHost::new(Script {
+            freezable: [a.clone(), b.clone(), t.path().join("not-listed")].into(),
+            ..Default::default()
+        });
+        let path = t.path().join("pod.json");
+        let listed = vec![a.clone(), gone, b.clone()];
+        std::mem::forget(Journal::begin(&path, entry(&staging, listed)).expect("begin"));
+        let done = recover_on(&host, &NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!(done.thawed, [a.clone(), b.clone()]);
+        assert_eq!(
+            host.calls(),
+            [Call::SetFreezer(a, false), Call::SetFreezer(b, false)],
+            "nothing killed while dumping; a gone cgroup is skipped"
+        );
+        assert!(!staging.exists() && !path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_dead_dump_stopping_the_pod_kills_it_before_the_thaw_and_keeps_the_checkpoint() {
+        use podsnap_runtime::host::fake::{Call, FakeHost, Script};
+        let t = tempfile::tempdir().expect("tempdir");
+        let dest = t.path().join("ckpt");
+        crate::node::store::tests::write_checkpoint(&dest, "default", "web", 1, 10);
+        let a = t.path().join("a");
+        let host = FakeHost::new(Script {
+            freezable: [a.clone()].into(),
+            members: [(a.clone(), vec![4_100_001, 4_100_002])].into(),
+            ..Default::default()
+        });
+        let mut e = entry(&dest, vec![a.clone()]);
+        (e.in_place, e.dest, e.phase) = (true, dest.clone(), Phase::Stopping);
+        let path = t.path().join("pod.json");
+        std::mem::forget(Journal::begin(&path, e).expect("begin"));
+        let done = recover_on(&host, &NO_PROGRAMS, &path).await.expect("recover");
+        assert_eq!((done.stopped, done.kept.as_deref()), (2, Some(dest.as_path())));
+        assert_eq!(host.calls(), [Call::Kill(a.clone()), Call::SetFreezer(a, false)]);
+        assert!(dest.join(crate::format::manifest::MANIFEST).exists());
     }
 
     #[tokio::test]

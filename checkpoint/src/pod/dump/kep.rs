@@ -49,3 +49,57 @@ pub(super) fn write_kep_metadata(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::record::{ContainerState, Role};
+
+    #[test]
+    fn config_dump_names_the_container_and_deleted_files_are_absolute() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let entry = ContainerEntry {
+            name: "app".into(),
+            id: "c1".into(),
+            role: Role::Container,
+            image: Some("docker.io/library/nginx:1".into()),
+            image_id: None,
+            image_digest: None,
+            rootfs_layers: Vec::new(),
+            created_order: 0,
+            started_order: None,
+            state: ContainerState::Running,
+            exit_code: None,
+            dumped: true,
+            cri_config: None,
+        };
+        let deletions = Deletions {
+            deleted: vec!["etc/motd".into()],
+            opaque: Vec::new(),
+        };
+        std::fs::write(
+            t.path().join(ROOTFS_DELETED),
+            serde_json::to_vec(&deletions).expect("json"),
+        )
+        .expect("write");
+        let at = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("time");
+        write_kep_metadata(t.path(), &entry, None, at).expect("metadata");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(t.path().join(CONFIG_DUMP)).expect("read")).expect("json");
+        assert_eq!(config["id"], "c1");
+        assert_eq!(config["runtime"], RUNTIME_TYPE);
+        assert_eq!(config["rootfsImageName"], "docker.io/library/nginx:1");
+        assert_eq!(config["checkpointedTime"], "2023-11-14T22:13:20Z");
+        assert!(config.get("createdTime").is_none());
+        let deleted: Vec<String> =
+            serde_json::from_slice(&std::fs::read(t.path().join(DELETED_FILES)).expect("read"))
+                .expect("json");
+        assert_eq!(deleted, ["/etc/motd"]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(t.path().join(CONFIG_DUMP))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

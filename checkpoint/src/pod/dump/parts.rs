@@ -55,3 +55,71 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::manifest::ContainerEntry;
+    use crate::format::record::{ContainerState, Role};
+    use std::sync::Arc;
+
+    fn target(name: &str) -> Target {
+        Target {
+            entry: ContainerEntry {
+                name: name.into(),
+                id: name.into(),
+                role: Role::Container,
+                image: None,
+                image_id: None,
+                image_digest: None,
+                rootfs_layers: Vec::new(),
+                created_order: 0,
+                started_order: None,
+                state: ContainerState::Running,
+                exit_code: None,
+                dumped: true,
+                cri_config: None,
+            },
+            runc: podsnap_runtime::runc::Runc::new(
+                "runc",
+                "/run/x",
+                Arc::new(podsnap_runtime::launcher::TokioLauncher),
+            ),
+            bundle: "/nonexistent".into(),
+            cgroups: None,
+            pid: None,
+            spec: None,
+            adopted: Vec::new(),
+            created: None,
+        }
+    }
+
+    #[test]
+    fn each_part_is_announced_only_where_the_caller_asked() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (dest, staging) = (t.path().join("ckpt"), t.path().join(".ckpt.tmp-1"));
+        std::fs::create_dir_all(staging.join("containers/app/checkpoint")).expect("mkdir");
+        std::fs::write(staging.join("containers/app/checkpoint/pages-1.img"), b"x").expect("write");
+        std::fs::write(staging.join("containers/app/spec.dump"), b"{}").expect("write");
+        let targets = [target("app")];
+        announce_parts(&dest, &targets, &staging);
+        assert!(
+            !parts_dir(&dest).exists(),
+            "no announcement unless the caller made the dir"
+        );
+        std::fs::create_dir(parts_dir(&dest)).expect("mkdir");
+        announce_parts(&dest, &targets, &staging);
+        let ready: PartReady =
+            serde_json::from_slice(&std::fs::read(parts_dir(&dest).join("app.json")).expect("announced"))
+                .expect("json");
+        assert_eq!(ready.root, staging);
+        assert_eq!(ready.part, "containers/app");
+        assert_eq!(
+            ready.files,
+            [
+                "containers/app/checkpoint/pages-1.img",
+                "containers/app/spec.dump"
+            ]
+        );
+    }
+}
