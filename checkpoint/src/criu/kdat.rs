@@ -217,18 +217,21 @@ mod tests {
     }
 
     #[test]
-    fn install_replaces_whole_files_and_refuses_a_symlink_left_in_its_place() {
+    fn install_replaces_whole_files_and_never_follows_a_symlink_left_beside_them() {
         let root = tempfile::tempdir().expect("tempdir");
         let target = root.path().join(CACHE);
         install(&target, b"one").expect("install");
         install(&target, b"two").expect("replace");
         assert_eq!(std::fs::read(&target).expect("read"), b"two");
-        // A symlink at the temporary name is not followed.
+        // A symlink at the temporary name an older podsnap used (`.<name>.<pid>`) is not
+        // followed: the temporary file is created exclusively, under a name of its own.
         let victim = root.path().join("victim");
         std::fs::write(&victim, b"keep").expect("write");
         let tmp = root.path().join(format!(".{CACHE}.{}", std::process::id()));
         std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
-        assert!(install(&target, b"three").is_err());
+        install(&target, b"three").expect("replaced beside the symlink");
         assert_eq!(std::fs::read(&victim).expect("read"), b"keep");
+        assert_eq!(std::fs::read(&target).expect("read"), b"three");
+        assert!(std::fs::symlink_metadata(&target).expect("stat").is_file());
     }
 }

@@ -55,29 +55,33 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .map_err(|e| Error::io("write a checkpoint file", path, e))
 }
 
-/// Replaces `path` whole or not at all: a private temporary file beside it (0600, never
-/// through a symlink left at its name) renamed over it. `what` names the file in errors.
+/// Replaces `path` whole or not at all: a private temporary file beside it (0600, created
+/// exclusively: never through a symlink) renamed over it. `what` names the file in errors.
 pub fn replace_private(path: &Path, data: &[u8], what: &'static str) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = temporary_beside(path).map_err(|e| Error::io(what, path, e))?;
+    tmp.write_all(data).map_err(|e| Error::io(what, path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(what, path, e.error))?;
+    Ok(())
+}
+
+/// A private temporary file (0600, `O_EXCL`) in `path`'s directory, named after it; removed
+/// when dropped unless persisted.
+fn temporary_beside(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(data))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(what, path, e)
-    })
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .tempfile_in(parent_of(path))
+}
+
+/// The directory holding `path` (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Creates a file only root can read.
@@ -102,15 +106,19 @@ pub fn make_private(path: &Path, mode: u32) -> Result<()> {
         .map_err(|e| Error::io("make a checkpoint file private", path, e))
 }
 
-/// Writes a file durably and atomically: temporary name, fsync, rename, fsync the directory.
+/// Writes a file durably and atomically: private temporary file beside it, fsync, rename,
+/// fsync the directory.
 pub fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = create_private(&tmp)?;
-    f.write_all(data).map_err(|e| Error::io("write", &tmp, e))?;
-    f.sync_all().map_err(|e| Error::io("sync", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    let mut tmp = temporary_beside(path).map_err(|e| Error::io("create a checkpoint file", path, e))?;
+    tmp.write_all(data)
+        .map_err(|e| Error::io("write", tmp.path(), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io("sync", tmp.path(), e))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("rename into place", path, e.error))?;
+    sync_dir(parent_of(path))
 }
 
 /// Writes every dirty page of the filesystem holding `dir` to disk (one `syncfs`, instead of
@@ -134,4 +142,49 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("sync a directory", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_replaced_file_is_private_whole_and_leaves_no_temporary() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let path = t.path().join("seal.json");
+        std::fs::write(&path, b"old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        replace_private(&path, b"new", "write a seal").expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(
+            std::fs::read_dir(t.path()).expect("list").count(),
+            1,
+            "no temporary left"
+        );
+        let err = replace_private(&t.path().join("missing/seal.json"), b"x", "write a seal")
+            .expect_err("no directory")
+            .to_string();
+        assert!(err.contains("write a seal"), "{err}");
+    }
+
+    #[test]
+    fn a_synced_write_is_private_and_replaces_the_old_file() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let path = t.path().join("manifest.json");
+        write_synced(&path, b"{}").expect("write");
+        write_synced(&path, b"{\"v\":1}").expect("again");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{\"v\":1}");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(
+            std::fs::read_dir(t.path()).expect("list").count(),
+            1,
+            "no temporary left"
+        );
+    }
 }

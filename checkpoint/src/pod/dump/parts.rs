@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::format::layout::{parts_dir, PartReady};
-use crate::fs::private::write_private;
+use crate::fs::private::replace_private;
 use crate::pod::target::Target;
 
 /// Writes a [`PartReady`] for every container into `<dest>.parts` when the caller made that
@@ -29,11 +29,9 @@ pub(super) fn announce_parts(dest: &Path, targets: &[Target], dir: &Path) {
             files,
         };
         let path = parts.join(format!("{}.json", t.entry.name));
-        let tmp = parts.join(format!(".{}.json.tmp", t.entry.name));
         let written = serde_json::to_vec(&ready)
             .map_err(std::io::Error::other)
-            .and_then(|json| write_private(&tmp, &json).map_err(std::io::Error::other))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|json| replace_private(&path, &json, "announce a part").map_err(std::io::Error::other));
         if let Err(e) = written {
             log::warn!("{}: not announced: {e}", path.display());
         }

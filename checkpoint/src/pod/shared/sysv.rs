@@ -607,15 +607,7 @@ fn rewrite_image(path: &Path, f: impl FnOnce(&[u8]) -> std::result::Result<Vec<u
     if out.len() == bytes.len() {
         return Ok(());
     }
-    let tmp = path.with_extension("img.tmp");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&out))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| Error::io("rewrite a CRIU image", path, e))
+    crate::fs::private::replace_private(path, &out, "rewrite a CRIU image")
 }
 
 /// The `IpcShmEntry` records of `body` whose segment id is in `keep`, each with the bytes that
