@@ -35,6 +35,7 @@ pub use format::record::{ContainerState, Role};
 // The module paths before the layers, for the shim, the CLI and the tests until they name the
 // layered ones. Re-exports only; nothing inside this crate uses them.
 pub mod manifest {
+    pub use crate::format::digest::*;
     pub use crate::format::manifest::*;
     pub use crate::fs::read::{read_capped, read_full};
 }

@@ -10,6 +10,8 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+pub mod shm;
+
 /// The magic at the start of every image but the inventory.
 pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 /// `pstree.img`.

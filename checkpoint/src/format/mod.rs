@@ -2,6 +2,9 @@
 //! layout's file names) and the records it holds. Names only `error` and `fs`.
 
 pub mod deletions;
+pub mod digest;
 pub mod layout;
+pub mod listing;
 pub mod manifest;
+pub mod names;
 pub mod record;

@@ -62,7 +62,7 @@ async fn dump_all(f: &mut Frozen) -> Result<(Duration, Shared)> {
                 if let Some(keep) = ipc.and_then(|i| i.members.get(&t.entry.id)).cloned() {
                     let images = dir.join(t.entry.dir()).join(PART_NAMES.images);
                     let trimmed = tokio::task::spawn_blocking(move || {
-                        crate::pod::shared::sysv::trim_criu_images(&images, &keep)
+                        crate::criu::image::shm::trim_criu_images(&images, &keep)
                     })
                     .await
                     .map_err(|e| Error::io("trim IPC images", &t.bundle, std::io::Error::other(e)))

@@ -5,8 +5,10 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::criu::image::shm::*;
 use crate::criu::image::testing::EDGE_VALUES;
 use crate::testkit::{assert_bounded, cases, mutate, Mutation};
+use std::collections::BTreeSet;
 
 fn varint(mut v: u64, out: &mut Vec<u8>) {
     while v >= 0x80 {
@@ -156,6 +158,6 @@ proptest! {
     #[test]
     fn listings_take_any_text(text in "\\PC{0,200}") {
         let _ = parse_ids(&text);
-        let _ = sysv_mappings(&text);
+        let _ = podsnap_runtime::host::linux::sysv_mappings(&text);
     }
 }
