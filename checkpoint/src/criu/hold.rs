@@ -24,8 +24,15 @@
 //! ```
 
 use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use crate::error::{Error, Result};
 
@@ -161,6 +168,59 @@ impl Hold {
     }
 }
 
+/// Wakes a waiter when a held CRIU's script creates its `ready` file: one inotify descriptor
+/// watching the hold directories (created before it, so no event is missed once it watches;
+/// a file made before is found by the caller's own check).
+pub struct ReadyWatch(AsyncFd<InotifyFd>);
+
+/// The inotify descriptor, as tokio's `AsyncFd` takes it.
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl ReadyWatch {
+    /// Watches the directories of `holds` (within a tokio runtime with its I/O driver). `None`
+    /// when it cannot (no inotify descriptor left): the caller polls instead.
+    pub fn new<'a>(holds: impl IntoIterator<Item = &'a Hold>) -> Option<Self> {
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok()?;
+        for hold in holds {
+            inotify
+                .add_watch(&hold.dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+                .ok()?;
+        }
+        // SAFETY: the descriptor is the Inotify's own, which the AsyncFd owns (inside
+        // InotifyFd) for its whole life: it stays open and as_raw_fd always returns it.
+        unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), Interest::READABLE) }
+            .ok()
+            .map(Self)
+    }
+
+    /// Waits until a file appears in a watched directory, or `at_most` passed.
+    pub async fn wait(&self, at_most: Duration) {
+        let woken = async {
+            let Ok(mut ready) = self.0.readable().await else {
+                return;
+            };
+            // Every queued event read: the next wait is for a new one.
+            loop {
+                match self.0.get_ref().0.read_events() {
+                    Ok(_) => continue,
+                    Err(Errno::EAGAIN) => {
+                        ready.clear_ready();
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(at_most, woken).await;
+    }
+}
+
 /// Removes what a pod dump or a restore left for CRIU in the container's `bundle` (its CRIU
 /// configuration file and hold), before a dump of that container alone: a pod dump that died
 /// half-way could leave CRIU a script to wait in.
@@ -215,6 +275,35 @@ mod tests {
         assert!(child.wait().expect("wait").success(), "go lets CRIU on");
         hold.remove();
         assert!(!t.path().join(HOLD_DIR).exists());
+    }
+
+    #[tokio::test]
+    async fn the_ready_watch_wakes_when_the_script_is_ready_and_times_out_otherwise() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (hold, _) = Hold::prepare(t.path()).expect("hold");
+        let watch = ReadyWatch::new([&hold]).expect("inotify");
+        let began = std::time::Instant::now();
+        watch.wait(Duration::from_millis(50)).await;
+        assert!(
+            began.elapsed() >= Duration::from_millis(50),
+            "nothing happened: it timed out"
+        );
+        let mut child = run_script(t.path(), "pre-dump");
+        let began = std::time::Instant::now();
+        while !hold.ready() {
+            watch.wait(Duration::from_secs(30)).await;
+            assert!(
+                began.elapsed() < Duration::from_secs(20),
+                "the script never got ready"
+            );
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "woken by the ready file, not by the 30 s timeout"
+        );
+        let mut hold = hold;
+        hold.abort();
+        assert!(!child.wait().expect("wait").success(), "abort stops CRIU");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use podsnap_runtime::launcher::Limit;
 
 use crate::criu::container::{self, Dump, DumpOptions};
-use crate::criu::hold::Hold;
+use crate::criu::hold::{Hold, ReadyWatch};
 use crate::error::{Error, Result};
 use crate::format::manifest::PART_NAMES;
 use crate::pod::dump::criu_configs::ToldEnds;
@@ -65,6 +65,9 @@ impl CriuRuns {
     /// Waits until every held CRIU is waiting. A runc that ends before is a failed dump (its
     /// CRIU cannot have dumped anything): its error.
     pub(super) async fn wait_ready(&mut self, limit: &Limit, deadline: Duration) -> Result<()> {
+        // Woken by each script's `ready` file; runc ending early and the limit are looked at
+        // at least every 10 ms (no notification of either here).
+        let watch = ReadyWatch::new(self.slots.iter().filter_map(|s| s.hold.as_ref()));
         loop {
             for slot in &mut self.slots {
                 if let Some(ended) = slot.task.take_if(|t| t.is_finished()) {
@@ -82,7 +85,10 @@ impl CriuRuns {
                 return Ok(());
             }
             check(limit, deadline, "while runc and CRIU started")?;
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            match &watch {
+                Some(watch) => watch.wait(Duration::from_millis(10)).await,
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
         }
     }
 
