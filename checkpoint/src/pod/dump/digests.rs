@@ -1,8 +1,10 @@
-//! The digests of a checkpoint's files, taken on every core, and their modes made private.
+//! The digests of a checkpoint's files, taken on every core (rayon), and their modes made
+//! private.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{DigestAlgorithm, FileDigest, MANIFEST};
@@ -42,19 +44,15 @@ pub(super) async fn digest_tree(
             }
         }
     }
-    // Largest first, over as many workers as there are cores.
+    // Largest first, one file per task over rayon's pool (a worker per core; BLAKE3 hashes a
+    // large file's blocks on the same pool).
     paths.sort_by_key(|p| std::cmp::Reverse(std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)));
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let paths = std::sync::Arc::new(paths);
-    let next = std::sync::Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        let (paths, next, root) = (paths.clone(), next.clone(), dir.to_path_buf());
-        tasks.spawn_blocking(move || {
-            let mut out = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(p) = paths.get(i) else { break };
+    let root = dir.to_path_buf();
+    let digested = tokio::task::spawn_blocking(move || {
+        paths
+            .par_iter()
+            .with_max_len(1)
+            .map(|p| {
                 let size = std::fs::metadata(p)
                     .map_err(|e| Error::io("stat a checkpoint file", p, e))?
                     .len();
@@ -62,16 +60,14 @@ pub(super) async fn digest_tree(
                     .file(p)
                     .map_err(|e| Error::io("digest a checkpoint file", p, e))?;
                 let rel = p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned();
-                out.push((rel, FileDigest { size, digest }));
-            }
-            Ok::<_, Error>(out)
-        });
-    }
+                Ok((rel, FileDigest { size, digest }))
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| Error::io("digest task", dir, std::io::Error::other(e)))??;
     let mut files: BTreeMap<String, FileDigest> = early.into_iter().collect();
-    while let Some(r) = tasks.join_next().await {
-        let part = r.map_err(|e| Error::io("digest task", dir, std::io::Error::other(e)))??;
-        files.extend(part);
-    }
+    files.extend(digested);
     Ok(files)
 }
 
@@ -111,5 +107,26 @@ mod tests {
                 .file(&t.path().join("a/b/f"))
                 .expect("digest")
         );
+    }
+
+    #[tokio::test]
+    async fn many_files_of_many_sizes_get_each_its_own_digest() {
+        let t = tempfile::tempdir().expect("tempdir");
+        for i in 0..64usize {
+            let dir = t.path().join(format!("containers/c{}", i % 4));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(dir.join(format!("f{i}")), vec![i as u8; i * 1000]).expect("write");
+        }
+        let files = digest_tree(t.path(), &HashMap::new()).await.expect("digests");
+        assert_eq!(files.len(), 64);
+        for (rel, f) in &files {
+            let p = t.path().join(rel);
+            assert_eq!(f.size, std::fs::metadata(&p).expect("stat").len(), "{rel}");
+            assert_eq!(
+                f.digest,
+                DigestAlgorithm::WRITTEN.file(&p).expect("digest"),
+                "{rel}"
+            );
+        }
     }
 }
