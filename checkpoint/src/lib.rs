@@ -7,7 +7,7 @@
 //!   node/                 the checkpoint root: store, leases, import, retention
 //!   pod/                  a pod's spec and shared state; pod/dump, phase by phase
 //! Follow a dump: pod/dump/mod.rs, then the phases it names in order.
-//! No protobuf and no ttrpc here: the shim adapts. The `layering` unit test checks the layers.
+//! No protobuf and no ttrpc here: the shim adapts. tests/tests/layering.rs checks the layers.
 
 pub mod archive;
 pub mod config;
@@ -16,8 +16,6 @@ pub mod error;
 pub mod failpoint;
 pub mod format;
 pub mod fs;
-#[cfg(test)]
-mod layering;
 pub mod node;
 pub mod pod;
 #[cfg(any(test, feature = "testkit"))]

@@ -299,4 +299,6 @@ impl TreeArchive {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

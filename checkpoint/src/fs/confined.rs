@@ -436,6 +436,3 @@ impl Planned {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod proptests;

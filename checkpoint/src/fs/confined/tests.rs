@@ -1,11 +1,21 @@
 use super::*;
-use crate::format::deletions::Deletions;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
+/// A rootfs deletions file as the tests write it (the format's own type is a layer up).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Deletions {
+    deleted: Vec<String>,
+    opaque: Vec<String>,
+}
+
 /// [`apply_changes`] with the lists read from a deletions file, as a restore does.
-pub(super) fn apply_file(rootfs: &Path, tar: &Path, deletions: &Path) -> Result<()> {
-    let d = Deletions::read(deletions)?;
+fn apply_file(rootfs: &Path, tar: &Path, deletions: &Path) -> Result<()> {
+    let bytes = std::fs::read(deletions).map_err(|e| Error::io("read the rootfs deletions", deletions, e))?;
+    let d: Deletions = serde_json::from_slice(&bytes).map_err(|e| Error::InvalidCheckpoint {
+        path: deletions.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     apply_changes(rootfs, tar, &d.deleted, &d.opaque, deletions)
 }
 

@@ -1,4 +1,5 @@
-//! Properties of the confined archive writer: a real rootfs capture and a real volume archive
+//! Properties of the confined archive writer (`fs::confined`, kept here beside the capture that
+//! makes its input): a real rootfs capture and a real volume archive
 //! (every entry type a capture writes: directories, files, a sparse file, symlinks with absolute
 //! and relative targets, a hard link, a FIFO, long names and link targets, whiteouts), mutated
 //! byte by byte and header field by header field (checksums fixed, so entries reach the
@@ -13,10 +14,18 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 
-use super::*;
+use crate::error::Result;
+use crate::format::deletions::Deletions;
+use crate::fs::confined::{apply_changes, unpack};
 use crate::testkit::{
     assert_bounded, cases, edit_tar_headers, mutate, mutate_json, tar_headers, Mutation, TarEdit,
 };
+
+/// [`apply_changes`] with the lists read from a deletions file, as a restore does.
+fn apply_file(rootfs: &Path, tar: &Path, deletions: &Path) -> Result<()> {
+    let d = Deletions::read(deletions)?;
+    apply_changes(rootfs, tar, &d.deleted, &d.opaque, deletions)
+}
 
 /// A capture of an upper directory and an archive of a volume, as bytes.
 struct Captured {
@@ -191,7 +200,7 @@ fn the_captures_apply_whole() {
     let scene = Scene::new();
     let diff = scene.file("diff.tar", &c.diff);
     let deletions = scene.file("deletions.json", &serde_json::to_vec(&c.deletions).expect("json"));
-    super::tests::apply_file(&scene.root, &diff, &deletions).expect("a capture applies");
+    apply_file(&scene.root, &diff, &deletions).expect("a capture applies");
     assert!(!scene.root.join("gone").exists());
     assert_eq!(std::fs::read(scene.root.join("d/h")).expect("read"), b"hello");
     assert!(std::fs::symlink_metadata(scene.root.join("opaque"))
@@ -237,7 +246,7 @@ proptest! {
         let json = serde_json::to_vec(&deletions).expect("json");
         let del = scene.file("deletions.json", &json);
         let _ = assert_bounded("apply_changes", tar.len() + json.len(), 8, 1 << 20, || {
-            super::tests::apply_file(&scene.root, &diff, &del)
+            apply_file(&scene.root, &diff, &del)
         });
         scene.assert_outside_untouched("apply_changes")?;
     }
