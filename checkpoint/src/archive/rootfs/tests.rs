@@ -315,8 +315,22 @@ impl Mounted {
         }
     }
 
+    /// Unmounts now. A test of this binary that forks at that instant (the child holds the
+    /// parent's descriptors until its exec) makes the mount busy for a moment: tried again,
+    /// for at most 10 s.
     fn unmount(&mut self) {
-        nix::mount::umount2(&self.target, nix::mount::MntFlags::empty()).expect("umount");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match nix::mount::umount2(&self.target, nix::mount::MntFlags::empty()) {
+                Err(nix::errno::Errno::EBUSY) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                done => {
+                    done.expect("umount");
+                    break;
+                }
+            }
+        }
         self.mounted = false;
     }
 }
