@@ -71,6 +71,9 @@ impl CriuRuns {
         loop {
             for slot in &mut self.slots {
                 if let Some(ended) = slot.task.take_if(|t| t.is_finished()) {
+                    // Past the deadline or once the caller gave up, runc was killed for it:
+                    // that is the failure.
+                    check(limit, deadline, "while runc and CRIU started")?;
                     return Err(joined_dump(ended.await).err().unwrap_or_else(|| Error::Stopped {
                         reason: "CRIU ended before the pod was frozen".into(),
                     }));
@@ -246,4 +249,54 @@ fn spawn_dump(
         })?;
         Ok(Instant::now())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs whose one runc already ended with `error`.
+    async fn ended(error: &str) -> CriuRuns {
+        let reason = error.to_owned();
+        let task = tokio::spawn(async move { Err(Error::Stopped { reason }) });
+        while !task.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        CriuRuns {
+            slots: vec![DumpSlot {
+                hold: None,
+                task: Some(task),
+            }],
+            external_unix: ToldEnds::default(),
+            prehash: None,
+            journal: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_runc_that_ends_before_its_criu_is_ready_fails_the_dump_with_its_error() {
+        let limit = Limit::after(Duration::from_secs(60), None);
+        let err = ended("runc said no")
+            .await
+            .wait_ready(&limit, Duration::from_secs(60))
+            .await
+            .expect_err("failed")
+            .to_string();
+        assert!(err.contains("runc said no"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_runc_killed_at_the_deadline_fails_the_dump_with_the_deadline() {
+        let limit = Limit::after(Duration::ZERO, None);
+        let err = ended("runc checkpoint failed: the deadline passed")
+            .await
+            .wait_ready(&limit, Duration::from_secs(3))
+            .await
+            .expect_err("stopped")
+            .to_string();
+        assert!(
+            err.contains("the dump deadline of 3 s passed while runc and CRIU started"),
+            "{err}"
+        );
+    }
 }
