@@ -106,6 +106,9 @@ pub struct NodeOptions {
     /// that ignored its options would run another runc). With [`NodeOptions::cgroup2`], the
     /// namespaces have cgroup2 alone.
     pub systemd: bool,
+    /// The pod network allocates with host-local directly, not through podsnap's IPAM wrapper
+    /// (a node where a restored pod cannot keep its address).
+    pub plain_ipam: bool,
 }
 
 impl NodeOptions {
@@ -124,6 +127,7 @@ impl NodeOptions {
             containerd_root: "root".to_owned(),
             runc: prereq::runc_under_test(),
             systemd: false,
+            plain_ipam: false,
         }
     }
 }
@@ -436,6 +440,17 @@ impl Node {
     /// network (the `loopback` plugin) to every pod.
     fn cni_conflist(&self) -> String {
         let ipam_dir = self.files.dir.join("cni/ipam");
+        let host_local = serde_json::json!({
+            "type": "host-local",
+            "ranges": [[{ "subnet": self.subnet }]],
+            "routes": [{ "dst": "0.0.0.0/0" }],
+            "dataDir": ipam_dir,
+        });
+        let ipam = if self.options.plain_ipam {
+            host_local
+        } else {
+            serde_json::json!({ "type": crate::IPAM_PLUGIN, "delegate": host_local })
+        };
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": format!("podsnap-{}", self.name),
@@ -446,15 +461,7 @@ impl Node {
                 "ipMasq": false,
                 "hairpinMode": true,
                 "capabilities": { "io.kubernetes.cri.pod-annotations": true },
-                "ipam": {
-                    "type": crate::IPAM_PLUGIN,
-                    "delegate": {
-                        "type": "host-local",
-                        "ranges": [[{ "subnet": self.subnet }]],
-                        "routes": [{ "dst": "0.0.0.0/0" }],
-                        "dataDir": ipam_dir,
-                    },
-                },
+                "ipam": ipam,
             }],
         })
         .to_string()

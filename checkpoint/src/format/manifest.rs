@@ -146,6 +146,13 @@ pub struct Manifest {
     /// Processes the pod's pause process adopted, each dumped with its descendants.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adopted: Vec<AdoptedProcess>,
+    /// What became of the pod at the dump (absent for older writers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_dump: Option<crate::format::persistent::AfterDump>,
+    /// Volumes the pod mounts that the checkpoint does not carry, with the files its processes
+    /// held open on them: a restore checks them before it creates anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub persistent_volumes: Vec<crate::format::persistent::PersistentVolume>,
     /// Every other file of the checkpoint, by path relative to its root.
     pub files: BTreeMap<String, FileDigest>,
     /// How the dump went (informational).

@@ -7,4 +7,5 @@ pub mod layout;
 pub mod listing;
 pub mod manifest;
 pub mod names;
+pub mod persistent;
 pub mod record;

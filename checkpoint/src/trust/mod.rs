@@ -2,5 +2,7 @@
 //! checkpoints. Names the layers below (`error` to `archive`).
 
 pub mod identity;
+pub mod keep_ip;
 pub mod policy;
 pub mod seal;
+pub mod volumes;

@@ -45,6 +45,7 @@ mod create;
 mod images;
 mod plan;
 mod undo;
+mod volumes;
 
 use bring_in::*;
 use create::*;
@@ -170,8 +171,12 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
             .map_err(refused)?;
     }
     let clients = crate::cri::connect(&request.runtime_endpoint).await?;
+    if request.keep_ip {
+        volumes::check_cni_keeps_addresses(&clients).await?;
+    }
     let driver = cgroup_driver(&clients).await;
     let mut plan = plan(request, &dir, manifest, driver)?;
+    volumes::check_persistent_volumes(&dir, &plan, progress)?;
     let images_pulled = check_images(&clients, &mut plan, &refused, progress).await?;
 
     let mut undo = Undo::default();

@@ -54,6 +54,7 @@ mod prepare;
 mod pull;
 mod shared;
 pub mod verify;
+mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

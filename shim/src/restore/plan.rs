@@ -69,12 +69,14 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
         .map_err(|e| Error::InvalidArgument(format!("checkpoint {name:?}: {}: {e}", spec_file.display())))?;
     policy::check_privilege(&cname, &old, new.spec).map_err(refused)?;
+    super::volumes::check_persistent_volumes(&name, &cname, manifest, new.spec)?;
 
     let image_dir = dir.join(entry.dir()).join(names.images);
     let mut options = podsnap_checkpoint::container::inspect(&image_dir)?;
     // Connections are always captured and restored: those to outside the pod are closed
     // after the last container's restore unless the dump asked to keep them.
     options.tcp_established = true;
+    super::volumes::check_kept_address(new.spec, manifest).await?;
     r.hold_network(new.spec, manifest).await?;
     r.reserve_pids(new.spec, manifest, &dir).await?;
     let adopted = manifest

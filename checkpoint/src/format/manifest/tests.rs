@@ -67,6 +67,8 @@ pub(crate) fn sample() -> Manifest {
         loopback_linked: Vec::new(),
         unix_links: Vec::new(),
         adopted: Vec::new(),
+        after_dump: None,
+        persistent_volumes: Vec::new(),
         files: BTreeMap::new(),
         stats: DumpStats::default(),
     }

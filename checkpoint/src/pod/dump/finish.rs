@@ -190,6 +190,12 @@ pub(super) async fn write(
         loopback_linked: contents.loopback_linked,
         unix_links: contents.unix_links,
         adopted: contents.adopted,
+        after_dump: Some(if d.stop {
+            crate::format::persistent::AfterDump::Stopped
+        } else {
+            crate::format::persistent::AfterDump::LeftRunning
+        }),
+        persistent_volumes: contents.persistent_volumes,
         files,
         stats: DumpStats {
             frozen_us: frozen.as_micros() as u64,

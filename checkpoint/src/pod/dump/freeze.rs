@@ -119,6 +119,8 @@ pub(super) struct Checked {
     pub(super) unix_links: Vec<UnixLink>,
     /// Which containers loopback connections link, read beside the dumps.
     pub(super) loopback: Option<JoinHandle<BTreeSet<String>>>,
+    /// Volumes the checkpoint does not carry, with the files held open on them.
+    pub(super) persistent_volumes: Vec<crate::format::persistent::PersistentVolume>,
 }
 
 /// The pod frozen and checked.
@@ -185,6 +187,21 @@ async fn freeze_and_check(h: &mut Held, guard: &mut FreezeGuard) -> Result<(Inst
         .iter()
         .map(|t| (t.entry.name.clone(), cgroup_procs(host, t)))
         .collect();
+    let persistent_volumes = crate::pod::dump::volumes::record(
+        &p.running
+            .iter()
+            .zip(&procs)
+            .map(|(t, (_, pids))| crate::pod::dump::volumes::ContainerAtDump {
+                name: t.entry.name.clone(),
+                mounts: podsnap_runtime::bundle::Bundle::new(&t.bundle)
+                    .spec()
+                    .map(|spec| crate::format::persistent::bind_mounts(&spec))
+                    .unwrap_or_default(),
+                pids: pids.clone(),
+            })
+            .collect::<Vec<_>>(),
+        Path::new("/proc"),
+    );
     let adopted = adopted_processes(host, &p.req.targets, &p.running, &procs)?;
     let ipc = pod_ipc(host, &p.running, &procs)?;
     let owners = SocketOwners::read(&procs);
@@ -201,6 +218,7 @@ async fn freeze_and_check(h: &mut Held, guard: &mut FreezeGuard) -> Result<(Inst
             ipc,
             unix_links,
             loopback: Some(loopback),
+            persistent_volumes,
         },
     ))
 }

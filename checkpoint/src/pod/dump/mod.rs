@@ -84,6 +84,7 @@ pub mod prehash;
 mod staging;
 #[cfg(test)]
 mod tests;
+mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;

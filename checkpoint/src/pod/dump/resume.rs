@@ -27,6 +27,8 @@ pub(super) struct Contents {
     pub(super) unix_links: Vec<UnixLink>,
     /// Processes the pause process adopted, dumped.
     pub(super) adopted: Vec<AdoptedProcess>,
+    /// Volumes the checkpoint does not carry, with the files held open on them.
+    pub(super) persistent_volumes: Vec<crate::format::persistent::PersistentVolume>,
 }
 
 /// The pod running again, its checkpoint still to finish.
@@ -50,6 +52,7 @@ fn open(c: Captured) -> (Frozen, Contents) {
         loopback_linked,
         unix_links: std::mem::take(&mut frozen.checked.unix_links),
         adopted,
+        persistent_volumes: std::mem::take(&mut frozen.checked.persistent_volumes),
     };
     (frozen, contents)
 }
