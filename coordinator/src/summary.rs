@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use podsnap_checkpoint::format::persistent::AfterDump;
 use podsnap_checkpoint::manifest::{Manifest, MANIFEST};
 use podsnap_checkpoint::Role;
 
@@ -32,6 +33,11 @@ pub struct CheckpointSummary {
     /// The name a pod's `podsnap.io/restore-from` annotation gives it, when the checkpoint lies
     /// inside the node's checkpoint root.
     pub restore_name: Option<String>,
+    /// What became of the pod at the dump, when the checkpoint says.
+    pub after_dump: Option<AfterDump>,
+    /// Volumes the checkpoint does not carry: `plugin/name (container:path, ...; N files held
+    /// open; node-local)`.
+    pub not_carried: Vec<String>,
 }
 
 impl CheckpointSummary {
@@ -69,6 +75,26 @@ impl CheckpointSummary {
             bytes: manifest.files.values().map(|f| f.size).sum::<u64>() + manifest_bytes,
             tcp_established: manifest.tcp_established,
             restore_name: name_in_root(dir, root),
+            after_dump: manifest.after_dump,
+            not_carried: manifest
+                .persistent_volumes
+                .iter()
+                .map(|v| {
+                    let mounts: Vec<String> = v
+                        .mounts
+                        .iter()
+                        .map(|m| format!("{}:{}", m.container, m.path))
+                        .collect();
+                    format!(
+                        "{} ({}; {} file{} held open{})",
+                        v.label(),
+                        mounts.join(", "),
+                        v.held_files.len(),
+                        if v.held_files.len() == 1 { "" } else { "s" },
+                        if v.node_local { "; node-local" } else { "" }
+                    )
+                })
+                .collect(),
         }
     }
 }
@@ -121,6 +147,15 @@ impl fmt::Display for CheckpointSummary {
         write!(f, "size         {}", human_bytes(self.bytes))?;
         if self.tcp_established {
             write!(f, "\ntcp          established connections kept")?;
+        }
+        if let Some(after) = self.after_dump {
+            write!(f, "\npod after    {}", after.describe())?;
+            if after == AfterDump::LeftRunning && !self.not_carried.is_empty() {
+                write!(f, ": the volumes below may have moved on since")?;
+            }
+        }
+        for volume in &self.not_carried {
+            write!(f, "\nnot carried  {volume}")?;
         }
         if let Some(name) = &self.restore_name {
             write!(f, "\nrestore-from {name}")?;

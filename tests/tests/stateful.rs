@@ -109,6 +109,14 @@ fn manifest(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("the manifest")).expect("json")
 }
 
+/// `podsnap inspect DIR`, as an operator reads it.
+fn inspect_text(node: &Node, dir: &Path) -> String {
+    let out = podsnap_tests::cli::podsnap(node, &podsnap_binary(), &["inspect", &dir.to_string_lossy()]);
+    let (stdout, stderr) = podsnap_tests::cli::text(&out);
+    assert!(out.status.success(), "podsnap inspect: {stdout}{stderr}");
+    stdout
+}
+
 fn run_db(node: &Node, name: &str, volume: &Path) -> KubePod {
     let pod = run_pod(node, &PodOptions::new(name, HANDLER)).expect("the pod runs");
     run_container(node, &pod, &db_spec(Some(volume))).expect("the db runs");
@@ -177,6 +185,15 @@ fn a_persistent_volume_is_recorded_and_a_restore_over_a_changed_one_is_refused()
     let mtime = (
         held["mtime"][0].as_i64().expect("seconds"),
         held["mtime"][1].as_i64().expect("nanoseconds"),
+    );
+    let shown = inspect_text(&node, &dir);
+    assert!(
+        shown.contains("pod after    stopped at the snapshot (--stop)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("not carried  csi/{PV} (db:{MOUNT}; 1 file held open)")),
+        "{shown}"
     );
     remove_pod(&node, &pod).expect("the original pod removed");
 
@@ -260,6 +277,13 @@ fn a_checkpoint_of_a_pod_left_running_is_refused_once_its_volume_moved_on() {
     let dir = node.files().checkpoints().join("running");
     dump_db(&node, &name, &dir, false);
     assert_eq!(manifest(&dir)["after_dump"], "left-running");
+    let shown = inspect_text(&node, &dir);
+    assert!(
+        shown.contains(
+            "pod after    left running (--leave-running): the volumes below may have moved on since"
+        ),
+        "{shown}"
+    );
     // The pod writes on (as the PostgreSQL pod committed rows after its checkpoint).
     let at_dump = ticks(&wal).len();
     wait_ticks_above(&wal, at_dump + 10, "after the dump");
