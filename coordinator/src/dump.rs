@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use podsnap_checkpoint::manifest::{Manifest, MANIFEST, MAX_MANIFEST_BYTES};
+use podsnap_checkpoint::format::manifest::{Manifest, MANIFEST, MAX_MANIFEST_BYTES};
 
 use crate::containerd::{CheckpointOptions, Containerd, CRI_NAMESPACE};
 use crate::cri;
@@ -242,13 +242,13 @@ async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) 
     if changed {
         let json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::Refused(format!("encode the manifest: {e}")))?;
-        // The dump sealed its files (`podsnap_checkpoint::seal`); a new manifest listing the
+        // The dump sealed its files (`podsnap_checkpoint::trust::seal`); a new manifest listing the
         // same files keeps them sealed only if they still were.
-        let seals = Path::new(podsnap_checkpoint::seal::SEAL_DIR);
-        let sealed = podsnap_checkpoint::seal::holds(seals, dir, &manifest);
-        podsnap_checkpoint::dump::write_synced(&dir.join(MANIFEST), &json).map_err(Box::new)?;
+        let seals = Path::new(podsnap_checkpoint::trust::seal::SEAL_DIR);
+        let sealed = podsnap_checkpoint::trust::seal::holds(seals, dir, &manifest);
+        podsnap_checkpoint::fs::private::write_synced(&dir.join(MANIFEST), &json).map_err(Box::new)?;
         if sealed {
-            if let Err(e) = podsnap_checkpoint::seal::record(seals, dir, &manifest) {
+            if let Err(e) = podsnap_checkpoint::trust::seal::record(seals, dir, &manifest) {
                 log::warn!("{e}");
             }
         }
@@ -261,10 +261,10 @@ async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) 
 fn pinned_reference(image: Option<&str>, repo_digests: &[String]) -> Option<String> {
     let pinned = repo_digests.iter().filter(|d| d.contains("@sha256:"));
     if let Some(image) = image {
-        let wanted = podsnap_checkpoint::policy::image_repository(image);
+        let wanted = podsnap_checkpoint::trust::policy::image_repository(image);
         if let Some(found) = pinned
             .clone()
-            .find(|d| podsnap_checkpoint::policy::image_repository(d) == wanted)
+            .find(|d| podsnap_checkpoint::trust::policy::image_repository(d) == wanted)
         {
             return Some(found.clone());
         }
@@ -277,7 +277,7 @@ fn pinned_reference(image: Option<&str>, repo_digests: &[String]) -> Option<Stri
 }
 
 fn create_private_dir_all(dir: &Path) -> Result<()> {
-    podsnap_checkpoint::container::create_private_dir(dir).map_err(|e| Box::new(e).into())
+    podsnap_checkpoint::fs::private::create_private_dir(dir).map_err(|e| Box::new(e).into())
 }
 
 /// The first 13 characters of an id, as `crictl` shows them.

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::format::manifest::Manifest;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -18,7 +18,7 @@ pub fn inspect(dir: &Path, root: &Path) -> Result<CheckpointSummary> {
 
 /// What `podsnap inspect -o json` prints: the checkpoint's manifest once every digest is
 /// checked, and whether a seal (a dump's, a pull's or a restore's, see
-/// [`podsnap_checkpoint::seal`]) holds for it, read before the digests are (inspect itself
+/// [`podsnap_checkpoint::trust::seal`]) holds for it, read before the digests are (inspect itself
 /// never seals).
 #[derive(Debug, Clone, Serialize)]
 pub struct Inspected {
@@ -40,8 +40,11 @@ pub struct Inspected {
 pub fn inspect_json(dir: &Path) -> Result<Inspected> {
     let dir = std::fs::canonicalize(dir).map_err(Error::io("open the checkpoint", dir))?;
     let manifest = Manifest::load_listed(&dir)?;
-    let sealed =
-        podsnap_checkpoint::seal::holds(Path::new(podsnap_checkpoint::seal::SEAL_DIR), &dir, &manifest);
+    let sealed = podsnap_checkpoint::trust::seal::holds(
+        Path::new(podsnap_checkpoint::trust::seal::SEAL_DIR),
+        &dir,
+        &manifest,
+    );
     Ok(match manifest.verify(&dir) {
         Ok(()) => Inspected {
             dir,
@@ -63,7 +66,8 @@ pub fn inspect_json(dir: &Path) -> Result<Inspected> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use podsnap_checkpoint::manifest::{DigestAlgorithm, FileDigest, MANIFEST};
+    use podsnap_checkpoint::format::digest::{DigestAlgorithm, FileDigest};
+    use podsnap_checkpoint::format::manifest::MANIFEST;
 
     /// A checkpoint of one file (`host/cpuinfo.img`) in `dir`.
     fn checkpoint(dir: &Path) {
@@ -71,8 +75,8 @@ mod tests {
         let file = dir.join("host/cpuinfo.img");
         std::fs::write(&file, b"cpu").expect("write");
         let mut m: Manifest = serde_json::from_value(serde_json::json!({
-            "format": podsnap_checkpoint::manifest::FORMAT,
-            "version": podsnap_checkpoint::manifest::VERSION,
+            "format": podsnap_checkpoint::format::manifest::FORMAT,
+            "version": podsnap_checkpoint::format::manifest::VERSION,
             "created_unix": 0,
             "pod": {"sandbox_id": "s", "name": "web", "namespace": "default", "uid": null, "hostname": null},
             "host": {"criu_version": "4.2.1", "runc_version": "1.1.5", "kernel": "6.18", "arch": "x86_64"},

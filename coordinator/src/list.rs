@@ -1,16 +1,16 @@
 //! `podsnap list`: the checkpoints of the node's checkpoint root, for a person (a table that
 //! fits a terminal) or a script (`-o json`, a JSON array).
 //!
-//! Each checkpoint ([`podsnap_checkpoint::store`]): its name (what `podsnap.io/restore-from`
+//! Each checkpoint ([`podsnap_checkpoint::node::store`]): its name (what `podsnap.io/restore-from`
 //! and `podsnap rm` take), its pod, when it was taken (UTC), its size, its containers, whether
 //! its digests were verified (`--verify` reads every file; otherwise `-`), and the pods
-//! restored from it that still hold it ([`podsnap_checkpoint::lease`]). Broken checkpoints are
+//! restored from it that still hold it ([`podsnap_checkpoint::node::lease`]). Broken checkpoints are
 //! listed with why.
 
 use std::path::{Path, PathBuf};
 
-use podsnap_checkpoint::manifest::Manifest;
-use podsnap_checkpoint::store::{self, Content};
+use podsnap_checkpoint::format::manifest::Manifest;
+use podsnap_checkpoint::node::store::{self, Content};
 use podsnap_checkpoint::Role;
 use serde::Serialize;
 
@@ -58,7 +58,7 @@ pub struct User {
 pub fn list(root: &Path, leases: &Path, verify: bool, progress: &dyn Progress) -> Result<Vec<Listed>> {
     let mut out = Vec::new();
     for stored in store::list(root)? {
-        let in_use_by = podsnap_checkpoint::lease::holders(leases, &stored.dir)?
+        let in_use_by = podsnap_checkpoint::node::lease::holders(leases, &stored.dir)?
             .into_iter()
             .map(|h| User {
                 sandbox_id: h.sandbox_id,
@@ -342,8 +342,8 @@ mod tests {
             serde_json::json!({"size": 2, "digest": "00"}),
         );
         let manifest = serde_json::json!({
-            "format": podsnap_checkpoint::manifest::FORMAT,
-            "version": podsnap_checkpoint::manifest::VERSION,
+            "format": podsnap_checkpoint::format::manifest::FORMAT,
+            "version": podsnap_checkpoint::format::manifest::VERSION,
             "created_unix": 1_700_000_000u64,
             "pod": {"sandbox_id": "old", "name": "web", "namespace": "default"},
             "host": {"criu_version": "", "runc_version": "", "kernel": "", "arch": ""},
@@ -355,9 +355,13 @@ mod tests {
         });
         std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("manifest");
         let canonical = std::fs::canonicalize(&dir).expect("canonical");
-        let _lease = podsnap_checkpoint::lease::take(
+        let _lease = podsnap_checkpoint::node::lease::take(
             &leases,
-            &podsnap_checkpoint::lease::Holder::this_process("sb1", Some("default/web-2".into()), &canonical),
+            &podsnap_checkpoint::node::lease::Holder::this_process(
+                "sb1",
+                Some("default/web-2".into()),
+                &canonical,
+            ),
         )
         .expect("lease");
         let quiet = crate::progress::Quiet;

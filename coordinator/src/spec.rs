@@ -6,7 +6,7 @@
 //! user, resources, masked and read-only paths, seccomp (unconfined or the runtime default),
 //! namespace modes, and bind mounts of host paths (listed in [`ContainerPlan::host_mounts`]: the
 //! restore mounts them only where the node configuration allows, see
-//! [`podsnap_checkpoint::policy::check_host_path`]). What changes: the pod uid, the cgroup parent
+//! [`podsnap_checkpoint::trust::policy::check_host_path`]). What changes: the pod uid, the cgroup parent
 //! (`/kubepods/besteffort/pod<uid>`, or `kubepods-besteffort-pod<uid>.slice` on a node with the
 //! systemd cgroup driver), the log directory, and the pod's own files: emptyDir
 //! volumes move to `<pods dir>/<uid>/volumes/kubernetes.io~empty-dir/<volume>` (created empty;
@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
-use podsnap_checkpoint::dump::empty_dir_name;
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::format::layout::empty_dir_name;
+use podsnap_checkpoint::format::manifest::Manifest;
 use podsnap_runtime::cgroup::systemd;
 
 /// The pod annotation that makes the shim restore the pod's containers.
@@ -501,8 +501,8 @@ mod tests {
     #[test]
     fn the_sandbox_keeps_pod_annotations_but_containerds() {
         let mut manifest: Manifest = serde_json::from_value(serde_json::json!({
-            "format": podsnap_checkpoint::manifest::FORMAT,
-            "version": podsnap_checkpoint::manifest::VERSION,
+            "format": podsnap_checkpoint::format::manifest::FORMAT,
+            "version": podsnap_checkpoint::format::manifest::VERSION,
             "created_unix": 1,
             "pod": {"sandbox_id": "sb", "name": "web", "namespace": "default", "uid": "old",
                     "hostname": "web", "annotations": {}},

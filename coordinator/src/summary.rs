@@ -5,8 +5,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use podsnap_checkpoint::format::manifest::{Manifest, MANIFEST};
 use podsnap_checkpoint::format::persistent::AfterDump;
-use podsnap_checkpoint::manifest::{Manifest, MANIFEST};
 use podsnap_checkpoint::Role;
 
 /// A pod checkpoint at a glance.

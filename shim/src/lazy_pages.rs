@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe, Subscription};
 use containerd_shim::monitor::{Subject, Topic};
-use podsnap_checkpoint::lease::{self, Holder, Lease, LEASE_DIR};
+use podsnap_checkpoint::node::lease::{self, Holder, Lease, LEASE_DIR};
 use podsnap_runtime::launcher::{Capture, Launcher};
 
 use crate::error::{Error, Result};
@@ -121,13 +121,13 @@ impl LazyPages {
             Some(pod) => format!("{container_id} (pod {pod})"),
             None => container_id.to_owned(),
         };
-        podsnap_checkpoint::container::create_private_dir(work_dir)?;
+        podsnap_checkpoint::fs::private::create_private_dir(work_dir)?;
         for leftover in [SOCKET, PIDFILE] {
             // From an earlier attempt: CRIU binds the socket and creates the pid file anew.
             let _ = std::fs::remove_file(work_dir.join(leftover));
         }
         let failed = |why: String| {
-            let tail = podsnap_checkpoint::container::log_tail(&work_dir.join(LOG))
+            let tail = podsnap_checkpoint::criu::container::log_tail(&work_dir.join(LOG))
                 .map(|t| format!("; CRIU's log {}:\n{t}", work_dir.join(LOG).display()))
                 .unwrap_or_default();
             Error::FailedPrecondition(format!(
@@ -254,7 +254,7 @@ impl LazyPages {
                     self.pid
                 ),
                 Ended::Failed(code) => {
-                    let tail = podsnap_checkpoint::container::log_tail(&log_path).unwrap_or_default();
+                    let tail = podsnap_checkpoint::criu::container::log_tail(&log_path).unwrap_or_default();
                     let why = format!(
                         "its lazy-pages daemon (pid {}) failed (exit {code}) before all of its \
                          memory was back: pages not yet copied now read as zeros; CRIU's log {}:\n{tail}",

@@ -77,7 +77,8 @@ impl Shim for PodShim {
             .unwrap_or_else(|| self.id.clone());
         recover_dead_dump(&MonitorLauncher, &pod).await;
         // The dead shim's leases on checkpoints (it held them while it ran) are stale now.
-        let pruned = podsnap_checkpoint::lease::prune(Path::new(podsnap_checkpoint::lease::LEASE_DIR));
+        let pruned =
+            podsnap_checkpoint::node::lease::prune(Path::new(podsnap_checkpoint::node::lease::LEASE_DIR));
         if pruned > 0 {
             log::info!("pod {pod}: released {pruned} stale checkpoint leases");
         }
@@ -120,8 +121,9 @@ impl Shim for PodShim {
     async fn wait(&mut self) {
         self.exit.wait().await;
         // The pod is gone with this shim: the checkpoints it was restored from are free.
-        let released =
-            podsnap_checkpoint::lease::release_own(Path::new(podsnap_checkpoint::lease::LEASE_DIR));
+        let released = podsnap_checkpoint::node::lease::release_own(Path::new(
+            podsnap_checkpoint::node::lease::LEASE_DIR,
+        ));
         if released > 0 {
             log::info!("pod {}: released {released} checkpoint leases", self.id);
         }
@@ -152,10 +154,10 @@ async fn remove_pulled_for(sandbox: &str) {
 }
 
 /// Undoes what a pod dump of `pod` left if the shim running it died (see
-/// `podsnap_checkpoint::journal`).
+/// `podsnap_checkpoint::pod::dump::journal`).
 async fn recover_dead_dump(launcher: &dyn podsnap_runtime::launcher::Launcher, pod: &str) {
-    let path = podsnap_checkpoint::journal::journal_path(pod);
-    match podsnap_checkpoint::journal::recover(launcher, &path).await {
+    let path = podsnap_checkpoint::pod::dump::journal::journal_path(pod);
+    match podsnap_checkpoint::pod::dump::journal::recover(launcher, &path).await {
         Ok(done) if done.owner_alive => {
             log::info!("pod {pod}: a dump is in progress in a live shim; left alone")
         }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
 use podsnap_checkpoint::config::{NodeConfig, KEEP_IP_ANNOTATION, RESTORE_ANNOTATION};
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::format::manifest::Manifest;
 use serde_json::{json, Value};
 
 /// The capability under which containerd passes a pod's annotations.
@@ -92,18 +92,18 @@ fn kept_addresses(annotations: &Value) -> Result<Vec<String>, String> {
         })?;
     let config = NodeConfig::load().map_err(|e| e.to_string())?;
     let root = config.checkpoint_root();
-    let dir = podsnap_checkpoint::store::resolve(&root, name)
+    let dir = podsnap_checkpoint::node::store::resolve(&root, name)
         .map_err(|reason| format!("checkpoint {name:?}: {reason}"))?;
     let manifest = Manifest::load_listed(&dir).map_err(|e| e.to_string())?;
     let namespace = cni_arg("K8S_POD_NAMESPACE").unwrap_or_default();
-    podsnap_checkpoint::policy::check_namespace(
+    podsnap_checkpoint::trust::policy::check_namespace(
         &config.restore,
         manifest.pod.namespace.as_deref(),
         &namespace,
         &config.describe(),
     )
     .map_err(|v| podsnap_checkpoint::Error::refused(name, v).to_string())?;
-    let here = podsnap_checkpoint::host::node_id();
+    let here = podsnap_checkpoint::trust::identity::node_id();
     if here.is_empty() || manifest.host.node_id != here {
         return Err(format!(
             "checkpoint {name:?} was taken on another node: its address means nothing here"

@@ -120,14 +120,14 @@ pub(crate) struct Announcements(PathBuf);
 
 impl Announcements {
     fn create(dest: &Path) -> anyhow::Result<Announcements> {
-        let dir = podsnap_checkpoint::dump::parts_dir(dest);
+        let dir = podsnap_checkpoint::format::layout::parts_dir(dest);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("removing a stale {}", dir.display()))
             }
             _ => {}
         }
-        podsnap_checkpoint::container::create_private_dir(&dir)
+        podsnap_checkpoint::fs::private::create_private_dir(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
         Ok(Announcements(dir))
     }

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use podsnap_checkpoint::lease::LEASE_DIR;
-use podsnap_checkpoint::store;
+use podsnap_checkpoint::node::lease::LEASE_DIR;
+use podsnap_checkpoint::node::store;
 use podsnap_coordinator::dump::short;
 use podsnap_coordinator::restore::{restore, RestoreRequest};
 use podsnap_coordinator::{oci, pod, progress};

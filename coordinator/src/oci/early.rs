@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use oci_client::{Client, Reference};
-use podsnap_checkpoint::manifest::{safe_relative, MAX_MANIFEST_BYTES};
+use podsnap_checkpoint::format::manifest::MAX_MANIFEST_BYTES;
+use podsnap_checkpoint::format::names::safe_relative;
 
 use crate::error::Result;
 
@@ -19,7 +20,7 @@ pub struct Prebuilt {
 }
 
 /// Uploads the container parts a dump announces in `<dest>.parts`
-/// ([`podsnap_checkpoint::dump::PartReady`]) while the dump still digests, writes the manifest
+/// ([`podsnap_checkpoint::format::layout::PartReady`]) while the dump still digests, writes the manifest
 /// and (with `--stop`) syncs and stops the pod: compressed and uploaded one at a time, as
 /// [`push`] would. What it could not do (the part changed, the staging directory was renamed
 /// away first, an upload failed) is left to [`push`], which reuses only layers of exactly the
@@ -82,7 +83,7 @@ pub(super) fn announced(
     parts: &Path,
     dest: &Path,
     seen: &mut BTreeSet<String>,
-) -> Vec<podsnap_checkpoint::dump::PartReady> {
+) -> Vec<podsnap_checkpoint::format::layout::PartReady> {
     let Ok(entries) = std::fs::read_dir(parts) else {
         return Vec::new();
     };
@@ -92,10 +93,11 @@ pub(super) fn announced(
         if name.starts_with('.') || !name.ends_with(".json") || !seen.insert(name.clone()) {
             continue;
         }
-        let ready = podsnap_checkpoint::manifest::read_capped(&entry.path(), MAX_MANIFEST_BYTES)
+        let ready = podsnap_checkpoint::fs::read::read_capped(&entry.path(), MAX_MANIFEST_BYTES)
             .map_err(|e| e.to_string())
             .and_then(|b| {
-                serde_json::from_slice::<podsnap_checkpoint::dump::PartReady>(&b).map_err(|e| e.to_string())
+                serde_json::from_slice::<podsnap_checkpoint::format::layout::PartReady>(&b)
+                    .map_err(|e| e.to_string())
             });
         match ready {
             Ok(r) if announcement_fits(&r, dest) => found.push(r),
@@ -106,7 +108,7 @@ pub(super) fn announced(
     found
 }
 
-pub(super) fn announcement_fits(r: &podsnap_checkpoint::dump::PartReady, dest: &Path) -> bool {
+pub(super) fn announcement_fits(r: &podsnap_checkpoint::format::layout::PartReady, dest: &Path) -> bool {
     let beside = r.root == dest
         || (r.root.parent() == dest.parent()
             && r.root.file_name().is_some_and(|n| {
@@ -123,7 +125,7 @@ pub(super) fn announcement_fits(r: &podsnap_checkpoint::dump::PartReady, dest: &
 pub(super) async fn early_layer(
     client: &Client,
     image: &Reference,
-    ready: podsnap_checkpoint::dump::PartReady,
+    ready: podsnap_checkpoint::format::layout::PartReady,
     level: i32,
 ) -> Result<Prebuilt> {
     let files = ready.files.clone();

@@ -37,7 +37,7 @@
 
 use std::collections::BTreeMap;
 
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::format::manifest::Manifest;
 use sha2::{Digest, Sha256};
 
 use crate::error::Error;

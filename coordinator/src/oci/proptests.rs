@@ -9,7 +9,7 @@ use std::path::Path;
 use ed25519_dalek::SigningKey;
 use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
 use podsnap_checkpoint::config::RegistryPolicy;
-use podsnap_checkpoint::manifest::{FileDigest, StreamDigest};
+use podsnap_checkpoint::format::digest::{FileDigest, StreamDigest};
 use podsnap_checkpoint::testkit::{
     assert_bounded, cases, edit_tar_headers, mutate, mutate_json, peak_during, Mutation, TarEdit,
 };
@@ -47,8 +47,8 @@ fn layer_files() -> Vec<(String, Vec<u8>)> {
 /// The manifest listing `files` (BLAKE3 digests, as a dump writes them).
 fn manifest_of(files: &[(String, Vec<u8>)]) -> Manifest {
     let mut m: Manifest = serde_json::from_value(serde_json::json!({
-        "format": podsnap_checkpoint::manifest::FORMAT,
-        "version": podsnap_checkpoint::manifest::VERSION,
+        "format": podsnap_checkpoint::format::manifest::FORMAT,
+        "version": podsnap_checkpoint::format::manifest::VERSION,
         "created_unix": 0,
         "pod": {"sandbox_id": "s", "name": "web", "namespace": "default", "uid": null, "hostname": null},
         "host": {"criu_version": "4.2.1", "runc_version": "1.1.5", "kernel": "6.18", "arch": "x86_64"},
@@ -63,7 +63,8 @@ fn manifest_of(files: &[(String, Vec<u8>)]) -> Manifest {
             let digest = FileDigest {
                 size: data.len() as u64,
                 digest: {
-                    let mut d = StreamDigest::new(podsnap_checkpoint::manifest::DigestAlgorithm::Blake3);
+                    let mut d =
+                        StreamDigest::new(podsnap_checkpoint::format::digest::DigestAlgorithm::Blake3);
                     d.update(data);
                     d.finish()
                 },

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use oci_client::manifest::{OciDescriptor, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::{Client, Reference};
 use podsnap_checkpoint::config::{RegistryPolicy, RestorePolicy};
-use podsnap_checkpoint::manifest::{Manifest, MANIFEST, MAX_MANIFEST_BYTES};
+use podsnap_checkpoint::format::manifest::{Manifest, MANIFEST, MAX_MANIFEST_BYTES};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -46,7 +46,7 @@ impl RestoreCheck {
     fn check(&self, manifest: &Manifest, reference: &str, config_name: &str) -> Result<()> {
         let source = manifest.pod.namespace.as_deref();
         let target = self.namespace.as_deref().or(source).unwrap_or_default();
-        podsnap_checkpoint::policy::check_namespace(&self.policy, source, target, config_name)
+        podsnap_checkpoint::trust::policy::check_namespace(&self.policy, source, target, config_name)
             .map_err(|v| podsnap_checkpoint::Error::refused(reference, v).into())
     }
 }
@@ -91,7 +91,7 @@ pub(super) fn destination(root: &Path, dest: &Path) -> Result<(PathBuf, String)>
         .filter(|n| !n.starts_with('.'))
         .ok_or_else(|| refused(format!("{}: not a checkpoint name", dest.display())))?
         .to_owned();
-    podsnap_checkpoint::manifest::validate_name(&name)
+    podsnap_checkpoint::format::names::validate_name(&name)
         .map_err(|e| refused(format!("{}: not a checkpoint name: {e}", dest.display())))?;
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(parent) = parent {
@@ -279,9 +279,9 @@ pub async fn pull(request: &PullRequest) -> Result<PullOutcome> {
     std::fs::rename(&staging, &dest).map_err(Error::io("move the pulled checkpoint into place", &dest))?;
     guard.keep();
     // Every file's digest was checked as it was written: sealed, a restore does not read them
-    // all again (`podsnap_checkpoint::seal`).
-    let seals = Path::new(podsnap_checkpoint::seal::SEAL_DIR);
-    if let Err(e) = podsnap_checkpoint::seal::record(seals, &dest, &manifest) {
+    // all again (`podsnap_checkpoint::trust::seal`).
+    let seals = Path::new(podsnap_checkpoint::trust::seal::SEAL_DIR);
+    if let Err(e) = podsnap_checkpoint::trust::seal::record(seals, &dest, &manifest) {
         log::warn!("{e}");
     }
     Ok(PullOutcome {

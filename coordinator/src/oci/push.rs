@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
 use oci_client::{Client, Reference};
 use podsnap_checkpoint::config::RegistryPolicy;
-use podsnap_checkpoint::manifest::{Manifest, MANIFEST};
+use podsnap_checkpoint::format::manifest::{Manifest, MANIFEST};
 
 use crate::error::{Error, Result};
 
@@ -257,7 +257,7 @@ pub async fn push(request: &PushRequest) -> Result<PushOutcome> {
         "config": descriptor(CONFIG_MEDIA_TYPE, &config_digest, config_size, None),
         "layers": descriptors,
         "annotations": {
-            "io.podsnap.checkpoint.pod": podsnap_checkpoint::store::pod_of(&manifest),
+            "io.podsnap.checkpoint.pod": podsnap_checkpoint::node::store::pod_of(&manifest),
             "org.opencontainers.image.created": manifest.created_unix.to_string(),
         },
     }))

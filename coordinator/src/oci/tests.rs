@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use oci_client::secrets::RegistryAuth;
 use podsnap_checkpoint::config::RegistryPolicy;
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::format::manifest::Manifest;
 use sha2::{Digest, Sha256};
 
 use super::*;
@@ -95,7 +95,7 @@ fn parts_split_containers_volumes_and_the_rest() {
 #[test]
 fn only_announcements_of_the_dump_and_of_their_own_part_are_taken() {
     let dest = Path::new("/root/ckpt/web");
-    let ready = |root: &str, part: &str, files: &[&str]| podsnap_checkpoint::dump::PartReady {
+    let ready = |root: &str, part: &str, files: &[&str]| podsnap_checkpoint::format::layout::PartReady {
         root: PathBuf::from(root),
         part: part.to_owned(),
         files: files.iter().map(|f| (*f).to_owned()).collect(),
@@ -323,7 +323,7 @@ fn the_unpacker_refuses_what_the_manifest_does_not_list() {
     let mut files = BTreeMap::new();
     files.insert(
         "containers/web/a".to_owned(),
-        podsnap_checkpoint::manifest::FileDigest {
+        podsnap_checkpoint::format::digest::FileDigest {
             size: 3,
             digest: hex::encode(Sha256::digest(b"abc")),
         },
@@ -339,14 +339,15 @@ fn the_unpacker_refuses_what_the_manifest_does_not_list() {
         }
         zstd::encode_all(&b.into_inner().expect("tar")[..], 1).expect("zstd")
     };
-    let run =
-        |blob: Vec<u8>, part: &str, files: &BTreeMap<String, podsnap_checkpoint::manifest::FileDigest>| {
-            let staging = tempfile::tempdir().expect("tempdir");
-            let m = test_manifest(files.clone());
-            let d = sha256_digest(&blob);
-            let n = blob.len() as u64;
-            unpack_stream(&blob[..], part, staging.path(), &m, (d, n))
-        };
+    let run = |blob: Vec<u8>,
+               part: &str,
+               files: &BTreeMap<String, podsnap_checkpoint::format::digest::FileDigest>| {
+        let staging = tempfile::tempdir().expect("tempdir");
+        let m = test_manifest(files.clone());
+        let d = sha256_digest(&blob);
+        let n = blob.len() as u64;
+        unpack_stream(&blob[..], part, staging.path(), &m, (d, n))
+    };
     let good = layer(&[("containers/web/a", b"abc", tar::EntryType::Regular)]);
     assert!(run(good.clone(), "containers/web", &files).is_ok());
     assert!(run(good.clone(), "containers/db", &files)
@@ -398,10 +399,10 @@ fn the_unpacker_refuses_what_the_manifest_does_not_list() {
     assert!(err.contains("digest"), "{err}");
 }
 
-fn test_manifest(files: BTreeMap<String, podsnap_checkpoint::manifest::FileDigest>) -> Manifest {
+fn test_manifest(files: BTreeMap<String, podsnap_checkpoint::format::digest::FileDigest>) -> Manifest {
     let mut m: Manifest = serde_json::from_value(serde_json::json!({
-        "format": podsnap_checkpoint::manifest::FORMAT,
-        "version": podsnap_checkpoint::manifest::VERSION,
+        "format": podsnap_checkpoint::format::manifest::FORMAT,
+        "version": podsnap_checkpoint::format::manifest::VERSION,
         "created_unix": 0,
         "pod": {"sandbox_id": "s", "name": "web", "namespace": "default", "uid": null, "hostname": null},
         "host": {"criu_version": "4.2.1", "runc_version": "1.1.5", "kernel": "6.18", "arch": "x86_64"},

@@ -8,7 +8,10 @@ use std::path::Path;
 use futures::StreamExt;
 use oci_client::manifest::OciDescriptor;
 use oci_client::{Client, Reference};
-use podsnap_checkpoint::manifest::{read_full, safe_relative, Manifest, StreamDigest};
+use podsnap_checkpoint::format::digest::StreamDigest;
+use podsnap_checkpoint::format::manifest::Manifest;
+use podsnap_checkpoint::format::names::safe_relative;
+use podsnap_checkpoint::fs::read::read_full;
 use sha2::{Digest, Sha256};
 
 use crate::error::Result;

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use podsnap_checkpoint::import::{import, Imported};
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::format::manifest::Manifest;
+use podsnap_checkpoint::node::import::{import, Imported};
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;

@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use k8s_cri::v1 as cri;
-use podsnap_checkpoint::manifest::Manifest;
-use podsnap_checkpoint::policy::{self, NewImage, Violation};
+use podsnap_checkpoint::format::manifest::Manifest;
+use podsnap_checkpoint::trust::policy::{self, NewImage, Violation};
 
 use crate::cri::CriClients;
 use crate::error::{Error, Result};

@@ -11,7 +11,7 @@
 //! 2. The checkpoint must lie inside the node's checkpoint root, where the shim looks for it
 //!    (its name is then its path relative to the root); one outside is brought in under a
 //!    fresh name first, by hard links (no data copied; a copy only across filesystems, see
-//!    [`podsnap_checkpoint::import`]), and removed again once the restore is over: the shim
+//!    [`podsnap_checkpoint::node::import`]), and removed again once the restore is over: the shim
 //!    reads the checkpoint at each container's Create and Start, all of which happen here.
 //! 3. RunPodSandbox (handler `podsnap`, a new uid, the restore annotation naming the checkpoint:
 //!    a new network namespace and pod IP), then CreateContainer for each container in its
@@ -31,10 +31,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use podsnap_checkpoint::config::NodeConfig;
+use podsnap_checkpoint::format::manifest::{Manifest, CPUINFO};
 /// What bringing a checkpoint into the root did ([`RestoredPod::imported`]).
-pub use podsnap_checkpoint::import::Imported;
-use podsnap_checkpoint::manifest::{Manifest, CPUINFO};
-use podsnap_checkpoint::policy::{self, Violation};
+pub use podsnap_checkpoint::node::import::Imported;
+use podsnap_checkpoint::trust::policy::{self, Violation};
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -162,11 +162,11 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
     .map_err(refused)?;
     let launcher = podsnap_runtime::launcher::TokioLauncher;
     // (Only CRIU's version, the kernel and the architecture are compared.)
-    let here = podsnap_checkpoint::host::this_node(&launcher, Path::new("runc")).await;
+    let here = podsnap_checkpoint::trust::identity::this_node(&launcher, Path::new("runc")).await;
     policy::check_host(&manifest.host, &here).map_err(refused)?;
     if manifest.lists(CPUINFO) {
         let host_dir = dir.join(CPUINFO);
-        podsnap_checkpoint::host::check_cpuinfo(&launcher, host_dir.parent().unwrap_or(&dir))
+        podsnap_checkpoint::trust::identity::check_cpuinfo(&launcher, host_dir.parent().unwrap_or(&dir))
             .await
             .map_err(refused)?;
     }

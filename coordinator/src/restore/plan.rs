@@ -5,8 +5,8 @@ use std::path::Path;
 
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::manifest::{ContainerEntry, Manifest};
-use podsnap_checkpoint::policy::{self};
+use podsnap_checkpoint::format::manifest::{ContainerEntry, Manifest};
+use podsnap_checkpoint::trust::policy::{self};
 use podsnap_checkpoint::{ContainerState, Role};
 
 use crate::cri::CriClients;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use containerd_shim::asynchronous::io::Stdio;
-use podsnap_checkpoint::container::{self as ckpt, DumpOptions};
+use podsnap_checkpoint::criu::container::{self as ckpt, DumpOptions};
 use podsnap_runtime::bundle::{Bundle, PodIdentity};
 use podsnap_runtime::cgroup::{CgroupMode, CgroupPaths};
 use podsnap_runtime::runc::{CreateOpts, ExecOpts, Runc};
@@ -317,7 +317,7 @@ impl Container {
                     self.id,
                     e.file_name()
                 );
-                ckpt::remove_leftover(&e.path());
+                podsnap_checkpoint::fs::remove::remove_leftover(&e.path());
             }
         }
     }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use podsnap_checkpoint::container::{Dump, DumpOptions};
-use podsnap_checkpoint::dump::Target;
+use podsnap_checkpoint::criu::container::{Dump, DumpOptions};
+use podsnap_checkpoint::pod::dump::Target;
 
 use super::dump::{self, PodCheckpoint};
 use super::request::CheckpointTask;
@@ -53,7 +53,7 @@ impl Pod {
             )));
         }
         let _busy = c.claim()?;
-        podsnap_checkpoint::criu_hold::clear(c.bundle.path());
+        podsnap_checkpoint::criu::hold::clear(c.bundle.path());
         let image_dir = opts.image_dir;
         let dump = Dump {
             id: c.id.clone(),
@@ -76,7 +76,7 @@ impl Pod {
             },
         };
         let started = std::time::Instant::now();
-        podsnap_checkpoint::container::dump(&c.runc, &dump)
+        podsnap_checkpoint::criu::container::dump(&c.runc, &dump)
             .await
             .inspect_err(|e| {
                 log::error!("container {}: {e}", c.id);

@@ -2,15 +2,16 @@
 //! of the pod is captured at one instant by `podsnap-checkpoint`'s pod dump; completed
 //! containers are recorded; the pod is stopped afterwards when asked. A checkpoint written
 //! into the node's checkpoint root is followed by the node's retention
-//! ([`podsnap_checkpoint::retention`]), whoever asked for the dump.
+//! ([`podsnap_checkpoint::node::retention`]), whoever asked for the dump.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use podsnap_checkpoint::config::RetentionPolicy;
-use podsnap_checkpoint::dump::{dump_pod, PodDump, Target};
-use podsnap_checkpoint::journal::journal_path;
-use podsnap_checkpoint::manifest::{validate_name, ContainerEntry, PodInfo};
+use podsnap_checkpoint::format::manifest::{ContainerEntry, PodInfo};
+use podsnap_checkpoint::format::names::validate_name;
+use podsnap_checkpoint::pod::dump::journal::journal_path;
+use podsnap_checkpoint::pod::dump::{dump_pod, PodDump, Target};
 use podsnap_checkpoint::{ContainerState, Role};
 
 use crate::container::Container;
@@ -163,9 +164,9 @@ async fn retain(pod: &str, request: &PodCheckpoint) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let leases = std::path::Path::new(podsnap_checkpoint::lease::LEASE_DIR);
+    let leases = std::path::Path::new(podsnap_checkpoint::node::lease::LEASE_DIR);
     let applied = tokio::task::spawn_blocking(move || {
-        podsnap_checkpoint::retention::apply(&root, &dest, &policy, leases, now)
+        podsnap_checkpoint::node::retention::apply(&root, &dest, &policy, leases, now)
     })
     .await;
     match applied {

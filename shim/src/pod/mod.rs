@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use containerd_shim::asynchronous::ExitSignal;
-use podsnap_checkpoint::dump::Target;
+use podsnap_checkpoint::pod::dump::Target;
 
 use crate::container::factory::ContainerFactory;
 use crate::container::Container;

@@ -4,7 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use podsnap_checkpoint::container as ckpt;
+use podsnap_checkpoint::criu::container as ckpt;
 use podsnap_runtime::cgroup::CgroupPaths;
 use podsnap_runtime::runc::ProcessStdio;
 
@@ -55,8 +55,9 @@ async fn restore_adopted(
     for (pid, images) in adopted {
         let id = format!("{}-adopted-{pid}", c.id);
         let dir = c.bundle.path().join(format!("adopted-{pid}"));
-        let _cleanup = ckpt::RemoveOnDrop(vec![c.runc.root().join(&id), dir.clone()]);
-        ckpt::create_private_dir(&dir)?;
+        let _cleanup =
+            podsnap_checkpoint::fs::remove::RemoveOnDrop(vec![c.runc.root().join(&id), dir.clone()]);
+        podsnap_checkpoint::fs::private::create_private_dir(&dir)?;
         let raw = tokio::fs::read(c.bundle.config_path())
             .await
             .map_err(|e| Error::Internal(format!("read {}: {e}", c.bundle.config_path().display())))?;
@@ -163,7 +164,7 @@ async fn restore_adopted(
         lock(&c.adopted).extend(
             stopped
                 .first()
-                .and_then(|p| Some((*p, podsnap_checkpoint::journal::start_time(*p as u32)?))),
+                .and_then(|p| Some((*p, podsnap_checkpoint::fs::proc::start_time(*p as u32)?))),
         );
         log::info!(
             "container {}: pid {pid} (adopted by the pod's pause process) restored as pid \

@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use podsnap_checkpoint::container as ckpt;
+use podsnap_checkpoint::criu::container as ckpt;
 use podsnap_runtime::cgroup::{CgroupMode, CgroupPaths};
 
 use crate::container::io::{connect_pipes, prepare_io, read_pid, run_attached, write_private};

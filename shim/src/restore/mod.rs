@@ -5,10 +5,10 @@
 //! At the sandbox's Create, before anything of the pod exists:
 //! 1. `<name>` is resolved inside the root (absolute paths, `..` and symlinks out of it are
 //!    refused), and the pod takes a lease on the checkpoint for the life of this shim
-//!    ([`podsnap_checkpoint::lease`]: `podsnap rm` and retention leave it alone);
+//!    ([`podsnap_checkpoint::node::lease`]: `podsnap rm` and retention leave it alone);
 //! 2. the checkpoint must be exactly what its manifest lists (no unlisted file);
 //! 3. the restore policy of the node configuration: may a pod of this namespace restore a
-//!    checkpoint of that one ([`podsnap_checkpoint::policy`]);
+//!    checkpoint of that one ([`podsnap_checkpoint::trust::policy`]);
 //! 4. the node can run it: architecture, CRIU, kernel, CPU features;
 //! 5. every digest, once for the pod's life in this shim.
 //!
@@ -61,9 +61,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::container::{DumpOptions, InheritedSocket};
-use podsnap_checkpoint::lease::Lease;
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::criu::container::{DumpOptions, InheritedSocket};
+use podsnap_checkpoint::format::manifest::Manifest;
+use podsnap_checkpoint::node::lease::Lease;
 use podsnap_runtime::bundle::PodIdentity;
 
 use crate::container::{Lazy, RestoreSource};
@@ -91,7 +91,7 @@ impl Plan {
     /// A restore from CRIU images containerd names itself (a Create's `checkpoint`: `ctr`'s
     /// path), not from a pod checkpoint.
     pub fn from_images(image_dir: PathBuf) -> Result<Plan> {
-        let options = podsnap_checkpoint::container::inspect(&image_dir)?;
+        let options = podsnap_checkpoint::criu::container::inspect(&image_dir)?;
         Ok(Plan::Restore(Box::new(RestorePlan {
             image_dir,
             options,

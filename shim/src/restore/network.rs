@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::format::manifest::Manifest;
 use podsnap_checkpoint::ContainerState;
 
 use super::Restores;
@@ -43,7 +43,7 @@ impl Restores {
     /// Prepares the pod's network before the first of its containers is restored: lends it its
     /// addresses at the dump, and locks it when containers are linked by TCP over loopback.
     pub(super) async fn hold_network(&self, spec: &Spec, manifest: &Manifest) -> Result<()> {
-        use podsnap_checkpoint::netlock;
+        use podsnap_checkpoint::pod::shared::netlock;
         let mut net = self.net.lock().await;
         if let Some(h) = net.as_mut() {
             h.generation += 1;
@@ -133,7 +133,7 @@ impl Restores {
         close_outside(h).await;
         h.linked.remove(name);
         if h.locked && h.linked.is_empty() {
-            podsnap_checkpoint::netlock::unlock(&MonitorLauncher, &h.netns).await;
+            podsnap_checkpoint::pod::shared::netlock::unlock(&MonitorLauncher, &h.netns).await;
             h.locked = false;
             log::info!(
                 "pod network {} unlocked: its linked containers are back",
@@ -182,7 +182,9 @@ async fn close_outside(h: &NetHold) {
             h.borrowed
         );
     }
-    match podsnap_checkpoint::netlock::close_outside_connections(&MonitorLauncher, &h.netns).await {
+    match podsnap_checkpoint::pod::shared::netlock::close_outside_connections(&MonitorLauncher, &h.netns)
+        .await
+    {
         Ok(0) => {}
         Ok(n) => log::info!(
             "pod network {}: closed {n} connections to outside the pod",
@@ -194,7 +196,7 @@ async fn close_outside(h: &NetHold) {
 
 /// Unlocks the pod's network and takes the lent addresses back: nothing more is waited for.
 async fn release_network(h: &mut NetHold) {
-    use podsnap_checkpoint::netlock;
+    use podsnap_checkpoint::pod::shared::netlock;
     if h.locked {
         netlock::unlock(&MonitorLauncher, &h.netns).await;
         h.locked = false;

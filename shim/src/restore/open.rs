@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 use podsnap_checkpoint::config::{NodeConfig, LAZY_ANNOTATION, RESTORE_ANNOTATION};
-use podsnap_checkpoint::lease::{self, Holder, LEASE_DIR};
+use podsnap_checkpoint::node::lease::{self, Holder, LEASE_DIR};
 use podsnap_runtime::bundle::PodIdentity;
 
 use super::pull::{forget_pulled, pull_for_pod, OCI_PREFIX};
@@ -108,7 +108,7 @@ pub const RESTART_COUNT_ANNOTATION: &str = "io.kubernetes.container.restartCount
 
 /// Resolves a checkpoint name inside `root`, refusing anything that leads elsewhere.
 pub fn resolve(root: &Path, name: &str) -> Result<PathBuf> {
-    podsnap_checkpoint::store::resolve(root, name).map_err(|why| {
+    podsnap_checkpoint::node::store::resolve(root, name).map_err(|why| {
         Error::InvalidArgument(format!(
             "{RESTORE_ANNOTATION}: {name:?} is refused: {why}; it must name a checkpoint inside {}",
             root.display()
@@ -119,7 +119,7 @@ pub fn resolve(root: &Path, name: &str) -> Result<PathBuf> {
 impl Restores {
     /// Takes this pod's lease on the checkpoint at `dir` (named `name` in `root`), once; then
     /// checks the checkpoint is still there: a removal that did not see the lease has moved
-    /// it away (see [`podsnap_checkpoint::lease`]).
+    /// it away (see [`podsnap_checkpoint::node::lease`]).
     pub(super) fn lease(&self, root: &Path, name: &str, dir: &Path, identity: &PodIdentity) -> Result<()> {
         if lock(&self.leases).contains_key(dir) {
             return Ok(());
@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn a_refused_name_is_reported_as_the_annotation_it_came_from() {
-        // Which names are refused is podsnap_checkpoint::store::resolve's (tested there).
+        // Which names are refused is podsnap_checkpoint::node::store::resolve's (tested there).
         let t = tempfile::tempdir().expect("tempdir");
         let err = resolve(t.path(), "../outside").expect_err("refused").to_string();
         assert!(

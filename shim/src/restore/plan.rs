@@ -6,9 +6,10 @@
 use std::path::PathBuf;
 
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::dump::empty_dir_name;
-use podsnap_checkpoint::manifest::{read_capped, MAX_JSON_BYTES, ROOTFS_DELETED, ROOTFS_DIFF};
-use podsnap_checkpoint::policy::{self, NewImage, Violation};
+use podsnap_checkpoint::format::layout::empty_dir_name;
+use podsnap_checkpoint::format::manifest::{MAX_JSON_BYTES, ROOTFS_DELETED, ROOTFS_DIFF};
+use podsnap_checkpoint::fs::read::read_capped;
+use podsnap_checkpoint::trust::policy::{self, NewImage, Violation};
 use podsnap_checkpoint::ContainerState;
 
 use super::verify::Checked;
@@ -72,7 +73,7 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
     super::volumes::check_persistent_volumes(&name, &cname, manifest, new.spec)?;
 
     let image_dir = dir.join(entry.dir()).join(names.images);
-    let mut options = podsnap_checkpoint::container::inspect(&image_dir)?;
+    let mut options = podsnap_checkpoint::criu::container::inspect(&image_dir)?;
     // Connections are always captured and restored: those to outside the pod are closed
     // after the last container's restore unless the dump asked to keep them.
     options.tcp_established = true;
@@ -85,7 +86,7 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
         .filter(|a| a.container == cname)
         .map(|a| (a.pid, dir.join(a.images(names))))
         .collect();
-    podsnap_checkpoint::kdat::ensure_logged(&MonitorLauncher).await;
+    podsnap_checkpoint::criu::kdat::ensure_logged(&MonitorLauncher).await;
     let (tar, del) = (entry.file(ROOTFS_DIFF), entry.file(ROOTFS_DELETED));
     let rootfs_changes =
         (manifest.lists(&tar) && manifest.lists(&del)).then(|| (dir.join(tar), dir.join(del)));
@@ -107,14 +108,14 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
     // hold open or mapped must be there for CRIU).
     if let (Some(archive), Some(dst)) = (
         manifest.dev_shm.as_ref().filter(|a| manifest.lists(a)),
-        podsnap_checkpoint::dump::dev_shm_source(new.spec),
+        podsnap_checkpoint::pod::spec::dev_shm_source(new.spec),
     ) {
         volumes.push((dir.join(archive), dst));
     }
     let sysv_ipc = match manifest.sysv_ipc.as_ref().filter(|a| manifest.lists(a)) {
         Some(_) => Some((
             dir.clone(),
-            podsnap_checkpoint::dump::joined_ipc_ns(new.spec).ok_or_else(|| {
+            podsnap_checkpoint::pod::spec::joined_ipc_ns(new.spec).ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "checkpoint {name:?} holds the pod's SysV IPC objects but container \
                      {cname:?} joins no IPC namespace of a pod"

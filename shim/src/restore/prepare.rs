@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use podsnap_checkpoint::manifest::{read_capped, MAX_JSON_BYTES};
+use podsnap_checkpoint::format::manifest::MAX_JSON_BYTES;
+use podsnap_checkpoint::fs::read::read_capped;
 
 use super::{Prepared, RestorePlan, Restores};
 use crate::container::RestoreSource;
@@ -39,7 +40,7 @@ impl Restores {
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&d)
                     .map_err(|e| podsnap_checkpoint::Error::io("create a volume", &d, e))?;
-                podsnap_checkpoint::rootfs::unpack(&a, &d)
+                podsnap_checkpoint::archive::rootfs::unpack(&a, &d)
             })
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
@@ -50,15 +51,16 @@ impl Restores {
             if !lock(&self.filled).contains(&ns) {
                 let n = ns.clone();
                 tokio::task::spawn_blocking(move || {
-                    let path = dir.join(podsnap_checkpoint::sysv::SYSV_STATE);
-                    let state: podsnap_checkpoint::sysv::SysvState = read_capped(&path, MAX_JSON_BYTES)
-                        .map_err(|e| e.to_string())
-                        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-                        .map_err(|reason| podsnap_checkpoint::Error::InvalidCheckpoint {
-                            path: path.clone(),
-                            reason,
-                        })?;
-                    podsnap_checkpoint::sysv::restore(&n, &dir, &state)
+                    let path = dir.join(podsnap_checkpoint::format::layout::SYSV_STATE);
+                    let state: podsnap_checkpoint::pod::shared::sysv::SysvState =
+                        read_capped(&path, MAX_JSON_BYTES)
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                            .map_err(|reason| podsnap_checkpoint::Error::InvalidCheckpoint {
+                                path: path.clone(),
+                                reason,
+                            })?;
+                    podsnap_checkpoint::pod::shared::sysv::restore(&n, &dir, &state)
                 })
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
@@ -68,7 +70,7 @@ impl Restores {
         drop(filling);
         if let Some((tar, del)) = plan.rootfs_changes.clone() {
             let r = rootfs.to_path_buf();
-            tokio::task::spawn_blocking(move || podsnap_checkpoint::rootfs::apply(&r, &tar, &del))
+            tokio::task::spawn_blocking(move || podsnap_checkpoint::archive::rootfs::apply(&r, &tar, &del))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
         }

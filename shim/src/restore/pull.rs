@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use podsnap_checkpoint::config::RESTORE_ANNOTATION;
-use podsnap_checkpoint::lease::LEASE_DIR;
+use podsnap_checkpoint::node::lease::LEASE_DIR;
 use podsnap_runtime::bundle::PodIdentity;
 
 use crate::error::{Error, Result};
@@ -44,7 +44,7 @@ pub fn remove_pulled(root: &Path, sandbox: &str) {
     if std::fs::symlink_metadata(root.join(&name)).is_err() {
         return;
     }
-    match podsnap_checkpoint::store::remove(root, &name, Path::new(LEASE_DIR)) {
+    match podsnap_checkpoint::node::store::remove(root, &name, Path::new(LEASE_DIR)) {
         Ok(_) => log::info!("pod {sandbox}: removed checkpoint {name}, pulled for it"),
         Err(e) => log::warn!("pod {sandbox}: the checkpoint {name} pulled for it stays: {e}"),
     }

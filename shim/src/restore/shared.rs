@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use oci_spec::runtime::Spec;
-use podsnap_checkpoint::container::InheritedSocket;
-use podsnap_checkpoint::manifest::Manifest;
+use podsnap_checkpoint::criu::container::InheritedSocket;
+use podsnap_checkpoint::format::manifest::Manifest;
 use podsnap_checkpoint::ContainerState;
 
 use super::Restores;
@@ -43,7 +43,11 @@ impl Restores {
             let pair = match pairs.entry((dir.to_path_buf(), i)) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    let made = podsnap_checkpoint::links::connect_link(dir, manifest.part_names(), link)?;
+                    let made = podsnap_checkpoint::pod::shared::links::connect_link(
+                        dir,
+                        manifest.part_names(),
+                        link,
+                    )?;
                     log::info!(
                         "unix connection {i} of the checkpoint: {:?} <-> {:?}, made for the restore",
                         link.ends[0],
@@ -86,13 +90,13 @@ impl Restores {
                     c.dumped && matches!(c.state, ContainerState::Running | ContainerState::Paused)
                 }) {
                     let images = dir.join(c.dir()).join(names.images);
-                    highest = highest.max(podsnap_checkpoint::container::highest_pid(&images)?);
+                    highest = highest.max(podsnap_checkpoint::criu::container::highest_pid(&images)?);
                 }
                 for a in &manifest.adopted {
                     let images = dir.join(a.images(names));
-                    highest = highest.max(podsnap_checkpoint::container::highest_pid(&images)?);
+                    highest = highest.max(podsnap_checkpoint::criu::container::highest_pid(&images)?);
                 }
-                podsnap_checkpoint::container::reserve_pids(&MonitorLauncher, &pidns, highest).await?;
+                podsnap_checkpoint::criu::container::reserve_pids(&MonitorLauncher, &pidns, highest).await?;
                 log::info!(
                     "pod PID namespace {}: ids up to {highest} kept for the restores",
                     pidns.display()

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use podsnap_checkpoint::config::NodeConfig;
-use podsnap_checkpoint::manifest::{Manifest, CPUINFO};
-use podsnap_checkpoint::policy::{self, Violation};
+use podsnap_checkpoint::format::manifest::{Manifest, CPUINFO};
+use podsnap_checkpoint::trust::policy::{self, Violation};
 use podsnap_runtime::bundle::PodIdentity;
 
 use super::open::Opened;
@@ -70,21 +70,22 @@ impl Restores {
                 )
                 .map_err(refused)?;
                 // (Only CRIU's version, the kernel and the architecture are compared.)
-                let here = podsnap_checkpoint::host::this_node(&MonitorLauncher, Path::new("runc")).await;
+                let here =
+                    podsnap_checkpoint::trust::identity::this_node(&MonitorLauncher, Path::new("runc")).await;
                 policy::check_host(&manifest.host, &here).map_err(refused)?;
                 if manifest.lists(CPUINFO) {
                     let host_dir = dir.join(CPUINFO);
                     let host_dir = host_dir.parent().unwrap_or(dir);
-                    podsnap_checkpoint::host::check_cpuinfo(&MonitorLauncher, host_dir)
+                    podsnap_checkpoint::trust::identity::check_cpuinfo(&MonitorLauncher, host_dir)
                         .await
                         .map_err(refused)?;
                 }
                 // The digests of the manifest already checked (parsed and listed once); not
                 // read again when podsnap sealed these very files (see
-                // `podsnap_checkpoint::seal`): right after the dump or pull that hashed them.
+                // `podsnap_checkpoint::trust::seal`): right after the dump or pull that hashed them.
                 let d = dir.to_path_buf();
                 let (manifest, how) = tokio::task::spawn_blocking(move || {
-                    let seals = Path::new(podsnap_checkpoint::seal::SEAL_DIR);
+                    let seals = Path::new(podsnap_checkpoint::trust::seal::SEAL_DIR);
                     manifest.verify_sealed(&d, seals).map(|how| (manifest, how))
                 })
                 .await

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use oci_spec::runtime::Spec;
 use podsnap_checkpoint::config::KEEP_IP_ANNOTATION;
+use podsnap_checkpoint::format::manifest::Manifest;
 use podsnap_checkpoint::format::persistent;
-use podsnap_checkpoint::manifest::Manifest;
 use podsnap_checkpoint::trust::volumes;
 
 use crate::error::{Error, Result};
@@ -73,7 +73,7 @@ pub(super) async fn check_kept_address(spec: &Spec, manifest: &Manifest) -> Resu
     let Some(netns) = crate::pod::dump::pod_netns(spec).filter(|_| asked) else {
         return Ok(());
     };
-    let now = podsnap_checkpoint::netlock::addresses(&MonitorLauncher, &netns).await?;
+    let now = podsnap_checkpoint::pod::shared::netlock::addresses(&MonitorLauncher, &netns).await?;
     match podsnap_checkpoint::trust::keep_ip::check_kept(&manifest.pod.ips, &now) {
         Some(why) => Err(Error::InvalidArgument(why)),
         None => Ok(()),
