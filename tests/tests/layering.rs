@@ -16,7 +16,8 @@
 //! `pod::dump`); what it names is every `crate::` path in its code (comments and string
 //! literals stripped by a small scanner; `use crate::{a, b::c}` groups too). Files of one module
 //! name each other freely. A path across modules is a `crate::` path: `super::super` is refused.
-//! `lib.rs` (the re-exports) and `testkit.rs` (test helpers) are not ranked.
+//! `lib.rs` (the re-exports) and `testkit.rs` (test helpers) are not ranked; `lib.rs` declares
+//! only the layers (and the test kit), each a file of its own: no module written inline there.
 //!
 //! Also: no protobuf, ttrpc, tonic or prost in the checkpoint crate (its Cargo.toml and its
 //! code), the suite does not depend on the checkpoint crate, and every `docs/` file the README
@@ -438,6 +439,56 @@ fn no_checkpoint_module_names_a_higher_layer() {
         "layering of checkpoint/src:\n{}",
         wrong.join("\n")
     );
+}
+
+/// What is wrong with `lib.rs`'s modules: each is a file of its own and a layer (or the test
+/// kit), never a module written inline (the re-export-only modules with the flat names from
+/// before the layers, `pub mod manifest { pub use crate::format::manifest::*; }`, are gone: a
+/// caller names the layer).
+fn root_module_problems(lib: &str) -> Vec<String> {
+    let code = strip(lib);
+    let mut wrong = Vec::new();
+    let mut rest = code.as_str();
+    while let Some(at) = rest.find("mod ") {
+        let before = &rest[..at];
+        rest = &rest[at + 4..];
+        if before.ends_with(|c: char| c.is_alphanumeric() || c == '_') {
+            continue;
+        }
+        let name: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let after = rest.trim_start()[name.len()..].trim_start();
+        if after.starts_with('{') {
+            wrong.push(format!(
+                "lib.rs: `mod {name} {{ ... }}` inline: name its layer instead"
+            ));
+        } else if name != "testkit" && !RANKS.iter().any(|(m, _)| *m == name) {
+            wrong.push(format!("lib.rs: `mod {name}` is in no layer"));
+        }
+    }
+    wrong
+}
+
+#[test]
+fn the_crate_root_declares_only_its_layers() {
+    let lib = workspace().join("checkpoint/src/lib.rs");
+    let text = std::fs::read_to_string(&lib).unwrap_or_else(|e| panic!("{}: {e}", lib.display()));
+    let wrong = root_module_problems(&text);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn the_checker_sees_a_compatibility_module() {
+    let layers = "pub mod error;\npub mod format;\n#[cfg(test)]\npub mod testkit;\n";
+    assert!(root_module_problems(layers).is_empty());
+    let compat = format!("{layers}pub mod manifest {{\n    pub use crate::format::manifest::*;\n}}\n");
+    assert_eq!(root_module_problems(&compat).len(), 1, "{compat}");
+    assert_eq!(root_module_problems("pub mod dump;\n").len(), 1);
+    // In a comment it is no module.
+    assert!(root_module_problems("// pub mod manifest { }\npub mod fs;\n").is_empty());
 }
 
 #[test]
