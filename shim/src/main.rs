@@ -18,6 +18,7 @@ mod pod;
 mod process;
 mod restore;
 mod service;
+mod spans;
 mod task;
 mod task_event;
 
@@ -26,5 +27,6 @@ pub const RUNTIME_ID: &str = "io.containerd.podsnap.v1";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    spans::install();
     containerd_shim::asynchronous::run::<service::PodShim>(RUNTIME_ID, None).await;
 }

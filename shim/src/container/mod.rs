@@ -98,6 +98,8 @@ pub struct RestoreSource {
     pub unix_ends: Vec<ckpt::InheritedSocket>,
     /// (PID in the pod, CRIU images) of its processes the pod's pause process had adopted.
     pub adopted: Vec<(u32, PathBuf)>,
+    /// The restore's span ([`crate::restore::restore_span`]).
+    pub span: tracing::Span,
 }
 
 /// A lazy restore's daemon: whose lease it holds on the checkpoint.

@@ -100,14 +100,13 @@ pub async fn checkpoint(
         .inspect_err(|e| log::error!("pod {}: {e}", sandbox.id))?;
     drop(claims);
     log::info!(
-        "pod {}: checkpointed {:?} in {:?} (frozen {:?}, slowest dump {:?}, {} bytes; {})",
+        "pod {}: checkpointed {:?} in {:?} (frozen {:?}, slowest dump {:?}, {} bytes)",
         sandbox.id,
         report.dumped,
         report.total,
         report.frozen,
         report.slowest_dump,
-        report.bytes,
-        report.phases
+        report.bytes
     );
     if request.stop {
         // The dump killed every running container's processes at the snapshot, while they

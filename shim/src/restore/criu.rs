@@ -60,12 +60,18 @@ pub async fn restore(c: &Container, src: RestoreSource, exits: &ExitRouter) -> R
         podsnap_checkpoint::failpoint::hold("lazy-pages").await;
     }
     // The phases, each from the previous one's state.
+    let span = src.span.clone();
     let restored = async {
+        let started = std::time::Instant::now();
         let restored = restore_images(c, src, work_dir, lazy).await?;
+        span.record("criu_ms", started.elapsed().as_millis() as u64);
+        let started = std::time::Instant::now();
         let restored = super::adopted::restore(c, restored).await?;
+        span.record("adopted_ms", started.elapsed().as_millis() as u64);
         Ok::<i32, Error>(finish(c, restored, exits))
     }
     .await;
+    span.record("outcome", if restored.is_ok() { "running" } else { "failed" });
     match (restored, daemon) {
         (Ok(pid), Some(daemon)) => {
             let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -92,6 +92,7 @@ impl Plan {
     /// path), not from a pod checkpoint.
     pub fn from_images(image_dir: PathBuf) -> Result<Plan> {
         let options = podsnap_checkpoint::criu::container::inspect(&image_dir)?;
+        let span = restore_span("", "", &image_dir.to_string_lossy());
         Ok(Plan::Restore(Box::new(RestorePlan {
             image_dir,
             options,
@@ -104,6 +105,7 @@ impl Plan {
             lazy: None,
             unix_ends: Vec::new(),
             adopted: Vec::new(),
+            span,
         })))
     }
 }
@@ -141,6 +143,24 @@ pub struct RestorePlan {
     /// (PID in the pod, CRIU images) of each of its processes the pod's pause process had
     /// adopted: restored beside it.
     pub adopted: Vec<(u32, PathBuf)>,
+    /// The restore's span (`restore`: sandbox, container, checkpoint, each phase's time),
+    /// closed once the container runs or its restore failed ([`restore_span`]).
+    pub span: tracing::Span,
+}
+
+/// The span of one container's restore; the phases record their times in it.
+pub fn restore_span(sandbox: &str, container: &str, checkpoint: &str) -> tracing::Span {
+    tracing::info_span!(
+        "restore",
+        sandbox = %sandbox,
+        container = %container,
+        checkpoint = %checkpoint,
+        planned_ms = tracing::field::Empty,
+        prepare_ms = tracing::field::Empty,
+        criu_ms = tracing::field::Empty,
+        adopted_ms = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    )
 }
 
 /// What the shim knows of a container being created.

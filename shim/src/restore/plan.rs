@@ -28,6 +28,7 @@ fn snapshot_root(layers: &[String]) -> Option<&str> {
 
 /// Plans the restore of a container of the pod from the checked checkpoint.
 pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -> Result<Plan> {
+    let planning = std::time::Instant::now();
     let Checked { opened, verified } = checked;
     let (name, dir, cname, lazy) = (opened.name, opened.dir, opened.cname, opened.lazy);
     let identity = new.identity;
@@ -139,6 +140,12 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
     }
     // Last: every check above passed.
     let unix_ends = r.unix_ends(&dir, manifest, &cname)?;
+    let span = super::restore_span(
+        identity.sandbox_id.as_deref().unwrap_or_default(),
+        &cname,
+        &dir.to_string_lossy(),
+    );
+    span.record("planned_ms", planning.elapsed().as_millis() as u64);
     Ok(Plan::Restore(Box::new(RestorePlan {
         image_dir,
         options,
@@ -151,6 +158,7 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
         lazy,
         unix_ends,
         adopted,
+        span,
     })))
 }
 

@@ -16,7 +16,14 @@ impl Restores {
     /// Prepares a container's filesystem for its restore: emptyDir volumes (once per pod) and
     /// its rootfs changes. A volume counts as filled only once its archive is unpacked.
     pub async fn prepare(&self, plan: RestorePlan, rootfs: &Path) -> Result<Prepared> {
-        self.prepare_files(&plan, rootfs).await?;
+        let preparing = std::time::Instant::now();
+        let prepared = self.prepare_files(&plan, rootfs).await;
+        plan.span
+            .record("prepare_ms", preparing.elapsed().as_millis() as u64);
+        if let Err(e) = prepared {
+            plan.span.record("outcome", "prepare failed");
+            return Err(e);
+        }
         Ok(Prepared {
             paused: plan.paused,
             source: RestoreSource {
@@ -26,6 +33,7 @@ impl Restores {
                 lazy: plan.lazy,
                 unix_ends: plan.unix_ends,
                 adopted: plan.adopted,
+                span: plan.span,
             },
         })
     }

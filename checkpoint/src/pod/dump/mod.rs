@@ -155,35 +155,82 @@ pub struct DumpReport {
     pub phases: Phases,
 }
 
-/// When each phase of a dump ended, from its start (for the log).
-#[derive(Debug, Clone, Default)]
+/// The dump's span (`pod_dump`, with the sandbox id and the pod's name): each phase records
+/// when it ended, in milliseconds from the dump's start, as a field of its own. A subscriber
+/// (the shim's) writes the span's fields in one line when it closes, after the report that
+/// holds it is dropped.
+#[derive(Debug, Clone)]
 pub struct Phases {
-    start: Option<Instant>,
-    marks: Vec<(&'static str, Duration)>,
+    span: tracing::Span,
+    start: Instant,
+}
+
+/// The phases' marks and their fields in the span, in the order of the flow.
+const PHASE_FIELDS: [(&str, &str); 10] = [
+    ("preflight", "preflight_ms"),
+    ("journal", "journal_ms"),
+    ("network locked", "network_locked_ms"),
+    ("criu waiting", "criu_waiting_ms"),
+    ("frozen", "frozen_ms"),
+    ("checked", "checked_ms"),
+    ("dumped", "dumped_ms"),
+    ("thawed", "thawed_ms"),
+    ("finished", "finished_ms"),
+    ("committed", "committed_ms"),
+];
+
+impl Default for Phases {
+    fn default() -> Self {
+        Self {
+            span: tracing::Span::none(),
+            start: Instant::now(),
+        }
+    }
 }
 
 impl Phases {
-    fn begin() -> Self {
+    /// The span of the dump of `pod`, its clock started.
+    fn begin(pod: &PodInfo) -> Self {
+        let span = tracing::info_span!(
+            "pod_dump",
+            sandbox = %pod.sandbox_id,
+            pod = %format!(
+                "{}/{}",
+                pod.namespace.as_deref().unwrap_or("?"),
+                pod.name.as_deref().unwrap_or("?")
+            ),
+            preflight_ms = tracing::field::Empty,
+            journal_ms = tracing::field::Empty,
+            network_locked_ms = tracing::field::Empty,
+            criu_waiting_ms = tracing::field::Empty,
+            frozen_ms = tracing::field::Empty,
+            checked_ms = tracing::field::Empty,
+            dumped_ms = tracing::field::Empty,
+            thawed_ms = tracing::field::Empty,
+            finished_ms = tracing::field::Empty,
+            committed_ms = tracing::field::Empty,
+        );
         Self {
-            start: Some(Instant::now()),
-            marks: Vec::new(),
+            span,
+            start: Instant::now(),
         }
     }
 
-    fn mark(&mut self, phase: &'static str) {
-        if let Some(start) = self.start {
-            self.marks.push((phase, start.elapsed()));
+    /// Records that `phase` (one of [`PHASE_FIELDS`]) ended now.
+    fn mark(&self, phase: &'static str) {
+        let field = PHASE_FIELDS
+            .iter()
+            .find(|(name, _)| *name == phase)
+            .map(|(_, f)| *f);
+        debug_assert!(field.is_some(), "a phase without a field: {phase}");
+        if let Some(field) = field {
+            self.span.record(field, self.start.elapsed().as_millis() as u64);
         }
     }
-}
 
-impl std::fmt::Display for Phases {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (phase, at)) in self.marks.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}{phase} {} ms", at.as_millis())?;
-        }
-        Ok(())
+    /// The dump's span.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 }
 
@@ -195,14 +242,21 @@ pub async fn dump_pod(req: PodDump) -> Result<DumpReport> {
 /// Dumps a pod on `host`: the pipeline, phase by phase. A phase that fails undoes what the
 /// phases before it did (in their reverse order) before it returns its error.
 pub async fn dump_pod_on(req: PodDump, host: Arc<dyn Host>) -> Result<DumpReport> {
+    use tracing::Instrument;
     let stop = req.stop;
-    let planned = plan::plan(req, host).await?;
-    let held = hold::hold(planned).await?;
-    let frozen = freeze::freeze(held).await?;
-    let dumped = dumps::dump_containers(frozen).await?;
-    let captured = adopted::dump_adopted(dumped).await?;
-    match stop {
-        true => resume::stop_at_snapshot(captured).await,
-        false => finish::finish(resume::thaw(captured)).await,
+    let phases = Phases::begin(&req.pod);
+    let span = phases.span().clone();
+    async move {
+        let planned = plan::plan(req, host, phases).await?;
+        let held = hold::hold(planned).await?;
+        let frozen = freeze::freeze(held).await?;
+        let dumped = dumps::dump_containers(frozen).await?;
+        let captured = adopted::dump_adopted(dumped).await?;
+        match stop {
+            true => resume::stop_at_snapshot(captured).await,
+            false => finish::finish(resume::thaw(captured)).await,
+        }
     }
+    .instrument(span)
+    .await
 }

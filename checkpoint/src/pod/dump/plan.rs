@@ -27,10 +27,10 @@ pub(super) struct Planned {
 }
 
 /// Plans the dump `req` on `host`.
-pub(super) async fn plan(req: PodDump, host: Arc<dyn Host>) -> Result<Planned> {
+pub(super) async fn plan(req: PodDump, host: Arc<dyn Host>, phases: Phases) -> Result<Planned> {
     let started = Instant::now();
-    let mut report = DumpReport {
-        phases: Phases::begin(),
+    let report = DumpReport {
+        phases,
         ..Default::default()
     };
     for t in &req.targets {

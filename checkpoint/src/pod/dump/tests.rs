@@ -22,6 +22,7 @@ use super::hold::Held;
 use super::journal::{self, Journal};
 use super::plan::{plan, Planned};
 use super::staging::Staging;
+use super::Phases;
 use super::{DumpReport, PodDump};
 use crate::format::manifest::{ContainerEntry, PodInfo, UnixKind};
 use crate::format::record::{ContainerState, Role};
@@ -193,7 +194,7 @@ async fn a_bad_container_name_is_refused_before_anything_runs() {
     let fake = host(Script::default());
     let mut bad = running("app");
     bad.entry.name = "../etc".into();
-    let err = plan(pod.request(vec![bad]), fake.clone())
+    let err = plan(pod.request(vec![bad]), fake.clone(), Phases::default())
         .await
         .err()
         .expect("refused")
@@ -214,7 +215,11 @@ async fn a_dump_that_does_not_fit_is_refused_in_the_plan_with_the_numbers() {
     let mut req = pod.request(vec![running("app")]);
     req.targets[0].cgroups = None; // nothing to estimate: the reserve alone does not fit
     req.reserve_bytes = 2 << 20;
-    let err = plan(req, fake.clone()).await.err().expect("refused").to_string();
+    let err = plan(req, fake.clone(), Phases::default())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(
         err.contains("the node keeps 2.0 MiB free there") && err.contains("has 1.0 MiB free"),
         "{err}"
