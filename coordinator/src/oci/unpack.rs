@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-use futures::StreamExt;
 use oci_client::manifest::OciDescriptor;
 use oci_client::{Client, Reference};
 use podsnap_checkpoint::format::digest::StreamDigest;
@@ -17,26 +16,6 @@ use sha2::{Digest, Sha256};
 use crate::error::Result;
 
 use super::*;
-
-/// A blocking reader over the chunks of an async download.
-pub(super) struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
-    current: bytes::Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk?,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
-    }
-}
 
 /// Streams one layer through the zstd decoder into `staging`; returns the compressed size.
 pub(super) async fn unpack_layer(
@@ -52,38 +31,22 @@ pub(super) async fn unpack_layer(
         .and_then(|a| a.get(PART_ANNOTATION))
         .cloned()
         .unwrap_or_default();
-    let mut download = client
+    let download = client
         .pull_blob_stream(image, layer)
         .await
         .map_err(registry_error(
             &format!("downloading part {part}"),
             &image.whole(),
         ))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
     let expected = (layer.digest.clone(), layer.size.max(0) as u64);
     let staging = staging.to_path_buf();
+    // The download read as a blocking `Read` on the unpacker's thread: dropped when the
+    // unpacker stops, which ends the download.
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(download.stream));
     let unpacker = tokio::task::spawn_blocking({
         let part = part.clone();
-        move || {
-            unpack_stream(
-                ChannelReader {
-                    rx,
-                    current: bytes::Bytes::new(),
-                },
-                &part,
-                &staging,
-                &manifest,
-                expected,
-            )
-        }
+        move || unpack_stream(reader, &part, &staging, &manifest, expected)
     });
-    while let Some(chunk) = download.stream.next().await {
-        let failed = chunk.is_err();
-        if tx.send(chunk).await.is_err() || failed {
-            break; // the unpacker stopped (its error says why), or the download failed
-        }
-    }
-    drop(tx);
     unpacker
         .await
         .map_err(|e| refused(format!("unpacking part {part}: {e}")))?
