@@ -124,6 +124,20 @@ fn run_db(node: &Node, name: &str, volume: &Path) -> KubePod {
     pod
 }
 
+/// A node whose restores may mount the "CSI" volumes again, and the db pod writing on one.
+fn db_on_a_csi_volume() -> (Node, PathBuf, String, KubePod) {
+    let node = start_node!();
+    let volume = csi_volume(&node);
+    node.set_podsnap_config(&format!(
+        "[restore]\nhost_paths = [\"{}\"]\n",
+        node.dir().join("csi").display()
+    ))
+    .expect("config");
+    let name = node.unique("db");
+    let pod = run_db(&node, &name, &volume);
+    (node, volume, name, pod)
+}
+
 fn dump_db(node: &Node, name: &str, dir: &Path, stop: bool) {
     let mut request = dump_request(node, name, "default", Some(dir.to_path_buf()));
     request.stop = stop;
@@ -152,16 +166,8 @@ fn refused(node: &Node, dir: &Path, what: &str) -> String {
 
 #[test]
 fn a_persistent_volume_is_recorded_and_a_restore_over_a_changed_one_is_refused() {
-    let node = start_node!();
-    let volume = csi_volume(&node);
+    let (node, volume, name, pod) = db_on_a_csi_volume();
     let wal = volume.join(WAL);
-    node.set_podsnap_config(&format!(
-        "[restore]\nhost_paths = [\"{}\"]\n",
-        node.dir().join("csi").display()
-    ))
-    .expect("config");
-    let name = node.unique("db");
-    let pod = run_db(&node, &name, &volume);
     wait_ticks_above(&wal, 20, "before the dump");
 
     // Stopped at the snapshot: the manifest records the volume and the file held open on it.
@@ -263,16 +269,8 @@ fn a_persistent_volume_is_recorded_and_a_restore_over_a_changed_one_is_refused()
 
 #[test]
 fn a_checkpoint_of_a_pod_left_running_is_refused_once_its_volume_moved_on() {
-    let node = start_node!();
-    let volume = csi_volume(&node);
+    let (node, volume, name, pod) = db_on_a_csi_volume();
     let wal = volume.join(WAL);
-    node.set_podsnap_config(&format!(
-        "[restore]\nhost_paths = [\"{}\"]\n",
-        node.dir().join("csi").display()
-    ))
-    .expect("config");
-    let name = node.unique("db");
-    let pod = run_db(&node, &name, &volume);
     wait_ticks_above(&wal, 10, "before the dump");
     let dir = node.files().checkpoints().join("running");
     dump_db(&node, &name, &dir, false);
