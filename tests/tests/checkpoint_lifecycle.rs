@@ -17,13 +17,14 @@ mod pod_checkpoint_support;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pod_checkpoint_support::*;
 use podsnap_coordinator::progress::Progress;
 use podsnap_tests::checkpoint::MANIFEST;
+use podsnap_tests::cli::{podsnap, text};
 use podsnap_tests::host::Tmpfs;
 use podsnap_tests::kubelet::{
     ask, remove_pod, run_pod, run_three_container_pod, KubePod, PodOptions, APP_PORT, DATA_VOLUME,
@@ -291,25 +292,6 @@ fn a_restore_from_outside_the_root_links_it_in_and_leaves_the_root_as_it_was() {
         .expect("a number");
     assert!(count >= before.app, "restored from the copy: {count}");
     drop(tmpfs);
-}
-
-/// Runs the `podsnap` binary against `node`.
-fn podsnap(node: &Node, binary: &Path, args: &[&str]) -> Output {
-    Command::new(binary)
-        .args(args)
-        .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
-        .env("CONTAINERD_ADDRESS", node.address())
-        .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
-        .env("PODSNAP_CONFIG", node.files().podsnap_config())
-        .output()
-        .expect("running podsnap")
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `podsnap list -o json`, by name.

@@ -4,7 +4,7 @@
 //! command, as it restarts a host's containerd with systemd.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
@@ -42,14 +42,7 @@ fn start(style: ConfigStyle) -> Node {
 
 /// `podsnap ARGS` against `node`.
 fn podsnap(node: &Node, args: &[&str]) -> Output {
-    Command::new(bins().join("podsnap"))
-        .args(args)
-        .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
-        .env("CONTAINERD_ADDRESS", node.address())
-        .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
-        .env("PODSNAP_CONFIG", node.files().podsnap_config())
-        .output()
-        .expect("running podsnap")
+    podsnap_tests::cli::podsnap(node, &bins().join("podsnap"), args)
 }
 
 fn text(output: &Output) -> String {
