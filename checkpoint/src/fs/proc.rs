@@ -1,4 +1,9 @@
 //! Facts of processes from /proc: whether a process still runs, and since when.
+//!
+//! Why not the `procfs` crate: what is read here is one field of `/proc/<pid>/stat` (its start
+//! time, counted after the command name's closing parenthesis); `procfs` would be a new
+//! dependency of the whole workspace for that, and its mountinfo reader, the other place it would
+//! serve, does not decode the kernel's escapes (see `podsnap_runtime::mountinfo`).
 
 /// This process as a journal owner.
 pub fn this_process() -> (u32, u64) {
