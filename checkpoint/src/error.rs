@@ -49,6 +49,10 @@ pub enum Error {
     /// it was and no output remains.
     #[error("pod dump stopped: {reason}; every container was thawed and the partial output removed")]
     Stopped { reason: String },
+    /// A dump asked for what the pod or the node does not allow (volumes to carry that are
+    /// not there or too large): refused before anything was frozen.
+    #[error("pod dump into {path} refused before anything was frozen: {reason}")]
+    DumpRefused { path: PathBuf, reason: String },
     /// Not enough room for a dump: refused before anything was frozen.
     #[error("not enough space for the dump in {path}: {reason}")]
     NoSpace { path: PathBuf, reason: String },

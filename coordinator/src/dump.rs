@@ -40,6 +40,9 @@ pub struct DumpRequest {
     /// Give up on the dump after this long (the shim then thaws the pod and removes the
     /// output); the node's dump deadline applies either way.
     pub timeout: Option<Duration>,
+    /// The persistent volumes to carry (`local`, or names separated by commas); asked of the
+    /// shim through `<dest>.request`.
+    pub carry_volumes: Option<String>,
 }
 
 impl DumpRequest {
@@ -56,6 +59,7 @@ impl DumpRequest {
             tcp_established: false,
             timeout: None,
             handler: crate::pod::HANDLER.to_owned(),
+            carry_volumes: None,
         }
     }
 }
@@ -82,6 +86,21 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
         short(&pod.id),
         dir.display()
     ));
+    // What containerd's checkpoint options cannot say goes beside the destination, for the
+    // dump's time only.
+    let _asked = match &request.carry_volumes {
+        Some(text) => {
+            podsnap_checkpoint::format::persistent::Carry::parse(text)
+                .map_err(|why| Error::Refused(format!("--volumes {why}")))?;
+            Some(Asked::write(
+                &dir,
+                &podsnap_checkpoint::format::layout::DumpAsk {
+                    carry_volumes: Some(text.clone()),
+                },
+            )?)
+        }
+        None => None,
+    };
     let options = CheckpointOptions {
         image_path: dir.to_string_lossy().into_owned(),
         exit: request.stop,
@@ -118,6 +137,25 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
         summary,
         took: started.elapsed(),
     })
+}
+
+/// `<dest>.request` while the dump runs; removed on drop.
+struct Asked(PathBuf);
+
+impl Asked {
+    fn write(dest: &Path, ask: &podsnap_checkpoint::format::layout::DumpAsk) -> Result<Asked> {
+        let path = podsnap_checkpoint::format::layout::request_file(dest);
+        let json =
+            serde_json::to_vec(ask).map_err(|e| Error::io("encode the dump request", &path)(e.into()))?;
+        podsnap_checkpoint::fs::private::replace_private(&path, &json, "write the dump request")?;
+        Ok(Asked(path))
+    }
+}
+
+impl Drop for Asked {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The absolute destination, checked to be absent or empty; the root is created if missing.

@@ -38,6 +38,8 @@ pub struct CheckpointSummary {
     /// Volumes the checkpoint does not carry: `plugin/name (container:path, ...; N files held
     /// open; node-local)`.
     pub not_carried: Vec<String>,
+    /// Persistent volumes the checkpoint carries: `plugin/name (container:path, ...; size)`.
+    pub carried: Vec<String>,
 }
 
 impl CheckpointSummary {
@@ -79,24 +81,38 @@ impl CheckpointSummary {
             not_carried: manifest
                 .persistent_volumes
                 .iter()
+                .filter(|v| v.carried.is_none())
                 .map(|v| {
-                    let mounts: Vec<String> = v
-                        .mounts
-                        .iter()
-                        .map(|m| format!("{}:{}", m.container, m.path))
-                        .collect();
                     format!(
                         "{} ({}; {} file{} held open{})",
                         v.label(),
-                        mounts.join(", "),
+                        pv_mounts(v),
                         v.held_files.len(),
                         if v.held_files.len() == 1 { "" } else { "s" },
                         if v.node_local { "; node-local" } else { "" }
                     )
                 })
                 .collect(),
+            carried: manifest
+                .persistent_volumes
+                .iter()
+                .filter_map(|v| {
+                    let archive = v.carried.as_ref()?;
+                    let size = manifest.files.get(archive).map(|f| f.size).unwrap_or(0);
+                    Some(format!("{} ({}; {})", v.label(), pv_mounts(v), human_bytes(size)))
+                })
+                .collect(),
         }
     }
+}
+
+/// `container:path, ...` of a persistent volume.
+fn pv_mounts(v: &podsnap_checkpoint::format::persistent::PersistentVolume) -> String {
+    v.mounts
+        .iter()
+        .map(|m| format!("{}:{}", m.container, m.path))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `dir` relative to `root`, when `dir` lies inside it (both resolved).
@@ -153,6 +169,9 @@ impl fmt::Display for CheckpointSummary {
             if after == AfterDump::LeftRunning && !self.not_carried.is_empty() {
                 write!(f, ": the volumes below may have moved on since")?;
             }
+        }
+        for volume in &self.carried {
+            write!(f, "\ncarried      {volume}")?;
         }
         for volume in &self.not_carried {
             write!(f, "\nnot carried  {volume}")?;

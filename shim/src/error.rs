@@ -50,7 +50,8 @@ impl Error {
                 podsnap_checkpoint::Error::InvalidCheckpoint { .. } => ttrpc::Code::INVALID_ARGUMENT,
                 podsnap_checkpoint::Error::Refused { .. } => ttrpc::Code::PERMISSION_DENIED,
                 podsnap_checkpoint::Error::Config { .. }
-                | podsnap_checkpoint::Error::RootfsChanges { .. } => ttrpc::Code::FAILED_PRECONDITION,
+                | podsnap_checkpoint::Error::RootfsChanges { .. }
+                | podsnap_checkpoint::Error::DumpRefused { .. } => ttrpc::Code::FAILED_PRECONDITION,
                 _ => ttrpc::Code::UNKNOWN,
             },
             Error::Runtime { .. } | Error::Internal(_) => ttrpc::Code::UNKNOWN,

@@ -174,3 +174,78 @@ pub fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     }
     (private, public)
 }
+
+/// What `podsnap restore --from` printed of the pod it made.
+pub struct RestoredFrom {
+    pub stdout: String,
+    pub ip: String,
+    pub id: String,
+    pub uid: String,
+}
+
+impl RestoredFrom {
+    /// The value of the output line starting with `key`.
+    ///
+    /// # Panics
+    /// When no line starts with it.
+    pub fn field(&self, key: &str) -> String {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {key:?} in {}", self.stdout))
+    }
+}
+
+/// `podsnap restore --from REF` on `node` (`podsnap_on`), into kubelet's pod and log
+/// directories of the node; the new pod is recorded for the node's teardown.
+///
+/// # Panics
+/// When the restore fails or prints no pod.
+pub fn restore_from(
+    binary: &Path,
+    config: &Path,
+    docker_config: &Path,
+    node: &crate::node::Node,
+    reference: &str,
+) -> RestoredFrom {
+    let kubelet = node.files().kubelet();
+    let (pods, logs) = (kubelet.join("pods"), kubelet.join("logs/pods"));
+    let out = podsnap_on(
+        binary,
+        config,
+        docker_config,
+        node,
+        &[
+            "restore",
+            "--from",
+            reference,
+            "--pods-dir",
+            pods.to_str().expect("utf8"),
+            "--logs-dir",
+            logs.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "restore --from: {}",
+        crate::command::output_text(&out)
+    );
+    let mut restored = RestoredFrom {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        ip: String::new(),
+        id: String::new(),
+        uid: String::new(),
+    };
+    restored.ip = restored.field("ip ");
+    restored.id = restored.field("id ");
+    restored.uid = restored
+        .field("pod ")
+        .rsplit_once("(uid ")
+        .and_then(|(_, u)| u.strip_suffix(')'))
+        .expect("the new pod's uid")
+        .to_owned();
+    let netns = node.cri().pod_netns(&restored.id).ok().flatten();
+    node.record_pod(&restored.uid, netns.as_deref())
+        .expect("record the restored pod");
+    restored
+}

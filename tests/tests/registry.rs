@@ -29,7 +29,7 @@ use podsnap_tests::command::output_text as text;
 use podsnap_tests::kubelet::{
     ask, run_container, run_pod, run_three_container_pod, wait_answering, PodOptions, APP_PORT, SIDECAR_PORT,
 };
-use podsnap_tests::registry::Registry;
+use podsnap_tests::registry::{Registry, RestoredFrom};
 use podsnap_tests::{start_node, HANDLER};
 use sha2::{Digest, Sha256};
 
@@ -130,65 +130,15 @@ fn dump_stop_push<'a>(name: &'a str, reference: &'a str) -> [&'a str; 8] {
     ]
 }
 
-/// What `podsnap restore --from` printed of the pod it made.
-struct RestoredFrom {
-    stdout: String,
-    ip: String,
-    id: String,
-    uid: String,
-}
-
-impl RestoredFrom {
-    /// The value of the output line starting with `key`.
-    fn field(&self, key: &str) -> String {
-        self.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
-            .unwrap_or_else(|| panic!("no {key:?} in {}", self.stdout))
-    }
-}
-
-/// `podsnap restore --from REF` on `node`, into kubelet's pod and log directories; the new pod
-/// is recorded for the node's teardown.
+/// `podsnap restore --from REF` on `node` (see `podsnap_tests::registry::restore_from`).
 fn restore_from(
     setup: &Setup,
     config: &Path,
     node: &podsnap_tests::node::Node,
     reference: &str,
 ) -> RestoredFrom {
-    let (pods, logs) = (pods_dir(node), logs_dir(node));
-    let out = setup.podsnap_on(
-        config,
-        node,
-        &[
-            "restore",
-            "--from",
-            reference,
-            "--pods-dir",
-            pods.to_str().expect("utf8"),
-            "--logs-dir",
-            logs.to_str().expect("utf8"),
-        ],
-    );
-    assert!(out.status.success(), "restore --from: {}", text(&out));
-    let mut restored = RestoredFrom {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        ip: String::new(),
-        id: String::new(),
-        uid: String::new(),
-    };
-    restored.ip = restored.field("ip ");
-    restored.id = restored.field("id ");
-    restored.uid = restored
-        .field("pod ")
-        .rsplit_once("(uid ")
-        .and_then(|(_, u)| u.strip_suffix(')'))
-        .expect("the new pod's uid")
-        .to_owned();
-    let netns = node.cri().pod_netns(&restored.id).ok().flatten();
-    node.record_pod(&restored.uid, netns.as_deref())
-        .expect("record the restored pod");
-    restored
+    let docker = setup.dir.path().join("docker");
+    podsnap_tests::registry::restore_from(&setup.binary, config, &docker, node, reference)
 }
 
 /// Polls `done` every 50 ms until it holds or `timeout` passes; says whether it held.

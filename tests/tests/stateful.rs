@@ -358,3 +358,153 @@ fn keep_ip_that_cannot_keep_the_address_is_refused() {
         .remove_container(cri::RemoveContainerRequest { container_id: id })
         .expect("RemoveContainer");
 }
+
+/// A node-local volume carried in the checkpoint (`--volumes local`), from node A to node B
+/// through a registry: first refused over the node's bound, the pod left running; then dumped
+/// with the db stopped at the snapshot, the volume's content archived at that instant. On B the
+/// local volume is another disk: a directory with other content refuses the restore before
+/// anything is created; an empty one gets the content back, and the db goes on with its log
+/// whole, from where it stopped.
+#[test]
+fn a_local_volume_is_carried_to_a_second_node_through_a_registry() {
+    let workload =
+        || podsnap_tests::node::NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")));
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let registry = podsnap_tests::registry::Registry::start();
+    let keys = tempfile::tempdir().expect("a key directory");
+    let docker = keys.path().join("docker");
+    std::fs::create_dir(&docker).expect("an empty docker configuration");
+    let (signing, trusted) = podsnap_tests::registry::key_pair(keys.path(), "node");
+    // The local PersistentVolume, as kubelet mounts it (both nodes run on this one machine: B's
+    // "disk" is the same path, emptied once A's content is moved aside).
+    let disks = tempfile::tempdir().expect("the nodes' local disks");
+    let volume = disks
+        .path()
+        .join("pods/volume-owner/volumes/kubernetes.io~local-volume/pv-local/mount");
+    std::fs::create_dir_all(volume.join("base")).expect("the local volume");
+    let seed = b"rows committed before the pod started\n".repeat(64);
+    std::fs::write(volume.join("base/seed"), &seed).expect("a file the db does not hold open");
+    let config = |node: &Node, dump: &str| {
+        node.set_podsnap_config(&format!(
+            "[registry]\nallowed = [\"{}\"]\nsigning_key = \"{}\"\ntrusted_keys = [\"{}\"]\n\
+             [restore]\nhost_paths = [\"{}\"]\n{dump}",
+            registry.host(),
+            signing.display(),
+            trusted.display(),
+            disks.path().display()
+        ))
+        .expect("the node's configuration");
+        node.files().podsnap_config()
+    };
+    let binary = podsnap_binary();
+    let podsnap = |node: &Node, config: &Path, args: &[&str]| {
+        podsnap_tests::registry::podsnap_on(&binary, config, &docker, node, args)
+    };
+    let name = node_a.unique("local");
+    let pod = run_db(&node_a, &name, &volume);
+    let wal = volume.join(WAL);
+    wait_ticks_above(&wal, 20, "before the dump");
+    let reference = format!("{}/carried/{name}:v1", registry.host());
+    let dump = [
+        "dump",
+        "--stop",
+        "--volumes",
+        "local",
+        "--namespace",
+        "default",
+        "--pod",
+        &name,
+        "--push",
+        &reference,
+    ];
+
+    // Over the bound: refused before anything is frozen, naming the volume; the db runs on.
+    let bounded = config(&node_a, "[dump]\ncarry_volumes_max_bytes = 1024\n");
+    let out = podsnap(&node_a, &bounded, &dump);
+    let (stdout, stderr) = podsnap_tests::cli::text(&out);
+    assert!(!out.status.success(), "a dump over the bound: {stdout}");
+    assert!(
+        stderr.contains("carry_volumes_max_bytes = 1024") && stderr.contains("local-volume/pv-local"),
+        "{stderr}"
+    );
+    let n = ticks(&wal).len();
+    wait_ticks_above(&wal, n + 10, "after the refused dump");
+
+    // Carried: the summary says so, the manifest names the archive.
+    let config_a = config(&node_a, "");
+    let out = podsnap(&node_a, &config_a, &dump);
+    let (stdout, stderr) = podsnap_tests::cli::text(&out);
+    assert!(out.status.success(), "dump --volumes local: {stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("carried      local-volume/pv-local (db:{MOUNT}; ")),
+        "{stdout}"
+    );
+    let dir = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("checkpoint   "))
+        .map(PathBuf::from)
+        .expect("the checkpoint's directory");
+    let m = manifest(&dir);
+    assert_eq!(
+        m["persistent_volumes"][0]["carried"], "volumes/carried~0.tar",
+        "{m}"
+    );
+    // Stopped at the snapshot: what the log holds now is what the checkpoint carries.
+    let at_dump = std::fs::read(&wal).expect("the log at the snapshot");
+    remove_pod(&node_a, &pod).expect("the original pod removed");
+    let on_a = volume.with_file_name("mount-on-node-a");
+    std::fs::rename(&volume, &on_a).expect("node A's disk moved aside");
+
+    // B's local volume, the same PersistentVolume, holds something else: refused before
+    // anything is created, the file held open named.
+    std::fs::create_dir_all(&volume).expect("B's local volume");
+    std::fs::write(volume.join("other"), b"not this pod's").expect("other content");
+    let config_b = config(&node_b, "");
+    let kubelet = node_b.files().kubelet();
+    let (pods, logs) = (kubelet.join("pods"), kubelet.join("logs/pods"));
+    let restore = [
+        "restore",
+        "--from",
+        &reference,
+        "--pods-dir",
+        pods.to_str().expect("utf8"),
+        "--logs-dir",
+        logs.to_str().expect("utf8"),
+    ];
+    let count = sandboxes(&node_b);
+    let out = podsnap(&node_b, &config_b, &restore);
+    let (stdout, stderr) = podsnap_tests::cli::text(&out);
+    assert!(!out.status.success(), "a restore over other content: {stdout}");
+    assert!(
+        stderr.contains(&format!("{WAL} on local-volume/pv-local: gone"))
+            && stderr.contains("an empty directory gets it back"),
+        "{stderr}"
+    );
+    assert_eq!(sandboxes(&node_b), count, "the refused restore created a pod");
+
+    // Empty: filled from the checkpoint, the db goes on.
+    std::fs::remove_file(volume.join("other")).expect("emptied");
+    let restored = podsnap_tests::registry::restore_from(&binary, &config_b, &docker, &node_b, &reference);
+    wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the restored db answers");
+    assert_eq!(
+        std::fs::read(volume.join("base/seed")).expect("the seed came back"),
+        seed
+    );
+    let n = String::from_utf8_lossy(&at_dump)
+        .lines()
+        .filter(|l| l.starts_with("db tick "))
+        .count();
+    wait_ticks_above(&wal, n + 20, "after the restore on node B");
+    assert_whole(&wal, "after the restore on node B");
+    let now = std::fs::read(&wal).expect("the log");
+    assert_eq!(
+        &now[..at_dump.len()],
+        &at_dump[..],
+        "the log on B starts as it was at the snapshot"
+    );
+    assert_eq!(
+        ticks(&wal)[n],
+        n as u64 + 1,
+        "the restored process went on from its last tick"
+    );
+}

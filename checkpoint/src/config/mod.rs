@@ -132,6 +132,21 @@ pub struct DumpPolicy {
     pub network_lock: NetworkLock,
     /// When the page images are digested.
     pub digests: DigestTiming,
+    /// The most a dump may carry of the pod's persistent volumes (`podsnap dump --volumes`),
+    /// all together; [`DEFAULT_CARRY_VOLUMES_MAX_BYTES`] when `None`. Their content is archived
+    /// while the pod is frozen, so this bounds that part of the frozen window too.
+    pub carry_volumes_max_bytes: Option<u64>,
+}
+
+/// The default bound on the volumes a dump carries: 1 GiB.
+pub const DEFAULT_CARRY_VOLUMES_MAX_BYTES: u64 = 1 << 30;
+
+impl DumpPolicy {
+    /// `carry_volumes_max_bytes`, or its default.
+    pub fn carry_max_bytes(&self) -> u64 {
+        self.carry_volumes_max_bytes
+            .unwrap_or(DEFAULT_CARRY_VOLUMES_MAX_BYTES)
+    }
 }
 
 /// When a pod dump digests its containers' page images (the bulk of a checkpoint).

@@ -1,5 +1,6 @@
 //! Names in the checkpoint's layout that are not the manifest's own: the pod's shared state,
-//! emptyDir volume names, and the part announcements beside a dump's destination.
+//! emptyDir volume names, and the files beside a dump's destination (its caller's request,
+//! the part announcements).
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,28 @@ pub fn parts_dir(dest: &Path) -> PathBuf {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
     name.push(PARTS_SUFFIX);
     dest.with_file_name(name)
+}
+
+/// The suffix of the file beside a dump's destination where its caller asks for more than
+/// containerd's checkpoint options can say (`<dest>.request`, a [`DumpAsk`] in JSON): written
+/// by `podsnap dump` before it asks containerd for the dump, removed after.
+pub const REQUEST_SUFFIX: &str = ".request";
+
+/// `<dest>.request`.
+pub fn request_file(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(REQUEST_SUFFIX);
+    dest.with_file_name(name)
+}
+
+/// What a dump's caller asks beyond containerd's checkpoint options.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DumpAsk {
+    /// The persistent volumes to carry (`local`, `none`, or names separated by commas: see
+    /// [`crate::format::persistent::Carry`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carry_volumes: Option<String>,
 }
 
 /// A complete container part of a dump still being finished.

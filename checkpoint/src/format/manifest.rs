@@ -54,9 +54,13 @@ use crate::fs::read::read_capped;
 
 /// `format` of a podsnap pod checkpoint.
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
-/// The version this code writes (4: [`Manifest::unix_links`] and [`Manifest::adopted`], which
-/// an older restore would not bring back).
-pub const VERSION: u32 = 4;
+/// The newest version this code reads and writes: 5 for a checkpoint that carries persistent
+/// volumes ([`crate::format::persistent::PersistentVolume::carried`]), whose content an older
+/// restore would not put back; 4 ([`BASE_VERSION`]) otherwise.
+pub const VERSION: u32 = 5;
+/// The version of a checkpoint that carries no volume (4: [`Manifest::unix_links`] and
+/// [`Manifest::adopted`], which an older restore would not bring back).
+pub const BASE_VERSION: u32 = 4;
 /// The oldest version this code reads (SHA-256 digests, no `digest_algorithm`).
 pub const OLDEST_VERSION: u32 = 1;
 /// The manifest's file name.
@@ -445,6 +449,17 @@ impl Manifest {
         for v in &m.volumes {
             validate_name(&v.name).map_err(invalid)?;
             safe_relative(&v.archive).map_err(invalid)?;
+        }
+        for v in &m.persistent_volumes {
+            if let Some(a) = &v.carried {
+                safe_relative(a).map_err(invalid)?;
+                if !a.starts_with("volumes/") || !m.files.contains_key(a) {
+                    return Err(invalid(format!(
+                        "the content of volume {} is said to be {a:?}, which is not a listed archive under volumes/",
+                        v.label()
+                    )));
+                }
+            }
         }
         if let Some(a) = &m.dev_shm {
             safe_relative(a).map_err(invalid)?;

@@ -77,6 +77,11 @@ pub struct PersistentVolume {
     /// Regular files on it the pod's processes held open at the dump.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held_files: Vec<HeldFile>,
+    /// The archive of its content at the dump instant, relative to the checkpoint (see
+    /// [`carried_archive`]), when the dump carried it (`podsnap dump --volumes`); `None`: the
+    /// volume stayed where it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<String>,
 }
 
 impl PersistentVolume {
@@ -84,6 +89,81 @@ impl PersistentVolume {
     pub fn label(&self) -> String {
         format!("{}/{}", self.plugin, self.name)
     }
+}
+
+/// The pod annotation that asks every dump of the pod to carry volumes, as `--volumes` does
+/// (`local`, or volume names separated by commas): for dumps asked without the CLI (kubelet's
+/// checkpoint API, `ctr`).
+pub const CARRY_ANNOTATION: &str = "podsnap.io/carry-volumes";
+
+/// Which of the pod's persistent volumes a dump carries in the checkpoint (their content
+/// archived at the dump instant, like an emptyDir's, and put back before the restore).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Carry {
+    /// None: every persistent volume stays where it is (the default).
+    #[default]
+    Nothing,
+    /// Every node-local volume (`local-volume`, host paths): those that cannot follow the pod
+    /// to another node otherwise.
+    NodeLocal,
+    /// The volumes named: a PersistentVolume's name, `plugin/name`, or a host path.
+    Named(Vec<String>),
+}
+
+impl Carry {
+    /// `none`, `local`, or names separated by commas.
+    pub fn parse(text: &str) -> Result<Carry, String> {
+        let text = text.trim();
+        match text {
+            "" | "none" => return Ok(Carry::Nothing),
+            "local" => return Ok(Carry::NodeLocal),
+            _ => {}
+        }
+        let names: Vec<String> = text
+            .split(',')
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if names.is_empty() || names.iter().any(|n| n.contains('\0') || n.len() > 4096) {
+            return Err(format!(
+                "{text:?}: say `local`, `none`, or the volumes' names separated by commas"
+            ));
+        }
+        Ok(Carry::Named(names))
+    }
+
+    /// Whether the volume of `source` is carried.
+    pub fn selects(&self, source: &VolumeSource) -> bool {
+        match self {
+            Carry::Nothing => false,
+            Carry::NodeLocal => source.node_local,
+            Carry::Named(names) => names
+                .iter()
+                .any(|n| *n == source.name || *n == format!("{}/{}", source.plugin, source.name)),
+        }
+    }
+
+    /// The names asked for that no volume of the pod answers.
+    pub fn unmatched<'a>(&'a self, sources: &[VolumeSource]) -> Vec<&'a str> {
+        match self {
+            Carry::Named(names) => names
+                .iter()
+                .filter(|n| {
+                    !sources
+                        .iter()
+                        .any(|s| Carry::Named(vec![(*n).clone()]).selects(s))
+                })
+                .map(String::as_str)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Where the content of the `index`th carried volume goes in the checkpoint. The `~` keeps it
+/// apart from the emptyDir archives (`volumes/<name>.tar`, whose names cannot hold one).
+pub fn carried_archive(index: usize) -> String {
+    format!("volumes/carried~{index}.tar")
 }
 
 /// One container's mount of a persistent volume.

@@ -30,18 +30,32 @@ pub enum FileNow {
     Changed { size: u64, mtime: (i64, i64) },
 }
 
+/// What the check of the new pod found: every difference, each a sentence naming the volume
+/// and the file or mount; and the carried volumes to put back, (archive relative to the
+/// checkpoint, host directory).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Checked {
+    pub problems: Vec<String>,
+    pub fills: Vec<(String, PathBuf)>,
+}
+
 /// Checks the new pod against the checkpoint's persistent volumes before anything is created:
 /// every recorded mount is there (the same volume at the same container path of the same
 /// container), and every held file is unchanged. `stat` gives a file's metadata under a host
-/// directory (confined beneath it: see [`stat_beneath`]). Returns every difference, each a
-/// sentence naming the volume and the file or mount.
+/// directory (confined beneath it: see [`stat_beneath`]).
+///
+/// A volume the checkpoint carries may be another one at the same container path (another
+/// node's local volume): an empty directory (`empty`, see [`empty_or_missing`]) gets the
+/// carried content; one with content must be the same volume with its held files unchanged (a
+/// restore in place after `--stop`), and keeps its content.
 pub fn check(
     volumes: &[PersistentVolume],
     new_mounts: &[NewMount],
     created_unix: u64,
     stat: impl Fn(&Path, &str) -> std::io::Result<std::fs::Metadata>,
-) -> Vec<String> {
-    let mut problems = Vec::new();
+    empty: impl Fn(&Path) -> bool,
+) -> Checked {
+    let mut out = Checked::default();
     for volume in volumes {
         let mut source_now = None;
         for mount in &volume.mounts {
@@ -49,7 +63,7 @@ pub fn check(
                 .iter()
                 .find(|m| m.container == mount.container && m.path == mount.path);
             let Some(new) = new else {
-                problems.push(format!(
+                out.problems.push(format!(
                     "volume {} is not mounted at {} in container {} of the new pod",
                     volume.label(),
                     mount.path,
@@ -62,14 +76,33 @@ pub fn check(
                 Some(v) => v.plugin == volume.plugin && v.name == volume.name,
                 None => volume.plugin == HOST_PATH && text == volume.name.as_str(),
             };
-            if !same {
-                problems.push(format!(
-                    "container {} mounts {} at {}, not volume {} as at the checkpoint",
-                    mount.container,
-                    text,
-                    mount.path,
-                    volume.label()
-                ));
+            let filled = volume.carried.is_some() && empty(&new.source);
+            if !same && !filled {
+                out.problems.push(match volume.carried {
+                    Some(_) => format!(
+                        "volume {} is carried by the checkpoint, but container {} mounts {} at {}, \
+                         which is not empty: the carried content goes only into an empty directory",
+                        volume.label(),
+                        mount.container,
+                        text,
+                        mount.path
+                    ),
+                    None => format!(
+                        "container {} mounts {} at {}, not volume {} as at the checkpoint",
+                        mount.container,
+                        text,
+                        mount.path,
+                        volume.label()
+                    ),
+                });
+                continue;
+            }
+            if filled {
+                if let Some(archive) = &volume.carried {
+                    if !out.fills.iter().any(|(_, dst)| *dst == new.source) {
+                        out.fills.push((archive.clone(), new.source.clone()));
+                    }
+                }
                 continue;
             }
             source_now.get_or_insert_with(|| new.source.clone());
@@ -78,16 +111,30 @@ pub fn check(
         for held in &volume.held_files {
             match compare(&held_now(held, &root, &stat), held) {
                 None => {}
-                Some(why) => problems.push(format!(
-                    "the volume changed since the checkpoint (taken at {}): {} on {}: {why}",
+                Some(why) => out.problems.push(format!(
+                    "the volume changed since the checkpoint (taken at {}): {} on {}: {why}{}",
                     utc(created_unix as i64, 0),
                     held.path,
-                    volume.label()
+                    volume.label(),
+                    if volume.carried.is_some() {
+                        " (the checkpoint carries the volume's content: an empty directory gets it back)"
+                    } else {
+                        ""
+                    }
                 )),
             }
         }
     }
-    problems
+    out
+}
+
+/// Whether `dir` holds nothing (or is not there yet: the restore makes it): where a carried
+/// volume's content can go. Anything that cannot be read counts as not empty.
+pub fn empty_or_missing(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 fn held_now(
@@ -196,6 +243,7 @@ mod tests {
                 read_only: false,
             }],
             held_files: held,
+            carried: None,
         }
     }
 
@@ -223,7 +271,10 @@ mod tests {
             path: "/var/lib/db".into(),
             source: new.clone(),
         }];
-        assert_eq!(check(&volumes, &mounts, 0, stat_beneath), Vec::<String>::new());
+        assert_eq!(
+            check(&volumes, &mounts, 0, stat_beneath, empty_or_missing).problems,
+            Vec::<String>::new()
+        );
 
         // Same size, content moved on (a preallocated segment): the mtime tells.
         let f = std::fs::OpenOptions::new()
@@ -232,7 +283,7 @@ mod tests {
             .expect("open");
         f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000_000))
             .expect("touch");
-        let problems = check(&volumes, &mounts, 0, stat_beneath);
+        let problems = check(&volumes, &mounts, 0, stat_beneath, empty_or_missing).problems;
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("wal/0001 on csi/pv-data"), "{}", problems[0]);
         assert!(problems[0].contains("modified at 2033-05-18"), "{}", problems[0]);
@@ -243,7 +294,7 @@ mod tests {
         );
 
         std::fs::write(new.join("wal/0001"), vec![0u8; 5000]).expect("grow");
-        let problems = check(&volumes, &mounts, 0, stat_beneath);
+        let problems = check(&volumes, &mounts, 0, stat_beneath, empty_or_missing).problems;
         assert!(
             problems[0].contains("4096 bytes at the checkpoint, 5000 now"),
             "{}",
@@ -252,7 +303,7 @@ mod tests {
 
         std::fs::remove_file(new.join("wal/0001")).expect("rm");
         std::os::unix::fs::symlink("/etc/passwd", new.join("wal/0001")).expect("symlink");
-        let problems = check(&volumes, &mounts, 0, stat_beneath);
+        let problems = check(&volumes, &mounts, 0, stat_beneath, empty_or_missing).problems;
         assert!(
             problems[0].contains("gone"),
             "a symlink is not followed: {}",
@@ -265,7 +316,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let old = csi_dir(tmp.path(), "old");
         let volumes = vec![volume(&old, Vec::new())];
-        let problems = check(&volumes, &[], 0, stat_beneath);
+        let problems = check(&volumes, &[], 0, stat_beneath, empty_or_missing).problems;
         assert_eq!(
             problems,
             vec!["volume csi/pv-data is not mounted at /var/lib/db in container db of the new pod"]
@@ -278,7 +329,55 @@ mod tests {
             path: "/var/lib/db".into(),
             source: other,
         }];
-        let problems = check(&volumes, &mounts, 0, stat_beneath);
+        let problems = check(&volumes, &mounts, 0, stat_beneath, empty_or_missing).problems;
         assert!(problems[0].contains("not volume csi/pv-data"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_carried_volume_fills_an_empty_directory_and_refuses_another_with_content() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let old = csi_dir(tmp.path(), "old");
+        std::fs::write(old.join("seed"), b"x").expect("write");
+        let held = held_file("seed".into(), &std::fs::metadata(old.join("seed")).expect("stat"));
+        let mut carried = volume(&old, vec![held]);
+        carried.carried = Some("volumes/carried~0.tar".into());
+        let volumes = vec![carried];
+        let at = |source: PathBuf| {
+            vec![NewMount {
+                container: "db".into(),
+                path: "/var/lib/db".into(),
+                source,
+            }]
+        };
+        // Another node's volume, empty (or not made yet): filled, whatever its name.
+        let elsewhere = tmp
+            .path()
+            .join("pods/new/volumes/kubernetes.io~local-volume/pv-9");
+        let got = check(
+            &volumes,
+            &at(elsewhere.clone()),
+            0,
+            stat_beneath,
+            empty_or_missing,
+        );
+        assert_eq!(got.problems, Vec::<String>::new());
+        assert_eq!(
+            got.fills,
+            vec![("volumes/carried~0.tar".to_owned(), elsewhere.clone())]
+        );
+        // The same one with the same content (in place after --stop): kept, nothing filled.
+        let got = check(&volumes, &at(old.clone()), 0, stat_beneath, empty_or_missing);
+        assert_eq!(got, Checked::default());
+        // Another one with content: refused, named.
+        std::fs::create_dir_all(&elsewhere).expect("mkdir");
+        std::fs::write(elsewhere.join("other"), b"y").expect("write");
+        let got = check(&volumes, &at(elsewhere), 0, stat_beneath, empty_or_missing);
+        assert_eq!(got.fills, Vec::new());
+        assert_eq!(got.problems.len(), 1, "{:?}", got.problems);
+        assert!(
+            got.problems[0].contains("carried by the checkpoint") && got.problems[0].contains("not empty"),
+            "{}",
+            got.problems[0]
+        );
     }
 }

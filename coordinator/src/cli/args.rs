@@ -194,6 +194,12 @@ pub(crate) struct DumpArgs {
     /// Restore established TCP connections too (they are closed on restore otherwise).
     #[arg(long)]
     pub(crate) tcp_established: bool,
+    /// Carry persistent volumes in the checkpoint, their content captured at the dump instant
+    /// and put back before the restore: `local` (every node-local volume: local PVs, host
+    /// paths), or volume names separated by commas (a PV's name, `plugin/name`, a host path).
+    /// Bounded by the node's `[dump] carry_volumes_max_bytes` (1 GiB by default).
+    #[arg(long, value_name = "local|NAME,...")]
+    pub(crate) volumes: Option<String>,
     /// Give up after this many seconds: the pod is thawed and the output removed (the node's
     /// dump deadline, 120 s unless configured, applies either way).
     #[arg(long, value_name = "SECONDS")]
@@ -220,6 +226,9 @@ pub(crate) struct MigrateArgs {
     /// Keep established TCP connections (they go on if the target gives the pod its address).
     #[arg(long)]
     pub(crate) tcp_established: bool,
+    /// Carry persistent volumes in the checkpoint (as `podsnap dump --volumes`).
+    #[arg(long, value_name = "local|NAME,...")]
+    pub(crate) volumes: Option<String>,
     /// Give up on the dump after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub(crate) timeout: Option<u64>,

@@ -16,6 +16,7 @@ pub(crate) fn dump(ctx: &Context, args: DumpArgs) -> anyhow::Result<()> {
     let mut request = ctx.dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
     request.dir = args.dir;
     request.stop = args.stop && !args.leave_running;
+    request.carry_volumes = args.volumes;
     let push = args.push.map(|r| (r, args.zstd_level));
     dump_and_push(&ctx.runtime, &ctx.config, &request, push).map(drop)
 }
@@ -24,6 +25,7 @@ pub(crate) fn dump(ctx: &Context, args: DumpArgs) -> anyhow::Result<()> {
 pub(crate) fn migrate(ctx: &Context, args: MigrateArgs) -> anyhow::Result<()> {
     let mut request = ctx.dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
     request.stop = true;
+    request.carry_volumes = args.volumes;
     let started = std::time::Instant::now();
     let (dumped, pushed) = dump_and_push(
         &ctx.runtime,

@@ -51,6 +51,7 @@ impl Context {
             tcp_established,
             handler: pod::HANDLER.to_owned(),
             timeout: timeout.map(std::time::Duration::from_secs),
+            carry_volumes: None,
         }
     }
 }

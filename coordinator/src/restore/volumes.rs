@@ -57,7 +57,9 @@ pub(super) fn check_persistent_volumes(dir: &Path, plan: &Plan, progress: &dyn P
         &new_mounts,
         plan.manifest.created_unix,
         volumes::stat_beneath,
-    );
+        volumes::empty_or_missing,
+    )
+    .problems;
     if !problems.is_empty() {
         return Err(Error::Refused(format!(
             "checkpoint {}: {}",
@@ -65,8 +67,12 @@ pub(super) fn check_persistent_volumes(dir: &Path, plan: &Plan, progress: &dyn P
             problems.join("; ")
         )));
     }
-    if plan.manifest.after_dump == Some(persistent::AfterDump::LeftRunning) {
-        let names: Vec<String> = volumes.iter().map(|v| v.label()).collect();
+    let names: Vec<String> = volumes
+        .iter()
+        .filter(|v| v.carried.is_none())
+        .map(|v| v.label())
+        .collect();
+    if plan.manifest.after_dump == Some(persistent::AfterDump::LeftRunning) && !names.is_empty() {
         let warning = format!(
             "warning: the pod was left running after this checkpoint: its volumes ({}) may have \
              moved on since; the files it held open are unchanged",

@@ -116,6 +116,15 @@ impl Pod {
                 within,
             )
             .map_err(Error::InvalidArgument)?;
+        // Which persistent volumes to carry: the caller's request beside the destination, or
+        // the pod's annotation.
+        let carry = podsnap_checkpoint::pod::dump::carry_asked(
+            &dest,
+            &annotations
+                .clone()
+                .map(|a| a.into_iter().collect())
+                .unwrap_or_default(),
+        )?;
         // Lifecycle calls in flight finish first; new ones wait for the dump.
         let lifecycle = self.gate.exclusive(&sandbox.id).await?;
         let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
@@ -129,6 +138,8 @@ impl Pod {
             deadline,
             cancel: Some(cancel_rx),
             reserve_bytes: config.dump.reserve_bytes,
+            carry,
+            carry_max_bytes: config.dump.carry_max_bytes(),
             network_lock: config.dump.network_lock,
             digests: config.dump.digests,
             root: config.checkpoint_root(),

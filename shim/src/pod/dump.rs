@@ -33,6 +33,9 @@ pub struct PodCheckpoint {
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
     /// Free space the dump must leave on the destination's filesystem.
     pub reserve_bytes: u64,
+    /// The persistent volumes carried in the checkpoint, and the most they may hold.
+    pub carry: podsnap_checkpoint::format::persistent::Carry,
+    pub carry_max_bytes: u64,
     /// How the pod's network is held still.
     pub network_lock: podsnap_checkpoint::config::NetworkLock,
     /// When the page images are digested.
@@ -88,6 +91,8 @@ pub async fn checkpoint(
         lock_network: request.network_lock == podsnap_checkpoint::config::NetworkLock::Pod,
         early_digests: request.digests == podsnap_checkpoint::config::DigestTiming::Early,
         reserve_bytes: request.reserve_bytes,
+        carry: request.carry.clone(),
+        carry_max_bytes: request.carry_max_bytes,
     };
     log::info!(
         "pod {}: checkpoint of {} containers into {}",

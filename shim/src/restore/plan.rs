@@ -71,7 +71,9 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
         .map_err(|e| Error::InvalidArgument(format!("checkpoint {name:?}: {}: {e}", spec_file.display())))?;
     policy::check_privilege(&cname, &old, new.spec).map_err(refused)?;
-    super::volumes::check_persistent_volumes(&name, &cname, manifest, new.spec)?;
+    let carried = super::volumes::check_persistent_volumes(&name, &cname, manifest, new.spec, |d| {
+        lock(&r.filled).contains(d)
+    })?;
 
     let image_dir = dir.join(entry.dir()).join(names.images);
     let mut options = podsnap_checkpoint::criu::container::inspect(&image_dir)?;
@@ -104,6 +106,15 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
                 volumes.push((dir.join(&v.archive), PathBuf::from(src)));
             }
         }
+    }
+    // The persistent volumes the checkpoint carries, into their (empty) new directories.
+    for (archive, dst) in carried {
+        if !manifest.lists(&archive) {
+            return Err(Error::InvalidArgument(format!(
+                "checkpoint {name:?}: the carried volume archive {archive} is not listed"
+            )));
+        }
+        volumes.push((dir.join(archive), dst));
     }
     // The pod's /dev/shm comes back before its first container does (files its processes
     // hold open or mapped must be there for CRIU).

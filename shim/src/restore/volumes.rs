@@ -1,6 +1,6 @@
 //! Checks of what the checkpoint does not carry, before a container is restored: the volumes
-//! it records (this container mounts them, the files the pod held open on them unchanged) and
-//! a pod that asked to keep its address having it.
+//! it records (this container mounts them, the files the pod held open on them unchanged; the
+//! carried ones go into empty directories) and a pod that asked to keep its address having it.
 
 use std::path::PathBuf;
 
@@ -13,15 +13,18 @@ use podsnap_checkpoint::trust::volumes;
 use crate::error::{Error, Result};
 use crate::exits::MonitorLauncher;
 
-/// The volumes of the checkpoint this container mounted that the checkpoint does not carry:
-/// the new container mounts each at the same path, and the files the pod held open on them are
-/// as they were (checked before the container is restored).
+/// The persistent volumes of the checkpoint this container mounted: the new container mounts
+/// each at the same path, and the files the pod held open on them are as they were (checked
+/// before the container is restored). Returns the carried volumes to fill first: (archive
+/// relative to the checkpoint, host directory); `filled` tells the directories this restore
+/// already filled (for another container of the pod), which count as empty.
 pub(super) fn check_persistent_volumes(
     checkpoint: &str,
     container: &str,
     manifest: &Manifest,
     spec: &Spec,
-) -> Result<()> {
+    filled: impl Fn(&std::path::Path) -> bool,
+) -> Result<Vec<(String, PathBuf)>> {
     let mine: Vec<persistent::PersistentVolume> = manifest
         .persistent_volumes
         .iter()
@@ -36,7 +39,7 @@ pub(super) fn check_persistent_volumes(
         })
         .collect();
     if mine.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let new_mounts: Vec<volumes::NewMount> = persistent::bind_mounts(spec)
         .into_iter()
@@ -46,19 +49,37 @@ pub(super) fn check_persistent_volumes(
             source: PathBuf::from(m.source),
         })
         .collect();
-    let problems = volumes::check(&mine, &new_mounts, manifest.created_unix, volumes::stat_beneath);
-    if !problems.is_empty() {
+    let checked = volumes::check(
+        &mine,
+        &new_mounts,
+        manifest.created_unix,
+        volumes::stat_beneath,
+        |dir| filled(dir) || volumes::empty_or_missing(dir),
+    );
+    if !checked.problems.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "checkpoint {checkpoint:?}: {}",
-            problems.join("; ")
+            checked.problems.join("; ")
         )));
     }
-    if manifest.after_dump == Some(persistent::AfterDump::LeftRunning) {
+    let kept: Vec<String> = mine
+        .iter()
+        .filter(|v| v.carried.is_none())
+        .map(|v| v.label())
+        .collect();
+    if manifest.after_dump == Some(persistent::AfterDump::LeftRunning) && !kept.is_empty() {
         log::warn!(
-            "container {container}: the pod was left running after checkpoint {checkpoint:?}: its volumes may have moved on since; the files it held open are unchanged"
+            "container {container}: the pod was left running after checkpoint {checkpoint:?}: its volumes ({}) may have moved on since; the files it held open are unchanged",
+            kept.join(", ")
         );
     }
-    Ok(())
+    for (archive, dst) in &checked.fills {
+        log::info!(
+            "container {container}: the checkpoint's {archive} goes into {} before the restore",
+            dst.display()
+        );
+    }
+    Ok(checked.fills)
 }
 
 /// A pod asking to keep its address (`podsnap.io/keep-ip`) must have it: the node's CNI

@@ -1,5 +1,6 @@
 //! What is captured beside the CRIU dumps while the pod is frozen: each container's rootfs
-//! changes, the pod's emptyDir volumes, its `/dev/shm` and its SysV IPC objects.
+//! changes, the pod's emptyDir volumes and the persistent ones it carries, its `/dev/shm` and
+//! its SysV IPC objects.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,13 +38,15 @@ pub(super) struct Capturing {
 
 impl Capturing {
     /// Starts the captures into the checkpoint at `dir`: the rootfs changes of each of
-    /// `running`, the volumes and `/dev/shm` of the pod's `targets`, and the SysV objects of
-    /// its IPC namespace.
+    /// `running`, the volumes and `/dev/shm` of the pod's `targets`, the persistent volumes
+    /// it carries (`carried`: host directory, archive) and the SysV objects of its IPC
+    /// namespace.
     pub(super) fn start(
         dir: &Path,
         targets: &[Target],
         running: &[Target],
         ipc: Option<&PodIpc>,
+        carried: &[(PathBuf, String)],
     ) -> Result<Self> {
         let mut tasks = JoinSet::new();
         for t in running {
@@ -71,8 +74,19 @@ impl Capturing {
             });
         }
         let volumes = empty_dirs(targets);
-        if !volumes.is_empty() {
+        if !volumes.is_empty() || !carried.is_empty() {
             create_private_dir(&dir.join("volumes"))?;
+        }
+        for (src, archive) in carried {
+            let (src, tar) = (src.clone(), dir.join(archive));
+            tasks.spawn(async move {
+                tokio::task::spawn_blocking(move || rootfs::archive_dir(&src, &tar))
+                    .await
+                    .map_err(|e| {
+                        Error::io("archive a carried volume", "volumes", std::io::Error::other(e))
+                    })??;
+                Ok(Duration::ZERO)
+            });
         }
         // The pod's /dev/shm, once for the pod (every container of it shares it).
         let dev_shm = pod_dev_shm(targets);

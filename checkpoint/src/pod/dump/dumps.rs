@@ -51,7 +51,13 @@ async fn dump_all(f: &mut Frozen) -> Result<(Duration, Shared)> {
     h.runs.release();
     h.runs.start_rest(&dir, &h.planned.running, &h.planned.limit);
     let ipc = f.checked.ipc.as_ref();
-    let capturing = Capturing::start(&dir, &h.planned.req.targets, &h.planned.running, ipc)?;
+    let capturing = Capturing::start(
+        &dir,
+        &h.planned.req.targets,
+        &h.planned.running,
+        ipc,
+        &f.checked.carried,
+    )?;
     let mut slowest = Duration::ZERO;
     let mut first_error = None;
     for (t, ended) in h.planned.running.iter().zip(h.runs.wait().await) {

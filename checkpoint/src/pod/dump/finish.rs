@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::error::{Error, Result};
 use crate::failpoint::hold as hold_point;
 use crate::format::manifest::{
-    ContainerEntry, DigestAlgorithm, DumpStats, FileDigest, Manifest, PodInfo, UnixLink, FORMAT, MANIFEST,
-    PART_NAMES, VERSION,
+    ContainerEntry, DigestAlgorithm, DumpStats, FileDigest, Manifest, PodInfo, UnixLink, BASE_VERSION,
+    FORMAT, MANIFEST, PART_NAMES, VERSION,
 };
 use crate::format::record::Role;
 use crate::fs::private::{write_private, write_synced};
@@ -171,7 +171,11 @@ pub(super) async fn write(
     containers.sort_by_key(|c| c.created_order);
     let manifest = Manifest {
         format: FORMAT.into(),
-        version: VERSION,
+        version: if contents.persistent_volumes.iter().any(|v| v.carried.is_some()) {
+            VERSION
+        } else {
+            BASE_VERSION
+        },
         created_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -119,8 +119,11 @@ pub(super) struct Checked {
     pub(super) unix_links: Vec<UnixLink>,
     /// Which containers loopback connections link, read beside the dumps.
     pub(super) loopback: Option<JoinHandle<BTreeSet<String>>>,
-    /// Volumes the checkpoint does not carry, with the files held open on them.
+    /// The pod's persistent volumes, with the files held open on them (and for those it
+    /// carries, their archive).
     pub(super) persistent_volumes: Vec<crate::format::persistent::PersistentVolume>,
+    /// The carried volumes to archive: (host directory, archive in the checkpoint).
+    pub(super) carried: Vec<(std::path::PathBuf, String)>,
 }
 
 /// The pod frozen and checked.
@@ -187,7 +190,7 @@ async fn freeze_and_check(h: &mut Held, guard: &mut FreezeGuard) -> Result<(Inst
         .iter()
         .map(|t| (t.entry.name.clone(), cgroup_procs(host, t)))
         .collect();
-    let persistent_volumes = crate::pod::dump::volumes::record(
+    let mut persistent_volumes = crate::pod::dump::volumes::record(
         &p.running
             .iter()
             .zip(&procs)
@@ -202,6 +205,7 @@ async fn freeze_and_check(h: &mut Held, guard: &mut FreezeGuard) -> Result<(Inst
             .collect::<Vec<_>>(),
         Path::new("/proc"),
     );
+    let carried = super::carry::mark(&mut persistent_volumes, &p.carry);
     let adopted = adopted_processes(host, &p.req.targets, &p.running, &procs)?;
     let ipc = pod_ipc(host, &p.running, &procs)?;
     let owners = SocketOwners::read(&procs);
@@ -219,6 +223,7 @@ async fn freeze_and_check(h: &mut Held, guard: &mut FreezeGuard) -> Result<(Inst
             unix_links,
             loopback: Some(loopback),
             persistent_volumes,
+            carried,
         },
     ))
 }

@@ -8,7 +8,8 @@
 //! (`unwind`) before returning it. Cgroup and /proc work goes through
 //! [`podsnap_runtime::host::Host`], so the decisions are unit tested on a fake host.
 //!
-//! 1. pre-flight: the memory in use, the rootfs changes and the volumes must fit in the free
+//! 1. pre-flight: the persistent volumes to carry are there and within the node's bound; the
+//!    memory in use, the rootfs changes and the volumes must fit in the free
 //!    space of the destination's filesystem (leaving the node's reserve), or the dump is
 //!    refused up front with the numbers;
 //! 2. the crash journal ([`journal`]) records what is about to be frozen and where the staging
@@ -25,7 +26,8 @@
 //! 5. while frozen, in parallel: let every CRIU dump its container, capture the rootfs
 //!    changes (from the overlay upper directory mountinfo names; a container whose changes
 //!    cannot be found fails the dump: see [`crate::archive::rootfs::upperdir_for_dump`]),
-//!    archive the pod's emptyDir volumes, `/dev/shm` and SysV IPC;
+//!    archive the pod's emptyDir volumes, the persistent volumes it carries (`carry`),
+//!    `/dev/shm` and SysV IPC;
 //! 6. resume: thaw every container, then unlock the network. With `stop`, the checkpoint is
 //!    first completed (specs, digests, manifest, renamed into place) while everything is
 //!    still frozen, then every process of the pod is killed before the thaw: nothing runs
@@ -71,6 +73,7 @@ mod resume; // 6 -> Thawed (or, with `stop`, the report) // 7 -> the report
 // What the phases use.
 mod beside;
 mod capture;
+mod carry;
 mod checks;
 mod criu_configs;
 mod criu_runs;
@@ -96,6 +99,7 @@ use podsnap_runtime::launcher::Launcher;
 use crate::error::Result;
 use crate::format::manifest::PodInfo;
 pub use crate::pod::target::Target;
+pub use carry::asked as carry_asked;
 
 /// What to dump and where.
 #[derive(Clone)]
@@ -125,6 +129,10 @@ pub struct PodDump {
     /// Free space the dump must leave on the destination's filesystem (the node's
     /// `[dump] reserve_bytes`).
     pub reserve_bytes: u64,
+    /// The persistent volumes to carry in the checkpoint (see `carry`).
+    pub carry: crate::format::persistent::Carry,
+    /// The most they may hold together (the node's `[dump] carry_volumes_max_bytes`).
+    pub carry_max_bytes: u64,
 }
 
 impl std::fmt::Debug for PodDump {

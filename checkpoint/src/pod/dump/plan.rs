@@ -1,5 +1,5 @@
 //! Phase 1, plan: the names are valid, which containers are dumped, the dump's limit, CRIU's
-//! kernel feature cache, and whether the dump fits in the destination's free space. Nothing
+//! kernel feature cache, the volumes to carry, and whether the dump fits in the destination's free space. Nothing
 //! has been started or written when it refuses.
 
 use std::sync::Arc;
@@ -23,6 +23,8 @@ pub(super) struct Planned {
     pub(super) limit: Limit,
     /// What the report says so far (the phases' ends).
     pub(super) report: DumpReport,
+    /// The persistent volumes carried in the checkpoint.
+    pub(super) carry: Vec<super::carry::ToCarry>,
     pub(super) started: Instant,
 }
 
@@ -43,7 +45,27 @@ pub(super) async fn plan(req: PodDump, host: Arc<dyn Host>, phases: Phases) -> R
     let running: Vec<Target> = running(&req.targets).into_iter().cloned().collect();
     // Each container's CRIU finds the kernel's features in the cache, not by probing.
     crate::criu::kdat::ensure_logged(&*req.launcher).await;
-    preflight::check(host.clone(), &req.dest, &req.targets, &running, req.reserve_bytes).await?;
+    let carry = {
+        let (dest, running, carry, max) = (
+            req.dest.clone(),
+            running.clone(),
+            req.carry.clone(),
+            req.carry_max_bytes,
+        );
+        tokio::task::spawn_blocking(move || super::carry::choose(&dest, &running, &carry, max))
+            .await
+            .map_err(|e| Error::io("size the volumes to carry", &req.dest, std::io::Error::other(e)))??
+    };
+    let carried_bytes = carry.iter().map(|c| c.bytes).sum();
+    preflight::check(
+        host.clone(),
+        &req.dest,
+        &req.targets,
+        &running,
+        carried_bytes,
+        req.reserve_bytes,
+    )
+    .await?;
     report.phases.mark("preflight");
     Ok(Planned {
         req,
@@ -51,6 +73,7 @@ pub(super) async fn plan(req: PodDump, host: Arc<dyn Host>, phases: Phases) -> R
         running,
         limit,
         report,
+        carry,
         started,
     })
 }

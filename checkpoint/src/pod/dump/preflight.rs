@@ -29,19 +29,22 @@ impl Estimate {
     }
 }
 
-/// Refuses a dump into `dest` that cannot fit and leave `reserve` bytes free.
+/// Refuses a dump into `dest` that cannot fit and leave `reserve` bytes free; `carried` is
+/// what the persistent volumes the dump carries hold.
 pub async fn check(
     host: Arc<dyn Host>,
     dest: &Path,
     targets: &[Target],
     running: &[Target],
+    carried: u64,
     reserve: u64,
 ) -> Result<()> {
     let dest = dest.to_path_buf();
     let targets: Vec<Target> = targets.to_vec();
     let running: Vec<Target> = running.to_vec();
     tokio::task::spawn_blocking(move || {
-        let estimate = estimate(&targets, &running);
+        let mut estimate = estimate(&targets, &running);
+        estimate.volumes += carried;
         let (fs, free) = free_space_on(host.as_ref(), &dest)?;
         decide(&dest, &fs, free, &estimate, reserve)
     })
@@ -119,7 +122,7 @@ fn processes_memory(cg: &podsnap_runtime::cgroup::CgroupPaths) -> u64 {
 }
 
 /// Bytes of the regular files under `dir` (not following symlinks).
-fn tree_size(dir: &Path) -> u64 {
+pub(super) fn tree_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

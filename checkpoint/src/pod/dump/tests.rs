@@ -129,6 +129,8 @@ impl Pod {
             lock_network: false,
             early_digests: false,
             reserve_bytes: 0,
+            carry: Default::default(),
+            carry_max_bytes: 0,
         }
     }
 
@@ -164,6 +166,7 @@ impl Pod {
                 running,
                 limit,
                 report: DumpReport::default(),
+                carry: Vec::new(),
                 started: Instant::now(),
             },
         }

@@ -67,6 +67,7 @@ pub fn record(containers: &[ContainerAtDump], proc: &Path) -> Vec<PersistentVolu
                     node_local: source.node_local,
                     mounts: Vec::new(),
                     held_files: Vec::new(),
+                    carried: None,
                 });
             volume.mounts.push(PvMount {
                 container: c.name.clone(),
