@@ -88,18 +88,44 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
     ));
     // What containerd's checkpoint options cannot say goes beside the destination, for the
     // dump's time only.
-    let _asked = match &request.carry_volumes {
-        Some(text) => {
-            podsnap_checkpoint::format::persistent::Carry::parse(text)
-                .map_err(|why| Error::Refused(format!("--volumes {why}")))?;
-            Some(Asked::write(
-                &dir,
-                &podsnap_checkpoint::format::layout::DumpAsk {
-                    carry_volumes: Some(text.clone()),
-                },
-            )?)
-        }
-        None => None,
+    let ask = podsnap_checkpoint::format::layout::DumpAsk {
+        carry_volumes: request.carry_volumes.clone(),
+        group: None,
+    };
+    checkpoint_pod(&containerd, &pod, &dir, request, &ask).await?;
+    progress.step("recording the containers' image ids");
+    record_image_ids(&clients, &pod.id, &dir).await?;
+    let manifest = read_manifest(&dir)?;
+    let summary = CheckpointSummary::new(&dir, &manifest, &request.checkpoint_root);
+    log::info!(
+        "pod {pod} (sandbox {}): dumped {:?} into {}",
+        pod.id,
+        summary.dumped,
+        dir.display()
+    );
+    Ok(DumpOutcome {
+        pod,
+        summary,
+        took: started.elapsed(),
+    })
+}
+
+/// The Tasks.Checkpoint of `pod`'s sandbox into `dir`, with `ask` beside it (when it asks
+/// anything) for the call's time: what the shim answers for the whole pod.
+pub(crate) async fn checkpoint_pod(
+    containerd: &Containerd,
+    pod: &PodRef,
+    dir: &Path,
+    request: &DumpRequest,
+    ask: &podsnap_checkpoint::format::layout::DumpAsk,
+) -> Result<()> {
+    if let Some(text) = &ask.carry_volumes {
+        podsnap_checkpoint::format::persistent::Carry::parse(text)
+            .map_err(|why| Error::Refused(format!("--volumes {why}")))?;
+    }
+    let _asked = match *ask != Default::default() {
+        true => Some(Asked::write(dir, ask)?),
+        false => None,
     };
     let options = CheckpointOptions {
         image_path: dir.to_string_lossy().into_owned(),
@@ -121,22 +147,8 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
                 },
                 other => Error::Containerd(other),
             }
-        })?;
-    progress.step("recording the containers' image ids");
-    record_image_ids(&clients, &pod.id, &dir).await?;
-    let manifest = read_manifest(&dir)?;
-    let summary = CheckpointSummary::new(&dir, &manifest, &request.checkpoint_root);
-    log::info!(
-        "pod {pod} (sandbox {}): dumped {:?} into {}",
-        pod.id,
-        summary.dumped,
-        dir.display()
-    );
-    Ok(DumpOutcome {
-        pod,
-        summary,
-        took: started.elapsed(),
-    })
+        })
+        .map(drop)
 }
 
 /// `<dest>.request` while the dump runs; removed on drop.
@@ -230,7 +242,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// shim cannot see: a restore then refuses a container whose image changed since. And the image
 /// pinned by its manifest digest (one of CRI's repo digests), so that a node lacking the image
 /// can pull exactly it.
-async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) -> Result<()> {
+pub(crate) async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) -> Result<()> {
     let listed = clients
         .runtime
         .clone()
@@ -314,7 +326,7 @@ fn pinned_reference(image: Option<&str>, repo_digests: &[String]) -> Option<Stri
     }
 }
 
-fn create_private_dir_all(dir: &Path) -> Result<()> {
+pub(crate) fn create_private_dir_all(dir: &Path) -> Result<()> {
     podsnap_checkpoint::fs::private::create_private_dir(dir).map_err(|e| Box::new(e).into())
 }
 

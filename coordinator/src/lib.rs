@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod cri;
 pub mod dump;
 pub mod error;
+pub mod group;
 pub mod inspect;
 pub mod list;
 pub mod node;

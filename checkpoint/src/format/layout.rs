@@ -54,6 +54,21 @@ pub struct DumpAsk {
     /// [`crate::format::persistent::Carry`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carry_volumes: Option<String>,
+    /// The group this pod is dumped with at one instant (`podsnap dump --selector`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupAsk>,
+}
+
+/// One pod's place in a group dump, as its caller asks it (see `layout::DumpAsk`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupAsk {
+    /// Where the members meet.
+    pub dir: PathBuf,
+    /// This pod's name in the group.
+    pub me: String,
+    /// Every member's name, this pod's included.
+    pub members: Vec<String>,
 }
 
 /// A complete container part of a dump still being finished.

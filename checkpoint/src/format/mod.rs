@@ -3,6 +3,7 @@
 
 pub mod deletions;
 pub mod digest;
+pub mod group;
 pub mod layout;
 pub mod listing;
 pub mod manifest;

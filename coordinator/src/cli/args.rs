@@ -177,9 +177,14 @@ pub(crate) struct DumpArgs {
     /// The pod's Kubernetes namespace.
     #[arg(long, short = 'n', default_value = "default")]
     pub(crate) namespace: String,
-    /// The pod's name.
-    #[arg(long)]
-    pub(crate) pod: String,
+    /// The pod's name; given more than once, the pods are dumped at one instant into one group
+    /// checkpoint (one directory per pod, `group.json` listing them).
+    #[arg(long, required_unless_present = "selector")]
+    pub(crate) pod: Vec<String>,
+    /// Every ready pod of the namespace with this label (`KEY=VALUE`), dumped at one instant
+    /// into one group checkpoint.
+    #[arg(long, value_name = "KEY=VALUE", conflicts_with = "pod")]
+    pub(crate) selector: Option<String>,
     /// Where to write the checkpoint (must not exist, or be empty); default
     /// `<checkpoint root>/<namespace>-<pod>-<UTC time>`.
     #[arg(long)]

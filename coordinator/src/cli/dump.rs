@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use podsnap_checkpoint::config::NodeConfig;
 use podsnap_coordinator::dump::{dump as dump_pod, DumpRequest};
+use podsnap_coordinator::group::Members;
 use podsnap_coordinator::{oci, progress};
 
 use super::args::{DumpArgs, MigrateArgs};
@@ -13,12 +14,52 @@ use super::Context;
 
 /// `podsnap dump`.
 pub(crate) fn dump(ctx: &Context, args: DumpArgs) -> anyhow::Result<()> {
-    let mut request = ctx.dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
+    let members = match (&args.selector, args.pod.as_slice()) {
+        (Some(selector), _) => Some(Members::selector(selector)?),
+        (None, [_, _, ..]) => Some(Members::Named(args.pod.clone())),
+        (None, _) => None,
+    };
+    let pod = args.pod.first().cloned().unwrap_or_default();
+    let mut request = ctx.dump_request(args.namespace, pod, args.tcp_established, args.timeout);
     request.dir = args.dir;
     request.stop = args.stop && !args.leave_running;
     request.carry_volumes = args.volumes;
+    if let Some(members) = members {
+        anyhow::ensure!(
+            args.push.is_none(),
+            "--push takes one pod: push each pod's part of the group (podsnap push DIR/POD REF)"
+        );
+        return dump_group(ctx, &request, &members);
+    }
     let push = args.push.map(|r| (r, args.zstd_level));
     dump_and_push(&ctx.runtime, &ctx.config, &request, push).map(drop)
+}
+
+/// `podsnap dump` of several pods at one instant.
+fn dump_group(
+    ctx: &Context,
+    request: &podsnap_coordinator::dump::DumpRequest,
+    members: &Members,
+) -> anyhow::Result<()> {
+    let progress = progress::for_stderr();
+    let outcome = ctx.runtime.block_on(podsnap_coordinator::group::dump_group(
+        request,
+        members,
+        progress.as_ref(),
+    ));
+    progress.finish();
+    let outcome = outcome.with_context(|| format!("group dump in namespace {}", request.namespace))?;
+    println!("group        {}", outcome.dir.display());
+    for (pod, summary) in &outcome.pods {
+        println!("--- pod {pod}");
+        println!("{summary}");
+    }
+    println!(
+        "took         {:.1?}{}",
+        outcome.took,
+        if request.stop { " (pods stopped)" } else { "" }
+    );
+    Ok(())
 }
 
 /// `podsnap migrate`.

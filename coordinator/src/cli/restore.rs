@@ -66,6 +66,25 @@ pub(crate) fn run(ctx: Context, args: RestoreArgs) -> anyhow::Result<()> {
         keep_ip: args.keep_ip,
         lazy: args.lazy,
     };
+    if pulled_name.is_none() {
+        if let Some(group) = podsnap_coordinator::group::load_group(&request.checkpoint_dir)? {
+            let progress = progress::for_stderr();
+            let restored = runtime.block_on(podsnap_coordinator::group::restore_group(
+                &request,
+                &group,
+                progress.as_ref(),
+                &|one, pod| {
+                    println!("--- pod {}/{}", pod.namespace, pod.name);
+                    print_restored(one, pod);
+                },
+            ));
+            progress.finish();
+            let pods =
+                restored.with_context(|| format!("restore from {}", request.checkpoint_dir.display()))?;
+            println!("group        {} pods restored", pods.len());
+            return Ok(());
+        }
+    }
     let progress = progress::for_stderr();
     let restored = runtime.block_on(restore(&request, progress.as_ref()));
     progress.finish();
@@ -76,6 +95,12 @@ pub(crate) fn run(ctx: Context, args: RestoreArgs) -> anyhow::Result<()> {
         }
     }
     let pod = restored.with_context(|| format!("restore from {}", request.checkpoint_dir.display()))?;
+    print_restored(&request, &pod);
+    Ok(())
+}
+
+/// What `podsnap restore` prints of a pod it made.
+fn print_restored(request: &RestoreRequest, pod: &podsnap_coordinator::restore::RestoredPod) {
     println!("pod          {}/{} (uid {})", pod.namespace, pod.name, pod.uid);
     println!("id           {}", pod.id);
     println!("ip           {}", if pod.ip.is_empty() { "-" } else { &pod.ip });
@@ -105,5 +130,4 @@ pub(crate) fn run(ctx: Context, args: RestoreArgs) -> anyhow::Result<()> {
         None => println!("checkpoint   {}", pod.checkpoint),
     }
     println!("took         {:.1?}", pod.took);
-    Ok(())
 }

@@ -116,9 +116,9 @@ impl Pod {
                 within,
             )
             .map_err(Error::InvalidArgument)?;
-        // Which persistent volumes to carry: the caller's request beside the destination, or
-        // the pod's annotation.
-        let carry = podsnap_checkpoint::pod::dump::carry_asked(
+        // Which persistent volumes to carry and the group dumped at one instant: the caller's
+        // request beside the destination (the volumes: or the pod's annotation).
+        let asked = podsnap_checkpoint::pod::dump::asked(
             &dest,
             &annotations
                 .clone()
@@ -138,8 +138,9 @@ impl Pod {
             deadline,
             cancel: Some(cancel_rx),
             reserve_bytes: config.dump.reserve_bytes,
-            carry,
+            carry: asked.carry,
             carry_max_bytes: config.dump.carry_max_bytes(),
+            group: asked.group,
             network_lock: config.dump.network_lock,
             digests: config.dump.digests,
             root: config.checkpoint_root(),

@@ -36,6 +36,8 @@ pub struct PodCheckpoint {
     /// The persistent volumes carried in the checkpoint, and the most they may hold.
     pub carry: podsnap_checkpoint::format::persistent::Carry,
     pub carry_max_bytes: u64,
+    /// The group the pod is dumped with at one instant.
+    pub group: Option<podsnap_checkpoint::format::layout::GroupAsk>,
     /// How the pod's network is held still.
     pub network_lock: podsnap_checkpoint::config::NetworkLock,
     /// When the page images are digested.
@@ -93,6 +95,7 @@ pub async fn checkpoint(
         reserve_bytes: request.reserve_bytes,
         carry: request.carry.clone(),
         carry_max_bytes: request.carry_max_bytes,
+        group: request.group.clone(),
     };
     log::info!(
         "pod {}: checkpoint of {} containers into {}",

@@ -14,33 +14,49 @@ use crate::pod::target::Target;
 /// The largest request file read.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
-/// Which volumes a dump into `dest` carries: what its caller asked in `<dest>.request` (see
-/// [`crate::format::layout::DumpAsk`]) or, without one, what the pod's annotation asks. The
-/// request file is honoured only as a regular file (not through a symlink) owned by this
-/// process's user and writable by no one else.
-pub fn asked(dest: &Path, annotations: &std::collections::BTreeMap<String, String>) -> Result<Carry> {
+/// What a dump's caller asked beyond containerd's checkpoint options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Asked {
+    /// Which persistent volumes to carry.
+    pub carry: Carry,
+    /// The group the pod is dumped with at one instant.
+    pub group: Option<crate::format::layout::GroupAsk>,
+}
+
+/// What a dump into `dest` is asked: what its caller wrote in `<dest>.request` (see
+/// [`crate::format::layout::DumpAsk`]) and, for the volumes to carry when it says nothing of
+/// them, the pod's annotation. The request file is honoured only as a regular file (not
+/// through a symlink) owned by this process's user and writable by no one else.
+pub fn asked(dest: &Path, annotations: &std::collections::BTreeMap<String, String>) -> Result<Asked> {
     let path = crate::format::layout::request_file(dest);
     let refused = |reason: String| Error::DumpRefused {
         path: dest.to_path_buf(),
         reason,
     };
-    match read_request(&path) {
-        Ok(Some(ask)) => {
-            return Carry::parse(ask.carry_volumes.as_deref().unwrap_or("none"))
-                .map_err(|why| refused(format!("{}: carry_volumes {why}", path.display())))
-        }
-        Ok(None) => {}
-        Err(why) => return Err(refused(format!("{}: {why}", path.display()))),
+    let ask = read_request(&path).map_err(|why| refused(format!("{}: {why}", path.display())))?;
+    let ask = ask.unwrap_or_default();
+    if let Some(group) = &ask.group {
+        super::group::check(group).map_err(|why| refused(format!("{}: {why}", path.display())))?;
     }
-    match annotations.get(crate::format::persistent::CARRY_ANNOTATION) {
-        Some(text) => Carry::parse(text).map_err(|why| {
+    let carry = match (
+        &ask.carry_volumes,
+        annotations.get(crate::format::persistent::CARRY_ANNOTATION),
+    ) {
+        (Some(text), _) => {
+            Carry::parse(text).map_err(|why| refused(format!("{}: carry_volumes {why}", path.display())))?
+        }
+        (None, Some(text)) => Carry::parse(text).map_err(|why| {
             refused(format!(
                 "annotation {}: {why}",
                 crate::format::persistent::CARRY_ANNOTATION
             ))
-        }),
-        None => Ok(Carry::Nothing),
-    }
+        })?,
+        (None, None) => Carry::Nothing,
+    };
+    Ok(Asked {
+        carry,
+        group: ask.group,
+    })
 }
 
 fn read_request(path: &Path) -> std::result::Result<Option<crate::format::layout::DumpAsk>, String> {
@@ -247,19 +263,25 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let dest = tmp.path().join("ck");
         let mut annotations = std::collections::BTreeMap::new();
-        assert_eq!(asked(&dest, &annotations).expect("nothing asked"), Carry::Nothing);
+        assert_eq!(
+            asked(&dest, &annotations).expect("nothing asked").carry,
+            Carry::Nothing
+        );
         annotations.insert(
             crate::format::persistent::CARRY_ANNOTATION.to_owned(),
             "pv-a, local-volume/pv-b".to_owned(),
         );
         assert_eq!(
-            asked(&dest, &annotations).expect("annotation"),
+            asked(&dest, &annotations).expect("annotation").carry,
             Carry::Named(vec!["pv-a".into(), "local-volume/pv-b".into()])
         );
         let request = crate::format::layout::request_file(&dest);
         std::fs::write(&request, br#"{"carry_volumes":"local"}"#).expect("write");
         std::fs::set_permissions(&request, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert_eq!(asked(&dest, &annotations).expect("request"), Carry::NodeLocal);
+        assert_eq!(
+            asked(&dest, &annotations).expect("request").carry,
+            Carry::NodeLocal
+        );
         // Writable by others: not trusted.
         std::fs::set_permissions(&request, std::fs::Permissions::from_mode(0o622)).expect("chmod");
         let err = asked(&dest, &annotations).expect_err("a request others can write");

@@ -36,6 +36,10 @@
 //! 7. otherwise after the thaw: specs, digests, manifest last (temporary file, fsync, rename),
 //!    and the staging directory renamed into place.
 //!
+//! A pod dumped as one of a group (`podsnap dump --selector`, see [`group`]) meets the other
+//! pods between 3 and 4 (every pod held, its network locked, before any is frozen) and between
+//! 5 and 6 (every pod dumped before any is thawed).
+//!
 //! Before the digests (in 6 or 7) each container's part is complete; when the caller made
 //! `<dest>.parts` the dump announces each there ([`crate::format::layout::PartReady`]), so a push can start on them.
 //!
@@ -66,6 +70,7 @@ mod adopted; // 5 -> Captured
 mod dumps; // 4 -> Dumped
 mod finish;
 mod freeze; // 3 -> Frozen
+pub mod group; // between phases: a group's pods meet
 mod hold; // 2 -> Held
 mod plan; // 1 -> Planned
 mod resume; // 6 -> Thawed (or, with `stop`, the report) // 7 -> the report
@@ -99,7 +104,7 @@ use podsnap_runtime::launcher::Launcher;
 use crate::error::Result;
 use crate::format::manifest::PodInfo;
 pub use crate::pod::target::Target;
-pub use carry::asked as carry_asked;
+pub use carry::{asked, Asked};
 
 /// What to dump and where.
 #[derive(Clone)]
@@ -133,6 +138,8 @@ pub struct PodDump {
     pub carry: crate::format::persistent::Carry,
     /// The most they may hold together (the node's `[dump] carry_volumes_max_bytes`).
     pub carry_max_bytes: u64,
+    /// The group this pod is dumped with at one instant (see `group`).
+    pub group: Option<crate::format::layout::GroupAsk>,
 }
 
 impl std::fmt::Debug for PodDump {
@@ -254,17 +261,26 @@ pub async fn dump_pod_on(req: PodDump, host: Arc<dyn Host>) -> Result<DumpReport
     let stop = req.stop;
     let phases = Phases::begin(&req.pod);
     let span = phases.span().clone();
-    async move {
+    let group = req.group.clone();
+    let dumped = async move {
         let planned = plan::plan(req, host, phases).await?;
         let held = hold::hold(planned).await?;
+        // A group's pods are all held (networks locked, CRIU waiting) before any is frozen...
+        let held = group::meet_held(held).await?;
         let frozen = freeze::freeze(held).await?;
         let dumped = dumps::dump_containers(frozen).await?;
         let captured = adopted::dump_adopted(dumped).await?;
+        // ...and all dumped before any is thawed.
+        let captured = group::meet_dumped(captured).await?;
         match stop {
             true => resume::stop_at_snapshot(captured).await,
             false => finish::finish(resume::thaw(captured)).await,
         }
     }
     .instrument(span)
-    .await
+    .await;
+    if let (Err(_), Some(g)) = (&dumped, &group) {
+        group::fail(g);
+    }
+    dumped
 }

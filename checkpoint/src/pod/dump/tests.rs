@@ -131,6 +131,7 @@ impl Pod {
             reserve_bytes: 0,
             carry: Default::default(),
             carry_max_bytes: 0,
+            group: None,
         }
     }
 
