@@ -13,7 +13,8 @@
 //!
 //! The restore brings the pods back chain by chain (see
 //! [`GroupManifest::restore_chains`]): a StatefulSet's members one after another by ordinal,
-//! each once the one before has all its containers running; other pods side by side.
+//! each once the one before has all its containers running and, when its pod says how
+//! (`podsnap.io/readiness-exec`), is ready; other pods side by side.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -250,20 +251,110 @@ async fn find_members(
     Ok(pods)
 }
 
+/// How long a restored pod's readiness command may take to pass.
+const READY_WITHIN: Duration = Duration::from_secs(120);
+/// How often it is run until then.
+const READY_EVERY: Duration = Duration::from_millis(200);
+
+/// When the restored pod's checkpoint asks for it (the pod's
+/// [`READINESS_EXEC_ANNOTATION`](podsnap_checkpoint::config::READINESS_EXEC_ANNOTATION)):
+/// runs its readiness command in its container (CRI ExecSync) until it exits 0; says how it
+/// passed. Refused when it never does within [`READY_WITHIN`] or names no container of the pod.
+async fn wait_ready(
+    dir: &Path,
+    pod: &RestoredPod,
+    endpoint: &str,
+    progress: &dyn Progress,
+) -> Result<Option<String>> {
+    let manifest = read_manifest(dir)?;
+    let Some(text) = manifest
+        .pod
+        .annotations
+        .get(podsnap_checkpoint::config::READINESS_EXEC_ANNOTATION)
+    else {
+        return Ok(None);
+    };
+    let (container, command) = text.split_once(':').unwrap_or(("", text));
+    let (container, argv) = (
+        container.trim(),
+        command.split_whitespace().map(str::to_owned).collect::<Vec<_>>(),
+    );
+    let refused = |why: String| {
+        Error::Refused(format!(
+            "pod {}: {} {text:?}: {why}",
+            pod.name,
+            podsnap_checkpoint::config::READINESS_EXEC_ANNOTATION
+        ))
+    };
+    let Some((_, id)) = pod.containers.iter().find(|(name, _)| name == container) else {
+        return Err(refused(format!(
+            "names no restored container of the pod ({container:?})"
+        )));
+    };
+    if argv.is_empty() {
+        return Err(refused("names no command".to_owned()));
+    }
+    progress.step(&format!(
+        "waiting for pod {} to be ready: {container}: {}",
+        pod.name,
+        argv.join(" ")
+    ));
+    let clients = crate::cri::connect(endpoint).await?;
+    let started = Instant::now();
+    let mut last = String::new();
+    for attempt in 1.. {
+        let answer = clients
+            .runtime
+            .clone()
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: argv.clone(),
+                timeout: 10,
+            })
+            .await;
+        match answer {
+            Ok(r) if r.get_ref().exit_code == 0 => {
+                return Ok(Some(format!(
+                    "{container}: {} passed (attempt {attempt}, {:.1?})",
+                    argv.join(" "),
+                    started.elapsed()
+                )))
+            }
+            Ok(r) => {
+                let r = r.into_inner();
+                last = format!(
+                    "exit code {}: {}",
+                    r.exit_code,
+                    String::from_utf8_lossy(&r.stderr).trim()
+                );
+            }
+            Err(status) => last = status.message().to_owned(),
+        }
+        if started.elapsed() >= READY_WITHIN {
+            break;
+        }
+        tokio::time::sleep(READY_EVERY).await;
+    }
+    Err(refused(format!(
+        "did not pass within {READY_WITHIN:?} (last: {last}); the pods after it in its chain were not restored"
+    )))
+}
+
 /// The group checkpoint in `dir`, if it is one.
 pub fn load_group(dir: &Path) -> Result<Option<GroupManifest>> {
     Ok(GroupManifest::load(dir)?)
 }
 
 /// Restores the group checkpoint `request.checkpoint_dir` chain by chain (see the module
-/// documentation); `report` is told of each pod as it comes back. Stops at the first failure:
+/// documentation); `report` is told of each pod as it comes back (and, when its checkpoint's
+/// pod asks for one, how its readiness command passed). Stops at the first failure:
 /// the pods already restored stay, and the error names the pod that failed and those not
 /// restored.
 pub async fn restore_group(
     request: &RestoreRequest,
     group: &GroupManifest,
     progress: &dyn Progress,
-    report: &(dyn Fn(&RestoreRequest, &RestoredPod) + Sync),
+    report: &(dyn Fn(&RestoreRequest, &RestoredPod, Option<&str>) + Sync),
 ) -> Result<Vec<RestoredPod>> {
     if request.name.is_some() {
         return Err(Error::Refused(
@@ -277,11 +368,17 @@ pub async fn restore_group(
             let mut one = request.clone();
             one.checkpoint_dir = request.checkpoint_dir.join(name);
             progress.step(&format!("restoring pod {name} of the group"));
-            match restore(&one, progress).await {
+            let ready = match restore(&one, progress).await {
                 Ok(pod) => {
-                    report(&one, &pod);
+                    let ready = wait_ready(&one.checkpoint_dir, &pod, &one.runtime_endpoint, progress).await;
+                    report(&one, &pod, ready.as_ref().ok().and_then(Clone::clone).as_deref());
                     restored.push(pod);
+                    ready.map(drop)
                 }
+                Err(e) => Err(e),
+            };
+            match ready {
+                Ok(()) => {}
                 Err(e) => {
                     let after: Vec<&str> = chain
                         .iter()
@@ -294,20 +391,18 @@ pub async fn restore_group(
                     } else {
                         format!(" ({} not restored: they come after it)", after.join(", "))
                     };
-                    return Err(Error::Refused(format!("pod {name} of the group{not}: {e}")));
+                    return (restored, Some(format!("pod {name} of the group{not}: {e}")));
                 }
             }
         }
-        Ok(restored)
+        (restored, None)
     };
     let results = futures::future::join_all(chains.into_iter().map(restore_chain)).await;
     let mut all = Vec::new();
     let mut errors = Vec::new();
-    for r in results {
-        match r {
-            Ok(pods) => all.extend(pods),
-            Err(e) => errors.push(e.to_string()),
-        }
+    for (pods, error) in results {
+        all.extend(pods);
+        errors.extend(error);
     }
     if errors.is_empty() {
         Ok(all)

@@ -2,8 +2,8 @@
 //! one "StatefulSet" (`<set>-0` a server, `<set>-1` a client holding a TCP connection to the
 //! server's pod IP, both counting), dumped by one `podsnap dump --selector`; their frozen
 //! windows, seen from outside (freezer state and ptrace, sampled every millisecond), overlap;
-//! restored in place with `--keep-ip`: ordinal 0 first, then 1, and the same connection
-//! carries on. And a group one of whose pods cannot be dumped: refused naming it, every pod
+//! restored in place with `--keep-ip`: ordinal 0 first, ordinal 1 only once 0's readiness
+//! command (`podsnap.io/readiness-exec`) passes, and the same connection carries on. And a group one of whose pods cannot be dumped: refused naming it, every pod
 //! running on, nothing kept.
 
 #[allow(dead_code)]
@@ -30,9 +30,22 @@ fn workload_node() -> Node {
 
 /// A pod of the set, labelled `group=<set>`, its one container `app` serving and counting.
 fn member(node: &Node, set: &str, ordinal: u32, volume: Option<&Path>) -> (KubePod, String) {
+    member_with(node, set, ordinal, volume, &[])
+}
+
+fn member_with(
+    node: &Node,
+    set: &str,
+    ordinal: u32,
+    volume: Option<&Path>,
+    annotations: &[(&str, &str)],
+) -> (KubePod, String) {
     let name = format!("{set}-{ordinal}");
     let mut options = PodOptions::new(&name, HANDLER);
     options.labels.insert("group".to_owned(), set.to_owned());
+    for (k, v) in annotations {
+        options.annotations.insert((*k).to_owned(), (*v).to_owned());
+    }
     let pod = run_pod(node, &options).expect("the pod runs");
     let port = APP_PORT.to_string();
     let mut spec = ContainerSpec::workload(
@@ -45,6 +58,44 @@ fn member(node: &Node, set: &str, ordinal: u32, volume: Option<&Path>) -> (KubeP
     let id = run_container(node, &pod, &spec).expect("the app runs");
     wait_answering(&pod.ip, APP_PORT, Duration::from_secs(20)).expect("the app answers");
     (pod, id)
+}
+
+const READY: &str = "podsnap.io/readiness-exec";
+
+/// The id of the running `app` container of the ready pod named `name`, if there is one.
+fn running_app(node: &Node, name: &str) -> Option<String> {
+    let pods = node
+        .cri()
+        .list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest { filter: None })
+        .ok()?
+        .items;
+    let pod = pods.into_iter().find(|p| {
+        p.state == k8s_cri::v1::PodSandboxState::SandboxReady as i32
+            && p.metadata.as_ref().is_some_and(|m| m.name == name)
+    })?;
+    node.cri()
+        .pod_containers(&pod.id)
+        .ok()?
+        .into_iter()
+        .find(|c| {
+            c.state == k8s_cri::v1::ContainerState::ContainerRunning as i32
+                && c.metadata.as_ref().is_some_and(|m| m.name == "app")
+        })
+        .map(|c| c.id)
+}
+
+/// Polls `found` every 50 ms until it gives something or `timeout` passes.
+fn wait_for<T>(timeout: Duration, mut found: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(t) = found() {
+            return Some(t);
+        }
+        if std::time::Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn count(ip: &str) -> u64 {
@@ -73,7 +124,14 @@ fn podsnap(node: &Node, args: &[&str]) -> (bool, String, String) {
 fn a_statefulset_dumped_at_one_instant_comes_back_in_order_with_its_connection() {
     let node = workload_node();
     let set = node.unique("web");
-    let (web0, app0) = member(&node, &set, 0, None);
+    // web-0 is ready once /tmp/ready exists in its app (the test makes it, below).
+    let (web0, app0) = member_with(
+        &node,
+        &set,
+        0,
+        None,
+        &[(READY, "app: /bin/busybox test -e /tmp/ready")],
+    );
     let (web1, app1) = member(&node, &set, 1, None);
     // web-1 holds a connection to web-0's pod IP, checked once.
     let connect = format!("peer-connect tcp {}:{APP_PORT}", web0.ip);
@@ -147,19 +205,42 @@ fn a_statefulset_dumped_at_one_instant_comes_back_in_order_with_its_connection()
     remove_pod(&node, &web1).expect("web-1 removed");
     let kubelet = node.files().kubelet();
     let (pods, logs) = (kubelet.join("pods"), kubelet.join("logs/pods"));
-    let (ok, stdout, stderr) = podsnap(
-        &node,
-        &[
-            "restore",
-            "--checkpoint-dir",
-            &dir.to_string_lossy(),
-            "--keep-ip",
-            "--pods-dir",
-            &pods.to_string_lossy(),
-            "--logs-dir",
-            &logs.to_string_lossy(),
-        ],
-    );
+    let restore_args = [
+        "restore",
+        "--checkpoint-dir",
+        &dir.to_string_lossy(),
+        "--keep-ip",
+        "--pods-dir",
+        &pods.to_string_lossy(),
+        "--logs-dir",
+        &logs.to_string_lossy(),
+    ]
+    .map(|a| a.to_string());
+    let (ok, stdout, stderr) = std::thread::scope(|scope| {
+        let restoring = scope.spawn(|| {
+            let args: Vec<&str> = restore_args.iter().map(String::as_str).collect();
+            podsnap(&node, &args)
+        });
+        // web-0 comes back; web-1 waits while web-0 is not ready.
+        let app = wait_for(Duration::from_secs(60), || {
+            running_app(&node, &format!("{set}-0"))
+        })
+        .expect("web-0's app runs again");
+        let not_yet = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < not_yet {
+            assert!(
+                running_app(&node, &format!("{set}-1")).is_none() && !restoring.is_finished(),
+                "web-1 came back before web-0 was ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let touched = node
+            .cri()
+            .exec(&app, &["/bin/busybox", "touch", "/tmp/ready"], 10)
+            .expect("exec");
+        assert_eq!(touched.exit_code, 0, "touch /tmp/ready");
+        restoring.join().expect("the restore thread")
+    });
     // Every pod it made is the node's to remove, whatever happens next.
     let restored: Vec<(String, String)> = stdout
         .lines()
@@ -190,6 +271,15 @@ fn a_statefulset_dumped_at_one_instant_comes_back_in_order_with_its_connection()
             .expect("web-1 restored"),
     );
     assert!(at0 < at1, "ordinal 0 comes back first: {stdout}");
+    let ready = stdout[at0..at1]
+        .lines()
+        .find_map(|l| l.strip_prefix("ready        "))
+        .unwrap_or_else(|| panic!("web-0's readiness is reported before web-1: {stdout}"));
+    assert!(
+        ready.starts_with("app: /bin/busybox test -e /tmp/ready passed (attempt ")
+            && !ready.contains("(attempt 1,"),
+        "it failed until the file was made, then passed: {ready}"
+    );
     // web-1's app started only once web-0's ran.
     let started = |sandbox: &str| {
         let c = node

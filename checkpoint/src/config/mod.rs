@@ -92,6 +92,11 @@ pub const KEEP_IP_ANNOTATION: &str = "podsnap.io/keep-ip";
 /// processes are back, and CRIU's lazy-pages daemon (userfaultfd) brings its memory back on
 /// demand and in the background (see the README: what it costs if the daemon dies).
 pub const LAZY_ANNOTATION: &str = "podsnap.io/restore-lazy";
+/// Pod annotation (`CONTAINER: COMMAND ARGS...`) saying when a pod restored as one of a
+/// group is ready for the next ordinal of its StatefulSet: the command, run in the container
+/// (CRI ExecSync) until it exits 0. The readiness probe of the pod spec, which CRI does not
+/// carry, written where `podsnap restore` can read it.
+pub const READINESS_EXEC_ANNOTATION: &str = "podsnap.io/readiness-exec";
 /// The largest configuration file read.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 

@@ -73,9 +73,12 @@ pub(crate) fn run(ctx: Context, args: RestoreArgs) -> anyhow::Result<()> {
                 &request,
                 &group,
                 progress.as_ref(),
-                &|one, pod| {
+                &|one, pod, ready| {
                     println!("--- pod {}/{}", pod.namespace, pod.name);
                     print_restored(one, pod);
+                    if let Some(ready) = ready {
+                        println!("ready        {ready}");
+                    }
                 },
             ));
             progress.finish();
