@@ -361,6 +361,17 @@ pub async fn restore_group(
             "--name renames one pod: a group checkpoint restores each pod under its own name".to_owned(),
         ));
     }
+    // Every pod's part is there and lists what it holds before any pod is made.
+    for pod in &group.pods {
+        let part = request.checkpoint_dir.join(&pod.name);
+        podsnap_checkpoint::format::manifest::Manifest::load_listed(&part).map_err(|e| {
+            Error::Refused(format!(
+                "group checkpoint {}: pod {}: {e}; nothing was restored",
+                request.checkpoint_dir.display(),
+                pod.name
+            ))
+        })?;
+    }
     let chains = group.restore_chains();
     let restore_chain = |chain: Vec<String>| async move {
         let mut restored = Vec::new();

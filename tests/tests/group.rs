@@ -175,6 +175,17 @@ fn a_statefulset_dumped_at_one_instant_comes_back_in_order_with_its_connection()
         );
     }
     assert!(!dir.join(".meet").exists(), "the meeting place is gone");
+    // The node's list shows each pod's part as a checkpoint of its own.
+    let listed = podsnap_tests::cli::list_json(&node, &podsnap_binary());
+    for p in ["0", "1"] {
+        let name = format!("set/{set}-{p}");
+        assert!(
+            listed
+                .iter()
+                .any(|r| r["name"] == name.as_str() && r["problem"].is_null() && r["pod"].is_string()),
+            "{name} in {listed:?}"
+        );
+    }
     // Each pod was frozen before either was thawed: their windows overlap.
     let seen = &windows.containers;
     let (first, last) = (

@@ -105,6 +105,10 @@ fn kind(dir: &Path) -> Kind {
     if std::fs::symlink_metadata(dir.join(MANIFEST)).is_ok() {
         return Kind::Checkpoint;
     }
+    // A group checkpoint: its pods' checkpoints are inside.
+    if std::fs::symlink_metadata(dir.join(crate::format::group::GROUP_MANIFEST)).is_ok() {
+        return Kind::Folder;
+    }
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => return Kind::Partial(format!("unreadable: {e}")),
@@ -350,15 +354,18 @@ pub(crate) mod tests {
         std::fs::create_dir_all(root.join("empty-folder")).expect("mkdir");
         std::fs::write(root.join("stray-file"), b"x").expect("write");
         std::os::unix::fs::symlink(root.join("a"), root.join("link")).expect("symlink");
+        // A group checkpoint: its pods' parts are listed, not the group as a broken one.
+        write_checkpoint(&root.join("set/web-0"), "default", "web-0", 50, 1);
+        std::fs::write(root.join("set").join(crate::format::group::GROUP_MANIFEST), b"{}").expect("group");
         let found = list(&root).expect("list");
         let names: Vec<&str> = found.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["a", "damaged", "partial", "team/b"]);
+        assert_eq!(names, ["a", "damaged", "partial", "set/web-0", "team/b"]);
         let manifest_len = std::fs::metadata(root.join("a").join(MANIFEST))
             .expect("stat")
             .len();
         assert_eq!(found[0].bytes(), Some(100 + manifest_len));
         assert_eq!(found[0].pod().as_deref(), Some("default/web"));
-        assert_eq!(found[3].pod().as_deref(), Some("team/db"));
+        assert_eq!(found[4].pod().as_deref(), Some("team/db"));
         match &found[1].content {
             Content::Broken(reason) => assert!(reason.contains("extra is not listed"), "{reason}"),
             other => panic!("damaged listed as {other:?}"),
