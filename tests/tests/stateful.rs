@@ -359,8 +359,8 @@ fn keep_ip_that_cannot_keep_the_address_is_refused() {
         .expect("RemoveContainer");
 }
 
-/// A node-local volume carried in the checkpoint (`--volumes local`), from node A to node B
-/// through a registry: first refused over the node's bound, the pod left running; then dumped
+/// A node-local volume carried in the checkpoint (`--volumes local`), from node A to node B,
+/// from the checkpoint's directory and through a registry: first refused over the node's bound, the pod left running; then dumped
 /// with the db stopped at the snapshot, the volume's content archived at that instant. On B the
 /// local volume is another disk: a directory with other content refuses the restore before
 /// anything is created; an empty one gets the content back, and the db goes on with its log
@@ -449,6 +449,10 @@ fn a_local_volume_is_carried_to_a_second_node_through_a_registry() {
         m["persistent_volumes"][0]["carried"], "volumes/carried~0.tar",
         "{m}"
     );
+    assert_eq!(
+        m["version"], 5,
+        "a checkpoint that carries a volume is version 5: an older podsnap refuses it"
+    );
     // Stopped at the snapshot: what the log holds now is what the checkpoint carries.
     let at_dump = std::fs::read(&wal).expect("the log at the snapshot");
     remove_pod(&node_a, &pod).expect("the original pod removed");
@@ -482,8 +486,55 @@ fn a_local_volume_is_carried_to_a_second_node_through_a_registry() {
     );
     assert_eq!(sandboxes(&node_b), count, "the refused restore created a pod");
 
-    // Empty: filled from the checkpoint, the db goes on.
+    // Empty: filled from the checkpoint, the db goes on; first from A's checkpoint directory
+    // itself (brought into B's root for the restore), then through the registry.
     std::fs::remove_file(volume.join("other")).expect("emptied");
+    let direct = [
+        "restore",
+        "--checkpoint-dir",
+        dir.to_str().expect("utf8"),
+        "--pods-dir",
+        pods.to_str().expect("utf8"),
+        "--logs-dir",
+        logs.to_str().expect("utf8"),
+    ];
+    let out = podsnap(&node_b, &config_b, &direct);
+    let (stdout, stderr) = podsnap_tests::cli::text(&out);
+    let field = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+            .unwrap_or_default()
+    };
+    let (id, uid) = (
+        field("id "),
+        field("pod ")
+            .rsplit_once("(uid ")
+            .and_then(|(_, u)| u.strip_suffix(')'))
+            .unwrap_or_default()
+            .to_owned(),
+    );
+    if !uid.is_empty() {
+        let netns = node_b.cri().pod_netns(&id).ok().flatten();
+        node_b
+            .record_pod(&uid, netns.as_deref())
+            .expect("record the restored pod");
+    }
+    assert!(
+        out.status.success(),
+        "restore --checkpoint-dir on B: {stdout}{stderr}"
+    );
+    wait_answering(&field("ip "), APP_PORT, Duration::from_secs(20)).expect("the db answers on B");
+    assert_eq!(
+        std::fs::read(volume.join("base/seed")).expect("the seed came back"),
+        seed
+    );
+    node_b
+        .cri()
+        .stop_and_remove_pod(&id)
+        .expect("the first restored pod removed");
+    std::fs::remove_dir_all(&volume).expect("B's volume emptied again");
+    std::fs::create_dir(&volume).expect("B's empty volume");
     let restored = podsnap_tests::registry::restore_from(&binary, &config_b, &docker, &node_b, &reference);
     wait_answering(&restored.ip, APP_PORT, Duration::from_secs(20)).expect("the restored db answers");
     assert_eq!(
