@@ -98,6 +98,64 @@ struct Measures {
     /// podsnap only: restore from outside the root, linked in / copied in.
     restore_linked: Samples,
     restore_copied: Samples,
+    /// podsnap only: how long each step of the dump took, ms (see [`STEPS`]).
+    steps: Vec<Samples>,
+}
+
+/// The pod dump's phase marks, as the shim's `pod_dump` span line gives them (ms from the
+/// dump's start), and the step each one ends.
+const STEPS: [(&str, &str); 10] = [
+    ("preflight_ms", "plan: names, kdat cache, the volumes, free space"),
+    ("journal_ms", "crash journal, staging directory"),
+    (
+        "network_locked_ms",
+        "CRIU configs written, the pod's network locked",
+    ),
+    (
+        "criu_waiting_ms",
+        "runc and CRIU started, waiting in CRIU's pre-dump hook",
+    ),
+    ("frozen_ms", "every container frozen (the window opens)"),
+    (
+        "checked_ms",
+        "frozen pod checked (volumes, adopted, IPC, unix links)",
+    ),
+    ("dumped_ms", "every CRIU dump, rootfs and volume captures"),
+    ("thawed_ms", "thawed, network unlocked (the window closes)"),
+    ("finished_ms", "specs, metadata, digests, manifest"),
+    ("committed_ms", "renamed into place"),
+];
+
+/// The `pod_dump` span line of the dump of `sandbox` in the node's log: each step's duration,
+/// ms, in [`STEPS`]' order (a step whose mark is missing: 0).
+fn dump_steps(node: &Node, sandbox: &str) -> [f64; STEPS.len()] {
+    let text = std::fs::read_to_string(node.files().log()).unwrap_or_default();
+    let mark = format!("pod_dump sandbox={sandbox} ");
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains(&mark))
+        .unwrap_or_else(|| panic!("no pod_dump line for {sandbox} in the node's log"));
+    let value = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.trim_end_matches('"').strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    // Marks in the order of the flow: each step ends at its mark, from the mark before it
+    // (the thaw comes before the finish without digests after it, after it with them).
+    let mut marks: Vec<(usize, f64)> = STEPS
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (key, _))| Some((i, value(key)?)))
+        .collect();
+    marks.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut steps = [0.0; STEPS.len()];
+    let mut before = 0.0;
+    for (i, at) in marks {
+        steps[i] = at - before;
+        before = at;
+    }
+    steps
 }
 
 /// One round's numbers, in seconds and MiB.
@@ -111,6 +169,8 @@ struct Round {
     restore: f64,
     restore_linked: f64,
     restore_copied: f64,
+    /// podsnap only: each step of the dump, ms.
+    steps: Option<[f64; STEPS.len()]>,
 }
 
 impl Round {
@@ -133,6 +193,12 @@ impl Round {
         m.sum.push(self.sum);
         m.image_mib.push(self.image_mib);
         m.restore.push(self.restore);
+        if let Some(steps) = self.steps {
+            m.steps.resize_with(STEPS.len(), Samples::default);
+            for (samples, ms) in m.steps.iter_mut().zip(steps) {
+                samples.push(ms);
+            }
+        }
         if self.restore_linked > 0.0 && self.restore_copied > 0.0 {
             m.restore_linked.push(self.restore_linked);
             m.restore_copied.push(self.restore_copied);
@@ -245,6 +311,32 @@ fn main() {
     );
     println!();
     println!(
+        "### Where podsnap's pod dump spends its time (median of {rounds}, min-max, ms), from the \
+         shim's `pod_dump` span: each step from the mark before it"
+    );
+    println!();
+    let step_rows: Vec<Vec<String>> = STEPS
+        .iter()
+        .enumerate()
+        .map(|(i, (key, what))| {
+            let cell = |m: &Measures| m.steps.get(i).map(|s| s.cell(0)).unwrap_or_default();
+            vec![
+                format!("{} ({what})", key.trim_end_matches("_ms")),
+                cell(podsnap),
+                cell(after_thaw),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "step",
+            "podsnap (digests early)",
+            "podsnap (digests after the thaw)",
+        ],
+        &step_rows,
+    );
+    println!();
+    println!(
         "### `podsnap restore` of that pod from outside the checkpoint root (median of {rounds}, min-max)"
     );
     println!();
@@ -346,10 +438,14 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     let checkpoint = common::timed_pod_checkpoint(&api, &pod.id, &dir);
     let windows = observer.stop();
     let image_mib = mib(common::dir_size(&dir));
+    let steps = Some(dump_steps(node, &pod.id));
     kubelet::remove_pod(node, &pod).expect("remove the pod");
     if checkpoint_only() {
         let _ = std::fs::remove_dir_all(&dir);
-        return Round::new(checkpoint, &windows, image_mib, 0.0);
+        return Round {
+            steps,
+            ..Round::new(checkpoint, &windows, image_mib, 0.0)
+        };
     }
 
     let (restore, imported) = timed_restore(node, runtime, &dir, &sums);
@@ -379,6 +475,7 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     Round {
         restore_linked,
         restore_copied,
+        steps,
         ..Round::new(checkpoint, &windows, image_mib, restore)
     }
 }
