@@ -46,9 +46,17 @@ impl Restores {
             }
             let (a, d) = (archive.clone(), dst.clone());
             tokio::task::spawn_blocking(move || {
+                let was_empty = podsnap_checkpoint::trust::volumes::empty_or_missing(&d);
                 std::fs::create_dir_all(&d)
                     .map_err(|e| podsnap_checkpoint::Error::io("create a volume", &d, e))?;
-                podsnap_checkpoint::archive::rootfs::unpack(&a, &d)
+                podsnap_checkpoint::archive::rootfs::unpack(&a, &d).inspect_err(|_| {
+                    // A volume this restore was filling is left as it found it: empty.
+                    if was_empty {
+                        if let Err(e) = podsnap_checkpoint::fs::remove::remove_contents(&d) {
+                            log::warn!("{}: a half-filled volume stays: {e}", d.display());
+                        }
+                    }
+                })
             })
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
