@@ -126,6 +126,10 @@ pub struct CheckpointOpts {
     pub leave_running: bool,
     /// When runc and CRIU must be stopped (killed with every process they started).
     pub limit: Limit,
+    /// The network namespace runc (and so CRIU) runs in, when not this process's: CRIU takes
+    /// a container in its own network namespace as sharing CRIU's, and neither walks nor
+    /// locks nor records it (see `podsnap_checkpoint::criu::container::DumpOptions`).
+    pub netns: Option<PathBuf>,
 }
 
 /// Options of `runc restore`.
@@ -144,6 +148,9 @@ pub struct RestoreOpts {
     /// Descriptors runc (and the CRIU it starts, which inherits them) gets at the given
     /// numbers, for CRIU's `inherit-fd`.
     pub inherit_fds: Vec<(std::os::fd::RawFd, std::sync::Arc<OwnedFd>)>,
+    /// The network namespace runc (and so CRIU) runs in, when not this process's: images of a
+    /// container dumped in CRIU's own network namespace come back in CRIU's.
+    pub netns: Option<PathBuf>,
 }
 
 /// The most descriptors a restore hands runc for CRIU's `inherit-fd`.
@@ -506,6 +513,7 @@ impl Runc {
             cmd.arg("--leave-running");
         }
         cmd.arg(id);
+        let _netns = enter_netns(&mut cmd, opts.netns.as_deref())?;
         self.run_within("checkpoint", id, cmd, &opts.limit)
             .await
             .map(drop)
@@ -575,12 +583,37 @@ impl Runc {
                 });
             }
         }
+        let _netns = enter_netns(&mut cmd, opts.netns.as_deref())?;
         let ran = self
             .run_with_stdio("restore", id, cmd, stdio, &opts.log, opts.deadline)
             .await;
         drop(opts.inherit_fds);
         ran
     }
+}
+
+/// Makes `cmd` start in the network namespace at `netns` (when given); the returned file must
+/// stay open until `cmd` has started.
+fn enter_netns(cmd: &mut Command, netns: Option<&Path>) -> Result<Option<std::fs::File>> {
+    let Some(path) = netns else {
+        return Ok(None);
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::Invalid {
+        what: "network namespace to run runc in",
+        reason: format!("{}: {e}", path.display()),
+    })?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: between fork and exec the closure only calls setns, async-signal-safe; the
+    // descriptor stays open (in the returned file) until the command has started.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(Some(file))
 }
 
 fn push_criu_args(cmd: &mut Command, o: &CriuOpts) {
@@ -696,6 +729,7 @@ mod tests {
             parent_path: Some("/parent".into()),
             leave_running: true,
             limit: Limit::default(),
+            netns: None,
         };
         r.checkpoint("c1", &opts).await.expect("checkpoint");
         let line = seen.seen.lock().expect("lock")[0].clone();

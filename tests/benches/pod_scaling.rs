@@ -28,7 +28,8 @@
 //!
 //! `cargo build --release -p containerd-shim-podsnap-v1 && cargo bench -p podsnap-tests --bench
 //! pod_scaling` (rounds: `PODSNAP_BENCH_N`, default 3; `PODSNAP_BENCH_PART=containers` runs part 1
-//! only).
+//! only; `PODSNAP_BENCH_KEEP_LOGS=DIR` copies each part 1 container's CRIU `dump.log` there, as
+//! `<containers>-<round>-c<i>.log`).
 
 mod common;
 
@@ -152,7 +153,11 @@ impl CriuPhases {
             released: end - released,
             pages: at("Dumping core")? - at("Dumping pages")?,
             mounts: at("Dumping file-locks")? - at("mnt: Dumping mountpoints")?,
-            netns: at("Namespaces dump complete")? - at("Dump NET namespace info")?,
+            // None when CRIU ran in the pod's network namespace (it then has none to dump).
+            netns: match (at("Dump NET namespace info"), at("Namespaces dump complete")) {
+                (Some(start), Some(end)) => end - start,
+                _ => 0.0,
+            },
         })
     }
 }
@@ -417,6 +422,14 @@ fn podsnap_dump(node: &Node, round: usize, n: usize, each: usize) -> ((f64, f64,
     let criu = (0..n)
         .filter_map(|i| CriuPhases::read(&dir.join(format!("containers/c{i}/checkpoint/dump.log"))))
         .collect();
+    if let Some(keep) = std::env::var_os("PODSNAP_BENCH_KEEP_LOGS") {
+        for i in 0..n {
+            let _ = std::fs::copy(
+                dir.join(format!("containers/c{i}/checkpoint/dump.log")),
+                Path::new(&keep).join(format!("{n}-{round}-c{i}.log")),
+            );
+        }
+    }
     kubelet::remove_pod(node, &pod).expect("remove the pod");
     std::fs::remove_dir_all(&dir).expect("remove the checkpoint");
     ((time, windows.pod(), bytes), criu)

@@ -72,6 +72,8 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     let created = app_created / 1_000_000_000..=dumped;
     kep_2008_archive_is_read_by_checkpointctl(&summary.dir, "app", &pod.app_id, created);
     criu_kernel_cache_is_this_boots();
+    criu_ran_in_the_pod_netns(&summary.dir.join("containers/app/checkpoint"));
+    let masked = masked_dirs_are_external(&node, &pod.app_id, &summary.dir.join("containers/app/checkpoint"));
 
     // --leave-running (the default): the pod goes on.
     let after_dump = ask_count(&pod.pod.ip, APP_PORT);
@@ -120,6 +122,7 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
         id_of(&restored.containers, "app"),
         before,
     );
+    masked_dirs_came_back(&node, id_of(&restored.containers, "app"), &masked);
     // The completed init container is recorded (exit 0), not dumped, and not run again: the
     // new pod lists it as exited 0, and a checkpoint of the new pod records it again.
     assert_eq!(summary.recorded, [("init".to_owned(), Some(0))]);
@@ -140,6 +143,111 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     .expect("a checkpoint of the restored pod");
     assert_eq!(again.summary.dumped, ["sidecar", "app"]);
     assert_eq!(again.summary.recorded, [("init".to_owned(), Some(0))]);
+}
+
+/// The app's CRIU ran in the pod's network namespace, locked by podsnap: its images hold no
+/// network namespace (no walk of it, nor of its conntrack tables, while the pod was frozen),
+/// and the options its restore reads say so (the restore, checked by `check_restored`, brings
+/// the listeners back in the new pod's namespace).
+fn criu_ran_in_the_pod_netns(images: &std::path::Path) {
+    let options = std::fs::read_to_string(images.join("podsnap-criu.json")).expect("the dump's CRIU options");
+    let options: serde_json::Value = serde_json::from_str(&options).expect("json");
+    assert_eq!(options["criu_in_netns"], serde_json::json!(true), "{options}");
+    let netns: Vec<String> = std::fs::read_dir(images)
+        .expect("the images")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("netns-"))
+        .collect();
+    assert!(netns.is_empty(), "CRIU recorded a network namespace: {netns:?}");
+    let log = std::fs::read_to_string(images.join("dump.log")).expect("CRIU's log");
+    assert!(
+        !log.contains("Dump NET namespace info") && !log.contains("Running network-lock scripts"),
+        "CRIU walked or locked the pod's network namespace"
+    );
+}
+
+/// The masked directories of the app (its spec's maskedPaths that runc covered with an empty
+/// read-only tmpfs) as they are in the running app: (mount point, mount options).
+fn masked_tmpfs_of(node: &podsnap_tests::node::Node, id: &str) -> Vec<(String, String)> {
+    let pid = node
+        .cri()
+        .container_pid(id)
+        .expect("ContainerStatus")
+        .expect("the app's pid");
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    let mut masked: Vec<(String, String)> = info
+        .lines()
+        .filter_map(|l| {
+            let (mount, fs) = l.split_once(" - ")?;
+            let f: Vec<&str> = mount.split(' ').collect();
+            let point = (*f.get(4)?).to_owned();
+            let is_masked = [
+                "/proc/acpi",
+                "/proc/scsi",
+                "/sys/firmware",
+                "/sys/devices/virtual/powercap",
+            ]
+            .contains(&point.as_str());
+            let options = (*f.get(5)?).to_owned();
+            (is_masked && fs.starts_with("tmpfs ")).then_some((point, options))
+        })
+        .collect();
+    masked.sort();
+    masked
+}
+
+/// The app's masked directories are read-only tmpfs mounts that its CRIU was told are
+/// external: no archive of them in the images, only the mount points (CRIU's `Found
+/// podsnap-masked mapping for ./proc/acpi mountpoint`). Returns them as they were.
+fn masked_dirs_are_external(
+    node: &podsnap_tests::node::Node,
+    id: &str,
+    images: &std::path::Path,
+) -> Vec<(String, String)> {
+    let masked = masked_tmpfs_of(node, id);
+    assert!(!masked.is_empty(), "the app has no masked tmpfs to check");
+    assert!(
+        masked.iter().all(|(_, o)| o.split(',').any(|o| o == "ro")),
+        "{masked:?}"
+    );
+    let options = std::fs::read_to_string(images.join("podsnap-criu.json")).expect("the dump's CRIU options");
+    let options: serde_json::Value = serde_json::from_str(&options).expect("json");
+    assert_eq!(
+        options["masked_tmpfs_external"],
+        serde_json::json!(true),
+        "{options}"
+    );
+    let log = std::fs::read_to_string(images.join("dump.log")).expect("CRIU's log");
+    for (point, _) in &masked {
+        assert!(
+            log.contains(&format!("Found podsnap-masked mapping for .{point} mountpoint")),
+            "{point} was not external to CRIU"
+        );
+    }
+    masked
+}
+
+/// The restored app has the same masked directories: read-only, empty tmpfs mounts (restored
+/// from the tmpfs the restore made, not from the images).
+fn masked_dirs_came_back(node: &podsnap_tests::node::Node, id: &str, before: &[(String, String)]) {
+    assert_eq!(
+        masked_tmpfs_of(node, id),
+        before,
+        "the restored app's masked directories"
+    );
+    let pid = node
+        .cri()
+        .container_pid(id)
+        .expect("ContainerStatus")
+        .expect("the restored app's pid");
+    for (point, _) in before {
+        let dir = format!("/proc/{pid}/root{point}");
+        let entries = std::fs::read_dir(&dir).expect("a masked directory").count();
+        assert_eq!(entries, 0, "{dir} is empty");
+        let probe = format!("{dir}/podsnap-probe");
+        assert!(std::fs::write(&probe, b"x").is_err(), "{dir} is read-only");
+    }
 }
 
 /// A container part of the pod checkpoint, tarred as it is, is a KEP-2008 container checkpoint

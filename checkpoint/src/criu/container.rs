@@ -60,6 +60,65 @@ pub struct DumpOptions {
     pub empty_namespaces: Vec<String>,
     /// soft, full, strict, ignore; empty for runc's default.
     pub cgroups_mode: String,
+    /// CRIU ran in the container's network namespace (a pod's, which podsnap locked): CRIU
+    /// takes such a namespace as its own, so it neither walks it (links, conntrack tables)
+    /// nor runs its network-lock scripts while the pod is frozen, and the images hold no
+    /// network namespace. Their restore must run CRIU in the network namespace the
+    /// container is to have (its spec's path): CRIU leaves the processes in its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub criu_in_netns: bool,
+    /// The container's masked directories (read-only empty tmpfs mounts) are external mounts
+    /// of key [`MASKED_TMPFS_KEY`] in the images (see
+    /// `podsnap_checkpoint::pod::dump::criu_configs::masked_tmpfs`): their restore must name
+    /// an empty tmpfs for that key (`external mnt[KEY]:PATH`), which CRIU bind-mounts at each.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub masked_tmpfs_external: bool,
+}
+
+/// The key of a container's masked directories as external mounts in its CRIU images.
+pub const MASKED_TMPFS_KEY: &str = "podsnap-masked";
+
+/// The empty read-only tmpfs a restore hands CRIU for the masked directories of images
+/// dumped with [`DumpOptions::masked_tmpfs_external`] (what runc mounts there: a tmpfs,
+/// read-only from the start, so empty). Mounted in the restore's work directory for the
+/// length of the restore; unmounted when dropped (the restored container keeps its binds).
+pub struct MaskedTmpfs {
+    dir: PathBuf,
+}
+
+impl MaskedTmpfs {
+    /// Mounts it at `masked` in `work_dir` (made if missing).
+    pub fn mount(work_dir: &Path) -> Result<Self> {
+        use nix::mount::MsFlags;
+        let dir = work_dir.join("masked");
+        create_private_dir(&dir)?;
+        // Read-only and nothing else, as runc mounts it: CRIU gives the first mount of the key
+        // its recorded flags, and leaves a later bind of it with the same flags as its own
+        // source's (this mount's).
+        nix::mount::mount(
+            Some(MASKED_TMPFS_KEY),
+            &dir,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            Some("size=4k,nr_inodes=1"),
+        )
+        .map_err(|e| Error::io("mount the tmpfs of the masked directories", &dir, e.into()))?;
+        Ok(MaskedTmpfs { dir })
+    }
+
+    /// CRIU's configuration line naming it for the masked directories of the images.
+    pub fn line(&self) -> String {
+        format!("external mnt[{MASKED_TMPFS_KEY}]:{}\n", self.dir.display())
+    }
+}
+
+impl Drop for MaskedTmpfs {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH) {
+            log::warn!("unmount {}: {e}", self.dir.display());
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 impl DumpOptions {
@@ -96,6 +155,9 @@ pub struct Dump {
     pub was_paused: bool,
     /// When runc and CRIU must be stopped.
     pub limit: Limit,
+    /// The network namespace runc and CRIU run in (set with `options.criu_in_netns`: the
+    /// container's own).
+    pub netns: Option<PathBuf>,
 }
 
 /// Dumps a container into `dump.image_dir` (created 0700 if missing).
@@ -124,6 +186,7 @@ pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
         parent_path: None,
         leave_running: d.leave_running,
         limit: d.limit.clone(),
+        netns: d.netns.clone(),
     };
     match runc.checkpoint(&d.id, &opts).await {
         Ok(()) => {
@@ -332,6 +395,9 @@ pub struct Restore {
     /// unix connections to other containers, see the pod's shared links); the CRIU configuration
     /// file must name them ([`inherit_lines`]).
     pub inherited: Vec<InheritedSocket>,
+    /// The network namespace runc and CRIU run in: required when the dump ran CRIU in the
+    /// container's ([`DumpOptions::criu_in_netns`]), where the processes come back.
+    pub netns: Option<PathBuf>,
 }
 
 /// A socket handed to a container's restore in place of one its CRIU images hold.
@@ -379,6 +445,7 @@ pub async fn restore(runc: &Runc, r: &Restore, stdio: ProcessStdio) -> Result<()
             .enumerate()
             .map(|(i, s)| (INHERITED_FD_BASE + i as i32, s.fd.clone()))
             .collect(),
+        netns: r.netns.clone(),
     };
     match runc.restore(&r.id, &r.bundle, opts, stdio).await {
         Ok(()) => Ok(()),

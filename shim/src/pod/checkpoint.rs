@@ -66,6 +66,8 @@ impl Pod {
                 file_locks: opts.file_locks,
                 empty_namespaces: opts.empty_namespaces,
                 cgroups_mode: opts.cgroups_mode,
+                criu_in_netns: false,
+                masked_tmpfs_external: false,
             },
             leave_running: !opts.exit,
             cgroups: c.cgroups(),
@@ -74,6 +76,7 @@ impl Pod {
                 deadline: within.map(|d| tokio::time::Instant::now() + d),
                 ..Default::default()
             },
+            netns: None,
         };
         let started = std::time::Instant::now();
         podsnap_checkpoint::criu::container::dump(&c.runc, &dump)

@@ -106,6 +106,7 @@ async fn restore_adopted(
             log: dir.join("log.json"),
             lazy_pages: false,
             inherited: Vec::new(),
+            netns: None,
         };
         let stdio = ProcessStdio {
             stdin: None,

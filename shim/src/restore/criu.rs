@@ -121,6 +121,12 @@ async fn restore_images(
         conf.push_str(line);
     }
     conf.push_str(&v2_cgroup_root_line(c).await);
+    let netns = criu_netns(c, &options)?;
+    let masked = match options.masked_tmpfs_external {
+        true => Some(ckpt::MaskedTmpfs::mount(&work_dir)?),
+        false => None,
+    };
+    conf.push_str(&masked.as_ref().map(ckpt::MaskedTmpfs::line).unwrap_or_default());
     use_criu_config(c, &conf).await?;
     let pid_file = c.bundle.path().join("init.pid");
     let _ = std::fs::remove_file(&pid_file);
@@ -136,6 +142,7 @@ async fn restore_images(
         log: c.bundle.path().join("log.json"),
         lazy_pages,
         inherited: src.unix_ends,
+        netns,
     };
     let since = Instant::now();
     // Processes the pause process adopted had the container's output (they were forked
@@ -146,6 +153,7 @@ async fn restore_images(
     );
     let restore = async { Ok(ckpt::restore(&c.runc, &r, process_stdio).await?) };
     let restored = run_attached(&c.init, console, restore).await;
+    drop(masked);
     // Read by CRIU for this restore only (a later dump writes its own).
     let _ = std::fs::remove_file(c.bundle.path().join(ckpt::CRIU_CONFIG_FILE));
     if let Err(e) = restored {
@@ -274,6 +282,37 @@ fn v2_cgroup_elsewhere(
         .into_owned();
     let wanted = CgroupPaths::of_container(&path, c.runc.systemd_cgroup(), None).ok()?;
     (wanted.freezer() != actual.freezer()).then_some(wanted)
+}
+
+/// The network namespace CRIU must restore the container in: its spec's, when the dump ran
+/// CRIU in the container's network namespace (the images hold none, and CRIU leaves the
+/// processes in its own). Such a checkpoint cannot be restored into a container without a
+/// network namespace path (its processes would come back in the host's network).
+fn criu_netns(c: &Container, options: &ckpt::DumpOptions) -> Result<Option<PathBuf>> {
+    if !options.criu_in_netns {
+        return Ok(None);
+    }
+    let spec = c
+        .bundle
+        .spec()
+        .map_err(Error::runtime(format!("restore container {}", c.id)))?;
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|nss| {
+            nss.iter()
+                .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        })
+        .and_then(|ns| ns.path().clone());
+    match path {
+        Some(path) => Ok(Some(path)),
+        None => Err(Error::FailedPrecondition(format!(
+            "container {}: its checkpoint was dumped in its pod's network namespace and must be \
+             restored into a pod: its spec names no network namespace to join",
+            c.id
+        ))),
+    }
 }
 
 /// Points runc at a CRIU configuration file for this container (`org.criu.config`) holding

@@ -40,6 +40,7 @@ async fn failed_dump_removes_its_directory_and_quotes_criu() {
         cgroups: None,
         was_paused: false,
         limit: Limit::default(),
+        netns: None,
     };
     let err = dump(&runc, &d).await.expect_err("must fail").to_string();
     assert!(err.starts_with("checkpoint of container c1 failed"), "{err}");
@@ -61,6 +62,7 @@ async fn failed_dump_into_existing_dir_keeps_what_was_there() {
         cgroups: None,
         was_paused: false,
         limit: Limit::default(),
+        netns: None,
     };
     dump(&runc, &d).await.expect_err("must fail");
     let left: Vec<_> = listing(root.path()).into_iter().collect();

@@ -113,6 +113,7 @@ async fn dump_each(
                 cgroups: None,
                 was_paused: true,
                 limit: limit.clone(),
+                netns: None,
             },
         )
         .await;

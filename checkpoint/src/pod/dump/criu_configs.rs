@@ -1,10 +1,11 @@
 //! What each container's CRIU is told for a dump, in its own configuration file: its hold,
-//! `network-lock skip` under the pod's lock, and which unix sockets are external.
+//! `network-lock skip` under the pod's lock, which unix sockets are external, and its masked
+//! directories as external mounts (see [`masked_tmpfs`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use crate::criu::container::{CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_FILE};
+use crate::criu::container::{CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_FILE, MASKED_TMPFS_KEY};
 use crate::criu::hold::Hold;
 use crate::error::{Error, Result};
 use crate::fs::private::write_private;
@@ -17,6 +18,8 @@ pub(super) struct ToldEnds {
     pub(super) ends: HashSet<(String, u64)>,
     /// Containers whose CRIU reads podsnap's configuration file (only those can be told).
     pub(super) configured: HashSet<String>,
+    /// Containers whose CRIU was told that their masked directories are external mounts.
+    pub(super) masked: HashSet<String>,
 }
 
 /// The CRIU configuration files of the dumped containers (see
@@ -69,11 +72,52 @@ impl CriuConfigs {
                 text.push_str(&format!("external unix[{ino}]\n"));
                 told.ends.insert((t.entry.name.clone(), *ino));
             }
+            let masked = t
+                .pid
+                .zip(bundle.spec().ok())
+                .map(|(pid, spec)| masked_tmpfs(pid, &spec))
+                .unwrap_or_default();
+            for path in &masked {
+                text.push_str(&format!("external mnt[{path}]:{MASKED_TMPFS_KEY}\n"));
+            }
+            if !masked.is_empty() {
+                told.masked.insert(t.entry.name.clone());
+            }
             write_private(&conf, text.as_bytes())?;
             holds.push(hold);
         }
         Ok((files, holds, told))
     }
+}
+
+/// The masked directories of the container whose init is `pid` (its spec's `maskedPaths`) that
+/// are what runc makes of them: an empty read-only tmpfs on top of the directory. CRIU would
+/// archive each such tmpfs (a `tar --gzip` it forks, per container, while the pod is frozen),
+/// although its content is nothing and always was (it is mounted read-only); told that they
+/// are external mounts (`external mnt[PATH]:KEY`, one key for all of them), CRIU records only
+/// where they are and their flags, and its restore bind-mounts the empty tmpfs the restore
+/// names for that key there ([`crate::criu::container::DumpOptions::masked_tmpfs_external`])
+/// and makes it read-only again. A path CRIU's configuration syntax cannot carry, a mount
+/// that is not a read-only tmpfs, and a directory that is not empty are left to CRIU.
+pub fn masked_tmpfs(pid: i32, spec: &oci_spec::runtime::Spec) -> Vec<String> {
+    let Some(paths) = spec.linux().as_ref().and_then(|l| l.masked_paths().clone()) else {
+        return Vec::new();
+    };
+    let Ok(mounts) = podsnap_runtime::mountinfo::read(Path::new(&format!("/proc/{pid}/mountinfo"))) else {
+        return Vec::new();
+    };
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    paths
+        .into_iter()
+        .filter(|p| p.starts_with('/') && !p.contains(|c: char| c.is_whitespace() || "[]:\"'\\".contains(c)))
+        .filter(|p| {
+            podsnap_runtime::mountinfo::top_at(&mounts, Path::new(p))
+                .is_some_and(|m| m.fs_type == "tmpfs" && m.options.split(',').any(|o| o == "ro"))
+        })
+        .filter(|p| {
+            std::fs::read_dir(root.join(p.trim_start_matches('/'))).is_ok_and(|mut d| d.next().is_none())
+        })
+        .collect()
 }
 
 impl Drop for CriuConfigs {

@@ -32,34 +32,54 @@ pub(super) struct CriuRuns {
 
 struct DumpSlot {
     hold: Option<Hold>,
+    /// Its runc and CRIU run in the pod's network namespace.
+    in_netns: bool,
     /// Ends with the moment runc ended.
     task: Option<tokio::task::JoinHandle<Result<Instant>>>,
 }
 
 impl CriuRuns {
-    /// Starts the runc checkpoint of every container of `running` with a hold.
+    /// Starts the runc checkpoint of every container of `running` with a hold. `locked_netns`:
+    /// the pod's network namespace, when podsnap locks it and every held CRIU was told to skip
+    /// its own lock (see [`in_pod_netns`]).
     pub(super) fn start_held(
         dir: &Path,
         running: &[Target],
         limit: &Limit,
         holds: Vec<Option<Hold>>,
+        locked_netns: Option<&Path>,
+        told: ToldEnds,
     ) -> CriuRuns {
         let slots = running
             .iter()
             .zip(holds)
             .map(|(t, hold)| {
+                let netns = locked_netns
+                    .filter(|ns| hold.is_some() && in_pod_netns(t, ns))
+                    .map(Path::to_path_buf);
+                let in_netns = netns.is_some();
+                let masked = told.masked.contains(&t.entry.name);
                 let task = hold
                     .as_ref()
-                    .map(|h| spawn_dump(dir, t, limit, Some(h.keep_open())));
-                DumpSlot { hold, task }
+                    .map(|h| spawn_dump(dir, t, limit, Some(h.keep_open()), netns, masked));
+                DumpSlot { hold, in_netns, task }
             })
             .collect();
         CriuRuns {
             slots,
-            external_unix: ToldEnds::default(),
+            external_unix: told,
             prehash: None,
             journal: None,
         }
+    }
+
+    /// Whether a CRIU runs in the pod's network namespace: it probes the kernel there as it
+    /// starts when it finds no kernel feature cache it can use (CRIU's own, or podsnap's, see
+    /// [`crate::criu::kdat`]), its TCP repair probe included, a connection on the loopback that
+    /// the pod's network lock would hold until the dump's deadline. The lock then waits until
+    /// every CRIU is waiting.
+    pub(super) fn any_in_netns(&self) -> bool {
+        self.slots.iter().any(|s| s.in_netns)
     }
 
     /// Waits until every held CRIU is waiting. A runc that ends before is a failed dump (its
@@ -106,7 +126,8 @@ impl CriuRuns {
     pub(super) fn start_rest(&mut self, dir: &Path, running: &[Target], limit: &Limit) {
         for (slot, t) in self.slots.iter_mut().zip(running) {
             if slot.task.is_none() {
-                slot.task = Some(spawn_dump(dir, t, limit, None));
+                let masked = self.external_unix.masked.contains(&t.entry.name);
+                slot.task = Some(spawn_dump(dir, t, limit, None, None, masked));
             }
         }
     }
@@ -201,13 +222,36 @@ async fn cgroups_mode(t: &Target) -> String {
     }
 }
 
+/// Whether the processes of `t` are in the pod's network namespace at `netns`: then its CRIU can
+/// run there and take the namespace as its own. A CRIU in another network namespace than the
+/// dumped processes' walks theirs while the pod is frozen, for every container of the pod
+/// alike: the links, and the conntrack and expectation tables through netlink (a walk of the
+/// host's whole conntrack hash table, 11 ms of kernel time here for an empty table of 262144
+/// buckets), in a process forked for it, and runs its network-lock and network-unlock scripts
+/// (a round trip to runc and to podsnap's hold script each). Neither is needed under the pod's
+/// lock: nothing of the pod's network is restored from the images (a restore runs in a new
+/// pod's namespace), and podsnap's lock keeps every connection still.
+fn in_pod_netns(t: &Target, netns: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(pid) = t.pid else {
+        return false;
+    };
+    let ino = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let theirs = ino(Path::new(&format!("/proc/{pid}/ns/net")));
+    theirs.is_some() && theirs == ino(netns)
+}
+
 /// Starts `runc checkpoint` of `t` into its place under `dir`; `hold` is kept open until runc
-/// ends (its CRIU waits on it).
+/// ends (its CRIU waits on it). With `netns` (the pod's, which podsnap locks and `t`'s
+/// processes are in) runc and CRIU run in it. `masked_tmpfs_external`: its CRIU was told its
+/// masked directories are external mounts.
 fn spawn_dump(
     dir: &Path,
     t: &Target,
     limit: &Limit,
     hold: Option<Arc<std::fs::File>>,
+    netns: Option<std::path::PathBuf>,
+    masked_tmpfs_external: bool,
 ) -> tokio::task::JoinHandle<Result<Instant>> {
     let t = t.clone();
     let image_dir = dir.join(t.entry.dir()).join(PART_NAMES.images);
@@ -223,12 +267,15 @@ fn spawn_dump(
                 tcp_established: true,
                 file_locks: true,
                 cgroups_mode,
+                criu_in_netns: netns.is_some(),
+                masked_tmpfs_external,
                 ..Default::default()
             },
             leave_running: true,
             cgroups: None,
             was_paused: true,
             limit,
+            netns,
         };
         let result = container::dump(&t.runc, &dump).await;
         drop(hold);
@@ -265,6 +312,7 @@ mod tests {
         CriuRuns {
             slots: vec![DumpSlot {
                 hold: None,
+                in_netns: false,
                 task: Some(task),
             }],
             external_unix: ToldEnds::default(),

@@ -132,9 +132,8 @@ pub(super) async fn hold(mut p: Planned) -> Result<Held> {
         .early_digests
         .then(|| crate::pod::dump::prehash::Prehash::start(&image_dirs))
         .flatten();
-    let mut runs = CriuRuns::start_held(&dir, &p.running, &p.limit, holds);
+    let mut runs = CriuRuns::start_held(&dir, &p.running, &p.limit, holds, lock.as_deref(), told);
     runs.journal = Some(journal.clone());
-    runs.external_unix = told;
     runs.prehash = prehash;
     // What the checkpoint records of the node and of the pod's addresses, and `criu cpuinfo
     // dump`, run beside the freeze and the dumps; only the digests and the manifest need them.
@@ -153,6 +152,9 @@ pub(super) async fn hold(mut p: Planned) -> Result<Held> {
     );
     // The pod's network lock, taken when the dump may go on to the freeze.
     let locked = async {
+        if runs.any_in_netns() {
+            runs.wait_ready(&p.limit, p.req.deadline).await?;
+        }
         hold_point("before-freeze").await;
         check(&p.limit, p.req.deadline, "before the freeze")?;
         NetLock::take(p.req.launcher.clone(), lock.as_deref(), &p.limit).await

@@ -150,6 +150,8 @@ impl Pod {
             &running,
             &limit,
             running.iter().map(|_| None).collect(),
+            None,
+            ToldEnds::default(),
         );
         let netlock = NetLock::take(req.launcher.clone(), None, &limit)
             .await
@@ -469,6 +471,7 @@ fn told(ends: &[(&str, u64)]) -> ToldEnds {
     ToldEnds {
         ends: ends.iter().map(|(n, i)| (n.to_string(), *i)).collect(),
         configured: ["a".to_owned(), "b".to_owned()].into(),
+        masked: Default::default(),
     }
 }
 
