@@ -73,6 +73,15 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     kep_2008_archive_is_read_by_checkpointctl(&summary.dir, "app", &pod.app_id, created);
     criu_kernel_cache_is_this_boots();
     criu_ran_in_the_pod_netns(&summary.dir.join("containers/app/checkpoint"));
+    // Images without a network namespace: a restore older than format version 5 would bring
+    // the processes back in the host's network; it refuses the version instead.
+    let version = podsnap_tests::checkpoint::read_manifest(&summary.dir)
+        .expect("the manifest")
+        .version;
+    assert_eq!(
+        version, 5,
+        "the version of a checkpoint whose CRIU ran in the pod's netns"
+    );
     let masked = masked_dirs_are_external(&node, &pod.app_id, &summary.dir.join("containers/app/checkpoint"));
 
     // --leave-running (the default): the pod goes on.

@@ -56,7 +56,10 @@ use crate::fs::read::read_capped;
 pub const FORMAT: &str = "podsnap.io/pod-checkpoint";
 /// The newest version this code reads and writes: 5 for a checkpoint that carries persistent
 /// volumes ([`crate::format::persistent::PersistentVolume::carried`]), whose content an older
-/// restore would not put back; 4 ([`BASE_VERSION`]) otherwise.
+/// restore would not put back, or whose containers' CRIU ran in the pod's network namespace
+/// ([`crate::criu::container::DumpOptions::criu_in_netns`]: images without one, whose
+/// processes an older restore would bring back in the host's network); 4 ([`BASE_VERSION`])
+/// otherwise.
 pub const VERSION: u32 = 5;
 /// The version of a checkpoint that carries no volume (4: [`Manifest::unix_links`] and
 /// [`Manifest::adopted`], which an older restore would not bring back).

@@ -171,7 +171,9 @@ pub(super) async fn write(
     containers.sort_by_key(|c| c.created_order);
     let manifest = Manifest {
         format: FORMAT.into(),
-        version: if contents.persistent_volumes.iter().any(|v| v.carried.is_some()) {
+        version: if contents.persistent_volumes.iter().any(|v| v.carried.is_some())
+            || criu_ran_in_netns(dir, &p.running)
+        {
             VERSION
         } else {
             BASE_VERSION
@@ -214,6 +216,21 @@ pub(super) async fn write(
 
 /// Checks that CRIU dumped each end of `links` and that what sat in its queue can be handed
 /// back (bytes, no descriptors): a checkpoint a restore would refuse is not written.
+/// Whether the CRIU of a container of `running` ran in the pod's network namespace (its images
+/// hold none: a restore that does not know it brings the processes back in the host's network).
+fn criu_ran_in_netns(dir: &Path, running: &[crate::pod::target::Target]) -> bool {
+    running.iter().any(|t| {
+        let options = dir
+            .join(t.entry.dir())
+            .join(PART_NAMES.images)
+            .join(crate::criu::container::CRIU_OPTIONS_FILE);
+        crate::fs::read::read_capped(&options, 64 * 1024)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::criu::container::DumpOptions>(&b).ok())
+            .is_some_and(|o| o.criu_in_netns)
+    })
+}
+
 fn check_linked_queues(dir: &Path, links: &[UnixLink]) -> Result<()> {
     for end in links.iter().flat_map(|l| &l.ends) {
         let images = dir.join(end.images(PART_NAMES));
