@@ -1,6 +1,7 @@
 //! The runc checkpoints of a pod's running containers: started before the freeze and held at
 //! CRIU's start where the container's CRIU reads podsnap's configuration file, let go once the
-//! pod is frozen and checked.
+//! pod is frozen and checked; under the pod's network lock, run in the pod's network namespace
+//! (see [`in_pod_netns`]).
 
 use std::path::Path;
 use std::sync::Arc;
