@@ -83,6 +83,23 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
         "the version of a checkpoint whose CRIU ran in the pod's netns"
     );
     let masked = masked_dirs_are_external(&node, &pod.app_id, &summary.dir.join("containers/app/checkpoint"));
+    // cgroup v1 (this node): the app's /sys/fs/cgroup tmpfs was external to its CRIU too, and
+    // the options record what it holds.
+    let cgroup_tmpfs = cgroup_tmpfs_of(&node, &pod.app_id);
+    let images = summary.dir.join("containers/app/checkpoint");
+    let options: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(images.join("podsnap-criu.json")).expect("options"))
+            .expect("json");
+    assert_eq!(
+        options["cgroup_tmpfs"].as_array().map(Vec::len),
+        Some(cgroup_tmpfs.1.len()),
+        "{options}"
+    );
+    let log = std::fs::read_to_string(images.join("dump.log")).expect("CRIU's log");
+    assert!(
+        log.contains("Found podsnap-cgroup-tmpfs mapping for ./sys/fs/cgroup mountpoint"),
+        "/sys/fs/cgroup was not external to CRIU"
+    );
 
     // --leave-running (the default): the pod goes on.
     let after_dump = ask_count(&pod.pod.ip, APP_PORT);
@@ -132,6 +149,11 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
         before,
     );
     masked_dirs_came_back(&node, id_of(&restored.containers, "app"), &masked);
+    assert_eq!(
+        cgroup_tmpfs_of(&node, id_of(&restored.containers, "app")),
+        cgroup_tmpfs,
+        "the restored app's /sys/fs/cgroup"
+    );
     // The completed init container is recorded (exit 0), not dumped, and not run again: the
     // new pod lists it as exited 0, and a checkpoint of the new pod records it again.
     assert_eq!(summary.recorded, [("init".to_owned(), Some(0))]);
@@ -174,6 +196,45 @@ fn criu_ran_in_the_pod_netns(images: &std::path::Path) {
         !log.contains("Dump NET namespace info") && !log.contains("Running network-lock scripts"),
         "CRIU walked or locked the pod's network namespace"
     );
+}
+
+/// The app's `/sys/fs/cgroup` (cgroup v1: a tmpfs holding a directory per hierarchy, each
+/// mounted, and links): its mount options and entries, the hierarchies mounted on it.
+fn cgroup_tmpfs_of(node: &podsnap_tests::node::Node, id: &str) -> (String, Vec<String>) {
+    let pid = node
+        .cri()
+        .container_pid(id)
+        .expect("ContainerStatus")
+        .expect("the app's pid");
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    let options = info
+        .lines()
+        .filter_map(|l| {
+            let (mount, fs) = l.split_once(" - ")?;
+            let f: Vec<&str> = mount.split(' ').collect();
+            (f.get(4) == Some(&"/sys/fs/cgroup") && fs.starts_with("tmpfs ")).then(|| f[5].to_owned())
+        })
+        .next_back()
+        .expect("a tmpfs on /sys/fs/cgroup");
+    let dir = format!("/proc/{pid}/root/sys/fs/cgroup");
+    let mut entries: Vec<String> = std::fs::read_dir(&dir)
+        .expect("/sys/fs/cgroup")
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            match std::fs::read_link(e.path()) {
+                Ok(to) => format!("{name} -> {}", to.display()),
+                Err(_) => name,
+            }
+        })
+        .collect();
+    entries.sort();
+    let memory = format!("{dir}/memory/memory.limit_in_bytes");
+    assert!(
+        std::path::Path::new(&memory).exists(),
+        "{memory}: the hierarchy is mounted"
+    );
+    (options, entries)
 }
 
 /// The masked directories of the app (its spec's maskedPaths that runc covered with an empty

@@ -73,7 +73,36 @@ pub struct DumpOptions {
     /// an empty tmpfs for that key (`external mnt[KEY]:PATH`), which CRIU bind-mounts at each.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub masked_tmpfs_external: bool,
+    /// What the tmpfs runc mounts on `/sys/fs/cgroup` (cgroup v1) holds, when it was an
+    /// external mount of key [`CGROUP_TMPFS_KEY`] in the images: a directory per hierarchy
+    /// (each a mount point of the hierarchy) and a symbolic link per co-mounted controller. Its
+    /// restore makes a tmpfs holding the same and names it for that key; CRIU bind-mounts it
+    /// there and the hierarchies on it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup_tmpfs: Vec<CgroupTmpfsEntry>,
 }
+
+/// An entry of the tmpfs on a container's `/sys/fs/cgroup` (see [`DumpOptions::cgroup_tmpfs`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupTmpfsEntry {
+    /// Its name (one path component).
+    pub name: String,
+    /// A symbolic link to this name (one path component) rather than a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink: Option<String>,
+}
+
+impl CgroupTmpfsEntry {
+    /// Whether `name` can be an entry's name or link target: one path component.
+    pub fn valid_name(name: &str) -> bool {
+        !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+    }
+}
+
+/// Where runc mounts the tmpfs of [`DumpOptions::cgroup_tmpfs`] in a container.
+pub const CGROUP_TMPFS_AT: &str = "/sys/fs/cgroup";
+/// The key of that tmpfs as an external mount in the container's CRIU images.
+pub const CGROUP_TMPFS_KEY: &str = "podsnap-cgroup-tmpfs";
 
 /// The key of a container's masked directories as external mounts in its CRIU images.
 pub const MASKED_TMPFS_KEY: &str = "podsnap-masked";
@@ -109,6 +138,58 @@ impl MaskedTmpfs {
     /// CRIU's configuration line naming it for the masked directories of the images.
     pub fn line(&self) -> String {
         format!("external mnt[{MASKED_TMPFS_KEY}]:{}\n", self.dir.display())
+    }
+
+    /// Mounts, at `cgroup` in `work_dir`, the tmpfs of a container's `/sys/fs/cgroup` holding
+    /// `entries` ([`DumpOptions::cgroup_tmpfs`]), read-only once they are made.
+    pub fn mount_cgroup(work_dir: &Path, entries: &[CgroupTmpfsEntry]) -> Result<Self> {
+        use nix::mount::MsFlags;
+        let invalid = |reason: String| Error::InvalidCheckpoint {
+            path: PathBuf::from(CRIU_OPTIONS_FILE),
+            reason,
+        };
+        for e in entries {
+            if !CgroupTmpfsEntry::valid_name(&e.name)
+                || e.symlink
+                    .as_deref()
+                    .is_some_and(|l| !CgroupTmpfsEntry::valid_name(l))
+            {
+                return Err(invalid(format!("cgroup_tmpfs: {e:?} is not one path component")));
+            }
+        }
+        let dir = work_dir.join("cgroup");
+        create_private_dir(&dir)?;
+        let what = "mount the tmpfs of /sys/fs/cgroup";
+        nix::mount::mount(
+            Some(CGROUP_TMPFS_KEY),
+            &dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=755"),
+        )
+        .map_err(|e| Error::io(what, &dir, e.into()))?;
+        let mounted = MaskedTmpfs { dir };
+        for e in entries {
+            let at = mounted.dir.join(&e.name);
+            match &e.symlink {
+                Some(to) => std::os::unix::fs::symlink(to, &at),
+                None => std::fs::create_dir(&at),
+            }
+            .map_err(|err| Error::io(what, &at, err))?;
+        }
+        let ro = MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC;
+        nix::mount::mount(None::<&str>, &mounted.dir, None::<&str>, ro, Some("mode=755"))
+            .map_err(|e| Error::io(what, &mounted.dir, e.into()))?;
+        Ok(mounted)
+    }
+
+    /// CRIU's configuration line naming it for the `/sys/fs/cgroup` tmpfs of the images.
+    pub fn cgroup_line(&self) -> String {
+        format!("external mnt[{CGROUP_TMPFS_KEY}]:{}\n", self.dir.display())
     }
 }
 

@@ -68,6 +68,7 @@ impl Pod {
                 cgroups_mode: opts.cgroups_mode,
                 criu_in_netns: false,
                 masked_tmpfs_external: false,
+                cgroup_tmpfs: Vec::new(),
             },
             leave_running: !opts.exit,
             cgroups: c.cgroups(),

@@ -127,6 +127,16 @@ async fn restore_images(
         false => None,
     };
     conf.push_str(&masked.as_ref().map(ckpt::MaskedTmpfs::line).unwrap_or_default());
+    let cgroup_tmpfs = match options.cgroup_tmpfs.is_empty() {
+        true => None,
+        false => Some(ckpt::MaskedTmpfs::mount_cgroup(&work_dir, &options.cgroup_tmpfs)?),
+    };
+    conf.push_str(
+        &cgroup_tmpfs
+            .as_ref()
+            .map(ckpt::MaskedTmpfs::cgroup_line)
+            .unwrap_or_default(),
+    );
     use_criu_config(c, &conf).await?;
     let pid_file = c.bundle.path().join("init.pid");
     let _ = std::fs::remove_file(&pid_file);
@@ -153,7 +163,7 @@ async fn restore_images(
     );
     let restore = async { Ok(ckpt::restore(&c.runc, &r, process_stdio).await?) };
     let restored = run_attached(&c.init, console, restore).await;
-    drop(masked);
+    drop((masked, cgroup_tmpfs));
     // Read by CRIU for this restore only (a later dump writes its own).
     let _ = std::fs::remove_file(c.bundle.path().join(ckpt::CRIU_CONFIG_FILE));
     if let Err(e) = restored {

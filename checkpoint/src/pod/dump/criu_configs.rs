@@ -1,11 +1,15 @@
 //! What each container's CRIU is told for a dump, in its own configuration file: its hold,
 //! `network-lock skip` under the pod's lock, which unix sockets are external, and its masked
-//! directories as external mounts (see [`masked_tmpfs`]).
+//! directories and its cgroup v1 `/sys/fs/cgroup` tmpfs as external mounts (see
+//! [`masked_tmpfs`], [`cgroup_tmpfs`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use crate::criu::container::{CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_FILE, MASKED_TMPFS_KEY};
+use crate::criu::container::{
+    CgroupTmpfsEntry, CGROUP_TMPFS_AT, CGROUP_TMPFS_KEY, CRIU_CONFIG_ANNOTATION, CRIU_CONFIG_FILE,
+    MASKED_TMPFS_KEY,
+};
 use crate::criu::hold::Hold;
 use crate::error::{Error, Result};
 use crate::fs::private::write_private;
@@ -20,6 +24,9 @@ pub(super) struct ToldEnds {
     pub(super) configured: HashSet<String>,
     /// Containers whose CRIU was told that their masked directories are external mounts.
     pub(super) masked: HashSet<String>,
+    /// Containers whose CRIU was told that their `/sys/fs/cgroup` tmpfs is an external
+    /// mount, with what it holds.
+    pub(super) cgroup_tmpfs: HashMap<String, Vec<CgroupTmpfsEntry>>,
 }
 
 /// The CRIU configuration files of the dumped containers (see
@@ -83,6 +90,10 @@ impl CriuConfigs {
             if !masked.is_empty() {
                 told.masked.insert(t.entry.name.clone());
             }
+            if let Some(entries) = t.pid.and_then(cgroup_tmpfs) {
+                text.push_str(&format!("external mnt[{CGROUP_TMPFS_AT}]:{CGROUP_TMPFS_KEY}\n"));
+                told.cgroup_tmpfs.insert(t.entry.name.clone(), entries);
+            }
             write_private(&conf, text.as_bytes())?;
             holds.push(hold);
         }
@@ -118,6 +129,54 @@ pub fn masked_tmpfs(pid: i32, spec: &oci_spec::runtime::Spec) -> Vec<String> {
             std::fs::read_dir(root.join(p.trim_start_matches('/'))).is_ok_and(|mut d| d.next().is_none())
         })
         .collect()
+}
+
+/// What the tmpfs runc mounts on `/sys/fs/cgroup` of the container whose init is `pid` holds
+/// (cgroup v1: a directory per hierarchy, each a mount point of it, a symbolic link per
+/// co-mounted controller), when that is all it holds. CRIU would archive it (a `tar --gzip`
+/// per container while the pod is frozen, after cloning the mount to see beneath the
+/// hierarchies); told it is an external mount, it records only where it is and its flags, and
+/// the restore makes the same tmpfs from this list
+/// ([`crate::criu::container::DumpOptions::cgroup_tmpfs`]). `None` on cgroup v2 and for
+/// anything else.
+pub fn cgroup_tmpfs(pid: i32) -> Option<Vec<CgroupTmpfsEntry>> {
+    let mounts = podsnap_runtime::mountinfo::read(Path::new(&format!("/proc/{pid}/mountinfo"))).ok()?;
+    let at = Path::new(CGROUP_TMPFS_AT);
+    if podsnap_runtime::mountinfo::top_at(&mounts, at)?.fs_type != "tmpfs" {
+        return None;
+    }
+    let dir = PathBuf::from(format!("/proc/{pid}/root{CGROUP_TMPFS_AT}"));
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(&dir).ok()? {
+        let e = e.ok()?;
+        let name = e.file_name().into_string().ok()?;
+        let kind = e.file_type().ok()?;
+        let symlink = if kind.is_symlink() {
+            Some(
+                std::fs::read_link(e.path())
+                    .ok()?
+                    .into_os_string()
+                    .into_string()
+                    .ok()?,
+            )
+        } else if kind.is_dir() && podsnap_runtime::mountinfo::top_at(&mounts, &at.join(&name)).is_some() {
+            None
+        } else {
+            return None;
+        };
+        let entry = CgroupTmpfsEntry { name, symlink };
+        if !CgroupTmpfsEntry::valid_name(&entry.name)
+            || entry
+                .symlink
+                .as_deref()
+                .is_some_and(|l| !CgroupTmpfsEntry::valid_name(l))
+        {
+            return None;
+        }
+        entries.push(entry);
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    (!entries.is_empty()).then_some(entries)
 }
 
 impl Drop for CriuConfigs {

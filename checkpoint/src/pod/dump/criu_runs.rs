@@ -59,10 +59,13 @@ impl CriuRuns {
                     .filter(|ns| hold.is_some() && in_pod_netns(t, ns))
                     .map(Path::to_path_buf);
                 let in_netns = netns.is_some();
-                let masked = told.masked.contains(&t.entry.name);
+                let mounts = ExternalMounts {
+                    masked: told.masked.contains(&t.entry.name),
+                    cgroup_tmpfs: told.cgroup_tmpfs.get(&t.entry.name).cloned().unwrap_or_default(),
+                };
                 let task = hold
                     .as_ref()
-                    .map(|h| spawn_dump(dir, t, limit, Some(h.keep_open()), netns, masked));
+                    .map(|h| spawn_dump(dir, t, limit, Some(h.keep_open()), netns, mounts));
                 DumpSlot { hold, in_netns, task }
             })
             .collect();
@@ -127,8 +130,12 @@ impl CriuRuns {
     pub(super) fn start_rest(&mut self, dir: &Path, running: &[Target], limit: &Limit) {
         for (slot, t) in self.slots.iter_mut().zip(running) {
             if slot.task.is_none() {
-                let masked = self.external_unix.masked.contains(&t.entry.name);
-                slot.task = Some(spawn_dump(dir, t, limit, None, None, masked));
+                let told = &self.external_unix;
+                let mounts = ExternalMounts {
+                    masked: told.masked.contains(&t.entry.name),
+                    cgroup_tmpfs: told.cgroup_tmpfs.get(&t.entry.name).cloned().unwrap_or_default(),
+                };
+                slot.task = Some(spawn_dump(dir, t, limit, None, None, mounts));
             }
         }
     }
@@ -223,6 +230,12 @@ async fn cgroups_mode(t: &Target) -> String {
     }
 }
 
+/// What a container's CRIU was told are external mounts (see [`crate::pod::dump::criu_configs`]).
+struct ExternalMounts {
+    masked: bool,
+    cgroup_tmpfs: Vec<crate::criu::container::CgroupTmpfsEntry>,
+}
+
 /// Whether the processes of `t` are in the pod's network namespace at `netns`: then its CRIU can
 /// run there and take the namespace as its own. A CRIU in another network namespace than the
 /// dumped processes' walks theirs while the pod is frozen, for every container of the pod
@@ -244,15 +257,15 @@ fn in_pod_netns(t: &Target, netns: &Path) -> bool {
 
 /// Starts `runc checkpoint` of `t` into its place under `dir`; `hold` is kept open until runc
 /// ends (its CRIU waits on it). With `netns` (the pod's, which podsnap locks and `t`'s
-/// processes are in) runc and CRIU run in it. `masked_tmpfs_external`: its CRIU was told its
-/// masked directories are external mounts.
+/// processes are in) runc and CRIU run in it. `mounts`: what its CRIU was told are external
+/// mounts (its masked directories, its `/sys/fs/cgroup` tmpfs).
 fn spawn_dump(
     dir: &Path,
     t: &Target,
     limit: &Limit,
     hold: Option<Arc<std::fs::File>>,
     netns: Option<std::path::PathBuf>,
-    masked_tmpfs_external: bool,
+    mounts: ExternalMounts,
 ) -> tokio::task::JoinHandle<Result<Instant>> {
     let t = t.clone();
     let image_dir = dir.join(t.entry.dir()).join(PART_NAMES.images);
@@ -269,7 +282,8 @@ fn spawn_dump(
                 file_locks: true,
                 cgroups_mode,
                 criu_in_netns: netns.is_some(),
-                masked_tmpfs_external,
+                masked_tmpfs_external: mounts.masked,
+                cgroup_tmpfs: mounts.cgroup_tmpfs,
                 ..Default::default()
             },
             leave_running: true,

@@ -472,6 +472,7 @@ fn told(ends: &[(&str, u64)]) -> ToldEnds {
         ends: ends.iter().map(|(n, i)| (n.to_string(), *i)).collect(),
         configured: ["a".to_owned(), "b".to_owned()].into(),
         masked: Default::default(),
+        cgroup_tmpfs: Default::default(),
     }
 }
 
