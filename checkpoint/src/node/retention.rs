@@ -134,6 +134,12 @@ pub fn select(candidates: &[Candidate], policy: &RetentionPolicy, now: u64) -> V
     out
 }
 
+/// Whether `dir` is a pod's part of a group checkpoint (its parent holds `group.json`).
+fn in_group(dir: &Path) -> bool {
+    dir.parent()
+        .is_some_and(|g| g.join(crate::format::group::GROUP_MANIFEST).exists())
+}
+
 /// A checkpoint retention removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pruned {
@@ -168,7 +174,9 @@ pub fn apply(
             pod: store::pod_of(manifest),
             created_unix: manifest.created_unix,
             bytes: *bytes,
-            kept: in_use || stored.dir == written,
+            // A pod's part of a group checkpoint goes with its group or not at all: retention
+            // never breaks a group (it still counts toward the root's total).
+            kept: in_use || stored.dir == written || in_group(&stored.dir),
             name: stored.name,
         });
     }
@@ -352,6 +360,16 @@ mod tests {
             .collect();
         assert_eq!(left, ["broken", "db-1", "web-1", "web-2"]);
         drop(lease);
+        // A pod's part of a group is never taken out of its group.
+        write_checkpoint(&root.join("set/web"), "ns", "web", 1, 10);
+        std::fs::write(root.join("set").join(crate::format::group::GROUP_MANIFEST), b"{}").expect("group");
+        let pruned = apply(&root, &root.join("web-2"), &policy, &leases, 100).expect("apply");
+        let gone: Vec<&str> = pruned.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(gone, ["web-1"], "the lease is gone; the group's part stays");
+        assert!(root
+            .join("set/web")
+            .join(crate::format::manifest::MANIFEST)
+            .exists());
         assert!(apply(
             &root,
             &root.join("web-2"),
