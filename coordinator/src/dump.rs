@@ -176,11 +176,10 @@ pub fn destination(request: &DumpRequest) -> Result<PathBuf> {
         Some(dir) => dir.clone(),
         None => {
             create_private_dir_all(&request.checkpoint_root)?;
-            request.checkpoint_root.join(default_name(
-                &request.namespace,
-                &request.pod,
-                time::OffsetDateTime::now_utc(),
-            ))
+            free_name(
+                &request.checkpoint_root,
+                &default_name(&request.namespace, &request.pod, time::OffsetDateTime::now_utc()),
+            )
         }
     };
     let dir = std::path::absolute(&dir).map_err(Error::io("resolve the destination", &dir))?;
@@ -203,6 +202,18 @@ pub fn destination(request: &DumpRequest) -> Result<PathBuf> {
         Err(e) => return Err(Error::io("inspect the destination", &dir)(e)),
     }
     Ok(dir)
+}
+
+/// `root/base`, or `root/base-2`, `-3`... when a checkpoint already has that name (two dumps
+/// of a pod in one second).
+fn free_name(root: &Path, base: &str) -> PathBuf {
+    let mut dir = root.join(base);
+    let mut n = 2;
+    while std::fs::symlink_metadata(&dir).is_ok() {
+        dir = root.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    dir
 }
 
 /// `<namespace>-<pod>-<YYYYMMDDTHHMMSSZ>`.
@@ -338,6 +349,23 @@ pub fn short(id: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_dump_in_the_same_second_gets_a_name_of_its_own() {
+        let root = tempfile::tempdir().expect("tmp");
+        let base = "default-web-20261207T094811Z";
+        assert_eq!(free_name(root.path(), base), root.path().join(base));
+        std::fs::create_dir(root.path().join(base)).expect("the first dump");
+        assert_eq!(
+            free_name(root.path(), base),
+            root.path().join(format!("{base}-2"))
+        );
+        std::fs::create_dir(root.path().join(format!("{base}-2"))).expect("the second");
+        assert_eq!(
+            free_name(root.path(), base),
+            root.path().join(format!("{base}-3"))
+        );
+    }
 
     #[test]
     fn default_names_sort_by_time() {
