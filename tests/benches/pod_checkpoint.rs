@@ -109,11 +109,11 @@ const STEPS: [(&str, &str); 10] = [
     ("journal_ms", "crash journal, staging directory"),
     (
         "network_locked_ms",
-        "CRIU configs written, the pod's network locked",
+        "runc and CRIU started in the pod's netns, waiting in CRIU's pre-dump hook; the network locked",
     ),
     (
         "criu_waiting_ms",
-        "runc and CRIU started, waiting in CRIU's pre-dump hook",
+        "the CRIU runs not in the pod's netns waiting too",
     ),
     ("frozen_ms", "every container frozen (the window opens)"),
     (
