@@ -25,6 +25,10 @@ pub const DUMPED: &str = "dumped";
 /// The file the caller writes to stop every member.
 pub const ABORT: &str = "abort";
 
+/// How long a held member waits for the others to be held (its network locked meanwhile): a
+/// member whose dump never started (its caller died) costs the others this, not the deadline.
+pub const HELD_WAIT: Duration = Duration::from_secs(20);
+
 /// How often a waiting member looks at the directory.
 const POLL: Duration = Duration::from_millis(2);
 
@@ -57,6 +61,14 @@ pub fn check(g: &GroupAsk) -> std::result::Result<(), String> {
 /// Says member `g.me` reached `phase`, then waits until every member has. Gives up when a
 /// member failed, the caller aborted, or `limit` is reached.
 pub async fn meet(g: &GroupAsk, phase: &str, limit: &Limit) -> Result<()> {
+    meet_within(g, phase, limit, HELD_WAIT).await
+}
+
+/// [`meet`], a held member waiting at most `held_wait`.
+async fn meet_within(g: &GroupAsk, phase: &str, limit: &Limit, held_wait: Duration) -> Result<()> {
+    // Held, a pod waits with its network locked: not for long. Dumped, it waits frozen for
+    // the others' dumps, which take as long as their memory does: up to the deadline.
+    let until = (phase == HELD).then(|| std::time::Instant::now() + held_wait);
     let mark = |name: &str| g.dir.join(format!("{name}.{phase}"));
     std::fs::write(mark(&g.me), b"").map_err(|e| Error::io("join the group", &g.dir, e))?;
     loop {
@@ -68,7 +80,7 @@ pub async fn meet(g: &GroupAsk, phase: &str, limit: &Limit) -> Result<()> {
         if g.members.iter().all(|m| mark(m).exists()) {
             return Ok(());
         }
-        if limit.cancelled() || limit.expired() {
+        if limit.cancelled() || limit.expired() || until.is_some_and(|u| std::time::Instant::now() >= u) {
             let waiting: Vec<&str> = g
                 .members
                 .iter()
@@ -172,6 +184,35 @@ mod tests {
         fail(&b);
         let err = waiting.await.expect("join").expect_err("b failed");
         assert!(err.to_string().contains("pod b of the group failed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_held_member_waits_for_the_others_a_short_while_not_the_whole_deadline() {
+        let tmp = private_dir();
+        let a = group(tmp.path(), "a");
+        let (held_wait, deadline) = (Duration::from_millis(100), Duration::from_secs(600));
+        let started = std::time::Instant::now();
+        let err = meet_within(&a, HELD, &Limit::after(deadline, None), held_wait)
+            .await
+            .expect_err("b never came");
+        assert!(err.to_string().contains("pods b were not held in time"), "{err}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= held_wait && waited < Duration::from_secs(10),
+            "waited {waited:?}"
+        );
+        // Dumped, a member waits for the others' dumps up to the deadline, not held_wait.
+        let b = group(tmp.path(), "b");
+        let limit = Limit::after(Duration::from_millis(400), None);
+        let started = std::time::Instant::now();
+        meet_within(&b, DUMPED, &limit, held_wait)
+            .await
+            .expect_err("a never dumped");
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
