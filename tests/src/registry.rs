@@ -196,6 +196,22 @@ impl RestoredFrom {
     }
 }
 
+/// `podsnap restore` arguments restoring from `source` (`["--from", REF]` or
+/// `["--checkpoint-dir", DIR]`) into the node's kubelet pod and log directories.
+pub fn restore_args(node: &crate::node::Node, source: &[&str]) -> Vec<String> {
+    let kubelet = node.files().kubelet();
+    let (pods, logs) = (kubelet.join("pods"), kubelet.join("logs/pods"));
+    let mut args = vec!["restore".to_owned()];
+    args.extend(source.iter().map(|s| (*s).to_owned()));
+    args.extend([
+        "--pods-dir".to_owned(),
+        pods.to_string_lossy().into_owned(),
+        "--logs-dir".to_owned(),
+        logs.to_string_lossy().into_owned(),
+    ]);
+    args
+}
+
 /// `podsnap restore --from REF` on `node` (`podsnap_on`), into kubelet's pod and log
 /// directories of the node; the new pod is recorded for the node's teardown.
 ///
@@ -208,26 +224,28 @@ pub fn restore_from(
     node: &crate::node::Node,
     reference: &str,
 ) -> RestoredFrom {
-    let kubelet = node.files().kubelet();
-    let (pods, logs) = (kubelet.join("pods"), kubelet.join("logs/pods"));
-    let out = podsnap_on(
-        binary,
-        config,
-        docker_config,
-        node,
-        &[
-            "restore",
-            "--from",
-            reference,
-            "--pods-dir",
-            pods.to_str().expect("utf8"),
-            "--logs-dir",
-            logs.to_str().expect("utf8"),
-        ],
-    );
+    restore_on(binary, config, docker_config, node, &["--from", reference])
+}
+
+/// `podsnap restore` from `source` (see [`restore_args`]) on `node`; the new pod is recorded
+/// for the node's teardown.
+///
+/// # Panics
+/// When the restore fails or prints no pod.
+pub fn restore_on(
+    binary: &Path,
+    config: &Path,
+    docker_config: &Path,
+    node: &crate::node::Node,
+    source: &[&str],
+) -> RestoredFrom {
+    let args = restore_args(node, source);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = podsnap_on(binary, config, docker_config, node, &args);
     assert!(
         out.status.success(),
-        "restore --from: {}",
+        "restore {}: {}",
+        source.join(" "),
         crate::command::output_text(&out)
     );
     let mut restored = RestoredFrom {

@@ -198,15 +198,21 @@ fn criu_ran_in_the_pod_netns(images: &std::path::Path) {
     );
 }
 
-/// The app's `/sys/fs/cgroup` (cgroup v1: a tmpfs holding a directory per hierarchy, each
-/// mounted, and links): its mount options and entries, the hierarchies mounted on it.
-fn cgroup_tmpfs_of(node: &podsnap_tests::node::Node, id: &str) -> (String, Vec<String>) {
+/// The pid of container `id` and its mount table (`/proc/<pid>/mountinfo`).
+fn mountinfo_of(node: &podsnap_tests::node::Node, id: &str) -> (i32, String) {
     let pid = node
         .cri()
         .container_pid(id)
         .expect("ContainerStatus")
         .expect("the app's pid");
     let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    (pid, info)
+}
+
+/// The app's `/sys/fs/cgroup` (cgroup v1: a tmpfs holding a directory per hierarchy, each
+/// mounted, and links): its mount options and entries, the hierarchies mounted on it.
+fn cgroup_tmpfs_of(node: &podsnap_tests::node::Node, id: &str) -> (String, Vec<String>) {
+    let (pid, info) = mountinfo_of(node, id);
     let options = info
         .lines()
         .filter_map(|l| {
@@ -240,12 +246,7 @@ fn cgroup_tmpfs_of(node: &podsnap_tests::node::Node, id: &str) -> (String, Vec<S
 /// The masked directories of the app (its spec's maskedPaths that runc covered with an empty
 /// read-only tmpfs) as they are in the running app: (mount point, mount options).
 fn masked_tmpfs_of(node: &podsnap_tests::node::Node, id: &str) -> Vec<(String, String)> {
-    let pid = node
-        .cri()
-        .container_pid(id)
-        .expect("ContainerStatus")
-        .expect("the app's pid");
-    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    let (_, info) = mountinfo_of(node, id);
     let mut masked: Vec<(String, String)> = info
         .lines()
         .filter_map(|l| {

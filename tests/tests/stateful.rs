@@ -464,17 +464,8 @@ fn a_local_volume_is_carried_to_a_second_node_through_a_registry() {
     std::fs::create_dir_all(&volume).expect("B's local volume");
     std::fs::write(volume.join("other"), b"not this pod's").expect("other content");
     let config_b = config(&node_b, "");
-    let kubelet = node_b.files().kubelet();
-    let (pods, logs) = (kubelet.join("pods"), kubelet.join("logs/pods"));
-    let restore = [
-        "restore",
-        "--from",
-        &reference,
-        "--pods-dir",
-        pods.to_str().expect("utf8"),
-        "--logs-dir",
-        logs.to_str().expect("utf8"),
-    ];
+    let restore = podsnap_tests::registry::restore_args(&node_b, &["--from", &reference]);
+    let restore: Vec<&str> = restore.iter().map(String::as_str).collect();
     let count = sandboxes(&node_b);
     let out = podsnap(&node_b, &config_b, &restore);
     let (stdout, stderr) = podsnap_tests::cli::text(&out);
@@ -489,49 +480,21 @@ fn a_local_volume_is_carried_to_a_second_node_through_a_registry() {
     // Empty: filled from the checkpoint, the db goes on; first from A's checkpoint directory
     // itself (brought into B's root for the restore), then through the registry.
     std::fs::remove_file(volume.join("other")).expect("emptied");
-    let direct = [
-        "restore",
-        "--checkpoint-dir",
-        dir.to_str().expect("utf8"),
-        "--pods-dir",
-        pods.to_str().expect("utf8"),
-        "--logs-dir",
-        logs.to_str().expect("utf8"),
-    ];
-    let out = podsnap(&node_b, &config_b, &direct);
-    let (stdout, stderr) = podsnap_tests::cli::text(&out);
-    let field = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
-            .unwrap_or_default()
-    };
-    let (id, uid) = (
-        field("id "),
-        field("pod ")
-            .rsplit_once("(uid ")
-            .and_then(|(_, u)| u.strip_suffix(')'))
-            .unwrap_or_default()
-            .to_owned(),
+    let first = podsnap_tests::registry::restore_on(
+        &binary,
+        &config_b,
+        &docker,
+        &node_b,
+        &["--checkpoint-dir", dir.to_str().expect("utf8")],
     );
-    if !uid.is_empty() {
-        let netns = node_b.cri().pod_netns(&id).ok().flatten();
-        node_b
-            .record_pod(&uid, netns.as_deref())
-            .expect("record the restored pod");
-    }
-    assert!(
-        out.status.success(),
-        "restore --checkpoint-dir on B: {stdout}{stderr}"
-    );
-    wait_answering(&field("ip "), APP_PORT, Duration::from_secs(20)).expect("the db answers on B");
+    wait_answering(&first.ip, APP_PORT, Duration::from_secs(20)).expect("the db answers on B");
     assert_eq!(
         std::fs::read(volume.join("base/seed")).expect("the seed came back"),
         seed
     );
     node_b
         .cri()
-        .stop_and_remove_pod(&id)
+        .stop_and_remove_pod(&first.id)
         .expect("the first restored pod removed");
     std::fs::remove_dir_all(&volume).expect("B's volume emptied again");
     std::fs::create_dir(&volume).expect("B's empty volume");
