@@ -50,14 +50,72 @@ pub struct Limit {
     pub spawned: Option<Spawned>,
 }
 
-/// What a launcher tells of each program it starts under a [`Limit`]: its pid.
+/// What a launcher tells of each program it starts under a [`Limit`]: its pid. And, if
+/// marked, the mark every such program carries in its environment ([`MARK_ENV`]), which the
+/// programs it starts inherit (runc hands its environment to CRIU, CRIU to its scripts).
 #[derive(Clone)]
-pub struct Spawned(std::sync::Arc<dyn Fn(i32) + Send + Sync>);
+pub struct Spawned(std::sync::Arc<dyn Fn(i32) + Send + Sync>, Option<String>);
+
+/// The environment variable naming the [`Spawned::marked`] mark of a program and of everything
+/// it starts.
+pub const MARK_ENV: &str = "PODSNAP_WORKER_MARK";
 
 impl Spawned {
     pub fn new(f: impl Fn(i32) + Send + Sync + 'static) -> Self {
-        Self(std::sync::Arc::new(f))
+        Self(std::sync::Arc::new(f), None)
     }
+
+    /// Every program started under the limit carries `mark` (see [`MARK_ENV`]): found by
+    /// [`kill_marked`] even if its pid was never told (its starter died in between).
+    pub fn marked(mut self, mark: &str) -> Self {
+        self.1 = Some(mark.to_owned());
+        self
+    }
+}
+
+/// A fresh random mark (128 bits, hex) for [`Spawned::marked`].
+pub fn new_mark() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    let mut got = 0;
+    while got < bytes.len() {
+        // SAFETY: getrandom writes at most the given length into the buffer, alive and
+        // exclusively borrowed across the call.
+        let n = unsafe { libc::getrandom(bytes[got..].as_mut_ptr().cast(), bytes.len() - got, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        got += n as usize;
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Kills every process whose environment holds exactly `MARK_ENV=mark` (a program started
+/// under a [`Spawned::marked`] limit, or one of its descendants), each with its own tree.
+/// Returns how many were found. An empty mark finds nothing.
+pub fn kill_marked(mark: &str) -> usize {
+    if mark.is_empty() {
+        return 0;
+    }
+    let entry = format!("{MARK_ENV}={mark}");
+    let marked: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == entry.as_bytes()))
+        })
+        .collect();
+    for pid in &marked {
+        log::warn!("killing pid {pid}: it carries the mark of a dead pod dump");
+        kill_tree(*pid);
+    }
+    marked.len()
 }
 
 impl std::fmt::Debug for Spawned {
@@ -79,8 +137,15 @@ impl Limit {
     /// Tells [`Limit::spawned`] (when set) that the program `pid` was started under this limit.
     /// Launchers call it right after the start, before waiting.
     pub fn started(&self, pid: i32) {
-        if let Some(Spawned(f)) = &self.spawned {
+        if let Some(Spawned(f, _)) = &self.spawned {
             f(pid);
+        }
+    }
+
+    /// Gives `cmd` the mark of [`Limit::spawned`], if any. Launchers call it before the start.
+    pub fn prepare(&self, cmd: &mut Command) {
+        if let Some(Spawned(_, Some(mark))) = &self.spawned {
+            cmd.env(MARK_ENV, mark);
         }
     }
 
@@ -252,7 +317,13 @@ impl Launcher for TokioLauncher {
         }
     }
 
-    async fn run_limited(&self, cmd: Command, capture: Capture, limit: &Limit) -> std::io::Result<Outcome> {
+    async fn run_limited(
+        &self,
+        mut cmd: Command,
+        capture: Capture,
+        limit: &Limit,
+    ) -> std::io::Result<Outcome> {
+        limit.prepare(&mut cmd);
         let mut cmd = tokio::process::Command::from(cmd);
         if capture == Capture::Output {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -65,6 +65,7 @@ impl MonitorLauncher {
         capture: Capture,
         limit: &Limit,
     ) -> std::io::Result<Outcome> {
+        limit.prepare(&mut cmd);
         // Subscribe before spawning: a fast child could otherwise exit unseen.
         let mut sub = monitor_subscribe(Topic::Pid)
             .await

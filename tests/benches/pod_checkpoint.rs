@@ -104,7 +104,7 @@ struct Measures {
 
 /// The pod dump's phase marks, as the shim's `pod_dump` span line gives them (ms from the
 /// dump's start), and the step each one ends.
-const STEPS: [(&str, &str); 10] = [
+const STEPS: [(&str, &str); 12] = [
     ("preflight_ms", "plan: names, kdat cache, the volumes, free space"),
     ("journal_ms", "crash journal, staging directory"),
     (
@@ -122,7 +122,12 @@ const STEPS: [(&str, &str); 10] = [
     ),
     ("dumped_ms", "every CRIU dump, rootfs and volume captures"),
     ("thawed_ms", "thawed, network unlocked (the window closes)"),
-    ("finished_ms", "specs, metadata, digests, manifest"),
+    ("described_ms", "specs, metadata, the parts announced"),
+    (
+        "digested_ms",
+        "digests: the page images CRIU closed last, every other file",
+    ),
+    ("finished_ms", "the manifest written"),
     ("committed_ms", "renamed into place"),
 ];
 
@@ -374,6 +379,9 @@ fn main() {
             ],
         ],
     );
+    if std::env::var_os("PODSNAP_KEEP_LOGS").is_some() {
+        node.save_log("kept");
+    }
     let problems = node.teardown();
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }

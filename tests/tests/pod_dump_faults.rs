@@ -289,6 +289,39 @@ fn hanging_criu(dir: &Path) {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
+/// Kills, when dropped, every process running the stand-in CRIU of `stand_in` and every runc
+/// working for the node at `node`.
+struct KillLeftovers {
+    stand_in: String,
+    node: String,
+}
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        for (pid, argv) in host::processes() {
+            let names = |p: &str| argv.iter().any(|a| a.contains(p));
+            let runc = argv.first().is_some_and(|a| a.ends_with("runc"));
+            if names(&self.stand_in) || (runc && names(&self.node)) {
+                // The stand-in's `sleep` first (it names nothing), then the process itself.
+                for child in std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok())
+                {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe {
+                        libc::kill(child, libc::SIGKILL);
+                    }
+                }
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
 fn which(binary: &str) -> PathBuf {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
@@ -304,9 +337,19 @@ fn which(binary: &str) -> PathBuf {
 fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
     let bin = tempfile::tempdir().expect("tempdir");
     hanging_criu(bin.path());
+    let holds = tempfile::tempdir().expect("tempdir");
     let mut options = NodeOptions::new(workload_bin());
     options.path_prefix.push(bin.path().to_path_buf());
+    options
+        .extra_env
+        .push((HOLD_ENV.to_owned(), holds.path().display().to_string()));
     let node = Node::start(options);
+    // Whatever this test's dumps leave if it fails (the point of it: an orphaned runc, a hung
+    // stand-in CRIU) goes with it; dropped before the node.
+    let _leftovers = KillLeftovers {
+        stand_in: bin.path().display().to_string(),
+        node: node.dir().display().to_string(),
+    };
     node.set_podsnap_config("[dump]\ndeadline_seconds = 3\n")
         .expect("config");
     let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("hung"), HANDLER))
@@ -384,6 +427,48 @@ fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
     assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
     assert!(!journal_of(&pod.pod.id).exists());
     wait_exited_in_cri(&node, &pod, "shim killed during CRIU");
+    remove_original(&node, &pod);
+
+    // The shim killed after it started a runc and before it recorded it in the journal (held
+    // there): that runc, and the CRIU it started, carry the dump's mark and die all the same.
+    let pod = run_three_container_pod(&node, &PodOptions::new(&node.unique("unrecorded"), HANDLER))
+        .expect("the pod runs");
+    let dir = node.files().checkpoints().join("unrecorded");
+    std::fs::write(holds.path().join("worker-started"), b"").expect("arm");
+    let dumping = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
+    let reached = holds.path().join("worker-started.reached");
+    wait_for("a runc started, not recorded", Duration::from_secs(30), || {
+        reached.exists()
+    });
+    wait_for("its CRIU to run", Duration::from_secs(30), in_criu);
+    let recorded = std::fs::read_to_string(journal_of(&pod.pod.id)).expect("the journal");
+    assert!(
+        recorded.contains("\"workers\": []"),
+        "nothing recorded yet: {recorded}"
+    );
+    let shims = node.shim_pids(PODSNAP_SHIM);
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(shims[0], libc::SIGKILL);
+    }
+    std::fs::remove_file(holds.path().join("worker-started")).expect("disarm");
+    assert!(
+        dumping.join().expect("thread").is_err(),
+        "the dump died with its shim"
+    );
+    wait_for(
+        "the unrecorded runc and its CRIU to be gone",
+        Duration::from_secs(30),
+        || !in_criu(),
+    );
+    wait_for("the pod's processes to be gone", Duration::from_secs(30), || {
+        pod_processes(&pod.pod.uid) == 0
+    });
+    assert!(frozen_cgroups(&pod.pod.uid).is_empty(), "nothing stays frozen");
+    assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
+    assert!(!journal_of(&pod.pod.id).exists());
+    wait_exited_in_cri(&node, &pod, "shim killed before it recorded its runc");
     remove_original(&node, &pod);
 }
 

@@ -131,6 +131,7 @@ pub(super) async fn write(
     // while the rest (digests, manifest, and with `stop` the sync and the kill) goes on.
     announce_parts(&d.dest, &d.targets, dir);
     hold_point("parts-ready").await;
+    p.report.phases.mark("described");
     let threads = prehash.as_ref().map_or(0, Prehash::threads);
     let prehashed = match prehash {
         Some(p) => tokio::task::spawn_blocking(move || p.finish())
@@ -154,6 +155,7 @@ pub(super) async fn write(
         early.iter().map(|f| f.size).sum::<u64>(),
         files.values().map(|f| f.size).sum::<u64>()
     );
+    p.report.phases.mark("digested");
     let bytes = files.values().map(|f| f.size).sum();
     let mut containers: Vec<ContainerEntry> = d
         .targets

@@ -60,9 +60,13 @@ impl Held {
 /// Holds the planned dump `p`.
 pub(super) async fn hold(mut p: Planned) -> Result<Held> {
     let (owner_pid, owner_start) = crate::fs::proc::this_process();
+    // The mark of every program the dump starts (see the journal's module documentation).
+    let mark = podsnap_runtime::launcher::new_mark()
+        .map_err(|e| crate::error::Error::io("mark the dump's programs (getrandom)", "/dev/urandom", e))?;
     let entry = journal::Entry {
         owner_pid,
         owner_start,
+        mark: mark.clone(),
         // The containers the dump freezes (a paused one stays as it is).
         frozen: p
             .running
@@ -84,13 +88,16 @@ pub(super) async fn hold(mut p: Planned) -> Result<Held> {
         None => Journal::none(),
     });
     // Every program the dump starts (runc, and the CRIU of an adopted process) is recorded as
-    // it starts: a recovery kills those and nothing else.
+    // it starts, and carries the dump's mark: a recovery kills those and nothing else.
     let recording = Arc::downgrade(&journal);
-    p.limit.spawned = Some(podsnap_runtime::launcher::Spawned::new(move |pid| {
-        if let Some(journal) = recording.upgrade() {
-            journal.worker_started(pid);
-        }
-    }));
+    p.limit.spawned = Some(
+        podsnap_runtime::launcher::Spawned::new(move |pid| {
+            if let Some(journal) = recording.upgrade() {
+                journal.worker_started(pid);
+            }
+        })
+        .marked(&mark),
+    );
     // Dropped before the journal that lists it: the output goes first.
     let staging = Staging::new(&p.req.dest, journal.clone())?;
     p.report.phases.mark("journal");
@@ -151,13 +158,34 @@ pub(super) async fn hold(mut p: Planned) -> Result<Held> {
         host_dir,
     );
     // The pod's network lock, taken when the dump may go on to the freeze.
+    // A lock a dead dump left is removed while the CRIU runs start, so that only the lock
+    // itself is between them and the freeze.
     let locked = async {
-        if runs.any_in_netns() {
-            runs.wait_ready(&p.limit, p.req.deadline).await?;
-        }
+        let ready = async {
+            if runs.any_in_netns() {
+                runs.wait_ready(&p.limit, p.req.deadline).await?;
+            }
+            Ok(())
+        };
+        // (Not one of the dump's workers: a recovery has nothing to end in a query.)
+        let query = podsnap_runtime::launcher::Limit {
+            spawned: None,
+            ..p.limit.clone()
+        };
+        let cleared = async {
+            match lock.as_deref() {
+                Some(ns) => {
+                    crate::pod::shared::netlock::clear_stale(p.req.launcher.as_ref(), ns, &query).await
+                }
+                None => Ok(()),
+            }
+        };
+        let (ready, cleared): (Result<()>, Result<()>) = tokio::join!(ready, cleared);
+        ready?;
+        cleared?;
         hold_point("before-freeze").await;
         check(&p.limit, p.req.deadline, "before the freeze")?;
-        NetLock::take(p.req.launcher.clone(), lock.as_deref(), &p.limit).await
+        NetLock::take_cleared(p.req.launcher.clone(), lock.as_deref(), &p.limit).await
     };
     let netlock = match locked.await {
         Ok(netlock) => netlock,

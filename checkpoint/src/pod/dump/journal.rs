@@ -16,15 +16,19 @@
 //!
 //! A committed checkpoint is never removed, in place or not. The dump's workers (runc, and the
 //! CRIU each runc started) are known exactly: each program the dump starts is recorded with
-//! its start time as it starts, and each CRIU once it waits to be let go; nothing else is
-//! killed, whatever its command line or working directory.
+//! its start time as it starts, and each CRIU once it waits to be let go; and each carries a
+//! random mark of the dump in its environment, which runc hands on to CRIU and CRIU to its
+//! scripts, so that one started in the instant before the shim died is found too. Nothing else
+//! is killed, whatever its command line or working directory.
 //!
 //! ```text
-//! /run/podsnap/dumps/<sandbox-id>.json   0600, written atomically (temporary file, rename)
+//! /run/podsnap/dumps/<sandbox-id>.json   0600, written atomically (temporary file, rename);
+//!                                        synced, but for the list of workers (see
+//!                                        `Journal::update_workers`)
 //!   { "owner_pid", "owner_start", "frozen": [cgroup dirs: v1 freezer cgroups, or v2 cgroups,
 //!     told apart by freezer.state / cgroup.freeze], "staging", "in_place", "dest",
 //!     "netns", "phase": "dumping" | "committed" | "stopping",
-//!     "workers": [{ "pid", "start" }] }
+//!     "workers": [{ "pid", "start" }], "mark" }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -92,6 +96,11 @@ pub struct Entry {
     /// The processes the dump started, as they started.
     #[serde(default)]
     pub workers: Vec<Worker>,
+    /// The random mark in the environment of every program the dump starts and of what they
+    /// start (`podsnap_runtime::launcher::MARK_ENV`): a worker started just before its shim
+    /// died, not yet in `workers`, is found by it.
+    #[serde(default)]
+    pub mark: String,
 }
 
 /// A journal written for a dump in progress; removed when dropped (after the dump's own
@@ -130,6 +139,18 @@ impl Journal {
         }
     }
 
+    /// [`Journal::update`] for the list of workers: replaced atomically but not synced. The
+    /// list serves a recovery after the shim died, which the page cache outlives; after a
+    /// power loss no worker runs. (Synced, the four or five records of a dump's start cost
+    /// as many disk flushes on the way to the freeze.)
+    fn update_workers(&self, change: impl FnOnce(&mut Entry) -> bool) -> Result<()> {
+        let mut entry = self.entry.lock().unwrap_or_else(|e| e.into_inner());
+        match &self.path {
+            Some(path) if change(&mut entry) => write_unsynced(path, &entry),
+            _ => Ok(()),
+        }
+    }
+
     /// The phase written last.
     pub fn phase(&self) -> Phase {
         self.entry.lock().unwrap_or_else(|e| e.into_inner()).phase
@@ -138,16 +159,19 @@ impl Journal {
     /// Records the process `pid` the dump just started (a failure to is logged: the recovery
     /// then cannot end that one).
     pub fn worker_started(&self, pid: i32) {
+        crate::failpoint::hold_blocking("worker-started");
         let Some(start) = u32::try_from(pid).ok().and_then(start_time) else {
             return; // gone already
         };
-        let recorded = self.update(|e| {
-            if e.workers.len() < MAX_WORKERS {
+        let recorded = self.update_workers(|e| {
+            let room = e.workers.len() < MAX_WORKERS;
+            if room {
                 e.workers.push(Worker {
                     pid: pid as u32,
                     start,
                 });
             }
+            room
         });
         if let Err(e) = recorded {
             log::warn!("the dump journal does not list its worker {pid}: {e}");
@@ -157,7 +181,7 @@ impl Journal {
     /// Records every process descending from a recorded worker that is not recorded yet (the
     /// CRIU each runc started: one whose runc dies first is no longer found through it).
     pub fn record_descendants(&self) {
-        let recorded = self.update(|e| {
+        let recorded = self.update_workers(|e| {
             let mut found = Vec::new();
             for w in e.workers.iter().filter(|w| alive(w.pid, w.start)) {
                 for pid in podsnap_runtime::cgroup::process_tree(w.pid as i32)
@@ -174,7 +198,9 @@ impl Journal {
                 }
             }
             let room = MAX_WORKERS.saturating_sub(e.workers.len());
+            let before = e.workers.len();
             e.workers.extend(found.into_iter().take(room));
+            e.workers.len() > before
         });
         if let Err(e) = recorded {
             log::warn!("the dump journal does not list the CRIU runs: {e}");
@@ -187,6 +213,13 @@ fn write(path: &Path, entry: &Entry) -> Result<()> {
     let json =
         serde_json::to_vec_pretty(entry).map_err(|e| Error::io("encode the dump journal", path, e.into()))?;
     crate::fs::private::write_synced(path, &json)
+}
+
+/// Writes a journal entry atomically, without waiting for the disk.
+fn write_unsynced(path: &Path, entry: &Entry) -> Result<()> {
+    let json =
+        serde_json::to_vec_pretty(entry).map_err(|e| Error::io("encode the dump journal", path, e.into()))?;
+    crate::fs::private::replace_private(path, &json, "write the dump journal")
 }
 
 impl Drop for Journal {
@@ -227,6 +260,14 @@ fn kill_workers(workers: &[Worker]) -> usize {
         podsnap_runtime::launcher::kill_tree(w.pid as i32);
     }
     running.len()
+}
+
+/// Kills the dead dump's workers: those carrying its mark (every program it started, even
+/// one started in the instant before its shim died, and what they started), then the recorded
+/// ones still running (a journal written before marks). Returns how many were found.
+fn kill_dump_workers(entry: &Entry) -> usize {
+    let marked = podsnap_runtime::launcher::kill_marked(&entry.mark);
+    marked + kill_workers(&entry.workers)
 }
 
 /// Finishes the commit of a dead dump's complete checkpoint: moves the staging directory into
@@ -287,7 +328,7 @@ pub async fn recover_on(
     // runc and CRIU outlive a killed shim: end whatever still works for the dead dump, with
     // everything it started.
     let mut done = Recovered {
-        killed: kill_workers(&entry.workers),
+        killed: kill_dump_workers(&entry),
         ..Default::default()
     };
     let mut phase = entry.phase;

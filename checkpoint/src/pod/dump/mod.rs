@@ -181,7 +181,7 @@ pub struct Phases {
 }
 
 /// The phases' marks and their fields in the span, in the order of the flow.
-const PHASE_FIELDS: [(&str, &str); 10] = [
+const PHASE_FIELDS: [(&str, &str); 12] = [
     ("preflight", "preflight_ms"),
     ("journal", "journal_ms"),
     ("network locked", "network_locked_ms"),
@@ -190,6 +190,8 @@ const PHASE_FIELDS: [(&str, &str); 10] = [
     ("checked", "checked_ms"),
     ("dumped", "dumped_ms"),
     ("thawed", "thawed_ms"),
+    ("described", "described_ms"),
+    ("digested", "digested_ms"),
     ("finished", "finished_ms"),
     ("committed", "committed_ms"),
 ];
@@ -222,6 +224,8 @@ impl Phases {
             checked_ms = tracing::field::Empty,
             dumped_ms = tracing::field::Empty,
             thawed_ms = tracing::field::Empty,
+            described_ms = tracing::field::Empty,
+            digested_ms = tracing::field::Empty,
             finished_ms = tracing::field::Empty,
             committed_ms = tracing::field::Empty,
         );

@@ -1,18 +1,19 @@
-//! Digests of CRIU's page images computed while the rest of the dump goes on.
+//! Digests of CRIU's page images computed while the dump writes them.
 //!
 //! A pod dump digests every file of the checkpoint for its manifest; nearly all of the bytes are
-//! the containers' memory, `pages-*.img`. CRIU writes a process's pages early in its dump and
-//! closes the file, then dumps the rest (the mount tree, namespaces, cgroups: a third of its run
-//! or more). Watching each container's images directory (inotify, `IN_CLOSE_WRITE`), a page
-//! image is hashed from the moment CRIU closes it, beside CRIU's remaining work and the other
-//! containers' dumps, instead of after the thaw. The files are hashed in the order CRIU closed
-//! them by a pool of one thread per core (at most [`MAX_THREADS`]), however many processes the
-//! pod has (CRIU writes a page image per process). While the pod is frozen the hashing runs in
-//! the idle scheduling class (`SCHED_IDLE`), on whatever CPU the dumps leave idle, so that it
-//! lengthens the frozen window as little as it can; once the dump waits for it, it runs in the
-//! normal class. The manifest takes
-//! such a digest only if the file is exactly as it was hashed (device, inode, size, times);
-//! anything else is hashed again.
+//! the containers' memory, `pages-*.img`. Watching each container's images directory (inotify),
+//! a page image is followed from the moment CRIU creates it: a thread of its own reads what CRIU
+//! has appended so far (CRIU only ever appends to a page image, by `splice`), hashes it, and
+//! waits for more, until CRIU closes the file and every byte is read. So the digest of the last
+//! page image is ready moments after CRIU closes it, instead of a whole file's read and hash
+//! later (50 ms for 256 MiB on one core here). At most [`MAX_FOLLOWED`] images are followed at
+//! once; one created beyond that is hashed when CRIU closes it, by a pool of one thread per core
+//! (at most [`MAX_THREADS`]). While the pod is frozen the hashing runs in the idle scheduling
+//! class (`SCHED_IDLE`), on whatever CPU the dumps leave idle, so that it lengthens the frozen
+//! window as little as it can; once the dump waits for it, it runs in the normal class. The
+//! manifest takes such a digest only if the file is exactly as it was when its last byte was
+//! hashed (device, inode, size, times) and the size is what was hashed; anything else is hashed
+//! again.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -39,8 +40,14 @@ impl Prehashed {
     }
 }
 
-/// The most threads hashing page images for one dump.
+/// The most threads hashing closed page images for one dump.
 pub const MAX_THREADS: usize = 8;
+
+/// The most page images of one dump followed while CRIU writes them (a thread each).
+pub const MAX_FOLLOWED: usize = 16;
+
+/// How long a follower that caught up with CRIU waits before it reads again.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The watcher: a thread reading inotify events and queueing each page image closed to a pool
 /// of [`Prehash::threads`] threads.
@@ -63,7 +70,7 @@ impl Prehash {
             .ok()?;
         let mut watched = HashMap::new();
         for d in dirs {
-            match inotify.add_watch(d, AddWatchFlags::IN_CLOSE_WRITE) {
+            match inotify.add_watch(d, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_CLOSE_WRITE) {
                 Ok(wd) => {
                     watched.insert(wd, d.clone());
                 }
@@ -133,13 +140,20 @@ fn watch<'s>(
     hashing: &rayon_core::ScopeFifo<'s>,
 ) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    // Events already queued when asked to stop are still taken: a page image closed just
-    // before the last dump ended is hashed here, not again after the thaw.
-    loop {
-        let stopping = stop.load(Ordering::SeqCst);
-        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-        let ready = poll(&mut fds, PollTimeout::from(if stopping { 0u8 } else { 20u8 })).unwrap_or(0);
-        if ready > 0 {
+    let mut followed: HashMap<PathBuf, Arc<AtomicBool>> = HashMap::new();
+    std::thread::scope(|followers| {
+        // Events already queued when asked to stop are still taken: a page image closed just
+        // before the last dump ended is hashed here, not again after the thaw.
+        loop {
+            let stopping = stop.load(Ordering::SeqCst);
+            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+            let ready = poll(&mut fds, PollTimeout::from(if stopping { 0u8 } else { 20u8 })).unwrap_or(0);
+            if ready == 0 {
+                if stopping {
+                    break;
+                }
+                continue;
+            }
             for event in inotify.read_events().unwrap_or_default() {
                 let (Some(dir), Some(name)) = (watched.get(&event.wd), event.name) else {
                     continue;
@@ -149,34 +163,120 @@ fn watch<'s>(
                     continue;
                 }
                 let path = dir.join(name.as_ref());
-                hashing.spawn_fifo(move |_| {
-                    // Stopped without being waited for: the dump failed, its output goes.
-                    if stop.load(Ordering::SeqCst) && !urgent.load(Ordering::SeqCst) {
-                        return;
+                if event.mask.contains(AddWatchFlags::IN_CREATE) {
+                    if followed.len() < MAX_FOLLOWED && !followed.contains_key(&path) {
+                        let closed = Arc::new(AtomicBool::new(false));
+                        let (at, flag) = (path.clone(), closed.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name("prehash-follow".into())
+                            .spawn_scoped(followers, move || follow(&at, &flag, stop, urgent, done));
+                        match spawned {
+                            Ok(_) => {
+                                followed.insert(path, closed);
+                            }
+                            Err(e) => log::debug!("a page image is hashed once closed (thread: {e})"),
+                        }
                     }
-                    hash_one(&path, urgent, done)
-                });
+                    continue;
+                }
+                // Closed: the follower reads to the end; one not followed is hashed now.
+                match followed.get(&path) {
+                    Some(closed) => closed.store(true, Ordering::SeqCst),
+                    None => hashing.spawn_fifo(move |_| {
+                        // Stopped without being waited for: the dump failed, its output goes.
+                        if stop.load(Ordering::SeqCst) && !urgent.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        hash_one(&path, urgent, done)
+                    }),
+                }
             }
-        } else if stopping {
-            return;
         }
+        // Asked to stop: every CRIU has ended (or the dump failed), nothing writes any more.
+        for closed in followed.values() {
+            closed.store(true, Ordering::SeqCst);
+        }
+    });
+}
+
+/// Follows the page image at `path` while CRIU appends to it (see the module documentation),
+/// and records its digest once `closed` is set and every byte is read.
+fn follow(
+    path: &Path,
+    closed: &AtomicBool,
+    stop: &AtomicBool,
+    urgent: &AtomicBool,
+    done: &Mutex<HashMap<PathBuf, Prehashed>>,
+) {
+    use std::io::Read;
+    if DigestAlgorithm::WRITTEN != DigestAlgorithm::Blake3 || !make_private(path) {
+        return;
     }
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return;
+    };
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    let mut polite = !urgent.load(Ordering::SeqCst);
+    if polite {
+        set_idle(true);
+    }
+    let digest = loop {
+        if stop.load(Ordering::SeqCst) && !urgent.load(Ordering::SeqCst) {
+            break None; // the dump failed
+        }
+        if polite && urgent.load(Ordering::SeqCst) {
+            set_idle(false);
+            polite = false;
+        }
+        // Looked at before the read: a read that finds nothing more after the close is the end.
+        let was_closed = closed.load(Ordering::SeqCst);
+        match f.read(&mut buf) {
+            Ok(0) if was_closed => break Some(h.finalize().to_hex().to_string()),
+            Ok(0) => std::thread::sleep(FOLLOW_POLL),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break None,
+        }
+    };
+    if polite {
+        set_idle(false);
+    }
+    let Some(digest) = digest else { return };
+    // The file as the last byte was read; anything written since shows in its times or size.
+    let Ok(after) = fingerprint(path) else { return };
+    if after[2] as u64 != total {
+        return;
+    }
+    done.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        path.to_path_buf(),
+        Prehashed {
+            digest: FileDigest { size: total, digest },
+            fingerprint: after,
+        },
+    );
+}
+
+/// Makes the page image at `path` private (as the manifest's digests leave every file; a mode
+/// change later would change its times): whether it is a regular file, private now.
+fn make_private(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| {
+        m.file_type().is_file()
+            && (m.permissions().mode() & 0o7777 == 0o600
+                || std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).is_ok())
+    })
 }
 
 /// Hashes one closed page image: made private first (as the manifest's digests leave every
 /// file; a mode change later would change its times), recorded only if it did not change while
 /// it was read.
 fn hash_one(path: &Path, urgent: &AtomicBool, done: &Mutex<HashMap<PathBuf, Prehashed>>) {
-    use std::os::unix::fs::PermissionsExt;
-    if DigestAlgorithm::WRITTEN != DigestAlgorithm::Blake3 {
-        return;
-    }
-    let private = std::fs::symlink_metadata(path).is_ok_and(|m| {
-        m.file_type().is_file()
-            && (m.permissions().mode() & 0o7777 == 0o600
-                || std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).is_ok())
-    });
-    if !private {
+    if DigestAlgorithm::WRITTEN != DigestAlgorithm::Blake3 || !make_private(path) {
         return;
     }
     let Ok(before) = fingerprint(path) else { return };
@@ -267,5 +367,58 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(dir.join("pages-2.img"), b"changed").expect("rewrite");
         assert!(!done[&dir.join("pages-2.img")].holds_for(&dir.join("pages-2.img")));
+    }
+
+    /// A page image written in pieces, with pauses, as CRIU appends to it: followed from its
+    /// creation, its digest is that of the whole file once closed.
+    #[test]
+    fn a_page_image_followed_while_written_gets_the_digest_of_the_whole_file() {
+        use std::io::Write;
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("images");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let pre = Prehash::start(std::slice::from_ref(&dir)).expect("inotify");
+        let path = dir.join("pages-9.img");
+        let mut f = std::fs::File::create(&path).expect("create");
+        for i in 0..5u8 {
+            f.write_all(&vec![i; (1 << 20) + 4096 * usize::from(i)])
+                .expect("write");
+            f.flush().expect("flush");
+            // The follower catches up and waits for more.
+            std::thread::sleep(std::time::Duration::from_millis(15));
+        }
+        drop(f);
+        let done = pre.finish();
+        let got = &done[&path];
+        assert_eq!(
+            got.digest.digest,
+            DigestAlgorithm::WRITTEN.file(&path).expect("digest"),
+            "the digest of every byte"
+        );
+        assert_eq!(got.digest.size, std::fs::metadata(&path).expect("stat").len());
+        assert!(got.holds_for(&path));
+    }
+
+    /// A dump that failed: the followers stop without a digest and `finish` is not waited
+    /// on for a file that is never closed.
+    #[test]
+    fn a_follower_of_a_failed_dump_stops() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("images");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let pre = Prehash::start(std::slice::from_ref(&dir)).expect("inotify");
+        let path = dir.join("pages-1.img");
+        let f = std::fs::File::create(&path).expect("create");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let stop = pre.stop.clone();
+        let watcher = {
+            let mut pre = pre;
+            pre.watcher.take().expect("running")
+        };
+        assert!(stop.load(Ordering::SeqCst), "dropped: stopped");
+        watcher
+            .join()
+            .expect("the watcher and its followers end though the file stays open");
+        drop(f);
     }
 }

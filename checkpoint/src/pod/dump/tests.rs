@@ -153,7 +153,7 @@ impl Pod {
             None,
             ToldEnds::default(),
         );
-        let netlock = NetLock::take(req.launcher.clone(), None, &limit)
+        let netlock = NetLock::take_cleared(req.launcher.clone(), None, &limit)
             .await
             .expect("no lock");
         Held {

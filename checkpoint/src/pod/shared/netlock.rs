@@ -134,10 +134,22 @@ pub async fn lock(launcher: &dyn Launcher, netns: &Path, limit: &Limit) -> Resul
 /// Locks the network namespace at `netns`, letting `scope` through, waiting for the xtables
 /// lock no longer than `limit` allows.
 pub async fn lock_with(launcher: &dyn Launcher, netns: &Path, scope: Scope, limit: &Limit) -> Result<()> {
-    // A lock left by a dump that died is replaced, not stacked.
+    clear_stale(launcher, netns, limit).await?;
+    lock_cleared(launcher, netns, scope, limit).await
+}
+
+/// Removes a lock left in `netns` by a dump that died, so that the next lock replaces it
+/// rather than stacks on it (what [`lock_with`] does first; a dump does it while its CRIU runs
+/// start, off the path to the freeze).
+pub async fn clear_stale(launcher: &dyn Launcher, netns: &Path, limit: &Limit) -> Result<()> {
     if chain_present(launcher, netns, limit).await? {
         unlock(launcher, netns).await;
     }
+    Ok(())
+}
+
+/// Locks `netns`, whose stale lock [`clear_stale`] removed.
+async fn lock_cleared(launcher: &dyn Launcher, netns: &Path, scope: Scope, limit: &Limit) -> Result<()> {
     let out = restore(launcher, netns, &lock_rules(scope), limit).await?;
     if !out.success() {
         return Err(Error::io(
@@ -197,14 +209,15 @@ pub struct NetLock {
 }
 
 impl NetLock {
-    /// Locks `netns` (no lock when `None`: a pod on the host's network), within `limit`.
-    pub async fn take(
+    /// Locks `netns` (no lock when `None`: a pod on the host's network), within `limit`;
+    /// a stale lock there was removed already ([`clear_stale`]).
+    pub async fn take_cleared(
         launcher: std::sync::Arc<dyn Launcher>,
         netns: Option<&Path>,
         limit: &Limit,
     ) -> Result<NetLock> {
         if let Some(ns) = netns {
-            lock(launcher.as_ref(), ns, limit).await?;
+            lock_cleared(launcher.as_ref(), ns, Scope::All, limit).await?;
         }
         Ok(NetLock {
             netns: netns.map(Path::to_path_buf),

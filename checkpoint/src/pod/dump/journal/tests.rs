@@ -12,6 +12,7 @@ fn entry(staging: &Path, frozen: Vec<PathBuf>) -> Entry {
         netns: None,
         phase: Phase::Dumping,
         workers: Vec::new(),
+        mark: String::new(),
     }
 }
 
@@ -235,6 +236,55 @@ async fn only_the_dumps_recorded_workers_are_killed_not_a_neighbour_naming_a_sim
         "a process naming ck2-bystander is not the dump's"
     );
     assert!(inside.runs(), "nor one working in the destination");
+}
+
+/// A shim killed in the instant between starting a runc and recording it: the runc (and the
+/// CRIU it started) carry the dump's mark, and die with the recovery; processes with another
+/// mark, or naming the mark otherwise, do not.
+#[tokio::test]
+async fn a_worker_never_recorded_is_found_by_the_dumps_mark_and_nothing_else_is() {
+    use podsnap_runtime::launcher::MARK_ENV;
+    let t = tempfile::tempdir().expect("tempdir");
+    let staging = t.path().join("ck");
+    std::fs::create_dir_all(&staging).expect("mkdir");
+    let mark = podsnap_runtime::launcher::new_mark().expect("mark");
+    assert_eq!(mark.len(), 32);
+    assert_ne!(mark, podsnap_runtime::launcher::new_mark().expect("another"));
+    // The unrecorded worker, as the launcher starts it (the mark in its environment), with a
+    // child that inherits it.
+    let mut worker = Spawned::new(
+        std::process::Command::new("sh")
+            .args(["-c", "sleep 100 & wait"])
+            .env(MARK_ENV, &mark),
+    );
+    let mut other_dump = Spawned::new(
+        std::process::Command::new("sleep")
+            .arg("100")
+            .env(MARK_ENV, format!("{mark}0")),
+    );
+    let mut naming_it = Spawned::new(
+        std::process::Command::new("sh")
+            .args(["-c", "sleep 100", &format!("{MARK_ENV}={mark}")])
+            .env("OTHER", format!("{MARK_ENV}={mark}")),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while podsnap_runtime::cgroup::process_tree(worker.pid()).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the worker's child starts");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let child = podsnap_runtime::cgroup::process_tree(worker.pid())[1];
+    let mut e = entry(&staging, vec![]);
+    e.mark = mark;
+    let path = t.path().join("pod.json");
+    std::mem::forget(Journal::begin(&path, e).expect("begin"));
+    let done = recover(&NO_PROGRAMS, &path).await.expect("recover");
+    assert_eq!(done.killed, 2, "the worker and its child, by their mark");
+    while worker.runs() || start_time(child as u32).is_some() {
+        assert!(std::time::Instant::now() < deadline, "both are killed");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(other_dump.runs(), "another mark is another dump's");
+    assert!(naming_it.runs(), "naming the mark is not carrying it");
 }
 
 #[tokio::test]
