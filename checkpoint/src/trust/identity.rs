@@ -10,6 +10,7 @@ use podsnap_runtime::launcher::{Capture, Launcher};
 
 use crate::error::{Error, Result};
 use crate::format::manifest::HostInfo;
+use crate::trust::facts::Facts;
 use crate::trust::policy::Violation;
 
 /// Where the node's identity is read.
@@ -30,9 +31,11 @@ pub async fn this_node(launcher: &dyn Launcher, runc: &Path) -> HostInfo {
         }
     }
     let uname = nix::sys::utsname::uname().ok();
+    let facts = Facts::default();
+    let criu = Path::new("criu");
     let (criu_version, runc_version) = tokio::join!(
-        first_line(launcher, Path::new("criu"), "--version", "Version:"),
-        first_line(launcher, runc, "--version", "runc version"),
+        facts.version(criu, first_line(launcher, criu, "--version", "Version:")),
+        facts.version(runc, first_line(launcher, runc, "--version", "runc version")),
     );
     HostInfo {
         criu_version,
@@ -54,18 +57,27 @@ pub fn node_id() -> String {
 }
 
 /// Writes CRIU's image of this node's CPU features into `dir` (`cpuinfo.img`).
+/// The image is made once per CRIU binary and boot (see [`crate::trust::facts`]).
 pub async fn dump_cpuinfo(launcher: &dyn Launcher, dir: &Path) -> Result<()> {
-    let out = run_cpuinfo(launcher, "dump", dir).await?;
-    if out.0 {
-        Ok(())
-    } else {
-        Err(Error::io(
-            "record the CPU features (criu cpuinfo dump)",
-            dir,
-            std::io::Error::other(out.1),
-        ))
-    }
+    let ask = async {
+        let out = run_cpuinfo(launcher, "dump", dir).await?;
+        if out.0 {
+            Ok(())
+        } else {
+            Err(Error::io(
+                "record the CPU features (criu cpuinfo dump)",
+                dir,
+                std::io::Error::other(out.1),
+            ))
+        }
+    };
+    Facts::default()
+        .cpuinfo(Path::new("criu"), &dir.join(CPUINFO_IMAGE), ask)
+        .await
 }
+
+/// The file `criu cpuinfo dump` writes.
+const CPUINFO_IMAGE: &str = "cpuinfo.img";
 
 /// Whether this node's CPU can run processes dumped on the CPU recorded in `dir`.
 pub async fn check_cpuinfo(launcher: &dyn Launcher, dir: &Path) -> std::result::Result<(), Violation> {
