@@ -104,13 +104,14 @@ struct Measures {
 
 /// The pod dump's phase marks, as the shim's `pod_dump` span line gives them (ms from the
 /// dump's start), and the step each one ends.
-const STEPS: [(&str, &str); 12] = [
+const STEPS: [(&str, &str); 13] = [
     ("preflight_ms", "plan: names, kdat cache, the volumes, free space"),
     ("journal_ms", "crash journal, staging directory"),
     (
-        "network_locked_ms",
-        "runc and CRIU started in the pod's netns, waiting in CRIU's pre-dump hook; the network locked",
+        "criu_held_ms",
+        "runc and CRIU started in the pod's netns, waiting in CRIU's pre-dump hook (a stale lock removed meanwhile)",
     ),
+    ("network_locked_ms", "the network locked (iptables-restore)"),
     (
         "criu_waiting_ms",
         "the CRIU runs not in the pod's netns waiting too",

@@ -183,6 +183,7 @@ pub(super) async fn hold(mut p: Planned) -> Result<Held> {
         let (ready, cleared): (Result<()>, Result<()>) = tokio::join!(ready, cleared);
         ready?;
         cleared?;
+        p.report.phases.mark("criu held");
         hold_point("before-freeze").await;
         check(&p.limit, p.req.deadline, "before the freeze")?;
         NetLock::take_cleared(p.req.launcher.clone(), lock.as_deref(), &p.limit).await

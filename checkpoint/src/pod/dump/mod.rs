@@ -181,9 +181,10 @@ pub struct Phases {
 }
 
 /// The phases' marks and their fields in the span, in the order of the flow.
-const PHASE_FIELDS: [(&str, &str); 12] = [
+const PHASE_FIELDS: [(&str, &str); 13] = [
     ("preflight", "preflight_ms"),
     ("journal", "journal_ms"),
+    ("criu held", "criu_held_ms"),
     ("network locked", "network_locked_ms"),
     ("criu waiting", "criu_waiting_ms"),
     ("frozen", "frozen_ms"),
@@ -218,6 +219,7 @@ impl Phases {
             ),
             preflight_ms = tracing::field::Empty,
             journal_ms = tracing::field::Empty,
+            criu_held_ms = tracing::field::Empty,
             network_locked_ms = tracing::field::Empty,
             criu_waiting_ms = tracing::field::Empty,
             frozen_ms = tracing::field::Empty,

@@ -1,19 +1,19 @@
 //! Digests of CRIU's page images computed while the dump writes them.
 //!
 //! A pod dump digests every file of the checkpoint for its manifest; nearly all of the bytes are
-//! the containers' memory, `pages-*.img`. Watching each container's images directory (inotify),
-//! a page image is followed from the moment CRIU creates it: a thread of its own reads what CRIU
-//! has appended so far (CRIU only ever appends to a page image, by `splice`), hashes it, and
-//! waits for more, until CRIU closes the file and every byte is read. So the digest of the last
-//! page image is ready moments after CRIU closes it, instead of a whole file's read and hash
-//! later (50 ms for 256 MiB on one core here). At most [`MAX_FOLLOWED`] images are followed at
-//! once; one created beyond that is hashed when CRIU closes it, by a pool of one thread per core
-//! (at most [`MAX_THREADS`]). While the pod is frozen the hashing runs in the idle scheduling
-//! class (`SCHED_IDLE`), on whatever CPU the dumps leave idle, so that it lengthens the frozen
-//! window as little as it can; once the dump waits for it, it runs in the normal class. The
-//! manifest takes such a digest only if the file is exactly as it was when its last byte was
-//! hashed (device, inode, size, times) and the size is what was hashed; anything else is hashed
-//! again.
+//! the containers' memory, `pages-*.img`. Watching each container's images directory (inotify), a
+//! page image is followed from the moment CRIU creates it: a thread of a pool of one per core (at
+//! most [`MAX_THREADS`]; page images queue for them in the order CRIU created them, however many
+//! processes the pod has) reads what CRIU has appended so far (CRIU only ever appends to a page
+//! image, by `splice`), hashes it, and waits for more, until CRIU closes the file and every byte is
+//! read. So the digest of the last page image is ready moments after CRIU closes it, instead of a
+//! whole file's read and hash later (50 ms for 256 MiB on one core here), when the dumps leave a
+//! CPU idle. A CRIU writes one page image at a time, so the followers that wait for more are at
+//! most one per CRIU. While the pod is frozen the hashing runs in the idle scheduling class
+//! (`SCHED_IDLE`), on whatever CPU the dumps leave idle, so that it lengthens the frozen window as
+//! little as it can; once the dump waits for it, it runs in the normal class. The manifest takes
+//! such a digest only if the file is exactly as it was when its last byte was hashed (device,
+//! inode, size, times) and the size is what was hashed; anything else is hashed again.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -42,9 +42,6 @@ impl Prehashed {
 
 /// The most threads hashing closed page images for one dump.
 pub const MAX_THREADS: usize = 8;
-
-/// The most page images of one dump followed while CRIU writes them (a thread each).
-pub const MAX_FOLLOWED: usize = 16;
 
 /// How long a follower that caught up with CRIU waits before it reads again.
 const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(2);
@@ -140,63 +137,50 @@ fn watch<'s>(
     hashing: &rayon_core::ScopeFifo<'s>,
 ) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    // Each page image created, and whether CRIU closed it.
     let mut followed: HashMap<PathBuf, Arc<AtomicBool>> = HashMap::new();
-    std::thread::scope(|followers| {
-        // Events already queued when asked to stop are still taken: a page image closed just
-        // before the last dump ended is hashed here, not again after the thaw.
-        loop {
-            let stopping = stop.load(Ordering::SeqCst);
-            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-            let ready = poll(&mut fds, PollTimeout::from(if stopping { 0u8 } else { 20u8 })).unwrap_or(0);
-            if ready == 0 {
-                if stopping {
-                    break;
-                }
+    // Events already queued when asked to stop are still taken: a page image closed just
+    // before the last dump ended is hashed here, not again after the thaw.
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        let ready = poll(&mut fds, PollTimeout::from(if stopping { 0u8 } else { 20u8 })).unwrap_or(0);
+        if ready == 0 {
+            if stopping {
+                break;
+            }
+            continue;
+        }
+        for event in inotify.read_events().unwrap_or_default() {
+            let (Some(dir), Some(name)) = (watched.get(&event.wd), event.name) else {
+                continue;
+            };
+            let name = name.to_string_lossy();
+            if !(name.starts_with("pages-") && name.ends_with(".img")) {
                 continue;
             }
-            for event in inotify.read_events().unwrap_or_default() {
-                let (Some(dir), Some(name)) = (watched.get(&event.wd), event.name) else {
-                    continue;
-                };
-                let name = name.to_string_lossy();
-                if !(name.starts_with("pages-") && name.ends_with(".img")) {
-                    continue;
-                }
-                let path = dir.join(name.as_ref());
-                if event.mask.contains(AddWatchFlags::IN_CREATE) {
-                    if followed.len() < MAX_FOLLOWED && !followed.contains_key(&path) {
-                        let closed = Arc::new(AtomicBool::new(false));
-                        let (at, flag) = (path.clone(), closed.clone());
-                        let spawned = std::thread::Builder::new()
-                            .name("prehash-follow".into())
-                            .spawn_scoped(followers, move || follow(&at, &flag, stop, urgent, done));
-                        match spawned {
-                            Ok(_) => {
-                                followed.insert(path, closed);
-                            }
-                            Err(e) => log::debug!("a page image is hashed once closed (thread: {e})"),
-                        }
+            let path = dir.join(name.as_ref());
+            if event.mask.contains(AddWatchFlags::IN_CREATE) {
+                let closed = followed.entry(path.clone()).or_default().clone();
+                hashing.spawn_fifo(move |_| follow(&path, &closed, stop, urgent, done));
+            } else if let Some(closed) = followed.get(&path) {
+                closed.store(true, Ordering::SeqCst);
+            } else {
+                // Closed, never seen created (made before the watch): hashed as it is.
+                hashing.spawn_fifo(move |_| {
+                    // Stopped without being waited for: the dump failed, its output goes.
+                    if stop.load(Ordering::SeqCst) && !urgent.load(Ordering::SeqCst) {
+                        return;
                     }
-                    continue;
-                }
-                // Closed: the follower reads to the end; one not followed is hashed now.
-                match followed.get(&path) {
-                    Some(closed) => closed.store(true, Ordering::SeqCst),
-                    None => hashing.spawn_fifo(move |_| {
-                        // Stopped without being waited for: the dump failed, its output goes.
-                        if stop.load(Ordering::SeqCst) && !urgent.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        hash_one(&path, urgent, done)
-                    }),
-                }
+                    hash_one(&path, urgent, done)
+                });
             }
         }
-        // Asked to stop: every CRIU has ended (or the dump failed), nothing writes any more.
-        for closed in followed.values() {
-            closed.store(true, Ordering::SeqCst);
-        }
-    });
+    }
+    // Asked to stop: every CRIU has ended (or the dump failed), nothing writes any more.
+    for closed in followed.values() {
+        closed.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Follows the page image at `path` while CRIU appends to it (see the module documentation),
