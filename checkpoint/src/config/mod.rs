@@ -61,6 +61,17 @@
 //! trusted_keys = ["/etc/podsnap/trusted/node-a.pub"]
 //! # true: push without a signing key and pull unsigned or untrusted checkpoints (a warning).
 //! allow_unsigned = false
+//!
+//! # Live migration between nodes (`podsnap migrate --to-node`, `podsnap receive`, `podsnap
+//! # drain`): each side proves itself with its key; only the listed peers are spoken to.
+//! [migration]
+//! # This node's ed25519 private key (PKCS#8 PEM, as `signing_key`; mode 0600 or stricter).
+//! key = "/etc/podsnap/migration.pem"
+//! # Public keys (SubjectPublicKeyInfo PEM) of the nodes this node exchanges pods with.
+//! peers = ["/etc/podsnap/peers/node-b.pub"]
+//! # A peer silent this long (no frame, heartbeats included) is lost; also bounds connecting
+//! # and the handshake. Default 10, at most 3600.
+//! peer_timeout_seconds = 10
 //! ```
 
 use std::collections::BTreeMap;
@@ -119,6 +130,9 @@ pub struct NodeConfig {
     /// Which registries checkpoints travel through, and the keys that sign them.
     #[serde(default)]
     pub registry: RegistryPolicy,
+    /// This node's identity for live migration and the nodes it trusts.
+    #[serde(default)]
+    pub migration: MigrationPolicy,
     /// The file this was read from (`None`: defaults, no file).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -235,6 +249,70 @@ impl RegistryPolicy {
             host.to_ascii_lowercase().as_str(),
             "localhost" | "127.0.0.1" | "[::1]"
         ) || self.insecure.iter().any(|e| registry_matches(e, registry))
+    }
+}
+
+/// Live migration between nodes: the node's own key and the keys of its peers. Read by the
+/// coordinator only (the channel itself lives there); parsed here with the rest of the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationPolicy {
+    /// This node's ed25519 private key (PKCS#8 PEM).
+    pub key: Option<PathBuf>,
+    /// Public keys (SubjectPublicKeyInfo PEM) of the nodes pods may move to and from.
+    pub peers: Vec<PathBuf>,
+    /// How long a peer may stay silent before it counts as lost; [`DEFAULT_PEER_TIMEOUT`] when
+    /// `None`.
+    pub peer_timeout_seconds: Option<u64>,
+}
+
+/// How long a migration peer may stay silent unless `[migration] peer_timeout_seconds` says.
+pub const DEFAULT_PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest `[migration] peer_timeout_seconds` accepted.
+pub const MAX_PEER_TIMEOUT_SECONDS: u64 = 3600;
+
+impl MigrationPolicy {
+    /// How long a peer may stay silent.
+    pub fn peer_timeout(&self) -> std::time::Duration {
+        self.peer_timeout_seconds
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(DEFAULT_PEER_TIMEOUT)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        for path in self.key.iter().chain(&self.peers) {
+            if !path.is_absolute() {
+                return Err(format!(
+                    "[migration] key file {} is not an absolute path",
+                    path.display()
+                ));
+            }
+        }
+        if let Some(twice) = self
+            .peers
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| self.peers[..i].contains(p).then_some(p))
+        {
+            return Err(format!(
+                "[migration] peers lists {} twice",
+                twice.display()
+            ));
+        }
+        if self.key.is_none() && !self.peers.is_empty() {
+            return Err(
+                "[migration] peers without a key: give this node's own ed25519 private key as \
+                 [migration] key (PKCS#8 PEM, `openssl genpkey -algorithm ed25519`)"
+                    .into(),
+            );
+        }
+        match self.peer_timeout_seconds {
+            Some(0) => Err("[migration] peer_timeout_seconds = 0: give at least 1".into()),
+            Some(n) if n > MAX_PEER_TIMEOUT_SECONDS => Err(format!(
+                "[migration] peer_timeout_seconds = {n} is more than {MAX_PEER_TIMEOUT_SECONDS}"
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -376,6 +454,7 @@ impl NodeConfig {
                 "registry {bad:?} is not a registry host (give host or host:port, no scheme or path)"
             ));
         }
+        config.migration.check()?;
         if let Some(bad) = config.restore.host_paths.iter().find(|p| !p.is_absolute()) {
             return Err(format!(
                 "restore.host_paths: {} is not an absolute path",
@@ -579,6 +658,45 @@ b = ["a"]
         assert!(err.contains("enable"), "{err}");
         assert!(NodeConfig::parse("checkpoint_root = \"rel\"").is_err());
         assert!(NodeConfig::parse("[restore]\nnamespaces = \"a\"").is_err());
+    }
+
+    #[test]
+    fn the_migration_section_parses_and_is_checked() {
+        let c = NodeConfig::parse("").expect("defaults");
+        assert_eq!(c.migration, MigrationPolicy::default());
+        assert_eq!(c.migration.peer_timeout(), DEFAULT_PEER_TIMEOUT);
+        let c = NodeConfig::parse(
+            r#"
+[migration]
+key = "/etc/podsnap/migration.pem"
+peers = ["/etc/podsnap/peers/b.pub", "/etc/podsnap/peers/c.pub"]
+peer_timeout_seconds = 3
+"#,
+        )
+        .expect("parses");
+        let m = &c.migration;
+        assert_eq!(m.key, Some(PathBuf::from("/etc/podsnap/migration.pem")));
+        assert_eq!(m.peers.len(), 2);
+        assert_eq!(m.peer_timeout(), std::time::Duration::from_secs(3));
+        for (bad, says) in [
+            ("[migration]\nkey = \"migration.pem\"", "not an absolute path"),
+            (
+                "[migration]\nkey = \"/k.pem\"\npeers = [\"peers/b.pub\"]",
+                "peers/b.pub",
+            ),
+            ("[migration]\npeers = [\"/b.pub\"]", "without a key"),
+            (
+                "[migration]\nkey = \"/k.pem\"\npeers = [\"/b.pub\", \"/b.pub\"]",
+                "twice",
+            ),
+            ("[migration]\npeer_timeout_seconds = 0", "at least 1"),
+            ("[migration]\npeer_timeout_seconds = 86400", "more than 3600"),
+            ("[migration]\npeer = [\"/b.pub\"]", "peer"),
+            ("[migration]\npeers = \"/b.pub\"", "peers"),
+        ] {
+            let err = NodeConfig::parse(bad).expect_err(bad);
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]
