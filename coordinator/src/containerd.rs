@@ -128,6 +128,56 @@ impl Containerd {
     }
 }
 
+impl Containerd {
+    /// Freezes a task (Tasks.Pause): its processes stay as they are until [`Self::resume_task`].
+    pub async fn pause_task(&self, container_id: &str) -> Result<(), Error> {
+        let req = containerd_client::services::v1::PauseTaskRequest {
+            container_id: container_id.to_owned(),
+        };
+        TasksClient::new(self.channel.clone())
+            .pause(self.request(req))
+            .await
+            .map_err(|status| Error::Call {
+                what: format!("pause task {container_id}"),
+                status: Box::new(status),
+            })
+            .map(drop)
+    }
+
+    /// Thaws a paused task (Tasks.Resume).
+    pub async fn resume_task(&self, container_id: &str) -> Result<(), Error> {
+        let req = containerd_client::services::v1::ResumeTaskRequest {
+            container_id: container_id.to_owned(),
+        };
+        TasksClient::new(self.channel.clone())
+            .resume(self.request(req))
+            .await
+            .map_err(|status| Error::Call {
+                what: format!("resume task {container_id}"),
+                status: Box::new(status),
+            })
+            .map(drop)
+    }
+
+    /// Sends SIGKILL to every process of a task (Tasks.Kill with `all`).
+    pub async fn kill_task(&self, container_id: &str) -> Result<(), Error> {
+        let req = containerd_client::services::v1::KillRequest {
+            container_id: container_id.to_owned(),
+            exec_id: String::new(),
+            signal: libc::SIGKILL as u32,
+            all: true,
+        };
+        TasksClient::new(self.channel.clone())
+            .kill(self.request(req))
+            .await
+            .map_err(|status| Error::Call {
+                what: format!("kill task {container_id}"),
+                status: Box::new(status),
+            })
+            .map(drop)
+    }
+}
+
 /// A call that failed at (or just before) the caller's own timeout failed because of it, however
 /// the transport said so (tonic's "Timeout expired", or the stream reset as containerd gives up
 /// at the deadline it was handed: "h2 protocol error"): said as a deadline, with what came.

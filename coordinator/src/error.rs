@@ -79,6 +79,9 @@ pub enum Error {
     /// Installing on or uninstalling from a node failed (`podsnap node`).
     #[error(transparent)]
     Node(#[from] crate::node::Error),
+    /// A migration between nodes failed (the channel, the peer, or what it said).
+    #[error(transparent)]
+    Migration(#[from] crate::migrate::Error),
     /// A restore failed after it had created something; says what was removed and what not.
     #[error("{source}\n{cleanup}")]
     RolledBack {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod group;
 pub mod inspect;
 pub mod list;
+pub mod migrate;
 pub mod node;
 pub mod oci;
 pub mod pod;

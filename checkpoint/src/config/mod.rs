@@ -294,10 +294,7 @@ impl MigrationPolicy {
             .enumerate()
             .find_map(|(i, p)| self.peers[..i].contains(p).then_some(p))
         {
-            return Err(format!(
-                "[migration] peers lists {} twice",
-                twice.display()
-            ));
+            return Err(format!("[migration] peers lists {} twice", twice.display()));
         }
         if self.key.is_none() && !self.peers.is_empty() {
             return Err(

@@ -36,10 +36,16 @@ pub(crate) enum Command {
     Dump(DumpArgs),
     /// Recreate a checkpointed pod (new sandbox, new IP), its containers restored in order.
     Restore(RestoreArgs),
-    /// Move a pod off this node: dump it stopped at the snapshot, push the checkpoint to an OCI
-    /// registry, and print the time each phase took (then `podsnap restore --from REF` on the
-    /// target node).
+    /// Move a pod off this node. `--to REF`: dump it stopped at the snapshot, push the
+    /// checkpoint to an OCI registry, and print the time each phase took (then `podsnap restore
+    /// --from REF` on the target node). `--to-node HOST:PORT`: straight to another node running
+    /// `podsnap receive` (mutual TLS with the keys of `[migration]`); the pod is paused, not
+    /// stopped, until the target runs it, and resumed if anything fails before.
     Migrate(MigrateArgs),
+    /// Receive pods that other nodes move here with `podsnap migrate --to-node`, one at a
+    /// time: each checkpoint is verified into the checkpoint root and restored through CRI as
+    /// `podsnap restore` does. Only nodes whose keys are in `[migration] peers` are answered.
+    Receive(ReceiveArgs),
     /// Verify a checkpoint's digests and show what it holds.
     Inspect {
         /// The checkpoint directory.
@@ -226,8 +232,16 @@ pub(crate) struct MigrateArgs {
     #[arg(long)]
     pub(crate) pod: String,
     /// Where to push the checkpoint (an image reference).
-    #[arg(long, value_name = "REF")]
-    pub(crate) to: String,
+    #[arg(
+        long,
+        value_name = "REF",
+        required_unless_present = "to_node",
+        conflicts_with = "to_node"
+    )]
+    pub(crate) to: Option<String>,
+    /// Move the pod straight to the node listening there (`podsnap receive --listen`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) to_node: Option<String>,
     /// Keep established TCP connections (they go on if the target gives the pod its address).
     #[arg(long)]
     pub(crate) tcp_established: bool,
@@ -240,6 +254,22 @@ pub(crate) struct MigrateArgs {
     /// zstd level of the pushed layers (1-19).
     #[arg(long, default_value_t = oci::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub(crate) zstd_level: i32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ReceiveArgs {
+    /// The address to listen on (`HOST:PORT`, e.g. `0.0.0.0:7443`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) listen: String,
+    /// Exit after the first migration (its result is the exit status).
+    #[arg(long)]
+    pub(crate) once: bool,
+    /// kubelet's pod directories (emptyDir volumes are made under them).
+    #[arg(long, default_value = DEFAULT_PODS_DIR)]
+    pub(crate) pods_dir: PathBuf,
+    /// kubelet's pod log directories.
+    #[arg(long, default_value = DEFAULT_LOGS_DIR)]
+    pub(crate) logs_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +342,34 @@ mod tests {
         assert!(matches!(cli.command, Command::Push { zstd_level: 9, .. }));
         assert!(Cli::try_parse_from(["podsnap", "push", "/x", "reg/ckpt:1", "--zstd-level", "30"]).is_err());
         // The same levels, and the same default, for every command that pushes.
+        let cli =
+            Cli::try_parse_from(["podsnap", "migrate", "--pod", "p", "--to-node", "b:7443"]).expect("parses");
+        assert!(matches!(cli.command, Command::Migrate(a) if a.to_node.as_deref() == Some("b:7443")));
+        assert!(
+            Cli::try_parse_from(["podsnap", "migrate", "--pod", "p"]).is_err(),
+            "--to or --to-node"
+        );
+        assert!(
+            Cli::try_parse_from([
+                "podsnap",
+                "migrate",
+                "--pod",
+                "p",
+                "--to",
+                "r/c:1",
+                "--to-node",
+                "b:1"
+            ])
+            .is_err(),
+            "not both"
+        );
+        let cli = Cli::try_parse_from(["podsnap", "receive", "--listen", "0.0.0.0:7443", "--once"])
+            .expect("parses");
+        assert!(matches!(cli.command, Command::Receive(a) if a.once && a.listen == "0.0.0.0:7443"));
+        assert!(
+            Cli::try_parse_from(["podsnap", "receive"]).is_err(),
+            "--listen is required"
+        );
         let cli =
             Cli::try_parse_from(["podsnap", "migrate", "--pod", "p", "--to", "reg/ckpt:1"]).expect("parses");
         assert!(matches!(cli.command, Command::Migrate(a) if a.zstd_level == oci::DEFAULT_ZSTD_LEVEL));

@@ -1,4 +1,4 @@
-//! `podsnap dump` and `podsnap migrate` (a dump, stopped, pushed while it finishes).
+//! `podsnap dump` and `podsnap migrate --to REF` (a dump, stopped, pushed while it finishes).
 
 use std::path::{Path, PathBuf};
 
@@ -67,12 +67,17 @@ pub(crate) fn migrate(ctx: &Context, args: MigrateArgs) -> anyhow::Result<()> {
     let mut request = ctx.dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
     request.stop = true;
     request.carry_volumes = args.volumes;
+    let to = match (args.to, args.to_node) {
+        (_, Some(node)) => return super::receive::migrate_to_node(ctx, &request, &node),
+        (Some(to), None) => to,
+        (None, None) => anyhow::bail!("migrate takes --to REF or --to-node HOST:PORT"),
+    };
     let started = std::time::Instant::now();
     let (dumped, pushed) = dump_and_push(
         &ctx.runtime,
         &ctx.config,
         &request,
-        Some((args.to.clone(), args.zstd_level)),
+        Some((to.clone(), args.zstd_level)),
     )?;
     println!(
         "phases       dump {:.2?} (frozen {:.2?}), push {:.2?}; {:.2?} in all",
@@ -81,10 +86,7 @@ pub(crate) fn migrate(ctx: &Context, args: MigrateArgs) -> anyhow::Result<()> {
         pushed.unwrap_or_default(),
         started.elapsed()
     );
-    println!(
-        "next         on the target node: podsnap restore --from {}",
-        args.to
-    );
+    println!("next         on the target node: podsnap restore --from {to}");
     Ok(())
 }
 /// What `dump_and_push` reports of its dump.

@@ -1,5 +1,6 @@
 //! The `podsnap` commands, one file per group: `dump.rs` (dump, migrate), `restore.rs`,
-//! `store.rs` (list, rm, inspect), `registry.rs` (push, pull), `node.rs` (node install,
+//! `store.rs` (list, rm, inspect), `registry.rs` (push, pull), `receive.rs` (receive, and
+//! migrate --to-node), `node.rs` (node install,
 //! uninstall, status). `args.rs` holds the command line; `run` builds what every command
 //! shares ([`Context`]) and dispatches.
 
@@ -7,6 +8,7 @@ pub(crate) mod args;
 mod dump;
 pub(crate) mod logging;
 mod node;
+mod receive;
 mod registry;
 mod restore;
 mod store;
@@ -87,6 +89,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(_) => unreachable!("handled above"),
         Command::Dump(args) => dump::dump(&ctx, args),
         Command::Migrate(args) => dump::migrate(&ctx, args),
+        Command::Receive(args) => receive::run(&ctx, args),
         Command::Restore(args) => restore::run(ctx, args),
         Command::List(args) => store::list(&ctx, args),
         Command::Rm { names } => store::rm(&ctx, names),

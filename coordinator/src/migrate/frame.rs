@@ -13,7 +13,7 @@ pub const MAX_MESSAGE_BYTES: u32 = 64 * 1024;
 pub const MAX_DATA_BYTES: u32 = 256 * 1024;
 /// The largest manifest frame (the checkpoint format's own cap on `manifest.json`).
 pub const MAX_MANIFEST_BYTES: u32 = {
-    let max = podsnap_checkpoint::manifest::MAX_MANIFEST_BYTES;
+    let max = podsnap_checkpoint::format::manifest::MAX_MANIFEST_BYTES;
     assert!(max <= u32::MAX as u64);
     max as u32
 };
@@ -25,7 +25,6 @@ const KIND_MESSAGE: u8 = 1;
 const KIND_DATA: u8 = 2;
 const KIND_MANIFEST: u8 = 3;
 const KIND_PING: u8 = 4;
-const KIND_CLOSED: u8 = 5;
 const HEADER_BYTES: usize = 5;
 
 /// One frame.
@@ -33,29 +32,22 @@ const HEADER_BYTES: usize = 5;
 pub enum Frame {
     /// A protocol message.
     Message(Message),
-    /// Bytes of a file or of a page stream (1 byte to [`MAX_DATA_BYTES`]).
+    /// Bytes of a file (1 byte to [`MAX_DATA_BYTES`]).
     Data(Bytes),
     /// A checkpoint's `manifest.json`, byte for byte.
     Manifest(Bytes),
     /// A heartbeat.
     Ping,
-    /// Page streams: the CRIU on the sender's side closed its end.
-    Closed,
 }
 
 /// What a connection is for (`hello`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Purpose {
-    /// The migration's control and bulk connection; `ticket` names the migration on the kubelet
-    /// path (the keys are the authentication, the ticket only says which migration).
+    /// A migration: its control messages and its files on one connection. `ticket` will name
+    /// the migration on the kubelet path (the keys are the authentication, the ticket only
+    /// says which migration); `podsnap receive` takes none.
     Control { ticket: Option<String> },
-    /// One container's CRIU page stream of a migration.
-    PageStream {
-        session: String,
-        container: String,
-        token: String,
-    },
 }
 
 /// The client's first message.
@@ -86,14 +78,27 @@ pub enum Message {
     Hello(Hello),
     /// The server takes the connection for what `hello` said.
     Accept,
-    /// The server does not (an unknown ticket or session, no capacity, a policy).
+    /// The server does not (a ticket it does not know, a migration already running, a
+    /// policy); or, after the source's manifest, the target will not take this checkpoint.
     Refuse { reason: String },
-    /// A file follows: exactly `size` bytes of data frames, then `file_end`.
+    /// A file of the checkpoint follows (source to target): exactly `size` bytes of data
+    /// frames. `path` is relative to the checkpoint and listed in its manifest.
     File { path: String, size: u64 },
-    /// The end of a file: the BLAKE3 digest of its bytes (hex).
-    FileEnd { blake3: String },
-    /// The target has every page of this container (its lazy-pages daemon exited 0).
-    Done { container: String },
+    /// The target restored the pod and every container runs (target to source).
+    Restored {
+        /// The new pod's namespace/name.
+        pod: String,
+        /// The new sandbox id.
+        id: String,
+        /// The new pod IP (empty for a host-network pod).
+        ip: String,
+        /// The containers running.
+        containers: Vec<String>,
+    },
+    /// The source stops its pod: the target keeps the one it restored (source to target).
+    Commit,
+    /// The target keeps its pod (target to source): the source's pod may go.
+    Kept,
     /// The migration is abandoned; say why.
     Abort { reason: String },
 }
@@ -108,21 +113,21 @@ impl Message {
                 let node = one(&hello.node, "node");
                 match &hello.purpose {
                     Purpose::Control { ticket } => node.max(one(ticket.as_deref().unwrap_or(""), "ticket")),
-                    Purpose::PageStream {
-                        session,
-                        container,
-                        token,
-                    } => node
-                        .max(one(session, "session"))
-                        .max(one(container, "container"))
-                        .max(one(token, "token")),
                 }
             }
-            Message::Accept => (0, ""),
+            Message::Accept | Message::Commit | Message::Kept => (0, ""),
             Message::Refuse { reason } | Message::Abort { reason } => one(reason, "reason"),
             Message::File { path, .. } => one(path, "path"),
-            Message::FileEnd { blake3 } => one(blake3, "blake3"),
-            Message::Done { container } => one(container, "container"),
+            Message::Restored {
+                pod,
+                id,
+                ip,
+                containers,
+            } => containers
+                .iter()
+                .fold(one(pod, "pod").max(one(id, "id")).max(one(ip, "ip")), |m, c| {
+                    m.max(one(c, "containers"))
+                }),
         }
     }
 }
@@ -149,7 +154,6 @@ fn cap(kind: u8) -> Option<(u32, &'static str)> {
         KIND_DATA => (MAX_DATA_BYTES, "data"),
         KIND_MANIFEST => (MAX_MANIFEST_BYTES, "manifest"),
         KIND_PING => (0, "ping"),
-        KIND_CLOSED => (0, "closed"),
         _ => return None,
     })
 }
@@ -192,8 +196,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<F
         }
         KIND_DATA => Frame::Data(payload),
         KIND_MANIFEST => Frame::Manifest(payload),
-        KIND_PING => Frame::Ping,
-        _ => Frame::Closed,
+        _ => Frame::Ping,
     }))
 }
 
@@ -215,17 +218,22 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -
         Frame::Data(data) => (KIND_DATA, data),
         Frame::Manifest(bytes) => (KIND_MANIFEST, bytes),
         Frame::Ping => (KIND_PING, &[]),
-        Frame::Closed => (KIND_CLOSED, &[]),
     };
     let Some((max, name)) = cap(kind) else {
         return Err(std::io::Error::other(format!("frame kind {kind} has no cap")));
     };
-    let len = u32::try_from(payload.len()).ok().filter(|l| *l <= max).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("a {name} frame of {} bytes, more than the {max} allowed", payload.len()),
-        )
-    })?;
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a {name} frame of {} bytes, more than the {max} allowed",
+                    payload.len()
+                ),
+            )
+        })?;
     if kind == KIND_DATA && len == 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -270,18 +278,13 @@ mod tests {
     async fn frames_round_trip() {
         for frame in [
             Frame::Ping,
-            Frame::Closed,
             Frame::Data(Bytes::from_static(b"pages")),
             Frame::Data(Bytes::from(vec![7u8; MAX_DATA_BYTES as usize])),
             Frame::Manifest(Bytes::from_static(b"{\"format\":1}")),
             Frame::Message(Message::Hello(Hello {
                 protocol: PROTOCOL,
                 node: "node-a".into(),
-                purpose: Purpose::PageStream {
-                    session: "s".into(),
-                    container: "app".into(),
-                    token: "t".into(),
-                },
+                purpose: Purpose::Control { ticket: None },
             })),
             Frame::Message(Message::Welcome {
                 protocols: vec![PROTOCOL],
@@ -295,6 +298,14 @@ mod tests {
             Frame::Message(Message::Abort {
                 reason: "restore failed".into(),
             }),
+            Frame::Message(Message::Restored {
+                pod: "default/web".into(),
+                id: "0123".into(),
+                ip: "10.0.0.2".into(),
+                containers: vec!["app".into(), "sidecar".into()],
+            }),
+            Frame::Message(Message::Commit),
+            Frame::Message(Message::Kept),
         ] {
             assert_eq!(round_trip(frame.clone()).await, frame);
         }
@@ -307,15 +318,18 @@ mod tests {
         // Only the header is on the wire: a reader that tried to read (or allocate) the
         // announced payload would fail with an early end instead.
         let err = read_err(&header(KIND_DATA, MAX_DATA_BYTES + 1)).await;
-        assert!(err.contains("data frame of 262145 bytes, more than the 262144"), "{err}");
+        assert!(
+            err.contains("data frame of 262145 bytes, more than the 262144"),
+            "{err}"
+        );
         let err = read_err(&header(KIND_MESSAGE, MAX_MESSAGE_BYTES + 1)).await;
         assert!(err.contains("message frame"), "{err}");
         let err = read_err(&header(KIND_MANIFEST, u32::MAX)).await;
         assert!(err.contains("manifest frame of 4294967295 bytes"), "{err}");
         let err = read_err(&header(KIND_PING, 1)).await;
         assert!(err.contains("ping frame of 1 bytes"), "{err}");
-        let err = read_err(&header(KIND_CLOSED, 8)).await;
-        assert!(err.contains("closed frame"), "{err}");
+        let err = read_err(&header(5, 0)).await;
+        assert!(err.contains("unknown frame kind 5"), "{err}");
         let err = read_err(&header(9, 0)).await;
         assert!(err.contains("unknown frame kind 9"), "{err}");
         let err = read_err(&header(KIND_DATA, 0)).await;
@@ -335,7 +349,7 @@ mod tests {
             wire.extend_from_slice(json.as_bytes());
             wire
         };
-        let err = read_err(&frame("{\"type\":\"accept\",\"extra\":1}")).await;
+        let err = read_err(&frame("{\"type\":\"refuse\",\"reason\":\"r\",\"extra\":1}")).await;
         assert!(err.contains("does not parse"), "{err}");
         let err = read_err(&frame("{\"type\":\"launch\"}")).await;
         assert!(err.contains("does not parse"), "{err}");

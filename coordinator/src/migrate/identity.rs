@@ -29,7 +29,9 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -247,7 +249,10 @@ fn read_capped(file: File, path: &Path) -> Result<String> {
             source,
         })?;
     if text.len() as u64 > MAX_KEY_FILE_BYTES {
-        return Err(bad_key(path, format!("is larger than {MAX_KEY_FILE_BYTES} bytes")));
+        return Err(bad_key(
+            path,
+            format!("is larger than {MAX_KEY_FILE_BYTES} bytes"),
+        ));
     }
     Ok(text)
 }
@@ -324,8 +329,11 @@ pub(crate) mod tests {
 
         let err = Peers::load(std::slice::from_ref(&a_key)).expect_err("a private key as peer");
         assert!(err.to_string().contains("-pubout"), "{err}");
-        let err = Identity::load(&a_pub).err().expect("a public key as own key");
-        assert!(err.to_string().contains("chmod") || err.to_string().contains("PKCS#8"), "{err}");
+        let err = Identity::load(&a_pub).expect_err("a public key as own key");
+        assert!(
+            err.to_string().contains("chmod") || err.to_string().contains("PKCS#8"),
+            "{err}"
+        );
         let garbage = dir.path().join("garbage.pub");
         std::fs::write(&garbage, "hello").expect("write");
         let err = Peers::load(&[garbage]).expect_err("garbage");

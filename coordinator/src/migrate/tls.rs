@@ -28,8 +28,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{AlwaysResolvesServerRawPublicKeys, NoServerSessionStorage};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
 
 use super::error::{Error, Result};
@@ -87,8 +86,7 @@ impl Pinned {
         log::warn!(
             "migration: refusing a peer: {}",
             match &refusal {
-                Refusal::NotListed { key_id } =>
-                    format!("its key {key_id} is not one of [migration] peers"),
+                Refusal::NotListed { key_id } => format!("its key {key_id} is not one of [migration] peers"),
                 Refusal::Invalid(reason) => reason.clone(),
             }
         );
@@ -100,7 +98,11 @@ impl Pinned {
         rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
     }
 
-    fn check(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> std::result::Result<(), rustls::Error> {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> std::result::Result<(), rustls::Error> {
         if !intermediates.is_empty() {
             return Err(self.refuse(Refusal::Invalid(format!(
                 "it presented {} keys, not one",
@@ -252,11 +254,7 @@ impl Tls {
             .map_err(|e| config_error(format!("TLS cannot use it: {e}")))?;
         let spki = identity.spki_der()?;
         let key = Arc::new(CertifiedKey::new(vec![CertificateDer::from(spki)], signer));
-        Ok(Tls {
-            provider,
-            key,
-            peers,
-        })
+        Ok(Tls { provider, key, peers })
     }
 
     /// A server configuration for one connection, and its verifier.
@@ -266,9 +264,7 @@ impl Tls {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| self.unusable(e))?
             .with_client_cert_verifier(pinned.clone())
-            .with_cert_resolver(Arc::new(AlwaysResolvesServerRawPublicKeys::new(
-                self.key.clone(),
-            )));
+            .with_cert_resolver(Arc::new(AlwaysResolvesServerRawPublicKeys::new(self.key.clone())));
         config.alpn_protocols = vec![ALPN.to_vec()];
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
@@ -284,9 +280,7 @@ impl Tls {
             .map_err(|e| self.unusable(e))?
             .dangerous()
             .with_custom_certificate_verifier(pinned.clone())
-            .with_client_cert_resolver(Arc::new(AlwaysResolvesClientRawPublicKeys::new(
-                self.key.clone(),
-            )));
+            .with_client_cert_resolver(Arc::new(AlwaysResolvesClientRawPublicKeys::new(self.key.clone())));
         config.alpn_protocols = vec![ALPN.to_vec()];
         config.resumption = Resumption::disabled();
         config.enable_sni = false;

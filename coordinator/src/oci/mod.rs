@@ -119,6 +119,7 @@ pub use layer::*;
 pub use pull::*;
 pub use push::*;
 pub use sign::*;
+pub(crate) use unpack::ListedFile;
 use unpack::*;
 
 #[cfg(test)]

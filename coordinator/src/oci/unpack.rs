@@ -110,58 +110,22 @@ pub(super) fn unpack_stream(
             if kind != tar::EntryType::Regular {
                 return Err(format!("entry {name:?} is a {kind:?}, not a regular file"));
             }
-            let rel = safe_relative(&name).map_err(|e| format!("entry {name:?}: {e}"))?;
-            let listed = manifest
-                .files
-                .get(&name)
-                .ok_or_else(|| format!("entry {name:?} is not a file of the checkpoint"))?;
+            safe_relative(&name).map_err(|e| format!("entry {name:?}: {e}"))?;
+            if !manifest.files.contains_key(&name) {
+                return Err(format!("entry {name:?} is not a file of the checkpoint"));
+            }
             if part_of(&name) != part {
                 return Err(format!("entry {name:?} belongs to part {}", part_of(&name)));
             }
-            if entry.size() != listed.size {
-                return Err(format!(
-                    "entry {name:?} is {} bytes, the manifest lists {}",
-                    entry.size(),
-                    listed.size
-                ));
-            }
-            let path = staging.join(rel);
-            if let Some(parent) = path.parent() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(parent)
-                    .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-            }
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(|e| format!("creating {}: {e}", path.display()))?;
-            let mut digest = StreamDigest::new(manifest.digest_algorithm);
-            let mut copied = 0u64;
+            let mut out = ListedFile::create(staging, manifest, &name, entry.size())?;
             loop {
                 let n = read_full(&mut entry, &mut buf).map_err(|e| format!("entry {name:?}: {e}"))?;
                 if n == 0 {
                     break;
                 }
-                digest.update(&buf[..n]);
-                out.write_all(&buf[..n])
-                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
-                copied += n as u64;
+                out.write(&buf[..n])?;
             }
-            if copied != listed.size {
-                return Err(format!("entry {name:?} ends after {copied} bytes"));
-            }
-            let got = digest.finish();
-            if !got.eq_ignore_ascii_case(&listed.digest) {
-                return Err(format!(
-                    "entry {name:?} has digest {got}, the manifest lists {}",
-                    listed.digest
-                ));
-            }
+            out.finish()?;
         }
         if long_name.is_some() {
             return Err("a long name describing no entry".into());
@@ -184,4 +148,100 @@ pub(super) fn unpack_stream(
         return Err(format!("its content has digest {got}, not {digest}"));
     }
     Ok(size)
+}
+
+/// One file of a checkpoint being written into a staging directory from a stream (a registry
+/// layer, a migration): listed in the manifest, of the listed size, created once (0600,
+/// `O_NOFOLLOW`, parents 0700), its digest checked at the end.
+pub(crate) struct ListedFile {
+    name: String,
+    path: std::path::PathBuf,
+    out: std::fs::File,
+    digest: StreamDigest,
+    listed_size: u64,
+    listed_digest: String,
+    written: u64,
+}
+
+impl ListedFile {
+    /// Creates `name` (relative to the checkpoint) in `staging`, announced as `size` bytes.
+    pub(crate) fn create(
+        staging: &Path,
+        manifest: &Manifest,
+        name: &str,
+        size: u64,
+    ) -> std::result::Result<ListedFile, String> {
+        let rel = safe_relative(name).map_err(|e| format!("entry {name:?}: {e}"))?;
+        let listed = manifest
+            .files
+            .get(name)
+            .ok_or_else(|| format!("entry {name:?} is not a file of the checkpoint"))?;
+        if size != listed.size {
+            return Err(format!(
+                "entry {name:?} is {size} bytes, the manifest lists {}",
+                listed.size
+            ));
+        }
+        let path = staging.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        Ok(ListedFile {
+            name: name.to_owned(),
+            path,
+            out,
+            digest: StreamDigest::new(manifest.digest_algorithm),
+            listed_size: listed.size,
+            listed_digest: listed.digest.clone(),
+            written: 0,
+        })
+    }
+
+    /// Bytes still expected.
+    pub(crate) fn remaining(&self) -> u64 {
+        self.listed_size - self.written
+    }
+
+    /// Appends `data` (refused past the listed size).
+    pub(crate) fn write(&mut self, data: &[u8]) -> std::result::Result<(), String> {
+        if data.len() as u64 > self.remaining() {
+            return Err(format!(
+                "entry {:?} is longer than the {} bytes the manifest lists",
+                self.name, self.listed_size
+            ));
+        }
+        self.digest.update(data);
+        self.out
+            .write_all(data)
+            .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Checks the size and the digest.
+    pub(crate) fn finish(self) -> std::result::Result<(), String> {
+        let name = &self.name;
+        if self.written != self.listed_size {
+            return Err(format!("entry {name:?} ends after {} bytes", self.written));
+        }
+        let got = self.digest.finish();
+        if !got.eq_ignore_ascii_case(&self.listed_digest) {
+            return Err(format!(
+                "entry {name:?} has digest {got}, the manifest lists {}",
+                self.listed_digest
+            ));
+        }
+        Ok(())
+    }
 }

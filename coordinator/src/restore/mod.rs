@@ -141,6 +141,29 @@ pub struct RestoredPod {
 
 /// Restores a pod from `request.checkpoint_dir`; see the module documentation.
 pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Result<RestoredPod> {
+    restore_undoable(request, progress).await.map(|(pod, _)| pod)
+}
+
+/// What a restore made, to remove it again after it succeeded (a migration whose source does
+/// not commit): the sandbox with its containers, the pod's cgroup and directories.
+#[derive(Debug)]
+pub struct Rollback(Undo);
+
+impl Rollback {
+    /// Removes the restored pod; returns what was removed and what not, for the operator.
+    pub async fn run(self, request: &RestoreRequest) -> String {
+        match crate::cri::connect(&request.runtime_endpoint).await {
+            Ok(clients) => self.0.run(&clients).await,
+            Err(e) => format!("NOT removed (clean up by hand): {:?}: {e}", self.0),
+        }
+    }
+}
+
+/// [`restore`], and what to remove to undo it.
+pub async fn restore_undoable(
+    request: &RestoreRequest,
+    progress: &dyn Progress,
+) -> Result<(RestoredPod, Rollback)> {
     let started = Instant::now();
     let dir = std::fs::canonicalize(&request.checkpoint_dir)
         .map_err(Error::io("open the checkpoint", &request.checkpoint_dir))?;
@@ -223,23 +246,29 @@ pub async fn restore(request: &RestoreRequest, progress: &dyn Progress) -> Resul
             completed,
             left_created,
             ip,
-        }) => Ok(RestoredPod {
-            id,
-            name: plan.pod.name.clone(),
-            namespace: plan.pod.namespace.clone(),
-            uid: plan.pod.uid.clone(),
-            ip,
-            checkpoint,
-            imported,
-            containers,
-            not_rerun: completed.iter().map(|(name, _)| name.clone()).collect(),
-            images_pulled,
-            completed,
-            left_created,
-            pod_dir: plan.pod.pod_dir,
-            log_dir: plan.pod.log_dir,
-            took: started.elapsed(),
-        }),
+        }) => Ok((
+            RestoredPod {
+                id,
+                name: plan.pod.name.clone(),
+                namespace: plan.pod.namespace.clone(),
+                uid: plan.pod.uid.clone(),
+                ip,
+                checkpoint,
+                imported,
+                containers,
+                not_rerun: completed.iter().map(|(name, _)| name.clone()).collect(),
+                images_pulled,
+                completed,
+                left_created,
+                pod_dir: plan.pod.pod_dir,
+                log_dir: plan.pod.log_dir,
+                took: started.elapsed(),
+            },
+            Rollback(Undo {
+                imported: None,
+                ..undo
+            }),
+        )),
         Err(e) => {
             progress.step("restore failed: removing what it created");
             let cleanup = undo.run(&clients).await;

@@ -1,0 +1,116 @@
+//! `podsnap receive --listen ADDR` and `podsnap migrate --to-node HOST:PORT`: direct
+//! migration between two nodes over the `[migration]` channel.
+
+use std::io::Write;
+
+use anyhow::Context as _;
+use podsnap_coordinator::dump::{short, DumpRequest};
+use podsnap_coordinator::migrate::{short_id, source, target, Endpoint};
+use podsnap_coordinator::restore::RestoreRequest;
+use podsnap_coordinator::summary::human_bytes;
+use podsnap_coordinator::{pod, progress};
+
+use super::args::ReceiveArgs;
+use super::Context;
+
+/// This node's migration endpoint, from `[migration]` of the node configuration.
+fn endpoint(ctx: &Context) -> anyhow::Result<Endpoint> {
+    // The channel's tasks need the runtime (the writer task is spawned on it).
+    let _entered = ctx.runtime.enter();
+    Endpoint::from_policy(&ctx.config.migration, &ctx.config.describe())
+        .context("the node's [migration] key and peers")
+}
+
+/// `podsnap receive`.
+pub(crate) fn run(ctx: &Context, args: ReceiveArgs) -> anyhow::Result<()> {
+    let endpoint = endpoint(ctx)?;
+    let mut restore = RestoreRequest::new(ctx.checkpoint_root.clone());
+    restore.runtime_endpoint = ctx.runtime_endpoint.clone();
+    restore.checkpoint_root = ctx.checkpoint_root.clone();
+    restore.pods_dir = args.pods_dir;
+    restore.logs_dir = args.logs_dir;
+    restore.handler = pod::HANDLER.to_owned();
+    restore.config = ctx.config.clone();
+    let request = target::ReceiveRequest {
+        listen: args.listen,
+        restore,
+        once: args.once,
+    };
+    let progress = progress::for_stderr();
+    let key = endpoint.key_id().to_owned();
+    let listening = move |addr: std::net::SocketAddr| {
+        println!("listening    {addr} (this node's key {key})");
+        let _ = std::io::stdout().flush();
+    };
+    let done = |outcome: &podsnap_coordinator::Result<target::Received>| {
+        match outcome {
+            Ok(r) => {
+                println!("received     {} from {}", r.dir.display(), r.peer);
+                println!("files        {} ({})", r.files, human_bytes(r.bytes));
+                println!(
+                    "pod          {}/{} (uid {})",
+                    r.pod.namespace, r.pod.name, r.pod.uid
+                );
+                println!("id           {}", r.pod.id);
+                println!(
+                    "ip           {}",
+                    if r.pod.ip.is_empty() { "-" } else { &r.pod.ip }
+                );
+                for (name, id) in &r.pod.containers {
+                    println!("restored     {name} ({})", short(id));
+                }
+            }
+            Err(e) => println!("failed       {e:#}"),
+        }
+        let _ = std::io::stdout().flush();
+    };
+    ctx.runtime
+        .block_on(target::receive(
+            &request,
+            &endpoint,
+            progress.as_ref(),
+            &listening,
+            &done,
+        ))
+        .context("podsnap receive")?;
+    Ok(())
+}
+
+/// `podsnap migrate --to-node HOST:PORT`.
+pub(crate) fn migrate_to_node(ctx: &Context, request: &DumpRequest, to: &str) -> anyhow::Result<()> {
+    let endpoint = endpoint(ctx)?;
+    let progress = progress::for_stderr();
+    let moved = ctx
+        .runtime
+        .block_on(source::migrate_to_node(request, to, &endpoint, progress.as_ref()));
+    progress.finish();
+    let moved =
+        moved.with_context(|| format!("migrate pod {}/{} to {to}", request.namespace, request.pod))?;
+    println!("moved        {} to {}", moved.pod, moved.target);
+    println!(
+        "target pod   {} (sandbox {}, ip {})",
+        moved.restored_pod,
+        short(&moved.restored_id),
+        if moved.restored_ip.is_empty() {
+            "-"
+        } else {
+            &moved.restored_ip
+        }
+    );
+    println!("containers   {}", moved.containers.join(", "));
+    println!(
+        "sent         {} files ({})",
+        moved.files,
+        human_bytes(moved.bytes)
+    );
+    println!("checkpoint   {} (kept on this node)", moved.checkpoint.display());
+    println!(
+        "phases       dump {:.2?}, send {:.2?}, restore {:.2?}; paused {:.2?} in all",
+        moved.dump, moved.send, moved.restore, moved.paused_for
+    );
+    println!(
+        "source       stopped at the snapshot (key {})",
+        short_id(endpoint.key_id())
+    );
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! `podsnap receive --listen ADDR`: the target of a direct migration. One migration at a
+//! time: the next connection is taken once the current migration is over (kept or undone).
+//!
+//! For each migration: the source's manifest first, checked against the node's restore policy
+//! (a checkpoint this node may not restore is refused before any file is sent); then every
+//! file the manifest lists, written into a staging directory inside the checkpoint root
+//! (`.<name>.tmp-<pid>`, 0700, files 0600, created once, never through a symlink), each of the
+//! listed size and digest as it is written (the same checks as a registry pull:
+//! [`crate::oci::ListedFile`]); nothing unlisted, nothing missing ([`Manifest::load_listed`]);
+//! then renamed to `received-<namespace>-<pod>-<UTC time>` and restored through CRI as
+//! `podsnap restore` does. `restored` goes to the source only once every container runs; the
+//! pod is kept only if the source answers `commit`, and removed (with the received checkpoint)
+//! on any failure before that.
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use std::collections::BTreeSet;
+use std::io::Write;
+
+use podsnap_checkpoint::format::manifest::{Manifest, MANIFEST};
+
+use super::channel::{Channel, Endpoint};
+use super::error::Error as ChannelError;
+use super::frame::{Frame, Message};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::restore::{restore_undoable, RestoreRequest, RestoredPod};
+
+/// What `podsnap receive` does with what it receives.
+#[derive(Debug, Clone)]
+pub struct ReceiveRequest {
+    /// `HOST:PORT` to listen on.
+    pub listen: String,
+    /// The restore of each received pod: endpoint, checkpoint root, kubelet directories,
+    /// handler, node configuration (its `checkpoint_dir` is replaced by the received one).
+    pub restore: RestoreRequest,
+    /// Return after the first migration that got past the handshake (its result).
+    pub once: bool,
+}
+
+/// One migration received and kept.
+#[derive(Debug)]
+pub struct Received {
+    /// Who sent it.
+    pub peer: String,
+    /// The received checkpoint.
+    pub dir: PathBuf,
+    /// Files and bytes received.
+    pub files: usize,
+    pub bytes: u64,
+    /// The pod restored from it.
+    pub pod: RestoredPod,
+}
+
+/// Listens and receives migrations until stopped (or, with `once`, the first one). `listening`
+/// is told the address once the socket is bound; `done` each migration's outcome.
+pub async fn receive(
+    request: &ReceiveRequest,
+    endpoint: &Endpoint,
+    progress: &dyn Progress,
+    listening: &(dyn Fn(std::net::SocketAddr) + Sync),
+    done: &(dyn Fn(&Result<Received>) + Sync),
+) -> Result<()> {
+    let listener = endpoint.bind(&request.listen).await?;
+    listening(listener.local_addr()?);
+    loop {
+        let incoming = match listener.accept().await {
+            Ok(incoming) => incoming,
+            Err(e @ (ChannelError::Listen { .. } | ChannelError::Config { .. })) => return Err(e.into()),
+            Err(e) => {
+                // A refused or broken handshake is no migration: nothing was received.
+                log::warn!("migration: {e}");
+                eprintln!("podsnap receive: {e}");
+                continue;
+            }
+        };
+        let peer = incoming.peer().to_owned();
+        log::info!("migration: {peer} connected (key {})", incoming.key_id);
+        let channel = incoming.accept().await?;
+        let outcome = receive_one(request, channel, progress).await;
+        if let Err(e) = &outcome {
+            log::error!("migration from {peer}: {e}");
+        }
+        done(&outcome);
+        if request.once {
+            return outcome.map(drop);
+        }
+    }
+}
+
+/// One migration on an accepted channel.
+async fn receive_one(
+    request: &ReceiveRequest,
+    mut channel: Channel,
+    progress: &dyn Progress,
+) -> Result<Received> {
+    let peer = channel.peer().to_owned();
+    progress.step(&format!("receiving a pod from {peer}"));
+    let raw = match channel.recv().await? {
+        Frame::Manifest(raw) => raw,
+        other => return Err(channel.unexpected(&other, "the checkpoint's manifest").into()),
+    };
+    let manifest = match check_manifest(request, &raw) {
+        Ok(m) => m,
+        Err(reason) => {
+            let _ = channel
+                .send_message(Message::Refuse {
+                    reason: reason.clone(),
+                })
+                .await;
+            channel.close().await;
+            return Err(Error::Refused(format!("refused the pod from {peer}: {reason}")));
+        }
+    };
+    let root = &request.restore.checkpoint_root;
+    let name = received_name(root, &manifest);
+    let staging = Staging::create(root, &name).inspect_err(|e| {
+        log::error!("migration: {e}");
+    });
+    let staging = match staging {
+        Ok(s) => s,
+        Err(e) => {
+            abort(channel, &e.to_string()).await;
+            return Err(e);
+        }
+    };
+    let received = async {
+        write_new(&staging.dir.join(MANIFEST), &raw)?;
+        channel.send_message(Message::Accept).await?;
+        let (files, bytes) = receive_files(&mut channel, &staging.dir, &manifest, progress).await?;
+        let staged = staging.dir.clone();
+        let checked = tokio::task::spawn_blocking(move || Manifest::load_listed(&staged))
+            .await
+            .map_err(|e| Error::Refused(format!("checking the received checkpoint: {e}")))?;
+        checked.map_err(Box::new)?;
+        Ok::<_, Error>((files, bytes))
+    }
+    .await;
+    let (files, bytes) = match received {
+        Ok(r) => r,
+        Err(e) => {
+            abort(channel, &e.to_string()).await;
+            return Err(e);
+        }
+    };
+    let dir = match staging.keep_as(&root.join(&name)) {
+        Ok(dir) => dir,
+        Err(e) => {
+            abort(channel, &e.to_string()).await;
+            return Err(e);
+        }
+    };
+    // Every file's digest was checked as it was written, as a pull does: sealed.
+    let seals = Path::new(podsnap_checkpoint::trust::seal::SEAL_DIR);
+    if let Err(e) = podsnap_checkpoint::trust::seal::record(seals, &dir, &manifest) {
+        log::warn!("{e}");
+    }
+    let remove_received = |why: &str| {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            log::warn!("removing the received checkpoint {} ({why}): {e}", dir.display());
+        }
+    };
+    progress.step(&format!(
+        "restoring {}/{} from {}",
+        manifest.pod.namespace.as_deref().unwrap_or("default"),
+        manifest.pod.name.as_deref().unwrap_or("-"),
+        dir.display()
+    ));
+    let mut restore = request.restore.clone();
+    restore.checkpoint_dir = dir.clone();
+    let (pod, rollback) = match restore_undoable(&restore, progress).await {
+        Ok(restored) => restored,
+        Err(e) => {
+            abort(channel, &format!("the restore on the target failed: {e}")).await;
+            remove_received("the restore failed");
+            return Err(e);
+        }
+    };
+    // Every container must run before the source is told.
+    let undo = |reason: String| async {
+        let cleanup = rollback.run(&restore).await;
+        remove_received("the migration was undone");
+        (reason, cleanup)
+    };
+    if let Err(e) = all_running(&restore, &pod).await {
+        let (reason, cleanup) = undo(e.to_string()).await;
+        abort(channel, &reason).await;
+        return Err(Error::Refused(format!("{reason}\n{cleanup}")));
+    }
+    let restored = Message::Restored {
+        pod: format!("{}/{}", pod.namespace, pod.name),
+        id: pod.id.clone(),
+        ip: pod.ip.clone(),
+        containers: pod.containers.iter().map(|(n, _)| n.clone()).collect(),
+    };
+    progress.step("every container runs: asking the source to commit");
+    let committed = async {
+        channel.send_message(restored).await?;
+        match channel.recv_message().await? {
+            Message::Commit => {}
+            other => return Err(channel.unexpected(&Frame::Message(other), "commit")),
+        }
+        channel.send_message(Message::Kept).await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = committed {
+        let (reason, cleanup) = undo(format!(
+            "the source did not commit ({e}): the restored pod was removed, the source keeps its own"
+        ))
+        .await;
+        channel.close().await;
+        return Err(Error::Refused(format!("{reason}\n{cleanup}")));
+    }
+    // Kept: if this last message is lost, the source leaves its pod paused (never running
+    // twice) and says so.
+    if let Err(e) = channel.finish().await {
+        log::warn!("migration from {peer}: after kept: {e}");
+    }
+    Ok(Received {
+        peer,
+        dir,
+        files,
+        bytes,
+        pod,
+    })
+}
+
+/// The manifest parsed and checked against the node's restore policy (the pod keeps its
+/// namespace and name): the reason to refuse it otherwise.
+fn check_manifest(request: &ReceiveRequest, raw: &[u8]) -> std::result::Result<Manifest, String> {
+    let manifest = Manifest::parse(raw).map_err(|e| format!("its manifest: {e}"))?;
+    let config = &request.restore.config;
+    let source = manifest.pod.namespace.as_deref();
+    podsnap_checkpoint::trust::policy::check_namespace(
+        &config.restore,
+        source,
+        source.unwrap_or_default(),
+        &config.describe(),
+    )
+    .map_err(|v| podsnap_checkpoint::Error::refused("the received checkpoint", v).to_string())?;
+    Ok(manifest)
+}
+
+/// Every file the manifest lists, each once, in any order; returns (files, bytes).
+async fn receive_files(
+    channel: &mut Channel,
+    staging: &Path,
+    manifest: &Manifest,
+    progress: &dyn Progress,
+) -> Result<(usize, u64)> {
+    let peer = channel.peer().to_owned();
+    let refuse = |path: &str, reason: String| {
+        Error::Migration(ChannelError::File {
+            peer: peer.clone(),
+            path: path.to_owned(),
+            reason,
+        })
+    };
+    let total: u64 = manifest.files.values().map(|f| f.size).sum();
+    progress.step(&format!(
+        "receiving {} files ({} bytes)",
+        manifest.files.len(),
+        total
+    ));
+    let mut seen = BTreeSet::new();
+    let mut bytes = 0u64;
+    while seen.len() < manifest.files.len() {
+        let (path, size) = match channel.recv_message().await? {
+            Message::File { path, size } => (path, size),
+            other => return Err(channel.unexpected(&Frame::Message(other), "a file").into()),
+        };
+        if !seen.insert(path.clone()) {
+            return Err(refuse(&path, "sent twice".into()));
+        }
+        let mut file = crate::oci::ListedFile::create(staging, manifest, &path, size)
+            .map_err(|reason| refuse(&path, reason))?;
+        while file.remaining() > 0 {
+            match channel.recv().await? {
+                Frame::Data(data) => file.write(&data).map_err(|reason| refuse(&path, reason))?,
+                other => return Err(channel.unexpected(&other, "the file's data").into()),
+            }
+        }
+        file.finish().map_err(|reason| refuse(&path, reason))?;
+        bytes += size;
+    }
+    Ok((seen.len(), bytes))
+}
+
+/// Whether every restored container runs (CRI's state), else which does not.
+async fn all_running(request: &RestoreRequest, pod: &RestoredPod) -> Result<()> {
+    let clients = crate::cri::connect(&request.runtime_endpoint).await?;
+    for (name, id) in &pod.containers {
+        let status = clients
+            .runtime
+            .clone()
+            .container_status(k8s_cri::v1::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            })
+            .await
+            .map_err(Error::cri(format!("ContainerStatus of {name}")))?
+            .into_inner()
+            .status;
+        let state = status
+            .map(|s| s.state())
+            .unwrap_or(k8s_cri::v1::ContainerState::ContainerUnknown);
+        if state != k8s_cri::v1::ContainerState::ContainerRunning {
+            return Err(Error::Refused(format!(
+                "container {name} ({id}) of the restored pod is {state:?}, not running"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Tells the source the migration is abandoned, and closes.
+async fn abort(mut channel: Channel, reason: &str) {
+    let _ = channel
+        .send_message(Message::Abort {
+            reason: reason.chars().take(super::frame::MAX_NAME_BYTES / 2).collect(),
+        })
+        .await;
+    channel.close().await;
+}
+
+/// `received-<namespace>-<pod>-<UTC time>`, or with `-2`, `-3`... when taken.
+fn received_name(root: &Path, manifest: &Manifest) -> String {
+    let base = crate::dump::default_name(
+        manifest.pod.namespace.as_deref().unwrap_or("default"),
+        manifest.pod.name.as_deref().unwrap_or("pod"),
+        time::OffsetDateTime::now_utc(),
+    );
+    let base = format!("received-{base}");
+    let base = match podsnap_checkpoint::format::names::validate_name(&base) {
+        Ok(()) => base,
+        Err(_) => format!(
+            "received-{}",
+            crate::dump::utc_stamp(time::OffsetDateTime::now_utc())
+        ),
+    };
+    let mut name = base.clone();
+    let mut n = 2;
+    while std::fs::symlink_metadata(root.join(&name)).is_ok() {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    name
+}
+
+/// A staging directory inside the root, removed on drop unless kept.
+struct Staging {
+    dir: PathBuf,
+    kept: bool,
+}
+
+impl Staging {
+    fn create(root: &Path, name: &str) -> Result<Staging> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(Error::io("create the checkpoint root", root))?;
+        let dir = root.join(format!(".{name}.tmp-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(Error::io("create a staging directory", &dir))?;
+        Ok(Staging { dir, kept: false })
+    }
+
+    fn keep_as(mut self, dest: &Path) -> Result<PathBuf> {
+        std::fs::rename(&self.dir, dest)
+            .map_err(Error::io("move the received checkpoint into place", dest))?;
+        self.kept = true;
+        Ok(dest.to_path_buf())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.kept {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                log::warn!("removing {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+fn write_new(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(Error::io("create a checkpoint file", path))?;
+    f.write_all(data)
+        .map_err(Error::io("write a checkpoint file", path))
+}
