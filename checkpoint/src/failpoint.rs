@@ -8,7 +8,8 @@
 //! thawed yet) and `stopped` (thawed: the pod gone, the journal not removed yet), and
 //! `worker-started` (a program of the dump started, not yet recorded in its journal; the
 //! starting thread blocks there); a container
-//! restore: `restore`, and in a lazy one `lazy-pages`, its daemon listening, runc not run yet)
+//! restore: `restore`, and in a lazy one `lazy-pages`, its daemon listening, runc not run yet;
+//! `podsnap receive`: `migration-receiving`, the first file of a migration written)
 //! while the file `<dir>/P` exists
 //! writes `<dir>/P.reached` and waits (at most a minute) until `<dir>/P` is removed. Unset, as
 //! in production, a hold point costs one environment lookup.

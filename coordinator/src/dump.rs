@@ -301,17 +301,24 @@ pub(crate) async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, d
         }
     }
     if changed {
-        let json = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| Error::Refused(format!("encode the manifest: {e}")))?;
-        // The dump sealed its files (`podsnap_checkpoint::trust::seal`); a new manifest listing the
-        // same files keeps them sealed only if they still were.
-        let seals = Path::new(podsnap_checkpoint::trust::seal::SEAL_DIR);
-        let sealed = podsnap_checkpoint::trust::seal::holds(seals, dir, &manifest);
-        podsnap_checkpoint::fs::private::write_synced(&dir.join(MANIFEST), &json).map_err(Box::new)?;
-        if sealed {
-            if let Err(e) = podsnap_checkpoint::trust::seal::record(seals, dir, &manifest) {
-                log::warn!("{e}");
-            }
+        write_manifest(dir, &manifest)?;
+    }
+    Ok(())
+}
+
+/// Replaces the manifest of the checkpoint the dump just wrote in `dir` by `manifest` (the same
+/// files, more said of them).
+pub(crate) fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let json = serde_json::to_vec_pretty(manifest)
+        .map_err(|e| Error::Refused(format!("encode the manifest: {e}")))?;
+    // The dump sealed its files (`podsnap_checkpoint::trust::seal`); a new manifest listing the
+    // same files keeps them sealed only if they still were.
+    let seals = Path::new(podsnap_checkpoint::trust::seal::SEAL_DIR);
+    let sealed = podsnap_checkpoint::trust::seal::holds(seals, dir, manifest);
+    podsnap_checkpoint::fs::private::write_synced(&dir.join(MANIFEST), &json).map_err(Box::new)?;
+    if sealed {
+        if let Err(e) = podsnap_checkpoint::trust::seal::record(seals, dir, manifest) {
+            log::warn!("{e}");
         }
     }
     Ok(())

@@ -5,7 +5,9 @@
 //!    fails here, before the pod is touched or anything is sent.
 //! 2. Every running container of the pod is paused (containerd Tasks.Pause: the cgroup
 //!    freezer), then the pod is dumped as `podsnap dump` does, the paused containers left as
-//!    they are: nothing of the pod runs after its snapshot.
+//!    they are: nothing of the pod runs after its snapshot. The manifest then records those
+//!    containers as running (the dump saw them paused, and a restore would pause them again);
+//!    one its owner had paused before stays paused.
 //! 3. The manifest goes first (the target checks its restore policy and may refuse), then every
 //!    file it lists. The files are sent once the dump is complete (not while it writes).
 //! 4. The target restores the pod and answers `restored` once every container runs. The source
@@ -34,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::pod::{find_ready_pod, PodRef};
 use crate::progress::Progress;
 use podsnap_checkpoint::format::manifest::MANIFEST;
+use podsnap_checkpoint::format::record::ContainerState;
 
 /// A pod moved to another node.
 #[derive(Debug, Clone)]
@@ -97,7 +100,7 @@ pub async fn migrate_to_node(
         return Err(e);
     }
     let sent = tokio::select! {
-        sent = dump_and_send(request, &mut channel, progress) => sent,
+        sent = dump_and_send(request, &paused, &mut channel, progress) => sent,
         why = interrupted() => Err(Error::Refused(format!("{why} before the target had the pod"))),
     };
     let (sent, restored) = match sent {
@@ -178,6 +181,7 @@ struct Sent {
 /// Dumps the paused pod, sends the checkpoint, waits for the target's `restored`.
 async fn dump_and_send(
     request: &DumpRequest,
+    paused: &[(String, String)],
     channel: &mut Channel,
     progress: &dyn Progress,
 ) -> Result<(Sent, Message)> {
@@ -187,6 +191,19 @@ async fn dump_and_send(
     request.dir = None;
     let dumped = dump(&request, progress).await?;
     let dir = dumped.summary.dir.clone();
+    // The dump saw the containers this migration paused as paused, and a restore pauses such a
+    // container again: they were running, as far as the pod is concerned.
+    let mut manifest = crate::dump::read_manifest(&dir)?;
+    let mut changed = false;
+    for entry in manifest.containers.iter_mut() {
+        if entry.state == ContainerState::Paused && paused.iter().any(|(name, _)| *name == entry.name) {
+            entry.state = ContainerState::Running;
+            changed = true;
+        }
+    }
+    if changed {
+        crate::dump::write_manifest(&dir, &manifest)?;
+    }
     let dumped_at = Instant::now();
     let manifest_path = dir.join(MANIFEST);
     let raw = tokio::fs::read(&manifest_path)

@@ -10,7 +10,8 @@
 //! then renamed to `received-<namespace>-<pod>-<UTC time>` and restored through CRI as
 //! `podsnap restore` does. `restored` goes to the source only once every container runs; the
 //! pod is kept only if the source answers `commit`, and removed (with the received checkpoint)
-//! on any failure before that.
+//! on any failure before that. A receiver that is killed leaves its staging directory; the
+//! next `podsnap receive` on the node removes those of receivers that are gone.
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,7 @@ pub async fn receive(
     listening: &(dyn Fn(std::net::SocketAddr) + Sync),
     done: &(dyn Fn(&Result<Received>) + Sync),
 ) -> Result<()> {
+    remove_stale_staging(&request.restore.checkpoint_root);
     let listener = endpoint.bind(&request.listen).await?;
     listening(listener.local_addr()?);
     loop {
@@ -284,6 +286,9 @@ async fn receive_files(
         }
         file.finish().map_err(|reason| refuse(&path, reason))?;
         bytes += size;
+        if seen.len() == 1 {
+            podsnap_checkpoint::failpoint::hold("migration-receiving").await;
+        }
     }
     Ok((seen.len(), bytes))
 }
@@ -347,6 +352,35 @@ fn received_name(root: &Path, manifest: &Manifest) -> String {
         n += 1;
     }
     name
+}
+
+/// Removes `.received-*.tmp-<pid>` directories of receivers that died (SIGKILL, a crash):
+/// their migrations failed, and their sources resumed their pods.
+fn remove_stale_staging(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(".received-")
+            .and_then(|rest| rest.rsplit_once(".tmp-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => log::info!(
+                "removed {}: left by a receiver (pid {pid}) that is gone",
+                path.display()
+            ),
+            Err(e) => log::warn!("removing {}: {e}", path.display()),
+        }
+    }
 }
 
 /// A staging directory inside the root, removed on drop unless kept.

@@ -1,0 +1,448 @@
+//! Direct migration between two nodes (issue 23, stage 1): `podsnap receive --listen` on node
+//! B, `podsnap migrate --to-node` on node A (two private containerds, their own roots and pod
+//! subnets, real runc, CRIU and CNI), over mutual TLS with the keys of `[migration]`:
+//!
+//! - a three-container pod moves from A to B: B restores it from a verified checkpoint in its
+//!   root (0700 directories, 0600 files), its counters go on, the volume holds what was
+//!   written, init does not run again, the app reaches its sidecar on 127.0.0.1; the pod on A
+//!   is stopped at the snapshot;
+//! - a node whose key B does not list is refused before anything is sent: both sides name its
+//!   key id, the pod on A runs on untouched (its counters advance), nothing is dumped on A and
+//!   nothing appears on B;
+//! - B killed mid-transfer (held after the first file, then SIGKILL): A resumes the pod, which
+//!   runs on as it was; B created no pod, and its next `podsnap receive` removes what the
+//!   killed one left in the root.
+
+mod pod_checkpoint_support;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use pod_checkpoint_support::*;
+use podsnap_tests::command::output_text as text;
+use podsnap_tests::kubelet::{run_three_container_pod, wait_count_above, PodOptions, APP_PORT, SIDECAR_PORT};
+use podsnap_tests::node::{Node, NodeOptions};
+use podsnap_tests::HANDLER;
+use sha2::{Digest, Sha256};
+
+/// Keys and node configurations, in a directory of the test's own.
+struct Keys {
+    dir: tempfile::TempDir,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        Keys {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// An ed25519 key pair made with openssl (the private key 0600): (private, public).
+    fn pair(&self, name: &str) -> (PathBuf, PathBuf) {
+        let (private, public) = podsnap_tests::registry::key_pair(self.dir.path(), name);
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        (private, public)
+    }
+
+    /// A node configuration with `[migration] key` and `peers`.
+    fn config(&self, name: &str, key: &Path, peers: &[&Path]) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let peers: Vec<String> = peers.iter().map(|p| format!("\"{}\"", p.display())).collect();
+        std::fs::write(
+            &path,
+            format!(
+                "[migration]\nkey = \"{}\"\npeers = [{}]\npeer_timeout_seconds = 10\n",
+                key.display(),
+                peers.join(", ")
+            ),
+        )
+        .expect("config");
+        path
+    }
+}
+
+/// The key id podsnap names: hex SHA-256 of the raw 32-byte key (the end of the public key's
+/// DER), computed here with openssl.
+fn key_id(public: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["pkey", "-pubin", "-in"])
+        .arg(public)
+        .args(["-outform", "DER"])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl pkey: {}", text(&out));
+    let raw = &out.stdout[out.stdout.len() - 32..];
+    hex::encode(Sha256::digest(raw))
+}
+
+/// `podsnap ARGS` on `node` with `config`.
+fn podsnap(node: &Node, config: &Path, args: &[&str]) -> std::process::Output {
+    let docker = tempfile::tempdir().expect("docker config dir");
+    podsnap_tests::registry::podsnap_on(&podsnap_binary(), config, docker.path(), node, args)
+}
+
+/// A running `podsnap receive --listen 127.0.0.1:0` on a node.
+struct Receiver {
+    child: Child,
+    addr: String,
+    stdout: Arc<Mutex<String>>,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Receiver {
+    fn start(node: &Node, config: &Path, holds: Option<&Path>, once: bool) -> Receiver {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stderr = dir.path().join("stderr");
+        let kubelet = node.files().kubelet();
+        let mut command = Command::new(podsnap_binary());
+        command
+            .args(["receive", "--listen", "127.0.0.1:0", "--pods-dir"])
+            .arg(kubelet.join("pods"))
+            .arg("--logs-dir")
+            .arg(kubelet.join("logs/pods"))
+            .env("PODSNAP_CONFIG", config)
+            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
+            .env("CONTAINERD_ADDRESS", node.address())
+            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        if once {
+            command.arg("--once");
+        }
+        if let Some(holds) = holds {
+            command.env(podsnap_tests::paths::FAILPOINT_HOLD_ENV, holds);
+        }
+        let mut child = command.spawn().expect("podsnap receive");
+        let out = child.stdout.take().expect("stdout");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening") {
+                    let addr = addr.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send(addr);
+                }
+                let mut text = shared.lock().expect("lock");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "podsnap receive did not listen: {}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        };
+        Receiver {
+            child,
+            addr,
+            stdout,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().expect("lock").clone()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the receiver to exit; its exit status.
+    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "podsnap receive did not exit: {}\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The value of the output line starting with `key`.
+    fn field(&self, key: &str) -> String {
+        let out = self.stdout();
+        out.lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {key:?} in {out}\n{}", self.stderr()))
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn workload() -> NodeOptions {
+    NodeOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload")))
+}
+
+/// Every directory under `dir` is 0700 and every file 0600.
+fn assert_private(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mode = std::fs::metadata(&d).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+        for entry in std::fs::read_dir(&d).expect("read_dir") {
+            let entry = entry.expect("entry");
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                let mode = meta.permissions().mode() & 0o7777;
+                assert!(meta.is_file(), "{} is not a regular file", entry.path().display());
+                assert_eq!(mode, 0o600, "{} is {mode:o}", entry.path().display());
+            }
+        }
+    }
+}
+
+/// The pod's sidecar and app run (not paused: their counters advance) past `before`.
+fn runs_on(ip: &str, before: Before, what: &str) {
+    for (port, was) in [(SIDECAR_PORT, before.sidecar), (APP_PORT, before.app)] {
+        wait_count_above(ip, port, was, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{what}: the counter on port {port} does not advance: {e:#}"));
+    }
+}
+
+#[test]
+fn a_pod_moves_to_another_node_over_the_migration_channel() {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (a_key, a_pub) = keys.pair("node-a");
+    let (b_key, b_pub) = keys.pair("node-b");
+    let config_a = keys.config("a", &a_key, &[&b_pub]);
+    let config_b = keys.config("b", &b_key, &[&a_pub]);
+    let name = node_a.unique("moved");
+    let pod = run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let before = mark_and_count(&pod);
+    let sandboxes_b = sandbox_ids(&node_b);
+
+    let mut receiver = Receiver::start(&node_b, &config_b, None, true);
+    let out = podsnap(
+        &node_a,
+        &config_a,
+        &[
+            "migrate",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--to-node",
+            &receiver.addr,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "migrate --to-node: {}\nreceiver:\n{}\n{}",
+        text(&out),
+        receiver.stdout(),
+        receiver.stderr()
+    );
+    let status = receiver.wait(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "receive: {status:?}\n{}\n{}",
+        receiver.stdout(),
+        receiver.stderr()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains(&format!("moved        default/{name} to ")), "{stdout}");
+    assert!(stdout.contains("containers   sidecar, app"), "{stdout}");
+    assert!(stdout.contains("phases       dump "), "{stdout}");
+
+    // On B: one new pod, restored from a checkpoint received into B's root.
+    let id = receiver.field("id ");
+    let ip = receiver.field("ip ");
+    let uid = receiver
+        .field("pod ")
+        .rsplit_once("(uid ")
+        .and_then(|(_, u)| u.strip_suffix(')'))
+        .expect("the new pod's uid")
+        .to_owned();
+    let netns = node_b.cri().pod_netns(&id).ok().flatten();
+    node_b.record_pod(&uid, netns.as_deref()).expect("record the pod");
+    let mut after = sandbox_ids(&node_b);
+    after.retain(|s| !sandboxes_b.contains(s));
+    assert_eq!(after, [id.clone()], "one new pod on B");
+    let received = PathBuf::from(receiver.field("received ").split(" from ").next().expect("a dir"));
+    assert!(
+        received.starts_with(node_b.files().checkpoints()),
+        "{} is in B's checkpoint root",
+        received.display()
+    );
+    assert_private(&received);
+    verified(&node_b, &received);
+
+    // A stopped its pod at the snapshot.
+    for (cname, cid) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
+        node_a
+            .cri()
+            .wait_container_state(cid, cri::ContainerState::ContainerExited, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{cname} on node A stopped after the move: {e:#}"));
+    }
+    remove_original(&node_a, &pod);
+
+    // B's pod goes on from where A's was.
+    let app_id = container_named(&node_b, &id, "app").id;
+    let volume = pods_dir(&node_b)
+        .join(&uid)
+        .join("volumes/kubernetes.io~empty-dir")
+        .join(podsnap_tests::kubelet::DATA_VOLUME);
+    check_restored(&node_b, &ip, &pod.pod.ip, &volume, &app_id, before);
+}
+
+#[test]
+fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_running() {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (a_key, a_pub) = keys.pair("node-a");
+    let (b_key, b_pub) = keys.pair("node-b");
+    let (stranger_key, stranger_pub) = keys.pair("stranger");
+    let config_a = keys.config("a", &a_key, &[&b_pub]);
+    let config_b = keys.config("b", &b_key, &[&a_pub]);
+    // A node that trusts B but that B does not list.
+    let config_stranger = keys.config("stranger", &stranger_key, &[&b_pub]);
+    let name = node_a.unique("stays");
+    let pod = run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let before = mark_and_count(&pod);
+    let (sandboxes_b, root_b, root_a) = (
+        sandbox_ids(&node_b),
+        names_in(&node_b.files().checkpoints()),
+        names_in(&node_a.files().checkpoints()),
+    );
+    let migrate = |config: &Path, to: &str| {
+        podsnap(
+            &node_a,
+            config,
+            &[
+                "migrate",
+                "--namespace",
+                "default",
+                "--pod",
+                &name,
+                "--to-node",
+                to,
+            ],
+        )
+    };
+
+    // 1. Refused in the handshake: both sides name the stranger's key id; nothing happened.
+    let holds = tempfile::tempdir().expect("hold points");
+    let receiver = Receiver::start(&node_b, &config_b, Some(holds.path()), false);
+    let out = migrate(&config_stranger, &receiver.addr);
+    assert!(!out.status.success(), "an unlisted node got through: {}", text(&out));
+    let stranger = key_id(&stranger_pub);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.contains(&format!("refused this node's key {stranger}")),
+        "{}",
+        text(&out)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !receiver.stderr().contains(&stranger) {
+        assert!(
+            Instant::now() < deadline,
+            "the receiver does not name the refused key {stranger}: {}",
+            receiver.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        receiver.stderr().contains("is not one of [migration] peers"),
+        "{}",
+        receiver.stderr()
+    );
+    runs_on(&pod.pod.ip, before, "after the refusal");
+    assert_eq!(names_in(&node_a.files().checkpoints()), root_a, "nothing dumped on A");
+    assert_eq!(names_in(&node_b.files().checkpoints()), root_b, "nothing received on B");
+    assert_eq!(sandbox_ids(&node_b), sandboxes_b, "no pod on B");
+
+    // 2. B dies mid-transfer: held once the first file is written, then SIGKILLed.
+    std::fs::write(holds.path().join("migration-receiving"), b"").expect("arm the hold");
+    let mut receiver = receiver;
+    let addr = receiver.addr.clone();
+    let (out, reached) = std::thread::scope(|scope| {
+        let moving = scope.spawn(|| migrate(&config_a, &addr));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut reached = false;
+        while Instant::now() < deadline && !moving.is_finished() {
+            if holds.path().join("migration-receiving.reached").exists() {
+                reached = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        receiver.child.kill().expect("SIGKILL the receiver");
+        let _ = receiver.child.wait();
+        let _ = std::fs::remove_file(holds.path().join("migration-receiving"));
+        let out = moving.join().expect("the migrate thread");
+        (out, reached)
+    });
+    assert!(
+        reached,
+        "the receiver never held mid-transfer: {}\n{}",
+        text(&out),
+        receiver.stderr()
+    );
+    assert!(!out.status.success(), "the migration succeeded without its target: {}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.contains("was resumed and runs on this node as before"),
+        "{}",
+        text(&out)
+    );
+    // The pod on A goes on from where it was: resumed, not restarted.
+    runs_on(&pod.pod.ip, before, "after the target died");
+    for (cname, cid) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
+        let state = node_a
+            .cri()
+            .container(cid)
+            .expect("ContainerStatus")
+            .state();
+        assert_eq!(state, cri::ContainerState::ContainerRunning, "{cname} on A");
+    }
+    let marker = std::fs::read_to_string(pod.volume.join("init.log")).expect("the init marker");
+    assert_eq!(marker.lines().count(), 1, "init ran once: {marker:?}");
+    assert_eq!(sandbox_ids(&node_b), sandboxes_b, "no pod on B");
+    // The killed receiver's staging directory is all it left; the next receiver removes it.
+    let left: Vec<String> = names_in(&node_b.files().checkpoints())
+        .into_iter()
+        .filter(|n| !root_b.contains(n))
+        .collect();
+    assert!(
+        left.iter().all(|n| n.starts_with(".received-")),
+        "B's root holds {left:?}"
+    );
+    let _next = Receiver::start(&node_b, &config_b, None, false);
+    assert_eq!(
+        names_in(&node_b.files().checkpoints()),
+        root_b,
+        "the next receiver removed the killed one's staging directory"
+    );
+}
