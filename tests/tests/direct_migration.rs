@@ -272,7 +272,11 @@ fn a_pod_moves_to_another_node_over_the_migration_channel() {
         receiver.stderr()
     );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(stdout.contains(&format!("moved        default/{name} to ")), "{stdout}");
+    eprintln!("podsnap migrate --to-node:\n{stdout}");
+    assert!(
+        stdout.contains(&format!("moved        default/{name} to ")),
+        "{stdout}"
+    );
     assert!(stdout.contains("containers   sidecar, app"), "{stdout}");
     assert!(stdout.contains("phases       dump "), "{stdout}");
 
@@ -289,7 +293,7 @@ fn a_pod_moves_to_another_node_over_the_migration_channel() {
     node_b.record_pod(&uid, netns.as_deref()).expect("record the pod");
     let mut after = sandbox_ids(&node_b);
     after.retain(|s| !sandboxes_b.contains(s));
-    assert_eq!(after, [id.clone()], "one new pod on B");
+    assert_eq!(after, std::slice::from_ref(&id), "one new pod on B");
     let received = PathBuf::from(receiver.field("received ").split(" from ").next().expect("a dir"));
     assert!(
         received.starts_with(node_b.files().checkpoints()),
@@ -356,7 +360,11 @@ fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_r
     let holds = tempfile::tempdir().expect("hold points");
     let receiver = Receiver::start(&node_b, &config_b, Some(holds.path()), false);
     let out = migrate(&config_stranger, &receiver.addr);
-    assert!(!out.status.success(), "an unlisted node got through: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "an unlisted node got through: {}",
+        text(&out)
+    );
     let stranger = key_id(&stranger_pub);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
@@ -379,8 +387,16 @@ fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_r
         receiver.stderr()
     );
     runs_on(&pod.pod.ip, before, "after the refusal");
-    assert_eq!(names_in(&node_a.files().checkpoints()), root_a, "nothing dumped on A");
-    assert_eq!(names_in(&node_b.files().checkpoints()), root_b, "nothing received on B");
+    assert_eq!(
+        names_in(&node_a.files().checkpoints()),
+        root_a,
+        "nothing dumped on A"
+    );
+    assert_eq!(
+        names_in(&node_b.files().checkpoints()),
+        root_b,
+        "nothing received on B"
+    );
     assert_eq!(sandbox_ids(&node_b), sandboxes_b, "no pod on B");
 
     // 2. B dies mid-transfer: held once the first file is written, then SIGKILLed.
@@ -410,7 +426,11 @@ fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_r
         text(&out),
         receiver.stderr()
     );
-    assert!(!out.status.success(), "the migration succeeded without its target: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "the migration succeeded without its target: {}",
+        text(&out)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         stderr.contains("was resumed and runs on this node as before"),
@@ -420,11 +440,7 @@ fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_r
     // The pod on A goes on from where it was: resumed, not restarted.
     runs_on(&pod.pod.ip, before, "after the target died");
     for (cname, cid) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
-        let state = node_a
-            .cri()
-            .container(cid)
-            .expect("ContainerStatus")
-            .state();
+        let state = node_a.cri().container(cid).expect("ContainerStatus").state();
         assert_eq!(state, cri::ContainerState::ContainerRunning, "{cname} on A");
     }
     let marker = std::fs::read_to_string(pod.volume.join("init.log")).expect("the init marker");
