@@ -159,6 +159,34 @@ impl Containerd {
             .map(drop)
     }
 
+    /// The network namespace the spec of container `id` joins (a pod's sandbox: the pod's), if
+    /// it names one by path.
+    pub async fn network_namespace(&self, id: &str) -> Result<Option<PathBuf>, Error> {
+        let req = containerd_client::services::v1::GetContainerRequest { id: id.to_owned() };
+        let got =
+            containerd_client::services::v1::containers_client::ContainersClient::new(self.channel.clone())
+                .get(self.request(req))
+                .await
+                .map_err(|status| Error::Call {
+                    what: format!("get container {id}"),
+                    status: Box::new(status),
+                })?
+                .into_inner();
+        let spec = got
+            .container
+            .and_then(|c| c.spec)
+            .and_then(|any| serde_json::from_slice::<serde_json::Value>(&any.value).ok());
+        Ok(spec.and_then(|s| {
+            s["linux"]["namespaces"]
+                .as_array()?
+                .iter()
+                .find(|n| n["type"] == "network")?["path"]
+                .as_str()
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        }))
+    }
+
     /// Sends SIGKILL to every process of a task (Tasks.Kill with `all`).
     pub async fn kill_task(&self, container_id: &str) -> Result<(), Error> {
         let req = containerd_client::services::v1::KillRequest {

@@ -43,6 +43,9 @@ pub struct DumpRequest {
     /// The persistent volumes to carry (`local`, or names separated by commas); asked of the
     /// shim through `<dest>.request`.
     pub carry_volumes: Option<String>,
+    /// Leave the pod's network locked after the dump (the caller paused the pod and unlocks
+    /// it when it resumes it: `migrate --to-node`); asked through `<dest>.request` too.
+    pub hold_network: bool,
 }
 
 impl DumpRequest {
@@ -60,6 +63,7 @@ impl DumpRequest {
             timeout: None,
             handler: crate::pod::HANDLER.to_owned(),
             carry_volumes: None,
+            hold_network: false,
         }
     }
 }
@@ -91,6 +95,7 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
     let ask = podsnap_checkpoint::format::layout::DumpAsk {
         carry_volumes: request.carry_volumes.clone(),
         group: None,
+        hold_network: request.hold_network,
     };
     checkpoint_pod(&containerd, &pod, &dir, request, &ask).await?;
     progress.step("recording the containers' image ids");

@@ -103,6 +103,7 @@ pub async fn dump_group(
                     me: pod.name.clone(),
                     members: names.clone(),
                 }),
+                hold_network: false,
             };
             let (containerd, part) = (&containerd, dir.join(&pod.name));
             async move {

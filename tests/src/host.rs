@@ -450,6 +450,18 @@ pub fn pod_cgroup_tree(uid: &str) -> Vec<PathBuf> {
     out
 }
 
+/// Whether podsnap's network lock (its `PODSNAP-LOCK` chain) is in the network namespace at
+/// `netns`.
+pub fn network_locked(netns: &str) -> bool {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["--", "iptables", "-w", "5", "-S", "PODSNAP-LOCK"])
+        .output()
+        .expect("nsenter iptables")
+        .status
+        .success()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -303,13 +303,19 @@ fn a_pod_moves_to_another_node_over_the_migration_channel() {
     assert_private(&received);
     verified(&node_b, &received);
 
-    // A stopped its pod at the snapshot.
+    // A stopped its pod at the snapshot, its network locked since the dump: nothing of it
+    // (a reset, a FIN, an acknowledgement of data the copy on B never saw) reaches a peer.
     for (cname, cid) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
         node_a
             .cri()
             .wait_container_state(cid, cri::ContainerState::ContainerExited, Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("{cname} on node A stopped after the move: {e:#}"));
     }
+    let netns_a = pod.pod.netns.as_deref().expect("the pod's netns on A");
+    assert!(
+        podsnap_tests::host::network_locked(netns_a),
+        "A's pod network stays locked after the move"
+    );
     remove_original(&node_a, &pod);
 
     // B's pod goes on from where A's was.

@@ -851,16 +851,6 @@ fn a_shim_killed_after_the_commit_keeps_the_checkpoint_and_finishes_the_stop() {
 }
 
 /// Whether podsnap's network lock chain exists in the pod's network namespace.
-fn network_locked(netns: &str) -> bool {
-    std::process::Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .args(["--", "iptables", "-w", "5", "-S", "PODSNAP-LOCK"])
-        .output()
-        .expect("nsenter iptables")
-        .status
-        .success()
-}
-
 #[test]
 fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
     let holds = tempfile::tempdir().expect("tempdir");
@@ -879,7 +869,7 @@ fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
         reached.exists()
     });
     assert!(
-        network_locked(&netns),
+        host::network_locked(&netns),
         "one network lock for the pod while it is frozen"
     );
     node.restart_containerd().expect("containerd restarts");
@@ -895,7 +885,10 @@ fn containerd_restarting_mid_dump_and_mid_restore_leaves_the_pod_managed() {
         Err(e) => assert!(!dir.exists(), "a failed dump leaves nothing: {e}"),
     }
     assert!(staging_left(&node).is_empty());
-    assert!(!network_locked(&netns), "the network is unlocked after the dump");
+    assert!(
+        !host::network_locked(&netns),
+        "the network is unlocked after the dump"
+    );
     assert_running_and_counting(&pod, "after containerd restarted mid-dump");
     for id in [&pod.sidecar_id, &pod.app_id] {
         let status = node.cri().container(id).expect("ContainerStatus");

@@ -57,6 +57,10 @@ pub struct DumpAsk {
     /// The group this pod is dumped with at one instant (`podsnap dump --selector`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupAsk>,
+    /// Leave the pod's network locked after the dump (its caller paused the pod and unlocks
+    /// the network itself when it resumes it: `podsnap migrate --to-node`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold_network: bool,
 }
 
 /// One pod's place in a group dump, as its caller asks it (see `layout::DumpAsk`).

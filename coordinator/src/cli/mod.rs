@@ -54,6 +54,7 @@ impl Context {
             handler: pod::HANDLER.to_owned(),
             timeout: timeout.map(std::time::Duration::from_secs),
             carry_volumes: None,
+            hold_network: false,
         }
     }
 }

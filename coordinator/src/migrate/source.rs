@@ -5,7 +5,8 @@
 //!    fails here, before the pod is touched or anything is sent.
 //! 2. Every running container of the pod is paused (containerd Tasks.Pause: the cgroup
 //!    freezer), then the pod is dumped as `podsnap dump` does, the paused containers left as
-//!    they are: nothing of the pod runs after its snapshot. The manifest then records those
+//!    they are and the pod's network left locked: nothing of the pod runs, and nothing reaches
+//!    it, after its snapshot. The manifest then records those
 //!    containers as running (the dump saw them paused, and a restore would pause them again);
 //!    one its owner had paused before stays paused.
 //! 3. The manifest goes first (the target checks its restore policy and may refuse), then every
@@ -79,6 +80,20 @@ pub async fn migrate_to_node(
     log::info!("migration of {pod}: {target} accepted this node");
     let containers = running_containers(&clients, &pod.id).await?;
     let containerd = Containerd::connect(&request.address, CRI_NAMESPACE).await?;
+    // The pod's network stays locked from the dump until the pod is resumed or stopped: a
+    // paused pod's kernel would otherwise take (and acknowledge) data after the snapshot,
+    // which the copy on the target never sees. Unlocked on every way out that resumes it.
+    let netns = match containerd.network_namespace(&pod.id).await {
+        Ok(ns) => ns,
+        Err(e) => {
+            log::warn!("pod {pod}: its network namespace is not known ({e}): not held locked");
+            None
+        }
+    };
+    let resume = |paused: Vec<(String, String)>| {
+        let (containerd, netns) = (containerd.clone(), netns.clone());
+        async move { resume(&containerd, &paused, netns.as_deref()).await }
+    };
 
     // Paused from here on: every way out resumes them, until the target keeps the pod.
     progress.step(&format!("pausing {} containers of {pod}", containers.len()));
@@ -95,19 +110,19 @@ pub async fn migrate_to_node(
         }
     }
     if let Some(e) = failed {
-        resume(&containerd, &paused).await;
+        resume(paused.clone()).await;
         abort(channel, &format!("the source could not pause the pod: {e}")).await;
         return Err(e);
     }
     let sent = tokio::select! {
-        sent = dump_and_send(request, &paused, &mut channel, progress) => sent,
+        sent = dump_and_send(request, &paused, netns.is_some(), &mut channel, progress) => sent,
         why = interrupted() => Err(Error::Refused(format!("{why} before the target had the pod"))),
     };
     let (sent, restored) = match sent {
         Ok(sent) => sent,
         Err(e) => {
             progress.step("migration failed: resuming the pod");
-            resume(&containerd, &paused).await;
+            resume(paused.clone()).await;
             if !matches!(&e, Error::Migration(super::Error::Aborted { .. })) {
                 abort(channel, &format!("the source gave up: {e}")).await;
             }
@@ -124,7 +139,7 @@ pub async fn migrate_to_node(
         containers: restored_containers,
     } = restored
     else {
-        resume(&containerd, &paused).await;
+        resume(paused.clone()).await;
         return Err(Error::Refused("internal: not a restored message".into()));
     };
     // The switch: the target keeps the pod only if it reads `commit`.
@@ -143,8 +158,12 @@ pub async fn migrate_to_node(
             "{e}\nthe target may or may not run the pod now (it keeps it only if it read this \
              node's commit): the pod {pod} stays paused here, on neither node twice. Check the \
              target ({target}, pod {restored_pod}, sandbox {restored_id}): if it runs the pod, \
-             remove this one; if not, resume this one (`ctr -n {CRI_NAMESPACE} task resume ID` \
-             for {}). The checkpoint stays in {}",
+             remove this one; if not, unlock its network{} and resume it (`ctr -n {CRI_NAMESPACE} \
+             task resume ID` for {}). The checkpoint stays in {}",
+            netns.as_deref().map_or(String::new(), |ns| format!(
+                " (`nsenter --net={} iptables -w -D INPUT -j PODSNAP-LOCK`, the same for OUTPUT)",
+                ns.display()
+            )),
             ids.join(", "),
             sent.dir.display()
         )));
@@ -182,6 +201,7 @@ struct Sent {
 async fn dump_and_send(
     request: &DumpRequest,
     paused: &[(String, String)],
+    hold_network: bool,
     channel: &mut Channel,
     progress: &dyn Progress,
 ) -> Result<(Sent, Message)> {
@@ -189,6 +209,7 @@ async fn dump_and_send(
     let mut request = request.clone();
     request.stop = false;
     request.dir = None;
+    request.hold_network = hold_network;
     let dumped = dump(&request, progress).await?;
     let dir = dumped.summary.dir.clone();
     // The dump saw the containers this migration paused as paused, and a restore pauses such a
@@ -298,8 +319,12 @@ async fn running_containers(
         .collect())
 }
 
-/// Resumes what was paused; a failure is logged and said (the operator resumes it by hand).
-async fn resume(containerd: &Containerd, paused: &[(String, String)]) {
+/// Unlocks the pod's network (`netns`) and resumes what was paused; a failure is logged and
+/// said (the operator resumes it by hand).
+async fn resume(containerd: &Containerd, paused: &[(String, String)], netns: Option<&std::path::Path>) {
+    if let Some(ns) = netns {
+        podsnap_checkpoint::pod::shared::netlock::unlock(&podsnap_runtime::launcher::TokioLauncher, ns).await;
+    }
     for (name, id) in paused {
         if let Err(e) = containerd.resume_task(id).await {
             log::error!(

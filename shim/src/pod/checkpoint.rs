@@ -146,6 +146,7 @@ impl Pod {
             carry_max_bytes: config.dump.carry_max_bytes(),
             group: asked.group,
             network_lock: config.dump.network_lock,
+            hold_network: asked.hold_network,
             digests: config.dump.digests,
             root: config.checkpoint_root(),
             retention: config.retention.clone(),

@@ -40,6 +40,8 @@ pub struct PodCheckpoint {
     pub group: Option<podsnap_checkpoint::format::layout::GroupAsk>,
     /// How the pod's network is held still.
     pub network_lock: podsnap_checkpoint::config::NetworkLock,
+    /// Leave it locked after the dump (the caller paused the pod and will unlock it).
+    pub hold_network: bool,
     /// When the page images are digested.
     pub digests: podsnap_checkpoint::config::DigestTiming,
     /// The node's checkpoint root and its bounds, applied after a dump into it.
@@ -91,6 +93,7 @@ pub async fn checkpoint(
         journal: Some(journal_path(&sandbox.id)),
         netns: spec.as_ref().and_then(pod_netns),
         lock_network: request.network_lock == podsnap_checkpoint::config::NetworkLock::Pod,
+        hold_network: request.hold_network,
         early_digests: request.digests == podsnap_checkpoint::config::DigestTiming::Early,
         reserve_bytes: request.reserve_bytes,
         carry: request.carry.clone(),

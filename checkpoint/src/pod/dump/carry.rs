@@ -21,6 +21,8 @@ pub struct Asked {
     pub carry: Carry,
     /// The group the pod is dumped with at one instant.
     pub group: Option<crate::format::layout::GroupAsk>,
+    /// Leave the pod's network locked after the dump.
+    pub hold_network: bool,
 }
 
 /// What a dump into `dest` is asked: what its caller wrote in `<dest>.request` (see
@@ -56,6 +58,7 @@ pub fn asked(dest: &Path, annotations: &std::collections::BTreeMap<String, Strin
     Ok(Asked {
         carry,
         group: ask.group,
+        hold_network: ask.hold_network,
     })
 }
 

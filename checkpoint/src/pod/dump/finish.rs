@@ -54,7 +54,15 @@ pub(super) async fn finish(t: Thawed) -> Result<DumpReport> {
         write(&planned, &staging.dir, prehash, contents, recorded, frozen_for).await
     };
     drop(configs);
-    let ((), bytes) = tokio::join!(netlock.release(), finishing);
+    let hold = planned.req.hold_network;
+    let unlocked = async move {
+        if hold {
+            netlock.leave_locked();
+        } else {
+            netlock.release().await;
+        }
+    };
+    let ((), bytes) = tokio::join!(unlocked, finishing);
     drop((runs, beside));
     match bytes {
         Ok(bytes) => planned.report.bytes = bytes,

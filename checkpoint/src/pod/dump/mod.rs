@@ -129,6 +129,9 @@ pub struct PodDump {
     pub netns: Option<PathBuf>,
     /// Lock it for the whole dump (the node's `[dump] network_lock = "pod"`).
     pub lock_network: bool,
+    /// Leave it locked when the dump is over (its caller paused the pod, and unlocks the
+    /// network when it resumes it; see `layout::DumpAsk::hold_network`).
+    pub hold_network: bool,
     /// Digest page images as CRIU closes them (the node's `[dump] digests = "early"`).
     pub early_digests: bool,
     /// Free space the dump must leave on the destination's filesystem (the node's

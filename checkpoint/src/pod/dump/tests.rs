@@ -127,6 +127,7 @@ impl Pod {
             journal: Some(self.journal.clone()),
             netns: None,
             lock_network: false,
+            hold_network: false,
             early_digests: false,
             reserve_bytes: 0,
             carry: Default::default(),

@@ -231,7 +231,7 @@ impl NetLock {
     pub fn leave_locked(mut self) {
         if let Some(ns) = self.netns.take() {
             log::info!(
-                "pod network {} stays locked: the pod stopped at its snapshot",
+                "pod network {} stays locked after the dump: the pod stays at its snapshot",
                 ns.display()
             );
         }
