@@ -11,7 +11,8 @@
 //!   nothing appears on B;
 //! - B killed mid-transfer (held after the first file, then SIGKILL): A resumes the pod, which
 //!   runs on as it was; B created no pod, and its next `podsnap receive` removes what the
-//!   killed one left in the root.
+//!   killed one left in the root;
+//! - `podsnap drain --parallel 2` moves the three pods of A to B, two at a time.
 
 mod pod_checkpoint_support;
 
@@ -467,4 +468,122 @@ fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_r
         root_b,
         "the next receiver removed the killed one's staging directory"
     );
+}
+
+/// `podsnap drain --to-node --parallel 2` moves the three pods of A's `podsnap` handler to B
+/// (one `podsnap receive` taking them, two at once): a line per pod, a table of downtimes and
+/// bytes, every pod running on B from where it was (counters continue), every one stopped on A.
+#[test]
+fn drain_moves_every_pod_of_the_node_two_at_a_time() {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (a_key, a_pub) = keys.pair("node-a");
+    let (b_key, b_pub) = keys.pair("node-b");
+    let config_a = keys.config("a", &a_key, &[&b_pub]);
+    let config_b = keys.config("b", &b_key, &[&a_pub]);
+    let pods: Vec<_> = (0..3)
+        .map(|i| {
+            let name = node_a.unique(&format!("drained-{i}"));
+            run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs")
+        })
+        .collect();
+    let before: Vec<Before> = pods.iter().map(mark_and_count).collect();
+    let sandboxes_b = sandbox_ids(&node_b);
+
+    let receiver = Receiver::start(&node_b, &config_b, None, false);
+    let out = podsnap(
+        &node_a,
+        &config_a,
+        &["drain", "--to-node", &receiver.addr, "--parallel", "2"],
+    );
+    eprintln!("podsnap drain:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "drain: {}\nreceiver:\n{}\n{}",
+        text(&out),
+        receiver.stdout(),
+        receiver.stderr()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for pod in &pods {
+        let name = format!("default/{}", pod.pod.name);
+        assert!(stdout.contains(&format!("moved        {name} to ")), "{stdout}");
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&name) && l.contains("moved to"))
+            .unwrap_or_else(|| panic!("no table row for {name}: {stdout}"));
+        // pod, downtime (seconds), bytes, result.
+        let downtime = row.split_whitespace().nth(1).unwrap_or_default();
+        assert!(
+            downtime
+                .strip_suffix('s')
+                .is_some_and(|d| d.parse::<f64>().is_ok_and(|d| d > 0.0)),
+            "a downtime in {row}"
+        );
+    }
+    assert!(stdout.contains("drained      3 of 3 pods"), "{stdout}");
+    // The steps of the moves that ran at once are each named by their pod.
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    for pod in &pods {
+        assert!(
+            stderr.contains(&format!("[default/{}] pausing", pod.pod.name)),
+            "{stderr}"
+        );
+    }
+
+    // B: three new pods, one per migration, read from what receive printed of each.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let restored = loop {
+        let text = receiver.stdout();
+        let blocks: Vec<(String, String, String)> = text
+            .split("received     ")
+            .skip(1)
+            .filter_map(|b| {
+                let field = |k: &str| {
+                    b.lines()
+                        .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_owned()))
+                };
+                Some((field("pod ")?, field("id ")?, field("ip ")?))
+            })
+            .collect();
+        if blocks.len() == pods.len() {
+            break blocks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "three pods received: {text}\n{}",
+            receiver.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut new_ids: Vec<String> = Vec::new();
+    for (pod_line, id, _) in &restored {
+        let uid = pod_line
+            .rsplit_once("(uid ")
+            .and_then(|(_, u)| u.strip_suffix(')'))
+            .expect("the new pod's uid");
+        let netns = node_b.cri().pod_netns(id).ok().flatten();
+        node_b.record_pod(uid, netns.as_deref()).expect("record the pod");
+        new_ids.push(id.clone());
+    }
+    let mut after = sandbox_ids(&node_b);
+    after.retain(|s| !sandboxes_b.contains(s));
+    new_ids.sort();
+    assert_eq!(after, new_ids, "three new pods on B");
+    for (pod, was) in pods.iter().zip(&before) {
+        let name = &pod.pod.name;
+        let (_, _, ip) = restored
+            .iter()
+            .find(|(line, _, _)| line.starts_with(&format!("default/{name} ")))
+            .unwrap_or_else(|| panic!("{name} restored on B: {restored:?}"));
+        // Goes on from where it was on A: its counters continue, not from zero.
+        runs_on(ip, *was, &format!("{name} on B"));
+        for (cname, cid) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
+            node_a
+                .cri()
+                .wait_container_state(cid, cri::ContainerState::ContainerExited, Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("{name}/{cname} on node A stopped after the drain: {e:#}"));
+        }
+        remove_original(&node_a, pod);
+    }
 }

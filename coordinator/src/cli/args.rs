@@ -42,10 +42,16 @@ pub(crate) enum Command {
     /// `podsnap receive` (mutual TLS with the keys of `[migration]`); the pod is paused, not
     /// stopped, until the target runs it, and resumed if anything fails before.
     Migrate(MigrateArgs),
-    /// Receive pods that other nodes move here with `podsnap migrate --to-node`, one at a
-    /// time: each checkpoint is verified into the checkpoint root and restored through CRI as
-    /// `podsnap restore` does. Only nodes whose keys are in `[migration] peers` are answered.
+    /// Receive pods that other nodes move here with `podsnap migrate --to-node` (or `drain`),
+    /// several at once: each checkpoint is verified into the checkpoint root and restored
+    /// through CRI as `podsnap restore` does. Only nodes whose keys are in `[migration] peers`
+    /// are answered.
     Receive(ReceiveArgs),
+    /// Move every pod of the `podsnap` runtime handler off this node to another node running
+    /// `podsnap receive`, as `migrate --to-node` moves one, N at a time: a line per pod as it
+    /// moves or fails, then a table (pod, downtime, bytes, result). A pod that cannot move is
+    /// resumed and left running here; the exit status then says so.
+    Drain(DrainArgs),
     /// Verify a checkpoint's digests and show what it holds.
     Inspect {
         /// The checkpoint directory.
@@ -257,6 +263,22 @@ pub(crate) struct MigrateArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct DrainArgs {
+    /// The node to move the pods to (`podsnap receive --listen` there).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) to_node: String,
+    /// How many pods move at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(crate) parallel: u16,
+    /// Keep established TCP connections (they go on if the target gives a pod its address).
+    #[arg(long)]
+    pub(crate) tcp_established: bool,
+    /// Give up on each pod's dump after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub(crate) timeout: Option<u64>,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct ReceiveArgs {
     /// The address to listen on (`HOST:PORT`, e.g. `0.0.0.0:7443`).
     #[arg(long, value_name = "HOST:PORT")]
@@ -348,6 +370,19 @@ mod tests {
         assert!(
             Cli::try_parse_from(["podsnap", "migrate", "--pod", "p"]).is_err(),
             "--to or --to-node"
+        );
+        let cli = Cli::try_parse_from(["podsnap", "drain", "--to-node", "b:7443", "--parallel", "3"])
+            .expect("parses");
+        assert!(matches!(cli.command, Command::Drain(a) if a.to_node == "b:7443" && a.parallel == 3));
+        let cli = Cli::try_parse_from(["podsnap", "drain", "--to-node", "b:7443"]).expect("parses");
+        assert!(
+            matches!(cli.command, Command::Drain(a) if a.parallel == 1),
+            "one at a time by default"
+        );
+        assert!(Cli::try_parse_from(["podsnap", "drain", "--to-node", "b:7443", "--parallel", "0"]).is_err());
+        assert!(
+            Cli::try_parse_from(["podsnap", "drain"]).is_err(),
+            "--to-node is required"
         );
         assert!(
             Cli::try_parse_from([

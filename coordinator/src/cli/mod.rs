@@ -91,6 +91,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dump(args) => dump::dump(&ctx, args),
         Command::Migrate(args) => dump::migrate(&ctx, args),
         Command::Receive(args) => receive::run(&ctx, args),
+        Command::Drain(args) => receive::drain(&ctx, args),
         Command::Restore(args) => restore::run(ctx, args),
         Command::List(args) => store::list(&ctx, args),
         Command::Rm { names } => store::rm(&ctx, names),

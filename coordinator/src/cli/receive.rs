@@ -10,7 +10,7 @@ use podsnap_coordinator::restore::RestoreRequest;
 use podsnap_coordinator::summary::human_bytes;
 use podsnap_coordinator::{pod, progress};
 
-use super::args::ReceiveArgs;
+use super::args::{DrainArgs, ReceiveArgs};
 use super::Context;
 
 /// This node's migration endpoint, from `[migration]` of the node configuration.
@@ -113,4 +113,78 @@ pub(crate) fn migrate_to_node(ctx: &Context, request: &DumpRequest, to: &str) ->
         short_id(endpoint.key_id())
     );
     Ok(())
+}
+
+/// `podsnap drain --to-node HOST:PORT`.
+pub(crate) fn drain(ctx: &Context, args: DrainArgs) -> anyhow::Result<()> {
+    use podsnap_coordinator::migrate::drain::{drain, DrainRequest, Drained};
+    let endpoint = endpoint(ctx)?;
+    let request = DrainRequest {
+        each: ctx.dump_request(String::new(), String::new(), args.tcp_established, args.timeout),
+        to: args.to_node.clone(),
+        parallel: usize::from(args.parallel),
+    };
+    // Several pods move at once: plain lines, each naming its pod (no spinner).
+    let progress = progress::Lines;
+    let each = |d: &Drained| {
+        match &d.outcome {
+            Ok(m) => println!(
+                "moved        {} to {} ({}; paused {:.2?})",
+                d.pod,
+                m.target,
+                human_bytes(m.bytes),
+                m.paused_for
+            ),
+            Err(e) => println!("left         {} running here: {}", d.pod, first_line(e)),
+        }
+        let _ = std::io::stdout().flush();
+    };
+    let drained = ctx
+        .runtime
+        .block_on(drain(&request, &endpoint, &progress, &each))
+        .with_context(|| format!("drain this node to {}", args.to_node))?;
+    println!();
+    println!("{:<40} {:>10} {:>10}  result", "pod", "downtime", "bytes");
+    for d in &drained {
+        match &d.outcome {
+            Ok(m) => println!(
+                "{:<40} {:>9.2}s {:>10}  moved to {}",
+                d.pod,
+                m.paused_for.as_secs_f64(),
+                human_bytes(m.bytes),
+                m.target
+            ),
+            Err(e) => println!(
+                "{:<40} {:>10} {:>10}  left running: {}",
+                d.pod,
+                "-",
+                "-",
+                first_line(e)
+            ),
+        }
+    }
+    let failed: Vec<&str> = drained
+        .iter()
+        .filter(|d| d.outcome.is_err())
+        .map(|d| d.pod.as_str())
+        .collect();
+    println!(
+        "drained      {} of {} pods",
+        drained.len() - failed.len(),
+        drained.len()
+    );
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} of {} pods could not move and run here still: {}",
+            failed.len(),
+            drained.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The first line of a (multi-line) error.
+fn first_line(e: &str) -> &str {
+    e.lines().next().unwrap_or_default()
 }

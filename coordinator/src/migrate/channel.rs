@@ -213,10 +213,22 @@ impl Listener {
     /// whose key is not listed fails here ([`Error::PeerNotListed`], naming its key id) and
     /// got nothing; the listener goes on listening either way.
     pub async fn accept(&self) -> Result<Incoming> {
-        let (tcp, from) = self.listener.accept().await.map_err(|source| Error::Listen {
+        let (tcp, from) = self.connection().await?;
+        self.handshake(tcp, from).await
+    }
+
+    /// Waits for the next TCP connection, nothing more: safe to drop while it waits (a
+    /// `select!` branch), unlike [`Listener::accept`], whose handshake would be cut off.
+    pub async fn connection(&self) -> Result<(TcpStream, SocketAddr)> {
+        self.listener.accept().await.map_err(|source| Error::Listen {
             addr: "the listening socket".into(),
             source,
-        })?;
+        })
+    }
+
+    /// Takes a connection from [`Listener::connection`] through the handshake and `hello`
+    /// (see [`Listener::accept`]).
+    pub async fn handshake(&self, tcp: TcpStream, from: SocketAddr) -> Result<Incoming> {
         let _ = tcp.set_nodelay(true);
         let addr = from.to_string();
         let endpoint = &self.endpoint;

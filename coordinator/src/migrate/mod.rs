@@ -71,6 +71,7 @@
 //! the migration with an error saying so.
 
 mod channel;
+pub mod drain;
 mod error;
 pub mod frame;
 pub mod identity;

@@ -1,5 +1,6 @@
-//! `podsnap receive --listen ADDR`: the target of a direct migration. One migration at a
-//! time: the next connection is taken once the current migration is over (kept or undone).
+//! `podsnap receive --listen ADDR`: the target of a direct migration. Several migrations may
+//! run at once (a source draining its node moves pods in parallel), each on its own connection,
+//! into its own staging directory, restoring its own pod.
 //!
 //! For each migration: the source's manifest first, checked against the node's restore policy
 //! (a checkpoint this node may not restore is refused before any file is sent); then every
@@ -63,30 +64,54 @@ pub async fn receive(
     listening: &(dyn Fn(std::net::SocketAddr) + Sync),
     done: &(dyn Fn(&Result<Received>) + Sync),
 ) -> Result<()> {
+    use futures::StreamExt;
     remove_stale_staging(&request.restore.checkpoint_root);
     let listener = endpoint.bind(&request.listen).await?;
     listening(listener.local_addr()?);
+    // Connections under way, each through its handshake and then its migration (several at
+    // once: a source draining its node moves pods in parallel); with `once`, one at a time,
+    // until the first that got past its handshake is over.
+    let mut running = futures::stream::FuturesUnordered::new();
     loop {
-        let incoming = match listener.accept().await {
-            Ok(incoming) => incoming,
-            Err(e @ (ChannelError::Listen { .. } | ChannelError::Config { .. })) => return Err(e.into()),
-            Err(e) => {
-                // A refused or broken handshake is no migration: nothing was received.
-                log::warn!("migration: {e}");
-                eprintln!("podsnap receive: {e}");
-                continue;
+        tokio::select! {
+            // Only the TCP accept here: dropped when a migration ends first, it loses nothing.
+            connection = listener.connection(), if !request.once || running.is_empty() => {
+                let (tcp, from) = connection?;
+                let listener = &listener;
+                running.push(async move {
+                    let incoming = match listener.handshake(tcp, from).await {
+                        Ok(incoming) => incoming,
+                        Err(e @ ChannelError::Config { .. }) => return Some(Err(e.into())),
+                        Err(e) => {
+                            // A refused or broken handshake is no migration: nothing was received.
+                            log::warn!("migration: {e}");
+                            eprintln!("podsnap receive: {e}");
+                            return None;
+                        }
+                    };
+                    let peer = incoming.peer().to_owned();
+                    log::info!("migration: {peer} connected (key {})", incoming.key_id);
+                    let outcome = match incoming.accept().await {
+                        Ok(channel) => receive_one(request, channel, progress).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = &outcome {
+                        log::error!("migration from {peer}: {e}");
+                    }
+                    Some(outcome)
+                });
             }
-        };
-        let peer = incoming.peer().to_owned();
-        log::info!("migration: {peer} connected (key {})", incoming.key_id);
-        let channel = incoming.accept().await?;
-        let outcome = receive_one(request, channel, progress).await;
-        if let Err(e) = &outcome {
-            log::error!("migration from {peer}: {e}");
-        }
-        done(&outcome);
-        if request.once {
-            return outcome.map(drop);
+            Some(outcome) = running.next(), if !running.is_empty() => {
+                let Some(outcome): Option<Result<Received>> = outcome else { continue };
+                // This node's own configuration cannot serve anyone: over.
+                if matches!(&outcome, Err(Error::Migration(ChannelError::Config { .. }))) {
+                    return outcome.map(drop);
+                }
+                done(&outcome);
+                if request.once {
+                    return outcome.map(drop);
+                }
+            }
         }
     }
 }
