@@ -33,6 +33,11 @@
 //!   base image is the workload image pushed to that registry under its name, so both nodes know
 //!   it by a pullable digest reference.
 //!
+//! - podsnap straight to B (issue 23, stage 1): `podsnap receive --listen --once` on B and
+//!   `podsnap migrate --to-node` on A, over the `[migration]` channel (mutual TLS, one key both
+//!   nodes list): the pod paused, dumped, every file sent, verified and restored on B; not live
+//!   (post-copy is not done), so its downtime still grows with memory.
+//!
 //! Phases (each contender's own boundaries): dump = podsnap's dump as `migrate` reports it / the
 //! `podsnap dump` command / the three CheckpointContainer calls; push (or copy) and pull as
 //! timed here (`podsnap restore --from`'s pull = its run time less the restore time it prints);
@@ -85,14 +90,18 @@ enum Contender {
     RegistryLazy,
     Local,
     Kep2008,
+    /// `podsnap migrate --to-node` to a `podsnap receive` on B (the `[migration]` channel:
+    /// paused, dumped, sent, restored; not live).
+    Direct,
 }
 
-const CONTENDERS: [Contender; 5] = [
+const CONTENDERS: [Contender; 6] = [
     Contender::Registry,
     Contender::RegistryLevel3,
     Contender::RegistryLazy,
     Contender::Local,
     Contender::Kep2008,
+    Contender::Direct,
 ];
 
 /// One round's numbers, in seconds and MiB.
@@ -179,6 +188,7 @@ fn main() {
                 Contender::RegistryLazy => registry_round(&bench, round, None, true),
                 Contender::Local => local_round(&bench, round),
                 Contender::Kep2008 => kep_round(&bench, round),
+                Contender::Direct => direct_round(&bench, round),
             };
             eprintln!("round {round} {contender:?}: {r:?}");
             if round > 0 {
@@ -186,10 +196,11 @@ fn main() {
             }
         }
     }
-    let [through_registry, level3, lazy, local, kep] = &measures[..] else {
-        unreachable!("five contenders")
+    let [through_registry, level3, lazy, local, kep, direct] = &measures[..] else {
+        unreachable!("six contenders")
     };
     print_tables(rounds, started, [through_registry, level3, lazy], local, kep);
+    print_direct(rounds, direct, through_registry, local);
     let mut problems = bench.b.teardown();
     problems.extend(bench.a.teardown());
     assert!(problems.is_empty(), "teardown: {problems:?}");
@@ -768,4 +779,146 @@ fn kep_round(bench: &Bench, round: usize) -> Round {
     }
     let _ = std::fs::remove_dir_all(&archives_dir);
     round
+}
+
+/// `podsnap migrate --to-node` to a `podsnap receive --once` on B: downtime from the first
+/// freeze on A (the migration pauses the pod) to every container answering on B.
+fn direct_round(bench: &Bench, round: usize) -> Round {
+    use std::io::BufRead;
+    let (a, b) = (&bench.a, &bench.b);
+    // One key for both nodes, each listing it as its peer.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bench.signing, std::fs::Permissions::from_mode(0o600)).expect("chmod the key");
+    let config = bench.dir.path().join("direct.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[migration]\nkey = \"{}\"\npeers = [\"{}\"]\n",
+            bench.signing.display(),
+            bench.trusted.display()
+        ),
+    )
+    .expect("node configuration");
+    let kubelet = b.files().kubelet();
+    let mut receiver = std::process::Command::new(&bench.podsnap)
+        .args(["receive", "--listen", "127.0.0.1:0", "--once", "--pods-dir"])
+        .arg(kubelet.join("pods"))
+        .arg("--logs-dir")
+        .arg(kubelet.join("logs/pods"))
+        .env("PODSNAP_CONFIG", &config)
+        .env("CONTAINER_RUNTIME_ENDPOINT", b.endpoint())
+        .env("CONTAINERD_ADDRESS", b.address())
+        .env("PODSNAP_CHECKPOINT_ROOT", b.files().checkpoints())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("podsnap receive");
+    let mut lines = std::io::BufReader::new(receiver.stdout.take().expect("stdout")).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("listening")
+                .map(|a| a.split_whitespace().next().unwrap_or_default().to_owned())
+        })
+        .expect("podsnap receive listens");
+    let name = a.unique(&format!("mig-dir-{round}"));
+    let (pod, ids, sums) = source_pod(a, "podsnap", &name, None);
+    common::sync_disks();
+    let observer = observe(&pod, &ids);
+    let out = bench.podsnap(
+        a,
+        &config,
+        &[
+            "migrate",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--to-node",
+            &addr,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let phases = field(&stdout, "phases ");
+    let received: String = lines.map_while(Result::ok).map(|l| l + "\n").collect();
+    let status = receiver.wait().expect("podsnap receive exits");
+    assert!(status.success(), "podsnap receive: {status:?}\n{received}");
+    let id = field(&received, "id ").to_owned();
+    let ip = field(&received, "ip ").to_owned();
+    let uid = field(&received, "pod ")
+        .rsplit_once("(uid ")
+        .and_then(|(_, u)| u.strip_suffix(')'))
+        .expect("the restored pod's uid")
+        .to_owned();
+    let restored_ids = container_ids(b, &id);
+    wait_all_answering(b, &restored_ids, &ip);
+    let end = Instant::now();
+    let windows = observer.stop();
+    let round = Round {
+        downtime: downtime(&windows, end),
+        dump: duration_after(phases, "dump"),
+        push: duration_after(phases, "send"),
+        pull: 0.0,
+        restore: duration_after(phases, "restore"),
+        moved_mib: mib(common::dir_size(&b.files().checkpoints())),
+    };
+    check_memory(&ip, &sums);
+    remove_restored(b, &id, &uid);
+    kubelet::remove_pod(a, &pod).expect("remove the source pod");
+    clear_checkpoints(a);
+    clear_checkpoints(b);
+    round
+}
+
+/// The direct migration beside the registry path and a local copy.
+fn print_direct(rounds: usize, direct: &Measures, registry: &Measures, local: &Measures) {
+    println!();
+    println!(
+        "### `podsnap migrate --to-node` (direct, over the `[migration]` channel; not live) (median of {rounds}, min-max)"
+    );
+    println!();
+    println!(
+        "Paused on A, dumped, every file sent over mutual TLS, verified and restored on B by `podsnap receive`; \
+         downtime from the first freeze on A until every container answers on B. dump / send / restore: \
+         what `migrate --to-node` reports (send: the files, after the dump)."
+    );
+    println!();
+    print_table(
+        &[
+            "",
+            "downtime (s)",
+            "dump (s)",
+            "send (s)",
+            "restore until `restored` (s)",
+            "received (MiB)",
+        ],
+        &[
+            vec![
+                "direct (`migrate --to-node`)".to_owned(),
+                direct.downtime.cell(2),
+                direct.dump.cell(2),
+                direct.push.cell(2),
+                direct.restore.cell(2),
+                direct.moved_mib.cell(0),
+            ],
+            vec![
+                "ratio direct / registry (`migrate --to`, default level)".to_owned(),
+                ratio(&direct.downtime, &registry.downtime),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+            vec![
+                "ratio direct / local dump + copy + restore".to_owned(),
+                ratio(&direct.downtime, &local.downtime),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+        ],
+    );
 }
