@@ -12,6 +12,7 @@
 //! - B killed mid-transfer (held after the first file, then SIGKILL): A resumes the pod, which
 //!   runs on as it was; B created no pod, and its next `podsnap receive` removes what the
 //!   killed one left in the root;
+//! - B without room for the checkpoint and its reserve: refused before any file, A resumes;
 //! - `podsnap drain --parallel 2` moves the three pods of A to B, two at a time.
 
 mod pod_checkpoint_support;
@@ -462,11 +463,42 @@ fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_r
         left.iter().all(|n| n.starts_with(".received-")),
         "B's root holds {left:?}"
     );
-    let _next = Receiver::start(&node_b, &config_b, None, false);
+    let next = Receiver::start(&node_b, &config_b, None, false);
     assert_eq!(
         names_in(&node_b.files().checkpoints()),
         root_b,
         "the next receiver removed the killed one's staging directory"
+    );
+    drop(next);
+
+    // 3. B has no room for the checkpoint with the reserve it keeps: refused before any file
+    //    comes, with the numbers; A resumes the pod.
+    let full_b = {
+        let path = keys.dir.path().join("b-full.toml");
+        let text = std::fs::read_to_string(&config_b).expect("B's config");
+        std::fs::write(&path, format!("{text}\n[dump]\nreserve_bytes = {}\n", 1u64 << 60)).expect("config");
+        path
+    };
+    let full = Receiver::start(&node_b, &full_b, None, true);
+    let out = migrate(&config_a, &full.addr);
+    assert!(!out.status.success(), "moved to a full node: {}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.contains("free there ([dump] reserve_bytes)"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr.contains("was resumed and runs on this node as before"),
+        "{}",
+        text(&out)
+    );
+    runs_on(&pod.pod.ip, before, "after the full node refused");
+    assert_eq!(sandbox_ids(&node_b), sandboxes_b, "no pod on B");
+    assert_eq!(
+        names_in(&node_b.files().checkpoints()),
+        root_b,
+        "nothing in B's root"
     );
 }
 

@@ -258,6 +258,15 @@ async fn receive_one(
 /// namespace and name): the reason to refuse it otherwise.
 fn check_manifest(request: &ReceiveRequest, raw: &[u8]) -> std::result::Result<Manifest, String> {
     let manifest = Manifest::parse(raw).map_err(|e| format!("its manifest: {e}"))?;
+    // Room for it in the checkpoint root, the node's reserve left: refused before any file
+    // comes, rather than failed half-way with the disk full.
+    let root = &request.restore.checkpoint_root;
+    let needed: u64 = manifest.files.values().map(|f| f.size).sum();
+    let reserve = request.restore.config.dump.reserve_bytes;
+    let (fs, free) = podsnap_checkpoint::pod::dump::preflight::free_space(root).map_err(|e| e.to_string())?;
+    if let Some(why) = no_room(needed, free, reserve) {
+        return Err(format!("{why} ({} on {})", root.display(), fs.display()));
+    }
     let config = &request.restore.config;
     let source = manifest.pod.namespace.as_deref();
     podsnap_checkpoint::trust::policy::check_namespace(
@@ -268,6 +277,19 @@ fn check_manifest(request: &ReceiveRequest, raw: &[u8]) -> std::result::Result<M
     )
     .map_err(|v| podsnap_checkpoint::Error::refused("the received checkpoint", v).to_string())?;
     Ok(manifest)
+}
+
+/// Why `needed` bytes do not fit in `free` with `reserve` kept, if they do not.
+fn no_room(needed: u64, free: u64, reserve: u64) -> Option<String> {
+    (needed.saturating_add(reserve) > free).then(|| {
+        format!(
+            "the checkpoint holds {}; the checkpoint root has {} free and the node keeps {} free \
+             there ([dump] reserve_bytes)",
+            crate::summary::human_bytes(needed),
+            crate::summary::human_bytes(free),
+            crate::summary::human_bytes(reserve)
+        )
+    })
 }
 
 /// Every file the manifest lists, each once, in any order; returns (files, bytes).
@@ -457,4 +479,21 @@ fn write_new(path: &Path, data: &[u8]) -> Result<()> {
         .map_err(Error::io("create a checkpoint file", path))?;
     f.write_all(data)
         .map_err(Error::io("write a checkpoint file", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_that_does_not_fit_with_the_reserve_is_refused_with_the_numbers() {
+        assert_eq!(no_room(100, 1000, 100), None);
+        assert_eq!(no_room(900, 1000, 100), None, "exactly fits");
+        let why = no_room(901, 1000, 100).expect("one byte too many");
+        assert!(
+            why.contains("holds 901 B") && why.contains("1000 B free"),
+            "{why}"
+        );
+        assert!(no_room(u64::MAX, 1000, 100).is_some(), "no overflow");
+    }
 }
