@@ -181,6 +181,8 @@ fn watch<'s>(
     for closed in followed.values() {
         closed.store(true, Ordering::SeqCst);
     }
+    // Its close waits for the kernel (milliseconds): not on the way to the manifest.
+    crate::criu::hold::close_inotify_beside(inotify);
 }
 
 /// Follows the page image at `path` while CRIU appends to it (see the module documentation),
