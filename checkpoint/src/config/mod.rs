@@ -17,7 +17,7 @@
 //! # Free space a dump must leave on the filesystem it writes to: a dump whose estimate would
 //! # leave less is refused before anything is frozen, with the numbers (default 0).
 //! reserve_bytes = 10737418240
-//! # When the page images are digested: "early" (as CRIU closes them, in the idle scheduling
+//! # When the page images are digested: "early" (as CRIU writes them, in the idle scheduling
 //! # class while the pod is frozen: the dump ends sooner) or "after-thaw" (the shortest frozen
 //! # window). Default "early".
 //! digests = "early"

@@ -25,7 +25,7 @@ pub(super) struct CriuRuns {
     slots: Vec<DumpSlot>,
     /// What the containers' CRIU runs were told of unix connections between containers.
     pub(super) external_unix: ToldEnds,
-    /// Their page images hashed as CRIU closes them.
+    /// Their page images hashed as CRIU writes them.
     pub(super) prehash: Option<crate::pod::dump::prehash::Prehash>,
     /// The dump's crash journal, told of each held CRIU once it waits.
     pub(super) journal: Option<Arc<Journal>>,

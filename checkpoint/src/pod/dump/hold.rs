@@ -125,7 +125,7 @@ pub(super) async fn hold(mut p: Planned) -> Result<Held> {
     let (configs, holds, told) = CriuConfigs::write(&p.running, lock.is_some(), &planned)?;
     // runc and CRIU start first, while the pod runs; each CRIU waits before it touches a
     // process, and no further than that until the pod is locked, frozen and checked.
-    // Each container's page images are hashed as CRIU closes them (see the prehash module).
+    // Each container's page images are hashed as CRIU writes them (see the prehash module).
     let image_dirs: Vec<PathBuf> = p
         .running
         .iter()

@@ -95,7 +95,7 @@ impl Prehash {
             })
             .inspect_err(|e| log::debug!("no early digests (thread: {e})"))
             .ok()?;
-        log::debug!("page images are digested as CRIU closes them, on {threads} threads");
+        log::debug!("page images are digested as CRIU writes them, on {threads} threads");
         Some(Prehash {
             stop,
             urgent,
