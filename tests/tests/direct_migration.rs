@@ -51,6 +51,15 @@ impl Keys {
         (private, public)
     }
 
+    /// The configurations of nodes A and B, each listing the other's key; and B's public key.
+    fn for_a_and_b(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let (a_key, a_pub) = self.pair("node-a");
+        let (b_key, b_pub) = self.pair("node-b");
+        let config_a = self.config("a", &a_key, &[&b_pub]);
+        let config_b = self.config("b", &b_key, &[&a_pub]);
+        (config_a, config_b, b_pub)
+    }
+
     /// A node configuration with `[migration] key` and `peers`.
     fn config(&self, name: &str, key: &Path, peers: &[&Path]) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.toml"));
@@ -236,10 +245,7 @@ fn runs_on(ip: &str, before: Before, what: &str) {
 fn a_pod_moves_to_another_node_over_the_migration_channel() {
     let (node_a, node_b) = Node::start_pair(workload(), workload());
     let keys = Keys::new();
-    let (a_key, a_pub) = keys.pair("node-a");
-    let (b_key, b_pub) = keys.pair("node-b");
-    let config_a = keys.config("a", &a_key, &[&b_pub]);
-    let config_b = keys.config("b", &b_key, &[&a_pub]);
+    let (config_a, config_b, _) = keys.for_a_and_b();
     let name = node_a.unique("moved");
     let pod = run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
     let before = mark_and_count(&pod);
@@ -333,11 +339,8 @@ fn a_pod_moves_to_another_node_over_the_migration_channel() {
 fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_running() {
     let (node_a, node_b) = Node::start_pair(workload(), workload());
     let keys = Keys::new();
-    let (a_key, a_pub) = keys.pair("node-a");
-    let (b_key, b_pub) = keys.pair("node-b");
+    let (config_a, config_b, b_pub) = keys.for_a_and_b();
     let (stranger_key, stranger_pub) = keys.pair("stranger");
-    let config_a = keys.config("a", &a_key, &[&b_pub]);
-    let config_b = keys.config("b", &b_key, &[&a_pub]);
     // A node that trusts B but that B does not list.
     let config_stranger = keys.config("stranger", &stranger_key, &[&b_pub]);
     let name = node_a.unique("stays");
@@ -509,10 +512,7 @@ fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_r
 fn drain_moves_every_pod_of_the_node_two_at_a_time() {
     let (node_a, node_b) = Node::start_pair(workload(), workload());
     let keys = Keys::new();
-    let (a_key, a_pub) = keys.pair("node-a");
-    let (b_key, b_pub) = keys.pair("node-b");
-    let config_a = keys.config("a", &a_key, &[&b_pub]);
-    let config_b = keys.config("b", &b_key, &[&a_pub]);
+    let (config_a, config_b, _) = keys.for_a_and_b();
     let pods: Vec<_> = (0..3)
         .map(|i| {
             let name = node_a.unique(&format!("drained-{i}"));

@@ -405,29 +405,12 @@ fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
     node.set_podsnap_config("").expect("config");
     let dumping = dump_in_background(&node, &pod.pod, dir.clone(), |_| {});
     wait_for("CRIU to run", Duration::from_secs(30), in_criu);
-    let shims = node.shim_pids(PODSNAP_SHIM);
-    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe {
-        libc::kill(shims[0], libc::SIGKILL);
-    }
+    kill_the_shim(&node);
     assert!(
         dumping.join().expect("thread").is_err(),
         "the dump died with its shim"
     );
-    wait_for(
-        "the dead dump's runc and CRIU to be gone",
-        Duration::from_secs(30),
-        || !in_criu(),
-    );
-    wait_for("the pod's processes to be gone", Duration::from_secs(30), || {
-        pod_processes(&pod.pod.uid) == 0
-    });
-    assert!(frozen_cgroups(&pod.pod.uid).is_empty(), "nothing stays frozen");
-    assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
-    assert!(!journal_of(&pod.pod.id).exists());
-    wait_exited_in_cri(&node, &pod, "shim killed during CRIU");
-    remove_original(&node, &pod);
+    assert_dead_dump_undone(&node, &pod, &dir, &in_criu, "shim killed during CRIU");
 
     // The shim killed after it started a runc and before it recorded it in the journal (held
     // there): that runc, and the CRIU it started, carry the dump's mark and die all the same.
@@ -446,30 +429,62 @@ fn a_hung_criu_meets_the_deadline_and_a_client_that_gives_up_stops_the_dump() {
         recorded.contains("\"workers\": []"),
         "nothing recorded yet: {recorded}"
     );
+    kill_the_shim(&node);
+    std::fs::remove_file(holds.path().join("worker-started")).expect("disarm");
+    assert!(
+        dumping.join().expect("thread").is_err(),
+        "the dump died with its shim"
+    );
+    assert_dead_dump_undone(
+        &node,
+        &pod,
+        &dir,
+        &in_criu,
+        "shim killed before it recorded its runc",
+    );
+}
+
+/// SIGKILLs the node's one podsnap shim.
+fn kill_the_shim(node: &Node) {
     let shims = node.shim_pids(PODSNAP_SHIM);
     assert_eq!(shims.len(), 1, "one shim: {shims:?}");
     // SAFETY: kill has no memory-safety preconditions.
     unsafe {
         libc::kill(shims[0], libc::SIGKILL);
     }
-    std::fs::remove_file(holds.path().join("worker-started")).expect("disarm");
-    assert!(
-        dumping.join().expect("thread").is_err(),
-        "the dump died with its shim"
-    );
+}
+
+/// After the shim running a dump of `pod` into `dir` died (`what`): the dump's runc and CRIU
+/// are gone (`in_criu` false), so are the pod's processes, nothing stays frozen, no output or
+/// journal is left, CRI says the containers exited; then the pod is removed.
+fn assert_dead_dump_undone(
+    node: &Node,
+    pod: &ThreeContainerPod,
+    dir: &Path,
+    in_criu: &dyn Fn() -> bool,
+    what: &str,
+) {
     wait_for(
-        "the unrecorded runc and its CRIU to be gone",
+        &format!("{what}: the dead dump's runc and CRIU to be gone"),
         Duration::from_secs(30),
         || !in_criu(),
     );
-    wait_for("the pod's processes to be gone", Duration::from_secs(30), || {
-        pod_processes(&pod.pod.uid) == 0
-    });
-    assert!(frozen_cgroups(&pod.pod.uid).is_empty(), "nothing stays frozen");
-    assert!(!dir.exists() && staging_left(&node).is_empty(), "output removed");
-    assert!(!journal_of(&pod.pod.id).exists());
-    wait_exited_in_cri(&node, &pod, "shim killed before it recorded its runc");
-    remove_original(&node, &pod);
+    wait_for(
+        &format!("{what}: the pod's processes to be gone"),
+        Duration::from_secs(30),
+        || pod_processes(&pod.pod.uid) == 0,
+    );
+    assert!(
+        frozen_cgroups(&pod.pod.uid).is_empty(),
+        "{what}: nothing stays frozen"
+    );
+    assert!(
+        !dir.exists() && staging_left(node).is_empty(),
+        "{what}: output removed"
+    );
+    assert!(!journal_of(&pod.pod.id).exists(), "{what}: the journal removed");
+    wait_exited_in_cri(node, pod, what);
+    remove_original(node, pod);
 }
 
 #[test]

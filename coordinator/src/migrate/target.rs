@@ -14,11 +14,10 @@
 //! on any failure before that. A receiver that is killed leaves its staging directory; the
 //! next `podsnap receive` on the node removes those of receivers that are gone.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use std::collections::BTreeSet;
-use std::io::Write;
 
 use podsnap_checkpoint::format::manifest::{Manifest, MANIFEST};
 
@@ -153,7 +152,7 @@ async fn receive_one(
         }
     };
     let received = async {
-        write_new(&staging.dir.join(MANIFEST), &raw)?;
+        crate::oci::write_new(&staging.dir.join(MANIFEST), &raw)?;
         channel.send_message(Message::Accept).await?;
         let (files, bytes) = receive_files(&mut channel, &staging.dir, &manifest, progress).await?;
         let staged = staging.dir.clone();
@@ -467,18 +466,6 @@ impl Drop for Staging {
             }
         }
     }
-}
-
-fn write_new(path: &Path, data: &[u8]) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(Error::io("create a checkpoint file", path))?;
-    f.write_all(data)
-        .map_err(Error::io("write a checkpoint file", path))
 }
 
 #[cfg(test)]

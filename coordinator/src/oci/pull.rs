@@ -312,7 +312,8 @@ impl Drop for Staging {
     }
 }
 
-pub(super) fn write_new(path: &Path, data: &[u8]) -> Result<()> {
+/// Writes a new private file (0600, created exclusively, never through a symlink).
+pub(crate) fn write_new(path: &Path, data: &[u8]) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
