@@ -52,8 +52,12 @@ pub struct Prehash {
     stop: Arc<AtomicBool>,
     /// Set when the dump waits for the digests: they run at normal priority from then on.
     urgent: Arc<AtomicBool>,
-    /// Ends once every queued page image is hashed (or skipped, for a dump that failed).
+    /// Ends once every queued page image is hashed (or skipped, for a dump that failed) and
+    /// its inotify descriptor is closed.
     watcher: Option<std::thread::JoinHandle<()>>,
+    /// Told once every queued page image is hashed: the watcher's descriptor may still be
+    /// closing.
+    finished: std::sync::mpsc::Receiver<()>,
     done: Arc<Mutex<HashMap<PathBuf, Prehashed>>>,
     threads: usize,
 }
@@ -85,13 +89,18 @@ impl Prehash {
         let urgent = Arc::new(AtomicBool::new(false));
         let done = Arc::new(Mutex::new(HashMap::new()));
         let (stop_w, urgent_w, done_w) = (stop.clone(), urgent.clone(), done.clone());
+        let (finished_tx, finished) = std::sync::mpsc::channel();
         let watcher = std::thread::Builder::new()
             .name("prehash".into())
             .spawn(move || {
                 // Returns once every page image queued to the pool is done.
                 pool.in_place_scope_fifo(|hashing| {
-                    watch(inotify, watched, &stop_w, &urgent_w, &done_w, hashing)
+                    watch(&inotify, watched, &stop_w, &urgent_w, &done_w, hashing)
                 });
+                // Every digest is in: the dump goes on, while the inotify descriptor closes here
+                // (a close waits for the kernel's grace period: milliseconds).
+                let _ = finished_tx.send(());
+                drop(inotify);
             })
             .inspect_err(|e| log::debug!("no early digests (thread: {e})"))
             .ok()?;
@@ -100,6 +109,7 @@ impl Prehash {
             stop,
             urgent,
             watcher: Some(watcher),
+            finished,
             done,
             threads,
         })
@@ -114,9 +124,9 @@ impl Prehash {
     pub fn finish(mut self) -> HashMap<PathBuf, Prehashed> {
         self.urgent.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(w) = self.watcher.take() {
-            let _ = w.join();
-        }
+        // Told when every digest is in (or the watcher is gone), not when its thread ends.
+        let _ = self.finished.recv();
+        drop(self.watcher.take());
         std::mem::take(&mut *self.done.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -129,7 +139,7 @@ impl Drop for Prehash {
 }
 
 fn watch<'s>(
-    inotify: Inotify,
+    inotify: &Inotify,
     watched: HashMap<nix::sys::inotify::WatchDescriptor, PathBuf>,
     stop: &'s AtomicBool,
     urgent: &'s AtomicBool,
@@ -181,8 +191,6 @@ fn watch<'s>(
     for closed in followed.values() {
         closed.store(true, Ordering::SeqCst);
     }
-    // Its close waits for the kernel (milliseconds): not on the way to the manifest.
-    crate::criu::hold::close_inotify_beside(inotify);
 }
 
 /// Follows the page image at `path` while CRIU appends to it (see the module documentation),
