@@ -336,6 +336,16 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// Tells the peer the migration is abandoned (why, cut to a frame's size), and closes.
+    pub async fn abort(mut self, reason: &str) {
+        let _ = self
+            .send_message(Message::Abort {
+                reason: reason.chars().take(super::frame::MAX_NAME_BYTES / 2).collect(),
+            })
+            .await;
+        self.close().await;
+    }
+
     fn start(stream: Stream, peer: String, timeouts: Timeouts) -> Channel {
         let (reader, writer) = tokio::io::split(stream);
         let (queue, frames) = mpsc::channel(QUEUE);

@@ -111,7 +111,9 @@ pub async fn migrate_to_node(
     }
     if let Some(e) = failed {
         resume(paused.clone()).await;
-        abort(channel, &format!("the source could not pause the pod: {e}")).await;
+        channel
+            .abort(&format!("the source could not pause the pod: {e}"))
+            .await;
         return Err(e);
     }
     let sent = tokio::select! {
@@ -124,7 +126,7 @@ pub async fn migrate_to_node(
             progress.step("migration failed: resuming the pod");
             resume(paused.clone()).await;
             if !matches!(&e, Error::Migration(super::Error::Aborted { .. })) {
-                abort(channel, &format!("the source gave up: {e}")).await;
+                channel.abort(&format!("the source gave up: {e}")).await;
             }
             return Err(Error::Refused(format!(
                 "{e}\nthe pod {pod} was resumed and runs on this node as before"
@@ -350,16 +352,6 @@ async fn stop(containerd: &Containerd, paused: &[(String, String)]) {
             log::debug!("container {name} ({id}): resume after the kill: {e}");
         }
     }
-}
-
-/// Tells the target the migration is abandoned, and closes.
-async fn abort(mut channel: Channel, reason: &str) {
-    let _ = channel
-        .send_message(Message::Abort {
-            reason: reason.chars().take(super::frame::MAX_NAME_BYTES / 2).collect(),
-        })
-        .await;
-    channel.close().await;
 }
 
 /// Completes on SIGINT or SIGTERM, saying which.

@@ -147,7 +147,7 @@ async fn receive_one(
     let staging = match staging {
         Ok(s) => s,
         Err(e) => {
-            abort(channel, &e.to_string()).await;
+            channel.abort(&e.to_string()).await;
             return Err(e);
         }
     };
@@ -166,14 +166,14 @@ async fn receive_one(
     let (files, bytes) = match received {
         Ok(r) => r,
         Err(e) => {
-            abort(channel, &e.to_string()).await;
+            channel.abort(&e.to_string()).await;
             return Err(e);
         }
     };
     let dir = match staging.keep_as(&root.join(&name)) {
         Ok(dir) => dir,
         Err(e) => {
-            abort(channel, &e.to_string()).await;
+            channel.abort(&e.to_string()).await;
             return Err(e);
         }
     };
@@ -198,7 +198,9 @@ async fn receive_one(
     let (pod, rollback) = match restore_undoable(&restore, progress).await {
         Ok(restored) => restored,
         Err(e) => {
-            abort(channel, &format!("the restore on the target failed: {e}")).await;
+            channel
+                .abort(&format!("the restore on the target failed: {e}"))
+                .await;
             remove_received("the restore failed");
             return Err(e);
         }
@@ -211,7 +213,7 @@ async fn receive_one(
     };
     if let Err(e) = all_running(&restore, &pod).await {
         let (reason, cleanup) = undo(e.to_string()).await;
-        abort(channel, &reason).await;
+        channel.abort(&reason).await;
         return Err(Error::Refused(format!("{reason}\n{cleanup}")));
     }
     let restored = Message::Restored {
@@ -364,16 +366,6 @@ async fn all_running(request: &RestoreRequest, pod: &RestoredPod) -> Result<()> 
         }
     }
     Ok(())
-}
-
-/// Tells the source the migration is abandoned, and closes.
-async fn abort(mut channel: Channel, reason: &str) {
-    let _ = channel
-        .send_message(Message::Abort {
-            reason: reason.chars().take(super::frame::MAX_NAME_BYTES / 2).collect(),
-        })
-        .await;
-    channel.close().await;
 }
 
 /// `received-<namespace>-<pod>-<UTC time>`, or with `-2`, `-3`... when taken.
