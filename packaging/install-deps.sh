@@ -243,4 +243,19 @@ fi
 [ "$(kubectl_minor)" -ge "$KUBECTL_MIN_MINOR" ] 2>/dev/null || die "kubectl 1.$KUBECTL_MIN_MINOR+ did not install in $KUBECTL_DIR"
 command -v umoci >/dev/null && command -v skopeo >/dev/null || die "umoci or skopeo is not installed"
 
+# ---------------------------------------------------------------------------------------------
+# Live migration: CRIU's page server sizes its pipes to 4 MiB, above the kernel's default
+# fs.pipe-max-size (1 MiB); without CAP_SYS_RESOURCE (withheld in some VMs) it then fails at the
+# first page. Raised now and at every boot (never lowered).
+# ---------------------------------------------------------------------------------------------
+PIPE_MAX=4194304
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
+  log "raising fs.pipe-max-size to $PIPE_MAX (CRIU's page server, live migration)"
+  sysctl -qw fs.pipe-max-size=$PIPE_MAX
+fi
+if [ -d /etc/sysctl.d ] && [ ! -f /etc/sysctl.d/60-podsnap.conf ]; then
+  printf '# podsnap: CRIU page server pipes (live migration)\nfs.pipe-max-size = %s\n' "$PIPE_MAX" > /etc/sysctl.d/60-podsnap.conf
+fi
+[ "$(cat /proc/sys/fs/pipe-max-size)" -ge "$PIPE_MAX" ] || die "fs.pipe-max-size stays below $PIPE_MAX"
+
 log "ready: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | sed -n 's/^runc version //p') and $("$RUNC13_DIR/runc" --version | sed -n 's/^runc version //p'), criu $(/usr/local/sbin/criu --version | sed -n 's/^Version: //p'), $(protoc --version)"

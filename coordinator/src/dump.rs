@@ -46,6 +46,9 @@ pub struct DumpRequest {
     /// Leave the pod's network locked after the dump (the caller paused the pod and unlocks
     /// it when it resumes it: `migrate --to-node`); asked through `<dest>.request` too.
     pub hold_network: bool,
+    /// A lazy dump for a live migration: the directory where `migrate` listens (see
+    /// `DumpAsk::serve`).
+    pub serve_dir: Option<PathBuf>,
 }
 
 impl DumpRequest {
@@ -64,6 +67,7 @@ impl DumpRequest {
             handler: crate::pod::HANDLER.to_owned(),
             carry_volumes: None,
             hold_network: false,
+            serve_dir: None,
         }
     }
 }
@@ -96,6 +100,10 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
         carry_volumes: request.carry_volumes.clone(),
         group: None,
         hold_network: request.hold_network,
+        serve: request
+            .serve_dir
+            .clone()
+            .map(|dir| podsnap_checkpoint::format::layout::ServeAsk { dir }),
     };
     checkpoint_pod(&containerd, &pod, &dir, request, &ask).await?;
     progress.step("recording the containers' image ids");

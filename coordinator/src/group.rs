@@ -97,6 +97,7 @@ pub async fn dump_group(
         .iter()
         .map(|pod| {
             let ask = DumpAsk {
+                serve: None,
                 carry_volumes: request.carry_volumes.clone(),
                 group: Some(GroupAsk {
                     dir: meet.clone(),

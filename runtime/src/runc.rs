@@ -130,6 +130,13 @@ pub struct CheckpointOpts {
     /// a container in its own network namespace as sharing CRIU's, and neither walks nor
     /// locks nor records it (see `podsnap_checkpoint::criu::container::DumpOptions`).
     pub netns: Option<PathBuf>,
+    /// `--lazy-pages --page-server ADDR`: CRIU dumps everything but the anonymous memory,
+    /// which its page server then serves to a `criu lazy-pages` daemon until it has every page
+    /// (post-copy). With a `ps-socket` in CRIU's configuration file the page server uses that
+    /// connected socket and listens nowhere.
+    pub lazy_pages: Option<String>,
+    /// Descriptors runc (and the CRIU it starts) gets at the given numbers.
+    pub inherit_fds: Vec<(std::os::fd::RawFd, std::sync::Arc<OwnedFd>)>,
 }
 
 /// Options of `runc restore`.
@@ -512,7 +519,11 @@ impl Runc {
         if opts.leave_running {
             cmd.arg("--leave-running");
         }
+        if let Some(server) = &opts.lazy_pages {
+            cmd.arg("--lazy-pages").arg("--page-server").arg(server);
+        }
         cmd.arg(id);
+        inherit_fds(&mut cmd, "checkpoint", id, &opts.inherit_fds)?;
         let _netns = enter_netns(&mut cmd, opts.netns.as_deref())?;
         self.run_within("checkpoint", id, cmd, &opts.limit)
             .await
@@ -542,47 +553,7 @@ impl Runc {
             cmd.arg("--lazy-pages");
         }
         cmd.arg(id);
-        if opts.inherit_fds.len() > MAX_INHERITED_FDS {
-            return Err(runc_error(
-                "restore",
-                id,
-                format!(
-                    "{} descriptors to hand CRIU, more than {MAX_INHERITED_FDS}",
-                    opts.inherit_fds.len()
-                ),
-            ));
-        }
-        if !opts.inherit_fds.is_empty() {
-            let moves: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)> = opts
-                .inherit_fds
-                .iter()
-                .map(|(at, fd)| (*at, std::os::fd::AsRawFd::as_raw_fd(fd.as_ref())))
-                .collect();
-            let above = moves.iter().map(|(at, _)| *at).max().unwrap_or(0) + 1;
-            // SAFETY: between fork and exec the closure only calls fcntl and dup2, which are
-            // async-signal-safe; the descriptors stay open in `opts` until runc has ended.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    // Each source is first copied above every target (close-on-exec), so no
-                    // dup2 overwrites a source still to move, and a source already at its
-                    // number still gets a copy without close-on-exec.
-                    let mut copies = [0; MAX_INHERITED_FDS];
-                    for (i, (_, fd)) in moves.iter().enumerate().take(copies.len()) {
-                        copies[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above);
-                        if copies[i] < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    for (i, (at, _)) in moves.iter().enumerate().take(copies.len()) {
-                        // dup2 leaves the copy without close-on-exec: runc and CRIU keep it.
-                        if libc::dup2(copies[i], *at) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
+        inherit_fds(&mut cmd, "restore", id, &opts.inherit_fds)?;
         let _netns = enter_netns(&mut cmd, opts.netns.as_deref())?;
         let ran = self
             .run_with_stdio("restore", id, cmd, stdio, &opts.log, opts.deadline)
@@ -590,6 +561,57 @@ impl Runc {
         drop(opts.inherit_fds);
         ran
     }
+}
+
+/// Makes `cmd` start with each of `fds` at its given number (without close-on-exec: runc and
+/// the CRIU it starts keep them). `what`, `id`: the command and container, for errors.
+pub fn inherit_fds(
+    cmd: &mut Command,
+    what: &str,
+    id: &str,
+    fds: &[(std::os::fd::RawFd, std::sync::Arc<OwnedFd>)],
+) -> Result<()> {
+    if fds.len() > MAX_INHERITED_FDS {
+        return Err(runc_error(
+            what,
+            id,
+            format!(
+                "{} descriptors to hand CRIU, more than {MAX_INHERITED_FDS}",
+                fds.len()
+            ),
+        ));
+    }
+    if !fds.is_empty() {
+        let moves: Vec<(std::os::fd::RawFd, std::os::fd::RawFd)> = fds
+            .iter()
+            .map(|(at, fd)| (*at, std::os::fd::AsRawFd::as_raw_fd(fd.as_ref())))
+            .collect();
+        let above = moves.iter().map(|(at, _)| *at).max().unwrap_or(0) + 1;
+        // SAFETY: between fork and exec the closure only calls fcntl and dup2, which are
+        // async-signal-safe; the caller keeps the descriptors open until the program has ended.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+                // Each source is first copied above every target (close-on-exec), so no
+                // dup2 overwrites a source still to move, and a source already at its
+                // number still gets a copy without close-on-exec.
+                let mut copies = [0; MAX_INHERITED_FDS];
+                for (i, (_, fd)) in moves.iter().enumerate().take(copies.len()) {
+                    copies[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above);
+                    if copies[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, (at, _)) in moves.iter().enumerate().take(copies.len()) {
+                    // dup2 leaves the copy without close-on-exec: runc and CRIU keep it.
+                    if libc::dup2(copies[i], *at) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Makes `cmd` start in the network namespace at `netns` (when given); the returned file must
@@ -730,6 +752,8 @@ mod tests {
             leave_running: true,
             limit: Limit::default(),
             netns: None,
+            lazy_pages: Some("127.0.0.1:1".into()),
+            inherit_fds: Vec::new(),
         };
         r.checkpoint("c1", &opts).await.expect("checkpoint");
         let line = seen.seen.lock().expect("lock")[0].clone();
@@ -737,7 +761,7 @@ mod tests {
             line,
             "runc --root /run/r checkpoint --image-path /img --work-path /work --tcp-established \
              --ext-unix-sk --shell-job --file-locks --empty-ns network --manage-cgroups-mode soft \
-             --parent-path /parent --leave-running c1"
+             --parent-path /parent --leave-running --lazy-pages --page-server 127.0.0.1:1 c1"
         );
     }
 

@@ -27,7 +27,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use podsnap_runtime::cgroup::CgroupPaths;
 
 use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe, Subscription};
 use containerd_shim::monitor::{Subject, Topic};
@@ -55,6 +58,19 @@ pub struct LeaseFor {
     /// The checkpoint's resolved directory.
     pub checkpoint: PathBuf,
 }
+
+/// A live migration's lazy restore: the memory comes from the source node's CRIU, through the
+/// page stream `podsnap receive` carries at `socket`, not from the images.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub socket: PathBuf,
+    /// The container's cgroups once it runs: every process of it is killed when the stream
+    /// is lost before the daemon has every page, before the daemon sees the loss.
+    pub cgroups: Arc<Mutex<Option<CgroupPaths>>>,
+}
+
+/// Where the daemon of a [`Remote`] restore finds its page server's socket.
+const PS_SOCKET_FD: std::os::fd::RawFd = 1000;
 
 /// `criu lazy-pages` for the images in `image_dir`, listening in `work_dir`.
 pub fn command(image_dir: &Path, work_dir: &Path) -> Command {
@@ -116,6 +132,7 @@ impl LazyPages {
         image_dir: &Path,
         work_dir: &Path,
         lease_for: Option<&LeaseFor>,
+        remote: Option<&Remote>,
     ) -> Result<Self> {
         let container = match pod {
             Some(pod) => format!("{container_id} (pod {pod})"),
@@ -140,8 +157,23 @@ impl LazyPages {
         let exits = monitor_subscribe(Topic::Pid)
             .await
             .map_err(|e| Error::Internal(format!("watch the lazy-pages daemon's exit: {e}")))?;
+        let mut cmd = command(image_dir, work_dir);
+        // Its end of the page stream (kept open by the daemon, which inherits it).
+        let _page_server = match remote {
+            Some(remote) => {
+                let fd = connect_remote(&container, remote).map_err(&failed)?;
+                cmd.arg("--page-server")
+                    .arg("--ps-socket")
+                    .arg(PS_SOCKET_FD.to_string());
+                let fds = [(PS_SOCKET_FD, fd)];
+                podsnap_runtime::runc::inherit_fds(&mut cmd, "lazy-pages", container_id, &fds)
+                    .map_err(|e| failed(e.to_string()))?;
+                Some(fds)
+            }
+            None => None,
+        };
         let launched = MonitorLauncher
-            .run_until(command(image_dir, work_dir), Capture::Output, START_DEADLINE)
+            .run_until(cmd, Capture::Output, START_DEADLINE)
             .await;
         let pid = match launched {
             Ok(out) if out.success() => std::fs::read_to_string(work_dir.join(PIDFILE))
@@ -284,6 +316,50 @@ impl LazyPages {
         drop(self.lease.take());
         let _ = std::fs::remove_file(self.work_dir.join(SOCKET));
     }
+}
+
+/// Connects to `podsnap receive`'s page stream of the container and carries it to a new
+/// socketpair; returns the daemon's end. A stream lost before the daemon ended kills the
+/// container's processes first, then closes the daemon's end (see [`crate::page_stream`]).
+fn connect_remote(
+    container: &str,
+    remote: &Remote,
+) -> std::result::Result<Arc<std::os::fd::OwnedFd>, String> {
+    let outer = std::os::unix::net::UnixStream::connect(&remote.socket).map_err(|e| {
+        format!(
+            "no page stream at {} ({e}): the memory of a live migration's checkpoint comes only \
+             from its source, through `podsnap receive`",
+            remote.socket.display()
+        )
+    })?;
+    let (daemon, shim) = crate::page_stream::pair().map_err(|e| e.to_string())?;
+    let (name, cgroups, inner) = (container.to_owned(), remote.cgroups.clone(), shim.clone());
+    let on_lost = Box::new(move |why: String| {
+        log::error!(
+            "container {name}: the source of its memory was lost ({why}) before every page \
+             arrived: its processes are killed rather than run with missing memory"
+        );
+        let cg = cgroups.lock().map(|c| c.clone()).unwrap_or(None);
+        match cg {
+            Some(cg) => {
+                for _ in 0..100 {
+                    match cg.kill_all() {
+                        Ok(0) => break,
+                        Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+                        Err(e) => {
+                            log::warn!("container {name}: kill: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            None => log::warn!("container {name}: not running yet: its restore fails"),
+        }
+        // Only now may the daemon see the end.
+        let _ = inner.shutdown(std::net::Shutdown::Both);
+    });
+    crate::page_stream::carry(container.to_owned(), outer, shim, on_lost).map_err(|e| e.to_string())?;
+    Ok(Arc::new(daemon))
 }
 
 #[cfg(test)]

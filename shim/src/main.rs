@@ -14,6 +14,7 @@ mod lazy_pages;
 mod metrics;
 mod oom;
 mod options;
+mod page_stream;
 mod pod;
 mod process;
 mod restore;

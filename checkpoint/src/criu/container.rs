@@ -11,6 +11,7 @@
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use podsnap_runtime::cgroup::CgroupPaths;
 use podsnap_runtime::launcher::Limit;
@@ -80,6 +81,11 @@ pub struct DumpOptions {
     /// there and the hierarchies on it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cgroup_tmpfs: Vec<CgroupTmpfsEntry>,
+    /// A lazy dump (live migration): the anonymous memory is not in the images, CRIU's page
+    /// server handed it out after the dump (its pagemap entries are marked lazy). Only a
+    /// restore whose lazy-pages daemon is fed by that page server can use these images.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lazy_pages: bool,
 }
 
 /// An entry of the tmpfs on a container's `/sys/fs/cgroup` (see [`DumpOptions::cgroup_tmpfs`]).
@@ -239,7 +245,15 @@ pub struct Dump {
     /// The network namespace runc and CRIU run in (set with `options.criu_in_netns`: the
     /// container's own).
     pub netns: Option<PathBuf>,
+    /// A lazy dump (`options.lazy_pages`): CRIU's page server serves the memory on this
+    /// connected socket, inherited at [`PS_SOCKET_FD`] (the container's CRIU configuration
+    /// file says `ps-socket`), until the lazy-pages daemon at the other end has every page.
+    /// runc ends only then.
+    pub serve: Option<Arc<std::os::fd::OwnedFd>>,
 }
+
+/// Where a lazy dump's CRIU finds its page server's connected socket.
+pub const PS_SOCKET_FD: std::os::fd::RawFd = 1000;
 
 /// Dumps a container into `dump.image_dir` (created 0700 if missing).
 pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
@@ -268,21 +282,25 @@ pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
         leave_running: d.leave_running,
         limit: d.limit.clone(),
         netns: d.netns.clone(),
+        // The page server uses the inherited socket: the address is never listened on.
+        lazy_pages: d.serve.as_ref().map(|_| "127.0.0.1:1".to_owned()),
+        inherit_fds: d.serve.iter().map(|fd| (PS_SOCKET_FD, fd.clone())).collect(),
     };
+    if d.serve.is_some() {
+        // A lazy dump's images are complete (and used) long before runc ends.
+        write_options(&d.image_dir, &d.options)?;
+    }
     match runc.checkpoint(&d.id, &opts).await {
-        Ok(()) => {
-            let meta = serde_json::to_vec_pretty(&d.options).map_err(|e| Error::InvalidCheckpoint {
-                path: d.image_dir.clone(),
-                reason: e.to_string(),
-            })?;
-            write_private(&d.image_dir.join(CRIU_OPTIONS_FILE), &meta)?;
-            Ok(())
-        }
+        Ok(()) if d.serve.is_some() => Ok(()),
+        Ok(()) => write_options(&d.image_dir, &d.options),
         Err(source) => {
             let log_dir = d.work_dir.as_deref().unwrap_or(&d.image_dir);
             // No log to quote when CRIU could not even write it: a full filesystem, say so.
             let log_tail = log_tail(&log_dir.join("dump.log")).or_else(|| full_filesystem(log_dir));
-            remove_partial(&d.image_dir, created_dir, &before);
+            // A lazy dump's images are the pod dump's to remove (they may be committed).
+            if d.serve.is_none() {
+                remove_partial(&d.image_dir, created_dir, &before);
+            }
             if d.leave_running && !d.was_paused {
                 if let Some(cg) = &d.cgroups {
                     if let Err(e) = cg.set_frozen(false) {
@@ -297,6 +315,15 @@ pub async fn dump(runc: &Runc, d: &Dump) -> Result<()> {
             })
         }
     }
+}
+
+/// Records the options of the dump into `image_dir` (the restore reads them).
+fn write_options(image_dir: &Path, options: &DumpOptions) -> Result<()> {
+    let meta = serde_json::to_vec_pretty(options).map_err(|e| Error::InvalidCheckpoint {
+        path: image_dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    write_private(&image_dir.join(CRIU_OPTIONS_FILE), &meta)
 }
 
 /// Checks that `dir` holds a container checkpoint (CRIU images) and reads the options its dump
@@ -315,25 +342,31 @@ pub fn inspect(dir: &Path) -> Result<DumpOptions> {
             "no CRIU {CRIU_INVENTORY}: this is not a checkpoint"
         )));
     }
-    check_memory_images(dir).map_err(invalid)?;
-    match crate::fs::read::read_capped(&dir.join(CRIU_OPTIONS_FILE), 64 * 1024) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DumpOptions::default()),
-        Err(e) => Err(invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
-    }
+    let options = match crate::fs::read::read_capped(&dir.join(CRIU_OPTIONS_FILE), 64 * 1024) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("{CRIU_OPTIONS_FILE}: {e}")))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DumpOptions::default(),
+        Err(e) => return Err(invalid(format!("{CRIU_OPTIONS_FILE}: {e}"))),
+    };
+    check_memory_images(dir, options.lazy_pages).map_err(invalid)?;
+    Ok(options)
 }
 
 use crate::criu::image::{PAGEMAP_MAGIC, PSTREE_MAGIC};
 const PSTREE_IMAGE: &str = "pstree.img";
 /// `pagemap_entry.flags`: the pages are in this image's pages file.
 const PE_PRESENT: u64 = 1 << 2;
+/// `pagemap_entry.flags`: the pages were left to the dump's page server (a lazy dump), not
+/// written to the pages file.
+const PE_LAZY: u64 = 1 << 1;
 /// The largest `pagemap-*.img` read (about 16 bytes an entry: some 4 million runs of pages).
 const MAX_PAGEMAP_BYTES: u64 = 64 << 20;
 
 /// Checks every `pagemap-*.img` against its `pages-*.img`: the pages the map says are present
 /// must be exactly what the pages file holds. A truncated or missing pages file is caught here,
 /// before CRIU (whose restorer can spin forever on a short read) sees it.
-fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
+fn check_memory_images(dir: &Path, lazy_dump: bool) -> std::result::Result<(), String> {
     let page = 4096u64;
     let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
     for entry in entries.flatten() {
@@ -347,7 +380,12 @@ fn check_memory_images(dir: &Path) -> std::result::Result<(), String> {
                 MAX_PAGEMAP_BYTES >> 20
             )
         })?;
-        let (pages_id, present) = parse_pagemap(&data).map_err(|e| format!("{name}: {e}"))?;
+        let (pages_id, present, lazy) = parse_pagemap_lazy(&data).map_err(|e| format!("{name}: {e}"))?;
+        if lazy > 0 && !lazy_dump {
+            return Err(format!(
+                "{name} leaves {lazy} pages to a page server, but the dump was not lazy: the memory image is damaged"
+            ));
+        }
         let pages = format!("pages-{pages_id}.img");
         let size = match std::fs::metadata(dir.join(&pages)) {
             Ok(m) => m.len(),
@@ -430,9 +468,17 @@ pub async fn reserve_pids(
 }
 
 /// Reads a pagemap image: its pages id and the number of pages present in its pages file.
+#[cfg(test)]
 fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
+    parse_pagemap_lazy(data).map(|(id, present, _)| (id, present))
+}
+
+/// The pages file's id, the pages the map says are in it, and the pages left to a lazy
+/// dump's page server (flagged lazy: not in the file).
+fn parse_pagemap_lazy(data: &[u8]) -> std::result::Result<(u64, u64, u64), String> {
     let mut pages_id = None;
     let mut present = 0u64;
+    let mut lazy = 0u64;
     for msg in crate::criu::image::entries(data, PAGEMAP_MAGIC, "pagemap")? {
         let fields = crate::criu::image::varints(msg)?;
         let get = |n: u64| fields.iter().find(|(f, _)| *f == n).map(|(_, v)| *v);
@@ -443,17 +489,21 @@ fn parse_pagemap(data: &[u8]) -> std::result::Result<(u64, u64), String> {
         // CRIU 4 moved the page count to a 64-bit field 5, leaving field 2 at 0.
         let nr_pages = get(5).or(get(2)).unwrap_or(0);
         let in_parent = get(3).unwrap_or(0) != 0;
-        let is_present = match get(4) {
+        let flags = get(4);
+        let is_present = match flags {
             Some(flags) => flags & PE_PRESENT != 0,
             None => !in_parent,
         };
-        if is_present {
-            present = present
-                .checked_add(nr_pages)
-                .ok_or("more present pages than a 64-bit count holds")?;
-        }
+        let count = match flags {
+            Some(flags) if flags & PE_LAZY != 0 => &mut lazy,
+            _ if is_present => &mut present,
+            _ => continue,
+        };
+        *count = count
+            .checked_add(nr_pages)
+            .ok_or("more present pages than a 64-bit count holds")?;
     }
-    Ok((pages_id.ok_or("no pagemap head")?, present))
+    Ok((pages_id.ok_or("no pagemap head")?, present, lazy))
 }
 
 /// A request to restore one container from its images.

@@ -21,6 +21,8 @@
 //!   go      a FIFO podsnap holds open read-write until runc ends (a read never waits for a
 //!           writer; a podsnap gone means end of file: the script fails, CRIU aborts)
 //!   ready   created by the script: CRIU is waiting
+//!   served  created by the script at `status-ready` (a lazy dump): every image is written
+//!           and CRIU's page server serves the memory
 //! ```
 
 use std::io::Write;
@@ -96,6 +98,8 @@ impl Hold {
             "#!/bin/sh\n\
              # podsnap: CRIU's dump of this container waits here, before it stops any process,\n\
              # until the whole pod is frozen.\n\
+             # A lazy dump (live migration): its images are complete, its page server ready.\n\
+             if [ \"$CRTOOLS_SCRIPT_ACTION\" = status-ready ]; then : > '{shown}/served'; exit $?; fi\n\
              [ \"$CRTOOLS_SCRIPT_ACTION\" = pre-dump ] || exit 0\n\
              # Left behind by a podsnap that died: fail, never wait.\n\
              [ -d /proc/{pid} ] || exit 1\n\
@@ -133,6 +137,12 @@ impl Hold {
     /// Whether CRIU is waiting.
     pub fn ready(&self) -> bool {
         self.dir.join("ready").exists()
+    }
+
+    /// Whether a lazy dump's CRIU has written every image and serves the memory
+    /// (`status-ready`).
+    pub fn served(&self) -> bool {
+        self.dir.join("served").exists()
     }
 
     /// Lets CRIU go on and dump the (frozen) container.

@@ -46,6 +46,70 @@ pub fn request_file(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
+/// Where live migrations keep their page-stream sockets: the source's `podsnap migrate` one
+/// directory per migration ([`ServeAsk::dir`]), the target's `podsnap receive` one socket per
+/// restored container ([`page_stream_socket`]). Root's only (0700).
+pub const MIGRATE_RUN_DIR: &str = "/run/podsnap/migrate";
+/// The socket of a live migration's control, in its [`ServeAsk::dir`].
+pub const SERVE_CONTROL: &str = "control.sock";
+
+/// The socket in a live migration's [`ServeAsk::dir`] where container `name`'s page server is
+/// carried (a short name: a socket path holds at most 107 bytes).
+pub fn serve_socket(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{}.sock", short_hash(name)))
+}
+
+/// The socket where a live migration's target (`podsnap receive`) carries the page stream of
+/// container `name` of the received checkpoint named `checkpoint` (its directory's name in the
+/// checkpoint root): the restore's lazy-pages daemon reads its memory from there.
+pub fn page_stream_socket(checkpoint: &str, name: &str) -> PathBuf {
+    let key = format!("{checkpoint}\0{name}");
+    Path::new(MIGRATE_RUN_DIR).join(format!("pages-{}.sock", short_hash(&key)))
+}
+
+/// 32 hex digits of BLAKE3 of `s`.
+fn short_hash(s: &str) -> String {
+    blake3::hash(s.as_bytes()).to_hex()[..32].to_owned()
+}
+
+/// A lazy dump for a live migration (`podsnap migrate --to-node`): where its caller listens.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeAsk {
+    /// A directory right under [`MIGRATE_RUN_DIR`], root's, where the caller listens on
+    /// [`SERVE_CONTROL`] and on each running container's [`serve_socket`].
+    pub dir: PathBuf,
+}
+
+impl ServeAsk {
+    /// The directory, if it is one a lazy dump may connect in: right under
+    /// [`MIGRATE_RUN_DIR`], a plain name, a directory owned by root and private to it.
+    pub fn checked_dir(&self) -> Result<&Path, String> {
+        use std::os::unix::fs::MetadataExt;
+        let name = self
+            .dir
+            .strip_prefix(MIGRATE_RUN_DIR)
+            .ok()
+            .and_then(|rest| rest.to_str())
+            .filter(|rest| validate_name(rest).is_ok())
+            .ok_or_else(|| {
+                format!(
+                    "{} is not a directory right under {MIGRATE_RUN_DIR}",
+                    self.dir.display()
+                )
+            })?;
+        let meta =
+            std::fs::symlink_metadata(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "{} ({name}) is not a directory private to root",
+                self.dir.display()
+            ));
+        }
+        Ok(&self.dir)
+    }
+}
+
 /// What a dump's caller asks beyond containerd's checkpoint options.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +125,10 @@ pub struct DumpAsk {
     /// the network itself when it resumes it: `podsnap migrate --to-node`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold_network: bool,
+    /// A lazy dump for a live migration: the pod is held frozen and its memory served on the
+    /// caller's sockets (see `podsnap_checkpoint::pod::dump::serve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<ServeAsk>,
 }
 
 /// One pod's place in a group dump, as its caller asks it (see `layout::DumpAsk`).

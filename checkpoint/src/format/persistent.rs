@@ -49,6 +49,10 @@ pub enum AfterDump {
     Stopped,
     /// Left running (`--leave-running`): its volumes went on changing after the checkpoint.
     LeftRunning,
+    /// Dumped for a live migration: held frozen at the snapshot, then stopped, while its
+    /// anonymous memory went to the target straight from the source's CRIU (it is not in the
+    /// checkpoint: only the migration's target can restore it).
+    Migrating,
 }
 
 impl AfterDump {
@@ -56,6 +60,9 @@ impl AfterDump {
         match self {
             AfterDump::Stopped => "stopped at the snapshot (--stop)",
             AfterDump::LeftRunning => "left running (--leave-running)",
+            AfterDump::Migrating => {
+                "held for a live migration (its memory went to the target, not into the checkpoint)"
+            }
         }
     }
 }

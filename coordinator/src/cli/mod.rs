@@ -55,6 +55,7 @@ impl Context {
             timeout: timeout.map(std::time::Duration::from_secs),
             carry_volumes: None,
             hold_network: false,
+            serve_dir: None,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use anyhow::Context as _;
 use podsnap_coordinator::dump::{short, DumpRequest};
-use podsnap_coordinator::migrate::{short_id, source, target, Endpoint};
+use podsnap_coordinator::migrate::{live, short_id, target, Endpoint};
 use podsnap_coordinator::restore::RestoreRequest;
 use podsnap_coordinator::summary::human_bytes;
 use podsnap_coordinator::{pod, progress};
@@ -82,9 +82,9 @@ pub(crate) fn migrate_to_node(ctx: &Context, request: &DumpRequest, to: &str) ->
     let progress = progress::for_stderr();
     let moved = ctx
         .runtime
-        .block_on(source::migrate_to_node(request, to, &endpoint, progress.as_ref()));
+        .block_on(live::migrate_live(request, to, &endpoint, progress.as_ref()));
     progress.finish();
-    let moved =
+    let (moved, memory) =
         moved.with_context(|| format!("migrate pod {}/{} to {to}", request.namespace, request.pod))?;
     println!("moved        {} to {}", moved.pod, moved.target);
     println!(
@@ -107,6 +107,14 @@ pub(crate) fn migrate_to_node(ctx: &Context, request: &DumpRequest, to: &str) ->
     println!(
         "phases       dump {:.2?}, send {:.2?}, restore {:.2?}; paused {:.2?} in all",
         moved.dump, moved.send, moved.restore, moved.paused_for
+    );
+    println!(
+        "memory       {} served after the switch ({} of requests); source released {:.2?} after \
+         the switch ({} processes stopped)",
+        human_bytes(memory.sent),
+        human_bytes(memory.received),
+        memory.window,
+        memory.killed
     );
     println!(
         "source       stopped at the snapshot (key {})",

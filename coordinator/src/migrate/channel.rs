@@ -359,6 +359,11 @@ impl Channel {
         }
     }
 
+    /// Another sender of frames on this channel (a live migration's page streams).
+    pub fn sender(&self) -> Option<mpsc::Sender<Frame>> {
+        self.queue.clone()
+    }
+
     /// Who is at the other end.
     pub fn peer(&self) -> &str {
         &self.peer
@@ -458,6 +463,7 @@ impl Channel {
             Frame::Data(d) => format!("{} bytes of data", d.len()),
             Frame::Manifest(_) => "a manifest".into(),
             Frame::Ping => "ping".into(),
+            Frame::Pages { stream, data } => format!("{} bytes of page stream {stream}", data.len()),
         };
         Error::Protocol {
             peer: self.peer.clone(),

@@ -25,7 +25,10 @@ const KIND_MESSAGE: u8 = 1;
 const KIND_DATA: u8 = 2;
 const KIND_MANIFEST: u8 = 3;
 const KIND_PING: u8 = 4;
+const KIND_PAGES: u8 = 5;
 const HEADER_BYTES: usize = 5;
+/// A pages frame's stream number, before its bytes.
+const STREAM_BYTES: usize = 4;
 
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +41,9 @@ pub enum Frame {
     Manifest(Bytes),
     /// A heartbeat.
     Ping,
+    /// Bytes of a live migration's page stream `stream` (one per container whose memory is
+    /// served), either way: 1 byte to [`MAX_DATA_BYTES`].
+    Pages { stream: u32, data: Bytes },
 }
 
 /// What a connection is for (`hello`).
@@ -101,6 +107,12 @@ pub enum Message {
     Kept,
     /// The migration is abandoned; say why.
     Abort { reason: String },
+    /// A live migration: this side's end of page stream `stream` ended (target to source:
+    /// its lazy-pages daemon ended, `complete` when it had asked for the end of the
+    /// transfer, i.e. it had every page; source to target: the source's CRIU ended it).
+    PagesEnd { stream: u32, complete: bool },
+    /// A live migration: the source stopped its pod, every page served (source to target).
+    Released { killed: u64 },
 }
 
 impl Message {
@@ -115,7 +127,11 @@ impl Message {
                     Purpose::Control { ticket } => node.max(one(ticket.as_deref().unwrap_or(""), "ticket")),
                 }
             }
-            Message::Accept | Message::Commit | Message::Kept => (0, ""),
+            Message::Accept
+            | Message::Commit
+            | Message::Kept
+            | Message::PagesEnd { .. }
+            | Message::Released { .. } => (0, ""),
             Message::Refuse { reason } | Message::Abort { reason } => one(reason, "reason"),
             Message::File { path, .. } => one(path, "path"),
             Message::Restored {
@@ -154,6 +170,7 @@ fn cap(kind: u8) -> Option<(u32, &'static str)> {
         KIND_DATA => (MAX_DATA_BYTES, "data"),
         KIND_MANIFEST => (MAX_MANIFEST_BYTES, "manifest"),
         KIND_PING => (0, "ping"),
+        KIND_PAGES => (MAX_DATA_BYTES + STREAM_BYTES as u32, "pages"),
         _ => return None,
     })
 }
@@ -181,6 +198,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<F
     if kind == KIND_DATA && len == 0 {
         return Err(protocol("an empty data frame".into()));
     }
+    if kind == KIND_PAGES && len as usize <= STREAM_BYTES {
+        return Err(protocol("a pages frame without bytes".into()));
+    }
     let payload = read_payload(reader, len).await?;
     Ok(Some(match kind {
         KIND_MESSAGE => {
@@ -196,6 +216,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<F
         }
         KIND_DATA => Frame::Data(payload),
         KIND_MANIFEST => Frame::Manifest(payload),
+        KIND_PAGES => Frame::Pages {
+            stream: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+            data: payload.slice(STREAM_BYTES..),
+        },
         _ => Frame::Ping,
     }))
 }
@@ -209,6 +233,20 @@ async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> Result<
 
 /// Writes one frame (not flushed).
 pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
+    if let Frame::Pages { stream, data } = frame {
+        if data.is_empty() || data.len() > MAX_DATA_BYTES as usize {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a pages frame of {} bytes", data.len()),
+            ));
+        }
+        let mut header = [0u8; HEADER_BYTES + STREAM_BYTES];
+        header[0] = KIND_PAGES;
+        header[1..HEADER_BYTES].copy_from_slice(&((data.len() + STREAM_BYTES) as u32).to_be_bytes());
+        header[HEADER_BYTES..].copy_from_slice(&stream.to_be_bytes());
+        writer.write_all(&header).await?;
+        return writer.write_all(data).await;
+    }
     let json;
     let (kind, payload): (u8, &[u8]) = match frame {
         Frame::Message(message) => {
@@ -218,6 +256,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -
         Frame::Data(data) => (KIND_DATA, data),
         Frame::Manifest(bytes) => (KIND_MANIFEST, bytes),
         Frame::Ping => (KIND_PING, &[]),
+        Frame::Pages { .. } => unreachable!("written above"),
     };
     let Some((max, name)) = cap(kind) else {
         return Err(std::io::Error::other(format!("frame kind {kind} has no cap")));

@@ -75,6 +75,8 @@ pub mod drain;
 mod error;
 pub mod frame;
 pub mod identity;
+pub mod live;
+pub mod pages;
 pub mod source;
 pub mod target;
 mod tls;

@@ -228,6 +228,33 @@ async fn dump_and_send(
         crate::dump::write_manifest(&dir, &manifest)?;
     }
     let dumped_at = Instant::now();
+    let (files, bytes) = send_checkpoint(&dir, channel, progress).await?;
+    let sent_at = Instant::now();
+    progress.step(&format!("{} restores the pod", channel.peer()));
+    let restored = match channel.recv_message().await? {
+        m @ Message::Restored { .. } => m,
+        other => return Err(channel.unexpected(&Frame::Message(other), "restored").into()),
+    };
+    Ok((
+        Sent {
+            dir,
+            files,
+            bytes,
+            dump: dumped_at - started,
+            send: sent_at - dumped_at,
+            restore: sent_at.elapsed(),
+        },
+        restored,
+    ))
+}
+
+/// Sends the checkpoint at `dir`: its manifest (the target may refuse it), then every file it
+/// lists. Returns (files, bytes) sent.
+pub(super) async fn send_checkpoint(
+    dir: &std::path::Path,
+    channel: &mut Channel,
+    progress: &dyn Progress,
+) -> Result<(usize, u64)> {
     let manifest_path = dir.join(MANIFEST);
     let raw = tokio::fs::read(&manifest_path)
         .await
@@ -275,27 +302,11 @@ async fn dump_and_send(
         }
         bytes += listed.size;
     }
-    let sent_at = Instant::now();
-    progress.step(&format!("{} restores the pod", channel.peer()));
-    let restored = match channel.recv_message().await? {
-        m @ Message::Restored { .. } => m,
-        other => return Err(channel.unexpected(&Frame::Message(other), "restored").into()),
-    };
-    Ok((
-        Sent {
-            dir,
-            files: manifest.files.len(),
-            bytes,
-            dump: dumped_at - started,
-            send: sent_at - dumped_at,
-            restore: sent_at.elapsed(),
-        },
-        restored,
-    ))
+    Ok((manifest.files.len(), bytes))
 }
 
 /// (name, id) of the pod's running containers.
-async fn running_containers(
+pub(super) async fn running_containers(
     clients: &crate::cri::CriClients,
     sandbox: &str,
 ) -> Result<Vec<(String, String)>> {
@@ -355,7 +366,7 @@ async fn stop(containerd: &Containerd, paused: &[(String, String)]) {
 }
 
 /// Completes on SIGINT or SIGTERM, saying which.
-async fn interrupted() -> &'static str {
+pub(super) async fn interrupted() -> &'static str {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {

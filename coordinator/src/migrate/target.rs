@@ -187,6 +187,16 @@ async fn receive_one(
             log::warn!("removing the received checkpoint {} ({why}): {e}", dir.display());
         }
     };
+    if manifest.after_dump == Some(podsnap_checkpoint::format::persistent::AfterDump::Migrating) {
+        let live = receive_live(request, channel, &manifest, &name, &dir, progress).await;
+        return live.map(|pod| Received {
+            peer,
+            dir: dir.clone(),
+            files,
+            bytes,
+            pod,
+        });
+    }
     progress.step(&format!(
         "restoring {}/{} from {}",
         manifest.pod.namespace.as_deref().unwrap_or("default"),
@@ -253,6 +263,139 @@ async fn receive_one(
         bytes,
         pod,
     })
+}
+
+/// A live migration's target, once the checkpoint (all but the memory) is in place: the pod is
+/// restored lazily, its memory carried from the source's CRIU to each container's lazy-pages
+/// daemon, and kept once the source commits; then the memory keeps coming until every daemon
+/// has every page (see `live.rs`).
+async fn receive_live(
+    request: &ReceiveRequest,
+    channel: Channel,
+    manifest: &Manifest,
+    name: &str,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> Result<RestoredPod> {
+    let remove_received = |why: &str| {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            log::warn!("removing the received checkpoint {} ({why}): {e}", dir.display());
+        }
+    };
+    if let Err(e) = super::live::check_pipe_max() {
+        channel.abort(&e.to_string()).await;
+        remove_received("refused");
+        return Err(e);
+    }
+    let (sockets, locals) = match super::live::PageSockets::listen(name, manifest) {
+        Ok(s) => s,
+        Err(e) => {
+            channel.abort(&e.to_string()).await;
+            remove_received("no page streams");
+            return Err(e);
+        }
+    };
+    let mut pages = super::pages::Pages::start(channel, locals, true)?;
+    progress.step(&format!(
+        "restoring {}/{} lazily from {} (its memory from the source)",
+        manifest.pod.namespace.as_deref().unwrap_or("default"),
+        manifest.pod.name.as_deref().unwrap_or("-"),
+        dir.display()
+    ));
+    let mut restore = request.restore.clone();
+    restore.checkpoint_dir = dir.to_path_buf();
+    let (pod, rollback) = match restore_undoable(&restore, progress).await {
+        Ok(restored) => restored,
+        Err(e) => {
+            let _ = pages
+                .send(Message::Abort {
+                    reason: format!("the restore on the target failed: {e}"),
+                })
+                .await;
+            pages.finish().await;
+            drop(sockets);
+            remove_received("the restore failed");
+            return Err(e);
+        }
+    };
+    let undo = |reason: String| async {
+        let cleanup = rollback.run(&restore).await;
+        remove_received("the migration was undone");
+        (reason, cleanup)
+    };
+    if let Err(e) = all_running(&restore, &pod).await {
+        let _ = pages
+            .send(Message::Abort {
+                reason: e.to_string(),
+            })
+            .await;
+        pages.finish().await;
+        let (reason, cleanup) = undo(e.to_string()).await;
+        return Err(Error::Refused(format!("{reason}\n{cleanup}")));
+    }
+    progress.step("every container runs: asking the source to commit");
+    let committed = async {
+        pages
+            .send(Message::Restored {
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                id: pod.id.clone(),
+                ip: pod.ip.clone(),
+                containers: pod.containers.iter().map(|(n, _)| n.clone()).collect(),
+            })
+            .await?;
+        match pages.message().await? {
+            Message::Commit => pages.send(Message::Kept).await,
+            other => Err(ChannelError::Protocol {
+                peer: "the source".into(),
+                reason: format!("expected commit, got {other:?}"),
+            }),
+        }
+    }
+    .await;
+    if let Err(e) = committed {
+        drop(pages);
+        let (reason, cleanup) = undo(format!(
+            "the source did not commit ({e}): the restored pod was removed, the source keeps its own"
+        ))
+        .await;
+        return Err(Error::Refused(format!("{reason}\n{cleanup}")));
+    }
+    // Switched: the pod runs here, its memory still coming.
+    progress.step("the pod runs here: receiving the rest of its memory");
+    let lost = |e: String| {
+        Error::Refused(format!(
+            "the source was lost after the switch ({e}): the pod {}/{}'s containers were killed \
+             rather than run with missing memory",
+            pod.namespace, pod.name
+        ))
+    };
+    let states = match pages.until(|s| s.iter().all(|st| st.local_ended.is_some())).await {
+        Ok(states) => states,
+        Err(e) => {
+            // Dropping the streams makes each shim kill its container before its daemon
+            // sees the end.
+            drop(pages);
+            return Err(lost(e.to_string()));
+        }
+    };
+    if let Some(i) = states.iter().position(|s| s.local_ended != Some(true)) {
+        return Err(Error::Refused(format!(
+            "the lazy-pages daemon of container {} ended before it had every page: the shim killed it",
+            super::live::served_containers(manifest)
+                .get(i)
+                .cloned()
+                .unwrap_or_default()
+        )));
+    }
+    match pages.message().await {
+        Ok(Message::Released { killed }) => {
+            log::info!("the source stopped its pod ({killed} processes)");
+        }
+        other => log::warn!("every page arrived, but the source did not say it let go: {other:?}"),
+    }
+    pages.finish().await;
+    drop(sockets);
+    Ok(pod)
 }
 
 /// The manifest parsed and checked against the node's restore policy (the pod keeps its

@@ -106,6 +106,9 @@ pub struct RestoreSource {
 #[derive(Debug, Clone)]
 pub struct Lazy {
     pub lease_for: Option<LeaseFor>,
+    /// A live migration's checkpoint: the memory comes from `podsnap receive`'s page stream
+    /// at this socket.
+    pub remote: Option<PathBuf>,
 }
 
 /// Points runc at the bundle's own CRIU configuration file ([`ckpt::CRIU_CONFIG_FILE`], read by

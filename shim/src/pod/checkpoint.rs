@@ -69,6 +69,7 @@ impl Pod {
                 criu_in_netns: false,
                 masked_tmpfs_external: false,
                 cgroup_tmpfs: Vec::new(),
+                lazy_pages: false,
             },
             leave_running: !opts.exit,
             cgroups: c.cgroups(),
@@ -78,6 +79,7 @@ impl Pod {
                 ..Default::default()
             },
             netns: None,
+            serve: None,
         };
         let started = std::time::Instant::now();
         podsnap_checkpoint::criu::container::dump(&c.runc, &dump)
@@ -150,6 +152,7 @@ impl Pod {
             digests: config.dump.digests,
             root: config.checkpoint_root(),
             retention: config.retention.clone(),
+            serve: asked.serve,
         };
         let sandbox_task = sandbox.clone();
         let dump = tokio::spawn(async move {

@@ -47,6 +47,8 @@ pub struct PodCheckpoint {
     /// The node's checkpoint root and its bounds, applied after a dump into it.
     pub root: PathBuf,
     pub retention: RetentionPolicy,
+    /// A lazy dump for a live migration: where its caller listens (see `pod::serve`).
+    pub serve: Option<PathBuf>,
 }
 
 /// Checkpoints the pod of `sandbox`: `containers` are its live containers, `departed` those
@@ -99,6 +101,7 @@ pub async fn checkpoint(
         carry: request.carry.clone(),
         carry_max_bytes: request.carry_max_bytes,
         group: request.group.clone(),
+        serve: None,
     };
     log::info!(
         "pod {}: checkpoint of {} containers into {}",
@@ -106,9 +109,26 @@ pub async fn checkpoint(
         containers.len(),
         dest.display()
     );
-    let report = dump_pod(dump)
-        .await
-        .inspect_err(|e| log::error!("pod {}: {e}", sandbox.id))?;
+    let report = match &request.serve {
+        Some(dir) => {
+            // A live migration: the memory goes from CRIU to the target through the caller.
+            let mut dump = dump;
+            let names: Vec<String> = podsnap_checkpoint::pod::target::running(&dump.targets)
+                .into_iter()
+                .map(|t| t.entry.name.clone())
+                .collect();
+            let connected = crate::pod::serve::connect(dir, &names)?;
+            dump.serve = Some(connected.serve.clone());
+            let (report, served) = podsnap_checkpoint::pod::dump::dump_pod_serving(dump)
+                .await
+                .inspect_err(|e| log::error!("pod {}: {e}", sandbox.id))?;
+            crate::pod::serve::settle(sandbox.id.clone(), served, connected);
+            report
+        }
+        None => dump_pod(dump)
+            .await
+            .inspect_err(|e| log::error!("pod {}: {e}", sandbox.id))?,
+    };
     drop(claims);
     log::info!(
         "pod {}: checkpointed {:?} in {:?} (frozen {:?}, slowest dump {:?}, {} bytes)",

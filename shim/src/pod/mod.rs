@@ -18,6 +18,7 @@ pub mod dump;
 pub mod exit;
 pub mod gate;
 pub mod request;
+pub mod serve;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64};

@@ -14,7 +14,7 @@ use crate::container::io::{connect_pipes, prepare_io, read_pid, run_attached, wr
 use crate::container::{cgroups_of, point_at_criu_config, Container, RestoreSource};
 use crate::error::{Error, Result};
 use crate::exits::ExitRouter;
-use crate::lazy_pages::LazyPages;
+use crate::lazy_pages::{LazyPages, Remote};
 use crate::process::lock;
 
 /// A container CRIU restored (its init running), its adopted processes not yet.
@@ -44,6 +44,14 @@ pub async fn restore(c: &Container, src: RestoreSource, exits: &ExitRouter) -> R
         if src.lazy.is_some() { " (lazy)" } else { "" }
     );
     let work_dir = c.bundle.path().join("criu-restore");
+    let remote = src
+        .lazy
+        .as_ref()
+        .and_then(|l| l.remote.clone())
+        .map(|socket| Remote {
+            socket,
+            cgroups: Default::default(),
+        });
     let daemon = match &src.lazy {
         Some(lazy) => {
             let pod = match (&c.identity.pod_namespace, &c.identity.pod_name) {
@@ -51,7 +59,17 @@ pub async fn restore(c: &Container, src: RestoreSource, exits: &ExitRouter) -> R
                 _ => None,
             };
             let lease_for = lazy.lease_for.as_ref();
-            Some(LazyPages::start(&c.id, pod.as_deref(), &src.image_dir, &work_dir, lease_for).await?)
+            Some(
+                LazyPages::start(
+                    &c.id,
+                    pod.as_deref(),
+                    &src.image_dir,
+                    &work_dir,
+                    lease_for,
+                    remote.as_ref(),
+                )
+                .await?,
+            )
         }
         None => None,
     };
@@ -72,6 +90,10 @@ pub async fn restore(c: &Container, src: RestoreSource, exits: &ExitRouter) -> R
     }
     .await;
     span.record("outcome", if restored.is_ok() { "running" } else { "failed" });
+    if let (Ok(_), Some(remote)) = (&restored, &remote) {
+        // From here on a lost page stream kills the container's processes.
+        *lock(&remote.cgroups) = c.cgroups();
+    }
     match (restored, daemon) {
         (Ok(pid), Some(daemon)) => {
             let (stop, stopped) = tokio::sync::watch::channel(false);

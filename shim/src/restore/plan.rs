@@ -136,7 +136,14 @@ pub async fn container(r: &Restores, checked: Checked, new: &NewContainer<'_>) -
         )),
         None => None,
     };
-    let lazy = lazy.then(|| Lazy {
+    // A live migration's checkpoint holds no memory: it comes from the source, lazily.
+    let migrating = manifest.after_dump == Some(podsnap_checkpoint::format::persistent::AfterDump::Migrating);
+    let remote = migrating.then(|| {
+        let checkpoint = dir.file_name().unwrap_or_default().to_string_lossy();
+        podsnap_checkpoint::format::layout::page_stream_socket(&checkpoint, &cname)
+    });
+    let lazy = (lazy || migrating).then(|| Lazy {
+        remote,
         lease_for: identity.sandbox_id.as_ref().map(|sandbox_id| LeaseFor {
             sandbox_id: sandbox_id.clone(),
             pod: match (&identity.pod_namespace, &identity.pod_name) {

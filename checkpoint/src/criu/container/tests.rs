@@ -41,6 +41,7 @@ async fn failed_dump_removes_its_directory_and_quotes_criu() {
         was_paused: false,
         limit: Limit::default(),
         netns: None,
+        serve: None,
     };
     let err = dump(&runc, &d).await.expect_err("must fail").to_string();
     assert!(err.starts_with("checkpoint of container c1 failed"), "{err}");
@@ -63,6 +64,7 @@ async fn failed_dump_into_existing_dir_keeps_what_was_there() {
         was_paused: false,
         limit: Limit::default(),
         netns: None,
+        serve: None,
     };
     dump(&runc, &d).await.expect_err("must fail");
     let left: Vec<_> = listing(root.path()).into_iter().collect();

@@ -51,6 +51,11 @@ pub(super) async fn dump_adopted(mut d: Dumped) -> Result<Captured> {
 async fn adopted_and_linked(d: &mut Dumped) -> Result<(Vec<AdoptedProcess>, Vec<String>)> {
     let f = &mut d.frozen;
     let p = &f.held.planned;
+    if p.req.serve.is_some() && !f.checked.adopted.is_empty() {
+        return Err(crate::error::Error::Stopped {
+            reason: "the pod's pause process adopted processes: they cannot be migrated live".into(),
+        });
+    }
     let pod_locked = p.req.netns.is_some() && p.req.lock_network;
     let adopted = dump_each(
         p.host.as_ref(),
@@ -114,6 +119,7 @@ async fn dump_each(
                 was_paused: true,
                 limit: limit.clone(),
                 netns: None,
+                serve: None,
             },
         )
         .await;

@@ -23,6 +23,8 @@ pub struct Asked {
     pub group: Option<crate::format::layout::GroupAsk>,
     /// Leave the pod's network locked after the dump.
     pub hold_network: bool,
+    /// A lazy dump for a live migration: the checked directory where its caller listens.
+    pub serve: Option<std::path::PathBuf>,
 }
 
 /// What a dump into `dest` is asked: what its caller wrote in `<dest>.request` (see
@@ -55,10 +57,26 @@ pub fn asked(dest: &Path, annotations: &std::collections::BTreeMap<String, Strin
         })?,
         (None, None) => Carry::Nothing,
     };
+    let serve = match &ask.serve {
+        Some(serve) => Some(
+            serve
+                .checked_dir()
+                .map_err(|why| refused(format!("{}: serve: {why}", path.display())))?
+                .to_path_buf(),
+        ),
+        None => None,
+    };
+    if serve.is_some() && ask.group.is_some() {
+        return Err(refused(format!(
+            "{}: a live migration's dump cannot be one of a group",
+            path.display()
+        )));
+    }
     Ok(Asked {
         carry,
         group: ask.group,
         hold_network: ask.hold_network,
+        serve,
     })
 }
 

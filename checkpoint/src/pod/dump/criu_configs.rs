@@ -51,6 +51,7 @@ impl CriuConfigs {
         running: &[Target],
         pod_locked: bool,
         unix_ends: &HashMap<String, BTreeSet<u64>>,
+        lazy: bool,
     ) -> Result<(Self, Vec<Option<Hold>>, ToldEnds)> {
         let mut files = CriuConfigs(Vec::new());
         let mut holds = Vec::new();
@@ -74,6 +75,10 @@ impl CriuConfigs {
             };
             if pod_locked {
                 text.push_str("network-lock skip\n");
+            }
+            if lazy {
+                // The page server of a lazy dump: the connected socket the dump hands runc.
+                text.push_str(&format!("ps-socket {}\n", crate::criu::container::PS_SOCKET_FD));
             }
             for ino in unix_ends.get(&t.entry.name).into_iter().flatten() {
                 text.push_str(&format!("external unix[{ino}]\n"));

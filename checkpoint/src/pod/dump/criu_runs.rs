@@ -29,6 +29,9 @@ pub(super) struct CriuRuns {
     pub(super) prehash: Option<crate::pod::dump::prehash::Prehash>,
     /// The dump's crash journal, told of each held CRIU once it waits.
     pub(super) journal: Option<Arc<Journal>>,
+    /// A lazy dump (see [`crate::pod::dump::serve`]): its runc and CRIU runs outlive the
+    /// dump's deadline and its caller; they are killed when this turns `true`.
+    serve_cancel: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 struct DumpSlot {
@@ -50,7 +53,23 @@ impl CriuRuns {
         holds: Vec<Option<Hold>>,
         locked_netns: Option<&Path>,
         told: ToldEnds,
+        serve: Option<&crate::pod::dump::serve::Serve>,
     ) -> CriuRuns {
+        // A lazy dump's runs serve the memory after the dump: not bound by its deadline or
+        // its caller, killed only when the served pod is settled (or the dump fails).
+        let (serve_cancel, serve_limit) = match serve {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                let limit = Limit {
+                    deadline: None,
+                    cancel: Some(rx),
+                    spawned: limit.spawned.clone(),
+                };
+                (Some(tx), limit)
+            }
+            None => (None, limit.clone()),
+        };
+        let limit = &serve_limit;
         let slots = running
             .iter()
             .zip(holds)
@@ -63,9 +82,10 @@ impl CriuRuns {
                     masked: told.masked.contains(&t.entry.name),
                     cgroup_tmpfs: told.cgroup_tmpfs.get(&t.entry.name).cloned().unwrap_or_default(),
                 };
+                let socket = serve.and_then(|s| s.socket(&t.entry.name));
                 let task = hold
                     .as_ref()
-                    .map(|h| spawn_dump(dir, t, limit, Some(h.keep_open()), netns, mounts));
+                    .map(|h| spawn_dump(dir, t, limit, Some(h.keep_open()), netns, mounts, socket));
                 DumpSlot { hold, in_netns, task }
             })
             .collect();
@@ -74,6 +94,43 @@ impl CriuRuns {
             external_unix: told,
             prehash: None,
             journal: None,
+            serve_cancel,
+        }
+    }
+
+    /// A lazy dump: waits until every CRIU has written its images and serves the memory (its
+    /// hold script saw `status-ready`); when each was seen. A runc that ends before is a failed
+    /// dump: its error.
+    pub(super) async fn wait_served(&mut self, limit: &Limit, deadline: Duration) -> Result<Vec<Instant>> {
+        let watch = ReadyWatch::new(self.slots.iter().filter_map(|s| s.hold.as_ref()));
+        let mut served: Vec<Option<Instant>> = vec![None; self.slots.len()];
+        loop {
+            for (slot, at) in self.slots.iter_mut().zip(served.iter_mut()) {
+                if at.is_none() && slot.hold.as_ref().is_some_and(Hold::served) {
+                    *at = Some(Instant::now());
+                }
+                if let Some(ended) = slot.task.take_if(|t| t.is_finished()) {
+                    check(limit, deadline, "while the containers were dumped")?;
+                    return Err(joined_dump(ended.await).err().unwrap_or_else(|| Error::Stopped {
+                        reason: "a lazy dump's runc ended before its page server was done".into(),
+                    }));
+                }
+            }
+            if served.iter().all(Option::is_some) {
+                return Ok(served.into_iter().flatten().collect());
+            }
+            check(limit, deadline, "while the containers were dumped")?;
+            match &watch {
+                Some(watch) => watch.wait(Duration::from_millis(10)).await,
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+
+    /// Kills a lazy dump's runc and CRIU runs now (they end in the background).
+    pub(super) fn cancel_served(&self) {
+        if let Some(cancel) = &self.serve_cancel {
+            let _ = cancel.send(true);
         }
     }
 
@@ -135,7 +192,7 @@ impl CriuRuns {
                     masked: told.masked.contains(&t.entry.name),
                     cgroup_tmpfs: told.cgroup_tmpfs.get(&t.entry.name).cloned().unwrap_or_default(),
                 };
-                slot.task = Some(spawn_dump(dir, t, limit, None, None, mounts));
+                slot.task = Some(spawn_dump(dir, t, limit, None, None, mounts, None));
             }
         }
     }
@@ -162,6 +219,8 @@ impl CriuRuns {
         for hold in self.slots.iter_mut().filter_map(|s| s.hold.as_mut()) {
             hold.abort();
         }
+        // A lazy dump's CRIU past its hold serves until killed.
+        self.cancel_served();
         for (i, ended) in self.wait().await.into_iter().enumerate() {
             if let Err(e) = ended {
                 log::debug!("pod dump stopped: dump {i}: {e}");
@@ -266,6 +325,7 @@ fn spawn_dump(
     hold: Option<Arc<std::fs::File>>,
     netns: Option<std::path::PathBuf>,
     mounts: ExternalMounts,
+    serve: Option<Arc<std::os::fd::OwnedFd>>,
 ) -> tokio::task::JoinHandle<Result<Instant>> {
     let t = t.clone();
     let image_dir = dir.join(t.entry.dir()).join(PART_NAMES.images);
@@ -284,6 +344,7 @@ fn spawn_dump(
                 criu_in_netns: netns.is_some(),
                 masked_tmpfs_external: mounts.masked,
                 cgroup_tmpfs: mounts.cgroup_tmpfs,
+                lazy_pages: serve.is_some(),
                 ..Default::default()
             },
             leave_running: true,
@@ -291,6 +352,7 @@ fn spawn_dump(
             was_paused: true,
             limit,
             netns,
+            serve,
         };
         let result = container::dump(&t.runc, &dump).await;
         drop(hold);
@@ -333,6 +395,7 @@ mod tests {
             external_unix: ToldEnds::default(),
             prehash: None,
             journal: None,
+            serve_cancel: None,
         }
     }
 

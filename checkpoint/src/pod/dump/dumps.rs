@@ -60,7 +60,16 @@ async fn dump_all(f: &mut Frozen) -> Result<(Duration, Shared)> {
     )?;
     let mut slowest = Duration::ZERO;
     let mut first_error = None;
-    for (t, ended) in h.planned.running.iter().zip(h.runs.wait().await) {
+    let ended = match h.planned.req.serve.is_some() {
+        // A lazy dump's runc ends only once its memory went: its images are complete when its
+        // CRIU serves.
+        true => match h.runs.wait_served(&h.planned.limit, h.planned.req.deadline).await {
+            Ok(at) => at.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        },
+        false => h.runs.wait().await,
+    };
+    for (t, ended) in h.planned.running.iter().zip(ended) {
         match ended {
             Ok(at) => {
                 slowest = slowest.max(at.saturating_duration_since(released));

@@ -206,7 +206,9 @@ pub(super) async fn write(
         loopback_linked: contents.loopback_linked,
         unix_links: contents.unix_links,
         adopted: contents.adopted,
-        after_dump: Some(if d.stop {
+        after_dump: Some(if d.serve.is_some() {
+            crate::format::persistent::AfterDump::Migrating
+        } else if d.stop {
             crate::format::persistent::AfterDump::Stopped
         } else {
             crate::format::persistent::AfterDump::LeftRunning

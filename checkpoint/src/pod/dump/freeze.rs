@@ -90,6 +90,13 @@ impl FreezeGuard {
         n
     }
 
+    /// Leaves every container frozen for good (a live migration lost after its switch).
+    pub(super) fn forget(&mut self) {
+        for (id, _) in self.list.drain(..) {
+            log::warn!("container {id} stays frozen");
+        }
+    }
+
     pub(super) fn thaw_all(&mut self) {
         for (id, cg) in self.list.drain(..) {
             if let Err(e) = self.host.thaw(&cg) {

@@ -122,7 +122,11 @@ pub(super) async fn hold(mut p: Planned) -> Result<Held> {
     // Unix connections between containers, read while the pod runs: the CRIU of each end must
     // be told before it starts that the socket is external (its peer is another CRIU's).
     let planned = planned_unix_ends(&p.req, p.host.as_ref(), &p.running).await?;
-    let (configs, holds, told) = CriuConfigs::write(&p.running, lock.is_some(), &planned)?;
+    let (configs, holds, told) =
+        CriuConfigs::write(&p.running, lock.is_some(), &planned, p.req.serve.is_some())?;
+    if let Some(serve) = &p.req.serve {
+        serve.check(&p.running, &holds)?;
+    }
     // runc and CRIU start first, while the pod runs; each CRIU waits before it touches a
     // process, and no further than that until the pod is locked, frozen and checked.
     // Each container's page images are hashed as CRIU writes them (see the prehash module).
@@ -139,7 +143,15 @@ pub(super) async fn hold(mut p: Planned) -> Result<Held> {
         .early_digests
         .then(|| crate::pod::dump::prehash::Prehash::start(&image_dirs))
         .flatten();
-    let mut runs = CriuRuns::start_held(&dir, &p.running, &p.limit, holds, lock.as_deref(), told);
+    let mut runs = CriuRuns::start_held(
+        &dir,
+        &p.running,
+        &p.limit,
+        holds,
+        lock.as_deref(),
+        told,
+        p.req.serve.as_ref(),
+    );
     runs.journal = Some(journal.clone());
     runs.prehash = prehash;
     // What the checkpoint records of the node and of the pod's addresses, and `criu cpuinfo

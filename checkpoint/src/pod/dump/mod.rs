@@ -74,6 +74,7 @@ pub mod group; // between phases: a group's pods meet
 mod hold; // 2 -> Held
 mod plan; // 1 -> Planned
 mod resume; // 6 -> Thawed (or, with `stop`, the report) // 7 -> the report
+pub mod serve; // 6, a lazy dump for a live migration -> the report and the served pod
 
 // What the phases use.
 mod beside;
@@ -105,6 +106,7 @@ use crate::error::Result;
 use crate::format::manifest::PodInfo;
 pub use crate::pod::target::Target;
 pub use carry::{asked, Asked};
+pub use serve::{Serve, ServedPod};
 
 /// What to dump and where.
 #[derive(Clone)]
@@ -143,6 +145,9 @@ pub struct PodDump {
     pub carry_max_bytes: u64,
     /// The group this pod is dumped with at one instant (see `group`).
     pub group: Option<crate::format::layout::GroupAsk>,
+    /// A lazy dump for a live migration, its memory served on these sockets (see [`serve`]):
+    /// only through [`dump_pod_serving`].
+    pub serve: Option<Serve>,
 }
 
 impl std::fmt::Debug for PodDump {
@@ -266,8 +271,39 @@ pub async fn dump_pod(req: PodDump) -> Result<DumpReport> {
 /// Dumps a pod on `host`: the pipeline, phase by phase. A phase that fails undoes what the
 /// phases before it did (in their reverse order) before it returns its error.
 pub async fn dump_pod_on(req: PodDump, host: Arc<dyn Host>) -> Result<DumpReport> {
-    use tracing::Instrument;
+    if req.serve.is_some() {
+        return Err(crate::error::Error::Stopped {
+            reason: "internal: a lazy dump is made by dump_pod_serving".into(),
+        });
+    }
     let stop = req.stop;
+    run(req, host, move |captured| async move {
+        match stop {
+            true => resume::stop_at_snapshot(captured).await,
+            false => finish::finish(resume::thaw(captured)).await,
+        }
+    })
+    .await
+}
+
+/// Dumps a pod lazily for a live migration (`req.serve`): returns once every image is written
+/// and every container's memory is being served, the pod frozen; see [`serve`].
+pub async fn dump_pod_serving(req: PodDump) -> Result<(DumpReport, ServedPod)> {
+    if req.serve.is_none() || req.group.is_some() || req.stop {
+        return Err(crate::error::Error::Stopped {
+            reason: "internal: a lazy dump needs its sockets, and no group or stop".into(),
+        });
+    }
+    run(req, Arc::new(LinuxHost), resume::serve).await
+}
+
+/// The pipeline up to the captured pod, then `end` (which thaws, stops or serves it).
+async fn run<T, F, Fut>(req: PodDump, host: Arc<dyn Host>, end: F) -> Result<T>
+where
+    F: FnOnce(adopted::Captured) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    use tracing::Instrument;
     let phases = Phases::begin(&req.pod);
     let span = phases.span().clone();
     let group = req.group.clone();
@@ -281,10 +317,7 @@ pub async fn dump_pod_on(req: PodDump, host: Arc<dyn Host>) -> Result<DumpReport
         let captured = adopted::dump_adopted(dumped).await?;
         // ...and all dumped before any is thawed.
         let captured = group::meet_dumped(captured).await?;
-        match stop {
-            true => resume::stop_at_snapshot(captured).await,
-            false => finish::finish(resume::thaw(captured)).await,
-        }
+        end(captured).await
     }
     .instrument(span)
     .await;

@@ -132,3 +132,58 @@ pub(super) async fn stop_at_snapshot(c: Captured) -> Result<DumpReport> {
     drop((runs, configs, beside));
     close(staging, journal, planned).await
 }
+
+/// A lazy dump (live migration): the checkpoint (all but the memory) is written and committed
+/// while the pod stays frozen, and the pod is handed to the caller as it is: frozen, its
+/// network locked, its memory served (see the serve module).
+pub(super) async fn serve(c: Captured) -> Result<(DumpReport, crate::pod::dump::ServedPod)> {
+    let (frozen, contents) = open(c);
+    let Frozen {
+        guard,
+        since,
+        mut held,
+        ..
+    } = frozen;
+    let committed = async {
+        let recorded = held.beside.done().await?;
+        let prehash = held.runs.prehash.take();
+        let dir = held.staging.dir.clone();
+        let bytes = write(&held.planned, &dir, prehash, contents, recorded, since.elapsed()).await?;
+        held.staging.commit(Phase::Committed)?;
+        hold_point("committed").await;
+        Ok::<u64, Error>(bytes)
+    }
+    .await;
+    let bytes = match committed {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // CRIU first (it lets go of the processes untouched), then the thaw.
+            held.runs.abort().await;
+            drop(guard);
+            held.unwind().await;
+            return Err(e);
+        }
+    };
+    held.planned.report.bytes = bytes;
+    held.planned.report.frozen = since.elapsed();
+    let Held {
+        runs,
+        configs,
+        beside,
+        netlock,
+        staging,
+        journal,
+        planned,
+    } = held;
+    drop(beside);
+    let served = crate::pod::dump::ServedPod {
+        runs,
+        guard,
+        netlock: Some(netlock),
+        _configs: configs,
+        pod: planned.req.pod.sandbox_id.clone(),
+        settled: false,
+    };
+    let report = close(staging, journal, planned).await?;
+    Ok((report, served))
+}

@@ -133,6 +133,7 @@ impl Pod {
             carry: Default::default(),
             carry_max_bytes: 0,
             group: None,
+            serve: None,
         }
     }
 
@@ -153,6 +154,7 @@ impl Pod {
             running.iter().map(|_| None).collect(),
             None,
             ToldEnds::default(),
+            None,
         );
         let netlock = NetLock::take_cleared(req.launcher.clone(), None, &limit)
             .await
