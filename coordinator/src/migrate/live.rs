@@ -325,7 +325,6 @@ pub async fn migrate_live(
     if let Err(e) = kept {
         return Err(lost(e.into(), &pages));
     }
-    podsnap_checkpoint::failpoint::hold("migration-switched").await;
     let ended = pages
         .until(|s| s.iter().all(|st| st.remote_ended.is_some()))
         .await;
