@@ -9,7 +9,9 @@
 //! `worker-started` (a program of the dump started, not yet recorded in its journal; the
 //! starting thread blocks there); a container
 //! restore: `restore`, and in a lazy one `lazy-pages`, its daemon listening, runc not run yet;
-//! `podsnap receive`: `migration-receiving`, the first file of a migration written)
+//! `podsnap receive`: `migration-receiving`, the first file of a migration written;
+//! `podsnap migrate` live: `migration-pages`, bytes of memory about to go to the target after
+//! the switch)
 //! while the file `<dir>/P` exists
 //! writes `<dir>/P.reached` and waits (at most a minute) until `<dir>/P` is removed. Unset, as
 //! in production, a hold point costs one environment lookup.

@@ -474,3 +474,42 @@ mod tests {
         assert!(!cgroup_tree(Path::new("/sys/fs/cgroup")).is_empty());
     }
 }
+
+/// The v1 freezer state (`FROZEN`, `THAWED`...) of container `id`'s cgroup, or on cgroup v2
+/// `FROZEN`/`THAWED` from its `cgroup.events`; `None` when no cgroup of that name is found.
+pub fn freezer_state_of(id: &str) -> Option<String> {
+    fn find(dir: &std::path::Path, id: &str, depth: usize) -> Option<std::path::PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            if !entry.file_type().ok()?.is_dir() {
+                continue;
+            }
+            if entry.file_name().to_string_lossy() == id {
+                return Some(path);
+            }
+            if depth > 0 {
+                if let Some(found) = find(&path, id, depth - 1) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+    let v1 = std::path::Path::new("/sys/fs/cgroup/freezer");
+    if v1.is_dir() {
+        let dir = find(v1, id, 5)?;
+        return std::fs::read_to_string(dir.join("freezer.state"))
+            .ok()
+            .map(|s| s.trim().to_owned());
+    }
+    let dir = find(std::path::Path::new("/sys/fs/cgroup"), id, 6)?;
+    let events = std::fs::read_to_string(dir.join("cgroup.events")).ok()?;
+    Some(
+        if events.lines().any(|l| l == "frozen 1") {
+            "FROZEN"
+        } else {
+            "THAWED"
+        }
+        .to_owned(),
+    )
+}

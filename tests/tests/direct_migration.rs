@@ -335,6 +335,211 @@ fn a_pod_moves_to_another_node_over_the_migration_channel() {
     check_restored(&node_b, &ip, &pod.pod.ip, &volume, &app_id, before);
 }
 
+/// Two containers of 256 MiB of memory each, on ports 8081 and 8082.
+const BALLAST: [(&str, u16); 2] = [("one", 8081), ("two", 8082)];
+
+/// A pod of [`BALLAST`] on `node`, every container answering; its ballast checksums.
+fn ballast_pod(node: &Node, name: &str) -> (podsnap_tests::kubelet::KubePod, Vec<String>, Vec<String>) {
+    use podsnap_tests::kubelet::{self, ContainerSpec};
+    let pod = kubelet::run_pod(node, &PodOptions::new(name, HANDLER)).expect("RunPodSandbox");
+    let ids: Vec<String> = BALLAST
+        .iter()
+        .map(|(cname, port)| {
+            let port = port.to_string();
+            let spec = ContainerSpec::workload(
+                cname,
+                &[
+                    "serve",
+                    "--name",
+                    cname,
+                    "--port",
+                    &port,
+                    "--ballast-mib",
+                    "256",
+                    "--ballast-content",
+                    "mixed",
+                ],
+            );
+            kubelet::run_container(node, &pod, &spec).expect("a container")
+        })
+        .collect();
+    let sums = BALLAST
+        .iter()
+        .map(|(_, port)| {
+            kubelet::wait_answering(&pod.ip, *port, Duration::from_secs(120)).expect("answers");
+            kubelet::ask(&pod.ip, *port, "ballast-sum").expect("ballast-sum")
+        })
+        .collect();
+    (pod, ids, sums)
+}
+
+/// Live: the target runs the pod as soon as the checkpoint without its memory is restored; the
+/// memory follows, and it is the source's to the byte (the ballast checksums); the source is
+/// stopped at its snapshot once the target has every page.
+#[test]
+fn a_pod_moves_live_with_its_memory_following() {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (config_a, config_b, _) = keys.for_a_and_b();
+    let name = node_a.unique("live");
+    let (pod, ids, sums) = ballast_pod(&node_a, &name);
+    let mut receiver = Receiver::start(&node_b, &config_b, None, true);
+    let out = podsnap(
+        &node_a,
+        &config_a,
+        &[
+            "migrate",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--to-node",
+            &receiver.addr,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "migrate --to-node: {}\nreceiver:\n{}\n{}",
+        text(&out),
+        receiver.stdout(),
+        receiver.stderr()
+    );
+    assert!(
+        receiver.wait(Duration::from_secs(60)).success(),
+        "{}",
+        receiver.stderr()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("podsnap migrate --to-node:\n{stdout}");
+    // The checkpoint sent before the switch holds no memory: far less than the 512 MiB.
+    let sent = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sent "))
+        .expect("a sent line")
+        .to_owned();
+    assert!(sent.contains("KiB") || sent.contains(" MiB)"), "{sent}");
+    assert!(!sent.contains("GiB"), "{sent}");
+    let memory = stdout
+        .lines()
+        .find(|l| l.starts_with("memory "))
+        .expect("a memory line")
+        .to_owned();
+    assert!(memory.contains("MiB served after the switch"), "{memory}");
+    let ip = receiver.field("ip ");
+    for ((cname, port), sum) in BALLAST.iter().zip(&sums) {
+        let after = podsnap_tests::kubelet::ask(&ip, *port, "ballast-sum").expect("ballast-sum on B");
+        assert_eq!(&after, sum, "the memory of {cname} on B is the source's");
+    }
+    for id in &ids {
+        node_a
+            .cri()
+            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{id} on A stopped after the move: {e:#}"));
+    }
+    let _ = podsnap_tests::kubelet::remove_pod(&node_a, &pod);
+}
+
+/// A live migration whose source vanishes after the switch, with memory still missing on the
+/// target: the source's pages are held back once the target committed (hold point
+/// `migration-pages`), then `podsnap migrate` is SIGKILLed. The target kills its containers
+/// (never runs them on zero-filled pages) and says why; the source's pod stays frozen with its
+/// network locked (the target may have run it), until an operator resumes it.
+#[test]
+fn a_source_lost_after_the_switch_makes_the_target_kill_its_pod() {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (config_a, config_b, _) = keys.for_a_and_b();
+    let name = node_a.unique("lost");
+    let (pod, ids, _) = ballast_pod(&node_a, &name);
+    let mut receiver = Receiver::start(&node_b, &config_b, None, true);
+    let holds = tempfile::tempdir().expect("hold points");
+    std::fs::write(holds.path().join("migration-pages"), b"").expect("arm the hold point");
+    let docker = tempfile::tempdir().expect("docker config dir");
+    let mut migrate = Command::new(podsnap_binary())
+        .args([
+            "migrate",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--to-node",
+            &receiver.addr,
+        ])
+        .env("PODSNAP_CONFIG", &config_a)
+        .env("DOCKER_CONFIG", docker.path())
+        .env("CONTAINER_RUNTIME_ENDPOINT", node_a.endpoint())
+        .env("CONTAINERD_ADDRESS", node_a.address())
+        .env("PODSNAP_CHECKPOINT_ROOT", node_a.files().checkpoints())
+        .env(podsnap_tests::paths::FAILPOINT_HOLD_ENV, holds.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("podsnap migrate");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !holds.path().join("migration-pages.reached").exists() {
+        if Instant::now() > deadline || migrate.try_wait().expect("try_wait").is_some() {
+            let _ = migrate.kill();
+            let out = migrate.wait_with_output().expect("migrate output");
+            panic!(
+                "no memory was held back after the switch (did every page arrive before it?): {}\nreceiver:\n{}\n{}",
+                text(&out),
+                receiver.stdout(),
+                receiver.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The source vanishes after the switch.
+    migrate.kill().expect("SIGKILL podsnap migrate");
+    let _ = migrate.wait();
+    let status = receiver.wait(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "the receiver reported success without the memory"
+    );
+    let said = format!("{}\n{}", receiver.stdout(), receiver.stderr());
+    assert!(
+        said.contains("the source was lost after the switch")
+            && said.contains("killed rather than run with missing memory"),
+        "{said}"
+    );
+    // B's containers were killed, not left running on zero-filled pages.
+    let restored = sandbox_ids(&node_b);
+    assert_eq!(restored.len(), 1, "the restored pod on B: {restored:?}");
+    for (cname, _) in BALLAST {
+        let c = container_named(&node_b, &restored[0], cname);
+        node_b
+            .cri()
+            .wait_container_state(
+                &c.id,
+                cri::ContainerState::ContainerExited,
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| panic!("{cname} on B was not killed: {e:#}"));
+    }
+    // A's pod stays, frozen and locked: it must not run on both nodes.
+    let netns_a = pod.netns.as_deref().expect("the pod's netns on A");
+    assert!(
+        podsnap_tests::host::network_locked(netns_a),
+        "A's pod network stays locked"
+    );
+    for id in &ids {
+        let state = node_a.cri().container(id).expect("ContainerStatus").state();
+        assert_eq!(
+            state,
+            cri::ContainerState::ContainerRunning,
+            "{id} on A stays (frozen)"
+        );
+        let freezer = podsnap_tests::host::freezer_state_of(id);
+        assert_eq!(freezer.as_deref(), Some("FROZEN"), "{id} on A is frozen");
+        // Thawed for the cleanup.
+        let _ = node_a.ctr().run("k8s.io", &["task", "resume", id]);
+    }
+    let _ = std::fs::remove_file(holds.path().join("migration-pages"));
+    let _ = podsnap_tests::kubelet::remove_pod(&node_a, &pod);
+}
+
 #[test]
 fn an_unlisted_node_is_refused_and_a_target_killed_mid_transfer_leaves_the_pod_running() {
     let (node_a, node_b) = Node::start_pair(workload(), workload());

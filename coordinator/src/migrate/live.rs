@@ -310,6 +310,7 @@ pub async fn migrate_live(
         ))
     };
     control.say("switched").await?;
+    pages.switch();
     progress.step(&format!("{target} runs the pod: serving the rest of its memory"));
     let kept = async {
         pages.send(Message::Commit).await?;

@@ -50,6 +50,8 @@ pub struct StreamState {
 
 /// The page streams of a live migration and the channel's reader.
 pub struct Pages {
+    /// Set at the switch (a hold point of the fault suite looks at it).
+    switched: Arc<std::sync::atomic::AtomicBool>,
     sender: mpsc::Sender<Frame>,
     messages: mpsc::Receiver<Result<Message>>,
     states: watch::Receiver<Vec<StreamState>>,
@@ -76,6 +78,7 @@ impl Pages {
         let (message_tx, messages) = mpsc::channel(16);
         let mut to_locals = Vec::new();
         let mut tasks = Vec::new();
+        let switched = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for (i, local) in locals.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel::<Option<Bytes>>(64);
             to_locals.push(tx);
@@ -86,18 +89,25 @@ impl Pages {
                 sender.clone(),
                 state_tx.clone(),
                 watch_requests,
+                switched.clone(),
             )));
         }
         tasks.push(tokio::spawn(read_channel(
             channel, to_locals, message_tx, state_tx,
         )));
         Ok(Pages {
+            switched,
             sender,
             messages,
             states,
             tasks,
             peer,
         })
+    }
+
+    /// The target runs the pod from now on.
+    pub fn switch(&self) {
+        self.switched.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Sends a message beside the streams.
@@ -243,6 +253,7 @@ async fn stream(
     sender: mpsc::Sender<Frame>,
     states: Arc<watch::Sender<Vec<StreamState>>>,
     watch_requests: bool,
+    switched: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let socket = match local {
         Local::Connected(s) => s,
@@ -288,6 +299,10 @@ async fn stream(
                 if let Ok(mut r) = requests.lock() {
                     r.feed(&buf[..n]);
                 }
+            } else if switched.load(std::sync::atomic::Ordering::SeqCst) {
+                // The fault suite holds the source's memory back after the switch (a source
+                // lost with pages still missing on the target).
+                podsnap_checkpoint::failpoint::hold("migration-pages").await;
             }
             states.send_modify(|s| s[i as usize].sent += n as u64);
             let data = Bytes::copy_from_slice(&buf[..n]);

@@ -90,6 +90,25 @@ impl FreezeGuard {
         n
     }
 
+    /// Freezes again every container it froze: CRIU thaws a cgroup it found frozen once it has
+    /// seized its processes (they stay stopped under its ptrace), and a lazy dump's pod must
+    /// stay frozen without CRIU: if CRIU dies, its processes must not run on.
+    pub(super) async fn freeze_again(&self) -> Result<()> {
+        let (host, list) = (self.host.clone(), self.list.clone());
+        tokio::task::spawn_blocking(move || {
+            for (id, cg) in &list {
+                host.freeze(cg).map_err(|e| Error::Stopped {
+                    reason: format!("container {id}: freeze it again after its dump: {e}"),
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Stopped {
+            reason: format!("freeze again: {e}"),
+        })?
+    }
+
     /// Leaves every container frozen for good (a live migration lost after its switch).
     pub(super) fn forget(&mut self) {
         for (id, _) in self.list.drain(..) {

@@ -145,6 +145,7 @@ pub(super) async fn serve(c: Captured) -> Result<(DumpReport, crate::pod::dump::
         ..
     } = frozen;
     let committed = async {
+        guard.freeze_again().await?;
         let recorded = held.beside.done().await?;
         let prehash = held.runs.prehash.take();
         let dir = held.staging.dir.clone();
