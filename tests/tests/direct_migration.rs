@@ -243,6 +243,16 @@ fn runs_on(ip: &str, before: Before, what: &str) {
 
 #[test]
 fn a_pod_moves_to_another_node_over_the_migration_channel() {
+    moves(false);
+}
+
+/// `--copy`: not live, the memory sent before the switch (nodes without userfaultfd).
+#[test]
+fn a_pod_moves_with_its_memory_copied_first() {
+    moves(true);
+}
+
+fn moves(copy: bool) {
     let (node_a, node_b) = Node::start_pair(workload(), workload());
     let keys = Keys::new();
     let (config_a, config_b, _) = keys.for_a_and_b();
@@ -252,19 +262,19 @@ fn a_pod_moves_to_another_node_over_the_migration_channel() {
     let sandboxes_b = sandbox_ids(&node_b);
 
     let mut receiver = Receiver::start(&node_b, &config_b, None, true);
-    let out = podsnap(
-        &node_a,
-        &config_a,
-        &[
-            "migrate",
-            "--namespace",
-            "default",
-            "--pod",
-            &name,
-            "--to-node",
-            &receiver.addr,
-        ],
-    );
+    let mut args = vec![
+        "migrate",
+        "--namespace",
+        "default",
+        "--pod",
+        &name,
+        "--to-node",
+        &receiver.addr,
+    ];
+    if copy {
+        args.push("--copy");
+    }
+    let out = podsnap(&node_a, &config_a, &args);
     assert!(
         out.status.success(),
         "migrate --to-node: {}\nreceiver:\n{}\n{}",
@@ -287,6 +297,11 @@ fn a_pod_moves_to_another_node_over_the_migration_channel() {
     );
     assert!(stdout.contains("containers   sidecar, app"), "{stdout}");
     assert!(stdout.contains("phases       dump "), "{stdout}");
+    assert_eq!(
+        stdout.contains("memory       "),
+        !copy,
+        "only a live move serves memory after the dump: {stdout}"
+    );
 
     // On B: one new pod, restored from a checkpoint received into B's root.
     let id = receiver.field("id ");
@@ -424,7 +439,7 @@ fn a_pod_moves_live_with_its_memory_following() {
         .find(|l| l.starts_with("memory "))
         .expect("a memory line")
         .to_owned();
-    assert!(memory.contains("MiB served after the switch"), "{memory}");
+    assert!(memory.contains("MiB served from here after the dump"), "{memory}");
     let ip = receiver.field("ip ");
     for ((cname, port), sum) in BALLAST.iter().zip(&sums) {
         let after = podsnap_tests::kubelet::ask(&ip, *port, "ballast-sum").expect("ballast-sum on B");
@@ -763,7 +778,7 @@ fn drain_moves_every_pod_of_the_node_two_at_a_time() {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     for pod in &pods {
         assert!(
-            stderr.contains(&format!("[default/{}] pausing", pod.pod.name)),
+            stderr.contains(&format!("[default/{}] dumping", pod.pod.name)),
             "{stderr}"
         );
     }

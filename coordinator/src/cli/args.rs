@@ -38,9 +38,11 @@ pub(crate) enum Command {
     Restore(RestoreArgs),
     /// Move a pod off this node. `--to REF`: dump it stopped at the snapshot, push the
     /// checkpoint to an OCI registry, and print the time each phase took (then `podsnap restore
-    /// --from REF` on the target node). `--to-node HOST:PORT`: straight to another node running
-    /// `podsnap receive` (mutual TLS with the keys of `[migration]`); the pod is paused, not
-    /// stopped, until the target runs it, and resumed if anything fails before.
+    /// --from REF` on the target node). `--to-node HOST:PORT`: live, straight to another node
+    /// running `podsnap receive` (mutual TLS with the keys of `[migration]`): the pod is frozen
+    /// and dumped without its memory, restored on the target at once, and its memory follows
+    /// from this node's CRIU while it runs there; resumed here if anything fails before the
+    /// target runs it. `--copy`: its memory goes before the switch instead.
     Migrate(MigrateArgs),
     /// Receive pods that other nodes move here with `podsnap migrate --to-node` (or `drain`),
     /// several at once: each checkpoint is verified into the checkpoint root and restored
@@ -245,9 +247,14 @@ pub(crate) struct MigrateArgs {
         conflicts_with = "to_node"
     )]
     pub(crate) to: Option<String>,
-    /// Move the pod straight to the node listening there (`podsnap receive --listen`).
+    /// Move the pod straight to the node listening there (`podsnap receive --listen`), live.
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) to_node: Option<String>,
+    /// With `--to-node`: not live. The pod is paused, dumped with its memory, sent and
+    /// restored before the target runs it (its downtime grows with its memory); for nodes
+    /// without userfaultfd.
+    #[arg(long, requires = "to_node")]
+    pub(crate) copy: bool,
     /// Keep established TCP connections (they go on if the target gives the pod its address).
     #[arg(long)]
     pub(crate) tcp_established: bool,

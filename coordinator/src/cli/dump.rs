@@ -68,7 +68,7 @@ pub(crate) fn migrate(ctx: &Context, args: MigrateArgs) -> anyhow::Result<()> {
     request.stop = true;
     request.carry_volumes = args.volumes;
     let to = match (args.to, args.to_node) {
-        (_, Some(node)) => return super::receive::migrate_to_node(ctx, &request, &node),
+        (_, Some(node)) => return super::receive::migrate_to_node(ctx, &request, &node, args.copy),
         (Some(to), None) => to,
         (None, None) => anyhow::bail!("migrate takes --to REF or --to-node HOST:PORT"),
     };

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use anyhow::Context as _;
 use podsnap_coordinator::dump::{short, DumpRequest};
-use podsnap_coordinator::migrate::{live, short_id, target, Endpoint};
+use podsnap_coordinator::migrate::{live, short_id, source, target, Endpoint};
 use podsnap_coordinator::restore::RestoreRequest;
 use podsnap_coordinator::summary::human_bytes;
 use podsnap_coordinator::{pod, progress};
@@ -77,12 +77,24 @@ pub(crate) fn run(ctx: &Context, args: ReceiveArgs) -> anyhow::Result<()> {
 }
 
 /// `podsnap migrate --to-node HOST:PORT`.
-pub(crate) fn migrate_to_node(ctx: &Context, request: &DumpRequest, to: &str) -> anyhow::Result<()> {
+pub(crate) fn migrate_to_node(
+    ctx: &Context,
+    request: &DumpRequest,
+    to: &str,
+    copy: bool,
+) -> anyhow::Result<()> {
     let endpoint = endpoint(ctx)?;
     let progress = progress::for_stderr();
-    let moved = ctx
-        .runtime
-        .block_on(live::migrate_live(request, to, &endpoint, progress.as_ref()));
+    let moved = ctx.runtime.block_on(async {
+        match copy {
+            true => source::migrate_to_node(request, to, &endpoint, progress.as_ref())
+                .await
+                .map(|moved| (moved, None)),
+            false => live::migrate_live(request, to, &endpoint, progress.as_ref())
+                .await
+                .map(|(moved, memory)| (moved, Some(memory))),
+        }
+    });
     progress.finish();
     let (moved, memory) =
         moved.with_context(|| format!("migrate pod {}/{} to {to}", request.namespace, request.pod))?;
@@ -108,14 +120,17 @@ pub(crate) fn migrate_to_node(ctx: &Context, request: &DumpRequest, to: &str) ->
         "phases       dump {:.2?}, send {:.2?}, restore {:.2?}; paused {:.2?} in all",
         moved.dump, moved.send, moved.restore, moved.paused_for
     );
-    println!(
-        "memory       {} served after the switch ({} of requests); source released {:.2?} after \
-         the switch ({} processes stopped)",
-        human_bytes(memory.sent),
-        human_bytes(memory.received),
-        memory.window,
-        memory.killed
-    );
+    if let Some(memory) = memory {
+        println!(
+            "memory       {} served from here after the dump, {} of it after the switch ({} of \
+             requests); source released {:.2?} after the switch ({} processes stopped)",
+            human_bytes(memory.sent),
+            human_bytes(memory.sent_after_switch),
+            human_bytes(memory.received),
+            memory.window,
+            memory.killed
+        );
+    }
     println!(
         "source       stopped at the snapshot (key {})",
         short_id(endpoint.key_id())

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use k8s_cri::v1 as cri;
 
 use super::channel::Endpoint;
-use super::source::{migrate_to_node, Moved};
+use super::source::Moved;
 use crate::dump::DumpRequest;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -98,8 +98,9 @@ pub async fn drain(
                 pod: pod.clone(),
                 progress,
             };
-            let outcome = migrate_to_node(&one, &request.to, endpoint, &prefixed)
+            let outcome = super::live::migrate_live(&one, &request.to, endpoint, &prefixed)
                 .await
+                .map(|(moved, _)| moved)
                 .map_err(|e| format!("{e:#}"));
             (i, Drained { pod, outcome })
         }

@@ -81,6 +81,8 @@ pub struct PagesMoved {
     pub window: Duration,
     /// Page-stream bytes from the source after the dump, and requests from the target.
     pub sent: u64,
+    /// Of `sent`, the bytes sent after the switch.
+    pub sent_after_switch: u64,
     pub received: u64,
     pub killed: u64,
 }
@@ -311,6 +313,7 @@ pub async fn migrate_live(
     };
     control.say("switched").await?;
     pages.switch();
+    let sent_at_switch: u64 = pages.states().iter().map(|s| s.sent).sum();
     progress.step(&format!("{target} runs the pod: serving the rest of its memory"));
     let kept = async {
         pages.send(Message::Commit).await?;
@@ -376,6 +379,11 @@ pub async fn migrate_live(
         PagesMoved {
             window,
             sent: states.iter().map(|s| s.sent).sum(),
+            sent_after_switch: states
+                .iter()
+                .map(|s| s.sent)
+                .sum::<u64>()
+                .saturating_sub(sent_at_switch),
             received: states.iter().map(|s| s.received).sum(),
             killed,
         },

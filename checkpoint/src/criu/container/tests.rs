@@ -300,3 +300,37 @@ fn inspect_refuses_what_is_not_a_checkpoint() {
     .expect("write");
     assert_eq!(inspect(root.path()).expect("options"), opts);
 }
+
+#[test]
+fn pages_flagged_lazy_are_in_the_pages_file_unless_the_dump_was_lazy() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = root.path();
+    std::fs::write(d.join(CRIU_INVENTORY), b"").expect("inventory");
+    // 2 present pages, and 3 present pages flagged lazy (CRIU flags them so in every dump).
+    std::fs::write(
+        d.join("pagemap-1.img"),
+        pagemap(
+            7,
+            &[(0x40_0000, 2, PE_PRESENT), (0x50_0000, 3, PE_PRESENT | PE_LAZY)],
+        ),
+    )
+    .expect("pagemap");
+    std::fs::write(d.join("pages-7.img"), vec![0u8; 5 * 4096]).expect("pages");
+    inspect(d).expect("an ordinary dump writes its lazy-flagged pages");
+    // A lazy dump (live migration) leaves them to its page server.
+    let lazy = DumpOptions {
+        lazy_pages: true,
+        ..Default::default()
+    };
+    std::fs::write(
+        d.join(CRIU_OPTIONS_FILE),
+        serde_json::to_vec(&lazy).expect("json"),
+    )
+    .expect("options");
+    let err = inspect(d)
+        .expect_err("a lazy dump's file holds them not")
+        .to_string();
+    assert!(err.contains("the memory image is damaged"), "{err}");
+    std::fs::write(d.join("pages-7.img"), vec![0u8; 2 * 4096]).expect("pages");
+    assert!(inspect(d).expect("a lazy dump's images").lazy_pages);
+}
