@@ -44,7 +44,10 @@
 //! restore = from the end of the pull to every container running and answering.
 //!
 //! `cargo build --workspace --bins && cargo bench --profile dev -p podsnap-tests --bench
-//! migration_downtime`.
+//! migration_downtime`; with `PODSNAP_CLI_DIR=target/release` and `PODSNAP_SHIM_DIR=target/release`
+//! the release CLI and shim (`cargo build --release -p podsnap-coordinator --bin podsnap -p
+//! containerd-shim-podsnap-v1`). `PODSNAP_BENCH_ONLY=live,direct,local,registry,kep2008`: only
+//! those contenders.
 
 mod common;
 
@@ -90,19 +93,40 @@ enum Contender {
     RegistryLazy,
     Local,
     Kep2008,
-    /// `podsnap migrate --to-node` to a `podsnap receive` on B (the `[migration]` channel:
-    /// paused, dumped, sent, restored; not live).
+    /// `podsnap migrate --to-node --copy` to a `podsnap receive` on B (the `[migration]`
+    /// channel: paused, dumped, sent, restored; not live): also the channel's throughput.
     Direct,
+    /// `podsnap migrate --to-node`: live (post-copy).
+    Live,
 }
 
-const CONTENDERS: [Contender; 6] = [
+const CONTENDERS: [Contender; 7] = [
     Contender::Registry,
     Contender::RegistryLevel3,
     Contender::RegistryLazy,
     Contender::Local,
     Contender::Kep2008,
     Contender::Direct,
+    Contender::Live,
 ];
+
+/// What a live round measures beyond a [`Round`].
+#[derive(Debug, Clone, Default)]
+struct LiveRound {
+    /// Switch to the source's release (`migrate`'s memory line).
+    window: f64,
+    /// Ping latencies (ms) on B in the first 2 s after every container first answered.
+    pings_ms: Vec<f64>,
+    /// One `ballast-sum` (every page of a container's memory) sent at the first answer.
+    full_read: f64,
+}
+
+#[derive(Default)]
+struct LiveMeasures {
+    window: Samples,
+    p99_ms: Samples,
+    full_read: Samples,
+}
 
 /// One round's numbers, in seconds and MiB.
 #[derive(Debug, Clone, Copy, Default)]
@@ -150,7 +174,11 @@ struct Bench {
 fn main() {
     let rounds = common::rounds(3);
     let workload = PathBuf::from(env!("CARGO_BIN_EXE_podsnap-workload"));
-    let podsnap = workload.with_file_name("podsnap");
+    // `PODSNAP_CLI_DIR`: the podsnap CLI from there (a release build: the live contender's
+    // page streams run through it, TLS included).
+    let podsnap = std::env::var_os("PODSNAP_CLI_DIR")
+        .map(|d| PathBuf::from(d).join("podsnap"))
+        .unwrap_or_else(|| workload.with_file_name("podsnap"));
     assert!(
         podsnap.is_file(),
         "{} is missing: `cargo build --workspace --bins` first (same profile)",
@@ -169,6 +197,11 @@ fn main() {
         trusted,
     };
     let mut measures: Vec<Measures> = CONTENDERS.iter().map(|_| Measures::default()).collect();
+    let mut live_measures = LiveMeasures::default();
+    // `PODSNAP_BENCH_ONLY=live,direct,local,...`: only these contenders (the others' rows empty).
+    let only: Option<Vec<String>> = std::env::var("PODSNAP_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_lowercase()).collect());
     let started = Instant::now();
     for round in 0..=rounds {
         for turn in 0..CONTENDERS.len() {
@@ -182,13 +215,41 @@ fn main() {
                 (round / 2 + n - 1 - turn) % n
             };
             let contender = CONTENDERS[which];
+            if only
+                .as_ref()
+                .is_some_and(|o| !o.contains(&format!("{contender:?}").to_lowercase()))
+            {
+                continue;
+            }
             let r = match contender {
                 Contender::Registry => registry_round(&bench, round, None, false),
                 Contender::RegistryLevel3 => registry_round(&bench, round, Some("3"), false),
                 Contender::RegistryLazy => registry_round(&bench, round, None, true),
                 Contender::Local => local_round(&bench, round),
                 Contender::Kep2008 => kep_round(&bench, round),
-                Contender::Direct => direct_round(&bench, round),
+                Contender::Direct => direct_round(&bench, round, false).0,
+                Contender::Live => {
+                    let (r, live) = direct_round(&bench, round, true);
+                    let live = live.expect("a live round");
+                    eprintln!(
+                        "round {round} Live extra: window {:.2} s, full read {:.2} s, {} pings",
+                        live.window,
+                        live.full_read,
+                        live.pings_ms.len()
+                    );
+                    if round > 0 {
+                        live_measures.window.push(live.window);
+                        live_measures.full_read.push(live.full_read);
+                        let mut p = live.pings_ms.clone();
+                        p.sort_by(f64::total_cmp);
+                        if !p.is_empty() {
+                            live_measures
+                                .p99_ms
+                                .push(p[(p.len() * 99 / 100).min(p.len() - 1)]);
+                        }
+                    }
+                    r
+                }
             };
             eprintln!("round {round} {contender:?}: {r:?}");
             if round > 0 {
@@ -196,11 +257,17 @@ fn main() {
             }
         }
     }
-    let [through_registry, level3, lazy, local, kep, direct] = &measures[..] else {
-        unreachable!("six contenders")
+    let [through_registry, level3, lazy, local, kep, direct, live] = &measures[..] else {
+        unreachable!("seven contenders")
     };
     print_tables(rounds, started, [through_registry, level3, lazy], local, kep);
     print_direct(rounds, direct, through_registry, local);
+    print_live(
+        rounds,
+        live,
+        &live_measures,
+        [through_registry, local, kep, direct],
+    );
     let mut problems = bench.b.teardown();
     problems.extend(bench.a.teardown());
     assert!(problems.is_empty(), "teardown: {problems:?}");
@@ -562,6 +629,150 @@ fn registry_round(bench: &Bench, round: usize, zstd_level: Option<&str>, lazy: b
     round
 }
 
+/// Waits for a new pod on the node at `endpoint` (not one of `before`) whose every container
+/// answers a ping (connect timeout 20 ms, retried every 2 ms): when, then the latencies of pings
+/// in the 2 s after it (round robin over the containers) and the time of one `ballast-sum`
+/// (every page of one container) sent at that moment beside them.
+fn first_answers(endpoint: &str, before: &[String]) -> (Instant, (Vec<f64>, f64)) {
+    let cri = CriClient::connect(endpoint).expect("CRI of B");
+    let deadline = Instant::now() + WAIT;
+    let (id, ip) = loop {
+        assert!(Instant::now() < deadline, "no new pod on B");
+        let new = cri
+            .pod_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|id| !before.contains(id));
+        if let Some(id) = new {
+            if let Ok(ip) = cri.pod_ip(&id) {
+                if !ip.is_empty() {
+                    break (id, ip);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let _ = id;
+    for (_, port) in CONTAINERS {
+        loop {
+            assert!(Instant::now() < deadline, "B's pod never answered on {port}");
+            if ping_once(&ip, port).is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let at = Instant::now();
+    let sum_ip = ip.clone();
+    let full = std::thread::spawn(move || {
+        let t = Instant::now();
+        kubelet::ask(&sum_ip, CONTAINERS[0].1, "ballast-sum").expect("ballast-sum right after the switch");
+        seconds(t.elapsed())
+    });
+    let mut pings = Vec::new();
+    let mut i = 0;
+    while at.elapsed() < Duration::from_secs(2) {
+        let port = CONTAINERS[i % CONTAINERS.len()].1;
+        i += 1;
+        if let Some(ms) = ping_once(&ip, port) {
+            pings.push(ms);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (at, (pings, full.join().expect("ballast-sum thread")))
+}
+
+/// One ping on a new connection (connect timeout 20 ms): its latency in ms, if answered.
+fn ping_once(ip: &str, port: u16) -> Option<f64> {
+    use std::io::{BufRead, Write};
+    let address: std::net::SocketAddr = format!("{ip}:{port}").parse().ok()?;
+    let t = Instant::now();
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(20)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"ping\n").ok()?;
+    let mut reply = String::new();
+    std::io::BufReader::new(stream).read_line(&mut reply).ok()?;
+    reply
+        .starts_with("pong")
+        .then(|| t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// The live migration beside the others.
+fn print_live(
+    rounds: usize,
+    live: &Measures,
+    extra: &LiveMeasures,
+    [registry, local, kep, copy]: [&Measures; 4],
+) {
+    println!();
+    println!(
+        "### `podsnap migrate --to-node`, live (post-copy), {} MiB x 3 (median of {rounds}, min-max)",
+        ballast_mib()
+    );
+    println!();
+    println!(
+        "Downtime: the first freeze on A until every container on B answers a ping (new connection, \
+         20 ms connect timeout, retried every 2 ms). Window: the switch (B runs the pod) until A \
+         is released (every page on B), as `migrate` reports it. p99: pings on B in the 2 s after \
+         the first answer, round robin over the containers, with one `ballast-sum` (every page of \
+         one container) sent at that moment (its time: full read). Channel throughput: what \
+         `migrate --to-node --copy` sent over the same channel divided by its send time."
+    );
+    println!();
+    let throughput = copy.moved_mib.median() / copy.push.median();
+    let memory_mib: f64 = ballast_mib().parse::<f64>().unwrap_or(0.0) * CONTAINERS.len() as f64;
+    print_table(
+        &[
+            "",
+            "downtime (s)",
+            "dump (s)",
+            "send (s)",
+            "restore until `restored` (s)",
+            "window (s)",
+            "ping p99 after (ms)",
+            "full read after (s)",
+        ],
+        &[
+            vec![
+                "live (`migrate --to-node`)".to_owned(),
+                live.downtime.cell(2),
+                live.dump.cell(2),
+                live.push.cell(2),
+                live.restore.cell(2),
+                extra.window.cell(2),
+                extra.p99_ms.cell(1),
+                extra.full_read.cell(2),
+            ],
+            vec![
+                "ratio live / registry".to_owned(),
+                ratio(&live.downtime, &registry.downtime),
+            ],
+            vec![
+                "ratio live / (i) local dump + copy + restore".to_owned(),
+                ratio(&live.downtime, &local.downtime),
+            ],
+            vec![
+                "ratio live / (ii) KEP-2008".to_owned(),
+                ratio(&live.downtime, &kep.downtime),
+            ],
+            vec![
+                "ratio live / `--copy` (not live)".to_owned(),
+                ratio(&live.downtime, &copy.downtime),
+            ],
+        ],
+    );
+    println!();
+    let window_goal = 1.3 * memory_mib / throughput;
+    println!(
+        "Goals: downtime at most 0.5 s: {:.2} s ({}); window at most 1.3 x {memory_mib:.0} MiB / {throughput:.0} MiB/s \
+         (the channel, measured with `--copy` in this run) = {window_goal:.2} s: {:.2} s ({})",
+        live.downtime.median(),
+        if live.downtime.median() <= 0.5 { "met" } else { "NOT met" },
+        extra.window.median(),
+        if extra.window.median() <= window_goal { "met" } else { "NOT met" },
+    );
+}
+
 fn local_round(bench: &Bench, round: usize) -> Round {
     let (a, b) = (&bench.a, &bench.b);
     let config = bench.config(None);
@@ -783,7 +994,7 @@ fn kep_round(bench: &Bench, round: usize) -> Round {
 
 /// `podsnap migrate --to-node` to a `podsnap receive --once` on B: downtime from the first
 /// freeze on A (the migration pauses the pod) to every container answering on B.
-fn direct_round(bench: &Bench, round: usize) -> Round {
+fn direct_round(bench: &Bench, round: usize, live: bool) -> (Round, Option<LiveRound>) {
     use std::io::BufRead;
     let (a, b) = (&bench.a, &bench.b);
     // One key for both nodes, each listing it as its peer.
@@ -823,23 +1034,29 @@ fn direct_round(bench: &Bench, round: usize) -> Round {
                 .map(|a| a.split_whitespace().next().unwrap_or_default().to_owned())
         })
         .expect("podsnap receive listens");
-    let name = a.unique(&format!("mig-dir-{round}"));
+    let name = a.unique(&format!("mig-{}-{round}", if live { "live" } else { "dir" }));
     let (pod, ids, sums) = source_pod(a, "podsnap", &name, None);
     common::sync_disks();
+    let before = b.cri().pod_ids().expect("ListPodSandbox on B");
     let observer = observe(&pod, &ids);
-    let out = bench.podsnap(
-        a,
-        &config,
-        &[
-            "migrate",
-            "--namespace",
-            "default",
-            "--pod",
-            &name,
-            "--to-node",
-            &addr,
-        ],
-    );
+    // A live move's downtime ends when B answers, long before `migrate` returns.
+    let watcher = live.then(|| {
+        let endpoint = b.endpoint().to_owned();
+        std::thread::spawn(move || first_answers(&endpoint, &before))
+    });
+    let mut args = vec![
+        "migrate",
+        "--namespace",
+        "default",
+        "--pod",
+        &name,
+        "--to-node",
+        &addr,
+    ];
+    if !live {
+        args.push("--copy");
+    }
+    let out = bench.podsnap(a, &config, &args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let phases = field(&stdout, "phases ");
     let received: String = lines.map_while(Result::ok).map(|l| l + "\n").collect();
@@ -853,8 +1070,9 @@ fn direct_round(bench: &Bench, round: usize) -> Round {
         .expect("the restored pod's uid")
         .to_owned();
     let restored_ids = container_ids(b, &id);
+    let answered = watcher.map(|w| w.join().expect("the watcher"));
     wait_all_answering(b, &restored_ids, &ip);
-    let end = Instant::now();
+    let end = answered.as_ref().map_or_else(Instant::now, |(at, _)| *at);
     let windows = observer.stop();
     let round = Round {
         downtime: downtime(&windows, end),
@@ -869,14 +1087,26 @@ fn direct_round(bench: &Bench, round: usize) -> Round {
     kubelet::remove_pod(a, &pod).expect("remove the source pod");
     clear_checkpoints(a);
     clear_checkpoints(b);
-    round
+    let live = answered.map(|(_, (pings_ms, full_read))| LiveRound {
+        window: {
+            let memory = field(&stdout, "memory ");
+            let released = memory
+                .split_once("source released ")
+                .map(|(_, r)| r)
+                .unwrap_or_else(|| panic!("no release in {memory:?}"));
+            parse_duration(released.split_whitespace().next().unwrap_or_default())
+        },
+        pings_ms,
+        full_read,
+    });
+    (round, live)
 }
 
 /// The direct migration beside the registry path and a local copy.
 fn print_direct(rounds: usize, direct: &Measures, registry: &Measures, local: &Measures) {
     println!();
     println!(
-        "### `podsnap migrate --to-node` (direct, over the `[migration]` channel; not live) (median of {rounds}, min-max)"
+        "### `podsnap migrate --to-node --copy` (direct, over the `[migration]` channel; not live) (median of {rounds}, min-max)"
     );
     println!();
     println!(
@@ -896,7 +1126,7 @@ fn print_direct(rounds: usize, direct: &Measures, registry: &Measures, local: &M
         ],
         &[
             vec![
-                "direct (`migrate --to-node`)".to_owned(),
+                "direct (`migrate --to-node --copy`)".to_owned(),
                 direct.downtime.cell(2),
                 direct.dump.cell(2),
                 direct.push.cell(2),

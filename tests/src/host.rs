@@ -462,19 +462,6 @@ pub fn network_locked(netns: &str) -> bool {
         .success()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn this_processs_mount_table_has_its_root_and_proc() {
-        let points = mount_points().expect("/proc/self/mountinfo");
-        assert!(points.iter().any(|p| p == Path::new("/")), "{points:?}");
-        assert!(points.iter().any(|p| p == Path::new("/proc")), "{points:?}");
-        assert!(!cgroup_tree(Path::new("/sys/fs/cgroup")).is_empty());
-    }
-}
-
 /// The v1 freezer state (`FROZEN`, `THAWED`...) of container `id`'s cgroup, or on cgroup v2
 /// `FROZEN`/`THAWED` from its `cgroup.events`; `None` when no cgroup of that name is found.
 pub fn freezer_state_of(id: &str) -> Option<String> {
@@ -512,4 +499,17 @@ pub fn freezer_state_of(id: &str) -> Option<String> {
         }
         .to_owned(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_processs_mount_table_has_its_root_and_proc() {
+        let points = mount_points().expect("/proc/self/mountinfo");
+        assert!(points.iter().any(|p| p == Path::new("/")), "{points:?}");
+        assert!(points.iter().any(|p| p == Path::new("/proc")), "{points:?}");
+        assert!(!cgroup_tree(Path::new("/sys/fs/cgroup")).is_empty());
+    }
 }

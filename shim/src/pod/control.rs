@@ -61,7 +61,11 @@ impl Pod {
         drop(starting);
         if let Some(name) = restoring_name {
             // Restored or failed, its restore is over (the pod's network waits for the last).
-            self.restores.restore_over(&name).await;
+            let pids = match &started {
+                Ok(_) => c.cgroups().and_then(|cg| cg.processes().ok()).unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            self.restores.restore_over(&name, &pids).await;
             if started.is_ok() {
                 self.restores.mark_restored(&name);
             }

@@ -118,7 +118,7 @@ impl Restores {
     /// Container `name`'s restore is over (restored or failed): its connections to outside the
     /// pod are closed unless kept; the lock goes once every linked container is back, the lent
     /// addresses once every container is.
-    pub async fn restore_over(&self, name: &str) {
+    pub async fn restore_over(&self, name: &str, pids: &[i32]) {
         lock(&self.unix_pairs).retain(|_, p| {
             for (c, over) in p.containers.iter().zip(p.over.iter_mut()) {
                 *over |= c == name;
@@ -130,7 +130,7 @@ impl Restores {
         if !h.waiting.remove(name) {
             return;
         }
-        close_outside(h).await;
+        close_outside(h, pids).await;
         h.linked.remove(name);
         if h.locked && h.linked.is_empty() {
             podsnap_checkpoint::pod::shared::netlock::unlock(&MonitorLauncher, &h.netns).await;
@@ -168,9 +168,10 @@ impl Restores {
     }
 }
 
-/// Closes the pod's connections to outside unless they are kept (and can be: its address did
-/// not change).
-async fn close_outside(h: &NetHold) {
+/// Closes the connections to outside of a container just restored (its processes `pids`: those
+/// CRIU brought back) unless they are kept (and can be: the pod's address did not change). The
+/// other containers' are left alone: one restored earlier may have accepted new clients since.
+async fn close_outside(h: &NetHold, pids: &[i32]) {
     if h.keep_outside && h.borrowed.is_empty() {
         return;
     }
@@ -182,8 +183,12 @@ async fn close_outside(h: &NetHold) {
             h.borrowed
         );
     }
-    match podsnap_checkpoint::pod::shared::netlock::close_outside_connections(&MonitorLauncher, &h.netns)
-        .await
+    match podsnap_checkpoint::pod::shared::netlock::close_outside_connections_of(
+        &MonitorLauncher,
+        &h.netns,
+        pids,
+    )
+    .await
     {
         Ok(0) => {}
         Ok(n) => log::info!(

@@ -304,17 +304,28 @@ pub async fn borrow_addresses(
     Ok(())
 }
 
-/// Closes (`SOCK_DESTROY`, through `ss -K`) every established TCP connection of the namespace at
-/// `netns` whose peer is not on loopback: after a restore that was not asked to keep them (or
-/// that could not keep them: the pod's address changed), the connections to outside the pod go,
-/// those between its containers stay. Returns how many.
-pub async fn close_outside_connections(launcher: &dyn Launcher, netns: &Path) -> Result<usize> {
+/// Closes (`SOCK_DESTROY`, through `ss -K`) the established TCP connections of the namespace at
+/// `netns` whose peer is not on loopback, of the processes `pids` only: after the restore of a
+/// container that was not asked to keep them (or could not: the pod's address changed), its
+/// connections to outside the pod go, those between its containers stay (those CRIU brought
+/// back). A connection another container of the pod accepted since its own restore (a client
+/// that came back as soon as that container answered) is a new one and stays. Returns how many
+/// were closed.
+pub async fn close_outside_connections_of(
+    launcher: &dyn Launcher,
+    netns: &Path,
+    pids: &[i32],
+) -> Result<usize> {
+    let inodes = socket_inodes(pids);
+    if inodes.is_empty() {
+        return Ok(0);
+    }
     let mut cmd = in_netns(netns, "ss");
     cmd.args([
-        "-K",
         "-t",
         "-n",
         "-H",
+        "-e",
         "state",
         "established",
         "( not dst 127.0.0.0/8 and not dst [::1] )",
@@ -322,18 +333,79 @@ pub async fn close_outside_connections(launcher: &dyn Launcher, netns: &Path) ->
     let out = launcher
         .run(cmd, Capture::Output)
         .await
-        .map_err(|e| Error::io("close connections (nsenter ss -K)", netns, e))?;
+        .map_err(|e| Error::io("list connections (nsenter ss)", netns, e))?;
     if !out.success() {
         return Err(Error::io(
-            "close connections (nsenter ss -K)",
+            "list connections (nsenter ss)",
             netns,
             std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let mut closed = 0;
+    for (local, peer) in connections_of(&String::from_utf8_lossy(&out.stdout), &inodes) {
+        let mut cmd = in_netns(netns, "ss");
+        cmd.args([
+            "-K",
+            "-t",
+            "-n",
+            "-H",
+            "state",
+            "established",
+            "src",
+            &local,
+            "dst",
+            &peer,
+        ]);
+        match launcher.run(cmd, Capture::Output).await {
+            Ok(out) if out.success() => closed += 1,
+            Ok(out) => log::warn!(
+                "close {local} -> {peer}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => log::warn!("close {local} -> {peer}: {e}"),
+        }
+    }
+    Ok(closed)
+}
+
+/// The inodes of the sockets the processes `pids` hold.
+fn socket_inodes(pids: &[i32]) -> std::collections::HashSet<u64> {
+    let mut inodes = std::collections::HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if let Some(ino) = target
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse().ok())
+            {
+                inodes.insert(ino);
+            }
+        }
+    }
+    inodes
+}
+
+/// (local, peer) of the connections in `ss -t -n -H -e state established` output whose socket
+/// inode is one of `inodes`.
+fn connections_of(listing: &str, inodes: &std::collections::HashSet<u64>) -> Vec<(String, String)> {
+    listing
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count())
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, peer) = (fields.get(2)?, fields.get(3)?);
+            let ino: u64 = fields.iter().find_map(|f| f.strip_prefix("ino:"))?.parse().ok()?;
+            inodes
+                .contains(&ino)
+                .then(|| ((*local).to_owned(), (*peer).to_owned()))
+        })
+        .collect()
 }
 
 impl Drop for NetLock {
@@ -356,6 +428,21 @@ impl Drop for NetLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_connections_of_the_given_sockets_are_picked() {
+        let listing = "0      0      10.1.0.5:8081 10.1.0.1:47486 ino:15755248 sk:169e9 cgroup:/ <->\n\
+                       0      0      [fd00::5]:8082 [fd00::1]:5000 timer:(keepalive,1min,0) ino:77 sk:2 <->\n\
+                       0      0      10.1.0.5:8081 10.1.0.1:50000 ino:99 sk:3 <->\n";
+        let inodes = std::collections::HashSet::from([15755248, 77]);
+        assert_eq!(
+            connections_of(listing, &inodes),
+            vec![
+                ("10.1.0.5:8081".to_owned(), "10.1.0.1:47486".to_owned()),
+                ("[fd00::5]:8082".to_owned(), "[fd00::1]:5000".to_owned()),
+            ]
+        );
+    }
 
     #[test]
     fn the_lock_drops_all_but_loopback_in_a_chain_of_its_own() {
