@@ -1,19 +1,23 @@
-//! Direct migration between two nodes (issue 23, stage 1): `podsnap receive --listen` on node
-//! B, `podsnap migrate --to-node` on node A (two private containerds, their own roots and pod
+//! Direct migration between two nodes (issue 23): `podsnap receive --listen` on node B,
+//! `podsnap migrate --to-node` on node A (two private containerds, their own roots and pod
 //! subnets, real runc, CRIU and CNI), over mutual TLS with the keys of `[migration]`:
 //!
-//! - a three-container pod moves from A to B: B restores it from a verified checkpoint in its
-//!   root (0700 directories, 0600 files), its counters go on, the volume holds what was
-//!   written, init does not run again, the app reaches its sidecar on 127.0.0.1; the pod on A
-//!   is stopped at the snapshot;
+//! - a three-container pod moves live from A to B (and again with `--copy`, not live): B
+//!   restores it from a verified checkpoint in its root (0700 directories, 0600 files), its
+//!   counters go on, the volume holds what was written, init does not run again, the app reaches
+//!   its sidecar on 127.0.0.1; the pod on A is stopped at the snapshot, its network locked;
+//! - a pod of two containers of 256 MiB moves live: far less than its memory is sent before the
+//!   switch, the memory on B is A's to the byte (checksums), A's containers are stopped once B
+//!   has every page;
+//! - the source lost after the switch, memory still missing on B (A's pages held back, then
+//!   `migrate` SIGKILLed): B kills its containers and says why, A's pod stays frozen and locked;
 //! - a node whose key B does not list is refused before anything is sent: both sides name its
 //!   key id, the pod on A runs on untouched (its counters advance), nothing is dumped on A and
 //!   nothing appears on B;
 //! - B killed mid-transfer (held after the first file, then SIGKILL): A resumes the pod, which
 //!   runs on as it was; B created no pod, and its next `podsnap receive` removes what the
 //!   killed one left in the root;
-//! - B without room for the checkpoint and its reserve: refused before any file, A resumes;
-//! - `podsnap drain --parallel 2` moves the three pods of A to B, two at a time.
+//! - `podsnap drain --parallel 2` moves the three pods of A to B, two at a time, live.
 
 mod pod_checkpoint_support;
 

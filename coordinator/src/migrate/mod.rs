@@ -1,13 +1,11 @@
 //! Migration between nodes (issue 23): the channel two podsnap nodes speak over, and the
-//! direct migration built on it: `podsnap migrate --to-node HOST:PORT` on the source
-//! (`source.rs`), `podsnap receive --listen ADDR` on the target (`target.rs`).
+//! direct migration built on it: `podsnap migrate --to-node HOST:PORT` on the source,
+//! `podsnap receive --listen ADDR` on the target (`target.rs`), `podsnap drain` (`drain.rs`).
 //!
-//! Stage 1, what this module does today: an authenticated, encrypted move of a whole pod
-//! checkpoint from node to node, restored on the target before the source lets go. The pod is
-//! paused from before its dump until the target runs it (its downtime includes the dump, the
-//! transfer and the restore). Not yet: post-copy (the memory served lazily by the source,
-//! CRIU's page server carried over this channel), the kubelet path (`podsnap://` restore
-//! annotation), `podsnap drain`.
+//! A move is live by default (`live.rs`): the pod is dumped without its memory, restored on the
+//! target at once, and its memory follows through page streams carried on the channel
+//! (`pages.rs`). `--copy` moves the whole checkpoint before the switch (`source.rs`). Not yet:
+//! the kubelet path (`podsnap://` restore annotation).
 //!
 //! # Who may talk to whom
 //! Every connection is TLS 1.3 (rustls, the aws-lc-rs provider)
@@ -39,6 +37,7 @@
 //!   2 data      raw bytes: the body of a file              1 B .. 256 KiB
 //!   3 manifest  a checkpoint's manifest.json, byte for byte             at most 16 MiB
 //!   4 ping      heartbeat, empty
+//!   5 pages     stream number (u32 BE) + page-stream bytes  1 B .. 256 KiB of bytes
 //! ```
 //! Every length read from the peer is checked against its kind's cap before anything is
 //! allocated; an unknown kind, an oversized or empty data frame, or a message that does not
@@ -61,6 +60,9 @@
 //!                                   <-----  kept
 //!   (kills its paused pod)
 //! ```
+//! That is `--copy`; a live move carries `pages` both ways from the files' end, the target
+//! answers `pages_end` per stream once its daemon has every page, and the source `released`
+//! (see `live.rs`).
 //! Either side may send `abort {reason}` instead of its next message; a `ping` goes from each
 //! side whenever it had nothing to send for a heartbeat.
 //!
