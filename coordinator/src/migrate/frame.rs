@@ -367,8 +367,12 @@ mod tests {
         assert!(err.contains("manifest frame of 4294967295 bytes"), "{err}");
         let err = read_err(&header(KIND_PING, 1)).await;
         assert!(err.contains("ping frame of 1 bytes"), "{err}");
-        let err = read_err(&header(5, 0)).await;
-        assert!(err.contains("unknown frame kind 5"), "{err}");
+        let err = read_err(&header(KIND_PAGES, MAX_DATA_BYTES + STREAM_BYTES as u32 + 1)).await;
+        assert!(err.contains("pages frame of 262149 bytes"), "{err}");
+        let err = read_err(&header(KIND_PAGES, STREAM_BYTES as u32)).await;
+        assert!(err.contains("a pages frame without bytes"), "{err}");
+        let err = read_err(&header(6, 0)).await;
+        assert!(err.contains("unknown frame kind 6"), "{err}");
         let err = read_err(&header(9, 0)).await;
         assert!(err.contains("unknown frame kind 9"), "{err}");
         let err = read_err(&header(KIND_DATA, 0)).await;
@@ -378,7 +382,26 @@ mod tests {
         let too_big = Frame::Data(Bytes::from(vec![0u8; MAX_DATA_BYTES as usize + 1]));
         assert!(write_frame(&mut sink, &too_big).await.is_err());
         assert!(write_frame(&mut sink, &Frame::Data(Bytes::new())).await.is_err());
+        let empty_pages = Frame::Pages {
+            stream: 0,
+            data: Bytes::new(),
+        };
+        assert!(write_frame(&mut sink, &empty_pages).await.is_err());
         assert!(sink.is_empty(), "nothing written for a refused frame");
+    }
+
+    #[tokio::test]
+    async fn page_stream_bytes_keep_their_stream_and_bytes() {
+        let frame = Frame::Pages {
+            stream: 70000,
+            data: Bytes::from(vec![7u8; MAX_DATA_BYTES as usize]),
+        };
+        assert_eq!(round_trip(frame.clone()).await, frame);
+        let end = Frame::Message(Message::PagesEnd {
+            stream: 2,
+            complete: true,
+        });
+        assert_eq!(round_trip(end.clone()).await, end);
     }
 
     #[tokio::test]
