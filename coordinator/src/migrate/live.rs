@@ -45,7 +45,7 @@ use tokio::net::{UnixListener, UnixStream};
 use super::channel::Endpoint;
 use super::frame::{Message, Purpose};
 use super::pages::{Local, Pages};
-use super::source::{interrupted, running_containers, send_checkpoint, Moved};
+use super::source::{interrupted, resumed, running_containers, send_checkpoint, Moved};
 use crate::dump::{dump, DumpRequest};
 use crate::error::{Error, Result};
 use crate::pod::find_ready_pod;
@@ -274,8 +274,13 @@ pub async fn migrate_live(
         m = pages.message() => m.map_err(Error::from),
         why = interrupted() => Err(Error::Refused(format!("{why} before the target had the pod"))),
     };
-    let restored = match restored {
-        Ok(m @ Message::Restored { .. }) => m,
+    let (restored_pod, restored_id, restored_ip, restored_containers) = match restored {
+        Ok(Message::Restored {
+            pod,
+            id,
+            ip,
+            containers,
+        }) => (pod, id, ip, containers),
         other => {
             let e = match other {
                 Err(e) => e,
@@ -290,15 +295,6 @@ pub async fn migrate_live(
             pages.finish().await;
             return Err(resumed(e, &pod));
         }
-    };
-    let Message::Restored {
-        pod: restored_pod,
-        id: restored_id,
-        ip: restored_ip,
-        containers: restored_containers,
-    } = restored
-    else {
-        unreachable!("matched above")
     };
     // The switch: from here on the target may run the pod, and nothing goes back.
     let switched_at = Instant::now();
@@ -387,12 +383,6 @@ pub async fn migrate_live(
             received: states.iter().map(|s| s.received).sum(),
             killed,
         },
-    ))
-}
-
-fn resumed(e: Error, pod: &crate::pod::PodRef) -> Error {
-    Error::Refused(format!(
-        "{e}\nthe pod {pod} was resumed and runs on this node as before"
     ))
 }
 

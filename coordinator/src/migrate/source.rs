@@ -128,9 +128,7 @@ pub async fn migrate_to_node(
             if !matches!(&e, Error::Migration(super::Error::Aborted { .. })) {
                 channel.abort(&format!("the source gave up: {e}")).await;
             }
-            return Err(Error::Refused(format!(
-                "{e}\nthe pod {pod} was resumed and runs on this node as before"
-            )));
+            return Err(resumed(e, &pod));
         }
     };
     let paused_for = paused_at.elapsed();
@@ -303,6 +301,13 @@ pub(super) async fn send_checkpoint(
         bytes += listed.size;
     }
     Ok((manifest.files.len(), bytes))
+}
+
+/// `e`, and that the pod runs on this node as before (a migration given up before the switch).
+pub(super) fn resumed(e: Error, pod: &PodRef) -> Error {
+    Error::Refused(format!(
+        "{e}\nthe pod {pod} was resumed and runs on this node as before"
+    ))
 }
 
 /// (name, id) of the pod's running containers.
