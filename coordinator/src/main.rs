@@ -13,8 +13,9 @@ use cli::args::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Node(_)) {
-        // The installer's steps are worth seeing in a pod's log.
+    if matches!(cli.command, Command::Node(_) | Command::Receive(_)) {
+        // The installer's steps are worth seeing in a pod's log; `receive` serves for long,
+        // and what it refuses (a peer, a pod's shim on a page stream) is logged.
         cli::logging::init();
     }
     match cli::run(cli) {

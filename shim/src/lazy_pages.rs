@@ -64,9 +64,22 @@ pub struct LeaseFor {
 #[derive(Debug, Clone)]
 pub struct Remote {
     pub socket: PathBuf,
+    /// The pod whose container is restored (its sandbox id): named to `podsnap receive`
+    /// first, which carries the stream only for the pod it created.
+    pub sandbox: String,
+    /// What a lost stream finds (and does), under one lock with the restore's end.
+    pub state: Arc<Mutex<RemoteState>>,
+}
+
+/// A [`Remote`] restore's state as a lost stream sees it.
+#[derive(Debug, Default)]
+pub struct RemoteState {
     /// The container's cgroups once it runs: every process of it is killed when the stream
     /// is lost before the daemon has every page, before the daemon sees the loss.
-    pub cgroups: Arc<Mutex<Option<CgroupPaths>>>,
+    pub cgroups: Option<CgroupPaths>,
+    /// The stream was lost before the container ran: its restore must fail (its processes
+    /// are killed as soon as they are known), whatever the daemon did with the loss.
+    pub lost: Option<String>,
 }
 
 /// Where the daemon of a [`Remote`] restore finds its page server's socket.
@@ -332,14 +345,31 @@ fn connect_remote(
             remote.socket.display()
         )
     })?;
+    use std::io::Write as _;
+    // Which pod this is, before any byte of CRIU's: `podsnap receive` serves only its own.
+    let hello = podsnap_checkpoint::format::layout::page_stream_hello(&remote.sandbox);
+    (&outer).write_all(hello.as_bytes()).map_err(|e| {
+        format!(
+            "the page stream at {} ({e}): naming the pod to `podsnap receive`",
+            remote.socket.display()
+        )
+    })?;
     let (daemon, shim) = crate::page_stream::pair().map_err(|e| e.to_string())?;
-    let (name, cgroups, inner) = (container.to_owned(), remote.cgroups.clone(), shim.clone());
+    let (name, state, inner) = (container.to_owned(), remote.state.clone(), shim.clone());
     let on_lost = Box::new(move |why: String| {
         log::error!(
             "container {name}: the source of its memory was lost ({why}) before every page \
              arrived: its processes are killed rather than run with missing memory"
         );
-        let cg = cgroups.lock().map(|c| c.clone()).unwrap_or(None);
+        // Under the lock the restore's end takes: either the cgroups are known here, or the
+        // restore sees `lost` once it has them.
+        let cg = match state.lock() {
+            Ok(mut st) => {
+                st.lost = Some(why);
+                st.cgroups.clone()
+            }
+            Err(_) => None,
+        };
         match cg {
             Some(cg) => {
                 for _ in 0..100 {

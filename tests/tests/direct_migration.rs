@@ -17,6 +17,9 @@
 //! - B killed mid-transfer (held after the first file, then SIGKILL): A resumes the pod, which
 //!   runs on as it was; B created no pod, and its next `podsnap receive` removes what the
 //!   killed one left in the root;
+//! - another pod on B restoring the received checkpoint gets none of its memory: `receive`
+//!   carries the page streams for the pod it created only, and the other pod's container is
+//!   killed, not run;
 //! - `podsnap drain --parallel 2` moves the three pods of A to B, two at a time, live.
 
 mod pod_checkpoint_support;
@@ -357,29 +360,33 @@ fn moves(copy: bool) {
 /// Two containers of 256 MiB of memory each, on ports 8081 and 8082.
 const BALLAST: [(&str, u16); 2] = [("one", 8081), ("two", 8082)];
 
+/// Container `name` of [`BALLAST`], serving on `port`.
+fn ballast_spec(name: &str, port: u16) -> podsnap_tests::kubelet::ContainerSpec {
+    let port = port.to_string();
+    podsnap_tests::kubelet::ContainerSpec::workload(
+        name,
+        &[
+            "serve",
+            "--name",
+            name,
+            "--port",
+            &port,
+            "--ballast-mib",
+            "256",
+            "--ballast-content",
+            "mixed",
+        ],
+    )
+}
+
 /// A pod of [`BALLAST`] on `node`, every container answering; its ballast checksums.
 fn ballast_pod(node: &Node, name: &str) -> (podsnap_tests::kubelet::KubePod, Vec<String>, Vec<String>) {
-    use podsnap_tests::kubelet::{self, ContainerSpec};
+    use podsnap_tests::kubelet;
     let pod = kubelet::run_pod(node, &PodOptions::new(name, HANDLER)).expect("RunPodSandbox");
     let ids: Vec<String> = BALLAST
         .iter()
         .map(|(cname, port)| {
-            let port = port.to_string();
-            let spec = ContainerSpec::workload(
-                cname,
-                &[
-                    "serve",
-                    "--name",
-                    cname,
-                    "--port",
-                    &port,
-                    "--ballast-mib",
-                    "256",
-                    "--ballast-content",
-                    "mixed",
-                ],
-            );
-            kubelet::run_container(node, &pod, &spec).expect("a container")
+            kubelet::run_container(node, &pod, &ballast_spec(cname, *port)).expect("a container")
         })
         .collect();
     let sums = BALLAST
@@ -458,6 +465,135 @@ fn a_pod_moves_live_with_its_memory_following() {
     let _ = podsnap_tests::kubelet::remove_pod(&node_a, &pod);
 }
 
+/// `podsnap migrate --to-node ADDR` of pod `name` on `node` with `config`, output piped.
+fn spawn_migrate(node: &Node, config: &Path, name: &str, addr: &str, docker: &Path) -> Command {
+    let mut command = Command::new(podsnap_binary());
+    command
+        .args([
+            "migrate",
+            "--namespace",
+            "default",
+            "--pod",
+            name,
+            "--to-node",
+            addr,
+        ])
+        .env("PODSNAP_CONFIG", config)
+        .env("DOCKER_CONFIG", docker)
+        .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
+        .env("CONTAINERD_ADDRESS", node.address())
+        .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Another pod on the target restoring the received checkpoint (kubelet's path, a name in the
+/// root, while `receive` holds before its own restore: hold point `migration-restore`) gets
+/// no memory: its shim names its pod on the page stream, `receive` closes the stream of a pod
+/// it did not create, and that container is killed, not run. The migration's own pod then
+/// gets every page: its checksums are A's.
+#[test]
+fn another_pod_restoring_the_received_checkpoint_gets_none_of_its_memory() {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (config_a, config_b, _) = keys.for_a_and_b();
+    let name = node_a.unique("own");
+    let (pod, ids, sums) = ballast_pod(&node_a, &name);
+    let holds = tempfile::tempdir().expect("hold points");
+    let armed = holds.path().join("migration-restore");
+    std::fs::write(&armed, b"").expect("arm the hold point");
+    let mut receiver = Receiver::start(&node_b, &config_b, Some(holds.path()), true);
+    let docker = tempfile::tempdir().expect("docker config dir");
+    let migrate = spawn_migrate(&node_a, &config_a, &name, &receiver.addr, docker.path())
+        .spawn()
+        .expect("podsnap migrate");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !holds.path().join("migration-restore.reached").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "receive never held before its restore:\n{}\n{}",
+            receiver.stdout(),
+            receiver.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let received = std::fs::read_dir(node_b.files().checkpoints())
+        .expect("B's checkpoint root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("received-"))
+        .expect("the received checkpoint in B's root");
+
+    // The other pod: the same namespace (the restore policy lets it), the same container.
+    use podsnap_tests::kubelet;
+    let mut options = PodOptions::new(&node_b.unique("other"), HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), received.clone());
+    let other = kubelet::run_pod(&node_b, &options).expect("RunPodSandbox of the other pod");
+    let (cname, port) = BALLAST[0];
+    let started = kubelet::run_container(&node_b, &other, &ballast_spec(cname, port));
+    let refused = format!("refused the shim of pod sandbox {}", other.id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !receiver.stderr().contains(&refused) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        receiver.stderr().contains(&refused),
+        "receive did not refuse the other pod's shim (started: {started:?}):\n{}",
+        receiver.stderr()
+    );
+    match &started {
+        // Its restore fails: CRIU's, when its daemon ended first, or the shim's own check.
+        Err(e) => assert!(
+            format!("{e:#}").contains("restore of container"),
+            "the other pod's container failed, but not its restore: {e:#}"
+        ),
+        Ok(id) => {
+            // Started: then killed at once, never answering with the migrated memory.
+            node_b
+                .cri()
+                .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("the other pod's {cname} runs without its memory: {e:#}"));
+        }
+    }
+    assert!(
+        kubelet::ask(&other.ip, port, "ballast-sum").is_err(),
+        "the other pod answers with the migrated pod's memory"
+    );
+    kubelet::remove_pod(&node_b, &other).expect("remove the other pod");
+
+    // The migration goes on: its own pod gets every page.
+    std::fs::remove_file(&armed).expect("release the hold point");
+    let out = migrate.wait_with_output().expect("podsnap migrate");
+    assert!(
+        out.status.success(),
+        "migrate --to-node: {}\nreceiver:\n{}\n{}",
+        text(&out),
+        receiver.stdout(),
+        receiver.stderr()
+    );
+    assert!(
+        receiver.wait(Duration::from_secs(60)).success(),
+        "{}",
+        receiver.stderr()
+    );
+    let ip = receiver.field("ip ");
+    for ((cname, port), sum) in BALLAST.iter().zip(&sums) {
+        let after = kubelet::ask(&ip, *port, "ballast-sum").expect("ballast-sum on B");
+        assert_eq!(&after, sum, "the memory of {cname} on B is the source's");
+    }
+    for id in &ids {
+        node_a
+            .cri()
+            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{id} on A stopped after the move: {e:#}"));
+    }
+    let _ = kubelet::remove_pod(&node_a, &pod);
+}
+
 /// A live migration whose source vanishes after the switch, with memory still missing on the
 /// target: the source's pages are held back once the target committed (hold point
 /// `migration-pages`), then `podsnap migrate` is SIGKILLed. The target kills its containers
@@ -474,25 +610,8 @@ fn a_source_lost_after_the_switch_makes_the_target_kill_its_pod() {
     let holds = tempfile::tempdir().expect("hold points");
     std::fs::write(holds.path().join("migration-pages"), b"").expect("arm the hold point");
     let docker = tempfile::tempdir().expect("docker config dir");
-    let mut migrate = Command::new(podsnap_binary())
-        .args([
-            "migrate",
-            "--namespace",
-            "default",
-            "--pod",
-            &name,
-            "--to-node",
-            &receiver.addr,
-        ])
-        .env("PODSNAP_CONFIG", &config_a)
-        .env("DOCKER_CONFIG", docker.path())
-        .env("CONTAINER_RUNTIME_ENDPOINT", node_a.endpoint())
-        .env("CONTAINERD_ADDRESS", node_a.address())
-        .env("PODSNAP_CHECKPOINT_ROOT", node_a.files().checkpoints())
+    let mut migrate = spawn_migrate(&node_a, &config_a, &name, &receiver.addr, docker.path())
         .env(podsnap_tests::paths::FAILPOINT_HOLD_ENV, holds.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("podsnap migrate");
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -67,6 +67,30 @@ pub fn page_stream_socket(checkpoint: &str, name: &str) -> PathBuf {
     Path::new(MIGRATE_RUN_DIR).join(format!("pages-{}.sock", short_hash(&key)))
 }
 
+/// The first line a shim writes on a target's page stream ([`page_stream_socket`]), before
+/// CRIU's bytes: the sandbox id of the pod whose container it restores. `podsnap receive`
+/// carries the stream only for the pod it created itself; another pod restoring the same
+/// received checkpoint gets the stream closed (and its container killed by its shim).
+pub fn page_stream_hello(sandbox_id: &str) -> String {
+    format!("{PAGE_STREAM_HELLO} {sandbox_id}\n")
+}
+
+/// The word that starts a [`page_stream_hello`].
+const PAGE_STREAM_HELLO: &str = "podsnap-pages-for";
+/// The longest hello accepted, its newline included.
+pub const PAGE_STREAM_HELLO_MAX: usize = 128;
+
+/// The sandbox id a hello line (without its newline) names, if it is one.
+pub fn parse_page_stream_hello(line: &[u8]) -> Option<&str> {
+    let line = std::str::from_utf8(line).ok()?;
+    let id = line.strip_prefix(PAGE_STREAM_HELLO)?.strip_prefix(' ')?;
+    let valid = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    valid.then_some(id)
+}
+
 /// 32 hex digits of BLAKE3 of `s`.
 fn short_hash(s: &str) -> String {
     blake3::hash(s.as_bytes()).to_hex()[..32].to_owned()
@@ -156,6 +180,25 @@ pub struct PartReady {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_page_stream_hello_names_a_sandbox_id_and_nothing_else() {
+        let hello = page_stream_hello("0123abcd");
+        assert!(hello.len() <= PAGE_STREAM_HELLO_MAX);
+        let line = hello.strip_suffix('\n').expect("ends with a newline");
+        assert_eq!(parse_page_stream_hello(line.as_bytes()), Some("0123abcd"));
+        for bad in [
+            "podsnap-pages-for ",
+            "podsnap-pages-for a b",
+            "podsnap-pages-for ../x",
+            "podsnap-pages-forabc",
+            "hello abc",
+            "podsnap-pages-for \u{e9}",
+        ] {
+            assert_eq!(parse_page_stream_hello(bad.as_bytes()), None, "{bad:?}");
+        }
+        assert_eq!(parse_page_stream_hello(&[0xff, 0xfe]), None);
+    }
+
     use super::*;
 
     #[test]

@@ -65,6 +65,7 @@ pub(crate) fn run(ctx: Context, args: RestoreArgs) -> anyhow::Result<()> {
         config,
         keep_ip: args.keep_ip,
         lazy: args.lazy,
+        sandbox_created: None,
     };
     if pulled_name.is_none() {
         if let Some(group) = podsnap_coordinator::group::load_group(&request.checkpoint_dir)? {

@@ -404,7 +404,13 @@ pub struct PageSockets {
 }
 
 impl PageSockets {
-    pub fn listen(name: &str, manifest: &Manifest) -> Result<(PageSockets, Vec<Local>)> {
+    /// `pod`: the sandbox id of the pod the migration creates, once it is known; only its
+    /// shims get the streams.
+    pub fn listen(
+        name: &str,
+        manifest: &Manifest,
+        pod: &tokio::sync::watch::Receiver<Option<String>>,
+    ) -> Result<(PageSockets, Vec<Local>)> {
         let base = Path::new(MIGRATE_RUN_DIR);
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -420,7 +426,10 @@ impl PageSockets {
             sockets.paths.push(path.clone());
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .map_err(Error::io("make a page stream private", &path))?;
-            locals.push(Local::Listening(listener));
+            locals.push(Local::Listening {
+                listener,
+                pod: pod.clone(),
+            });
         }
         Ok((sockets, locals))
     }

@@ -31,8 +31,64 @@ use super::frame::{Frame, Message, MAX_DATA_BYTES};
 pub enum Local {
     /// Connected already (the source: the shim connected before the dump).
     Connected(UnixStream),
-    /// Accepted once, when the shim connects (the target: at the container's restore).
-    Listening(UnixListener),
+    /// Accepted when the shim connects (the target: at the container's restore), and kept
+    /// only from the shim of the pod this migration created: its sandbox id, once known,
+    /// in `pod`. Another pod restoring the same received checkpoint is turned away.
+    Listening {
+        listener: UnixListener,
+        pod: watch::Receiver<Option<String>>,
+    },
+}
+
+/// How long a connecting shim has to name its pod.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Accepts connections on `listener` until one comes from the shim of the pod `pod` names
+/// (the first line it writes, [`podsnap_checkpoint::format::layout::page_stream_hello`]);
+/// others are closed, and logged.
+async fn accept_own(
+    i: u32,
+    listener: &UnixListener,
+    pod: &watch::Receiver<Option<String>>,
+) -> std::io::Result<UnixStream> {
+    use podsnap_checkpoint::format::layout::{parse_page_stream_hello, PAGE_STREAM_HELLO_MAX};
+    loop {
+        let (mut socket, _) = listener.accept().await?;
+        let mut line = Vec::new();
+        let read = tokio::time::timeout(HELLO_TIMEOUT, async {
+            let mut byte = [0u8; 1];
+            while line.len() < PAGE_STREAM_HELLO_MAX {
+                if socket.read(&mut byte).await? == 0 {
+                    break;
+                }
+                if byte[0] == b'\n' {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+                line.push(byte[0]);
+            }
+            Ok(false)
+        })
+        .await;
+        let named = match read {
+            Ok(Ok(true)) => parse_page_stream_hello(&line).map(str::to_owned),
+            _ => None,
+        };
+        let Some(named) = named else {
+            log::warn!("page stream {i}: closed a connection that did not name its pod");
+            continue;
+        };
+        // The sandbox's id is known before any of its containers is created: a shim that
+        // connects before is another pod's.
+        let expected = pod.borrow().clone();
+        match expected {
+            Some(own) if own == named => return Ok(socket),
+            own => log::warn!(
+                "page stream {i}: refused the shim of pod sandbox {named}: this stream belongs to \
+                 the pod this migration restores ({})",
+                own.as_deref().unwrap_or("not created yet")
+            ),
+        }
+    }
 }
 
 /// The state of one stream.
@@ -257,8 +313,8 @@ async fn stream(
 ) {
     let socket = match local {
         Local::Connected(s) => s,
-        Local::Listening(listener) => match listener.accept().await {
-            Ok((s, _)) => s,
+        Local::Listening { listener, pod } => match accept_own(i, &listener, &pod).await {
+            Ok(s) => s,
             Err(e) => {
                 log::warn!("page stream {i}: accept: {e}");
                 return;

@@ -287,7 +287,9 @@ async fn receive_live(
         remove_received("refused");
         return Err(e);
     }
-    let (sockets, locals) = match super::live::PageSockets::listen(name, manifest) {
+    // The streams go to the shims of the pod created below, and to no other.
+    let (created, pod_created) = tokio::sync::watch::channel(None);
+    let (sockets, locals) = match super::live::PageSockets::listen(name, manifest, &pod_created) {
         Ok(s) => s,
         Err(e) => {
             channel.abort(&e.to_string()).await;
@@ -302,8 +304,10 @@ async fn receive_live(
         manifest.pod.name.as_deref().unwrap_or("-"),
         dir.display()
     ));
+    podsnap_checkpoint::failpoint::hold("migration-restore").await;
     let mut restore = request.restore.clone();
     restore.checkpoint_dir = dir.to_path_buf();
+    restore.sandbox_created = Some(std::sync::Arc::new(created));
     let (pod, rollback) = match restore_undoable(&restore, progress).await {
         Ok(restored) => restored,
         Err(e) => {

@@ -74,6 +74,9 @@ pub(super) async fn create(
         .pod_sandbox_id;
     undo.sandbox = Some(id.clone());
     log::info!("pod {}/{}: sandbox {id} created", pod.namespace, pod.name);
+    if let Some(created) = &request.sandbox_created {
+        created.send_replace(Some(id.clone()));
+    }
 
     let mut started = Vec::new();
     let mut completed = Vec::new();

@@ -86,6 +86,9 @@ pub struct RestoreRequest {
     /// Restore lazily (`podsnap.io/restore-lazy`): each container runs once its processes are
     /// back; its memory follows on demand from the checkpoint (see the README for the cost).
     pub lazy: bool,
+    /// Told the new pod's sandbox id as soon as RunPodSandbox returns it (before any of its
+    /// containers is created): a live migration's page streams go to that pod's shims only.
+    pub sandbox_created: Option<std::sync::Arc<tokio::sync::watch::Sender<Option<String>>>>,
 }
 
 impl RestoreRequest {
@@ -103,6 +106,7 @@ impl RestoreRequest {
             config: NodeConfig::default(),
             keep_ip: false,
             lazy: false,
+            sandbox_created: None,
         }
     }
 }

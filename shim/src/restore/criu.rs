@@ -50,7 +50,8 @@ pub async fn restore(c: &Container, src: RestoreSource, exits: &ExitRouter) -> R
         .and_then(|l| l.remote.clone())
         .map(|socket| Remote {
             socket,
-            cgroups: Default::default(),
+            sandbox: c.identity.sandbox_id.clone().unwrap_or_default(),
+            state: Default::default(),
         });
     let daemon = match &src.lazy {
         Some(lazy) => {
@@ -89,11 +90,33 @@ pub async fn restore(c: &Container, src: RestoreSource, exits: &ExitRouter) -> R
         Ok::<i32, Error>(finish(c, restored, exits))
     }
     .await;
+    let restored = match (restored, &remote) {
+        (Ok(pid), Some(remote)) => {
+            // From here on a lost page stream kills the container's processes; one lost
+            // before (the daemon may have let the kernel fill the missing pages with zeros)
+            // fails the restore now.
+            let lost = {
+                let mut st = lock(&remote.state);
+                st.cgroups = c.cgroups();
+                st.lost.clone()
+            };
+            match lost {
+                None => Ok(pid),
+                Some(why) => {
+                    if let Err(e) = c.runc.kill(&c.id, libc::SIGKILL as u32, true).await {
+                        log::warn!("container {}: kill after its page stream was lost: {e}", c.id);
+                    }
+                    Err(Error::FailedPrecondition(format!(
+                        "container {}: the source of its memory was lost before it ran ({why}): \
+                         killed rather than run with missing memory",
+                        c.id
+                    )))
+                }
+            }
+        }
+        (restored, _) => restored,
+    };
     span.record("outcome", if restored.is_ok() { "running" } else { "failed" });
-    if let (Ok(_), Some(remote)) = (&restored, &remote) {
-        // From here on a lost page stream kills the container's processes.
-        *lock(&remote.cgroups) = c.cgroups();
-    }
     match (restored, daemon) {
         (Ok(pid), Some(daemon)) => {
             let (stop, stopped) = tokio::sync::watch::channel(false);
