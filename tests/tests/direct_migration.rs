@@ -17,6 +17,10 @@
 //! - B killed mid-transfer (held after the first file, then SIGKILL): A resumes the pod, which
 //!   runs on as it was; B created no pod, and its next `podsnap receive` removes what the
 //!   killed one left in the root;
+//! - kubelet's path: `migrate --listen` on A prints the pod's `podsnap://` reference; a pod
+//!   annotated with a wrong ticket is refused at RunPodSandbox, one annotated with the
+//!   reference claims the pod (its containers created and started through CRI, restored
+//!   lazily), checksums match;
 //! - another pod on B restoring the received checkpoint gets none of its memory: `receive`
 //!   carries the page streams for the pod it created only, and the other pod's container is
 //!   killed, not run;
@@ -591,6 +595,130 @@ fn another_pod_restoring_the_received_checkpoint_gets_none_of_its_memory() {
             .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{id} on A stopped after the move: {e:#}"));
     }
+    let _ = kubelet::remove_pod(&node_a, &pod);
+}
+
+/// Kubelet's path: `podsnap migrate --listen` on A prints the pod's `podsnap://` reference, and
+/// waits; a pod annotated `podsnap.io/restore-from` with it is created on B the way kubelet
+/// creates one (RunPodSandbox, then CreateContainer and StartContainer for each container). Its
+/// shim claims the pod with B's `[migration]` key, each container is restored lazily, and the
+/// memory follows: the checksums are A's, A's containers stop once B has every page. First a
+/// pod naming a wrong ticket is refused at RunPodSandbox, and A's pod is untouched.
+#[test]
+fn a_pod_annotated_with_the_podsnap_reference_claims_the_pod_live() {
+    use podsnap_tests::kubelet;
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (config_a, config_b, _) = keys.for_a_and_b();
+    // B's shim runs with the node's configuration: B's [migration] key and peers.
+    node_b
+        .set_podsnap_config(&std::fs::read_to_string(&config_b).expect("B's configuration"))
+        .expect("the node's configuration");
+    let name = node_a.unique("claimed");
+    let (pod, ids, sums) = ballast_pod(&node_a, &name);
+    let docker = tempfile::tempdir().expect("docker config dir");
+    let mut command = Command::new(podsnap_binary());
+    command
+        .args([
+            "migrate",
+            "--namespace",
+            "default",
+            "--pod",
+            &name,
+            "--listen",
+            "127.0.0.1:0",
+            "--wait",
+            "120",
+        ])
+        .env("PODSNAP_CONFIG", &config_a)
+        .env("DOCKER_CONFIG", docker.path())
+        .env("CONTAINER_RUNTIME_ENDPOINT", node_a.endpoint())
+        .env("CONTAINERD_ADDRESS", node_a.address())
+        .env("PODSNAP_CHECKPOINT_ROOT", node_a.files().checkpoints())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut migrate = command.spawn().expect("podsnap migrate --listen");
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (out, shared) = (migrate.stdout.take().expect("stdout"), stdout.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(reference) = line.strip_prefix("ticket") {
+                    let _ = tx.send(reference.trim().to_owned());
+                }
+                let mut text = shared.lock().expect("lock");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+    }
+    let reference = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("migrate --listen prints the pod's reference");
+    assert!(reference.starts_with("podsnap://127.0.0.1:"), "{reference}");
+
+    // A ticket that is not the pod's: refused at RunPodSandbox, no pod on B, A's pod runs on.
+    let (addr, ticket) = reference.rsplit_once('/').expect("podsnap://HOST:PORT/TICKET");
+    let wrong: String = ticket.chars().rev().collect();
+    assert_ne!(wrong, ticket);
+    let mut options = PodOptions::new(&node_b.unique("wrong"), HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), format!("{addr}/{wrong}"));
+    let err = format!(
+        "{:#}",
+        kubelet::run_pod(&node_b, &options).expect_err("a wrong ticket is refused")
+    );
+    assert!(err.contains("no pod waits here with this ticket"), "{err}");
+    assert!(sandbox_ids(&node_b).is_empty(), "no pod on B");
+    for (cname, port) in BALLAST {
+        kubelet::wait_answering(&pod.ip, port, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{cname} on A stopped after a wrong claim: {e:#}"));
+    }
+
+    // The pod's reference: claimed, restored container by container, its memory following.
+    let mut options = PodOptions::new(&name, HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), reference.clone());
+    let claimed = kubelet::run_pod(&node_b, &options).expect("RunPodSandbox claims the pod");
+    for (cname, port) in BALLAST {
+        kubelet::run_container(&node_b, &claimed, &ballast_spec(cname, port))
+            .unwrap_or_else(|e| panic!("{cname} restored on B: {e:#}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = migrate.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = migrate.kill();
+            break migrate.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut err) = migrate.stderr.take() {
+        use std::io::Read;
+        let _ = err.read_to_string(&mut stderr);
+    }
+    let said = stdout.lock().expect("lock").clone();
+    assert!(status.success(), "migrate --listen: {status}\n{said}\n{stderr}");
+    eprintln!("podsnap migrate --listen:\n{said}");
+    assert!(said.contains("MiB served from here after the dump"), "{said}");
+    for ((cname, port), sum) in BALLAST.iter().zip(&sums) {
+        let after = kubelet::ask(&claimed.ip, *port, "ballast-sum").expect("ballast-sum on B");
+        assert_eq!(&after, sum, "the memory of {cname} on B is the source's");
+    }
+    for id in &ids {
+        node_a
+            .cri()
+            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{id} on A stopped after the move: {e:#}"));
+    }
+    let _ = kubelet::remove_pod(&node_b, &claimed);
     let _ = kubelet::remove_pod(&node_a, &pod);
 }
 

@@ -91,6 +91,46 @@ pub fn parse_page_stream_hello(line: &[u8]) -> Option<&str> {
     valid.then_some(id)
 }
 
+/// A restore annotation naming a live migration's source on kubelet's path:
+/// `podsnap://HOST:PORT/TICKET`, printed by `podsnap migrate --listen` on the source.
+pub const LIVE_PREFIX: &str = "podsnap://";
+
+/// A ticket's length: 128 bits in lowercase hex.
+pub const TICKET_LEN: usize = 32;
+
+/// `(HOST:PORT, TICKET)` of a `podsnap://HOST:PORT/TICKET` reference (without the prefix), or
+/// why it is not one. The address is a host (a name, an IPv4 address or a bracketed IPv6 one)
+/// and a port; the ticket 32 lowercase hex digits. Nothing else (no path, query, user).
+pub fn parse_live_reference(rest: &str) -> Result<(String, String), String> {
+    let why = |what: &str| format!("{LIVE_PREFIX}{rest:?}: {what} (expected {LIVE_PREFIX}HOST:PORT/TICKET)");
+    let (addr, ticket) = rest.split_once('/').ok_or_else(|| why("no ticket"))?;
+    let valid_ticket = ticket.len() == TICKET_LEN
+        && ticket
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    if !valid_ticket {
+        return Err(why("the ticket is not 32 lowercase hex digits"));
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| why("no port"))?;
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(why("the port is not a number from 1 to 65535"));
+    }
+    let valid_host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+        }
+    };
+    if !valid_host {
+        return Err(why("the host is not a name or an address"));
+    }
+    Ok((addr.to_owned(), ticket.to_owned()))
+}
+
 /// 32 hex digits of BLAKE3 of `s`.
 fn short_hash(s: &str) -> String {
     blake3::hash(s.as_bytes()).to_hex()[..32].to_owned()
@@ -180,6 +220,39 @@ pub struct PartReady {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_live_reference_is_a_host_a_port_and_a_ticket_and_nothing_else() {
+        let ticket = "0123456789abcdef0123456789abcdef";
+        for (rest, addr) in [
+            (format!("10.0.0.7:7443/{ticket}"), "10.0.0.7:7443"),
+            (format!("node-a.example:7443/{ticket}"), "node-a.example:7443"),
+            (format!("[fd00::1]:7443/{ticket}"), "[fd00::1]:7443"),
+        ] {
+            assert_eq!(
+                parse_live_reference(&rest),
+                Ok((addr.to_owned(), ticket.to_owned())),
+                "{rest}"
+            );
+        }
+        for bad in [
+            "10.0.0.7:7443".to_owned(),
+            format!("10.0.0.7/{ticket}"),
+            format!("10.0.0.7:0/{ticket}"),
+            format!("10.0.0.7:99999/{ticket}"),
+            format!(":7443/{ticket}"),
+            format!("a b:7443/{ticket}"),
+            format!("user@host:7443/{ticket}"),
+            format!("[zz]:7443/{ticket}"),
+            "host:7443/0123456789ABCDEF0123456789ABCDEF".to_owned(),
+            "host:7443/short".to_owned(),
+            format!("host:7443/{ticket}/../x"),
+            format!("host:7443/{ticket}?x"),
+        ] {
+            let e = parse_live_reference(&bad).expect_err(&bad);
+            assert!(e.starts_with(LIVE_PREFIX), "{e}");
+        }
+    }
+
     #[test]
     fn a_page_stream_hello_names_a_sandbox_id_and_nothing_else() {
         let hello = page_stream_hello("0123abcd");

@@ -243,13 +243,26 @@ pub(crate) struct MigrateArgs {
     #[arg(
         long,
         value_name = "REF",
-        required_unless_present = "to_node",
-        conflicts_with = "to_node"
+        required_unless_present_any = ["to_node", "listen"],
+        conflicts_with_all = ["to_node", "listen"]
     )]
     pub(crate) to: Option<String>,
     /// Move the pod straight to the node listening there (`podsnap receive --listen`), live.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "listen")]
     pub(crate) to_node: Option<String>,
+    /// Kubelet's path: listen here, print the pod's `podsnap://HOST:PORT/TICKET` and wait for
+    /// the node where a pod annotated `podsnap.io/restore-from` with it is created; then move
+    /// the pod there live.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) listen: Option<String>,
+    /// With `--listen`: the HOST:PORT the printed reference names (the address the target
+    /// reaches this node at), when it is not the address listened on.
+    #[arg(long, value_name = "HOST:PORT", requires = "listen")]
+    pub(crate) advertise: Option<String>,
+    /// With `--listen`: how long to wait for the target to claim the pod (the pod runs on
+    /// untouched meanwhile).
+    #[arg(long, value_name = "SECONDS", requires = "listen")]
+    pub(crate) wait: Option<u64>,
     /// With `--to-node`: not live. The pod is paused, dumped with its memory, sent and
     /// restored before the target runs it (its downtime grows with its memory); for nodes
     /// without userfaultfd.
@@ -288,11 +301,31 @@ pub(crate) struct DrainArgs {
 #[derive(Debug, Args)]
 pub(crate) struct ReceiveArgs {
     /// The address to listen on (`HOST:PORT`, e.g. `0.0.0.0:7443`).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub(crate) listen: String,
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        required_unless_present = "from",
+        conflicts_with = "from"
+    )]
+    pub(crate) listen: Option<String>,
     /// Exit after the first migration (its result is the exit status).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from")]
     pub(crate) once: bool,
+    /// Kubelet's path (the shim runs it for a pod annotated `podsnap.io/restore-from:
+    /// podsnap://...`): claim the pod from its source with this reference, put its checkpoint
+    /// in the root as `--into`, print `received NAME` once it is there, then carry its memory
+    /// until the source let go.
+    #[arg(long, value_name = "podsnap://HOST:PORT/TICKET", requires_all = ["into", "sandbox", "for_namespace"])]
+    pub(crate) from: Option<String>,
+    /// With `--from`: the checkpoint's name in the root.
+    #[arg(long, value_name = "NAME", requires = "from")]
+    pub(crate) into: Option<String>,
+    /// With `--from`: the sandbox id of the pod the memory goes to.
+    #[arg(long, value_name = "ID", requires = "from")]
+    pub(crate) sandbox: Option<String>,
+    /// With `--from`: the pod's namespace (the restore policy is checked for it).
+    #[arg(long, value_name = "NAMESPACE", requires = "from")]
+    pub(crate) for_namespace: Option<String>,
     /// kubelet's pod directories (emptyDir volumes are made under them).
     #[arg(long, default_value = DEFAULT_PODS_DIR)]
     pub(crate) pods_dir: PathBuf,
@@ -407,11 +440,57 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["podsnap", "receive", "--listen", "0.0.0.0:7443", "--once"])
             .expect("parses");
-        assert!(matches!(cli.command, Command::Receive(a) if a.once && a.listen == "0.0.0.0:7443"));
+        assert!(
+            matches!(cli.command, Command::Receive(a) if a.once && a.listen.as_deref() == Some("0.0.0.0:7443"))
+        );
         assert!(
             Cli::try_parse_from(["podsnap", "receive"]).is_err(),
-            "--listen is required"
+            "--listen or --from is required"
         );
+        // Kubelet's path: the shim's `receive --from` takes its pod's name, sandbox and
+        // namespace, and not --listen; `migrate --listen` takes no other target.
+        let from = [
+            "podsnap",
+            "receive",
+            "--from",
+            "podsnap://a:1/0123456789abcdef0123456789abcdef",
+            "--into",
+            "live-x",
+            "--sandbox",
+            "x",
+            "--for-namespace",
+            "default",
+        ];
+        let cli = Cli::try_parse_from(from).expect("parses");
+        assert!(
+            matches!(cli.command, Command::Receive(a) if a.listen.is_none() && a.into.as_deref() == Some("live-x"))
+        );
+        assert!(
+            Cli::try_parse_from(&from[..4]).is_err(),
+            "--into, --sandbox, --for-namespace"
+        );
+        let mut both = from.to_vec();
+        both.extend(["--listen", "0.0.0.0:1"]);
+        assert!(Cli::try_parse_from(both).is_err(), "not --from and --listen");
+        let cli = Cli::try_parse_from([
+            "podsnap",
+            "migrate",
+            "--pod",
+            "p",
+            "--listen",
+            "0.0.0.0:7443",
+            "--wait",
+            "5",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Command::Migrate(a) if a.wait == Some(5) && a.to.is_none()));
+        for other in [["--to-node", "b:1"], ["--to", "r/c:1"]] {
+            let mut args = vec!["podsnap", "migrate", "--pod", "p", "--listen", "0.0.0.0:7443"];
+            args.extend(other);
+            assert!(Cli::try_parse_from(args).is_err(), "--listen and {other:?}");
+        }
+        // (`--wait` without `--listen` is refused by `migrate` itself: clap does not check
+        // `requires` against an argument that conflicts with one given.)
         let cli =
             Cli::try_parse_from(["podsnap", "migrate", "--pod", "p", "--to", "reg/ckpt:1"]).expect("parses");
         assert!(matches!(cli.command, Command::Migrate(a) if a.zstd_level == oci::DEFAULT_ZSTD_LEVEL));

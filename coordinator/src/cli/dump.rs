@@ -67,10 +67,32 @@ pub(crate) fn migrate(ctx: &Context, args: MigrateArgs) -> anyhow::Result<()> {
     let mut request = ctx.dump_request(args.namespace, args.pod, args.tcp_established, args.timeout);
     request.stop = true;
     request.carry_volumes = args.volumes;
+    // (clap does not check `requires` against an argument that conflicts with one given.)
+    if args.listen.is_none() && (args.wait.is_some() || args.advertise.is_some()) {
+        anyhow::bail!("--wait and --advertise go with --listen");
+    }
+    if let Some(listen) = &args.listen {
+        let wait = args
+            .wait
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(podsnap_coordinator::migrate::live::CLAIM_WAIT);
+        let target = super::receive::Target::Claimed {
+            listen,
+            advertise: args.advertise.as_deref(),
+            wait,
+        };
+        return super::receive::migrate_to_node(ctx, &request, target);
+    }
     let to = match (args.to, args.to_node) {
-        (_, Some(node)) => return super::receive::migrate_to_node(ctx, &request, &node, args.copy),
+        (_, Some(node)) => {
+            let target = super::receive::Target::Node {
+                to: &node,
+                copy: args.copy,
+            };
+            return super::receive::migrate_to_node(ctx, &request, target);
+        }
         (Some(to), None) => to,
-        (None, None) => anyhow::bail!("migrate takes --to REF or --to-node HOST:PORT"),
+        (None, None) => anyhow::bail!("migrate takes --to REF, --to-node HOST:PORT or --listen HOST:PORT"),
     };
     let started = std::time::Instant::now();
     let (dumped, pushed) = dump_and_push(

@@ -23,6 +23,9 @@ fn endpoint(ctx: &Context) -> anyhow::Result<Endpoint> {
 
 /// `podsnap receive`.
 pub(crate) fn run(ctx: &Context, args: ReceiveArgs) -> anyhow::Result<()> {
+    if let Some(from) = &args.from {
+        return claim(ctx, from, &args);
+    }
     let endpoint = endpoint(ctx)?;
     let mut restore = RestoreRequest::new(ctx.checkpoint_root.clone());
     restore.runtime_endpoint = ctx.runtime_endpoint.clone();
@@ -32,7 +35,7 @@ pub(crate) fn run(ctx: &Context, args: ReceiveArgs) -> anyhow::Result<()> {
     restore.handler = pod::HANDLER.to_owned();
     restore.config = ctx.config.clone();
     let request = target::ReceiveRequest {
-        listen: args.listen,
+        listen: args.listen.unwrap_or_default(),
         restore,
         once: args.once,
     };
@@ -76,28 +79,99 @@ pub(crate) fn run(ctx: &Context, args: ReceiveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `podsnap migrate --to-node HOST:PORT`.
-pub(crate) fn migrate_to_node(
-    ctx: &Context,
-    request: &DumpRequest,
-    to: &str,
-    copy: bool,
-) -> anyhow::Result<()> {
+/// Where `podsnap migrate` moves a pod to another node.
+pub(crate) enum Target<'a> {
+    /// `--to-node HOST:PORT` (`--copy`: not live).
+    Node { to: &'a str, copy: bool },
+    /// `--listen HOST:PORT`: the node that claims the pod with its ticket (kubelet's path).
+    Claimed {
+        listen: &'a str,
+        advertise: Option<&'a str>,
+        wait: std::time::Duration,
+    },
+}
+
+/// `podsnap receive --from podsnap://HOST:PORT/TICKET` (the shim runs it): one line on stdout,
+/// `received NAME` once the checkpoint is in place or `failed REASON` before; the rest on
+/// stderr (the shim's log).
+fn claim(ctx: &Context, from: &str, args: &ReceiveArgs) -> anyhow::Result<()> {
+    use podsnap_coordinator::migrate::claim::{receive_claimed, ClaimRequest, RUNNING_DEADLINE};
+    let said = std::sync::atomic::AtomicBool::new(false);
+    let say = |line: &str| {
+        if !said.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+        }
+    };
+    let outcome = (|| {
+        let endpoint = endpoint(ctx)?;
+        let mut restore = RestoreRequest::new(ctx.checkpoint_root.clone());
+        restore.runtime_endpoint = ctx.runtime_endpoint.clone();
+        restore.checkpoint_root = ctx.checkpoint_root.clone();
+        restore.config = ctx.config.clone();
+        let request = ClaimRequest {
+            reference: from.to_owned(),
+            name: args.into.clone().unwrap_or_default(),
+            sandbox: args.sandbox.clone().unwrap_or_default(),
+            namespace: args.for_namespace.clone().unwrap_or_default(),
+            restore,
+            deadline: RUNNING_DEADLINE,
+        };
+        let progress = progress::Lines;
+        let ready = |name: &str| say(&format!("received {name}"));
+        ctx.runtime
+            .block_on(receive_claimed(&request, &endpoint, &progress, &ready))
+            .with_context(|| format!("receive the pod claimed with {from}"))
+    })();
+    if let Err(e) = &outcome {
+        say(&format!("failed {}", format!("{e:#}").replace('\n', " ")));
+    }
+    outcome
+}
+
+/// `podsnap migrate --to-node HOST:PORT` or `--listen HOST:PORT`.
+pub(crate) fn migrate_to_node(ctx: &Context, request: &DumpRequest, target: Target) -> anyhow::Result<()> {
     let endpoint = endpoint(ctx)?;
     let progress = progress::for_stderr();
+    let ticketed = |reference: &str| {
+        println!("ticket       {reference}");
+        let _ = std::io::stdout().flush();
+    };
     let moved = ctx.runtime.block_on(async {
-        match copy {
-            true => source::migrate_to_node(request, to, &endpoint, progress.as_ref())
-                .await
-                .map(|moved| (moved, None)),
-            false => live::migrate_live(request, to, &endpoint, progress.as_ref())
+        match target {
+            Target::Node { to, copy: true } => {
+                source::migrate_to_node(request, to, &endpoint, progress.as_ref())
+                    .await
+                    .map(|moved| (moved, None))
+            }
+            Target::Node { to, copy: false } => live::migrate_live(request, to, &endpoint, progress.as_ref())
                 .await
                 .map(|(moved, memory)| (moved, Some(memory))),
+            Target::Claimed {
+                listen,
+                advertise,
+                wait,
+            } => live::migrate_live_claimed(
+                request,
+                listen,
+                advertise,
+                wait,
+                &endpoint,
+                progress.as_ref(),
+                &ticketed,
+            )
+            .await
+            .map(|(moved, memory)| (moved, Some(memory))),
         }
     });
     progress.finish();
-    let (moved, memory) =
-        moved.with_context(|| format!("migrate pod {}/{} to {to}", request.namespace, request.pod))?;
+    let (moved, memory) = moved.with_context(|| {
+        let to = match target {
+            Target::Node { to, .. } => to.to_owned(),
+            Target::Claimed { listen, .. } => format!("the node that claims it at {listen}"),
+        };
+        format!("migrate pod {}/{} to {to}", request.namespace, request.pod)
+    })?;
     println!("moved        {} to {}", moved.pod, moved.target);
     println!(
         "target pod   {} (sandbox {}, ip {})",

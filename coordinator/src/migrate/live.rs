@@ -37,7 +37,9 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use podsnap_checkpoint::format::layout::{page_stream_socket, serve_socket, MIGRATE_RUN_DIR, SERVE_CONTROL};
+use podsnap_checkpoint::format::layout::{
+    page_stream_socket, serve_socket, LIVE_PREFIX, MIGRATE_RUN_DIR, SERVE_CONTROL,
+};
 use podsnap_checkpoint::format::manifest::Manifest;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -200,14 +202,115 @@ pub async fn migrate_live(
     endpoint: &Endpoint,
     progress: &dyn Progress,
 ) -> Result<(Moved, PagesMoved)> {
+    let (clients, pod) = find_movable(request, progress).await?;
+    progress.step(&format!("connecting to {to}"));
+    let channel = endpoint.connect(to, Purpose::Control { ticket: None }).await?;
+    live_over(request, channel, &clients, pod, progress).await
+}
+
+/// The pod to move, on a node that can serve its memory.
+async fn find_movable(
+    request: &DumpRequest,
+    progress: &dyn Progress,
+) -> Result<(crate::cri::CriClients, crate::pod::PodRef)> {
     progress.step(&format!("finding pod {}/{}", request.namespace, request.pod));
     let clients = crate::cri::connect(&request.runtime_endpoint).await?;
     let pod = find_ready_pod(&clients, &request.namespace, &request.pod, &request.handler).await?;
     check_pipe_max()?;
-    progress.step(&format!("connecting to {to}"));
-    let mut channel = endpoint.connect(to, Purpose::Control { ticket: None }).await?;
+    Ok((clients, pod))
+}
+
+/// How long `podsnap migrate --listen` waits for a node to claim the pod, by default.
+pub const CLAIM_WAIT: Duration = Duration::from_secs(300);
+
+/// Moves pod `request.namespace/request.pod` live to the node that claims it (kubelet's
+/// path): listens on `listen`, tells `ticketed` the pod's `podsnap://HOST:PORT/TICKET`
+/// (`advertise` as HOST:PORT when given, else the address bound), and waits at most `wait`
+/// for a node of `[migration] peers` to connect with that ticket: the shim of a pod annotated
+/// `podsnap.io/restore-from` with it, through `podsnap receive --from`. A wrong ticket is
+/// refused (and the wait goes on); the pod is untouched until the claim. Then as
+/// [`migrate_live`], the roles of the connection aside.
+pub async fn migrate_live_claimed(
+    request: &DumpRequest,
+    listen: &str,
+    advertise: Option<&str>,
+    wait: Duration,
+    endpoint: &Endpoint,
+    progress: &dyn Progress,
+    ticketed: &(dyn Fn(&str) + Sync),
+) -> Result<(Moved, PagesMoved)> {
+    let (clients, pod) = find_movable(request, progress).await?;
+    let listener = endpoint.bind(listen).await?;
+    let ticket = podsnap_runtime::launcher::new_mark()
+        .map_err(Error::io("make a ticket", Path::new("/dev/urandom")))?;
+    let addr = match advertise {
+        Some(a) => a.to_owned(),
+        None => listener.local_addr()?.to_string(),
+    };
+    ticketed(&format!("{LIVE_PREFIX}{addr}/{ticket}"));
+    progress.step(&format!(
+        "waiting (at most {wait:?}) for a node to claim {pod} with its ticket"
+    ));
+    let channel = tokio::select! {
+        c = claimed(&listener, &ticket) => c?,
+        _ = tokio::time::sleep(wait) => {
+            return Err(Error::Refused(format!(
+                "no node claimed the pod with its ticket within {wait:?}: the pod {pod} runs on \
+                 here, untouched"
+            )))
+        }
+        why = interrupted() => {
+            return Err(Error::Refused(format!("{why} before a node claimed the pod: it runs on here, untouched")))
+        }
+    };
+    drop(listener);
+    live_over(request, channel, &clients, pod, progress).await
+}
+
+/// The first connection of a listed node that names `ticket`; a wrong one is refused.
+async fn claimed(listener: &super::channel::Listener, ticket: &str) -> Result<super::channel::Channel> {
+    loop {
+        let incoming = match listener.accept().await {
+            Ok(i) => i,
+            Err(e @ super::Error::Config { .. }) => return Err(e.into()),
+            Err(e) => {
+                // Refused in the handshake (an unlisted key) or broken: nothing was sent.
+                log::warn!("migration: {e}");
+                continue;
+            }
+        };
+        let named = match &incoming.hello.purpose {
+            Purpose::Control { ticket } => ticket.clone().unwrap_or_default(),
+        };
+        if same_ticket(&named, ticket) {
+            log::info!("migration: {} claimed the pod", incoming.peer());
+            return Ok(incoming.accept().await?);
+        }
+        log::warn!(
+            "migration: {} named a ticket that is not this pod's",
+            incoming.peer()
+        );
+        incoming
+            .refuse("no pod waits here with this ticket (it is printed by `podsnap migrate --listen`)")
+            .await;
+    }
+}
+
+/// Whether two tickets are the same, in a time that does not depend on where they differ.
+fn same_ticket(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The live move once the channel to the target is up (either side may have connected).
+async fn live_over(
+    request: &DumpRequest,
+    mut channel: super::channel::Channel,
+    clients: &crate::cri::CriClients,
+    pod: crate::pod::PodRef,
+    progress: &dyn Progress,
+) -> Result<(Moved, PagesMoved)> {
     let target = channel.peer().to_owned();
-    let containers = running_containers(&clients, &pod.id).await?;
+    let containers = running_containers(clients, &pod.id).await?;
     let names: Vec<String> = containers.iter().map(|(n, _)| n.clone()).collect();
     let serve = ServeDir::create(&names)?;
     let mut req = request.clone();
@@ -287,12 +390,7 @@ pub async fn migrate_live(
                 Ok(m) => Error::Refused(format!("the target answered {m:?}, not restored")),
             };
             control.abort().await;
-            let _ = pages
-                .send(Message::Abort {
-                    reason: format!("the source gave up: {e}"),
-                })
-                .await;
-            pages.finish().await;
+            pages.abort(format!("the source gave up: {e}")).await;
             return Err(resumed(e, &pod));
         }
     };

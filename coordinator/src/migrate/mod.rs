@@ -4,8 +4,10 @@
 //!
 //! A move is live by default (`live.rs`): the pod is dumped without its memory, restored on the
 //! target at once, and its memory follows through page streams carried on the channel
-//! (`pages.rs`). `--copy` moves the whole checkpoint before the switch (`source.rs`). Not yet:
-//! the kubelet path (`podsnap://` restore annotation).
+//! (`pages.rs`). `--copy` moves the whole checkpoint before the switch (`source.rs`). Kubelet's path
+//! (`claim.rs`): `podsnap migrate --listen` on the source prints a `podsnap://HOST:PORT/TICKET`;
+//! a pod annotated `podsnap.io/restore-from` with it is created on the target, and its shim
+//! claims the pod (`podsnap receive --from`): the target connects, the ticket names the pod.
 //!
 //! # Who may talk to whom
 //! Every connection is TLS 1.3 (rustls, the aws-lc-rs provider)
@@ -73,6 +75,7 @@
 //! the migration with an error saying so.
 
 mod channel;
+pub mod claim;
 pub mod drain;
 mod error;
 pub mod frame;

@@ -227,6 +227,12 @@ impl Pages {
         self.states.borrow().clone()
     }
 
+    /// Gives up before the switch: `abort {reason}` goes to the peer, then the streams close.
+    pub async fn abort(self, reason: String) {
+        let _ = self.send(Message::Abort { reason }).await;
+        self.finish().await;
+    }
+
     /// Waits (at most 2 s) until what is queued was handed to the channel's writer, then a
     /// moment for it to write it; the channel closes when this is dropped.
     pub async fn finish(self) {

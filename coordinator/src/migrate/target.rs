@@ -24,6 +24,7 @@ use podsnap_checkpoint::format::manifest::{Manifest, MANIFEST};
 use super::channel::{Channel, Endpoint};
 use super::error::Error as ChannelError;
 use super::frame::{Frame, Message};
+use super::pages::Pages;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::restore::{restore_undoable, RestoreRequest, RestoredPod};
@@ -115,19 +116,34 @@ pub async fn receive(
     }
 }
 
-/// One migration on an accepted channel.
-async fn receive_one(
-    request: &ReceiveRequest,
+/// A checkpoint received whole, checked, in place in the root and sealed.
+pub(super) struct Landed {
+    pub(super) manifest: Manifest,
+    pub(super) name: String,
+    pub(super) dir: PathBuf,
+    pub(super) files: usize,
+    pub(super) bytes: u64,
+}
+
+/// Receives a checkpoint on `channel`: the manifest, checked by `check` (its reason to refuse
+/// otherwise, answered `refuse`), then `accept` and every file it lists into a staging
+/// directory, each checked as it is written; renamed into `root` as `name` (a new
+/// `received-...` name when `None`) and sealed. Any other failure is answered `abort`. The
+/// channel comes back with the checkpoint.
+pub(super) async fn land(
     mut channel: Channel,
+    root: &Path,
+    name: Option<String>,
+    check: impl FnOnce(&[u8]) -> std::result::Result<Manifest, String>,
     progress: &dyn Progress,
-) -> Result<Received> {
+) -> Result<(Channel, Landed)> {
     let peer = channel.peer().to_owned();
     progress.step(&format!("receiving a pod from {peer}"));
     let raw = match channel.recv().await? {
         Frame::Manifest(raw) => raw,
         other => return Err(channel.unexpected(&other, "the checkpoint's manifest").into()),
     };
-    let manifest = match check_manifest(request, &raw) {
+    let manifest = match check(&raw) {
         Ok(m) => m,
         Err(reason) => {
             let _ = channel
@@ -139,19 +155,9 @@ async fn receive_one(
             return Err(Error::Refused(format!("refused the pod from {peer}: {reason}")));
         }
     };
-    let root = &request.restore.checkpoint_root;
-    let name = received_name(root, &manifest);
-    let staging = Staging::create(root, &name).inspect_err(|e| {
-        log::error!("migration: {e}");
-    });
-    let staging = match staging {
-        Ok(s) => s,
-        Err(e) => {
-            channel.abort(&e.to_string()).await;
-            return Err(e);
-        }
-    };
-    let received = async {
+    let name = name.unwrap_or_else(|| received_name(root, &manifest));
+    let landed = async {
+        let staging = Staging::create(root, &name)?;
         crate::oci::write_new(&staging.dir.join(MANIFEST), &raw)?;
         channel.send_message(Message::Accept).await?;
         let (files, bytes) = receive_files(&mut channel, &staging.dir, &manifest, progress).await?;
@@ -160,19 +166,14 @@ async fn receive_one(
             .await
             .map_err(|e| Error::Refused(format!("checking the received checkpoint: {e}")))?;
         checked.map_err(Box::new)?;
-        Ok::<_, Error>((files, bytes))
+        let dir = staging.keep_as(&root.join(&name))?;
+        Ok::<_, Error>((dir, files, bytes))
     }
     .await;
-    let (files, bytes) = match received {
-        Ok(r) => r,
+    let (dir, files, bytes) = match landed {
+        Ok(l) => l,
         Err(e) => {
-            channel.abort(&e.to_string()).await;
-            return Err(e);
-        }
-    };
-    let dir = match staging.keep_as(&root.join(&name)) {
-        Ok(dir) => dir,
-        Err(e) => {
+            log::error!("migration: {e}");
             channel.abort(&e.to_string()).await;
             return Err(e);
         }
@@ -182,6 +183,41 @@ async fn receive_one(
     if let Err(e) = podsnap_checkpoint::trust::seal::record(seals, &dir, &manifest) {
         log::warn!("{e}");
     }
+    Ok((
+        channel,
+        Landed {
+            manifest,
+            name,
+            dir,
+            files,
+            bytes,
+        },
+    ))
+}
+
+/// One migration on an accepted channel.
+async fn receive_one(
+    request: &ReceiveRequest,
+    channel: Channel,
+    progress: &dyn Progress,
+) -> Result<Received> {
+    let peer = channel.peer().to_owned();
+    let root = &request.restore.checkpoint_root;
+    let (mut channel, landed) = land(
+        channel,
+        root,
+        None,
+        |raw| check_manifest(&request.restore, raw, None),
+        progress,
+    )
+    .await?;
+    let Landed {
+        manifest,
+        name,
+        dir,
+        files,
+        bytes,
+    } = landed;
     let remove_received = |why: &str| {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             log::warn!("removing the received checkpoint {} ({why}): {e}", dir.display());
@@ -297,7 +333,7 @@ async fn receive_live(
             return Err(e);
         }
     };
-    let mut pages = super::pages::Pages::start(channel, locals, true)?;
+    let pages = Pages::start(channel, locals, true)?;
     progress.step(&format!(
         "restoring {}/{} lazily from {} (its memory from the source)",
         manifest.pod.namespace.as_deref().unwrap_or("default"),
@@ -311,12 +347,9 @@ async fn receive_live(
     let (pod, rollback) = match restore_undoable(&restore, progress).await {
         Ok(restored) => restored,
         Err(e) => {
-            let _ = pages
-                .send(Message::Abort {
-                    reason: format!("the restore on the target failed: {e}"),
-                })
+            pages
+                .abort(format!("the restore on the target failed: {e}"))
                 .await;
-            pages.finish().await;
             drop(sockets);
             remove_received("the restore failed");
             return Err(e);
@@ -328,25 +361,56 @@ async fn receive_live(
         (reason, cleanup)
     };
     if let Err(e) = all_running(&restore, &pod).await {
-        let _ = pages
-            .send(Message::Abort {
-                reason: e.to_string(),
-            })
-            .await;
-        pages.finish().await;
+        pages.abort(e.to_string()).await;
         let (reason, cleanup) = undo(e.to_string()).await;
         return Err(Error::Refused(format!("{reason}\n{cleanup}")));
     }
+    let restored = Message::Restored {
+        pod: format!("{}/{}", pod.namespace, pod.name),
+        id: pod.id.clone(),
+        ip: pod.ip.clone(),
+        containers: pod.containers.iter().map(|(n, _)| n.clone()).collect(),
+    };
+    let label = format!("{}/{}", pod.namespace, pod.name);
+    match switch_and_fill(pages, restored, manifest, &label, progress).await {
+        Ok(()) => {
+            drop(sockets);
+            Ok(pod)
+        }
+        Err(Unfilled::NotCommitted(e)) => {
+            let (reason, cleanup) = undo(format!(
+                "the source did not commit ({e}): the restored pod was removed, the source keeps its own"
+            ))
+            .await;
+            Err(Error::Refused(format!("{reason}\n{cleanup}")))
+        }
+        Err(Unfilled::Lost(e)) => Err(e),
+    }
+}
+
+/// What went wrong once the target's pod ran.
+pub(super) enum Unfilled {
+    /// The source did not commit (why): nothing switched, the pod here must go (the page
+    /// streams are closed already: its shims killed its containers).
+    NotCommitted(String),
+    /// After the switch: the source or a daemon was lost; the shims killed the containers
+    /// whose memory was missing.
+    Lost(Error),
+}
+
+/// Every container runs here: tells the source (`restored`), takes its `commit` and answers
+/// `kept` (the switch); then carries the pages until every daemon has every page, and takes
+/// the source's `released`. The page streams close when this returns, whatever the outcome.
+pub(super) async fn switch_and_fill(
+    mut pages: Pages,
+    restored: Message,
+    manifest: &Manifest,
+    pod: &str,
+    progress: &dyn Progress,
+) -> std::result::Result<(), Unfilled> {
     progress.step("every container runs: asking the source to commit");
     let committed = async {
-        pages
-            .send(Message::Restored {
-                pod: format!("{}/{}", pod.namespace, pod.name),
-                id: pod.id.clone(),
-                ip: pod.ip.clone(),
-                containers: pod.containers.iter().map(|(n, _)| n.clone()).collect(),
-            })
-            .await?;
+        pages.send(restored).await?;
         match pages.message().await? {
             Message::Commit => pages.send(Message::Kept).await,
             other => Err(ChannelError::Protocol {
@@ -358,38 +422,30 @@ async fn receive_live(
     .await;
     if let Err(e) = committed {
         drop(pages);
-        let (reason, cleanup) = undo(format!(
-            "the source did not commit ({e}): the restored pod was removed, the source keeps its own"
-        ))
-        .await;
-        return Err(Error::Refused(format!("{reason}\n{cleanup}")));
+        return Err(Unfilled::NotCommitted(e.to_string()));
     }
     // Switched: the pod runs here, its memory still coming.
     progress.step("the pod runs here: receiving the rest of its memory");
-    let lost = |e: String| {
-        Error::Refused(format!(
-            "the source was lost after the switch ({e}): the pod {}/{}'s containers were killed \
-             rather than run with missing memory",
-            pod.namespace, pod.name
-        ))
-    };
     let states = match pages.until(|s| s.iter().all(|st| st.local_ended.is_some())).await {
         Ok(states) => states,
         Err(e) => {
             // Dropping the streams makes each shim kill its container before its daemon
             // sees the end.
             drop(pages);
-            return Err(lost(e.to_string()));
+            return Err(Unfilled::Lost(Error::Refused(format!(
+                "the source was lost after the switch ({e}): the pod {pod}'s containers were \
+                 killed rather than run with missing memory"
+            ))));
         }
     };
     if let Some(i) = states.iter().position(|s| s.local_ended != Some(true)) {
-        return Err(Error::Refused(format!(
+        return Err(Unfilled::Lost(Error::Refused(format!(
             "the lazy-pages daemon of container {} ended before it had every page: the shim killed it",
             super::live::served_containers(manifest)
                 .get(i)
                 .cloned()
                 .unwrap_or_default()
-        )));
+        ))));
     }
     match pages.message().await {
         Ok(Message::Released { killed }) => {
@@ -398,29 +454,32 @@ async fn receive_live(
         other => log::warn!("every page arrived, but the source did not say it let go: {other:?}"),
     }
     pages.finish().await;
-    drop(sockets);
-    Ok(pod)
+    Ok(())
 }
 
 /// The manifest parsed and checked against the node's restore policy (the pod keeps its
 /// namespace and name): the reason to refuse it otherwise.
-fn check_manifest(request: &ReceiveRequest, raw: &[u8]) -> std::result::Result<Manifest, String> {
+pub(super) fn check_manifest(
+    restore: &RestoreRequest,
+    raw: &[u8],
+    into_namespace: Option<&str>,
+) -> std::result::Result<Manifest, String> {
     let manifest = Manifest::parse(raw).map_err(|e| format!("its manifest: {e}"))?;
     // Room for it in the checkpoint root, the node's reserve left: refused before any file
     // comes, rather than failed half-way with the disk full.
-    let root = &request.restore.checkpoint_root;
+    let root = &restore.checkpoint_root;
     let needed: u64 = manifest.files.values().map(|f| f.size).sum();
-    let reserve = request.restore.config.dump.reserve_bytes;
+    let reserve = restore.config.dump.reserve_bytes;
     let (fs, free) = podsnap_checkpoint::pod::dump::preflight::free_space(root).map_err(|e| e.to_string())?;
     if let Some(why) = no_room(needed, free, reserve) {
         return Err(format!("{why} ({} on {})", root.display(), fs.display()));
     }
-    let config = &request.restore.config;
+    let config = &restore.config;
     let source = manifest.pod.namespace.as_deref();
     podsnap_checkpoint::trust::policy::check_namespace(
         &config.restore,
         source,
-        source.unwrap_or_default(),
+        into_namespace.or(source).unwrap_or_default(),
         &config.describe(),
     )
     .map_err(|v| podsnap_checkpoint::Error::refused("the received checkpoint", v).to_string())?;

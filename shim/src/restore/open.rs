@@ -10,14 +10,15 @@ use podsnap_checkpoint::config::{NodeConfig, LAZY_ANNOTATION, RESTORE_ANNOTATION
 use podsnap_checkpoint::node::lease::{self, Holder, LEASE_DIR};
 use podsnap_runtime::bundle::PodIdentity;
 
-use super::pull::{forget_pulled, pull_for_pod, OCI_PREFIX};
+use super::pull::{claim_for_pod, forget_pulled, pull_for_pod, OCI_PREFIX};
 use super::{NewContainer, Restores};
 use crate::error::{Error, Result};
 use crate::process::lock;
 
 /// A container whose spec asks for a restore (and whose attempt is restored).
 pub struct Asked {
-    /// The annotation's value: a name in the checkpoint root, or `oci://REF`.
+    /// The annotation's value: a name in the checkpoint root, `oci://REF`, or a live
+    /// migration's `podsnap://HOST:PORT/TICKET`.
     pub name: String,
     /// The container's name in its pod.
     pub cname: String,
@@ -77,9 +78,13 @@ pub fn asked(r: &Restores, new: &NewContainer<'_>) -> Result<Option<Asked>> {
 pub async fn open(r: &Restores, asked: Asked, identity: &PodIdentity) -> Result<Opened> {
     let config = NodeConfig::load()?;
     let root = config.checkpoint_root();
-    let (name, pulled) = match asked.name.strip_prefix(OCI_PREFIX) {
-        Some(reference) => (pull_for_pod(reference, identity, &root).await?, true),
-        None => (asked.name, false),
+    let live = asked
+        .name
+        .strip_prefix(podsnap_checkpoint::format::layout::LIVE_PREFIX);
+    let (name, pulled) = match (asked.name.strip_prefix(OCI_PREFIX), live) {
+        (Some(reference), _) => (pull_for_pod(reference, identity, &root).await?, true),
+        (None, Some(reference)) => (claim_for_pod(reference, identity, &root).await?, true),
+        (None, None) => (asked.name, false),
     };
     let leased = resolve(&root, &name).and_then(|dir| {
         r.lease(&root, &name, &dir, identity)?;
