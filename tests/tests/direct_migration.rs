@@ -14,6 +14,8 @@
 //! - a node whose key B does not list is refused before anything is sent: both sides name its
 //!   key id, the pod on A runs on untouched (its counters advance), nothing is dumped on A and
 //!   nothing appears on B;
+//! - `migrate` SIGKILLed mid-transfer: A's shim resumes the pod by itself (thawed, unlocked,
+//!   its counters going on); B creates no pod;
 //! - B killed mid-transfer (held after the first file, then SIGKILL): A resumes the pod, which
 //!   runs on as it was; B created no pod, and its next `podsnap receive` removes what the
 //!   killed one left in the root;
@@ -804,6 +806,70 @@ fn a_source_lost_after_the_switch_makes_the_target_kill_its_pod() {
     }
     let _ = std::fs::remove_file(holds.path().join("migration-pages"));
     let _ = podsnap_tests::kubelet::remove_pod(&node_a, &pod);
+}
+
+/// `podsnap migrate` SIGKILLed before the switch (the pod frozen and dumped lazily, the target
+/// held after the first file): nothing is left to resume the pod but its shim, which sees the
+/// migration's control end and resumes it by itself. The pod goes on where it was (its counters
+/// advance, init did not run again), its containers thawed and its network unlocked; the target
+/// creates no pod.
+#[test]
+fn a_migrate_killed_before_the_switch_leaves_the_pod_running_on_the_source() {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (config_a, config_b, _) = keys.for_a_and_b();
+    let name = node_a.unique("killed");
+    let pod = run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let before = mark_and_count(&pod);
+    let holds = tempfile::tempdir().expect("hold points");
+    std::fs::write(holds.path().join("migration-receiving"), b"").expect("arm the hold");
+    let mut receiver = Receiver::start(&node_b, &config_b, Some(holds.path()), true);
+    let docker = tempfile::tempdir().expect("docker config dir");
+    let mut migrate = spawn_migrate(&node_a, &config_a, &name, &receiver.addr, docker.path())
+        .spawn()
+        .expect("podsnap migrate");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !holds.path().join("migration-receiving.reached").exists() {
+        if Instant::now() > deadline || migrate.try_wait().expect("try_wait").is_some() {
+            let _ = migrate.kill();
+            let out = migrate.wait_with_output().expect("migrate output");
+            panic!(
+                "the target never held mid-transfer: {}\n{}",
+                text(&out),
+                receiver.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Frozen for the move, right now.
+    let netns = pod.pod.netns.as_deref().expect("the pod's netns");
+    assert!(
+        podsnap_tests::host::network_locked(netns),
+        "locked during the move"
+    );
+    migrate.kill().expect("SIGKILL podsnap migrate");
+    let _ = migrate.wait();
+    // The shim resumes it, with no one asking.
+    runs_on(&pod.pod.ip, before, "after migrate was killed");
+    for (cname, cid) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
+        let state = node_a.cri().container(cid).expect("ContainerStatus").state();
+        assert_eq!(state, cri::ContainerState::ContainerRunning, "{cname} on A");
+        let freezer = podsnap_tests::host::freezer_state_of(cid);
+        assert_eq!(freezer.as_deref(), Some("THAWED"), "{cname} on A is thawed");
+    }
+    assert!(
+        !podsnap_tests::host::network_locked(netns),
+        "A's pod network is unlocked"
+    );
+    let marker = std::fs::read_to_string(pod.volume.join("init.log")).expect("the init marker");
+    assert_eq!(marker.lines().count(), 1, "init ran once: {marker:?}");
+    // The target saw its source go before any pod was made.
+    let _ = std::fs::remove_file(holds.path().join("migration-receiving"));
+    assert!(
+        !receiver.wait(Duration::from_secs(60)).success(),
+        "the receiver reported success without its source"
+    );
+    assert!(sandbox_ids(&node_b).is_empty(), "no pod on B");
 }
 
 #[test]
