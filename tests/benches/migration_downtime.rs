@@ -115,6 +115,8 @@ const CONTENDERS: [Contender; 7] = [
 struct LiveRound {
     /// Switch to the source's release (`migrate`'s memory line).
     window: f64,
+    /// Of it: the switch until B had every page.
+    filled: f64,
     /// Ping latencies (ms) on B in the first 2 s after every container first answered.
     pings_ms: Vec<f64>,
     /// One `ballast-sum` (every page of a container's memory) sent at the first answer.
@@ -124,6 +126,7 @@ struct LiveRound {
 #[derive(Default)]
 struct LiveMeasures {
     window: Samples,
+    filled: Samples,
     p99_ms: Samples,
     full_read: Samples,
 }
@@ -239,6 +242,7 @@ fn main() {
                     );
                     if round > 0 {
                         live_measures.window.push(live.window);
+                        live_measures.filled.push(live.filled);
                         if live.full_read.is_finite() {
                             live_measures.full_read.push(live.full_read);
                         }
@@ -746,6 +750,7 @@ fn print_live(
             "send (s)",
             "restore until `restored` (s)",
             "window (s)",
+            "of it, every page on B (s)",
             "ping p99 after (ms)",
             "full read after (s)",
         ],
@@ -757,6 +762,7 @@ fn print_live(
                 live.push.cell(2),
                 live.restore.cell(2),
                 extra.window.cell(2),
+                extra.filled.cell(2),
                 extra.p99_ms.cell(1),
                 extra.full_read.cell(2),
             ],
@@ -1112,6 +1118,14 @@ fn direct_round(bench: &Bench, round: usize, live: bool) -> (Round, Option<LiveR
                 .map(|(_, r)| r)
                 .unwrap_or_else(|| panic!("no release in {memory:?}"));
             parse_duration(released.split_whitespace().next().unwrap_or_default())
+        },
+        filled: {
+            let memory = field(&stdout, "memory ");
+            let filled = memory
+                .split_once("every page there ")
+                .map(|(_, r)| r)
+                .unwrap_or_else(|| panic!("no page count in {memory:?}"));
+            parse_duration(filled.split_whitespace().next().unwrap_or_default())
         },
         pings_ms,
         full_read,

@@ -197,10 +197,12 @@ pub(crate) fn migrate_to_node(ctx: &Context, request: &DumpRequest, target: Targ
     if let Some(memory) = memory {
         println!(
             "memory       {} served from here after the dump, {} of it after the switch ({} of \
-             requests); source released {:.2?} after the switch ({} processes stopped)",
+             requests); every page there {:.2?} after the switch; source released {:.2?} after \
+             the switch ({} processes stopped)",
             human_bytes(memory.sent),
             human_bytes(memory.sent_after_switch),
             human_bytes(memory.received),
+            memory.filled,
             memory.window,
             memory.killed
         );

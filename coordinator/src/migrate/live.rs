@@ -81,6 +81,9 @@ pub struct PagesMoved {
     /// Switch (the target's `restored`) to the release: the window in which losing the source
     /// loses the pod.
     pub window: Duration,
+    /// Of the window: the switch until the target had every page (the rest is the source's
+    /// release: CRIU's end, the pod stopped at its snapshot).
+    pub filled: Duration,
     /// Page-stream bytes from the source after the dump, and requests from the target.
     pub sent: u64,
     /// Of `sent`, the bytes sent after the switch.
@@ -438,6 +441,7 @@ async fn live_over(
             &pages,
         ));
     }
+    let filled = switched_at.elapsed();
     // Every page went: the shim stops the pod at its snapshot.
     control.say("release").await?;
     let answer = control.answer(Duration::from_secs(90)).await?;
@@ -472,6 +476,7 @@ async fn live_over(
         moved,
         PagesMoved {
             window,
+            filled,
             sent: states.iter().map(|s| s.sent).sum(),
             sent_after_switch: states
                 .iter()
