@@ -45,9 +45,10 @@
 //!
 //! `cargo build --workspace --bins && cargo bench --profile dev -p podsnap-tests --bench
 //! migration_downtime`; with `PODSNAP_CLI_DIR=target/release` and `PODSNAP_SHIM_DIR=target/release`
-//! the release CLI and shim (`cargo build --release -p podsnap-coordinator --bin podsnap -p
-//! containerd-shim-podsnap-v1`). `PODSNAP_BENCH_ONLY=live,direct,local,registry,kep2008`: only
-//! those contenders.
+//! the release CLI and shim (`cargo build --release -p podsnap-coordinator -p
+//! containerd-shim-podsnap-v1 --bins`: with `--bin podsnap` cargo builds the CLI alone and an
+//! older shim stays). `PODSNAP_BENCH_ONLY=live,direct,local,registry,kep2008`: only those
+//! contenders.
 
 mod common;
 
