@@ -77,6 +77,15 @@ pub(super) fn thaw(c: Captured) -> Thawed {
     }
 }
 
+/// Completes the checkpoint of a pod still frozen (what was dumped beside CRIU, then the
+/// manifest and digests into the staging directory); its bytes.
+async fn write_frozen(held: &mut Held, contents: Contents, since: std::time::Instant) -> Result<u64> {
+    let recorded = held.beside.done().await?;
+    let prehash = held.runs.prehash.take();
+    let dir = held.staging.dir.clone();
+    write(&held.planned, &dir, prehash, contents, recorded, since.elapsed()).await
+}
+
 /// Stops the captured pod `c` at its snapshot (`stop`): the checkpoint is written, synced and
 /// committed first, then the pod is killed and thawed, its network left locked.
 pub(super) async fn stop_at_snapshot(c: Captured) -> Result<DumpReport> {
@@ -89,11 +98,9 @@ pub(super) async fn stop_at_snapshot(c: Captured) -> Result<DumpReport> {
     } = frozen;
     let committed = async {
         // Complete the checkpoint first, then nothing of the pod may run again.
-        let recorded = held.beside.done().await?;
-        let prehash = held.runs.prehash.take();
-        let dir = held.staging.dir.clone();
-        let bytes = write(&held.planned, &dir, prehash, contents, recorded, since.elapsed()).await?;
+        let bytes = write_frozen(&mut held, contents, since).await?;
         // The pod is gone after this: its checkpoint must be on disk first.
+        let dir = held.staging.dir.clone();
         let synced = dir.clone();
         tokio::task::spawn_blocking(move || sync_filesystem(&synced))
             .await
@@ -146,10 +153,7 @@ pub(super) async fn serve(c: Captured) -> Result<(DumpReport, crate::pod::dump::
     } = frozen;
     let committed = async {
         guard.freeze_again().await?;
-        let recorded = held.beside.done().await?;
-        let prehash = held.runs.prehash.take();
-        let dir = held.staging.dir.clone();
-        let bytes = write(&held.planned, &dir, prehash, contents, recorded, since.elapsed()).await?;
+        let bytes = write_frozen(&mut held, contents, since).await?;
         held.staging.commit(Phase::Committed)?;
         hold_point("committed").await;
         Ok::<u64, Error>(bytes)
