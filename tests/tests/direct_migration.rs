@@ -16,6 +16,8 @@
 //!   nothing appears on B;
 //! - `migrate` SIGKILLed mid-transfer: A's shim resumes the pod by itself (thawed, unlocked,
 //!   its counters going on); B creates no pod;
+//! - a lazy dump out of room (ENOSPC while CRIU writes): `migrate` says so, A's pod runs on,
+//!   no CRIU of it is left, nothing is left in the root;
 //! - B killed mid-transfer (held after the first file, then SIGKILL): A resumes the pod, which
 //!   runs on as it was; B created no pod, and its next `podsnap receive` removes what the
 //!   killed one left in the root;
@@ -870,6 +872,66 @@ fn a_migrate_killed_before_the_switch_leaves_the_pod_running_on_the_source() {
         "the receiver reported success without its source"
     );
     assert!(sandbox_ids(&node_b).is_empty(), "no pod on B");
+}
+
+/// A lazy dump that runs out of room (its checkpoint root a tmpfs of 30 inodes: ENOSPC in the
+/// middle of the dump; on runc 1.3.6 while CRIU writes its images): `migrate` fails saying so,
+/// the pod runs on as it was (thawed, unlocked, its counters going on), no CRIU of that dump is left,
+/// nothing is left in the root, and B has no pod.
+#[test]
+fn a_lazy_dump_out_of_room_leaves_the_pod_running() {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (config_a, config_b, _) = keys.for_a_and_b();
+    let name = node_a.unique("full");
+    let pod = run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let before = mark_and_count(&pod);
+    let receiver = Receiver::start(&node_b, &config_b, None, false);
+    let few = podsnap_tests::host::Tmpfs::mount(&node_a.dir().join("inodes"), "size=512m,nr_inodes=30");
+    let docker = tempfile::tempdir().expect("docker config dir");
+    let out = spawn_migrate(&node_a, &config_a, &name, &receiver.addr, docker.path())
+        .env("PODSNAP_CHECKPOINT_ROOT", &few.0)
+        .output()
+        .expect("podsnap migrate");
+    let said = text(&out);
+    eprintln!("podsnap migrate with no room:\n{said}");
+    assert!(!out.status.success(), "a dump with no room succeeded: {said}");
+    assert!(said.to_lowercase().contains("no space left on device"), "{said}");
+    runs_on(&pod.pod.ip, before, "after the lazy dump ran out of room");
+    for (cname, cid) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
+        let freezer = podsnap_tests::host::freezer_state_of(cid);
+        assert_eq!(freezer.as_deref(), Some("THAWED"), "{cname} on A is thawed");
+    }
+    let netns = pod.pod.netns.as_deref().expect("the pod's netns");
+    assert!(
+        !podsnap_tests::host::network_locked(netns),
+        "A's pod network is unlocked"
+    );
+    let left: Vec<_> = std::fs::read_dir(&few.0)
+        .expect("list")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "the partial output was removed: {left:?}");
+    // No CRIU of the dump serves on: none names the root it wrote to.
+    let root = few.0.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let serving: Vec<String> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&root) && (c.contains("criu") || c.contains("runc")))
+            .collect();
+        if serving.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left running: {serving:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(sandbox_ids(&node_b).is_empty(), "no pod on B");
+    drop(few);
 }
 
 #[test]
