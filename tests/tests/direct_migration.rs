@@ -602,6 +602,160 @@ fn another_pod_restoring_the_received_checkpoint_gets_none_of_its_memory() {
     let _ = kubelet::remove_pod(&node_a, &pod);
 }
 
+/// A running `podsnap migrate --listen 127.0.0.1:0` and the reference it printed.
+struct Listening {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    reference: String,
+}
+
+impl Listening {
+    fn start(node: &Node, config: &Path, name: &str, docker: &Path) -> Listening {
+        let mut command = Command::new(podsnap_binary());
+        command
+            .args([
+                "migrate",
+                "--namespace",
+                "default",
+                "--pod",
+                name,
+                "--listen",
+                "127.0.0.1:0",
+                "--wait",
+                "120",
+            ])
+            .env("PODSNAP_CONFIG", config)
+            .env("DOCKER_CONFIG", docker)
+            .env("CONTAINER_RUNTIME_ENDPOINT", node.endpoint())
+            .env("CONTAINERD_ADDRESS", node.address())
+            .env("PODSNAP_CHECKPOINT_ROOT", node.files().checkpoints())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("podsnap migrate --listen");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (out, shared) = (child.stdout.take().expect("stdout"), stdout.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Some(reference) = line.strip_prefix("ticket") {
+                        let _ = tx.send(reference.trim().to_owned());
+                    }
+                    let mut text = shared.lock().expect("lock");
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+        }
+        let reference = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("migrate --listen prints the pod's reference");
+        Listening {
+            child,
+            stdout,
+            reference,
+        }
+    }
+
+    /// Waits (at most `timeout`, then kills it) for `migrate` to exit: its status, stdout and
+    /// stderr.
+    fn wait(&mut self, timeout: Duration) -> (std::process::ExitStatus, String, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = err.read_to_string(&mut stderr);
+        }
+        let stdout = self.stdout.lock().expect("lock").clone();
+        (status, stdout, stderr)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kubelet's path, given up before the switch: the pod claimed on B (A's pod frozen and dumped
+/// lazily for it) is removed before kubelet starts any container. B's shim stops its receiver
+/// with the pod, A's `migrate` fails, and A's pod runs on as it was; nothing is left of the
+/// claim on B.
+#[test]
+fn a_claimed_pod_removed_before_its_containers_run_leaves_the_source_running() {
+    use podsnap_tests::kubelet;
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (config_a, config_b, _) = keys.for_a_and_b();
+    node_b
+        .set_podsnap_config(&std::fs::read_to_string(&config_b).expect("B's configuration"))
+        .expect("the node's configuration");
+    let name = node_a.unique("dropped");
+    let pod = run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
+    let before = mark_and_count(&pod);
+    let docker = tempfile::tempdir().expect("docker config dir");
+    let mut migrate = Listening::start(&node_a, &config_a, &name, docker.path());
+    let mut options = PodOptions::new(&name, HANDLER);
+    options
+        .annotations
+        .insert("podsnap.io/restore-from".to_owned(), migrate.reference.clone());
+    let claimed = kubelet::run_pod(&node_b, &options).expect("RunPodSandbox claims the pod");
+    // A's pod is frozen for the move now; its network locked.
+    let netns = pod.pod.netns.as_deref().expect("the pod's netns");
+    assert!(
+        podsnap_tests::host::network_locked(netns),
+        "A's pod is held for the move"
+    );
+    let root_b = node_b.files().checkpoints();
+    assert!(
+        names_in(&root_b).iter().any(|n| n.starts_with("live-")),
+        "the claimed checkpoint is in B's root"
+    );
+    kubelet::remove_pod(&node_b, &claimed).expect("remove the claimed pod");
+    let (status, stdout, stderr) = migrate.wait(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "migrate succeeded without its target: {stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("runs on this node as before"),
+        "{stdout}\n{stderr}"
+    );
+    runs_on(&pod.pod.ip, before, "after the claimed pod was removed");
+    for (cname, cid) in [("sidecar", &pod.sidecar_id), ("app", &pod.app_id)] {
+        let freezer = podsnap_tests::host::freezer_state_of(cid);
+        assert_eq!(freezer.as_deref(), Some("THAWED"), "{cname} on A is thawed");
+    }
+    assert!(
+        !podsnap_tests::host::network_locked(netns),
+        "A's pod network is unlocked"
+    );
+    let marker = std::fs::read_to_string(pod.volume.join("init.log")).expect("the init marker");
+    assert_eq!(marker.lines().count(), 1, "init ran once: {marker:?}");
+    assert!(sandbox_ids(&node_b).is_empty(), "no pod on B");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while names_in(&root_b).iter().any(|n| n.starts_with("live-")) {
+        assert!(
+            Instant::now() < deadline,
+            "the claimed checkpoint stays in B's root: {:?}",
+            names_in(&root_b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Kubelet's path: `podsnap migrate --listen` on A prints the pod's `podsnap://` reference, and
 /// waits; a pod annotated `podsnap.io/restore-from` with it is created on B the way kubelet
 /// creates one (RunPodSandbox, then CreateContainer and StartContainer for each container). Its
@@ -621,46 +775,8 @@ fn a_pod_annotated_with_the_podsnap_reference_claims_the_pod_live() {
     let name = node_a.unique("claimed");
     let (pod, ids, sums) = ballast_pod(&node_a, &name);
     let docker = tempfile::tempdir().expect("docker config dir");
-    let mut command = Command::new(podsnap_binary());
-    command
-        .args([
-            "migrate",
-            "--namespace",
-            "default",
-            "--pod",
-            &name,
-            "--listen",
-            "127.0.0.1:0",
-            "--wait",
-            "120",
-        ])
-        .env("PODSNAP_CONFIG", &config_a)
-        .env("DOCKER_CONFIG", docker.path())
-        .env("CONTAINER_RUNTIME_ENDPOINT", node_a.endpoint())
-        .env("CONTAINERD_ADDRESS", node_a.address())
-        .env("PODSNAP_CHECKPOINT_ROOT", node_a.files().checkpoints())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut migrate = command.spawn().expect("podsnap migrate --listen");
-    let stdout = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let (out, shared) = (migrate.stdout.take().expect("stdout"), stdout.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(reference) = line.strip_prefix("ticket") {
-                    let _ = tx.send(reference.trim().to_owned());
-                }
-                let mut text = shared.lock().expect("lock");
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-    }
-    let reference = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("migrate --listen prints the pod's reference");
+    let mut migrate = Listening::start(&node_a, &config_a, &name, docker.path());
+    let reference = migrate.reference.clone();
     assert!(reference.starts_with("podsnap://127.0.0.1:"), "{reference}");
 
     // A ticket that is not the pod's: refused at RunPodSandbox, no pod on B, A's pod runs on.
@@ -692,23 +808,7 @@ fn a_pod_annotated_with_the_podsnap_reference_claims_the_pod_live() {
         kubelet::run_container(&node_b, &claimed, &ballast_spec(cname, port))
             .unwrap_or_else(|e| panic!("{cname} restored on B: {e:#}"));
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = migrate.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = migrate.kill();
-            break migrate.wait().expect("wait");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    if let Some(mut err) = migrate.stderr.take() {
-        use std::io::Read;
-        let _ = err.read_to_string(&mut stderr);
-    }
-    let said = stdout.lock().expect("lock").clone();
+    let (status, said, stderr) = migrate.wait(Duration::from_secs(120));
     assert!(status.success(), "migrate --listen: {status}\n{said}\n{stderr}");
     eprintln!("podsnap migrate --listen:\n{said}");
     assert!(said.contains("MiB served from here after the dump"), "{said}");
