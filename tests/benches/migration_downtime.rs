@@ -1046,7 +1046,14 @@ fn direct_round(bench: &Bench, round: usize, live: bool) -> (Round, Option<LiveR
         .env("PODSNAP_CHECKPOINT_ROOT", b.files().checkpoints())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        // Its log (the page streams' requests among it) for a look afterwards.
+        .stderr(
+            std::fs::File::create(std::env::temp_dir().join(format!(
+                "podsnap-bench-receive-{}-{round}.log",
+                if live { "live" } else { "copy" }
+            )))
+            .expect("a log file"),
+        )
         .spawn()
         .expect("podsnap receive");
     let mut lines = std::io::BufReader::new(receiver.stdout.take().expect("stdout")).lines();

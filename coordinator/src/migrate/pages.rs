@@ -345,6 +345,7 @@ async fn stream(
             }
         }
     };
+    let started = std::time::Instant::now();
     let reader = async {
         let requests = Mutex::new(Requests::default());
         let mut buf = vec![0u8; MAX_DATA_BYTES as usize];
@@ -372,6 +373,19 @@ async fn stream(
                 return;
             }
         }
+        if watch_requests {
+            if let Ok(r) = requests.lock() {
+                log::info!(
+                    "page stream {i}: the daemon asked {} times for {} pages ({} per request on \
+                     average, {} at most) in {:.2?}",
+                    r.asked,
+                    r.pages,
+                    r.pages.checked_div(r.asked).unwrap_or(0),
+                    r.largest,
+                    started.elapsed()
+                );
+            }
+        }
         let complete = requests.lock().map(|r| r.closed).unwrap_or(false) || !watch_requests;
         states.send_modify(|s| s[i as usize].local_ended = Some(complete));
         let _ = sender
@@ -381,11 +395,16 @@ async fn stream(
     tokio::join!(reader, writer);
 }
 
-/// Follows a daemon's requests (32-byte headers) for the end of the transfer.
+/// Follows a daemon's requests (32-byte headers: `cmd` u32, padding, `nr_pages` u64, `vaddr`
+/// u64, `dst_id` u64) for the end of the transfer, and counts them.
 #[derive(Default)]
 struct Requests {
     partial: Vec<u8>,
     closed: bool,
+    /// Requests for pages, the pages they asked for, and the largest.
+    asked: u64,
+    pages: u64,
+    largest: u64,
 }
 
 impl Requests {
@@ -396,6 +415,13 @@ impl Requests {
             let cmd = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]);
             if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
                 self.closed = true;
+            } else {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&header[8..16]);
+                let pages = u64::from_ne_bytes(n);
+                self.asked += 1;
+                self.pages = self.pages.saturating_add(pages);
+                self.largest = self.largest.max(pages);
             }
         }
         self.partial.drain(..whole);
@@ -425,6 +451,11 @@ mod tests {
         assert!(!r.closed, "half a header");
         r.feed(&close[5..]);
         assert!(r.closed);
+        assert_eq!((r.asked, r.pages), (2, 0), "two requests, no pages in them");
+        let mut ask = header(7);
+        ask[8..16].copy_from_slice(&512u64.to_ne_bytes());
+        r.feed(&ask);
+        assert_eq!((r.asked, r.pages, r.largest), (3, 512, 512));
         let mut r = Requests::default();
         let mut shifted = vec![0u8; 8];
         shifted.extend(header(PS_IOV_CLOSE));
