@@ -372,21 +372,7 @@ fn specs(image: Option<&str>) -> Vec<ContainerSpec> {
     CONTAINERS
         .iter()
         .map(|(name, port)| {
-            let port = port.to_string();
-            let mut spec = ContainerSpec::workload(
-                name,
-                &[
-                    "serve",
-                    "--name",
-                    name,
-                    "--port",
-                    &port,
-                    "--ballast-mib",
-                    &mib,
-                    "--ballast-content",
-                    &content,
-                ],
-            );
+            let mut spec = ContainerSpec::ballast(name, *port, &mib, &content);
             if let Some(image) = image {
                 spec.image = image.to_owned();
             }
@@ -1119,26 +1105,22 @@ fn direct_round(bench: &Bench, round: usize, live: bool) -> (Round, Option<LiveR
     clear_checkpoints(a);
     clear_checkpoints(b);
     let live = answered.map(|(_, (pings_ms, full_read))| LiveRound {
-        window: {
-            let memory = field(&stdout, "memory ");
-            let released = memory
-                .split_once("source released ")
-                .map(|(_, r)| r)
-                .unwrap_or_else(|| panic!("no release in {memory:?}"));
-            parse_duration(released.split_whitespace().next().unwrap_or_default())
-        },
-        filled: {
-            let memory = field(&stdout, "memory ");
-            let filled = memory
-                .split_once("every page there ")
-                .map(|(_, r)| r)
-                .unwrap_or_else(|| panic!("no page count in {memory:?}"));
-            parse_duration(filled.split_whitespace().next().unwrap_or_default())
-        },
+        window: memory_time(&stdout, "source released "),
+        filled: memory_time(&stdout, "every page there "),
         pings_ms,
         full_read,
     });
     (round, live)
+}
+
+/// The duration after `what` in `migrate`'s memory line.
+fn memory_time(stdout: &str, what: &str) -> f64 {
+    let memory = field(stdout, "memory ");
+    let after = memory
+        .split_once(what)
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| panic!("no {what:?} in {memory:?}"));
+    parse_duration(after.split_whitespace().next().unwrap_or_default())
 }
 
 /// The direct migration beside the registry path and a local copy.

@@ -316,6 +316,26 @@ pub struct ContainerSpec {
 
 impl ContainerSpec {
     /// A container `name` of the workload image with `args` to `podsnap-workload`.
+    /// The workload serving on `port` as `name`, with `mib` MiB of memory written as
+    /// `content` (`zero`, `random`, `mixed`: see the workload's `--ballast-content`).
+    pub fn ballast(name: &str, port: u16, mib: &str, content: &str) -> Self {
+        let port = port.to_string();
+        Self::workload(
+            name,
+            &[
+                "serve",
+                "--name",
+                name,
+                "--port",
+                &port,
+                "--ballast-mib",
+                mib,
+                "--ballast-content",
+                content,
+            ],
+        )
+    }
+
     pub fn workload(name: &str, args: &[&str]) -> Self {
         Self {
             name: name.to_owned(),

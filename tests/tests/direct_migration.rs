@@ -370,21 +370,38 @@ const BALLAST: [(&str, u16); 2] = [("one", 8081), ("two", 8082)];
 
 /// Container `name` of [`BALLAST`], serving on `port`.
 fn ballast_spec(name: &str, port: u16) -> podsnap_tests::kubelet::ContainerSpec {
-    let port = port.to_string();
-    podsnap_tests::kubelet::ContainerSpec::workload(
-        name,
-        &[
-            "serve",
-            "--name",
-            name,
-            "--port",
-            &port,
-            "--ballast-mib",
-            "256",
-            "--ballast-content",
-            "mixed",
-        ],
-    )
+    podsnap_tests::kubelet::ContainerSpec::ballast(name, port, "256", "mixed")
+}
+
+/// `migrate` and `receive` both succeeded.
+fn both_succeeded(out: &std::process::Output, receiver: &mut Receiver) {
+    assert!(
+        out.status.success(),
+        "migrate --to-node: {}\nreceiver:\n{}\n{}",
+        text(out),
+        receiver.stdout(),
+        receiver.stderr()
+    );
+    assert!(
+        receiver.wait(Duration::from_secs(60)).success(),
+        "{}",
+        receiver.stderr()
+    );
+}
+
+/// The memory of every [`BALLAST`] container of the pod at `ip` is `sums`, and the containers
+/// `ids` on the source stopped.
+fn memory_moved(ip: &str, sums: &[String], source: &Node, ids: &[String]) {
+    for ((cname, port), sum) in BALLAST.iter().zip(sums) {
+        let after = podsnap_tests::kubelet::ask(ip, *port, "ballast-sum").expect("ballast-sum on B");
+        assert_eq!(&after, sum, "the memory of {cname} on B is the source's");
+    }
+    for id in ids {
+        source
+            .cri()
+            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{id} on A stopped after the move: {e:#}"));
+    }
 }
 
 /// A pod of [`BALLAST`] on `node`, every container answering; its ballast checksums.
@@ -431,18 +448,7 @@ fn a_pod_moves_live_with_its_memory_following() {
             &receiver.addr,
         ],
     );
-    assert!(
-        out.status.success(),
-        "migrate --to-node: {}\nreceiver:\n{}\n{}",
-        text(&out),
-        receiver.stdout(),
-        receiver.stderr()
-    );
-    assert!(
-        receiver.wait(Duration::from_secs(60)).success(),
-        "{}",
-        receiver.stderr()
-    );
+    both_succeeded(&out, &mut receiver);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("podsnap migrate --to-node:\n{stdout}");
     // The checkpoint sent before the switch holds no memory: far less than the 512 MiB.
@@ -460,16 +466,7 @@ fn a_pod_moves_live_with_its_memory_following() {
         .to_owned();
     assert!(memory.contains("MiB served from here after the dump"), "{memory}");
     let ip = receiver.field("ip ");
-    for ((cname, port), sum) in BALLAST.iter().zip(&sums) {
-        let after = podsnap_tests::kubelet::ask(&ip, *port, "ballast-sum").expect("ballast-sum on B");
-        assert_eq!(&after, sum, "the memory of {cname} on B is the source's");
-    }
-    for id in &ids {
-        node_a
-            .cri()
-            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{id} on A stopped after the move: {e:#}"));
-    }
+    memory_moved(&ip, &sums, &node_a, &ids);
     let _ = podsnap_tests::kubelet::remove_pod(&node_a, &pod);
 }
 
@@ -576,30 +573,23 @@ fn another_pod_restoring_the_received_checkpoint_gets_none_of_its_memory() {
     // The migration goes on: its own pod gets every page.
     std::fs::remove_file(&armed).expect("release the hold point");
     let out = migrate.wait_with_output().expect("podsnap migrate");
-    assert!(
-        out.status.success(),
-        "migrate --to-node: {}\nreceiver:\n{}\n{}",
-        text(&out),
-        receiver.stdout(),
-        receiver.stderr()
-    );
-    assert!(
-        receiver.wait(Duration::from_secs(60)).success(),
-        "{}",
-        receiver.stderr()
-    );
+    both_succeeded(&out, &mut receiver);
     let ip = receiver.field("ip ");
-    for ((cname, port), sum) in BALLAST.iter().zip(&sums) {
-        let after = kubelet::ask(&ip, *port, "ballast-sum").expect("ballast-sum on B");
-        assert_eq!(&after, sum, "the memory of {cname} on B is the source's");
-    }
-    for id in &ids {
-        node_a
-            .cri()
-            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{id} on A stopped after the move: {e:#}"));
-    }
+    memory_moved(&ip, &sums, &node_a, &ids);
     let _ = kubelet::remove_pod(&node_a, &pod);
+}
+
+/// Nodes A and B for kubelet's path: B's shim runs with B's node configuration (its
+/// `[migration]` key and peers); A's configuration for `migrate`. The keys live as long as the
+/// returned [`Keys`].
+fn kubelet_pair() -> (Node, Node, Keys, PathBuf) {
+    let (node_a, node_b) = Node::start_pair(workload(), workload());
+    let keys = Keys::new();
+    let (config_a, config_b, _) = keys.for_a_and_b();
+    node_b
+        .set_podsnap_config(&std::fs::read_to_string(&config_b).expect("B's configuration"))
+        .expect("the node's configuration");
+    (node_a, node_b, keys, config_a)
 }
 
 /// A running `podsnap migrate --listen 127.0.0.1:0` and the reference it printed.
@@ -696,12 +686,7 @@ impl Drop for Listening {
 #[test]
 fn a_claimed_pod_removed_before_its_containers_run_leaves_the_source_running() {
     use podsnap_tests::kubelet;
-    let (node_a, node_b) = Node::start_pair(workload(), workload());
-    let keys = Keys::new();
-    let (config_a, config_b, _) = keys.for_a_and_b();
-    node_b
-        .set_podsnap_config(&std::fs::read_to_string(&config_b).expect("B's configuration"))
-        .expect("the node's configuration");
+    let (node_a, node_b, _keys, config_a) = kubelet_pair();
     let name = node_a.unique("dropped");
     let pod = run_three_container_pod(&node_a, &PodOptions::new(&name, HANDLER)).expect("the pod runs");
     let before = mark_and_count(&pod);
@@ -765,13 +750,7 @@ fn a_claimed_pod_removed_before_its_containers_run_leaves_the_source_running() {
 #[test]
 fn a_pod_annotated_with_the_podsnap_reference_claims_the_pod_live() {
     use podsnap_tests::kubelet;
-    let (node_a, node_b) = Node::start_pair(workload(), workload());
-    let keys = Keys::new();
-    let (config_a, config_b, _) = keys.for_a_and_b();
-    // B's shim runs with the node's configuration: B's [migration] key and peers.
-    node_b
-        .set_podsnap_config(&std::fs::read_to_string(&config_b).expect("B's configuration"))
-        .expect("the node's configuration");
+    let (node_a, node_b, _keys, config_a) = kubelet_pair();
     let name = node_a.unique("claimed");
     let (pod, ids, sums) = ballast_pod(&node_a, &name);
     let docker = tempfile::tempdir().expect("docker config dir");
@@ -812,18 +791,29 @@ fn a_pod_annotated_with_the_podsnap_reference_claims_the_pod_live() {
     assert!(status.success(), "migrate --listen: {status}\n{said}\n{stderr}");
     eprintln!("podsnap migrate --listen:\n{said}");
     assert!(said.contains("MiB served from here after the dump"), "{said}");
-    for ((cname, port), sum) in BALLAST.iter().zip(&sums) {
-        let after = kubelet::ask(&claimed.ip, *port, "ballast-sum").expect("ballast-sum on B");
-        assert_eq!(&after, sum, "the memory of {cname} on B is the source's");
-    }
-    for id in &ids {
-        node_a
-            .cri()
-            .wait_container_state(id, cri::ContainerState::ContainerExited, Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{id} on A stopped after the move: {e:#}"));
-    }
+    memory_moved(&claimed.ip, &sums, &node_a, &ids);
     let _ = kubelet::remove_pod(&node_b, &claimed);
     let _ = kubelet::remove_pod(&node_a, &pod);
+}
+
+/// Waits (at most 120 s) until hold point `point` in `holds` is reached while `migrate` runs;
+/// panics with `what`, `migrate`'s output and the receiver's, if it exits or time runs out.
+fn wait_held(holds: &Path, point: &str, mut migrate: Child, receiver: &Receiver, what: &str) -> Child {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !holds.join(format!("{point}.reached")).exists() {
+        if Instant::now() > deadline || migrate.try_wait().expect("try_wait").is_some() {
+            let _ = migrate.kill();
+            let out = migrate.wait_with_output().expect("migrate output");
+            panic!(
+                "{what}: {}\nreceiver:\n{}\n{}",
+                text(&out),
+                receiver.stdout(),
+                receiver.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    migrate
 }
 
 /// A live migration whose source vanishes after the switch, with memory still missing on the
@@ -842,24 +832,17 @@ fn a_source_lost_after_the_switch_makes_the_target_kill_its_pod() {
     let holds = tempfile::tempdir().expect("hold points");
     std::fs::write(holds.path().join("migration-pages"), b"").expect("arm the hold point");
     let docker = tempfile::tempdir().expect("docker config dir");
-    let mut migrate = spawn_migrate(&node_a, &config_a, &name, &receiver.addr, docker.path())
+    let migrate = spawn_migrate(&node_a, &config_a, &name, &receiver.addr, docker.path())
         .env(podsnap_tests::paths::FAILPOINT_HOLD_ENV, holds.path())
         .spawn()
         .expect("podsnap migrate");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !holds.path().join("migration-pages.reached").exists() {
-        if Instant::now() > deadline || migrate.try_wait().expect("try_wait").is_some() {
-            let _ = migrate.kill();
-            let out = migrate.wait_with_output().expect("migrate output");
-            panic!(
-                "no memory was held back after the switch (did every page arrive before it?): {}\nreceiver:\n{}\n{}",
-                text(&out),
-                receiver.stdout(),
-                receiver.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut migrate = wait_held(
+        holds.path(),
+        "migration-pages",
+        migrate,
+        &receiver,
+        "no memory was held back after the switch (did every page arrive before it?)",
+    );
     // The source vanishes after the switch.
     migrate.kill().expect("SIGKILL podsnap migrate");
     let _ = migrate.wait();
@@ -927,22 +910,16 @@ fn a_migrate_killed_before_the_switch_leaves_the_pod_running_on_the_source() {
     std::fs::write(holds.path().join("migration-receiving"), b"").expect("arm the hold");
     let mut receiver = Receiver::start(&node_b, &config_b, Some(holds.path()), true);
     let docker = tempfile::tempdir().expect("docker config dir");
-    let mut migrate = spawn_migrate(&node_a, &config_a, &name, &receiver.addr, docker.path())
+    let migrate = spawn_migrate(&node_a, &config_a, &name, &receiver.addr, docker.path())
         .spawn()
         .expect("podsnap migrate");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !holds.path().join("migration-receiving.reached").exists() {
-        if Instant::now() > deadline || migrate.try_wait().expect("try_wait").is_some() {
-            let _ = migrate.kill();
-            let out = migrate.wait_with_output().expect("migrate output");
-            panic!(
-                "the target never held mid-transfer: {}\n{}",
-                text(&out),
-                receiver.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut migrate = wait_held(
+        holds.path(),
+        "migration-receiving",
+        migrate,
+        &receiver,
+        "the target never held mid-transfer",
+    );
     // Frozen for the move, right now.
     let netns = pod.pod.netns.as_deref().expect("the pod's netns");
     assert!(
