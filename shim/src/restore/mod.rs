@@ -46,6 +46,7 @@
 //! [`Restores`] keeps what the pod's containers share between their Creates and Starts.
 
 mod adopted;
+mod claim;
 pub mod criu;
 mod network;
 pub mod open;

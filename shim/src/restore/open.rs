@@ -10,7 +10,8 @@ use podsnap_checkpoint::config::{NodeConfig, LAZY_ANNOTATION, RESTORE_ANNOTATION
 use podsnap_checkpoint::node::lease::{self, Holder, LEASE_DIR};
 use podsnap_runtime::bundle::PodIdentity;
 
-use super::pull::{claim_for_pod, forget_pulled, pull_for_pod, OCI_PREFIX};
+use super::claim::claim_for_pod;
+use super::pull::{forget_pulled, pull_for_pod, OCI_PREFIX};
 use super::{NewContainer, Restores};
 use crate::error::{Error, Result};
 use crate::process::lock;
