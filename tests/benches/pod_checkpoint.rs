@@ -7,9 +7,10 @@
 //!   `CheckpointOptions{image_path}` (leave running): the shim freezes every container, dumps
 //!   them in parallel, thaws, and writes digests and the manifest. Restore: `podsnap restore`
 //!   (the coordinator's library: a new sandbox, every container restored from the checkpoint,
-//!   digests verified once) until every container runs. Its page images are digested as CRIU
-//!   closes them (`[dump] digests = "early"`, the default); a second podsnap contender digests
-//!   everything after the thaw (`"after-thaw"`), set in the node configuration before its turn.
+//!   digests verified once) until every container runs. Its page images are digested as the
+//!   node's default says (`[dump] digests = "auto"`: as CRIU closes them when the node has more
+//!   CPUs than the pod has containers, else after the thaw); a second podsnap contender always
+//!   digests them as CRIU closes them (`"early"`), set in the node configuration before its turn.
 //! - Go runc shim, in parallel (handler `runc`; the main baseline): the three containers
 //!   checkpointed at once, one Tasks.Checkpoint each with runc `CheckpointOptions{image_path}`
 //!   (the same directory form podsnap writes; no rw-layer diff, no content store): what a
@@ -69,18 +70,30 @@ fn ballast_mib() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Contender {
     Podsnap,
-    /// podsnap with `[dump] digests = "after-thaw"`: every digest after the thaw.
-    PodsnapAfterThaw,
+    /// podsnap with `[dump] digests = "early"`: page images digested as CRIU closes them.
+    PodsnapEarly,
     GoParallel,
     GoInTurn,
 }
 
 const CONTENDERS: [Contender; 4] = [
     Contender::Podsnap,
-    Contender::PodsnapAfterThaw,
+    Contender::PodsnapEarly,
     Contender::GoParallel,
     Contender::GoInTurn,
 ];
+
+/// What the node's default `[dump] digests = "auto"` chooses for this pod here (the shim
+/// decides the same way, from the CPUs it may use).
+fn auto_digests() -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let how = if cpus > CONTAINERS.len() {
+        "as CRIU writes"
+    } else {
+        "after the thaw"
+    };
+    format!("auto: {cpus} CPUs, {} containers: {how}", CONTAINERS.len())
+}
 
 /// `PODSNAP_BENCH_CHECKPOINT_ONLY=1`: checkpoints only, podsnap against the Go shim in parallel.
 fn checkpoint_only() -> bool {
@@ -226,12 +239,12 @@ fn main() {
                 continue;
             }
             let digests = match contender {
-                Contender::PodsnapAfterThaw => "[dump]\ndigests = \"after-thaw\"\n",
+                Contender::PodsnapEarly => "[dump]\ndigests = \"early\"\n",
                 _ => "",
             };
             node.set_podsnap_config(digests).expect("node configuration");
             let m = match contender {
-                Contender::Podsnap | Contender::PodsnapAfterThaw => podsnap_round(&node, &runtime, round),
+                Contender::Podsnap | Contender::PodsnapEarly => podsnap_round(&node, &runtime, round),
                 Contender::GoParallel => go_parallel_round(&node, round),
                 Contender::GoInTurn => go_in_turn_round(&node, round),
             };
@@ -241,7 +254,7 @@ fn main() {
             }
         }
     }
-    let [podsnap, after_thaw, parallel, in_turn] = &measures[..] else {
+    let [podsnap, early, parallel, in_turn] = &measures[..] else {
         unreachable!("four contenders")
     };
     let mib_each = ballast_mib();
@@ -297,15 +310,18 @@ fn main() {
             "restore to all running (s)",
         ],
         &[
-            row("podsnap pod checkpoint", podsnap),
             row(
-                "podsnap, digests all after the thaw (`[dump] digests = \"after-thaw\"`)",
-                after_thaw,
+                &format!("podsnap pod checkpoint (digests {})", auto_digests()),
+                podsnap,
+            ),
+            row(
+                "podsnap, digests as CRIU writes (`[dump] digests = \"early\"`)",
+                early,
             ),
             row("Go runc shim, 3 x Tasks.Checkpoint in parallel", parallel),
             row("Go runc shim, 3 x ctr task checkpoint in turn", in_turn),
             ratios("ratio podsnap / Go in parallel", podsnap, parallel),
-            ratios("ratio podsnap after-thaw / Go in parallel", after_thaw, parallel),
+            ratios("ratio podsnap early / Go in parallel", early, parallel),
             ratios("ratio podsnap / Go in turn", podsnap, in_turn),
         ],
     );
@@ -329,16 +345,12 @@ fn main() {
             vec![
                 format!("{} ({what})", key.trim_end_matches("_ms")),
                 cell(podsnap),
-                cell(after_thaw),
+                cell(early),
             ]
         })
         .collect();
     print_table(
-        &[
-            "step",
-            "podsnap (digests early)",
-            "podsnap (digests after the thaw)",
-        ],
+        &["step", "podsnap (default)", "podsnap (digests early)"],
         &step_rows,
     );
     println!();

@@ -83,6 +83,15 @@ pub async fn checkpoint(
         ips: Vec::new(),
     };
     let dest = &request.dest;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let early_digests = request.digests.early(containers.len(), cpus);
+    log::debug!(
+        "pod {}: {} containers on {cpus} CPUs, digests {:?}: {}",
+        sandbox.id,
+        containers.len(),
+        request.digests,
+        if early_digests { "early" } else { "after the thaw" }
+    );
     let dump = PodDump {
         dest: dest.clone(),
         pod,
@@ -96,7 +105,7 @@ pub async fn checkpoint(
         netns: spec.as_ref().and_then(pod_netns),
         lock_network: request.network_lock == podsnap_checkpoint::config::NetworkLock::Pod,
         hold_network: request.hold_network,
-        early_digests: request.digests == podsnap_checkpoint::config::DigestTiming::Early,
+        early_digests,
         reserve_bytes: request.reserve_bytes,
         carry: request.carry.clone(),
         carry_max_bytes: request.carry_max_bytes,
