@@ -570,7 +570,7 @@ pub fn short_id(key_id: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::migrate::identity::tests::{signing_key, write_keys};
 
@@ -612,6 +612,16 @@ mod tests {
                 hello,
                 key_id,
             }),
+        )
+    }
+
+    /// Two peers that list each other, connected: (client, server).
+    pub(crate) async fn connected() -> (Channel, Channel) {
+        let (a, b) = (endpoint(1, &[2]), endpoint(2, &[1]));
+        let (client, server) = pair(&a, &b).await;
+        (
+            client.expect("a connects to b"),
+            server.expect("b accepts a").channel,
         )
     }
 

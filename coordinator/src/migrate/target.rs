@@ -669,6 +669,163 @@ impl Drop for Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use sha2::{Digest, Sha256};
+
+    /// A manifest listing `files` (path, content), as a trusted but hostile peer would craft.
+    fn crafted_manifest(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let listed: serde_json::Map<String, serde_json::Value> = files
+            .iter()
+            .map(|(path, data)| {
+                let digest = hex::encode(Sha256::digest(data));
+                (
+                    (*path).to_owned(),
+                    serde_json::json!({"size": data.len(), "digest": digest}),
+                )
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "format": podsnap_checkpoint::format::manifest::FORMAT,
+            "version": podsnap_checkpoint::format::manifest::VERSION,
+            "digest_algorithm": "sha256",
+            "created_unix": 0,
+            "pod": {"sandbox_id": "s", "name": "web", "namespace": "default", "uid": null, "hostname": null},
+            "host": {"criu_version": "4.2.1", "runc_version": "1.3.6", "kernel": "6.18", "arch": "x86_64"},
+            "tcp_established": false,
+            "containers": [], "volumes": [], "files": listed,
+        }))
+        .expect("json")
+    }
+
+    /// What a peer sends after its manifest (once accepted).
+    enum Send {
+        File(&'static str, u64),
+        Data(&'static [u8]),
+    }
+
+    /// Lands what a listed peer sends (its manifest, then `sends`) into a fresh checkpoint
+    /// root; returns the outcome, what the peer heard last, and what the root holds after.
+    async fn land_crafted(manifest: Vec<u8>, sends: Vec<Send>) -> (Result<()>, String, Vec<String>) {
+        let (mut peer, target) = crate::migrate::channel::tests::connected().await;
+        let root = tempfile::tempdir().expect("tempdir");
+        let sender = tokio::spawn(async move {
+            peer.send(Frame::Manifest(Bytes::from(manifest)))
+                .await
+                .expect("manifest");
+            let answer = peer.recv_message().await;
+            if matches!(answer, Ok(Message::Accept)) {
+                for send in sends {
+                    let frame = match send {
+                        Send::File(path, size) => Frame::Message(Message::File {
+                            path: path.to_owned(),
+                            size,
+                        }),
+                        Send::Data(data) => Frame::Data(Bytes::from_static(data)),
+                    };
+                    if peer.send(frame).await.is_err() {
+                        break;
+                    }
+                }
+                return format!("{:?}", peer.recv_message().await);
+            }
+            format!("{answer:?}")
+        });
+        let check = |raw: &[u8]| Manifest::parse(raw).map_err(|e| format!("its manifest: {e}"));
+        // The channel dropped as the target returns: the peer hears the end either way.
+        let landed = land(target, root.path(), None, check, &crate::progress::Quiet)
+            .await
+            .map(|_| ());
+        let heard = sender.await.expect("the peer's task");
+        let left: Vec<String> = std::fs::read_dir(root.path())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (landed, heard, left)
+    }
+
+    #[tokio::test]
+    async fn a_listed_peer_sending_crafted_files_is_refused_and_nothing_is_left() {
+        let listed: &[(&str, &[u8])] = &[("containers/web/a", b"abc")];
+        // The honest transfer lands: the harness can tell a refusal from success.
+        let (ok, _, left) = land_crafted(
+            crafted_manifest(listed),
+            vec![Send::File("containers/web/a", 3), Send::Data(b"abc")],
+        )
+        .await;
+        ok.expect("the listed file, its bytes");
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].starts_with("received-"), "{left:?}");
+
+        let cases: Vec<(&str, Vec<u8>, Vec<Send>, &str)> = vec![
+            (
+                "a manifest that does not parse",
+                b"{\"format\":".to_vec(),
+                vec![],
+                "its manifest",
+            ),
+            (
+                "a path out of the checkpoint",
+                crafted_manifest(listed),
+                vec![Send::File("../../etc/cron.d/x", 3), Send::Data(b"abc")],
+                "../../etc/cron.d/x",
+            ),
+            (
+                "a file the manifest does not list",
+                crafted_manifest(listed),
+                vec![Send::File("containers/web/b", 3), Send::Data(b"abc")],
+                "containers/web/b",
+            ),
+            (
+                "another size than listed",
+                crafted_manifest(listed),
+                vec![Send::File("containers/web/a", 4), Send::Data(b"abcd")],
+                "containers/web/a",
+            ),
+            (
+                "other bytes than the digest",
+                crafted_manifest(listed),
+                vec![Send::File("containers/web/a", 3), Send::Data(b"abd")],
+                "digest",
+            ),
+            (
+                "more bytes than announced in one frame",
+                crafted_manifest(listed),
+                vec![Send::File("containers/web/a", 3), Send::Data(b"abcdef")],
+                "containers/web/a",
+            ),
+            (
+                "the same file twice",
+                crafted_manifest(&[("containers/web/a", b"abc"), ("containers/web/b", b"x")]),
+                vec![
+                    Send::File("containers/web/a", 3),
+                    Send::Data(b"abc"),
+                    Send::File("containers/web/a", 3),
+                    Send::Data(b"abc"),
+                ],
+                "sent twice",
+            ),
+            (
+                "data where a file was due",
+                crafted_manifest(listed),
+                vec![Send::Data(b"abc")],
+                "broke the migration protocol",
+            ),
+        ];
+        for (what, manifest, sends, says) in cases {
+            let (landed, heard, left) = land_crafted(manifest, sends).await;
+            let err = landed.expect_err(what).to_string();
+            assert!(err.contains(says), "{what}: {err}");
+            assert!(
+                heard.contains("Refuse") || heard.contains("Abort"),
+                "{what}: the peer is told: {heard}"
+            );
+            assert!(left.is_empty(), "{what}: the root holds {left:?}");
+        }
+    }
 
     #[test]
     fn a_checkpoint_that_does_not_fit_with_the_reserve_is_refused_with_the_numbers() {
