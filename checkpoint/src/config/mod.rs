@@ -173,7 +173,8 @@ impl DumpPolicy {
 #[serde(rename_all = "kebab-case")]
 pub enum DigestTiming {
     /// `early` when the node has a core to spare while the pod's CRIU runs dump (more online
-    /// CPUs than containers dumped at once), else `after-thaw`: the followers of `early` run
+    /// CPUs than containers dumped at once, the pause container not counted), else
+    /// `after-thaw`: the followers of `early` run
     /// in the idle scheduling class and find no idle core when every one is dumping, so there
     /// they only add their own overhead to the frozen window (`pod_checkpoint`, 3 containers
     /// on 2 cores).

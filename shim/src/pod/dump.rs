@@ -83,12 +83,16 @@ pub async fn checkpoint(
         ips: Vec::new(),
     };
     let dest = &request.dest;
+    // The CRIU runs that dump memory at once: every live container but the pause process's.
+    let dumping = containers
+        .iter()
+        .filter(|c| !c.identity.is_sandbox && c.init.state().status != Status::Stopped)
+        .count();
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let early_digests = request.digests.early(containers.len(), cpus);
+    let early_digests = request.digests.early(dumping, cpus);
     log::debug!(
-        "pod {}: {} containers on {cpus} CPUs, digests {:?}: {}",
+        "pod {}: {dumping} containers dumping on {cpus} CPUs, digests {:?}: {}",
         sandbox.id,
-        containers.len(),
         request.digests,
         if early_digests { "early" } else { "after the thaw" }
     );
