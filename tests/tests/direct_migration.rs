@@ -816,6 +816,15 @@ fn wait_held(holds: &Path, point: &str, mut migrate: Child, receiver: &Receiver,
     migrate
 }
 
+/// What vanishes on the source after the switch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Vanishes {
+    /// `podsnap migrate`, which carries the pages over the channel.
+    Migrate,
+    /// The pod's shim, which carries each container's pages from its CRIU to `migrate`.
+    Shim,
+}
+
 /// A live migration whose source vanishes after the switch, with memory still missing on the
 /// target: the source's pages are held back once the target committed (hold point
 /// `migration-pages`), then `podsnap migrate` is SIGKILLed. The target kills its containers
@@ -823,6 +832,19 @@ fn wait_held(holds: &Path, point: &str, mut migrate: Child, receiver: &Receiver,
 /// network locked (the target may have run it), until an operator resumes it.
 #[test]
 fn a_source_lost_after_the_switch_makes_the_target_kill_its_pod() {
+    source_lost_after_the_switch(Vanishes::Migrate);
+}
+
+/// As above, but the source pod's shim is SIGKILLed instead (`migrate` lives on): the page
+/// streams end at the source. The target kills its containers just the same, and the source's
+/// pod runs nowhere: containerd, seeing its shim gone, has the tasks deleted, or they stay
+/// frozen; none is running thawed.
+#[test]
+fn a_source_shim_killed_after_the_switch_makes_the_target_kill_its_pod() {
+    source_lost_after_the_switch(Vanishes::Shim);
+}
+
+fn source_lost_after_the_switch(vanishes: Vanishes) {
     let (node_a, node_b) = Node::start_pair(workload(), workload());
     let keys = Keys::new();
     let (config_a, config_b, _) = keys.for_a_and_b();
@@ -843,20 +865,39 @@ fn a_source_lost_after_the_switch_makes_the_target_kill_its_pod() {
         &receiver,
         "no memory was held back after the switch (did every page arrive before it?)",
     );
-    // The source vanishes after the switch.
-    migrate.kill().expect("SIGKILL podsnap migrate");
-    let _ = migrate.wait();
+    let shims = node_a.shim_pids(podsnap_tests::PODSNAP_SHIM);
+    match vanishes {
+        Vanishes::Migrate => {
+            migrate.kill().expect("SIGKILL podsnap migrate");
+            let _ = migrate.wait();
+        }
+        Vanishes::Shim => {
+            assert_eq!(shims.len(), 1, "one shim for the pod on A: {shims:?}");
+            // SAFETY: kill(2) with a pid and a signal number.
+            let killed = unsafe { libc::kill(shims[0], libc::SIGKILL) };
+            assert_eq!(killed, 0, "SIGKILL the shim");
+            // migrate carries on: what the dead shim had sent, then the streams' end.
+            std::fs::remove_file(holds.path().join("migration-pages")).expect("let the pages go");
+        }
+    }
     let status = receiver.wait(Duration::from_secs(60));
     assert!(
         !status.success(),
         "the receiver reported success without the memory"
     );
     let said = format!("{}\n{}", receiver.stdout(), receiver.stderr());
-    assert!(
-        said.contains("the source was lost after the switch")
-            && said.contains("killed rather than run with missing memory"),
-        "{said}"
-    );
+    let why = match vanishes {
+        // The channel broke: every stream is lost at once.
+        Vanishes::Migrate => {
+            said.contains("the source was lost after the switch")
+                && said.contains("killed rather than run with missing memory")
+        }
+        // The streams ended at the source: each daemon ends short of its pages.
+        Vanishes::Shim => {
+            said.contains("ended before it had every page") && said.contains("the shim killed it")
+        }
+    };
+    assert!(why, "{vanishes:?}: {said}");
     // B's containers were killed, not left running on zero-filled pages.
     let restored = sandbox_ids(&node_b);
     assert_eq!(restored.len(), 1, "the restored pod on B: {restored:?}");
@@ -870,6 +911,33 @@ fn a_source_lost_after_the_switch_makes_the_target_kill_its_pod() {
                 Duration::from_secs(30),
             )
             .unwrap_or_else(|e| panic!("{cname} on B was not killed: {e:#}"));
+    }
+    if vanishes == Vanishes::Shim {
+        // migrate, left with a channel and no pages to carry, fails and says so.
+        let out = wait_output(migrate, Duration::from_secs(60));
+        assert!(!out.status.success(), "migrate succeeded: {}", text(&out));
+        // A's pod runs nowhere: each container is frozen, or gone once containerd has seen
+        // its shim die (it has the tasks deleted); none runs thawed.
+        for id in &ids {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let state = node_a.cri().container(id).map(|c| c.state());
+                let freezer = podsnap_tests::host::freezer_state_of(id);
+                let running = matches!(state, Ok(cri::ContainerState::ContainerRunning));
+                if !running || freezer.as_deref() == Some("FROZEN") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{id} on A runs thawed ({state:?}, freezer {freezer:?}) while B may have run it"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = node_a.ctr().run("k8s.io", &["task", "resume", id]);
+        }
+        let _ = std::fs::remove_file(holds.path().join("migration-pages"));
+        let _ = podsnap_tests::kubelet::remove_pod(&node_a, &pod);
+        return;
     }
     // A's pod stays, frozen and locked: it must not run on both nodes.
     let netns_a = pod.netns.as_deref().expect("the pod's netns on A");
@@ -891,6 +959,16 @@ fn a_source_lost_after_the_switch_makes_the_target_kill_its_pod() {
     }
     let _ = std::fs::remove_file(holds.path().join("migration-pages"));
     let _ = podsnap_tests::kubelet::remove_pod(&node_a, &pod);
+}
+
+/// `child`'s output once it exits, SIGKILLed first if it runs longer than `limit`.
+fn wait_output(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("the child's output")
 }
 
 /// `podsnap migrate` SIGKILLed before the switch (the pod frozen and dumped lazily, the target
