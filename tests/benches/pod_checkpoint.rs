@@ -41,6 +41,10 @@
 //! copy of it on a tmpfs mounted by the bench (another filesystem: the restore must copy every
 //! file into the root first), each timed like the restore above.
 //!
+//! `PODSNAP_BENCH_MEMORY=warm|cold` puts the memory in one state before every timed checkpoint
+//! (`common::settle`): page cache freed just before, or 3 s without frees; the dump's writes run
+//! several times faster in the first on these machines (docs/node-notes.md).
+//!
 //! `cargo build --release -p containerd-shim-podsnap-v1 && cargo bench -p podsnap-tests --bench
 //! pod_checkpoint` (rounds: `PODSNAP_BENCH_N`, default 5). `PODSNAP_BENCH_CHECKPOINT_ONLY=1`: the
 //! checkpoints of podsnap and the Go shim in parallel only (no restores, no `ctr task checkpoint`).
@@ -262,8 +266,9 @@ fn main() {
     println!();
     println!(
         "### A pod of three containers, {mib_each} MiB dirtied memory each: checkpoint and restore \
-         (median of {rounds}, min-max; {:.0} s in all)",
-        seconds(started.elapsed())
+         (median of {rounds}, min-max; {:.0} s in all; {})",
+        seconds(started.elapsed()),
+        common::MemoryState::from_env().describe()
     );
     println!();
     println!(
@@ -454,7 +459,7 @@ fn podsnap_round(node: &Node, runtime: &tokio::runtime::Runtime, round: usize) -
     let (pod, ids, sums) = run_pod(node, "podsnap", &node.unique(&format!("pc-ps-{round}")));
     let dir = node.files().checkpoints().join(format!("bench-{round}"));
     let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
-    common::sync_disks();
+    common::settle(&node.files().checkpoints());
     let observer = observe(&pod, &ids);
     let checkpoint = common::timed_pod_checkpoint(&api, &pod.id, &dir);
     let windows = observer.stop();
@@ -563,7 +568,7 @@ fn go_parallel_round(node: &Node, round: usize) -> Round {
     let dir = node.dir().join(format!("go-parallel-{round}"));
     std::fs::create_dir_all(&dir).expect("mkdir");
     let dirs: Vec<PathBuf> = CONTAINERS.iter().map(|(name, _)| dir.join(name)).collect();
-    common::sync_disks();
+    common::settle(&node.files().checkpoints());
     let observer = observe(&pod, &ids);
     let clock = Instant::now();
     at_once(node, &ids, |api, i, id| {

@@ -23,7 +23,8 @@
 //! with its tmpfs archives, the network namespace's conntrack tables, the rest), read from the
 //! timestamps of its `dump.log` in the checkpoint: the fixed cost every container's CRIU pays.
 //!
-//! Every timing starts after `sync` (no writeback of the previous contender inside it). Pod
+//! Every timing starts after `sync` (no writeback of the previous contender inside it); part 1
+//! takes `PODSNAP_BENCH_MEMORY=warm|cold` as `pod_checkpoint` does (`common::settle`). Pod
 //! frozen windows are observed from outside (`common::observer`).
 //!
 //! `cargo build --release -p containerd-shim-podsnap-v1 && cargo bench -p podsnap-tests --bench
@@ -246,8 +247,9 @@ fn main() {
     println!();
     println!(
         "### podsnap pod checkpoint by number of containers, {total} MiB dirtied memory in all \
-         (median of {rounds}, min-max; {:.0} s for the whole bench)",
-        seconds(started.elapsed())
+         (median of {rounds}, min-max; {:.0} s for the whole bench; {})",
+        seconds(started.elapsed()),
+        common::MemoryState::from_env().describe()
     );
     println!();
     let (one, uncached_one) = (by_count[0].clone(), uncached[0].clone());
@@ -409,7 +411,7 @@ fn podsnap_dump(node: &Node, round: usize, n: usize, each: usize) -> ((f64, f64,
         .checkpoints()
         .join(format!("scale-{round}-{n}-{each}"));
     let api = ContainerdApi::connect(&node.address(), NS).expect("containerd API");
-    common::sync_disks();
+    common::settle(&node.files().checkpoints());
     let observer = Observer::start(
         ids.iter()
             .enumerate()

@@ -129,6 +129,61 @@ pub fn sync_disks() {
     unsafe { libc::sync() };
 }
 
+/// The memory a timed dump writes its page cache into (`PODSNAP_BENCH_MEMORY`): on these
+/// virtual machines a write into memory freed less than a second before runs several times
+/// faster than into memory freed seconds before or never used (docs/node-notes.md), and which
+/// one a dump gets is otherwise chance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryState {
+    /// Whatever the round left (the default).
+    AsIs,
+    /// Just freed: 1 GiB written into a scratch file beside the checkpoints and deleted
+    /// (never written back) right before the timing starts.
+    Warm,
+    /// Nothing freed recently: 3 s of quiet before the timing starts.
+    Cold,
+}
+
+impl MemoryState {
+    pub fn from_env() -> MemoryState {
+        match std::env::var("PODSNAP_BENCH_MEMORY").as_deref() {
+            Ok("warm") => MemoryState::Warm,
+            Ok("cold") => MemoryState::Cold,
+            Ok("" | "as-is") | Err(_) => MemoryState::AsIs,
+            Ok(other) => panic!("PODSNAP_BENCH_MEMORY={other}: warm, cold or as-is"),
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            MemoryState::AsIs => "memory as each round left it",
+            MemoryState::Warm => "memory warm: 1 GiB of page cache freed just before each timed checkpoint",
+            MemoryState::Cold => "memory cold: 3 s without frees before each timed checkpoint",
+        }
+    }
+}
+
+/// [`sync_disks`], then the memory put in the state `PODSNAP_BENCH_MEMORY` asks for, a scratch
+/// file (if any) written in `dir`.
+pub fn settle(dir: &Path) {
+    sync_disks();
+    match MemoryState::from_env() {
+        MemoryState::AsIs => {}
+        MemoryState::Cold => std::thread::sleep(Duration::from_secs(3)),
+        MemoryState::Warm => {
+            use std::io::Write;
+            let scratch = dir.join(".bench-scratch");
+            let mut f = std::fs::File::create(&scratch).expect("the scratch file");
+            let block = vec![0x5au8; 1 << 20];
+            for _ in 0..1024 {
+                f.write_all(&block).expect("write the scratch file");
+            }
+            drop(f);
+            std::fs::remove_file(&scratch).expect("remove the scratch file");
+        }
+    }
+}
+
 /// Total size in bytes of the regular files under `dir`.
 pub fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
