@@ -132,7 +132,8 @@ pub fn sync_disks() {
 /// The memory a timed dump writes its page cache into (`PODSNAP_BENCH_MEMORY`): on these
 /// virtual machines a write into memory freed less than a second before runs several times
 /// faster than into memory freed seconds before or never used (docs/node-notes.md), and which
-/// one a dump gets is otherwise chance.
+/// one a dump gets is otherwise chance. The preparation narrows that draw; it does not remove
+/// it (a single large dump still lands in either mode now and then).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryState {
     /// Whatever the round left (the default).
