@@ -41,9 +41,10 @@
 //! copy of it on a tmpfs mounted by the bench (another filesystem: the restore must copy every
 //! file into the root first), each timed like the restore above.
 //!
-//! `PODSNAP_BENCH_MEMORY=warm|cold` puts the memory in one state before every timed checkpoint
-//! (`common::settle`): page cache freed just before, or 3 s without frees; the dump's writes run
-//! several times faster in the first on these machines (docs/node-notes.md).
+//! `PODSNAP_BENCH_MEMORY=warm|cold` prepares the memory the same way before every timed
+//! checkpoint (`common::settle`): page cache freed just before, or 3 s without frees; the
+//! dump's writes tend to run several times faster after the first on these machines
+//! (docs/node-notes.md).
 //!
 //! `cargo build --release -p containerd-shim-podsnap-v1 && cargo bench -p podsnap-tests --bench
 //! pod_checkpoint` (rounds: `PODSNAP_BENCH_N`, default 5). `PODSNAP_BENCH_CHECKPOINT_ONLY=1`: the
