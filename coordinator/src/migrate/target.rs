@@ -760,61 +760,71 @@ mod tests {
         assert_eq!(left.len(), 1, "{left:?}");
         assert!(left[0].starts_with("received-"), "{left:?}");
 
-        let cases: Vec<(&str, Vec<u8>, Vec<Send>, &str)> = vec![
-            (
-                "a manifest that does not parse",
-                b"{\"format\":".to_vec(),
-                vec![],
-                "its manifest",
-            ),
+        // One listed file: (what, the path announced, its size announced, the bytes sent, what
+        // the refusal names).
+        let one_file: [(&str, &'static str, u64, &'static [u8], &str); 5] = [
             (
                 "a path out of the checkpoint",
-                crafted_manifest(listed),
-                vec![Send::File("../../etc/cron.d/x", 3), Send::Data(b"abc")],
+                "../../etc/cron.d/x",
+                3,
+                b"abc",
                 "../../etc/cron.d/x",
             ),
             (
                 "a file the manifest does not list",
-                crafted_manifest(listed),
-                vec![Send::File("containers/web/b", 3), Send::Data(b"abc")],
+                "containers/web/b",
+                3,
+                b"abc",
                 "containers/web/b",
             ),
             (
                 "another size than listed",
-                crafted_manifest(listed),
-                vec![Send::File("containers/web/a", 4), Send::Data(b"abcd")],
+                "containers/web/a",
+                4,
+                b"abcd",
                 "containers/web/a",
             ),
             (
                 "other bytes than the digest",
-                crafted_manifest(listed),
-                vec![Send::File("containers/web/a", 3), Send::Data(b"abd")],
+                "containers/web/a",
+                3,
+                b"abd",
                 "digest",
             ),
             (
-                "more bytes than announced in one frame",
-                crafted_manifest(listed),
-                vec![Send::File("containers/web/a", 3), Send::Data(b"abcdef")],
+                "more bytes than announced in a frame",
+                "containers/web/a",
+                3,
+                b"abcdef",
                 "containers/web/a",
             ),
-            (
-                "the same file twice",
-                crafted_manifest(&[("containers/web/a", b"abc"), ("containers/web/b", b"x")]),
-                vec![
-                    Send::File("containers/web/a", 3),
-                    Send::Data(b"abc"),
-                    Send::File("containers/web/a", 3),
-                    Send::Data(b"abc"),
-                ],
-                "sent twice",
-            ),
-            (
-                "data where a file was due",
-                crafted_manifest(listed),
-                vec![Send::Data(b"abc")],
-                "broke the migration protocol",
-            ),
         ];
+        let mut cases: Vec<(&str, Vec<u8>, Vec<Send>, &str)> = one_file
+            .into_iter()
+            .map(|(what, path, size, data, says)| {
+                let sends = vec![Send::File(path, size), Send::Data(data)];
+                (what, crafted_manifest(listed), sends, says)
+            })
+            .collect();
+        let unparsable = b"{\"format\":".to_vec();
+        cases.push((
+            "a manifest that does not parse",
+            unparsable,
+            vec![],
+            "its manifest",
+        ));
+        let file_a = || [Send::File("containers/web/a", 3), Send::Data(b"abc")];
+        let two_listed = crafted_manifest(&[("containers/web/a", b"abc"), ("containers/web/b", b"x")]);
+        let twice = file_a().into_iter().chain(file_a()).collect();
+        cases.push(("the same file twice", two_listed, twice, "sent twice"));
+        let data_first = vec![Send::Data(b"abc")];
+        let protocol = "broke the migration protocol";
+        cases.push((
+            "data where a file was due",
+            crafted_manifest(listed),
+            data_first,
+            protocol,
+        ));
         for (what, manifest, sends, says) in cases {
             let (landed, heard, left) = land_crafted(manifest, sends).await;
             let err = landed.expect_err(what).to_string();
