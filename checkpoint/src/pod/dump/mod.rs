@@ -134,7 +134,8 @@ pub struct PodDump {
     /// Leave it locked when the dump is over (its caller paused the pod, and unlocks the
     /// network when it resumes it; see `layout::DumpAsk::hold_network`).
     pub hold_network: bool,
-    /// Digest page images as CRIU writes them (the node's `[dump] digests = "early"`).
+    /// Digest page images as CRIU writes them (the node's `[dump] digests`: `"early"`, or `"auto"`
+    /// with a core to spare).
     pub early_digests: bool,
     /// Free space the dump must leave on the destination's filesystem (the node's
     /// `[dump] reserve_bytes`).
