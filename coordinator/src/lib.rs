@@ -22,7 +22,7 @@ pub mod summary;
 pub use error::{Error, Result};
 
 /// The node configuration (`/etc/podsnap/config.toml`), a part of [`restore::RestoreRequest`].
-pub use podsnap_checkpoint::config::NodeConfig;
+pub use podsnap_checkpoint::config::{DigestTiming, NodeConfig};
 
 /// Where checkpoints live on a node unless `PODSNAP_CHECKPOINT_ROOT` or the node configuration
 /// says otherwise (one definition, shared with the shim).

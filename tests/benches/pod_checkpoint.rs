@@ -92,7 +92,7 @@ const CONTENDERS: [Contender; 4] = [
 /// decides the same way, from the CPUs it may use).
 fn auto_digests() -> String {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let how = if cpus > CONTAINERS.len() {
+    let how = if podsnap_coordinator::DigestTiming::Auto.early(CONTAINERS.len(), cpus) {
         "as CRIU writes"
     } else {
         "after the thaw"

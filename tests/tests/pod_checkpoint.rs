@@ -115,7 +115,7 @@ fn podsnap_dump_and_restore_bring_the_pod_back() {
     // shim had a core to spare beside the two containers' CRIU runs, else all after the thaw.
     let early = node.log_grep("digested as CRIU closed them");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus > 2 {
+    if podsnap_coordinator::DigestTiming::Auto.early(2, cpus) {
         assert!(
             early.iter().any(|l| !l.contains(": 0 of ")),
             "{cpus} CPUs for 2 dumps, no page image digested early: {early:?}"

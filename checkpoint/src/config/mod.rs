@@ -174,10 +174,9 @@ impl DumpPolicy {
 pub enum DigestTiming {
     /// `early` when the node has a core to spare while the pod's CRIU runs dump (more online
     /// CPUs than containers dumped at once, the pause container not counted), else
-    /// `after-thaw`: the followers of `early` run
-    /// in the idle scheduling class and find no idle core when every one is dumping, so there
-    /// they only add their own overhead to the frozen window (`pod_checkpoint`, 3 containers
-    /// on 2 cores).
+    /// `after-thaw`: the followers of `early` run in the idle scheduling class and find no idle
+    /// core when every one is dumping, so there they only add their own overhead to the frozen
+    /// window (`pod_checkpoint`, 3 containers on 2 cores).
     #[default]
     Auto,
     /// As CRIU closes each one, in the idle scheduling class while the pod is frozen
