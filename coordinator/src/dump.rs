@@ -105,9 +105,13 @@ pub async fn dump(request: &DumpRequest, progress: &dyn Progress) -> Result<Dump
             .clone()
             .map(|dir| podsnap_checkpoint::format::layout::ServeAsk { dir }),
     };
-    checkpoint_pod(&containerd, &pod, &dir, request, &ask).await?;
+    let (dumped, images) = tokio::join!(
+        checkpoint_pod(&containerd, &pod, &dir, request, &ask),
+        ImageIds::of(&clients, &pod.id)
+    );
+    dumped?;
     progress.step("recording the containers' image ids");
-    record_image_ids(&clients, &pod.id, &dir).await?;
+    images?.record(&dir)?;
     let manifest = read_manifest(&dir)?;
     let summary = CheckpointSummary::new(&dir, &manifest, &request.checkpoint_root);
     log::info!(
@@ -262,61 +266,79 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(Manifest::parse(&bytes)?)
 }
 
-/// Records in the manifest each container's image id (its digest, CRI's image ref), which the
-/// shim cannot see: a restore then refuses a container whose image changed since. And the image
-/// pinned by its manifest digest (one of CRI's repo digests), so that a node lacking the image
-/// can pull exactly it.
-pub(crate) async fn record_image_ids(clients: &cri::CriClients, sandbox: &str, dir: &Path) -> Result<()> {
-    let listed = clients
-        .runtime
-        .clone()
-        .list_containers(k8s_cri::v1::ListContainersRequest {
-            filter: Some(k8s_cri::v1::ContainerFilter {
-                pod_sandbox_id: sandbox.to_owned(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .map_err(Error::cri(format!("ListContainers of sandbox {sandbox}")))?
-        .into_inner()
-        .containers;
-    // The newest attempt of each name is the one that was dumped.
-    let mut ids: std::collections::HashMap<String, (u32, String)> = Default::default();
-    for c in listed {
-        let Some(meta) = c.metadata else { continue };
-        if c.image_ref.is_empty() {
-            continue;
+/// The image of each container of a sandbox, as CRI knows it: its id and its repo digests. The
+/// manifest records them because the shim cannot see them: each container's image id (a restore
+/// refuses a container whose image changed since), and its image pinned by a repo digest (a node
+/// lacking the image pulls exactly it).
+#[derive(Debug, Default)]
+pub(crate) struct ImageIds(std::collections::HashMap<String, (String, Vec<String>)>);
+
+impl ImageIds {
+    /// Asks CRI for the images of sandbox `sandbox`'s containers (the newest attempt of each
+    /// name, the one a dump takes). Images do not change under a running container, so this
+    /// runs beside the dump rather than after it, outside the pod's downtime.
+    pub(crate) async fn of(clients: &cri::CriClients, sandbox: &str) -> Result<Self> {
+        let listed = clients
+            .runtime
+            .clone()
+            .list_containers(k8s_cri::v1::ListContainersRequest {
+                filter: Some(k8s_cri::v1::ContainerFilter {
+                    pod_sandbox_id: sandbox.to_owned(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(Error::cri(format!("ListContainers of sandbox {sandbox}")))?
+            .into_inner()
+            .containers;
+        let mut newest: std::collections::HashMap<String, (u32, String)> = Default::default();
+        for c in listed {
+            let Some(meta) = c.metadata else { continue };
+            if c.image_ref.is_empty() {
+                continue;
+            }
+            let e = newest
+                .entry(meta.name)
+                .or_insert((meta.attempt, c.image_ref.clone()));
+            if meta.attempt >= e.0 {
+                *e = (meta.attempt, c.image_ref);
+            }
         }
-        let e = ids
-            .entry(meta.name)
-            .or_insert((meta.attempt, c.image_ref.clone()));
-        if meta.attempt >= e.0 {
-            *e = (meta.attempt, c.image_ref);
-        }
-    }
-    let mut manifest = read_manifest(dir)?;
-    let mut changed = false;
-    for entry in manifest.containers.iter_mut() {
-        let Some((_, id)) = ids.get(&entry.name) else {
-            continue;
-        };
-        if entry.image_id.is_none() {
-            entry.image_id = Some(id.clone());
-            changed = true;
-        }
-        if entry.image_digest.is_none() {
-            let repo_digests = cri::image_status(clients, id)
+        let statuses = newest.into_iter().map(|(name, (_, id))| async move {
+            let repo_digests = cri::image_status(clients, &id)
                 .await?
                 .map(|i| i.repo_digests)
                 .unwrap_or_default();
-            entry.image_digest = pinned_reference(entry.image.as_deref(), &repo_digests);
-            changed |= entry.image_digest.is_some();
+            Ok::<_, Error>((name, (id, repo_digests)))
+        });
+        let found = futures::future::try_join_all(statuses).await?;
+        Ok(Self(found.into_iter().collect()))
+    }
+
+    /// Records them in the manifest of the checkpoint just dumped into `dir` (each container's
+    /// image id, and the pinned reference of its image when one is clear), where it does not
+    /// say them yet.
+    pub(crate) fn record(&self, dir: &Path) -> Result<()> {
+        let mut manifest = read_manifest(dir)?;
+        let mut changed = false;
+        for entry in manifest.containers.iter_mut() {
+            let Some((id, repo_digests)) = self.0.get(&entry.name) else {
+                continue;
+            };
+            if entry.image_id.is_none() {
+                entry.image_id = Some(id.clone());
+                changed = true;
+            }
+            if entry.image_digest.is_none() {
+                entry.image_digest = pinned_reference(entry.image.as_deref(), repo_digests);
+                changed |= entry.image_digest.is_some();
+            }
         }
+        if changed {
+            write_manifest(dir, &manifest)?;
+        }
+        Ok(())
     }
-    if changed {
-        write_manifest(dir, &manifest)?;
-    }
-    Ok(())
 }
 
 /// Replaces the manifest of the checkpoint the dump just wrote in `dir` by `manifest` (the same

@@ -28,7 +28,7 @@ use podsnap_checkpoint::format::layout::{DumpAsk, GroupAsk};
 use podsnap_checkpoint::pod::dump::group::ABORT;
 
 use crate::containerd::{Containerd, CRI_NAMESPACE};
-use crate::dump::{checkpoint_pod, create_private_dir_all, read_manifest, record_image_ids, DumpRequest};
+use crate::dump::{checkpoint_pod, create_private_dir_all, read_manifest, DumpRequest, ImageIds};
 use crate::error::{Error, Result};
 use crate::pod::{find_ready_pod, PodRef};
 use crate::progress::Progress;
@@ -135,7 +135,7 @@ pub async fn dump_group(
     let mut parts = Vec::new();
     for pod in &pods {
         let part = dir.join(&pod.name);
-        record_image_ids(&clients, &pod.id, &part).await?;
+        ImageIds::of(&clients, &pod.id).await?.record(&part)?;
         let manifest = read_manifest(&part)?;
         parts.push((
             pod.clone(),

@@ -9,7 +9,10 @@ use podsnap_checkpoint::config::{KEEP_IP_ANNOTATION, LAZY_ANNOTATION};
 use crate::cri::CriClients;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::spec::sandbox_config;
+use crate::spec::{sandbox_config, ContainerPlan};
+
+/// CRI's runtime service client.
+type RuntimeClient = k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>;
 
 use super::*;
 
@@ -81,11 +84,12 @@ pub(super) async fn create(
     let mut started = Vec::new();
     let mut completed = Vec::new();
     let mut left_created = Vec::new();
-    // Containers are created one after another in their recorded order (completed ones are
-    // answered at once, in order); the restores of those that ran, the slow part, start
-    // together once all are created: they ran side by side at the checkpoint, and each
-    // comes back at that instant, so none waits for another.
-    let mut to_restore = Vec::new();
+    // Containers that completed or never started are made one after another in their recorded
+    // order (completed ones answered at once, in order, as kubelet ran them). Those that ran
+    // are created together, then their restores, the slow part, start together: they ran side
+    // by side at the checkpoint, each comes back at that instant, and none waits for another
+    // (a live migration's downtime counts every one of these calls).
+    let mut to_create = Vec::new();
     for (c, then, _) in &plan.containers {
         progress.step(&match then {
             Then::Restore => format!("restoring container {}", c.name),
@@ -105,20 +109,14 @@ pub(super) async fn create(
             std::fs::File::create(file).map_err(Error::io("create the termination log", file))?;
         }
         make_dir(&pod.log_dir.join(&c.name), 0o755, undo)?;
-        let container_id = runtime
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: id.clone(),
-                config: Some(c.config.clone()),
-                sandbox_config: Some(config.clone()),
-            })
-            .await
-            .map_err(Error::cri(format!("CreateContainer {}", c.name)))?
-            .into_inner()
-            .container_id;
         match then {
-            Then::LeaveCreated => left_created.push((c.name.clone(), container_id)),
-            Then::Restore => to_restore.push((c.name.clone(), container_id)),
+            Then::Restore => to_create.push(c),
+            Then::LeaveCreated => {
+                let container_id = create_container(&mut runtime, &id, c, &config).await?;
+                left_created.push((c.name.clone(), container_id));
+            }
             Then::Exited(code) => {
+                let container_id = create_container(&mut runtime, &id, c, &config).await?;
                 runtime
                     .start_container(cri::StartContainerRequest {
                         container_id: container_id.clone(),
@@ -130,6 +128,16 @@ pub(super) async fn create(
             }
         }
     }
+    let creations = to_create.iter().map(|c| {
+        let (mut runtime, id, config) = (runtime.clone(), &id, &config);
+        async move { create_container(&mut runtime, id, c, config).await }
+    });
+    let to_restore = futures::future::join_all(creations)
+        .await
+        .into_iter()
+        .zip(&to_create)
+        .map(|(created, c)| created.map(|container_id| (c.name.clone(), container_id)))
+        .collect::<Result<Vec<_>>>()?;
     let starts = to_restore.iter().map(|(name, container_id)| {
         let mut runtime = runtime.clone();
         async move {
@@ -181,17 +189,31 @@ pub(super) async fn create(
     })
 }
 
+/// CreateContainer of `c` in sandbox `sandbox`: its container id.
+async fn create_container(
+    runtime: &mut RuntimeClient,
+    sandbox: &str,
+    c: &ContainerPlan,
+    sandbox_config: &cri::PodSandboxConfig,
+) -> Result<String> {
+    Ok(runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.to_owned(),
+            config: Some(c.config.clone()),
+            sandbox_config: Some(sandbox_config.clone()),
+        })
+        .await
+        .map_err(Error::cri(format!("CreateContainer {}", c.name)))?
+        .into_inner()
+        .container_id)
+}
+
 /// How long a completed container may take to be reported exited.
 pub(super) const COMPLETED_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits until CRI reports a completed container exited with its recorded code (the shim
 /// answers it at once, without running it).
-pub(super) async fn wait_exited(
-    runtime: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
-    name: &str,
-    id: &str,
-    code: u32,
-) -> Result<()> {
+pub(super) async fn wait_exited(runtime: &mut RuntimeClient, name: &str, id: &str, code: u32) -> Result<()> {
     let deadline = Instant::now() + COMPLETED_EXIT_TIMEOUT;
     loop {
         let status = runtime
