@@ -266,17 +266,17 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(Manifest::parse(&bytes)?)
 }
 
-/// The image of each container of a sandbox, as CRI knows it: its id and its repo digests. The
-/// manifest records them because the shim cannot see them: each container's image id (a restore
-/// refuses a container whose image changed since), and its image pinned by a repo digest (a node
-/// lacking the image pulls exactly it).
+/// The image of each container of a sandbox, as CRI knows it: its id and its repo digests, by
+/// container id. The manifest records them because the shim cannot see them: each container's
+/// image id (a restore refuses a container whose image changed since), and its image pinned by
+/// a repo digest (a node lacking the image pulls exactly it).
 #[derive(Debug, Default)]
 pub(crate) struct ImageIds(std::collections::HashMap<String, (String, Vec<String>)>);
 
 impl ImageIds {
-    /// Asks CRI for the images of sandbox `sandbox`'s containers (the newest attempt of each
-    /// name, the one a dump takes). Images do not change under a running container, so this
-    /// runs beside the dump rather than after it, outside the pod's downtime.
+    /// Asks CRI for the images of sandbox `sandbox`'s containers. Keyed by container id, so the
+    /// manifest gets the image of the very container the dump took, even if kubelet restarted
+    /// one meanwhile; this runs beside the dump rather than after it, outside the pod's downtime.
     pub(crate) async fn of(clients: &cri::CriClients, sandbox: &str) -> Result<Self> {
         let listed = clients
             .runtime
@@ -291,28 +291,31 @@ impl ImageIds {
             .map_err(Error::cri(format!("ListContainers of sandbox {sandbox}")))?
             .into_inner()
             .containers;
-        let mut newest: std::collections::HashMap<String, (u32, String)> = Default::default();
-        for c in listed {
-            let Some(meta) = c.metadata else { continue };
-            if c.image_ref.is_empty() {
-                continue;
-            }
-            let e = newest
-                .entry(meta.name)
-                .or_insert((meta.attempt, c.image_ref.clone()));
-            if meta.attempt >= e.0 {
-                *e = (meta.attempt, c.image_ref);
-            }
-        }
-        let statuses = newest.into_iter().map(|(name, (_, id))| async move {
-            let repo_digests = cri::image_status(clients, &id)
+        let images: std::collections::BTreeSet<&str> = listed
+            .iter()
+            .map(|c| c.image_ref.as_str())
+            .filter(|i| !i.is_empty())
+            .collect();
+        let statuses = images.into_iter().map(|image| async move {
+            let repo_digests = cri::image_status(clients, image)
                 .await?
                 .map(|i| i.repo_digests)
                 .unwrap_or_default();
-            Ok::<_, Error>((name, (id, repo_digests)))
+            Ok::<_, Error>((image, repo_digests))
         });
-        let found = futures::future::try_join_all(statuses).await?;
-        Ok(Self(found.into_iter().collect()))
+        let digests: std::collections::HashMap<&str, Vec<String>> = futures::future::try_join_all(statuses)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(Self(
+            listed
+                .iter()
+                .filter_map(|c| {
+                    let repo_digests = digests.get(c.image_ref.as_str())?;
+                    Some((c.id.clone(), (c.image_ref.clone(), repo_digests.clone())))
+                })
+                .collect(),
+        ))
     }
 
     /// Records them in the manifest of the checkpoint just dumped into `dir` (each container's
@@ -322,7 +325,7 @@ impl ImageIds {
         let mut manifest = read_manifest(dir)?;
         let mut changed = false;
         for entry in manifest.containers.iter_mut() {
-            let Some((id, repo_digests)) = self.0.get(&entry.name) else {
+            let Some((id, repo_digests)) = self.0.get(&entry.id) else {
                 continue;
             };
             if entry.image_id.is_none() {
