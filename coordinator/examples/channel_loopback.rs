@@ -30,13 +30,9 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    let measured = runtime.block_on(measure(PathBuf::from(key), PathBuf::from(peer), mib, rounds));
-    match measured {
-        Ok(()) => {}
-        Err(e) => {
-            eprintln!("channel_loopback: {e}");
-            std::process::exit(1);
-        }
+    if let Err(e) = runtime.block_on(measure(PathBuf::from(key), PathBuf::from(peer), mib, rounds)) {
+        eprintln!("channel_loopback: {e}");
+        std::process::exit(1);
     }
 }
 
